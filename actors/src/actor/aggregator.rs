@@ -1,0 +1,173 @@
+//! The aggregator actor: carries out an [`AggregatorCore`] and makes its
+//! checkpoints durable.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::JobContext;
+use crate::checkpoint::RangeCheckpoint;
+use crate::protocol::{ActorKey, Addr, AggCommand, AggregatorCore, AggregatorSetup, Msg, RangeState, Verdict};
+
+/// Complete checkpoints kept on disk; older ones are pruned.
+const CHECKPOINTS_KEPT: usize = 3;
+
+/// Owns one range of θ and applies steps.
+pub struct AggregatorActor;
+
+/// An aggregator's state: its core.
+pub struct AggregatorState {
+    ctx: Arc<JobContext>,
+    key: ActorKey,
+    core: AggregatorCore,
+}
+
+fn setup(ctx: &JobContext, range: u32) -> AggregatorSetup {
+    let (offset, len) = ctx.plan.ranges[range as usize];
+    AggregatorSetup {
+        job: ctx.job,
+        range,
+        offset,
+        len,
+        partitions: ctx.partitions.count(),
+        partition_sizes: ctx.partitions.sizes(),
+        schedule: ctx.plan.schedule,
+        checkpoint_every: ctx.checkpoint_every,
+        optimizer: ctx.optimizer,
+    }
+}
+
+/// The state of `range` at `restore` (a checkpointed step), or fresh.
+/// Step 0 without a checkpoint file is the deterministic initial state.
+fn initial_state(ctx: &JobContext, range: u32, restore: Option<u64>) -> Result<(RangeState, bool), ActorProcessingErr> {
+    let (offset, len) = ctx.plan.ranges[range as usize];
+    let total = ctx.model.num_params();
+    if let Some(step) = restore {
+        match ctx.store.load_range(step, &ctx.config_hash, total, offset, len) {
+            Ok(c) => {
+                let state = RangeState {
+                    step: c.step,
+                    params: c.params,
+                    optimizer: crate::optim::OptimizerState {
+                        t: c.optimizer_t,
+                        slots: c.optimizer_slots.into_iter().map(|(_, v)| v).collect(),
+                    },
+                    ledger: c.ledger,
+                };
+                return Ok((state, false));
+            }
+            Err(e) if step > 0 => {
+                return Err(format!("aggregator {range}: cannot restore step {step}: {e}").into());
+            }
+            Err(e) => tracing::debug!(range, "no checkpoint of step 0 ({e}); starting fresh"),
+        }
+    }
+    let params = ctx.model.init_params(ctx.init_seed)[offset..offset + len].to_vec();
+    let state = RangeState { step: 0, params, optimizer: ctx.optimizer.new_state(len), ledger: Default::default() };
+    Ok((state, true))
+}
+
+impl AggregatorState {
+    fn run(&mut self, cmds: Vec<AggCommand>) -> Result<(), ActorProcessingErr> {
+        for cmd in cmds {
+            match cmd {
+                AggCommand::Send(to, msg) => self.ctx.net.send(to, msg),
+                AggCommand::Checkpoint { step } => self.checkpoint(step)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, step: u64) -> Result<(), ActorProcessingErr> {
+        let state = self.core.state();
+        debug_assert_eq!(state.step, step);
+        let names = self.ctx.optimizer.slot_names();
+        let ckpt = RangeCheckpoint {
+            step,
+            config_hash: self.ctx.config_hash.clone(),
+            total_len: self.ctx.model.num_params(),
+            offset: self.core.setup().offset,
+            params: state.params.clone(),
+            optimizer_t: state.optimizer.t,
+            optimizer_slots: names.iter().map(|n| n.to_string()).zip(state.optimizer.slots.iter().cloned()).collect(),
+            ledger: state.ledger.clone(),
+        };
+        let path = self
+            .ctx
+            .store
+            .save(&ckpt)
+            .map_err(|e| format!("aggregator {}: checkpoint of step {step}: {e}", self.key.index))?;
+        tracing::debug!(range = self.key.index, step, path = %path.display(), "checkpoint saved");
+        if let Err(e) = self.ctx.store.prune(&self.ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
+            tracing::warn!(range = self.key.index, "pruning old checkpoints failed: {e}");
+        }
+        self.ctx.net.send(Addr::Job, Msg::CheckpointSaved { job: self.ctx.job, range: self.key.index, step });
+        Ok(())
+    }
+
+    fn restart_core(&mut self, generation: u64, restore: Option<u64>) -> Result<(), ActorProcessingErr> {
+        let (state, fresh) = initial_state(&self.ctx, self.key.index, restore)?;
+        self.core = AggregatorCore::new(setup(&self.ctx, self.key.index), generation, state);
+        let cmds = self.core.start(fresh);
+        self.run(cmds)
+    }
+}
+
+impl Actor for AggregatorActor {
+    type Msg = Msg;
+    type State = AggregatorState;
+    type Arguments = (Arc<JobContext>, u32, u64, Option<u64>);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Msg>,
+        (ctx, range, generation, restore): Self::Arguments,
+    ) -> Result<AggregatorState, ActorProcessingErr> {
+        let (state, fresh) = initial_state(&ctx, range, restore)?;
+        let core = AggregatorCore::new(setup(&ctx, range), generation, state);
+        let cmds = core.start(fresh);
+        let mut state = AggregatorState { ctx, key: ActorKey::aggregator(range), core };
+        state.run(cmds)?;
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Msg>,
+        msg: Msg,
+        state: &mut AggregatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            Msg::Gradient(g) => {
+                if g.step == state.core.step() && g.generation == state.core.generation() {
+                    state.ctx.faults.maybe_panic(state.key, g.step);
+                }
+                let (partition, step) = (g.partition, g.step);
+                let (verdict, cmds) = state.core.on_gradient(g);
+                match &verdict {
+                    Verdict::Malformed(reason) => {
+                        tracing::warn!(range = state.key.index, partition, step, "gradient rejected: {reason}")
+                    }
+                    Verdict::Accepted | Verdict::Applied => {}
+                    other => tracing::trace!(range = state.key.index, partition, step, ?other, "gradient ignored"),
+                }
+                state.run(cmds)
+            }
+            Msg::ParamsRequest { trainer, step, .. } => {
+                let cmds = state.core.on_params_request(trainer, step);
+                state.run(cmds)
+            }
+            Msg::Rollback { generation, step, .. } => {
+                if generation <= state.core.generation() {
+                    return Ok(());
+                }
+                tracing::info!(range = state.key.index, generation, step, "rolling back to checkpoint");
+                state.restart_core(generation, Some(step))
+            }
+            other => {
+                tracing::warn!(range = state.key.index, kind = other.kind(), "unexpected message dropped");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The job supervisor actor: carries out a [`JobCore`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use tokio::sync::{oneshot, watch};
+
+use super::{AggregatorActor, JobContext, ShardActor, TrainerActor};
+use crate::net::JobMsg;
+use crate::protocol::{ActorKey, FaultRecord, JobCommand, JobCore, JobError, Ledger, Msg, Role};
+
+/// Where a running job stands; published on every applied step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    /// Parameter version every range has reached.
+    pub step: u64,
+    /// Steps of the whole job.
+    pub total_steps: u64,
+    /// Mean loss of the last applied step.
+    pub loss: f64,
+    /// Samples applied since the job (or this resume) started, replays included.
+    pub samples: u64,
+    /// Failures so far.
+    pub faults: usize,
+    /// Rollbacks so far.
+    pub generation: u64,
+}
+
+/// What a finished job produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobOutcome {
+    /// The final flat parameter vector.
+    pub params: Vec<f32>,
+    /// Per epoch, samples applied per partition.
+    pub ledger: Ledger,
+    /// Every failure and its recovery.
+    pub faults: Vec<FaultRecord>,
+    /// Mean loss of each step, keyed by the version it produced.
+    pub losses: BTreeMap<u64, f64>,
+    /// Rollbacks that happened.
+    pub generation: u64,
+}
+
+/// A running job: await [`JobHandle::finish`]; watch [`JobHandle::progress`].
+pub struct JobHandle {
+    /// Latest progress.
+    pub progress: watch::Receiver<Progress>,
+    outcome: oneshot::Receiver<Result<JobOutcome, JobError>>,
+    actor: ActorRef<JobMsg>,
+}
+
+/// Why waiting for a job ended without an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum JobRunError {
+    /// The job failed.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The supervisor stopped without reporting (it was stopped from outside).
+    #[error("the job supervisor stopped without an outcome")]
+    Aborted,
+}
+
+impl JobHandle {
+    /// Wait for the outcome.
+    pub async fn finish(self) -> Result<JobOutcome, JobRunError> {
+        match self.outcome.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(JobRunError::Aborted),
+        }
+    }
+
+    /// Stop the job now (its actors stop; `finish` returns `Aborted`).
+    pub fn abort(&self) {
+        self.actor.stop_children(Some("aborted".into()));
+        self.actor.stop(Some("aborted".into()));
+    }
+}
+
+/// Start a job: spawns the supervisor, which spawns every actor.
+/// `restore` resumes from a checkpointed step.
+pub async fn spawn_job(ctx: Arc<JobContext>, restore: Option<u64>) -> Result<JobHandle, SpawnErr> {
+    let (tx, rx) = oneshot::channel();
+    let total_steps = ctx.plan.schedule.total_steps();
+    let (ptx, prx) = watch::channel(Progress { step: restore.unwrap_or(0), total_steps, ..Progress::default() });
+    let name = ctx.names.job_name();
+    let (actor, _) = Actor::spawn(Some(name), JobActor, JobArgs { ctx, restore, outcome: tx, progress: ptx }).await?;
+    Ok(JobHandle { progress: prx, outcome: rx, actor })
+}
+
+/// Supervises the shards, trainers and aggregators of one job.
+pub struct JobActor;
+
+/// Arguments of [`JobActor`].
+pub struct JobArgs {
+    ctx: Arc<JobContext>,
+    restore: Option<u64>,
+    outcome: oneshot::Sender<Result<JobOutcome, JobError>>,
+    progress: watch::Sender<Progress>,
+}
+
+/// The supervisor's state.
+pub struct JobState {
+    ctx: Arc<JobContext>,
+    core: JobCore,
+    children: HashMap<ActorId, ActorKey>,
+    outcome: Option<oneshot::Sender<Result<JobOutcome, JobError>>>,
+    progress: watch::Sender<Progress>,
+    samples: u64,
+    stopping: bool,
+}
+
+impl JobState {
+    async fn run(&mut self, myself: &ActorRef<JobMsg>, cmds: Vec<JobCommand>) {
+        let mut queue = VecDeque::from(cmds);
+        while let Some(cmd) = queue.pop_front() {
+            match cmd {
+                JobCommand::Spawn { key, generation, restore } => {
+                    match self.spawn(myself.get_cell(), key, generation, restore).await {
+                        Ok(cell) => {
+                            self.children.insert(cell.get_id(), key);
+                            queue.extend(self.core.on_child_started(key));
+                        }
+                        Err(e) => {
+                            // A failed pre_start sends no supervision event: count it here.
+                            tracing::warn!(actor = %key, "failed to start: {e}");
+                            queue.extend(self.core.on_child_failed(
+                                key,
+                                format!("failed to start: {e}"),
+                                Instant::now(),
+                            ));
+                        }
+                    }
+                }
+                JobCommand::RestartAfter { key, delay } => {
+                    tracing::info!(actor = %key, delay_ms = delay.as_millis() as u64, "restarting after backoff");
+                    myself.send_after(delay, move || JobMsg::RestartDue(key));
+                }
+                JobCommand::Send(to, msg) => self.ctx.net.send(to, msg),
+                JobCommand::Progress { step, loss, samples } => {
+                    self.samples += samples;
+                    let (faults, generation) = (self.core.faults().len(), self.core.generation());
+                    let total = self.samples;
+                    self.progress.send_modify(|p| {
+                        p.step = step;
+                        p.loss = loss;
+                        p.samples = total;
+                        p.faults = faults;
+                        p.generation = generation;
+                    });
+                }
+                JobCommand::Fail(e) => {
+                    tracing::error!("job failed: {e}");
+                    self.stop(myself, Err(e));
+                }
+                JobCommand::Complete { params, ledger } => {
+                    let outcome = JobOutcome {
+                        params,
+                        ledger,
+                        faults: self.core.faults().to_vec(),
+                        losses: self.core.losses().clone(),
+                        generation: self.core.generation(),
+                    };
+                    self.stop(myself, Ok(outcome));
+                }
+            }
+        }
+    }
+
+    async fn spawn(
+        &self,
+        sup: ActorCell,
+        key: ActorKey,
+        generation: u64,
+        restore: Option<u64>,
+    ) -> Result<ActorCell, SpawnErr> {
+        let name = Some(self.ctx.names.name_of(key));
+        let ctx = self.ctx.clone();
+        Ok(match key.role {
+            Role::Shard => Actor::spawn_linked(name, ShardActor, (ctx, key.index), sup).await?.0.get_cell(),
+            Role::Trainer => {
+                Actor::spawn_linked(name, TrainerActor, (ctx, key.index, generation), sup).await?.0.get_cell()
+            }
+            Role::Aggregator => Actor::spawn_linked(name, AggregatorActor, (ctx, key.index, generation, restore), sup)
+                .await?
+                .0
+                .get_cell(),
+        })
+    }
+
+    fn stop(&mut self, myself: &ActorRef<JobMsg>, result: Result<JobOutcome, JobError>) {
+        self.stopping = true;
+        if let Some(tx) = self.outcome.take() {
+            let _ = tx.send(result);
+        }
+        myself.stop_children(None);
+        myself.stop(None);
+    }
+}
+
+impl Actor for JobActor {
+    type Msg = JobMsg;
+    type State = JobState;
+    type Arguments = JobArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<JobMsg>, args: JobArgs) -> Result<JobState, ActorProcessingErr> {
+        let mut core = JobCore::new(args.ctx.plan.clone(), Instant::now());
+        if let Some(step) = args.restore {
+            core = core.with_start_step(step);
+        }
+        Ok(JobState {
+            ctx: args.ctx,
+            core,
+            children: HashMap::new(),
+            outcome: Some(args.outcome),
+            progress: args.progress,
+            samples: 0,
+            stopping: false,
+        })
+    }
+
+    async fn post_start(&self, myself: ActorRef<JobMsg>, state: &mut JobState) -> Result<(), ActorProcessingErr> {
+        // Spawned here rather than in pre_start so that children can already
+        // reach the supervisor (it is running and registered).
+        let restore = state.core.global_step();
+        let restore = (restore > 0).then_some(restore);
+        let cmds = state.core.start(restore);
+        state.run(&myself, cmds).await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<JobMsg>,
+        msg: JobMsg,
+        state: &mut JobState,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.stopping {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let cmds = match msg {
+            JobMsg::RestartDue(key) => {
+                let checkpoint = if key.role == Role::Aggregator {
+                    match state.ctx.store.newest_complete(&state.ctx.config_hash, state.ctx.model.num_params()) {
+                        Ok(step) => step,
+                        Err(e) => {
+                            tracing::error!("cannot list checkpoints: {e}");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                state.core.on_restart_due(key, checkpoint, now)
+            }
+            JobMsg::Net(Msg::StepApplied { range, generation, step, loss_sum, samples, .. }) => {
+                state.core.on_step_applied(range, generation, step, loss_sum, samples, now)
+            }
+            JobMsg::Net(Msg::Finished { range, generation, offset, values, ledger, .. }) => {
+                state.core.on_finished(range, generation, offset, values, ledger)
+            }
+            JobMsg::Net(Msg::CheckpointSaved { .. }) => Vec::new(),
+            JobMsg::Net(other) => {
+                tracing::warn!(kind = other.kind(), "unexpected message at the job supervisor dropped");
+                Vec::new()
+            }
+        };
+        state.run(&myself, cmds).await;
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<JobMsg>,
+        evt: SupervisionEvent,
+        state: &mut JobState,
+    ) -> Result<(), ActorProcessingErr> {
+        // ractor's default would stop the supervisor on any child exit; here a
+        // dead child goes to the restart policy instead.
+        if state.stopping {
+            return Ok(());
+        }
+        let (cell, reason) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, format!("stopped unexpectedly ({})", reason.unwrap_or_else(|| "no reason".into())))
+            }
+            _ => return Ok(()),
+        };
+        let Some(key) = state.children.remove(&cell.get_id()) else { return Ok(()) };
+        tracing::warn!(actor = %key, step = state.core.global_step(), "actor failed: {reason}");
+        let cmds = state.core.on_child_failed(key, reason, Instant::now());
+        state.run(&myself, cmds).await;
+        Ok(())
+    }
+}

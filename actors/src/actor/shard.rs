@@ -1,0 +1,66 @@
+//! The shard actor: serves the batches of one partition.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::JobContext;
+use crate::data::{OwnedTargets, PartitionFeed};
+use crate::protocol::{ActorKey, Addr, Batch, BatchTargets, Msg};
+
+/// Serves partition `p`'s batches; a pure function of `(seed, p, epoch,
+/// step)`, so a restarted shard replays exactly what its predecessor would
+/// have served.
+pub struct ShardActor;
+
+/// State of a shard: its partition and the permutation of the current epoch.
+pub struct ShardState {
+    ctx: Arc<JobContext>,
+    partition: u32,
+    feed: PartitionFeed,
+}
+
+impl Actor for ShardActor {
+    type Msg = Msg;
+    type State = ShardState;
+    type Arguments = (Arc<JobContext>, u32);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Msg>,
+        (ctx, partition): Self::Arguments,
+    ) -> Result<ShardState, ActorProcessingErr> {
+        let feed = ctx.partitions.feed(partition).map_err(|e| format!("shard {partition}: {e}"))?;
+        Ok(ShardState { ctx, partition, feed })
+    }
+
+    async fn handle(&self, _myself: ActorRef<Msg>, msg: Msg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        let Msg::BatchRequest { job, partition, step, trainer } = msg else {
+            tracing::warn!(shard = state.partition, kind = msg.kind(), "unexpected message dropped");
+            return Ok(());
+        };
+        let ctx = state.ctx.clone();
+        if job != ctx.job || partition != state.partition || step >= ctx.plan.schedule.total_steps() {
+            tracing::warn!(
+                shard = state.partition,
+                job,
+                partition,
+                step,
+                "batch request that is not for this shard dropped"
+            );
+            return Ok(());
+        }
+        ctx.faults.maybe_panic(ActorKey::shard(partition), step);
+        let (epoch, k) = ctx.plan.schedule.locate(step);
+        let rows = state.feed.batch(epoch, k).map_err(|e| format!("shard {partition} at step {step}: {e}"))?;
+        let (x, y) = ctx.train.rows(rows).map_err(|e| format!("shard {partition} at step {step}: {e}"))?;
+        let features = x.ncols() as u32;
+        let targets = match y {
+            OwnedTargets::Real(v) => BatchTargets::Real(v),
+            OwnedTargets::Class(v) => BatchTargets::Class(v),
+        };
+        let x = x.into_iter().collect();
+        ctx.net.send(Addr::Trainer(trainer), Msg::Batch(Batch { job, partition, step, features, x, targets }));
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! The trainer actor: carries out a [`TrainerCore`].
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::JobContext;
+use crate::protocol::{ActorKey, Msg, TrainerCommand, TrainerCore, TrainerSetup};
+
+/// Computes gradients for the partitions it owns.
+pub struct TrainerActor;
+
+/// A trainer's state: its core.
+pub struct TrainerState {
+    ctx: Arc<JobContext>,
+    key: ActorKey,
+    core: TrainerCore,
+}
+
+impl TrainerState {
+    fn run(&mut self, cmds: Vec<TrainerCommand>) -> Result<(), ActorProcessingErr> {
+        let mut queue = std::collections::VecDeque::from(cmds);
+        while let Some(cmd) = queue.pop_front() {
+            match cmd {
+                TrainerCommand::Send(to, msg) => self.ctx.net.send(to, msg),
+                TrainerCommand::Compute { step, partition } => {
+                    self.ctx.faults.maybe_panic(self.key, step);
+                    queue.extend(self.core.compute(step, partition)?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Actor for TrainerActor {
+    type Msg = Msg;
+    type State = TrainerState;
+    type Arguments = (Arc<JobContext>, u32, u64);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Msg>,
+        (ctx, index, generation): Self::Arguments,
+    ) -> Result<TrainerState, ActorProcessingErr> {
+        let setup = TrainerSetup {
+            job: ctx.job,
+            index,
+            ranges: ctx.plan.ranges.clone(),
+            schedule: ctx.plan.schedule,
+            features: ctx.train.features(),
+        };
+        let core = TrainerCore::new(setup, ctx.model.clone(), generation, ctx.plan.partitions_of(index));
+        let mut state = TrainerState { ctx, key: ActorKey::trainer(index), core };
+        let start = state.core.start();
+        state.run(start)?;
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Msg>,
+        msg: Msg,
+        state: &mut TrainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let cmds = match msg {
+            Msg::Params(p) => state.core.on_params(p),
+            Msg::Batch(b) => state.core.on_batch(b),
+            Msg::ShardReady { partition, .. } => state.core.on_shard_ready(partition),
+            Msg::Assign { generation, partitions, .. } => state.core.on_assign(generation, partitions),
+            other => {
+                tracing::warn!(trainer = state.key.index, kind = other.kind(), "unexpected message dropped");
+                Vec::new()
+            }
+        };
+        state.run(cmds)
+    }
+}

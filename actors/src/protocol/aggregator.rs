@@ -1,0 +1,370 @@
+//! The aggregator's protocol core (sans-IO).
+//!
+//! One aggregator owns the contiguous range `[offset, offset + len)` of the
+//! flat parameter vector. At version `step` it waits for the range of
+//! `g(step, p)` from every partition `p`, then sums them **in partition
+//! order** (a fixed floating-point order, so the sum does not depend on which
+//! trainer answered first), divides by the number of samples, applies the
+//! optimizer and publishes version `step + 1`.
+//!
+//! ```text
+//!   Gradient(step, p) ──▶ [ pending[p] ] ──all P present──▶ Σ_p in order ─▶ optimizer ─▶ Publish(step+1)
+//!        │ duplicate / stale / future / other generation
+//!        └──────────────▶ dropped (counted)
+//! ```
+//!
+//! Because a contribution is keyed by `(generation, step, partition)` and a
+//! second copy is ignored, replays after a failure are idempotent, and the
+//! per-epoch ledger counts every sample exactly once.
+
+use crate::optim::{OptimizerSpec, OptimizerState};
+
+use super::msg::{Gradient, JobId, Ledger, Msg, Params};
+use super::{Addr, Schedule};
+
+/// What an aggregator is responsible for; fixed for its lifetime.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AggregatorSetup {
+    /// The job.
+    pub job: JobId,
+    /// Index of this range.
+    pub range: u32,
+    /// Offset of the range in the flat parameter vector.
+    pub offset: usize,
+    /// Length of the range.
+    pub len: usize,
+    /// Number of data partitions P.
+    pub partitions: u32,
+    /// Size of every partition (for the exactly-once assertion).
+    pub partition_sizes: Vec<u64>,
+    /// The step schedule.
+    pub schedule: Schedule,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// The optimizer.
+    pub optimizer: OptimizerSpec,
+}
+
+impl AggregatorSetup {
+    /// Number of samples partition `p` feeds at global step `step`: chunk `k`
+    /// of an epoch over `m` rows is `[k·m/S, (k+1)·m/S)` (see
+    /// [`crate::data::Partitions`]), so its length is known without the data.
+    pub fn chunk_len(&self, p: u32, step: u64) -> u64 {
+        let m = self.partition_sizes[p as usize];
+        let s = u64::from(self.schedule.steps_per_epoch.max(1));
+        let (_, k) = self.schedule.locate(step);
+        let k = u64::from(k);
+        (k + 1) * m / s - k * m / s
+    }
+}
+
+/// The state an aggregator starts from: fresh parameters or a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RangeState {
+    /// Parameter version.
+    pub step: u64,
+    /// Parameter values of the range.
+    pub params: Vec<f32>,
+    /// Optimizer state of the range.
+    pub optimizer: OptimizerState,
+    /// Samples applied so far, per epoch and partition.
+    pub ledger: Ledger,
+}
+
+/// What the aggregator's actor must do after an event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AggCommand {
+    /// Send a message.
+    Send(Addr, Msg),
+    /// Make the current state durable (the actor reads it from the core).
+    Checkpoint {
+        /// The version to checkpoint.
+        step: u64,
+    },
+}
+
+/// Why a gradient was not (or was) taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stored; the step still waits for other partitions.
+    Accepted,
+    /// Stored, and it completed the step, which was applied.
+    Applied,
+    /// `(step, partition)` was already held: a replay, ignored.
+    Duplicate,
+    /// For a step already applied: ignored.
+    Stale,
+    /// For a step not reached yet (sent before a rollback): ignored.
+    Future,
+    /// From another generation: ignored.
+    OtherGeneration,
+    /// The job is finished: ignored.
+    AfterFinish,
+    /// Not a valid contribution for this range; the reason names it.
+    Malformed(String),
+}
+
+/// Counters of dropped messages, for logs and reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AggStats {
+    /// Replayed contributions ignored.
+    pub duplicates: u64,
+    /// Contributions for applied steps ignored.
+    pub stale: u64,
+    /// Contributions for steps not reached ignored.
+    pub future: u64,
+    /// Contributions of other generations ignored.
+    pub other_generation: u64,
+    /// Malformed contributions rejected.
+    pub malformed: u64,
+}
+
+struct Pending {
+    samples: u32,
+    loss_sum: f64,
+    values: Vec<f32>,
+}
+
+/// The aggregator's state machine. Feed it events; carry out the commands.
+pub struct AggregatorCore {
+    setup: AggregatorSetup,
+    generation: u64,
+    state: RangeState,
+    /// Version `state.step - 1` of the range, kept so that a trainer which
+    /// restarted after sending only part of a gradient can still rebuild the
+    /// full θ of the step the other ranges wait for.
+    previous: Option<(u64, Vec<f32>)>,
+    pending: Vec<Option<Pending>>,
+    pending_count: u32,
+    stats: AggStats,
+}
+
+impl AggregatorCore {
+    /// A core at `state`, in `generation`.
+    ///
+    /// # Panics
+    /// When the state does not fit the setup (a bug in the caller, not an input error).
+    pub fn new(setup: AggregatorSetup, generation: u64, state: RangeState) -> Self {
+        assert_eq!(state.params.len(), setup.len, "range state length");
+        assert_eq!(setup.partition_sizes.len(), setup.partitions as usize);
+        let pending = (0..setup.partitions).map(|_| None).collect();
+        Self { setup, generation, state, previous: None, pending, pending_count: 0, stats: AggStats::default() }
+    }
+
+    /// The setup.
+    pub fn setup(&self) -> &AggregatorSetup {
+        &self.setup
+    }
+    /// The current state (version, parameters, optimizer, ledger).
+    pub fn state(&self) -> &RangeState {
+        &self.state
+    }
+    /// The generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The current parameter version.
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+    /// True once the last step is applied.
+    pub fn is_finished(&self) -> bool {
+        self.state.step >= self.setup.schedule.total_steps()
+    }
+    /// Drop counters.
+    pub fn stats(&self) -> &AggStats {
+        &self.stats
+    }
+
+    /// Commands to run when the aggregator (re)starts: tell every trainer
+    /// where the range stands, and checkpoint a fresh start so that a
+    /// rollback always has a version to return to.
+    pub fn start(&self, fresh: bool) -> Vec<AggCommand> {
+        let mut out = vec![AggCommand::Send(Addr::AllTrainers, self.params_msg(None))];
+        if fresh {
+            out.push(AggCommand::Checkpoint { step: self.state.step });
+        }
+        if self.is_finished() {
+            out.push(AggCommand::Send(Addr::Job, self.finished_msg()));
+        }
+        out
+    }
+
+    /// A trainer asks for the range at `step` (the newest when `None`).
+    pub fn on_params_request(&self, trainer: u32, step: Option<u64>) -> Vec<AggCommand> {
+        match step {
+            None => vec![AggCommand::Send(Addr::Trainer(trainer), self.params_msg(None))],
+            Some(s) if s == self.state.step => {
+                vec![AggCommand::Send(Addr::Trainer(trainer), self.params_msg(None))]
+            }
+            Some(s) => match &self.previous {
+                Some((prev, _)) if *prev == s => {
+                    vec![AggCommand::Send(Addr::Trainer(trainer), self.params_msg(Some(s)))]
+                }
+                // Older than anything kept: the trainer's view is outdated and the
+                // newest version is the useful answer.
+                _ => vec![AggCommand::Send(Addr::Trainer(trainer), self.params_msg(None))],
+            },
+        }
+    }
+
+    fn params_msg(&self, previous: Option<u64>) -> Msg {
+        let (step, values) = match (previous, &self.previous) {
+            (Some(s), Some((prev, values))) if s == *prev => (s, values.clone()),
+            _ => (self.state.step, self.state.params.clone()),
+        };
+        Msg::Params(Params {
+            job: self.setup.job,
+            generation: self.generation,
+            step,
+            range: self.setup.range,
+            offset: self.setup.offset as u64,
+            values,
+        })
+    }
+
+    fn finished_msg(&self) -> Msg {
+        Msg::Finished {
+            job: self.setup.job,
+            range: self.setup.range,
+            generation: self.generation,
+            offset: self.setup.offset as u64,
+            values: self.state.params.clone(),
+            ledger: self.state.ledger.clone(),
+        }
+    }
+
+    /// A gradient range arrives. Returns what happened to it and the commands.
+    pub fn on_gradient(&mut self, g: Gradient) -> (Verdict, Vec<AggCommand>) {
+        let verdict = self.classify(&g);
+        if verdict != Verdict::Accepted {
+            match &verdict {
+                Verdict::Duplicate => self.stats.duplicates += 1,
+                Verdict::Stale => self.stats.stale += 1,
+                Verdict::Future => self.stats.future += 1,
+                Verdict::OtherGeneration => self.stats.other_generation += 1,
+                Verdict::Malformed(_) => self.stats.malformed += 1,
+                Verdict::AfterFinish | Verdict::Accepted | Verdict::Applied => {}
+            }
+            return (verdict, Vec::new());
+        }
+        let p = g.partition as usize;
+        self.pending[p] = Some(Pending { samples: g.samples, loss_sum: g.loss_sum, values: g.values });
+        self.pending_count += 1;
+        if self.pending_count < self.setup.partitions {
+            return (Verdict::Accepted, Vec::new());
+        }
+        (Verdict::Applied, self.apply())
+    }
+
+    fn classify(&self, g: &Gradient) -> Verdict {
+        if g.job != self.setup.job {
+            return Verdict::Malformed(format!("gradient for job {} sent to job {}", g.job, self.setup.job));
+        }
+        if g.generation != self.generation {
+            return Verdict::OtherGeneration;
+        }
+        if self.is_finished() {
+            return Verdict::AfterFinish;
+        }
+        if g.step < self.state.step {
+            return Verdict::Stale;
+        }
+        if g.step > self.state.step {
+            return Verdict::Future;
+        }
+        if g.partition >= self.setup.partitions {
+            return Verdict::Malformed(format!(
+                "partition {} out of range (job has {} partitions)",
+                g.partition, self.setup.partitions
+            ));
+        }
+        if g.offset != self.setup.offset as u64 || g.values.len() != self.setup.len {
+            return Verdict::Malformed(format!(
+                "partition {} step {}: range [{}, +{}) does not match aggregator range {} [{}, +{})",
+                g.partition,
+                g.step,
+                g.offset,
+                g.values.len(),
+                self.setup.range,
+                self.setup.offset,
+                self.setup.len
+            ));
+        }
+        let expected = self.setup.chunk_len(g.partition, g.step);
+        if u64::from(g.samples) != expected {
+            return Verdict::Malformed(format!(
+                "partition {} step {}: {} samples, but its batch has {}",
+                g.partition, g.step, g.samples, expected
+            ));
+        }
+        if self.pending[g.partition as usize].is_some() {
+            return Verdict::Duplicate;
+        }
+        Verdict::Accepted
+    }
+
+    fn apply(&mut self) -> Vec<AggCommand> {
+        let step = self.state.step;
+        let (epoch, _) = self.setup.schedule.locate(step);
+        let mut sum = vec![0.0f32; self.setup.len];
+        let mut samples: u64 = 0;
+        let mut loss_sum = 0.0f64;
+        let ledger =
+            self.state.ledger.entry(u64::from(epoch)).or_insert_with(|| vec![0; self.setup.partitions as usize]);
+        // Partition order, always: float addition is not associative, and this
+        // fixed order is what makes the result independent of arrival order.
+        for (p, slot) in self.pending.iter_mut().enumerate() {
+            let Some(part) = slot.take() else {
+                unreachable!("apply with partition {p} missing");
+            };
+            for (acc, v) in sum.iter_mut().zip(&part.values) {
+                *acc += *v;
+            }
+            samples += u64::from(part.samples);
+            loss_sum += part.loss_sum;
+            ledger[p] += u64::from(part.samples);
+            assert!(
+                ledger[p] <= self.setup.partition_sizes[p],
+                "exactly-once violated: epoch {epoch} partition {p} applied {} > {} samples",
+                ledger[p],
+                self.setup.partition_sizes[p]
+            );
+        }
+        self.pending_count = 0;
+        let scale = 1.0f32 / samples as f32;
+        for v in &mut sum {
+            *v *= scale;
+        }
+        let before = self.state.params.clone();
+        self.setup
+            .optimizer
+            .step(&mut self.state.optimizer, &mut self.state.params, &sum)
+            .expect("optimizer state sized at construction");
+        self.previous = Some((step, before));
+        self.state.step = step + 1;
+
+        let mut out = vec![
+            AggCommand::Send(Addr::AllTrainers, self.params_msg(None)),
+            AggCommand::Send(
+                Addr::Job,
+                Msg::StepApplied {
+                    job: self.setup.job,
+                    range: self.setup.range,
+                    generation: self.generation,
+                    step: self.state.step,
+                    loss_sum,
+                    samples,
+                },
+            ),
+        ];
+        let k = self.setup.checkpoint_every;
+        if self.is_finished() || (k > 0 && self.state.step % k == 0) {
+            out.push(AggCommand::Checkpoint { step: self.state.step });
+        }
+        if self.is_finished() {
+            out.push(AggCommand::Send(Addr::Job, self.finished_msg()));
+        }
+        out
+    }
+}

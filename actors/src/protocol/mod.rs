@@ -1,0 +1,43 @@
+//! The training protocol: messages and the sans-IO cores that decide what
+//! happens on every event.
+//!
+//! Each role has a core — [`AggregatorCore`], [`TrainerCore`], [`JobCore`] —
+//! that is a plain state machine: feed it an event, get back the messages to
+//! send (and, for the aggregator, checkpoints to write; for the supervisor,
+//! actors to spawn and timers to set). The ractor actors in
+//! [`crate::actor`] own one core each and only carry out its commands, so
+//! every failure order can be replayed in a unit test without actors,
+//! sockets or clocks.
+
+mod aggregator;
+mod msg;
+mod schedule;
+mod supervision;
+mod trainer;
+
+pub use aggregator::{AggCommand, AggStats, AggregatorCore, AggregatorSetup, RangeState, Verdict};
+pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Ledger, Msg, Params, Role};
+pub use schedule::Schedule;
+pub use supervision::{FaultRecord, JobCommand, JobCore, JobError, JobPlan, RestartPolicy};
+pub use trainer::{TrainerCommand, TrainerCore, TrainerError, TrainerSetup};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a message goes. The [`crate::net::Net`] in use maps it to an actor,
+/// local or remote.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Addr {
+    /// The shard of a partition.
+    Shard(u32),
+    /// A trainer.
+    Trainer(u32),
+    /// Every trainer of the job.
+    AllTrainers,
+    /// The aggregator of a range.
+    Aggregator(u32),
+    /// The job's supervisor.
+    Job,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,289 @@
+//! The messages of the training protocol.
+//!
+//! Every message is a plain serde type so the cluster transport can carry it
+//! unchanged; tensors travel as `Vec<f32>` and the transport is free to send
+//! them as raw little-endian bytes. Every training message carries the job id
+//! and the *generation* (bumped on every rollback or placement change), so a
+//! message produced before a recovery can be recognised and dropped.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies one training job; every message carries it so that two jobs
+/// sharing a node or a connection can never mix their contributions.
+pub type JobId = u64;
+
+/// The kind of actor in a training job.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Owns one data partition and serves its batches.
+    Shard,
+    /// Computes gradients for the partitions assigned to it.
+    Trainer,
+    /// Owns one contiguous range of the parameter vector and applies steps.
+    Aggregator,
+}
+
+impl Role {
+    /// The lowercase name used in flags, logs and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Shard => "shard",
+            Role::Trainer => "trainer",
+            Role::Aggregator => "aggregator",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One actor of a job: a role and its index (partition for shards, trainer
+/// number, aggregator range number).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActorKey {
+    /// What the actor does.
+    pub role: Role,
+    /// Which one of its role.
+    pub index: u32,
+}
+
+impl ActorKey {
+    /// The shard serving partition `p`.
+    pub fn shard(p: u32) -> Self {
+        Self { role: Role::Shard, index: p }
+    }
+    /// Trainer number `i`.
+    pub fn trainer(i: u32) -> Self {
+        Self { role: Role::Trainer, index: i }
+    }
+    /// The aggregator owning parameter range `r`.
+    pub fn aggregator(r: u32) -> Self {
+        Self { role: Role::Aggregator, index: r }
+    }
+}
+
+impl fmt::Display for ActorKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.role, self.index)
+    }
+}
+
+/// θ (or one range of it) at a version, sent by an aggregator to trainers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Params {
+    /// The job.
+    pub job: JobId,
+    /// Generation the sender belongs to.
+    pub generation: u64,
+    /// Version: the parameters before step `step` is applied.
+    pub step: u64,
+    /// Range index of the sending aggregator.
+    pub range: u32,
+    /// Offset of `values` in the flat parameter vector.
+    pub offset: u64,
+    /// The parameter values of the range.
+    pub values: Vec<f32>,
+}
+
+/// One range of the gradient `g(step, partition)`, sent by a trainer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Gradient {
+    /// The job.
+    pub job: JobId,
+    /// Generation of the parameters the gradient was computed on.
+    pub generation: u64,
+    /// The step (parameter version) the gradient was computed on.
+    pub step: u64,
+    /// The partition whose batch produced it.
+    pub partition: u32,
+    /// Number of samples in the batch (the gradient is their sum).
+    pub samples: u32,
+    /// Sum of the per-sample losses of the batch.
+    pub loss_sum: f64,
+    /// Offset of `values` in the flat parameter vector.
+    pub offset: u64,
+    /// The gradient values of the range.
+    pub values: Vec<f32>,
+}
+
+/// Targets of a batch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum BatchTargets {
+    /// Regression targets.
+    Real(Vec<f32>),
+    /// Class labels.
+    Class(Vec<u32>),
+}
+
+impl BatchTargets {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchTargets::Real(v) => v.len(),
+            BatchTargets::Class(v) => v.len(),
+        }
+    }
+    /// True when the batch has no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The rows partition `partition` feeds at global step `step`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// The job.
+    pub job: JobId,
+    /// The partition.
+    pub partition: u32,
+    /// The global step.
+    pub step: u64,
+    /// Number of features per row.
+    pub features: u32,
+    /// Row-major features, `targets.len() × features`.
+    pub x: Vec<f32>,
+    /// The targets.
+    pub targets: BatchTargets,
+}
+
+/// Everything the actors of a job say to each other.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Msg {
+    /// Aggregator → trainer: a parameter range at a version.
+    Params(Params),
+    /// Trainer → aggregator: a gradient range.
+    Gradient(Gradient),
+    /// Trainer → aggregator: send me your range at `step` (current when `None`).
+    ParamsRequest {
+        /// The job.
+        job: JobId,
+        /// The asking trainer.
+        trainer: u32,
+        /// The wanted version; `None` for the newest.
+        step: Option<u64>,
+    },
+    /// Trainer → shard: send me the batch of your partition at `step`.
+    BatchRequest {
+        /// The job.
+        job: JobId,
+        /// The partition.
+        partition: u32,
+        /// The global step.
+        step: u64,
+        /// The trainer to reply to.
+        trainer: u32,
+    },
+    /// Shard → trainer: a batch.
+    Batch(Batch),
+    /// Job → trainer: the shard of `partition` (re)started; re-send requests.
+    ShardReady {
+        /// The job.
+        job: JobId,
+        /// The partition whose shard is ready.
+        partition: u32,
+    },
+    /// Job → trainer: from `generation` on, you own `partitions`.
+    Assign {
+        /// The job.
+        job: JobId,
+        /// The generation of the assignment.
+        generation: u64,
+        /// The partitions the trainer owns.
+        partitions: Vec<u32>,
+    },
+    /// Job → aggregator: restore the checkpoint of `step` and continue as `generation`.
+    Rollback {
+        /// The job.
+        job: JobId,
+        /// The new generation.
+        generation: u64,
+        /// The checkpointed step to restore (0 = the initial parameters).
+        step: u64,
+    },
+    /// Aggregator → job: step `step - 1` was applied, θ is now at version `step`.
+    StepApplied {
+        /// The job.
+        job: JobId,
+        /// The sender's range.
+        range: u32,
+        /// The sender's generation.
+        generation: u64,
+        /// The new parameter version.
+        step: u64,
+        /// Summed loss of the applied step over all partitions.
+        loss_sum: f64,
+        /// Samples applied in the step.
+        samples: u64,
+    },
+    /// Aggregator → job: a checkpoint of the range at `step` is durable.
+    CheckpointSaved {
+        /// The job.
+        job: JobId,
+        /// The sender's range.
+        range: u32,
+        /// The checkpointed version.
+        step: u64,
+    },
+    /// Aggregator → job: the last step is applied; here is the final range.
+    Finished {
+        /// The job.
+        job: JobId,
+        /// The sender's range.
+        range: u32,
+        /// The sender's generation.
+        generation: u64,
+        /// Offset of the range.
+        offset: u64,
+        /// Final parameter values of the range.
+        values: Vec<f32>,
+        /// Per epoch, samples applied per partition.
+        ledger: Ledger,
+    },
+}
+
+impl Msg {
+    /// The job a message belongs to.
+    pub fn job(&self) -> JobId {
+        match self {
+            Msg::Params(p) => p.job,
+            Msg::Gradient(g) => g.job,
+            Msg::Batch(b) => b.job,
+            Msg::ParamsRequest { job, .. }
+            | Msg::BatchRequest { job, .. }
+            | Msg::ShardReady { job, .. }
+            | Msg::Assign { job, .. }
+            | Msg::Rollback { job, .. }
+            | Msg::StepApplied { job, .. }
+            | Msg::CheckpointSaved { job, .. }
+            | Msg::Finished { job, .. } => *job,
+        }
+    }
+
+    /// A short name of the message kind for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Params(_) => "params",
+            Msg::Gradient(_) => "gradient",
+            Msg::ParamsRequest { .. } => "params-request",
+            Msg::BatchRequest { .. } => "batch-request",
+            Msg::Batch(_) => "batch",
+            Msg::ShardReady { .. } => "shard-ready",
+            Msg::Assign { .. } => "assign",
+            Msg::Rollback { .. } => "rollback",
+            Msg::StepApplied { .. } => "step-applied",
+            Msg::CheckpointSaved { .. } => "checkpoint-saved",
+            Msg::Finished { .. } => "finished",
+        }
+    }
+}
+
+/// Per epoch, the number of samples applied for each partition: the
+/// exactly-once ledger. Checkpointed with the parameters so a rollback
+/// rolls it back too.
+pub type Ledger = std::collections::BTreeMap<u64, Vec<u64>>;

@@ -1,0 +1,456 @@
+//! The job supervisor's core (sans-IO): restart policy, rollback decisions,
+//! progress and recovery accounting.
+//!
+//! ractor reports a dead child as a `SupervisionEvent`; it restarts nothing
+//! by itself. This core decides, OTP-style, what happens next:
+//!
+//! ```text
+//!  child failed ─▶ too many restarts in window? ─yes─▶ Fail(job error naming actor, partitions, step)
+//!                        │ no
+//!                        ▼
+//!                 RestartAfter(backoff) ─timer─▶ restart due ─▶ Spawn (+ Rollback of the other
+//!                                                               aggregators when an aggregator died)
+//! ```
+//!
+//! Trainers and shards restart one-for-one: a new trainer asks the
+//! aggregators for θ and recomputes the current step; a new shard is
+//! announced to the trainer owning its partition, which re-sends its
+//! requests. An aggregator restart rolls *every* aggregator back to the
+//! newest complete checkpoint under a new generation, because the ranges
+//! together form one θ and must agree on its version; the steps since are
+//! recomputed and give the same bits.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::msg::{ActorKey, JobId, Ledger, Msg, Role};
+use super::{Addr, Schedule};
+
+/// How often a child may fail before the failure escalates, as in OTP's
+/// `intensity`/`period`, and how long to wait before each restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    /// Restarts allowed within `window_ms`; one more failure fails the job.
+    pub max_restarts: u32,
+    /// The sliding window, in milliseconds.
+    pub window_ms: u64,
+    /// Delay before the first restart in a window, in milliseconds.
+    pub backoff_initial_ms: u64,
+    /// Upper bound of the exponentially growing delay, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self { max_restarts: 5, window_ms: 10_000, backoff_initial_ms: 5, backoff_max_ms: 1_000 }
+    }
+}
+
+impl RestartPolicy {
+    /// Delay before restart number `n` (1-based) within the window.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let shift = n.saturating_sub(1).min(20);
+        let ms = self.backoff_initial_ms.saturating_mul(1u64 << shift).min(self.backoff_max_ms);
+        Duration::from_millis(ms)
+    }
+}
+
+/// The shape of a job as the supervisor sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobPlan {
+    /// The job.
+    pub job: JobId,
+    /// Partition `p` → the trainer owning it.
+    pub assignment: Vec<u32>,
+    /// Number of trainers.
+    pub trainers: u32,
+    /// `(offset, len)` of every aggregator range.
+    pub ranges: Vec<(usize, usize)>,
+    /// The step schedule.
+    pub schedule: Schedule,
+    /// Policy for shards.
+    pub shard_policy: RestartPolicy,
+    /// Policy for trainers.
+    pub trainer_policy: RestartPolicy,
+    /// Policy for aggregators.
+    pub aggregator_policy: RestartPolicy,
+}
+
+impl JobPlan {
+    /// Round-robin assignment: partition `p` goes to trainer `p mod trainers`.
+    pub fn round_robin(partitions: u32, trainers: u32) -> Vec<u32> {
+        (0..partitions).map(|p| p % trainers.max(1)).collect()
+    }
+
+    fn policy(&self, role: Role) -> &RestartPolicy {
+        match role {
+            Role::Shard => &self.shard_policy,
+            Role::Trainer => &self.trainer_policy,
+            Role::Aggregator => &self.aggregator_policy,
+        }
+    }
+
+    /// Partitions a trainer owns.
+    pub fn partitions_of(&self, trainer: u32) -> Vec<u32> {
+        (0..self.assignment.len() as u32).filter(|p| self.assignment[*p as usize] == trainer).collect()
+    }
+
+    /// A human description of what an actor is responsible for.
+    pub fn describe(&self, key: ActorKey) -> String {
+        match key.role {
+            Role::Shard => format!("shard {} (partition {})", key.index, key.index),
+            Role::Trainer => {
+                let ps: Vec<String> = self.partitions_of(key.index).iter().map(u32::to_string).collect();
+                format!("trainer {} (partitions {})", key.index, ps.join(", "))
+            }
+            Role::Aggregator => match self.ranges.get(key.index as usize) {
+                Some((o, l)) => format!("aggregator {} (parameters {}..{})", key.index, o, o + l),
+                None => format!("aggregator {}", key.index),
+            },
+        }
+    }
+
+    /// Every actor of the job, shards first, then aggregators, then trainers.
+    pub fn actors(&self) -> Vec<ActorKey> {
+        let shards = (0..self.assignment.len() as u32).map(ActorKey::shard);
+        let aggs = (0..self.ranges.len() as u32).map(ActorKey::aggregator);
+        let trainers = (0..self.trainers).map(ActorKey::trainer);
+        shards.chain(aggs).chain(trainers).collect()
+    }
+}
+
+/// Why a job failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum JobError {
+    /// An actor failed more often than its restart policy allows.
+    #[error("{what} failed {failures} times within {window_ms} ms at step {step}; giving up. last error: {reason}")]
+    RestartIntensity {
+        /// The actor.
+        actor: ActorKey,
+        /// The actor and what it is responsible for, in words.
+        what: String,
+        /// The global step when it failed last.
+        step: u64,
+        /// Failures counted in the window.
+        failures: u32,
+        /// The window.
+        window_ms: u64,
+        /// The last failure's reason.
+        reason: String,
+    },
+    /// The aggregators disagree about the samples applied: a protocol bug.
+    #[error("exactly-once ledgers of aggregator 0 and aggregator {range} differ")]
+    LedgerMismatch {
+        /// The range that disagrees with range 0.
+        range: u32,
+    },
+}
+
+/// One failure of an actor and how the job recovered from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// What failed, e.g. "trainer 2".
+    pub actor: ActorKey,
+    /// The global step (parameter version) when the failure was noticed.
+    pub step: u64,
+    /// The failure's reason (panic message or error).
+    pub reason: String,
+    /// Milliseconds since the job started when the failure was noticed.
+    pub at_ms: u64,
+    /// Milliseconds from the failure until the replacement was spawned.
+    pub restart_ms: Option<u64>,
+    /// Milliseconds from the failure until training progressed again (the
+    /// first step applied after the replacement started).
+    pub recovery_ms: Option<u64>,
+    /// For aggregator failures: the checkpoint the job rolled back to.
+    pub rolled_back_to: Option<u64>,
+}
+
+/// What the job's actor must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobCommand {
+    /// Spawn (or respawn) an actor.
+    Spawn {
+        /// Which.
+        key: ActorKey,
+        /// The generation it starts in.
+        generation: u64,
+        /// Aggregators only: the checkpoint step to restore (`None` = fresh start).
+        restore: Option<u64>,
+    },
+    /// Call [`JobCore::on_restart_due`] for `key` after `delay`.
+    RestartAfter {
+        /// Which.
+        key: ActorKey,
+        /// The backoff.
+        delay: Duration,
+    },
+    /// Send a message.
+    Send(Addr, Msg),
+    /// The global step advanced (for progress displays).
+    Progress {
+        /// The new parameter version.
+        step: u64,
+        /// Mean loss of the step just applied.
+        loss: f64,
+        /// Samples applied in it.
+        samples: u64,
+    },
+    /// The job failed; stop everything.
+    Fail(JobError),
+    /// Every range applied the last step; the job is done.
+    Complete {
+        /// The final parameter vector.
+        params: Vec<f32>,
+        /// The exactly-once ledger.
+        ledger: Ledger,
+    },
+}
+
+#[derive(Default)]
+struct Child {
+    failures: VecDeque<Instant>,
+    /// Fault records waiting for this child's restart.
+    awaiting_restart: Vec<usize>,
+}
+
+/// The supervisor's state machine.
+pub struct JobCore {
+    plan: JobPlan,
+    started: Instant,
+    generation: u64,
+    children: BTreeMap<ActorKey, Child>,
+    range_steps: Vec<u64>,
+    global_step: u64,
+    faults: Vec<FaultRecord>,
+    awaiting_progress: Vec<usize>,
+    losses: BTreeMap<u64, f64>,
+    finished: Vec<Option<(u64, Vec<f32>, Ledger)>>,
+    done: bool,
+}
+
+impl JobCore {
+    /// A supervisor for `plan`, started at `now`.
+    pub fn new(plan: JobPlan, now: Instant) -> Self {
+        let ranges = plan.ranges.len();
+        let children = plan.actors().into_iter().map(|k| (k, Child::default())).collect();
+        Self {
+            plan,
+            started: now,
+            generation: 0,
+            children,
+            range_steps: vec![0; ranges],
+            global_step: 0,
+            faults: Vec::new(),
+            awaiting_progress: Vec::new(),
+            losses: BTreeMap::new(),
+            finished: vec![None; ranges],
+            done: false,
+        }
+    }
+
+    /// Resume at a checkpointed step instead of 0.
+    pub fn with_start_step(mut self, step: u64) -> Self {
+        self.range_steps.iter_mut().for_each(|s| *s = step);
+        self.global_step = step;
+        self
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &JobPlan {
+        &self.plan
+    }
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The newest version every range has reached.
+    pub fn global_step(&self) -> u64 {
+        self.global_step
+    }
+    /// Every failure so far.
+    pub fn faults(&self) -> &[FaultRecord] {
+        &self.faults
+    }
+    /// Mean loss of every applied step, by the version it produced.
+    pub fn losses(&self) -> &BTreeMap<u64, f64> {
+        &self.losses
+    }
+    /// True once the job completed or failed.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn ms_since_start(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// Spawn every actor; `restore` is the checkpoint the aggregators resume from.
+    pub fn start(&self, restore: Option<u64>) -> Vec<JobCommand> {
+        self.plan
+            .actors()
+            .into_iter()
+            .map(|key| JobCommand::Spawn {
+                key,
+                generation: self.generation,
+                restore: if key.role == Role::Aggregator { restore } else { None },
+            })
+            .collect()
+    }
+
+    /// A child died (panic, error, or failed to start).
+    pub fn on_child_failed(&mut self, key: ActorKey, reason: String, now: Instant) -> Vec<JobCommand> {
+        if self.done {
+            return Vec::new();
+        }
+        let policy = *self.plan.policy(key.role);
+        let at_ms = self.ms_since_start(now);
+        let record = FaultRecord {
+            actor: key,
+            step: self.global_step,
+            reason: reason.clone(),
+            at_ms,
+            restart_ms: None,
+            recovery_ms: None,
+            rolled_back_to: None,
+        };
+        self.faults.push(record);
+        let idx = self.faults.len() - 1;
+        let child = self.children.entry(key).or_default();
+        let window = Duration::from_millis(policy.window_ms);
+        while child.failures.front().is_some_and(|t| now.saturating_duration_since(*t) > window) {
+            child.failures.pop_front();
+        }
+        child.failures.push_back(now);
+        let failures = child.failures.len() as u32;
+        if failures > policy.max_restarts {
+            self.done = true;
+            return vec![JobCommand::Fail(JobError::RestartIntensity {
+                actor: key,
+                what: self.plan.describe(key),
+                step: self.global_step,
+                failures,
+                window_ms: policy.window_ms,
+                reason,
+            })];
+        }
+        child.awaiting_restart.push(idx);
+        vec![JobCommand::RestartAfter { key, delay: policy.backoff(failures) }]
+    }
+
+    /// The backoff of `key` elapsed. For an aggregator, `checkpoint` is the
+    /// newest step with a complete verified checkpoint (looked up by the
+    /// actor, since that is I/O).
+    pub fn on_restart_due(&mut self, key: ActorKey, checkpoint: Option<u64>, now: Instant) -> Vec<JobCommand> {
+        if self.done {
+            return Vec::new();
+        }
+        let since = self.ms_since_start(now);
+        let waiting = self.children.get_mut(&key).map(|c| std::mem::take(&mut c.awaiting_restart)).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut restore = None;
+        if key.role == Role::Aggregator {
+            // The ranges make one θ: every aggregator returns to the same version.
+            self.generation += 1;
+            let step = checkpoint.unwrap_or(0);
+            restore = Some(step);
+            self.range_steps.iter_mut().for_each(|s| *s = step);
+            self.global_step = step;
+            self.finished.iter_mut().for_each(|f| *f = None);
+            for r in 0..self.plan.ranges.len() as u32 {
+                if r != key.index {
+                    out.push(JobCommand::Send(
+                        Addr::Aggregator(r),
+                        Msg::Rollback { job: self.plan.job, generation: self.generation, step },
+                    ));
+                }
+            }
+            for &i in &waiting {
+                self.faults[i].rolled_back_to = Some(step);
+            }
+        }
+        for &i in &waiting {
+            self.faults[i].restart_ms = Some(since.saturating_sub(self.faults[i].at_ms));
+            self.awaiting_progress.push(i);
+        }
+        out.push(JobCommand::Spawn { key, generation: self.generation, restore });
+        out
+    }
+
+    /// A child finished starting. A new shard is announced to its trainer.
+    pub fn on_child_started(&mut self, key: ActorKey) -> Vec<JobCommand> {
+        if key.role != Role::Shard || self.done {
+            return Vec::new();
+        }
+        let Some(&trainer) = self.plan.assignment.get(key.index as usize) else { return Vec::new() };
+        vec![JobCommand::Send(Addr::Trainer(trainer), Msg::ShardReady { job: self.plan.job, partition: key.index })]
+    }
+
+    /// An aggregator applied a step.
+    pub fn on_step_applied(
+        &mut self,
+        range: u32,
+        generation: u64,
+        step: u64,
+        loss_sum: f64,
+        samples: u64,
+        now: Instant,
+    ) -> Vec<JobCommand> {
+        if generation != self.generation || self.done {
+            return Vec::new();
+        }
+        let Some(slot) = self.range_steps.get_mut(range as usize) else { return Vec::new() };
+        *slot = (*slot).max(step);
+        let min = self.range_steps.iter().copied().min().unwrap_or(0);
+        if min <= self.global_step {
+            return Vec::new();
+        }
+        self.global_step = min;
+        let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
+        self.losses.insert(min, loss);
+        let since = self.ms_since_start(now);
+        for i in std::mem::take(&mut self.awaiting_progress) {
+            self.faults[i].recovery_ms = Some(since.saturating_sub(self.faults[i].at_ms));
+        }
+        vec![JobCommand::Progress { step: min, loss, samples }]
+    }
+
+    /// An aggregator applied the last step.
+    pub fn on_finished(
+        &mut self,
+        range: u32,
+        generation: u64,
+        offset: u64,
+        values: Vec<f32>,
+        ledger: Ledger,
+    ) -> Vec<JobCommand> {
+        if generation != self.generation || self.done {
+            return Vec::new();
+        }
+        let Some(slot) = self.finished.get_mut(range as usize) else { return Vec::new() };
+        *slot = Some((offset, values, ledger));
+        if self.finished.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        self.done = true;
+        let total: usize = self.plan.ranges.iter().map(|(_, l)| l).sum();
+        let mut params = vec![0.0f32; total];
+        let mut ledger0: Option<&Ledger> = None;
+        for (r, f) in self.finished.iter().enumerate() {
+            let Some((offset, values, ledger)) = f else { continue };
+            let o = *offset as usize;
+            params[o..o + values.len()].copy_from_slice(values);
+            match ledger0 {
+                None => ledger0 = Some(ledger),
+                Some(l0) if l0 != ledger => {
+                    return vec![JobCommand::Fail(JobError::LedgerMismatch { range: r as u32 })];
+                }
+                Some(_) => {}
+            }
+        }
+        let ledger = ledger0.cloned().unwrap_or_default();
+        vec![JobCommand::Complete { params, ledger }]
+    }
+}

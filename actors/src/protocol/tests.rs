@@ -1,0 +1,406 @@
+//! Event-by-event tests of the protocol cores, without actors or sockets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::model::{self, Head, ModelKind, ModelSpec};
+use crate::optim::{OptimizerKind, OptimizerSpec};
+
+const JOB: JobId = 7;
+
+fn schedule() -> Schedule {
+    Schedule { steps_per_epoch: 2, epochs: 2 }
+}
+
+fn agg_setup(range: u32, offset: usize, len: usize, partitions: u32) -> AggregatorSetup {
+    AggregatorSetup {
+        job: JOB,
+        range,
+        offset,
+        len,
+        partitions,
+        // 4 rows per partition, 2 steps per epoch: every chunk holds 2 rows.
+        partition_sizes: vec![4; partitions as usize],
+        schedule: schedule(),
+        checkpoint_every: 2,
+        optimizer: OptimizerSpec::new(OptimizerKind::Adam),
+    }
+}
+
+fn fresh(len: usize) -> RangeState {
+    RangeState {
+        step: 0,
+        params: (0..len).map(|i| i as f32 * 0.1).collect(),
+        optimizer: OptimizerSpec::new(OptimizerKind::Adam).new_state(len),
+        ledger: Ledger::new(),
+    }
+}
+
+fn grad(step: u64, p: u32, offset: usize, values: Vec<f32>) -> Gradient {
+    Gradient {
+        job: JOB,
+        generation: 0,
+        step,
+        partition: p,
+        samples: 2,
+        loss_sum: 1.0 + f64::from(p),
+        offset: offset as u64,
+        values,
+    }
+}
+
+/// Values chosen so that float addition order matters.
+fn awkward(p: u32, len: usize) -> Vec<f32> {
+    (0..len).map(|i| [1.0e8f32, 1.0, -1.0e8, 3.3e-3][(p as usize + i) % 4] * (1.0 + i as f32)).collect()
+}
+
+fn applied_params(order: &[u32]) -> Vec<f32> {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 5, 4), 0, fresh(5));
+    for &p in order {
+        core.on_gradient(grad(0, p, 0, awkward(p, 5)));
+    }
+    assert_eq!(core.step(), 1);
+    core.state().params.clone()
+}
+
+#[test]
+fn aggregator_sums_in_partition_order_whatever_the_arrival_order() {
+    let a = applied_params(&[0, 1, 2, 3]);
+    for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+        let b = applied_params(&order);
+        assert_eq!(bits(&a), bits(&b), "order {order:?}");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn aggregator_ignores_duplicates_stale_future_and_other_generations() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 3, 2), 0, fresh(3));
+    assert_eq!(core.on_gradient(grad(0, 0, 0, vec![1.0; 3])).0, Verdict::Accepted);
+    assert_eq!(core.on_gradient(grad(0, 0, 0, vec![9.0; 3])).0, Verdict::Duplicate);
+    assert_eq!(core.on_gradient(grad(1, 1, 0, vec![1.0; 3])).0, Verdict::Future);
+    let mut other = grad(0, 1, 0, vec![1.0; 3]);
+    other.generation = 1;
+    assert_eq!(core.on_gradient(other).0, Verdict::OtherGeneration);
+    assert_eq!(core.on_gradient(grad(0, 1, 0, vec![1.0; 3])).0, Verdict::Applied);
+    assert_eq!(core.on_gradient(grad(0, 1, 0, vec![1.0; 3])).0, Verdict::Stale);
+    // Exactly once: each partition's 2 samples counted once despite the replays.
+    assert_eq!(core.state().ledger[&0], vec![2, 2]);
+    let s = core.stats();
+    assert_eq!((s.duplicates, s.stale, s.future, s.other_generation), (1, 1, 1, 1));
+}
+
+#[test]
+fn aggregator_rejects_malformed_gradients_without_panicking() {
+    let mut core = AggregatorCore::new(agg_setup(1, 3, 3, 2), 0, fresh(3));
+    let cases = [
+        grad(0, 0, 3, vec![1.0; 2]),                            // wrong length
+        grad(0, 0, 0, vec![1.0; 3]),                            // wrong offset
+        grad(0, 5, 3, vec![1.0; 3]),                            // no such partition
+        Gradient { samples: 3, ..grad(0, 0, 3, vec![1.0; 3]) }, // more samples than its batch
+        Gradient { job: 99, ..grad(0, 0, 3, vec![1.0; 3]) },    // another job
+    ];
+    for g in cases {
+        let (v, cmds) = core.on_gradient(g);
+        assert!(matches!(v, Verdict::Malformed(_)), "{v:?}");
+        assert!(cmds.is_empty());
+    }
+    assert_eq!(core.stats().malformed, 5);
+    assert_eq!(core.step(), 0);
+}
+
+#[test]
+fn aggregator_checkpoints_every_k_steps_and_reports_the_end() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 1), 0, fresh(2));
+    assert!(core.start(true).contains(&AggCommand::Checkpoint { step: 0 }));
+    let mut checkpoints = Vec::new();
+    let mut finished = false;
+    for step in 0..4 {
+        let (v, cmds) = core.on_gradient(grad(step, 0, 0, vec![0.5, -0.5]));
+        assert_eq!(v, Verdict::Applied);
+        for c in cmds {
+            match c {
+                AggCommand::Checkpoint { step } => checkpoints.push(step),
+                AggCommand::Send(Addr::Job, Msg::Finished { ledger, .. }) => {
+                    finished = true;
+                    assert_eq!(ledger[&0], vec![4]);
+                    assert_eq!(ledger[&1], vec![4]);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(checkpoints, vec![2, 4]);
+    assert!(finished);
+    assert_eq!(core.on_gradient(grad(4, 0, 0, vec![0.5, -0.5])).0, Verdict::AfterFinish);
+}
+
+#[test]
+fn split_ranges_apply_the_same_bits_as_one_range() {
+    let len = 7;
+    let mut whole = AggregatorCore::new(agg_setup(0, 0, len, 3), 0, fresh(len));
+    let full = fresh(len);
+    let part = |o: usize, l: usize| RangeState {
+        step: 0,
+        params: full.params[o..o + l].to_vec(),
+        optimizer: full.optimizer.slice(o..o + l),
+        ledger: Ledger::new(),
+    };
+    let mut a = AggregatorCore::new(agg_setup(0, 0, 3, 3), 0, part(0, 3));
+    let mut b = AggregatorCore::new(agg_setup(1, 3, 4, 3), 0, part(3, 4));
+    for step in 0..3 {
+        for p in 0..3 {
+            let g = awkward(p + step as u32, len);
+            whole.on_gradient(grad(step, p, 0, g.clone()));
+            a.on_gradient(grad(step, p, 0, g[..3].to_vec()));
+            b.on_gradient(grad(step, p, 3, g[3..].to_vec()));
+        }
+    }
+    let mut joined = a.state().params.clone();
+    joined.extend_from_slice(&b.state().params);
+    assert_eq!(bits(&whole.state().params), bits(&joined));
+}
+
+#[test]
+fn aggregator_serves_the_previous_version_for_a_trainer_that_lagged() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 1), 0, fresh(2));
+    let before = core.state().params.clone();
+    core.on_gradient(grad(0, 0, 0, vec![1.0, 1.0]));
+    let cmds = core.on_params_request(3, Some(0));
+    let [AggCommand::Send(Addr::Trainer(3), Msg::Params(p))] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert_eq!((p.step, &p.values), (0, &before));
+    let cmds = core.on_params_request(3, None);
+    let [AggCommand::Send(_, Msg::Params(p))] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert_eq!(p.step, 1);
+}
+
+// ---------------------------------------------------------------- trainer
+
+fn linear_model() -> Arc<dyn crate::model::Model> {
+    let spec = ModelSpec { kind: ModelKind::Linear, inputs: 2, outputs: 1, hidden: 0, head: Head::Regression };
+    Arc::from(model::build(&spec).unwrap())
+}
+
+fn trainer(partitions: Vec<u32>) -> TrainerCore {
+    // linear model with 2 inputs: 3 parameters, split into ranges [0,2) and [2,3).
+    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule: schedule(), features: 2 };
+    TrainerCore::new(setup, linear_model(), 0, partitions)
+}
+
+fn params(range: u32, step: u64, generation: u64) -> Params {
+    let (offset, values) = if range == 0 { (0, vec![0.1, 0.2]) } else { (2, vec![0.3]) };
+    Params { job: JOB, generation, step, range, offset, values }
+}
+
+fn batch(p: u32, step: u64) -> Batch {
+    Batch {
+        job: JOB,
+        partition: p,
+        step,
+        features: 2,
+        x: vec![1.0, 2.0, 3.0, 4.0],
+        targets: BatchTargets::Real(vec![1.0, 0.0]),
+    }
+}
+
+fn sends(cmds: &[TrainerCommand]) -> Vec<(Addr, &'static str)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            TrainerCommand::Send(a, m) => Some((*a, m.kind())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn trainer_computes_only_with_full_params_and_the_batch_and_prefetches_next() {
+    let mut t = trainer(vec![1]);
+    let start = t.start();
+    assert_eq!(sends(&start), vec![(Addr::Aggregator(0), "params-request"), (Addr::Aggregator(1), "params-request")]);
+    assert!(t.on_params(params(0, 0, 0)).is_empty(), "half a θ is not enough");
+    let cmds = t.on_params(params(1, 0, 0));
+    assert_eq!(sends(&cmds), vec![(Addr::Shard(1), "batch-request")]);
+    let cmds = t.on_batch(batch(1, 0));
+    assert_eq!(cmds, vec![TrainerCommand::Compute { step: 0, partition: 1 }]);
+    let out = t.compute(0, 1).unwrap();
+    assert_eq!(
+        sends(&out),
+        vec![(Addr::Aggregator(0), "gradient"), (Addr::Aggregator(1), "gradient"), (Addr::Shard(1), "batch-request")]
+    );
+    // Computing twice is a no-op.
+    assert!(t.compute(0, 1).unwrap().is_empty());
+    // The duplicate batch is ignored; the prefetched one waits for θ_1.
+    assert!(t.on_batch(batch(1, 0)).is_empty());
+    assert!(t.on_batch(batch(1, 1)).is_empty());
+    t.on_params(params(0, 1, 0));
+    let cmds = t.on_params(params(1, 1, 0));
+    assert_eq!(cmds, vec![TrainerCommand::Compute { step: 1, partition: 1 }]);
+}
+
+#[test]
+fn trainer_gradient_ranges_tile_the_full_gradient() {
+    let mut t = trainer(vec![0]);
+    t.on_params(params(0, 0, 0));
+    t.on_params(params(1, 0, 0));
+    t.on_batch(batch(0, 0));
+    let out = t.compute(0, 0).unwrap();
+    let grads: Vec<&Gradient> = out
+        .iter()
+        .filter_map(|c| match c {
+            TrainerCommand::Send(_, Msg::Gradient(g)) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let mut expect = vec![0.0f32; 3];
+    let x = ndarray::Array2::from_shape_vec((2, 2), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+    linear_model().loss_grad(&[0.1, 0.2, 0.3], x.view(), model::Targets::Real(&[1.0, 0.0]), &mut expect).unwrap();
+    assert_eq!(grads.len(), 2);
+    assert_eq!((grads[0].offset, grads[0].values.as_slice()), (0, &expect[..2]));
+    assert_eq!((grads[1].offset, grads[1].values.as_slice()), (2, &expect[2..]));
+    assert_eq!(grads[0].samples, 2);
+}
+
+#[test]
+fn trainer_adopts_a_new_generation_and_drops_the_old() {
+    let mut t = trainer(vec![0]);
+    t.on_params(params(0, 5, 0));
+    t.on_params(params(1, 5, 0));
+    assert_eq!(t.ready_step(), Some(5));
+    // Rollback: generation 1 at step 2.
+    assert!(t.on_params(params(0, 2, 1)).is_empty());
+    assert_eq!(t.generation(), 1);
+    assert_eq!(t.ready_step(), None);
+    // A late message of generation 0 changes nothing.
+    assert!(t.on_params(params(1, 6, 0)).is_empty());
+    let cmds = t.on_params(params(1, 2, 1));
+    assert_eq!(t.ready_step(), Some(2));
+    assert_eq!(sends(&cmds), vec![(Addr::Shard(0), "batch-request")]);
+}
+
+#[test]
+fn trainer_rebuilds_an_older_version_when_ranges_disagree() {
+    // Range 0 moved on to step 4, range 1 still waits at step 3 (a gradient
+    // reached only range 0 before the previous trainer died).
+    let mut t = trainer(vec![0]);
+    t.on_params(params(0, 4, 0));
+    let cmds = t.on_params(params(1, 3, 0));
+    assert_eq!(
+        cmds,
+        vec![TrainerCommand::Send(Addr::Aggregator(0), Msg::ParamsRequest { job: JOB, trainer: 0, step: Some(3) })]
+    );
+    let cmds = t.on_params(params(0, 3, 0));
+    assert_eq!(t.ready_step(), Some(3));
+    assert_eq!(sends(&cmds), vec![(Addr::Shard(0), "batch-request")]);
+}
+
+#[test]
+fn trainer_resends_requests_when_a_shard_restarts() {
+    let mut t = trainer(vec![0, 1]);
+    t.on_params(params(0, 0, 0));
+    t.on_params(params(1, 0, 0));
+    t.on_batch(batch(0, 0));
+    let cmds = t.on_shard_ready(1);
+    assert_eq!(sends(&cmds), vec![(Addr::Shard(1), "batch-request")]);
+    assert!(t.on_shard_ready(0).is_empty(), "partition 0's batch already arrived");
+}
+
+// ---------------------------------------------------------------- supervisor
+
+fn plan() -> JobPlan {
+    let policy = RestartPolicy { max_restarts: 3, window_ms: 1_000, backoff_initial_ms: 10, backoff_max_ms: 35 };
+    JobPlan {
+        job: JOB,
+        assignment: JobPlan::round_robin(4, 2),
+        trainers: 2,
+        ranges: vec![(0, 5), (5, 5)],
+        schedule: schedule(),
+        shard_policy: policy,
+        trainer_policy: policy,
+        aggregator_policy: policy,
+    }
+}
+
+#[test]
+fn supervisor_backs_off_exponentially_then_escalates_naming_actor_partitions_and_step() {
+    let t0 = Instant::now();
+    let mut core = JobCore::new(plan(), t0);
+    let key = ActorKey::trainer(1);
+    let mut delays = Vec::new();
+    for i in 0..3 {
+        let now = t0 + Duration::from_millis(10 * i);
+        let cmds = core.on_child_failed(key, "boom".into(), now);
+        let [JobCommand::RestartAfter { delay, .. }] = cmds.as_slice() else { panic!("{cmds:?}") };
+        delays.push(delay.as_millis());
+        core.on_restart_due(key, None, now);
+    }
+    assert_eq!(delays, vec![10, 20, 35]);
+    let cmds = core.on_child_failed(key, "boom".into(), t0 + Duration::from_millis(40));
+    let [JobCommand::Fail(e)] = cmds.as_slice() else { panic!("{cmds:?}") };
+    let msg = e.to_string();
+    assert!(msg.contains("trainer 1 (partitions 1, 3)") && msg.contains("at step 0") && msg.contains("boom"), "{msg}");
+    assert!(core.is_done());
+}
+
+#[test]
+fn supervisor_forgets_failures_older_than_the_window() {
+    let t0 = Instant::now();
+    let mut core = JobCore::new(plan(), t0);
+    for i in 0..10 {
+        let cmds = core.on_child_failed(ActorKey::shard(2), "x".into(), t0 + Duration::from_millis(600 * i));
+        assert!(matches!(cmds.as_slice(), [JobCommand::RestartAfter { .. }]), "failure {i}: {cmds:?}");
+    }
+}
+
+#[test]
+fn aggregator_restart_rolls_every_range_back_under_a_new_generation() {
+    let t0 = Instant::now();
+    let mut core = JobCore::new(plan(), t0);
+    core.on_step_applied(0, 0, 1, 2.0, 8, t0);
+    core.on_step_applied(1, 0, 1, 2.0, 8, t0);
+    assert_eq!(core.global_step(), 1);
+    core.on_child_failed(ActorKey::aggregator(1), "panic".into(), t0);
+    let cmds = core.on_restart_due(ActorKey::aggregator(1), Some(0), t0 + Duration::from_millis(5));
+    assert_eq!(core.generation(), 1);
+    assert_eq!(
+        cmds,
+        vec![
+            JobCommand::Send(Addr::Aggregator(0), Msg::Rollback { job: JOB, generation: 1, step: 0 }),
+            JobCommand::Spawn { key: ActorKey::aggregator(1), generation: 1, restore: Some(0) },
+        ]
+    );
+    // Old-generation progress is ignored; recovery is measured at the first new step.
+    assert!(core.on_step_applied(0, 0, 2, 1.0, 8, t0).is_empty());
+    core.on_step_applied(0, 1, 1, 1.0, 8, t0 + Duration::from_millis(20));
+    let cmds = core.on_step_applied(1, 1, 1, 1.0, 8, t0 + Duration::from_millis(30));
+    assert!(matches!(cmds.as_slice(), [JobCommand::Progress { step: 1, .. }]));
+    let f = &core.faults()[0];
+    assert_eq!((f.rolled_back_to, f.restart_ms, f.recovery_ms), (Some(0), Some(5), Some(30)));
+}
+
+#[test]
+fn supervisor_completes_when_every_range_finished_and_checks_the_ledgers() {
+    let mut core = JobCore::new(plan(), Instant::now());
+    let ledger: Ledger = [(0, vec![4, 4, 4, 4])].into_iter().collect();
+    assert!(core.on_finished(1, 0, 5, vec![2.0; 5], ledger.clone()).is_empty());
+    let cmds = core.on_finished(0, 0, 0, vec![1.0; 5], ledger.clone());
+    let [JobCommand::Complete { params, ledger: l }] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert_eq!(params, &[1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+    assert_eq!(l, &ledger);
+
+    let mut core = JobCore::new(plan(), Instant::now());
+    core.on_finished(0, 0, 0, vec![1.0; 5], ledger);
+    let cmds = core.on_finished(1, 0, 5, vec![2.0; 5], [(0, vec![4, 4, 4, 3])].into_iter().collect());
+    assert!(matches!(cmds.as_slice(), [JobCommand::Fail(JobError::LedgerMismatch { range: 1 })]));
+}
+
+#[test]
+fn a_new_shard_is_announced_to_the_trainer_owning_its_partition() {
+    let mut core = JobCore::new(plan(), Instant::now());
+    let cmds = core.on_child_started(ActorKey::shard(3));
+    assert_eq!(cmds, vec![JobCommand::Send(Addr::Trainer(1), Msg::ShardReady { job: JOB, partition: 3 })]);
+    assert!(core.on_child_started(ActorKey::trainer(0)).is_empty());
+}

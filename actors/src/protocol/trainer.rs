@@ -1,0 +1,367 @@
+//! The trainer's protocol core (sans-IO).
+//!
+//! A trainer owns some partitions. For each parameter version `step` it
+//! assembles the full θ from the ranges every aggregator publishes, gets the
+//! batch each owned partition feeds at `step` from that partition's shard,
+//! computes `g(step, p)` and sends each aggregator its range of it.
+//!
+//! ```text
+//!  Params(range r, step s) ─▶ assembly[s] ──complete──▶ Compute(s, p) for owned p
+//!  Batch(p, s) ─────────────▶ buffer ────────────────▶ (needs θ_s and batch)
+//!  Compute(s, p) ─▶ Gradient(s, p) ranges ─▶ aggregators;  BatchRequest(p, s+1) prefetch
+//! ```
+//!
+//! Every input is idempotent: a repeated θ range, a repeated batch or a
+//! `ShardReady` that crosses a reply changes nothing, so restarts of any
+//! actor can simply re-send what they have.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use ndarray::ArrayView2;
+
+use crate::model::{Model, Targets};
+
+use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params};
+use super::{Addr, Schedule};
+
+/// How many parameter versions a trainer assembles at once. Two suffice (see
+/// [`TrainerCore::on_params`]); one more absorbs reordering.
+const MAX_ASSEMBLIES: usize = 3;
+
+/// What a trainer is; fixed for its lifetime.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerSetup {
+    /// The job.
+    pub job: JobId,
+    /// This trainer's index.
+    pub index: u32,
+    /// `(offset, len)` of every aggregator's range, in range order; they tile the vector.
+    pub ranges: Vec<(usize, usize)>,
+    /// The step schedule.
+    pub schedule: Schedule,
+    /// Number of input features.
+    pub features: usize,
+}
+
+/// What the trainer's actor must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrainerCommand {
+    /// Send a message.
+    Send(Addr, Msg),
+    /// Compute `g(step, partition)` now (call [`TrainerCore::compute`]).
+    Compute {
+        /// The parameter version.
+        step: u64,
+        /// The partition.
+        partition: u32,
+    },
+}
+
+/// A batch or parameter message the trainer could not use.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// The batch does not fit the model (wrong row length or target count).
+    #[error("trainer {trainer}: batch of partition {partition} at step {step} is malformed: {reason}")]
+    BadBatch {
+        /// The trainer.
+        trainer: u32,
+        /// The partition.
+        partition: u32,
+        /// The step.
+        step: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model refused the batch.
+    #[error("trainer {trainer}: partition {partition} at step {step}: {source}")]
+    Model {
+        /// The trainer.
+        trainer: u32,
+        /// The partition.
+        partition: u32,
+        /// The step.
+        step: u64,
+        /// The model's error.
+        source: crate::model::ModelError,
+    },
+}
+
+struct Assembly {
+    values: Vec<f32>,
+    have: Vec<bool>,
+    count: usize,
+}
+
+/// The trainer's state machine.
+pub struct TrainerCore {
+    setup: TrainerSetup,
+    model: Arc<dyn Model>,
+    total_len: usize,
+    generation: u64,
+    partitions: BTreeSet<u32>,
+    assemblies: BTreeMap<u64, Assembly>,
+    /// The newest complete θ and the partitions already computed on it.
+    ready: Option<(u64, Vec<f32>)>,
+    computed: BTreeSet<u32>,
+    batches: BTreeMap<(u64, u32), Batch>,
+    requested: BTreeSet<(u64, u32)>,
+    grad: Vec<f32>,
+}
+
+impl TrainerCore {
+    /// A trainer owning `partitions` in `generation`.
+    pub fn new(setup: TrainerSetup, model: Arc<dyn Model>, generation: u64, partitions: Vec<u32>) -> Self {
+        let total_len = setup.ranges.iter().map(|(_, l)| l).sum();
+        assert_eq!(total_len, model.num_params(), "ranges must tile the parameter vector");
+        Self {
+            setup,
+            model,
+            total_len,
+            generation,
+            partitions: partitions.into_iter().collect(),
+            assemblies: BTreeMap::new(),
+            ready: None,
+            computed: BTreeSet::new(),
+            batches: BTreeMap::new(),
+            requested: BTreeSet::new(),
+            grad: vec![0.0; total_len],
+        }
+    }
+
+    /// The partitions this trainer owns.
+    pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.partitions.iter().copied()
+    }
+    /// The generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The version of the newest complete θ, if any.
+    pub fn ready_step(&self) -> Option<u64> {
+        self.ready.as_ref().map(|(s, _)| *s)
+    }
+
+    /// On (re)start: ask every aggregator where it stands.
+    pub fn start(&self) -> Vec<TrainerCommand> {
+        (0..self.setup.ranges.len() as u32)
+            .map(|r| TrainerCommand::Send(Addr::Aggregator(r), self.params_request(None)))
+            .collect()
+    }
+
+    fn params_request(&self, step: Option<u64>) -> Msg {
+        Msg::ParamsRequest { job: self.setup.job, trainer: self.setup.index, step }
+    }
+
+    fn batch_request(&self, step: u64, partition: u32) -> TrainerCommand {
+        TrainerCommand::Send(
+            Addr::Shard(partition),
+            Msg::BatchRequest { job: self.setup.job, partition, step, trainer: self.setup.index },
+        )
+    }
+
+    fn reset(&mut self, generation: u64) {
+        self.generation = generation;
+        self.assemblies.clear();
+        self.ready = None;
+        self.computed.clear();
+        self.batches.clear();
+        self.requested.clear();
+    }
+
+    /// A parameter range arrives.
+    ///
+    /// Ranges of one version can be at two different versions when a trainer
+    /// died after sending only some ranges of a gradient: the ranges that got
+    /// theirs moved on, the others still wait. Then the trainer asks the
+    /// ranges that moved on for their previous version (they keep one), so it
+    /// can rebuild the older θ and finish the step everyone waits for.
+    pub fn on_params(&mut self, p: Params) -> Vec<TrainerCommand> {
+        if p.job != self.setup.job || p.generation < self.generation {
+            return Vec::new();
+        }
+        if p.generation > self.generation {
+            self.reset(p.generation);
+        }
+        let r = p.range as usize;
+        let Some(&(offset, len)) = self.setup.ranges.get(r) else {
+            tracing::warn!(trainer = self.setup.index, range = p.range, "params for an unknown range dropped");
+            return Vec::new();
+        };
+        if p.offset != offset as u64 || p.values.len() != len {
+            tracing::warn!(trainer = self.setup.index, range = p.range, "params with a wrong offset or length dropped");
+            return Vec::new();
+        }
+        if self.ready_step().is_some_and(|s| p.step <= s) {
+            return Vec::new();
+        }
+        let ranges = self.setup.ranges.len();
+        let total = self.total_len;
+        let a = self.assemblies.entry(p.step).or_insert_with(|| Assembly {
+            values: vec![0.0; total],
+            have: vec![false; ranges],
+            count: 0,
+        });
+        if !a.have[r] {
+            a.have[r] = true;
+            a.count += 1;
+            a.values[offset..offset + len].copy_from_slice(&p.values);
+        }
+        if a.count == ranges {
+            let Some(done) = self.assemblies.remove(&p.step) else {
+                return Vec::new();
+            };
+            self.assemblies.retain(|s, _| *s > p.step);
+            return self.become_ready(p.step, done.values);
+        }
+        while self.assemblies.len() > MAX_ASSEMBLIES {
+            self.assemblies.pop_first();
+        }
+        self.fill_gaps()
+    }
+
+    fn fill_gaps(&self) -> Vec<TrainerCommand> {
+        let mut out = Vec::new();
+        let mut iter = self.assemblies.iter();
+        let Some((&oldest, a)) = iter.next() else { return out };
+        let newer: Vec<&Assembly> = iter.map(|(_, a)| a).collect();
+        for (r, have) in a.have.iter().enumerate() {
+            if !have && newer.iter().any(|n| n.have[r]) {
+                out.push(TrainerCommand::Send(Addr::Aggregator(r as u32), self.params_request(Some(oldest))));
+            }
+        }
+        out
+    }
+
+    fn become_ready(&mut self, step: u64, values: Vec<f32>) -> Vec<TrainerCommand> {
+        self.ready = Some((step, values));
+        self.computed.clear();
+        self.batches.retain(|(s, _), _| *s >= step);
+        self.requested.retain(|(s, _)| *s >= step);
+        if step >= self.setup.schedule.total_steps() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for p in self.partitions.clone() {
+            out.extend(self.want(step, p));
+        }
+        out
+    }
+
+    /// Compute if the batch is here, otherwise ask for it (once).
+    fn want(&mut self, step: u64, p: u32) -> Vec<TrainerCommand> {
+        if self.batches.contains_key(&(step, p)) {
+            return vec![TrainerCommand::Compute { step, partition: p }];
+        }
+        if self.requested.insert((step, p)) {
+            return vec![self.batch_request(step, p)];
+        }
+        Vec::new()
+    }
+
+    /// A batch arrives from a shard.
+    pub fn on_batch(&mut self, b: Batch) -> Vec<TrainerCommand> {
+        if b.job != self.setup.job || !self.partitions.contains(&b.partition) {
+            return Vec::new();
+        }
+        let key = (b.step, b.partition);
+        if !self.requested.remove(&key) {
+            return Vec::new(); // not asked for (any more): a duplicate or late reply
+        }
+        let ready = self.ready_step();
+        self.batches.insert(key, b);
+        match ready {
+            Some(s) if s == key.0 && !self.computed.contains(&key.1) => {
+                vec![TrainerCommand::Compute { step: key.0, partition: key.1 }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The shard of `partition` restarted: requests sent to its predecessor may be lost.
+    pub fn on_shard_ready(&mut self, partition: u32) -> Vec<TrainerCommand> {
+        let again: Vec<(u64, u32)> = self.requested.iter().filter(|(_, p)| *p == partition).copied().collect();
+        again.into_iter().map(|(s, p)| self.batch_request(s, p)).collect()
+    }
+
+    /// The job (re)assigns partitions from `generation` on.
+    pub fn on_assign(&mut self, generation: u64, partitions: Vec<u32>) -> Vec<TrainerCommand> {
+        if generation < self.generation {
+            return Vec::new();
+        }
+        let before = std::mem::take(&mut self.partitions);
+        self.partitions = partitions.into_iter().collect();
+        let removed: Vec<u32> = before.difference(&self.partitions).copied().collect();
+        self.batches.retain(|(_, p), _| !removed.contains(p));
+        self.requested.retain(|(_, p)| !removed.contains(p));
+        if generation > self.generation {
+            // Parameters of the new generation will come from the aggregators.
+            self.reset(generation);
+            return Vec::new();
+        }
+        let Some(step) = self.ready_step() else { return Vec::new() };
+        let mut out = Vec::new();
+        for p in self.partitions.clone() {
+            if !self.computed.contains(&p) && step < self.setup.schedule.total_steps() {
+                out.extend(self.want(step, p));
+            }
+        }
+        out
+    }
+
+    /// Compute `g(step, partition)` on the ready θ and the buffered batch;
+    /// returns the gradient ranges to send and the next batch to prefetch.
+    pub fn compute(&mut self, step: u64, partition: u32) -> Result<Vec<TrainerCommand>, TrainerError> {
+        let Some((ready, params)) = &self.ready else { return Ok(Vec::new()) };
+        if *ready != step || self.computed.contains(&partition) {
+            return Ok(Vec::new());
+        }
+        let Some(batch) = self.batches.remove(&(step, partition)) else {
+            return Ok(Vec::new());
+        };
+        let bad = |reason: String| TrainerError::BadBatch { trainer: self.setup.index, partition, step, reason };
+        let rows = batch.targets.len();
+        if batch.features as usize != self.setup.features || batch.x.len() != rows * self.setup.features {
+            return Err(bad(format!(
+                "{} values for {} rows of {} features (model has {})",
+                batch.x.len(),
+                rows,
+                batch.features,
+                self.setup.features
+            )));
+        }
+        let x = ArrayView2::from_shape((rows, self.setup.features), &batch.x).map_err(|e| bad(e.to_string()))?;
+        let targets = match &batch.targets {
+            BatchTargets::Real(v) => Targets::Real(v),
+            BatchTargets::Class(v) => Targets::Class(v),
+        };
+        let loss_sum = self
+            .model
+            .loss_grad(params, x, targets, &mut self.grad)
+            .map_err(|source| TrainerError::Model { trainer: self.setup.index, partition, step, source })?;
+        self.computed.insert(partition);
+        let mut out = Vec::with_capacity(self.setup.ranges.len() + 1);
+        for (r, &(offset, len)) in self.setup.ranges.iter().enumerate() {
+            out.push(TrainerCommand::Send(
+                Addr::Aggregator(r as u32),
+                Msg::Gradient(Gradient {
+                    job: self.setup.job,
+                    generation: self.generation,
+                    step,
+                    partition,
+                    samples: rows as u32,
+                    loss_sum,
+                    offset: offset as u64,
+                    values: self.grad[offset..offset + len].to_vec(),
+                }),
+            ));
+        }
+        // Prefetch: the next batch is a pure function of (p, step + 1), so the
+        // shard can cut it while the aggregators apply this step.
+        let next = step + 1;
+        if next < self.setup.schedule.total_steps() && self.requested.insert((next, partition)) {
+            out.push(self.batch_request(next, partition));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,275 @@
+//! Job configuration: a TOML file, flags on top, validation with errors
+//! that name the field.
+
+use std::path::{Path, PathBuf};
+
+use phalanx_actors::data::{DatasetSource, TaskKind};
+use phalanx_actors::faults::FaultSpec;
+use phalanx_actors::model::ModelKind;
+use phalanx_actors::optim::OptimizerKind;
+use phalanx_actors::protocol::RestartPolicy;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Partitions when none are given: enough to spread over a few trainers,
+/// few enough that each partition's batch is not tiny.
+pub const DEFAULT_PARTITIONS: u32 = 8;
+/// Held-out share of the rows used for the reported metric.
+pub const DEFAULT_TEST_FRACTION: f64 = 0.2;
+/// Hidden units of the MLP.
+pub const DEFAULT_HIDDEN: usize = 64;
+/// Checkpoint interval in steps.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 20;
+
+/// A training job. Every field has a default that trains well; a TOML file
+/// uses the same names (`batch_size`, `checkpoint_every`, …).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    /// Model family.
+    pub model: ModelKind,
+    /// Data: `diabetes`, `iris`, `winequality` or `csv:PATH[:TARGET]`.
+    pub dataset: DatasetSource,
+    /// Regression or classification; inferred from the model when absent.
+    pub task: Option<TaskKind>,
+    /// Trainer actors (deployment only: does not change the result).
+    pub trainers: u32,
+    /// Aggregator actors, each owning a range of θ (deployment only).
+    pub aggregators: u32,
+    /// Data partitions P (part of the math: fixed for the job).
+    pub partitions: u32,
+    /// Seed of the split, the partitions, the batches and the initial θ.
+    pub seed: u64,
+    /// Epochs; the model's default when absent.
+    pub epochs: Option<u32>,
+    /// Global batch size; the model's default when absent.
+    pub batch_size: Option<u32>,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate; the optimizer's and model's default when absent.
+    pub learning_rate: Option<f32>,
+    /// Hidden units of the MLP.
+    pub hidden: usize,
+    /// Share of rows held out for the metric.
+    pub test_fraction: f64,
+    /// Checkpoint every K steps (0: only the final one).
+    pub checkpoint_every: u64,
+    /// Injected faults, e.g. `trainer:1@20`.
+    pub fail: Vec<FaultSpec>,
+    /// Output directory.
+    pub out: Option<PathBuf>,
+    /// Resume from the newest complete checkpoint in `out/checkpoints`.
+    pub resume: bool,
+    /// Restarts allowed per actor within `restart_window_ms`.
+    pub max_restarts: u32,
+    /// The restart-intensity window in milliseconds.
+    pub restart_window_ms: u64,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        let policy = RestartPolicy::default();
+        Self {
+            model: ModelKind::Softmax,
+            dataset: DatasetSource::Iris,
+            task: None,
+            trainers: 2,
+            aggregators: 1,
+            partitions: DEFAULT_PARTITIONS,
+            seed: 42,
+            epochs: None,
+            batch_size: None,
+            optimizer: OptimizerKind::Adam,
+            learning_rate: None,
+            hidden: DEFAULT_HIDDEN,
+            test_fraction: DEFAULT_TEST_FRACTION,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            fail: Vec::new(),
+            out: None,
+            resume: false,
+            max_restarts: policy.max_restarts,
+            restart_window_ms: policy.window_ms,
+        }
+    }
+}
+
+/// Hyper-parameters that were left to defaults, chosen per model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Resolved {
+    /// Epochs.
+    pub epochs: u32,
+    /// Global batch size.
+    pub batch_size: u32,
+    /// Learning rate.
+    pub learning_rate: f32,
+    /// Regression or classification.
+    pub task: TaskKind,
+}
+
+impl JobConfig {
+    /// Read a TOML job file. Unknown fields and wrong types are errors that
+    /// name the file, the field and the line.
+    pub fn from_toml_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Self::from_toml_str(&text).map_err(|e| match e {
+            Error::Config { reason, .. } => Error::Config { file: Some(path.to_path_buf()), reason },
+            other => other,
+        })
+    }
+
+    /// Parse TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, Error> {
+        toml::from_str::<JobConfig>(text).map_err(|e| Error::Config { file: None, reason: one_line(&e.to_string()) })
+    }
+
+    /// The task the model implies unless one was given.
+    pub fn task(&self) -> TaskKind {
+        self.task.unwrap_or(match self.model {
+            ModelKind::Linear => TaskKind::Regression,
+            ModelKind::Softmax | ModelKind::Mlp => TaskKind::Classification,
+        })
+    }
+
+    /// Fill in the defaults that depend on the model.
+    pub fn resolve(&self) -> Resolved {
+        let (epochs, batch_size, lr) = match (self.model, self.optimizer) {
+            (ModelKind::Linear, OptimizerKind::Adam) => (40, 32, 0.02),
+            (ModelKind::Linear, _) => (40, 32, 0.05),
+            (ModelKind::Softmax, OptimizerKind::Adam) => (40, 16, 0.05),
+            (ModelKind::Softmax, _) => (40, 16, 0.1),
+            (ModelKind::Mlp, OptimizerKind::Adam) => (40, 64, 0.005),
+            (ModelKind::Mlp, _) => (40, 64, 0.05),
+        };
+        Resolved {
+            epochs: self.epochs.unwrap_or(epochs),
+            batch_size: self.batch_size.unwrap_or(batch_size),
+            learning_rate: self.learning_rate.unwrap_or(lr),
+            task: self.task(),
+        }
+    }
+
+    /// Check what can be checked without the data.
+    pub fn validate(&self) -> Result<(), Error> {
+        let field = |name: &str, reason: String| Err(Error::Field { field: name.to_string(), reason });
+        let r = self.resolve();
+        if self.trainers == 0 {
+            return field("trainers", "must be at least 1".into());
+        }
+        if self.aggregators == 0 {
+            return field("aggregators", "must be at least 1".into());
+        }
+        if self.partitions == 0 {
+            return field("partitions", "must be at least 1".into());
+        }
+        if self.trainers > self.partitions {
+            return field(
+                "trainers",
+                format!(
+                    "{} trainers but only {} partitions: a trainer would have nothing to do",
+                    self.trainers, self.partitions
+                ),
+            );
+        }
+        if r.epochs == 0 {
+            return field("epochs", "must be at least 1".into());
+        }
+        if r.batch_size == 0 {
+            return field("batch_size", "must be at least 1".into());
+        }
+        if !(r.learning_rate.is_finite() && r.learning_rate > 0.0) {
+            return field("learning_rate", format!("{} is not a positive number", r.learning_rate));
+        }
+        if !(0.0..1.0).contains(&self.test_fraction) {
+            return field("test_fraction", format!("{} is not in [0, 1)", self.test_fraction));
+        }
+        if self.model == ModelKind::Mlp && self.hidden == 0 {
+            return field("hidden", "must be at least 1".into());
+        }
+        if self.model == ModelKind::Linear && r.task == TaskKind::Classification {
+            return field("model", "linear regression needs a regression task (use softmax or mlp for classes)".into());
+        }
+        if self.model == ModelKind::Softmax && r.task == TaskKind::Regression {
+            return field("model", "softmax regression needs a classification task (use linear or mlp)".into());
+        }
+        for f in &self.fail {
+            let count = match f.actor.role {
+                phalanx_actors::protocol::Role::Trainer => self.trainers,
+                phalanx_actors::protocol::Role::Shard => self.partitions,
+                phalanx_actors::protocol::Role::Aggregator => self.aggregators,
+            };
+            if f.actor.index >= count {
+                return field("fail", format!("{f}: there are only {count} {}s (indices 0..{count})", f.actor.role));
+            }
+        }
+        if self.resume && self.out.is_none() {
+            return field("resume", "needs an output directory (--out) holding checkpoints/".into());
+        }
+        Ok(())
+    }
+
+    /// The restart policy for every role.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        RestartPolicy { max_restarts: self.max_restarts, window_ms: self.restart_window_ms, ..RestartPolicy::default() }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_job_file_fields_parse_and_defaults_fill_the_rest() {
+        let c = JobConfig::from_toml_str(
+            "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 4\nfail = [\"trainer:1@20\", \"aggregator@50\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.model, ModelKind::Mlp);
+        assert_eq!(c.trainers, 4);
+        assert_eq!(c.partitions, DEFAULT_PARTITIONS);
+        assert_eq!(c.fail.len(), 2);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_toml_field_is_named_with_its_line() {
+        let e = JobConfig::from_toml_str("model = \"mlp\"\nepoch = 3\n").unwrap_err().to_string();
+        assert!(e.contains("epoch"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_named() {
+        let e = JobConfig::from_toml_str("trainers = \"two\"\n").unwrap_err().to_string();
+        assert!(e.contains("trainers"), "{e}");
+        let e = JobConfig::from_toml_str("model = \"cnn\"\n").unwrap_err().to_string();
+        assert!(e.contains("cnn"), "{e}");
+        let e = JobConfig::from_toml_str("fail = [\"trainer:x@3\"]\n").unwrap_err().to_string();
+        assert!(e.contains("trainer:x@3"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases: Vec<(JobConfig, &str)> = vec![
+            (JobConfig { trainers: 0, ..JobConfig::default() }, "trainers"),
+            (JobConfig { trainers: 9, ..JobConfig::default() }, "trainers"),
+            (JobConfig { aggregators: 0, ..JobConfig::default() }, "aggregators"),
+            (JobConfig { epochs: Some(0), ..JobConfig::default() }, "epochs"),
+            (JobConfig { batch_size: Some(0), ..JobConfig::default() }, "batch_size"),
+            (JobConfig { test_fraction: 1.0, ..JobConfig::default() }, "test_fraction"),
+            (JobConfig { learning_rate: Some(-1.0), ..JobConfig::default() }, "learning_rate"),
+            (JobConfig { model: ModelKind::Linear, dataset: DatasetSource::Iris, ..JobConfig::default() }, "model"),
+            (JobConfig { fail: vec!["trainer:5@3".parse().unwrap()], ..JobConfig::default() }, "fail"),
+            (JobConfig { resume: true, ..JobConfig::default() }, "resume"),
+        ];
+        for (c, field) in cases {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        }
+    }
+}

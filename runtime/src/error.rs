@@ -1,0 +1,66 @@
+//! The errors of the `phalanx` crate.
+
+use std::path::PathBuf;
+
+use phalanx_actors::actor::JobRunError;
+use phalanx_actors::checkpoint::CheckpointError;
+use phalanx_actors::data::DataError;
+use phalanx_actors::model::ModelError;
+
+/// Everything that can stop a job from being built, run or written out.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config file (or text) does not parse.
+    #[error("config{}: {reason}", file.as_ref().map(|f| format!(" {}", f.display())).unwrap_or_default())]
+    Config {
+        /// The file, when read from one.
+        file: Option<PathBuf>,
+        /// What is wrong, with line and field.
+        reason: String,
+    },
+    /// A config field has a value that cannot work.
+    #[error("invalid value for `{field}`: {reason}")]
+    Field {
+        /// The field (same name in TOML and as a flag).
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The data could not be loaded or split.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The model spec is invalid.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Resuming found nothing to resume from.
+    #[error("nothing to resume: no complete checkpoint for this job in {dir}")]
+    NoCheckpoint {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+    /// The job failed while running.
+    #[error(transparent)]
+    Job(#[from] JobRunError),
+    /// The job's actors could not be started.
+    #[error("cannot start the job: {0}")]
+    Spawn(String),
+    /// A file could not be written or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An output could not be encoded.
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+}

@@ -1,0 +1,336 @@
+//! Building a job from a config, running it on actors, and the plain
+//! single-threaded reference loop that computes the same bits without them.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use phalanx_actors::actor::{spawn_job, JobContext, JobHandle, JobOutcome};
+use phalanx_actors::checkpoint::CheckpointStore;
+use phalanx_actors::data::{self, OwnedTargets, Partitions, Prepared, Table, TaskKind};
+use phalanx_actors::faults::FaultPlan;
+use phalanx_actors::model::{self, Head, Model, ModelSpec, Targets};
+use phalanx_actors::net::LocalNet;
+use phalanx_actors::optim::{OptimizerSpec, OptimizerState};
+use phalanx_actors::protocol::{JobId, JobPlan, Schedule};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{JobConfig, Resolved};
+use crate::error::Error;
+
+/// A job with its data loaded and everything derived from the config.
+pub struct PreparedJob {
+    /// The config as given.
+    pub config: JobConfig,
+    /// Defaults filled in.
+    pub resolved: Resolved,
+    /// Train and held-out rows, standardised.
+    pub data: Prepared,
+    /// The fixed partitioning of the training rows.
+    pub partitions: Arc<Partitions>,
+    /// The model.
+    pub model: Arc<dyn Model>,
+    /// The optimizer.
+    pub optimizer: OptimizerSpec,
+    /// SHA-256 (hex) of everything that determines the math: checkpoints of
+    /// another job are never loaded.
+    pub config_hash: String,
+    /// The step schedule.
+    pub schedule: Schedule,
+}
+
+/// The part of the config that decides the math, hashed into `config_hash`.
+#[derive(Serialize)]
+struct MathIdentity<'a> {
+    dataset: String,
+    task: TaskKind,
+    test_fraction: f64,
+    partitions: u32,
+    batch_size: u32,
+    epochs: u32,
+    seed: u64,
+    model: &'a ModelSpec,
+    optimizer: &'a OptimizerSpec,
+    train_data_sha256: String,
+}
+
+fn train_data_sha256(t: &Table) -> String {
+    let mut h = Sha256::new();
+    for v in t.x.iter() {
+        h.update(v.to_le_bytes());
+    }
+    match &t.y {
+        data::Labels::Real(y) => y.iter().for_each(|v| h.update(v.to_le_bytes())),
+        data::Labels::Class { labels, .. } => labels.iter().for_each(|v| h.update(v.to_le_bytes())),
+    }
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 of a parameter vector: its f32 values as little-endian bytes in
+/// flat order (the order of [`Model::layout`]). This is `model_sha256`.
+pub fn params_sha256(params: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for v in params {
+        h.update(v.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+impl PreparedJob {
+    /// Validate the config, load and split the data, build the model.
+    pub fn new(config: JobConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let resolved = config.resolve();
+        let table = data::load(&config.dataset, resolved.task)?;
+        let data = data::prepare(table, config.seed, config.test_fraction)?;
+        let n_train = data.train.len();
+        if config.partitions as usize > n_train {
+            return Err(Error::Field {
+                field: "partitions".into(),
+                reason: format!("{} partitions but only {n_train} training rows", config.partitions),
+            });
+        }
+        let partitions = Partitions::new(n_train, config.partitions, resolved.batch_size, config.seed)?;
+        let (outputs, head) = match data.train.classes() {
+            Some(k) => (k, Head::Classification),
+            None => (1, Head::Regression),
+        };
+        let spec =
+            ModelSpec { kind: config.model, inputs: data.train.features(), outputs, hidden: config.hidden, head };
+        let model: Arc<dyn Model> = Arc::from(model::build(&spec)?);
+        if config.aggregators as usize > model.num_params() {
+            return Err(Error::Field {
+                field: "aggregators".into(),
+                reason: format!("{} aggregators for only {} parameters", config.aggregators, model.num_params()),
+            });
+        }
+        let mut optimizer = OptimizerSpec::new(config.optimizer);
+        optimizer.lr = resolved.learning_rate;
+        optimizer.validate().map_err(|e| Error::Field { field: "learning_rate".into(), reason: e.to_string() })?;
+        let schedule = Schedule { steps_per_epoch: partitions.steps_per_epoch, epochs: resolved.epochs };
+        for f in &config.fail {
+            if f.step >= schedule.total_steps() {
+                return Err(Error::Field {
+                    field: "fail".into(),
+                    reason: format!("{f}: step {} is past the last step {}", f.step, schedule.total_steps() - 1),
+                });
+            }
+        }
+        let identity = MathIdentity {
+            dataset: config.dataset.to_string(),
+            task: resolved.task,
+            test_fraction: config.test_fraction,
+            partitions: config.partitions,
+            batch_size: resolved.batch_size,
+            epochs: resolved.epochs,
+            seed: config.seed,
+            model: &spec,
+            optimizer: &optimizer,
+            train_data_sha256: train_data_sha256(&data.train),
+        };
+        let config_hash = hex::encode(Sha256::digest(serde_json::to_vec(&identity).expect("plain data serialises")));
+        Ok(Self { config, resolved, data, partitions: Arc::new(partitions), model, optimizer, config_hash, schedule })
+    }
+
+    /// `(offset, len)` of each aggregator's range: `aggregators` contiguous,
+    /// near-equal ranges.
+    pub fn ranges(&self) -> Vec<(usize, usize)> {
+        let n = self.model.num_params();
+        let a = self.config.aggregators as usize;
+        (0..a).map(|r| (r * n / a, (r + 1) * n / a - r * n / a)).collect()
+    }
+
+    /// The supervisor's plan for this job.
+    pub fn plan(&self, job: JobId) -> JobPlan {
+        let policy = self.config.restart_policy();
+        JobPlan {
+            job,
+            assignment: JobPlan::round_robin(self.config.partitions, self.config.trainers),
+            trainers: self.config.trainers,
+            ranges: self.ranges(),
+            schedule: self.schedule,
+            shard_policy: policy,
+            trainer_policy: policy,
+            aggregator_policy: policy,
+        }
+    }
+
+    /// Start the job's actors, checkpointing into `checkpoint_dir`; with
+    /// `resume`, continue from the newest complete checkpoint there.
+    pub async fn spawn(&self, checkpoint_dir: &Path, resume: bool) -> Result<JobHandle, Error> {
+        static RUNS: AtomicU64 = AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
+        let job: JobId = (u64::from(std::process::id()) << 32) | (run & 0xffff_ffff);
+        let store = CheckpointStore::open(checkpoint_dir)?;
+        let restore = if resume {
+            let step = store.newest_complete(&self.config_hash, self.model.num_params())?;
+            Some(step.ok_or_else(|| Error::NoCheckpoint { dir: checkpoint_dir.to_path_buf() })?)
+        } else {
+            None
+        };
+        let names = LocalNet::new(format!("phalanx-{job:x}"), self.config.trainers);
+        let ctx = JobContext {
+            job,
+            plan: self.plan(job),
+            model: self.model.clone(),
+            train: Arc::new(self.data.train.clone()),
+            partitions: self.partitions.clone(),
+            optimizer: self.optimizer,
+            init_seed: self.config.seed,
+            checkpoint_every: self.config.checkpoint_every,
+            store: Arc::new(store),
+            config_hash: self.config_hash.clone(),
+            faults: FaultPlan::new(self.config.fail.iter().copied()),
+            net: Arc::new(names.clone()),
+            names,
+        };
+        spawn_job(Arc::new(ctx), restore).await.map_err(|e| Error::Spawn(e.to_string()))
+    }
+
+    /// Train with a plain loop — no actors, no messages — computing exactly
+    /// what the protocol computes: per step, each partition's summed
+    /// gradient in partition order, divided by the sample count, one
+    /// optimizer step. The actors must match it bit for bit; the benchmark
+    /// measures their overhead against it.
+    pub fn reference_params(&self) -> Result<Vec<f32>, Error> {
+        let n = self.model.num_params();
+        let mut params = self.model.init_params(self.config.seed);
+        let mut opt: OptimizerState = self.optimizer.new_state(n);
+        let mut grad = vec![0.0f32; n];
+        let mut sum = vec![0.0f32; n];
+        let mut feeds = (0..self.partitions.count()).map(|p| self.partitions.feed(p)).collect::<Result<Vec<_>, _>>()?;
+        for step in 0..self.schedule.total_steps() {
+            let (epoch, k) = self.schedule.locate(step);
+            sum.iter_mut().for_each(|v| *v = 0.0);
+            let mut samples = 0u64;
+            for feed in &mut feeds {
+                let rows = feed.batch(epoch, k)?;
+                let (x, y) = self.data.train.rows(rows)?;
+                let targets = match &y {
+                    OwnedTargets::Real(v) => Targets::Real(v),
+                    OwnedTargets::Class(v) => Targets::Class(v),
+                };
+                self.model.loss_grad(&params, x.view(), targets, &mut grad)?;
+                for (s, g) in sum.iter_mut().zip(&grad) {
+                    *s += *g;
+                }
+                samples += x.nrows() as u64;
+            }
+            let scale = 1.0f32 / samples as f32;
+            sum.iter_mut().for_each(|v| *v *= scale);
+            self.optimizer.step(&mut opt, &mut params, &sum).expect("state sized for the vector");
+        }
+        Ok(params)
+    }
+
+    /// Quality of `params`: loss on the training rows and the metric on the
+    /// held-out rows (R² or accuracy).
+    pub fn evaluate(&self, params: &[f32]) -> Result<Evaluation, Error> {
+        let train = &self.data.train;
+        let test = &self.data.test;
+        let final_loss = self.model.loss(params, train.x.view(), targets(train))? / train.len().max(1) as f64;
+        let metric = |t: &Table| -> Result<Option<f64>, Error> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let out = self.model.predict(params, t.x.view())?;
+            Ok(Some(match &t.y {
+                data::Labels::Real(y) => model::metrics::r2(&out.column(0).to_vec(), y),
+                data::Labels::Class { labels, .. } => model::metrics::accuracy(out.view(), labels),
+            }))
+        };
+        let name = match train.task() {
+            TaskKind::Regression => "r2",
+            TaskKind::Classification => "accuracy",
+        };
+        let train_value = metric(train)?.unwrap_or(f64::NAN);
+        let held_out = metric(test)?;
+        let least_squares = match (&train.y, &test.y) {
+            (data::Labels::Real(ytr), data::Labels::Real(yte)) if !test.is_empty() => {
+                model::metrics::least_squares_r2(train.x.view(), ytr, test.x.view(), yte)
+            }
+            _ => None,
+        };
+        Ok(Evaluation {
+            final_loss,
+            metric: Metric {
+                name: name.to_string(),
+                value: held_out.unwrap_or(train_value),
+                split: if held_out.is_some() { "held-out" } else { "train" }.to_string(),
+                train_value,
+                least_squares_r2: least_squares,
+            },
+        })
+    }
+}
+
+fn targets(t: &Table) -> Targets<'_> {
+    match &t.y {
+        data::Labels::Real(y) => Targets::Real(y),
+        data::Labels::Class { labels, .. } => Targets::Class(labels),
+    }
+}
+
+/// How good a trained model is.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Mean loss over the training rows.
+    pub final_loss: f64,
+    /// The metric.
+    pub metric: Metric,
+}
+
+/// A quality metric: R² for regression, accuracy for classification.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Metric {
+    /// `r2` or `accuracy`.
+    pub name: String,
+    /// Its value on `split`.
+    pub value: f64,
+    /// `held-out` (or `train` when nothing was held out).
+    pub split: String,
+    /// Its value on the training rows.
+    pub train_value: f64,
+    /// Regression only: held-out R² of closed-form least squares on the same split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub least_squares_r2: Option<f64>,
+}
+
+/// A finished job: the outcome, its quality and timing.
+pub struct TrainReport {
+    /// What the actors produced.
+    pub outcome: JobOutcome,
+    /// Quality of the final parameters.
+    pub evaluation: Evaluation,
+    /// Wall time of the run.
+    pub duration: std::time::Duration,
+}
+
+/// Run a prepared job to the end on actors in this process, reporting
+/// progress to `on_progress` whenever a step is applied.
+pub async fn run(
+    job: &PreparedJob,
+    checkpoint_dir: &Path,
+    resume: bool,
+    mut on_progress: impl FnMut(&phalanx_actors::actor::Progress),
+) -> Result<TrainReport, Error> {
+    let started = Instant::now();
+    let handle = job.spawn(checkpoint_dir, resume).await?;
+    let mut progress = handle.progress.clone();
+    let finish = handle.finish();
+    tokio::pin!(finish);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut finish => break r?,
+            changed = progress.changed() => match changed {
+                Ok(()) => on_progress(&progress.borrow_and_update()),
+                // The supervisor is gone; its outcome is already on the way.
+                Err(_) => break (&mut finish).await?,
+            },
+        }
+    };
+    let evaluation = job.evaluate(&outcome.params)?;
+    Ok(TrainReport { outcome, evaluation, duration: started.elapsed() })
+}

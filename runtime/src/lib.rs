@@ -1,0 +1,56 @@
+//! # Phalanx: distributed training that keeps training when nodes die
+//!
+//! Phalanx trains machine-learning models with synchronous data parallelism
+//! on supervised actors, and makes two promises no elastic trainer makes:
+//! every sample of every epoch contributes **exactly once**, and a run that
+//! survives failures ends with a model **bit-identical** to the fault-free
+//! run — whatever the number of trainers or aggregators.
+//!
+//! ```text
+//!   JobConfig ──▶ PreparedJob::new ──▶ run (actors) ──▶ TrainReport ──▶ write_outputs
+//!   (TOML/flags)   data, partitions,    shards, trainers,  params, ledger,   summary.json,
+//!                  model, config hash   aggregators,       faults, metric   model.safetensors
+//!                                       supervisor
+//! ```
+//!
+//! The entry point is [`train`]: give it a [`JobConfig`], get a
+//! [`TrainReport`]. Embed it in any tokio program:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), phalanx::Error> {
+//! let config = phalanx::JobConfig { trainers: 4, ..Default::default() };
+//! let (job, report) = phalanx::train(config, |p| println!("step {}/{}", p.step, p.total_steps)).await?;
+//! println!("accuracy {:.3}", report.evaluation.metric.value);
+//! # let _ = job; Ok(()) }
+//! ```
+//!
+//! The protocol, its sans-IO cores and the actors live in
+//! [`phalanx_actors`]; the wire codec in [`phalanx_transport`].
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod job;
+pub mod output;
+
+pub use config::JobConfig;
+pub use error::Error;
+pub use job::{params_sha256, Evaluation, Metric, PreparedJob, TrainReport};
+pub use output::{write_outputs, Summary};
+pub use phalanx_actors::actor::Progress;
+
+/// Prepare and run a job in this process; checkpoints go to
+/// `config.out/checkpoints` (a temporary directory when `out` is unset).
+pub async fn train(config: JobConfig, on_progress: impl FnMut(&Progress)) -> Result<(PreparedJob, TrainReport), Error> {
+    let job = PreparedJob::new(config)?;
+    let (dir, _temp) = match &job.config.out {
+        Some(out) => (out.join("checkpoints"), None),
+        None => {
+            let t = tempfile::tempdir().map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let report = job::run(&job, &dir, job.config.resume, on_progress).await?;
+    Ok((job, report))
+}

@@ -1,0 +1,274 @@
+//! The `phalanx` command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use phalanx::{JobConfig, Progress};
+use phalanx_actors::data::{DatasetSource, TaskKind};
+use phalanx_actors::faults::FaultSpec;
+use phalanx_actors::model::ModelKind;
+use phalanx_actors::optim::OptimizerKind;
+
+/// Phalanx: distributed training that keeps training when nodes die, and
+/// ends with the same model bits as if nothing had failed.
+#[derive(Parser, Debug)]
+#[command(name = "phalanx", version, about, long_about = None)]
+struct Cli {
+    /// Log more (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model in this process on supervised actors.
+    Train(TrainArgs),
+}
+
+/// Job flags; each overrides the same field of `--config`.
+#[derive(Args, Debug, Default)]
+struct TrainArgs {
+    /// TOML job file (fields as in the flags, with underscores: batch_size = 32).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model: linear, softmax or mlp.
+    #[arg(long)]
+    model: Option<ModelKind>,
+    /// Data: diabetes, iris, winequality or csv:PATH[:TARGET].
+    #[arg(long)]
+    dataset: Option<DatasetSource>,
+    /// regression or classification (default: from the model; mlp → classification).
+    #[arg(long)]
+    task: Option<TaskKind>,
+    /// Trainer actors.
+    #[arg(long)]
+    trainers: Option<u32>,
+    /// Aggregator actors, each owning a range of the parameters.
+    #[arg(long)]
+    aggregators: Option<u32>,
+    /// Data partitions (fixed for the job; default 8).
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Seed of split, partitions, batches and initial parameters.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Global batch size.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Optimizer: sgd, momentum or adam.
+    #[arg(long)]
+    optimizer: Option<OptimizerKind>,
+    /// Learning rate.
+    #[arg(long = "lr", alias = "learning-rate")]
+    learning_rate: Option<f32>,
+    /// Hidden units of the MLP.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Share of rows held out for the metric.
+    #[arg(long)]
+    test_fraction: Option<f64>,
+    /// Checkpoint every K steps (0: only the final one).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Make an actor panic: ROLE[:INDEX]@STEP[xN|x*], ROLE = trainer, shard or aggregator. Repeatable.
+    #[arg(long = "fail", value_name = "ROLE[:INDEX]@STEP")]
+    fail: Vec<FaultSpec>,
+    /// Output directory: model.safetensors, summary.json, checkpoints/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Resume from the newest complete checkpoint in OUT/checkpoints.
+    #[arg(long)]
+    resume: bool,
+    /// Restarts allowed per actor within the restart window before the job fails.
+    #[arg(long)]
+    max_restarts: Option<u32>,
+}
+
+impl TrainArgs {
+    fn into_config(self) -> anyhow::Result<JobConfig> {
+        let mut c = match &self.config {
+            Some(path) => JobConfig::from_toml_file(path)?,
+            None => JobConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        set!(
+            model,
+            dataset,
+            trainers,
+            aggregators,
+            partitions,
+            seed,
+            optimizer,
+            hidden,
+            test_fraction,
+            checkpoint_every,
+            max_restarts
+        );
+        set_opt!(task, epochs, batch_size, learning_rate, out);
+        if !self.fail.is_empty() {
+            c.fail = self.fail;
+        }
+        c.resume |= self.resume;
+        Ok(c)
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "error",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Shows progress: a bar on a terminal, a line every tenth of the job otherwise.
+struct ProgressView {
+    bar: Option<ProgressBar>,
+    last_tenth: u64,
+}
+
+impl ProgressView {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32.cyan/blue} step {pos}/{len} {msg}")
+                    .expect("valid template")
+                    .progress_chars("█▉▊▋▌▍▎▏ "),
+            );
+            bar
+        });
+        Self { bar, last_tenth: 0 }
+    }
+
+    fn update(&mut self, p: &Progress, started: std::time::Instant) {
+        let rate = p.samples as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        let msg = format!("loss {:.4} | {:.0} samples/s | faults {}", p.loss, rate, p.faults);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(p.total_steps);
+                bar.set_position(p.step);
+                bar.set_message(msg);
+            }
+            None => {
+                let tenth = p.step * 10 / p.total_steps.max(1);
+                if tenth > self.last_tenth {
+                    self.last_tenth = tenth;
+                    eprintln!("step {}/{} {msg}", p.step, p.total_steps);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let out = config.out.clone().unwrap_or_else(|| PathBuf::from("phalanx-out"));
+    let config = JobConfig { out: Some(out.clone()), ..config };
+    let job = phalanx::PreparedJob::new(config)?;
+    let r = job.resolved;
+    eprintln!(
+        "training {} on {} ({} rows, {} features): {} partitions, {} trainers, {} aggregators, {} epochs × {} steps, batch {}, {} lr {}",
+        job.config.model,
+        job.config.dataset,
+        job.data.train.len(),
+        job.data.train.features(),
+        job.config.partitions,
+        job.config.trainers,
+        job.config.aggregators,
+        r.epochs,
+        job.schedule.steps_per_epoch,
+        r.batch_size,
+        job.config.optimizer,
+        r.learning_rate,
+    );
+    let started = std::time::Instant::now();
+    let mut view = ProgressView::new();
+    let ckpt = out.join("checkpoints");
+    let result = phalanx::job::run(&job, &ckpt, job.config.resume, |p| view.update(p, started)).await;
+    view.finish();
+    let report = result?;
+    let summary = phalanx::write_outputs(&out, &job, &report).with_context(|| format!("writing {}", out.display()))?;
+    let m = &summary.metric;
+    println!(
+        "done: {} steps in {:.2}s ({:.0} samples/s); final loss {:.5}; {} {} = {:.4} (train {:.4})",
+        summary.steps,
+        summary.duration_ms as f64 / 1000.0,
+        summary.samples_per_sec,
+        summary.final_loss,
+        m.split,
+        m.name,
+        m.value,
+        m.train_value
+    );
+    if let Some(ls) = m.least_squares_r2 {
+        println!("      closed-form least squares on the same split: r2 = {ls:.4}");
+    }
+    let exact = summary.samples_applied.iter().all(|e| e.exactly_once);
+    println!(
+        "exactly-once: {} ({} epochs, {} samples each)",
+        if exact { "yes" } else { "NO" },
+        summary.epochs,
+        summary.partition_sizes.iter().sum::<u64>()
+    );
+    for f in &summary.faults {
+        println!(
+            "fault: {} at step {}: {} — recovered in {} ms{}",
+            f.what,
+            f.step,
+            f.reason,
+            f.recovery_ms.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+            f.rolled_back_to.map(|s| format!(" (rolled back to checkpoint {s})")).unwrap_or_default()
+        );
+    }
+    println!("model_sha256 {}", summary.model_sha256);
+    println!("wrote {}/model.safetensors and {}/summary.json", out.display(), out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Train(args) => train(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
