@@ -123,9 +123,9 @@ impl JobConfig {
         toml::from_str::<JobConfig>(text).map_err(|e| Error::Config { file: None, reason: one_line(&e.to_string()) })
     }
 
-    /// The task the model implies unless one was given.
+    /// The task: as given, else the built-in dataset's, else what the model implies.
     pub fn task(&self) -> TaskKind {
-        self.task.unwrap_or(match self.model {
+        self.task.or_else(|| self.dataset.builtin_task()).unwrap_or(match self.model {
             ModelKind::Linear => TaskKind::Regression,
             ModelKind::Softmax | ModelKind::Mlp => TaskKind::Classification,
         })

@@ -1,5 +1,7 @@
 //! Parsing frames: one at a time from a slice, or incrementally from a stream.
 
+use std::fmt;
+
 use serde::de::DeserializeOwned;
 
 use super::header::decode_header;
@@ -123,7 +125,6 @@ fn tensor_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
 /// assert_eq!(frames[1].tensor, [1.5; 3]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
 pub struct FrameDecoder {
     limits: Limits,
     buf: Vec<u8>,
@@ -131,6 +132,17 @@ pub struct FrameDecoder {
     /// push, so pulling many small frames out of one push copies nothing.
     start: usize,
     poisoned: Option<DecodeError>,
+}
+
+// Not derived: the buffer can hold up to a whole frame, far too much for a log line.
+impl fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameDecoder")
+            .field("limits", &self.limits)
+            .field("buffered", &self.buffered())
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
 }
 
 impl FrameDecoder {

@@ -262,6 +262,8 @@ fn decoder_waits_for_the_rest_of_a_frame() {
     decoder.push(&wire[..wire.len() - 1]);
     assert!(decoder.next_frame::<Control>().expect("no error").is_none());
     assert_eq!(decoder.buffered(), wire.len() - 1);
+    let debug = format!("{decoder:?}");
+    assert!(debug.contains(&format!("buffered: {}", wire.len() - 1)), "{debug}");
     decoder.push(&wire[wire.len() - 1..]);
     assert!(decoder.next_frame::<Control>().expect("no error").is_some());
 }

@@ -1,0 +1,94 @@
+//! Checkpoints on disk: a job that died can resume and still end
+//! bit-identical; a corrupted checkpoint is skipped for the previous good
+//! one; a checkpoint of another job is never loaded.
+
+mod common;
+
+use common::{assert_exactly_once, job, run, run_in, sha};
+use phalanx::JobConfig;
+use phalanx_actors::checkpoint::CheckpointStore;
+use phalanx_actors::model::ModelKind;
+
+/// Run a job that escalates (a poison trainer) at `step`, leaving its checkpoints in `dir`.
+async fn crash_at(config: &JobConfig, dir: &std::path::Path, step: u64) {
+    let dying =
+        JobConfig { fail: vec![format!("trainer:0@{step}x*").parse().unwrap()], max_restarts: 1, ..config.clone() };
+    let err = run_in(dying, dir, false).await.err().expect("the poisoned job fails");
+    assert!(err.to_string().contains("trainer 0"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resumed_from_its_checkpoints_ends_bit_identical() {
+    let config = JobConfig { aggregators: 2, ..job(ModelKind::Mlp) };
+    let (_, reference) = run(config.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(&config, dir.path(), 25).await;
+    let store = CheckpointStore::open(dir.path()).unwrap();
+    let hash = phalanx::PreparedJob::new(config.clone()).unwrap().config_hash;
+    let newest = store.newest_complete(&hash, reference.outcome.params.len()).unwrap();
+    assert_eq!(newest, Some(20), "checkpoints every 10 steps; the job died at 25");
+    // Resume with another deployment: 3 aggregators, 4 trainers.
+    let resumed = JobConfig { aggregators: 3, trainers: 4, ..config };
+    let (job, report) = run_in(resumed, dir.path(), true).await.unwrap();
+    assert_eq!(sha(&report), sha(&reference));
+    assert_exactly_once(&job, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_newest_checkpoint_is_skipped_for_the_previous_good_one() {
+    let config = job(ModelKind::Softmax);
+    let (_, reference) = run(config.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(&config, dir.path(), 35).await;
+    // Flip one byte in the middle of the newest checkpoint file.
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let newest = files.last().unwrap().clone();
+    assert!(newest.to_string_lossy().contains("ckpt-0000000030"), "{newest:?}");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let mid = bytes.len() - 9;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&newest, bytes).unwrap();
+    let store = CheckpointStore::open(dir.path()).unwrap();
+    let hash = phalanx::PreparedJob::new(config.clone()).unwrap().config_hash;
+    assert_eq!(store.newest_complete(&hash, reference.outcome.params.len()).unwrap(), Some(20));
+    let (job, report) = run_in(config, dir.path(), true).await.unwrap();
+    assert_eq!(sha(&report), sha(&reference));
+    assert_exactly_once(&job, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_of_another_job_are_not_loaded() {
+    let config = job(ModelKind::Softmax);
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(&config, dir.path(), 25).await;
+    let other = JobConfig { seed: config.seed + 1, ..config };
+    let err = run_in(other, dir.path(), true).await.err().expect("nothing of this job to resume");
+    assert!(err.to_string().contains("nothing to resume"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_files_are_real_safetensors_with_the_aggregator_state() {
+    let config = JobConfig { aggregators: 3, ..job(ModelKind::Linear) };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, report) = run_in(config, dir.path(), false).await.unwrap();
+    let store = CheckpointStore::open(dir.path()).unwrap();
+    let scanned = store.scan().unwrap();
+    assert!(scanned.iter().all(|f| f.outcome.is_ok()), "every file verifies");
+    let last = scanned.iter().map(|f| f.step).max().unwrap();
+    let mut finals: Vec<_> = scanned.iter().filter(|f| f.step == last).collect();
+    finals.sort_by_key(|f| f.offset);
+    assert_eq!(finals.len(), 3);
+    let mut joined = Vec::new();
+    for f in finals {
+        let bytes = std::fs::read(&f.path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("params").unwrap();
+        joined.extend(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
+    assert_eq!(joined, report.outcome.params, "the final checkpoint holds the final parameters");
+}
