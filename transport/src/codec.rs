@@ -61,7 +61,8 @@ pub struct Limits {
     /// Largest value the length prefix may carry: bytes of a frame after its prefix
     /// (envelope, header and tensor).
     pub max_frame_bytes: u32,
-    /// Largest header region, in bytes on the wire.
+    /// Largest header region, in bytes on the wire. Decoding one header allocates at most
+    /// 64 × its region even if its length fields lie; values above 64 MiB are not useful.
     pub max_header_bytes: u32,
 }
 

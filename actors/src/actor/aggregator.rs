@@ -7,7 +7,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
 use crate::checkpoint::RangeCheckpoint;
-use crate::protocol::{ActorKey, Addr, AggCommand, AggregatorCore, AggregatorSetup, Msg, RangeState, Verdict};
+use crate::protocol::{
+    ActorKey, Addr, AggCommand, AggregatorCore, AggregatorSetup, Gradient, Msg, RangeState, Verdict,
+};
 
 /// Complete checkpoints kept on disk; older ones are pruned.
 const CHECKPOINTS_KEPT: usize = 3;
@@ -105,6 +107,22 @@ impl AggregatorState {
         Ok(())
     }
 
+    fn on_gradient(&mut self, g: Gradient) -> Result<(), ActorProcessingErr> {
+        if g.step == self.core.step() && g.generation == self.core.generation() {
+            self.ctx.faults.maybe_panic(self.key, g.step);
+        }
+        let (partition, step) = (g.partition, g.step);
+        let (verdict, cmds) = self.core.on_gradient(g);
+        match &verdict {
+            Verdict::Malformed(reason) => {
+                tracing::warn!(range = self.key.index, partition, step, "gradient rejected: {reason}")
+            }
+            Verdict::Accepted | Verdict::Applied => {}
+            other => tracing::trace!(range = self.key.index, partition, step, ?other, "gradient ignored"),
+        }
+        self.run(cmds)
+    }
+
     fn restart_core(&mut self, generation: u64, restore: Option<u64>) -> Result<(), ActorProcessingErr> {
         let (state, fresh) = initial_state(&self.ctx, self.key.index, restore)?;
         self.core = AggregatorCore::new(setup(&self.ctx, self.key.index), generation, state);
@@ -138,21 +156,8 @@ impl Actor for AggregatorActor {
         state: &mut AggregatorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            Msg::Gradient(g) => {
-                if g.step == state.core.step() && g.generation == state.core.generation() {
-                    state.ctx.faults.maybe_panic(state.key, g.step);
-                }
-                let (partition, step) = (g.partition, g.step);
-                let (verdict, cmds) = state.core.on_gradient(g);
-                match &verdict {
-                    Verdict::Malformed(reason) => {
-                        tracing::warn!(range = state.key.index, partition, step, "gradient rejected: {reason}")
-                    }
-                    Verdict::Accepted | Verdict::Applied => {}
-                    other => tracing::trace!(range = state.key.index, partition, step, ?other, "gradient ignored"),
-                }
-                state.run(cmds)
-            }
+            Msg::Gradient(g) => state.on_gradient(g),
+            Msg::Gradients(gs) => gs.into_iter().try_for_each(|g| state.on_gradient(g)),
             Msg::ParamsRequest { trainer, step, .. } => {
                 let cmds = state.core.on_params_request(trainer, step);
                 state.run(cmds)

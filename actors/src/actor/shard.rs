@@ -8,6 +8,9 @@ use super::JobContext;
 use crate::data::{OwnedTargets, PartitionFeed};
 use crate::protocol::{ActorKey, Addr, Batch, BatchTargets, Msg};
 
+/// The most batches one request may ask for: bounds the reply's size.
+const MAX_BATCHES_PER_REQUEST: u32 = 64;
+
 /// Serves partition `p`'s batches; a pure function of `(seed, p, epoch,
 /// step)`, so a restarted shard replays exactly what its predecessor would
 /// have served.
@@ -35,32 +38,39 @@ impl Actor for ShardActor {
     }
 
     async fn handle(&self, _myself: ActorRef<Msg>, msg: Msg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
-        let Msg::BatchRequest { job, partition, step, trainer } = msg else {
+        let Msg::BatchRequest { job, partition, step, count, trainer } = msg else {
             tracing::warn!(shard = state.partition, kind = msg.kind(), "unexpected message dropped");
             return Ok(());
         };
         let ctx = state.ctx.clone();
-        if job != ctx.job || partition != state.partition || step >= ctx.plan.schedule.total_steps() {
+        let total = ctx.plan.schedule.total_steps();
+        if job != ctx.job || partition != state.partition || step >= total || count == 0 {
             tracing::warn!(
                 shard = state.partition,
                 job,
                 partition,
                 step,
+                count,
                 "batch request that is not for this shard dropped"
             );
             return Ok(());
         }
-        ctx.faults.maybe_panic(ActorKey::shard(partition), step);
-        let (epoch, k) = ctx.plan.schedule.locate(step);
-        let rows = state.feed.batch(epoch, k).map_err(|e| format!("shard {partition} at step {step}: {e}"))?;
-        let (x, y) = ctx.train.rows(rows).map_err(|e| format!("shard {partition} at step {step}: {e}"))?;
-        let features = x.ncols() as u32;
-        let targets = match y {
-            OwnedTargets::Real(v) => BatchTargets::Real(v),
-            OwnedTargets::Class(v) => BatchTargets::Class(v),
-        };
-        let x = x.into_iter().collect();
-        ctx.net.send(Addr::Trainer(trainer), Msg::Batch(Batch { job, partition, step, features, x, targets }));
+        let end = (step + u64::from(count.min(MAX_BATCHES_PER_REQUEST))).min(total);
+        let mut batches = Vec::with_capacity((end - step) as usize);
+        for s in step..end {
+            ctx.faults.maybe_panic(ActorKey::shard(partition), s);
+            let (epoch, k) = ctx.plan.schedule.locate(s);
+            let rows = state.feed.batch(epoch, k).map_err(|e| format!("shard {partition} at step {s}: {e}"))?;
+            let (x, y) = ctx.train.rows(rows).map_err(|e| format!("shard {partition} at step {s}: {e}"))?;
+            let features = x.ncols() as u32;
+            let targets = match y {
+                OwnedTargets::Real(v) => BatchTargets::Real(v),
+                OwnedTargets::Class(v) => BatchTargets::Class(v),
+            };
+            let x = x.into_iter().collect();
+            batches.push(Batch { job, partition, step: s, features, x, targets });
+        }
+        ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));
         Ok(())
     }
 }

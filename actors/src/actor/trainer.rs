@@ -5,7 +5,9 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
-use crate::protocol::{ActorKey, Msg, TrainerCommand, TrainerCore, TrainerSetup};
+use std::collections::BTreeMap;
+
+use crate::protocol::{ActorKey, Addr, Gradient, Msg, TrainerCommand, TrainerCore, TrainerSetup};
 
 /// Computes gradients for the partitions it owns.
 pub struct TrainerActor;
@@ -18,16 +20,24 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
+    /// Carry out commands. Gradient ranges for one aggregator produced in one
+    /// go are sent as a single message: with many partitions per trainer that
+    /// is most of the messages of a step.
     fn run(&mut self, cmds: Vec<TrainerCommand>) -> Result<(), ActorProcessingErr> {
         let mut queue = std::collections::VecDeque::from(cmds);
+        let mut gradients: BTreeMap<u32, Vec<Gradient>> = BTreeMap::new();
         while let Some(cmd) = queue.pop_front() {
             match cmd {
+                TrainerCommand::Send(Addr::Aggregator(r), Msg::Gradient(g)) => gradients.entry(r).or_default().push(g),
                 TrainerCommand::Send(to, msg) => self.ctx.net.send(to, msg),
                 TrainerCommand::Compute { step, partition } => {
                     self.ctx.faults.maybe_panic(self.key, step);
                     queue.extend(self.core.compute(step, partition)?);
                 }
             }
+        }
+        for (r, gs) in gradients {
+            self.ctx.net.send(Addr::Aggregator(r), Msg::Gradients(gs));
         }
         Ok(())
     }
@@ -65,7 +75,7 @@ impl Actor for TrainerActor {
     ) -> Result<(), ActorProcessingErr> {
         let cmds = match msg {
             Msg::Params(p) => state.core.on_params(p),
-            Msg::Batch(b) => state.core.on_batch(b),
+            Msg::Batches(b) => state.core.on_batches(b),
             Msg::ShardReady { partition, .. } => state.core.on_shard_ready(partition),
             Msg::Assign { generation, partitions, .. } => state.core.on_assign(generation, partitions),
             other => {

@@ -168,19 +168,25 @@ pub enum Msg {
         /// The wanted version; `None` for the newest.
         step: Option<u64>,
     },
-    /// Trainer → shard: send me the batch of your partition at `step`.
+    /// Trainer → shard: send me the batches of your partition at steps
+    /// `step .. step + count` (a window, so one request serves several steps).
     BatchRequest {
         /// The job.
         job: JobId,
         /// The partition.
         partition: u32,
-        /// The global step.
+        /// The first global step.
         step: u64,
+        /// How many consecutive steps.
+        count: u32,
         /// The trainer to reply to.
         trainer: u32,
     },
-    /// Shard → trainer: a batch.
-    Batch(Batch),
+    /// Shard → trainer: consecutive batches of one partition.
+    Batches(Vec<Batch>),
+    /// Trainer → aggregator: several gradient ranges for the aggregator's
+    /// range (one per partition the trainer computed), in one message.
+    Gradients(Vec<Gradient>),
     /// Job → trainer: the shard of `partition` (re)started; re-send requests.
     ShardReady {
         /// The job.
@@ -253,7 +259,8 @@ impl Msg {
         match self {
             Msg::Params(p) => p.job,
             Msg::Gradient(g) => g.job,
-            Msg::Batch(b) => b.job,
+            Msg::Batches(b) => b.first().map_or(0, |b| b.job),
+            Msg::Gradients(g) => g.first().map_or(0, |g| g.job),
             Msg::ParamsRequest { job, .. }
             | Msg::BatchRequest { job, .. }
             | Msg::ShardReady { job, .. }
@@ -272,7 +279,8 @@ impl Msg {
             Msg::Gradient(_) => "gradient",
             Msg::ParamsRequest { .. } => "params-request",
             Msg::BatchRequest { .. } => "batch-request",
-            Msg::Batch(_) => "batch",
+            Msg::Batches(_) => "batches",
+            Msg::Gradients(_) => "gradients",
             Msg::ShardReady { .. } => "shard-ready",
             Msg::Assign { .. } => "assign",
             Msg::Rollback { .. } => "rollback",

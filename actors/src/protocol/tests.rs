@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::trainer::BATCH_WINDOW;
 use super::*;
 use crate::model::{self, Head, ModelKind, ModelSpec};
 use crate::optim::{OptimizerKind, OptimizerSpec};
@@ -187,7 +188,8 @@ fn linear_model() -> Arc<dyn crate::model::Model> {
 
 fn trainer(partitions: Vec<u32>) -> TrainerCore {
     // linear model with 2 inputs: 3 parameters, split into ranges [0,2) and [2,3).
-    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule: schedule(), features: 2 };
+    let schedule = Schedule { steps_per_epoch: 2, epochs: 10 };
+    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule, features: 2 };
     TrainerCore::new(setup, linear_model(), 0, partitions)
 }
 
@@ -216,29 +218,50 @@ fn sends(cmds: &[TrainerCommand]) -> Vec<(Addr, &'static str)> {
         .collect()
 }
 
+fn requests(cmds: &[TrainerCommand]) -> Vec<(u32, u64, u32)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            TrainerCommand::Send(_, Msg::BatchRequest { partition, step, count, .. }) => {
+                Some((*partition, *step, *count))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn trainer_computes_only_with_full_params_and_the_batch_and_prefetches_next() {
+fn trainer_computes_only_with_full_params_and_the_batch_and_prefetches_a_window() {
     let mut t = trainer(vec![1]);
     let start = t.start();
     assert_eq!(sends(&start), vec![(Addr::Aggregator(0), "params-request"), (Addr::Aggregator(1), "params-request")]);
     assert!(t.on_params(params(0, 0, 0)).is_empty(), "half a θ is not enough");
     let cmds = t.on_params(params(1, 0, 0));
-    assert_eq!(sends(&cmds), vec![(Addr::Shard(1), "batch-request")]);
-    let cmds = t.on_batch(batch(1, 0));
-    assert_eq!(cmds, vec![TrainerCommand::Compute { step: 0, partition: 1 }]);
+    assert_eq!(requests(&cmds), vec![(1, 0, BATCH_WINDOW as u32)], "one request for a window of steps");
+    let cmds = t.on_batches(vec![batch(1, 0), batch(1, 1), batch(1, 2), batch(1, 3)]);
+    assert_eq!(cmds, vec![TrainerCommand::Compute { step: 0, partition: 1 }], "only step 0 has its θ");
     let out = t.compute(0, 1).unwrap();
-    assert_eq!(
-        sends(&out),
-        vec![(Addr::Aggregator(0), "gradient"), (Addr::Aggregator(1), "gradient"), (Addr::Shard(1), "batch-request")]
-    );
-    // Computing twice is a no-op.
+    assert_eq!(sends(&out), vec![(Addr::Aggregator(0), "gradient"), (Addr::Aggregator(1), "gradient")]);
+    // Computing twice is a no-op; a duplicate batch is ignored.
     assert!(t.compute(0, 1).unwrap().is_empty());
-    // The duplicate batch is ignored; the prefetched one waits for θ_1.
     assert!(t.on_batch(batch(1, 0)).is_empty());
-    assert!(t.on_batch(batch(1, 1)).is_empty());
-    t.on_params(params(0, 1, 0));
-    let cmds = t.on_params(params(1, 1, 0));
-    assert_eq!(cmds, vec![TrainerCommand::Compute { step: 1, partition: 1 }]);
+    // Steps 1..3 compute from the buffer as soon as their θ is complete; at
+    // step 3 less than half a window is left, so the next window is asked for.
+    for step in 1..4 {
+        t.on_params(params(0, step, 0));
+        let cmds = t.on_params(params(1, step, 0));
+        assert_eq!(cmds, vec![TrainerCommand::Compute { step, partition: 1 }]);
+        let out = t.compute(step, 1).unwrap();
+        let expect = if step == 3 { vec![(1, BATCH_WINDOW, 4)] } else { vec![] };
+        assert_eq!(requests(&out), expect, "step {step}");
+    }
+}
+
+#[test]
+fn trainer_prefetch_never_asks_past_the_last_step() {
+    let mut t = trainer(vec![0]);
+    t.on_params(params(0, 17, 0));
+    let cmds = t.on_params(params(1, 17, 0));
+    assert_eq!(requests(&cmds), vec![(0, 17, 3)], "the job has 20 steps");
 }
 
 #[test]
@@ -278,7 +301,7 @@ fn trainer_adopts_a_new_generation_and_drops_the_old() {
     assert!(t.on_params(params(1, 6, 0)).is_empty());
     let cmds = t.on_params(params(1, 2, 1));
     assert_eq!(t.ready_step(), Some(2));
-    assert_eq!(sends(&cmds), vec![(Addr::Shard(0), "batch-request")]);
+    assert_eq!(requests(&cmds), vec![(0, 2, BATCH_WINDOW as u32)]);
 }
 
 #[test]
@@ -294,18 +317,20 @@ fn trainer_rebuilds_an_older_version_when_ranges_disagree() {
     );
     let cmds = t.on_params(params(0, 3, 0));
     assert_eq!(t.ready_step(), Some(3));
-    assert_eq!(sends(&cmds), vec![(Addr::Shard(0), "batch-request")]);
+    assert_eq!(requests(&cmds), vec![(0, 3, BATCH_WINDOW as u32)]);
 }
 
 #[test]
-fn trainer_resends_requests_when_a_shard_restarts() {
+fn trainer_resends_outstanding_requests_when_a_shard_restarts() {
     let mut t = trainer(vec![0, 1]);
     t.on_params(params(0, 0, 0));
     t.on_params(params(1, 0, 0));
-    t.on_batch(batch(0, 0));
+    t.on_batches(vec![batch(1, 0), batch(1, 1)]);
     let cmds = t.on_shard_ready(1);
-    assert_eq!(sends(&cmds), vec![(Addr::Shard(1), "batch-request")]);
-    assert!(t.on_shard_ready(0).is_empty(), "partition 0's batch already arrived");
+    assert_eq!(requests(&cmds), vec![(1, 2, BATCH_WINDOW as u32 - 2)], "steps 2.. of partition 1 are still due");
+    let cmds = t.on_shard_ready(0);
+    assert_eq!(requests(&cmds), vec![(0, 0, BATCH_WINDOW as u32)]);
+    assert!(t.on_shard_ready(5).is_empty(), "not this trainer's partition");
 }
 
 // ---------------------------------------------------------------- supervisor

@@ -7,8 +7,8 @@
 //!
 //! ```text
 //!  Params(range r, step s) ─▶ assembly[s] ──complete──▶ Compute(s, p) for owned p
-//!  Batch(p, s) ─────────────▶ buffer ────────────────▶ (needs θ_s and batch)
-//!  Compute(s, p) ─▶ Gradient(s, p) ranges ─▶ aggregators;  BatchRequest(p, s+1) prefetch
+//!  Batches(p, s..s+W) ───────▶ buffer ────────────────▶ (needs θ_s and batch)
+//!  Compute(s, p) ─▶ Gradient(s, p) ranges ─▶ aggregators;  BatchRequest(p, window) prefetch
 //! ```
 //!
 //! Every input is idempotent: a repeated θ range, a repeated batch or a
@@ -24,6 +24,12 @@ use crate::model::{Model, Targets};
 
 use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params};
 use super::{Addr, Schedule};
+
+/// How many steps of batches a trainer asks a shard for ahead of time. One
+/// request then serves several steps (fewer messages per step), and the
+/// shard cuts batches while the aggregators apply steps. It also bounds the
+/// batches buffered per partition.
+pub const BATCH_WINDOW: u64 = 8;
 
 /// How many parameter versions a trainer assembles at once. Two suffice (see
 /// [`TrainerCore::on_params`]); one more absorbs reordering.
@@ -106,6 +112,8 @@ pub struct TrainerCore {
     computed: BTreeSet<u32>,
     batches: BTreeMap<(u64, u32), Batch>,
     requested: BTreeSet<(u64, u32)>,
+    /// Per partition: one past the last step asked for in this generation.
+    horizon: BTreeMap<u32, u64>,
     grad: Vec<f32>,
 }
 
@@ -125,6 +133,7 @@ impl TrainerCore {
             computed: BTreeSet::new(),
             batches: BTreeMap::new(),
             requested: BTreeSet::new(),
+            horizon: BTreeMap::new(),
             grad: vec![0.0; total_len],
         }
     }
@@ -153,10 +162,28 @@ impl TrainerCore {
         Msg::ParamsRequest { job: self.setup.job, trainer: self.setup.index, step }
     }
 
-    fn batch_request(&self, step: u64, partition: u32) -> TrainerCommand {
+    /// Ask for the batches of `partition` at `from .. to` (capped at the last step).
+    fn request_window(&mut self, partition: u32, from: u64, to: u64) -> Option<TrainerCommand> {
+        let to = to.min(self.setup.schedule.total_steps());
+        if from >= to {
+            return None;
+        }
+        self.requested.extend((from..to).map(|s| (s, partition)));
+        let h = self.horizon.entry(partition).or_insert(0);
+        *h = (*h).max(to);
+        Some(self.batch_request(partition, from, to))
+    }
+
+    fn batch_request(&self, partition: u32, from: u64, to: u64) -> TrainerCommand {
         TrainerCommand::Send(
             Addr::Shard(partition),
-            Msg::BatchRequest { job: self.setup.job, partition, step, trainer: self.setup.index },
+            Msg::BatchRequest {
+                job: self.setup.job,
+                partition,
+                step: from,
+                count: (to - from) as u32,
+                trainer: self.setup.index,
+            },
         )
     }
 
@@ -167,6 +194,7 @@ impl TrainerCore {
         self.computed.clear();
         self.batches.clear();
         self.requested.clear();
+        self.horizon.clear();
     }
 
     /// A parameter range arrives.
@@ -248,15 +276,26 @@ impl TrainerCore {
         out
     }
 
-    /// Compute if the batch is here, otherwise ask for it (once).
+    /// Compute if the batch is here, otherwise ask for a window starting at it (once).
     fn want(&mut self, step: u64, p: u32) -> Vec<TrainerCommand> {
         if self.batches.contains_key(&(step, p)) {
             return vec![TrainerCommand::Compute { step, partition: p }];
         }
-        if self.requested.insert((step, p)) {
-            return vec![self.batch_request(step, p)];
+        if self.requested.contains(&(step, p)) {
+            return Vec::new();
         }
-        Vec::new()
+        // Some later steps of the window may be asked for already; their
+        // second copies are dropped on arrival.
+        self.request_window(p, step, step + BATCH_WINDOW).into_iter().collect()
+    }
+
+    /// Batches arrive from a shard.
+    pub fn on_batches(&mut self, batches: Vec<Batch>) -> Vec<TrainerCommand> {
+        let mut out = Vec::new();
+        for b in batches {
+            out.extend(self.on_batch(b));
+        }
+        out
     }
 
     /// A batch arrives from a shard.
@@ -280,8 +319,9 @@ impl TrainerCore {
 
     /// The shard of `partition` restarted: requests sent to its predecessor may be lost.
     pub fn on_shard_ready(&mut self, partition: u32) -> Vec<TrainerCommand> {
-        let again: Vec<(u64, u32)> = self.requested.iter().filter(|(_, p)| *p == partition).copied().collect();
-        again.into_iter().map(|(s, p)| self.batch_request(s, p)).collect()
+        let steps = self.requested.iter().filter(|(_, p)| *p == partition).map(|(s, _)| *s);
+        let (Some(from), Some(last)) = (steps.clone().min(), steps.max()) else { return Vec::new() };
+        vec![self.batch_request(partition, from, last + 1)]
     }
 
     /// The job (re)assigns partitions from `generation` on.
@@ -356,11 +396,12 @@ impl TrainerCore {
                 }),
             ));
         }
-        // Prefetch: the next batch is a pure function of (p, step + 1), so the
-        // shard can cut it while the aggregators apply this step.
-        let next = step + 1;
-        if next < self.setup.schedule.total_steps() && self.requested.insert((next, partition)) {
-            out.push(self.batch_request(next, partition));
+        // Prefetch: batches are a pure function of (p, step), so the shard can
+        // cut the next window while the aggregators apply this step. Refill
+        // when less than half a window is left.
+        let horizon = self.horizon.get(&partition).copied().unwrap_or(0);
+        if horizon <= step + 1 + BATCH_WINDOW / 2 {
+            out.extend(self.request_window(partition, horizon.max(step + 1), step + 1 + BATCH_WINDOW));
         }
         Ok(out)
     }

@@ -140,6 +140,15 @@ fn round_trip_enum_header_every_variant() {
 }
 
 #[test]
+fn round_trip_small_header_whose_decoded_size_exceeds_its_wire_size() {
+    // Found by proptest: varints and 4-byte UTF-8 make the decoded size outgrow the 50 wire
+    // bytes, which once tripped a bincode limit sized by wire bytes alone.
+    let header = Control::Hello { node: 0, name: "𐀀¡𐀀𐀀¡𐀀𐀀𐀀 𐀀𐀀𐀀𐀀".into() };
+    round_trip(&header, &[]);
+    round_trip(&(u128::MAX, [1u128; 32], i128::MIN), &[]);
+}
+
+#[test]
 fn round_trip_primitive_and_tuple_headers() {
     round_trip(&(), &[1.0]);
     round_trip(&42u8, &[]);
@@ -600,10 +609,9 @@ proptest! {
         assert_frames_match(&frames, &messages);
     }
 
-    /// Pure noise never panics the decoder and never makes it allocate beyond what the
-    /// (small) limits allow: a buffer of at most one frame plus one push, grown by doubling.
-    /// (`Control` has no sequences: serde lets a lying sequence length preallocate up to
-    /// 1 MiB on its own.)
+    /// Hostile bytes never panic the decoder and never make it allocate beyond what the
+    /// (small) limits allow. (`Control` has no sequences: serde lets a lying sequence length
+    /// preallocate up to 1 MiB on its own.)
     #[test]
     fn prop_arbitrary_bytes_never_panic_and_stay_within_limits(
         stream in arb_hostile_stream(SMALL_LIMITS),
@@ -627,7 +635,10 @@ proptest! {
             }
             None
         });
-        let bound = 2 * (PREFIX_BYTES + limits.max_frame_bytes as usize + MAX_CHUNK);
+        // The buffer (one frame plus one push, grown by doubling) or a lying `String` length,
+        // which bincode's limit caps at `claim_limit` of the largest header region.
+        let buffer_bound = 2 * (PREFIX_BYTES + limits.max_frame_bytes as usize + MAX_CHUNK);
+        let bound = buffer_bound.max(header::claim_limit(limits.max_header_bytes as usize));
         prop_assert!(peak <= bound, "largest allocation {} > {}", peak, bound);
         if let Some(err) = first_error {
             prop_assert_eq!(decoder.buffered(), 0);
