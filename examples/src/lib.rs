@@ -1,1 +1,1 @@
-
+//! Runnable examples of Phalanx; see `examples/README.md` for the commands.

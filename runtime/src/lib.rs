@@ -54,3 +54,21 @@ pub async fn train(config: JobConfig, on_progress: impl FnMut(&Progress)) -> Res
     let report = job::run(&job, &dir, job.config.resume, on_progress).await?;
     Ok((job, report))
 }
+
+/// Report panics as `tracing` warnings instead of the default stderr dump.
+///
+/// Actor panics are failures the supervisors handle (injected faults are
+/// panics on purpose), so a program that embeds Phalanx may prefer them as
+/// log lines. Replaces the process-wide panic hook.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        tracing::warn!("panicked{location}: {msg}");
+    }));
+}
