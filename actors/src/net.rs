@@ -18,6 +18,16 @@ pub trait Net: Send + Sync + 'static {
     fn send(&self, to: Addr, msg: Msg);
 }
 
+/// The message type of the shard, trainer and aggregator actors: protocol
+/// messages plus local timer ticks (which never cross the wire).
+#[derive(Debug)]
+pub enum ActorMsg {
+    /// A protocol message.
+    Net(Msg),
+    /// A periodic tick (trainers use it to notice a stall).
+    Tick,
+}
+
 /// The message type of the job supervisor actor.
 #[derive(Debug)]
 pub enum JobMsg {
@@ -52,9 +62,9 @@ impl LocalNet {
 
     fn deliver(&self, key: ActorKey, msg: Msg) {
         let name = self.name_of(key);
-        match ActorRef::<Msg>::where_is(name) {
+        match ActorRef::<ActorMsg>::where_is(name) {
             Some(actor) => {
-                if actor.send_message(msg).is_err() {
+                if actor.send_message(ActorMsg::Net(msg)).is_err() {
                     tracing::debug!(to = %key, "actor stopping; message dropped");
                 }
             }

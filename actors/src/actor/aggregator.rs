@@ -7,6 +7,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
 use crate::checkpoint::RangeCheckpoint;
+use crate::net::ActorMsg;
 use crate::protocol::{
     ActorKey, Addr, AggCommand, AggregatorCore, AggregatorSetup, Gradient, Msg, RangeState, Verdict,
 };
@@ -132,13 +133,13 @@ impl AggregatorState {
 }
 
 impl Actor for AggregatorActor {
-    type Msg = Msg;
+    type Msg = ActorMsg;
     type State = AggregatorState;
     type Arguments = (Arc<JobContext>, u32, u64, Option<u64>);
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Msg>,
+        _myself: ActorRef<ActorMsg>,
         (ctx, range, generation, restore): Self::Arguments,
     ) -> Result<AggregatorState, ActorProcessingErr> {
         let (state, fresh) = initial_state(&ctx, range, restore)?;
@@ -151,10 +152,11 @@ impl Actor for AggregatorActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Msg>,
-        msg: Msg,
+        _myself: ActorRef<ActorMsg>,
+        msg: ActorMsg,
         state: &mut AggregatorState,
     ) -> Result<(), ActorProcessingErr> {
+        let ActorMsg::Net(msg) = msg else { return Ok(()) };
         match msg {
             Msg::Gradient(g) => state.on_gradient(g),
             Msg::Gradients(gs) => gs.into_iter().try_for_each(|g| state.on_gradient(g)),

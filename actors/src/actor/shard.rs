@@ -6,6 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
 use crate::data::{OwnedTargets, PartitionFeed};
+use crate::net::ActorMsg;
 use crate::protocol::{ActorKey, Addr, Batch, BatchTargets, Msg};
 
 /// The most batches one request may ask for: bounds the reply's size.
@@ -24,22 +25,27 @@ pub struct ShardState {
 }
 
 impl Actor for ShardActor {
-    type Msg = Msg;
+    type Msg = ActorMsg;
     type State = ShardState;
     type Arguments = (Arc<JobContext>, u32);
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Msg>,
+        _myself: ActorRef<ActorMsg>,
         (ctx, partition): Self::Arguments,
     ) -> Result<ShardState, ActorProcessingErr> {
         let feed = ctx.partitions.feed(partition).map_err(|e| format!("shard {partition}: {e}"))?;
         Ok(ShardState { ctx, partition, feed })
     }
 
-    async fn handle(&self, _myself: ActorRef<Msg>, msg: Msg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
-        let Msg::BatchRequest { job, partition, step, count, trainer } = msg else {
-            tracing::warn!(shard = state.partition, kind = msg.kind(), "unexpected message dropped");
+    async fn handle(
+        &self,
+        _myself: ActorRef<ActorMsg>,
+        msg: ActorMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ActorMsg::Net(Msg::BatchRequest { job, partition, step, count, trainer }) = msg else {
+            tracing::warn!(shard = state.partition, ?msg, "unexpected message dropped");
             return Ok(());
         };
         let ctx = state.ctx.clone();

@@ -5,9 +5,13 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
+use crate::net::ActorMsg;
 use std::collections::BTreeMap;
 
 use crate::protocol::{ActorKey, Addr, Gradient, Msg, TrainerCommand, TrainerCore, TrainerSetup};
+
+/// How often a trainer checks for a stall (see [`crate::protocol::STALL_TICKS`]).
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Computes gradients for the partitions it owns.
 pub struct TrainerActor;
@@ -44,13 +48,13 @@ impl TrainerState {
 }
 
 impl Actor for TrainerActor {
-    type Msg = Msg;
+    type Msg = ActorMsg;
     type State = TrainerState;
     type Arguments = (Arc<JobContext>, u32, u64);
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Msg>,
+        myself: ActorRef<ActorMsg>,
         (ctx, index, generation): Self::Arguments,
     ) -> Result<TrainerState, ActorProcessingErr> {
         let setup = TrainerSetup {
@@ -64,15 +68,24 @@ impl Actor for TrainerActor {
         let mut state = TrainerState { ctx, key: ActorKey::trainer(index), core };
         let start = state.core.start();
         state.run(start)?;
+        // The timer task ends with the actor (its sends fail once it is gone).
+        myself.send_interval(TICK, || ActorMsg::Tick);
         Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Msg>,
-        msg: Msg,
+        _myself: ActorRef<ActorMsg>,
+        msg: ActorMsg,
         state: &mut TrainerState,
     ) -> Result<(), ActorProcessingErr> {
+        let msg = match msg {
+            ActorMsg::Tick => {
+                let cmds = state.core.on_tick();
+                return state.run(cmds);
+            }
+            ActorMsg::Net(msg) => msg,
+        };
         let cmds = match msg {
             Msg::Params(p) => state.core.on_params(p),
             Msg::Batches(b) => state.core.on_batches(b),

@@ -19,7 +19,7 @@ pub use aggregator::{AggCommand, AggStats, AggregatorCore, AggregatorSetup, Rang
 pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Ledger, Msg, Params, Role};
 pub use schedule::Schedule;
 pub use supervision::{FaultRecord, JobCommand, JobCore, JobError, JobPlan, RestartPolicy};
-pub use trainer::{TrainerCommand, TrainerCore, TrainerError, TrainerSetup};
+pub use trainer::{TrainerCommand, TrainerCore, TrainerError, TrainerSetup, BATCH_WINDOW, STALL_TICKS};
 
 use serde::{Deserialize, Serialize};
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::trainer::BATCH_WINDOW;
+use super::trainer::{BATCH_WINDOW, STALL_TICKS};
 use super::*;
 use crate::model::{self, Head, ModelKind, ModelSpec};
 use crate::optim::{OptimizerKind, OptimizerSpec};
@@ -331,6 +331,36 @@ fn trainer_resends_outstanding_requests_when_a_shard_restarts() {
     let cmds = t.on_shard_ready(0);
     assert_eq!(requests(&cmds), vec![(0, 0, BATCH_WINDOW as u32)]);
     assert!(t.on_shard_ready(5).is_empty(), "not this trainer's partition");
+}
+
+#[test]
+fn a_stalled_trainer_asks_again_and_recomputes_the_step() {
+    let mut t = trainer(vec![0]);
+    t.on_params(params(0, 0, 0));
+    t.on_params(params(1, 0, 0));
+    t.on_batch(batch(0, 0));
+    t.compute(0, 0).unwrap();
+    // The gradient is lost: no new θ arrives.
+    for _ in 0..=STALL_TICKS {
+        assert!(t.on_tick().is_empty() || t.ready_step().is_none());
+    }
+    assert_eq!(t.ready_step(), None, "the trainer dropped its state");
+    let cmds = t.on_params(params(0, 0, 0));
+    assert!(cmds.is_empty());
+    let cmds = t.on_params(params(1, 0, 0));
+    assert_eq!(requests(&cmds), vec![(0, 0, BATCH_WINDOW as u32)], "recomputes step 0 from a fresh batch");
+}
+
+#[test]
+fn a_progressing_trainer_never_resyncs() {
+    let mut t = trainer(vec![0]);
+    for step in 0..10 {
+        t.on_params(params(0, step, 0));
+        t.on_params(params(1, step, 0));
+        for _ in 0..STALL_TICKS - 1 {
+            assert!(t.on_tick().is_empty(), "step {step}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------- supervisor

@@ -31,6 +31,11 @@ use super::{Addr, Schedule};
 /// batches buffered per partition.
 pub const BATCH_WINDOW: u64 = 8;
 
+/// Ticks without a new θ after which a trainer assumes something it sent or
+/// expected was lost (a dead peer, a cut link) and asks again from scratch.
+/// Every request is idempotent, so a false alarm costs only messages.
+pub const STALL_TICKS: u32 = 4;
+
 /// How many parameter versions a trainer assembles at once. Two suffice (see
 /// [`TrainerCore::on_params`]); one more absorbs reordering.
 const MAX_ASSEMBLIES: usize = 3;
@@ -115,6 +120,10 @@ pub struct TrainerCore {
     /// Per partition: one past the last step asked for in this generation.
     horizon: BTreeMap<u32, u64>,
     grad: Vec<f32>,
+    /// Bumped whenever a θ becomes ready; ticks compare it to detect a stall.
+    progress: u64,
+    seen_progress: u64,
+    idle_ticks: u32,
 }
 
 impl TrainerCore {
@@ -135,6 +144,9 @@ impl TrainerCore {
             requested: BTreeSet::new(),
             horizon: BTreeMap::new(),
             grad: vec![0.0; total_len],
+            progress: 0,
+            seen_progress: 0,
+            idle_ticks: 0,
         }
     }
 
@@ -195,6 +207,29 @@ impl TrainerCore {
         self.batches.clear();
         self.requested.clear();
         self.horizon.clear();
+    }
+
+    /// A periodic tick. After [`STALL_TICKS`] ticks without a new θ (and
+    /// before the last step) the trainer drops what it holds and asks every
+    /// aggregator for θ again; it then recomputes the current step, and the
+    /// aggregators ignore whatever turns out to be a duplicate.
+    pub fn on_tick(&mut self) -> Vec<TrainerCommand> {
+        if self.progress != self.seen_progress {
+            self.seen_progress = self.progress;
+            self.idle_ticks = 0;
+            return Vec::new();
+        }
+        if self.ready_step().is_some_and(|s| s >= self.setup.schedule.total_steps()) {
+            return Vec::new();
+        }
+        self.idle_ticks += 1;
+        if self.idle_ticks < STALL_TICKS {
+            return Vec::new();
+        }
+        self.idle_ticks = 0;
+        tracing::debug!(trainer = self.setup.index, step = ?self.ready_step(), "no progress; asking again");
+        self.reset(self.generation);
+        self.start()
     }
 
     /// A parameter range arrives.
@@ -262,6 +297,7 @@ impl TrainerCore {
     }
 
     fn become_ready(&mut self, step: u64, values: Vec<f32>) -> Vec<TrainerCommand> {
+        self.progress += 1;
         self.ready = Some((step, values));
         self.computed.clear();
         self.batches.retain(|(s, _), _| *s >= step);
