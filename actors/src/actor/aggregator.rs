@@ -26,18 +26,15 @@ pub struct AggregatorState {
 }
 
 fn setup(ctx: &JobContext, range: u32) -> AggregatorSetup {
-    let (offset, len) = ctx.plan.ranges[range as usize];
-    AggregatorSetup {
-        job: ctx.job,
+    AggregatorSetup::for_range(
+        ctx.job,
         range,
-        offset,
-        len,
-        partitions: ctx.partitions.count(),
-        partition_sizes: ctx.partitions.sizes(),
-        schedule: ctx.plan.schedule,
-        checkpoint_every: ctx.checkpoint_every,
-        optimizer: ctx.optimizer,
-    }
+        &ctx.plan.ranges,
+        ctx.partitions.sizes(),
+        ctx.plan.schedule,
+        ctx.checkpoint_every,
+        ctx.optimizer,
+    )
 }
 
 /// The state of `range` at `restore` (a checkpointed step), or fresh.

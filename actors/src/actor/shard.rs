@@ -5,23 +5,16 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
-use crate::data::{OwnedTargets, PartitionFeed};
 use crate::net::ActorMsg;
-use crate::protocol::{ActorKey, Addr, Batch, BatchTargets, Msg};
+use crate::protocol::{ActorKey, Addr, Msg, ShardCore};
 
-/// The most batches one request may ask for: bounds the reply's size.
-const MAX_BATCHES_PER_REQUEST: u32 = 64;
-
-/// Serves partition `p`'s batches; a pure function of `(seed, p, epoch,
-/// step)`, so a restarted shard replays exactly what its predecessor would
-/// have served.
+/// Serves partition `p`'s batches by carrying out a [`ShardCore`].
 pub struct ShardActor;
 
-/// State of a shard: its partition and the permutation of the current epoch.
+/// State of a shard: its core.
 pub struct ShardState {
     ctx: Arc<JobContext>,
-    partition: u32,
-    feed: PartitionFeed,
+    core: ShardCore,
 }
 
 impl Actor for ShardActor {
@@ -34,8 +27,8 @@ impl Actor for ShardActor {
         _myself: ActorRef<ActorMsg>,
         (ctx, partition): Self::Arguments,
     ) -> Result<ShardState, ActorProcessingErr> {
-        let feed = ctx.partitions.feed(partition).map_err(|e| format!("shard {partition}: {e}"))?;
-        Ok(ShardState { ctx, partition, feed })
+        let core = ShardCore::new(ctx.job, partition, ctx.plan.schedule, &ctx.partitions, ctx.train.clone())?;
+        Ok(ShardState { ctx, core })
     }
 
     async fn handle(
@@ -45,14 +38,13 @@ impl Actor for ShardActor {
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         let ActorMsg::Net(Msg::BatchRequest { job, partition, step, count, trainer }) = msg else {
-            tracing::warn!(shard = state.partition, ?msg, "unexpected message dropped");
+            tracing::warn!(shard = state.core.partition(), ?msg, "unexpected message dropped");
             return Ok(());
         };
-        let ctx = state.ctx.clone();
-        let total = ctx.plan.schedule.total_steps();
-        if job != ctx.job || partition != state.partition || step >= total || count == 0 {
+        let steps = state.core.steps(job, partition, step, count);
+        if steps.is_empty() {
             tracing::warn!(
-                shard = state.partition,
+                shard = state.core.partition(),
                 job,
                 partition,
                 step,
@@ -61,22 +53,12 @@ impl Actor for ShardActor {
             );
             return Ok(());
         }
-        let end = (step + u64::from(count.min(MAX_BATCHES_PER_REQUEST))).min(total);
-        let mut batches = Vec::with_capacity((end - step) as usize);
-        for s in step..end {
-            ctx.faults.maybe_panic(ActorKey::shard(partition), s);
-            let (epoch, k) = ctx.plan.schedule.locate(s);
-            let rows = state.feed.batch(epoch, k).map_err(|e| format!("shard {partition} at step {s}: {e}"))?;
-            let (x, y) = ctx.train.rows(rows).map_err(|e| format!("shard {partition} at step {s}: {e}"))?;
-            let features = x.ncols() as u32;
-            let targets = match y {
-                OwnedTargets::Real(v) => BatchTargets::Real(v),
-                OwnedTargets::Class(v) => BatchTargets::Class(v),
-            };
-            let x = x.into_iter().collect();
-            batches.push(Batch { job, partition, step: s, features, x, targets });
+        let mut batches = Vec::with_capacity(steps.clone().count());
+        for s in steps {
+            state.ctx.faults.maybe_panic(ActorKey::shard(partition), s);
+            batches.push(state.core.batch(s)?);
         }
-        ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));
+        state.ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));
         Ok(())
     }
 }

@@ -46,6 +46,31 @@ pub struct AggregatorSetup {
 }
 
 impl AggregatorSetup {
+    /// The setup of range `range` of a job whose aggregators own `ranges`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_range(
+        job: JobId,
+        range: u32,
+        ranges: &[(usize, usize)],
+        partition_sizes: Vec<u64>,
+        schedule: Schedule,
+        checkpoint_every: u64,
+        optimizer: OptimizerSpec,
+    ) -> Self {
+        let (offset, len) = ranges[range as usize];
+        Self {
+            job,
+            range,
+            offset,
+            len,
+            partitions: partition_sizes.len() as u32,
+            partition_sizes,
+            schedule,
+            checkpoint_every,
+            optimizer,
+        }
+    }
+
     /// Number of samples partition `p` feeds at global step `step`: chunk `k`
     /// of an epoch over `m` rows is `[k·m/S, (k+1)·m/S)` (see
     /// [`crate::data::Partitions`]), so its length is known without the data.
@@ -137,6 +162,8 @@ pub struct AggregatorCore {
     pending: Vec<Option<Pending>>,
     pending_count: u32,
     stats: AggStats,
+    /// A deliberately broken mode (see [`AggregatorCore::break_accept_duplicates`]).
+    accept_duplicates: bool,
 }
 
 impl AggregatorCore {
@@ -148,7 +175,16 @@ impl AggregatorCore {
         assert_eq!(state.params.len(), setup.len, "range state length");
         assert_eq!(setup.partition_sizes.len(), setup.partitions as usize);
         let pending = (0..setup.partitions).map(|_| None).collect();
-        Self { setup, generation, state, previous: None, pending, pending_count: 0, stats: AggStats::default() }
+        Self {
+            setup,
+            generation,
+            state,
+            previous: None,
+            pending,
+            pending_count: 0,
+            stats: AggStats::default(),
+            accept_duplicates: false,
+        }
     }
 
     /// The setup.
@@ -234,9 +270,25 @@ impl AggregatorCore {
         }
     }
 
+    /// Break this core on purpose: from now on a duplicate contribution is
+    /// added to the pending one instead of being ignored. Exists only so the
+    /// chaos tests can prove their checkers catch a real bug; never call it
+    /// in a deployment.
+    #[doc(hidden)]
+    pub fn break_accept_duplicates(&mut self) {
+        self.accept_duplicates = true;
+    }
+
     /// A gradient range arrives. Returns what happened to it and the commands.
     pub fn on_gradient(&mut self, g: Gradient) -> (Verdict, Vec<AggCommand>) {
         let verdict = self.classify(&g);
+        if verdict == Verdict::Duplicate && self.accept_duplicates {
+            if let Some(p) = self.pending[g.partition as usize].as_mut() {
+                p.samples += g.samples;
+                p.values.iter_mut().zip(&g.values).for_each(|(a, b)| *a += *b);
+            }
+            return (Verdict::Accepted, Vec::new());
+        }
         if verdict != Verdict::Accepted {
             match &verdict {
                 Verdict::Duplicate => self.stats.duplicates += 1,
@@ -325,7 +377,7 @@ impl AggregatorCore {
             loss_sum += part.loss_sum;
             ledger[p] += u64::from(part.samples);
             assert!(
-                ledger[p] <= self.setup.partition_sizes[p],
+                self.accept_duplicates || ledger[p] <= self.setup.partition_sizes[p],
                 "exactly-once violated: epoch {epoch} partition {p} applied {} > {} samples",
                 ledger[p],
                 self.setup.partition_sizes[p]

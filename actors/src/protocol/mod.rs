@@ -12,12 +12,14 @@
 mod aggregator;
 mod msg;
 mod schedule;
+mod shard;
 mod supervision;
 mod trainer;
 
 pub use aggregator::{AggCommand, AggStats, AggregatorCore, AggregatorSetup, RangeState, Verdict};
 pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Ledger, Msg, Params, Role};
 pub use schedule::Schedule;
+pub use shard::{ShardCore, ShardError, MAX_BATCHES_PER_REQUEST};
 pub use supervision::{FaultRecord, JobCommand, JobCore, JobError, JobPlan, RestartPolicy};
 pub use trainer::{TrainerCommand, TrainerCore, TrainerError, TrainerSetup, BATCH_WINDOW, STALL_TICKS};
 

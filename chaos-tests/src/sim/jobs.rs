@@ -1,0 +1,69 @@
+//! The small real jobs the simulation campaigns run.
+
+use phalanx::{JobConfig, PreparedJob};
+use phalanx_actors::data::DatasetSource;
+use phalanx_actors::model::ModelKind;
+
+use crate::invariants::Expected;
+
+/// A job for the simulation and what its fault-free run produces.
+pub struct SimJob {
+    /// The job.
+    pub job: PreparedJob,
+    /// Its fault-free result.
+    pub expected: Expected,
+}
+
+/// Three small jobs covering every model family, several trainers and
+/// aggregators, and checkpoints every few steps.
+pub fn campaign_jobs() -> Vec<SimJob> {
+    let configs = [
+        JobConfig {
+            model: ModelKind::Softmax,
+            dataset: DatasetSource::Iris,
+            partitions: 4,
+            trainers: 2,
+            aggregators: 2,
+            epochs: Some(3),
+            batch_size: Some(16),
+            checkpoint_every: 5,
+            ..JobConfig::default()
+        },
+        JobConfig {
+            model: ModelKind::Linear,
+            dataset: DatasetSource::Diabetes,
+            partitions: 5,
+            trainers: 3,
+            aggregators: 1,
+            epochs: Some(2),
+            batch_size: Some(32),
+            checkpoint_every: 4,
+            ..JobConfig::default()
+        },
+        JobConfig {
+            model: ModelKind::Mlp,
+            dataset: DatasetSource::Winequality,
+            hidden: 8,
+            partitions: 4,
+            trainers: 2,
+            aggregators: 3,
+            epochs: Some(1),
+            batch_size: Some(128),
+            checkpoint_every: 3,
+            ..JobConfig::default()
+        },
+    ];
+    configs
+        .into_iter()
+        .map(|c| {
+            let job = PreparedJob::new(c).expect("campaign job config is valid");
+            let reference = job.reference_params().expect("plain loop runs");
+            let expected = Expected {
+                model_sha256: phalanx::params_sha256(&reference),
+                partition_sizes: job.partitions.sizes(),
+                epochs: job.schedule.epochs,
+            };
+            SimJob { job, expected }
+        })
+        .collect()
+}
