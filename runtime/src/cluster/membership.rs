@@ -1,0 +1,371 @@
+//! Membership and failure detection (sans-IO).
+//!
+//! Every node heartbeats every other configured member. A member not heard
+//! from within `failure_timeout_ms` is considered down. The **coordinator**
+//! is the lowest live node id; only it issues views. A view carries an
+//! **epoch** (a term number): a node adopts a view only if its epoch is
+//! higher than any it has seen, so a stale coordinator — one that was paused
+//! or cut off and wakes up — cannot override the current one. Only a side
+//! that sees a strict majority of the configured members may issue views;
+//! the minority side stops and waits (no split brain).
+//!
+//! ```text
+//!  tick ──▶ heartbeats out; silent members ──▶ down ──▶ (coordinator with quorum) ──▶ View{epoch+1}
+//!  heartbeat in ──▶ member up ──▶ (coordinator) ──▶ View{epoch+1} with it
+//!  View in (epoch > seen) ──▶ adopt; epoch ≤ seen ──▶ ignored (fenced)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Heartbeat period on a LAN by default.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
+/// Silence after which a member counts as down: detection in well under a
+/// second on loopback, several missed heartbeats of tolerance.
+pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 500;
+
+/// Detector settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetectorConfig {
+    /// Heartbeat period in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Silence, in milliseconds, after which a member counts as down.
+    pub failure_timeout_ms: u64,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self { heartbeat_ms: DEFAULT_HEARTBEAT_MS, failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS }
+    }
+}
+
+/// The cluster as the coordinator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// Term number; every placement change bumps it.
+    pub epoch: u64,
+    /// The node that issued the view (the lowest live id).
+    pub coordinator: u32,
+    /// Live members.
+    pub members: BTreeSet<u32>,
+}
+
+/// Messages between the membership cores of nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipMsg {
+    /// I am alive; the newest epoch I know.
+    Heartbeat {
+        /// The newest epoch the sender has adopted.
+        epoch: u64,
+    },
+    /// The coordinator's view.
+    View(View),
+}
+
+/// What the node must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipCommand {
+    /// Send to a member.
+    Send(u32, MembershipMsg),
+    /// A new view was adopted (issued here or received).
+    Adopted(View),
+    /// A member was declared down (detection time is now).
+    Down(u32),
+    /// This node no longer sees a majority: stop training and wait.
+    QuorumLost,
+}
+
+/// The membership state machine of one node.
+pub struct Membership {
+    me: u32,
+    members: BTreeSet<u32>,
+    config: DetectorConfig,
+    last_heard: BTreeMap<u32, Instant>,
+    up: BTreeSet<u32>,
+    view: Option<View>,
+    highest_epoch: u64,
+    last_heartbeat: Option<Instant>,
+    had_quorum: bool,
+}
+
+impl Membership {
+    /// Node `me` of a cluster configured with `members` (which includes `me`).
+    pub fn new(me: u32, members: impl IntoIterator<Item = u32>, config: DetectorConfig) -> Self {
+        let mut members: BTreeSet<u32> = members.into_iter().collect();
+        members.insert(me);
+        Self {
+            me,
+            members,
+            config,
+            last_heard: BTreeMap::new(),
+            up: [me].into_iter().collect(),
+            view: None,
+            highest_epoch: 0,
+            last_heartbeat: None,
+            had_quorum: false,
+        }
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> u32 {
+        self.me
+    }
+    /// The adopted view, if any.
+    pub fn view(&self) -> Option<&View> {
+        self.view.as_ref()
+    }
+    /// Members this node currently hears (itself included).
+    pub fn up(&self) -> &BTreeSet<u32> {
+        &self.up
+    }
+    /// True when this node hears a strict majority of the configured members.
+    pub fn has_quorum(&self) -> bool {
+        self.up.len() * 2 > self.members.len()
+    }
+    /// True when this node is the coordinator of the adopted view.
+    pub fn is_coordinator(&self) -> bool {
+        self.view.as_ref().is_some_and(|v| v.coordinator == self.me)
+    }
+
+    /// Advance the clock: heartbeat if due, declare silent members down,
+    /// and (as coordinator with quorum) issue a new view if membership changed.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<MembershipCommand> {
+        let mut out = Vec::new();
+        let period = Duration::from_millis(self.config.heartbeat_ms);
+        if self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= period) {
+            self.last_heartbeat = Some(now);
+            for &m in self.members.iter().filter(|m| **m != self.me) {
+                out.push(MembershipCommand::Send(m, MembershipMsg::Heartbeat { epoch: self.highest_epoch }));
+            }
+        }
+        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        let silent: Vec<u32> = self
+            .up
+            .iter()
+            .copied()
+            .filter(|m| *m != self.me)
+            .filter(|m| self.last_heard.get(m).is_none_or(|t| now.saturating_duration_since(*t) > timeout))
+            .collect();
+        for m in silent {
+            self.up.remove(&m);
+            out.push(MembershipCommand::Down(m));
+        }
+        out.extend(self.reconcile());
+        out
+    }
+
+    /// A message from member `from` arrived.
+    pub fn on_message(&mut self, from: u32, msg: MembershipMsg, now: Instant) -> Vec<MembershipCommand> {
+        if !self.members.contains(&from) || from == self.me {
+            return Vec::new();
+        }
+        self.last_heard.insert(from, now);
+        let mut out = Vec::new();
+        self.up.insert(from);
+        match msg {
+            MembershipMsg::Heartbeat { epoch } => self.highest_epoch = self.highest_epoch.max(epoch),
+            MembershipMsg::View(view) => {
+                if view.epoch > self.view.as_ref().map_or(0, |v| v.epoch) && view.coordinator == from {
+                    self.highest_epoch = self.highest_epoch.max(view.epoch);
+                    self.view = Some(view.clone());
+                    out.push(MembershipCommand::Adopted(view));
+                }
+            }
+        }
+        out.extend(self.reconcile());
+        out
+    }
+
+    /// Issue a view if this node should coordinate and the adopted view is
+    /// not what it sees; report quorum loss once.
+    fn reconcile(&mut self) -> Vec<MembershipCommand> {
+        let mut out = Vec::new();
+        let quorum = self.has_quorum();
+        if !quorum {
+            if std::mem::replace(&mut self.had_quorum, false) {
+                out.push(MembershipCommand::QuorumLost);
+            }
+            return out;
+        }
+        self.had_quorum = true;
+        let lowest = self.up.iter().next().copied();
+        if lowest != Some(self.me) {
+            return out;
+        }
+        let current = self.view.as_ref();
+        if current.is_some_and(|v| v.coordinator == self.me && v.members == self.up) {
+            return out;
+        }
+        self.highest_epoch += 1;
+        let view = View { epoch: self.highest_epoch, coordinator: self.me, members: self.up.clone() };
+        self.view = Some(view.clone());
+        for &m in self.up.iter().filter(|m| **m != self.me) {
+            out.push(MembershipCommand::Send(m, MembershipMsg::View(view.clone())));
+        }
+        out.push(MembershipCommand::Adopted(view));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulated cluster: a virtual clock that jumps, messages delivered
+    /// at once unless a link is cut (as raft-rs's test network does).
+    struct Net {
+        nodes: BTreeMap<u32, Membership>,
+        cut: BTreeSet<(u32, u32)>,
+        paused: BTreeSet<u32>,
+        now: Instant,
+        adopted: BTreeMap<u32, Vec<View>>,
+        downs: Vec<(u32, u32, Instant)>,
+    }
+
+    impl Net {
+        fn new(n: u32) -> Self {
+            let nodes = (0..n).map(|i| (i, Membership::new(i, 0..n, DetectorConfig::default()))).collect();
+            Self {
+                nodes,
+                cut: BTreeSet::new(),
+                paused: BTreeSet::new(),
+                now: Instant::now(),
+                adopted: BTreeMap::new(),
+                downs: Vec::new(),
+            }
+        }
+
+        fn isolate(&mut self, a: u32) {
+            for b in self.nodes.keys().copied().collect::<Vec<_>>() {
+                self.cut.insert((a, b));
+                self.cut.insert((b, a));
+            }
+        }
+
+        fn heal(&mut self) {
+            self.cut.clear();
+        }
+
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / 10 {
+                self.now += Duration::from_millis(10);
+                let ids: Vec<u32> = self.nodes.keys().copied().collect();
+                for id in ids {
+                    if self.paused.contains(&id) {
+                        continue;
+                    }
+                    let now = self.now;
+                    let cmds = self.nodes.get_mut(&id).unwrap().on_tick(now);
+                    self.apply(id, cmds);
+                }
+            }
+        }
+
+        fn apply(&mut self, from: u32, cmds: Vec<MembershipCommand>) {
+            let mut queue: Vec<(u32, MembershipCommand)> = cmds.into_iter().map(|c| (from, c)).collect();
+            while let Some((src, cmd)) = queue.pop() {
+                match cmd {
+                    MembershipCommand::Send(to, msg) => {
+                        if self.cut.contains(&(src, to)) || self.paused.contains(&to) {
+                            continue;
+                        }
+                        let now = self.now;
+                        let out = self.nodes.get_mut(&to).unwrap().on_message(src, msg, now);
+                        queue.extend(out.into_iter().map(|c| (to, c)));
+                    }
+                    MembershipCommand::Adopted(v) => self.adopted.entry(src).or_default().push(v),
+                    MembershipCommand::Down(m) => self.downs.push((src, m, self.now)),
+                    MembershipCommand::QuorumLost => {}
+                }
+            }
+        }
+
+        fn view_of(&self, id: u32) -> View {
+            self.nodes[&id].view().cloned().expect("a view")
+        }
+    }
+
+    #[test]
+    fn three_nodes_agree_on_node_zero_as_coordinator() {
+        let mut net = Net::new(3);
+        net.run(300);
+        for id in 0..3 {
+            let v = net.view_of(id);
+            assert_eq!(v.coordinator, 0, "node {id}");
+            assert_eq!(v.members, [0, 1, 2].into_iter().collect());
+        }
+    }
+
+    #[test]
+    fn a_dead_node_is_detected_within_a_second_and_excluded() {
+        let mut net = Net::new(3);
+        net.run(300);
+        let killed_at = net.now;
+        net.paused.insert(2);
+        net.run(1_000);
+        let (_, _, detected) = *net.downs.iter().find(|(_, m, _)| *m == 2).expect("node 2 detected");
+        let ms = detected.duration_since(killed_at).as_millis();
+        assert!(ms < 1_000, "detected after {ms} ms");
+        let v = net.view_of(0);
+        assert_eq!(v.members, [0, 1].into_iter().collect());
+        assert_eq!(net.view_of(1), v);
+    }
+
+    #[test]
+    fn when_the_coordinator_dies_the_next_lowest_takes_over_with_a_higher_epoch() {
+        let mut net = Net::new(3);
+        net.run(300);
+        let before = net.view_of(1).epoch;
+        net.paused.insert(0);
+        net.run(1_000);
+        let v = net.view_of(1);
+        assert_eq!((v.coordinator, v.epoch > before), (1, true));
+        assert_eq!(net.view_of(2), v);
+    }
+
+    #[test]
+    fn a_paused_coordinator_that_wakes_up_cannot_override_the_new_view() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.paused.insert(0);
+        net.run(1_000);
+        let takeover = net.view_of(1);
+        net.paused.remove(&0);
+        net.run(1_000);
+        // Node 0 rejoins; being the lowest id it coordinates again, but only
+        // with an epoch above everything seen — never with its stale one.
+        let v = net.view_of(2);
+        assert!(v.epoch > takeover.epoch, "{v:?} vs {takeover:?}");
+        assert_eq!(v.members, [0, 1, 2].into_iter().collect());
+        for id in 0..3 {
+            assert_eq!(net.view_of(id), v, "node {id}");
+        }
+    }
+
+    #[test]
+    fn the_minority_side_of_a_partition_issues_no_view() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.isolate(0);
+        net.run(1_000);
+        let majority = net.view_of(1);
+        assert_eq!((majority.coordinator, majority.members.len()), (1, 2));
+        assert!(!net.nodes[&0].has_quorum());
+        assert!(net.adopted[&0].iter().all(|v| v.members.len() >= 2), "node 0 alone never adopted a view of itself");
+        net.heal();
+        net.run(1_000);
+        let healed = net.view_of(0);
+        assert_eq!(healed.members.len(), 3);
+        assert!(healed.epoch > majority.epoch);
+    }
+
+    #[test]
+    fn messages_from_strangers_are_ignored() {
+        let mut m = Membership::new(0, 0..3, DetectorConfig::default());
+        let now = Instant::now();
+        assert!(m.on_message(7, MembershipMsg::Heartbeat { epoch: 99 }, now).is_empty());
+        assert_eq!(m.up().len(), 1);
+    }
+}

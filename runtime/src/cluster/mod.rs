@@ -1,0 +1,8 @@
+//! Running a job across nodes: membership, failure detection, placement.
+//!
+//! The cores here are sans-IO like the protocol's: the node runtime feeds
+//! them heartbeats, views and clock ticks and carries out their commands
+//! over the QUIC transport.
+
+pub mod membership;
+pub mod placement;

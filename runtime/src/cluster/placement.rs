@@ -1,0 +1,122 @@
+//! Where each actor of a job runs, given the live members (a pure function).
+//!
+//! * The aggregators (and the job supervisor) run on the coordinator, the
+//!   lowest live id — node 0 while it lives, so killing node 0 exercises
+//!   aggregator failover.
+//! * Trainer `i` prefers node `i mod N` (N configured members); when that
+//!   node is down it moves to the next live node on the ring. So a node's
+//!   failure moves only the trainers it hosted, and its return moves them
+//!   back.
+//! * A shard runs beside the trainer owning its partition (its batches then
+//!   never cross the network).
+//! * Checkpoints are copied to the replica: the next live node after the
+//!   coordinator, i.e. the node that coordinates if the coordinator dies.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use phalanx_actors::protocol::{ActorKey, Role};
+use serde::{Deserialize, Serialize};
+
+/// Actor → node, for one view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The membership epoch this placement belongs to.
+    pub epoch: u64,
+    /// Node running the aggregators and the job supervisor.
+    pub coordinator: u32,
+    /// Node keeping a copy of every checkpoint (none in a one-node cluster).
+    pub replica: Option<u32>,
+    /// Node of every actor.
+    pub nodes: BTreeMap<ActorKey, u32>,
+}
+
+impl Placement {
+    /// Place a job of `trainers` trainers, `assignment` (partition → trainer)
+    /// and `aggregators` ranges on the live `members` of a cluster with
+    /// `configured` members.
+    pub fn compute(
+        epoch: u64,
+        members: &BTreeSet<u32>,
+        configured: u32,
+        trainers: u32,
+        assignment: &[u32],
+        aggregators: u32,
+    ) -> Option<Self> {
+        let coordinator = *members.iter().next()?;
+        let ring_next = |preferred: u32| -> u32 {
+            (0..configured.max(1))
+                .map(|k| (preferred + k) % configured.max(1))
+                .find(|n| members.contains(n))
+                .unwrap_or(coordinator)
+        };
+        let mut nodes = BTreeMap::new();
+        for r in 0..aggregators {
+            nodes.insert(ActorKey::aggregator(r), coordinator);
+        }
+        for t in 0..trainers {
+            nodes.insert(ActorKey::trainer(t), ring_next(t % configured.max(1)));
+        }
+        for (p, t) in assignment.iter().enumerate() {
+            let node = nodes[&ActorKey::trainer(*t)];
+            nodes.insert(ActorKey::shard(p as u32), node);
+        }
+        let replica = members.iter().copied().find(|m| *m != coordinator);
+        Some(Self { epoch, coordinator, replica, nodes })
+    }
+
+    /// The node of `key`.
+    pub fn node_of(&self, key: ActorKey) -> Option<u32> {
+        self.nodes.get(&key).copied()
+    }
+
+    /// Actors placed on `node`.
+    pub fn on(&self, node: u32) -> impl Iterator<Item = ActorKey> + '_ {
+        self.nodes.iter().filter(move |(_, n)| **n == node).map(|(k, _)| *k)
+    }
+
+    /// Trainers placed on `node`.
+    pub fn trainers_on(&self, node: u32) -> impl Iterator<Item = u32> + '_ {
+        self.on(node).filter(|k| k.role == Role::Trainer).map(|k| k.index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[u32]) -> BTreeSet<u32> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn aggregators_go_to_the_lowest_live_node_and_shards_follow_their_trainer() {
+        let assignment = [0, 1, 2, 0, 1, 2];
+        let p = Placement::compute(1, &members(&[0, 1, 2]), 3, 3, &assignment, 2).unwrap();
+        assert_eq!(p.node_of(ActorKey::aggregator(1)), Some(0));
+        assert_eq!(p.node_of(ActorKey::trainer(2)), Some(2));
+        assert_eq!(p.node_of(ActorKey::shard(4)), Some(1));
+        assert_eq!(p.replica, Some(1));
+    }
+
+    #[test]
+    fn a_dead_node_moves_only_its_own_actors() {
+        let assignment = [0, 1, 2, 0, 1, 2];
+        let before = Placement::compute(1, &members(&[0, 1, 2]), 3, 3, &assignment, 1).unwrap();
+        let after = Placement::compute(2, &members(&[0, 2]), 3, 3, &assignment, 1).unwrap();
+        for (key, node) in &before.nodes {
+            if *node != 1 {
+                assert_eq!(after.node_of(*key), Some(*node), "{key} should stay");
+            } else {
+                assert_ne!(after.node_of(*key), Some(1), "{key} must move");
+            }
+        }
+        let coordinator_lost = Placement::compute(3, &members(&[1, 2]), 3, 3, &assignment, 1).unwrap();
+        assert_eq!((coordinator_lost.coordinator, coordinator_lost.replica), (1, Some(2)));
+        assert_eq!(coordinator_lost.node_of(ActorKey::trainer(0)), Some(1));
+    }
+
+    #[test]
+    fn no_members_no_placement() {
+        assert!(Placement::compute(1, &BTreeSet::new(), 3, 1, &[0], 1).is_none());
+    }
+}
