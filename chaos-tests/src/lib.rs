@@ -19,9 +19,13 @@
 //!  end ─▶ invariants: completes · exactly-once · bit-identical · replays identical · no split brain
 //! ```
 //!
-//! The entry point is [`sim::simulate`].
+//! The entry points are [`sim::simulate`] for one run and
+//! [`campaign::sim_campaign`] for a campaign with its report; the
+//! `phalanx-chaos` binary wraps them.
 
 #![warn(missing_docs)]
 
+pub mod campaign;
 pub mod invariants;
+pub mod report;
 pub mod sim;

@@ -87,3 +87,33 @@ fn a_run_out_of_time_is_caught_as_a_hang() {
     let v = check_all(&outcome, &jobs[0].expected);
     assert!(v.iter().any(|v| v.starts_with("completes: no completion")), "{v:?}");
 }
+
+#[test]
+fn the_campaign_writes_a_report_with_every_documented_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = phalanx_chaos::campaign::sim_campaign(0..12, dir.path()).unwrap();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    for field in [
+        "faults_injected",
+        "faults_survived",
+        "samples_lost",
+        "samples_duplicated",
+        "seeds_run",
+        "identical",
+        "recovery_ms",
+        "fault_types",
+    ] {
+        assert!(json.get(field).is_some(), "report.json lacks {field}");
+    }
+    assert_eq!(json["seeds_run"], 12);
+    assert_eq!((json["samples_lost"].as_u64(), json["samples_duplicated"].as_u64()), (Some(0), Some(0)));
+    for p in ["p50", "p95", "p99"] {
+        assert!(json["recovery_ms"].get(p).is_some());
+    }
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("| fault type | injected | survived"), "{md}");
+    let svg = std::fs::read_to_string(dir.path().join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"), "a plot with a line");
+}

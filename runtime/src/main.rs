@@ -29,6 +29,127 @@ struct Cli {
 enum Command {
     /// Train a model in this process on supervised actors.
     Train(TrainArgs),
+    /// Create a cluster CA and one certificate per node (mutual TLS).
+    Certs(CertsArgs),
+    /// Run a cluster node: QUIC with mutual TLS, heartbeats, failure detection.
+    Node(NodeArgs),
+}
+
+/// `phalanx certs --dir DIR --nodes N`.
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// Directory for ca.pem, ca.key, node-<i>.pem and node-<i>.key.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Number of nodes (certificates for ids 0..N).
+    #[arg(long)]
+    nodes: u32,
+}
+
+/// `phalanx node --id I --listen ADDR --certs DIR [--seeds ADDR,...]`; the
+/// same fields may come from `--config node.toml`.
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// TOML file with the fields below (id, listen, certs, seeds, nodes, data_dir, detector).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id (its certificate is node-<id>).
+    #[arg(long)]
+    id: Option<u32>,
+    /// UDP address to listen on, e.g. 127.0.0.1:7000.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Certificates directory (see `phalanx certs`).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Comma-separated addresses of the other members.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<std::net::SocketAddr>,
+    /// Configured cluster size (members are nodes 0..N); default: seeds + 1.
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// Directory for the node's state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat period in ms.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Silence in ms after which a member counts as down.
+    #[arg(long)]
+    failure_timeout_ms: Option<u64>,
+}
+
+impl NodeArgs {
+    fn into_config(self) -> anyhow::Result<phalanx::cluster::node::NodeConfig> {
+        use phalanx::cluster::node::NodeConfig;
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<NodeConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.to_string().replace('\n', " ")))?
+            }
+            None => {
+                let missing = |f: &str| anyhow::anyhow!("missing --{f} (or a --config file with `{f}`)");
+                NodeConfig {
+                    id: self.id.ok_or_else(|| missing("id"))?,
+                    listen: self.listen.ok_or_else(|| missing("listen"))?,
+                    certs: self.certs.clone().ok_or_else(|| missing("certs"))?,
+                    seeds: Vec::new(),
+                    nodes: None,
+                    data_dir: None,
+                    detector: Default::default(),
+                }
+            }
+        };
+        if let Some(v) = self.id {
+            c.id = v;
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.certs {
+            c.certs = v;
+        }
+        if !self.seeds.is_empty() {
+            c.seeds = self.seeds;
+        }
+        if self.nodes.is_some() {
+            c.nodes = self.nodes;
+        }
+        if self.data_dir.is_some() {
+            c.data_dir = self.data_dir;
+        }
+        if let Some(v) = self.heartbeat_ms {
+            c.detector.heartbeat_ms = v;
+        }
+        if let Some(v) = self.failure_timeout_ms {
+            c.detector.failure_timeout_ms = v;
+        }
+        Ok(c)
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Job flags; each overrides the same field of `--config`.
@@ -263,6 +384,26 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Train(args) => train(args).await,
+            Command::Certs(args) => {
+                phalanx_transport::certs::generate(&args.dir, args.nodes)
+                    .with_context(|| format!("writing certificates to {}", args.dir.display()))?;
+                println!(
+                    "wrote {0}/ca.pem, {0}/ca.key and node-<i>.pem/.key for i in 0..{1}",
+                    args.dir.display(),
+                    args.nodes
+                );
+                Ok(())
+            }
+            Command::Node(args) => {
+                let config = args.into_config()?;
+                // On a worker thread rather than the main thread's block_on:
+                // the node loop is the process's heart and must be scheduled
+                // like every other task.
+                tokio::spawn(phalanx::cluster::node::run_node(config, termination()))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("node task failed: {e}"))??;
+                Ok(())
+            }
         }
     });
     match result {

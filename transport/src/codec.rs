@@ -19,7 +19,7 @@ mod header;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode, FrameDecoder};
+pub use decode::{check_frame, decode, FrameDecoder};
 pub use encode::{encode, encode_into};
 pub use error::{DecodeError, EncodeError};
 

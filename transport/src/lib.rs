@@ -1,17 +1,60 @@
 //! Wire layer of Phalanx: how nodes' messages and tensors travel between them.
 //!
-//! Phalanx nodes talk over QUIC, one connection per pair of nodes, negotiated with the ALPN
-//! [`ALPN`]. Control messages (hello, heartbeats, placement, acknowledgements) travel on
-//! bidirectional streams; every tensor (a gradient, a parameter slice) gets its own
-//! unidirectional stream, so a 100 MiB gradient never queues in front of a heartbeat.
-//! Whatever the stream, its bytes are a sequence of *frames*.
+//! Phalanx nodes are separate processes that talk over QUIC: one connection per pair of
+//! nodes, mutual TLS against the cluster CA (a node's id is the `node-<i>` name in its
+//! certificate), negotiated with the ALPN [`ALPN`]. Every connection starts with a
+//! [`Hello`] on its first bidirectional stream; after that, every frame (a control message,
+//! a gradient, a parameter slice) gets its own unidirectional stream, so a 100 MiB gradient
+//! never queues in front of a heartbeat.
 //!
-//! The entry point of this crate is, for now, the frame codec: [`encode`] turns a serde header
-//! and an `f32` tensor into a frame, and [`FrameDecoder`] turns bytes, pushed in whatever chunks
-//! the stream delivers them, back into [`Frame`]s. The codec is sans-IO: it never touches a
-//! socket, a task or a clock, so every rule about the wire is tested with plain byte slices
-//! and fuzzed without a network. The QUIC endpoints, mutual TLS and peer connections will live
-//! in this crate too and will only move bytes between streams and the codec.
+//! ```text
+//!   node 0                                                         node 3
+//!  ┌───────────┐          one QUIC connection (mTLS, phalanx/1)   ┌───────────┐
+//!  │ Transport │ ════════════════════════════════════════════════ │ Transport │
+//!  │           │  bidi stream 0: Hello{version, id 0} ──►         │           │
+//!  │           │                 ◄── Hello{version, id 3}         │           │
+//!  │  send() ──┼─ uni stream: [len|frame] ──►  Message{peer: 0} ──┼─► events  │
+//!  │  send() ──┼─ uni stream: [len|frame] ──►  Message{peer: 0} ──┼─► events  │
+//!  │  events ◄─┼── Message{peer: 3} ◄── [len|frame] :uni stream ──┼── send()  │
+//!  └───────────┘                                                  └───────────┘
+//! ```
+//!
+//! The entry point of this crate is [`Transport::bind`]: it takes a [`TransportConfig`]
+//! (a [`NodeIdentity`] loaded from the files [`certs::generate`] writes, a listen address,
+//! timeouts and [`Limits`]) and returns the [`Transport`] handle with the receiver of its
+//! [`TransportEvent`]s. [`Transport::connect`] dials a peer, [`Transport::send`] sends a frame
+//! built by [`encode`], and each received frame arrives as [`TransportEvent::Message`] for
+//! the caller to [`decode`] with its own header type.
+//!
+//! Below the transport sits the frame codec: [`encode`] turns a serde header and an `f32`
+//! tensor into a frame, and [`FrameDecoder`] / [`decode`] turn bytes back into [`Frame`]s. The
+//! codec is sans-IO: it never touches a socket, a task or a clock, so every rule about the
+//! wire is tested with plain byte slices and fuzzed without a network. The transport only
+//! moves bytes between streams and the codec.
+//!
+//! What a caller must know:
+//!
+//! * **No ordering between frames.** Each frame has its own stream, so frames from one peer
+//!   may arrive in a different order than they were sent. Put a sequence number (or step,
+//!   epoch) in the header if order matters.
+//! * **No delivery guarantee.** [`Transport::send`] returns once the frame is queued; a
+//!   connection that closes (peer death, duplicate resolution, restart) loses what was in
+//!   flight. A peer's frames are delivered between its `PeerUp` and its `PeerDown`.
+//! * **Keep draining the events.** The queue is bounded: while it is full, reading from
+//!   peers pauses (QUIC flow control slows them down) and new peers wait for their `PeerUp`.
+//! * **Back-pressure on sending.** [`Transport::send`] refuses with [`SendError::Busy`] beyond
+//!   [`TransportConfig::max_inflight_sends_per_peer`] writes in flight;
+//!   [`Transport::send_when_ready`] waits for a slot instead. Both may be called from any
+//!   thread: writes run on the runtime `bind` was called on.
+//! * **Failure detection is the idle timeout** ([`TransportConfig::idle_timeout_ms`], 3 s by
+//!   default): a peer that dies without closing is reported `PeerDown` that long after.
+//!   Faster detection needs heartbeats above this layer. A peer that restarts and reconnects
+//!   before that is reported `PeerDown` then `PeerUp` with a new
+//!   [`PeerInfo::incarnation`].
+//! * **Bad input closes one connection**, never the node: a broken frame, a wrong version or
+//!   a hello lying about the node id closes that connection with a reason code
+//!   ([`codes`], [`DecodeError::reason_code`]), logged and reported as
+//!   [`TransportEvent::Rejected`].
 //!
 //! # A frame's bytes
 //!
@@ -58,8 +101,20 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod certs;
 pub mod codec;
+pub mod codes;
+mod endpoint;
+pub mod tls;
 
+pub use certs::{CertError, NodeIdentity};
 pub use codec::{
-    decode, encode, encode_into, DecodeError, EncodeError, Frame, FrameDecoder, Limits, ALPN, PROTOCOL_VERSION,
+    check_frame, decode, encode, encode_into, DecodeError, EncodeError, Frame, FrameDecoder, Limits, ALPN,
+    PROTOCOL_VERSION,
+};
+pub use endpoint::{
+    bind_udp, BindError, ConfigError, ConnectError, Hello, PeerInfo, SendError, Transport, TransportConfig,
+    TransportEvent, TransportStats, DEFAULT_EVENT_QUEUE_LEN, DEFAULT_HELLO_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS,
+    DEFAULT_KEEP_ALIVE_MS, DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_UDP_BUFFER_BYTES, HELLO_LIMITS,
+    MAX_PENDING_HANDSHAKES,
 };

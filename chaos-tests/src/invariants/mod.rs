@@ -61,6 +61,8 @@ mod tests {
                 .collect(),
             stats: SimStats::default(),
             trace_digest: String::new(),
+            faults: Vec::new(),
+            losses: Default::default(),
         }
     }
 

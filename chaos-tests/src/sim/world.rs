@@ -1,6 +1,9 @@
 //! The simulated world: actors are protocol cores, the network is an event
 //! queue ordered by `(virtual ms, sequence number)`, and every random choice
 //! comes from one seeded ChaCha8 stream.
+//!
+//! `PHALANX_SIM_TRACE=1` prints every delivered message with its virtual
+//! time, for reading a failing seed's story.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,6 +94,10 @@ pub struct SimOutcome {
     pub stats: SimStats,
     /// A digest of the whole event trace: equal seeds give equal digests.
     pub trace_digest: String,
+    /// The supervisor's record of every crash and its recovery (virtual ms).
+    pub faults: Vec<phalanx_actors::protocol::FaultRecord>,
+    /// Mean loss per step, by the version it produced.
+    pub losses: BTreeMap<u64, f64>,
 }
 
 enum Event {
@@ -168,7 +175,11 @@ pub fn simulate(job: &PreparedJob, opts: &SimOptions) -> SimOutcome {
         w.handle(event);
     }
     w.stats.finished_at_ms = w.now;
+    let faults = w.supervisor.faults().to_vec();
+    let losses = w.supervisor.losses().clone();
     SimOutcome {
+        faults,
+        losses,
         seed: opts.seed,
         result: w.result,
         commits: w.commits,
@@ -270,6 +281,21 @@ impl World<'_> {
 
     fn deliver(&mut self, to: Addr, msg: Msg) {
         self.trace.update(msg.kind().as_bytes());
+        if std::env::var_os("PHALANX_SIM_TRACE").is_some() {
+            let detail = match &msg {
+                Msg::BatchRequest { partition, step, count, .. } => format!("p{partition} s{step}+{count}"),
+                Msg::Batches(b) => format!(
+                    "p{} s{:?}",
+                    b.first().map_or(0, |b| b.partition),
+                    b.iter().map(|b| b.step).collect::<Vec<_>>()
+                ),
+                Msg::Params(p) => format!("r{} s{} g{}", p.range, p.step, p.generation),
+                Msg::ShardReady { partition, .. } => format!("p{partition}"),
+                Msg::StepApplied { range, step, .. } => format!("r{range} s{step}"),
+                _ => String::new(),
+            };
+            eprintln!("{:>6} ms {:?} <- {} {}", self.now, to, msg.kind(), detail);
+        }
         match to {
             Addr::Job => {
                 let now = self.instant();

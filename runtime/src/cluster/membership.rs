@@ -55,10 +55,12 @@ pub struct View {
 /// Messages between the membership cores of nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipMsg {
-    /// I am alive; the newest epoch I know.
+    /// I am alive; what I know of views.
     Heartbeat {
-        /// The newest epoch the sender has adopted.
-        epoch: u64,
+        /// Epoch of the view the sender has adopted (0: none).
+        view_epoch: u64,
+        /// The highest epoch the sender has seen anywhere.
+        highest_epoch: u64,
     },
     /// The coordinator's view.
     View(View),
@@ -137,7 +139,9 @@ impl Membership {
         if self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= period) {
             self.last_heartbeat = Some(now);
             for &m in self.members.iter().filter(|m| **m != self.me) {
-                out.push(MembershipCommand::Send(m, MembershipMsg::Heartbeat { epoch: self.highest_epoch }));
+                let view_epoch = self.view.as_ref().map_or(0, |v| v.epoch);
+                let beat = MembershipMsg::Heartbeat { view_epoch, highest_epoch: self.highest_epoch };
+                out.push(MembershipCommand::Send(m, beat));
             }
         }
         let timeout = Duration::from_millis(self.config.failure_timeout_ms);
@@ -165,7 +169,16 @@ impl Membership {
         let mut out = Vec::new();
         self.up.insert(from);
         match msg {
-            MembershipMsg::Heartbeat { epoch } => self.highest_epoch = self.highest_epoch.max(epoch),
+            MembershipMsg::Heartbeat { view_epoch, highest_epoch } => {
+                self.highest_epoch = self.highest_epoch.max(highest_epoch);
+                // A member behind the coordinator's view missed it (views go
+                // out once, and a send can be lost): send it again.
+                if let Some(v) = self.view.as_ref().filter(|v| v.coordinator == self.me) {
+                    if view_epoch < v.epoch && v.members.contains(&from) {
+                        out.push(MembershipCommand::Send(from, MembershipMsg::View(v.clone())));
+                    }
+                }
+            }
             MembershipMsg::View(view) => {
                 if view.epoch > self.view.as_ref().map_or(0, |v| v.epoch) && view.coordinator == from {
                     self.highest_epoch = self.highest_epoch.max(view.epoch);
@@ -219,6 +232,7 @@ mod tests {
         nodes: BTreeMap<u32, Membership>,
         cut: BTreeSet<(u32, u32)>,
         paused: BTreeSet<u32>,
+        drop_views_to: BTreeSet<u32>,
         now: Instant,
         adopted: BTreeMap<u32, Vec<View>>,
         downs: Vec<(u32, u32, Instant)>,
@@ -231,6 +245,7 @@ mod tests {
                 nodes,
                 cut: BTreeSet::new(),
                 paused: BTreeSet::new(),
+                drop_views_to: BTreeSet::new(),
                 now: Instant::now(),
                 adopted: BTreeMap::new(),
                 downs: Vec::new(),
@@ -269,6 +284,9 @@ mod tests {
                 match cmd {
                     MembershipCommand::Send(to, msg) => {
                         if self.cut.contains(&(src, to)) || self.paused.contains(&to) {
+                            continue;
+                        }
+                        if matches!(msg, MembershipMsg::View(_)) && self.drop_views_to.remove(&to) {
                             continue;
                         }
                         let now = self.now;
@@ -362,10 +380,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_view_is_sent_again_until_the_member_has_it() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.paused.insert(2);
+        net.run(1_000);
+        net.paused.remove(&2);
+        net.drop_views_to.insert(2);
+        net.run(1_000);
+        assert!(net.drop_views_to.is_empty(), "a view to node 2 was dropped");
+        let v = net.view_of(0);
+        assert_eq!(v.members.len(), 3);
+        assert_eq!(net.view_of(2), v, "node 2 got the view on a later heartbeat");
+    }
+
+    #[test]
     fn messages_from_strangers_are_ignored() {
         let mut m = Membership::new(0, 0..3, DetectorConfig::default());
         let now = Instant::now();
-        assert!(m.on_message(7, MembershipMsg::Heartbeat { epoch: 99 }, now).is_empty());
+        assert!(m.on_message(7, MembershipMsg::Heartbeat { view_epoch: 99, highest_epoch: 99 }, now).is_empty());
         assert_eq!(m.up().len(), 1);
     }
 }

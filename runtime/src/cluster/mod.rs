@@ -5,4 +5,5 @@
 //! over the QUIC transport.
 
 pub mod membership;
+pub mod node;
 pub mod placement;

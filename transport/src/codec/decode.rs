@@ -46,6 +46,36 @@ pub fn decode<H: DeserializeOwned>(frame: &[u8], limits: &Limits) -> Result<Fram
     Ok(Frame { header, tensor: tensor_from_le_bytes(tensor) })
 }
 
+/// Checks every rule of one frame body (prefix removed) except the header's content: the
+/// length limit, the version, the header length and the tensor length (rules 1–4 of the
+/// [module docs](super)).
+///
+/// A transport that does not know the header type uses this to refuse a foreign or broken
+/// frame itself; the receiver of the frame then only has to run [`decode`] for rule 5.
+///
+/// ```
+/// use phalanx_transport::{check_frame, encode, DecodeError, Limits, codec::PREFIX_BYTES};
+///
+/// let limits = Limits::default();
+/// let wire = encode(&"any header", &[1.0], &limits)?;
+/// check_frame(&wire[PREFIX_BYTES..], &limits)?;
+///
+/// let err = check_frame(&[0xff; 16], &limits).unwrap_err();
+/// assert_eq!(err.reason_code(), DecodeError::CODE_UNSUPPORTED_VERSION);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn check_frame(frame: &[u8], limits: &Limits) -> Result<(), DecodeError> {
+    let frame_len = u64::try_from(frame.len()).unwrap_or(u64::MAX);
+    let Some(header_len) = check_envelope(frame, frame_len, limits)? else {
+        return Err(DecodeError::Truncated { needed: ENVELOPE_BYTES as u64, available: frame_len });
+    };
+    let tensor_bytes = frame.len().saturating_sub(ENVELOPE_BYTES).saturating_sub(header_len);
+    if tensor_bytes % F32_BYTES != 0 {
+        return Err(DecodeError::BadTensorLength { bytes: tensor_bytes as u64 });
+    }
+    Ok(())
+}
+
 /// Checks every envelope rule that the bytes present allow, for a frame whose prefix says
 /// `frame_len`; `body` holds the first bytes after the prefix (possibly not all of them yet).
 ///

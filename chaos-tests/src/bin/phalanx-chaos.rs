@@ -1,0 +1,168 @@
+//! `phalanx-chaos`: run fault scenarios and campaigns against Phalanx.
+//!
+//! cargo run --release -p phalanx-chaos -- campaign --seeds 500 --out chaos-out
+//! cargo run --release -p phalanx-chaos -- run scenarios/sim-heavy.toml --out chaos-out
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use phalanx_chaos::campaign::sim_campaign;
+use phalanx_chaos::invariants::check_all;
+use phalanx_chaos::sim::{campaign_jobs, simulate, SimOptions};
+use serde::Deserialize;
+
+#[derive(Parser)]
+#[command(name = "phalanx-chaos", about = "Fault campaigns against Phalanx, with invariants and a report")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one scenario file.
+    Run {
+        /// The scenario (TOML).
+        scenario: PathBuf,
+        /// Output directory for report.json and report.md.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run a bounded campaign of seeds.
+    Campaign {
+        /// Number of seeds.
+        #[arg(long, default_value_t = 240)]
+        seeds: u64,
+        /// Keep running batches of seeds for this long (e.g. 30m, 90s): a soak.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Output directory for report.json, report.md and loss.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// A simulation scenario: a seed range and fault intensities.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    /// Must be "simulation" for now.
+    tier: String,
+    /// First seed.
+    #[serde(default)]
+    seed: u64,
+    /// Seeds to run from `seed`.
+    #[serde(default = "one")]
+    seeds: u64,
+    /// Which campaign job: 0 softmax/iris, 1 linear/diabetes, 2 mlp/winequality.
+    #[serde(default)]
+    job: usize,
+    max_crashes: Option<u32>,
+    drop_probability: Option<f64>,
+    duplicate_probability: Option<f64>,
+    max_delay_ms: Option<u64>,
+    fault_phase_ms: Option<u64>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration '{s}' (e.g. 30m, 90s, 2h)"))?;
+    match unit {
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration unit in '{s}' (use s, m or h)")),
+    }
+}
+
+fn run() -> Result<bool, String> {
+    match Cli::parse().command {
+        Command::Campaign { seeds, duration, out } => {
+            let deadline = duration.as_deref().map(parse_duration).transpose()?.map(|d| Instant::now() + d);
+            let mut start = 0;
+            loop {
+                let report = sim_campaign(start..start + seeds, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+                println!(
+                    "seeds {}..{}: {} faults injected, {} survived, lost {}, duplicated {}, identical {}, recovery p50/p99 {:?}/{:?} ms (virtual)",
+                    start,
+                    start + seeds,
+                    report.faults_injected,
+                    report.faults_survived,
+                    report.samples_lost,
+                    report.samples_duplicated,
+                    report.identical,
+                    report.recovery_ms.p50,
+                    report.recovery_ms.p99
+                );
+                for v in &report.violations {
+                    println!("VIOLATION {v}");
+                }
+                if !report.violations.is_empty() {
+                    return Ok(false);
+                }
+                start += seeds;
+                if deadline.is_none_or(|d| Instant::now() >= d) {
+                    println!("report: {}/report.md", out.display());
+                    return Ok(true);
+                }
+            }
+        }
+        Command::Run { scenario, out } => {
+            let text = std::fs::read_to_string(&scenario).map_err(|e| format!("{}: {e}", scenario.display()))?;
+            let s: Scenario = toml::from_str(&text)
+                .map_err(|e| format!("{}: {}", scenario.display(), e.to_string().replace('\n', " ")))?;
+            if s.tier != "simulation" {
+                return Err(format!(
+                    "{}: tier '{}' is not available yet (only 'simulation')",
+                    scenario.display(),
+                    s.tier
+                ));
+            }
+            let jobs = campaign_jobs();
+            let sim =
+                jobs.get(s.job).ok_or_else(|| format!("{}: job {} (choose 0, 1 or 2)", scenario.display(), s.job))?;
+            let mut ok = true;
+            for seed in s.seed..s.seed + s.seeds {
+                let d = SimOptions::new(seed);
+                let opts = SimOptions {
+                    max_crashes: s.max_crashes.unwrap_or(d.max_crashes),
+                    drop_probability: s.drop_probability.unwrap_or(d.drop_probability),
+                    duplicate_probability: s.duplicate_probability.unwrap_or(d.duplicate_probability),
+                    max_delay_ms: s.max_delay_ms.unwrap_or(d.max_delay_ms),
+                    fault_phase_ms: s.fault_phase_ms.unwrap_or(d.fault_phase_ms),
+                    ..d
+                };
+                let outcome = simulate(&sim.job, &opts);
+                let v = check_all(&outcome, &sim.expected);
+                println!(
+                    "seed {seed}: {} crashes, {} dropped, {} duplicated, finished at {} ms: {}",
+                    outcome.stats.crashes,
+                    outcome.stats.dropped,
+                    outcome.stats.duplicated,
+                    outcome.stats.finished_at_ms,
+                    if v.is_empty() { "all invariants hold".to_string() } else { v.join("; ") }
+                );
+                ok &= v.is_empty();
+            }
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            Ok(ok)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

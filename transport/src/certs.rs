@@ -1,0 +1,497 @@
+//! Cluster certificates: one CA, one certificate per node, node ids carried in the certificates.
+//!
+//! Every node holds a certificate signed by the cluster CA whose subject alternative names
+//! contain exactly one DNS name `node-<id>`. That name *is* the node's identity: the TLS layer
+//! checks it against the CA, and [`node_id_of`] reads it back from the peer's certificate, so a
+//! node cannot claim another node's id without that node's key.
+//!
+//! Files, all PEM, as [`generate`] writes them and [`NodeIdentity::load`] reads them:
+//!
+//! | file | content |
+//! |---|---|
+//! | `ca.pem` | the CA certificate (the trust root of every node) |
+//! | `ca.key` | the CA private key, mode 0600; only needed to issue more certificates |
+//! | `node-<i>.pem` | node `i`'s certificate, signed by the CA |
+//! | `node-<i>.key` | node `i`'s private key (PKCS #8), mode 0600 |
+//!
+//! ```
+//! use phalanx_transport::certs::{self, NodeIdentity};
+//!
+//! let dir = tempfile::tempdir()?;
+//! certs::generate(dir.path(), 2)?;
+//! let node1 = NodeIdentity::load(dir.path(), 1)?;
+//! assert_eq!(node1.id, 1);
+//! assert_eq!(certs::node_id_of(&node1.cert_chain[0]), Some(1));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+use x509_parser::extensions::GeneralName;
+
+/// File name of the CA certificate inside a certificate directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the CA private key inside a certificate directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// Prefix of the DNS name that carries a node id: node 3 is `node-3`.
+pub const NODE_NAME_PREFIX: &str = "node-";
+
+/// How far back [`generate`] dates `not_before`, so clocks a little behind still accept it.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60 * 60);
+
+/// How long the node certificates from [`generate`] stay valid.
+pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// How long the CA certificate from [`CertAuthority::new`] stays valid.
+pub const CA_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// File permissions of private keys: readable and writable by the owner only.
+#[cfg(unix)]
+const PRIVATE_KEY_MODE: u32 = 0o600;
+
+/// Why certificates could not be generated, written or loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// A file or directory could not be read or written.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was attempted: "read", "write", "create directory".
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A file is not valid PEM, or holds no item of the expected kind.
+    #[error("{path} holds no valid {expected}: {source}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What the file should hold: "certificate", "private key".
+        expected: &'static str,
+        /// The PEM parser's error.
+        source: pem::Error,
+    },
+    /// A node certificate does not name the node it was loaded for.
+    #[error("{path} is not a certificate of node {expected} (it names {found:?})")]
+    WrongNodeId {
+        /// The certificate file.
+        path: PathBuf,
+        /// The node id asked for.
+        expected: u32,
+        /// The node id in the certificate, `None` if it carries no single `node-<i>` name.
+        found: Option<u32>,
+    },
+    /// The CA files do not form a usable CA (certificate and key that rcgen cannot use).
+    #[error("cannot use the CA in {path}: {source}")]
+    BadCa {
+        /// The CA certificate or key file.
+        path: PathBuf,
+        /// rcgen's error.
+        source: rcgen::Error,
+    },
+    /// A validity bound is not representable in a certificate.
+    #[error("validity bound {at:?} is out of range for a certificate")]
+    Validity {
+        /// The bound.
+        at: SystemTime,
+    },
+    /// rcgen could not build or sign a certificate.
+    #[error("cannot generate a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The DNS name carrying node `id`'s identity: `node-<id>`.
+///
+/// ```
+/// assert_eq!(phalanx_transport::certs::node_name(3), "node-3");
+/// ```
+pub fn node_name(id: u32) -> String {
+    format!("{NODE_NAME_PREFIX}{id}")
+}
+
+/// Parses a DNS name of the form `node-<id>`; only the canonical spelling (no sign, no
+/// leading zeros) counts, so no two names map to the same id.
+///
+/// ```
+/// use phalanx_transport::certs::parse_node_name;
+///
+/// assert_eq!(parse_node_name("node-12"), Some(12));
+/// assert_eq!(parse_node_name("node-012"), None);
+/// assert_eq!(parse_node_name("localhost"), None);
+/// ```
+pub fn parse_node_name(name: &str) -> Option<u32> {
+    let id: u32 = name.strip_prefix(NODE_NAME_PREFIX)?.parse().ok()?;
+    (node_name(id) == name).then_some(id)
+}
+
+/// The node id named by a certificate (DER): its single `node-<i>` DNS subject alternative
+/// name.
+///
+/// `None` if the bytes are not a certificate, or it names no node, or it names several
+/// different nodes (such a certificate could pose as either, so it identifies none). This
+/// only reads the name: whether the certificate is genuine is the TLS layer's check.
+pub fn node_id_of(cert_der: &[u8]) -> Option<u32> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut ids = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::DNSName(dns) => parse_node_name(dns),
+        _ => None,
+    });
+    let first = ids.next()?;
+    ids.all(|id| id == first).then_some(first)
+}
+
+/// A node certificate and its private key, as issued by a [`CertAuthority`].
+pub struct IssuedCert {
+    /// The node id the certificate names.
+    pub id: u32,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    key_pem: String,
+    key_der: PrivatePkcs8KeyDer<'static>,
+}
+
+// Not derived: the private key must not end up in a log line.
+impl fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedCert").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl IssuedCert {
+    /// The private key, PEM (PKCS #8).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The private key, DER.
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key_der.clone_key())
+    }
+
+    /// Writes `dir/node-<id>.pem` and `dir/node-<id>.key` (mode 0600).
+    pub fn write(&self, dir: &Path) -> Result<(), CertError> {
+        let name = node_name(self.id);
+        write_file(&dir.join(format!("{name}.pem")), self.cert_pem.as_bytes(), false)?;
+        write_file(&dir.join(format!("{name}.key")), self.key_pem.as_bytes(), true)
+    }
+
+    /// This certificate as a node identity that trusts `ca_roots`.
+    ///
+    /// Tests use it to build misbehaving nodes: a certificate from a foreign CA presented
+    /// to a cluster, or an expired one.
+    pub fn identity(&self, ca_roots: Vec<CertificateDer<'static>>) -> NodeIdentity {
+        NodeIdentity { id: self.id, cert_chain: vec![self.cert_der.clone()], key: self.key_der(), ca_roots }
+    }
+}
+
+/// A certificate authority that issues node certificates.
+pub struct CertAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+}
+
+// Not derived: the CA key must not end up in a log line.
+impl fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertAuthority").finish_non_exhaustive()
+    }
+}
+
+impl CertAuthority {
+    /// A new CA with a fresh ECDSA P-256 key, valid from an hour ago for ten years.
+    pub fn new() -> Result<Self, CertError> {
+        let now = SystemTime::now();
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Phalanx cluster CA");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = certificate_time(now - CLOCK_SKEW_ALLOWANCE)?;
+        params.not_after = certificate_time(now + CA_CERT_VALIDITY)?;
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert_pem: cert.pem(), cert_der: cert.der().clone(), issuer: Issuer::new(params, key) })
+    }
+
+    /// Loads the CA from `dir/ca.pem` and `dir/ca.key`.
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_pem = read_to_string(&cert_path)?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|source| CertError::Pem {
+            path: cert_path.clone(),
+            expected: "certificate",
+            source,
+        })?;
+        let key = KeyPair::from_pem(&read_to_string(&key_path)?)
+            .map_err(|source| CertError::BadCa { path: key_path.clone(), source })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der, key).map_err(|source| CertError::BadCa { path: cert_path, source })?;
+        Ok(Self { issuer, cert_pem, cert_der })
+    }
+
+    /// Writes `dir/ca.pem` and `dir/ca.key` (mode 0600), creating `dir` if needed.
+    pub fn write(&self, dir: &Path) -> Result<(), CertError> {
+        create_dir(dir)?;
+        write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
+        write_file(&dir.join(CA_KEY_FILE), self.issuer.key().serialize_pem().as_bytes(), true)
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER: the trust root to put in [`NodeIdentity::ca_roots`].
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Issues a certificate for node `id` with a fresh key, valid from `not_before` to
+    /// `not_after`.
+    ///
+    /// Its subject alternative names are `node-<id>`, `localhost` and `127.0.0.1`; it may
+    /// authenticate both as a client and as a server. Any validity window is accepted, so
+    /// tests can issue certificates that are already expired.
+    pub fn issue_node_cert(
+        &self,
+        id: u32,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert, CertError> {
+        let name = node_name(id);
+        let mut params = CertificateParams::new(vec![name.clone(), "localhost".into(), "127.0.0.1".into()])?;
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, name);
+        params.distinguished_name = subject;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = certificate_time(not_before)?;
+        params.not_after = certificate_time(not_after)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            id,
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem: key.serialize_pem(),
+            key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+}
+
+/// Writes a fresh CA and certificates for nodes `0..nodes` into `dir` (created if missing):
+/// `ca.pem`, `ca.key`, `node-<i>.pem`, `node-<i>.key`. Existing files are overwritten.
+///
+/// Node certificates are valid from an hour ago ([`CLOCK_SKEW_ALLOWANCE`]) to a year ahead
+/// ([`NODE_CERT_VALIDITY`]).
+pub fn generate(dir: &Path, nodes: u32) -> Result<(), CertError> {
+    let ca = CertAuthority::new()?;
+    ca.write(dir)?;
+    let now = SystemTime::now();
+    for id in 0..nodes {
+        ca.issue_node_cert(id, now - CLOCK_SKEW_ALLOWANCE, now + NODE_CERT_VALIDITY)?.write(dir)?;
+    }
+    Ok(())
+}
+
+/// Everything a node needs to take part in mutual TLS: its id, its certificate chain and key,
+/// and the cluster CA it trusts.
+pub struct NodeIdentity {
+    /// The node id, as named by the certificate (`node-<id>`).
+    pub id: u32,
+    /// The node's certificate first, then any intermediates.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The node's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The CA certificates this node trusts; peers must present a certificate they signed.
+    pub ca_roots: Vec<CertificateDer<'static>>,
+}
+
+impl Clone for NodeIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id,
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+            ca_roots: self.ca_roots.clone(),
+        }
+    }
+}
+
+// Not derived: the private key must not end up in a log line.
+impl fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("id", &self.id)
+            .field("cert_chain", &self.cert_chain.len())
+            .field("ca_roots", &self.ca_roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeIdentity {
+    /// Loads node `id` from `dir/node-<id>.pem`, `dir/node-<id>.key` and `dir/ca.pem`.
+    ///
+    /// Fails naming the file if one is missing or unparseable, or if the certificate does not
+    /// name node `id`. Whether the certificate is signed by the CA and still valid is checked
+    /// by the peers during the handshake, not here.
+    pub fn load(dir: &Path, id: u32) -> Result<Self, CertError> {
+        let name = node_name(id);
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+        let ca_path = dir.join(CA_CERT_FILE);
+
+        let cert_chain = read_certs(&cert_path)?;
+        let found = cert_chain.first().and_then(|cert| node_id_of(cert));
+        if found != Some(id) {
+            return Err(CertError::WrongNodeId { path: cert_path, expected: id, found });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|source| CertError::Pem {
+            path: key_path,
+            expected: "private key",
+            source,
+        })?;
+        let ca_roots = read_certs(&ca_path)?;
+        Ok(Self { id, cert_chain, key, ca_roots })
+    }
+}
+
+/// `at` as a certificate time; `OffsetDateTime::from` would panic out of range.
+fn certificate_time(at: SystemTime) -> Result<OffsetDateTime, CertError> {
+    let out_of_range = || CertError::Validity { at };
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => OffsetDateTime::UNIX_EPOCH.checked_add(after.try_into().map_err(|_| out_of_range())?),
+        Err(before) => {
+            OffsetDateTime::UNIX_EPOCH.checked_sub(before.duration().try_into().map_err(|_| out_of_range())?)
+        }
+    }
+    .ok_or_else(out_of_range)
+}
+
+/// All certificates of a PEM file; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let bytes = read(path)?;
+    let pem_error = |source| CertError::Pem { path: path.to_owned(), expected: "certificate", source };
+    let certs = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(pem_error)?;
+    if certs.is_empty() {
+        return Err(pem_error(pem::Error::NoItemsFound));
+    }
+    Ok(certs)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+    fs::read(path).map_err(|source| CertError::Io { action: "read", path: path.to_owned(), source })
+}
+
+fn read_to_string(path: &Path) -> Result<String, CertError> {
+    fs::read_to_string(path).map_err(|source| CertError::Io { action: "read", path: path.to_owned(), source })
+}
+
+fn create_dir(dir: &Path) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(|source| CertError::Io { action: "create directory", path: dir.to_owned(), source })
+}
+
+/// Writes `bytes` to `path`; a secret is created with mode 0600 and narrowed to 0600 if the
+/// file already existed with wider permissions.
+fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertError> {
+    let io_error = |source| CertError::Io { action: "write", path: path.to_owned(), source };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(PRIVATE_KEY_MODE);
+        // `mode` only applies to a file that does not exist yet.
+        if path.exists() {
+            fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_KEY_MODE)).map_err(io_error)?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut file = options.open(path).map_err(io_error)?;
+    file.write_all(bytes).map_err(io_error)?;
+    file.sync_all().map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_certificates_name_their_node_and_load_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        generate(dir.path(), 3).expect("generate");
+        for id in 0..3 {
+            let identity = NodeIdentity::load(dir.path(), id).expect("load");
+            assert_eq!(identity.id, id);
+            assert_eq!(node_id_of(&identity.cert_chain[0]), Some(id));
+            assert_eq!(identity.ca_roots.len(), 1);
+        }
+        assert!(CertAuthority::load(dir.path()).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_keys_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        generate(dir.path(), 1).expect("generate");
+        for file in [CA_KEY_FILE, "node-0.key"] {
+            let mode = fs::metadata(dir.path().join(file)).expect("key exists").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_missing_or_broken_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        generate(dir.path(), 1).expect("generate");
+        let err = NodeIdentity::load(dir.path(), 4).unwrap_err();
+        assert!(err.to_string().contains("node-4.pem"), "{err}");
+
+        fs::write(dir.path().join("node-0.key"), "not pem").expect("write");
+        let err = NodeIdentity::load(dir.path(), 0).unwrap_err();
+        assert!(matches!(err, CertError::Pem { .. }) && err.to_string().contains("node-0.key"), "{err}");
+
+        fs::copy(dir.path().join("node-0.pem"), dir.path().join("node-9.pem")).expect("copy");
+        let err = NodeIdentity::load(dir.path(), 9).unwrap_err();
+        assert!(matches!(err, CertError::WrongNodeId { expected: 9, found: Some(0), .. }), "{err}");
+    }
+
+    #[test]
+    fn node_id_comes_from_the_single_node_name() {
+        let ca = CertAuthority::new().expect("ca");
+        let now = SystemTime::now();
+        let cert = ca.issue_node_cert(41, now, now + Duration::from_secs(60)).expect("issue");
+        assert_eq!(node_id_of(&cert.cert_der), Some(41));
+        assert_eq!(node_id_of(b"not a certificate"), None);
+
+        // A certificate naming two nodes identifies neither.
+        let params = CertificateParams::new(vec!["node-1".to_string(), "node-2".to_string()]).expect("params");
+        let key = KeyPair::generate().expect("key");
+        let twin = params.self_signed(&key).expect("sign");
+        assert_eq!(node_id_of(twin.der()), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! Settings of a [`Transport`](crate::Transport).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, VarInt};
+
+use super::error::ConfigError;
+use crate::certs::NodeIdentity;
+use crate::Limits;
+
+/// Default [`TransportConfig::keep_alive_ms`]: a ping every 100 ms keeps an idle connection
+/// from timing out and lets QUIC notice a dead peer early.
+pub const DEFAULT_KEEP_ALIVE_MS: u64 = 100;
+/// Default [`TransportConfig::idle_timeout_ms`].
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_000;
+/// Default [`TransportConfig::hello_timeout_ms`].
+pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 2_000;
+/// Default [`TransportConfig::udp_buffer_bytes`]: 4 MiB.
+pub const DEFAULT_UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Default [`TransportConfig::max_inflight_sends_per_peer`].
+pub const DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER: usize = 64;
+/// Default [`TransportConfig::event_queue_len`].
+pub const DEFAULT_EVENT_QUEUE_LEN: usize = 1024;
+/// Handshakes (TLS and hello) accepted at once; further connection attempts are refused
+/// until one finishes, so a flood of dialers cannot pile up tasks.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Everything [`Transport::bind`](crate::Transport::bind) needs. Build it with
+/// [`TransportConfig::new`] and change the fields that matter.
+///
+/// ```
+/// use phalanx_transport::{certs, NodeIdentity, TransportConfig};
+///
+/// let dir = tempfile::tempdir()?;
+/// certs::generate(dir.path(), 1)?;
+/// let mut config = TransportConfig::new(NodeIdentity::load(dir.path(), 0)?, "127.0.0.1:0".parse()?);
+/// config.idle_timeout_ms = 1_000;
+/// assert_eq!(config.keep_alive_ms, 100);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TransportConfig {
+    /// This node's id, certificate, key and trusted CA.
+    pub identity: NodeIdentity,
+    /// UDP address to listen on (port 0: any free port, see
+    /// [`Transport::local_addr`](crate::Transport::local_addr)).
+    pub listen: SocketAddr,
+    /// Interval of QUIC keep-alive pings; must be below `idle_timeout_ms`.
+    pub keep_alive_ms: u64,
+    /// A connection from which nothing was heard for this long is closed (QUIC idle
+    /// timeout). This is the transport's failure detection: about this long after a peer
+    /// dies its `PeerDown` arrives. Sub-second detection needs heartbeats above.
+    pub idle_timeout_ms: u64,
+    /// A connection whose hello has not completed this long after its TLS handshake is
+    /// closed with [`codes::HELLO_FAILED`](crate::codes::HELLO_FAILED).
+    pub hello_timeout_ms: u64,
+    /// Frame size limits, applied to every frame received and sent.
+    pub limits: Limits,
+    /// Kernel send and receive buffer of the UDP socket.
+    pub udp_buffer_bytes: usize,
+    /// Frames being written to one peer at once; [`Transport::send`](crate::Transport::send)
+    /// beyond that returns [`SendError::Busy`](crate::SendError::Busy). The peer is also
+    /// allowed twice this many concurrent incoming streams.
+    pub max_inflight_sends_per_peer: usize,
+    /// Bytes of frames being received from one peer and not yet handed to the event queue.
+    /// A peer that sends more waits (QUIC flow control); must be at least
+    /// `limits.max_frame_bytes`. Defaults to twice that.
+    pub recv_budget_bytes_per_peer: usize,
+    /// Capacity of the event queue returned by [`Transport::bind`](crate::Transport::bind).
+    /// A full queue slows the peers down rather than dropping events; at least 2.
+    pub event_queue_len: usize,
+}
+
+impl TransportConfig {
+    /// A config with the defaults above for `identity` listening on `listen`.
+    pub fn new(identity: NodeIdentity, listen: SocketAddr) -> Self {
+        let limits = Limits::default();
+        Self {
+            identity,
+            listen,
+            keep_alive_ms: DEFAULT_KEEP_ALIVE_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            hello_timeout_ms: DEFAULT_HELLO_TIMEOUT_MS,
+            limits,
+            udp_buffer_bytes: DEFAULT_UDP_BUFFER_BYTES,
+            max_inflight_sends_per_peer: DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER,
+            recv_budget_bytes_per_peer: default_recv_budget(&limits),
+            event_queue_len: DEFAULT_EVENT_QUEUE_LEN,
+        }
+    }
+
+    /// Sets `limits` and the receive budget that goes with them (twice the frame limit).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self.recv_budget_bytes_per_peer = default_recv_budget(&limits);
+        self
+    }
+
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let (keep_alive_ms, idle_timeout_ms) = (self.keep_alive_ms, self.idle_timeout_ms);
+        if keep_alive_ms == 0 || keep_alive_ms >= idle_timeout_ms {
+            return Err(ConfigError::KeepAlive { keep_alive_ms, idle_timeout_ms });
+        }
+        if IdleTimeout::try_from(Duration::from_millis(idle_timeout_ms)).is_err() {
+            return Err(ConfigError::IdleTimeoutTooLarge { idle_timeout_ms });
+        }
+        if self.hello_timeout_ms == 0 {
+            return Err(ConfigError::ZeroHelloTimeout);
+        }
+        let max_frame_bytes = self.limits.max_frame_bytes;
+        if (self.recv_budget_bytes_per_peer as u64) < u64::from(max_frame_bytes) {
+            return Err(ConfigError::RecvBudgetBelowFrameLimit {
+                recv_budget_bytes_per_peer: self.recv_budget_bytes_per_peer,
+                max_frame_bytes,
+            });
+        }
+        let sends = self.max_inflight_sends_per_peer;
+        if sends == 0 || u32::try_from(sends).map_or(true, |n| n > MAX_INFLIGHT_SENDS) {
+            return Err(ConfigError::InflightSends { max_inflight_sends_per_peer: sends });
+        }
+        if self.event_queue_len < 2 {
+            return Err(ConfigError::EventQueueTooShort { event_queue_len: self.event_queue_len });
+        }
+        Ok(())
+    }
+
+    /// The QUIC transport parameters these settings imply: keep-alive, idle timeout and
+    /// stream limits. Public so benchmarks can run raw quinn with the same parameters.
+    pub fn quic_transport_config(&self) -> Result<quinn::TransportConfig, ConfigError> {
+        self.validate()?;
+        let idle_timeout_ms = self.idle_timeout_ms;
+        let idle = IdleTimeout::try_from(Duration::from_millis(idle_timeout_ms))
+            .map_err(|_| ConfigError::IdleTimeoutTooLarge { idle_timeout_ms })?;
+        let uni_streams = u32::try_from(self.max_inflight_sends_per_peer.saturating_mul(2)).unwrap_or(u32::MAX);
+        let mut quic = quinn::TransportConfig::default();
+        quic.keep_alive_interval(Some(Duration::from_millis(self.keep_alive_ms)))
+            .max_idle_timeout(Some(idle))
+            .max_concurrent_uni_streams(VarInt::from_u32(uni_streams))
+            // The hello is the only bidirectional stream either side opens.
+            .max_concurrent_bidi_streams(VarInt::from_u32(1));
+        Ok(quic)
+    }
+
+    pub(crate) fn shared_quic_transport_config(&self) -> Result<Arc<quinn::TransportConfig>, ConfigError> {
+        self.quic_transport_config().map(Arc::new)
+    }
+}
+
+/// Upper bound of [`TransportConfig::max_inflight_sends_per_peer`], so the peer's stream
+/// limit (twice as many) stays a small QUIC varint.
+const MAX_INFLIGHT_SENDS: u32 = 1 << 16;
+
+fn default_recv_budget(limits: &Limits) -> usize {
+    usize::try_from(u64::from(limits.max_frame_bytes).saturating_mul(2)).unwrap_or(usize::MAX)
+}

@@ -1,0 +1,96 @@
+//! Counters of a transport, updated lock-free on the data path.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::lock;
+
+/// A snapshot of a transport's counters, from [`Transport::stats`](crate::Transport::stats).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransportStats {
+    /// Frames received and checked (delivered or dropped).
+    pub frames_in: u64,
+    /// Bytes of those frames, bodies without the length prefix.
+    pub bytes_in: u64,
+    /// Frames handed to QUIC by [`Transport::send`](crate::Transport::send).
+    pub frames_out: u64,
+    /// Bytes of those frames, length prefix included.
+    pub bytes_out: u64,
+    /// Frames received on a connection that was no longer the peer's current one, or after
+    /// the event receiver was dropped, and so not delivered.
+    pub frames_dropped: u64,
+    /// Sends accepted by [`Transport::send`](crate::Transport::send) whose write then failed
+    /// (the connection closed meanwhile).
+    pub send_failures: u64,
+    /// Connections refused or closed for bad input, by close code (see [`codes`](crate::codes)
+    /// and [`DecodeError::reason_code`](crate::DecodeError::reason_code)).
+    pub rejected: BTreeMap<u32, u64>,
+    /// QUIC connections open now, whether or not their hello is done.
+    pub open_connections: usize,
+    /// Peers with a live connection now.
+    pub peers: usize,
+}
+
+impl TransportStats {
+    /// Connections rejected with `code`.
+    pub fn rejected_with(&self, code: u32) -> u64 {
+        self.rejected.get(&code).copied().unwrap_or(0)
+    }
+
+    /// Connections rejected, all codes.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// The live counters behind [`TransportStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    frames_in: AtomicU64,
+    bytes_in: AtomicU64,
+    frames_out: AtomicU64,
+    bytes_out: AtomicU64,
+    frames_dropped: AtomicU64,
+    send_failures: AtomicU64,
+    rejected: Mutex<BTreeMap<u32, u64>>,
+}
+
+impl Counters {
+    pub(crate) fn received(&self, bytes: usize) {
+        self.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sent(&self, bytes: usize) {
+        self.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self) {
+        self.frames_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn send_failed(&self) {
+        self.send_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, code: u32) {
+        *lock(&self.rejected).entry(code).or_insert(0) += 1;
+    }
+
+    pub(crate) fn snapshot(&self, open_connections: usize, peers: usize) -> TransportStats {
+        TransportStats {
+            frames_in: self.frames_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            frames_out: self.frames_out.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            frames_dropped: self.frames_dropped.load(Ordering::Relaxed),
+            send_failures: self.send_failures.load(Ordering::Relaxed),
+            rejected: lock(&self.rejected).clone(),
+            open_connections,
+            peers,
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Reading the one frame a stream carries, with every limit applied before the bytes are
+//! buffered.
+
+use std::sync::Arc;
+
+use bytes::BufMut;
+use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, VarInt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::codec::{check_frame, PREFIX_BYTES};
+use crate::{codes, DecodeError, Limits, PROTOCOL_VERSION};
+
+/// Bytes of the version field at the start of a frame body.
+const VERSION_BYTES: usize = 2;
+
+/// Why a stream did not yield a frame.
+#[derive(Debug)]
+pub(crate) enum FrameReadError {
+    /// The bytes break a codec rule: the peer is broken or hostile.
+    Invalid(DecodeError),
+    /// The stream went on after its frame: the peer does not speak this protocol.
+    Trailing,
+    /// The sender reset the stream, giving the frame up (a sender may cancel a send; this is
+    /// no protocol violation).
+    Reset(VarInt),
+    /// The connection ended while the frame was being read.
+    Lost(ConnectionError),
+    /// Any other read failure (a stream read after it was closed, 0-RTT rejected).
+    Read(ReadError),
+}
+
+impl FrameReadError {
+    /// Close code and reason if the error is the peer's fault, `None` if the stream or
+    /// connection merely ended.
+    pub(crate) fn violation(&self) -> Option<(u32, String)> {
+        match self {
+            Self::Invalid(err) => Some((err.reason_code(), err.to_string())),
+            Self::Trailing => Some((codes::STREAM_FRAMING, "stream carries bytes after its frame".to_owned())),
+            Self::Reset(_) | Self::Lost(_) | Self::Read(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FrameReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(err) => write!(f, "invalid frame: {err}"),
+            Self::Trailing => f.write_str("stream carries bytes after its frame"),
+            Self::Reset(code) => write!(f, "stream reset by the sender with code {code}"),
+            Self::Lost(err) => write!(f, "connection lost: {err}"),
+            Self::Read(err) => write!(f, "read failed: {err}"),
+        }
+    }
+}
+
+impl From<ReadError> for FrameReadError {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::Reset(code) => Self::Reset(code),
+            ReadError::ConnectionLost(err) => Self::Lost(err),
+            other => Self::Read(other),
+        }
+    }
+}
+
+/// Recovers quinn's typed error from the `io::Error` its `AsyncRead` implementation wraps it
+/// in.
+fn from_io(err: std::io::Error) -> FrameReadError {
+    match err.into_inner().map(|inner| inner.downcast::<ReadError>()) {
+        Some(Ok(read)) => (*read).into(),
+        // quinn only ever wraps a ReadError; anything else means the stream is unusable.
+        _ => FrameReadError::Read(ReadError::ClosedStream),
+    }
+}
+
+/// A frame body (prefix removed) and the receive-budget permit that pays for its bytes.
+pub(crate) struct ReceivedFrame {
+    pub(crate) body: Vec<u8>,
+    /// Held until the body is handed over, so the bytes buffered per connection stay within
+    /// the budget. `None` when no budget applies (the hello).
+    pub(crate) _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads exactly one frame from `recv`: a length prefix, then that many bytes, then the end
+/// of the stream.
+///
+/// The prefix is checked against `limits` before anything is allocated for the body; with a
+/// `budget`, the body's bytes are also acquired from it first (it must hold at least
+/// `limits.max_frame_bytes` permits, or a largest frame would wait forever). The version is
+/// checked as soon as its bytes arrive and the whole envelope once the body is complete
+/// ([`check_frame`]); the header's content is left to whoever knows its type.
+pub(crate) async fn read_frame(
+    recv: &mut RecvStream,
+    limits: &Limits,
+    budget: Option<&Arc<Semaphore>>,
+) -> Result<ReceivedFrame, FrameReadError> {
+    let mut prefix = [0u8; PREFIX_BYTES];
+    if let Err(err) = recv.read_exact(&mut prefix).await {
+        return Err(match err {
+            ReadExactError::FinishedEarly(read) => {
+                FrameReadError::Invalid(DecodeError::Truncated { needed: PREFIX_BYTES as u64, available: read as u64 })
+            }
+            ReadExactError::ReadError(err) => err.into(),
+        });
+    }
+    let announced = u32::from_le_bytes(prefix);
+    if announced > limits.max_frame_bytes {
+        return Err(FrameReadError::Invalid(DecodeError::Oversize {
+            len: u64::from(announced),
+            max: limits.max_frame_bytes,
+        }));
+    }
+    // announced ≤ max_frame_bytes, a u32; usize is at least 32 bits wherever quinn runs.
+    let len = usize::try_from(announced).map_err(|_| {
+        FrameReadError::Invalid(DecodeError::Oversize { len: u64::from(announced), max: limits.max_frame_bytes })
+    })?;
+    let permit = match budget {
+        Some(budget) => Some(
+            budget
+                .clone()
+                .acquire_many_owned(announced)
+                .await
+                .map_err(|_| FrameReadError::Lost(ConnectionError::LocallyClosed))?,
+        ),
+        None => None,
+    };
+
+    // Reserving the announced length is fine now: it is within the frame limit and paid for
+    // by the budget. `read_buf` copies every chunk QUIC has buffered straight into the spare
+    // capacity (one lock of the connection per call, no zeroing of the buffer first), and the
+    // `limit` keeps it from reading past this frame.
+    let mut body = Vec::with_capacity(len);
+    let mut version_checked = false;
+    while body.len() < len {
+        let remaining = len - body.len();
+        match recv.read_buf(&mut (&mut body).limit(remaining)).await {
+            Ok(0) => {
+                return Err(FrameReadError::Invalid(DecodeError::Truncated {
+                    needed: len as u64,
+                    available: body.len() as u64,
+                }))
+            }
+            Ok(_) => {}
+            Err(err) => return Err(from_io(err)),
+        }
+        // Refuse a foreign frame from its first bytes rather than after buffering all of it.
+        if !version_checked && body.len() >= VERSION_BYTES {
+            version_checked = true;
+            let version = u16::from_le_bytes([body[0], body[1]]);
+            if version != PROTOCOL_VERSION {
+                return Err(FrameReadError::Invalid(DecodeError::UnsupportedVersion {
+                    found: version,
+                    supported: PROTOCOL_VERSION,
+                }));
+            }
+        }
+    }
+    if recv.read_chunk(1, true).await?.is_some() {
+        return Err(FrameReadError::Trailing);
+    }
+    check_frame(&body, limits).map_err(FrameReadError::Invalid)?;
+    Ok(ReceivedFrame { body, _budget: permit })
+}

@@ -1,0 +1,275 @@
+//! Mutual TLS between nodes: rustls 0.23 with the `ring` provider, TLS 1.3 only, ALPN
+//! [`ALPN`] on both sides, and the cluster CA as the only trust root.
+//!
+//! * The **server** side requires a client certificate signed by the cluster CA
+//!   ([`WebPkiClientVerifier`]); a client without one, with one from another CA, or with an
+//!   expired one fails the handshake.
+//! * The **client** side verifies the server's certificate against the CA and the name
+//!   `node-<j>` of the node it meant to reach. When it dials an address without knowing the
+//!   id ([`ANY_NODE_SERVER_NAME`]), it still requires a CA-signed certificate naming exactly
+//!   one node, and takes the id from it.
+//! * A peer that offers another ALPN fails the handshake on both sides.
+//! * No session resumption and no 0-RTT: every connection is a full handshake with both
+//!   certificates checked.
+//!
+//! Nothing here depends on a process-wide default crypto provider: every config is built
+//! with [`provider()`] explicitly, so another crate installing `aws-lc-rs` changes nothing.
+
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::certs::{node_id_of, node_name, NodeIdentity};
+use crate::codec::ALPN;
+
+/// Server name a client asks for when it dials an address without knowing which node is
+/// there. The `.invalid` top-level domain (RFC 2606) guarantees no certificate legitimately
+/// carries it; the verifier replaces it with the `node-<i>` name found in the certificate.
+pub const ANY_NODE_SERVER_NAME: &str = "any-node.phalanx.invalid";
+
+/// Why a TLS configuration could not be built from a [`NodeIdentity`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A CA certificate could not be added to the trust store.
+    #[error("node {node}: cannot trust CA certificate: {source}")]
+    BadCaRoot {
+        /// The local node.
+        node: u32,
+        /// rustls's reason.
+        source: rustls::Error,
+    },
+    /// The identity has no CA certificate to trust, so no peer could ever be verified.
+    #[error("node {node}: the identity has no CA certificate")]
+    NoCaRoots {
+        /// The local node.
+        node: u32,
+    },
+    /// The certificate verifier could not be built from the CA certificates.
+    #[error("node {node}: cannot build the certificate verifier: {source}")]
+    Verifier {
+        /// The local node.
+        node: u32,
+        /// rustls's reason.
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// The node's certificate chain or key was refused (for example a key that does not
+    /// match the certificate).
+    #[error("node {node}: bad certificate or key: {source}")]
+    BadIdentity {
+        /// The local node.
+        node: u32,
+        /// rustls's reason.
+        source: rustls::Error,
+    },
+    /// The configuration offers no cipher suite QUIC can use.
+    #[error("no cipher suite usable by QUIC: {0}")]
+    Quic(#[from] NoInitialCipherSuite),
+}
+
+/// The crypto provider of every Phalanx TLS config: rustls's `ring` provider.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs the `ring` provider as the process default if no default is installed yet.
+///
+/// Phalanx's own configs never need it; it is for other rustls users in the same process
+/// that call `builder()` without a provider and would panic if two providers were compiled
+/// in. Calling it again, or after someone else installed a default, does nothing.
+pub fn install_default_provider() {
+    if CryptoProvider::get_default().is_none() {
+        // Losing a race against another installer is fine: some default is then installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// The rustls server config of a node: TLS 1.3 only, ALPN `phalanx/1`, and a client
+/// certificate signed by the cluster CA required.
+pub fn server_config(identity: &NodeIdentity) -> Result<rustls::ServerConfig, TlsError> {
+    let node = identity.id;
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(identity)?, provider.clone())
+        .build()
+        .map_err(|source| TlsError::Verifier { node, source })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::BadIdentity { node, source })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(|source| TlsError::BadIdentity { node, source })?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: every connection presents and verifies certificates afresh, so a
+    // certificate that expired since an earlier session is refused. Nodes connect rarely;
+    // a full handshake costs about a millisecond.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The rustls client config of a node: TLS 1.3 only, ALPN `phalanx/1`, the node's certificate
+/// as client certificate, and the server verified against the cluster CA and the requested
+/// `node-<j>` name (see [`ANY_NODE_SERVER_NAME`]).
+pub fn client_config(identity: &NodeIdentity) -> Result<rustls::ClientConfig, TlsError> {
+    let node = identity.id;
+    let provider = provider();
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots(identity)?, provider.clone())
+        .build()
+        .map_err(|source| TlsError::Verifier { node, source })?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::BadIdentity { node, source })?
+        // "dangerous" only because it is custom: NodeServerVerifier delegates every check
+        // to WebPkiServerVerifier and merely picks the name to check.
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodeServerVerifier { webpki }))
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(|source| TlsError::BadIdentity { node, source })?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// [`server_config`] wrapped for quinn.
+pub fn quic_server_config(identity: &NodeIdentity) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = QuicServerConfig::try_from(server_config(identity)?)?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+/// [`client_config`] wrapped for quinn.
+pub fn quic_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = QuicClientConfig::try_from(client_config(identity)?)?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// The server name to dial: `node-<id>` when the peer's id is known, otherwise
+/// [`ANY_NODE_SERVER_NAME`].
+pub fn server_name(expect: Option<u32>) -> String {
+    expect.map_or_else(|| ANY_NODE_SERVER_NAME.to_owned(), node_name)
+}
+
+fn roots(identity: &NodeIdentity) -> Result<Arc<RootCertStore>, TlsError> {
+    let node = identity.id;
+    if identity.ca_roots.is_empty() {
+        return Err(TlsError::NoCaRoots { node });
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in &identity.ca_roots {
+        roots.add(ca.clone()).map_err(|source| TlsError::BadCaRoot { node, source })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Verifies a server against the cluster CA; for [`ANY_NODE_SERVER_NAME`] it checks the
+/// certificate against the `node-<i>` name the certificate itself carries, so the chain,
+/// validity and name checks of webpki all still run.
+#[derive(Debug)]
+struct NodeServerVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for NodeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let any_node = matches!(server_name, ServerName::DnsName(name) if name.as_ref() == ANY_NODE_SERVER_NAME);
+        if !any_node {
+            return self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        }
+        let id = node_id_of(end_entity)
+            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))?;
+        let name = ServerName::try_from(node_name(id))
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))?;
+        self.webpki.verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::certs::CertAuthority;
+
+    fn identity(ca: &CertAuthority, id: u32) -> NodeIdentity {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        ca.issue_node_cert(id, now - hour, now + hour).expect("issue").identity(vec![ca.cert_der().clone()])
+    }
+
+    #[test]
+    fn configs_use_phalanx_alpn_without_resumption_or_early_data() {
+        let ca = CertAuthority::new().expect("ca");
+        let node = identity(&ca, 0);
+        let server = server_config(&node).expect("server config");
+        let client = client_config(&node).expect("client config");
+        assert_eq!(server.alpn_protocols, vec![ALPN.to_vec()]);
+        assert_eq!(client.alpn_protocols, vec![ALPN.to_vec()]);
+        assert_eq!((server.max_early_data_size, server.send_tls13_tickets), (0, 0), "no 0-RTT, no tickets");
+        assert!(!client.enable_early_data);
+        assert!(quic_server_config(&node).is_ok());
+        assert!(quic_client_config(&node).is_ok());
+    }
+
+    #[test]
+    fn an_identity_without_ca_is_refused() {
+        let ca = CertAuthority::new().expect("ca");
+        let mut node = identity(&ca, 0);
+        node.ca_roots.clear();
+        assert!(matches!(server_config(&node), Err(TlsError::NoCaRoots { node: 0 })));
+    }
+
+    #[test]
+    fn any_node_verifier_checks_chain_and_name() {
+        let ca = CertAuthority::new().expect("ca");
+        let foreign = CertAuthority::new().expect("foreign ca");
+        let verifier = NodeServerVerifier {
+            webpki: WebPkiServerVerifier::builder_with_provider(roots(&identity(&ca, 0)).expect("roots"), provider())
+                .build()
+                .expect("verifier"),
+        };
+        let any = ServerName::try_from(ANY_NODE_SERVER_NAME).expect("name");
+        let now = UnixTime::now();
+        let good = identity(&ca, 3);
+        assert!(verifier.verify_server_cert(&good.cert_chain[0], &[], &any, &[], now).is_ok());
+        let named = ServerName::try_from("node-3").expect("name");
+        assert!(verifier.verify_server_cert(&good.cert_chain[0], &[], &named, &[], now).is_ok());
+        let other = ServerName::try_from("node-4").expect("name");
+        assert!(verifier.verify_server_cert(&good.cert_chain[0], &[], &other, &[], now).is_err());
+        let stranger = identity(&foreign, 3);
+        assert!(verifier.verify_server_cert(&stranger.cert_chain[0], &[], &any, &[], now).is_err());
+    }
+}

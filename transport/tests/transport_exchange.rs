@@ -1,0 +1,292 @@
+//! Two healthy nodes: mutual TLS, frames both ways, bit-exact tensors, one connection per
+//! pair, lifecycle events.
+
+mod support;
+
+use phalanx_transport::{codes, decode, encode, Limits, SendError, Transport, TransportEvent};
+use serde::{Deserialize, Serialize};
+use support::*;
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum Msg {
+    Heartbeat { epoch: u64 },
+    Gradient { step: u64, partition: u32 },
+}
+
+/// A 16 MiB tensor whose bits include NaN payloads, -0.0, subnormals and infinities.
+fn tensor_16_mib() -> Vec<f32> {
+    let n = 16 * 1024 * 1024 / 4;
+    (0..n as u32)
+        .map(|i| match i % 7 {
+            0 => f32::from_bits(0x7fc0_0000 | (i & 0x3f_ffff)), // NaN with a payload
+            1 => -0.0,
+            2 => f32::from_bits(i & 0x007f_ffff), // subnormal
+            3 => f32::NEG_INFINITY,
+            _ => f32::from_bits(i.wrapping_mul(2_654_435_761)),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_exchange_control_and_16_mib_tensor_frames_both_ways() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (b, mut b_events) = node(dir.path(), 1).await;
+    let limits = Limits::default();
+
+    // The id comes from b's certificate, not from the caller.
+    assert_eq!(a.connect(b.local_addr(), None).await.expect("connect"), 1);
+    assert!(matches!(next_event(&mut a_events).await, TransportEvent::PeerUp { peer: 1, .. }));
+    assert!(matches!(next_event(&mut b_events).await, TransportEvent::PeerUp { peer: 0, .. }));
+    assert_eq!(a.peers(), [1]);
+    assert_eq!(b.peers(), [0]);
+
+    // Control frames both ways.
+    a.send(1, encode(&Msg::Heartbeat { epoch: 3 }, &[], &limits).expect("encode")).expect("send");
+    b.send(0, encode(&Msg::Heartbeat { epoch: 4 }, &[], &limits).expect("encode")).expect("send");
+    let (frame, _) = wait_message(&mut b_events, 0).await;
+    assert_eq!(decode::<Msg>(&frame, &limits).expect("decode").header, Msg::Heartbeat { epoch: 3 });
+    let (frame, _) = wait_message(&mut a_events, 1).await;
+    assert_eq!(decode::<Msg>(&frame, &limits).expect("decode").header, Msg::Heartbeat { epoch: 4 });
+
+    // A 16 MiB tensor arrives bit-exact, in both directions.
+    let tensor = tensor_16_mib();
+    let header = Msg::Gradient { step: 9, partition: 2 };
+    let wire = encode(&header, &tensor, &limits).expect("encode tensor");
+    a.send(1, wire.clone()).expect("send tensor");
+    b.send(0, wire).expect("send tensor back");
+    for events in [&mut b_events, &mut a_events] {
+        let (event, _) = wait_for(events, "tensor", |e| matches!(e, TransportEvent::Message { .. })).await;
+        let TransportEvent::Message { frame, .. } = event else { unreachable!() };
+        let decoded = decode::<Msg>(&frame, &limits).expect("decode tensor");
+        assert_eq!(decoded.header, header);
+        assert_eq!(decoded.tensor.len(), tensor.len());
+        assert!(decoded.tensor.iter().zip(&tensor).all(|(x, y)| x.to_bits() == y.to_bits()), "bits differ");
+    }
+
+    let stats = a.stats();
+    assert_eq!((stats.frames_out, stats.frames_in, stats.rejected_total()), (2, 2, 0));
+    assert!(stats.bytes_in > 16 * 1024 * 1024);
+
+    a.shutdown().await;
+    let (event, _) = wait_for(&mut b_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    let TransportEvent::PeerDown { peer, reason } = event else { unreachable!() };
+    assert_eq!(peer, 0);
+    assert!(reason.contains("0x200"), "{reason}");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dial_both_ways_ends_with_exactly_one_connection() {
+    init_tracing();
+    let dir = cluster(2);
+    for round in 0..5 {
+        let (a, mut a_events) = node(dir.path(), 0).await;
+        let (b, mut b_events) = node(dir.path(), 1).await;
+
+        let (to_b, to_a) = tokio::join!(a.connect(b.local_addr(), Some(1)), b.connect(a.local_addr(), Some(0)));
+        assert_eq!(to_b.expect("a dials b"), 1, "round {round}");
+        assert_eq!(to_a.expect("b dials a"), 0, "round {round}");
+
+        // Both connections existed when the calls returned; wait until one is left on each side.
+        for transport in [&a, &b] {
+            let mut open = transport.watch_connections();
+            tokio::time::timeout(HANG_GUARD, open.wait_for(|open| *open == 1))
+                .await
+                .expect("duplicate connection never closed")
+                .expect("watch");
+        }
+        assert_eq!((a.peers(), b.peers()), (vec![1], vec![0]));
+        // Both ends kept the connection dialled by the lower id.
+        assert_eq!(a.peer_info(1).expect("a knows b").dialled_by, 0);
+        assert_eq!(b.peer_info(0).expect("b knows a").dialled_by, 0);
+
+        // The kept connection works both ways, and each side saw exactly one PeerUp, no PeerDown.
+        let limits = Limits::default();
+        a.send(1, encode(&round, &[], &limits).expect("encode")).expect("send");
+        b.send(0, encode(&round, &[], &limits).expect("encode")).expect("send");
+        for (events, from) in [(&mut a_events, 1), (&mut b_events, 0)] {
+            let (frame, before) = wait_message(events, from).await;
+            assert_eq!(decode::<i32>(&frame, &limits).expect("decode").header, round);
+            let ups = before.iter().filter(|e| matches!(e, TransportEvent::PeerUp { .. })).count();
+            assert_eq!(ups, 1, "round {round}: {before:?}");
+            assert!(!before.iter().any(|e| matches!(e, TransportEvent::PeerDown { .. })), "{before:?}");
+            // A duplicate may be reported as rejected, never anything else.
+            for event in &before {
+                if let TransportEvent::Rejected { code, .. } = event {
+                    assert_eq!(*code, codes::DUPLICATE, "{event:?}");
+                }
+            }
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn connect_is_idempotent_and_reuses_the_live_connection() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (b, _b_events) = node(dir.path(), 1).await;
+    assert_eq!(a.connect(b.local_addr(), Some(1)).await.expect("first"), 1);
+    assert_eq!(a.connect(b.local_addr(), Some(1)).await.expect("again by id"), 1);
+    assert_eq!(a.connect(b.local_addr(), None).await.expect("again by address"), 1);
+    assert!(matches!(next_event(&mut a_events).await, TransportEvent::PeerUp { peer: 1, .. }));
+    assert_eq!(*a.watch_connections().borrow(), 1);
+    assert!(a_events.try_recv().is_err(), "a second PeerUp");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_checks_the_expected_node_id_against_the_certificate() {
+    init_tracing();
+    let dir = cluster(3);
+    let (a, _a_events) = node(dir.path(), 0).await;
+    let (b, mut b_events) = node(dir.path(), 1).await;
+    // b presents node-1's certificate; a expected node 2: TLS refuses the name.
+    let err = a.connect(b.local_addr(), Some(2)).await.expect_err("wrong node");
+    assert!(matches!(err, phalanx_transport::ConnectError::Handshake { .. }), "{err}");
+    assert!(a.peers().is_empty());
+    // b never admitted a: it saw the handshake aborted by the client.
+    let (_, before) = wait_rejected(&mut b_events, codes::HANDSHAKE_FAILED).await;
+    assert_only_admitted(&before, None);
+    assert!(matches!(
+        a.connect(a.local_addr(), Some(0)).await,
+        Err(phalanx_transport::ConnectError::SelfConnect { node: 0 })
+    ));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn send_refuses_unknown_peers_bad_frames_and_too_many_in_flight() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, _a_events) = node(dir.path(), 0).await;
+    let (b, _b_events) = node(dir.path(), 1).await;
+    let limits = Limits::default();
+    let frame = encode(&1u8, &[0.0; 1024], &limits).expect("encode");
+    assert!(matches!(a.send(1, frame.clone()), Err(SendError::NotConnected { peer: 1 })));
+    a.connect(b.local_addr(), Some(1)).await.expect("connect");
+
+    let mut lying = frame.clone();
+    lying.push(0);
+    assert!(matches!(a.send(1, lying), Err(SendError::LengthMismatch { .. })));
+    let mut foreign = frame.clone();
+    foreign[4] = 9; // version 9
+    assert!(matches!(a.send(1, foreign), Err(SendError::InvalidFrame { .. })));
+    assert!(matches!(a.send(1, vec![1, 2]), Err(SendError::LengthMismatch { .. })));
+
+    // On a current-thread runtime no write task runs until this test yields, so exactly
+    // max_inflight_sends_per_peer sends are accepted and the next one is refused.
+    for i in 0..phalanx_transport::DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER {
+        a.send(1, frame.clone()).unwrap_or_else(|err| panic!("send {i}: {err}"));
+    }
+    assert!(matches!(a.send(1, frame.clone()), Err(SendError::Busy { peer: 1, in_flight: 64 })));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn disconnect_reports_peer_down_on_both_sides_and_a_new_dial_brings_it_back() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (b, mut b_events) = node(dir.path(), 1).await;
+    a.connect(b.local_addr(), Some(1)).await.expect("connect");
+    wait_peer_up(&mut b_events, 0).await;
+    a.disconnect(1, 0x300, "rebalancing");
+    let (event, _) = wait_for(&mut b_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    let TransportEvent::PeerDown { reason, .. } = event else { unreachable!() };
+    assert!(reason.contains("0x300") && reason.contains("rebalancing"), "{reason}");
+    let (event, _) = wait_for(&mut a_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    assert!(matches!(event, TransportEvent::PeerDown { peer: 1, .. }));
+    assert_eq!(a.stats().rejected_total(), 0, "a disconnect is not a rejection");
+
+    assert_eq!(b.connect(a.local_addr(), Some(0)).await.expect("reconnect"), 0);
+    wait_peer_up(&mut a_events, 1).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_supersedes_its_old_connection() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (b_old, _b_old_events) = node(dir.path(), 1).await;
+    b_old.connect(a.local_addr(), Some(0)).await.expect("connect");
+    wait_peer_up(&mut a_events, 1).await;
+    let old_incarnation = a.peer_info(1).expect("b").incarnation;
+
+    // Node 1 "restarts": a new process (new incarnation) while the old connection is still up.
+    let (b_new, _b_new_events) = node(dir.path(), 1).await;
+    b_new.connect(a.local_addr(), Some(0)).await.expect("reconnect");
+    let (event, _) = wait_for(&mut a_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    let TransportEvent::PeerDown { peer: 1, reason } = event else { panic!("{event:?}") };
+    assert!(reason.contains("restarted"), "{reason}");
+    assert!(matches!(next_event(&mut a_events).await, TransportEvent::PeerUp { peer: 1, .. }));
+    let info = a.peer_info(1).expect("b");
+    assert_ne!(info.incarnation, old_incarnation);
+    assert_eq!(info.incarnation, b_new.incarnation());
+    assert_eq!(info.addr, b_new.local_addr());
+    a.shutdown().await;
+    b_old.shutdown().await;
+    b_new.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_every_handle_closes_the_endpoint() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (b, b_events) = node(dir.path(), 1).await;
+    b.connect(a.local_addr(), Some(0)).await.expect("connect");
+    wait_peer_up(&mut a_events, 1).await;
+    drop((b, b_events));
+    let (event, _) = wait_for(&mut a_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    assert!(matches!(event, TransportEvent::PeerDown { peer: 1, .. }));
+    let _: &Transport = &a;
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_falls_silent_is_reported_down_after_the_idle_timeout() {
+    init_tracing();
+    let dir = cluster(4);
+    let mut config = config(dir.path(), 0);
+    config.idle_timeout_ms = 500;
+    let (server, mut server_events) = Transport::bind(config).await.expect("bind");
+    let addr = server.local_addr();
+
+    // Node 3 runs on its own runtime, in its own thread; ending that runtime stops its QUIC
+    // stack dead, without a CONNECTION_CLOSE, as a SIGKILL or a cut cable would.
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    let (die_tx, die_rx) = std::sync::mpsc::channel::<()>();
+    let client_identity = identity(dir.path(), 3);
+    let peer = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("client runtime");
+        let conn = runtime.block_on(async move {
+            let (endpoint, conn) = RawClient::node(client_identity).connect(addr, 0).await.expect("connect");
+            good_raw_hello(&conn, 3).await;
+            (endpoint, conn)
+        });
+        up_tx.send(()).expect("test alive");
+        let _ = die_rx.recv();
+        runtime.shutdown_background();
+        drop(conn);
+    });
+    tokio::time::timeout(HANG_GUARD, up_rx).await.expect("hang").expect("client up");
+    wait_peer_up(&mut server_events, 3).await;
+    die_tx.send(()).expect("client alive");
+    peer.join().expect("client thread");
+
+    let (event, _) = wait_for(&mut server_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    let TransportEvent::PeerDown { peer: 3, reason } = event else { panic!("{event:?}") };
+    assert!(reason.contains("idle timeout") && reason.contains("500 ms"), "{reason}");
+    assert!(server.peers().is_empty());
+    server.shutdown().await;
+}
