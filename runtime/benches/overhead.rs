@@ -25,19 +25,23 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let epochs = if quick { 2 } else { 60 };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // (name, model, data, batch, hidden units): the overhead is per step, so
+    // it shrinks as the work per step grows; the rows show that trend.
     let cases = [
-        ("mlp/winequality", ModelKind::Mlp, DatasetSource::Winequality, 64),
-        ("mlp/winequality b256", ModelKind::Mlp, DatasetSource::Winequality, 256),
-        ("softmax/iris", ModelKind::Softmax, DatasetSource::Iris, 16),
+        ("mlp/winequality", ModelKind::Mlp, DatasetSource::Winequality, 64, 64),
+        ("mlp/winequality b256", ModelKind::Mlp, DatasetSource::Winequality, 256, 64),
+        ("mlp h256/winequality b256", ModelKind::Mlp, DatasetSource::Winequality, 256, 256),
+        ("softmax/iris", ModelKind::Softmax, DatasetSource::Iris, 16, 0),
     ];
     println!(
         "{:<22} {:>14} {:>14} {:>14} {:>10} {:>10}",
         "job", "plain s/s", "1 trainer s/s", "4 trainers s/s", "1t/plain", "4t/plain"
     );
-    for (name, model, dataset, batch) in cases {
+    for (name, model, dataset, batch, hidden) in cases {
         let base = JobConfig {
             model,
             dataset,
+            hidden: hidden.max(1),
             epochs: Some(epochs),
             batch_size: Some(batch),
             checkpoint_every: 0,
@@ -67,7 +71,7 @@ fn main() {
             rates.push(samples / median(times).as_secs_f64());
         }
         println!(
-            "{:<22} {:>14.0} {:>14.0} {:>14.0} {:>10.3} {:>10.3}",
+            "{:<26} {:>14.0} {:>14.0} {:>14.0} {:>10.3} {:>10.3}",
             name,
             rates[0],
             rates[1],
