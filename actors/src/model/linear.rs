@@ -41,21 +41,7 @@ impl Linear {
 }
 
 impl Model for Linear {
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    fn num_params(&self) -> usize {
-        self.layout.total
-    }
-
-    fn layout(&self) -> Vec<TensorInfo> {
-        self.layout.tensors.clone()
-    }
-
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.layout.init(seed)
-    }
+    layout_accessors!();
 
     fn loss_grad(
         &self,

@@ -54,6 +54,28 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// The [`Model`] methods every model answers from its `spec` and `layout`
+/// fields the same way; expanded inside each `impl Model`.
+macro_rules! layout_accessors {
+    () => {
+        fn spec(&self) -> &ModelSpec {
+            &self.spec
+        }
+
+        fn num_params(&self) -> usize {
+            self.layout.total
+        }
+
+        fn layout(&self) -> Vec<TensorInfo> {
+            self.layout.tensors.clone()
+        }
+
+        fn init_params(&self, seed: u64) -> Vec<f32> {
+            self.layout.init(seed)
+        }
+    };
+}
+
 mod linear;
 pub mod metrics;
 mod mlp;
