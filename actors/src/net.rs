@@ -35,6 +35,12 @@ pub enum JobMsg {
     Net(Msg),
     /// A restart backoff elapsed.
     RestartDue(ActorKey),
+    /// An actor asked of another node is running there.
+    RemoteStarted(ActorKey),
+    /// An actor on another node failed (or failed to start).
+    RemoteFailed(ActorKey, String),
+    /// A node was declared down: its actors are gone.
+    NodeLost(u32),
 }
 
 /// Delivers to actors of one job in this process, by registered name.

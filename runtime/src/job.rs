@@ -157,6 +157,40 @@ impl PreparedJob {
         }
     }
 
+    /// The job id every node of a cluster derives from the config hash, so
+    /// that their messages agree on which job they belong to.
+    pub fn cluster_job_id(&self) -> JobId {
+        let bytes = hex::decode(&self.config_hash[..16]).unwrap_or_default();
+        bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+    }
+
+    /// The shared context of this job's actors in this process.
+    pub fn context(
+        &self,
+        job: JobId,
+        store: CheckpointStore,
+        names: LocalNet,
+        net: Arc<dyn phalanx_actors::net::Net>,
+        cluster: Option<Arc<dyn phalanx_actors::actor::Cluster>>,
+    ) -> Arc<JobContext> {
+        Arc::new(JobContext {
+            job,
+            plan: self.plan(job),
+            model: self.model.clone(),
+            train: Arc::new(self.data.train.clone()),
+            partitions: self.partitions.clone(),
+            optimizer: self.optimizer,
+            init_seed: self.config.seed,
+            checkpoint_every: self.config.checkpoint_every,
+            store: Arc::new(store),
+            config_hash: self.config_hash.clone(),
+            faults: FaultPlan::new(self.config.fail.iter().copied()),
+            net,
+            names,
+            cluster,
+        })
+    }
+
     /// Start the job's actors, checkpointing into `checkpoint_dir`; with
     /// `resume`, continue from the newest complete checkpoint there.
     pub async fn spawn(&self, checkpoint_dir: &Path, resume: bool) -> Result<JobHandle, Error> {
@@ -171,22 +205,8 @@ impl PreparedJob {
             None
         };
         let names = LocalNet::new(format!("phalanx-{job:x}"), self.config.trainers);
-        let ctx = JobContext {
-            job,
-            plan: self.plan(job),
-            model: self.model.clone(),
-            train: Arc::new(self.data.train.clone()),
-            partitions: self.partitions.clone(),
-            optimizer: self.optimizer,
-            init_seed: self.config.seed,
-            checkpoint_every: self.config.checkpoint_every,
-            store: Arc::new(store),
-            config_hash: self.config_hash.clone(),
-            faults: FaultPlan::new(self.config.fail.iter().copied()),
-            net: Arc::new(names.clone()),
-            names,
-        };
-        spawn_job(Arc::new(ctx), restore).await.map_err(|e| Error::Spawn(e.to_string()))
+        let ctx = self.context(job, store, names.clone(), Arc::new(names), None);
+        spawn_job(ctx, restore).await.map_err(|e| Error::Spawn(e.to_string()))
     }
 
     /// Train with a plain loop — no actors, no messages — computing exactly

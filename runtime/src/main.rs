@@ -77,6 +77,12 @@ struct NodeArgs {
     /// Silence in ms after which a member counts as down.
     #[arg(long)]
     failure_timeout_ms: Option<u64>,
+    /// A job file (TOML, as `phalanx train --config`) the cluster trains; give every node the same one.
+    #[arg(long)]
+    job: Option<PathBuf>,
+    /// Where the coordinator writes summary.json and model.safetensors.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -98,6 +104,8 @@ impl NodeArgs {
                     nodes: None,
                     data_dir: None,
                     detector: Default::default(),
+                    job: None,
+                    out: None,
                 }
             }
         };
@@ -118,6 +126,12 @@ impl NodeArgs {
         }
         if self.data_dir.is_some() {
             c.data_dir = self.data_dir;
+        }
+        if self.job.is_some() {
+            c.job = self.job;
+        }
+        if self.out.is_some() {
+            c.out = self.out;
         }
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;

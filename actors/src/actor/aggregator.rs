@@ -98,6 +98,9 @@ impl AggregatorState {
             .save(&ckpt)
             .map_err(|e| format!("aggregator {}: checkpoint of step {step}: {e}", self.key.index))?;
         tracing::debug!(range = self.key.index, step, path = %path.display(), "checkpoint saved");
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.replicate(&path);
+        }
         if let Err(e) = self.ctx.store.prune(&self.ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
             tracing::warn!(range = self.key.index, "pruning old checkpoints failed: {e}");
         }

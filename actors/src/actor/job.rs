@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use tokio::sync::{oneshot, watch};
 
-use super::{AggregatorActor, JobContext, ShardActor, TrainerActor};
+use super::{spawn_actor, JobContext};
 use crate::net::JobMsg;
 use crate::protocol::{ActorKey, FaultRecord, JobCommand, JobCore, JobError, Ledger, Msg, Role};
 
@@ -81,11 +81,19 @@ impl JobHandle {
 /// Start a job: spawns the supervisor, which spawns every actor.
 /// `restore` resumes from a checkpointed step.
 pub async fn spawn_job(ctx: Arc<JobContext>, restore: Option<u64>) -> Result<JobHandle, SpawnErr> {
+    spawn_job_at(ctx, restore, 0).await
+}
+
+/// Like [`spawn_job`], with every generation of this supervisor at or above
+/// `generation`: a supervisor taking over on another node starts above
+/// anything its predecessor issued, so the predecessor's messages are fenced.
+pub async fn spawn_job_at(ctx: Arc<JobContext>, restore: Option<u64>, generation: u64) -> Result<JobHandle, SpawnErr> {
     let (tx, rx) = oneshot::channel();
     let total_steps = ctx.plan.schedule.total_steps();
     let (ptx, prx) = watch::channel(Progress { step: restore.unwrap_or(0), total_steps, ..Progress::default() });
     let name = ctx.names.job_name();
-    let (actor, _) = Actor::spawn(Some(name), JobActor, JobArgs { ctx, restore, outcome: tx, progress: ptx }).await?;
+    let (actor, _) =
+        Actor::spawn(Some(name), JobActor, JobArgs { ctx, restore, generation, outcome: tx, progress: ptx }).await?;
     Ok(JobHandle { progress: prx, outcome: rx, actor })
 }
 
@@ -96,6 +104,7 @@ pub struct JobActor;
 pub struct JobArgs {
     ctx: Arc<JobContext>,
     restore: Option<u64>,
+    generation: u64,
     outcome: oneshot::Sender<Result<JobOutcome, JobError>>,
     progress: watch::Sender<Progress>,
 }
@@ -109,6 +118,8 @@ pub struct JobState {
     progress: watch::Sender<Progress>,
     samples: u64,
     stopping: bool,
+    /// Actors spawned on other nodes, and where.
+    remote: BTreeMap<ActorKey, u32>,
 }
 
 impl JobState {
@@ -117,7 +128,16 @@ impl JobState {
         while let Some(cmd) = queue.pop_front() {
             match cmd {
                 JobCommand::Spawn { key, generation, restore } => {
-                    match self.spawn(myself.get_cell(), key, generation, restore).await {
+                    if let Some(node) = self.ctx.cluster.as_ref().and_then(|c| c.remote_host(key)) {
+                        // Started or failed: the host node answers with a JobMsg.
+                        self.remote.insert(key, node);
+                        if let Some(c) = &self.ctx.cluster {
+                            c.spawn_remote(node, key, generation, restore);
+                        }
+                        continue;
+                    }
+                    self.remote.remove(&key);
+                    match spawn_actor(&self.ctx, myself.get_cell(), key, generation, restore).await {
                         Ok(cell) => {
                             self.children.insert(cell.get_id(), key);
                             queue.extend(self.core.on_child_started(key));
@@ -168,27 +188,6 @@ impl JobState {
         }
     }
 
-    async fn spawn(
-        &self,
-        sup: ActorCell,
-        key: ActorKey,
-        generation: u64,
-        restore: Option<u64>,
-    ) -> Result<ActorCell, SpawnErr> {
-        let name = Some(self.ctx.names.name_of(key));
-        let ctx = self.ctx.clone();
-        Ok(match key.role {
-            Role::Shard => Actor::spawn_linked(name, ShardActor, (ctx, key.index), sup).await?.0.get_cell(),
-            Role::Trainer => {
-                Actor::spawn_linked(name, TrainerActor, (ctx, key.index, generation), sup).await?.0.get_cell()
-            }
-            Role::Aggregator => Actor::spawn_linked(name, AggregatorActor, (ctx, key.index, generation, restore), sup)
-                .await?
-                .0
-                .get_cell(),
-        })
-    }
-
     fn stop(&mut self, myself: &ActorRef<JobMsg>, result: Result<JobOutcome, JobError>) {
         self.stopping = true;
         if let Some(tx) = self.outcome.take() {
@@ -205,7 +204,7 @@ impl Actor for JobActor {
     type Arguments = JobArgs;
 
     async fn pre_start(&self, _myself: ActorRef<JobMsg>, args: JobArgs) -> Result<JobState, ActorProcessingErr> {
-        let mut core = JobCore::new(args.ctx.plan.clone(), Instant::now());
+        let mut core = JobCore::new(args.ctx.plan.clone(), Instant::now()).with_generation(args.generation);
         if let Some(step) = args.restore {
             core = core.with_start_step(step);
         }
@@ -217,6 +216,7 @@ impl Actor for JobActor {
             progress: args.progress,
             samples: 0,
             stopping: false,
+            remote: BTreeMap::new(),
         })
     }
 
@@ -262,6 +262,23 @@ impl Actor for JobActor {
                 state.core.on_finished(range, generation, offset, values, ledger)
             }
             JobMsg::Net(Msg::CheckpointSaved { .. }) => Vec::new(),
+            JobMsg::RemoteStarted(key) => state.core.on_child_started(key),
+            JobMsg::RemoteFailed(key, reason) => {
+                if state.remote.remove(&key).is_none() {
+                    return Ok(()); // not (or no longer) running remotely: a stale report
+                }
+                tracing::warn!(actor = %key, "remote actor failed: {reason}");
+                state.core.on_child_failed(key, reason, now)
+            }
+            JobMsg::NodeLost(node) => {
+                let lost: Vec<ActorKey> = state.remote.iter().filter(|(_, n)| **n == node).map(|(k, _)| *k).collect();
+                let mut cmds = Vec::new();
+                for key in lost {
+                    state.remote.remove(&key);
+                    cmds.extend(state.core.on_child_failed(key, format!("node {node} lost"), now));
+                }
+                cmds
+            }
             JobMsg::Net(other) => {
                 tracing::warn!(kind = other.kind(), "unexpected message at the job supervisor dropped");
                 Vec::new()

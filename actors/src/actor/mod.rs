@@ -21,7 +21,11 @@ mod shard;
 mod trainer;
 
 pub use aggregator::AggregatorActor;
-pub use job::{spawn_job, JobActor, JobArgs, JobHandle, JobOutcome, JobRunError, JobState, Progress};
+pub use job::{spawn_job, spawn_job_at, JobActor, JobArgs, JobHandle, JobOutcome, JobRunError, JobState, Progress};
+
+use ractor::{Actor, ActorCell, SpawnErr};
+
+use crate::protocol::{ActorKey, Role};
 pub use shard::ShardActor;
 pub use trainer::TrainerActor;
 
@@ -63,4 +67,45 @@ pub struct JobContext {
     pub net: Arc<dyn Net>,
     /// Registry names of the job's actors.
     pub names: crate::net::LocalNet,
+    /// When the job spans several nodes: where actors live and how to reach
+    /// other nodes. `None` runs everything in this process.
+    pub cluster: Option<Arc<dyn Cluster>>,
+}
+
+/// What the supervisor needs from a multi-node runtime. Implemented by the
+/// `phalanx` crate over its QUIC transport; the actors never see quinn.
+pub trait Cluster: Send + Sync + 'static {
+    /// The node that should host `key` now, or `None` for this node.
+    fn remote_host(&self, key: ActorKey) -> Option<u32>;
+    /// Ask `node` to spawn `key`; it answers with `JobMsg::RemoteStarted`
+    /// or `JobMsg::RemoteFailed`, and reports later failures the same way.
+    fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>);
+    /// A checkpoint file was written: copy it to another node so that the
+    /// aggregators can be restored if this node dies.
+    fn replicate(&self, path: &std::path::Path);
+}
+
+/// Spawn one actor of a job in this process, linked to `supervisor`, under
+/// its registry name. Shared by the job supervisor and by node hosts.
+pub async fn spawn_actor(
+    ctx: &Arc<JobContext>,
+    supervisor: ActorCell,
+    key: ActorKey,
+    generation: u64,
+    restore: Option<u64>,
+) -> Result<ActorCell, SpawnErr> {
+    let name = Some(ctx.names.name_of(key));
+    let ctx = ctx.clone();
+    Ok(match key.role {
+        Role::Shard => Actor::spawn_linked(name, ShardActor, (ctx, key.index), supervisor).await?.0.get_cell(),
+        Role::Trainer => {
+            Actor::spawn_linked(name, TrainerActor, (ctx, key.index, generation), supervisor).await?.0.get_cell()
+        }
+        Role::Aggregator => {
+            Actor::spawn_linked(name, AggregatorActor, (ctx, key.index, generation, restore), supervisor)
+                .await?
+                .0
+                .get_cell()
+        }
+    })
 }

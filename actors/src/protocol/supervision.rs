@@ -251,6 +251,13 @@ impl JobCore {
         }
     }
 
+    /// Start at generation `generation` instead of 0 (a supervisor taking
+    /// over from one on another node).
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
+    }
+
     /// Resume at a checkpointed step instead of 0.
     pub fn with_start_step(mut self, step: u64) -> Self {
         self.range_steps.iter_mut().for_each(|s| *s = step);

@@ -7,3 +7,5 @@
 pub mod membership;
 pub mod node;
 pub mod placement;
+pub mod runner;
+pub mod wire;

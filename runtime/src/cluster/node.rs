@@ -23,8 +23,20 @@ use phalanx_transport::{Limits, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::membership::{DetectorConfig, Membership, MembershipCommand, MembershipMsg};
+use std::sync::Arc;
+
+use phalanx_actors::actor::{spawn_job_at, JobContext};
+use phalanx_actors::checkpoint::CheckpointStore;
+use phalanx_actors::net::{JobMsg, LocalNet, Net};
+use ractor::{Actor, ActorRef};
+use tokio::sync::{mpsc, watch};
+
+use super::membership::{DetectorConfig, Membership, MembershipCommand};
+use super::placement::Placement;
+use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing};
+use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
+use crate::job::PreparedJob;
 
 /// How often the node loop advances the membership clock.
 const TICK_MS: u64 = 20;
@@ -53,6 +65,12 @@ pub struct NodeConfig {
     /// Failure-detector settings.
     #[serde(default)]
     pub detector: DetectorConfig,
+    /// The training job this cluster runs (every node gets the same file).
+    #[serde(default)]
+    pub job: Option<PathBuf>,
+    /// Where the coordinator writes summary.json and model.safetensors.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -82,13 +100,6 @@ impl NodeConfig {
     }
 }
 
-/// What nodes say to each other.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum NodeMsg {
-    /// Membership: heartbeats and views.
-    Membership(MembershipMsg),
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -103,12 +114,250 @@ fn emit(node: u32, event: &str, mut fields: serde_json::Value) {
     println!("{fields}");
 }
 
+/// The job side of a node: the prepared job, the host of placed actors,
+/// routing, and (on the coordinator) the running supervisor.
+struct NodeJob {
+    prepared: Arc<PreparedJob>,
+    host_ctx: Arc<JobContext>,
+    host: ActorRef<HostMsg>,
+    routing: Routing,
+    routes: watch::Sender<Routes>,
+    names: LocalNet,
+    checkpoints: PathBuf,
+    out: Option<PathBuf>,
+    members: Vec<u32>,
+    coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
+    done: bool,
+}
+
+impl NodeJob {
+    async fn start(config: &NodeConfig, out_tx: mpsc::UnboundedSender<Outbound>) -> Result<Option<Self>, Error> {
+        let Some(path) = &config.job else { return Ok(None) };
+        let job = crate::JobConfig::from_toml_file(path)?;
+        let prepared = Arc::new(PreparedJob::new(job)?);
+        let data_dir = config
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("phalanx-node-{}-{}", config.id, std::process::id())));
+        let checkpoints = data_dir.join("checkpoints");
+        let (routes, routes_rx) = watch::channel(Routes::default());
+        let routing = Routing {
+            me: config.id,
+            routes: routes_rx,
+            out: out_tx,
+            limits: Limits::default(),
+            trainers: prepared.config.trainers,
+        };
+        let names = LocalNet::new(format!("phalanx-node{}", config.id), prepared.config.trainers);
+        let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
+        let store = CheckpointStore::open(&checkpoints)?;
+        let host_ctx = prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None);
+        let (host, _) = Actor::spawn(None, HostActor, (host_ctx.clone(), routing.clone()))
+            .await
+            .map_err(|e| Error::Spawn(e.to_string()))?;
+        Ok(Some(Self {
+            prepared,
+            host_ctx,
+            host,
+            routing,
+            routes,
+            names,
+            checkpoints,
+            out: config.out.clone(),
+            members: (0..config.members()).collect(),
+            coordinator: None,
+            done: false,
+        }))
+    }
+
+    fn on_view(&mut self, view: &super::membership::View) {
+        let plan = self.host_ctx.plan.clone();
+        let placement = Placement::compute(
+            view.epoch,
+            &view.members,
+            self.members.len() as u32,
+            plan.trainers,
+            &plan.assignment,
+            plan.ranges.len() as u32,
+        );
+        let previous = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
+        let changed = previous != Some(view.coordinator);
+        self.routes.send_modify(|r| {
+            r.placement = placement;
+            // Locations come from the coordinator; an old coordinator's are void,
+            // but a new one's may already have arrived (they are tagged by sender).
+            if changed && r.locations_from != Some(view.coordinator) {
+                r.locations.clear();
+            }
+        });
+        if changed {
+            // A new coordinator respawns every actor; what an old one placed here goes.
+            let _ = self.host.send_message(HostMsg::CoordinatorIs(view.coordinator));
+        }
+        let me = self.routing.me;
+        if view.coordinator != me {
+            if let Some((_, task)) = self.coordinator.take() {
+                task.abort();
+                if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
+                    job.stop_children(None);
+                    job.stop(None);
+                }
+            }
+        } else if self.coordinator.is_none() && !self.done && self.may_start(view) {
+            self.start_coordinator(view.epoch);
+        }
+    }
+
+    /// A fresh job waits for every configured member, so the first placement
+    /// spreads the work; a takeover (this node holds checkpoint copies) goes
+    /// ahead with the quorum it has.
+    fn may_start(&self, view: &super::membership::View) -> bool {
+        if view.members.len() == self.members.len() {
+            return true;
+        }
+        let total = self.prepared.model.num_params();
+        CheckpointStore::open(&self.checkpoints)
+            .and_then(|s| s.newest_complete(&self.prepared.config_hash, total))
+            .is_ok_and(|step| step.is_some())
+    }
+
+    fn start_coordinator(&mut self, epoch: u64) {
+        let me = self.routing.me;
+        let prepared = self.prepared.clone();
+        let routing = self.routing.clone();
+        let names = self.names.clone();
+        let members = self.members.clone();
+        let checkpoints = self.checkpoints.clone();
+        let out = self.out.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = coordinate(prepared, routing, names, members, checkpoints, out, epoch).await {
+                tracing::error!(node = me, "coordinator: {e}");
+                emit(me, "job_failed", json!({ "error": e.to_string() }));
+            }
+        });
+        self.coordinator = Some((epoch, task));
+    }
+
+    fn stop_all(&mut self) {
+        let _ = self.host.send_message(HostMsg::StopAll);
+        if let Some((_, task)) = self.coordinator.take() {
+            task.abort();
+            if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
+                job.stop_children(None);
+                job.stop(None);
+            }
+        }
+    }
+
+    /// A frame from `peer` (or from this node's own queue).
+    fn on_inbound(&mut self, peer: u32, inbound: Inbound) {
+        match inbound {
+            Inbound::Deliver(to, msg) => self.names.send(to, msg),
+            Inbound::Checkpoint(name, bytes) => self.store_copy(peer, &name, &bytes),
+            Inbound::Control(NodeMsg::Spawn { key, generation, restore }) => {
+                let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore });
+            }
+            Inbound::Control(NodeMsg::Started { key }) => to_job(&self.names, JobMsg::RemoteStarted(key)),
+            Inbound::Control(NodeMsg::Failed { key, reason }) => to_job(&self.names, JobMsg::RemoteFailed(key, reason)),
+            Inbound::Control(NodeMsg::Locations(map)) => self.routes.send_modify(|r| {
+                r.locations = map;
+                r.locations_from = Some(peer);
+            }),
+            Inbound::Control(NodeMsg::JobDone { summary, model_sha256 }) => {
+                self.done = true;
+                let _ = self.host.send_message(HostMsg::StopAll);
+                emit(
+                    self.routing.me,
+                    "job_done",
+                    json!({ "summary": summary, "model_sha256": model_sha256, "from": peer }),
+                );
+            }
+            Inbound::Control(NodeMsg::Membership(_) | NodeMsg::Deliver { .. } | NodeMsg::CheckpointCopy { .. }) => {}
+        }
+    }
+
+    /// Keep a checkpoint copy from the coordinator, verified before it counts.
+    fn store_copy(&self, peer: u32, name: &str, bytes: &[u8]) {
+        let me = self.routing.me;
+        if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
+            tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
+            return;
+        }
+        let path = self.checkpoints.join(name);
+        if let Err(e) = crate::output::write_atomic(&path, bytes) {
+            tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
+            return;
+        }
+        if let Err(e) = CheckpointStore::read_file(&path) {
+            tracing::warn!(node = me, peer, "checkpoint copy {name} is bad ({e}); deleted");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Run the job's supervisor on this node (the coordinator) until the job ends.
+async fn coordinate(
+    prepared: Arc<PreparedJob>,
+    routing: Routing,
+    names: LocalNet,
+    members: Vec<u32>,
+    checkpoints: PathBuf,
+    out: Option<PathBuf>,
+    epoch: u64,
+) -> Result<(), Error> {
+    let me = routing.me;
+    let store = CheckpointStore::open(&checkpoints)?;
+    let restore = store.newest_complete(&prepared.config_hash, prepared.model.num_params())?;
+    let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone()));
+    let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
+    let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
+    tracing::info!(node = me, epoch, ?restore, "coordinating the job");
+    emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore }));
+    let started = Instant::now();
+    // Generations of this supervisor start above any a predecessor issued.
+    let handle = spawn_job_at(ctx, restore, epoch << 32).await.map_err(|e| Error::Spawn(e.to_string()))?;
+    let mut progress = handle.progress.clone();
+    let finish = handle.finish();
+    tokio::pin!(finish);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut finish => break r?,
+            changed = progress.changed() => match changed {
+                Ok(()) => {
+                    let p = progress.borrow_and_update().clone();
+                    emit(me, "step", json!({ "step": p.step, "total_steps": p.total_steps, "loss": p.loss }));
+                }
+                Err(_) => break (&mut finish).await?,
+            },
+        }
+    };
+    let evaluation = prepared.evaluate(&outcome.params)?;
+    let report = crate::TrainReport { outcome, evaluation, duration: started.elapsed() };
+    let model_sha256 = crate::params_sha256(&report.outcome.params);
+    let summary = match &out {
+        Some(dir) => {
+            crate::write_outputs(dir, &prepared, &report)?;
+            Some(dir.join("summary.json").to_string_lossy().into_owned())
+        }
+        None => None,
+    };
+    let done = NodeMsg::JobDone { summary, model_sha256 };
+    if let Ok(frame) = super::wire::encode(&done, &routing.limits) {
+        for m in members {
+            let _ = routing.out.send((m, frame.clone()));
+        }
+    }
+    Ok(())
+}
+
 /// Run a node until `shutdown` resolves.
 pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
     config.validate()?;
     let identity = NodeIdentity::load(&config.certs, config.id)
         .map_err(|e| Error::Field { field: "certs".into(), reason: e.to_string() })?;
     let limits = Limits::default();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let mut job = NodeJob::start(&config, out_tx).await?;
     let (transport, mut events) = Transport::bind(TransportConfig::new(identity, config.listen))
         .await
         .map_err(|e| Error::Field { field: "listen".into(), reason: format!("{}: {e}", config.listen) })?;
@@ -121,7 +370,7 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
     let mut membership = Membership::new(me, 0..config.members(), config.detector);
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
     let mut connected_addrs: BTreeMap<u32, SocketAddr> = BTreeMap::new();
-    let (dial_tx, mut dial_rx) = tokio::sync::mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
+    let (dial_tx, mut dial_rx) = mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
     let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -145,6 +394,16 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                     }
                 }
                 membership.on_tick(now)
+            }
+            Some((node, frame)) = out_rx.recv() => {
+                if node == me {
+                    if let (Some(job), Ok(inbound)) = (job.as_mut(), wire::decode(&frame[4..], &limits)) {
+                        job.on_inbound(me, inbound);
+                    }
+                } else if let Err(e) = transport.send(node, frame) {
+                    tracing::debug!(node = me, to = node, "frame not sent: {e}");
+                }
+                Vec::new()
             }
             Some((seed, result)) = dial_rx.recv() => {
                 match result {
@@ -170,18 +429,24 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                     emit(me, "peer_down", json!({ "peer": peer, "reason": reason }));
                     Vec::new()
                 }
-                Some(TransportEvent::Message { peer, frame }) => {
-                    match phalanx_transport::decode::<NodeMsg>(&frame, &limits) {
-                        Ok(f) => match f.header {
-                            NodeMsg::Membership(m) => membership.on_message(peer, m, Instant::now()),
-                        },
-                        Err(e) => {
-                            tracing::warn!(node = me, peer, "closing the connection of node {peer}: bad frame: {e}");
-                            transport.reject(peer, e.reason_code(), &e.to_string());
-                            Vec::new()
+                Some(TransportEvent::Message { peer, frame }) => match wire::decode(&frame, &limits) {
+                    Ok(Inbound::Control(NodeMsg::Membership(m))) => membership.on_message(peer, m, Instant::now()),
+                    Ok(inbound) => {
+                        if let Some(job) = job.as_mut() {
+                            job.on_inbound(peer, inbound);
                         }
+                        Vec::new()
                     }
-                }
+                    Err(e) => {
+                        let code = match &e {
+                            InboundError::Decode(d) => d.reason_code(),
+                            InboundError::TensorMismatch { .. } => wire::TENSOR_MISMATCH_CODE,
+                        };
+                        tracing::warn!(node = me, peer, "closing the connection of node {peer}: bad frame: {e}");
+                        transport.reject(peer, code, &e.to_string());
+                        Vec::new()
+                    }
+                },
                 Some(TransportEvent::Rejected { addr, peer, code, reason }) => {
                     tracing::warn!(node = me, %addr, ?peer, code, "rejected connection: {reason}");
                     emit(me, "rejected", json!({ "addr": addr.to_string(), "peer": peer, "code": code, "reason": reason }));
@@ -192,7 +457,7 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
         for cmd in cmds {
             match cmd {
                 MembershipCommand::Send(to, msg) => {
-                    if let Ok(frame) = phalanx_transport::encode(&NodeMsg::Membership(msg), &[], &limits) {
+                    if let Ok(frame) = wire::encode(&NodeMsg::Membership(msg), &limits) {
                         // A peer without a connection simply misses a heartbeat.
                         let _ = transport.send(to, frame);
                     }
@@ -200,6 +465,9 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                 MembershipCommand::Down(peer) => {
                     tracing::warn!(node = me, peer, "node {peer} is down (no heartbeat)");
                     emit(me, "down", json!({ "peer": peer }));
+                    if let Some(job) = job.as_ref() {
+                        to_job(&job.names, JobMsg::NodeLost(peer));
+                    }
                 }
                 MembershipCommand::Adopted(view) => {
                     tracing::info!(
@@ -214,13 +482,22 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                         "view",
                         json!({ "epoch": view.epoch, "coordinator": view.coordinator, "members": view.members }),
                     );
+                    if let Some(job) = job.as_mut() {
+                        job.on_view(&view);
+                    }
                 }
                 MembershipCommand::QuorumLost => {
                     tracing::warn!(node = me, "no majority of the cluster is reachable: waiting");
                     emit(me, "quorum_lost", json!({}));
+                    if let Some(job) = job.as_mut() {
+                        job.stop_all();
+                    }
                 }
             }
         }
+    }
+    if let Some(job) = job.as_mut() {
+        job.stop_all();
     }
     transport.shutdown().await;
     emit(me, "stopped", json!({}));

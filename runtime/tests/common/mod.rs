@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::time::Duration;
 
 use phalanx::{JobConfig, PreparedJob, TrainReport};

@@ -1,0 +1,313 @@
+//! A job spread over nodes: routing protocol messages to where actors live,
+//! hosting actors the coordinator asks for, and the hooks the coordinator's
+//! supervisor uses to place, spawn and replicate.
+//!
+//! ```text
+//!  coordinator node                                    other node
+//!  JobActor ──Spawn{key}──▶ node loop ══QUIC══▶ node loop ──▶ HostActor ──spawn──▶ trainer/shard
+//!      ▲                                                          │ failure / started
+//!      └──── RemoteFailed / RemoteStarted ◀══════════════════════ ┘
+//!  actors ──ClusterNet::send(Addr)──▶ local registry, or ══Deliver══▶ the node in `locations`
+//! ```
+//!
+//! Where an actor runs is decided once, when the coordinator spawns it (from
+//! the placement of the current view), and broadcast as a location map;
+//! routing follows that map, so actors stay put until they fail.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use phalanx_actors::actor::{spawn_actor, Cluster, JobContext};
+use phalanx_actors::net::{JobMsg, LocalNet, Net};
+use phalanx_actors::protocol::{ActorKey, Addr, Msg};
+use phalanx_transport::Limits;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::{mpsc, watch};
+
+use super::placement::Placement;
+use super::wire::{self, NodeMsg};
+
+/// A frame for a node, queued for the node loop to send.
+pub type Outbound = (u32, Vec<u8>);
+
+/// What routing needs to know, published by the node loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// The current placement (from the adopted view).
+    pub placement: Option<Placement>,
+    /// Where each spawned actor actually runs (from the coordinator).
+    pub locations: BTreeMap<ActorKey, u32>,
+    /// The coordinator that sent `locations`.
+    pub locations_from: Option<u32>,
+}
+
+/// Shared by [`ClusterNet`] and [`ClusterHooks`]: who we are, where things
+/// are, and the queue to the node loop. Read-only for actors.
+#[derive(Clone)]
+pub struct Routing {
+    /// This node.
+    pub me: u32,
+    /// Latest routes.
+    pub routes: watch::Receiver<Routes>,
+    /// Frames for other nodes.
+    pub out: mpsc::UnboundedSender<Outbound>,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Trainers in the job.
+    pub trainers: u32,
+}
+
+impl Routing {
+    fn send_frame(&self, node: u32, frame: Vec<u8>) {
+        // The node loop outlives every actor; a send error means shutdown.
+        let _ = self.out.send((node, frame));
+    }
+
+    fn node_for(&self, to: Addr) -> Option<u32> {
+        let routes = self.routes.borrow();
+        let coordinator = routes.placement.as_ref().map(|p| p.coordinator);
+        let key = match to {
+            Addr::Shard(p) => ActorKey::shard(p),
+            Addr::Trainer(i) => ActorKey::trainer(i),
+            Addr::Aggregator(r) => ActorKey::aggregator(r),
+            Addr::Job | Addr::AllTrainers => return coordinator,
+        };
+        routes.locations.get(&key).copied().or_else(|| routes.placement.as_ref().and_then(|p| p.node_of(key)))
+    }
+}
+
+/// A [`Net`] across nodes: local actors by registry name, others over QUIC.
+pub struct ClusterNet {
+    local: LocalNet,
+    routing: Routing,
+}
+
+impl ClusterNet {
+    /// A net delivering locally through `local`, remotely through `routing`.
+    pub fn new(local: LocalNet, routing: Routing) -> Self {
+        Self { local, routing }
+    }
+}
+
+fn local_name(local: &LocalNet, to: Addr) -> Option<String> {
+    Some(match to {
+        Addr::Shard(p) => local.name_of(ActorKey::shard(p)),
+        Addr::Trainer(i) => local.name_of(ActorKey::trainer(i)),
+        Addr::Aggregator(r) => local.name_of(ActorKey::aggregator(r)),
+        Addr::Job => local.job_name(),
+        Addr::AllTrainers => return None,
+    })
+}
+
+impl Net for ClusterNet {
+    fn send(&self, to: Addr, msg: Msg) {
+        if let Addr::AllTrainers = to {
+            for i in 0..self.routing.trainers {
+                self.send(Addr::Trainer(i), msg.clone());
+            }
+            return;
+        }
+        let here = local_name(&self.local, to).is_some_and(|n| ractor::registry::where_is(n).is_some());
+        if here {
+            self.local.send(to, msg);
+            return;
+        }
+        match self.routing.node_for(to) {
+            Some(node) if node != self.routing.me => match wire::encode_deliver(to, msg, &self.routing.limits) {
+                Ok(frame) => self.routing.send_frame(node, frame),
+                Err(e) => tracing::warn!(?to, "cannot encode a message for node {node}: {e}"),
+            },
+            _ => tracing::debug!(?to, "no live actor for this address; message dropped"),
+        }
+    }
+}
+
+/// The coordinator supervisor's view of the cluster (see [`Cluster`]).
+pub struct ClusterHooks {
+    routing: Routing,
+    /// The coordinator's own record of locations, broadcast on change.
+    locations: std::sync::Mutex<BTreeMap<ActorKey, u32>>,
+    members: Vec<u32>,
+}
+
+impl ClusterHooks {
+    /// Hooks for the coordinator `routing.me` of a cluster of `members`.
+    pub fn new(routing: Routing, members: Vec<u32>) -> Self {
+        Self { routing, locations: Default::default(), members }
+    }
+
+    fn record(&self, key: ActorKey, node: u32) {
+        let map = {
+            let mut locations = self.locations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            locations.insert(key, node);
+            locations.clone()
+        };
+        // Every member, this node included (the node loop applies its own copy).
+        if let Ok(frame) = wire::encode(&NodeMsg::Locations(map), &self.routing.limits) {
+            for &m in &self.members {
+                self.routing.send_frame(m, frame.clone());
+            }
+        }
+    }
+}
+
+impl Cluster for ClusterHooks {
+    fn remote_host(&self, key: ActorKey) -> Option<u32> {
+        let node =
+            self.routing.routes.borrow().placement.as_ref().and_then(|p| p.node_of(key)).unwrap_or(self.routing.me);
+        self.record(key, node);
+        (node != self.routing.me).then_some(node)
+    }
+
+    fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>) {
+        if let Ok(frame) = wire::encode(&NodeMsg::Spawn { key, generation, restore }, &self.routing.limits) {
+            self.routing.send_frame(node, frame);
+        }
+    }
+
+    fn replicate(&self, path: &std::path::Path) {
+        let replica = self.routing.routes.borrow().placement.as_ref().and_then(|p| p.replica);
+        let Some(replica) = replica.filter(|r| *r != self.routing.me) else { return };
+        let (Some(name), Ok(bytes)) = (path.file_name().and_then(|n| n.to_str()), std::fs::read(path)) else {
+            tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it");
+            return;
+        };
+        match wire::encode_checkpoint(name, &bytes, &self.routing.limits) {
+            Ok(frame) => self.routing.send_frame(replica, frame),
+            Err(e) => tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
+        }
+    }
+}
+
+/// Messages of a [`HostActor`].
+#[derive(Debug)]
+pub enum HostMsg {
+    /// Spawn an actor here for coordinator `from`.
+    Spawn {
+        /// The coordinator asking.
+        from: u32,
+        /// The actor.
+        key: ActorKey,
+        /// Its generation.
+        generation: u64,
+        /// Aggregators: the checkpoint to restore.
+        restore: Option<u64>,
+    },
+    /// Stop every hosted actor (quorum lost, or the job ended).
+    StopAll,
+    /// `coordinator` coordinates now: stop what any other coordinator asked
+    /// for (the new one respawns everything it needs).
+    CoordinatorIs(u32),
+}
+
+/// Hosts the actors the coordinator places on this node and reports their
+/// failures back to it.
+pub struct HostActor;
+
+/// State of a [`HostActor`].
+pub struct HostState {
+    ctx: Arc<JobContext>,
+    routing: Routing,
+    children: HashMap<ActorId, (ActorKey, u32)>,
+    stopping: HashSet<ActorId>,
+}
+
+impl HostState {
+    fn report(&self, coordinator: u32, msg: NodeMsg) {
+        if let Ok(frame) = wire::encode(&msg, &self.routing.limits) {
+            self.routing.send_frame(coordinator, frame);
+        }
+    }
+}
+
+impl Actor for HostActor {
+    type Msg = HostMsg;
+    type State = HostState;
+    type Arguments = (Arc<JobContext>, Routing);
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<HostMsg>,
+        (ctx, routing): Self::Arguments,
+    ) -> Result<HostState, ActorProcessingErr> {
+        Ok(HostState { ctx, routing, children: HashMap::new(), stopping: HashSet::new() })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<HostMsg>,
+        msg: HostMsg,
+        state: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HostMsg::Spawn { from, key, generation, restore } => {
+                // A previous incarnation of the same actor here is replaced.
+                let old: Vec<ActorId> =
+                    state.children.iter().filter(|(_, (k, _))| *k == key).map(|(id, _)| *id).collect();
+                for id in old {
+                    if let Some(cell) = myself.get_children().into_iter().find(|c| c.get_id() == id) {
+                        state.stopping.insert(id);
+                        let _ = cell.stop_and_wait(None, None).await;
+                    }
+                    state.children.remove(&id);
+                }
+                match spawn_actor(&state.ctx, myself.get_cell(), key, generation, restore).await {
+                    Ok(cell) => {
+                        state.children.insert(cell.get_id(), (key, from));
+                        state.report(from, NodeMsg::Started { key });
+                    }
+                    Err(e) => state.report(from, NodeMsg::Failed { key, reason: format!("failed to start: {e}") }),
+                }
+            }
+            HostMsg::StopAll => {
+                for cell in myself.get_children() {
+                    state.stopping.insert(cell.get_id());
+                    cell.stop(Some("stopped by the node".into()));
+                }
+                state.children.clear();
+            }
+            HostMsg::CoordinatorIs(coordinator) => {
+                // Spawn requests and views travel separately, so a request of the
+                // new coordinator may arrive before its view: keep those.
+                let stale: Vec<ActorId> =
+                    state.children.iter().filter(|(_, (_, from))| *from != coordinator).map(|(id, _)| *id).collect();
+                for cell in myself.get_children().into_iter().filter(|c| stale.contains(&c.get_id())) {
+                    state.stopping.insert(cell.get_id());
+                    cell.stop(Some("coordinator changed".into()));
+                }
+                state.children.retain(|id, _| !stale.contains(id));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<HostMsg>,
+        evt: SupervisionEvent,
+        state: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, format!("stopped unexpectedly ({})", reason.unwrap_or_default()))
+            }
+            _ => return Ok(()),
+        };
+        if state.stopping.remove(&cell.get_id()) {
+            return Ok(());
+        }
+        if let Some((key, coordinator)) = state.children.remove(&cell.get_id()) {
+            tracing::warn!(actor = %key, "hosted actor failed: {reason}");
+            state.report(coordinator, NodeMsg::Failed { key, reason });
+        }
+        Ok(())
+    }
+}
+
+/// Tell the local supervisor (if it runs here) about a remote actor or node.
+pub fn to_job(local: &LocalNet, msg: JobMsg) {
+    if let Some(job) = ActorRef::<JobMsg>::where_is(local.job_name()) {
+        let _ = job.send_message(msg);
+    }
+}

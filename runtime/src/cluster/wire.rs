@@ -1,0 +1,240 @@
+//! What nodes send each other, and how a message's tensors travel as raw
+//! little-endian f32 after the frame header rather than inside it.
+
+use phalanx_actors::protocol::{ActorKey, Addr, Msg};
+use phalanx_transport::{DecodeError, EncodeError, Frame, Limits};
+use serde::{Deserialize, Serialize};
+
+use super::membership::MembershipMsg;
+
+/// A frame's header between nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum NodeMsg {
+    /// Membership: heartbeats and views.
+    Membership(MembershipMsg),
+    /// A protocol message for an actor hosted by the receiving node. The
+    /// tensors of `Params`/`Gradient(s)` are moved to the frame's tensor
+    /// payload; `lens` says how to cut it back.
+    Deliver {
+        /// The addressee.
+        to: Addr,
+        /// The message, its tensor values emptied.
+        msg: Msg,
+        /// Lengths of the tensors moved to the payload, in order.
+        lens: Vec<u32>,
+    },
+    /// Coordinator → host: spawn this actor here.
+    Spawn {
+        /// The actor.
+        key: ActorKey,
+        /// The generation it starts in.
+        generation: u64,
+        /// Aggregators: the checkpoint to restore.
+        restore: Option<u64>,
+    },
+    /// Host → coordinator: the actor is running.
+    Started {
+        /// The actor.
+        key: ActorKey,
+    },
+    /// Host → coordinator: the actor failed (or failed to start).
+    Failed {
+        /// The actor.
+        key: ActorKey,
+        /// Why.
+        reason: String,
+    },
+    /// Coordinator → replica: a checkpoint file (its bytes are the payload,
+    /// packed four to an f32, `len` of them meaningful).
+    CheckpointCopy {
+        /// The file name.
+        name: String,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Coordinator → all: where every spawned actor runs.
+    Locations(std::collections::BTreeMap<ActorKey, u32>),
+    /// Coordinator → all: the job finished; `summary` is where its summary was written.
+    JobDone {
+        /// Path of summary.json, if one was written.
+        summary: Option<String>,
+        /// SHA-256 of the final parameters.
+        model_sha256: String,
+    },
+}
+
+/// Move the tensors out of `msg`.
+fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<f32>) {
+    match msg {
+        Msg::Params(p) => {
+            let v = std::mem::take(&mut p.values);
+            (vec![v.len() as u32], v)
+        }
+        Msg::Gradient(g) => {
+            let v = std::mem::take(&mut g.values);
+            (vec![v.len() as u32], v)
+        }
+        Msg::Gradients(gs) => {
+            let mut lens = Vec::with_capacity(gs.len());
+            let mut all = Vec::new();
+            for g in gs.iter_mut() {
+                lens.push(g.values.len() as u32);
+                all.append(&mut g.values);
+            }
+            (lens, all)
+        }
+        _ => (Vec::new(), Vec::new()),
+    }
+}
+
+/// Put the tensors back; `None` when the lengths do not add up (a bad frame).
+fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
+    let total: u64 = lens.iter().map(|l| u64::from(*l)).sum();
+    if total != tensor.len() as u64 {
+        return None;
+    }
+    match msg {
+        Msg::Params(p) if lens.len() == 1 => p.values = tensor,
+        Msg::Gradient(g) if lens.len() == 1 => g.values = tensor,
+        Msg::Gradients(gs) if lens.len() == gs.len() => {
+            let mut rest = tensor.as_slice();
+            for (g, len) in gs.iter_mut().zip(lens) {
+                let (head, tail) = rest.split_at(*len as usize);
+                g.values = head.to_vec();
+                rest = tail;
+            }
+        }
+        _ if lens.is_empty() => {}
+        _ => return None,
+    }
+    Some(())
+}
+
+/// Encode a protocol message for `to` as one frame.
+pub fn encode_deliver(to: Addr, mut msg: Msg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
+    let (lens, tensor) = take_tensors(&mut msg);
+    phalanx_transport::encode(&NodeMsg::Deliver { to, msg, lens }, &tensor, limits)
+}
+
+/// Encode a checkpoint file copy.
+pub fn encode_checkpoint(name: &str, bytes: &[u8], limits: &Limits) -> Result<Vec<u8>, EncodeError> {
+    let words: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            f32::from_le_bytes(w)
+        })
+        .collect();
+    phalanx_transport::encode(
+        &NodeMsg::CheckpointCopy { name: name.to_string(), len: bytes.len() as u64 },
+        &words,
+        limits,
+    )
+}
+
+/// Encode a message without tensors.
+pub fn encode(msg: &NodeMsg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
+    phalanx_transport::encode(msg, &[], limits)
+}
+
+/// A decoded frame from a peer.
+pub enum Inbound {
+    /// A control message.
+    Control(NodeMsg),
+    /// A protocol message for a local actor.
+    Deliver(Addr, Msg),
+    /// A checkpoint file.
+    Checkpoint(String, Vec<u8>),
+}
+
+/// Why a peer's frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// The frame did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The tensor payload does not match the header.
+    #[error("tensor payload of {got} values does not match the header")]
+    TensorMismatch {
+        /// Values in the payload.
+        got: usize,
+    },
+}
+
+/// Application close code for a frame whose tensor does not fit its header.
+pub const TENSOR_MISMATCH_CODE: u32 = 0x301;
+
+/// Decode a frame body from a peer.
+pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
+    let Frame { header, tensor } = phalanx_transport::decode::<NodeMsg>(frame, limits)?;
+    match header {
+        NodeMsg::Deliver { to, mut msg, lens } => {
+            let got = tensor.len();
+            put_tensors(&mut msg, &lens, tensor).ok_or(InboundError::TensorMismatch { got })?;
+            Ok(Inbound::Deliver(to, msg))
+        }
+        NodeMsg::CheckpointCopy { name, len } => {
+            let mut bytes: Vec<u8> = tensor.iter().flat_map(|w| w.to_le_bytes()).collect();
+            if len > bytes.len() as u64 || bytes.len() as u64 - len >= 4 {
+                return Err(InboundError::TensorMismatch { got: tensor.len() });
+            }
+            bytes.truncate(len as usize);
+            Ok(Inbound::Checkpoint(name, bytes))
+        }
+        other => Ok(Inbound::Control(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_actors::protocol::{Gradient, Params};
+
+    fn grad(p: u32, values: Vec<f32>) -> Gradient {
+        Gradient { job: 1, generation: 2, step: 3, partition: p, samples: 4, loss_sum: 0.5, offset: 0, values }
+    }
+
+    #[test]
+    fn tensors_travel_as_payload_and_come_back_bit_exact() {
+        let limits = Limits::default();
+        let msgs = vec![
+            Msg::Params(Params {
+                job: 1,
+                generation: 0,
+                step: 9,
+                range: 0,
+                offset: 0,
+                values: vec![1.5, f32::NAN, -0.0],
+            }),
+            Msg::Gradients(vec![grad(0, vec![1.0, 2.0]), grad(1, vec![]), grad(2, vec![f32::MIN_POSITIVE / 2.0])]),
+            Msg::ShardReady { job: 1, partition: 3 },
+        ];
+        for msg in msgs {
+            let frame = encode_deliver(Addr::Trainer(1), msg.clone(), &limits).unwrap();
+            let Inbound::Deliver(to, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
+            assert_eq!(to, Addr::Trainer(1));
+            assert_eq!(format!("{back:?}"), format!("{msg:?}"));
+        }
+    }
+
+    #[test]
+    fn checkpoint_bytes_of_any_length_round_trip() {
+        let limits = Limits::default();
+        for n in [0usize, 1, 3, 4, 5, 1001] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
+            let frame = encode_checkpoint("ckpt-x", &bytes, &limits).unwrap();
+            let Inbound::Checkpoint(name, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
+            assert_eq!((name.as_str(), back), ("ckpt-x", bytes));
+        }
+    }
+
+    #[test]
+    fn a_payload_that_does_not_match_its_header_is_refused() {
+        let limits = Limits::default();
+        let header =
+            NodeMsg::Deliver { to: Addr::Aggregator(0), msg: Msg::Gradients(vec![grad(0, vec![])]), lens: vec![5] };
+        let frame = phalanx_transport::encode(&header, &[1.0, 2.0], &limits).unwrap();
+        assert!(matches!(decode(&frame[4..], &limits), Err(InboundError::TensorMismatch { got: 2 })));
+    }
+}
