@@ -33,6 +33,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod job;
+pub mod local;
 pub mod output;
 
 pub use config::JobConfig;

@@ -198,6 +198,9 @@ impl Membership {
         let quorum = self.has_quorum();
         if !quorum {
             if std::mem::replace(&mut self.had_quorum, false) {
+                // Without a majority the view is void: whatever comes back must
+                // be a new view (a new epoch), even with the same members.
+                self.view = None;
                 out.push(MembershipCommand::QuorumLost);
             }
             return out;
@@ -392,6 +395,24 @@ mod tests {
         let v = net.view_of(0);
         assert_eq!(v.members.len(), 3);
         assert_eq!(net.view_of(2), v, "node 2 got the view on a later heartbeat");
+    }
+
+    #[test]
+    fn regaining_quorum_issues_a_new_view_even_with_the_same_members() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.paused.insert(1);
+        net.run(1_000);
+        let two = net.view_of(0);
+        assert_eq!(two.members.len(), 2);
+        net.paused.insert(2);
+        net.run(1_000);
+        assert!(net.nodes[&0].view().is_none(), "alone, node 0 has no view");
+        net.paused.remove(&2);
+        net.run(1_000);
+        let back = net.view_of(0);
+        assert_eq!(back.members, two.members);
+        assert!(back.epoch > two.epoch, "{back:?} after {two:?}");
     }
 
     #[test]

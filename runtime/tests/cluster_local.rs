@@ -1,0 +1,56 @@
+//! `phalanx local`: N node processes, node faults on a schedule, and a
+//! summary.json with the node faults' detection and recovery times — and the
+//! same model bits as `phalanx train`.
+
+use std::process::Command;
+
+fn phalanx(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_phalanx")).args(args).output().expect("run phalanx");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sha(stdout: &str) -> String {
+    stdout.lines().find_map(|l| l.strip_prefix("model_sha256 ")).expect("a model_sha256 line").to_string()
+}
+
+#[test]
+fn local_cluster_with_a_kill_and_a_pause_matches_train_and_reports_node_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_local, out_train) = (dir.path().join("local"), dir.path().join("train"));
+    let job = ["--model", "mlp", "--dataset", "winequality", "--epochs", "30", "--trainers", "3"];
+    let mut args =
+        vec!["local", "--nodes", "3", "--kill", "1@150", "--pause", "2@300:900", "--out", out_local.to_str().unwrap()];
+    args.extend(job);
+    let (ok, stdout, stderr) = phalanx(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    let mut args = vec!["train", "--out", out_train.to_str().unwrap()];
+    args.extend(job);
+    let (ok, train_stdout, stderr) = phalanx(&args);
+    assert!(ok, "{stderr}");
+    assert_eq!(sha(&stdout), sha(&train_stdout), "3 processes with faults vs one process");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_local.join("summary.json")).unwrap()).unwrap();
+    let faults = summary["node_faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 2, "{faults:?}");
+    for f in faults {
+        let detection = f["detection_ms"].as_u64().unwrap_or_else(|| panic!("detected: {f}"));
+        assert!(detection < 1_000, "detection under a second on loopback: {f}");
+        assert!(f["recovery_ms"].is_u64(), "{f}");
+    }
+    assert!(summary["samples_applied"].as_array().unwrap().iter().all(|e| e["exactly_once"] == true));
+    assert!(stdout.contains("exactly-once: yes"), "{stdout}");
+}
+
+#[test]
+fn local_refuses_a_fault_for_a_node_that_does_not_exist() {
+    let (ok, _, stderr) = phalanx(&["local", "--nodes", "3", "--kill", "7@10"]);
+    assert!(!ok);
+    assert!(stderr.contains("node 7 of 3"), "{stderr}");
+    let (ok, _, stderr) = phalanx(&["local", "--nodes", "3", "--pause", "1@10"]);
+    assert!(!ok);
+    assert!(stderr.contains("NODE@STEP:MS"), "{stderr}");
+}
