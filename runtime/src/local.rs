@@ -197,7 +197,20 @@ fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
 
 /// Run `config` on `nodes` local node processes with `faults`; returns the
 /// summary (with `node_faults` added). `on_step` sees (step, total, loss).
+/// The nodes run this same executable (`phalanx node`).
 pub fn run_local(
+    config: &JobConfig,
+    nodes: u32,
+    faults: Vec<NodeFault>,
+    on_step: impl FnMut(u64, u64, f64),
+) -> Result<Value, Error> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io { path: PathBuf::from("phalanx"), source })?;
+    run_local_with(&exe, config, nodes, faults, on_step)
+}
+
+/// [`run_local`] with the `phalanx` executable to start nodes from.
+pub fn run_local_with(
+    exe: &std::path::Path,
     config: &JobConfig,
     nodes: u32,
     mut faults: Vec<NodeFault>,
@@ -226,10 +239,9 @@ pub fn run_local(
     std::fs::write(&job_path, text).map_err(|source| Error::Io { path: job_path, source })?;
     let _ = std::fs::remove_file(out.join("summary.json"));
     let (tx, rx) = mpsc::channel();
-    let exe = std::env::current_exe().map_err(|source| Error::Io { path: PathBuf::from("phalanx"), source })?;
     let mut cluster = LocalCluster {
         dir,
-        exe,
+        exe: exe.to_path_buf(),
         ports: free_ports(nodes as usize)?,
         out: out.clone(),
         nodes: (0..nodes).map(|_| Node { child: None }).collect(),
