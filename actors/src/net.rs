@@ -41,6 +41,8 @@ pub enum JobMsg {
     RemoteFailed(ActorKey, String),
     /// A node was declared down: its actors are gone.
     NodeLost(u32),
+    /// Membership grew: move actors back to where the placement wants them.
+    Rebalance,
 }
 
 /// Delivers to actors of one job in this process, by registered name.

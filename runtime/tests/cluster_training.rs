@@ -85,3 +85,20 @@ fn a_node_paused_past_detection_and_resumed_does_not_change_the_bits() {
     assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
     assert_exactly_once(&summary(&c));
 }
+
+#[test]
+fn a_restarted_node_rejoins_and_gets_work_again() {
+    let mut c = Cluster::start_with_job(3, Some(JOB));
+    wait_step(&c, 100);
+    let since = c.mark();
+    c.kill(1);
+    c.wait_for(since, "node 1 declared down", |v| v["event"] == "down" && v["peer"] == 1);
+    let since = c.mark();
+    let node = c.spawn(1);
+    c.nodes[1] = Some(node);
+    let work = c.wait_for(since, "node 1 to be given work again", |v| v["event"] == "spawn" && v["node"] == 1);
+    assert!(work["actor"].as_str().is_some_and(|a| a.starts_with("trainer") || a.starts_with("shard")), "{work}");
+    let done = wait_done(&c, 2);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
+    assert_exactly_once(&summary(&c));
+}

@@ -120,6 +120,8 @@ pub struct JobState {
     stopping: bool,
     /// Actors spawned on other nodes, and where.
     remote: BTreeMap<ActorKey, u32>,
+    /// Local children stopped on purpose (moved), whose end is no failure.
+    moving: std::collections::HashSet<ActorId>,
 }
 
 impl JobState {
@@ -188,6 +190,47 @@ impl JobState {
         }
     }
 
+    /// Move trainers and shards whose placement changed (a node came back)
+    /// to where they belong: stop them where they run, spawn them there.
+    /// The math does not care where they run; the moved actors replay the
+    /// current step and the aggregators ignore the duplicates.
+    fn rebalance(&mut self, myself: &ActorRef<JobMsg>) -> Vec<JobCommand> {
+        let Some(cluster) = self.ctx.cluster.clone() else { return Vec::new() };
+        if self.stopping {
+            return Vec::new();
+        }
+        let mut cmds = Vec::new();
+        for key in self.ctx.plan.actors().into_iter().filter(|k| k.role != Role::Aggregator) {
+            let wanted = cluster.preferred_host(key);
+            let local = self.children.iter().find(|(_, k)| **k == key).map(|(id, _)| *id);
+            let current = match (self.remote.get(&key), local) {
+                (Some(node), _) => Some(*node),
+                (None, Some(_)) => None,
+                (None, None) => continue, // not running (restarting): its respawn follows the placement
+            };
+            if current == wanted {
+                continue;
+            }
+            match (current, local) {
+                (Some(node), _) => {
+                    cluster.stop_remote(node, key);
+                    self.remote.remove(&key);
+                }
+                (None, Some(id)) => {
+                    if let Some(cell) = myself.get_children().into_iter().find(|c| c.get_id() == id) {
+                        self.moving.insert(id);
+                        self.children.remove(&id);
+                        cell.stop(Some("moved to another node".into()));
+                    }
+                }
+                (None, None) => continue,
+            }
+            tracing::info!(actor = %key, ?wanted, "moving to its preferred node");
+            cmds.push(JobCommand::Spawn { key, generation: self.core.generation(), restore: None });
+        }
+        cmds
+    }
+
     fn stop(&mut self, myself: &ActorRef<JobMsg>, result: Result<JobOutcome, JobError>) {
         self.stopping = true;
         if let Some(tx) = self.outcome.take() {
@@ -217,6 +260,7 @@ impl Actor for JobActor {
             samples: 0,
             stopping: false,
             remote: BTreeMap::new(),
+            moving: Default::default(),
         })
     }
 
@@ -270,6 +314,7 @@ impl Actor for JobActor {
                 tracing::warn!(actor = %key, "remote actor failed: {reason}");
                 state.core.on_child_failed(key, reason, now)
             }
+            JobMsg::Rebalance => state.rebalance(&myself),
             JobMsg::NodeLost(node) => {
                 let lost: Vec<ActorKey> = state.remote.iter().filter(|(_, n)| **n == node).map(|(k, _)| *k).collect();
                 let mut cmds = Vec::new();
@@ -306,6 +351,9 @@ impl Actor for JobActor {
             }
             _ => return Ok(()),
         };
+        if state.moving.remove(&cell.get_id()) {
+            return Ok(());
+        }
         let Some(key) = state.children.remove(&cell.get_id()) else { return Ok(()) };
         tracing::warn!(actor = %key, step = state.core.global_step(), "actor failed: {reason}");
         let cmds = state.core.on_child_failed(key, reason, Instant::now());

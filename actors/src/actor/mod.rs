@@ -83,6 +83,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// A checkpoint file was written: copy it to another node so that the
     /// aggregators can be restored if this node dies.
     fn replicate(&self, path: &std::path::Path);
+    /// Where `key` belongs in the current placement (`None`: this node).
+    fn preferred_host(&self, key: ActorKey) -> Option<u32>;
+    /// Ask `node` to stop `key` without reporting it as failed (it moves).
+    fn stop_remote(&self, node: u32, key: ActorKey);
 }
 
 /// Spawn one actor of a job in this process, linked to `supervisor`, under

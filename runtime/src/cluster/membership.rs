@@ -90,6 +90,11 @@ pub struct Membership {
     highest_epoch: u64,
     last_heartbeat: Option<Instant>,
     had_quorum: bool,
+    /// First tick; until a failure timeout has passed since, a node that has
+    /// not heard every member does not coordinate: it may simply not have
+    /// heard a lower id yet (a restarted node must not usurp a live one).
+    started: Option<Instant>,
+    settled: bool,
 }
 
 impl Membership {
@@ -107,6 +112,8 @@ impl Membership {
             highest_epoch: 0,
             last_heartbeat: None,
             had_quorum: false,
+            started: None,
+            settled: false,
         }
     }
 
@@ -135,6 +142,10 @@ impl Membership {
     /// and (as coordinator with quorum) issue a new view if membership changed.
     pub fn on_tick(&mut self, now: Instant) -> Vec<MembershipCommand> {
         let mut out = Vec::new();
+        let started = *self.started.get_or_insert(now);
+        if now.saturating_duration_since(started) >= Duration::from_millis(self.config.failure_timeout_ms) {
+            self.settled = true;
+        }
         let period = Duration::from_millis(self.config.heartbeat_ms);
         if self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= period) {
             self.last_heartbeat = Some(now);
@@ -207,7 +218,7 @@ impl Membership {
         }
         self.had_quorum = true;
         let lowest = self.up.iter().next().copied();
-        if lowest != Some(self.me) {
+        if lowest != Some(self.me) || (!self.settled && self.up.len() < self.members.len()) {
             return out;
         }
         let current = self.view.as_ref();
@@ -413,6 +424,24 @@ mod tests {
         let back = net.view_of(0);
         assert_eq!(back.members, two.members);
         assert!(back.epoch > two.epoch, "{back:?} after {two:?}");
+    }
+
+    #[test]
+    fn a_restarted_node_does_not_usurp_a_live_lower_coordinator() {
+        let mut net = Net::new(3);
+        net.run(300);
+        let before = net.view_of(2);
+        // Node 1 restarts: a fresh core that hears node 2 before node 0.
+        net.nodes.insert(1, Membership::new(1, 0..3, DetectorConfig::default()));
+        net.cut.insert((0, 1));
+        net.cut.insert((1, 0));
+        net.run(200);
+        assert_eq!(net.view_of(2).coordinator, 0, "node 2 kept node 0's view");
+        net.heal();
+        net.run(500);
+        let v = net.view_of(1);
+        assert_eq!((v.coordinator, v.members.len()), (0, 3));
+        assert!(v.epoch >= before.epoch, "node 1 adopted node 0's view again");
     }
 
     #[test]

@@ -128,6 +128,8 @@ struct NodeJob {
     members: Vec<u32>,
     coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
     done: bool,
+    /// Members of the previous view, to notice a node coming back.
+    last_members: std::collections::BTreeSet<u32>,
 }
 
 impl NodeJob {
@@ -167,6 +169,7 @@ impl NodeJob {
             members: (0..config.members()).collect(),
             coordinator: None,
             done: false,
+            last_members: Default::default(),
         }))
     }
 
@@ -195,6 +198,12 @@ impl NodeJob {
             let _ = self.host.send_message(HostMsg::CoordinatorIs(view.coordinator));
         }
         let me = self.routing.me;
+        let grew = view.members.iter().any(|m| !self.last_members.contains(m)) && !self.last_members.is_empty();
+        self.last_members = view.members.clone();
+        if view.coordinator == me && grew && !changed {
+            // A node came back: give it its work again.
+            to_job(&self.names, JobMsg::Rebalance);
+        }
         if view.coordinator != me {
             if let Some((_, task)) = self.coordinator.take() {
                 task.abort();
@@ -255,7 +264,11 @@ impl NodeJob {
             Inbound::Deliver(to, msg) => self.names.send(to, msg),
             Inbound::Checkpoint(name, bytes) => self.store_copy(peer, &name, &bytes),
             Inbound::Control(NodeMsg::Spawn { key, generation, restore }) => {
+                emit(self.routing.me, "spawn", json!({ "actor": key.to_string(), "from": peer }));
                 let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore });
+            }
+            Inbound::Control(NodeMsg::Stop { key }) => {
+                let _ = self.host.send_message(HostMsg::Stop(key));
             }
             Inbound::Control(NodeMsg::Started { key }) => to_job(&self.names, JobMsg::RemoteStarted(key)),
             Inbound::Control(NodeMsg::Failed { key, reason }) => to_job(&self.names, JobMsg::RemoteFailed(key, reason)),

@@ -165,6 +165,18 @@ impl Cluster for ClusterHooks {
         }
     }
 
+    fn preferred_host(&self, key: ActorKey) -> Option<u32> {
+        let node =
+            self.routing.routes.borrow().placement.as_ref().and_then(|p| p.node_of(key)).unwrap_or(self.routing.me);
+        (node != self.routing.me).then_some(node)
+    }
+
+    fn stop_remote(&self, node: u32, key: ActorKey) {
+        if let Ok(frame) = wire::encode(&NodeMsg::Stop { key }, &self.routing.limits) {
+            self.routing.send_frame(node, frame);
+        }
+    }
+
     fn replicate(&self, path: &std::path::Path) {
         let replica = self.routing.routes.borrow().placement.as_ref().and_then(|p| p.replica);
         let Some(replica) = replica.filter(|r| *r != self.routing.me) else { return };
@@ -195,6 +207,8 @@ pub enum HostMsg {
     },
     /// Stop every hosted actor (quorum lost, or the job ended).
     StopAll,
+    /// Stop one hosted actor quietly: it moves to another node.
+    Stop(ActorKey),
     /// `coordinator` coordinates now: stop what any other coordinator asked
     /// for (the new one respawns everything it needs).
     CoordinatorIs(u32),
@@ -266,16 +280,37 @@ impl Actor for HostActor {
                 }
                 state.children.clear();
             }
+            HostMsg::Stop(key) => {
+                let ids: Vec<ActorId> =
+                    state.children.iter().filter(|(_, (k, _))| *k == key).map(|(id, _)| *id).collect();
+                for cell in myself.get_children().into_iter().filter(|c| ids.contains(&c.get_id())) {
+                    state.stopping.insert(cell.get_id());
+                    cell.stop(Some("moved to another node".into()));
+                }
+                state.children.retain(|id, _| !ids.contains(id));
+            }
             HostMsg::CoordinatorIs(coordinator) => {
                 // Spawn requests and views travel separately, so a request of the
                 // new coordinator may arrive before its view: keep those.
-                let stale: Vec<ActorId> =
-                    state.children.iter().filter(|(_, (_, from))| *from != coordinator).map(|(id, _)| *id).collect();
-                for cell in myself.get_children().into_iter().filter(|c| stale.contains(&c.get_id())) {
-                    state.stopping.insert(cell.get_id());
-                    cell.stop(Some("coordinator changed".into()));
+                let stale: Vec<(ActorId, ActorKey, u32)> = state
+                    .children
+                    .iter()
+                    .filter(|(_, (_, from))| *from != coordinator)
+                    .map(|(id, (key, from))| (*id, *key, *from))
+                    .collect();
+                for (id, key, from) in &stale {
+                    if let Some(cell) = myself.get_children().into_iter().find(|c| c.get_id() == *id) {
+                        state.stopping.insert(*id);
+                        cell.stop(Some("coordinator changed".into()));
+                    }
+                    // Tell the old coordinator: if it is still alive after all,
+                    // it must know its actor is gone.
+                    state.report(
+                        *from,
+                        NodeMsg::Failed { key: *key, reason: format!("stopped: node {coordinator} coordinates now") },
+                    );
+                    state.children.remove(id);
                 }
-                state.children.retain(|id, _| !stale.contains(id));
             }
         }
         Ok(())

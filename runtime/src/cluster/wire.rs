@@ -32,6 +32,11 @@ pub enum NodeMsg {
         /// Aggregators: the checkpoint to restore.
         restore: Option<u64>,
     },
+    /// Coordinator → host: stop this actor, it moves elsewhere.
+    Stop {
+        /// The actor.
+        key: ActorKey,
+    },
     /// Host → coordinator: the actor is running.
     Started {
         /// The actor.
