@@ -27,5 +27,6 @@
 
 pub mod campaign;
 pub mod invariants;
+pub mod process;
 pub mod report;
 pub mod sim;

@@ -41,7 +41,8 @@ pub struct FaultType {
     pub injected: u64,
     /// Of those, in runs whose every invariant held.
     pub survived: u64,
-    /// Time from the fault to the replacement running (virtual ms in the simulation tier).
+    /// Simulation: time from the fault to the replacement running (virtual
+    /// ms). Real processes: time until a survivor declared the node down.
     pub restart_ms: Percentiles,
     /// Time from the fault to training progressing again.
     pub recovery_ms: Percentiles,
@@ -102,7 +103,7 @@ impl Report {
             self.samples_duplicated,
             if self.identical { "yes" } else { "NO" }
         ));
-        s.push_str("| fault type | injected | survived | restart p50/p95/p99 ms | recovery p50/p95/p99 ms | lost | duplicated |\n");
+        s.push_str("| fault type | injected | survived | restart or detection p50/p95/p99 ms | recovery p50/p95/p99 ms | lost | duplicated |\n");
         s.push_str("|---|---:|---:|---|---|---:|---:|\n");
         for (name, f) in &self.fault_types {
             s.push_str(&format!(
@@ -121,7 +122,11 @@ impl Report {
             "\nSteps recomputed after rollbacks: {}. Slowdown vs fault-free (virtual time): {:.2}×.\n\n",
             self.steps_replayed, self.slowdown
         ));
-        s.push_str("Times in the simulation tier are virtual milliseconds (a seeded clock), not wall time.\n\n");
+        s.push_str(
+            "Simulation rows (crashes, messages) are in virtual milliseconds of a seeded clock; \
+             real-process rows (SIGKILL, SIGSTOP, restart) are wall-clock milliseconds on loopback, \
+             with detection in the restart column.\n\n",
+        );
         s.push_str("![loss per step, faults marked](loss.svg)\n\n");
         if self.violations.is_empty() {
             s.push_str(

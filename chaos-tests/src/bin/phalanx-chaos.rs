@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use phalanx_chaos::campaign::sim_campaign;
 use phalanx_chaos::invariants::check_all;
+use phalanx_chaos::process::{find_phalanx, process_campaign};
 use phalanx_chaos::sim::{campaign_jobs, simulate, SimOptions};
 use serde::Deserialize;
 
@@ -41,6 +42,9 @@ enum Command {
         /// Output directory for report.json, report.md and loss.svg.
         #[arg(long)]
         out: PathBuf,
+        /// Run only the simulation tier (no node processes).
+        #[arg(long)]
+        skip_processes: bool,
     },
 }
 
@@ -83,13 +87,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn run() -> Result<bool, String> {
     match Cli::parse().command {
-        Command::Campaign { seeds, duration, out } => {
+        Command::Campaign { seeds, duration, out, skip_processes } => {
             let deadline = duration.as_deref().map(parse_duration).transpose()?.map(|d| Instant::now() + d);
             let mut start = 0;
             loop {
-                let report = sim_campaign(start..start + seeds, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+                let mut report =
+                    sim_campaign(start..start + seeds, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+                if !skip_processes {
+                    let exe = find_phalanx().ok_or(
+                        "the phalanx binary is not next to phalanx-chaos: build it (cargo build --release -p phalanx) \
+                         or pass --skip-processes",
+                    )?;
+                    process_campaign(&exe, &out.join("processes"), &mut report)?;
+                    report.write(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+                }
                 println!(
-                    "seeds {}..{}: {} faults injected, {} survived, lost {}, duplicated {}, identical {}, recovery p50/p99 {:?}/{:?} ms (virtual)",
+                    "seeds {}..{} + process scenarios: {} faults injected, {} survived, lost {}, duplicated {}, identical {}, recovery p50/p99 {:?}/{:?} ms (virtual)",
                     start,
                     start + seeds,
                     report.faults_injected,
