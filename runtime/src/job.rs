@@ -328,6 +328,27 @@ pub struct TrainReport {
     pub duration: std::time::Duration,
 }
 
+/// Wait for a running job's outcome, reporting progress to `on_progress`
+/// whenever a step is applied.
+pub async fn await_job(
+    handle: JobHandle,
+    mut on_progress: impl FnMut(&phalanx_actors::actor::Progress),
+) -> Result<JobOutcome, Error> {
+    let mut progress = handle.progress.clone();
+    let finish = handle.finish();
+    tokio::pin!(finish);
+    Ok(loop {
+        tokio::select! {
+            r = &mut finish => break r?,
+            changed = progress.changed() => match changed {
+                Ok(()) => on_progress(&progress.borrow_and_update()),
+                // The supervisor is gone; its outcome is already on the way.
+                Err(_) => break (&mut finish).await?,
+            },
+        }
+    })
+}
+
 /// Run a prepared job to the end on actors in this process, reporting
 /// progress to `on_progress` whenever a step is applied.
 pub async fn run(
@@ -338,19 +359,7 @@ pub async fn run(
 ) -> Result<TrainReport, Error> {
     let started = Instant::now();
     let handle = job.spawn(checkpoint_dir, resume).await?;
-    let mut progress = handle.progress.clone();
-    let finish = handle.finish();
-    tokio::pin!(finish);
-    let outcome = loop {
-        tokio::select! {
-            r = &mut finish => break r?,
-            changed = progress.changed() => match changed {
-                Ok(()) => on_progress(&progress.borrow_and_update()),
-                // The supervisor is gone; its outcome is already on the way.
-                Err(_) => break (&mut finish).await?,
-            },
-        }
-    };
+    let outcome = await_job(handle, &mut on_progress).await?;
     let evaluation = job.evaluate(&outcome.params)?;
     Ok(TrainReport { outcome, evaluation, duration: started.elapsed() })
 }

@@ -329,21 +329,10 @@ async fn coordinate(
     let started = Instant::now();
     // Generations of this supervisor start above any a predecessor issued.
     let handle = spawn_job_at(ctx, restore, epoch << 32).await.map_err(|e| Error::Spawn(e.to_string()))?;
-    let mut progress = handle.progress.clone();
-    let finish = handle.finish();
-    tokio::pin!(finish);
-    let outcome = loop {
-        tokio::select! {
-            r = &mut finish => break r?,
-            changed = progress.changed() => match changed {
-                Ok(()) => {
-                    let p = progress.borrow_and_update().clone();
-                    emit(me, "step", json!({ "step": p.step, "total_steps": p.total_steps, "loss": p.loss }));
-                }
-                Err(_) => break (&mut finish).await?,
-            },
-        }
-    };
+    let outcome = crate::job::await_job(handle, |p| {
+        emit(me, "step", json!({ "step": p.step, "total_steps": p.total_steps, "loss": p.loss }));
+    })
+    .await?;
     let evaluation = prepared.evaluate(&outcome.params)?;
     let report = crate::TrainReport { outcome, evaluation, duration: started.elapsed() };
     let model_sha256 = crate::params_sha256(&report.outcome.params);
