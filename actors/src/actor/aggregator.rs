@@ -101,8 +101,13 @@ impl AggregatorState {
         if let Some(cluster) = &self.ctx.cluster {
             cluster.replicate(&path);
         }
-        if let Err(e) = self.ctx.store.prune(&self.ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
-            tracing::warn!(range = self.key.index, "pruning old checkpoints failed: {e}");
+        // Pruning reads and verifies the files it keeps, so it runs once per
+        // CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
+        let nth = step / self.ctx.checkpoint_every.max(1);
+        if nth % CHECKPOINTS_KEPT as u64 == 0 || self.core.is_finished() {
+            if let Err(e) = self.ctx.store.prune(&self.ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
+                tracing::warn!(range = self.key.index, "pruning old checkpoints failed: {e}");
+            }
         }
         self.ctx.net.send(Addr::Job, Msg::CheckpointSaved { job: self.ctx.job, range: self.key.index, step });
         Ok(())
