@@ -1,12 +1,28 @@
 //! `phalanx local`: a cluster of N node processes on loopback, for demos and
 //! chaos runs. Generates certificates in a temp dir, starts the nodes with
-//! the job, streams progress, injects node faults on a schedule
-//! (`--kill`, `--pause`, `--restart`), waits for the job and adds the
-//! node-level faults (with detection and recovery times) to `summary.json`.
+//! the job, streams progress, injects faults on a schedule, waits for the job
+//! and adds the faults (with detection and recovery times) to `summary.json`.
+//!
+//! Faults, each when the job reaches a step:
+//!
+//! | flag | what happens |
+//! |---|---|
+//! | `--kill NODE@STEP` | SIGKILL |
+//! | `--pause NODE@STEP:MS` | SIGSTOP, SIGCONT `MS` later |
+//! | `--restart NODE@STEP` | start the node again (after a kill) |
+//! | `--partition NODES@STEP:MS` | cut every link between `NODES` (comma-separated) and the rest for `MS` |
+//! | `--degrade SPEC@STEP:MS` | every link loses/delays/duplicates packets for `MS`; `SPEC` is `loss=0.2,delay=20,jitter=10,dup=0.05` (any subset) |
+//! | `--disk-full NODE@STEP:MS` | the node's data directory (a size-limited tmpfs, mounted for the run; needs root) is filled for `MS` |
+//! | `--corrupt NODE@STEP` | flip a byte in every checkpoint file of the newest step on the node |
+//! | `--crash-before-rename NODE@STEP` | the node aborts after writing the checkpoint of `STEP` to its temporary file, before the rename |
+//!
+//! Network faults go through a [`FaultRelay`] between the nodes (started
+//! only when the schedule has one): `tc netem` and iptables are not
+//! available, and the relay damages real QUIC traffic between real processes.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::mpsc;
@@ -17,14 +33,19 @@ use serde_json::Value;
 
 use crate::config::JobConfig;
 use crate::error::Error;
+use crate::relay::{FaultRelay, LinkFaults};
 
 /// How long a whole local run may take before it is abandoned.
 const RUN_BOUND: Duration = Duration::from_secs(600);
 /// How long nodes get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Size of the tmpfs mounted for a node whose disk is filled.
+const TMPFS_SIZE: &str = "16m";
+/// The file that fills a node's disk.
+const FILLER: &str = "chaos-filler";
 
-/// A node fault to inject when the job reaches a step.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A fault to inject when the job reaches a step.
+#[derive(Clone, Debug, PartialEq)]
 pub enum NodeFault {
     /// SIGKILL node `node` at `step`.
     Kill {
@@ -49,57 +70,228 @@ pub enum NodeFault {
         /// The step.
         step: u64,
     },
+    /// Cut every link between `side` and the other nodes for `ms`.
+    Partition {
+        /// One side of the cut.
+        side: Vec<u32>,
+        /// The step.
+        step: u64,
+        /// How long the cut lasts.
+        ms: u64,
+    },
+    /// Damage every link (loss, delay, jitter, duplication) for `ms`.
+    Degrade {
+        /// What every link does to packets.
+        link: LinkFaults,
+        /// The step.
+        step: u64,
+        /// How long it lasts.
+        ms: u64,
+    },
+    /// Fill node `node`'s data directory (a size-limited tmpfs) for `ms`.
+    DiskFull {
+        /// The node.
+        node: u32,
+        /// The step.
+        step: u64,
+        /// How long the disk stays full.
+        ms: u64,
+    },
+    /// Flip a byte in every checkpoint file of the newest step on node `node`.
+    Corrupt {
+        /// The node.
+        node: u32,
+        /// The step.
+        step: u64,
+    },
+    /// Node `node` aborts between writing and renaming its checkpoint of `step`.
+    CrashBeforeRename {
+        /// The node.
+        node: u32,
+        /// The checkpoint step.
+        step: u64,
+    },
 }
 
 impl NodeFault {
-    fn step(&self) -> u64 {
+    /// The step at which it is injected.
+    pub fn step(&self) -> u64 {
         match self {
-            NodeFault::Kill { step, .. } | NodeFault::Pause { step, .. } | NodeFault::Restart { step, .. } => *step,
+            NodeFault::Kill { step, .. }
+            | NodeFault::Pause { step, .. }
+            | NodeFault::Restart { step, .. }
+            | NodeFault::Partition { step, .. }
+            | NodeFault::Degrade { step, .. }
+            | NodeFault::DiskFull { step, .. }
+            | NodeFault::Corrupt { step, .. }
+            | NodeFault::CrashBeforeRename { step, .. } => *step,
         }
     }
 
-    /// Parse `NODE@STEP` (kill, restart) or `NODE@STEP:MS` (pause).
+    /// The step whose arrival makes the harness act. A crash before a rename
+    /// fires inside the node while it saves `step`, before it reports that
+    /// step, so the harness starts its clock one step earlier.
+    fn trigger(&self) -> u64 {
+        match self {
+            NodeFault::CrashBeforeRename { step, .. } => step.saturating_sub(1),
+            other => other.step(),
+        }
+    }
+
+    /// The kind, as `summary.json` and the flags name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeFault::Kill { .. } => "kill",
+            NodeFault::Pause { .. } => "pause",
+            NodeFault::Restart { .. } => "restart",
+            NodeFault::Partition { .. } => "partition",
+            NodeFault::Degrade { .. } => "degrade",
+            NodeFault::DiskFull { .. } => "disk-full",
+            NodeFault::Corrupt { .. } => "corrupt",
+            NodeFault::CrashBeforeRename { .. } => "crash-before-rename",
+        }
+    }
+
+    /// The nodes it acts on (none for link damage).
+    pub fn nodes(&self) -> Vec<u32> {
+        match self {
+            NodeFault::Kill { node, .. }
+            | NodeFault::Pause { node, .. }
+            | NodeFault::Restart { node, .. }
+            | NodeFault::DiskFull { node, .. }
+            | NodeFault::Corrupt { node, .. }
+            | NodeFault::CrashBeforeRename { node, .. } => vec![*node],
+            NodeFault::Partition { side, .. } => side.clone(),
+            NodeFault::Degrade { .. } => Vec::new(),
+        }
+    }
+
+    /// Parse the argument of `--KIND` (see the module docs for the syntax).
     pub fn parse(kind: &str, s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("--{kind} {s}: {why}");
-        let (node, rest) = s.split_once('@').ok_or_else(|| bad("expected NODE@STEP"))?;
-        let node = u32::from_str(node).map_err(|_| bad("NODE is not a number"))?;
-        let (step, ms) = match (kind, rest.split_once(':')) {
-            ("pause", Some((st, ms))) => (st, Some(u64::from_str(ms).map_err(|_| bad("MS is not a number"))?)),
-            ("pause", None) => return Err(bad("expected NODE@STEP:MS")),
-            (_, _) => (rest, None),
+        let (what, rest) = s.split_once('@').ok_or_else(|| bad("expected WHAT@STEP"))?;
+        let number =
+            |text: &str, name: &str| u64::from_str(text.trim()).map_err(|_| bad(&format!("{name} is not a number")));
+        let with_ms = matches!(kind, "pause" | "partition" | "degrade" | "disk-full");
+        let (step, ms) = match rest.split_once(':') {
+            Some((step, ms)) if with_ms => (number(step, "STEP")?, number(ms, "MS")?),
+            None if with_ms => return Err(bad("expected ...@STEP:MS")),
+            Some(_) => return Err(bad("expected ...@STEP (no :MS)")),
+            None => (number(rest, "STEP")?, 0),
         };
-        let step = u64::from_str(step).map_err(|_| bad("STEP is not a number"))?;
-        Ok(match (kind, ms) {
-            ("kill", _) => NodeFault::Kill { node, step },
-            ("restart", _) => NodeFault::Restart { node, step },
-            (_, Some(ms)) => NodeFault::Pause { node, step, ms },
-            _ => return Err(bad("unknown fault")),
+        let node = || number(what, "NODE").map(|n| n as u32);
+        Ok(match kind {
+            "kill" => NodeFault::Kill { node: node()?, step },
+            "restart" => NodeFault::Restart { node: node()?, step },
+            "pause" => NodeFault::Pause { node: node()?, step, ms },
+            "disk-full" => NodeFault::DiskFull { node: node()?, step, ms },
+            "corrupt" => NodeFault::Corrupt { node: node()?, step },
+            "crash-before-rename" => NodeFault::CrashBeforeRename { node: node()?, step },
+            "partition" => {
+                let side =
+                    what.split(',').map(|n| number(n, "NODE").map(|n| n as u32)).collect::<Result<Vec<_>, _>>()?;
+                NodeFault::Partition { side, step, ms }
+            }
+            "degrade" => NodeFault::Degrade { link: parse_link(what).map_err(|e| bad(&e))?, step, ms },
+            _ => return Err(bad("unknown fault kind")),
         })
+    }
+
+    /// The spelling [`parse`](Self::parse) reads: `(kind, argument)`.
+    pub fn to_flag(&self) -> (&'static str, String) {
+        let arg = match self {
+            NodeFault::Kill { node, step }
+            | NodeFault::Restart { node, step }
+            | NodeFault::Corrupt { node, step }
+            | NodeFault::CrashBeforeRename { node, step } => format!("{node}@{step}"),
+            NodeFault::Pause { node, step, ms } | NodeFault::DiskFull { node, step, ms } => {
+                format!("{node}@{step}:{ms}")
+            }
+            NodeFault::Partition { side, step, ms } => {
+                let side: Vec<String> = side.iter().map(u32::to_string).collect();
+                format!("{}@{step}:{ms}", side.join(","))
+            }
+            NodeFault::Degrade { link, step, ms } => format!(
+                "loss={},delay={},jitter={},dup={}@{step}:{ms}",
+                link.loss, link.delay_ms, link.jitter_ms, link.duplicate
+            ),
+        };
+        (self.kind(), arg)
     }
 }
 
-/// One injected node fault, as `summary.json` reports it.
+/// `loss=0.2,delay=20,jitter=10,dup=0.05`, any subset, in any order.
+fn parse_link(spec: &str) -> Result<LinkFaults, String> {
+    let mut link = LinkFaults::default();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| format!("'{part}' is not KEY=VALUE"))?;
+        let value = value.trim();
+        let prob = || {
+            f64::from_str(value)
+                .ok()
+                .filter(|p| (0.0..=1.0).contains(p))
+                .ok_or_else(|| format!("{key}={value}: expected a probability in [0, 1]"))
+        };
+        let ms = || u64::from_str(value).map_err(|_| format!("{key}={value}: expected milliseconds"));
+        match key.trim() {
+            "loss" => link.loss = prob()?,
+            "dup" => link.duplicate = prob()?,
+            "delay" => link.delay_ms = ms()?,
+            "jitter" => link.jitter_ms = ms()?,
+            other => return Err(format!("unknown key '{other}' (expected loss, delay, jitter, dup)")),
+        }
+    }
+    Ok(link)
+}
+
+/// One injected fault, as `summary.json` reports it.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeFaultReport {
-    /// `kill`, `pause` or `restart`.
+    /// `kill`, `pause`, `restart`, `partition`, `degrade`, `disk-full`,
+    /// `corrupt` or `crash-before-rename`.
     pub kind: String,
-    /// The node.
-    pub node: u32,
+    /// The node (the first of a partition's side; none for `degrade`).
+    pub node: Option<u32>,
     /// The step at which it was injected.
     pub step: u64,
-    /// Milliseconds until a survivor declared the node down (kill, pause).
+    /// Milliseconds until a survivor declared the node down (if it was).
     pub detection_ms: Option<u64>,
     /// Milliseconds from the fault until the first step applied after the
     /// node was declared down (training running again without it).
     pub recovery_ms: Option<u64>,
+    /// What the harness saw that shows the fault really happened (files
+    /// corrupted, a temporary file left by the crash, bytes filled).
+    pub evidence: Option<String>,
+    /// The checkpoint the fault made bad (`corrupt`: the step whose files
+    /// were damaged; `crash-before-rename`: the step never renamed). No
+    /// takeover on that node may restore it.
+    pub checkpoint_step: Option<u64>,
+}
+
+/// How a node that ran until the end exited when it was told to stop.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeExit {
+    /// The node.
+    pub node: u32,
+    /// Its exit code (none: ended by a signal).
+    pub code: Option<i32>,
+    /// The status in words.
+    pub detail: String,
+}
+
+/// A node taking over as coordinator, and the checkpoint it restored.
+#[derive(Clone, Debug, Serialize)]
+pub struct Takeover {
+    /// The node.
+    pub node: u32,
+    /// Its view's epoch.
+    pub epoch: u64,
+    /// The checkpoint step it restored (none: from the start).
+    pub restore: Option<u64>,
 }
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-struct Node {
-    child: Option<Child>,
 }
 
 struct LocalCluster {
@@ -107,18 +299,41 @@ struct LocalCluster {
     exe: PathBuf,
     ports: Vec<u16>,
     out: PathBuf,
-    nodes: Vec<Node>,
+    nodes: Vec<Option<Child>>,
     events: mpsc::Sender<Value>,
+    relay: Option<FaultRelay>,
+    /// tmpfs mount points to unmount at the end.
+    mounts: Vec<PathBuf>,
+    /// Nodes started with `--crash-before-rename STEP` at their first start.
+    crash_before_rename: BTreeMap<u32, u64>,
 }
 
 impl LocalCluster {
+    fn data_dir(&self, id: u32) -> PathBuf {
+        self.dir.path().join(format!("data-{id}"))
+    }
+
+    fn checkpoints(&self, id: u32) -> PathBuf {
+        self.data_dir(id).join("checkpoints")
+    }
+
     fn spawn(&mut self, id: u32) -> Result<(), Error> {
         let dir = self.dir.path();
-        let seeds: Vec<String> =
-            (0..self.ports.len()).filter(|j| *j as u32 != id).map(|j| format!("127.0.0.1:{}", self.ports[j])).collect();
-        let log = std::fs::File::create(dir.join(format!("node-{id}.log")))
-            .map_err(|source| Error::Io { path: dir.join(format!("node-{id}.log")), source })?;
-        let mut child = Command::new(&self.exe)
+        let seeds: Vec<String> = (0..self.ports.len() as u32)
+            .filter(|j| *j != id)
+            .map(|j| match self.relay.as_ref().and_then(|r| r.addr(id, j)) {
+                Some(addr) => addr.to_string(),
+                None => format!("127.0.0.1:{}", self.ports[j as usize]),
+            })
+            .collect();
+        let log_path = dir.join(format!("node-{id}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| Error::Io { path: log_path.clone(), source })?;
+        let mut command = Command::new(&self.exe);
+        command
             .args(["node", "--id", &id.to_string(), "--listen", &format!("127.0.0.1:{}", self.ports[id as usize])])
             .arg("--certs")
             .arg(dir.join("certs"))
@@ -128,7 +343,12 @@ impl LocalCluster {
             .arg("--out")
             .arg(&self.out)
             .arg("--data-dir")
-            .arg(dir.join(format!("data-{id}")))
+            .arg(self.data_dir(id));
+        // Only the first start crashes: the restarted node is the one that must cope.
+        if let Some(step) = self.crash_before_rename.remove(&id) {
+            command.args(["--crash-before-rename", &step.to_string()]);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -146,46 +366,161 @@ impl LocalCluster {
                 }
             });
         }
-        self.nodes[id as usize].child = Some(child);
+        self.nodes[id as usize] = Some(child);
         Ok(())
     }
 
     fn signal(&self, id: u32, sig: &str) {
-        if let Some(child) = &self.nodes[id as usize].child {
+        if let Some(child) = &self.nodes[id as usize] {
             let _ = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status();
         }
     }
 
     fn kill(&mut self, id: u32) {
-        if let Some(mut child) = self.nodes[id as usize].child.take() {
+        if let Some(mut child) = self.nodes[id as usize].take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    fn stop_all(&mut self) {
+    /// SIGTERM every running node, SIGKILL what is left after the grace
+    /// period; returns how each running node exited.
+    fn stop_all(&mut self) -> Vec<NodeExit> {
         for id in 0..self.nodes.len() as u32 {
             self.signal(id, "CONT");
             self.signal(id, "TERM");
         }
         let deadline = Instant::now() + STOP_GRACE;
-        for node in &mut self.nodes {
-            if let Some(child) = node.child.as_mut() {
-                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                    std::thread::sleep(Duration::from_millis(20));
+        let mut exits = Vec::new();
+        for (id, slot) in self.nodes.iter_mut().enumerate() {
+            let Some(child) = slot.as_mut() else { continue };
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => break None,
                 }
-            }
+            };
+            let exit = match status {
+                Some(s) => NodeExit { node: id as u32, code: s.code(), detail: s.to_string() },
+                None => NodeExit { node: id as u32, code: None, detail: "did not stop on SIGTERM: killed".into() },
+            };
+            exits.push(exit);
         }
         for id in 0..self.nodes.len() as u32 {
             self.kill(id);
         }
+        exits
+    }
+
+    /// Lines of the node logs that report a panic.
+    fn panics(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for id in 0..self.nodes.len() {
+            let path = self.dir.path().join(format!("node-{id}.log"));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            found.extend(text.lines().filter(|l| l.contains("panicked")).map(|l| format!("node {id}: {l}")));
+        }
+        found
+    }
+
+    /// Mount a size-limited tmpfs as node `id`'s data directory.
+    fn mount_tmpfs(&mut self, id: u32) -> Result<(), Error> {
+        let dir = self.data_dir(id);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_SIZE},mode=0755"), "phalanx-chaos"])
+            .arg(&dir)
+            .output()
+            .map_err(|source| Error::Io { path: PathBuf::from("mount"), source })?;
+        if !output.status.success() {
+            return Err(Error::Field {
+                field: "disk-full".into(),
+                reason: format!(
+                    "node {id}: mounting a {TMPFS_SIZE} tmpfs on {} failed (it needs root): {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            });
+        }
+        self.mounts.push(dir);
+        Ok(())
     }
 }
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        self.stop_all();
+        let _ = self.stop_all();
+        for dir in self.mounts.drain(..) {
+            let _ = Command::new("umount").arg(&dir).status();
+        }
     }
+}
+
+/// Fill the file system of `dir` until it refuses another byte; returns the bytes written.
+fn fill_disk(dir: &Path) -> Result<u64, Error> {
+    let path = dir.join(FILLER);
+    let io = |source| Error::Io { path: path.clone(), source };
+    let mut file = std::fs::File::create(&path).map_err(io)?;
+    let mut written = 0u64;
+    let mut chunk = 64 * 1024;
+    let zeros = vec![0u8; chunk];
+    while chunk > 0 {
+        match file.write(&zeros[..chunk]) {
+            Ok(0) => chunk /= 2,
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => chunk /= 2,
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let _ = file.sync_all();
+    Ok(written)
+}
+
+/// The newest step among the checkpoint files in `dir`, and its files.
+fn newest_checkpoint_files(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("ckpt-")?.get(..10)?.parse::<u64>().ok()?;
+            name.ends_with(".safetensors").then(|| (step, e.path()))
+        })
+        .collect();
+    let newest = files.iter().map(|(s, _)| *s).max();
+    files.retain(|(s, _)| Some(*s) == newest);
+    files
+}
+
+/// Flip one byte in the middle of every checkpoint file of the newest step in `dir`.
+fn corrupt_newest(dir: &Path) -> Result<(String, Option<u64>), Error> {
+    let files = newest_checkpoint_files(dir);
+    let Some(step) = files.first().map(|(s, _)| *s) else {
+        return Ok((format!("no checkpoint file in {} to corrupt", dir.display()), None));
+    };
+    for (_, path) in &files {
+        let io = |source| Error::Io { path: path.clone(), source };
+        let mut bytes = std::fs::read(path).map_err(io)?;
+        let mid = bytes.len() / 2;
+        if let Some(b) = bytes.get_mut(mid) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(path, &bytes).map_err(io)?;
+    }
+    Ok((format!("corrupted {} checkpoint file(s) of step {step} in {}", files.len(), dir.display()), Some(step)))
+}
+
+/// Temporary checkpoint files in `dir` (what a crash between write and rename leaves).
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
 }
 
 fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
@@ -193,6 +528,13 @@ fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
     let sockets: Vec<std::net::UdpSocket> =
         (0..n).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(io)?;
     sockets.iter().map(|s| s.local_addr().map(|a| a.port()).map_err(io)).collect()
+}
+
+/// Something to undo when its time comes.
+enum Undo {
+    Resume(u32),
+    Heal,
+    FreeDisk(u32),
 }
 
 /// Run `config` on `nodes` local node processes with `faults`; returns the
@@ -208,9 +550,36 @@ pub fn run_local(
     run_local_with(&exe, config, nodes, faults, on_step)
 }
 
+fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<(), Error> {
+    let bad = |f: &NodeFault, reason: String| {
+        let (kind, arg) = f.to_flag();
+        Error::Field { field: format!("--{kind} {arg}"), reason }
+    };
+    for f in faults {
+        if let Some(node) = f.nodes().into_iter().find(|n| *n >= nodes) {
+            return Err(bad(f, format!("there is no node {node} among {nodes} (ids 0..{nodes})")));
+        }
+        match f {
+            NodeFault::Partition { side, .. } if side.is_empty() || side.len() as u32 >= nodes => {
+                return Err(bad(f, "one side must have at least one node and leave at least one".into()));
+            }
+            NodeFault::CrashBeforeRename { step, .. }
+                if config.checkpoint_every == 0 || step % config.checkpoint_every != 0 || *step == 0 =>
+            {
+                return Err(bad(
+                    f,
+                    format!("{step} is not a checkpoint step (checkpoint_every = {})", config.checkpoint_every),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// [`run_local`] with the `phalanx` executable to start nodes from.
 pub fn run_local_with(
-    exe: &std::path::Path,
+    exe: &Path,
     config: &JobConfig,
     nodes: u32,
     mut faults: Vec<NodeFault>,
@@ -219,13 +588,8 @@ pub fn run_local_with(
     if nodes == 0 {
         return Err(Error::Field { field: "nodes".into(), reason: "must be at least 1".into() });
     }
-    for f in &faults {
-        let (NodeFault::Kill { node, .. } | NodeFault::Pause { node, .. } | NodeFault::Restart { node, .. }) = f;
-        if *node >= nodes {
-            return Err(Error::Field { field: "kill/pause/restart".into(), reason: format!("node {node} of {nodes}") });
-        }
-    }
-    faults.sort_by_key(NodeFault::step);
+    check_faults(config, nodes, &faults)?;
+    faults.sort_by_key(NodeFault::trigger);
     let out = config.out.clone().unwrap_or_else(|| PathBuf::from("phalanx-out"));
     let out = if out.is_absolute() { out } else { std::env::current_dir().unwrap_or_default().join(out) };
     // Validate and load here first: a bad config is one clear error, not N dying nodes.
@@ -238,15 +602,42 @@ pub fn run_local_with(
     let job_path = dir.path().join("job.toml");
     std::fs::write(&job_path, text).map_err(|source| Error::Io { path: job_path, source })?;
     let _ = std::fs::remove_file(out.join("summary.json"));
+    let ports = free_ports(nodes as usize)?;
+    let relay = if faults.iter().any(|f| matches!(f, NodeFault::Partition { .. } | NodeFault::Degrade { .. })) {
+        let addrs = ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+        Some(FaultRelay::start(addrs, config.seed).map_err(|source| Error::Io { path: "fault relay".into(), source })?)
+    } else {
+        None
+    };
     let (tx, rx) = mpsc::channel();
     let mut cluster = LocalCluster {
         dir,
         exe: exe.to_path_buf(),
-        ports: free_ports(nodes as usize)?,
+        ports,
         out: out.clone(),
-        nodes: (0..nodes).map(|_| Node { child: None }).collect(),
+        nodes: (0..nodes).map(|_| None).collect(),
         events: tx,
+        relay,
+        mounts: Vec::new(),
+        crash_before_rename: faults
+            .iter()
+            .filter_map(|f| match f {
+                NodeFault::CrashBeforeRename { node, step } => Some((*node, *step)),
+                _ => None,
+            })
+            .collect(),
     };
+    let mut full: Vec<u32> = faults
+        .iter()
+        .filter_map(|f| match f {
+            NodeFault::DiskFull { node, .. } => Some(*node),
+            _ => None,
+        })
+        .collect();
+    full.dedup();
+    for node in full {
+        cluster.mount_tmpfs(node)?;
+    }
     for id in 0..nodes {
         cluster.spawn(id)?;
     }
@@ -254,19 +645,32 @@ pub fn run_local_with(
     let mut pending = faults.into_iter().peekable();
     // (report, injected at, declared down at) — times in Unix ms, as the nodes stamp events.
     let mut reports: Vec<(NodeFaultReport, u64, Option<u64>)> = Vec::new();
-    let mut resumes: BTreeMap<u32, Instant> = BTreeMap::new();
+    let mut takeovers: Vec<Takeover> = Vec::new();
+    let mut undo: Vec<(Instant, Undo)> = Vec::new();
     let done = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Error::Spawn(format!("the local cluster did not finish within {} s", RUN_BOUND.as_secs())));
         }
-        // Resume paused nodes whose pause is over (the pause length is the fault, not a wait).
+        // Undo faults whose time is over (the length is the fault, not a wait).
         let now = Instant::now();
-        for (node, _) in resumes.clone().into_iter().filter(|(_, at)| *at <= now) {
-            cluster.signal(node, "CONT");
-            resumes.remove(&node);
+        let (due, later): (Vec<_>, Vec<_>) = undo.into_iter().partition(|(at, _)| *at <= now);
+        undo = later;
+        for (_, u) in due {
+            match u {
+                Undo::Resume(node) => cluster.signal(node, "CONT"),
+                Undo::Heal => {
+                    if let Some(r) = &cluster.relay {
+                        r.heal();
+                    }
+                }
+                Undo::FreeDisk(node) => {
+                    let path = cluster.data_dir(node).join(FILLER);
+                    std::fs::remove_file(&path).map_err(|source| Error::Io { path, source })?;
+                }
+            }
         }
-        let wait = resumes.values().map(|at| at.saturating_duration_since(now)).min().unwrap_or(left).min(left);
+        let wait = undo.iter().map(|(at, _)| at.saturating_duration_since(now)).min().unwrap_or(left).min(left);
         let event = match rx.recv_timeout(wait) {
             Ok(v) => v,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -284,28 +688,58 @@ pub fn run_local_with(
                         r.recovery_ms = Some(t.saturating_sub(*at));
                     }
                 }
-                while pending.peek().is_some_and(|f| f.step() <= step) {
+                while pending.peek().is_some_and(|f| f.trigger() <= step) {
                     let Some(f) = pending.next() else { break };
                     let at = unix_ms();
-                    let (kind, node) = match f {
-                        NodeFault::Kill { node, .. } => {
-                            cluster.kill(node);
-                            ("kill", node)
-                        }
+                    let mut evidence = None;
+                    let mut checkpoint_step = None;
+                    match &f {
+                        NodeFault::Kill { node, .. } => cluster.kill(*node),
                         NodeFault::Pause { node, ms, .. } => {
-                            cluster.signal(node, "STOP");
-                            resumes.insert(node, Instant::now() + Duration::from_millis(ms));
-                            ("pause", node)
+                            cluster.signal(*node, "STOP");
+                            undo.push((Instant::now() + Duration::from_millis(*ms), Undo::Resume(*node)));
                         }
                         NodeFault::Restart { node, .. } => {
-                            cluster.kill(node);
-                            cluster.spawn(node)?;
-                            ("restart", node)
+                            cluster.kill(*node);
+                            cluster.spawn(*node)?;
                         }
+                        NodeFault::Partition { side, ms, .. } => {
+                            if let Some(r) = &cluster.relay {
+                                r.partition(side);
+                            }
+                            undo.push((Instant::now() + Duration::from_millis(*ms), Undo::Heal));
+                        }
+                        NodeFault::Degrade { link, ms, .. } => {
+                            if let Some(r) = &cluster.relay {
+                                r.set_all(*link);
+                            }
+                            undo.push((Instant::now() + Duration::from_millis(*ms), Undo::Heal));
+                        }
+                        NodeFault::DiskFull { node, ms, .. } => {
+                            let bytes = fill_disk(&cluster.data_dir(*node))?;
+                            evidence = Some(format!("filled node {node}'s {TMPFS_SIZE} tmpfs with {bytes} bytes"));
+                            undo.push((Instant::now() + Duration::from_millis(*ms), Undo::FreeDisk(*node)));
+                        }
+                        NodeFault::Corrupt { node, .. } => {
+                            let (what, step) = corrupt_newest(&cluster.checkpoints(*node))?;
+                            evidence = Some(what);
+                            checkpoint_step = step;
+                        }
+                        // Armed at spawn; it fires inside the node.
+                        NodeFault::CrashBeforeRename { step, .. } => checkpoint_step = Some(*step),
+                    }
+                    let (kind, arg) = f.to_flag();
+                    eprintln!("injected: --{kind} {arg} at step {step}");
+                    let node = f.nodes().first().copied();
+                    let report = NodeFaultReport {
+                        kind: kind.into(),
+                        node,
+                        step: step.max(f.step()),
+                        detection_ms: None,
+                        recovery_ms: None,
+                        evidence,
+                        checkpoint_step,
                     };
-                    eprintln!("injected: {kind} node {node} at step {step}");
-                    let report =
-                        NodeFaultReport { kind: kind.into(), node, step, detection_ms: None, recovery_ms: None };
                     reports.push((report, at, None));
                 }
             }
@@ -313,12 +747,21 @@ pub fn run_local_with(
                 let peer = event["peer"].as_u64().unwrap_or(u64::MAX) as u32;
                 let t = event["t_ms"].as_u64().unwrap_or(0);
                 for (r, at, down) in reports.iter_mut() {
-                    if r.node == peer && r.detection_ms.is_none() && r.kind != "restart" {
+                    if r.node == Some(peer) && r.detection_ms.is_none() && r.kind != "restart" {
                         r.detection_ms = Some(t.saturating_sub(*at));
                         *down = Some(t);
+                        if r.kind == "crash-before-rename" {
+                            let left = temp_files(&cluster.checkpoints(peer));
+                            r.evidence = Some(format!("the crash left {} temporary file(s): {left:?}", left.len()));
+                        }
                     }
                 }
             }
+            Some("coordinating") => takeovers.push(Takeover {
+                node: event["node"].as_u64().unwrap_or(u64::MAX) as u32,
+                epoch: event["epoch"].as_u64().unwrap_or(0),
+                restore: event["restore"].as_u64(),
+            }),
             Some("job_done") => break event,
             Some("job_failed") => {
                 return Err(Error::Spawn(format!("the job failed: {}", event["error"].as_str().unwrap_or("?"))));
@@ -326,7 +769,9 @@ pub fn run_local_with(
             _ => {}
         }
     };
-    cluster.stop_all();
+    let relay_stats = cluster.relay.as_ref().map(FaultRelay::stats);
+    let exits = cluster.stop_all();
+    let panics = cluster.panics();
     let path = out.join("summary.json");
     let text = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
     let mut summary: Value = serde_json::from_slice(&text)
@@ -336,9 +781,67 @@ pub fn run_local_with(
         map.insert("nodes".into(), nodes.into());
         map.insert("node_faults".into(), serde_json::to_value(&node_faults).unwrap_or_default());
         map.insert("coordinator".into(), done["from"].clone());
+        map.insert("takeovers".into(), serde_json::to_value(&takeovers).unwrap_or_default());
+        map.insert("node_exits".into(), serde_json::to_value(&exits).unwrap_or_default());
+        map.insert("panics".into(), serde_json::to_value(&panics).unwrap_or_default());
+        if let Some(stats) = relay_stats {
+            map.insert("relay".into(), serde_json::to_value(stats).unwrap_or_default());
+        }
     }
     let bytes = serde_json::to_vec_pretty(&summary)
         .map_err(|e| Error::Encode { what: "summary".into(), reason: e.to_string() })?;
     crate::output::write_atomic(&path, &bytes)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fault_flag_round_trips() {
+        for (kind, arg) in [
+            ("kill", "2@150"),
+            ("restart", "1@300"),
+            ("pause", "1@150:1200"),
+            ("partition", "0,2@100:1500"),
+            ("degrade", "loss=0.2,delay=20,jitter=10,dup=0.05@100:2000"),
+            ("disk-full", "0@100:1500"),
+            ("corrupt", "1@150"),
+            ("crash-before-rename", "0@160"),
+        ] {
+            let f = NodeFault::parse(kind, arg).unwrap_or_else(|e| panic!("{e}"));
+            let (k, a) = f.to_flag();
+            assert_eq!(NodeFault::parse(k, &a), Ok(f), "{kind} {arg}");
+        }
+    }
+
+    #[test]
+    fn bad_fault_flags_name_the_flag_and_the_problem() {
+        for (kind, arg, want) in [
+            ("kill", "x@1", "NODE is not a number"),
+            ("kill", "1", "expected WHAT@STEP"),
+            ("pause", "1@5", "expected ...@STEP:MS"),
+            ("kill", "1@5:3", "no :MS"),
+            ("degrade", "loss=2@1:5", "probability"),
+            ("degrade", "lost=0.1@1:5", "unknown key 'lost'"),
+            ("partition", "0,a@1:5", "NODE is not a number"),
+        ] {
+            let e = NodeFault::parse(kind, arg).unwrap_err();
+            assert!(e.starts_with(&format!("--{kind} {arg}:")) && e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn faults_that_cannot_happen_are_refused_before_any_node_starts() {
+        let config = JobConfig { checkpoint_every: 20, ..JobConfig::default() };
+        for (f, want) in [
+            (NodeFault::Kill { node: 3, step: 1 }, "no node 3"),
+            (NodeFault::Partition { side: vec![0, 1, 2], step: 1, ms: 5 }, "one side"),
+            (NodeFault::CrashBeforeRename { node: 0, step: 150 }, "not a checkpoint step"),
+        ] {
+            let e = check_faults(&config, 3, &[f]).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
 }

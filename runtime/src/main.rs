@@ -52,6 +52,21 @@ struct LocalArgs {
     /// Restart a node (same id) at a step. Repeatable.
     #[arg(long, value_name = "NODE@STEP")]
     restart: Vec<String>,
+    /// Cut every link between NODES (comma-separated) and the other nodes for MS. Repeatable.
+    #[arg(long, value_name = "NODES@STEP:MS")]
+    partition: Vec<String>,
+    /// Damage every link for MS: SPEC is loss=P,delay=MS,jitter=MS,dup=P (any subset). Repeatable.
+    #[arg(long, value_name = "SPEC@STEP:MS")]
+    degrade: Vec<String>,
+    /// Fill a node's data directory (a tmpfs mounted for the run; needs root) for MS. Repeatable.
+    #[arg(long, value_name = "NODE@STEP:MS")]
+    disk_full: Vec<String>,
+    /// Flip a byte in every checkpoint file of the newest step on a node. Repeatable.
+    #[arg(long, value_name = "NODE@STEP")]
+    corrupt: Vec<String>,
+    /// The node aborts after writing its checkpoint of STEP to a temporary file, before the rename.
+    #[arg(long, value_name = "NODE@STEP")]
+    crash_before_rename: Vec<String>,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -104,6 +119,9 @@ struct NodeArgs {
     /// Where the coordinator writes summary.json and model.safetensors.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Fault injection (chaos tests): abort after writing the checkpoint of STEP to its temporary file, before the rename.
+    #[arg(long, value_name = "STEP")]
+    crash_before_rename: Option<u64>,
 }
 
 impl NodeArgs {
@@ -127,6 +145,7 @@ impl NodeArgs {
                     detector: Default::default(),
                     job: None,
                     out: None,
+                    crash_before_rename: None,
                 }
             }
         };
@@ -153,6 +172,9 @@ impl NodeArgs {
         }
         if self.out.is_some() {
             c.out = self.out;
+        }
+        if self.crash_before_rename.is_some() {
+            c.crash_before_rename = self.crash_before_rename;
         }
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;
@@ -412,7 +434,16 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
 async fn local(args: LocalArgs) -> anyhow::Result<()> {
     use phalanx::local::{run_local, NodeFault};
     let mut faults = Vec::new();
-    for (kind, specs) in [("kill", &args.kill), ("pause", &args.pause), ("restart", &args.restart)] {
+    for (kind, specs) in [
+        ("kill", &args.kill),
+        ("pause", &args.pause),
+        ("restart", &args.restart),
+        ("partition", &args.partition),
+        ("degrade", &args.degrade),
+        ("disk-full", &args.disk_full),
+        ("corrupt", &args.corrupt),
+        ("crash-before-rename", &args.crash_before_rename),
+    ] {
         for s in specs {
             faults.push(NodeFault::parse(kind, s).map_err(anyhow::Error::msg)?);
         }
@@ -448,13 +479,26 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     let exact = summary["samples_applied"].as_array().is_some_and(|e| e.iter().all(|e| e["exactly_once"] == true));
     println!("exactly-once: {}", if exact { "yes" } else { "NO" });
     for f in summary["node_faults"].as_array().into_iter().flatten() {
-        println!(
-            "node fault: {} node {} at step {}: detected in {} ms, training resumed after {} ms",
+        let node = f["node"].as_u64().map(|n| format!(" node {n}")).unwrap_or_default();
+        let ms = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |ms| format!("{ms} ms"));
+        print!(
+            "fault: {}{node} at step {}: detected after {}, training resumed after {}",
             f["kind"].as_str().unwrap_or(""),
-            f["node"],
             f["step"],
-            f["detection_ms"],
-            f["recovery_ms"]
+            ms(&f["detection_ms"]),
+            ms(&f["recovery_ms"])
+        );
+        match f["evidence"].as_str() {
+            Some(e) => println!(" ({e})"),
+            None => println!(),
+        }
+    }
+    for c in summary["checkpoint_failures"].as_array().into_iter().flatten() {
+        println!(
+            "checkpoint not saved: range {} step {}: {}",
+            c["range"],
+            c["step"],
+            c["reason"].as_str().unwrap_or("")
         );
     }
     println!("model_sha256 {}", summary["model_sha256"].as_str().unwrap_or(""));

@@ -88,6 +88,9 @@ pub struct Summary {
     pub faults: Vec<FaultSummary>,
     /// Rollbacks to a checkpoint.
     pub rollbacks: u64,
+    /// Checkpoints that could not be written (e.g. a full disk); training went
+    /// on and the previous complete checkpoint stayed the rollback point.
+    pub checkpoint_failures: Vec<phalanx_actors::actor::CheckpointFailure>,
     /// The job.
     pub job: JobEcho,
     /// Wall time in milliseconds.
@@ -147,6 +150,7 @@ impl Summary {
             partition_sizes: sizes,
             faults: report.outcome.faults.iter().map(FaultSummary::from).collect(),
             rollbacks: report.outcome.generation,
+            checkpoint_failures: report.outcome.checkpoint_failures.clone(),
             job: JobEcho {
                 model: job.config.model.to_string(),
                 dataset: job.config.dataset.to_string(),

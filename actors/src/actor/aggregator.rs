@@ -92,12 +92,22 @@ impl AggregatorState {
             optimizer_slots: names.iter().map(|n| n.to_string()).zip(state.optimizer.slots.iter().cloned()).collect(),
             ledger: state.ledger.clone(),
         };
-        let path = self
-            .ctx
-            .store
-            .save(&ckpt)
-            .map_err(|e| format!("aggregator {}: checkpoint of step {step}: {e}", self.key.index))?;
-        tracing::debug!(range = self.key.index, step, path = %path.display(), "checkpoint saved");
+        let range = self.key.index;
+        let path = match self.ctx.store.save(&ckpt) {
+            Ok(path) => path,
+            Err(e @ crate::checkpoint::CheckpointError::Io { .. }) => {
+                // A checkpoint that cannot be written (a full disk, an I/O error) does not
+                // stop training: the previous complete checkpoint stays the rollback point
+                // and the next interval tries again. Failing the aggregator instead would
+                // roll back, replay to this step and fail again until the job escalates.
+                tracing::error!(range, step, "checkpoint not saved; training goes on from the previous one: {e}");
+                let reason = e.to_string();
+                self.ctx.net.send(Addr::Job, Msg::CheckpointFailed { job: self.ctx.job, range, step, reason });
+                return Ok(());
+            }
+            Err(e) => return Err(format!("aggregator {range}: checkpoint of step {step}: {e}").into()),
+        };
+        tracing::debug!(range, step, path = %path.display(), "checkpoint saved");
         if let Some(cluster) = &self.ctx.cluster {
             cluster.replicate(&path);
         }
@@ -106,10 +116,10 @@ impl AggregatorState {
         let nth = step / self.ctx.checkpoint_every.max(1);
         if nth % CHECKPOINTS_KEPT as u64 == 0 || self.core.is_finished() {
             if let Err(e) = self.ctx.store.prune(&self.ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
-                tracing::warn!(range = self.key.index, "pruning old checkpoints failed: {e}");
+                tracing::warn!(range, "pruning old checkpoints failed: {e}");
             }
         }
-        self.ctx.net.send(Addr::Job, Msg::CheckpointSaved { job: self.ctx.job, range: self.key.index, step });
+        self.ctx.net.send(Addr::Job, Msg::CheckpointSaved { job: self.ctx.job, range, step });
         Ok(())
     }
 

@@ -41,6 +41,19 @@ pub struct JobOutcome {
     pub losses: BTreeMap<u64, f64>,
     /// Rollbacks that happened.
     pub generation: u64,
+    /// Checkpoints that could not be written (training went on without them).
+    pub checkpoint_failures: Vec<CheckpointFailure>,
+}
+
+/// A checkpoint an aggregator could not write.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CheckpointFailure {
+    /// The aggregator's range.
+    pub range: u32,
+    /// The version that was not checkpointed.
+    pub step: u64,
+    /// The error, naming the file.
+    pub reason: String,
 }
 
 /// A running job: await [`JobHandle::finish`]; watch [`JobHandle::progress`].
@@ -122,6 +135,8 @@ pub struct JobState {
     remote: BTreeMap<ActorKey, u32>,
     /// Local children stopped on purpose (moved), whose end is no failure.
     moving: std::collections::HashSet<ActorId>,
+    /// Checkpoints the aggregators could not write.
+    checkpoint_failures: Vec<CheckpointFailure>,
 }
 
 impl JobState {
@@ -183,6 +198,7 @@ impl JobState {
                         faults: self.core.faults().to_vec(),
                         losses: self.core.losses().clone(),
                         generation: self.core.generation(),
+                        checkpoint_failures: self.checkpoint_failures.clone(),
                     };
                     self.stop(myself, Ok(outcome));
                 }
@@ -261,6 +277,7 @@ impl Actor for JobActor {
             stopping: false,
             remote: BTreeMap::new(),
             moving: Default::default(),
+            checkpoint_failures: Vec::new(),
         })
     }
 
@@ -306,6 +323,11 @@ impl Actor for JobActor {
                 state.core.on_finished(range, generation, offset, values, ledger)
             }
             JobMsg::Net(Msg::CheckpointSaved { .. }) => Vec::new(),
+            JobMsg::Net(Msg::CheckpointFailed { range, step, reason, .. }) => {
+                tracing::warn!(range, step, "checkpoint not saved: {reason}");
+                state.checkpoint_failures.push(CheckpointFailure { range, step, reason });
+                Vec::new()
+            }
             JobMsg::RemoteStarted(key) => state.core.on_child_started(key),
             JobMsg::RemoteFailed(key, reason) => {
                 if state.remote.remove(&key).is_none() {

@@ -21,7 +21,10 @@ mod shard;
 mod trainer;
 
 pub use aggregator::AggregatorActor;
-pub use job::{spawn_job, spawn_job_at, JobActor, JobArgs, JobHandle, JobOutcome, JobRunError, JobState, Progress};
+pub use job::{
+    spawn_job, spawn_job_at, CheckpointFailure, JobActor, JobArgs, JobHandle, JobOutcome, JobRunError, JobState,
+    Progress,
+};
 
 use ractor::{Actor, ActorCell, SpawnErr};
 

@@ -19,6 +19,9 @@ pub struct CheckpointStore {
     dir: PathBuf,
     /// Makes temp names unique among concurrent saves of this process.
     temp_seq: AtomicU64,
+    /// Fault injection: abort the process between writing and renaming the
+    /// checkpoint of this step.
+    crash_before_rename: Option<u64>,
 }
 
 /// What [`CheckpointStore::scan`] found about one checkpoint file.
@@ -83,7 +86,7 @@ impl CheckpointStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, CheckpointError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io_err("creating directory", &dir))?;
-        let store = CheckpointStore { dir, temp_seq: AtomicU64::new(0) };
+        let store = CheckpointStore { dir, temp_seq: AtomicU64::new(0), crash_before_rename: None };
         for name in store.file_names()? {
             if name.starts_with(TEMP_PREFIX) {
                 let path = store.dir.join(&name);
@@ -101,6 +104,14 @@ impl CheckpointStore {
         Ok(store)
     }
 
+    /// Fault injection for chaos tests of whole processes: the save of `step`
+    /// writes and fsyncs its temporary file, then aborts the process before the
+    /// rename, as a crash at the worst moment would.
+    pub fn with_crash_before_rename(mut self, step: Option<u64>) -> Self {
+        self.crash_before_rename = step;
+        self
+    }
+
     /// The checkpoint directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -112,6 +123,11 @@ impl CheckpointStore {
     /// the same step and range is replaced.
     pub fn save(&self, ckpt: &RangeCheckpoint) -> Result<PathBuf, CheckpointError> {
         let (temp_path, final_path) = self.write_temp(ckpt)?;
+        if self.crash_before_rename == Some(ckpt.step) {
+            tracing::error!(path = %temp_path.display(), "injected crash before renaming checkpoint {}", final_path.display());
+            eprintln!("injected crash: wrote {} and abort before renaming it", temp_path.display());
+            std::process::abort();
+        }
         // rename(2) within one directory is atomic: readers see the old file or the new
         // complete one. It only reaches the disk with the directory's metadata, hence the
         // directory fsync below.

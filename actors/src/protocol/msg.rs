@@ -236,6 +236,19 @@ pub enum Msg {
         /// The checkpointed version.
         step: u64,
     },
+    /// Aggregator → job: the checkpoint of the range at `step` could not be
+    /// written (full disk, I/O error). Training goes on; the previous complete
+    /// checkpoint stays the rollback point.
+    CheckpointFailed {
+        /// The job.
+        job: JobId,
+        /// The sender's range.
+        range: u32,
+        /// The version that was not checkpointed.
+        step: u64,
+        /// The error, naming the file.
+        reason: String,
+    },
     /// Aggregator → job: the last step is applied; here is the final range.
     Finished {
         /// The job.
@@ -268,6 +281,7 @@ impl Msg {
             | Msg::Rollback { job, .. }
             | Msg::StepApplied { job, .. }
             | Msg::CheckpointSaved { job, .. }
+            | Msg::CheckpointFailed { job, .. }
             | Msg::Finished { job, .. } => *job,
         }
     }
@@ -286,6 +300,7 @@ impl Msg {
             Msg::Rollback { .. } => "rollback",
             Msg::StepApplied { .. } => "step-applied",
             Msg::CheckpointSaved { .. } => "checkpoint-saved",
+            Msg::CheckpointFailed { .. } => "checkpoint-failed",
             Msg::Finished { .. } => "finished",
         }
     }

@@ -71,6 +71,10 @@ pub struct NodeConfig {
     /// Where the coordinator writes summary.json and model.safetensors.
     #[serde(default)]
     pub out: Option<PathBuf>,
+    /// Fault injection for chaos tests: abort this process after writing the
+    /// checkpoint of this step to its temporary file, before the rename.
+    #[serde(default)]
+    pub crash_before_rename: Option<u64>,
 }
 
 impl NodeConfig {
@@ -125,6 +129,8 @@ struct NodeJob {
     names: LocalNet,
     checkpoints: PathBuf,
     out: Option<PathBuf>,
+    /// Fault injection: see [`NodeConfig::crash_before_rename`].
+    crash_before_rename: Option<u64>,
     members: Vec<u32>,
     coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
     done: bool,
@@ -166,6 +172,7 @@ impl NodeJob {
             names,
             checkpoints,
             out: config.out.clone(),
+            crash_before_rename: config.crash_before_rename,
             members: (0..config.members()).collect(),
             coordinator: None,
             done: false,
@@ -238,8 +245,16 @@ impl NodeJob {
         let members = self.members.clone();
         let checkpoints = self.checkpoints.clone();
         let out = self.out.clone();
+        let crash = self.crash_before_rename;
         let task = tokio::spawn(async move {
-            if let Err(e) = coordinate(prepared, routing, names, members, checkpoints, out, epoch).await {
+            let result = match CheckpointStore::open(&checkpoints) {
+                Ok(store) => {
+                    let store = store.with_crash_before_rename(crash);
+                    coordinate(prepared, routing, names, members, store, out, epoch).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = result {
                 tracing::error!(node = me, "coordinator: {e}");
                 emit(me, "job_failed", json!({ "error": e.to_string() }));
             }
@@ -314,12 +329,11 @@ async fn coordinate(
     routing: Routing,
     names: LocalNet,
     members: Vec<u32>,
-    checkpoints: PathBuf,
+    store: CheckpointStore,
     out: Option<PathBuf>,
     epoch: u64,
 ) -> Result<(), Error> {
     let me = routing.me;
-    let store = CheckpointStore::open(&checkpoints)?;
     let restore = store.newest_complete(&prepared.config_hash, prepared.model.num_params())?;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone()));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
