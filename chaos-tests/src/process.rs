@@ -1,42 +1,116 @@
-//! The real-process tier: `phalanx` node processes on loopback (QUIC, mutual
-//! TLS), node faults injected while a job trains, and the same invariants on
-//! the outcome: completes, exactly-once, bit-identical to the fault-free run.
+//! The real-process tier: `phalanx node` processes on loopback (QUIC, mutual
+//! TLS), faults injected while a job trains — SIGKILL, SIGSTOP, restarts,
+//! partitions and damaged links (through the fault relay), full disks (a
+//! tmpfs), corrupted checkpoints, a crash between checkpoint write and
+//! rename — and the invariants checked on the outcome.
+//!
+//! Scenarios are TOML files in `chaos-tests/scenarios/` (`tier = "process"`);
+//! the built-in set is compiled in, so the campaign runs from anywhere:
+//!
+//! ```toml
+//! tier = "process"
+//! name = "SIGKILL aggregator node"   # the fault type, as the report names it
+//! nodes = 3                          # default 3
+//! faults = ["kill 0@300"]            # `phalanx local` flags without the dashes
+//! expect_detection = true            # must a survivor declare a node down? (default: by fault kind)
+//! ```
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use phalanx::local::{run_local_with, NodeFault};
 use phalanx::{JobConfig, PreparedJob};
 use phalanx_actors::data::DatasetSource;
 use phalanx_actors::model::ModelKind;
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::report::{Percentiles, Report};
+use crate::invariants::{check_process, Expected};
+use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
-/// One real-process scenario: a name (its fault type) and the faults.
+/// The built-in scenarios: (file name, contents).
+pub const BUILTIN: [(&str, &str); 14] = [
+    ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
+    ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
+    ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
+    ("kill-aggregator-and-trainer.toml", include_str!("../scenarios/kill-aggregator-and-trainer.toml")),
+    ("pause-short.toml", include_str!("../scenarios/pause-short.toml")),
+    ("pause-long.toml", include_str!("../scenarios/pause-long.toml")),
+    ("kill-restart.toml", include_str!("../scenarios/kill-restart.toml")),
+    ("partition-aggregator-node.toml", include_str!("../scenarios/partition-aggregator-node.toml")),
+    ("partition-trainer-node.toml", include_str!("../scenarios/partition-trainer-node.toml")),
+    ("degraded-links.toml", include_str!("../scenarios/degraded-links.toml")),
+    ("disk-full.toml", include_str!("../scenarios/disk-full.toml")),
+    ("disk-full-then-kill.toml", include_str!("../scenarios/disk-full-then-kill.toml")),
+    ("crash-before-rename.toml", include_str!("../scenarios/crash-before-rename.toml")),
+    ("corrupt-checkpoint.toml", include_str!("../scenarios/corrupt-checkpoint.toml")),
+];
+
+/// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
+/// long enough for faults of 1–3 s to start and heal mid-run.
+const EPOCHS: u32 = 150;
+
+/// One real-process scenario.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProcessScenario {
+    /// Must be "process".
+    pub tier: String,
     /// The fault type, as the report names it.
-    pub name: &'static str,
-    /// What to inject.
-    pub faults: Vec<NodeFault>,
+    pub name: String,
+    /// Node processes (default 3).
+    #[serde(default = "three")]
+    pub nodes: u32,
+    /// Faults as `phalanx local` spells them without the dashes: `kill 0@300`.
+    pub faults: Vec<String>,
+    /// Must a survivor declare a node down? Default: yes when a fault kills,
+    /// crashes or cuts off a node; not checked otherwise.
+    #[serde(default)]
+    pub expect_detection: Option<bool>,
+    /// Epochs of the job (default 150).
+    #[serde(default)]
+    pub epochs: Option<u32>,
 }
 
-/// Each node fault type once, on 3 nodes (node 0 hosts the aggregators).
+fn three() -> u32 {
+    3
+}
+
+impl ProcessScenario {
+    /// Parse a scenario file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, String> {
+        let s: Self = toml::from_str(text).map_err(|e| format!("{origin}: {}", e.to_string().replace('\n', " ")))?;
+        if s.tier != "process" {
+            return Err(format!("{origin}: tier is '{}', expected \"process\"", s.tier));
+        }
+        s.node_faults().map_err(|e| format!("{origin}: {e}"))?;
+        Ok(s)
+    }
+
+    /// The faults, parsed.
+    pub fn node_faults(&self) -> Result<Vec<NodeFault>, String> {
+        self.faults
+            .iter()
+            .map(|f| {
+                let (kind, arg) =
+                    f.trim().split_once(' ').ok_or_else(|| format!("fault '{f}': expected 'KIND ARG'"))?;
+                NodeFault::parse(kind, arg.trim())
+            })
+            .collect()
+    }
+
+    /// The job it runs.
+    pub fn job(&self) -> JobConfig {
+        JobConfig { epochs: Some(self.epochs.unwrap_or(EPOCHS)), ..job() }
+    }
+}
+
+/// The built-in scenarios, parsed.
 pub fn scenarios() -> Vec<ProcessScenario> {
-    vec![
-        ProcessScenario { name: "SIGKILL trainer node", faults: vec![NodeFault::Kill { node: 2, step: 150 }] },
-        ProcessScenario { name: "SIGKILL aggregator node", faults: vec![NodeFault::Kill { node: 0, step: 150 }] },
-        ProcessScenario {
-            name: "SIGSTOP shorter than detection",
-            faults: vec![NodeFault::Pause { node: 1, step: 150, ms: 150 }],
-        },
-        ProcessScenario {
-            name: "SIGSTOP longer than detection",
-            faults: vec![NodeFault::Pause { node: 1, step: 150, ms: 1200 }],
-        },
-        ProcessScenario {
-            name: "SIGKILL then restart",
-            faults: vec![NodeFault::Kill { node: 1, step: 100 }, NodeFault::Restart { node: 1, step: 300 }],
-        },
-    ]
+    BUILTIN
+        .iter()
+        .map(|(name, text)| ProcessScenario::parse(text, name).unwrap_or_else(|e| panic!("built-in scenario {e}")))
+        .collect()
 }
 
 /// The `phalanx` executable next to this one (both live in `target/<profile>`),
@@ -47,75 +121,276 @@ pub fn find_phalanx() -> Option<PathBuf> {
     [dir.join("phalanx"), dir.parent()?.join("phalanx")].into_iter().find(|p| p.is_file())
 }
 
-/// The job every scenario runs.
+/// The job every scenario runs (before its own epochs).
 pub fn job() -> JobConfig {
     JobConfig {
         model: ModelKind::Mlp,
         dataset: DatasetSource::Winequality,
         trainers: 3,
-        epochs: Some(30),
+        epochs: Some(EPOCHS),
         checkpoint_every: 20,
         ..JobConfig::default()
     }
 }
 
-/// Run every scenario with `exe` and fold the results into `report`.
-pub fn process_campaign(exe: &Path, work: &Path, report: &mut Report) -> Result<(), String> {
-    let config = job();
+/// What the checkers compare a job against: the single-process plain loop.
+pub fn expected(config: &JobConfig) -> Result<Expected, String> {
     let prepared = PreparedJob::new(config.clone()).map_err(|e| e.to_string())?;
-    let expected = phalanx::params_sha256(&prepared.reference_params().map_err(|e| e.to_string())?);
-    let sizes = prepared.partitions.sizes();
-    report.tiers.push("real processes".into());
-    for (i, s) in scenarios().into_iter().enumerate() {
-        let out = work.join(format!("scenario-{i}"));
-        let run = JobConfig { out: Some(out), ..config.clone() };
-        let injected = s.faults.iter().filter(|f| !matches!(f, NodeFault::Restart { .. })).count() as u64;
-        let mut detection = Vec::new();
-        let mut recovery = Vec::new();
-        let outcome = run_local_with(exe, &run, 3, s.faults, |_, _, _| {});
-        let mut violations = Vec::new();
-        match &outcome {
-            Err(e) => violations.push(format!("completes: {e}")),
-            Ok(summary) => {
-                if summary["model_sha256"].as_str() != Some(expected.as_str()) {
-                    violations.push(format!("bit-identical: {} vs {}", summary["model_sha256"], expected));
-                }
-                for e in summary["samples_applied"].as_array().into_iter().flatten() {
-                    let per: Vec<u64> =
-                        e["per_partition"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
-                    for (got, want) in per.iter().zip(&sizes) {
-                        report.samples_lost += want.saturating_sub(*got);
-                        report.samples_duplicated += got.saturating_sub(*want);
-                    }
-                    if per != sizes {
-                        violations.push(format!("exactly-once: epoch {} applied {per:?}", e["epoch"]));
-                    }
-                }
-                for f in summary["node_faults"].as_array().into_iter().flatten() {
-                    detection.extend(f["detection_ms"].as_u64());
-                    recovery.extend(f["recovery_ms"].as_u64());
+    let params = prepared.reference_params().map_err(|e| e.to_string())?;
+    Ok(Expected {
+        model_sha256: phalanx::params_sha256(&params),
+        partition_sizes: prepared.partitions.sizes(),
+        epochs: prepared.schedule.epochs,
+    })
+}
+
+/// One scenario's run.
+#[derive(Debug)]
+pub struct ScenarioRun {
+    /// The scenario's name.
+    pub name: String,
+    /// The cluster's summary (with `node_faults`), or why there is none.
+    pub summary: Result<Value, String>,
+    /// Wall time of the run, node start to job done.
+    pub duration: Duration,
+    /// Every step event: step, loss, seconds since start.
+    pub trace: Vec<(u64, f64, f64)>,
+    /// Invariant violations and faults that did not take effect.
+    pub violations: Vec<String>,
+}
+
+impl ScenarioRun {
+    /// Faults injected (a restart is the end of a kill, not a fault).
+    pub fn injected(&self, scenario: &ProcessScenario) -> u64 {
+        scenario.faults.iter().filter(|f| !f.trim_start().starts_with("restart")).count() as u64
+    }
+
+    /// Steps applied again after going back (rollbacks and takeovers): the
+    /// sum of every backward jump of the step events.
+    pub fn steps_replayed(&self) -> u64 {
+        self.trace.windows(2).map(|w| w[0].0.saturating_sub(w[1].0)).sum()
+    }
+
+    /// The trace as plot points: loss and steps per second over the last
+    /// few step events.
+    pub fn points(&self) -> Vec<RunPoint> {
+        const WINDOW: usize = 20;
+        self.trace
+            .iter()
+            .enumerate()
+            .map(|(i, (step, loss, t))| {
+                let from = i.saturating_sub(WINDOW);
+                let advanced: u64 = self.trace[from..=i].windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).sum();
+                let dt = t - self.trace[from].2;
+                RunPoint { step: *step, loss: *loss, throughput: (dt > 0.0).then(|| advanced as f64 / dt) }
+            })
+            .collect()
+    }
+
+    /// Fault and recovery moments as (step, label) marks.
+    pub fn marks(&self) -> Vec<(u64, String)> {
+        let Ok(summary) = &self.summary else { return Vec::new() };
+        let mut marks = Vec::new();
+        for f in summary["node_faults"].as_array().into_iter().flatten() {
+            let step = f["step"].as_u64().unwrap_or(0);
+            let node = f["node"].as_u64().map(|n| format!(" {n}")).unwrap_or_default();
+            marks.push((step, format!("{}{node}", f["kind"].as_str().unwrap_or("?"))));
+            // Resumed: the step reached `recovery_ms` after the step of injection.
+            let injected_at = self.trace.iter().find(|(s, _, _)| *s >= step).map(|(_, _, t)| *t);
+            if let (Some(at), Some(ms)) = (injected_at, f["recovery_ms"].as_u64()) {
+                let resumed = at + ms as f64 / 1000.0;
+                if let Some((s, _, _)) = self.trace.iter().find(|(_, _, t)| *t >= resumed) {
+                    marks.push((*s, "resumed".into()));
                 }
             }
         }
-        let ok = violations.is_empty();
-        report.identical &= ok;
+        marks
+    }
+}
+
+/// Run one scenario with `exe`, outputs under `work`, and check it.
+pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expected: &Expected) -> ScenarioRun {
+    let config = JobConfig { out: Some(work.to_path_buf()), ..scenario.job() };
+    let started = Instant::now();
+    let mut trace = Vec::new();
+    let summary = scenario.node_faults().and_then(|faults| {
+        run_local_with(exe, &config, scenario.nodes, faults, |step, _, loss| {
+            trace.push((step, loss, started.elapsed().as_secs_f64()))
+        })
+        .map_err(|e| e.to_string())
+    });
+    let duration = started.elapsed();
+    let violations = match &summary {
+        Err(e) => vec![format!("completes: {e}")],
+        Ok(s) => {
+            let mut v = check_process(s, expected);
+            v.extend(took_effect(scenario, s).err().map(|e| format!("fault-took-effect: {e}")));
+            v
+        }
+    };
+    ScenarioRun { name: scenario.name.clone(), summary, duration, trace, violations }
+}
+
+/// The faults really happened: a run where nothing was damaged proves nothing.
+fn took_effect(scenario: &ProcessScenario, summary: &Value) -> Result<(), String> {
+    let reports: Vec<&Value> = summary["node_faults"].as_array().into_iter().flatten().collect();
+    let kind = |f: &Value| f["kind"].as_str().unwrap_or("").to_string();
+    let kills = |k: &str| matches!(k, "kill" | "partition" | "crash-before-rename");
+    let default_detection = reports.iter().any(|f| kills(&kind(f)));
+    match scenario.expect_detection.unwrap_or(default_detection) {
+        true => {
+            let detectable = |k: &str| kills(k) || k == "pause";
+            if let Some(f) = reports.iter().find(|f| detectable(&kind(f)) && f["detection_ms"].is_null()) {
+                return Err(format!("{} of node {} at step {} was never detected", kind(f), f["node"], f["step"]));
+            }
+        }
+        false if scenario.expect_detection == Some(false) => {
+            if let Some(f) = reports.iter().find(|f| !f["detection_ms"].is_null()) {
+                return Err(format!("{} at step {} got a node declared down", kind(f), f["step"]));
+            }
+        }
+        false => {}
+    }
+    for f in &reports {
+        match kind(f).as_str() {
+            "disk-full" if summary["checkpoint_failures"].as_array().is_none_or(|c| c.is_empty()) => {
+                return Err("the disk was filled but no checkpoint failed".into());
+            }
+            "crash-before-rename" => {
+                let evidence = f["evidence"].as_str().unwrap_or("");
+                if evidence.is_empty() || evidence.contains("left 0 ") {
+                    return Err(format!("the crash left no temporary checkpoint file ({evidence:?})"));
+                }
+            }
+            "corrupt" => {
+                let (node, Some(bad)) = (f["node"].as_u64(), f["checkpoint_step"].as_u64()) else {
+                    return Err(format!("nothing was corrupted: {}", f["evidence"]));
+                };
+                let fell_back = summary["takeovers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["node"].as_u64() == node && t["restore"].as_u64().is_some_and(|r| r < bad));
+                if !fell_back {
+                    return Err(format!("no takeover on node {node:?} fell back below the corrupted step {bad}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Run `scenarios` with `exe` (plus one fault-free run per cluster size, for
+/// the slowdown) and fold the results into `report`; plot one run into
+/// `plot` (`processes.svg`).
+pub fn process_campaign_of(
+    exe: &Path,
+    scenarios: &[ProcessScenario],
+    work: &Path,
+    report: &mut Report,
+    plot: Option<&Path>,
+) -> Result<(), String> {
+    report.tiers.push("real processes".into());
+    let mut baselines: std::collections::BTreeMap<(u32, u32), f64> = Default::default();
+    let mut plotted = plot.is_none();
+    for (i, s) in scenarios.iter().enumerate() {
+        let config = s.job();
+        let expected = expected(&config)?;
+        let batch = PreparedJob::new(config.clone()).map_err(|e| e.to_string())?.resolved.batch_size as u64;
+        let key = (s.nodes, config.epochs.unwrap_or(EPOCHS));
+        if !baselines.contains_key(&key) {
+            let calm = ProcessScenario { name: "fault-free".into(), faults: Vec::new(), ..s.clone() };
+            let run = run_scenario(exe, &calm, &work.join(format!("fault-free-{}-nodes", s.nodes)), &expected);
+            if !run.violations.is_empty() {
+                return Err(format!("the fault-free run on {} nodes failed: {}", s.nodes, run.violations.join("; ")));
+            }
+            baselines.insert(key, run.duration.as_secs_f64().max(1e-3));
+        }
+        let run = run_scenario(exe, s, &work.join(format!("scenario-{i}")), &expected);
+        let ok = run.violations.is_empty();
+        let injected = run.injected(s);
+        let (mut detection, mut recovery) = (Vec::new(), Vec::new());
+        if let Ok(summary) = &run.summary {
+            for e in summary["samples_applied"].as_array().into_iter().flatten() {
+                let per = e["per_partition"].as_array().into_iter().flatten().filter_map(|v| v.as_u64());
+                for (got, want) in per.zip(&expected.partition_sizes) {
+                    report.samples_lost += want.saturating_sub(got);
+                    report.samples_duplicated += got.saturating_sub(*want);
+                }
+            }
+            for f in summary["node_faults"].as_array().into_iter().flatten() {
+                detection.extend(f["detection_ms"].as_u64());
+                recovery.extend(f["recovery_ms"].as_u64());
+            }
+        }
+        println!(
+            "process scenario '{}': {:.1} s, {} step(s) replayed: {}",
+            s.name,
+            run.duration.as_secs_f64(),
+            run.steps_replayed(),
+            if ok { "all invariants hold".to_string() } else { run.violations.join("; ") }
+        );
+        report.identical &=
+            run.summary.as_ref().is_ok_and(|s| s["model_sha256"].as_str() == Some(&expected.model_sha256));
         report.seeds_run += 1;
-        report.violations.extend(violations.into_iter().map(|v| format!("{}: {v}", s.name)));
-        let entry = report.fault_types.entry(s.name.to_string()).or_default();
+        report.steps_replayed += run.steps_replayed();
+        report.violations.extend(run.violations.iter().map(|v| format!("{}: {v}", s.name)));
+        let entry = report.fault_types.entry(s.name.clone()).or_default();
+        entry.tier = "process".into();
         entry.injected += injected;
         if ok {
             entry.survived += injected;
         }
         entry.restart_ms = Percentiles::of(&detection);
         entry.recovery_ms = Percentiles::of(&recovery);
+        entry.samples_replayed += run.steps_replayed() * batch;
+        entry.slowdown = Some(run.duration.as_secs_f64() / baselines[&key]);
         report.faults_injected += injected;
         if ok {
             report.faults_survived += injected;
         }
+        if let (false, Some(path), true) = (plotted, plot, ok) {
+            if run.marks().iter().any(|(_, m)| m == "resumed") {
+                plotted = true;
+                let title = format!("{} ({} nodes): loss and throughput per step", s.name, s.nodes);
+                plot_run(path, &title, &run.points(), &run.marks())?;
+            }
+        }
     }
-    report.not_covered =
-        vec!["network partitions between real processes (the membership core's simulated network covers them), \
-         disk-full checkpoint directories and torn checkpoint copies against processes"
-            .into()];
     Ok(())
+}
+
+/// The built-in scenarios, into `report`, plotting into `work/../processes.svg`.
+pub fn process_campaign(exe: &Path, work: &Path, report: &mut Report) -> Result<(), String> {
+    let plot = work.parent().map(|d| d.join("processes.svg"));
+    process_campaign_of(exe, &scenarios(), work, report, plot.as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_built_in_scenario_parses() {
+        let all = scenarios();
+        assert_eq!(all.len(), BUILTIN.len());
+        let kinds: std::collections::BTreeSet<&'static str> =
+            all.iter().flat_map(|s| s.node_faults().unwrap()).map(|f| f.kind()).collect();
+        for k in ["kill", "pause", "restart", "partition", "degrade", "disk-full", "corrupt", "crash-before-rename"] {
+            assert!(kinds.contains(k), "no built-in scenario injects {k}");
+        }
+    }
+
+    #[test]
+    fn a_bad_scenario_names_its_file_and_the_problem() {
+        let e = ProcessScenario::parse("tier = \"process\"\nname = \"x\"\nfaults = [\"explode 1@2\"]", "x.toml")
+            .unwrap_err();
+        assert!(e.starts_with("x.toml: --explode 1@2: unknown fault kind"), "{e}");
+        let e = ProcessScenario::parse("tier = \"simulation\"\nname = \"x\"\nfaults = []", "y.toml").unwrap_err();
+        assert!(e.contains("y.toml: tier is 'simulation'"), "{e}");
+        let e =
+            ProcessScenario::parse("tier = \"process\"\nname = \"x\"\nfaults = []\nnode = 3", "z.toml").unwrap_err();
+        assert!(e.contains("z.toml") && e.contains("unknown field `node`"), "{e}");
+    }
 }

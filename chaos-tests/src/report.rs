@@ -37,6 +37,8 @@ impl Percentiles {
 /// One fault type's figures.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct FaultType {
+    /// `simulation` or `process`.
+    pub tier: String,
     /// Faults of this type injected.
     pub injected: u64,
     /// Of those, in runs whose every invariant held.
@@ -46,6 +48,14 @@ pub struct FaultType {
     pub restart_ms: Percentiles,
     /// Time from the fault to training progressing again.
     pub recovery_ms: Percentiles,
+    /// Samples applied again after rollbacks and takeovers in runs with this fault type.
+    pub samples_replayed: u64,
+    /// Samples lost in runs with this fault type (must be 0).
+    pub lost: u64,
+    /// Samples applied twice in runs with this fault type (must be 0).
+    pub duplicated: u64,
+    /// Real processes: wall time of the run over the fault-free run's on as many nodes.
+    pub slowdown: Option<f64>,
 }
 
 /// `report.json`.
@@ -103,31 +113,49 @@ impl Report {
             self.samples_duplicated,
             if self.identical { "yes" } else { "NO" }
         ));
-        s.push_str("| fault type | injected | survived | restart or detection p50/p95/p99 ms | recovery p50/p95/p99 ms | lost | duplicated |\n");
-        s.push_str("|---|---:|---:|---|---|---:|---:|\n");
-        for (name, f) in &self.fault_types {
+        for (tier, heading, restart) in [
+            ("process", "Real processes (wall-clock ms on loopback)", "detection"),
+            ("simulation", "Simulation (virtual ms of a seeded clock)", "restart"),
+        ] {
+            let rows: Vec<_> = self.fault_types.iter().filter(|(_, f)| f.tier == tier).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            s.push_str(&format!("## {heading}\n\n"));
             s.push_str(&format!(
-                "| {name} | {} | {} | {}/{}/{} | {}/{}/{} | 0 | 0 |\n",
-                f.injected,
-                f.survived,
-                ms(f.restart_ms.p50),
-                ms(f.restart_ms.p95),
-                ms(f.restart_ms.p99),
-                ms(f.recovery_ms.p50),
-                ms(f.recovery_ms.p95),
-                ms(f.recovery_ms.p99)
+                "| fault type | injected | survived | {restart} p50/p95/p99 ms | recovery p50/p95/p99 ms | samples replayed | lost | duplicated | slowdown vs fault-free |\n"
             ));
+            s.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|\n");
+            for (name, f) in rows {
+                s.push_str(&format!(
+                    "| {name} | {} | {} | {}/{}/{} | {}/{}/{} | {} | {} | {} | {} |\n",
+                    f.injected,
+                    f.survived,
+                    ms(f.restart_ms.p50),
+                    ms(f.restart_ms.p95),
+                    ms(f.restart_ms.p99),
+                    ms(f.recovery_ms.p50),
+                    ms(f.recovery_ms.p95),
+                    ms(f.recovery_ms.p99),
+                    f.samples_replayed,
+                    f.lost,
+                    f.duplicated,
+                    f.slowdown.map_or("–".to_string(), |x| format!("{x:.2}×"))
+                ));
+            }
+            s.push('\n');
         }
         s.push_str(&format!(
-            "\nSteps recomputed after rollbacks: {}. Slowdown vs fault-free (virtual time): {:.2}×.\n\n",
+            "Steps recomputed after rollbacks and takeovers: {}. Simulation slowdown vs fault-free (virtual time, mean over seeds): {:.2}×.\n\n",
             self.steps_replayed, self.slowdown
         ));
         s.push_str(
-            "Simulation rows (crashes, messages) are in virtual milliseconds of a seeded clock; \
-             real-process rows (SIGKILL, SIGSTOP, restart) are wall-clock milliseconds on loopback, \
-             with detection in the restart column.\n\n",
+            "Detection: from the fault until a survivor declared the node down. Recovery: from the fault until \
+             the first step applied after that (simulation: after the replacement started). Slowdown: the run's \
+             wall time over the fault-free run's on as many nodes.\n\n",
         );
-        s.push_str("![loss per step, faults marked](loss.svg)\n\n");
+        s.push_str("![real processes: loss and throughput per step, faults and recoveries marked](processes.svg)\n\n");
+        s.push_str("![simulation: loss per step, crashes marked](loss.svg)\n\n");
         if self.violations.is_empty() {
             s.push_str(
                 "All invariants held: completes, exactly-once, bit-identical, replays-identical, no-split-brain.\n",
@@ -146,6 +174,53 @@ impl Report {
         }
         s
     }
+}
+
+/// One step event of a real-process run, for [`plot_run`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunPoint {
+    /// The step.
+    pub step: u64,
+    /// Mean loss of the step.
+    pub loss: f64,
+    /// Steps per second around it (wall clock).
+    pub throughput: Option<f64>,
+}
+
+/// Plot loss (top) and throughput (bottom) per step of one run, with fault
+/// and recovery moments marked, as SVG.
+pub fn plot_run(path: &Path, title: &str, points: &[RunPoint], marks: &[(u64, String)]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root.titled(title, ("sans-serif", 18)).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(300);
+    let max_step = points.iter().map(|p| p.step).max().unwrap_or(1).max(1);
+    let series: [(&str, Vec<(u64, f64)>); 2] = [
+        ("mean loss", points.iter().map(|p| (p.step, p.loss)).filter(|(_, l)| l.is_finite()).collect()),
+        ("steps / s", points.iter().filter_map(|p| Some((p.step, p.throughput?))).collect()),
+    ];
+    for ((label, data), area) in series.into_iter().zip([top, bottom]) {
+        let max_y = data.iter().map(|(_, y)| *y).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+        let mut chart = ChartBuilder::on(&area)
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0u64..max_step, 0f64..max_y)
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc("step").y_desc(label).draw().map_err(|e| err(&e))?;
+        chart.draw_series(LineSeries::new(data, &BLUE)).map_err(|e| err(&e))?;
+        for (step, what) in marks {
+            let s = (*step).min(max_step);
+            let color = if what == "resumed" { GREEN.mix(0.8) } else { RED.mix(0.6) };
+            chart.draw_series(LineSeries::new(vec![(s, 0.0), (s, max_y)], color)).map_err(|e| err(&e))?;
+            chart
+                .draw_series(std::iter::once(Text::new(what.clone(), (s, max_y * 0.93), ("sans-serif", 11))))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))
 }
 
 /// Plot loss per step of one run with its faults marked, as SVG.

@@ -451,6 +451,14 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         let _ = self.stop_all();
+        // Keep the node logs with the outputs: the temp dir goes away.
+        let logs = self.out.join("logs");
+        if std::fs::create_dir_all(&logs).is_ok() {
+            for id in 0..self.nodes.len() {
+                let name = format!("node-{id}.log");
+                let _ = std::fs::copy(self.dir.path().join(&name), logs.join(&name));
+            }
+        }
         for dir in self.mounts.drain(..) {
             let _ = Command::new("umount").arg(&dir).status();
         }
@@ -647,6 +655,11 @@ pub fn run_local_with(
     let mut reports: Vec<(NodeFaultReport, u64, Option<u64>)> = Vec::new();
     let mut takeovers: Vec<Takeover> = Vec::new();
     let mut undo: Vec<(Instant, Undo)> = Vec::new();
+    // Every node event as a JSON line, for reading a run afterwards.
+    let mut events_log = match std::env::var_os("PHALANX_EVENTS") {
+        Some(path) => Some(std::fs::File::create(&path).map_err(|source| Error::Io { path: path.into(), source })?),
+        None => None,
+    };
     let done = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -676,6 +689,9 @@ pub fn run_local_with(
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Spawn("every node exited".into())),
         };
+        if let Some(log) = events_log.as_mut() {
+            let _ = writeln!(log, "{event}");
+        }
         match event["event"].as_str() {
             Some("step") => {
                 let step = event["step"].as_u64().unwrap_or(0);

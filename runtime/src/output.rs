@@ -149,7 +149,7 @@ impl Summary {
             samples_applied,
             partition_sizes: sizes,
             faults: report.outcome.faults.iter().map(FaultSummary::from).collect(),
-            rollbacks: report.outcome.generation,
+            rollbacks: report.outcome.rollbacks,
             checkpoint_failures: report.outcome.checkpoint_failures.clone(),
             job: JobEcho {
                 model: job.config.model.to_string(),

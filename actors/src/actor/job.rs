@@ -39,8 +39,10 @@ pub struct JobOutcome {
     pub faults: Vec<FaultRecord>,
     /// Mean loss of each step, keyed by the version it produced.
     pub losses: BTreeMap<u64, f64>,
-    /// Rollbacks that happened.
+    /// The generation at the end.
     pub generation: u64,
+    /// Rollbacks to a checkpoint that happened.
+    pub rollbacks: u64,
     /// Checkpoints that could not be written (training went on without them).
     pub checkpoint_failures: Vec<CheckpointFailure>,
 }
@@ -198,6 +200,7 @@ impl JobState {
                         faults: self.core.faults().to_vec(),
                         losses: self.core.losses().clone(),
                         generation: self.core.generation(),
+                        rollbacks: self.core.rollbacks(),
                         checkpoint_failures: self.checkpoint_failures.clone(),
                     };
                     self.stop(myself, Ok(outcome));

@@ -221,6 +221,8 @@ pub struct JobCore {
     plan: JobPlan,
     started: Instant,
     generation: u64,
+    /// Rollbacks this supervisor ordered.
+    rollbacks: u64,
     children: BTreeMap<ActorKey, Child>,
     range_steps: Vec<u64>,
     global_step: u64,
@@ -240,6 +242,7 @@ impl JobCore {
             plan,
             started: now,
             generation: 0,
+            rollbacks: 0,
             children,
             range_steps: vec![0; ranges],
             global_step: 0,
@@ -272,6 +275,11 @@ impl JobCore {
     /// The current generation.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Rollbacks to a checkpoint this supervisor ordered (aggregator failures).
+    pub fn rollbacks(&self) -> u64 {
+        self.rollbacks
     }
     /// The newest version every range has reached.
     pub fn global_step(&self) -> u64 {
@@ -361,6 +369,7 @@ impl JobCore {
         if key.role == Role::Aggregator {
             // The ranges make one θ: every aggregator returns to the same version.
             self.generation += 1;
+            self.rollbacks += 1;
             let step = checkpoint.unwrap_or(0);
             restore = Some(step);
             self.range_steps.iter_mut().for_each(|s| *s = step);

@@ -1,7 +1,8 @@
 //! `phalanx-chaos`: run fault scenarios and campaigns against Phalanx.
 //!
 //! cargo run --release -p phalanx-chaos -- campaign --seeds 500 --out chaos-out
-//! cargo run --release -p phalanx-chaos -- run scenarios/sim-heavy.toml --out chaos-out
+//! cargo run --release -p phalanx-chaos -- run chaos-tests/scenarios/sim-heavy.toml --out chaos-out
+//! cargo run --release -p phalanx-chaos -- run chaos-tests/scenarios/partition-aggregator-node.toml --out chaos-out
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use phalanx_chaos::campaign::sim_campaign;
 use phalanx_chaos::invariants::check_all;
-use phalanx_chaos::process::{find_phalanx, process_campaign};
+use phalanx_chaos::process::{find_phalanx, process_campaign, process_campaign_of, ProcessScenario};
+use phalanx_chaos::report::Report;
 use phalanx_chaos::sim::{campaign_jobs, simulate, SimOptions};
 use serde::Deserialize;
 
@@ -48,11 +50,18 @@ enum Command {
     },
 }
 
+/// Which tier a scenario file is for.
+#[derive(Deserialize)]
+struct Tier {
+    tier: String,
+}
+
 /// A simulation scenario: a seed range and fault intensities.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Scenario {
-    /// Must be "simulation" for now.
+    /// "simulation".
+    #[allow(dead_code)]
     tier: String,
     /// First seed.
     #[serde(default)]
@@ -128,15 +137,16 @@ fn run() -> Result<bool, String> {
         }
         Command::Run { scenario, out } => {
             let text = std::fs::read_to_string(&scenario).map_err(|e| format!("{}: {e}", scenario.display()))?;
-            let s: Scenario = toml::from_str(&text)
-                .map_err(|e| format!("{}: {}", scenario.display(), e.to_string().replace('\n', " ")))?;
-            if s.tier != "simulation" {
-                return Err(format!(
-                    "{}: tier '{}' is not available yet (only 'simulation')",
-                    scenario.display(),
-                    s.tier
-                ));
+            let origin = scenario.display().to_string();
+            let tier: Tier =
+                toml::from_str(&text).map_err(|e| format!("{origin}: {}", e.to_string().replace('\n', " ")))?;
+            match tier.tier.as_str() {
+                "simulation" => {}
+                "process" => return run_process_scenario(&ProcessScenario::parse(&text, &origin)?, &out),
+                other => return Err(format!("{origin}: tier '{other}' (expected \"simulation\" or \"process\")")),
             }
+            let s: Scenario =
+                toml::from_str(&text).map_err(|e| format!("{origin}: {}", e.to_string().replace('\n', " ")))?;
             let jobs = campaign_jobs();
             let sim =
                 jobs.get(s.job).ok_or_else(|| format!("{}: job {} (choose 0, 1 or 2)", scenario.display(), s.job))?;
@@ -167,6 +177,21 @@ fn run() -> Result<bool, String> {
             Ok(ok)
         }
     }
+}
+
+/// `run` of a real-process scenario: its fault-free twin, the run, the report.
+fn run_process_scenario(scenario: &ProcessScenario, out: &std::path::Path) -> Result<bool, String> {
+    let exe = find_phalanx()
+        .ok_or("the phalanx binary is not next to phalanx-chaos: build it (cargo build --release -p phalanx)")?;
+    let mut report = Report { identical: true, ..Report::default() };
+    let plot = out.join("processes.svg");
+    process_campaign_of(&exe, std::slice::from_ref(scenario), &out.join("processes"), &mut report, Some(&plot))?;
+    report.write(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for v in &report.violations {
+        println!("VIOLATION {v}");
+    }
+    println!("report: {}/report.md", out.display());
+    Ok(report.violations.is_empty())
 }
 
 fn main() -> ExitCode {

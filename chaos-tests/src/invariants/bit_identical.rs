@@ -6,10 +6,18 @@ use crate::sim::SimOutcome;
 /// SHA-256 of the final parameters equals the fault-free one.
 pub fn bit_identical(outcome: &SimOutcome, expected: &Expected) -> Result<(), String> {
     let Some(Ok((params, _))) = &outcome.result else { return Ok(()) };
-    let got = phalanx::params_sha256(params);
+    sha_matches(&phalanx::params_sha256(params), expected)
+}
+
+/// The check on a final-model SHA-256 (hex), for both tiers.
+pub fn sha_matches(got: &str, expected: &Expected) -> Result<(), String> {
     if got == expected.model_sha256 {
         Ok(())
     } else {
-        Err(format!("final model {} differs from the fault-free {}", &got[..16], &expected.model_sha256[..16]))
+        Err(format!(
+            "final model {} differs from the fault-free {}",
+            got.get(..16).unwrap_or(got),
+            &expected.model_sha256[..16]
+        ))
     }
 }

@@ -3,10 +3,17 @@
 
 use super::Expected;
 use crate::sim::SimOutcome;
+use phalanx_actors::protocol::Ledger;
 
 /// The final ledger equals the partition sizes in every epoch.
 pub fn exactly_once(outcome: &SimOutcome, expected: &Expected) -> Result<(), String> {
     let Some(Ok((_, ledger))) = &outcome.result else { return Ok(()) };
+    ledger_exact(ledger, expected)
+}
+
+/// The check on a ledger (per epoch, samples applied per partition), for
+/// both tiers: the simulation's final ledger and a node cluster's summary.
+pub fn ledger_exact(ledger: &Ledger, expected: &Expected) -> Result<(), String> {
     if ledger.len() as u32 != expected.epochs {
         return Err(format!("ledger has {} epochs, the job {}", ledger.len(), expected.epochs));
     }

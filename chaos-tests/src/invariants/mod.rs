@@ -2,14 +2,18 @@
 //! or a one-line description of the violation.
 
 mod bit_identical;
+mod clean_exits;
 mod completes;
 mod exactly_once;
+mod no_bad_checkpoint;
 mod no_split_brain;
 mod replays_identical;
 
-pub use bit_identical::bit_identical;
+pub use bit_identical::{bit_identical, sha_matches};
+pub use clean_exits::clean_exits;
 pub use completes::completes;
-pub use exactly_once::exactly_once;
+pub use exactly_once::{exactly_once, ledger_exact};
+pub use no_bad_checkpoint::no_bad_checkpoint;
 pub use no_split_brain::no_split_brain;
 pub use replays_identical::replays_identical;
 
@@ -41,6 +45,29 @@ pub const ALL: [(&str, Check); 5] = [
 /// Run every checker; the violations, named.
 pub fn check_all(outcome: &SimOutcome, expected: &Expected) -> Vec<String> {
     ALL.iter().filter_map(|(name, check)| check(outcome, expected).err().map(|e| format!("{name}: {e}"))).collect()
+}
+
+/// The real-process tier's checks on a node cluster's `summary.json` (the
+/// run completed, or there is no summary): exactly-once, bit-identical, no
+/// bad checkpoint loaded, clean exits. The violations, named.
+pub fn check_process(summary: &serde_json::Value, expected: &Expected) -> Vec<String> {
+    let ledger: phalanx_actors::protocol::Ledger = summary["samples_applied"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let per = e["per_partition"].as_array()?.iter().map(|v| v.as_u64()).collect::<Option<Vec<u64>>>()?;
+            Some((e["epoch"].as_u64()?, per))
+        })
+        .collect();
+    let sha = summary["model_sha256"].as_str().unwrap_or("(none)");
+    let checks = [
+        ("exactly-once", ledger_exact(&ledger, expected)),
+        ("bit-identical", sha_matches(sha, expected)),
+        ("no-bad-checkpoint", no_bad_checkpoint(summary)),
+        ("clean-exits", clean_exits(summary)),
+    ];
+    checks.into_iter().filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}"))).collect()
 }
 
 #[cfg(test)]
@@ -104,5 +131,37 @@ mod tests {
         let mut o = outcome(vec![]);
         o.result = Some(Err(phalanx_actors::protocol::JobError::LedgerMismatch { range: 1 }));
         assert!(completes(&o, &expected()).unwrap_err().contains("the job failed"));
+    }
+
+    fn summary(sha: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_sha256": sha,
+            "samples_applied": [{ "epoch": 0, "per_partition": [2, 2] }],
+            "node_faults": [{ "kind": "corrupt", "node": 1, "checkpoint_step": 280 }],
+            "takeovers": [{ "node": 1, "epoch": 2, "restore": 260 }],
+            "node_exits": [{ "node": 1, "code": 0, "detail": "exit status: 0" }],
+            "panics": [],
+        })
+    }
+
+    #[test]
+    fn the_process_checks_pass_on_a_good_summary_and_each_fails_on_its_own_damage() {
+        let sha = "0".repeat(64);
+        assert_eq!(check_process(&summary(&sha), &expected()), Vec::<String>::new());
+        let mut s = summary(&sha);
+        s["samples_applied"][0]["per_partition"] = serde_json::json!([2, 3]);
+        assert!(check_process(&s, &expected())[0].starts_with("exactly-once: epoch 0 partition 1"));
+        let s = summary(&"1".repeat(64));
+        assert!(check_process(&s, &expected())[0].starts_with("bit-identical"));
+        let mut s = summary(&sha);
+        s["takeovers"][0]["restore"] = 280.into();
+        let v = check_process(&s, &expected());
+        assert!(v[0].starts_with("no-bad-checkpoint: node 1 took over") && v[0].contains("checkpoint 280"), "{v:?}");
+        let mut s = summary(&sha);
+        s["panics"] = serde_json::json!(["node 2: panicked at x.rs:1: boom"]);
+        assert!(check_process(&s, &expected())[0].contains("a node panicked: node 2"));
+        let mut s = summary(&sha);
+        s["node_exits"][0] = serde_json::json!({ "node": 1, "code": null, "detail": "signal: 6 (SIGABRT)" });
+        assert!(check_process(&s, &expected())[0].contains("node 1 exited badly: signal: 6"));
     }
 }

@@ -2,7 +2,13 @@
 //!
 //! Every node heartbeats every other configured member. A member not heard
 //! from within `failure_timeout_ms` is considered down. The **coordinator**
-//! is the lowest live node id; only it issues views. A view carries an
+//! issues views; it stays coordinator while it is alive and has a majority
+//! (*sticky*: a node that comes back with a lower id joins its view rather
+//! than taking over, which would restart the job from its older checkpoints).
+//! When no live coordinator is known — at start, or after the coordinator
+//! died — the lowest live id takes over. Heartbeats carry the sender's view
+//! (epoch and coordinator), so a returning node learns who coordinates
+//! before it could claim the role. A view carries an
 //! **epoch** (a term number): a node adopts a view only if its epoch is
 //! higher than any it has seen, so a stale coordinator — one that was paused
 //! or cut off and wakes up — cannot override the current one. Only a side
@@ -61,6 +67,8 @@ pub enum MembershipMsg {
         view_epoch: u64,
         /// The highest epoch the sender has seen anywhere.
         highest_epoch: u64,
+        /// Coordinator of the view the sender has adopted.
+        coordinator: Option<u32>,
     },
     /// The coordinator's view.
     View(View),
@@ -90,11 +98,14 @@ pub struct Membership {
     highest_epoch: u64,
     last_heartbeat: Option<Instant>,
     had_quorum: bool,
-    /// First tick; until a failure timeout has passed since, a node that has
-    /// not heard every member does not coordinate: it may simply not have
-    /// heard a lower id yet (a restarted node must not usurp a live one).
+    /// First tick with a majority heard (since start, or since the quorum was
+    /// lost); until a failure timeout has passed since, a node that has not
+    /// heard every member does not coordinate: it may simply not have heard
+    /// the coordinator yet (a restarted or healed node must not usurp it).
     started: Option<Instant>,
     settled: bool,
+    /// The view each member last said it had adopted: (epoch, coordinator).
+    reported: BTreeMap<u32, (u64, u32)>,
 }
 
 impl Membership {
@@ -114,6 +125,7 @@ impl Membership {
             had_quorum: false,
             started: None,
             settled: false,
+            reported: BTreeMap::new(),
         }
     }
 
@@ -142,16 +154,21 @@ impl Membership {
     /// and (as coordinator with quorum) issue a new view if membership changed.
     pub fn on_tick(&mut self, now: Instant) -> Vec<MembershipCommand> {
         let mut out = Vec::new();
-        let started = *self.started.get_or_insert(now);
-        if now.saturating_duration_since(started) >= Duration::from_millis(self.config.failure_timeout_ms) {
-            self.settled = true;
+        // The settling window opens when this node (again) hears a majority:
+        // from then on it gives every member a failure timeout to be heard.
+        if self.has_quorum() {
+            let started = *self.started.get_or_insert(now);
+            if now.saturating_duration_since(started) >= Duration::from_millis(self.config.failure_timeout_ms) {
+                self.settled = true;
+            }
         }
         let period = Duration::from_millis(self.config.heartbeat_ms);
         if self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= period) {
             self.last_heartbeat = Some(now);
             for &m in self.members.iter().filter(|m| **m != self.me) {
                 let view_epoch = self.view.as_ref().map_or(0, |v| v.epoch);
-                let beat = MembershipMsg::Heartbeat { view_epoch, highest_epoch: self.highest_epoch };
+                let coordinator = self.view.as_ref().map(|v| v.coordinator);
+                let beat = MembershipMsg::Heartbeat { view_epoch, highest_epoch: self.highest_epoch, coordinator };
                 out.push(MembershipCommand::Send(m, beat));
             }
         }
@@ -165,6 +182,7 @@ impl Membership {
             .collect();
         for m in silent {
             self.up.remove(&m);
+            self.reported.remove(&m);
             out.push(MembershipCommand::Down(m));
         }
         out.extend(self.reconcile());
@@ -180,8 +198,12 @@ impl Membership {
         let mut out = Vec::new();
         self.up.insert(from);
         match msg {
-            MembershipMsg::Heartbeat { view_epoch, highest_epoch } => {
+            MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator } => {
                 self.highest_epoch = self.highest_epoch.max(highest_epoch);
+                match coordinator {
+                    Some(c) if view_epoch > 0 => self.reported.insert(from, (view_epoch, c)),
+                    _ => self.reported.remove(&from),
+                };
                 // A member behind the coordinator's view missed it (views go
                 // out once, and a send can be lost): send it again.
                 if let Some(v) = self.view.as_ref().filter(|v| v.coordinator == self.me) {
@@ -202,6 +224,23 @@ impl Membership {
         out
     }
 
+    /// The coordinator of the newest view this node knows of — its own or one
+    /// a live member reports — if that coordinator is alive (heard, or this
+    /// node). Ties between equal epochs go to the lower id.
+    fn live_coordinator(&self) -> Option<u32> {
+        let own = self.view.as_ref().map(|v| (v.epoch, v.coordinator));
+        // A report naming this node is stale unless this node's own view says
+        // so: it voided its view when it lost its quorum (and a heartbeat sent
+        // before a partition can arrive after it heals).
+        let mine = |r: &(u64, u32)| r.1 != self.me || own.is_some_and(|o| o.1 == self.me && o.0 >= r.0);
+        let reported = self.reported.iter().filter(|(from, _)| self.up.contains(from)).map(|(_, r)| *r).filter(mine);
+        own.into_iter()
+            .chain(reported)
+            .filter(|(_, c)| self.up.contains(c))
+            .max_by_key(|(epoch, c)| (*epoch, std::cmp::Reverse(*c)))
+            .map(|(_, c)| c)
+    }
+
     /// Issue a view if this node should coordinate and the adopted view is
     /// not what it sees; report quorum loss once.
     fn reconcile(&mut self) -> Vec<MembershipCommand> {
@@ -212,14 +251,28 @@ impl Membership {
                 // Without a majority the view is void: whatever comes back must
                 // be a new view (a new epoch), even with the same members.
                 self.view = None;
+                // And this node starts over as a newcomer: after a long pause
+                // or a cut its first messages may come from some members only,
+                // so it must hear the cluster before it may claim the role.
+                self.started = None;
+                self.settled = false;
                 out.push(MembershipCommand::QuorumLost);
             }
             return out;
         }
         self.had_quorum = true;
-        let lowest = self.up.iter().next().copied();
-        if lowest != Some(self.me) || (!self.settled && self.up.len() < self.members.len()) {
-            return out;
+        match self.live_coordinator() {
+            // Someone else coordinates and is alive: join its view, never compete.
+            Some(c) if c != self.me => return out,
+            // This node coordinates the newest view it knows of: it stays.
+            Some(_) => {}
+            // Nobody does: the lowest live id takes over, once it has heard the cluster.
+            None => {
+                let lowest = self.up.iter().next().copied();
+                if lowest != Some(self.me) || (!self.settled && self.up.len() < self.members.len()) {
+                    return out;
+                }
+            }
         }
         let current = self.view.as_ref();
         if current.is_some_and(|v| v.coordinator == self.me && v.members == self.up) {
@@ -366,11 +419,11 @@ mod tests {
         let takeover = net.view_of(1);
         net.paused.remove(&0);
         net.run(1_000);
-        // Node 0 rejoins; being the lowest id it coordinates again, but only
-        // with an epoch above everything seen — never with its stale one.
+        // Node 0 rejoins node 1's view (the coordinator is sticky), with an
+        // epoch above everything seen — never with its stale one.
         let v = net.view_of(2);
         assert!(v.epoch > takeover.epoch, "{v:?} vs {takeover:?}");
-        assert_eq!(v.members, [0, 1, 2].into_iter().collect());
+        assert_eq!((v.coordinator, v.members.clone()), (1, [0, 1, 2].into_iter().collect()));
         for id in 0..3 {
             assert_eq!(net.view_of(id), v, "node {id}");
         }
@@ -391,6 +444,89 @@ mod tests {
         let healed = net.view_of(0);
         assert_eq!(healed.members.len(), 3);
         assert!(healed.epoch > majority.epoch);
+        assert_eq!(healed.coordinator, 1, "node 0 joined the majority's coordinator instead of taking over");
+    }
+
+    #[test]
+    fn a_restarted_former_coordinator_joins_the_view_of_its_successor() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.paused.insert(0);
+        net.run(1_000);
+        assert_eq!(net.view_of(1).coordinator, 1);
+        // Node 0 comes back as a fresh process with the lowest id.
+        net.paused.remove(&0);
+        net.nodes.insert(0, Membership::new(0, 0..3, DetectorConfig::default()));
+        net.run(1_000);
+        for id in 0..3 {
+            let v = net.view_of(id);
+            assert_eq!((v.coordinator, v.members.len()), (1, 3), "node {id}: {v:?}");
+        }
+        let issued_by_0 = net.adopted.get(&0).into_iter().flatten().filter(|v| v.coordinator == 0).count();
+        assert_eq!(issued_by_0, 1, "node 0 coordinated only in the first epoch: {:?}", net.adopted[&0]);
+    }
+
+    #[test]
+    fn a_node_waking_from_a_pause_does_not_coordinate_on_the_first_member_it_hears() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.paused.insert(1);
+        net.run(1_000);
+        // Node 1 wakes and hears node 2 first (node 0's messages are late).
+        net.paused.remove(&1);
+        net.cut.extend([(0, 1), (1, 0)]);
+        net.run(200);
+        net.heal();
+        net.run(1_000);
+        // The same after a long cut: node 1 loses its quorum, and when the cut
+        // heals it hears node 2 before node 0.
+        net.cut.extend([(0, 1), (1, 0), (2, 1), (1, 2)]);
+        net.run(2_000);
+        net.cut.retain(|(a, b)| (*a, *b) != (2, 1) && (*a, *b) != (1, 2));
+        net.run(200);
+        net.heal();
+        net.run(1_000);
+        let claimed: Vec<&View> = net.adopted[&1].iter().filter(|v| v.coordinator == 1).collect();
+        assert!(claimed.is_empty(), "node 1 claimed the role: {claimed:?}");
+        for id in 0..3 {
+            let v = net.view_of(id);
+            assert_eq!((v.coordinator, v.members.len()), (0, 3), "node {id}");
+        }
+    }
+
+    #[test]
+    fn a_late_heartbeat_naming_a_deposed_coordinator_does_not_bring_it_back() {
+        let mut net = Net::new(3);
+        net.run(300);
+        net.isolate(0);
+        net.run(2_000);
+        assert_eq!(net.view_of(1).coordinator, 1);
+        // A heartbeat node 2 sent before the cut, delivered after it healed.
+        let stale = MembershipMsg::Heartbeat { view_epoch: 1, highest_epoch: 1, coordinator: Some(0) };
+        let now = net.now;
+        let cmds = net.nodes.get_mut(&0).unwrap().on_message(2, stale, now);
+        assert!(!cmds.iter().any(|c| matches!(c, MembershipCommand::Adopted(_))), "node 0 claimed the role: {cmds:?}");
+        net.heal();
+        net.run(1_000);
+        let v = net.view_of(0);
+        assert_eq!((v.coordinator, v.members.len()), (1, 3));
+    }
+
+    #[test]
+    fn two_coordinators_of_equal_epochs_converge_on_the_lower_id() {
+        let mut net = Net::new(3);
+        net.run(300);
+        // Node 0 is cut off from node 2 only, node 1 from node 0 only: each of
+        // 0 and 1 sees a majority, and both may issue a view.
+        net.cut.extend([(0, 2), (2, 0)]);
+        net.run(1_000);
+        net.heal();
+        net.run(1_000);
+        let v = net.view_of(2);
+        assert_eq!(v.members.len(), 3, "{v:?}");
+        for id in 0..3 {
+            assert_eq!(net.view_of(id), v, "node {id}");
+        }
     }
 
     #[test]
@@ -448,7 +584,8 @@ mod tests {
     fn messages_from_strangers_are_ignored() {
         let mut m = Membership::new(0, 0..3, DetectorConfig::default());
         let now = Instant::now();
-        assert!(m.on_message(7, MembershipMsg::Heartbeat { view_epoch: 99, highest_epoch: 99 }, now).is_empty());
+        let beat = MembershipMsg::Heartbeat { view_epoch: 99, highest_epoch: 99, coordinator: Some(7) };
+        assert!(m.on_message(7, beat, now).is_empty());
         assert_eq!(m.up().len(), 1);
     }
 }

@@ -184,6 +184,7 @@ impl NodeJob {
         let plan = self.host_ctx.plan.clone();
         let placement = Placement::compute(
             view.epoch,
+            view.coordinator,
             &view.members,
             self.members.len() as u32,
             plan.trainers,
@@ -192,18 +193,9 @@ impl NodeJob {
         );
         let previous = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
         let changed = previous != Some(view.coordinator);
-        self.routes.send_modify(|r| {
-            r.placement = placement;
-            // Locations come from the coordinator; an old coordinator's are void,
-            // but a new one's may already have arrived (they are tagged by sender).
-            if changed && r.locations_from != Some(view.coordinator) {
-                r.locations.clear();
-            }
-        });
-        if changed {
-            // A new coordinator respawns every actor; what an old one placed here goes.
-            let _ = self.host.send_message(HostMsg::CoordinatorIs(view.coordinator));
-        }
+        self.routes.send_modify(|r| r.placement = placement);
+        // A new coordinator respawns every actor; what an old one placed here goes.
+        let _ = self.host.send_message(HostMsg::CoordinatorIs { coordinator: view.coordinator, epoch: view.epoch });
         let me = self.routing.me;
         let grew = view.members.iter().any(|m| !self.last_members.contains(m)) && !self.last_members.is_empty();
         self.last_members = view.members.clone();
@@ -283,14 +275,13 @@ impl NodeJob {
                 let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore });
             }
             Inbound::Control(NodeMsg::Stop { key }) => {
-                let _ = self.host.send_message(HostMsg::Stop(key));
+                let _ = self.host.send_message(HostMsg::Stop { key, from: peer });
             }
             Inbound::Control(NodeMsg::Started { key }) => to_job(&self.names, JobMsg::RemoteStarted(key)),
             Inbound::Control(NodeMsg::Failed { key, reason }) => to_job(&self.names, JobMsg::RemoteFailed(key, reason)),
-            Inbound::Control(NodeMsg::Locations(map)) => self.routes.send_modify(|r| {
-                r.locations = map;
-                r.locations_from = Some(peer);
-            }),
+            Inbound::Control(NodeMsg::Locations { epoch, map }) => {
+                self.routes.send_modify(|r| r.set_locations(peer, epoch, map));
+            }
             Inbound::Control(NodeMsg::JobDone { summary, model_sha256 }) => {
                 self.done = true;
                 let _ = self.host.send_message(HostMsg::StopAll);
@@ -323,6 +314,14 @@ impl NodeJob {
     }
 }
 
+/// The first generation of a supervisor started by node `me` in view
+/// `epoch`: above every generation of earlier views (the epoch is in the high
+/// bits) and distinct from one another coordinator might start in a view of
+/// the same epoch (node ids in bits 20..32; rollbacks count up from there).
+fn first_generation(epoch: u64, me: u32) -> u64 {
+    (epoch << 32) | (u64::from(me & 0xfff) << 20)
+}
+
 /// Run the job's supervisor on this node (the coordinator) until the job ends.
 async fn coordinate(
     prepared: Arc<PreparedJob>,
@@ -335,14 +334,15 @@ async fn coordinate(
 ) -> Result<(), Error> {
     let me = routing.me;
     let restore = store.newest_complete(&prepared.config_hash, prepared.model.num_params())?;
-    let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone()));
+    let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
     tracing::info!(node = me, epoch, ?restore, "coordinating the job");
     emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore }));
     let started = Instant::now();
     // Generations of this supervisor start above any a predecessor issued.
-    let handle = spawn_job_at(ctx, restore, epoch << 32).await.map_err(|e| Error::Spawn(e.to_string()))?;
+    let handle =
+        spawn_job_at(ctx, restore, first_generation(epoch, me)).await.map_err(|e| Error::Spawn(e.to_string()))?;
     let outcome = crate::job::await_job(handle, |p| {
         emit(me, "step", json!({ "step": p.step, "total_steps": p.total_steps, "loss": p.loss }));
     })

@@ -1,16 +1,17 @@
 //! Where each actor of a job runs, given the live members (a pure function).
 //!
-//! * The aggregators (and the job supervisor) run on the coordinator, the
-//!   lowest live id — node 0 while it lives, so killing node 0 exercises
-//!   aggregator failover.
+//! * The aggregators (and the job supervisor) run on the coordinator (node 0
+//!   at start, so killing node 0 exercises aggregator failover): they restore
+//!   from the checkpoints on its disk, and the coordinator keeps the role
+//!   while it lives, so the aggregators stay where their checkpoints are.
 //! * Trainer `i` prefers node `i mod N` (N configured members); when that
 //!   node is down it moves to the next live node on the ring. So a node's
 //!   failure moves only the trainers it hosted, and its return moves them
 //!   back.
 //! * A shard runs beside the trainer owning its partition (its batches then
 //!   never cross the network).
-//! * Checkpoints are copied to the replica: the next live node after the
-//!   coordinator, i.e. the node that coordinates if the coordinator dies.
+//! * Checkpoints are copied to the replica: the lowest live node other than
+//!   the coordinator, i.e. the node that coordinates if the coordinator dies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,13 +37,16 @@ impl Placement {
     /// `configured` members.
     pub fn compute(
         epoch: u64,
+        coordinator: u32,
         members: &BTreeSet<u32>,
         configured: u32,
         trainers: u32,
         assignment: &[u32],
         aggregators: u32,
     ) -> Option<Self> {
-        let coordinator = *members.iter().next()?;
+        if !members.contains(&coordinator) {
+            return None;
+        }
         let ring_next = |preferred: u32| -> u32 {
             (0..configured.max(1))
                 .map(|k| (preferred + k) % configured.max(1))
@@ -91,7 +95,7 @@ mod tests {
     #[test]
     fn aggregators_go_to_the_lowest_live_node_and_shards_follow_their_trainer() {
         let assignment = [0, 1, 2, 0, 1, 2];
-        let p = Placement::compute(1, &members(&[0, 1, 2]), 3, 3, &assignment, 2).unwrap();
+        let p = Placement::compute(1, 0, &members(&[0, 1, 2]), 3, 3, &assignment, 2).unwrap();
         assert_eq!(p.node_of(ActorKey::aggregator(1)), Some(0));
         assert_eq!(p.node_of(ActorKey::trainer(2)), Some(2));
         assert_eq!(p.node_of(ActorKey::shard(4)), Some(1));
@@ -101,8 +105,8 @@ mod tests {
     #[test]
     fn a_dead_node_moves_only_its_own_actors() {
         let assignment = [0, 1, 2, 0, 1, 2];
-        let before = Placement::compute(1, &members(&[0, 1, 2]), 3, 3, &assignment, 1).unwrap();
-        let after = Placement::compute(2, &members(&[0, 2]), 3, 3, &assignment, 1).unwrap();
+        let before = Placement::compute(1, 0, &members(&[0, 1, 2]), 3, 3, &assignment, 1).unwrap();
+        let after = Placement::compute(2, 0, &members(&[0, 2]), 3, 3, &assignment, 1).unwrap();
         for (key, node) in &before.nodes {
             if *node != 1 {
                 assert_eq!(after.node_of(*key), Some(*node), "{key} should stay");
@@ -110,13 +114,24 @@ mod tests {
                 assert_ne!(after.node_of(*key), Some(1), "{key} must move");
             }
         }
-        let coordinator_lost = Placement::compute(3, &members(&[1, 2]), 3, 3, &assignment, 1).unwrap();
+        let coordinator_lost = Placement::compute(3, 1, &members(&[1, 2]), 3, 3, &assignment, 1).unwrap();
         assert_eq!((coordinator_lost.coordinator, coordinator_lost.replica), (1, Some(2)));
         assert_eq!(coordinator_lost.node_of(ActorKey::trainer(0)), Some(1));
     }
 
     #[test]
     fn no_members_no_placement() {
-        assert!(Placement::compute(1, &BTreeSet::new(), 3, 1, &[0], 1).is_none());
+        assert!(Placement::compute(1, 0, &BTreeSet::new(), 3, 1, &[0], 1).is_none());
+        assert!(Placement::compute(1, 3, &members(&[0, 1]), 3, 1, &[0], 1).is_none(), "the coordinator is a member");
+    }
+
+    #[test]
+    fn aggregators_stay_with_a_coordinator_that_is_not_the_lowest_node() {
+        let assignment = [0, 1, 2, 0, 1, 2];
+        // Node 0 came back while node 1 coordinates: node 1 keeps the aggregators.
+        let p = Placement::compute(4, 1, &members(&[0, 1, 2]), 3, 3, &assignment, 2).unwrap();
+        assert_eq!((p.node_of(ActorKey::aggregator(0)), p.node_of(ActorKey::aggregator(1))), (Some(1), Some(1)));
+        assert_eq!((p.coordinator, p.replica), (1, Some(0)));
+        assert_eq!(p.node_of(ActorKey::trainer(0)), Some(0), "trainer 0 goes home");
     }
 }

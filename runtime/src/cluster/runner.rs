@@ -35,10 +35,28 @@ pub type Outbound = (u32, Vec<u8>);
 pub struct Routes {
     /// The current placement (from the adopted view).
     pub placement: Option<Placement>,
-    /// Where each spawned actor actually runs (from the coordinator).
-    pub locations: BTreeMap<ActorKey, u32>,
-    /// The coordinator that sent `locations`.
-    pub locations_from: Option<u32>,
+    /// Where each spawned actor actually runs, as each coordinator last said,
+    /// with the epoch it coordinates in: only the current coordinator's map is
+    /// used. Keeping them per sender lets a new coordinator's map arrive before
+    /// its view, and a deposed one's late map (held back by a partition) can
+    /// never misroute.
+    pub locations: BTreeMap<u32, (u64, BTreeMap<ActorKey, u32>)>,
+}
+
+impl Routes {
+    /// Take `map` from `coordinator` (coordinating in `epoch`) unless a newer one is held.
+    pub fn set_locations(&mut self, coordinator: u32, epoch: u64, map: BTreeMap<ActorKey, u32>) {
+        if self.locations.get(&coordinator).is_none_or(|(held, _)| *held <= epoch) {
+            self.locations.insert(coordinator, (epoch, map));
+        }
+    }
+
+    /// Where `key` runs: the current coordinator's record, else the placement.
+    pub fn node_of(&self, key: ActorKey) -> Option<u32> {
+        let placement = self.placement.as_ref()?;
+        let recorded = self.locations.get(&placement.coordinator).and_then(|(_, m)| m.get(&key));
+        recorded.copied().or_else(|| placement.node_of(key))
+    }
 }
 
 /// Shared by [`ClusterNet`] and [`ClusterHooks`]: who we are, where things
@@ -72,7 +90,7 @@ impl Routing {
             Addr::Aggregator(r) => ActorKey::aggregator(r),
             Addr::Job | Addr::AllTrainers => return coordinator,
         };
-        routes.locations.get(&key).copied().or_else(|| routes.placement.as_ref().and_then(|p| p.node_of(key)))
+        routes.node_of(key)
     }
 }
 
@@ -128,12 +146,14 @@ pub struct ClusterHooks {
     /// The coordinator's own record of locations, broadcast on change.
     locations: std::sync::Mutex<BTreeMap<ActorKey, u32>>,
     members: Vec<u32>,
+    /// The epoch this coordinator coordinates in (tags its location maps).
+    epoch: u64,
 }
 
 impl ClusterHooks {
-    /// Hooks for the coordinator `routing.me` of a cluster of `members`.
-    pub fn new(routing: Routing, members: Vec<u32>) -> Self {
-        Self { routing, locations: Default::default(), members }
+    /// Hooks for the coordinator `routing.me` of a cluster of `members`, coordinating in `epoch`.
+    pub fn new(routing: Routing, members: Vec<u32>, epoch: u64) -> Self {
+        Self { routing, locations: Default::default(), members, epoch }
     }
 
     fn record(&self, key: ActorKey, node: u32) {
@@ -143,7 +163,7 @@ impl ClusterHooks {
             locations.clone()
         };
         // Every member, this node included (the node loop applies its own copy).
-        if let Ok(frame) = wire::encode(&NodeMsg::Locations(map), &self.routing.limits) {
+        if let Ok(frame) = wire::encode(&NodeMsg::Locations { epoch: self.epoch, map }, &self.routing.limits) {
             for &m in &self.members {
                 self.routing.send_frame(m, frame.clone());
             }
@@ -208,10 +228,21 @@ pub enum HostMsg {
     /// Stop every hosted actor (quorum lost, or the job ended).
     StopAll,
     /// Stop one hosted actor quietly: it moves to another node.
-    Stop(ActorKey),
-    /// `coordinator` coordinates now: stop what any other coordinator asked
-    /// for (the new one respawns everything it needs).
-    CoordinatorIs(u32),
+    Stop {
+        /// The actor.
+        key: ActorKey,
+        /// The coordinator asking (only its own actors are stopped).
+        from: u32,
+    },
+    /// `coordinator` coordinates the view of `epoch`: stop what any other
+    /// coordinator asked for (the new one respawns everything it needs), and
+    /// from now on ignore requests of coordinators of older views.
+    CoordinatorIs {
+        /// The coordinator.
+        coordinator: u32,
+        /// The view's epoch.
+        epoch: u64,
+    },
 }
 
 /// Hosts the actors the coordinator places on this node and reports their
@@ -224,6 +255,8 @@ pub struct HostState {
     routing: Routing,
     children: HashMap<ActorId, (ActorKey, u32)>,
     stopping: HashSet<ActorId>,
+    /// The coordinator of the newest view, and its epoch.
+    current: Option<(u32, u64)>,
 }
 
 impl HostState {
@@ -244,7 +277,7 @@ impl Actor for HostActor {
         _: ActorRef<HostMsg>,
         (ctx, routing): Self::Arguments,
     ) -> Result<HostState, ActorProcessingErr> {
-        Ok(HostState { ctx, routing, children: HashMap::new(), stopping: HashSet::new() })
+        Ok(HostState { ctx, routing, children: HashMap::new(), stopping: HashSet::new(), current: None })
     }
 
     async fn handle(
@@ -255,6 +288,17 @@ impl Actor for HostActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             HostMsg::Spawn { from, key, generation, restore } => {
+                // A deposed coordinator's request, held back by a partition or a
+                // pause, must not replace what the current one placed here. A
+                // supervisor's generations carry its view's epoch in the high bits;
+                // a new coordinator's request may overtake its view, so only
+                // requests of older views are refused.
+                if let Some((current, epoch)) = state.current {
+                    if from != current && generation >> 32 < epoch {
+                        tracing::info!(node = state.routing.me, %key, from, "ignoring a spawn request of a deposed coordinator");
+                        return Ok(());
+                    }
+                }
                 // A previous incarnation of the same actor here is replaced.
                 let old: Vec<ActorId> =
                     state.children.iter().filter(|(_, (k, _))| *k == key).map(|(id, _)| *id).collect();
@@ -280,16 +324,24 @@ impl Actor for HostActor {
                 }
                 state.children.clear();
             }
-            HostMsg::Stop(key) => {
-                let ids: Vec<ActorId> =
-                    state.children.iter().filter(|(_, (k, _))| *k == key).map(|(id, _)| *id).collect();
+            HostMsg::Stop { key, from } => {
+                let ids: Vec<ActorId> = state
+                    .children
+                    .iter()
+                    .filter(|(_, (k, spawner))| *k == key && *spawner == from)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for cell in myself.get_children().into_iter().filter(|c| ids.contains(&c.get_id())) {
                     state.stopping.insert(cell.get_id());
                     cell.stop(Some("moved to another node".into()));
                 }
                 state.children.retain(|id, _| !ids.contains(id));
             }
-            HostMsg::CoordinatorIs(coordinator) => {
+            HostMsg::CoordinatorIs { coordinator, epoch } => {
+                if state.current.is_some_and(|(_, seen)| seen > epoch) {
+                    return Ok(());
+                }
+                state.current = Some((coordinator, epoch));
                 // Spawn requests and views travel separately, so a request of the
                 // new coordinator may arrive before its view: keep those.
                 let stale: Vec<(ActorId, ActorKey, u32)> = state

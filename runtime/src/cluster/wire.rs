@@ -58,7 +58,12 @@ pub enum NodeMsg {
         len: u64,
     },
     /// Coordinator → all: where every spawned actor runs.
-    Locations(std::collections::BTreeMap<ActorKey, u32>),
+    Locations {
+        /// The epoch the sender coordinates in.
+        epoch: u64,
+        /// Actor → node.
+        map: std::collections::BTreeMap<ActorKey, u32>,
+    },
     /// Coordinator → all: the job finished; `summary` is where its summary was written.
     JobDone {
         /// Path of summary.json, if one was written.
