@@ -37,8 +37,9 @@ pub enum JobMsg {
     RestartDue(ActorKey),
     /// An actor asked of another node is running there.
     RemoteStarted(ActorKey),
-    /// An actor on another node failed (or failed to start).
-    RemoteFailed(ActorKey, String),
+    /// An actor on another node (the second field) failed, failed to start or
+    /// was stopped there.
+    RemoteFailed(ActorKey, u32, String),
     /// A node was declared down: its actors are gone.
     NodeLost(u32),
     /// Membership grew: move actors back to where the placement wants them.

@@ -95,7 +95,7 @@ pub fn sim_campaign(seeds: std::ops::Range<u64>, out: &Path) -> std::io::Result<
     }
     report.faults_injected = report.fault_types.values().map(|f| f.injected).sum();
     report.faults_survived = report.fault_types.values().map(|f| f.survived).sum();
-    report.recovery_ms = Percentiles::of(&all_recovery);
+    report.add_recoveries("simulation", &all_recovery);
     report.slowdown = if slowdowns.is_empty() { 0.0 } else { slowdowns.iter().sum::<f64>() / slowdowns.len() as f64 };
     report.write(out)?;
     Ok(report)

@@ -294,6 +294,7 @@ pub fn process_campaign_of(
     report.tiers.push("real processes".into());
     let mut baselines: std::collections::BTreeMap<(u32, u32), f64> = Default::default();
     let mut plotted = plot.is_none();
+    let mut recoveries = Vec::new();
     for (i, s) in scenarios.iter().enumerate() {
         let config = s.job();
         let expected = expected(&config)?;
@@ -342,6 +343,7 @@ pub fn process_campaign_of(
         if ok {
             entry.survived += injected;
         }
+        recoveries.extend_from_slice(&recovery);
         entry.restart_ms = Percentiles::of(&detection);
         entry.recovery_ms = Percentiles::of(&recovery);
         entry.samples_replayed += run.steps_replayed() * batch;
@@ -358,6 +360,7 @@ pub fn process_campaign_of(
             }
         }
     }
+    report.add_recoveries("process", &recoveries);
     Ok(())
 }
 

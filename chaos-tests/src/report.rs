@@ -75,8 +75,14 @@ pub struct Report {
     pub samples_duplicated: u64,
     /// Every final model matched its fault-free twin.
     pub identical: bool,
-    /// Recovery time over all faults with one.
+    /// Recovery time over all faults with one, both tiers (simulation in
+    /// virtual ms, processes in wall-clock ms; see `recovery_ms_by_tier`).
     pub recovery_ms: Percentiles,
+    /// Recovery time per tier: `simulation`, `process`.
+    pub recovery_ms_by_tier: BTreeMap<String, Percentiles>,
+    /// Every recovery time behind `recovery_ms`.
+    #[serde(skip)]
+    pub recoveries: Vec<u64>,
     /// Per fault type.
     pub fault_types: BTreeMap<String, FaultType>,
     /// Invariant violations, `seed: message`.
@@ -90,6 +96,13 @@ pub struct Report {
 }
 
 impl Report {
+    /// Add one tier's recovery times to the totals.
+    pub fn add_recoveries(&mut self, tier: &str, values: &[u64]) {
+        self.recoveries.extend_from_slice(values);
+        self.recovery_ms = Percentiles::of(&self.recoveries);
+        self.recovery_ms_by_tier.insert(tier.to_string(), Percentiles::of(values));
+    }
+
     /// Write `report.json` and `report.md` into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -113,6 +126,16 @@ impl Report {
             self.samples_duplicated,
             if self.identical { "yes" } else { "NO" }
         ));
+        for (tier, p) in &self.recovery_ms_by_tier {
+            let unit = if tier == "simulation" { "virtual ms" } else { "wall-clock ms" };
+            s.push_str(&format!(
+                "Recovery ({tier}, {unit}): p50 {} / p95 {} / p99 {} over {} faults.\n\n",
+                ms(p.p50),
+                ms(p.p95),
+                ms(p.p99),
+                p.count
+            ));
+        }
         for (tier, heading, restart) in [
             ("process", "Real processes (wall-clock ms on loopback)", "detection"),
             ("simulation", "Simulation (virtual ms of a seeded clock)", "restart"),

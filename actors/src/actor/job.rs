@@ -332,10 +332,13 @@ impl Actor for JobActor {
                 Vec::new()
             }
             JobMsg::RemoteStarted(key) => state.core.on_child_started(key),
-            JobMsg::RemoteFailed(key, reason) => {
-                if state.remote.remove(&key).is_none() {
-                    return Ok(()); // not (or no longer) running remotely: a stale report
+            JobMsg::RemoteFailed(key, node, reason) => {
+                if state.remote.get(&key) != Some(&node) {
+                    // Not (or no longer) running there: a stale report, e.g. from a
+                    // node that was cut off while its actor was restarted elsewhere.
+                    return Ok(());
                 }
+                state.remote.remove(&key);
                 tracing::warn!(actor = %key, "remote actor failed: {reason}");
                 state.core.on_child_failed(key, reason, now)
             }

@@ -110,17 +110,25 @@ fn run() -> Result<bool, String> {
                     process_campaign(&exe, &out.join("processes"), &mut report)?;
                     report.write(&out).map_err(|e| format!("{}: {e}", out.display()))?;
                 }
+                let ms = |tier: &str| {
+                    report
+                        .recovery_ms_by_tier
+                        .get(tier)
+                        .map_or("–".to_string(), |p| format!("{}/{} ms", p.p50.unwrap_or(0), p.p99.unwrap_or(0)))
+                };
                 println!(
-                    "seeds {}..{} + process scenarios: {} faults injected, {} survived, lost {}, duplicated {}, identical {}, recovery p50/p99 {:?}/{:?} ms (virtual)",
+                    "seeds {}..{}{}: {} faults injected, {} survived, lost {}, duplicated {}, identical {}; \
+                     recovery p50/p99: simulation {} (virtual), processes {}",
                     start,
                     start + seeds,
+                    if skip_processes { "" } else { " + process scenarios" },
                     report.faults_injected,
                     report.faults_survived,
                     report.samples_lost,
                     report.samples_duplicated,
                     report.identical,
-                    report.recovery_ms.p50,
-                    report.recovery_ms.p99
+                    ms("simulation"),
+                    ms("process")
                 );
                 for v in &report.violations {
                     println!("VIOLATION {v}");

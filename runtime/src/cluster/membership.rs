@@ -104,6 +104,11 @@ pub struct Membership {
     /// the coordinator yet (a restarted or healed node must not usurp it).
     started: Option<Instant>,
     settled: bool,
+    /// Lost its quorum and has not settled since: it must wait out the whole
+    /// settling window even if it hears every member at once, because what it
+    /// hears first are the messages queued while it was away (a pause, a cut),
+    /// which describe the cluster as it was.
+    rejoining: bool,
     /// The view each member last said it had adopted: (epoch, coordinator).
     reported: BTreeMap<u32, (u64, u32)>,
 }
@@ -125,6 +130,7 @@ impl Membership {
             had_quorum: false,
             started: None,
             settled: false,
+            rejoining: false,
             reported: BTreeMap::new(),
         }
     }
@@ -160,6 +166,7 @@ impl Membership {
             let started = *self.started.get_or_insert(now);
             if now.saturating_duration_since(started) >= Duration::from_millis(self.config.failure_timeout_ms) {
                 self.settled = true;
+                self.rejoining = false;
             }
         }
         let period = Duration::from_millis(self.config.heartbeat_ms);
@@ -256,6 +263,7 @@ impl Membership {
                 // so it must hear the cluster before it may claim the role.
                 self.started = None;
                 self.settled = false;
+                self.rejoining = true;
                 out.push(MembershipCommand::QuorumLost);
             }
             return out;
@@ -269,7 +277,8 @@ impl Membership {
             // Nobody does: the lowest live id takes over, once it has heard the cluster.
             None => {
                 let lowest = self.up.iter().next().copied();
-                if lowest != Some(self.me) || (!self.settled && self.up.len() < self.members.len()) {
+                let heard_all = self.up.len() == self.members.len() && !self.rejoining;
+                if lowest != Some(self.me) || (!self.settled && !heard_all) {
                     return out;
                 }
             }
@@ -504,7 +513,10 @@ mod tests {
         // A heartbeat node 2 sent before the cut, delivered after it healed.
         let stale = MembershipMsg::Heartbeat { view_epoch: 1, highest_epoch: 1, coordinator: Some(0) };
         let now = net.now;
-        let cmds = net.nodes.get_mut(&0).unwrap().on_message(2, stale, now);
+        let node0 = net.nodes.get_mut(&0).unwrap();
+        let mut cmds = node0.on_message(2, stale.clone(), now);
+        // Node 1's stale heartbeat too: node 0 hears every member at once.
+        cmds.extend(node0.on_message(1, stale, now));
         assert!(!cmds.iter().any(|c| matches!(c, MembershipCommand::Adopted(_))), "node 0 claimed the role: {cmds:?}");
         net.heal();
         net.run(1_000);

@@ -254,8 +254,11 @@ impl NodeJob {
         self.coordinator = Some((epoch, task));
     }
 
-    fn stop_all(&mut self) {
-        let _ = self.host.send_message(HostMsg::StopAll);
+    /// Stop the coordinator (if here) and every hosted actor, telling their
+    /// coordinators `why`.
+    fn stop_all(&mut self, why: &str) {
+        let reason = Some(format!("node {} {why}", self.routing.me));
+        let _ = self.host.send_message(HostMsg::StopAll { reason });
         if let Some((_, task)) = self.coordinator.take() {
             task.abort();
             if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
@@ -278,13 +281,15 @@ impl NodeJob {
                 let _ = self.host.send_message(HostMsg::Stop { key, from: peer });
             }
             Inbound::Control(NodeMsg::Started { key }) => to_job(&self.names, JobMsg::RemoteStarted(key)),
-            Inbound::Control(NodeMsg::Failed { key, reason }) => to_job(&self.names, JobMsg::RemoteFailed(key, reason)),
+            Inbound::Control(NodeMsg::Failed { key, reason }) => {
+                to_job(&self.names, JobMsg::RemoteFailed(key, peer, reason))
+            }
             Inbound::Control(NodeMsg::Locations { epoch, map }) => {
                 self.routes.send_modify(|r| r.set_locations(peer, epoch, map));
             }
             Inbound::Control(NodeMsg::JobDone { summary, model_sha256 }) => {
                 self.done = true;
-                let _ = self.host.send_message(HostMsg::StopAll);
+                let _ = self.host.send_message(HostMsg::StopAll { reason: None });
                 emit(
                     self.routing.me,
                     "job_done",
@@ -506,14 +511,14 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                     tracing::warn!(node = me, "no majority of the cluster is reachable: waiting");
                     emit(me, "quorum_lost", json!({}));
                     if let Some(job) = job.as_mut() {
-                        job.stop_all();
+                        job.stop_all("lost its quorum");
                     }
                 }
             }
         }
     }
     if let Some(job) = job.as_mut() {
-        job.stop_all();
+        job.stop_all("is shutting down");
     }
     transport.shutdown().await;
     emit(me, "stopped", json!({}));

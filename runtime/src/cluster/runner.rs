@@ -225,8 +225,13 @@ pub enum HostMsg {
         /// Aggregators: the checkpoint to restore.
         restore: Option<u64>,
     },
-    /// Stop every hosted actor (quorum lost, or the job ended).
-    StopAll,
+    /// Stop every hosted actor: the quorum is lost (`reason` is reported to
+    /// each actor's coordinator, which restarts it: the view may not change
+    /// if nobody else noticed), or the job ended (`None`).
+    StopAll {
+        /// Why, for the coordinators.
+        reason: Option<String>,
+    },
     /// Stop one hosted actor quietly: it moves to another node.
     Stop {
         /// The actor.
@@ -317,10 +322,15 @@ impl Actor for HostActor {
                     Err(e) => state.report(from, NodeMsg::Failed { key, reason: format!("failed to start: {e}") }),
                 }
             }
-            HostMsg::StopAll => {
+            HostMsg::StopAll { reason } => {
                 for cell in myself.get_children() {
                     state.stopping.insert(cell.get_id());
                     cell.stop(Some("stopped by the node".into()));
+                }
+                if let Some(reason) = reason {
+                    for (key, from) in state.children.values() {
+                        state.report(*from, NodeMsg::Failed { key: *key, reason: format!("stopped: {reason}") });
+                    }
                 }
                 state.children.clear();
             }
