@@ -151,7 +151,8 @@ pub struct ScenarioRun {
     pub name: String,
     /// The cluster's summary (with `node_faults`), or why there is none.
     pub summary: Result<Value, String>,
-    /// Wall time of the run, node start to job done.
+    /// Wall time of the training: first step event to the last (node start-up,
+    /// certificates and the first view are left out: they are noise, not faults).
     pub duration: Duration,
     /// Every step event: step, loss, seconds since start.
     pub trace: Vec<(u64, f64, f64)>,
@@ -219,7 +220,10 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
         })
         .map_err(|e| e.to_string())
     });
-    let duration = started.elapsed();
+    let duration = match (trace.first(), trace.last()) {
+        (Some(first), Some(last)) => Duration::from_secs_f64(last.2 - first.2),
+        _ => started.elapsed(),
+    };
     let violations = match &summary {
         Err(e) => vec![format!("completes: {e}")],
         Ok(s) => {
@@ -358,8 +362,9 @@ pub fn process_campaign_of(
         if ok {
             report.faults_survived += injected;
         }
+        // Plot a run that recovered and replayed steps (a takeover or rollback shows best).
         if let (false, Some(path), true) = (plotted, plot, ok) {
-            if run.marks().iter().any(|(_, m)| m == "resumed") {
+            if run.steps_replayed() > 0 && run.marks().iter().any(|(_, m)| m == "resumed") {
                 plotted = true;
                 let title = format!("{} ({} nodes): loss and throughput per step", s.name, s.nodes);
                 plot_run(path, &title, &run.points(), &run.marks())?;

@@ -35,8 +35,9 @@ use crate::config::JobConfig;
 use crate::error::Error;
 use crate::relay::{FaultRelay, LinkFaults};
 
-/// How long a whole local run may take before it is abandoned.
-const RUN_BOUND: Duration = Duration::from_secs(600);
+/// How long a local run may go without a step applied (or, before the
+/// first, without starting) before it is abandoned as hung.
+const STALL_BOUND: Duration = Duration::from_secs(60);
 /// How long nodes get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Size of the tmpfs mounted for a node whose disk is filled.
@@ -649,21 +650,27 @@ pub fn run_local_with(
     for id in 0..nodes {
         cluster.spawn(id)?;
     }
-    let deadline = Instant::now() + RUN_BOUND;
     let mut pending = faults.into_iter().peekable();
     // (report, injected at, declared down at) — times in Unix ms, as the nodes stamp events.
     let mut reports: Vec<(NodeFaultReport, u64, Option<u64>)> = Vec::new();
     let mut takeovers: Vec<Takeover> = Vec::new();
     let mut undo: Vec<(Instant, Undo)> = Vec::new();
     // Every node event as a JSON line, for reading a run afterwards.
-    let mut events_log = match std::env::var_os("PHALANX_EVENTS") {
-        Some(path) => Some(std::fs::File::create(&path).map_err(|source| Error::Io { path: path.into(), source })?),
-        None => None,
-    };
+    std::fs::create_dir_all(&out).map_err(|source| Error::Io { path: out.clone(), source })?;
+    let events_path = out.join("events.jsonl");
+    let mut events_log =
+        std::fs::File::create(&events_path).map_err(|source| Error::Io { path: events_path.clone(), source })?;
+    let mut progress = (Instant::now(), None::<u64>);
     let done = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = STALL_BOUND.saturating_sub(progress.0.elapsed());
         if left.is_zero() {
-            return Err(Error::Spawn(format!("the local cluster did not finish within {} s", RUN_BOUND.as_secs())));
+            let last = progress.1.map_or("before the first step".to_string(), |s| format!("after step {s}"));
+            return Err(Error::Spawn(format!(
+                "no training progress for {} s ({last}); node events are in {}, node logs in {}",
+                STALL_BOUND.as_secs(),
+                events_path.display(),
+                out.join("logs").display()
+            )));
         }
         // Undo faults whose time is over (the length is the fault, not a wait).
         let now = Instant::now();
@@ -689,12 +696,11 @@ pub fn run_local_with(
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Spawn("every node exited".into())),
         };
-        if let Some(log) = events_log.as_mut() {
-            let _ = writeln!(log, "{event}");
-        }
+        let _ = writeln!(events_log, "{event}");
         match event["event"].as_str() {
             Some("step") => {
                 let step = event["step"].as_u64().unwrap_or(0);
+                progress = (Instant::now(), Some(step));
                 let total = event["total_steps"].as_u64().unwrap_or(0);
                 on_step(step, total, event["loss"].as_f64().unwrap_or(f64::NAN));
                 // Training resumed: the first step applied after the node was declared down.
