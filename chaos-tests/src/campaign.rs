@@ -65,6 +65,7 @@ pub fn sim_campaign(seeds: std::ops::Range<u64>, out: &Path) -> std::io::Result<
         };
         count("message dropped", outcome.stats.dropped, 0);
         count("message duplicated", outcome.stats.duplicated, 0);
+        count("partition (actor cut off)", u64::from(outcome.stats.partitions), 0);
         for f in &outcome.faults {
             let name = format!("{} crash", f.actor.role);
             count(&name, 1, f.rolled_back_to.map_or(0, |back| f.step.saturating_sub(back)));

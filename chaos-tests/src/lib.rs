@@ -7,7 +7,8 @@
 //! The [`sim`] tier runs the real protocol cores — [`phalanx_actors::protocol::TrainerCore`],
 //! `AggregatorCore`, `ShardCore` and the supervisor's `JobCore` — in one
 //! thread over a simulated network and a virtual clock. A seed chooses
-//! crashes, restarts, message drops, duplicates, delays and reorderings; a
+//! crashes, restarts, partitions (an actor cut off from all others for a
+//! while), message drops, duplicates, delays and reorderings; a
 //! safety phase under faults is followed by a liveness phase after healing.
 //! The same seed replays the same run exactly, so a failing seed is a
 //! reproducible bug report.

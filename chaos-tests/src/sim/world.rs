@@ -37,6 +37,9 @@ pub struct SimOptions {
     pub duplicate_probability: f64,
     /// Messages are delayed uniformly in `0..=max_delay_ms` (reordering them).
     pub max_delay_ms: u64,
+    /// At most this many partitions: a trainer, shard or aggregator cut off
+    /// from every other actor (both directions) for 20–150 virtual ms.
+    pub max_partitions: u32,
     /// Virtual time allowed after the fault phase for the job to finish.
     pub liveness_budget_ms: u64,
     /// Deliberately broken build, for proving that the checkers can fail:
@@ -54,6 +57,7 @@ impl SimOptions {
             drop_probability: 0.02,
             duplicate_probability: 0.02,
             max_delay_ms: 3,
+            max_partitions: 2,
             liveness_budget_ms: 60_000,
             break_accept_duplicates: false,
         }
@@ -71,6 +75,10 @@ pub struct SimStats {
     pub dropped: u64,
     /// Messages duplicated by the network.
     pub duplicated: u64,
+    /// Partitions (an actor cut off for a while).
+    pub partitions: u32,
+    /// Messages lost to partitions.
+    pub cut: u64,
     /// Contributions the aggregators ignored as duplicates or stale.
     pub ignored_contributions: u64,
     /// Rollbacks to a checkpoint.
@@ -127,6 +135,10 @@ struct World<'a> {
     result: Option<Result<(Vec<f32>, Ledger), JobError>>,
     stats: SimStats,
     trace: Sha256,
+    /// Actors cut off from all others during `[from, until)` virtual ms.
+    cuts: Vec<(ActorKey, u64, u64)>,
+    /// The actor whose commands are being carried out (the sender of `send`).
+    sender: Option<ActorKey>,
 }
 
 /// Run `job` (its trainers, aggregators and partitions as configured)
@@ -158,8 +170,11 @@ pub fn simulate(job: &PreparedJob, opts: &SimOptions) -> SimOutcome {
         result: None,
         stats: SimStats::default(),
         trace: Sha256::new(),
+        cuts: Vec::new(),
+        sender: None,
     };
     w.schedule_crashes();
+    w.schedule_partitions();
     let start = w.supervisor.start(None);
     w.run_job(start);
     let deadline = opts.fault_phase_ms + opts.liveness_budget_ms;
@@ -213,6 +228,23 @@ impl World<'_> {
         }
     }
 
+    fn schedule_partitions(&mut self) {
+        let actors = self.plan.actors();
+        let n = self.rng.random_range(0..=self.opts.max_partitions);
+        for _ in 0..n {
+            let key = actors[self.rng.random_range(0..actors.len())];
+            let from = self.rng.random_range(0..self.opts.fault_phase_ms.max(1));
+            let until = from + self.rng.random_range(20..=150);
+            self.cuts.push((key, from, until));
+        }
+        self.stats.partitions = n;
+    }
+
+    /// Is `key` cut off now?
+    fn is_cut(&self, key: Option<ActorKey>) -> bool {
+        key.is_some_and(|k| self.cuts.iter().any(|(c, from, until)| *c == k && (*from..*until).contains(&self.now)))
+    }
+
     /// Send over the simulated network. Messages to and from the supervisor
     /// are local to the coordinator in a real deployment, so they are never
     /// lost; data-plane messages may be dropped, duplicated and reordered
@@ -227,6 +259,10 @@ impl World<'_> {
             return;
         }
         let faulty = !control && self.in_fault_phase();
+        if !control && (self.is_cut(self.sender) || self.is_cut(actor_of(to))) {
+            self.stats.cut += 1;
+            return;
+        }
         if faulty && self.rng.random_bool(self.opts.drop_probability) {
             self.stats.dropped += 1;
             return;
@@ -253,6 +289,7 @@ impl World<'_> {
                 if self.incarnations[i as usize] != incarnation {
                     return;
                 }
+                self.sender = Some(ActorKey::trainer(i));
                 if let Some(t) = self.trainers[i as usize].as_mut() {
                     let cmds = t.on_tick();
                     self.run_trainer(i, cmds);
@@ -281,6 +318,8 @@ impl World<'_> {
 
     fn deliver(&mut self, to: Addr, msg: Msg) {
         self.trace.update(msg.kind().as_bytes());
+        // What the receiver sends while handling this comes from it.
+        self.sender = actor_of(to);
         if std::env::var_os("PHALANX_SIM_TRACE").is_some() {
             let detail = match &msg {
                 Msg::BatchRequest { partition, step, count, .. } => format!("p{partition} s{step}+{count}"),
@@ -441,6 +480,7 @@ impl World<'_> {
     }
 
     fn run_job(&mut self, cmds: Vec<JobCommand>) {
+        self.sender = None;
         let mut queue = std::collections::VecDeque::from(cmds);
         while let Some(cmd) = queue.pop_front() {
             match cmd {
@@ -495,4 +535,14 @@ impl World<'_> {
 
 fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The actor an address names (none for the supervisor and broadcasts).
+fn actor_of(to: Addr) -> Option<ActorKey> {
+    match to {
+        Addr::Trainer(i) => Some(ActorKey::trainer(i)),
+        Addr::Shard(p) => Some(ActorKey::shard(p)),
+        Addr::Aggregator(r) => Some(ActorKey::aggregator(r)),
+        Addr::Job | Addr::AllTrainers => None,
+    }
 }
