@@ -20,8 +20,16 @@
 //!  end ─▶ invariants: completes · exactly-once · bit-identical · replays identical · no split brain
 //! ```
 //!
-//! The entry points are [`sim::simulate`] for one run and
-//! [`campaign::sim_campaign`] for a campaign with its report; the
+//! The [`process`] tier runs scenario files (`chaos-tests/scenarios/*.toml`,
+//! `tier = "process"`) against real `phalanx node` processes through
+//! [`phalanx::local`]: SIGKILL and SIGSTOP of nodes, restarts, partitions and
+//! damaged links through a UDP fault relay, full disks, corrupted
+//! checkpoints and a crash between checkpoint write and rename; each run is
+//! checked by [`invariants::check_process`] against the plain loop's result.
+//!
+//! The entry points are [`sim::simulate`] for one run,
+//! [`campaign::sim_campaign`] for a simulated campaign with its report and
+//! [`process::process_campaign`] for the process tier; the
 //! `phalanx-chaos` binary wraps them.
 
 #![warn(missing_docs)]
