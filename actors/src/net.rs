@@ -35,11 +35,13 @@ pub enum JobMsg {
     Net(Msg),
     /// A restart backoff elapsed.
     RestartDue(ActorKey),
-    /// An actor asked of another node is running there.
-    RemoteStarted(ActorKey),
-    /// An actor on another node (the second field) failed, failed to start or
-    /// was stopped there.
-    RemoteFailed(ActorKey, u32, String),
+    /// An actor asked of another node is running there: (actor, node, spawn request).
+    RemoteStarted(ActorKey, u32, u64),
+    /// An actor on another node failed, failed to start or was stopped there:
+    /// (actor, node, spawn request, why).
+    RemoteFailed(ActorKey, u32, u64, String),
+    /// A spawn request (actor, node, request) got no answer in time.
+    SpawnTimeout(ActorKey, u32, u64),
     /// A node was declared down: its actors are gone.
     NodeLost(u32),
     /// Membership grew: move actors back to where the placement wants them.

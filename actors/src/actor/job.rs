@@ -11,6 +11,10 @@ use super::{spawn_actor, JobContext};
 use crate::net::JobMsg;
 use crate::protocol::{ActorKey, FaultRecord, JobCommand, JobCore, JobError, Ledger, Msg, Role};
 
+/// How long a node has to answer a spawn request (started or failed)
+/// before the supervisor counts the actor as failed and respawns it.
+const SPAWN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Where a running job stands; published on every applied step.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Progress {
@@ -135,6 +139,12 @@ pub struct JobState {
     stopping: bool,
     /// Actors spawned on other nodes, and where.
     remote: BTreeMap<ActorKey, u32>,
+    /// The spawn request of each remote actor's current instance.
+    spawns: BTreeMap<ActorKey, u64>,
+    /// The last spawn request issued.
+    spawn_seq: u64,
+    /// Spawn requests not answered yet.
+    unanswered: std::collections::BTreeSet<(ActorKey, u64)>,
     /// Local children stopped on purpose (moved), whose end is no failure.
     moving: std::collections::HashSet<ActorId>,
     /// Checkpoints the aggregators could not write.
@@ -142,6 +152,11 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// Is `spawn` on `node` the current instance of `key`?
+    fn is_current(&self, key: ActorKey, node: u32, spawn: u64) -> bool {
+        self.remote.get(&key) == Some(&node) && self.spawns.get(&key) == Some(&spawn)
+    }
+
     async fn run(&mut self, myself: &ActorRef<JobMsg>, cmds: Vec<JobCommand>) {
         let mut queue = VecDeque::from(cmds);
         while let Some(cmd) = queue.pop_front() {
@@ -150,9 +165,17 @@ impl JobState {
                     if let Some(node) = self.ctx.cluster.as_ref().and_then(|c| c.remote_host(key)) {
                         // Started or failed: the host node answers with a JobMsg.
                         self.remote.insert(key, node);
+                        self.spawn_seq += 1;
+                        let spawn = self.spawn_seq;
+                        self.spawns.insert(key, spawn);
+                        self.unanswered.insert((key, spawn));
                         if let Some(c) = &self.ctx.cluster {
-                            c.spawn_remote(node, key, generation, restore);
+                            c.spawn_remote(node, key, generation, restore, spawn);
                         }
+                        // The request or its answer can be lost (a node just back from a
+                        // pause refuses frames until its backlog drains): no answer in
+                        // time counts as a failure, and the supervisor respawns.
+                        myself.send_after(SPAWN_ANSWER_TIMEOUT, move || JobMsg::SpawnTimeout(key, node, spawn));
                         continue;
                     }
                     self.remote.remove(&key);
@@ -279,6 +302,9 @@ impl Actor for JobActor {
             samples: 0,
             stopping: false,
             remote: BTreeMap::new(),
+            spawns: BTreeMap::new(),
+            spawn_seq: 0,
+            unanswered: Default::default(),
             moving: Default::default(),
             checkpoint_failures: Vec::new(),
         })
@@ -331,11 +357,32 @@ impl Actor for JobActor {
                 state.checkpoint_failures.push(CheckpointFailure { range, step, reason });
                 Vec::new()
             }
-            JobMsg::RemoteStarted(key) => state.core.on_child_started(key),
-            JobMsg::RemoteFailed(key, node, reason) => {
-                if state.remote.get(&key) != Some(&node) {
-                    // Not (or no longer) running there: a stale report, e.g. from a
-                    // node that was cut off while its actor was restarted elsewhere.
+            JobMsg::RemoteStarted(key, node, spawn) => {
+                state.unanswered.remove(&(key, spawn));
+                if !state.is_current(key, node, spawn) {
+                    return Ok(());
+                }
+                state.core.on_child_started(key)
+            }
+            JobMsg::SpawnTimeout(key, node, spawn) => {
+                if !state.unanswered.remove(&(key, spawn)) || !state.is_current(key, node, spawn) {
+                    return Ok(());
+                }
+                state.remote.remove(&key);
+                let reason = format!(
+                    "node {node} did not answer the spawn request within {} ms",
+                    SPAWN_ANSWER_TIMEOUT.as_millis()
+                );
+                tracing::warn!(actor = %key, "{reason}");
+                state.core.on_child_failed(key, reason, now)
+            }
+            JobMsg::RemoteFailed(key, node, spawn, reason) => {
+                state.unanswered.remove(&(key, spawn));
+                if !state.is_current(key, node, spawn) {
+                    // About an instance that is no longer the current one: e.g. a node
+                    // that was cut off reports, late, the actor it stopped, after the
+                    // actor was placed again (there or elsewhere).
+                    tracing::debug!(actor = %key, node, spawn, "stale report ignored: {reason}");
                     return Ok(());
                 }
                 state.remote.remove(&key);

@@ -81,8 +81,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// The node that should host `key` now, or `None` for this node.
     fn remote_host(&self, key: ActorKey) -> Option<u32>;
     /// Ask `node` to spawn `key`; it answers with `JobMsg::RemoteStarted`
-    /// or `JobMsg::RemoteFailed`, and reports later failures the same way.
-    fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>);
+    /// or `JobMsg::RemoteFailed`, and reports later failures the same way,
+    /// naming the request by `spawn` (unique per supervisor) so that a late
+    /// report about an earlier instance is told apart.
+    fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>, spawn: u64);
     /// A checkpoint file was written: copy it to another node so that the
     /// aggregators can be restored if this node dies.
     fn replicate(&self, path: &std::path::Path);

@@ -273,16 +273,18 @@ impl NodeJob {
         match inbound {
             Inbound::Deliver(to, msg) => self.names.send(to, msg),
             Inbound::Checkpoint(name, bytes) => self.store_copy(peer, &name, &bytes),
-            Inbound::Control(NodeMsg::Spawn { key, generation, restore }) => {
+            Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn }) => {
                 emit(self.routing.me, "spawn", json!({ "actor": key.to_string(), "from": peer }));
-                let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore });
+                let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore, spawn });
             }
             Inbound::Control(NodeMsg::Stop { key }) => {
                 let _ = self.host.send_message(HostMsg::Stop { key, from: peer });
             }
-            Inbound::Control(NodeMsg::Started { key }) => to_job(&self.names, JobMsg::RemoteStarted(key)),
-            Inbound::Control(NodeMsg::Failed { key, reason }) => {
-                to_job(&self.names, JobMsg::RemoteFailed(key, peer, reason))
+            Inbound::Control(NodeMsg::Started { key, spawn }) => {
+                to_job(&self.names, JobMsg::RemoteStarted(key, peer, spawn))
+            }
+            Inbound::Control(NodeMsg::Failed { key, spawn, reason }) => {
+                to_job(&self.names, JobMsg::RemoteFailed(key, peer, spawn, reason))
             }
             Inbound::Control(NodeMsg::Locations { epoch, map }) => {
                 self.routes.send_modify(|r| r.set_locations(peer, epoch, map));

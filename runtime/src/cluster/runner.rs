@@ -179,8 +179,8 @@ impl Cluster for ClusterHooks {
         (node != self.routing.me).then_some(node)
     }
 
-    fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>) {
-        if let Ok(frame) = wire::encode(&NodeMsg::Spawn { key, generation, restore }, &self.routing.limits) {
+    fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>, spawn: u64) {
+        if let Ok(frame) = wire::encode(&NodeMsg::Spawn { key, generation, restore, spawn }, &self.routing.limits) {
             self.routing.send_frame(node, frame);
         }
     }
@@ -224,6 +224,8 @@ pub enum HostMsg {
         generation: u64,
         /// Aggregators: the checkpoint to restore.
         restore: Option<u64>,
+        /// The coordinator's id of the request.
+        spawn: u64,
     },
     /// Stop every hosted actor: the quorum is lost (`reason` is reported to
     /// each actor's coordinator, which restarts it: the view may not change
@@ -258,7 +260,7 @@ pub struct HostActor;
 pub struct HostState {
     ctx: Arc<JobContext>,
     routing: Routing,
-    children: HashMap<ActorId, (ActorKey, u32)>,
+    children: HashMap<ActorId, (ActorKey, u32, u64)>,
     stopping: HashSet<ActorId>,
     /// The coordinator of the newest view, and its epoch.
     current: Option<(u32, u64)>,
@@ -292,7 +294,7 @@ impl Actor for HostActor {
         state: &mut HostState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            HostMsg::Spawn { from, key, generation, restore } => {
+            HostMsg::Spawn { from, key, generation, restore, spawn } => {
                 // A deposed coordinator's request, held back by a partition or a
                 // pause, must not replace what the current one placed here. A
                 // supervisor's generations carry its view's epoch in the high bits;
@@ -306,7 +308,7 @@ impl Actor for HostActor {
                 }
                 // A previous incarnation of the same actor here is replaced.
                 let old: Vec<ActorId> =
-                    state.children.iter().filter(|(_, (k, _))| *k == key).map(|(id, _)| *id).collect();
+                    state.children.iter().filter(|(_, (k, _, _))| *k == key).map(|(id, _)| *id).collect();
                 for id in old {
                     if let Some(cell) = myself.get_children().into_iter().find(|c| c.get_id() == id) {
                         state.stopping.insert(id);
@@ -316,10 +318,12 @@ impl Actor for HostActor {
                 }
                 match spawn_actor(&state.ctx, myself.get_cell(), key, generation, restore).await {
                     Ok(cell) => {
-                        state.children.insert(cell.get_id(), (key, from));
-                        state.report(from, NodeMsg::Started { key });
+                        state.children.insert(cell.get_id(), (key, from, spawn));
+                        state.report(from, NodeMsg::Started { key, spawn });
                     }
-                    Err(e) => state.report(from, NodeMsg::Failed { key, reason: format!("failed to start: {e}") }),
+                    Err(e) => {
+                        state.report(from, NodeMsg::Failed { key, spawn, reason: format!("failed to start: {e}") })
+                    }
                 }
             }
             HostMsg::StopAll { reason } => {
@@ -328,8 +332,9 @@ impl Actor for HostActor {
                     cell.stop(Some("stopped by the node".into()));
                 }
                 if let Some(reason) = reason {
-                    for (key, from) in state.children.values() {
-                        state.report(*from, NodeMsg::Failed { key: *key, reason: format!("stopped: {reason}") });
+                    for (key, from, spawn) in state.children.values() {
+                        let reason = format!("stopped: {reason}");
+                        state.report(*from, NodeMsg::Failed { key: *key, spawn: *spawn, reason });
                     }
                 }
                 state.children.clear();
@@ -338,7 +343,7 @@ impl Actor for HostActor {
                 let ids: Vec<ActorId> = state
                     .children
                     .iter()
-                    .filter(|(_, (k, spawner))| *k == key && *spawner == from)
+                    .filter(|(_, (k, spawner, _))| *k == key && *spawner == from)
                     .map(|(id, _)| *id)
                     .collect();
                 for cell in myself.get_children().into_iter().filter(|c| ids.contains(&c.get_id())) {
@@ -354,13 +359,13 @@ impl Actor for HostActor {
                 state.current = Some((coordinator, epoch));
                 // Spawn requests and views travel separately, so a request of the
                 // new coordinator may arrive before its view: keep those.
-                let stale: Vec<(ActorId, ActorKey, u32)> = state
+                let stale: Vec<(ActorId, ActorKey, u32, u64)> = state
                     .children
                     .iter()
-                    .filter(|(_, (_, from))| *from != coordinator)
-                    .map(|(id, (key, from))| (*id, *key, *from))
+                    .filter(|(_, (_, from, _))| *from != coordinator)
+                    .map(|(id, (key, from, spawn))| (*id, *key, *from, *spawn))
                     .collect();
-                for (id, key, from) in &stale {
+                for (id, key, from, spawn) in &stale {
                     if let Some(cell) = myself.get_children().into_iter().find(|c| c.get_id() == *id) {
                         state.stopping.insert(*id);
                         cell.stop(Some("coordinator changed".into()));
@@ -369,7 +374,11 @@ impl Actor for HostActor {
                     // it must know its actor is gone.
                     state.report(
                         *from,
-                        NodeMsg::Failed { key: *key, reason: format!("stopped: node {coordinator} coordinates now") },
+                        NodeMsg::Failed {
+                            key: *key,
+                            spawn: *spawn,
+                            reason: format!("stopped: node {coordinator} coordinates now"),
+                        },
                     );
                     state.children.remove(id);
                 }
@@ -394,9 +403,9 @@ impl Actor for HostActor {
         if state.stopping.remove(&cell.get_id()) {
             return Ok(());
         }
-        if let Some((key, coordinator)) = state.children.remove(&cell.get_id()) {
+        if let Some((key, coordinator, spawn)) = state.children.remove(&cell.get_id()) {
             tracing::warn!(actor = %key, "hosted actor failed: {reason}");
-            state.report(coordinator, NodeMsg::Failed { key, reason });
+            state.report(coordinator, NodeMsg::Failed { key, spawn, reason });
         }
         Ok(())
     }

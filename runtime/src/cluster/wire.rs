@@ -31,6 +31,8 @@ pub enum NodeMsg {
         generation: u64,
         /// Aggregators: the checkpoint to restore.
         restore: Option<u64>,
+        /// The coordinator's id of this request (echoed in the answers).
+        spawn: u64,
     },
     /// Coordinator → host: stop this actor, it moves elsewhere.
     Stop {
@@ -41,11 +43,15 @@ pub enum NodeMsg {
     Started {
         /// The actor.
         key: ActorKey,
+        /// The spawn request.
+        spawn: u64,
     },
     /// Host → coordinator: the actor failed (or failed to start).
     Failed {
         /// The actor.
         key: ActorKey,
+        /// The spawn request.
+        spawn: u64,
         /// Why.
         reason: String,
     },
