@@ -21,7 +21,11 @@ fn every_process_scenario_keeps_every_invariant() {
     let dir = tempfile::tempdir().unwrap();
     let mut report = Report { identical: true, ..Report::default() };
     process_campaign(&exe, &dir.path().join("processes"), &mut report).unwrap();
-    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    if !report.violations.is_empty() {
+        // Keep the runs' events and node logs for the post-mortem.
+        let kept = dir.keep();
+        panic!("{:#?}\nevents and node logs kept in {}", report.violations, kept.display());
+    }
     assert!(report.identical);
     assert_eq!(report.seeds_run, BUILTIN.len() as u64);
     assert_eq!((report.samples_lost, report.samples_duplicated), (0, 0));

@@ -414,6 +414,17 @@ impl LocalCluster {
         exits
     }
 
+    /// Nodes that exited on their own (not killed by the harness), and how.
+    fn exited(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (id, slot) in self.nodes.iter_mut().enumerate() {
+            if let Some(Ok(Some(status))) = slot.as_mut().map(Child::try_wait) {
+                out.push(format!("node {id} exited ({status})"));
+            }
+        }
+        out
+    }
+
     /// Lines of the node logs that report a panic.
     fn panics(&self) -> Vec<String> {
         let mut found = Vec::new();
@@ -532,11 +543,15 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
+/// `n` free loopback UDP ports, with the sockets that hold them: keep them
+/// until everything else of the harness (the fault relay) is bound, so the
+/// kernel cannot hand a node's port to one of its sockets.
+fn reserve_ports(n: usize) -> Result<(Vec<u16>, Vec<std::net::UdpSocket>), Error> {
     let io = |source| Error::Io { path: PathBuf::from("127.0.0.1:0"), source };
     let sockets: Vec<std::net::UdpSocket> =
         (0..n).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(io)?;
-    sockets.iter().map(|s| s.local_addr().map(|a| a.port()).map_err(io)).collect()
+    let ports = sockets.iter().map(|s| s.local_addr().map(|a| a.port()).map_err(io)).collect::<Result<_, _>>()?;
+    Ok((ports, sockets))
 }
 
 /// Something to undo when its time comes.
@@ -611,13 +626,15 @@ pub fn run_local_with(
     let job_path = dir.path().join("job.toml");
     std::fs::write(&job_path, text).map_err(|source| Error::Io { path: job_path, source })?;
     let _ = std::fs::remove_file(out.join("summary.json"));
-    let ports = free_ports(nodes as usize)?;
+    let (ports, held) = reserve_ports(nodes as usize)?;
     let relay = if faults.iter().any(|f| matches!(f, NodeFault::Partition { .. } | NodeFault::Degrade { .. })) {
         let addrs = ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect();
         Some(FaultRelay::start(addrs, config.seed).map_err(|source| Error::Io { path: "fault relay".into(), source })?)
     } else {
         None
     };
+    // The nodes bind these ports next.
+    drop(held);
     let (tx, rx) = mpsc::channel();
     let mut cluster = LocalCluster {
         dir,
@@ -665,8 +682,10 @@ pub fn run_local_with(
         let left = STALL_BOUND.saturating_sub(progress.0.elapsed());
         if left.is_zero() {
             let last = progress.1.map_or("before the first step".to_string(), |s| format!("after step {s}"));
+            let exited = cluster.exited();
+            let exited = if exited.is_empty() { String::new() } else { format!("; {}", exited.join(", ")) };
             return Err(Error::Spawn(format!(
-                "no training progress for {} s ({last}); node events are in {}, node logs in {}",
+                "no training progress for {} s ({last}{exited}); node events are in {}, node logs in {}",
                 STALL_BOUND.as_secs(),
                 events_path.display(),
                 out.join("logs").display()
