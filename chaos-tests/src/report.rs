@@ -91,8 +91,6 @@ pub struct Report {
     pub steps_replayed: u64,
     /// Mean virtual time to finish with faults over the fault-free time (1.0 = no slowdown).
     pub slowdown: f64,
-    /// What is not covered yet, said plainly.
-    pub not_covered: Vec<String>,
 }
 
 impl Report {
@@ -192,12 +190,6 @@ impl Report {
             s.push_str("## Violations\n\n");
             for v in &self.violations {
                 s.push_str(&format!("- {v}\n"));
-            }
-        }
-        if !self.not_covered.is_empty() {
-            s.push_str("\n## Not covered yet\n\n");
-            for n in &self.not_covered {
-                s.push_str(&format!("- {n}\n"));
             }
         }
         s

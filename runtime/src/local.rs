@@ -34,6 +34,7 @@ use serde_json::Value;
 use crate::config::JobConfig;
 use crate::error::Error;
 use crate::relay::{FaultRelay, LinkFaults};
+use phalanx_actors::checkpoint::{is_temp_name, FileKey};
 
 /// How long a local run may go without a step applied (or, before the
 /// first, without starting) before it is abandoned as hung.
@@ -504,9 +505,8 @@ fn newest_checkpoint_files(dir: &Path) -> Vec<(u64, PathBuf)> {
         .flatten()
         .flatten()
         .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("ckpt-")?.get(..10)?.parse::<u64>().ok()?;
-            name.ends_with(".safetensors").then(|| (step, e.path()))
+            let key = FileKey::parse(e.file_name().to_str()?)?;
+            Some((key.step, e.path()))
         })
         .collect();
     let newest = files.iter().map(|(s, _)| *s).max();
@@ -539,7 +539,7 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(".tmp-"))
+        .filter(|n| is_temp_name(n))
         .collect()
 }
 

@@ -137,10 +137,9 @@ pub struct JobState {
     progress: watch::Sender<Progress>,
     samples: u64,
     stopping: bool,
-    /// Actors spawned on other nodes, and where.
-    remote: BTreeMap<ActorKey, u32>,
-    /// The spawn request of each remote actor's current instance.
-    spawns: BTreeMap<ActorKey, u64>,
+    /// Actors spawned on other nodes: where, and the spawn request of the
+    /// current instance (reports about other requests are stale).
+    remote: BTreeMap<ActorKey, (u32, u64)>,
     /// The last spawn request issued.
     spawn_seq: u64,
     /// Spawn requests not answered yet.
@@ -154,7 +153,7 @@ pub struct JobState {
 impl JobState {
     /// Is `spawn` on `node` the current instance of `key`?
     fn is_current(&self, key: ActorKey, node: u32, spawn: u64) -> bool {
-        self.remote.get(&key) == Some(&node) && self.spawns.get(&key) == Some(&spawn)
+        self.remote.get(&key) == Some(&(node, spawn))
     }
 
     async fn run(&mut self, myself: &ActorRef<JobMsg>, cmds: Vec<JobCommand>) {
@@ -164,10 +163,9 @@ impl JobState {
                 JobCommand::Spawn { key, generation, restore } => {
                     if let Some(node) = self.ctx.cluster.as_ref().and_then(|c| c.remote_host(key)) {
                         // Started or failed: the host node answers with a JobMsg.
-                        self.remote.insert(key, node);
                         self.spawn_seq += 1;
                         let spawn = self.spawn_seq;
-                        self.spawns.insert(key, spawn);
+                        self.remote.insert(key, (node, spawn));
                         self.unanswered.insert((key, spawn));
                         if let Some(c) = &self.ctx.cluster {
                             c.spawn_remote(node, key, generation, restore, spawn);
@@ -246,7 +244,7 @@ impl JobState {
             let wanted = cluster.preferred_host(key);
             let local = self.children.iter().find(|(_, k)| **k == key).map(|(id, _)| *id);
             let current = match (self.remote.get(&key), local) {
-                (Some(node), _) => Some(*node),
+                (Some((node, _)), _) => Some(*node),
                 (None, Some(_)) => None,
                 (None, None) => continue, // not running (restarting): its respawn follows the placement
             };
@@ -302,7 +300,6 @@ impl Actor for JobActor {
             samples: 0,
             stopping: false,
             remote: BTreeMap::new(),
-            spawns: BTreeMap::new(),
             spawn_seq: 0,
             unanswered: Default::default(),
             moving: Default::default(),
@@ -391,7 +388,8 @@ impl Actor for JobActor {
             }
             JobMsg::Rebalance => state.rebalance(&myself),
             JobMsg::NodeLost(node) => {
-                let lost: Vec<ActorKey> = state.remote.iter().filter(|(_, n)| **n == node).map(|(k, _)| *k).collect();
+                let lost: Vec<ActorKey> =
+                    state.remote.iter().filter(|(_, (n, _))| *n == node).map(|(k, _)| *k).collect();
                 let mut cmds = Vec::new();
                 for key in lost {
                     state.remote.remove(&key);

@@ -27,6 +27,11 @@ pub(crate) const FILE_SUFFIX: &str = ".safetensors";
 /// Temporary files start with this, so they never match the final pattern.
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
+/// Is `name` a temporary checkpoint file (what a crash between write and rename leaves)?
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
 /// Name of the parameter tensor.
 const PARAMS_TENSOR: &str = "params";
 /// Optimizer slot `s` is stored as tensor `opt.s`.
@@ -59,9 +64,12 @@ mod key {
 
 /// What a checkpoint file name says: the step and the range `[offset, offset + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct FileKey {
+pub struct FileKey {
+    /// The checkpointed version.
     pub step: u64,
+    /// Start of the range.
     pub offset: usize,
+    /// Length of the range.
     pub len: usize,
 }
 

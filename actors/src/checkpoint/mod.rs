@@ -89,6 +89,7 @@
 mod format;
 mod store;
 
+pub use format::{is_temp_name, FileKey};
 pub use store::{CheckpointStore, FileSummary, ScannedFile};
 
 use std::collections::BTreeMap;
