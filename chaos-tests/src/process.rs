@@ -13,12 +13,13 @@
 //! nodes = 3                          # default 3
 //! faults = ["kill 0@300"]            # `phalanx local` flags without the dashes
 //! expect_detection = true            # must a survivor declare a node down? (default: by fault kind)
+//! replicas = 2                       # checkpoint copies (`--replicas`; default: the nodes' default)
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use phalanx::local::{run_local_with, NodeFault};
+use phalanx::local::{run_local_with_options, LocalOptions, NodeFault};
 use phalanx::{JobConfig, PreparedJob};
 use phalanx_actors::data::DatasetSource;
 use phalanx_actors::model::ModelKind;
@@ -29,7 +30,7 @@ use crate::invariants::{check_process, Expected};
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 14] = [
+pub const BUILTIN: [(&str, &str); 17] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -44,6 +45,9 @@ pub const BUILTIN: [(&str, &str); 14] = [
     ("disk-full-then-kill.toml", include_str!("../scenarios/disk-full-then-kill.toml")),
     ("crash-before-rename.toml", include_str!("../scenarios/crash-before-rename.toml")),
     ("corrupt-checkpoint.toml", include_str!("../scenarios/corrupt-checkpoint.toml")),
+    ("kill-coordinator-and-replica.toml", include_str!("../scenarios/kill-coordinator-and-replica.toml")),
+    ("lost-every-checkpoint-copy.toml", include_str!("../scenarios/lost-every-checkpoint-copy.toml")),
+    ("fetch-checkpoint-from-member.toml", include_str!("../scenarios/fetch-checkpoint-from-member.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -70,6 +74,9 @@ pub struct ProcessScenario {
     /// Epochs of the job (default 150).
     #[serde(default)]
     pub epochs: Option<u32>,
+    /// Checkpoint copies on other nodes (`--replicas`); default: the nodes' default.
+    #[serde(default)]
+    pub replicas: Option<u32>,
 }
 
 fn three() -> u32 {
@@ -215,7 +222,8 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
     let started = Instant::now();
     let mut trace = Vec::new();
     let summary = scenario.node_faults().and_then(|faults| {
-        run_local_with(exe, &config, scenario.nodes, faults, |step, _, loss| {
+        let options = LocalOptions { nodes: scenario.nodes, replicas: scenario.replicas };
+        run_local_with_options(exe, &config, &options, faults, |step, _, loss| {
             trace.push((step, loss, started.elapsed().as_secs_f64()))
         })
         .map_err(|e| e.to_string())
@@ -264,6 +272,23 @@ fn took_effect(scenario: &ProcessScenario, summary: &Value) -> Result<(), String
                 let evidence = f["evidence"].as_str().unwrap_or("");
                 if evidence.is_empty() || evidence.contains("left 0 ") {
                     return Err(format!("the crash left no temporary checkpoint file ({evidence:?})"));
+                }
+            }
+            "wipe" => {
+                // The wiped node's copies are gone: a takeover there must not
+                // have restored from them (it fetched, or started from step 0).
+                let node = f["node"].as_u64();
+                let after_wipe: Vec<&Value> = summary["takeovers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t["node"].as_u64() == node && t["epoch"].as_u64() > Some(1))
+                    .collect();
+                if after_wipe.is_empty() {
+                    return Err(format!("node {node:?} was wiped but never took over"));
+                }
+                if let Some(t) = after_wipe.iter().find(|t| t["restore_from"].as_str() == Some("local")) {
+                    return Err(format!("node {node:?} restored its wiped copies: {t}"));
                 }
             }
             "corrupt" => {
@@ -391,7 +416,9 @@ mod tests {
         assert_eq!(all.len(), BUILTIN.len());
         let kinds: std::collections::BTreeSet<&'static str> =
             all.iter().flat_map(|s| s.node_faults().unwrap()).map(|f| f.kind()).collect();
-        for k in ["kill", "pause", "restart", "partition", "degrade", "disk-full", "corrupt", "crash-before-rename"] {
+        for k in
+            ["kill", "pause", "restart", "partition", "degrade", "disk-full", "corrupt", "crash-before-rename", "wipe"]
+        {
             assert!(kinds.contains(k), "no built-in scenario injects {k}");
         }
     }

@@ -15,6 +15,7 @@
 //! | `--disk-full NODE@STEP:MS` | the node's data directory (a size-limited tmpfs, mounted for the run; needs root) is filled for `MS` |
 //! | `--corrupt NODE@STEP` | flip a byte in every checkpoint file of the newest step on the node |
 //! | `--crash-before-rename NODE@STEP` | the node aborts after writing the checkpoint of `STEP` to its temporary file, before the rename |
+//! | `--wipe NODE@STEP` | delete every checkpoint file on the node (its copies are lost) |
 //!
 //! Network faults go through a [`FaultRelay`] between the nodes (started
 //! only when the schedule has one): `tc netem` and iptables are not
@@ -113,6 +114,13 @@ pub enum NodeFault {
         /// The checkpoint step.
         step: u64,
     },
+    /// Delete every checkpoint file on node `node`.
+    Wipe {
+        /// The node.
+        node: u32,
+        /// The step.
+        step: u64,
+    },
 }
 
 impl NodeFault {
@@ -126,7 +134,8 @@ impl NodeFault {
             | NodeFault::Degrade { step, .. }
             | NodeFault::DiskFull { step, .. }
             | NodeFault::Corrupt { step, .. }
-            | NodeFault::CrashBeforeRename { step, .. } => *step,
+            | NodeFault::CrashBeforeRename { step, .. }
+            | NodeFault::Wipe { step, .. } => *step,
         }
     }
 
@@ -151,6 +160,7 @@ impl NodeFault {
             NodeFault::DiskFull { .. } => "disk-full",
             NodeFault::Corrupt { .. } => "corrupt",
             NodeFault::CrashBeforeRename { .. } => "crash-before-rename",
+            NodeFault::Wipe { .. } => "wipe",
         }
     }
 
@@ -162,7 +172,8 @@ impl NodeFault {
             | NodeFault::Restart { node, .. }
             | NodeFault::DiskFull { node, .. }
             | NodeFault::Corrupt { node, .. }
-            | NodeFault::CrashBeforeRename { node, .. } => vec![*node],
+            | NodeFault::CrashBeforeRename { node, .. }
+            | NodeFault::Wipe { node, .. } => vec![*node],
             NodeFault::Partition { side, .. } => side.clone(),
             NodeFault::Degrade { .. } => Vec::new(),
         }
@@ -189,6 +200,7 @@ impl NodeFault {
             "disk-full" => NodeFault::DiskFull { node: node()?, step, ms },
             "corrupt" => NodeFault::Corrupt { node: node()?, step },
             "crash-before-rename" => NodeFault::CrashBeforeRename { node: node()?, step },
+            "wipe" => NodeFault::Wipe { node: node()?, step },
             "partition" => {
                 let side =
                     what.split(',').map(|n| number(n, "NODE").map(|n| n as u32)).collect::<Result<Vec<_>, _>>()?;
@@ -205,7 +217,8 @@ impl NodeFault {
             NodeFault::Kill { node, step }
             | NodeFault::Restart { node, step }
             | NodeFault::Corrupt { node, step }
-            | NodeFault::CrashBeforeRename { node, step } => format!("{node}@{step}"),
+            | NodeFault::CrashBeforeRename { node, step }
+            | NodeFault::Wipe { node, step } => format!("{node}@{step}"),
             NodeFault::Pause { node, step, ms } | NodeFault::DiskFull { node, step, ms } => {
                 format!("{node}@{step}:{ms}")
             }
@@ -250,7 +263,7 @@ fn parse_link(spec: &str) -> Result<LinkFaults, String> {
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeFaultReport {
     /// `kill`, `pause`, `restart`, `partition`, `degrade`, `disk-full`,
-    /// `corrupt` or `crash-before-rename`.
+    /// `corrupt`, `crash-before-rename` or `wipe`.
     pub kind: String,
     /// The node (the first of a partition's side; none for `degrade`).
     pub node: Option<u32>,
@@ -290,6 +303,18 @@ pub struct Takeover {
     pub epoch: u64,
     /// The checkpoint step it restored (none: from the start).
     pub restore: Option<u64>,
+    /// Where that checkpoint came from: `local` (its own copies), `node N`
+    /// (fetched from a member), `none` (no member held one: from step 0).
+    pub restore_from: Option<String>,
+}
+
+/// How `phalanx local` lays out its cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalOptions {
+    /// Node processes.
+    pub nodes: u32,
+    /// Checkpoint copies on other nodes (`phalanx node --replicas`); none: the node's default.
+    pub replicas: Option<u32>,
 }
 
 fn unix_ms() -> u64 {
@@ -308,6 +333,8 @@ struct LocalCluster {
     mounts: Vec<PathBuf>,
     /// Nodes started with `--crash-before-rename STEP` at their first start.
     crash_before_rename: BTreeMap<u32, u64>,
+    /// `--replicas` of every node.
+    replicas: Option<u32>,
 }
 
 impl LocalCluster {
@@ -346,6 +373,9 @@ impl LocalCluster {
             .arg(&self.out)
             .arg("--data-dir")
             .arg(self.data_dir(id));
+        if let Some(r) = self.replicas {
+            command.args(["--replicas", &r.to_string()]);
+        }
         // Only the first start crashes: the restarted node is the one that must cope.
         if let Some(step) = self.crash_before_rename.remove(&id) {
             command.args(["--crash-before-rename", &step.to_string()]);
@@ -532,6 +562,20 @@ fn corrupt_newest(dir: &Path) -> Result<(String, Option<u64>), Error> {
     Ok((format!("corrupted {} checkpoint file(s) of step {step} in {}", files.len(), dir.display()), Some(step)))
 }
 
+/// Delete every checkpoint file in `dir`; says what went.
+fn wipe_checkpoints(dir: &Path) -> Result<String, Error> {
+    let mut steps = std::collections::BTreeSet::new();
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Some(key) = entry.file_name().to_str().and_then(FileKey::parse) else { continue };
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        steps.insert(key.step);
+        count += 1;
+    }
+    Ok(format!("deleted {count} checkpoint file(s) of steps {steps:?} in {}", dir.display()))
+}
+
 /// Temporary checkpoint files in `dir` (what a crash between write and rename leaves).
 fn temp_files(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -561,17 +605,17 @@ enum Undo {
     FreeDisk(u32),
 }
 
-/// Run `config` on `nodes` local node processes with `faults`; returns the
+/// Run `config` on `options.nodes` local node processes with `faults`; returns the
 /// summary (with `node_faults` added). `on_step` sees (step, total, loss).
 /// The nodes run this same executable (`phalanx node`).
 pub fn run_local(
     config: &JobConfig,
-    nodes: u32,
+    options: &LocalOptions,
     faults: Vec<NodeFault>,
     on_step: impl FnMut(u64, u64, f64),
 ) -> Result<Value, Error> {
     let exe = std::env::current_exe().map_err(|source| Error::Io { path: PathBuf::from("phalanx"), source })?;
-    run_local_with(&exe, config, nodes, faults, on_step)
+    run_local_with_options(&exe, config, options, faults, on_step)
 }
 
 fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<(), Error> {
@@ -606,13 +650,31 @@ pub fn run_local_with(
     exe: &Path,
     config: &JobConfig,
     nodes: u32,
+    faults: Vec<NodeFault>,
+    on_step: impl FnMut(u64, u64, f64),
+) -> Result<Value, Error> {
+    run_local_with_options(exe, config, &LocalOptions { nodes, replicas: None }, faults, on_step)
+}
+
+/// [`run_local_with`] with every cluster option.
+pub fn run_local_with_options(
+    exe: &Path,
+    config: &JobConfig,
+    options: &LocalOptions,
     mut faults: Vec<NodeFault>,
     mut on_step: impl FnMut(u64, u64, f64),
 ) -> Result<Value, Error> {
+    let nodes = options.nodes;
     if nodes == 0 {
         return Err(Error::Field { field: "nodes".into(), reason: "must be at least 1".into() });
     }
     check_faults(config, nodes, &faults)?;
+    if let Some(r) = options.replicas.filter(|r| *r >= nodes) {
+        return Err(Error::Field {
+            field: "replicas".into(),
+            reason: format!("{r} copies need {r} other nodes, and {nodes} nodes have {}", nodes - 1),
+        });
+    }
     faults.sort_by_key(NodeFault::trigger);
     let out = config.out.clone().unwrap_or_else(|| PathBuf::from("phalanx-out"));
     let out = if out.is_absolute() { out } else { std::env::current_dir().unwrap_or_default().join(out) };
@@ -652,6 +714,7 @@ pub fn run_local_with(
                 _ => None,
             })
             .collect(),
+        replicas: options.replicas,
     };
     let mut full: Vec<u32> = faults
         .iter()
@@ -768,6 +831,7 @@ pub fn run_local_with(
                         }
                         // Armed at spawn; it fires inside the node.
                         NodeFault::CrashBeforeRename { step, .. } => checkpoint_step = Some(*step),
+                        NodeFault::Wipe { node, .. } => evidence = Some(wipe_checkpoints(&cluster.checkpoints(*node))?),
                     }
                     let (kind, arg) = f.to_flag();
                     eprintln!("injected: --{kind} {arg} at step {step}");
@@ -802,6 +866,7 @@ pub fn run_local_with(
                 node: event["node"].as_u64().unwrap_or(u64::MAX) as u32,
                 epoch: event["epoch"].as_u64().unwrap_or(0),
                 restore: event["restore"].as_u64(),
+                restore_from: event["restore_from"].as_str().map(str::to_owned),
             }),
             Some("job_done") => break event,
             Some("job_failed") => {
@@ -850,6 +915,7 @@ mod tests {
             ("disk-full", "0@100:1500"),
             ("corrupt", "1@150"),
             ("crash-before-rename", "0@160"),
+            ("wipe", "1@310"),
         ] {
             let f = NodeFault::parse(kind, arg).unwrap_or_else(|e| panic!("{e}"));
             let (k, a) = f.to_flag();

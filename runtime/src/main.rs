@@ -34,7 +34,7 @@ enum Command {
     /// Run a cluster node: QUIC with mutual TLS, heartbeats, failure detection.
     Node(NodeArgs),
     /// Run a job on N local node processes (fresh certificates, loopback QUIC) and inject node faults.
-    Local(LocalArgs),
+    Local(Box<LocalArgs>),
 }
 
 /// `phalanx local --nodes N [job flags] [--kill NODE@STEP] [--pause NODE@STEP:MS] [--restart NODE@STEP]`.
@@ -67,6 +67,12 @@ struct LocalArgs {
     /// The node aborts after writing its checkpoint of STEP to a temporary file, before the rename.
     #[arg(long, value_name = "NODE@STEP")]
     crash_before_rename: Vec<String>,
+    /// Delete every checkpoint file on a node (its copies are lost). Repeatable.
+    #[arg(long, value_name = "NODE@STEP")]
+    wipe: Vec<String>,
+    /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
+    #[arg(long, value_name = "R")]
+    replicas: Option<u32>,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -122,6 +128,9 @@ struct NodeArgs {
     /// Fault injection (chaos tests): abort after writing the checkpoint of STEP to its temporary file, before the rename.
     #[arg(long, value_name = "STEP")]
     crash_before_rename: Option<u64>,
+    /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
+    #[arg(long, value_name = "R")]
+    replicas: Option<u32>,
 }
 
 impl NodeArgs {
@@ -146,6 +155,7 @@ impl NodeArgs {
                     job: None,
                     out: None,
                     crash_before_rename: None,
+                    replicas: None,
                 }
             }
         };
@@ -172,6 +182,9 @@ impl NodeArgs {
         }
         if self.out.is_some() {
             c.out = self.out;
+        }
+        if self.replicas.is_some() {
+            c.replicas = self.replicas;
         }
         if self.crash_before_rename.is_some() {
             c.crash_before_rename = self.crash_before_rename;
@@ -432,7 +445,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 async fn local(args: LocalArgs) -> anyhow::Result<()> {
-    use phalanx::local::{run_local, NodeFault};
+    use phalanx::local::{run_local, LocalOptions, NodeFault};
     let mut faults = Vec::new();
     for (kind, specs) in [
         ("kill", &args.kill),
@@ -443,13 +456,14 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("disk-full", &args.disk_full),
         ("corrupt", &args.corrupt),
         ("crash-before-rename", &args.crash_before_rename),
+        ("wipe", &args.wipe),
     ] {
         for s in specs {
             faults.push(NodeFault::parse(kind, s).map_err(anyhow::Error::msg)?);
         }
     }
     let config = args.job.into_config()?;
-    let nodes = args.nodes;
+    let (nodes, replicas) = (args.nodes, args.replicas);
     eprintln!(
         "starting {nodes} node processes on 127.0.0.1 (mutual TLS, fresh CA) for {} on {}",
         config.model, config.dataset
@@ -457,7 +471,8 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let summary = tokio::task::spawn_blocking(move || {
         let mut view = ProgressView::new();
-        let r = run_local(&config, nodes, faults, |step, total, loss| {
+        let options = LocalOptions { nodes, replicas };
+        let r = run_local(&config, &options, faults, |step, total, loss| {
             let p = Progress { step, total_steps: total, loss, ..Progress::default() };
             view.update(&p, started);
         });
@@ -493,6 +508,14 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
             None => println!(),
         }
     }
+    for t in summary["takeovers"].as_array().into_iter().flatten().skip(1) {
+        let restored = match (t["restore"].as_u64(), t["restore_from"].as_str()) {
+            (Some(step), Some("local") | None) => format!("checkpoint {step} from its own copies"),
+            (Some(step), Some(from)) => format!("checkpoint {step} fetched from {from}"),
+            (None, _) => "no checkpoint anywhere: recomputed from step 0".to_string(),
+        };
+        println!("takeover: node {} coordinates (epoch {}); restored {restored}", t["node"], t["epoch"]);
+    }
     for c in summary["checkpoint_failures"].as_array().into_iter().flatten() {
         println!(
             "checkpoint not saved: range {} step {}: {}",
@@ -519,7 +542,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Train(args) => train(args).await,
-            Command::Local(args) => local(args).await,
+            Command::Local(args) => local(*args).await,
             Command::Certs(args) => {
                 phalanx_transport::certs::generate(&args.dir, args.nodes)
                     .with_context(|| format!("writing certificates to {}", args.dir.display()))?;

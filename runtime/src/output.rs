@@ -187,6 +187,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Add (or replace) top-level `fields` of `dir/summary.json`, atomically.
+pub fn patch_summary(
+    dir: &Path,
+    fields: impl IntoIterator<Item = (String, serde_json::Value)>,
+) -> Result<serde_json::Value, Error> {
+    let path = dir.join("summary.json");
+    let text = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let mut summary: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::Encode { what: path.display().to_string(), reason: e.to_string() })?;
+    if let Some(map) = summary.as_object_mut() {
+        map.extend(fields);
+    }
+    let bytes = serde_json::to_vec_pretty(&summary)
+        .map_err(|e| Error::Encode { what: path.display().to_string(), reason: e.to_string() })?;
+    write_atomic(&path, &bytes)?;
+    Ok(summary)
+}
+
 /// Write `summary.json` and `model.safetensors` into `dir`.
 pub fn write_outputs(dir: &Path, job: &PreparedJob, report: &TrainReport) -> Result<Summary, Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;

@@ -12,8 +12,7 @@ use crate::protocol::{
     ActorKey, Addr, AggCommand, AggregatorCore, AggregatorSetup, Gradient, Msg, RangeState, Verdict,
 };
 
-/// Complete checkpoints kept on disk; older ones are pruned.
-const CHECKPOINTS_KEPT: usize = 3;
+use crate::checkpoint::CHECKPOINTS_KEPT;
 
 /// Owns one range of θ and applies steps.
 pub struct AggregatorActor;

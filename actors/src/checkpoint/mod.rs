@@ -92,6 +92,10 @@ mod store;
 pub use format::{is_temp_name, FileKey};
 pub use store::{CheckpointStore, FileSummary, ScannedFile};
 
+/// Complete checkpoints kept on disk (by aggregators and by the nodes keeping
+/// copies); older ones are pruned.
+pub const CHECKPOINTS_KEPT: usize = 3;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::ops::Range;

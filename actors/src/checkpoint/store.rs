@@ -104,6 +104,21 @@ impl CheckpointStore {
         Ok(store)
     }
 
+    /// A view of the existing directory `dir` for reading, listing and
+    /// pruning: unlike [`open`](Self::open) it creates nothing and removes no
+    /// temporary file, so it is safe beside a live writer (an aggregator saving
+    /// in the same directory). A missing directory reads as empty.
+    pub fn reader(dir: impl Into<PathBuf>) -> Self {
+        CheckpointStore { dir: dir.into(), temp_seq: AtomicU64::new(0), crash_before_rename: None }
+    }
+
+    /// The files (by final name) holding checkpoint `step`, whatever their
+    /// range; unverified. Empty when there are none.
+    pub fn files_of_step(&self, step: u64) -> Result<Vec<PathBuf>, CheckpointError> {
+        let by_step = self.keys_by_step()?;
+        Ok(by_step.get(&step).into_iter().flatten().map(|key| self.dir.join(key.file_name())).collect())
+    }
+
     /// Fault injection for chaos tests of whole processes: the save of `step`
     /// writes and fsyncs its temporary file, then aborts the process before the
     /// rename, as a crash at the worst moment would.
@@ -314,7 +329,12 @@ impl CheckpointStore {
     fn file_names(&self) -> Result<Vec<String>, CheckpointError> {
         let listing = io_err("listing", &self.dir);
         let mut names = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(&listing)? {
+        let entries = match fs::read_dir(&self.dir) {
+            // A directory that was never created (or was wiped) holds no checkpoint.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
+            other => other.map_err(&listing)?,
+        };
+        for entry in entries {
             if let Ok(name) = entry.map_err(&listing)?.file_name().into_string() {
                 names.push(name);
             }

@@ -7,5 +7,7 @@
 pub mod membership;
 pub mod node;
 pub mod placement;
+pub mod replication;
+pub mod resume;
 pub mod runner;
 pub mod wire;

@@ -32,11 +32,14 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
 
 use super::membership::{DetectorConfig, Membership, MembershipCommand};
-use super::placement::Placement;
+use super::placement::{default_replicas, Placement, Shape};
+use super::replication::{ReplicationStats, ReplicationTracker};
+use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
 use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing};
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
+use phalanx_actors::checkpoint::{FileKey, CHECKPOINTS_KEPT};
 
 /// How often the node loop advances the membership clock.
 const TICK_MS: u64 = 20;
@@ -75,12 +78,22 @@ pub struct NodeConfig {
     /// checkpoint of this step to its temporary file, before the rename.
     #[serde(default)]
     pub crash_before_rename: Option<u64>,
+    /// Other nodes that keep a copy of every checkpoint (the coordinator's
+    /// successor first). Default: 2 when the cluster has at least 5 members,
+    /// else 1 (see [`default_replicas`]).
+    #[serde(default)]
+    pub replicas: Option<u32>,
 }
 
 impl NodeConfig {
     /// The configured members: `0..nodes`.
     pub fn members(&self) -> u32 {
         self.nodes.unwrap_or(self.seeds.len() as u32 + 1)
+    }
+
+    /// Checkpoint copies on other nodes: `replicas`, or the default for the cluster size.
+    pub fn replica_count(&self) -> u32 {
+        self.replicas.unwrap_or_else(|| default_replicas(self.members())).min(self.members().saturating_sub(1))
     }
 
     /// Check what can be checked before binding.
@@ -94,6 +107,17 @@ impl NodeConfig {
                     self.id,
                     self.members(),
                     self.members()
+                ),
+            );
+        }
+        if let Some(r) = self.replicas.filter(|r| *r >= self.members()) {
+            return field(
+                "replicas",
+                format!(
+                    "{r} copies need {r} other nodes, and a {}-node cluster has {} (at most {})",
+                    self.members(),
+                    self.members() - 1,
+                    self.members() - 1
                 ),
             );
         }
@@ -132,10 +156,20 @@ struct NodeJob {
     /// Fault injection: see [`NodeConfig::crash_before_rename`].
     crash_before_rename: Option<u64>,
     members: Vec<u32>,
+    /// Checkpoint copies wanted on other nodes.
+    replicas: u32,
     coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
     done: bool,
     /// Members of the previous view, to notice a node coming back.
     last_members: std::collections::BTreeSet<u32>,
+    /// Where a coordinator starts the job from (asks the members first).
+    resume: Resume,
+    /// This node has seen the job run (hosted its actors, had its locations,
+    /// coordinated it): a coordinator taking over need not wait for a fresh start.
+    seen_job: bool,
+    /// Copies of this node's checkpoints acknowledged by the replicas.
+    replication: ReplicationTracker,
+    replication_stats: watch::Sender<ReplicationStats>,
 }
 
 impl NodeJob {
@@ -163,6 +197,12 @@ impl NodeJob {
         let (host, _) = Actor::spawn(None, HostActor, (host_ctx.clone(), routing.clone()))
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
+        let replicas = config.replica_count();
+        let resume_config = ResumeConfig {
+            // Members of the view are alive: a few failure timeouts is plenty to answer.
+            answer_timeout: Duration::from_millis(2 * config.detector.failure_timeout_ms),
+            ..ResumeConfig::default()
+        };
         Ok(Some(Self {
             prepared,
             host_ctx,
@@ -174,23 +214,27 @@ impl NodeJob {
             out: config.out.clone(),
             crash_before_rename: config.crash_before_rename,
             members: (0..config.members()).collect(),
+            replicas,
             coordinator: None,
             done: false,
             last_members: Default::default(),
+            resume: Resume::new(config.id, 0..config.members(), resume_config),
+            seen_job: false,
+            replication: ReplicationTracker::new(replicas),
+            replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
         }))
     }
 
     fn on_view(&mut self, view: &super::membership::View) {
         let plan = self.host_ctx.plan.clone();
-        let placement = Placement::compute(
-            view.epoch,
-            view.coordinator,
-            &view.members,
-            self.members.len() as u32,
-            plan.trainers,
-            &plan.assignment,
-            plan.ranges.len() as u32,
-        );
+        let shape = Shape {
+            configured: self.members.len() as u32,
+            trainers: plan.trainers,
+            assignment: &plan.assignment,
+            aggregators: plan.ranges.len() as u32,
+            replicas: self.replicas,
+        };
+        let placement = Placement::compute(view.epoch, view.coordinator, &view.members, &shape);
         let previous = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
         let changed = previous != Some(view.coordinator);
         self.routes.send_modify(|r| r.placement = placement);
@@ -204,6 +248,7 @@ impl NodeJob {
             to_job(&self.names, JobMsg::Rebalance);
         }
         if view.coordinator != me {
+            self.resume.cancel();
             if let Some((_, task)) = self.coordinator.take() {
                 task.abort();
                 if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
@@ -211,26 +256,58 @@ impl NodeJob {
                     job.stop(None);
                 }
             }
-        } else if self.coordinator.is_none() && !self.done && self.may_start(view) {
-            self.start_coordinator(view.epoch);
+        } else if self.coordinator.is_none() && !self.done {
+            // A new view while deciding starts the decision over with its members.
+            let cmds = self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, Instant::now());
+            self.run_resume(cmds);
         }
     }
 
-    /// A fresh job waits for every configured member, so the first placement
-    /// spreads the work; a takeover (this node holds checkpoint copies) goes
-    /// ahead with the quorum it has.
-    fn may_start(&self, view: &super::membership::View) -> bool {
-        if view.members.len() == self.members.len() {
-            return true;
-        }
-        let total = self.prepared.model.num_params();
-        CheckpointStore::open(&self.checkpoints)
-            .and_then(|s| s.newest_complete(&self.prepared.config_hash, total))
-            .is_ok_and(|step| step.is_some())
+    /// This node's newest complete checkpoint of the job.
+    fn local_newest(&self) -> Option<u64> {
+        newest_complete(&self.checkpoints, &self.prepared)
     }
 
-    fn start_coordinator(&mut self, epoch: u64) {
+    /// Carry out the resume decision's commands.
+    fn run_resume(&mut self, cmds: Vec<ResumeCommand>) {
         let me = self.routing.me;
+        for cmd in cmds {
+            match cmd {
+                ResumeCommand::Ask { to, epoch } => self.send_control(to, &NodeMsg::CheckpointQuery { epoch }),
+                ResumeCommand::Fetch { from, step, epoch } => {
+                    tracing::info!(node = me, from, step, "fetching checkpoint {step} from node {from}");
+                    emit(me, "fetching", json!({ "from": from, "step": step, "epoch": epoch }));
+                    self.send_control(from, &NodeMsg::CheckpointFetch { epoch, step });
+                }
+                ResumeCommand::Start { restore, source, epoch } => self.start_coordinator(epoch, restore, source),
+                ResumeCommand::Waiting { missing, reason } => {
+                    tracing::warn!(node = me, ?missing, "coordinator not starting the job yet: {reason}");
+                    emit(me, "waiting", json!({ "missing": missing, "reason": reason }));
+                }
+            }
+        }
+    }
+
+    /// The clock advanced (the node loop's tick).
+    fn on_tick(&mut self, now: Instant) {
+        if self.resume.is_deciding() {
+            let cmds = self.resume.on_tick(now);
+            self.run_resume(cmds);
+        }
+    }
+
+    fn send_control(&self, to: u32, msg: &NodeMsg) {
+        match wire::encode(msg, &self.routing.limits) {
+            Ok(frame) => {
+                let _ = self.routing.out.send((to, frame));
+            }
+            Err(e) => tracing::warn!(node = self.routing.me, to, "cannot encode a control message: {e}"),
+        }
+    }
+
+    fn start_coordinator(&mut self, epoch: u64, restore: Option<u64>, source: Source) {
+        let me = self.routing.me;
+        self.seen_job = true;
         let prepared = self.prepared.clone();
         let routing = self.routing.clone();
         let names = self.names.clone();
@@ -238,11 +315,13 @@ impl NodeJob {
         let checkpoints = self.checkpoints.clone();
         let out = self.out.clone();
         let crash = self.crash_before_rename;
+        let replication = self.replication_stats.subscribe();
+        let start = Start { epoch, restore, source, replication };
         let task = tokio::spawn(async move {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
                     let store = store.with_crash_before_rename(crash);
-                    coordinate(prepared, routing, names, members, store, out, epoch).await
+                    coordinate(prepared, routing, names, members, store, out, start).await
                 }
                 Err(e) => Err(e.into()),
             };
@@ -259,6 +338,7 @@ impl NodeJob {
     fn stop_all(&mut self, why: &str) {
         let reason = Some(format!("node {} {why}", self.routing.me));
         let _ = self.host.send_message(HostMsg::StopAll { reason });
+        self.resume.cancel();
         if let Some((_, task)) = self.coordinator.take() {
             task.abort();
             if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
@@ -270,11 +350,13 @@ impl NodeJob {
 
     /// A frame from `peer` (or from this node's own queue).
     fn on_inbound(&mut self, peer: u32, inbound: Inbound) {
+        let me = self.routing.me;
         match inbound {
             Inbound::Deliver(to, msg) => self.names.send(to, msg),
-            Inbound::Checkpoint(name, bytes) => self.store_copy(peer, &name, &bytes),
+            Inbound::Checkpoint(name, bytes) => self.on_checkpoint_copy(peer, &name, &bytes),
             Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn }) => {
-                emit(self.routing.me, "spawn", json!({ "actor": key.to_string(), "from": peer }));
+                self.seen_job = true;
+                emit(me, "spawn", json!({ "actor": key.to_string(), "from": peer }));
                 let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore, spawn });
             }
             Inbound::Control(NodeMsg::Stop { key }) => {
@@ -287,38 +369,157 @@ impl NodeJob {
                 to_job(&self.names, JobMsg::RemoteFailed(key, peer, spawn, reason))
             }
             Inbound::Control(NodeMsg::Locations { epoch, map }) => {
+                self.seen_job = true;
                 self.routes.send_modify(|r| r.set_locations(peer, epoch, map));
             }
             Inbound::Control(NodeMsg::JobDone { summary, model_sha256 }) => {
                 self.done = true;
+                self.resume.cancel();
                 let _ = self.host.send_message(HostMsg::StopAll { reason: None });
-                emit(
-                    self.routing.me,
-                    "job_done",
-                    json!({ "summary": summary, "model_sha256": model_sha256, "from": peer }),
-                );
+                emit(me, "job_done", json!({ "summary": summary, "model_sha256": model_sha256, "from": peer }));
             }
-            Inbound::Control(NodeMsg::Membership(_) | NodeMsg::Deliver { .. } | NodeMsg::CheckpointCopy { .. }) => {}
+            Inbound::Control(NodeMsg::CheckpointQuery { epoch }) => self.answer_query(peer, epoch),
+            Inbound::Control(NodeMsg::CheckpointInventory { epoch, inventory }) => {
+                let cmds = self.resume.on_inventory(peer, epoch, inventory, Instant::now());
+                self.run_resume(cmds);
+            }
+            Inbound::Control(NodeMsg::CheckpointFetch { epoch, step }) => self.serve_fetch(peer, epoch, step),
+            Inbound::Control(NodeMsg::CheckpointStored { name }) => {
+                self.replication.on_acked(&name, peer);
+                self.replication_stats.send_replace(self.replication.snapshot());
+            }
+            Inbound::Control(NodeMsg::Replicating { name, to }) if peer == me => {
+                if let Some(key) = FileKey::parse(&name) {
+                    self.replication.on_sent(&name, key.step, &to);
+                    self.replication_stats.send_replace(self.replication.snapshot());
+                }
+            }
+            Inbound::Control(
+                NodeMsg::Membership(_)
+                | NodeMsg::Deliver { .. }
+                | NodeMsg::CheckpointCopy { .. }
+                | NodeMsg::Replicating { .. },
+            ) => {}
         }
     }
 
-    /// Keep a checkpoint copy from the coordinator, verified before it counts.
-    fn store_copy(&self, peer: u32, name: &str, bytes: &[u8]) {
+    /// A new coordinator asks what this node holds: answer from a blocking
+    /// task (listing and verifying files is disk work, not the node loop's).
+    fn answer_query(&self, peer: u32, epoch: u64) {
+        let (dir, prepared, out, limits) =
+            (self.checkpoints.clone(), self.prepared.clone(), self.routing.out.clone(), self.routing.limits);
+        let started = self.seen_job;
+        tokio::task::spawn_blocking(move || {
+            let inventory = Inventory { newest: newest_complete(&dir, &prepared), started };
+            if let Ok(frame) = wire::encode(&NodeMsg::CheckpointInventory { epoch, inventory }, &limits) {
+                let _ = out.send((peer, frame));
+            }
+        });
+    }
+
+    /// A new coordinator fetches checkpoint `step`: send it every file of it.
+    fn serve_fetch(&self, peer: u32, epoch: u64, step: u64) {
+        let (dir, out, limits, me) =
+            (self.checkpoints.clone(), self.routing.out.clone(), self.routing.limits, self.routing.me);
+        tokio::task::spawn_blocking(move || {
+            let files = CheckpointStore::reader(&dir).files_of_step(step).unwrap_or_else(|e| {
+                tracing::warn!(node = me, peer, step, "cannot list checkpoint {step} for node {peer}: {e}");
+                Vec::new()
+            });
+            if files.is_empty() {
+                tracing::warn!(node = me, peer, step, epoch, "node {peer} asked for checkpoint {step}, which is gone");
+            }
+            for path in files {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+                let frame = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| wire::encode_checkpoint(&name, &bytes, &limits).map_err(|e| e.to_string()));
+                match frame {
+                    Ok(frame) => {
+                        let _ = out.send((peer, frame));
+                    }
+                    Err(e) => tracing::warn!(node = me, peer, path = %path.display(), "cannot send a checkpoint: {e}"),
+                }
+            }
+        });
+    }
+
+    /// A checkpoint file from `peer`: a replica's copy from the coordinator, or
+    /// a file this node fetches to take over. Nobody else may write here.
+    fn on_checkpoint_copy(&mut self, peer: u32, name: &str, bytes: &[u8]) {
+        let me = self.routing.me;
+        let coordinator = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
+        let fetching = self.resume.fetching_from() == Some(peer);
+        if coordinator != Some(peer) && !fetching {
+            tracing::warn!(
+                node = me,
+                peer,
+                "refusing checkpoint copy {name:?} from node {peer}: not the coordinator ({coordinator:?}) nor a node this one fetches from"
+            );
+            return;
+        }
+        if !self.store_copy(peer, name, bytes) {
+            return;
+        }
+        if fetching {
+            let cmds = self.resume.on_local(self.local_newest(), Instant::now());
+            self.run_resume(cmds);
+            return;
+        }
+        self.send_control(peer, &NodeMsg::CheckpointStored { name: name.to_string() });
+        // Keep the newest few complete copies, as the coordinator does (every
+        // few checkpoints: pruning verifies the files it keeps).
+        let every = self.prepared.config.checkpoint_every.max(1);
+        if FileKey::parse(name).is_some_and(|k| (k.step / every) % CHECKPOINTS_KEPT as u64 == 0) {
+            let (dir, prepared) = (self.checkpoints.clone(), self.prepared.clone());
+            tokio::task::spawn_blocking(move || {
+                let store = CheckpointStore::reader(&dir);
+                if let Err(e) = store.prune(&prepared.config_hash, prepared.model.num_params(), CHECKPOINTS_KEPT) {
+                    tracing::warn!(node = me, "pruning checkpoint copies in {} failed: {e}", dir.display());
+                }
+            });
+        }
+    }
+
+    /// Keep a checkpoint copy, verified before it counts; true when kept.
+    fn store_copy(&self, peer: u32, name: &str, bytes: &[u8]) -> bool {
         let me = self.routing.me;
         if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
             tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
-            return;
+            return false;
         }
         let path = self.checkpoints.join(name);
-        if let Err(e) = crate::output::write_atomic(&path, bytes) {
+        if let Err(e) = std::fs::create_dir_all(&self.checkpoints)
+            .map_err(|source| Error::Io { path: self.checkpoints.clone(), source })
+            .and_then(|()| crate::output::write_atomic(&path, bytes))
+        {
             tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
-            return;
+            return false;
         }
         if let Err(e) = CheckpointStore::read_file(&path) {
             tracing::warn!(node = me, peer, "checkpoint copy {name} is bad ({e}); deleted");
             let _ = std::fs::remove_file(&path);
+            return false;
         }
+        true
     }
+}
+
+/// The newest complete checkpoint of `job` in `dir` (none when unreadable: logged).
+fn newest_complete(dir: &std::path::Path, job: &PreparedJob) -> Option<u64> {
+    CheckpointStore::reader(dir).newest_complete(&job.config_hash, job.model.num_params()).unwrap_or_else(|e| {
+        tracing::warn!(dir = %dir.display(), "cannot list checkpoints: {e}");
+        None
+    })
+}
+
+/// Where a coordinator starts: its view, the resume decision, and the
+/// replication figures to report at the end.
+struct Start {
+    epoch: u64,
+    restore: Option<u64>,
+    source: Source,
+    replication: watch::Receiver<ReplicationStats>,
 }
 
 /// The first generation of a supervisor started by node `me` in view
@@ -337,15 +538,20 @@ async fn coordinate(
     members: Vec<u32>,
     store: CheckpointStore,
     out: Option<PathBuf>,
-    epoch: u64,
+    start: Start,
 ) -> Result<(), Error> {
     let me = routing.me;
-    let restore = store.newest_complete(&prepared.config_hash, prepared.model.num_params())?;
+    let Start { epoch, restore, source, replication } = start;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
-    tracing::info!(node = me, epoch, ?restore, "coordinating the job");
-    emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore }));
+    let source = match source {
+        Source::Local => "local".to_string(),
+        Source::Fetched(node) => format!("node {node}"),
+        Source::Scratch => "none".to_string(),
+    };
+    tracing::info!(node = me, epoch, ?restore, %source, "coordinating the job");
+    emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore, "restore_from": source }));
     let started = Instant::now();
     // Generations of this supervisor start above any a predecessor issued.
     let handle =
@@ -360,6 +566,8 @@ async fn coordinate(
     let summary = match &out {
         Some(dir) => {
             crate::write_outputs(dir, &prepared, &report)?;
+            let replication = serde_json::to_value(&*replication.borrow()).unwrap_or_default();
+            crate::output::patch_summary(dir, [("replication".to_string(), replication)])?;
             Some(dir.join("summary.json").to_string_lossy().into_owned())
         }
         None => None,
@@ -415,6 +623,9 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                             let _ = tx.send((seed, r)).await;
                         });
                     }
+                }
+                if let Some(job) = job.as_mut() {
+                    job.on_tick(now);
                 }
                 membership.on_tick(now)
             }
@@ -510,8 +721,18 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                     }
                 }
                 MembershipCommand::QuorumLost => {
-                    tracing::warn!(node = me, "no majority of the cluster is reachable: waiting");
-                    emit(me, "quorum_lost", json!({}));
+                    let reachable: Vec<u32> = membership.up().iter().copied().collect();
+                    let missing: Vec<u32> = (0..config.members()).filter(|m| !reachable.contains(m)).collect();
+                    let need = config.members() / 2 + 1;
+                    tracing::warn!(
+                        node = me,
+                        ?reachable,
+                        ?missing,
+                        "no majority of the cluster is reachable ({} of {}, {need} needed): waiting for any of nodes {missing:?}",
+                        reachable.len(),
+                        config.members()
+                    );
+                    emit(me, "quorum_lost", json!({ "reachable": reachable, "missing": missing, "needed": need }));
                     if let Some(job) = job.as_mut() {
                         job.stop_all("lost its quorum");
                     }

@@ -198,15 +198,40 @@ impl Cluster for ClusterHooks {
     }
 
     fn replicate(&self, path: &std::path::Path) {
-        let replica = self.routing.routes.borrow().placement.as_ref().and_then(|p| p.replica);
-        let Some(replica) = replica.filter(|r| *r != self.routing.me) else { return };
-        let (Some(name), Ok(bytes)) = (path.file_name().and_then(|n| n.to_str()), std::fs::read(path)) else {
-            tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it");
-            return;
+        let me = self.routing.me;
+        let replicas: Vec<u32> = self
+            .routing
+            .routes
+            .borrow()
+            .placement
+            .as_ref()
+            .map(|p| p.replicas.iter().copied().filter(|r| *r != me).collect())
+            .unwrap_or_default();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { return };
+        let (routing, path) = (self.routing.clone(), path.to_path_buf());
+        // Reading and encoding the file is I/O and a copy of the model: off the
+        // aggregator, so the step that wrote the checkpoint goes on at once.
+        let copy = move || {
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) => return tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it: {e}"),
+            };
+            match wire::encode_checkpoint(&name, &bytes, &routing.limits) {
+                Ok(frame) => {
+                    for r in &replicas {
+                        routing.send_frame(*r, frame.clone());
+                    }
+                }
+                Err(e) => return tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
+            }
+            // The node's own record, for the replication figures.
+            if let Ok(frame) = wire::encode(&NodeMsg::Replicating { name, to: replicas }, &routing.limits) {
+                routing.send_frame(me, frame);
+            }
         };
-        match wire::encode_checkpoint(name, &bytes, &self.routing.limits) {
-            Ok(frame) => self.routing.send_frame(replica, frame),
-            Err(e) => tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(copy)),
+            Err(_) => copy(),
         }
     }
 }

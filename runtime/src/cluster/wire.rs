@@ -6,6 +6,7 @@ use phalanx_transport::{DecodeError, EncodeError, Frame, Limits};
 use serde::{Deserialize, Serialize};
 
 use super::membership::MembershipMsg;
+use super::resume::Inventory;
 
 /// A frame's header between nodes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +77,40 @@ pub enum NodeMsg {
         summary: Option<String>,
         /// SHA-256 of the final parameters.
         model_sha256: String,
+    },
+    /// New coordinator → member: what do you hold of the job? (see
+    /// [`resume`](super::resume)).
+    CheckpointQuery {
+        /// The view the question belongs to.
+        epoch: u64,
+    },
+    /// Member → coordinator: the answer to a [`NodeMsg::CheckpointQuery`].
+    CheckpointInventory {
+        /// The view of the question.
+        epoch: u64,
+        /// What the member holds.
+        inventory: Inventory,
+    },
+    /// New coordinator → member: send me the files of checkpoint `step`
+    /// (they come back as [`NodeMsg::CheckpointCopy`] frames).
+    CheckpointFetch {
+        /// The view of the request.
+        epoch: u64,
+        /// The checkpoint step.
+        step: u64,
+    },
+    /// Replica → coordinator: the copy `name` is stored and verified.
+    CheckpointStored {
+        /// The file name.
+        name: String,
+    },
+    /// A node's own record (never sent to a peer): checkpoint copy `name`
+    /// went to the replicas `to`.
+    Replicating {
+        /// The file name.
+        name: String,
+        /// The replicas it was sent to.
+        to: Vec<u32>,
     },
 }
 

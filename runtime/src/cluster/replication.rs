@@ -1,0 +1,194 @@
+//! How many copies of each checkpoint the replicas acknowledged (sans-IO).
+//!
+//! The coordinator copies every checkpoint file to its replicas (see
+//! [`Placement::replicas`](super::placement::Placement::replicas)) off the
+//! step's critical path; each replica stores and verifies the file and
+//! acknowledges it. A checkpoint step counts as **replicated** once every file
+//! of it was acknowledged by as many replicas as the cluster asks for. The
+//! newest replicated step is what survives the coordinator and its replicas
+//! but one dying together; `summary.json` reports it, and says so when a
+//! checkpoint had fewer copies (fewer live nodes than replicas, or a copy
+//! lost with its replica).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+/// Files tracked at most (the newest by step are kept): a bound on memory
+/// however long the job runs.
+pub const MAX_TRACKED_FILES: usize = 256;
+
+/// What `summary.json` says of checkpoint replication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReplicationStats {
+    /// Copies wanted of every checkpoint file.
+    pub replicas: u32,
+    /// Checkpoint steps whose every file reached `replicas` acknowledged copies.
+    pub checkpoints_replicated: u64,
+    /// Checkpoint steps with a file that had fewer acknowledged copies when the
+    /// next checkpoint (or the end of the job) came.
+    pub checkpoints_under_replicated: u64,
+    /// The newest step with every file fully replicated.
+    pub newest_replicated_step: Option<u64>,
+    /// Copies sent and acknowledged, all files.
+    pub copies_sent: u64,
+    /// See `copies_sent`.
+    pub copies_acknowledged: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Copies {
+    step: u64,
+    acked: BTreeSet<u32>,
+}
+
+/// The coordinator's record of copies.
+#[derive(Clone, Debug)]
+pub struct ReplicationTracker {
+    wanted: u32,
+    files: BTreeMap<String, Copies>,
+    /// Steps already counted, as replicated (true) or not.
+    settled: BTreeMap<u64, bool>,
+    stats: ReplicationStats,
+}
+
+impl ReplicationTracker {
+    /// A tracker for `replicas` copies of every file.
+    pub fn new(replicas: u32) -> Self {
+        Self {
+            wanted: replicas,
+            files: BTreeMap::new(),
+            settled: BTreeMap::new(),
+            stats: ReplicationStats { replicas, ..Default::default() },
+        }
+    }
+
+    /// The file `name` of checkpoint `step` was sent to `to`.
+    pub fn on_sent(&mut self, name: &str, step: u64, to: &[u32]) {
+        self.stats.copies_sent += to.len() as u64;
+        // A newer checkpoint settles the older ones: what they have now is what they get.
+        let older: Vec<u64> =
+            self.files.values().map(|c| c.step).filter(|s| *s < step).collect::<BTreeSet<_>>().into_iter().collect();
+        for s in older {
+            self.settle(s);
+        }
+        self.files.entry(name.to_string()).or_insert(Copies { step, acked: BTreeSet::new() });
+        while self.files.len() > MAX_TRACKED_FILES {
+            let Some(oldest) = self.files.values().map(|c| c.step).min() else { break };
+            self.settle(oldest);
+            self.files.retain(|_, c| c.step != oldest);
+        }
+    }
+
+    /// Replica `from` stored and verified `name`.
+    pub fn on_acked(&mut self, name: &str, from: u32) {
+        let Some(copies) = self.files.get_mut(name) else { return };
+        if copies.acked.insert(from) {
+            self.stats.copies_acknowledged += 1;
+        }
+        let step = copies.step;
+        if self.step_replicated(step) {
+            self.settle(step);
+        }
+    }
+
+    /// What [`finish`](Self::finish) would say now, leaving the record open.
+    pub fn snapshot(&self) -> ReplicationStats {
+        self.clone().finish()
+    }
+
+    /// The figures now, with every step still open counted as it stands.
+    pub fn finish(&mut self) -> ReplicationStats {
+        let open: BTreeSet<u64> = self.files.values().map(|c| c.step).collect();
+        for s in open {
+            self.settle(s);
+        }
+        self.stats.clone()
+    }
+
+    fn step_replicated(&self, step: u64) -> bool {
+        let mut files = self.files.values().filter(|c| c.step == step).peekable();
+        files.peek().is_some() && files.all(|c| c.acked.len() as u32 >= self.wanted)
+    }
+
+    /// Count `step` once, as it stands; a step settled as under-replicated
+    /// that completes later is moved to the replicated count.
+    fn settle(&mut self, step: u64) {
+        let replicated = self.step_replicated(step);
+        match self.settled.insert(step, replicated) {
+            None if replicated => self.stats.checkpoints_replicated += 1,
+            None => self.stats.checkpoints_under_replicated += 1,
+            Some(false) if replicated => {
+                self.stats.checkpoints_under_replicated -= 1;
+                self.stats.checkpoints_replicated += 1;
+            }
+            Some(_) => {}
+        }
+        if replicated {
+            self.stats.newest_replicated_step = self.stats.newest_replicated_step.max(Some(step));
+        }
+        while self.settled.len() > MAX_TRACKED_FILES {
+            self.settled.pop_first();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_is_replicated_once_every_file_has_enough_acknowledged_copies() {
+        let mut t = ReplicationTracker::new(2);
+        t.on_sent("a-20", 20, &[1, 2]);
+        t.on_sent("b-20", 20, &[1, 2]);
+        t.on_acked("a-20", 1);
+        t.on_acked("a-20", 2);
+        t.on_acked("b-20", 1);
+        assert_eq!(t.stats.newest_replicated_step, None, "b-20 has one copy");
+        t.on_acked("b-20", 2);
+        t.on_acked("b-20", 2);
+        let s = t.finish();
+        assert_eq!(
+            (s.newest_replicated_step, s.checkpoints_replicated, s.checkpoints_under_replicated),
+            (Some(20), 1, 0)
+        );
+        assert_eq!((s.copies_sent, s.copies_acknowledged), (4, 4));
+    }
+
+    #[test]
+    fn fewer_live_nodes_than_replicas_is_reported_as_under_replicated() {
+        let mut t = ReplicationTracker::new(2);
+        t.on_sent("a-20", 20, &[1]);
+        t.on_acked("a-20", 1);
+        t.on_sent("a-40", 40, &[1]);
+        let s = t.finish();
+        assert_eq!((s.checkpoints_replicated, s.checkpoints_under_replicated, s.newest_replicated_step), (0, 2, None));
+    }
+
+    #[test]
+    fn a_late_acknowledgement_moves_a_step_to_replicated() {
+        let mut t = ReplicationTracker::new(1);
+        t.on_sent("a-20", 20, &[1]);
+        t.on_sent("a-40", 40, &[1]);
+        t.on_acked("a-20", 1);
+        t.on_acked("a-40", 1);
+        let s = t.finish();
+        assert_eq!(
+            (s.checkpoints_replicated, s.checkpoints_under_replicated, s.newest_replicated_step),
+            (2, 0, Some(40))
+        );
+    }
+
+    #[test]
+    fn memory_stays_bounded_over_a_long_job() {
+        let mut t = ReplicationTracker::new(1);
+        for step in 1..=10_000u64 {
+            let name = format!("f-{step}");
+            t.on_sent(&name, step, &[1]);
+            t.on_acked(&name, 1);
+        }
+        assert!(t.files.len() <= MAX_TRACKED_FILES && t.settled.len() <= MAX_TRACKED_FILES);
+        assert_eq!(t.finish().checkpoints_replicated, 10_000);
+    }
+}
