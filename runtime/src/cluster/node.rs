@@ -167,6 +167,8 @@ struct NodeJob {
     /// This node has seen the job run (hosted its actors, had its locations,
     /// coordinated it): a coordinator taking over need not wait for a fresh start.
     seen_job: bool,
+    /// When the job first started anywhere (Unix ms), as coordinators said.
+    job_started_ms: Option<u64>,
     /// Copies of this node's checkpoints acknowledged by the replicas.
     replication: ReplicationTracker,
     replication_stats: watch::Sender<ReplicationStats>,
@@ -220,6 +222,7 @@ impl NodeJob {
             last_members: Default::default(),
             resume: Resume::new(config.id, 0..config.members(), resume_config),
             seen_job: false,
+            job_started_ms: None,
             replication: ReplicationTracker::new(replicas),
             replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
         }))
@@ -316,7 +319,8 @@ impl NodeJob {
         let out = self.out.clone();
         let crash = self.crash_before_rename;
         let replication = self.replication_stats.subscribe();
-        let start = Start { epoch, restore, source, replication };
+        let job_started_ms = *self.job_started_ms.get_or_insert_with(unix_ms);
+        let start = Start { epoch, restore, source, replication, job_started_ms };
         let task = tokio::spawn(async move {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
@@ -368,8 +372,9 @@ impl NodeJob {
             Inbound::Control(NodeMsg::Failed { key, spawn, reason }) => {
                 to_job(&self.names, JobMsg::RemoteFailed(key, peer, spawn, reason))
             }
-            Inbound::Control(NodeMsg::Locations { epoch, map }) => {
+            Inbound::Control(NodeMsg::Locations { epoch, job_started_ms, map }) => {
                 self.seen_job = true;
+                self.job_started_ms = Some(self.job_started_ms.map_or(job_started_ms, |t| t.min(job_started_ms)));
                 self.routes.send_modify(|r| r.set_locations(peer, epoch, map));
             }
             Inbound::Control(NodeMsg::JobDone { summary, model_sha256 }) => {
@@ -520,6 +525,8 @@ struct Start {
     restore: Option<u64>,
     source: Source,
     replication: watch::Receiver<ReplicationStats>,
+    /// When the job first started, on any coordinator (Unix ms).
+    job_started_ms: u64,
 }
 
 /// The first generation of a supervisor started by node `me` in view
@@ -541,8 +548,8 @@ async fn coordinate(
     start: Start,
 ) -> Result<(), Error> {
     let me = routing.me;
-    let Start { epoch, restore, source, replication } = start;
-    let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch));
+    let Start { epoch, restore, source, replication, job_started_ms } = start;
+    let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch, job_started_ms));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
     let source = match source {
@@ -552,7 +559,6 @@ async fn coordinate(
     };
     tracing::info!(node = me, epoch, ?restore, %source, "coordinating the job");
     emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore, "restore_from": source }));
-    let started = Instant::now();
     // Generations of this supervisor start above any a predecessor issued.
     let handle =
         spawn_job_at(ctx, restore, first_generation(epoch, me)).await.map_err(|e| Error::Spawn(e.to_string()))?;
@@ -561,7 +567,9 @@ async fn coordinate(
     })
     .await?;
     let evaluation = prepared.evaluate(&outcome.params)?;
-    let report = crate::TrainReport { outcome, evaluation, duration: started.elapsed() };
+    // The whole job's wall time, predecessors' shares included.
+    let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
+    let report = crate::TrainReport { outcome, evaluation, duration };
     let model_sha256 = crate::params_sha256(&report.outcome.params);
     let summary = match &out {
         Some(dir) => {

@@ -148,12 +148,15 @@ pub struct ClusterHooks {
     members: Vec<u32>,
     /// The epoch this coordinator coordinates in (tags its location maps).
     epoch: u64,
+    /// When the job first started (Unix ms), told to every member.
+    job_started_ms: u64,
 }
 
 impl ClusterHooks {
-    /// Hooks for the coordinator `routing.me` of a cluster of `members`, coordinating in `epoch`.
-    pub fn new(routing: Routing, members: Vec<u32>, epoch: u64) -> Self {
-        Self { routing, locations: Default::default(), members, epoch }
+    /// Hooks for the coordinator `routing.me` of a cluster of `members`,
+    /// coordinating in `epoch` a job that first started at `job_started_ms`.
+    pub fn new(routing: Routing, members: Vec<u32>, epoch: u64, job_started_ms: u64) -> Self {
+        Self { routing, locations: Default::default(), members, epoch, job_started_ms }
     }
 
     fn record(&self, key: ActorKey, node: u32) {
@@ -163,7 +166,10 @@ impl ClusterHooks {
             locations.clone()
         };
         // Every member, this node included (the node loop applies its own copy).
-        if let Ok(frame) = wire::encode(&NodeMsg::Locations { epoch: self.epoch, map }, &self.routing.limits) {
+        if let Ok(frame) = wire::encode(
+            &NodeMsg::Locations { epoch: self.epoch, job_started_ms: self.job_started_ms, map },
+            &self.routing.limits,
+        ) {
             for &m in &self.members {
                 self.routing.send_frame(m, frame.clone());
             }

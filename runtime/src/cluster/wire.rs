@@ -68,6 +68,9 @@ pub enum NodeMsg {
     Locations {
         /// The epoch the sender coordinates in.
         epoch: u64,
+        /// When the job first started (Unix ms), so that a successor reports
+        /// the whole job's duration, not only its own share.
+        job_started_ms: u64,
         /// Actor → node.
         map: std::collections::BTreeMap<ActorKey, u32>,
     },

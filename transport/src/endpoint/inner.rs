@@ -29,6 +29,11 @@ use super::{lock, PeerInfo, TransportEvent};
 use crate::certs::node_id_of;
 use crate::{codes, tls, Limits, ALPN, PROTOCOL_VERSION};
 
+/// How long [`Inner::shutdown`] waits for closing connections to drain: enough
+/// for the close to reach live peers (a few round trips on a LAN), short enough
+/// that a node exits promptly when a peer is dead.
+pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_millis(250);
+
 pub(crate) struct Inner {
     pub(crate) id: u32,
     pub(crate) incarnation: u64,
@@ -464,7 +469,12 @@ impl Inner {
             link.close(codes::SHUTDOWN, "node shutting down", false);
         }
         self.endpoint.close(quinn::VarInt::from_u32(codes::SHUTDOWN), b"node shutting down");
-        self.endpoint.wait_idle().await;
+        // Live peers get the close at once; a connection to a peer that died keeps
+        // retransmitting its close with a backed-off timer for seconds, so the wait
+        // for the endpoint to go idle is bounded.
+        if tokio::time::timeout(SHUTDOWN_DRAIN, self.endpoint.wait_idle()).await.is_err() {
+            tracing::debug!(node = self.id, "connections still draining after {SHUTDOWN_DRAIN:?}; closing anyway");
+        }
         tracing::info!(node = self.id, "transport shut down");
     }
 
