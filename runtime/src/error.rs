@@ -55,6 +55,14 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A model or checkpoint file is not what it should be.
+    #[error("{}: {reason}", path.display())]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An output could not be encoded.
     #[error("cannot encode {what}: {reason}")]
     Encode {

@@ -35,6 +35,7 @@ pub mod error;
 pub mod job;
 pub mod local;
 pub mod output;
+pub mod predict;
 pub mod relay;
 
 pub use config::JobConfig;

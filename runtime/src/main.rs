@@ -35,6 +35,32 @@ enum Command {
     Node(NodeArgs),
     /// Run a job on N local node processes (fresh certificates, loopback QUIC) and inject node faults.
     Local(Box<LocalArgs>),
+    /// Apply a trained model (model.safetensors) to rows of a CSV file.
+    Predict(PredictArgs),
+    /// Print and verify a model file or a checkpoint file.
+    Inspect(InspectArgs),
+}
+
+/// `phalanx predict --model model.safetensors --data csv:PATH [--out preds.csv]`.
+#[derive(Args, Debug)]
+struct PredictArgs {
+    /// The trained model (`OUT/model.safetensors` of a run).
+    #[arg(long)]
+    model: PathBuf,
+    /// The rows: `csv:PATH`, a CSV file with a header naming (at least) the model's features.
+    #[arg(long, value_name = "csv:PATH")]
+    data: String,
+    /// Write the predictions here (CSV: `row,prediction`, plus `class_index` for classifiers);
+    /// default: standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// `phalanx inspect FILE`.
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// A model file (`model.safetensors`) or a checkpoint file (`ckpt-*.safetensors`).
+    file: PathBuf,
 }
 
 /// `phalanx local --nodes N [job flags] [--kill NODE@STEP] [--pause NODE@STEP:MS] [--restart NODE@STEP]`.
@@ -528,6 +554,87 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    use phalanx::predict::{Prediction, TrainedModel};
+    use std::io::Write;
+    let csv = args.data.strip_prefix("csv:").ok_or_else(|| {
+        anyhow::anyhow!("--data {}: expected csv:PATH (a CSV file with a header naming the features)", args.data)
+    })?;
+    let model = TrainedModel::load(&args.model)?;
+    let predictions = model.predict_csv(std::path::Path::new(csv))?;
+    let classifier = model.class_names.is_some();
+    let mut text = String::from(if classifier { "row,prediction,class_index\n" } else { "row,prediction\n" });
+    for (i, p) in predictions.iter().enumerate() {
+        match p {
+            Prediction::Value(v) => text.push_str(&format!("{i},{v}\n")),
+            Prediction::Class { index, name } => text.push_str(&format!("{i},{name},{index}\n")),
+        }
+    }
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} predictions to {}", predictions.len(), path.display());
+        }
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    use phalanx::predict::{inspect, Inspection};
+    match inspect(&args.file)? {
+        Inspection::Model(m) => {
+            println!("{}: Phalanx model file, verified (parameters hash to model_sha256)", args.file.display());
+            println!("model: {:?} ({} parameters)", m.spec, m.num_params());
+            for (name, shape) in m.tensors() {
+                println!("tensor {name}: {shape:?}");
+            }
+            println!("features ({}): {}", m.feature_names.len(), m.feature_names.join(", "));
+            if let Some(classes) = &m.class_names {
+                println!("classes ({}): {}", classes.len(), classes.join(", "));
+            }
+            if let Some((mean, std)) = m.target_scale {
+                println!("target scale: mean {mean}, std {std}");
+            }
+            for key in ["dataset", "param_order"] {
+                if let Some(v) = m.metadata.get(key) {
+                    println!("{key}: {v}");
+                }
+            }
+            println!("model_sha256 {}", m.model_sha256);
+        }
+        Inspection::Checkpoint(c) => {
+            println!("{}: Phalanx checkpoint file, verified (checksum and contents)", args.file.display());
+            println!(
+                "step {}; range [{}, {}) of {} parameters",
+                c.step,
+                c.offset,
+                c.offset + c.params.len(),
+                c.total_len
+            );
+            println!("config_hash {}", c.config_hash);
+            let slots: Vec<&str> = c.optimizer_slots.iter().map(|(n, _)| n.as_str()).collect();
+            println!("optimizer: t = {}, slots {:?}", c.optimizer_t, slots);
+            println!("exactly-once ledger: {} epoch(s) recorded", c.ledger.len());
+        }
+    }
+    Ok(())
+}
+
+/// An error and its causes on one line, each cause once: errors that already
+/// quote their source (`path: os error`) do not repeat it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -543,6 +650,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Train(args) => train(args).await,
             Command::Local(args) => local(*args).await,
+            Command::Predict(args) => predict(args),
+            Command::Inspect(args) => inspect(args),
             Command::Certs(args) => {
                 phalanx_transport::certs::generate(&args.dir, args.nodes)
                     .with_context(|| format!("writing certificates to {}", args.dir.display()))?;
@@ -568,7 +677,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -234,8 +234,12 @@ pub fn model_safetensors(job: &PreparedJob, params: &[f32], summary: &Summary) -
         views.push((t.name.clone(), view));
     }
     let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "phalanx-model-1".to_string());
+    meta.insert("format".to_string(), crate::predict::MODEL_FORMAT.to_string());
     meta.insert("model".to_string(), job.config.model.to_string());
+    meta.insert("model_spec".to_string(), serde_json::to_string(job.model.spec()).expect("a spec serialises"));
+    if let phalanx_actors::data::Labels::Class { class_names, .. } = &job.data.train.y {
+        meta.insert("class_names".to_string(), serde_json::to_string(class_names).expect("strings serialise"));
+    }
     meta.insert("param_order".to_string(), layout.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(","));
     meta.insert("model_sha256".to_string(), summary.model_sha256.clone());
     meta.insert("dataset".to_string(), job.config.dataset.to_string());
