@@ -34,6 +34,7 @@ pub mod config;
 pub mod error;
 pub mod job;
 pub mod local;
+pub mod metrics;
 pub mod output;
 pub mod predict;
 pub mod relay;
