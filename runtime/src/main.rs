@@ -67,6 +67,9 @@ struct LocalArgs {
     /// The node aborts after writing its checkpoint of STEP to a temporary file, before the rename.
     #[arg(long, value_name = "NODE@STEP")]
     crash_before_rename: Vec<String>,
+    /// Start a second process with NODE's id and certificate on another port (the members must refuse it). Repeatable.
+    #[arg(long, value_name = "NODE@STEP")]
+    duplicate: Vec<String>,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -443,6 +446,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("disk-full", &args.disk_full),
         ("corrupt", &args.corrupt),
         ("crash-before-rename", &args.crash_before_rename),
+        ("duplicate", &args.duplicate),
     ] {
         for s in specs {
             faults.push(NodeFault::parse(kind, s).map_err(anyhow::Error::msg)?);
