@@ -2,7 +2,8 @@
 //! TLS), faults injected while a job trains — SIGKILL, SIGSTOP, restarts,
 //! partitions and damaged links (through the fault relay), full disks (a
 //! tmpfs), corrupted checkpoints, a crash between checkpoint write and
-//! rename — and the invariants checked on the outcome.
+//! rename, a second process with a member's identity — and the invariants
+//! checked on the outcome.
 //!
 //! Scenarios are TOML files in `chaos-tests/scenarios/` (`tier = "process"`);
 //! the built-in set is compiled in, so the campaign runs from anywhere:
@@ -29,7 +30,7 @@ use crate::invariants::{check_process, Expected};
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 14] = [
+pub const BUILTIN: [(&str, &str); 15] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -44,6 +45,7 @@ pub const BUILTIN: [(&str, &str); 14] = [
     ("disk-full-then-kill.toml", include_str!("../scenarios/disk-full-then-kill.toml")),
     ("crash-before-rename.toml", include_str!("../scenarios/crash-before-rename.toml")),
     ("corrupt-checkpoint.toml", include_str!("../scenarios/corrupt-checkpoint.toml")),
+    ("duplicate-identity.toml", include_str!("../scenarios/duplicate-identity.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -266,6 +268,18 @@ fn took_effect(scenario: &ProcessScenario, summary: &Value) -> Result<(), String
                     return Err(format!("the crash left no temporary checkpoint file ({evidence:?})"));
                 }
             }
+            "duplicate" => {
+                // The second process must have been refused: a non-zero exit with the error.
+                let evidence = f["evidence"].as_str().unwrap_or("");
+                let refused =
+                    evidence.contains("is already a live member") && evidence.contains("refusing to join twice");
+                if f["exit_code"].as_i64().is_none_or(|code| code == 0) || !refused {
+                    return Err(format!(
+                        "the duplicate of node {} was not refused (exit code {}): {evidence:?}",
+                        f["node"], f["exit_code"]
+                    ));
+                }
+            }
             "corrupt" => {
                 let (node, Some(bad)) = (f["node"].as_u64(), f["checkpoint_step"].as_u64()) else {
                     return Err(format!("nothing was corrupted: {}", f["evidence"]));
@@ -391,7 +405,18 @@ mod tests {
         assert_eq!(all.len(), BUILTIN.len());
         let kinds: std::collections::BTreeSet<&'static str> =
             all.iter().flat_map(|s| s.node_faults().unwrap()).map(|f| f.kind()).collect();
-        for k in ["kill", "pause", "restart", "partition", "degrade", "disk-full", "corrupt", "crash-before-rename"] {
+        let wanted = [
+            "kill",
+            "pause",
+            "restart",
+            "partition",
+            "degrade",
+            "disk-full",
+            "corrupt",
+            "crash-before-rename",
+            "duplicate",
+        ];
+        for k in wanted {
             assert!(kinds.contains(k), "no built-in scenario injects {k}");
         }
     }
