@@ -34,7 +34,7 @@ enum Command {
     /// Run a cluster node: QUIC with mutual TLS, heartbeats, failure detection.
     Node(NodeArgs),
     /// Run a job on N local node processes (fresh certificates, loopback QUIC) and inject node faults.
-    Local(LocalArgs),
+    Local(Box<LocalArgs>),
 }
 
 /// `phalanx local --nodes N [job flags] [--kill NODE@STEP] [--pause NODE@STEP:MS] [--restart NODE@STEP]`.
@@ -523,7 +523,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Train(args) => train(args).await,
-            Command::Local(args) => local(args).await,
+            Command::Local(args) => local(*args).await,
             Command::Certs(args) => {
                 phalanx_transport::certs::generate(&args.dir, args.nodes)
                     .with_context(|| format!("writing certificates to {}", args.dir.display()))?;
