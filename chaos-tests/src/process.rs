@@ -422,6 +422,29 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_counts_only_if_it_was_refused() {
+        let scenario = scenarios().into_iter().find(|s| s.name == "duplicate node identity").expect("built in");
+        let summary = |exit_code: Value, evidence: &str| {
+            serde_json::json!({ "node_faults": [{
+                "kind": "duplicate", "node": 1, "step": 300, "detection_ms": null,
+                "exit_code": exit_code, "evidence": evidence,
+            }] })
+        };
+        let refused = "the second process with node 1's id exited (exit status: 1): error: node 1 is already a \
+                       live member at 127.0.0.1:7001, incarnation 0x2a; refusing to join twice";
+        assert_eq!(took_effect(&scenario, &summary(1.into(), refused)), Ok(()));
+        let running = "the second process with node 1's id was still running at the end: killed";
+        let e = took_effect(&scenario, &summary(Value::Null, running)).unwrap_err();
+        assert!(e.contains("not refused"), "{e}");
+        let e = took_effect(&scenario, &summary(0.into(), "exited (exit status: 0): (no error line)")).unwrap_err();
+        assert!(e.contains("not refused"), "{e}");
+        // A member declared node 1 down: the duplicate disturbed the cluster.
+        let mut churned = summary(1.into(), refused);
+        churned["node_faults"][0]["detection_ms"] = 480.into();
+        assert!(took_effect(&scenario, &churned).unwrap_err().contains("declared down"));
+    }
+
+    #[test]
     fn a_bad_scenario_names_its_file_and_the_problem() {
         let e = ProcessScenario::parse("tier = \"process\"\nname = \"x\"\nfaults = [\"explode 1@2\"]", "x.toml")
             .unwrap_err();
