@@ -24,7 +24,8 @@
 //! `tier = "process"`) against real `phalanx node` processes through
 //! [`phalanx::local`]: SIGKILL and SIGSTOP of nodes, restarts, partitions and
 //! damaged links through a UDP fault relay, full disks, corrupted
-//! checkpoints and a crash between checkpoint write and rename; each run is
+//! checkpoints, a crash between checkpoint write and rename and a second
+//! process with a member's identity; each run is
 //! checked by [`invariants::check_process`] against the plain loop's result.
 //!
 //! The entry points are [`sim::simulate`] for one run,

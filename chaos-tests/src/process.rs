@@ -2,7 +2,8 @@
 //! TLS), faults injected while a job trains — SIGKILL, SIGSTOP, restarts,
 //! partitions and damaged links (through the fault relay), full disks (a
 //! tmpfs), corrupted checkpoints, a crash between checkpoint write and
-//! rename — and the invariants checked on the outcome.
+//! rename, a second process with a member's identity — and the invariants
+//! checked on the outcome.
 //!
 //! Scenarios are TOML files in `chaos-tests/scenarios/` (`tier = "process"`);
 //! the built-in set is compiled in, so the campaign runs from anywhere:
@@ -30,7 +31,7 @@ use crate::invariants::{check_process, Expected};
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 17] = [
+pub const BUILTIN: [(&str, &str); 18] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -48,6 +49,7 @@ pub const BUILTIN: [(&str, &str); 17] = [
     ("kill-coordinator-and-replica.toml", include_str!("../scenarios/kill-coordinator-and-replica.toml")),
     ("lost-every-checkpoint-copy.toml", include_str!("../scenarios/lost-every-checkpoint-copy.toml")),
     ("fetch-checkpoint-from-member.toml", include_str!("../scenarios/fetch-checkpoint-from-member.toml")),
+    ("duplicate-identity.toml", include_str!("../scenarios/duplicate-identity.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -291,6 +293,18 @@ fn took_effect(scenario: &ProcessScenario, summary: &Value) -> Result<(), String
                     return Err(format!("node {node:?} restored its wiped copies: {t}"));
                 }
             }
+            "duplicate" => {
+                // The second process must have been refused: a non-zero exit with the error.
+                let evidence = f["evidence"].as_str().unwrap_or("");
+                let refused =
+                    evidence.contains("is already a live member") && evidence.contains("refusing to join twice");
+                if f["exit_code"].as_i64().is_none_or(|code| code == 0) || !refused {
+                    return Err(format!(
+                        "the duplicate of node {} was not refused (exit code {}): {evidence:?}",
+                        f["node"], f["exit_code"]
+                    ));
+                }
+            }
             "corrupt" => {
                 let (node, Some(bad)) = (f["node"].as_u64(), f["checkpoint_step"].as_u64()) else {
                     return Err(format!("nothing was corrupted: {}", f["evidence"]));
@@ -416,11 +430,44 @@ mod tests {
         assert_eq!(all.len(), BUILTIN.len());
         let kinds: std::collections::BTreeSet<&'static str> =
             all.iter().flat_map(|s| s.node_faults().unwrap()).map(|f| f.kind()).collect();
-        for k in
-            ["kill", "pause", "restart", "partition", "degrade", "disk-full", "corrupt", "crash-before-rename", "wipe"]
-        {
+        let wanted = [
+            "kill",
+            "pause",
+            "restart",
+            "partition",
+            "degrade",
+            "disk-full",
+            "corrupt",
+            "crash-before-rename",
+            "wipe",
+            "duplicate",
+        ];
+        for k in wanted {
             assert!(kinds.contains(k), "no built-in scenario injects {k}");
         }
+    }
+
+    #[test]
+    fn a_duplicate_counts_only_if_it_was_refused() {
+        let scenario = scenarios().into_iter().find(|s| s.name == "duplicate node identity").expect("built in");
+        let summary = |exit_code: Value, evidence: &str| {
+            serde_json::json!({ "node_faults": [{
+                "kind": "duplicate", "node": 1, "step": 300, "detection_ms": null,
+                "exit_code": exit_code, "evidence": evidence,
+            }] })
+        };
+        let refused = "the second process with node 1's id exited (exit status: 1): error: node 1 is already a \
+                       live member at 127.0.0.1:7001, incarnation 0x2a; refusing to join twice";
+        assert_eq!(took_effect(&scenario, &summary(1.into(), refused)), Ok(()));
+        let running = "the second process with node 1's id was still running at the end: killed";
+        let e = took_effect(&scenario, &summary(Value::Null, running)).unwrap_err();
+        assert!(e.contains("not refused"), "{e}");
+        let e = took_effect(&scenario, &summary(0.into(), "exited (exit status: 0): (no error line)")).unwrap_err();
+        assert!(e.contains("not refused"), "{e}");
+        // A member declared node 1 down: the duplicate disturbed the cluster.
+        let mut churned = summary(1.into(), refused);
+        churned["node_faults"][0]["detection_ms"] = 480.into();
+        assert!(took_effect(&scenario, &churned).unwrap_err().contains("declared down"));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! shorter and longer than detection; kill + restart; a partition isolating
 //! the aggregator node or a trainer node; packet loss, delay, jitter and
 //! duplication; full checkpoint disks (tmpfs), with and without a kill; a
-//! crash between checkpoint write and rename; a corrupted checkpoint copy.
+//! crash between checkpoint write and rename; a corrupted checkpoint copy; a
+//! second process started with a member's identity.
 //! Every run completes bit-identical to the plain loop with exactly-once
 //! accounting, never loads a bad checkpoint, exits cleanly, and shows that
 //! its faults took effect.

@@ -63,6 +63,20 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// Another process with this node's id is already a live member: a member refused this
+    /// one ([`codes::DUPLICATE_IDENTITY`](phalanx_transport::codes::DUPLICATE_IDENTITY)).
+    /// Fatal: this process is the second one, and retrying cannot help while the other runs.
+    #[error("{reason} (node {node} refused by node {by} at {addr})")]
+    DuplicateIdentity {
+        /// This node's id, the one used twice.
+        node: u32,
+        /// The member that refused this process.
+        by: u32,
+        /// That member's address.
+        addr: std::net::SocketAddr,
+        /// Its reason: where the live member with this id runs, and its incarnation.
+        reason: String,
+    },
     /// An output could not be encoded.
     #[error("cannot encode {what}: {reason}")]
     Encode {

@@ -16,6 +16,7 @@
 //! | `--corrupt NODE@STEP` | flip a byte in every checkpoint file of the newest step on the node |
 //! | `--crash-before-rename NODE@STEP` | the node aborts after writing the checkpoint of `STEP` to its temporary file, before the rename |
 //! | `--wipe NODE@STEP` | delete every checkpoint file on the node (its copies are lost) |
+//! | `--duplicate NODE@STEP` | start a second process with node `NODE`'s id and certificate on another free port (same seeds, dialled directly); the members must refuse it, and `summary.json` records how it exited |
 //!
 //! Network faults go through a [`FaultRelay`] between the nodes (started
 //! only when the schedule has one): `tc netem` and iptables are not
@@ -121,6 +122,14 @@ pub enum NodeFault {
         /// The step.
         step: u64,
     },
+    /// Start a second process with node `node`'s id and certificate at `step`
+    /// (an operator mistake the members must refuse).
+    Duplicate {
+        /// The node whose identity is used twice.
+        node: u32,
+        /// The step.
+        step: u64,
+    },
 }
 
 impl NodeFault {
@@ -135,7 +144,8 @@ impl NodeFault {
             | NodeFault::DiskFull { step, .. }
             | NodeFault::Corrupt { step, .. }
             | NodeFault::CrashBeforeRename { step, .. }
-            | NodeFault::Wipe { step, .. } => *step,
+            | NodeFault::Wipe { step, .. }
+            | NodeFault::Duplicate { step, .. } => *step,
         }
     }
 
@@ -161,6 +171,7 @@ impl NodeFault {
             NodeFault::Corrupt { .. } => "corrupt",
             NodeFault::CrashBeforeRename { .. } => "crash-before-rename",
             NodeFault::Wipe { .. } => "wipe",
+            NodeFault::Duplicate { .. } => "duplicate",
         }
     }
 
@@ -173,7 +184,8 @@ impl NodeFault {
             | NodeFault::DiskFull { node, .. }
             | NodeFault::Corrupt { node, .. }
             | NodeFault::CrashBeforeRename { node, .. }
-            | NodeFault::Wipe { node, .. } => vec![*node],
+            | NodeFault::Wipe { node, .. }
+            | NodeFault::Duplicate { node, .. } => vec![*node],
             NodeFault::Partition { side, .. } => side.clone(),
             NodeFault::Degrade { .. } => Vec::new(),
         }
@@ -201,6 +213,7 @@ impl NodeFault {
             "corrupt" => NodeFault::Corrupt { node: node()?, step },
             "crash-before-rename" => NodeFault::CrashBeforeRename { node: node()?, step },
             "wipe" => NodeFault::Wipe { node: node()?, step },
+            "duplicate" => NodeFault::Duplicate { node: node()?, step },
             "partition" => {
                 let side =
                     what.split(',').map(|n| number(n, "NODE").map(|n| n as u32)).collect::<Result<Vec<_>, _>>()?;
@@ -218,7 +231,8 @@ impl NodeFault {
             | NodeFault::Restart { node, step }
             | NodeFault::Corrupt { node, step }
             | NodeFault::CrashBeforeRename { node, step }
-            | NodeFault::Wipe { node, step } => format!("{node}@{step}"),
+            | NodeFault::Wipe { node, step }
+            | NodeFault::Duplicate { node, step } => format!("{node}@{step}"),
             NodeFault::Pause { node, step, ms } | NodeFault::DiskFull { node, step, ms } => {
                 format!("{node}@{step}:{ms}")
             }
@@ -263,7 +277,7 @@ fn parse_link(spec: &str) -> Result<LinkFaults, String> {
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeFaultReport {
     /// `kill`, `pause`, `restart`, `partition`, `degrade`, `disk-full`,
-    /// `corrupt`, `crash-before-rename` or `wipe`.
+    /// `corrupt`, `crash-before-rename`, `wipe` or `duplicate`.
     pub kind: String,
     /// The node (the first of a partition's side; none for `degrade`).
     pub node: Option<u32>,
@@ -275,12 +289,17 @@ pub struct NodeFaultReport {
     /// node was declared down (training running again without it).
     pub recovery_ms: Option<u64>,
     /// What the harness saw that shows the fault really happened (files
-    /// corrupted, a temporary file left by the crash, bytes filled).
+    /// corrupted, a temporary file left by the crash, bytes filled, how the
+    /// duplicate process exited and the error it printed).
     pub evidence: Option<String>,
     /// The checkpoint the fault made bad (`corrupt`: the step whose files
     /// were damaged; `crash-before-rename`: the step never renamed). No
     /// takeover on that node may restore it.
     pub checkpoint_step: Option<u64>,
+    /// `duplicate`: the second process's exit code (none: it was still
+    /// running at the end of the job, or ended by a signal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 /// How a node that ran until the end exited when it was told to stop.
@@ -335,6 +354,25 @@ struct LocalCluster {
     crash_before_rename: BTreeMap<u32, u64>,
     /// `--replicas` of every node.
     replicas: Option<u32>,
+    /// Second processes started with a member's identity (`--duplicate`).
+    duplicates: Vec<Duplicate>,
+}
+
+/// A second process started with a member's identity (`--duplicate`).
+struct Duplicate {
+    /// The node whose id and certificate it uses.
+    node: u32,
+    child: Child,
+    log: PathBuf,
+    /// Its fault's index among the run's reports.
+    report: usize,
+}
+
+/// How a `--duplicate` process ended, for its fault report.
+struct DuplicateOutcome {
+    report: usize,
+    exit_code: Option<i32>,
+    evidence: String,
 }
 
 impl LocalCluster {
@@ -347,7 +385,6 @@ impl LocalCluster {
     }
 
     fn spawn(&mut self, id: u32) -> Result<(), Error> {
-        let dir = self.dir.path();
         let seeds: Vec<String> = (0..self.ports.len() as u32)
             .filter(|j| *j != id)
             .map(|j| match self.relay.as_ref().and_then(|r| r.addr(id, j)) {
@@ -355,31 +392,47 @@ impl LocalCluster {
                 None => format!("127.0.0.1:{}", self.ports[j as usize]),
             })
             .collect();
-        let log_path = dir.join(format!("node-{id}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| Error::Io { path: log_path.clone(), source })?;
+        let log_path = self.dir.path().join(format!("node-{id}.log"));
+        let mut command = self.node_command(id, self.ports[id as usize], &seeds, &self.data_dir(id), &self.out);
+        // Only the first start crashes: the restarted node is the one that must cope.
+        if let Some(step) = self.crash_before_rename.remove(&id) {
+            command.args(["--crash-before-rename", &step.to_string()]);
+        }
+        let child = self.start(command, &log_path, false)?;
+        self.nodes[id as usize] = Some(child);
+        Ok(())
+    }
+
+    /// `phalanx node` for node `id` listening on `port`, with the job.
+    fn node_command(&self, id: u32, port: u16, seeds: &[String], data_dir: &Path, out: &Path) -> Command {
+        let dir = self.dir.path();
         let mut command = Command::new(&self.exe);
         command
-            .args(["node", "--id", &id.to_string(), "--listen", &format!("127.0.0.1:{}", self.ports[id as usize])])
+            .args(["node", "--id", &id.to_string(), "--listen", &format!("127.0.0.1:{port}")])
             .arg("--certs")
             .arg(dir.join("certs"))
             .args(["--seeds", &seeds.join(",")])
             .arg("--job")
             .arg(dir.join("job.toml"))
             .arg("--out")
-            .arg(&self.out)
+            .arg(out)
             .arg("--data-dir")
-            .arg(self.data_dir(id));
+            .arg(data_dir);
         if let Some(r) = self.replicas {
             command.args(["--replicas", &r.to_string()]);
         }
-        // Only the first start crashes: the restarted node is the one that must cope.
-        if let Some(step) = self.crash_before_rename.remove(&id) {
-            command.args(["--crash-before-rename", &step.to_string()]);
-        }
+        command
+    }
+
+    /// Starts `command` with stderr appended to `log_path` and its JSON event
+    /// lines forwarded to the run's events (marked `"duplicate": true` for a
+    /// duplicate process).
+    fn start(&self, mut command: Command, log_path: &Path, duplicate: bool) -> Result<Child, Error> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(|source| Error::Io { path: log_path.to_path_buf(), source })?;
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -390,7 +443,10 @@ impl LocalCluster {
             let tx = self.events.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if let Ok(mut v) = serde_json::from_str::<Value>(&line) {
+                        if let (true, Some(map)) = (duplicate, v.as_object_mut()) {
+                            map.insert("duplicate".into(), true.into());
+                        }
                         if tx.send(v).is_err() {
                             break;
                         }
@@ -398,8 +454,61 @@ impl LocalCluster {
                 }
             });
         }
-        self.nodes[id as usize] = Some(child);
-        Ok(())
+        Ok(child)
+    }
+
+    /// Starts a second process with node `id`'s id and certificate on another
+    /// free port. It dials the members directly (never through the fault
+    /// relay) and has a data and output directory of its own, so whatever it
+    /// does cannot touch the real node's files.
+    fn spawn_duplicate(&mut self, id: u32, report: usize) -> Result<String, Error> {
+        let (ports, held) = reserve_ports(1)?;
+        let port = ports[0];
+        drop(held);
+        let seeds: Vec<String> = (0..self.ports.len() as u32)
+            .filter(|j| *j != id)
+            .map(|j| format!("127.0.0.1:{}", self.ports[j as usize]))
+            .collect();
+        let dir = self.dir.path();
+        let (data_dir, out) = (dir.join(format!("data-{id}-duplicate")), dir.join(format!("out-{id}-duplicate")));
+        let log = dir.join(format!("node-{id}-duplicate-{}.log", self.duplicates.len()));
+        let command = self.node_command(id, port, &seeds, &data_dir, &out);
+        let child = self.start(command, &log, true)?;
+        let started = format!("started a second node {id} (pid {}) on 127.0.0.1:{port}", child.id());
+        self.duplicates.push(Duplicate { node: id, child, log, report });
+        Ok(started)
+    }
+
+    /// Waits (at most [`STOP_GRACE`] in all) for each duplicate process to
+    /// exit on its own, stops those still running, and says how each ended:
+    /// its exit status and the error line it printed.
+    fn finish_duplicates(&mut self) -> Vec<DuplicateOutcome> {
+        let deadline = Instant::now() + STOP_GRACE;
+        let mut outcomes = Vec::new();
+        for d in &mut self.duplicates {
+            let status = loop {
+                match d.child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => break None,
+                }
+            };
+            let node = d.node;
+            let (exit_code, evidence) = match status {
+                Some(status) => {
+                    let text = std::fs::read_to_string(&d.log).unwrap_or_default();
+                    let error = text.lines().rev().find(|l| l.starts_with("error:")).unwrap_or("(no error line)");
+                    (status.code(), format!("the second process with node {node}'s id exited ({status}): {error}"))
+                }
+                None => {
+                    let _ = d.child.kill();
+                    let _ = d.child.wait();
+                    (None, format!("the second process with node {node}'s id was still running at the end: killed"))
+                }
+            };
+            outcomes.push(DuplicateOutcome { report: d.report, exit_code, evidence });
+        }
+        outcomes
     }
 
     fn signal(&self, id: u32, sig: &str) {
@@ -456,13 +565,15 @@ impl LocalCluster {
         out
     }
 
-    /// Lines of the node logs that report a panic.
+    /// Lines of the node logs (duplicate processes' included) that report a panic.
     fn panics(&self) -> Vec<String> {
         let mut found = Vec::new();
-        for id in 0..self.nodes.len() {
-            let path = self.dir.path().join(format!("node-{id}.log"));
+        let logs = (0..self.nodes.len())
+            .map(|id| (format!("node {id}"), self.dir.path().join(format!("node-{id}.log"))))
+            .chain(self.duplicates.iter().map(|d| (format!("duplicate of node {}", d.node), d.log.clone())));
+        for (who, path) in logs {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            found.extend(text.lines().filter(|l| l.contains("panicked")).map(|l| format!("node {id}: {l}")));
+            found.extend(text.lines().filter(|l| l.contains("panicked")).map(|l| format!("{who}: {l}")));
         }
         found
     }
@@ -494,12 +605,21 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         let _ = self.stop_all();
+        for d in &mut self.duplicates {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
         // Keep the node logs with the outputs: the temp dir goes away.
         let logs = self.out.join("logs");
         if std::fs::create_dir_all(&logs).is_ok() {
             for id in 0..self.nodes.len() {
                 let name = format!("node-{id}.log");
                 let _ = std::fs::copy(self.dir.path().join(&name), logs.join(&name));
+            }
+            for d in &self.duplicates {
+                if let Some(name) = d.log.file_name() {
+                    let _ = std::fs::copy(&d.log, logs.join(name));
+                }
             }
         }
         for dir in self.mounts.drain(..) {
@@ -631,6 +751,9 @@ fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<
             NodeFault::Partition { side, .. } if side.is_empty() || side.len() as u32 >= nodes => {
                 return Err(bad(f, "one side must have at least one node and leave at least one".into()));
             }
+            NodeFault::Duplicate { .. } if nodes < 2 => {
+                return Err(bad(f, "a duplicate needs another member to refuse it (at least 2 nodes)".into()));
+            }
             NodeFault::CrashBeforeRename { step, .. }
                 if config.checkpoint_every == 0 || step % config.checkpoint_every != 0 || *step == 0 =>
             {
@@ -715,6 +838,7 @@ pub fn run_local_with_options(
             })
             .collect(),
         replicas: options.replicas,
+        duplicates: Vec::new(),
     };
     let mut full: Vec<u32> = faults
         .iter()
@@ -779,6 +903,10 @@ pub fn run_local_with_options(
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Spawn("every node exited".into())),
         };
         let _ = writeln!(events_log, "{event}");
+        if event["duplicate"] == true {
+            // A duplicate process speaks with a member's id: its events are kept, never counted.
+            continue;
+        }
         match event["event"].as_str() {
             Some("step") => {
                 let step = event["step"].as_u64().unwrap_or(0);
@@ -832,6 +960,10 @@ pub fn run_local_with_options(
                         // Armed at spawn; it fires inside the node.
                         NodeFault::CrashBeforeRename { step, .. } => checkpoint_step = Some(*step),
                         NodeFault::Wipe { node, .. } => evidence = Some(wipe_checkpoints(&cluster.checkpoints(*node))?),
+                        // How it ended is filled in at the end of the run.
+                        NodeFault::Duplicate { node, .. } => {
+                            evidence = Some(cluster.spawn_duplicate(*node, reports.len())?);
+                        }
                     }
                     let (kind, arg) = f.to_flag();
                     eprintln!("injected: --{kind} {arg} at step {step}");
@@ -844,6 +976,7 @@ pub fn run_local_with_options(
                         recovery_ms: None,
                         evidence,
                         checkpoint_step,
+                        exit_code: None,
                     };
                     reports.push((report, at, None));
                 }
@@ -876,6 +1009,12 @@ pub fn run_local_with_options(
         }
     };
     let relay_stats = cluster.relay.as_ref().map(FaultRelay::stats);
+    for outcome in cluster.finish_duplicates() {
+        if let Some((r, _, _)) = reports.get_mut(outcome.report) {
+            r.exit_code = outcome.exit_code;
+            r.evidence = Some(outcome.evidence);
+        }
+    }
     let exits = cluster.stop_all();
     let panics = cluster.panics();
     let path = out.join("summary.json");
@@ -916,6 +1055,7 @@ mod tests {
             ("corrupt", "1@150"),
             ("crash-before-rename", "0@160"),
             ("wipe", "1@310"),
+            ("duplicate", "1@300"),
         ] {
             let f = NodeFault::parse(kind, arg).unwrap_or_else(|e| panic!("{e}"));
             let (k, a) = f.to_flag();
@@ -946,9 +1086,12 @@ mod tests {
             (NodeFault::Kill { node: 3, step: 1 }, "no node 3"),
             (NodeFault::Partition { side: vec![0, 1, 2], step: 1, ms: 5 }, "one side"),
             (NodeFault::CrashBeforeRename { node: 0, step: 150 }, "not a checkpoint step"),
+            (NodeFault::Duplicate { node: 3, step: 1 }, "no node 3"),
         ] {
             let e = check_faults(&config, 3, &[f]).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+        let e = check_faults(&config, 1, &[NodeFault::Duplicate { node: 0, step: 1 }]).unwrap_err().to_string();
+        assert!(e.contains("--duplicate 0@1") && e.contains("another member"), "{e}");
     }
 }

@@ -102,6 +102,9 @@ struct LocalArgs {
     /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
     #[arg(long, value_name = "R")]
     replicas: Option<u32>,
+    /// Start a second process with NODE's id and certificate on another port (the members must refuse it). Repeatable.
+    #[arg(long, value_name = "NODE@STEP")]
+    duplicate: Vec<String>,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -499,6 +502,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("corrupt", &args.corrupt),
         ("crash-before-rename", &args.crash_before_rename),
         ("wipe", &args.wipe),
+        ("duplicate", &args.duplicate),
     ] {
         for s in specs {
             faults.push(NodeFault::parse(kind, s).map_err(anyhow::Error::msg)?);

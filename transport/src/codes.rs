@@ -14,11 +14,12 @@
 //! | `0x202` | [`NO_NODE_ID`] | the certificate names no single `node-<i>` |
 //! | `0x203` | [`ID_MISMATCH`] | the hello claims another id than the certificate, or the peer is not the node the dialler expected |
 //! | `0x204` | [`DUPLICATE`] | a second connection between the same two nodes; the one dialled by the lower id is kept |
-//! | `0x205` | [`SUPERSEDED`] | replaced by a connection from a newer incarnation (restart) of the same node |
+//! | `0x205` | [`SUPERSEDED`] | replaced by a connection from another incarnation (a restart) of the same node, after the old connection fell silent |
 //! | `0x206` | [`HELLO_FAILED`] | no valid hello within the hello timeout, or its stream broke |
 //! | `0x207` | [`STREAM_FRAMING`] | a unidirectional stream carried bytes after its one frame |
 //! | `0x208` | [`SELF_CONNECT`] | the peer presents this node's own id |
 //! | `0x209` | [`OVERLOADED`] | too many handshakes in progress; try again later |
+//! | `0x20a` | [`DUPLICATE_IDENTITY`] | another process with the same node id is already a live member here; the dialler is a second process and must stop |
 
 /// The node is shutting down (the code of [`Transport::shutdown`](crate::Transport::shutdown)).
 pub const SHUTDOWN: u32 = 0x200;
@@ -33,8 +34,8 @@ pub const NO_NODE_ID: u32 = 0x202;
 pub const ID_MISMATCH: u32 = 0x203;
 /// Both nodes dialled each other (or one dialled twice): this connection is the extra one.
 pub const DUPLICATE: u32 = 0x204;
-/// The same node connected again with a newer incarnation (it restarted); this older
-/// connection is closed.
+/// The same node connected again with another incarnation (it restarted) while this older
+/// connection had fallen silent; this older connection is closed.
 pub const SUPERSEDED: u32 = 0x205;
 /// The hello did not arrive within the hello timeout, or its stream failed.
 pub const HELLO_FAILED: u32 = 0x206;
@@ -44,6 +45,12 @@ pub const STREAM_FRAMING: u32 = 0x207;
 pub const SELF_CONNECT: u32 = 0x208;
 /// Too many handshakes were in progress; the connection attempt was refused.
 pub const OVERLOADED: u32 = 0x209;
+/// A second process presents a node id whose current connection here is alive and
+/// answering: the newcomer is refused rather than allowed to replace the member. The
+/// refused process learns it as
+/// [`TransportEvent::DuplicateIdentity`](crate::TransportEvent::DuplicateIdentity) and
+/// should stop; retrying cannot help while the other process runs.
+pub const DUPLICATE_IDENTITY: u32 = 0x20a;
 
 /// Short name of a transport or codec close code, for log lines and event reasons.
 ///
@@ -67,6 +74,7 @@ pub fn name(code: u32) -> &'static str {
         STREAM_FRAMING => "stream framing",
         SELF_CONNECT => "self connect",
         OVERLOADED => "overloaded",
+        DUPLICATE_IDENTITY => "duplicate identity",
         D::CODE_OVERSIZE => "oversize",
         D::CODE_UNSUPPORTED_VERSION => "unsupported version",
         D::CODE_HEADER_TOO_LARGE => "header too large",

@@ -11,8 +11,13 @@
 //!    `{protocol version, node id, incarnation}`; a wrong version or an id other than the
 //!    certificate's closes the connection with a reason code and a warning.
 //! 4. **One connection per pair**: if both nodes dialled each other, the connection dialled
-//!    by the lower id is kept and the other closed with [`codes::DUPLICATE`]; a connection from
-//!    a restarted peer (new incarnation) supersedes the old one.
+//!    by the lower id is kept and the other closed with [`codes::DUPLICATE`]. A connection from
+//!    another incarnation of a peer supersedes the old one if it comes from the old one's
+//!    address or once the old one has been silent for [`TransportConfig::restart_silence_ms`]
+//!    (a restart); if the old one is still heard from,
+//!    the newcomer is a second process with the same id and is refused with
+//!    [`codes::DUPLICATE_IDENTITY`] — the refused side gets
+//!    [`TransportEvent::DuplicateIdentity`].
 //! 5. [`TransportEvent::PeerUp`], then one [`TransportEvent::Message`] per frame received, then
 //!    [`TransportEvent::PeerDown`] once the connection is gone.
 //!
@@ -39,7 +44,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use config::{
     TransportConfig, DEFAULT_EVENT_QUEUE_LEN, DEFAULT_HELLO_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEP_ALIVE_MS,
-    DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_UDP_BUFFER_BYTES, MAX_PENDING_HANDSHAKES,
+    DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES, MAX_PENDING_HANDSHAKES,
 };
 pub use error::{BindError, ConfigError, ConnectError, SendError};
 pub use hello::{Hello, HELLO_LIMITS};
@@ -86,9 +91,22 @@ pub enum TransportEvent {
         /// The frame body.
         frame: Vec<u8>,
     },
+    /// This node was refused by `peer` because another process with this node's id is
+    /// already a live member there ([`codes::DUPLICATE_IDENTITY`]): this process is the
+    /// second one. Retrying cannot help while the other runs; the caller should stop. If the
+    /// connection had come up, its `PeerDown` follows.
+    DuplicateIdentity {
+        /// The node that refused this one.
+        peer: u32,
+        /// Its UDP address.
+        addr: SocketAddr,
+        /// Its reason: which member holds the id, at which address, which incarnation.
+        reason: String,
+    },
     /// A connection refused or closed for bad input: a certificate TLS refused, a
     /// certificate naming no node, a wrong version or id in the hello, a broken frame, a
-    /// caller's [`Transport::reject`], or a duplicate connection.
+    /// caller's [`Transport::reject`], a duplicate connection, or a second process with a
+    /// live member's id ([`codes::DUPLICATE_IDENTITY`]).
     Rejected {
         /// The peer's UDP address.
         addr: SocketAddr,
@@ -112,6 +130,12 @@ impl fmt::Debug for TransportEvent {
             Self::Message { peer, frame } => {
                 f.debug_struct("Message").field("peer", peer).field("frame_bytes", &frame.len()).finish()
             }
+            Self::DuplicateIdentity { peer, addr, reason } => f
+                .debug_struct("DuplicateIdentity")
+                .field("peer", peer)
+                .field("addr", addr)
+                .field("reason", reason)
+                .finish(),
             Self::Rejected { addr, peer, code, reason } => f
                 .debug_struct("Rejected")
                 .field("addr", addr)

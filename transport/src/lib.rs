@@ -50,7 +50,11 @@
 //!   default): a peer that dies without closing is reported `PeerDown` that long after.
 //!   Faster detection needs heartbeats above this layer. A peer that restarts and reconnects
 //!   before that is reported `PeerDown` then `PeerUp` with a new
-//!   [`PeerInfo::incarnation`].
+//!   [`PeerInfo::incarnation`]: at once if it dials from its old address, else once its old
+//!   connection has been silent for [`TransportConfig::restart_silence_ms`].
+//! * **One live process per node id.** A second process presenting the id of a peer whose
+//!   connection is still heard from is refused with [`codes::DUPLICATE_IDENTITY`]; it gets
+//!   [`TransportEvent::DuplicateIdentity`] and should stop.
 //! * **Bad input closes one connection**, never the node: a broken frame, a wrong version or
 //!   a hello lying about the node id closes that connection with a reason code
 //!   ([`codes`], [`DecodeError::reason_code`]), logged and reported as
@@ -115,6 +119,6 @@ pub use codec::{
 pub use endpoint::{
     bind_udp, BindError, ConfigError, ConnectError, Hello, PeerInfo, SendError, Transport, TransportConfig,
     TransportEvent, TransportStats, DEFAULT_EVENT_QUEUE_LEN, DEFAULT_HELLO_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS,
-    DEFAULT_KEEP_ALIVE_MS, DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_UDP_BUFFER_BYTES, HELLO_LIMITS,
-    MAX_PENDING_HANDSHAKES,
+    DEFAULT_KEEP_ALIVE_MS, DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES,
+    HELLO_LIMITS, MAX_PENDING_HANDSHAKES,
 };

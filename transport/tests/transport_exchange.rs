@@ -238,6 +238,102 @@ async fn a_restarted_node_supersedes_its_old_connection() {
     b_new.shutdown().await;
 }
 
+/// Sends a heartbeat frame from `from` to node `to` every 50 ms (as a node's membership does),
+/// `count` times or until aborted.
+fn heartbeat(from: &Transport, to: u32, count: Option<u32>) -> tokio::task::JoinHandle<()> {
+    let (from, frame) = (from.clone(), encode(&Msg::Heartbeat { epoch: 1 }, &[], &Limits::default()).expect("encode"));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+        let mut sent = 0;
+        while count.is_none_or(|count| sent < count) {
+            every.tick().await;
+            from.send(to, frame.clone()).expect("heartbeat");
+            sent += 1;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_a_members_id_is_refused_and_told_why() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (member, _member_events) = node(dir.path(), 1).await;
+    member.connect(a.local_addr(), Some(0)).await.expect("connect");
+    wait_peer_up(&mut a_events, 1).await;
+    let beats = heartbeat(&member, 0, None);
+
+    // A second process with node 1's certificate, while the member keeps heartbeating.
+    let (twin, mut twin_events) = node(dir.path(), 1).await;
+    let dialled = twin.connect(a.local_addr(), Some(0)).await;
+    let (event, _) =
+        wait_for(&mut twin_events, "DuplicateIdentity", |e| matches!(e, TransportEvent::DuplicateIdentity { .. }))
+            .await;
+    let TransportEvent::DuplicateIdentity { peer, addr, reason } = event else { unreachable!() };
+    assert_eq!((peer, addr), (0, a.local_addr()));
+    let want = format!(
+        "node 1 is already a live member at {}, incarnation {:#x}; refusing to join twice",
+        member.local_addr(),
+        member.incarnation()
+    );
+    assert_eq!(reason, want);
+    match dialled {
+        Ok(peer) => assert_eq!(peer, 0, "the hello completed before the refusal"),
+        Err(err) => {
+            assert!(matches!(err, phalanx_transport::ConnectError::DuplicateIdentity { peer: 0, .. }), "{err}");
+            assert!(!err.is_retryable());
+        }
+    }
+    assert_eq!(twin.stats().refused_by_peers.get(&codes::DUPLICATE_IDENTITY), Some(&1));
+
+    // Node 0 refused the twin and kept the member: no PeerDown, frames keep arriving from it.
+    let (peer, before) = wait_rejected(&mut a_events, codes::DUPLICATE_IDENTITY).await;
+    assert_eq!(peer, Some(1));
+    assert!(
+        !before.iter().any(|e| matches!(e, TransportEvent::PeerDown { .. } | TransportEvent::PeerUp { .. })),
+        "{before:?}"
+    );
+    let (_, after) = wait_message(&mut a_events, 1).await;
+    assert!(after.is_empty(), "{after:?}");
+    assert_eq!(a.peer_info(1).expect("member").incarnation, member.incarnation());
+    assert_eq!(a.stats().rejected_with(codes::DUPLICATE_IDENTITY), 1);
+    beats.abort();
+    a.shutdown().await;
+    member.shutdown().await;
+    twin.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_takes_over_once_the_old_process_fell_silent() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    let (old, _old_events) = node(dir.path(), 1).await;
+    old.connect(a.local_addr(), Some(0)).await.expect("connect");
+    wait_peer_up(&mut a_events, 1).await;
+    // The old process heartbeats, then stops as if killed; its connection stays open.
+    heartbeat(&old, 0, Some(3)).await.expect("heartbeats sent");
+    for _ in 0..3 {
+        wait_message(&mut a_events, 1).await;
+    }
+    let (restarted, mut restarted_events) = node(dir.path(), 1).await;
+    restarted.connect(a.local_addr(), Some(0)).await.expect("reconnect");
+    let (event, skipped) = wait_for(&mut a_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let TransportEvent::PeerDown { peer: 1, reason } = event else { panic!("{event:?}") };
+    assert!(reason.contains("restarted"), "{reason}");
+    assert!(matches!(next_event(&mut a_events).await, TransportEvent::PeerUp { peer: 1, .. }));
+    assert_eq!(a.peer_info(1).expect("restarted").incarnation, restarted.incarnation());
+    // The restarted process was taken, not refused.
+    restarted.send(0, encode(&Msg::Heartbeat { epoch: 2 }, &[], &Limits::default()).expect("encode")).expect("send");
+    wait_message(&mut a_events, 1).await;
+    assert!(restarted_events.try_recv().is_ok_and(|e| matches!(e, TransportEvent::PeerUp { peer: 0, .. })));
+    assert!(restarted.stats().refused_by_peers.is_empty());
+    a.shutdown().await;
+    old.shutdown().await;
+    restarted.shutdown().await;
+}
+
 #[tokio::test]
 async fn dropping_every_handle_closes_the_endpoint() {
     init_tracing();

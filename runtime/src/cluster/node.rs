@@ -8,10 +8,19 @@
 //! ```
 //!
 //! The node prints one JSON object per line on stdout (`listening`,
-//! `peer_up`, `peer_down`, `down`, `view`, `quorum_lost`, `stopped`), each with
-//! `node` and `t_ms` (milliseconds since the Unix epoch, so a driver can
-//! measure detection time against the moment it killed a process), and logs
-//! for people on stderr.
+//! `peer_up`, `peer_down`, `down`, `view`, `quorum_lost`, `duplicate_identity`,
+//! `stopped`), each with `node` and `t_ms` (milliseconds since the Unix epoch,
+//! so a driver can measure detection time against the moment it killed a
+//! process), and logs for people on stderr.
+//!
+//! **One process per node id.** A second process started with a member's id
+//! (an operator mistake) is refused by every member whose connection to the
+//! first one is still heard from (see
+//! [`TransportConfig::restart_silence_ms`], set here to the failure timeout):
+//! the members print `duplicate_identity` with `"role": "member"`, the second
+//! process prints it with `"role": "refused"` and stops with
+//! [`Error::DuplicateIdentity`]. A restarted node (the old process is dead,
+//! so silent) takes over as before.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use phalanx_transport::certs::NodeIdentity;
-use phalanx_transport::{Limits, Transport, TransportConfig, TransportEvent};
+use phalanx_transport::{codes, Limits, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -597,7 +606,11 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
     let limits = Limits::default();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     let mut job = NodeJob::start(&config, out_tx).await?;
-    let (transport, mut events) = Transport::bind(TransportConfig::new(identity, config.listen))
+    let mut transport_config = TransportConfig::new(identity, config.listen);
+    // A member silent for a failure timeout is down for membership too: only then may another
+    // incarnation with its id replace it; until then a second process is refused.
+    transport_config.restart_silence_ms = config.detector.failure_timeout_ms.min(transport_config.idle_timeout_ms);
+    let (transport, mut events) = Transport::bind(transport_config)
         .await
         .map_err(|e| Error::Field { field: "listen".into(), reason: format!("{}: {e}", config.listen) })?;
     let me = config.id;
@@ -613,6 +626,8 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
     let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // Set when this process must stop with an error (it is a second one with this id).
+    let mut fatal: Option<Error> = None;
 
     loop {
         let cmds = tokio::select! {
@@ -689,10 +704,29 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                         Vec::new()
                     }
                 },
+                Some(TransportEvent::Rejected { addr, peer, code: codes::DUPLICATE_IDENTITY, reason }) => {
+                    tracing::warn!(node = me, %addr, ?peer, "refused a second process with a member's id: {reason}");
+                    emit(
+                        me,
+                        "duplicate_identity",
+                        json!({ "role": "member", "peer": peer, "addr": addr.to_string(), "reason": reason }),
+                    );
+                    Vec::new()
+                }
                 Some(TransportEvent::Rejected { addr, peer, code, reason }) => {
                     tracing::warn!(node = me, %addr, ?peer, code, "rejected connection: {reason}");
                     emit(me, "rejected", json!({ "addr": addr.to_string(), "peer": peer, "code": code, "reason": reason }));
                     Vec::new()
+                }
+                Some(TransportEvent::DuplicateIdentity { peer, addr, reason }) => {
+                    tracing::error!(node = me, by = peer, %addr, "refused as a second process with this id: {reason}");
+                    emit(
+                        me,
+                        "duplicate_identity",
+                        json!({ "role": "refused", "peer": peer, "addr": addr.to_string(), "reason": reason }),
+                    );
+                    fatal = Some(Error::DuplicateIdentity { node: me, by: peer, addr, reason });
+                    break;
                 }
             },
         };
@@ -752,6 +786,9 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
         job.stop_all("is shutting down");
     }
     transport.shutdown().await;
+    if let Some(error) = fatal {
+        return Err(error);
+    }
     emit(me, "stopped", json!({}));
     Ok(())
 }

@@ -149,6 +149,12 @@ impl Cluster {
         self.history.borrow().len()
     }
 
+    /// Every event at or after `since` received so far.
+    pub fn events_since(&self, since: usize) -> Vec<Value> {
+        self.mark();
+        self.history.borrow().iter().skip(since).cloned().collect()
+    }
+
     /// Wait for an event at or after `since` matching `pred`; returns it.
     pub fn wait_for(&self, since: usize, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(v) = self.history.borrow().iter().skip(since).find(|v| pred(v)) {
@@ -184,6 +190,11 @@ impl Cluster {
         let pid = self.nodes[id as usize].as_ref().unwrap().child.id();
         let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
         assert!(ok.success(), "kill -{sig} {pid}");
+    }
+
+    /// How node `id`'s process ended, if it has.
+    pub fn exited(&mut self, id: u32) -> Option<std::process::ExitStatus> {
+        self.nodes[id as usize].as_mut().and_then(|node| node.child.try_wait().ok().flatten())
     }
 
     pub fn kill(&mut self, id: u32) -> u64 {

@@ -17,6 +17,9 @@ pub const DEFAULT_KEEP_ALIVE_MS: u64 = 100;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_000;
 /// Default [`TransportConfig::hello_timeout_ms`].
 pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 2_000;
+/// Default [`TransportConfig::restart_silence_ms`]: five keep-alive intervals, the default
+/// failure timeout of a Phalanx node (which sets it from its own detector).
+pub const DEFAULT_RESTART_SILENCE_MS: u64 = 5 * DEFAULT_KEEP_ALIVE_MS;
 /// Default [`TransportConfig::udp_buffer_bytes`]: 4 MiB.
 pub const DEFAULT_UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// Default [`TransportConfig::max_inflight_sends_per_peer`].
@@ -57,6 +60,17 @@ pub struct TransportConfig {
     /// A connection whose hello has not completed this long after its TLS handshake is
     /// closed with [`codes::HELLO_FAILED`](crate::codes::HELLO_FAILED).
     pub hello_timeout_ms: u64,
+    /// A connection from another incarnation of a peer (a restart, or a second process with
+    /// the same id) replaces the peer's live connection only once nothing has arrived on that
+    /// connection for this long. If a frame arrives on it first, its process is alive and the
+    /// newcomer is refused with
+    /// [`codes::DUPLICATE_IDENTITY`](crate::codes::DUPLICATE_IDENTITY). So a live member
+    /// is never replaced as long as it sends frames (heartbeats) more often than this; set
+    /// it to the caller's failure-detection timeout. A restart that binds the old process's
+    /// address again is taken at once (no second process can hold that address while the
+    /// first lives); one from another address waits at most this long after the old
+    /// process's last frame. At most `idle_timeout_ms`.
+    pub restart_silence_ms: u64,
     /// Frame size limits, applied to every frame received and sent.
     pub limits: Limits,
     /// Kernel send and receive buffer of the UDP socket.
@@ -84,6 +98,7 @@ impl TransportConfig {
             keep_alive_ms: DEFAULT_KEEP_ALIVE_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             hello_timeout_ms: DEFAULT_HELLO_TIMEOUT_MS,
+            restart_silence_ms: DEFAULT_RESTART_SILENCE_MS,
             limits,
             udp_buffer_bytes: DEFAULT_UDP_BUFFER_BYTES,
             max_inflight_sends_per_peer: DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER,
@@ -110,6 +125,10 @@ impl TransportConfig {
         }
         if self.hello_timeout_ms == 0 {
             return Err(ConfigError::ZeroHelloTimeout);
+        }
+        let restart_silence_ms = self.restart_silence_ms;
+        if restart_silence_ms == 0 || restart_silence_ms > idle_timeout_ms {
+            return Err(ConfigError::RestartSilence { restart_silence_ms, idle_timeout_ms });
         }
         let max_frame_bytes = self.limits.max_frame_bytes;
         if (self.recv_budget_bytes_per_peer as u64) < u64::from(max_frame_bytes) {

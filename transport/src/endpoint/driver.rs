@@ -61,8 +61,16 @@ pub(crate) async fn drive(inner: Arc<Inner>, link: Arc<Link>) {
         tokio::select! {
             accepted = link.conn.accept_uni() => match accepted {
                 Ok(mut recv) => {
-                    let (limits, budget) = (inner.limits, budget.clone());
-                    readers.spawn(async move { read_frame(&mut recv, &limits, Some(&budget)).await });
+                    let (limits, budget, link) = (inner.limits, budget.clone(), link.clone());
+                    readers.spawn(async move {
+                        let read = read_frame(&mut recv, &limits, Some(&budget)).await;
+                        // Marked as soon as the frame is read, not when the caller takes it:
+                        // the peer's liveness must not depend on how busy this node is.
+                        if read.is_ok() {
+                            link.heard_now();
+                        }
+                        read
+                    });
                 }
                 Err(end) => break end,
             },

@@ -28,6 +28,15 @@ pub enum ConfigError {
     /// A zero hello timeout would refuse every peer.
     #[error("hello timeout must be positive")]
     ZeroHelloTimeout,
+    /// The restart silence is zero (every restart would look like a duplicate, or the
+    /// reverse) or above the idle timeout (the old connection is closed before it ends).
+    #[error("restart silence of {restart_silence_ms} ms must be positive and at most the idle timeout of {idle_timeout_ms} ms")]
+    RestartSilence {
+        /// The restart silence.
+        restart_silence_ms: u64,
+        /// The idle timeout.
+        idle_timeout_ms: u64,
+    },
     /// The receive budget cannot hold one frame of the largest allowed size.
     #[error("receive budget of {recv_budget_bytes_per_peer} bytes is below the frame limit of {max_frame_bytes}")]
     RecvBudgetBelowFrameLimit {
@@ -118,6 +127,18 @@ pub enum ConnectError {
         addr: SocketAddr,
         /// quinn's reason.
         source: quinn::ConnectionError,
+    },
+    /// Another process with this node's id is already a live member at the peer, which
+    /// closed the connection with [`codes::DUPLICATE_IDENTITY`](crate::codes::DUPLICATE_IDENTITY).
+    /// Fatal for this process: it is the second one.
+    #[error("node {peer} at {addr} refused this node: {reason}")]
+    DuplicateIdentity {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The node that refused.
+        peer: u32,
+        /// The peer's reason (which member holds the id, where, which incarnation).
+        reason: String,
     },
     /// The connection closed during the hello: the peer refused this node (its certificate,
     /// its hello) or went away.

@@ -11,18 +11,20 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError};
 use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc::PermitIterator;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use super::config::TransportConfig;
 use super::error::{ConnectError, SendError};
 use super::hello::{self, Hello, HelloError};
 use super::link::{
-    arbitrate, close_connection, closed_by_peer_as_duplicate, describe_close, Candidate, Current, Link, Verdict,
+    arbitrate, close_connection, closed_by_peer_as_duplicate, closed_by_peer_with, describe_close,
+    duplicate_identity_reason, Candidate, Current, Link, Verdict,
 };
 use super::stats::{Counters, TransportStats};
 use super::{lock, PeerInfo, TransportEvent};
@@ -43,6 +45,8 @@ pub(crate) struct Inner {
     pub(crate) limits: Limits,
     pub(crate) hello_timeout: Duration,
     pub(crate) idle_timeout_ms: u64,
+    /// See [`TransportConfig::restart_silence_ms`].
+    restart_silence: Duration,
     max_inflight_sends: usize,
     pub(crate) recv_budget_bytes: usize,
     peers: Mutex<HashMap<u32, Arc<Link>>>,
@@ -73,6 +77,7 @@ impl Inner {
             limits: config.limits,
             hello_timeout: Duration::from_millis(config.hello_timeout_ms),
             idle_timeout_ms: config.idle_timeout_ms,
+            restart_silence: Duration::from_millis(config.restart_silence_ms),
             max_inflight_sends: config.max_inflight_sends_per_peer,
             recv_budget_bytes: config.recv_budget_bytes_per_peer,
             peers: Mutex::new(HashMap::new()),
@@ -235,6 +240,10 @@ impl Inner {
     }
 
     async fn dial_hello_failed(&self, conn: &Connection, addr: SocketAddr, peer: u32, err: HelloError) -> ConnectError {
+        if let Some(reason) = closed_by_peer_with(conn, codes::DUPLICATE_IDENTITY) {
+            self.refused_as_duplicate(peer, addr, reason.clone()).await;
+            return ConnectError::DuplicateIdentity { addr, peer, reason };
+        }
         self.hello_failed(conn, addr, peer, &err).await;
         match err.violation() {
             Some((code, reason)) => ConnectError::Refused { addr, peer: Some(peer), code, reason },
@@ -267,60 +276,39 @@ impl Inner {
     /// Registers a connection that passed its hello, applying [`arbitrate`], and starts its
     /// driver if it was taken. Returns whether the peer now has a live connection (this one or
     /// the one it lost to).
+    ///
+    /// A connection from another incarnation of a peer whose connection may still be alive
+    /// waits here (at most [`TransportConfig::restart_silence_ms`]) for the old connection to
+    /// speak (the newcomer is then refused as a second process) or to stay silent (the
+    /// newcomer is a restart and takes over).
     async fn establish(self: &Arc<Self>, conn: Connection, peer: u32, dialled_by: u32, incarnation: u64) -> bool {
         let link = Arc::new(Link::new(conn, peer, dialled_by, incarnation, self.max_inflight_sends));
-        // Two slots: a restart is announced as PeerDown + PeerUp. None if the receiver is gone.
-        let mut slots = self.events.reserve_many(2).await.ok();
-        let mut emit = |event| {
-            if let Some(permit) = slots.as_mut().and_then(|slots| slots.next()) {
-                permit.send(event);
-            }
-        };
-        let (taken, displaced) = {
-            let mut peers = lock(&self.peers);
-            if self.is_shutting_down() {
-                drop(peers);
-                link.close(codes::SHUTDOWN, "transport is shutting down", false);
-                return false;
-            }
-            let current = peers.get(&peer).map(|current| Current::of(current));
-            match arbitrate(self.id, peer, current, Candidate { dialled_by, incarnation }) {
-                Verdict::Insert => {
-                    peers.insert(peer, link.clone());
-                    emit(TransportEvent::PeerUp { peer, addr: link.addr });
-                    (true, None)
+        let arrived = Instant::now();
+        let (taken, displaced) = loop {
+            // Two slots: a restart is announced as PeerDown + PeerUp. None if the receiver is gone.
+            let slots = self.events.reserve_many(2).await.ok();
+            match self.arbitrate_and_apply(&link, arrived, slots) {
+                Applied::Done { taken, displaced } => break (taken, displaced),
+                Applied::ShuttingDown => {
+                    link.close(codes::SHUTDOWN, "transport is shutting down", false);
+                    return false;
                 }
-                Verdict::Replace { announce, close_old_with } => {
-                    let old = peers.insert(peer, link.clone());
-                    if announce {
-                        let reason = match &old {
-                            Some(old) if close_old_with.is_some() => {
-                                format!(
-                                    "node restarted (incarnation {:#x} replaced {:#x})",
-                                    incarnation, old.incarnation
-                                )
-                            }
-                            Some(old) => old.conn.close_reason().map_or_else(
-                                || "connection replaced".to_owned(),
-                                |err| old.down_reason(&err, self.idle_timeout_ms),
-                            ),
-                            None => "connection replaced".to_owned(),
-                        };
-                        emit(TransportEvent::PeerDown { peer, reason });
-                        emit(TransportEvent::PeerUp { peer, addr: link.addr });
+                Applied::Wait { current, at_most } => {
+                    let mut heard = current.watch_heard();
+                    tokio::select! {
+                        _ = heard.changed() => {}
+                        _ = current.conn.closed() => {}
+                        _ = link.conn.closed() => {}
+                        _ = tokio::time::sleep(at_most) => {}
                     }
-                    (true, old.zip(close_old_with))
+                    if !link.is_live() {
+                        tracing::debug!(node = self.id, peer, addr = %link.addr, "a connection closed while its incarnation was judged");
+                        return self.live_link(peer).is_some();
+                    }
                 }
-                Verdict::Refuse { code } => (false, Some((link.clone(), code))),
             }
         };
-        if let Some((loser, code)) = displaced {
-            let reason = match code {
-                codes::DUPLICATE => {
-                    format!("duplicate connection between nodes {} and {peer}; the other one is kept", self.id)
-                }
-                _ => format!("node {peer} connected again from a new incarnation"),
-            };
+        if let Some((loser, code, reason)) = displaced {
             self.log_rejected(loser.addr, Some(peer), code, &reason);
             loser.close(code, &reason, true);
             if !taken {
@@ -337,6 +325,99 @@ impl Inner {
             self.runtime.spawn(super::driver::drive(self.clone(), link));
         }
         taken || self.live_link(peer).is_some()
+    }
+
+    /// One round of [`establish`](Self::establish) under the peer table's lock: judges `link`
+    /// against the peer's current connection and applies the verdict, emitting `PeerUp` /
+    /// `PeerDown` through `slots` so their order matches the table's.
+    fn arbitrate_and_apply(
+        &self,
+        link: &Arc<Link>,
+        arrived: Instant,
+        mut slots: Option<PermitIterator<'_, TransportEvent>>,
+    ) -> Applied {
+        let mut emit = |event| {
+            if let Some(permit) = slots.as_mut().and_then(|slots| slots.next()) {
+                permit.send(event);
+            }
+        };
+        let (peer, incarnation) = (link.peer, link.incarnation);
+        let mut peers = lock(&self.peers);
+        if self.is_shutting_down() {
+            return Applied::ShuttingDown;
+        }
+        let now = Instant::now();
+        let current = peers.get(&peer).cloned();
+        let facts = current.as_deref().map(|current| Current::of(current, now));
+        let candidate = Candidate {
+            dialled_by: link.dialled_by,
+            incarnation,
+            waited: now.saturating_duration_since(arrived),
+            addr: link.conn.remote_address(),
+        };
+        match arbitrate(self.id, peer, facts, candidate, self.restart_silence) {
+            Verdict::Insert => {
+                peers.insert(peer, link.clone());
+                emit(TransportEvent::PeerUp { peer, addr: link.addr });
+                Applied::Done { taken: true, displaced: None }
+            }
+            Verdict::Replace { announce, close_old_with } => {
+                let old = peers.insert(peer, link.clone());
+                if announce {
+                    let reason = match &old {
+                        Some(old) if close_old_with.is_some() => {
+                            format!("node restarted (incarnation {:#x} replaced {:#x})", incarnation, old.incarnation)
+                        }
+                        Some(old) => old.conn.close_reason().map_or_else(
+                            || "connection replaced".to_owned(),
+                            |err| old.down_reason(&err, self.idle_timeout_ms),
+                        ),
+                        None => "connection replaced".to_owned(),
+                    };
+                    emit(TransportEvent::PeerDown { peer, reason });
+                    emit(TransportEvent::PeerUp { peer, addr: link.addr });
+                }
+                let displaced = old.zip(close_old_with).map(|(old, code)| {
+                    let reason = match code {
+                        codes::DUPLICATE => {
+                            format!("duplicate connection between nodes {} and {peer}; the other one is kept", self.id)
+                        }
+                        _ => format!(
+                            "node {peer} connected again from incarnation {incarnation:#x} at {} after this \
+                             connection (incarnation {:#x} at {}) was silent for {} ms",
+                            link.addr,
+                            old.incarnation,
+                            old.addr,
+                            now.saturating_duration_since(old.last_heard()).as_millis()
+                        ),
+                    };
+                    (old, code, reason)
+                });
+                Applied::Done { taken: true, displaced }
+            }
+            Verdict::Refuse { code } => {
+                let reason = match (code, &current) {
+                    (codes::DUPLICATE_IDENTITY, Some(member)) => {
+                        duplicate_identity_reason(peer, member.addr, member.incarnation)
+                    }
+                    _ => format!("duplicate connection between nodes {} and {peer}; the other one is kept", self.id),
+                };
+                Applied::Done { taken: false, displaced: Some((link.clone(), code, reason)) }
+            }
+            Verdict::Wait { at_most } => match current {
+                Some(current) => Applied::Wait { current, at_most },
+                // arbitrate only waits on a current connection; judge again at once.
+                None => Applied::Wait { current: link.clone(), at_most: Duration::ZERO },
+            },
+        }
+    }
+
+    /// Counts, logs and reports that `peer` refused this node as a second process with a
+    /// member's id.
+    async fn refused_as_duplicate(&self, peer: u32, addr: SocketAddr, reason: String) {
+        self.stats.refused_by_peer(codes::DUPLICATE_IDENTITY);
+        tracing::error!(node = self.id, peer, %addr, reason, "refused: another process with this node's id is a live member");
+        let _ = self.events.send(TransportEvent::DuplicateIdentity { peer, addr, reason }).await;
     }
 
     // ---- events from a link's driver --------------------------------------------------
@@ -359,6 +440,9 @@ impl Inner {
     /// Called by a link's driver once its connection ended and every frame read from it was
     /// handled: reports a local rejection, and the peer down if this was its current link.
     pub(crate) async fn link_down(&self, link: &Arc<Link>, end: &ConnectionError) {
+        if let Some(reason) = closed_by_peer_with(&link.conn, codes::DUPLICATE_IDENTITY) {
+            self.refused_as_duplicate(link.peer, link.addr, reason).await;
+        }
         if closed_by_peer_as_duplicate(&link.conn) {
             // The peer kept another connection to us and will not come back on this one; that
             // one is still in its hello here. Give it the hello timeout to take this link's
@@ -482,6 +566,17 @@ impl Inner {
         let peers = self.peers().len();
         self.stats.snapshot(*self.connections.borrow(), peers)
     }
+}
+
+/// What one round of [`Inner::establish`] came to.
+enum Applied {
+    /// The verdict was applied: whether the new link was taken, and the link to close (the
+    /// old one it replaced, or the new one if refused) with its code and reason.
+    Done { taken: bool, displaced: Option<(Arc<Link>, u32, String)> },
+    /// Judge again once `current` speaks or closes, or after `at_most`.
+    Wait { current: Arc<Link>, at_most: Duration },
+    /// The transport is shutting down; the new link is not taken.
+    ShuttingDown,
 }
 
 /// Writes one frame on a new unidirectional stream. `Bytes` hands the buffer to quinn

@@ -27,6 +27,10 @@ pub struct TransportStats {
     /// Connections refused or closed for bad input, by close code (see [`codes`](crate::codes)
     /// and [`DecodeError::reason_code`](crate::DecodeError::reason_code)).
     pub rejected: BTreeMap<u32, u64>,
+    /// Connections a peer closed because it refuses this node itself, by close code: today
+    /// only [`codes::DUPLICATE_IDENTITY`](crate::codes::DUPLICATE_IDENTITY) (this process is a
+    /// second one with a member's id).
+    pub refused_by_peers: BTreeMap<u32, u64>,
     /// QUIC connections open now, whether or not their hello is done.
     pub open_connections: usize,
     /// Peers with a live connection now.
@@ -55,6 +59,7 @@ pub(crate) struct Counters {
     frames_dropped: AtomicU64,
     send_failures: AtomicU64,
     rejected: Mutex<BTreeMap<u32, u64>>,
+    refused_by_peers: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl Counters {
@@ -80,6 +85,10 @@ impl Counters {
         *lock(&self.rejected).entry(code).or_insert(0) += 1;
     }
 
+    pub(crate) fn refused_by_peer(&self, code: u32) {
+        *lock(&self.refused_by_peers).entry(code).or_insert(0) += 1;
+    }
+
     pub(crate) fn snapshot(&self, open_connections: usize, peers: usize) -> TransportStats {
         TransportStats {
             frames_in: self.frames_in.load(Ordering::Relaxed),
@@ -89,6 +98,7 @@ impl Counters {
             frames_dropped: self.frames_dropped.load(Ordering::Relaxed),
             send_failures: self.send_failures.load(Ordering::Relaxed),
             rejected: lock(&self.rejected).clone(),
+            refused_by_peers: lock(&self.refused_by_peers).clone(),
             open_connections,
             peers,
         }
