@@ -362,18 +362,30 @@ impl NodeIdentity {
         let cert_path = dir.join(format!("{name}.pem"));
         let key_path = dir.join(format!("{name}.key"));
         let ca_path = dir.join(CA_CERT_FILE);
+        let (cert, key, ca) = (read(&cert_path)?, read(&key_path)?, read(&ca_path)?);
+        Self::parse(id, (&cert_path, &cert), (&key_path, &key), (&ca_path, &ca))
+    }
 
-        let cert_chain = read_certs(&cert_path)?;
-        let found = cert_chain.first().and_then(|cert| node_id_of(cert));
+    /// Node `id` from PEM bytes in memory (its certificate chain, its key, the CA
+    /// certificates it trusts), e.g. from a secret store. Errors name the part as
+    /// `<memory: cert>`, `<memory: key>` or `<memory: ca>`.
+    pub fn from_pem(id: u32, cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> Result<Self, CertError> {
+        let (cert, key, ca) = (Path::new("<memory: cert>"), Path::new("<memory: key>"), Path::new("<memory: ca>"));
+        Self::parse(id, (cert, cert_pem), (key, key_pem), (ca, ca_pem))
+    }
+
+    fn parse(id: u32, cert: (&Path, &[u8]), key: (&Path, &[u8]), ca: (&Path, &[u8])) -> Result<Self, CertError> {
+        let cert_chain = parse_certs(cert.0, cert.1)?;
+        let found = cert_chain.first().and_then(|c| node_id_of(c));
         if found != Some(id) {
-            return Err(CertError::WrongNodeId { path: cert_path, expected: id, found });
+            return Err(CertError::WrongNodeId { path: cert.0.to_owned(), expected: id, found });
         }
-        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|source| CertError::Pem {
-            path: key_path,
+        let key = PrivateKeyDer::from_pem_slice(key.1).map_err(|source| CertError::Pem {
+            path: key.0.to_owned(),
             expected: "private key",
             source,
         })?;
-        let ca_roots = read_certs(&ca_path)?;
+        let ca_roots = parse_certs(ca.0, ca.1)?;
         Ok(Self { id, cert_chain, key, ca_roots })
     }
 }
@@ -390,11 +402,10 @@ fn certificate_time(at: SystemTime) -> Result<OffsetDateTime, CertError> {
     .ok_or_else(out_of_range)
 }
 
-/// All certificates of a PEM file; at least one.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let bytes = read(path)?;
+/// All certificates of PEM `bytes` (from `path`); at least one.
+fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let pem_error = |source| CertError::Pem { path: path.to_owned(), expected: "certificate", source };
-    let certs = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(pem_error)?;
+    let certs = CertificateDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>().map_err(pem_error)?;
     if certs.is_empty() {
         return Err(pem_error(pem::Error::NoItemsFound));
     }
