@@ -35,13 +35,16 @@ pub mod error;
 pub mod job;
 pub mod local;
 pub mod metrics;
+pub mod node;
 pub mod output;
 pub mod predict;
 pub mod relay;
 
+pub use cluster::event::{NodeEvent, NodeEventKind};
 pub use config::JobConfig;
 pub use error::Error;
 pub use job::{params_sha256, Evaluation, Metric, PreparedJob, TrainReport};
+pub use node::{Node, NodeBuilder, NodeHandle};
 pub use output::{write_outputs, Summary};
 pub use phalanx_actors::actor::Progress;
 

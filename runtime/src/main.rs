@@ -163,6 +163,9 @@ struct NodeArgs {
     /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
     #[arg(long, value_name = "R")]
     replicas: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -641,6 +644,43 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `phalanx node`: one JSON line per event on stdout, `/metrics` if asked.
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    use phalanx::cluster::event::NodeEventKind;
+    use phalanx::cluster::node::{run_node_with, NodeParts};
+    use std::io::Write;
+    let metrics_at = args.metrics;
+    let config = args.into_config()?;
+    let metrics = phalanx::metrics::NodeMetrics::new(config.id);
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(at) = metrics_at {
+        let (bound, _) = phalanx::metrics::serve(at, metrics.clone(), async move {
+            let _ = stopped_rx.await;
+        })
+        .await?;
+        eprintln!("node {} serves metrics at http://{bound}/metrics", config.id);
+    }
+    let events: phalanx::cluster::event::EventSink = std::sync::Arc::new(|event| {
+        if let NodeEventKind::Listening { addr, .. } = &event.kind {
+            eprintln!("node {} listening on {addr}", event.node);
+        }
+        if let Ok(line) = serde_json::to_string(&event) {
+            // A closed stdout (the reader went away) must not stop the node.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    });
+    let parts = NodeParts { events, metrics, identity: None, job: None, bound: None };
+    // On a worker thread rather than the main thread's block_on: the node loop
+    // is the process's heart and must be scheduled like every other task.
+    let result = tokio::spawn(run_node_with(config, parts, termination()))
+        .await
+        .map_err(|e| anyhow::anyhow!("node task failed: {e}"))?;
+    drop(stopped_tx);
+    Ok(result?)
+}
+
 /// An error and its causes on one line, each cause once: errors that already
 /// quote their source (`path: os error`) do not repeat it.
 fn error_chain(e: &anyhow::Error) -> String {
@@ -682,16 +722,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Node(args) => {
-                let config = args.into_config()?;
-                // On a worker thread rather than the main thread's block_on:
-                // the node loop is the process's heart and must be scheduled
-                // like every other task.
-                tokio::spawn(phalanx::cluster::node::run_node(config, termination()))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("node task failed: {e}"))??;
-                Ok(())
-            }
+            Command::Node(args) => node(args).await,
         }
     });
     match result {

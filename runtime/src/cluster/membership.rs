@@ -147,6 +147,10 @@ impl Membership {
     pub fn up(&self) -> &BTreeSet<u32> {
         &self.up
     }
+    /// When member `peer` was last heard from (for the detection-time metric).
+    pub fn last_heard(&self, peer: u32) -> Option<Instant> {
+        self.last_heard.get(&peer).copied()
+    }
     /// True when this node hears a strict majority of the configured members.
     pub fn has_quorum(&self) -> bool {
         self.up.len() * 2 > self.members.len()

@@ -4,6 +4,7 @@
 //! them heartbeats, views and clock ticks and carries out their commands
 //! over the QUIC transport.
 
+pub mod event;
 pub mod membership;
 pub mod node;
 pub mod placement;

@@ -25,12 +25,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use phalanx_transport::certs::NodeIdentity;
 use phalanx_transport::{codes, Limits, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use std::sync::Arc;
 
@@ -40,6 +39,7 @@ use phalanx_actors::net::{JobMsg, LocalNet, Net};
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
 
+use super::event::{unix_ms, DuplicateRole, EventSink, NodeEvent, NodeEventKind};
 use super::membership::{DetectorConfig, Membership, MembershipCommand};
 use super::placement::{default_replicas, Placement, Shape};
 use super::replication::{ReplicationStats, ReplicationTracker};
@@ -48,6 +48,7 @@ use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbou
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
+use crate::metrics::{Kind, NodeMetrics};
 use phalanx_actors::checkpoint::{FileKey, CHECKPOINTS_KEPT};
 
 /// How often the node loop advances the membership clock.
@@ -137,18 +138,33 @@ impl NodeConfig {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+/// What a node is given besides its config: where its events go, its
+/// metrics, optionally its identity and job in memory, and a channel told the
+/// bound address once it listens.
+pub struct NodeParts {
+    /// Where events go (the binary prints them; a [`NodeHandle`](crate::node::NodeHandle) broadcasts them).
+    pub events: EventSink,
+    /// This node's metrics.
+    pub metrics: Arc<NodeMetrics>,
+    /// The identity; loaded from `config.certs` when absent.
+    pub identity: Option<NodeIdentity>,
+    /// The job; read from `config.job` when absent.
+    pub job: Option<crate::JobConfig>,
+    /// Told the bound address once the node listens.
+    pub bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 }
 
-/// Print one event line on stdout.
-fn emit(node: u32, event: &str, mut fields: serde_json::Value) {
-    if let Some(map) = fields.as_object_mut() {
-        map.insert("event".into(), event.into());
-        map.insert("node".into(), node.into());
-        map.insert("t_ms".into(), unix_ms().into());
+/// Hands a node's events to its sink, stamped with the node and the time.
+#[derive(Clone)]
+struct Emitter {
+    node: u32,
+    sink: EventSink,
+}
+
+impl Emitter {
+    fn emit(&self, kind: NodeEventKind) {
+        (self.sink)(NodeEvent::new(self.node, kind));
     }
-    println!("{fields}");
 }
 
 /// The job side of a node: the prepared job, the host of placed actors,
@@ -181,12 +197,23 @@ struct NodeJob {
     /// Copies of this node's checkpoints acknowledged by the replicas.
     replication: ReplicationTracker,
     replication_stats: watch::Sender<ReplicationStats>,
+    events: Emitter,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl NodeJob {
-    async fn start(config: &NodeConfig, out_tx: mpsc::UnboundedSender<Outbound>) -> Result<Option<Self>, Error> {
-        let Some(path) = &config.job else { return Ok(None) };
-        let job = crate::JobConfig::from_toml_file(path)?;
+    async fn start(
+        config: &NodeConfig,
+        job: Option<crate::JobConfig>,
+        out_tx: mpsc::UnboundedSender<Outbound>,
+        events: Emitter,
+        metrics: Arc<NodeMetrics>,
+    ) -> Result<Option<Self>, Error> {
+        let job = match (job, &config.job) {
+            (Some(job), _) => job,
+            (None, Some(path)) => crate::JobConfig::from_toml_file(path)?,
+            (None, None) => return Ok(None),
+        };
         let prepared = Arc::new(PreparedJob::new(job)?);
         let data_dir = config
             .data_dir
@@ -234,6 +261,8 @@ impl NodeJob {
             job_started_ms: None,
             replication: ReplicationTracker::new(replicas),
             replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
+            events,
+            metrics,
         }))
     }
 
@@ -288,13 +317,17 @@ impl NodeJob {
                 ResumeCommand::Ask { to, epoch } => self.send_control(to, &NodeMsg::CheckpointQuery { epoch }),
                 ResumeCommand::Fetch { from, step, epoch } => {
                     tracing::info!(node = me, from, step, "fetching checkpoint {step} from node {from}");
-                    emit(me, "fetching", json!({ "from": from, "step": step, "epoch": epoch }));
+                    self.events.emit(NodeEventKind::Fetching { from, step, epoch });
                     self.send_control(from, &NodeMsg::CheckpointFetch { epoch, step });
                 }
-                ResumeCommand::Start { restore, source, epoch } => self.start_coordinator(epoch, restore, source),
+                ResumeCommand::Start { restore, source, epoch } => {
+                    self.metrics.coordinator_waiting.set(0);
+                    self.start_coordinator(epoch, restore, source)
+                }
                 ResumeCommand::Waiting { missing, reason } => {
                     tracing::warn!(node = me, ?missing, "coordinator not starting the job yet: {reason}");
-                    emit(me, "waiting", json!({ "missing": missing, "reason": reason }));
+                    self.metrics.coordinator_waiting.set(1);
+                    self.events.emit(NodeEventKind::Waiting { missing, reason });
                 }
             }
         }
@@ -329,7 +362,16 @@ impl NodeJob {
         let crash = self.crash_before_rename;
         let replication = self.replication_stats.subscribe();
         let job_started_ms = *self.job_started_ms.get_or_insert_with(unix_ms);
-        let start = Start { epoch, restore, source, replication, job_started_ms };
+        let (events, metrics) = (self.events.clone(), self.metrics.clone());
+        let start = Start {
+            epoch,
+            restore,
+            source,
+            replication,
+            job_started_ms,
+            events: events.clone(),
+            metrics: metrics.clone(),
+        };
         let task = tokio::spawn(async move {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
@@ -340,7 +382,9 @@ impl NodeJob {
             };
             if let Err(e) = result {
                 tracing::error!(node = me, "coordinator: {e}");
-                emit(me, "job_failed", json!({ "error": e.to_string() }));
+                metrics.jobs.get_or_create(&Kind::of("running")).set(0);
+                metrics.jobs.get_or_create(&Kind::of("failed")).inc();
+                events.emit(NodeEventKind::JobFailed { error: e.to_string() });
             }
         });
         self.coordinator = Some((epoch, task));
@@ -369,7 +413,7 @@ impl NodeJob {
             Inbound::Checkpoint(name, bytes) => self.on_checkpoint_copy(peer, &name, &bytes),
             Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn }) => {
                 self.seen_job = true;
-                emit(me, "spawn", json!({ "actor": key.to_string(), "from": peer }));
+                self.events.emit(NodeEventKind::Spawn { actor: key.to_string(), from: peer });
                 let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore, spawn });
             }
             Inbound::Control(NodeMsg::Stop { key }) => {
@@ -390,7 +434,7 @@ impl NodeJob {
                 self.done = true;
                 self.resume.cancel();
                 let _ = self.host.send_message(HostMsg::StopAll { reason: None });
-                emit(me, "job_done", json!({ "summary": summary, "model_sha256": model_sha256, "from": peer }));
+                self.events.emit(NodeEventKind::JobDone { summary, model_sha256, from: peer });
             }
             Inbound::Control(NodeMsg::CheckpointQuery { epoch }) => self.answer_query(peer, epoch),
             Inbound::Control(NodeMsg::CheckpointInventory { epoch, inventory }) => {
@@ -536,6 +580,8 @@ struct Start {
     replication: watch::Receiver<ReplicationStats>,
     /// When the job first started, on any coordinator (Unix ms).
     job_started_ms: u64,
+    events: Emitter,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// The first generation of a supervisor started by node `me` in view
@@ -557,24 +603,39 @@ async fn coordinate(
     start: Start,
 ) -> Result<(), Error> {
     let me = routing.me;
-    let Start { epoch, restore, source, replication, job_started_ms } = start;
+    let Start { epoch, restore, source, replication, job_started_ms, events, metrics } = start;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch, job_started_ms));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
-    let source = match source {
-        Source::Local => "local".to_string(),
-        Source::Fetched(node) => format!("node {node}"),
-        Source::Scratch => "none".to_string(),
+    let (source, cause) = match source {
+        Source::Local => ("local".to_string(), "local"),
+        Source::Fetched(node) => (format!("node {node}"), "fetched"),
+        Source::Scratch => ("none".to_string(), "scratch"),
     };
     tracing::info!(node = me, epoch, ?restore, %source, "coordinating the job");
-    emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore, "restore_from": source }));
+    metrics.takeovers.get_or_create(&Kind::of(cause)).inc();
+    metrics.jobs.get_or_create(&Kind::of("running")).set(1);
+    events.emit(NodeEventKind::Coordinating { epoch, restore, restore_from: source });
     // Generations of this supervisor start above any a predecessor issued.
     let handle =
         spawn_job_at(ctx, restore, first_generation(epoch, me)).await.map_err(|e| Error::Spawn(e.to_string()))?;
+    let mut last: Option<(u64, u64, Instant)> = None;
     let outcome = crate::job::await_job(handle, |p| {
-        emit(me, "step", json!({ "step": p.step, "total_steps": p.total_steps, "loss": p.loss }));
+        let now = Instant::now();
+        if let Some((step, samples, at)) = last {
+            if p.step > step {
+                metrics.steps_applied.inc_by(p.step - step);
+                metrics.step_duration.observe(now.duration_since(at).as_secs_f64() / (p.step - step) as f64);
+            }
+            metrics.samples_applied.inc_by(p.samples.saturating_sub(samples));
+        }
+        last = Some((p.step, p.samples, now));
+        events.emit(NodeEventKind::Step { step: p.step, total_steps: p.total_steps, loss: p.loss });
     })
     .await?;
+    metrics.checkpoint_failures.inc_by(outcome.checkpoint_failures.len() as u64);
+    metrics.jobs.get_or_create(&Kind::of("running")).set(0);
+    metrics.jobs.get_or_create(&Kind::of("finished")).inc();
     let evaluation = prepared.evaluate(&outcome.params)?;
     // The whole job's wall time, predecessors' shares included.
     let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
@@ -598,14 +659,39 @@ async fn coordinate(
     Ok(())
 }
 
-/// Run a node until `shutdown` resolves.
-pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+/// Run a node until `shutdown` resolves, handing its events to `events`.
+pub async fn run_node(
+    config: NodeConfig,
+    events: EventSink,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let metrics = NodeMetrics::new(config.id);
+    run_node_with(config, NodeParts { events, metrics, identity: None, job: None, bound: None }, shutdown).await
+}
+
+/// [`run_node`] with every part given (see [`NodeParts`]).
+pub async fn run_node_with(
+    config: NodeConfig,
+    parts: NodeParts,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     config.validate()?;
-    let identity = NodeIdentity::load(&config.certs, config.id)
-        .map_err(|e| Error::Field { field: "certs".into(), reason: e.to_string() })?;
+    let NodeParts { events: sink, metrics, identity, job, bound } = parts;
+    let identity = match identity {
+        Some(identity) if identity.id == config.id => identity,
+        Some(identity) => {
+            return Err(Error::Field {
+                field: "identity".into(),
+                reason: format!("the identity is node {}'s, this is node {}", identity.id, config.id),
+            })
+        }
+        None => NodeIdentity::load(&config.certs, config.id)
+            .map_err(|e| Error::Field { field: "certs".into(), reason: e.to_string() })?,
+    };
+    let emitter = Emitter { node: config.id, sink };
     let limits = Limits::default();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let mut job = NodeJob::start(&config, out_tx).await?;
+    let mut job = NodeJob::start(&config, job, out_tx, emitter.clone(), metrics.clone()).await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
     // A member silent for a failure timeout is down for membership too: only then may another
     // incarnation with its id replace it; until then a second process is refused.
@@ -616,8 +702,10 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
     let me = config.id;
     let addr = transport.local_addr();
     tracing::info!(node = me, %addr, "listening");
-    eprintln!("node {me} listening on {addr}");
-    emit(me, "listening", json!({ "addr": addr.to_string() }));
+    emitter.emit(NodeEventKind::Listening { addr, pid: std::process::id() });
+    if let Some(bound) = bound {
+        let _ = bound.send(addr);
+    }
 
     let mut membership = Membership::new(me, 0..config.members(), config.detector);
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
@@ -657,8 +745,14 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                     if let (Some(job), Ok(inbound)) = (job.as_mut(), wire::decode(&frame[4..], &limits)) {
                         job.on_inbound(me, inbound);
                     }
-                } else if let Err(e) = transport.send(node, frame) {
-                    tracing::debug!(node = me, to = node, "frame not sent: {e}");
+                } else {
+                    let bytes = frame.len() as u64;
+                    match transport.send(node, frame) {
+                        Ok(()) => {
+                            metrics.bytes_sent.get_or_create(&Kind::of("cluster")).inc_by(bytes);
+                        }
+                        Err(e) => tracing::debug!(node = me, to = node, "frame not sent: {e}"),
+                    }
                 }
                 Vec::new()
             }
@@ -678,17 +772,21 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
             event = events.recv() => match event {
                 None => break,
                 Some(TransportEvent::PeerUp { peer, addr }) => {
-                    emit(me, "peer_up", json!({ "peer": peer, "addr": addr.to_string() }));
+                    emitter.emit(NodeEventKind::PeerUp { peer, addr });
                     Vec::new()
                 }
                 Some(TransportEvent::PeerDown { peer, reason }) => {
                     connected_addrs.remove(&peer);
-                    emit(me, "peer_down", json!({ "peer": peer, "reason": reason }));
+                    emitter.emit(NodeEventKind::PeerDown { peer, reason });
                     Vec::new()
                 }
                 Some(TransportEvent::Message { peer, frame }) => match wire::decode(&frame, &limits) {
-                    Ok(Inbound::Control(NodeMsg::Membership(m))) => membership.on_message(peer, m, Instant::now()),
+                    Ok(Inbound::Control(NodeMsg::Membership(m))) => {
+                        metrics.bytes_received.get_or_create(&Kind::of("membership")).inc_by(frame.len() as u64);
+                        membership.on_message(peer, m, Instant::now())
+                    }
                     Ok(inbound) => {
+                        metrics.bytes_received.get_or_create(&Kind::of("cluster")).inc_by(frame.len() as u64);
                         if let Some(job) = job.as_mut() {
                             job.on_inbound(peer, inbound);
                         }
@@ -706,25 +804,24 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                 },
                 Some(TransportEvent::Rejected { addr, peer, code: codes::DUPLICATE_IDENTITY, reason }) => {
                     tracing::warn!(node = me, %addr, ?peer, "refused a second process with a member's id: {reason}");
-                    emit(
-                        me,
-                        "duplicate_identity",
-                        json!({ "role": "member", "peer": peer, "addr": addr.to_string(), "reason": reason }),
-                    );
+                    metrics.rejected_connections.get_or_create(&Kind::of(codes::name(codes::DUPLICATE_IDENTITY))).inc();
+                    emitter.emit(NodeEventKind::DuplicateIdentity { role: DuplicateRole::Member, peer, addr, reason });
                     Vec::new()
                 }
                 Some(TransportEvent::Rejected { addr, peer, code, reason }) => {
                     tracing::warn!(node = me, %addr, ?peer, code, "rejected connection: {reason}");
-                    emit(me, "rejected", json!({ "addr": addr.to_string(), "peer": peer, "code": code, "reason": reason }));
+                    metrics.rejected_connections.get_or_create(&Kind::of(codes::name(code))).inc();
+                    emitter.emit(NodeEventKind::Rejected { addr, peer, code, reason });
                     Vec::new()
                 }
                 Some(TransportEvent::DuplicateIdentity { peer, addr, reason }) => {
                     tracing::error!(node = me, by = peer, %addr, "refused as a second process with this id: {reason}");
-                    emit(
-                        me,
-                        "duplicate_identity",
-                        json!({ "role": "refused", "peer": peer, "addr": addr.to_string(), "reason": reason }),
-                    );
+                    emitter.emit(NodeEventKind::DuplicateIdentity {
+                        role: DuplicateRole::Refused,
+                        peer: Some(peer),
+                        addr,
+                        reason: reason.clone(),
+                    });
                     fatal = Some(Error::DuplicateIdentity { node: me, by: peer, addr, reason });
                     break;
                 }
@@ -734,13 +831,22 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
             match cmd {
                 MembershipCommand::Send(to, msg) => {
                     if let Ok(frame) = wire::encode(&NodeMsg::Membership(msg), &limits) {
+                        let bytes = frame.len() as u64;
                         // A peer without a connection simply misses a heartbeat.
-                        let _ = transport.send(to, frame);
+                        if transport.send(to, frame).is_ok() {
+                            metrics.bytes_sent.get_or_create(&Kind::of("membership")).inc_by(bytes);
+                        }
                     }
                 }
                 MembershipCommand::Down(peer) => {
                     tracing::warn!(node = me, peer, "node {peer} is down (no heartbeat)");
-                    emit(me, "down", json!({ "peer": peer }));
+                    if let Some(heard) = membership.last_heard(peer) {
+                        metrics
+                            .failure_detection
+                            .observe(Instant::now().saturating_duration_since(heard).as_secs_f64());
+                    }
+                    metrics.restarts.get_or_create(&Kind::of("node_lost")).inc();
+                    emitter.emit(NodeEventKind::Down { peer });
                     if let Some(job) = job.as_ref() {
                         to_job(&job.names, JobMsg::NodeLost(peer));
                     }
@@ -753,11 +859,13 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                         "new view {:?}",
                         view.members
                     );
-                    emit(
-                        me,
-                        "view",
-                        json!({ "epoch": view.epoch, "coordinator": view.coordinator, "members": view.members }),
-                    );
+                    metrics.membership_epoch.set(i64::try_from(view.epoch).unwrap_or(i64::MAX));
+                    metrics.members.set(view.members.len() as i64);
+                    emitter.emit(NodeEventKind::View {
+                        epoch: view.epoch,
+                        coordinator: view.coordinator,
+                        members: view.members.clone(),
+                    });
                     if let Some(job) = job.as_mut() {
                         job.on_view(&view);
                     }
@@ -774,7 +882,8 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                         reachable.len(),
                         config.members()
                     );
-                    emit(me, "quorum_lost", json!({ "reachable": reachable, "missing": missing, "needed": need }));
+                    metrics.members.set(0);
+                    emitter.emit(NodeEventKind::QuorumLost { reachable, missing, needed: need });
                     if let Some(job) = job.as_mut() {
                         job.stop_all("lost its quorum");
                     }
@@ -789,6 +898,6 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
     if let Some(error) = fatal {
         return Err(error);
     }
-    emit(me, "stopped", json!({}));
+    emitter.emit(NodeEventKind::Stopped);
     Ok(())
 }

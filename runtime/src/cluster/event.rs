@@ -1,0 +1,226 @@
+//! What a node tells the program that runs it: typed events.
+//!
+//! The library never prints. A node hands every event to its [`EventSink`];
+//! the `phalanx node` binary prints each as one JSON line on stdout (the
+//! format `phalanx local` and scripts read: `event`, `node`, `t_ms` and the
+//! event's fields), and an embedding service subscribes to
+//! [`NodeHandle::events`](crate::node::NodeHandle::events).
+//!
+//! ```
+//! use phalanx::cluster::event::{NodeEvent, NodeEventKind};
+//!
+//! let e = NodeEvent::new(2, NodeEventKind::Down { peer: 0 });
+//! let line = serde_json::to_value(&e).unwrap();
+//! assert_eq!((line["event"].as_str(), line["node"].as_u64(), line["peer"].as_u64()), (Some("down"), Some(2), Some(0)));
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// One event of one node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeEvent {
+    /// The node that saw it.
+    pub node: u32,
+    /// When, in milliseconds since the Unix epoch (so a driver can measure
+    /// detection time against the moment it killed a process).
+    pub t_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: NodeEventKind,
+}
+
+impl NodeEvent {
+    /// `kind` seen by `node` now.
+    pub fn new(node: u32, kind: NodeEventKind) -> Self {
+        Self { node, t_ms: unix_ms(), kind }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Which side of a duplicate identity a node is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateRole {
+    /// A member that refused a second process with a member's id.
+    Member,
+    /// The second process, refused.
+    Refused,
+}
+
+/// What happened (serialised with `"event": "<snake_case name>"`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum NodeEventKind {
+    /// The node is bound and listening.
+    Listening {
+        /// The bound UDP address.
+        addr: SocketAddr,
+        /// The process id.
+        pid: u32,
+    },
+    /// A member connected.
+    PeerUp {
+        /// The member.
+        peer: u32,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A member's connection went away.
+    PeerDown {
+        /// The member.
+        peer: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A member was declared down (no heartbeat within the failure timeout).
+    Down {
+        /// The member.
+        peer: u32,
+    },
+    /// A membership view was adopted.
+    View {
+        /// Its epoch.
+        epoch: u64,
+        /// Its coordinator.
+        coordinator: u32,
+        /// Its live members.
+        members: BTreeSet<u32>,
+    },
+    /// This node no longer hears a majority: it stops training and waits.
+    QuorumLost {
+        /// Members it still hears (itself included).
+        reachable: Vec<u32>,
+        /// Members it waits for.
+        missing: Vec<u32>,
+        /// Members needed for a majority.
+        needed: u32,
+    },
+    /// A connection was refused.
+    Rejected {
+        /// Where it came from.
+        addr: SocketAddr,
+        /// The node it claimed to be, if known.
+        peer: Option<u32>,
+        /// The close code.
+        code: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A second process with a member's node id.
+    DuplicateIdentity {
+        /// This node's side of it.
+        role: DuplicateRole,
+        /// The other node.
+        peer: Option<u32>,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator asked this node to run an actor.
+    Spawn {
+        /// The actor, e.g. `trainer 1`.
+        actor: String,
+        /// The coordinator.
+        from: u32,
+    },
+    /// This node coordinates the job from now on.
+    Coordinating {
+        /// Its view's epoch.
+        epoch: u64,
+        /// The checkpoint step it restores (none: from step 0).
+        restore: Option<u64>,
+        /// Where that checkpoint came from: `local`, `node N`, `none`.
+        restore_from: String,
+    },
+    /// A new coordinator fetches a checkpoint from a member.
+    Fetching {
+        /// The member.
+        from: u32,
+        /// The step.
+        step: u64,
+        /// The view.
+        epoch: u64,
+    },
+    /// The coordinator does not start the job yet.
+    Waiting {
+        /// Configured members it waits for.
+        missing: Vec<u32>,
+        /// Why.
+        reason: String,
+    },
+    /// Training progressed (at a bounded rate, and at every step a harness asked for).
+    Step {
+        /// Steps applied.
+        step: u64,
+        /// Steps of the whole job.
+        total_steps: u64,
+        /// Mean loss of the last step.
+        loss: f64,
+    },
+    /// The job finished.
+    JobDone {
+        /// Where its summary was written.
+        summary: Option<String>,
+        /// SHA-256 of the final parameters.
+        model_sha256: String,
+        /// The coordinator that finished it.
+        from: u32,
+    },
+    /// The job failed.
+    JobFailed {
+        /// Why.
+        error: String,
+    },
+    /// The node stopped.
+    Stopped,
+}
+
+/// Where a node sends its events. Called on the node's own tasks: it must
+/// return quickly (print a line, send on a channel), never block.
+pub type EventSink = Arc<dyn Fn(NodeEvent) + Send + Sync>;
+
+/// A sink that drops every event.
+pub fn discard() -> EventSink {
+    Arc::new(|_| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialise_as_the_json_lines_scripts_read() {
+        let e = NodeEvent {
+            node: 1,
+            t_ms: 7,
+            kind: NodeEventKind::Coordinating { epoch: 3, restore: None, restore_from: "none".into() },
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"event": "coordinating", "node": 1, "t_ms": 7, "epoch": 3, "restore": null, "restore_from": "none"})
+        );
+        let stopped = serde_json::to_value(NodeEvent { node: 0, t_ms: 1, kind: NodeEventKind::Stopped }).unwrap();
+        assert_eq!(stopped, serde_json::json!({"event": "stopped", "node": 0, "t_ms": 1}));
+        let dup = NodeEventKind::DuplicateIdentity {
+            role: DuplicateRole::Refused,
+            peer: Some(0),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            reason: "x".into(),
+        };
+        let v = serde_json::to_value(NodeEvent { node: 1, t_ms: 1, kind: dup }).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["role"].as_str(), v["addr"].as_str()),
+            (Some("duplicate_identity"), Some("refused"), Some("127.0.0.1:9"))
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Embedding a node in a tokio program: [`Node::builder`] … [`NodeBuilder::start`]
+//! returns a [`NodeHandle`] — the bound address, a stream of typed events, the
+//! node's metrics, and a graceful shutdown.
+//!
+//! ```text
+//!  Node::builder().id(0).listen(addr).certs_dir(dir).seeds(..).job(config)
+//!        │ start().await            (binds, then runs on the caller's runtime)
+//!        ▼
+//!  NodeHandle ── local_addr() ── events() ──▶ Stream<NodeEvent> ── metrics() ── shutdown().await
+//! ```
+//!
+//! Several nodes may run in one process (the tests do): nothing here is
+//! process-global — each node has its own event channel, metrics registry and
+//! actor names.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), phalanx::Error> {
+//! use tokio_stream::StreamExt;
+//! let node = phalanx::Node::builder()
+//!     .id(0)
+//!     .listen("127.0.0.1:0".parse().unwrap())
+//!     .certs_dir("certs")
+//!     .seeds(vec!["127.0.0.1:7001".parse().unwrap(), "127.0.0.1:7002".parse().unwrap()])
+//!     .start()
+//!     .await?;
+//! println!("node 0 listening on {}", node.local_addr());
+//! let mut events = node.events();
+//! while let Some(event) = events.next().await {
+//!     println!("{}", serde_json::to_string(&event).unwrap());
+//! #   break;
+//! }
+//! node.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use phalanx_transport::certs::NodeIdentity;
+use tokio::sync::{broadcast, oneshot};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+
+use crate::cluster::event::{NodeEvent, NodeEventKind};
+use crate::cluster::membership::DetectorConfig;
+use crate::cluster::node::{run_node_with, NodeConfig, NodeParts};
+use crate::config::JobConfig;
+use crate::error::Error;
+use crate::metrics::NodeMetrics;
+
+/// Events buffered per subscriber; a subscriber further behind skips the
+/// oldest (and is told how many in a log line), the node never waits for it.
+pub const EVENT_CAPACITY: usize = 4096;
+
+/// The entry point: see [`Node::builder`].
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// A builder for a node; at least [`id`](NodeBuilder::id) and an identity
+    /// ([`certs_dir`](NodeBuilder::certs_dir) or [`identity`](NodeBuilder::identity)) are needed.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+}
+
+/// Configures a node; [`start`](Self::start) binds and runs it.
+#[derive(Debug, Default)]
+pub struct NodeBuilder {
+    id: Option<u32>,
+    listen: Option<SocketAddr>,
+    certs: Option<PathBuf>,
+    identity: Option<NodeIdentity>,
+    seeds: Vec<SocketAddr>,
+    nodes: Option<u32>,
+    data_dir: Option<PathBuf>,
+    detector: DetectorConfig,
+    replicas: Option<u32>,
+    job: Option<JobConfig>,
+    out: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+}
+
+impl NodeBuilder {
+    /// This node's id (its certificate must name `node-<id>`).
+    pub fn id(mut self, id: u32) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// The UDP address to listen on (port 0 picks one; see [`NodeHandle::local_addr`]).
+    /// Default `127.0.0.1:0`.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+    /// Load the identity from a directory written by `phalanx certs`.
+    pub fn certs_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.certs = Some(dir.into());
+        self
+    }
+    /// Use an identity already in memory (see [`NodeIdentity::from_pem`]).
+    pub fn identity(mut self, identity: NodeIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+    /// Addresses of the other members.
+    pub fn seeds(mut self, seeds: Vec<SocketAddr>) -> Self {
+        self.seeds = seeds;
+        self
+    }
+    /// Configured cluster size (members are nodes `0..n`); default: seeds + 1.
+    pub fn nodes(mut self, n: u32) -> Self {
+        self.nodes = Some(n);
+        self
+    }
+    /// Where the node keeps its state (checkpoint copies).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+    /// Failure-detector settings.
+    pub fn detector(mut self, detector: DetectorConfig) -> Self {
+        self.detector = detector;
+        self
+    }
+    /// Checkpoint copies on other nodes (default: 2 from 5 members on, else 1).
+    pub fn replicas(mut self, r: u32) -> Self {
+        self.replicas = Some(r);
+        self
+    }
+    /// The job this cluster trains (every member is given the same one).
+    pub fn job(mut self, job: JobConfig) -> Self {
+        self.job = Some(job);
+        self
+    }
+    /// Where the coordinator writes `summary.json` and `model.safetensors`.
+    pub fn out(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.out = Some(dir.into());
+        self
+    }
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (port 0 picks one;
+    /// see [`NodeHandle::metrics_addr`]).
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
+    /// Bind and start the node on the caller's tokio runtime. Returns once it
+    /// listens; errors (bad config, certificates, address in use) come back here.
+    pub async fn start(self) -> Result<NodeHandle, Error> {
+        let missing = |f: &str| Error::Field { field: f.into(), reason: "required".into() };
+        let id = self.id.ok_or_else(|| missing("id"))?;
+        let identity = match (self.identity, &self.certs) {
+            (Some(identity), _) => identity,
+            (None, Some(dir)) => NodeIdentity::load(dir, id)
+                .map_err(|e| Error::Field { field: "certs".into(), reason: e.to_string() })?,
+            (None, None) => return Err(missing("certs (or an identity)")),
+        };
+        let config = NodeConfig {
+            id,
+            listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            certs: self.certs.unwrap_or_default(),
+            seeds: self.seeds,
+            nodes: self.nodes,
+            data_dir: self.data_dir,
+            detector: self.detector,
+            job: None,
+            out: self.out,
+            crash_before_rename: None,
+            replicas: self.replicas,
+        };
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let metrics = NodeMetrics::new(id);
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let sink_events = events.clone();
+        let parts = NodeParts {
+            events: Arc::new(move |e| {
+                // No subscriber is fine: nobody listens.
+                let _ = sink_events.send(e);
+            }),
+            metrics: metrics.clone(),
+            identity: Some(identity),
+            job: self.job,
+            bound: Some(bound_tx),
+        };
+        let task = tokio::spawn(run_node_with(config, parts, async move {
+            let _ = stop_rx.await;
+        }));
+        let addr = match bound_rx.await {
+            Ok(addr) => addr,
+            // The node ended before it listened: its error says why.
+            Err(_) => {
+                return Err(match task.await {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => Error::Spawn(format!("node {id} stopped before it listened")),
+                    Err(e) => Error::Spawn(format!("node {id} task failed: {e}")),
+                })
+            }
+        };
+        let metrics_addr = match self.metrics {
+            Some(at) => {
+                let mut stopped = events.subscribe();
+                let until_stopped = async move {
+                    loop {
+                        match stopped.recv().await {
+                            Ok(NodeEvent { kind: NodeEventKind::Stopped, .. })
+                            | Err(broadcast::error::RecvError::Closed) => break,
+                            _ => {}
+                        }
+                    }
+                };
+                Some(crate::metrics::serve(at, metrics.clone(), until_stopped).await?.0)
+            }
+            None => None,
+        };
+        Ok(NodeHandle {
+            inner: Arc::new(Inner {
+                id,
+                addr,
+                metrics_addr,
+                events,
+                metrics,
+                stop: Mutex::new(Some(stop_tx)),
+                task: tokio::sync::Mutex::new(Some(task)),
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: u32,
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    events: broadcast::Sender<NodeEvent>,
+    metrics: Arc<NodeMetrics>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), Error>>>>,
+}
+
+/// A running node; cheap to clone (every clone is the same node).
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+}
+
+impl NodeHandle {
+    /// The node's id.
+    pub fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// The bound UDP address (the real port when started on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Where `/metrics` is served, when asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.inner.metrics_addr
+    }
+
+    /// The node's metrics registry.
+    pub fn metrics(&self) -> Arc<NodeMetrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// Every event from now on. A subscriber that falls more than
+    /// [`EVENT_CAPACITY`] events behind skips the oldest (logged).
+    pub fn events(&self) -> impl Stream<Item = NodeEvent> + Unpin + Send + 'static {
+        let node = self.inner.id;
+        BroadcastStream::new(self.inner.events.subscribe()).filter_map(move |e| match e {
+            Ok(e) => Some(e),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!(node, skipped = n, "an event subscriber fell behind; {n} event(s) skipped");
+                None
+            }
+        })
+    }
+
+    /// Stop gracefully: hosted actors stop (the coordinator, if this node is
+    /// one, stops its job; a successor resumes it from the replicated
+    /// checkpoints), connections close with a shutdown code, and this returns
+    /// once the node has stopped (bounded: connections drain for at most
+    /// 250 ms). Returns the node's error if it had failed. Idempotent.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        if let Some(stop) = self.inner.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let _ = stop.send(());
+        }
+        let task = self.inner.task.lock().await.take();
+        match task {
+            Some(task) => task.await.map_err(|e| Error::Spawn(format!("node {} task failed: {e}", self.inner.id)))?,
+            None => Ok(()),
+        }
+    }
+}
