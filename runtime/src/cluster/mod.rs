@@ -8,6 +8,7 @@ pub mod event;
 pub mod membership;
 pub mod node;
 pub mod placement;
+pub mod registry;
 pub mod replication;
 pub mod resume;
 pub mod runner;

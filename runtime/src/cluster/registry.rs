@@ -1,0 +1,364 @@
+//! The cluster's job registry (sans-IO): accepted jobs, their order and
+//! state, replicated from the coordinator to every member.
+//!
+//! A long-lived cluster runs job after job. Any member takes a submission and
+//! forwards it to the coordinator, which gives it the next id, queues it
+//! (FIFO) and replicates the registry to the members. The submitter is told
+//! "accepted" only once a **majority** holds a registry with the job, so a
+//! coordinator that dies right after cannot lose an accepted job: whoever
+//! takes over holds it (the rules elect a live member, and any two majorities
+//! meet) and goes on with every running and queued job.
+//!
+//! ```text
+//!  submit ──▶ (member) ──forward──▶ coordinator: accept → id, version v ──Registry{v}──▶ members
+//!                                        ▲                                   │
+//!                                        └────────── RegistryAck{v} ◀────────┘
+//!  majority acked v ──▶ Accepted(id) to the submitter;  to_start(): queued jobs while running < max
+//! ```
+//!
+//! Versions are `(epoch, seq)`: a member adopts a registry only if it is
+//! newer than the one it holds, so a deposed coordinator's late update never
+//! overwrites its successor's.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::JobConfig;
+
+/// A job's id in its cluster.
+pub type JobId = u64;
+
+/// Jobs kept in the registry at most; the oldest finished ones are dropped
+/// first, so a cluster that runs jobs for months holds a bounded registry.
+pub const MAX_JOBS_KEPT: usize = 256;
+/// Jobs queued at most; a submission beyond is refused (back-pressure).
+pub const MAX_QUEUED: usize = 64;
+
+/// Where a job stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    /// Accepted, waiting for a free slot.
+    Queued,
+    /// Running (or being resumed by a new coordinator).
+    Running,
+    /// Done.
+    Finished {
+        /// SHA-256 of the final parameters.
+        model_sha256: String,
+        /// Where the summary was written, if anywhere.
+        summary: Option<String>,
+    },
+    /// Failed for good.
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobState {
+    /// Finished, failed or cancelled.
+    pub fn is_over(&self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    /// The state's name, as metrics and the CLI spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Finished { .. } => "finished",
+            JobState::Failed { .. } => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One accepted job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEntry {
+    /// Its id.
+    pub id: JobId,
+    /// What to train.
+    pub spec: JobConfig,
+    /// Where it stands.
+    pub state: JobState,
+}
+
+/// A registry version: the coordinator's epoch, then its update count.
+pub type Version = (u64, u64);
+
+/// The replicated part of a registry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Its version.
+    pub version: Version,
+    /// The next id to give.
+    pub next_id: JobId,
+    /// The jobs, by id (ids grow with acceptance: the FIFO order).
+    pub jobs: BTreeMap<JobId, JobEntry>,
+}
+
+/// Why a submission was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Too many jobs wait already.
+    #[error("the queue is full ({MAX_QUEUED} jobs wait); submit again later")]
+    QueueFull,
+    /// This node does not coordinate (the submission is forwarded instead).
+    #[error("node {me} does not coordinate")]
+    NotCoordinator {
+        /// This node.
+        me: u32,
+    },
+}
+
+/// The registry of one node: the coordinator's working copy, or a member's
+/// replica.
+#[derive(Debug)]
+pub struct Registry {
+    me: u32,
+    snapshot: Snapshot,
+    /// Running jobs at most.
+    max_running: u32,
+    /// Coordinator only: (version, acks) of updates not yet held by a majority.
+    acks: BTreeMap<Version, BTreeSet<u32>>,
+    /// Coordinator only: the newest version a majority holds.
+    durable: Version,
+}
+
+impl Registry {
+    /// An empty registry of node `me`, running at most `max_running` jobs at once.
+    pub fn new(me: u32, max_running: u32) -> Self {
+        Self {
+            me,
+            snapshot: Snapshot::default(),
+            max_running: max_running.max(1),
+            acks: BTreeMap::new(),
+            durable: (0, 0),
+        }
+    }
+
+    /// The registry as it stands.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// A job.
+    pub fn job(&self, id: JobId) -> Option<&JobEntry> {
+        self.snapshot.jobs.get(&id)
+    }
+
+    /// The newest version a majority of `members` holds (coordinator).
+    pub fn durable(&self) -> Version {
+        self.durable
+    }
+
+    /// This node starts coordinating in `epoch`: its updates carry versions of
+    /// that epoch, above everything it holds.
+    pub fn take_over(&mut self, epoch: u64) {
+        if self.snapshot.version.0 < epoch {
+            self.snapshot.version = (epoch, 0);
+        }
+        self.acks.clear();
+        self.durable = self.durable.min(self.snapshot.version);
+    }
+
+    fn bump(&mut self) -> Version {
+        self.snapshot.version.1 += 1;
+        self.acks.insert(self.snapshot.version, [self.me].into_iter().collect());
+        self.snapshot.version
+    }
+
+    /// Accept `spec` (already validated): its id and the version that must
+    /// become durable before the submitter is told.
+    pub fn accept(&mut self, spec: JobConfig) -> Result<(JobId, Version), SubmitError> {
+        let queued = self.snapshot.jobs.values().filter(|j| j.state == JobState::Queued).count();
+        if queued >= MAX_QUEUED {
+            return Err(SubmitError::QueueFull);
+        }
+        let id = self.snapshot.next_id.max(self.snapshot.jobs.keys().next_back().map_or(0, |k| k + 1)).max(1);
+        self.snapshot.next_id = id + 1;
+        self.snapshot.jobs.insert(id, JobEntry { id, spec, state: JobState::Queued });
+        self.forget_old();
+        Ok((id, self.bump()))
+    }
+
+    /// Set a job's state (coordinator); returns the new version, or none if
+    /// the job is unknown or already over.
+    pub fn set_state(&mut self, id: JobId, state: JobState) -> Option<Version> {
+        let entry = self.snapshot.jobs.get_mut(&id)?;
+        if entry.state.is_over() || entry.state == state {
+            return None;
+        }
+        entry.state = state;
+        Some(self.bump())
+    }
+
+    /// Jobs to start now: queued ones, oldest first, while fewer than
+    /// `max_running` run. They are marked running (a new version).
+    pub fn to_start(&mut self) -> Vec<JobId> {
+        let running = self.running().len() as u32;
+        let free = self.max_running.saturating_sub(running) as usize;
+        let start: Vec<JobId> =
+            self.snapshot.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.id).take(free).collect();
+        for id in &start {
+            if let Some(j) = self.snapshot.jobs.get_mut(id) {
+                j.state = JobState::Running;
+            }
+        }
+        if !start.is_empty() {
+            self.bump();
+        }
+        start
+    }
+
+    /// Jobs marked running.
+    pub fn running(&self) -> Vec<JobId> {
+        self.snapshot.jobs.values().filter(|j| j.state == JobState::Running).map(|j| j.id).collect()
+    }
+
+    /// Member `from` holds version `v` (coordinator). Returns the newly durable
+    /// version when a majority of the `configured` members holds it.
+    pub fn on_ack(&mut self, from: u32, v: Version, configured: u32) -> Option<Version> {
+        let majority = configured as usize / 2 + 1;
+        let mut newly = None;
+        for (version, acks) in self.acks.range_mut(..=v) {
+            acks.insert(from);
+            if acks.len() >= majority && *version > self.durable {
+                newly = Some(*version);
+            }
+        }
+        if let Some(v) = newly {
+            self.durable = v;
+            self.acks.retain(|version, _| *version > v);
+        }
+        newly
+    }
+
+    /// A member's copy: adopt `snapshot` if newer than the one held. Returns
+    /// whether it was adopted.
+    pub fn adopt(&mut self, snapshot: Snapshot) -> bool {
+        if snapshot.version <= self.snapshot.version {
+            return false;
+        }
+        self.snapshot = snapshot;
+        true
+    }
+
+    /// Keep at most [`MAX_JOBS_KEPT`] jobs: drop the oldest that are over.
+    fn forget_old(&mut self) {
+        while self.snapshot.jobs.len() > MAX_JOBS_KEPT {
+            let Some(old) = self.snapshot.jobs.values().find(|j| j.state.is_over()).map(|j| j.id) else { break };
+            self.snapshot.jobs.remove(&old);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(seed: u64) -> JobConfig {
+        JobConfig { seed, ..JobConfig::default() }
+    }
+
+    #[test]
+    fn jobs_queue_fifo_and_start_while_a_slot_is_free() {
+        let mut r = Registry::new(0, 1);
+        r.take_over(1);
+        let (a, _) = r.accept(spec(1)).unwrap();
+        let (b, _) = r.accept(spec(2)).unwrap();
+        assert!(b > a);
+        assert_eq!(r.to_start(), vec![a]);
+        assert_eq!(r.to_start(), Vec::<JobId>::new(), "one slot");
+        r.set_state(a, JobState::Finished { model_sha256: "x".into(), summary: None });
+        assert_eq!(r.to_start(), vec![b]);
+        assert_eq!(r.running(), vec![b]);
+    }
+
+    #[test]
+    fn an_accept_is_durable_once_a_majority_holds_it() {
+        let mut r = Registry::new(0, 1);
+        r.take_over(3);
+        let (_, v) = r.accept(spec(1)).unwrap();
+        assert!(r.durable() < v);
+        // Five members: the coordinator and two more make a majority.
+        assert_eq!(r.on_ack(1, v, 5), None);
+        assert_eq!(r.on_ack(4, v, 5), Some(v));
+        assert_eq!(r.durable(), v);
+        // A later ack of an older version changes nothing.
+        assert_eq!(r.on_ack(2, (3, 0), 5), None);
+    }
+
+    #[test]
+    fn an_ack_of_a_newer_version_covers_the_older_ones() {
+        let mut r = Registry::new(0, 2);
+        r.take_over(1);
+        let (_, v1) = r.accept(spec(1)).unwrap();
+        let (_, v2) = r.accept(spec(2)).unwrap();
+        assert_eq!(r.on_ack(1, v2, 3), Some(v2));
+        assert!(r.durable() >= v1);
+    }
+
+    #[test]
+    fn a_member_adopts_only_newer_registries_so_a_deposed_coordinator_cannot_overwrite() {
+        let mut old = Registry::new(0, 1);
+        old.take_over(1);
+        old.accept(spec(1)).unwrap();
+        let mut new = Registry::new(1, 1);
+        assert!(new.adopt(old.snapshot().clone()));
+        new.take_over(2);
+        let (b, _) = new.accept(spec(2)).unwrap();
+        // The deposed coordinator accepts more in its old epoch; a member holding
+        // the new registry ignores it.
+        old.accept(spec(3)).unwrap();
+        let mut member = Registry::new(2, 1);
+        assert!(member.adopt(new.snapshot().clone()));
+        assert!(!member.adopt(old.snapshot().clone()));
+        assert!(member.job(b).is_some());
+        assert_eq!(member.snapshot().jobs.len(), 2);
+    }
+
+    #[test]
+    fn a_successor_keeps_numbering_after_the_jobs_it_holds() {
+        let mut old = Registry::new(0, 1);
+        old.take_over(1);
+        let (a, _) = old.accept(spec(1)).unwrap();
+        let mut new = Registry::new(1, 1);
+        new.adopt(old.snapshot().clone());
+        new.take_over(2);
+        let (b, _) = new.accept(spec(2)).unwrap();
+        assert!(b > a);
+        assert_eq!(new.to_start(), vec![a], "the queued job accepted by the predecessor starts first");
+    }
+
+    #[test]
+    fn the_queue_and_the_registry_are_bounded() {
+        let mut r = Registry::new(0, 1);
+        r.take_over(1);
+        for i in 0..MAX_QUEUED {
+            r.accept(spec(i as u64)).unwrap();
+        }
+        assert_eq!(r.accept(spec(0)), Err(SubmitError::QueueFull));
+        for _ in 0..(MAX_JOBS_KEPT * 2) {
+            let id = r.to_start()[0];
+            r.set_state(id, JobState::Cancelled);
+            r.accept(spec(1)).unwrap();
+        }
+        assert!(r.snapshot().jobs.len() <= MAX_JOBS_KEPT);
+    }
+
+    #[test]
+    fn a_job_that_is_over_stays_over() {
+        let mut r = Registry::new(0, 1);
+        r.take_over(1);
+        let (a, _) = r.accept(spec(1)).unwrap();
+        assert!(r.set_state(a, JobState::Cancelled).is_some());
+        assert!(r.set_state(a, JobState::Running).is_none());
+        assert_eq!(r.job(a).unwrap().state, JobState::Cancelled);
+    }
+}
