@@ -2,6 +2,10 @@
 //! chaos runs. Generates certificates in a temp dir, starts the nodes with
 //! the job, streams progress, injects faults on a schedule, waits for the job
 //! and adds the faults (with detection and recovery times) to `summary.json`.
+//! Every node event, and every fault injected (`injected`), goes to
+//! `OUT/events.jsonl`; the nodes report steps at a bounded rate, plus each
+//! step at which a fault is due (`phalanx node --report-steps`), so faults
+//! fire at their exact step. Every step is in `OUT/history.csv`.
 //!
 //! Faults, each when the job reaches a step:
 //!
@@ -308,6 +312,9 @@ struct LocalCluster {
     mounts: Vec<PathBuf>,
     /// Nodes started with `--crash-before-rename STEP` at their first start.
     crash_before_rename: BTreeMap<u32, u64>,
+    /// Steps at which a fault is due: the coordinator reports each of them
+    /// as a `step` event (it reports others at a bounded rate).
+    report_steps: Vec<u64>,
 }
 
 impl LocalCluster {
@@ -346,6 +353,10 @@ impl LocalCluster {
             .arg(&self.out)
             .arg("--data-dir")
             .arg(self.data_dir(id));
+        if !self.report_steps.is_empty() {
+            let steps: Vec<String> = self.report_steps.iter().map(u64::to_string).collect();
+            command.args(["--report-steps", &steps.join(",")]);
+        }
         // Only the first start crashes: the restarted node is the one that must cope.
         if let Some(step) = self.crash_before_rename.remove(&id) {
             command.args(["--crash-before-rename", &step.to_string()]);
@@ -562,8 +573,10 @@ enum Undo {
 }
 
 /// Run `config` on `nodes` local node processes with `faults`; returns the
-/// summary (with `node_faults` added). `on_step` sees (step, total, loss).
-/// The nodes run this same executable (`phalanx node`).
+/// summary (with `node_faults` added). `on_step` sees (step, total, loss) of
+/// every `step` event: the steps at which faults are due, and the others at
+/// a bounded rate (every step is in `OUT/history.csv`). The nodes run this
+/// same executable (`phalanx node`).
 pub fn run_local(
     config: &JobConfig,
     nodes: u32,
@@ -606,8 +619,27 @@ pub fn run_local_with(
     exe: &Path,
     config: &JobConfig,
     nodes: u32,
-    mut faults: Vec<NodeFault>,
+    faults: Vec<NodeFault>,
     mut on_step: impl FnMut(u64, u64, f64),
+) -> Result<Value, Error> {
+    run_local_watching(exe, config, nodes, faults, |event| {
+        if event["event"] == "step" {
+            let step = event["step"].as_u64().unwrap_or(0);
+            let total = event["total_steps"].as_u64().unwrap_or(0);
+            on_step(step, total, event["loss"].as_f64().unwrap_or(f64::NAN));
+        }
+    })
+}
+
+/// [`run_local_with`] showing `on_event` every node event as it arrives
+/// (each node's `listening` event carries its process id), before the
+/// harness acts on it.
+pub fn run_local_watching(
+    exe: &Path,
+    config: &JobConfig,
+    nodes: u32,
+    mut faults: Vec<NodeFault>,
+    mut on_event: impl FnMut(&Value),
 ) -> Result<Value, Error> {
     if nodes == 0 {
         return Err(Error::Field { field: "nodes".into(), reason: "must be at least 1".into() });
@@ -626,6 +658,8 @@ pub fn run_local_with(
     let job_path = dir.path().join("job.toml");
     std::fs::write(&job_path, text).map_err(|source| Error::Io { path: job_path, source })?;
     let _ = std::fs::remove_file(out.join("summary.json"));
+    // The coordinators append to the history; this run starts it.
+    let _ = std::fs::remove_file(out.join(crate::output::HISTORY_FILE));
     let (ports, held) = reserve_ports(nodes as usize)?;
     let relay = if faults.iter().any(|f| matches!(f, NodeFault::Partition { .. } | NodeFault::Degrade { .. })) {
         let addrs = ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect();
@@ -652,6 +686,11 @@ pub fn run_local_with(
                 _ => None,
             })
             .collect(),
+        report_steps: {
+            let mut steps: Vec<u64> = faults.iter().map(NodeFault::trigger).collect();
+            steps.dedup();
+            steps
+        },
     };
     let mut full: Vec<u32> = faults
         .iter()
@@ -716,12 +755,11 @@ pub fn run_local_with(
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Spawn("every node exited".into())),
         };
         let _ = writeln!(events_log, "{event}");
+        on_event(&event);
         match event["event"].as_str() {
             Some("step") => {
                 let step = event["step"].as_u64().unwrap_or(0);
                 progress = (Instant::now(), Some(step));
-                let total = event["total_steps"].as_u64().unwrap_or(0);
-                on_step(step, total, event["loss"].as_f64().unwrap_or(f64::NAN));
                 // Training resumed: the first step applied after the node was declared down.
                 let t = event["t_ms"].as_u64().unwrap_or(0);
                 for (r, at, down) in reports.iter_mut() {
@@ -771,6 +809,12 @@ pub fn run_local_with(
                     }
                     let (kind, arg) = f.to_flag();
                     eprintln!("injected: --{kind} {arg} at step {step}");
+                    // The harness's own state change, beside the nodes' in the event log.
+                    let injected = serde_json::json!({
+                        "event": "injected", "kind": kind, "fault": format!("--{kind} {arg}"),
+                        "nodes": f.nodes(), "step": step, "t_ms": at,
+                    });
+                    let _ = writeln!(events_log, "{injected}");
                     let node = f.nodes().first().copied();
                     let report = NodeFaultReport {
                         kind: kind.into(),

@@ -122,6 +122,9 @@ struct NodeArgs {
     /// Fault injection (chaos tests): abort after writing the checkpoint of STEP to its temporary file, before the rename.
     #[arg(long, value_name = "STEP")]
     crash_before_rename: Option<u64>,
+    /// Steps that always get a `step` event on the coordinator (others come at a bounded rate). Comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "STEP,...")]
+    report_steps: Vec<u64>,
 }
 
 impl NodeArgs {
@@ -146,6 +149,7 @@ impl NodeArgs {
                     job: None,
                     out: None,
                     crash_before_rename: None,
+                    report_steps: Vec::new(),
                 }
             }
         };
@@ -175,6 +179,9 @@ impl NodeArgs {
         }
         if self.crash_before_rename.is_some() {
             c.crash_before_rename = self.crash_before_rename;
+        }
+        if !self.report_steps.is_empty() {
+            c.report_steps = self.report_steps;
         }
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;
@@ -409,13 +416,20 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(ls) = m.least_squares_r2 {
         println!("      closed-form least squares on the same split: r2 = {ls:.4}");
     }
-    let exact = summary.samples_applied.iter().all(|e| e.exactly_once);
+    let applied = &summary.samples_applied;
     println!(
-        "exactly-once: {} ({} epochs, {} samples each)",
-        if exact { "yes" } else { "NO" },
+        "exactly-once: {} ({} of {} epochs, {} samples each)",
+        if applied.exactly_once { "yes" } else { "NO" },
+        applied.exactly_once_epochs,
         summary.epochs,
         summary.partition_sizes.iter().sum::<u64>()
     );
+    if let Some(e) = &applied.first_failing {
+        println!(
+            "first epoch not applied exactly once: {} (per partition {:?}, sizes {:?}); {} samples lost, {} duplicated",
+            e.epoch, e.per_partition, summary.partition_sizes, applied.lost, applied.duplicated
+        );
+    }
     for f in &summary.faults {
         println!(
             "fault: {} at step {}: {} — recovered in {} ms{}",
@@ -427,7 +441,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     println!("model_sha256 {}", summary.model_sha256);
-    println!("wrote {}/model.safetensors and {}/summary.json", out.display(), out.display());
+    println!("wrote {0}/model.safetensors, {0}/summary.json and {0}/history.csv", out.display());
     Ok(())
 }
 
@@ -476,8 +490,11 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         m["value"].as_f64().unwrap_or(f64::NAN),
         summary["coordinator"]
     );
-    let exact = summary["samples_applied"].as_array().is_some_and(|e| e.iter().all(|e| e["exactly_once"] == true));
-    println!("exactly-once: {}", if exact { "yes" } else { "NO" });
+    let applied = &summary["samples_applied"];
+    println!("exactly-once: {}", if applied["exactly_once"] == true { "yes" } else { "NO" });
+    if let Some(e) = applied["first_failing"].as_object() {
+        println!("first epoch not applied exactly once: {} (per partition {})", e["epoch"], e["per_partition"]);
+    }
     for f in summary["node_faults"].as_array().into_iter().flatten() {
         let node = f["node"].as_u64().map(|n| format!(" node {n}")).unwrap_or_default();
         let ms = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |ms| format!("{ms} ms"));

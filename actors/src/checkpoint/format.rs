@@ -321,8 +321,9 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, Check
         serde_json::from_str(field(key::LEDGER)?).map_err(|e| corrupt(format!("ledger is not valid JSON: {e}")))?;
     // Files written before finished epochs were folded have no `ledger_closed`.
     let closed: ClosedEpochs = match meta.get(key::LEDGER_CLOSED) {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| corrupt(format!("ledger_closed is not valid ledger JSON: {e}")))?,
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| corrupt(format!("ledger_closed is not valid ledger JSON: {e}")))?
+        }
         None => ClosedEpochs::default(),
     };
     let ledger = Ledger { open, closed };

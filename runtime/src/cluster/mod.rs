@@ -8,4 +8,5 @@ pub mod membership;
 pub mod node;
 pub mod placement;
 pub mod runner;
+pub mod step_events;
 pub mod wire;

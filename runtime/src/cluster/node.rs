@@ -7,11 +7,14 @@
 //!                        └──────── frames (NodeMsg) ◀────┘──▶ stdout: one JSON event per line
 //! ```
 //!
-//! The node prints one JSON object per line on stdout (`listening`,
-//! `peer_up`, `peer_down`, `down`, `view`, `quorum_lost`, `stopped`), each with
-//! `node` and `t_ms` (milliseconds since the Unix epoch, so a driver can
-//! measure detection time against the moment it killed a process), and logs
-//! for people on stderr.
+//! The node prints one JSON object per line on stdout (`listening` with the
+//! process id, `peer_up`, `peer_down`, `down`, `view`, `quorum_lost`,
+//! `stopped`; with a job `coordinating`, `spawn`, `step`, `job_done`,
+//! `job_failed`), each with `node` and `t_ms` (milliseconds since the Unix
+//! epoch, so a driver can measure detection time against the moment it
+//! killed a process), and logs for people on stderr. State changes are all
+//! printed; `step` events come at a bounded rate (see [`super::step_events`])
+//! while the coordinator appends every step to `OUT/history.csv`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,7 +28,7 @@ use serde_json::json;
 
 use std::sync::Arc;
 
-use phalanx_actors::actor::{spawn_job_at, JobContext};
+use phalanx_actors::actor::{spawn_job_recording, JobContext};
 use phalanx_actors::checkpoint::CheckpointStore;
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
 use ractor::{Actor, ActorRef};
@@ -34,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use super::membership::{DetectorConfig, Membership, MembershipCommand};
 use super::placement::Placement;
 use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing};
+use super::step_events::StepEvents;
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
@@ -75,6 +79,11 @@ pub struct NodeConfig {
     /// checkpoint of this step to its temporary file, before the rename.
     #[serde(default)]
     pub crash_before_rename: Option<u64>,
+    /// Steps that always get a `step` event when this node coordinates (a
+    /// harness injecting faults at those steps); other steps are reported at
+    /// a bounded rate (see [`super::step_events`]).
+    #[serde(default)]
+    pub report_steps: Vec<u64>,
 }
 
 impl NodeConfig {
@@ -131,6 +140,8 @@ struct NodeJob {
     out: Option<PathBuf>,
     /// Fault injection: see [`NodeConfig::crash_before_rename`].
     crash_before_rename: Option<u64>,
+    /// See [`NodeConfig::report_steps`].
+    report_steps: Vec<u64>,
     members: Vec<u32>,
     coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
     done: bool,
@@ -173,6 +184,7 @@ impl NodeJob {
             checkpoints,
             out: config.out.clone(),
             crash_before_rename: config.crash_before_rename,
+            report_steps: config.report_steps.clone(),
             members: (0..config.members()).collect(),
             coordinator: None,
             done: false,
@@ -238,11 +250,13 @@ impl NodeJob {
         let checkpoints = self.checkpoints.clone();
         let out = self.out.clone();
         let crash = self.crash_before_rename;
+        let report_steps = self.report_steps.clone();
         let task = tokio::spawn(async move {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
                     let store = store.with_crash_before_rename(crash);
-                    coordinate(prepared, routing, names, members, store, out, epoch).await
+                    let outputs = Outputs { out, report_steps };
+                    coordinate(prepared, routing, names, members, store, outputs, epoch).await
                 }
                 Err(e) => Err(e.into()),
             };
@@ -329,6 +343,14 @@ fn first_generation(epoch: u64, me: u32) -> u64 {
     (epoch << 32) | (u64::from(me & 0xfff) << 20)
 }
 
+/// What the coordinator writes and reports besides the job itself.
+struct Outputs {
+    /// Where summary.json, history.csv and model.safetensors go.
+    out: Option<PathBuf>,
+    /// Steps that always get a `step` event.
+    report_steps: Vec<u64>,
+}
+
 /// Run the job's supervisor on this node (the coordinator) until the job ends.
 async fn coordinate(
     prepared: Arc<PreparedJob>,
@@ -336,26 +358,47 @@ async fn coordinate(
     names: LocalNet,
     members: Vec<u32>,
     store: CheckpointStore,
-    out: Option<PathBuf>,
+    outputs: Outputs,
     epoch: u64,
 ) -> Result<(), Error> {
     let me = routing.me;
+    let out = outputs.out;
     let restore = store.newest_complete(&prepared.config_hash, prepared.model.num_params())?;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
     tracing::info!(node = me, epoch, ?restore, "coordinating the job");
     emit(me, "coordinating", json!({ "epoch": epoch, "restore": restore }));
+    // A coordinator taking over from a checkpoint continues its predecessor's history.
+    let mut history = match &out {
+        Some(dir) => {
+            Some(crate::output::HistoryWriter::open(&dir.join(crate::output::HISTORY_FILE), restore.is_some())?)
+        }
+        None => None,
+    };
+    let total_steps = prepared.schedule.total_steps();
+    let mut step_events = StepEvents::new(outputs.report_steps, total_steps);
     let started = Instant::now();
     // Generations of this supervisor start above any a predecessor issued.
-    let handle =
-        spawn_job_at(ctx, restore, first_generation(epoch, me)).await.map_err(|e| Error::Spawn(e.to_string()))?;
-    let outcome = crate::job::await_job(handle, |p| {
-        emit(me, "step", json!({ "step": p.step, "total_steps": p.total_steps, "loss": p.loss }));
-    })
+    let handle = spawn_job_recording(ctx, restore, first_generation(epoch, me))
+        .await
+        .map_err(|e| Error::Spawn(e.to_string()))?;
+    let outcome = crate::job::await_job(
+        handle,
+        |_| {},
+        |r| {
+            if let Some(h) = history.as_mut() {
+                h.record(r);
+            }
+            if step_events.due(r.step, r.at) {
+                emit(me, "step", json!({ "step": r.step, "total_steps": total_steps, "loss": r.loss }));
+            }
+        },
+    )
     .await?;
     let evaluation = prepared.evaluate(&outcome.params)?;
-    let report = crate::TrainReport { outcome, evaluation, duration: started.elapsed() };
+    let history = history.map(|h| h.path().to_path_buf());
+    let report = crate::TrainReport { outcome, evaluation, duration: started.elapsed(), history };
     let model_sha256 = crate::params_sha256(&report.outcome.params);
     let summary = match &out {
         Some(dir) => {
@@ -388,7 +431,7 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
     let addr = transport.local_addr();
     tracing::info!(node = me, %addr, "listening");
     eprintln!("node {me} listening on {addr}");
-    emit(me, "listening", json!({ "addr": addr.to_string() }));
+    emit(me, "listening", json!({ "addr": addr.to_string(), "pid": std::process::id() }));
 
     let mut membership = Membership::new(me, 0..config.members(), config.detector);
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
