@@ -510,6 +510,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
             None => println!(),
         }
     }
+    let listed = summary["checkpoint_failures"].as_array().map_or(0, Vec::len) as u64;
     for c in summary["checkpoint_failures"].as_array().into_iter().flatten() {
         println!(
             "checkpoint not saved: range {} step {}: {}",
@@ -517,6 +518,11 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
             c["step"],
             c["reason"].as_str().unwrap_or("")
         );
+    }
+    if let Some(more) = summary["checkpoint_failures_total"].as_u64().and_then(|t| t.checked_sub(listed)) {
+        if more > 0 {
+            println!("... and {more} more checkpoints not saved");
+        }
     }
     println!("model_sha256 {}", summary["model_sha256"].as_str().unwrap_or(""));
     Ok(())
