@@ -378,6 +378,9 @@ async fn coordinate(
     };
     let total_steps = prepared.schedule.total_steps();
     let mut step_events = StepEvents::new(outputs.report_steps, total_steps);
+    // A new view (a node lost or back) or placement: report the next step when it comes.
+    let mut routes = routing.routes.clone();
+    routes.mark_unchanged();
     let started = Instant::now();
     // Generations of this supervisor start above any a predecessor issued.
     let handle = spawn_job_recording(ctx, restore, first_generation(epoch, me))
@@ -389,6 +392,10 @@ async fn coordinate(
         |r| {
             if let Some(h) = history.as_mut() {
                 h.record(r);
+            }
+            if routes.has_changed().unwrap_or(false) {
+                routes.mark_unchanged();
+                step_events.report_next();
             }
             if step_events.due(r.step, r.at) {
                 emit(me, "step", json!({ "step": r.step, "total_steps": total_steps, "loss": r.loss }));

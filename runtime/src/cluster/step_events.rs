@@ -8,12 +8,13 @@
 //! - it is one of the steps named in `report_steps` (a harness that injects a
 //!   fault at a step must see that exact step);
 //! - [`STEP_EVENT_INTERVAL`] passed since the last report (steady progress);
-//! - training resumes after a stall of [`STALL_GAP`] or more (so the moment a
-//!   job recovers from a fault is reported when it happens, not up to an
-//!   interval later).
+//! - training resumes after a stall of [`STALL_GAP`] or more, or it is the
+//!   first step after the view changed ([`StepEvents::report_next`]): the
+//!   moment a job recovers from a fault is reported when it happens, not up
+//!   to an interval later.
 //!
-//! So at most `1 / STEP_EVENT_INTERVAL + 1 / STALL_GAP` events per second
-//! plus the named steps, whatever the step rate.
+//! So at most `1 / STEP_EVENT_INTERVAL + 1 / STALL_GAP` events per second,
+//! plus the named steps and one per view change, whatever the step rate.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -30,12 +31,24 @@ pub struct StepEvents {
     total_steps: u64,
     last_report: Option<Instant>,
     last_step: Option<Instant>,
+    next: bool,
 }
 
 impl StepEvents {
     /// A filter for a job of `total_steps` that always reports `report_steps`.
     pub fn new(report_steps: impl IntoIterator<Item = u64>, total_steps: u64) -> Self {
-        Self { report: report_steps.into_iter().collect(), total_steps, last_report: None, last_step: None }
+        Self {
+            report: report_steps.into_iter().collect(),
+            total_steps,
+            last_report: None,
+            last_step: None,
+            next: false,
+        }
+    }
+
+    /// Report the next step whatever the rate (the view changed).
+    pub fn report_next(&mut self) {
+        self.next = true;
     }
 
     /// Is the step that produced version `step`, applied at `now`, reported?
@@ -46,11 +59,16 @@ impl StepEvents {
         let due = match since(self.last_report) {
             None => true,
             Some(quiet) => {
-                quiet >= STEP_EVENT_INTERVAL || stalled || step >= self.total_steps || self.report.contains(&step)
+                quiet >= STEP_EVENT_INTERVAL
+                    || stalled
+                    || self.next
+                    || step >= self.total_steps
+                    || self.report.contains(&step)
             }
         };
         if due {
             self.last_report = Some(now);
+            self.next = false;
         }
         due
     }
@@ -95,5 +113,9 @@ mod tests {
         assert!(e.due(3, t0 + Duration::from_millis(61)));
         assert!(!e.due(4, t0 + Duration::from_millis(62)));
         assert!(!e.due(5, t0 + Duration::from_millis(100)));
+        // The view changed: the next step is reported, the one after is not.
+        e.report_next();
+        assert!(e.due(6, t0 + Duration::from_millis(101)));
+        assert!(!e.due(7, t0 + Duration::from_millis(102)));
     }
 }
