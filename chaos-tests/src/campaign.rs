@@ -36,12 +36,12 @@ pub fn sim_campaign(seeds: std::ops::Range<u64>, out: &Path) -> std::io::Result<
         match &outcome.result {
             Some(Ok((params, ledger))) => {
                 report.identical &= phalanx::params_sha256(params) == sim.expected.model_sha256;
-                for applied in ledger.values() {
-                    for (got, want) in applied.iter().zip(&sim.expected.partition_sizes) {
-                        lost += want.saturating_sub(*got);
-                        duplicated += got.saturating_sub(*want);
-                    }
-                }
+                let applied = phalanx::output::SamplesApplied::new(
+                    ledger,
+                    &sim.expected.partition_sizes,
+                    u64::from(sim.expected.epochs),
+                );
+                (lost, duplicated) = (applied.lost, applied.duplicated);
                 slowdowns.push(outcome.stats.finished_at_ms as f64 / baselines[k] as f64);
             }
             _ => report.identical = false,

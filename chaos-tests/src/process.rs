@@ -160,10 +160,11 @@ pub struct ScenarioRun {
     pub name: String,
     /// The cluster's summary (with `node_faults`), or why there is none.
     pub summary: Result<Value, String>,
-    /// Wall time of the training: first step event to the last (node start-up,
+    /// Wall time of the training: first step applied to the last (node start-up,
     /// certificates and the first view are left out: they are noise, not faults).
     pub duration: Duration,
-    /// Every step event: step, loss, seconds since start.
+    /// Every step applied, from the run's `history.csv` (recomputed steps
+    /// again): step, loss, seconds since the first.
     pub trace: Vec<(u64, f64, f64)>,
     /// Invariant violations and faults that did not take effect.
     pub violations: Vec<String>,
@@ -176,15 +177,15 @@ impl ScenarioRun {
     }
 
     /// Steps applied again after going back (rollbacks and takeovers): the
-    /// sum of every backward jump of the step events.
+    /// sum of every backward jump of the history.
     pub fn steps_replayed(&self) -> u64 {
         self.trace.windows(2).map(|w| w[0].0.saturating_sub(w[1].0)).sum()
     }
 
     /// The trace as plot points: loss and steps per second over the last
-    /// few step events.
+    /// few steps.
     pub fn points(&self) -> Vec<RunPoint> {
-        const WINDOW: usize = 20;
+        const WINDOW: usize = 50;
         self.trace
             .iter()
             .enumerate()
@@ -222,14 +223,15 @@ impl ScenarioRun {
 pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expected: &Expected) -> ScenarioRun {
     let config = JobConfig { out: Some(work.to_path_buf()), ..scenario.job() };
     let started = Instant::now();
-    let mut trace = Vec::new();
     let summary = scenario.node_faults().and_then(|faults| {
         let options = LocalOptions { nodes: scenario.nodes, replicas: scenario.replicas };
-        run_local_with_options(exe, &config, &options, faults, |step, _, loss| {
-            trace.push((step, loss, started.elapsed().as_secs_f64()))
-        })
-        .map_err(|e| e.to_string())
+        run_local_with_options(exe, &config, &options, faults, |_, _, _| {}).map_err(|e| e.to_string())
     });
+    // Every step the coordinators applied, in order (a failed run may have none).
+    let rows = phalanx::output::read_history(&work.join(phalanx::output::HISTORY_FILE)).unwrap_or_default();
+    let t0 = rows.first().map_or(0, |r| r.t_ms);
+    let trace: Vec<(u64, f64, f64)> =
+        rows.iter().map(|r| (r.step, r.loss, r.t_ms.saturating_sub(t0) as f64 / 1000.0)).collect();
     let duration = match (trace.first(), trace.last()) {
         (Some(first), Some(last)) => Duration::from_secs_f64(last.2 - first.2),
         _ => started.elapsed(),
@@ -362,13 +364,10 @@ pub fn process_campaign_of(
         let injected = run.injected(s);
         let (mut detection, mut recovery) = (Vec::new(), Vec::new());
         if let Ok(summary) = &run.summary {
-            for e in summary["samples_applied"].as_array().into_iter().flatten() {
-                let per = e["per_partition"].as_array().into_iter().flatten().filter_map(|v| v.as_u64());
-                for (got, want) in per.zip(&expected.partition_sizes) {
-                    report.samples_lost += want.saturating_sub(got);
-                    report.samples_duplicated += got.saturating_sub(*want);
-                }
-            }
+            // Folded over the epochs by the aggregators (see `SamplesApplied`).
+            let applied = &summary["samples_applied"];
+            report.samples_lost += applied["lost"].as_u64().unwrap_or(0);
+            report.samples_duplicated += applied["duplicated"].as_u64().unwrap_or(0);
             for f in summary["node_faults"].as_array().into_iter().flatten() {
                 detection.extend(f["detection_ms"].as_u64());
                 recovery.extend(f["recovery_ms"].as_u64());

@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         let (job, report) = phalanx::train(config, |_| {}).await?;
         let sha = phalanx::params_sha256(&report.outcome.params);
         let faults = report.outcome.faults.len();
-        let exact = phalanx::Summary::new(&job, &report).samples_applied.iter().all(|e| e.exactly_once);
+        let exact = phalanx::Summary::new(&job, &report).samples_applied.exactly_once;
         println!(
             "{name:<40} {} {} (faults {faults}, held-out accuracy {:.3}, exactly-once: {exact})",
             &sha[..16],

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use phalanx_actors::actor::{spawn_job, JobContext, JobHandle, JobOutcome};
+use phalanx_actors::actor::{spawn_job_recording, JobContext, JobHandle, JobOutcome, StepRecord};
 use phalanx_actors::checkpoint::CheckpointStore;
 use phalanx_actors::data::{self, OwnedTargets, Partitions, Prepared, Table, TaskKind};
 use phalanx_actors::faults::FaultPlan;
@@ -192,7 +192,8 @@ impl PreparedJob {
     }
 
     /// Start the job's actors, checkpointing into `checkpoint_dir`; with
-    /// `resume`, continue from the newest complete checkpoint there.
+    /// `resume`, continue from the newest complete checkpoint there. The
+    /// handle streams every applied step on [`JobHandle::steps`].
     pub async fn spawn(&self, checkpoint_dir: &Path, resume: bool) -> Result<JobHandle, Error> {
         static RUNS: AtomicU64 = AtomicU64::new(0);
         let run = RUNS.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +207,7 @@ impl PreparedJob {
         };
         let names = LocalNet::new(format!("phalanx-{job:x}"), self.config.trainers);
         let ctx = self.context(job, store, names.clone(), Arc::new(names), None);
-        spawn_job(ctx, restore).await.map_err(|e| Error::Spawn(e.to_string()))
+        spawn_job_recording(ctx, restore, 0).await.map_err(|e| Error::Spawn(e.to_string()))
     }
 
     /// Train with a plain loop — no actors, no messages — computing exactly
@@ -326,40 +327,90 @@ pub struct TrainReport {
     pub evaluation: Evaluation,
     /// Wall time of the run.
     pub duration: std::time::Duration,
+    /// The per-step history written while it ran (`history.csv`), if any.
+    pub history: Option<std::path::PathBuf>,
 }
 
 /// Wait for a running job's outcome, reporting progress to `on_progress`
-/// whenever a step is applied.
+/// (the latest state, at most once per applied step) and every applied step,
+/// in order, to `on_step` (when the job streams them, see [`JobHandle::steps`]).
 pub async fn await_job(
-    handle: JobHandle,
+    mut handle: JobHandle,
     mut on_progress: impl FnMut(&phalanx_actors::actor::Progress),
+    mut on_step: impl FnMut(&StepRecord),
 ) -> Result<JobOutcome, Error> {
+    let mut steps = handle.steps.take();
     let mut progress = handle.progress.clone();
     let finish = handle.finish();
     tokio::pin!(finish);
     Ok(loop {
         tokio::select! {
-            r = &mut finish => break r?,
+            // Steps first: the supervisor waits while too many are unread.
+            biased;
+            Some(record) = next_step(&mut steps) => on_step(&record),
+            r = &mut finish => {
+                // The supervisor sent every step before its outcome.
+                if let Some(rx) = steps.as_mut() {
+                    while let Ok(record) = rx.try_recv() {
+                        on_step(&record);
+                    }
+                }
+                break r?;
+            }
             changed = progress.changed() => match changed {
                 Ok(()) => on_progress(&progress.borrow_and_update()),
                 // The supervisor is gone; its outcome is already on the way.
-                Err(_) => break (&mut finish).await?,
+                Err(_) => {
+                    let r = (&mut finish).await;
+                    if let Some(rx) = steps.as_mut() {
+                        while let Ok(record) = rx.try_recv() {
+                            on_step(&record);
+                        }
+                    }
+                    break r?;
+                }
             },
         }
     })
 }
 
+/// The next step record, or never when there is no stream (or it ended).
+async fn next_step(steps: &mut Option<tokio::sync::mpsc::Receiver<StepRecord>>) -> Option<StepRecord> {
+    match steps {
+        Some(rx) => match rx.recv().await {
+            Some(record) => Some(record),
+            None => {
+                *steps = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Run a prepared job to the end on actors in this process, reporting
-/// progress to `on_progress` whenever a step is applied.
+/// progress to `on_progress` whenever a step is applied. With `config.out`
+/// set, every applied step is written to `OUT/history.csv` as it happens
+/// (continued on `resume`, started afresh otherwise).
 pub async fn run(
     job: &PreparedJob,
     checkpoint_dir: &Path,
     resume: bool,
     mut on_progress: impl FnMut(&phalanx_actors::actor::Progress),
 ) -> Result<TrainReport, Error> {
+    let mut history = match &job.config.out {
+        Some(out) => Some(crate::output::HistoryWriter::open(&out.join(crate::output::HISTORY_FILE), resume)?),
+        None => None,
+    };
     let started = Instant::now();
     let handle = job.spawn(checkpoint_dir, resume).await?;
-    let outcome = await_job(handle, &mut on_progress).await?;
+    let outcome = await_job(handle, &mut on_progress, |record| {
+        if let Some(h) = history.as_mut() {
+            h.record(record);
+        }
+    })
+    .await?;
     let evaluation = job.evaluate(&outcome.params)?;
-    Ok(TrainReport { outcome, evaluation, duration: started.elapsed() })
+    let history = history.map(|h| h.path().to_path_buf());
+    Ok(TrainReport { outcome, evaluation, duration: started.elapsed(), history })
 }

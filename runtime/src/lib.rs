@@ -10,8 +10,13 @@
 //!   JobConfig ──▶ PreparedJob::new ──▶ run (actors) ──▶ TrainReport ──▶ write_outputs
 //!   (TOML/flags)   data, partitions,    shards, trainers,  params, ledger,   summary.json,
 //!                  model, config hash   aggregators,       faults, metric   model.safetensors
-//!                                       supervisor
+//!                                       supervisor ──▶ history.csv (every step, as it is applied)
 //! ```
+//!
+//! A run keeps no per-step or per-epoch record in memory: steps stream to
+//! `history.csv`, the exactly-once ledger folds each finished epoch into
+//! counts, and the loss curve in the summary is downsampled, so a job of
+//! millions of steps costs per step what a short one does.
 //!
 //! The entry point is [`train`]: give it a [`JobConfig`], get a
 //! [`TrainReport`]. Embed it in any tokio program:

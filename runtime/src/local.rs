@@ -2,6 +2,10 @@
 //! chaos runs. Generates certificates in a temp dir, starts the nodes with
 //! the job, streams progress, injects faults on a schedule, waits for the job
 //! and adds the faults (with detection and recovery times) to `summary.json`.
+//! Every node event, and every fault injected (`injected`), goes to
+//! `OUT/events.jsonl`; the nodes report steps at a bounded rate, plus each
+//! step at which a fault is due (`phalanx node --report-steps`), so faults
+//! fire at their exact step. Every step is in `OUT/history.csv`.
 //!
 //! Faults, each when the job reaches a step:
 //!
@@ -352,6 +356,9 @@ struct LocalCluster {
     mounts: Vec<PathBuf>,
     /// Nodes started with `--crash-before-rename STEP` at their first start.
     crash_before_rename: BTreeMap<u32, u64>,
+    /// Steps at which a fault is due: the coordinator reports each of them
+    /// as a `step` event (it reports others at a bounded rate).
+    report_steps: Vec<u64>,
     /// `--replicas` of every node.
     replicas: Option<u32>,
     /// Second processes started with a member's identity (`--duplicate`).
@@ -420,6 +427,10 @@ impl LocalCluster {
             .arg(data_dir);
         if let Some(r) = self.replicas {
             command.args(["--replicas", &r.to_string()]);
+        }
+        if !self.report_steps.is_empty() {
+            let steps: Vec<String> = self.report_steps.iter().map(u64::to_string).collect();
+            command.args(["--report-steps", &steps.join(",")]);
         }
         command
     }
@@ -726,8 +737,10 @@ enum Undo {
 }
 
 /// Run `config` on `options.nodes` local node processes with `faults`; returns the
-/// summary (with `node_faults` added). `on_step` sees (step, total, loss).
-/// The nodes run this same executable (`phalanx node`).
+/// summary (with `node_faults` added). `on_step` sees (step, total, loss) of
+/// every `step` event: the steps at which faults are due, and the others at
+/// a bounded rate (every step is in `OUT/history.csv`). The nodes run this
+/// same executable (`phalanx node`).
 pub fn run_local(
     config: &JobConfig,
     options: &LocalOptions,
@@ -784,8 +797,27 @@ pub fn run_local_with_options(
     exe: &Path,
     config: &JobConfig,
     options: &LocalOptions,
-    mut faults: Vec<NodeFault>,
+    faults: Vec<NodeFault>,
     mut on_step: impl FnMut(u64, u64, f64),
+) -> Result<Value, Error> {
+    run_local_watching(exe, config, options, faults, |event| {
+        if event["event"] == "step" {
+            let step = event["step"].as_u64().unwrap_or(0);
+            let total = event["total_steps"].as_u64().unwrap_or(0);
+            on_step(step, total, event["loss"].as_f64().unwrap_or(f64::NAN));
+        }
+    })
+}
+
+/// [`run_local_with_options`] showing `on_event` every node event as it
+/// arrives (each node's `listening` event carries its process id), before
+/// the harness acts on it. Events of a `--duplicate` process are not shown.
+pub fn run_local_watching(
+    exe: &Path,
+    config: &JobConfig,
+    options: &LocalOptions,
+    mut faults: Vec<NodeFault>,
+    mut on_event: impl FnMut(&Value),
 ) -> Result<Value, Error> {
     let nodes = options.nodes;
     if nodes == 0 {
@@ -811,6 +843,8 @@ pub fn run_local_with_options(
     let job_path = dir.path().join("job.toml");
     std::fs::write(&job_path, text).map_err(|source| Error::Io { path: job_path, source })?;
     let _ = std::fs::remove_file(out.join("summary.json"));
+    // The coordinators append to the history; this run starts it.
+    let _ = std::fs::remove_file(out.join(crate::output::HISTORY_FILE));
     let (ports, held) = reserve_ports(nodes as usize)?;
     let relay = if faults.iter().any(|f| matches!(f, NodeFault::Partition { .. } | NodeFault::Degrade { .. })) {
         let addrs = ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect();
@@ -839,6 +873,11 @@ pub fn run_local_with_options(
             .collect(),
         replicas: options.replicas,
         duplicates: Vec::new(),
+        report_steps: {
+            let mut steps: Vec<u64> = faults.iter().map(NodeFault::trigger).collect();
+            steps.dedup();
+            steps
+        },
     };
     let mut full: Vec<u32> = faults
         .iter()
@@ -907,12 +946,11 @@ pub fn run_local_with_options(
             // A duplicate process speaks with a member's id: its events are kept, never counted.
             continue;
         }
+        on_event(&event);
         match event["event"].as_str() {
             Some("step") => {
                 let step = event["step"].as_u64().unwrap_or(0);
                 progress = (Instant::now(), Some(step));
-                let total = event["total_steps"].as_u64().unwrap_or(0);
-                on_step(step, total, event["loss"].as_f64().unwrap_or(f64::NAN));
                 // Training resumed: the first step applied after the node was declared down.
                 let t = event["t_ms"].as_u64().unwrap_or(0);
                 for (r, at, down) in reports.iter_mut() {
@@ -967,6 +1005,12 @@ pub fn run_local_with_options(
                     }
                     let (kind, arg) = f.to_flag();
                     eprintln!("injected: --{kind} {arg} at step {step}");
+                    // The harness's own state change, beside the nodes' in the event log.
+                    let injected = serde_json::json!({
+                        "event": "injected", "kind": kind, "fault": format!("--{kind} {arg}"),
+                        "nodes": f.nodes(), "step": step, "t_ms": at,
+                    });
+                    let _ = writeln!(events_log, "{injected}");
                     let node = f.nodes().first().copied();
                     let report = NodeFaultReport {
                         kind: kind.into(),

@@ -166,6 +166,9 @@ struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Steps that always get a `step` event on the coordinator (others come at a bounded rate). Comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "STEP,...")]
+    report_steps: Vec<u64>,
 }
 
 impl NodeArgs {
@@ -191,6 +194,7 @@ impl NodeArgs {
                     out: None,
                     crash_before_rename: None,
                     replicas: None,
+                    report_steps: Vec::new(),
                 }
             }
         };
@@ -223,6 +227,9 @@ impl NodeArgs {
         }
         if self.crash_before_rename.is_some() {
             c.crash_before_rename = self.crash_before_rename;
+        }
+        if !self.report_steps.is_empty() {
+            c.report_steps = self.report_steps;
         }
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;
@@ -470,13 +477,20 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(ls) = m.least_squares_r2 {
         println!("      closed-form least squares on the same split: r2 = {ls:.4}");
     }
-    let exact = summary.samples_applied.iter().all(|e| e.exactly_once);
+    let applied = &summary.samples_applied;
     println!(
-        "exactly-once: {} ({} epochs, {} samples each)",
-        if exact { "yes" } else { "NO" },
+        "exactly-once: {} ({} of {} epochs, {} samples each)",
+        if applied.exactly_once { "yes" } else { "NO" },
+        applied.exactly_once_epochs,
         summary.epochs,
         summary.partition_sizes.iter().sum::<u64>()
     );
+    if let Some(e) = &applied.first_failing {
+        println!(
+            "first epoch not applied exactly once: {} (per partition {:?}, sizes {:?}); {} samples lost, {} duplicated",
+            e.epoch, e.per_partition, summary.partition_sizes, applied.lost, applied.duplicated
+        );
+    }
     for f in &summary.faults {
         println!(
             "fault: {} at step {}: {} — recovered in {} ms{}",
@@ -488,7 +502,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     println!("model_sha256 {}", summary.model_sha256);
-    println!("wrote {}/model.safetensors and {}/summary.json", out.display(), out.display());
+    println!("wrote {0}/model.safetensors, {0}/summary.json and {0}/history.csv", out.display());
     Ok(())
 }
 
@@ -540,8 +554,11 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         m["value"].as_f64().unwrap_or(f64::NAN),
         summary["coordinator"]
     );
-    let exact = summary["samples_applied"].as_array().is_some_and(|e| e.iter().all(|e| e["exactly_once"] == true));
-    println!("exactly-once: {}", if exact { "yes" } else { "NO" });
+    let applied = &summary["samples_applied"];
+    println!("exactly-once: {}", if applied["exactly_once"] == true { "yes" } else { "NO" });
+    if let Some(e) = applied["first_failing"].as_object() {
+        println!("first epoch not applied exactly once: {} (per partition {})", e["epoch"], e["per_partition"]);
+    }
     for f in summary["node_faults"].as_array().into_iter().flatten() {
         let node = f["node"].as_u64().map(|n| format!(" node {n}")).unwrap_or_default();
         let ms = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |ms| format!("{ms} ms"));
@@ -565,6 +582,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         };
         println!("takeover: node {} coordinates (epoch {}); restored {restored}", t["node"], t["epoch"]);
     }
+    let listed = summary["checkpoint_failures"].as_array().map_or(0, Vec::len) as u64;
     for c in summary["checkpoint_failures"].as_array().into_iter().flatten() {
         println!(
             "checkpoint not saved: range {} step {}: {}",
@@ -572,6 +590,11 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
             c["step"],
             c["reason"].as_str().unwrap_or("")
         );
+    }
+    if let Some(more) = summary["checkpoint_failures_total"].as_u64().and_then(|t| t.checked_sub(listed)) {
+        if more > 0 {
+            println!("... and {more} more checkpoints not saved");
+        }
     }
     println!("model_sha256 {}", summary["model_sha256"].as_str().unwrap_or(""));
     Ok(())
@@ -638,7 +661,15 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             println!("config_hash {}", c.config_hash);
             let slots: Vec<&str> = c.optimizer_slots.iter().map(|(n, _)| n.as_str()).collect();
             println!("optimizer: t = {}, slots {:?}", c.optimizer_t, slots);
-            println!("exactly-once ledger: {} epoch(s) recorded", c.ledger.len());
+            let closed = &c.ledger.closed;
+            println!(
+                "exactly-once ledger: {} closed epoch(s), {} exact, {} lost, {} duplicated; {} open epoch(s)",
+                closed.epochs,
+                closed.exact,
+                closed.lost,
+                closed.duplicated,
+                c.ledger.open.len()
+            );
         }
     }
     Ok(())

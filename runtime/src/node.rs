@@ -169,6 +169,7 @@ impl NodeBuilder {
             out: self.out,
             crash_before_rename: None,
             replicas: self.replicas,
+            report_steps: Vec::new(),
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let metrics = NodeMetrics::new(id);

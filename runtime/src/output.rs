@@ -1,18 +1,46 @@
-//! What a run leaves behind: `summary.json` and `model.safetensors`.
+//! What a run leaves behind: `summary.json`, `history.csv` and `model.safetensors`.
 //!
 //! `model_sha256` is the SHA-256 of the final parameters as little-endian
 //! f32 bytes in flat order — the tensors of `model.safetensors` concatenated
 //! in the order its `param_order` metadata lists (see [`crate::job::params_sha256`]).
+//!
+//! `summary.json` stays the same size whatever the number of steps: final
+//! figures, the exactly-once verdict folded over the epochs (counts and the
+//! first failing epoch), faults, and a downsampled loss curve. Every step
+//! goes to `history.csv` next to it as it is applied ([`HistoryWriter`]):
+//!
+//! ```text
+//! step,epoch,loss,samples_per_sec,t_ms
+//! 1,0,1.7912,,1764500000123
+//! 2,0,1.7530,41250.0,1764500000124
+//! ```
+//!
+//! `step` is the parameter version the step produced, `epoch` the epoch of the
+//! step, `loss` its mean training loss, `samples_per_sec` the throughput over
+//! the last [`RATE_WINDOW`] steps (empty for the first), `t_ms` milliseconds
+//! since the Unix epoch (the clock of the nodes' events). A run that rolls
+//! back or is taken over appends the recomputed steps again, so a step can
+//! appear more than once; the last row of a step is the one that counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use phalanx_actors::protocol::FaultRecord;
+use phalanx_actors::actor::StepRecord;
+use phalanx_actors::protocol::{FaultRecord, Ledger};
 use serde::Serialize;
 
 use crate::error::Error;
 use crate::job::{params_sha256, Metric, PreparedJob, TrainReport};
+
+/// Name of the per-step history, next to `summary.json`.
+pub const HISTORY_FILE: &str = "history.csv";
+/// The history's header row: its columns.
+pub const HISTORY_HEADER: &str = "step,epoch,loss,samples_per_sec,t_ms";
+/// Steps the history's `samples_per_sec` column averages over.
+pub const RATE_WINDOW: usize = 32;
 
 /// Samples applied in one epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -25,6 +53,67 @@ pub struct EpochSamples {
     pub per_partition: Vec<u64>,
     /// True when every partition applied exactly its size.
     pub exactly_once: bool,
+}
+
+/// The exactly-once verdict of a run, folded over its epochs: the size does
+/// not depend on the number of epochs. Epoch `e` was applied exactly once
+/// when `exactly_once` holds, or when `e` is before `first_failing.epoch`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SamplesApplied {
+    /// Epochs of the job.
+    pub epochs: u64,
+    /// Epochs in which every partition applied exactly its size.
+    pub exactly_once_epochs: u64,
+    /// True when every epoch of the job was applied exactly once.
+    pub exactly_once: bool,
+    /// Samples applied, all epochs and partitions.
+    pub total: u64,
+    /// Samples applied per partition, summed over the epochs.
+    pub per_partition: Vec<u64>,
+    /// Samples a partition applied fewer times than its size, summed over epochs and partitions.
+    pub lost: u64,
+    /// Samples a partition applied more often than its size, summed over epochs and partitions.
+    pub duplicated: u64,
+    /// The first epoch not applied exactly once, and what its partitions applied.
+    pub first_failing: Option<EpochSamples>,
+}
+
+impl SamplesApplied {
+    /// The verdict of `ledger` for a job of `epochs` epochs over partitions of `sizes`.
+    pub fn new(ledger: &Ledger, sizes: &[u64], epochs: u64) -> Self {
+        let mut all = ledger.clone();
+        // An epoch still open at the end was not finished: judge it as it stands.
+        all.close_before(u64::MAX, sizes);
+        let c = &all.closed;
+        let mut per_partition = c.per_partition.clone();
+        per_partition.resize(per_partition.len().max(sizes.len()), 0);
+        let row = |epoch: u64, per_partition: Vec<u64>| EpochSamples {
+            epoch,
+            total: per_partition.iter().sum(),
+            exactly_once: per_partition == sizes,
+            per_partition,
+        };
+        let mut first_failing = c.first_inexact.clone().map(|(e, per)| row(e, per));
+        let mut lost = c.lost;
+        // Epochs never applied at all (the ledger counts them in order).
+        if c.epochs < epochs {
+            lost += (epochs - c.epochs) * sizes.iter().sum::<u64>();
+            if first_failing.is_none() {
+                first_failing = Some(row(c.epochs, vec![0; sizes.len()]));
+            }
+        }
+        let exactly_once_epochs = c.exact.min(epochs);
+        Self {
+            epochs,
+            exactly_once_epochs,
+            exactly_once: c.epochs == epochs && c.exact == epochs,
+            total: per_partition.iter().sum(),
+            per_partition,
+            lost,
+            duplicated: c.duplicated,
+            first_failing,
+        }
+    }
 }
 
 /// One fault in `summary.json`.
@@ -80,8 +169,8 @@ pub struct Summary {
     pub model_sha256: String,
     /// Number of parameters.
     pub num_params: usize,
-    /// Per epoch, samples applied (exactly-once ledger).
-    pub samples_applied: Vec<EpochSamples>,
+    /// Samples applied, with the exactly-once verdict folded over the epochs.
+    pub samples_applied: SamplesApplied,
     /// Size of every partition.
     pub partition_sizes: Vec<u64>,
     /// Every failure and its recovery.
@@ -89,16 +178,24 @@ pub struct Summary {
     /// Rollbacks to a checkpoint.
     pub rollbacks: u64,
     /// Checkpoints that could not be written (e.g. a full disk); training went
-    /// on and the previous complete checkpoint stayed the rollback point.
+    /// on and the previous complete checkpoint stayed the rollback point. The
+    /// first few, with their reasons.
     pub checkpoint_failures: Vec<phalanx_actors::actor::CheckpointFailure>,
+    /// Checkpoints that could not be written, counted.
+    pub checkpoint_failures_total: u64,
     /// The job.
     pub job: JobEcho,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// Training samples applied per second of wall time.
     pub samples_per_sec: f64,
-    /// Mean loss per step (by the version it produced).
+    /// Mean loss per step (by the version it produced), downsampled to at most
+    /// [`phalanx_actors::protocol::LOSS_POINTS`] + 1 evenly spaced steps, the
+    /// last step included. Every step is in `history`.
     pub loss_history: Vec<(u64, f64)>,
+    /// The per-step history (`history.csv`, relative to this file when next to
+    /// it), if it was written.
+    pub history: Option<String>,
 }
 
 /// The job as it ran.
@@ -130,13 +227,8 @@ impl Summary {
     /// Summarise a finished run.
     pub fn new(job: &PreparedJob, report: &TrainReport) -> Self {
         let sizes = job.partitions.sizes();
-        let samples_applied = (0..u64::from(job.schedule.epochs))
-            .map(|e| {
-                let per = report.outcome.ledger.get(&e).cloned().unwrap_or_else(|| vec![0; sizes.len()]);
-                EpochSamples { epoch: e, total: per.iter().sum(), exactly_once: per == sizes, per_partition: per }
-            })
-            .collect::<Vec<_>>();
-        let applied: u64 = samples_applied.iter().map(|e| e.total).sum();
+        let samples_applied = SamplesApplied::new(&report.outcome.ledger, &sizes, u64::from(job.schedule.epochs));
+        let applied = samples_applied.total;
         let secs = report.duration.as_secs_f64().max(1e-9);
         Self {
             steps: job.schedule.total_steps(),
@@ -151,6 +243,7 @@ impl Summary {
             faults: report.outcome.faults.iter().map(FaultSummary::from).collect(),
             rollbacks: report.outcome.rollbacks,
             checkpoint_failures: report.outcome.checkpoint_failures.clone(),
+            checkpoint_failures_total: report.outcome.checkpoint_failures_total,
             job: JobEcho {
                 model: job.config.model.to_string(),
                 dataset: job.config.dataset.to_string(),
@@ -166,8 +259,137 @@ impl Summary {
             duration_ms: report.duration.as_millis() as u64,
             samples_per_sec: applied as f64 / secs,
             loss_history: report.outcome.losses.iter().map(|(s, l)| (*s, *l)).collect(),
+            history: report.history.as_ref().map(|p| p.to_string_lossy().into_owned()),
         }
     }
+}
+
+/// Appends every applied step to `history.csv` as it happens (see the module
+/// docs for the columns), one `write` per row, so the file is complete up to
+/// the last step even when the process is killed, and concurrent appenders
+/// (a coordinator and its successor) never tear a row.
+pub struct HistoryWriter {
+    path: PathBuf,
+    file: std::fs::File,
+    row: String,
+    /// `(when, samples)` of the last [`RATE_WINDOW`] steps.
+    window: VecDeque<(Instant, u64)>,
+    /// One reading of both clocks, to turn step instants into Unix time.
+    clock: (Instant, u64),
+    failed: bool,
+}
+
+impl HistoryWriter {
+    /// Start the history at `path` afresh, or with `append` continue it (a
+    /// resumed run, a coordinator taking over). Writes the header into an
+    /// empty file.
+    pub fn open(path: &Path, append: bool) -> Result<Self, Error> {
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        if append {
+            options.create(true).append(true);
+        } else {
+            options.create(true).write(true).truncate(true);
+        }
+        let mut file = options.open(path).map_err(io)?;
+        if file.metadata().map_err(io)?.len() == 0 {
+            file.write_all(format!("{HISTORY_HEADER}\n").as_bytes()).map_err(io)?;
+        }
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            row: String::with_capacity(96),
+            window: VecDeque::with_capacity(RATE_WINDOW + 1),
+            clock: (Instant::now(), unix_ms),
+            failed: false,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append one step. A write error is logged once and ends the history;
+    /// training goes on.
+    pub fn record(&mut self, r: &StepRecord) {
+        if self.failed {
+            return;
+        }
+        self.window.push_back((r.at, r.samples));
+        while self.window.len() > RATE_WINDOW {
+            self.window.pop_front();
+        }
+        let t_ms = match r.at.checked_duration_since(self.clock.0) {
+            Some(d) => self.clock.1 + d.as_millis() as u64,
+            None => self.clock.1.saturating_sub(self.clock.0.duration_since(r.at).as_millis() as u64),
+        };
+        self.row.clear();
+        let _ = write!(self.row, "{},{},{},", r.step, r.epoch, r.loss);
+        if let (Some((first, _)), Some((last, _))) = (self.window.front(), self.window.back()) {
+            let secs = last.saturating_duration_since(*first).as_secs_f64();
+            // The oldest entry only marks the start of the window.
+            let samples: u64 = self.window.iter().skip(1).map(|(_, n)| n).sum();
+            if secs > 0.0 {
+                let _ = write!(self.row, "{:.1}", samples as f64 / secs);
+            }
+        }
+        let _ = writeln!(self.row, ",{t_ms}");
+        if let Err(e) = self.file.write_all(self.row.as_bytes()) {
+            tracing::warn!(path = %self.path.display(), step = r.step, "history not written further: {e}");
+            self.failed = true;
+        }
+    }
+}
+
+/// One row of `history.csv`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryRow {
+    /// The parameter version the step produced.
+    pub step: u64,
+    /// The epoch of the step.
+    pub epoch: u32,
+    /// Mean training loss of the step.
+    pub loss: f64,
+    /// Samples per second over the last [`RATE_WINDOW`] steps (none for the first).
+    pub samples_per_sec: Option<f64>,
+    /// Milliseconds since the Unix epoch.
+    pub t_ms: u64,
+}
+
+/// Read a whole `history.csv` (for plots and tests; it holds one row per
+/// step applied, so mind the size of long runs). Errors name the file and line.
+pub fn read_history(path: &Path) -> Result<Vec<HistoryRow>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let bad = |line: usize, reason: String| Error::Encode { what: format!("{}:{line}", path.display()), reason };
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, header)) if header == HISTORY_HEADER => {}
+        other => return Err(bad(1, format!("expected the header {HISTORY_HEADER:?}, found {:?}", other.map(|l| l.1)))),
+    }
+    lines
+        .map(|(i, line)| {
+            let cols: Vec<&str> = line.split(',').collect();
+            let [step, epoch, loss, rate, t_ms] = cols.as_slice() else {
+                return Err(bad(i + 1, format!("expected 5 columns, found {}", cols.len())));
+            };
+            let num = |name: &str, text: &str| bad(i + 1, format!("{name} {text:?} is not a number"));
+            Ok(HistoryRow {
+                step: step.parse().map_err(|_| num("step", step))?,
+                epoch: epoch.parse().map_err(|_| num("epoch", epoch))?,
+                loss: loss.parse().map_err(|_| num("loss", loss))?,
+                samples_per_sec: match *rate {
+                    "" => None,
+                    r => Some(r.parse().map_err(|_| num("samples_per_sec", r))?),
+                },
+                t_ms: t_ms.parse().map_err(|_| num("t_ms", t_ms))?,
+            })
+        })
+        .collect()
 }
 
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
@@ -205,10 +427,17 @@ pub fn patch_summary(
     Ok(summary)
 }
 
-/// Write `summary.json` and `model.safetensors` into `dir`.
+/// Write `summary.json` and `model.safetensors` into `dir` (`history.csv`
+/// was written while the job ran).
 pub fn write_outputs(dir: &Path, job: &PreparedJob, report: &TrainReport) -> Result<Summary, Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
-    let summary = Summary::new(job, report);
+    let mut summary = Summary::new(job, report);
+    // Next to the summary: name it relative, as a script beside it reads it.
+    if let Some(path) = &report.history {
+        if path.parent() == Some(dir) {
+            summary.history = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        }
+    }
     let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
     write_atomic(&dir.join("summary.json"), &json)?;
     write_atomic(&dir.join("model.safetensors"), &model_safetensors(job, &report.outcome.params, &summary)?)?;

@@ -293,7 +293,7 @@ pub enum Inspection {
     /// A model file, verified (parameters hash to its `model_sha256`).
     Model(Box<TrainedModel>),
     /// A checkpoint file, verified (checksum, range, optimizer state).
-    Checkpoint(phalanx_actors::checkpoint::RangeCheckpoint),
+    Checkpoint(Box<phalanx_actors::checkpoint::RangeCheckpoint>),
 }
 
 /// Read and verify a model or checkpoint file.
@@ -306,5 +306,5 @@ pub fn inspect(path: &Path) -> Result<Inspection, Error> {
     if is_model {
         return Ok(Inspection::Model(Box::new(TrainedModel::from_bytes(path, &bytes)?)));
     }
-    CheckpointStore::read_file(path).map(Inspection::Checkpoint).map_err(|e| bad(path, e.to_string()))
+    CheckpointStore::read_file(path).map(|c| Inspection::Checkpoint(Box::new(c))).map_err(|e| bad(path, e.to_string()))
 }

@@ -101,7 +101,8 @@ fn a_csv_job_writes_summary_and_model_with_the_documented_fields() {
     assert!(summary["metric"]["value"].as_f64().unwrap() > 0.99, "{summary}");
     assert_eq!(summary["faults"][0]["what"], "trainer 1");
     assert!(summary["faults"][0]["recovery_ms"].is_u64());
-    assert!(summary["samples_applied"].as_array().unwrap().iter().all(|e| e["exactly_once"] == true));
+    let applied = &summary["samples_applied"];
+    assert!(applied["exactly_once"] == true && applied["exactly_once_epochs"] == summary["epochs"], "{applied}");
     let model = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&model).unwrap();
     let mut bytes = Vec::new();

@@ -36,13 +36,33 @@ fn local_cluster_with_a_kill_and_a_pause_matches_train_and_reports_node_faults()
         serde_json::from_slice(&std::fs::read(out_local.join("summary.json")).unwrap()).unwrap();
     let faults = summary["node_faults"].as_array().unwrap();
     assert_eq!(faults.len(), 2, "{faults:?}");
+    // Step events come at a bounded rate, but each fault fires at its exact step.
+    let steps: Vec<u64> = faults.iter().map(|f| f["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![150, 300], "{faults:?}");
     for f in faults {
         let detection = f["detection_ms"].as_u64().unwrap_or_else(|| panic!("detected: {f}"));
         assert!(detection < 1_000, "detection under a second on loopback: {f}");
         assert!(f["recovery_ms"].is_u64(), "{f}");
     }
-    assert!(summary["samples_applied"].as_array().unwrap().iter().all(|e| e["exactly_once"] == true));
+    let applied = &summary["samples_applied"];
+    assert!(applied["exactly_once"] == true && applied["exactly_once_epochs"] == 30, "{applied}");
     assert!(stdout.contains("exactly-once: yes"), "{stdout}");
+    // Every step is in the history; a coordinator that restarted from a checkpoint
+    // (node 0 alone has no quorum during the pause) appended the steps it recomputed.
+    let rows = phalanx::output::read_history(&out_local.join("history.csv")).unwrap();
+    let steps = summary["steps"].as_u64().unwrap();
+    let seen: std::collections::BTreeSet<u64> = rows.iter().map(|r| r.step).collect();
+    assert_eq!(seen, (1..=steps).collect(), "every step in history.csv");
+    assert_eq!(rows.last().map(|r| r.step), Some(steps));
+    let restores: Vec<u64> =
+        summary["takeovers"].as_array().unwrap().iter().filter_map(|t| t["restore"].as_u64()).collect();
+    for w in rows.windows(2).filter(|w| w[1].step <= w[0].step) {
+        assert!(restores.contains(&(w[1].step - 1)), "history goes back to {} with restores {restores:?}", w[1].step);
+    }
+    let events = std::fs::read_to_string(out_local.join("events.jsonl")).unwrap();
+    let injected = events.lines().filter(|l| l.contains(r#""event":"injected""#)).count();
+    assert_eq!(injected, 2, "the harness logs each fault it injects");
+    assert!(out_train.join("history.csv").is_file(), "phalanx train writes the history too");
 }
 
 #[test]

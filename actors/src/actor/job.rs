@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{spawn_actor, JobContext};
 use crate::net::JobMsg;
@@ -14,6 +14,29 @@ use crate::protocol::{ActorKey, FaultRecord, JobCommand, JobCore, JobError, Ledg
 /// How long a node has to answer a spawn request (started or failed)
 /// before the supervisor counts the actor as failed and respawns it.
 const SPAWN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Step records the supervisor may queue for its reader (see
+/// [`JobHandle::steps`]) before it waits for the reader to catch up.
+pub const STEP_QUEUE: usize = 256;
+/// Checkpoint failures kept in the outcome with their reasons (a disk that
+/// stays full fails every checkpoint of a long job); the rest are counted.
+pub const CHECKPOINT_FAILURES_KEPT: usize = 32;
+
+/// One applied step as the supervisor saw it: what `history.csv` records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRecord {
+    /// The parameter version the step produced (step `s` produces `s + 1`).
+    pub step: u64,
+    /// The epoch the applied step belongs to.
+    pub epoch: u32,
+    /// Mean loss of the step.
+    pub loss: f64,
+    /// Samples applied in it.
+    pub samples: u64,
+    /// The supervisor's generation (it changes on every rollback).
+    pub generation: u64,
+    /// When the supervisor saw every range apply it.
+    pub at: Instant,
+}
 
 /// Where a running job stands; published on every applied step.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -41,14 +64,19 @@ pub struct JobOutcome {
     pub ledger: Ledger,
     /// Every failure and its recovery.
     pub faults: Vec<FaultRecord>,
-    /// Mean loss of each step, keyed by the version it produced.
+    /// Mean loss per step, keyed by the version it produced, downsampled to
+    /// at most [`crate::protocol::LOSS_POINTS`] + 1 points (the full
+    /// history is the stream of [`StepRecord`]s).
     pub losses: BTreeMap<u64, f64>,
     /// The generation at the end.
     pub generation: u64,
     /// Rollbacks to a checkpoint that happened.
     pub rollbacks: u64,
-    /// Checkpoints that could not be written (training went on without them).
+    /// Checkpoints that could not be written (training went on without
+    /// them): the first [`CHECKPOINT_FAILURES_KEPT`].
     pub checkpoint_failures: Vec<CheckpointFailure>,
+    /// Checkpoints that could not be written, all of them counted.
+    pub checkpoint_failures_total: u64,
 }
 
 /// A checkpoint an aggregator could not write.
@@ -66,6 +94,11 @@ pub struct CheckpointFailure {
 pub struct JobHandle {
     /// Latest progress.
     pub progress: watch::Receiver<Progress>,
+    /// Every applied step, in order, when the job was started with
+    /// [`spawn_job_recording`]. The supervisor waits when [`STEP_QUEUE`]
+    /// records are unread: read them, or drop the receiver (`finish` drops
+    /// it) to stop the stream.
+    pub steps: Option<mpsc::Receiver<StepRecord>>,
     outcome: oneshot::Receiver<Result<JobOutcome, JobError>>,
     actor: ActorRef<JobMsg>,
 }
@@ -82,8 +115,9 @@ pub enum JobRunError {
 }
 
 impl JobHandle {
-    /// Wait for the outcome.
+    /// Wait for the outcome (step records not taken from [`JobHandle::steps`] are dropped).
     pub async fn finish(self) -> Result<JobOutcome, JobRunError> {
+        drop(self.steps);
         match self.outcome.await {
             Ok(r) => Ok(r?),
             Err(_) => Err(JobRunError::Aborted),
@@ -107,13 +141,35 @@ pub async fn spawn_job(ctx: Arc<JobContext>, restore: Option<u64>) -> Result<Job
 /// `generation`: a supervisor taking over on another node starts above
 /// anything its predecessor issued, so the predecessor's messages are fenced.
 pub async fn spawn_job_at(ctx: Arc<JobContext>, restore: Option<u64>, generation: u64) -> Result<JobHandle, SpawnErr> {
+    spawn(ctx, restore, generation, None).await
+}
+
+/// Like [`spawn_job_at`], with every applied step sent on
+/// [`JobHandle::steps`] (for a per-step history).
+pub async fn spawn_job_recording(
+    ctx: Arc<JobContext>,
+    restore: Option<u64>,
+    generation: u64,
+) -> Result<JobHandle, SpawnErr> {
+    let (tx, rx) = mpsc::channel(STEP_QUEUE);
+    let mut handle = spawn(ctx, restore, generation, Some(tx)).await?;
+    handle.steps = Some(rx);
+    Ok(handle)
+}
+
+async fn spawn(
+    ctx: Arc<JobContext>,
+    restore: Option<u64>,
+    generation: u64,
+    steps: Option<mpsc::Sender<StepRecord>>,
+) -> Result<JobHandle, SpawnErr> {
     let (tx, rx) = oneshot::channel();
     let total_steps = ctx.plan.schedule.total_steps();
     let (ptx, prx) = watch::channel(Progress { step: restore.unwrap_or(0), total_steps, ..Progress::default() });
     let name = ctx.names.job_name();
-    let (actor, _) =
-        Actor::spawn(Some(name), JobActor, JobArgs { ctx, restore, generation, outcome: tx, progress: ptx }).await?;
-    Ok(JobHandle { progress: prx, outcome: rx, actor })
+    let args = JobArgs { ctx, restore, generation, outcome: tx, progress: ptx, steps };
+    let (actor, _) = Actor::spawn(Some(name), JobActor, args).await?;
+    Ok(JobHandle { progress: prx, steps: None, outcome: rx, actor })
 }
 
 /// Supervises the shards, trainers and aggregators of one job.
@@ -126,6 +182,7 @@ pub struct JobArgs {
     generation: u64,
     outcome: oneshot::Sender<Result<JobOutcome, JobError>>,
     progress: watch::Sender<Progress>,
+    steps: Option<mpsc::Sender<StepRecord>>,
 }
 
 /// The supervisor's state.
@@ -135,6 +192,8 @@ pub struct JobState {
     children: HashMap<ActorId, ActorKey>,
     outcome: Option<oneshot::Sender<Result<JobOutcome, JobError>>>,
     progress: watch::Sender<Progress>,
+    /// Where every applied step goes, if anywhere.
+    steps: Option<mpsc::Sender<StepRecord>>,
     samples: u64,
     stopping: bool,
     /// Actors spawned on other nodes: where, and the spawn request of the
@@ -146,8 +205,10 @@ pub struct JobState {
     unanswered: std::collections::BTreeSet<(ActorKey, u64)>,
     /// Local children stopped on purpose (moved), whose end is no failure.
     moving: std::collections::HashSet<ActorId>,
-    /// Checkpoints the aggregators could not write.
+    /// Checkpoints the aggregators could not write (the first
+    /// [`CHECKPOINT_FAILURES_KEPT`]) and how many there were.
     checkpoint_failures: Vec<CheckpointFailure>,
+    checkpoint_failures_total: u64,
 }
 
 impl JobState {
@@ -201,6 +262,15 @@ impl JobState {
                 JobCommand::Progress { step, loss, samples } => {
                     self.samples += samples;
                     let (faults, generation) = (self.core.faults().len(), self.core.generation());
+                    if let Some(tx) = &self.steps {
+                        let (epoch, _) = self.ctx.plan.schedule.locate(step.saturating_sub(1));
+                        let record = StepRecord { step, epoch, loss, samples, generation, at: Instant::now() };
+                        // Waits while the reader is STEP_QUEUE records behind: the
+                        // history stays complete and the queue bounded.
+                        if tx.send(record).await.is_err() {
+                            self.steps = None; // nobody reads any more
+                        }
+                    }
                     let total = self.samples;
                     self.progress.send_modify(|p| {
                         p.step = step;
@@ -219,10 +289,11 @@ impl JobState {
                         params,
                         ledger,
                         faults: self.core.faults().to_vec(),
-                        losses: self.core.losses().clone(),
+                        losses: self.core.losses().to_map(),
                         generation: self.core.generation(),
                         rollbacks: self.core.rollbacks(),
                         checkpoint_failures: self.checkpoint_failures.clone(),
+                        checkpoint_failures_total: self.checkpoint_failures_total,
                     };
                     self.stop(myself, Ok(outcome));
                 }
@@ -297,6 +368,7 @@ impl Actor for JobActor {
             children: HashMap::new(),
             outcome: Some(args.outcome),
             progress: args.progress,
+            steps: args.steps,
             samples: 0,
             stopping: false,
             remote: BTreeMap::new(),
@@ -304,6 +376,7 @@ impl Actor for JobActor {
             unanswered: Default::default(),
             moving: Default::default(),
             checkpoint_failures: Vec::new(),
+            checkpoint_failures_total: 0,
         })
     }
 
@@ -351,7 +424,10 @@ impl Actor for JobActor {
             JobMsg::Net(Msg::CheckpointSaved { .. }) => Vec::new(),
             JobMsg::Net(Msg::CheckpointFailed { range, step, reason, .. }) => {
                 tracing::warn!(range, step, "checkpoint not saved: {reason}");
-                state.checkpoint_failures.push(CheckpointFailure { range, step, reason });
+                state.checkpoint_failures_total += 1;
+                if state.checkpoint_failures.len() < CHECKPOINT_FAILURES_KEPT {
+                    state.checkpoint_failures.push(CheckpointFailure { range, step, reason });
+                }
                 Vec::new()
             }
             JobMsg::RemoteStarted(key, node, spawn) => {

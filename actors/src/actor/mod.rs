@@ -22,8 +22,8 @@ mod trainer;
 
 pub use aggregator::AggregatorActor;
 pub use job::{
-    spawn_job, spawn_job_at, CheckpointFailure, JobActor, JobArgs, JobHandle, JobOutcome, JobRunError, JobState,
-    Progress,
+    spawn_job, spawn_job_at, spawn_job_recording, CheckpointFailure, JobActor, JobArgs, JobHandle, JobOutcome,
+    JobRunError, JobState, Progress, StepRecord, CHECKPOINT_FAILURES_KEPT, STEP_QUEUE,
 };
 
 use ractor::{Actor, ActorCell, SpawnErr};

@@ -8,6 +8,7 @@
 //! reference parser.
 
 use super::{CheckpointError, RangeCheckpoint};
+use crate::protocol::{ClosedEpochs, Ledger};
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
 use serde::Serialize;
@@ -59,6 +60,7 @@ mod key {
     pub const OPTIMIZER_T: &str = "optimizer_t";
     pub const SLOTS: &str = "slots";
     pub const LEDGER: &str = "ledger";
+    pub const LEDGER_CLOSED: &str = "ledger_closed";
     pub const SHA256: &str = "sha256";
 }
 
@@ -196,7 +198,8 @@ fn metadata(ckpt: &RangeCheckpoint) -> BTreeMap<&'static str, String> {
         (key::LEN, ckpt.params.len().to_string()),
         (key::OPTIMIZER_T, ckpt.optimizer_t.to_string()),
         (key::SLOTS, slots.join(&SLOT_SEPARATOR.to_string())),
-        (key::LEDGER, ledger_json(&ckpt.ledger)),
+        (key::LEDGER, ledger_json(&ckpt.ledger.open)),
+        (key::LEDGER_CLOSED, serde_json::to_string(&ckpt.ledger.closed).expect("plain counts serialize to JSON")),
     ]);
     let mut hasher = metadata_hasher(meta.iter().map(|(k, v)| (*k, v.as_str())));
     for (_, values) in tensors(ckpt) {
@@ -314,8 +317,16 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, Check
     let len = index(key::LEN)?;
     let config_hash = field(key::CONFIG_HASH)?;
     check_config_hash(config_hash).map_err(corrupt)?;
-    let ledger: BTreeMap<u64, Vec<u64>> =
+    let open: BTreeMap<u64, Vec<u64>> =
         serde_json::from_str(field(key::LEDGER)?).map_err(|e| corrupt(format!("ledger is not valid JSON: {e}")))?;
+    // Files written before finished epochs were folded have no `ledger_closed`.
+    let closed: ClosedEpochs = match meta.get(key::LEDGER_CLOSED) {
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| corrupt(format!("ledger_closed is not valid ledger JSON: {e}")))?
+        }
+        None => ClosedEpochs::default(),
+    };
+    let ledger = Ledger { open, closed };
     if offset.checked_add(len).is_none_or(|end| end > total_len) {
         return Err(corrupt(format!("range [{offset}, {offset} + {len}) exceeds total length {total_len}")));
     }
@@ -404,7 +415,7 @@ pub(crate) mod tests {
                 .enumerate()
                 .map(|(s, name)| (name.to_string(), (0..len).map(|i| value(s as u32 + 1, i)).collect()))
                 .collect(),
-            ledger: BTreeMap::from([(0, vec![step * 8, step * 8]), (1, vec![3, 0])]),
+            ledger: [(0, vec![step * 8, step * 8]), (1, vec![3, 0])].into_iter().collect(),
         }
     }
 
@@ -610,6 +621,8 @@ pub(crate) mod tests {
         let bytes = craft(&base_meta(), &[("params", Dtype::F32, vec![2], &EIGHT)]);
         let back = decode(Path::new(NAME), &bytes).unwrap();
         assert_eq!(back.params, vec![1.0, 2.0]);
+        // Written before finished epochs were folded: no `ledger_closed`.
+        assert_eq!(back.ledger, Ledger::new());
     }
 
     #[test]
@@ -640,6 +653,9 @@ pub(crate) mod tests {
         corrupt(err(&with(&base, "total_len", "3"), &f32s), "exceeds total length");
         corrupt(err(&with(&base, "step", "-5"), &f32s), "not a number");
         corrupt(err(&with(&base, "ledger", "{"), &f32s), "ledger");
+        let mut closed = base.clone();
+        closed.push(("ledger_closed", r#"{"epochs":"two"}"#));
+        corrupt(err(&closed, &f32s), "ledger_closed");
         corrupt(err(&with(&base, "slots", "m"), &f32s), "tensors");
         corrupt(err(&with(&base, "slots", "m,m"), &f32s), "twice");
         corrupt(err(&base[1..], &f32s), "format_version is missing");
@@ -728,6 +744,7 @@ pub(crate) mod tests {
             step in any::<u64>(),
             optimizer_t in any::<u64>(),
             ledger in proptest::collection::btree_map(any::<u64>(), proptest::collection::vec(any::<u64>(), 0..4), 0..4),
+            closed in any::<u64>(),
         ) {
             let len = params.len();
             let ckpt = RangeCheckpoint {
@@ -738,7 +755,17 @@ pub(crate) mod tests {
                 params: params.iter().map(|b| f32::from_bits(*b)).collect(),
                 optimizer_t,
                 optimizer_slots: vec![("m".into(), params.iter().map(|b| f32::from_bits(!b)).collect())],
-                ledger,
+                ledger: Ledger {
+                    open: ledger,
+                    closed: ClosedEpochs {
+                        epochs: closed,
+                        exact: closed / 2,
+                        per_partition: vec![closed, 1],
+                        lost: closed % 7,
+                        duplicated: 1,
+                        first_inexact: Some((closed / 3, vec![closed % 5, 2])),
+                    },
+                },
             };
             let back = decode(&path_of(&ckpt), &encode(&ckpt)).unwrap();
             assert_bitwise_eq(&ckpt, &back);

@@ -35,7 +35,10 @@
 //! | `offset`, `len`  | this file holds `[offset, offset + len)`                       |
 //! | `optimizer_t`    | optimizer step counter                                         |
 //! | `slots`          | comma-separated slot names, in order (empty when none)         |
-//! | `ledger`         | JSON object: epoch -> samples applied per partition so far     |
+//! | `ledger`         | JSON object: open epoch -> samples applied per partition so far|
+//! | `ledger_closed`  | JSON object: finished epochs folded (`epochs`, `exact`,        |
+//! |                  | `per_partition`, `lost`, `duplicated`, `first_inexact`); files |
+//! |                  | written before epochs were folded lack it                      |
 //! | `sha256`         | hex SHA-256 over `key=value\n` of every other entry (sorted by |
 //! |                  | key), then the raw bytes of `params`, then of each slot tensor |
 //!
@@ -59,7 +62,6 @@
 //!
 //! ```
 //! use phalanx_actors::checkpoint::{CheckpointStore, RangeCheckpoint};
-//! use std::collections::BTreeMap;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let tmp = tempfile::tempdir()?;
@@ -75,7 +77,7 @@
 //!         params,
 //!         optimizer_t: 10,
 //!         optimizer_slots: vec![],
-//!         ledger: BTreeMap::from([(0, vec![40, 40])]),
+//!         ledger: [(0, vec![40, 40])].into_iter().collect(),
 //!     })?;
 //! }
 //! assert_eq!(store.newest_complete(&config_hash, 3)?, Some(10));
@@ -96,10 +98,11 @@ pub use store::{CheckpointStore, FileSummary, ScannedFile};
 /// copies); older ones are pruned.
 pub const CHECKPOINTS_KEPT: usize = 3;
 
-use std::collections::BTreeMap;
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
+
+use crate::protocol::Ledger;
 
 /// The state of one parameter range at one step.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,8 +121,9 @@ pub struct RangeCheckpoint {
     pub optimizer_t: u64,
     /// Optimizer state per slot, e.g. `[("m", ..), ("v", ..)]`, each as long as `params`.
     pub optimizer_slots: Vec<(String, Vec<f32>)>,
-    /// Epoch -> samples applied per partition so far (identical in every range's file).
-    pub ledger: BTreeMap<u64, Vec<u64>>,
+    /// Samples applied per partition: open epochs by row, finished epochs
+    /// folded (identical in every range's file).
+    pub ledger: Ledger,
 }
 
 impl RangeCheckpoint {
@@ -297,7 +301,7 @@ mod tests {
             params: vec![0.0; 3],
             optimizer_t: 1,
             optimizer_slots: vec![],
-            ledger: BTreeMap::new(),
+            ledger: Ledger::new(),
         };
         assert_eq!(ckpt.range(), 4..7);
     }

@@ -58,7 +58,7 @@ pub struct FileSummary {
 struct Shared {
     optimizer_t: u64,
     slots: Vec<String>,
-    ledger: BTreeMap<u64, Vec<u64>>,
+    ledger: crate::protocol::Ledger,
 }
 
 /// The part of one verified file that overlaps the requested range.
@@ -713,7 +713,7 @@ mod tests {
         save_split(&store, 10, &[0, 50, 100], &[]);
         store.save(&sample(20, 100, 0, 50, &[])).unwrap();
         let mut diverged = sample(20, 100, 50, 50, &[]);
-        diverged.ledger.insert(9, vec![1]);
+        diverged.ledger.open.insert(9, vec![1]);
         store.save(&diverged).unwrap();
         assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(10));
         let err = store.load_range(20, HASH, 100, 0, 100).unwrap_err();

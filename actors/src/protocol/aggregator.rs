@@ -15,11 +15,13 @@
 //!
 //! Because a contribution is keyed by `(generation, step, partition)` and a
 //! second copy is ignored, replays after a failure are idempotent, and the
-//! per-epoch ledger counts every sample exactly once.
+//! per-epoch ledger counts every sample exactly once (finished epochs are
+//! folded into counts, see [`Ledger`], so it does not grow with the job).
 
 use crate::optim::{OptimizerSpec, OptimizerState};
 
-use super::msg::{Gradient, JobId, Ledger, Msg, Params};
+use super::ledger::Ledger;
+use super::msg::{Gradient, JobId, Msg, Params};
 use super::{Addr, Schedule};
 
 /// What an aggregator is responsible for; fixed for its lifetime.
@@ -92,7 +94,7 @@ pub struct RangeState {
     pub params: Vec<f32>,
     /// Optimizer state of the range.
     pub optimizer: OptimizerState,
-    /// Samples applied so far, per epoch and partition.
+    /// Samples applied so far, per partition: open epochs by row, finished ones folded.
     pub ledger: Ledger,
 }
 
@@ -171,9 +173,12 @@ impl AggregatorCore {
     ///
     /// # Panics
     /// When the state does not fit the setup (a bug in the caller, not an input error).
-    pub fn new(setup: AggregatorSetup, generation: u64, state: RangeState) -> Self {
+    pub fn new(setup: AggregatorSetup, generation: u64, mut state: RangeState) -> Self {
         assert_eq!(state.params.len(), setup.len, "range state length");
         assert_eq!(setup.partition_sizes.len(), setup.partitions as usize);
+        // A checkpoint written before epochs were folded holds finished epochs as rows.
+        let (epoch, _) = setup.schedule.locate(state.step);
+        state.ledger.close_before(u64::from(epoch), &setup.partition_sizes);
         let pending = (0..setup.partitions).map(|_| None).collect();
         Self {
             setup,
@@ -362,8 +367,7 @@ impl AggregatorCore {
         let mut sum = vec![0.0f32; self.setup.len];
         let mut samples: u64 = 0;
         let mut loss_sum = 0.0f64;
-        let ledger =
-            self.state.ledger.entry(u64::from(epoch)).or_insert_with(|| vec![0; self.setup.partitions as usize]);
+        let partitions = self.setup.partitions as usize;
         // Partition order, always: float addition is not associative, and this
         // fixed order is what makes the result independent of arrival order.
         for (p, slot) in self.pending.iter_mut().enumerate() {
@@ -375,11 +379,10 @@ impl AggregatorCore {
             }
             samples += u64::from(part.samples);
             loss_sum += part.loss_sum;
-            ledger[p] += u64::from(part.samples);
+            let applied = self.state.ledger.add(u64::from(epoch), partitions, p, u64::from(part.samples));
             assert!(
-                self.accept_duplicates || ledger[p] <= self.setup.partition_sizes[p],
-                "exactly-once violated: epoch {epoch} partition {p} applied {} > {} samples",
-                ledger[p],
+                self.accept_duplicates || applied <= self.setup.partition_sizes[p],
+                "exactly-once violated: epoch {epoch} partition {p} applied {applied} > {} samples",
                 self.setup.partition_sizes[p]
             );
         }
@@ -395,6 +398,10 @@ impl AggregatorCore {
             .expect("optimizer state sized at construction");
         self.previous = Some((step, before));
         self.state.step = step + 1;
+        if self.setup.schedule.locate(self.state.step).0 != epoch {
+            // The epoch's last step: its row is final, fold it.
+            self.state.ledger.close(u64::from(epoch), &self.setup.partition_sizes);
+        }
 
         let mut out = vec![
             AggCommand::Send(Addr::AllTrainers, self.params_msg(None)),

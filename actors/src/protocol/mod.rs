@@ -10,6 +10,8 @@
 //! sockets or clocks.
 
 mod aggregator;
+mod ledger;
+mod loss_series;
 mod msg;
 mod schedule;
 mod shard;
@@ -17,7 +19,9 @@ mod supervision;
 mod trainer;
 
 pub use aggregator::{AggCommand, AggStats, AggregatorCore, AggregatorSetup, RangeState, Verdict};
-pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Ledger, Msg, Params, Role};
+pub use ledger::{ClosedEpochs, Ledger};
+pub use loss_series::{LossSeries, LOSS_POINTS};
+pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Msg, Params, Role};
 pub use schedule::Schedule;
 pub use shard::{ShardCore, ShardError, MAX_BATCHES_PER_REQUEST};
 pub use supervision::{FaultRecord, JobCommand, JobCore, JobError, JobPlan, RestartPolicy};

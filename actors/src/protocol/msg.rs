@@ -10,6 +10,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::ledger::Ledger;
+
 /// Identifies one training job; every message carries it so that two jobs
 /// sharing a node or a connection can never mix their contributions.
 pub type JobId = u64;
@@ -261,7 +263,7 @@ pub enum Msg {
         offset: u64,
         /// Final parameter values of the range.
         values: Vec<f32>,
-        /// Per epoch, samples applied per partition.
+        /// The exactly-once ledger: samples applied per partition and epoch.
         ledger: Ledger,
     },
 }
@@ -305,8 +307,3 @@ impl Msg {
         }
     }
 }
-
-/// Per epoch, the number of samples applied for each partition: the
-/// exactly-once ledger. Checkpointed with the parameters so a rollback
-/// rolls it back too.
-pub type Ledger = std::collections::BTreeMap<u64, Vec<u64>>;

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::msg::{ActorKey, JobId, Ledger, Msg, Role};
+use super::ledger::Ledger;
+use super::loss_series::LossSeries;
+use super::msg::{ActorKey, JobId, Msg, Role};
 use super::{Addr, Schedule};
 
 /// How often a child may fail before the failure escalates, as in OTP's
@@ -228,7 +230,7 @@ pub struct JobCore {
     global_step: u64,
     faults: Vec<FaultRecord>,
     awaiting_progress: Vec<usize>,
-    losses: BTreeMap<u64, f64>,
+    losses: LossSeries,
     finished: Vec<Option<(u64, Vec<f32>, Ledger)>>,
     done: bool,
 }
@@ -248,7 +250,7 @@ impl JobCore {
             global_step: 0,
             faults: Vec::new(),
             awaiting_progress: Vec::new(),
-            losses: BTreeMap::new(),
+            losses: LossSeries::new(),
             finished: vec![None; ranges],
             done: false,
         }
@@ -289,8 +291,9 @@ impl JobCore {
     pub fn faults(&self) -> &[FaultRecord] {
         &self.faults
     }
-    /// Mean loss of every applied step, by the version it produced.
-    pub fn losses(&self) -> &BTreeMap<u64, f64> {
+    /// Mean loss of the applied steps, by the version they produced,
+    /// downsampled to a bounded number of points (see [`LossSeries`]).
+    pub fn losses(&self) -> &LossSeries {
         &self.losses
     }
     /// True once the job completed or failed.
@@ -425,7 +428,7 @@ impl JobCore {
         }
         self.global_step = min;
         let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
-        self.losses.insert(min, loss);
+        self.losses.record(min, loss);
         let since = self.ms_since_start(now);
         for i in std::mem::take(&mut self.awaiting_progress) {
             self.faults[i].recovery_ms = Some(since.saturating_sub(self.faults[i].at_ms));

@@ -90,7 +90,7 @@ fn aggregator_ignores_duplicates_stale_future_and_other_generations() {
     assert_eq!(core.on_gradient(grad(0, 1, 0, vec![1.0; 3])).0, Verdict::Applied);
     assert_eq!(core.on_gradient(grad(0, 1, 0, vec![1.0; 3])).0, Verdict::Stale);
     // Exactly once: each partition's 2 samples counted once despite the replays.
-    assert_eq!(core.state().ledger[&0], vec![2, 2]);
+    assert_eq!(core.state().ledger.open[&0], vec![2, 2]);
     let s = core.stats();
     assert_eq!((s.duplicates, s.stale, s.future, s.other_generation), (1, 1, 1, 1));
 }
@@ -128,8 +128,10 @@ fn aggregator_checkpoints_every_k_steps_and_reports_the_end() {
                 AggCommand::Checkpoint { step } => checkpoints.push(step),
                 AggCommand::Send(Addr::Job, Msg::Finished { ledger, .. }) => {
                     finished = true;
-                    assert_eq!(ledger[&0], vec![4]);
-                    assert_eq!(ledger[&1], vec![4]);
+                    // Both epochs applied [4] (the partition's size), folded when they ended.
+                    assert!(ledger.open.is_empty(), "{ledger:?}");
+                    assert_eq!((ledger.closed.epochs, ledger.closed.exact), (2, 2), "{ledger:?}");
+                    assert_eq!(ledger.closed.per_partition, vec![8]);
                 }
                 _ => {}
             }
@@ -164,6 +166,47 @@ fn split_ranges_apply_the_same_bits_as_one_range() {
     let mut joined = a.state().params.clone();
     joined.extend_from_slice(&b.state().params);
     assert_eq!(bits(&whole.state().params), bits(&joined));
+}
+
+#[test]
+fn aggregator_folds_an_epoch_into_the_ledger_when_its_last_step_is_applied() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 2), 0, fresh(2));
+    for p in 0..2 {
+        core.on_gradient(grad(0, p, 0, vec![0.1, 0.2]));
+    }
+    let ledger = &core.state().ledger;
+    assert_eq!((ledger.open[&0].clone(), ledger.closed.epochs), (vec![2, 2], 0));
+    for p in 0..2 {
+        core.on_gradient(grad(1, p, 0, vec![0.1, 0.2]));
+    }
+    let ledger = &core.state().ledger;
+    assert!(ledger.open.is_empty(), "{ledger:?}");
+    assert_eq!((ledger.closed.epochs, ledger.closed.exact, ledger.closed.first_inexact.clone()), (1, 1, None));
+}
+
+#[test]
+fn a_state_restored_with_finished_epochs_as_rows_folds_them() {
+    // What a checkpoint written before epochs were folded holds at step 3.
+    let state = RangeState { step: 3, ledger: [(0, vec![4, 4]), (1, vec![2, 2])].into_iter().collect(), ..fresh(2) };
+    let core = AggregatorCore::new(agg_setup(0, 0, 2, 2), 0, state);
+    let ledger = &core.state().ledger;
+    assert_eq!((ledger.closed.epochs, ledger.closed.exact), (1, 1));
+    assert_eq!(ledger.open.keys().copied().collect::<Vec<_>>(), vec![1]);
+}
+
+#[test]
+fn a_broken_aggregator_counting_a_duplicate_leaves_an_inexact_epoch_in_the_ledger() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 2), 0, fresh(2));
+    core.break_accept_duplicates();
+    core.on_gradient(grad(0, 0, 0, vec![0.1, 0.2]));
+    core.on_gradient(grad(0, 0, 0, vec![0.1, 0.2])); // counted twice
+    core.on_gradient(grad(0, 1, 0, vec![0.1, 0.2]));
+    for p in 0..2 {
+        core.on_gradient(grad(1, p, 0, vec![0.1, 0.2]));
+    }
+    let closed = &core.state().ledger.closed;
+    assert_eq!((closed.epochs, closed.exact, closed.duplicated, closed.lost), (1, 0, 2, 0));
+    assert_eq!(closed.first_inexact, Some((0, vec![6, 4])));
 }
 
 #[test]

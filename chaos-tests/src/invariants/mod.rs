@@ -51,23 +51,41 @@ pub fn check_all(outcome: &SimOutcome, expected: &Expected) -> Vec<String> {
 /// run completed, or there is no summary): exactly-once, bit-identical, no
 /// bad checkpoint loaded, clean exits. The violations, named.
 pub fn check_process(summary: &serde_json::Value, expected: &Expected) -> Vec<String> {
-    let ledger: phalanx_actors::protocol::Ledger = summary["samples_applied"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            let per = e["per_partition"].as_array()?.iter().map(|v| v.as_u64()).collect::<Option<Vec<u64>>>()?;
-            Some((e["epoch"].as_u64()?, per))
-        })
-        .collect();
     let sha = summary["model_sha256"].as_str().unwrap_or("(none)");
     let checks = [
-        ("exactly-once", ledger_exact(&ledger, expected)),
+        ("exactly-once", summary_ledger(&summary["samples_applied"]).and_then(|l| ledger_exact(&l, expected))),
         ("bit-identical", sha_matches(sha, expected)),
         ("no-bad-checkpoint", no_bad_checkpoint(summary)),
         ("clean-exits", clean_exits(summary)),
     ];
     checks.into_iter().filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}"))).collect()
+}
+
+/// The ledger a node cluster's `summary.json` reports in `samples_applied`
+/// (the exactly-once verdict folded over the epochs), as the aggregators
+/// folded it.
+fn summary_ledger(applied: &serde_json::Value) -> Result<phalanx_actors::protocol::Ledger, String> {
+    let count = |field: &str| applied[field].as_u64().ok_or_else(|| format!("samples_applied.{field} is missing"));
+    let counts =
+        |v: &serde_json::Value| v.as_array()?.iter().map(serde_json::Value::as_u64).collect::<Option<Vec<u64>>>();
+    let first_inexact = match &applied["first_failing"] {
+        serde_json::Value::Null => None,
+        e => Some((
+            e["epoch"].as_u64().ok_or("samples_applied.first_failing.epoch is missing")?,
+            counts(&e["per_partition"]).ok_or("samples_applied.first_failing.per_partition is missing")?,
+        )),
+    };
+    Ok(phalanx_actors::protocol::Ledger {
+        open: Default::default(),
+        closed: phalanx_actors::protocol::ClosedEpochs {
+            epochs: count("epochs")?,
+            exact: count("exactly_once_epochs")?,
+            per_partition: counts(&applied["per_partition"]).ok_or("samples_applied.per_partition is missing")?,
+            lost: count("lost")?,
+            duplicated: count("duplicated")?,
+            first_inexact,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -136,7 +154,10 @@ mod tests {
     fn summary(sha: &str) -> serde_json::Value {
         serde_json::json!({
             "model_sha256": sha,
-            "samples_applied": [{ "epoch": 0, "per_partition": [2, 2] }],
+            "samples_applied": {
+                "epochs": 1, "exactly_once_epochs": 1, "exactly_once": true, "total": 4, "per_partition": [2, 2],
+                "lost": 0, "duplicated": 0, "first_failing": null,
+            },
             "node_faults": [{ "kind": "corrupt", "node": 1, "checkpoint_step": 280 }],
             "takeovers": [{ "node": 1, "epoch": 2, "restore": 260 }],
             "node_exits": [{ "node": 1, "code": 0, "detail": "exit status: 0" }],
@@ -149,8 +170,21 @@ mod tests {
         let sha = "0".repeat(64);
         assert_eq!(check_process(&summary(&sha), &expected()), Vec::<String>::new());
         let mut s = summary(&sha);
-        s["samples_applied"][0]["per_partition"] = serde_json::json!([2, 3]);
+        s["samples_applied"]["exactly_once_epochs"] = 0.into();
+        s["samples_applied"]["first_failing"] =
+            serde_json::json!({ "epoch": 0, "total": 5, "per_partition": [2, 3], "exactly_once": false });
         assert!(check_process(&s, &expected())[0].starts_with("exactly-once: epoch 0 partition 1"));
+        // Aggregators that judged every epoch against wrong sizes: the totals give them away.
+        let mut s = summary(&sha);
+        s["samples_applied"]["per_partition"] = serde_json::json!([2, 3]);
+        let v = check_process(&s, &expected());
+        assert!(v[0].starts_with("exactly-once: samples applied per partition"), "{v:?}");
+        let mut s = summary(&sha);
+        s["samples_applied"]["lost"] = 1.into();
+        assert!(check_process(&s, &expected())[0].contains("1 samples lost"));
+        let mut s = summary(&sha);
+        s["samples_applied"] = serde_json::json!([{ "epoch": 0, "per_partition": [2, 2] }]);
+        assert!(check_process(&s, &expected())[0].contains("samples_applied.epochs is missing"));
         let s = summary(&"1".repeat(64));
         assert!(check_process(&s, &expected())[0].starts_with("bit-identical"));
         let mut s = summary(&sha);

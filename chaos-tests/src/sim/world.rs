@@ -104,7 +104,7 @@ pub struct SimOutcome {
     pub trace_digest: String,
     /// The supervisor's record of every crash and its recovery (virtual ms).
     pub faults: Vec<phalanx_actors::protocol::FaultRecord>,
-    /// Mean loss per step, by the version it produced.
+    /// Mean loss per step, by the version it produced (downsampled on long jobs).
     pub losses: BTreeMap<u64, f64>,
 }
 
@@ -191,7 +191,7 @@ pub fn simulate(job: &PreparedJob, opts: &SimOptions) -> SimOutcome {
     }
     w.stats.finished_at_ms = w.now;
     let faults = w.supervisor.faults().to_vec();
-    let losses = w.supervisor.losses().clone();
+    let losses = w.supervisor.losses().to_map();
     SimOutcome {
         faults,
         losses,

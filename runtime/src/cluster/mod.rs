@@ -12,4 +12,5 @@ pub mod registry;
 pub mod replication;
 pub mod resume;
 pub mod runner;
+pub mod step_events;
 pub mod wire;

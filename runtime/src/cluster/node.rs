@@ -7,11 +7,16 @@
 //!                        └──────── frames (NodeMsg) ◀────┘──▶ stdout: one JSON event per line
 //! ```
 //!
-//! The node prints one JSON object per line on stdout (`listening`,
-//! `peer_up`, `peer_down`, `down`, `view`, `quorum_lost`, `duplicate_identity`,
-//! `stopped`), each with `node` and `t_ms` (milliseconds since the Unix epoch,
-//! so a driver can measure detection time against the moment it killed a
-//! process), and logs for people on stderr.
+//! The node hands one typed event per state change to its sink (see
+//! [`super::event`]); `phalanx node` prints each as one JSON object per line
+//! on stdout (`listening` with the process id, `peer_up`, `peer_down`,
+//! `down`, `view`, `quorum_lost`, `duplicate_identity`, `stopped`; with a job
+//! `coordinating`, `spawn`, `step`, `job_done`, `job_failed`), each with
+//! `node` and `t_ms` (milliseconds since the Unix epoch, so a driver can
+//! measure detection time against the moment it killed a process), and logs
+//! for people on stderr. `step` events come at a bounded rate (see
+//! [`super::step_events`]) while the coordinator appends every step to
+//! `OUT/history.csv`.
 //!
 //! **One process per node id.** A second process started with a member's id
 //! (an operator mistake) is refused by every member whose connection to the
@@ -33,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use phalanx_actors::actor::{spawn_job_at, JobContext};
+use phalanx_actors::actor::{spawn_job_recording, JobContext};
 use phalanx_actors::checkpoint::CheckpointStore;
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
 use ractor::{Actor, ActorRef};
@@ -45,6 +50,7 @@ use super::placement::{default_replicas, Placement, Shape};
 use super::replication::{ReplicationStats, ReplicationTracker};
 use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
 use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing};
+use super::step_events::StepEvents;
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
@@ -93,6 +99,11 @@ pub struct NodeConfig {
     /// else 1 (see [`default_replicas`]).
     #[serde(default)]
     pub replicas: Option<u32>,
+    /// Steps that always get a `step` event when this node coordinates (a
+    /// harness injecting faults at those steps); other steps are reported at
+    /// a bounded rate (see [`super::step_events`]).
+    #[serde(default)]
+    pub report_steps: Vec<u64>,
 }
 
 impl NodeConfig {
@@ -180,6 +191,8 @@ struct NodeJob {
     out: Option<PathBuf>,
     /// Fault injection: see [`NodeConfig::crash_before_rename`].
     crash_before_rename: Option<u64>,
+    /// See [`NodeConfig::report_steps`].
+    report_steps: Vec<u64>,
     members: Vec<u32>,
     /// Checkpoint copies wanted on other nodes.
     replicas: u32,
@@ -251,6 +264,7 @@ impl NodeJob {
             checkpoints,
             out: config.out.clone(),
             crash_before_rename: config.crash_before_rename,
+            report_steps: config.report_steps.clone(),
             members: (0..config.members()).collect(),
             replicas,
             coordinator: None,
@@ -361,6 +375,9 @@ impl NodeJob {
         let out = self.out.clone();
         let crash = self.crash_before_rename;
         let replication = self.replication_stats.subscribe();
+        // A job this node has never seen run starts fresh (a new history);
+        // any other start continues it.
+        let fresh_job = self.job_started_ms.is_none();
         let job_started_ms = *self.job_started_ms.get_or_insert_with(unix_ms);
         let (events, metrics) = (self.events.clone(), self.metrics.clone());
         let start = Start {
@@ -369,6 +386,8 @@ impl NodeJob {
             source,
             replication,
             job_started_ms,
+            fresh_job,
+            report_steps: self.report_steps.clone(),
             events: events.clone(),
             metrics: metrics.clone(),
         };
@@ -580,6 +599,10 @@ struct Start {
     replication: watch::Receiver<ReplicationStats>,
     /// When the job first started, on any coordinator (Unix ms).
     job_started_ms: u64,
+    /// This node never saw the job run before: a new history.
+    fresh_job: bool,
+    /// Steps that always get a `step` event.
+    report_steps: Vec<u64>,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
 }
@@ -592,6 +615,7 @@ fn first_generation(epoch: u64, me: u32) -> u64 {
     (epoch << 32) | (u64::from(me & 0xfff) << 20)
 }
 
+/// What the coordinator writes and reports besides the job itself.
 /// Run the job's supervisor on this node (the coordinator) until the job ends.
 async fn coordinate(
     prepared: Arc<PreparedJob>,
@@ -603,7 +627,7 @@ async fn coordinate(
     start: Start,
 ) -> Result<(), Error> {
     let me = routing.me;
-    let Start { epoch, restore, source, replication, job_started_ms, events, metrics } = start;
+    let Start { epoch, restore, source, replication, job_started_ms, fresh_job, report_steps, events, metrics } = start;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch, job_started_ms));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
@@ -616,22 +640,43 @@ async fn coordinate(
     metrics.takeovers.get_or_create(&Kind::of(cause)).inc();
     metrics.jobs.get_or_create(&Kind::of("running")).set(1);
     events.emit(NodeEventKind::Coordinating { epoch, restore, restore_from: source });
+    // A coordinator taking over continues its predecessor's history (steps it
+    // recomputes appear again); a fresh job starts a new one.
+    let mut history = match &out {
+        Some(dir) => Some(crate::output::HistoryWriter::open(&dir.join(crate::output::HISTORY_FILE), !fresh_job)?),
+        None => None,
+    };
+    let total_steps = prepared.schedule.total_steps();
+    let mut step_events = StepEvents::new(report_steps, total_steps);
+    // A new view (a node lost or back) or placement: report the next step when it comes.
+    let mut routes = routing.routes.clone();
+    routes.mark_unchanged();
     // Generations of this supervisor start above any a predecessor issued.
-    let handle =
-        spawn_job_at(ctx, restore, first_generation(epoch, me)).await.map_err(|e| Error::Spawn(e.to_string()))?;
-    let mut last: Option<(u64, u64, Instant)> = None;
-    let outcome = crate::job::await_job(handle, |p| {
-        let now = Instant::now();
-        if let Some((step, samples, at)) = last {
-            if p.step > step {
-                metrics.steps_applied.inc_by(p.step - step);
-                metrics.step_duration.observe(now.duration_since(at).as_secs_f64() / (p.step - step) as f64);
+    let handle = spawn_job_recording(ctx, restore, first_generation(epoch, me))
+        .await
+        .map_err(|e| Error::Spawn(e.to_string()))?;
+    let mut last_at: Option<Instant> = None;
+    let outcome = crate::job::await_job(
+        handle,
+        |_| {},
+        |r| {
+            if let Some(h) = history.as_mut() {
+                h.record(r);
             }
-            metrics.samples_applied.inc_by(p.samples.saturating_sub(samples));
-        }
-        last = Some((p.step, p.samples, now));
-        events.emit(NodeEventKind::Step { step: p.step, total_steps: p.total_steps, loss: p.loss });
-    })
+            metrics.steps_applied.inc();
+            metrics.samples_applied.inc_by(r.samples);
+            if let Some(at) = last_at.replace(r.at) {
+                metrics.step_duration.observe(r.at.saturating_duration_since(at).as_secs_f64());
+            }
+            if routes.has_changed().unwrap_or(false) {
+                routes.mark_unchanged();
+                step_events.report_next();
+            }
+            if step_events.due(r.step, r.at) {
+                events.emit(NodeEventKind::Step { step: r.step, total_steps, loss: r.loss });
+            }
+        },
+    )
     .await?;
     metrics.checkpoint_failures.inc_by(outcome.checkpoint_failures.len() as u64);
     metrics.jobs.get_or_create(&Kind::of("running")).set(0);
@@ -639,7 +684,8 @@ async fn coordinate(
     let evaluation = prepared.evaluate(&outcome.params)?;
     // The whole job's wall time, predecessors' shares included.
     let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
-    let report = crate::TrainReport { outcome, evaluation, duration };
+    let history = history.map(|h| h.path().to_path_buf());
+    let report = crate::TrainReport { outcome, evaluation, duration, history };
     let model_sha256 = crate::params_sha256(&report.outcome.params);
     let summary = match &out {
         Some(dir) => {

@@ -49,8 +49,12 @@ pub fn sha(report: &TrainReport) -> String {
 /// Every partition applied exactly its size in every epoch.
 pub fn assert_exactly_once(job: &PreparedJob, report: &TrainReport) {
     let sizes = job.partitions.sizes();
-    assert_eq!(report.outcome.ledger.len() as u32, job.schedule.epochs, "one ledger entry per epoch");
-    for (epoch, applied) in &report.outcome.ledger {
-        assert_eq!(applied, &sizes, "epoch {epoch}: samples applied per partition vs partition sizes");
-    }
+    let epochs = u64::from(job.schedule.epochs);
+    let ledger = &report.outcome.ledger;
+    assert_eq!(ledger.epochs(), epochs, "one ledger entry per epoch");
+    // Finished epochs are folded into counts by the aggregators, each compared with the sizes.
+    assert_eq!(ledger.first_inexact(&sizes), None, "an epoch's samples applied per partition vs partition sizes");
+    assert!(ledger.is_exact(&sizes, epochs), "every epoch applied exactly once: {ledger:?}");
+    let totals: Vec<u64> = sizes.iter().map(|s| s * epochs).collect();
+    assert_eq!(ledger.closed.per_partition, totals, "samples applied per partition over all epochs");
 }
