@@ -77,6 +77,9 @@ pub enum Error {
         /// Its reason: where the live member with this id runs, and its incarnation.
         reason: String,
     },
+    /// A job could not be submitted (no coordinator, queue full, no answer).
+    #[error("cannot submit the job: {0}")]
+    Submit(String),
     /// An output could not be encoded.
     #[error("cannot encode {what}: {reason}")]
     Encode {

@@ -387,8 +387,11 @@ impl LocalCluster {
         self.dir.path().join(format!("data-{id}"))
     }
 
+    /// Node `id`'s checkpoint copies of the run's job (the job given at start:
+    /// `DATA_DIR/jobs/1/checkpoints`).
     fn checkpoints(&self, id: u32) -> PathBuf {
-        self.data_dir(id).join("checkpoints")
+        let job = crate::cluster::jobs::STARTUP_JOB.to_string();
+        self.data_dir(id).join("jobs").join(job).join("checkpoints")
     }
 
     fn spawn(&mut self, id: u32) -> Result<(), Error> {

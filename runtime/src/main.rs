@@ -166,6 +166,9 @@ struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Jobs running at once; more wait in the queue, first in first out.
+    #[arg(long, value_name = "N")]
+    max_jobs: Option<u32>,
     /// Steps that always get a `step` event on the coordinator (others come at a bounded rate). Comma-separated.
     #[arg(long, value_delimiter = ',', value_name = "STEP,...")]
     report_steps: Vec<u64>,
@@ -195,6 +198,7 @@ impl NodeArgs {
                     crash_before_rename: None,
                     replicas: None,
                     report_steps: Vec::new(),
+                    max_jobs: 1,
                 }
             }
         };
@@ -224,6 +228,9 @@ impl NodeArgs {
         }
         if self.replicas.is_some() {
             c.replicas = self.replicas;
+        }
+        if let Some(n) = self.max_jobs {
+            c.max_jobs = n.max(1);
         }
         if self.crash_before_rename.is_some() {
             c.crash_before_rename = self.crash_before_rename;
@@ -702,7 +709,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     });
-    let parts = NodeParts { events, metrics, identity: None, job: None, bound: None };
+    let parts = NodeParts { events, metrics, identity: None, job: None, bound: None, commands: None };
     // On a worker thread rather than the main thread's block_on: the node loop
     // is the process's heart and must be scheduled like every other task.
     let result = tokio::spawn(run_node_with(config, parts, termination()))

@@ -38,16 +38,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use phalanx_transport::certs::NodeIdentity;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::cluster::event::{NodeEvent, NodeEventKind};
+use crate::cluster::jobs::NodeCommand;
 use crate::cluster::membership::DetectorConfig;
 use crate::cluster::node::{run_node_with, NodeConfig, NodeParts};
+use crate::cluster::registry::{JobEntry, JobId};
 use crate::config::JobConfig;
 use crate::error::Error;
 use crate::metrics::NodeMetrics;
+
+/// Commands (submit, cancel, list) queued to a node at most; callers wait beyond.
+const COMMAND_CAPACITY: usize = 64;
 
 /// Events buffered per subscriber; a subscriber further behind skips the
 /// oldest (and is told how many in a log line), the node never waits for it.
@@ -80,6 +85,7 @@ pub struct NodeBuilder {
     job: Option<JobConfig>,
     out: Option<PathBuf>,
     metrics: Option<SocketAddr>,
+    max_jobs: Option<u32>,
 }
 
 impl NodeBuilder {
@@ -139,6 +145,11 @@ impl NodeBuilder {
         self.out = Some(dir.into());
         self
     }
+    /// Jobs running at once (default 1); more wait in the queue, first in first out.
+    pub fn max_jobs(mut self, n: u32) -> Self {
+        self.max_jobs = Some(n);
+        self
+    }
     /// Serve Prometheus metrics at `http://ADDR/metrics` (port 0 picks one;
     /// see [`NodeHandle::metrics_addr`]).
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
@@ -170,11 +181,13 @@ impl NodeBuilder {
             crash_before_rename: None,
             replicas: self.replicas,
             report_steps: Vec::new(),
+            max_jobs: self.max_jobs.unwrap_or(1).max(1),
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let metrics = NodeMetrics::new(id);
         let (bound_tx, bound_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (commands, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
         let sink_events = events.clone();
         let parts = NodeParts {
             events: Arc::new(move |e| {
@@ -185,6 +198,7 @@ impl NodeBuilder {
             identity: Some(identity),
             job: self.job,
             bound: Some(bound_tx),
+            commands: Some(commands_rx),
         };
         let task = tokio::spawn(run_node_with(config, parts, async move {
             let _ = stop_rx.await;
@@ -223,6 +237,7 @@ impl NodeBuilder {
                 metrics_addr,
                 events,
                 metrics,
+                commands,
                 stop: Mutex::new(Some(stop_tx)),
                 task: tokio::sync::Mutex::new(Some(task)),
             }),
@@ -237,6 +252,7 @@ struct Inner {
     metrics_addr: Option<SocketAddr>,
     events: broadcast::Sender<NodeEvent>,
     metrics: Arc<NodeMetrics>,
+    commands: mpsc::Sender<NodeCommand>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), Error>>>>,
 }
@@ -281,6 +297,44 @@ impl NodeHandle {
         })
     }
 
+    /// Submit a job to the cluster from this node (any member: it is forwarded
+    /// to the coordinator). Checks the spec here first (data, model, fields:
+    /// errors name the field); returns once a majority of the cluster holds the
+    /// job, so a coordinator dying right after does not lose it. Jobs run in
+    /// submission order, at most `max_jobs` at once.
+    pub async fn submit(&self, spec: JobConfig) -> Result<JobHandle, Error> {
+        let check = spec.clone();
+        tokio::task::spawn_blocking(move || crate::PreparedJob::new(check))
+            .await
+            .map_err(|e| Error::Spawn(format!("checking the job: {e}")))??;
+        // Subscribed before the job can run, so its events are never missed.
+        let events = self.events();
+        let (reply, answer) = oneshot::channel();
+        self.command(NodeCommand::Submit { spec: Box::new(spec), reply }).await?;
+        let id = answer.await.map_err(|_| self.stopped())??;
+        Ok(JobHandle { id, node: self.clone(), events: Mutex::new(Some(Box::pin(events))) })
+    }
+
+    /// The jobs this node knows of (its copy of the cluster's registry).
+    pub async fn jobs(&self) -> Result<Vec<JobEntry>, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.command(NodeCommand::Jobs { reply }).await?;
+        answer.await.map_err(|_| self.stopped())
+    }
+
+    /// Cancel job `id` (forwarded to the coordinator): its actors stop on every node.
+    pub async fn cancel(&self, id: JobId) -> Result<(), Error> {
+        self.command(NodeCommand::Cancel { job: id }).await
+    }
+
+    async fn command(&self, cmd: NodeCommand) -> Result<(), Error> {
+        self.inner.commands.send(cmd).await.map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Submit(format!("node {} has stopped", self.inner.id))
+    }
+
     /// Stop gracefully: hosted actors stop (the coordinator, if this node is
     /// one, stops its job; a successor resumes it from the replicated
     /// checkpoints), connections close with a shutdown code, and this returns
@@ -295,5 +349,116 @@ impl NodeHandle {
             Some(task) => task.await.map_err(|e| Error::Spawn(format!("node {} task failed: {e}", self.inner.id)))?,
             None => Ok(()),
         }
+    }
+}
+
+/// What a finished job produced, as the cluster reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobResult {
+    /// The job.
+    pub id: JobId,
+    /// SHA-256 of the final parameters (see [`crate::params_sha256`]).
+    pub model_sha256: String,
+    /// Where the coordinator wrote `summary.json` (and `model.safetensors` beside it).
+    pub summary: Option<PathBuf>,
+}
+
+type EventStream = std::pin::Pin<Box<dyn Stream<Item = NodeEvent> + Send>>;
+
+/// A submitted job: its id, its events, its outcome.
+pub struct JobHandle {
+    id: JobId,
+    node: NodeHandle,
+    events: Mutex<Option<EventStream>>,
+}
+
+impl std::fmt::Debug for JobHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobHandle").field("id", &self.id).field("node", &self.node.id()).finish()
+    }
+}
+
+impl JobHandle {
+    /// The job's id in the cluster.
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+
+    /// This job's events seen by the node it was submitted to (on the
+    /// coordinator: `coordinating`, `step` at a bounded rate, `job_done`; on
+    /// every node: `job_state` changes).
+    pub fn progress(&self) -> impl Stream<Item = NodeEvent> + Unpin + Send + 'static {
+        let id = self.id;
+        self.node.events().filter(move |e| job_of(&e.kind) == Some(id))
+    }
+
+    /// Cancel the job.
+    pub async fn cancel(&self) -> Result<(), Error> {
+        self.node.cancel(self.id).await
+    }
+
+    /// Wait for the job to end: its result when it finished, an error naming
+    /// the job when it failed or was cancelled (or the node stopped).
+    pub async fn outcome(&self) -> Result<JobResult, Error> {
+        let id = self.id;
+        let taken = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut events: EventStream = match taken {
+            Some(events) => events,
+            None => Box::pin(self.node.events()),
+        };
+        // The job may have ended before this call (and before a fresh subscription).
+        if let Some(entry) = self.node.jobs().await?.into_iter().find(|j| j.id == id) {
+            if let Some(r) = ended(id, &entry.state) {
+                return r;
+            }
+        }
+        while let Some(e) = events.next().await {
+            if let NodeEventKind::JobState { job, ref state, ref model_sha256, ref summary, ref error } = e.kind {
+                if job != id {
+                    continue;
+                }
+                let state = match state.as_str() {
+                    "finished" => crate::cluster::registry::JobState::Finished {
+                        model_sha256: model_sha256.clone().unwrap_or_default(),
+                        summary: summary.clone(),
+                    },
+                    "failed" => crate::cluster::registry::JobState::Failed { error: error.clone().unwrap_or_default() },
+                    "cancelled" => crate::cluster::registry::JobState::Cancelled,
+                    _ => continue,
+                };
+                if let Some(r) = ended(id, &state) {
+                    return r;
+                }
+            }
+        }
+        Err(Error::Submit(format!("node {} stopped before job {id} ended", self.node.id())))
+    }
+}
+
+/// The result of a job that is over; none while it is queued or running.
+fn ended(id: JobId, state: &crate::cluster::registry::JobState) -> Option<Result<JobResult, Error>> {
+    use crate::cluster::registry::JobState;
+    match state {
+        JobState::Finished { model_sha256, summary } => {
+            Some(Ok(JobResult { id, model_sha256: model_sha256.clone(), summary: summary.as_ref().map(PathBuf::from) }))
+        }
+        JobState::Failed { error } => Some(Err(Error::Submit(format!("job {id} failed: {error}")))),
+        JobState::Cancelled => Some(Err(Error::Submit(format!("job {id} was cancelled")))),
+        JobState::Queued | JobState::Running => None,
+    }
+}
+
+/// The job an event is about, if any.
+pub fn job_of(kind: &NodeEventKind) -> Option<JobId> {
+    match kind {
+        NodeEventKind::Spawn { job, .. }
+        | NodeEventKind::Coordinating { job, .. }
+        | NodeEventKind::Fetching { job, .. }
+        | NodeEventKind::Waiting { job, .. }
+        | NodeEventKind::Step { job, .. }
+        | NodeEventKind::JobDone { job, .. }
+        | NodeEventKind::JobFailed { job, .. }
+        | NodeEventKind::JobState { job, .. } => Some(*job),
+        _ => None,
     }
 }

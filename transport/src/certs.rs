@@ -362,7 +362,13 @@ impl NodeIdentity {
         let cert_path = dir.join(format!("{name}.pem"));
         let key_path = dir.join(format!("{name}.key"));
         let ca_path = dir.join(CA_CERT_FILE);
-        let (cert, key, ca) = (read(&cert_path)?, read(&key_path)?, read(&ca_path)?);
+        let cert = read(&cert_path)?;
+        // The certificate first: a wrong one is named before a missing key is.
+        let found = parse_certs(&cert_path, &cert)?.first().and_then(|c| node_id_of(c));
+        if found != Some(id) {
+            return Err(CertError::WrongNodeId { path: cert_path, expected: id, found });
+        }
+        let (key, ca) = (read(&key_path)?, read(&ca_path)?);
         Self::parse(id, (&cert_path, &cert), (&key_path, &key), (&ca_path, &ca))
     }
 

@@ -128,6 +128,8 @@ pub enum NodeEventKind {
     },
     /// The coordinator asked this node to run an actor.
     Spawn {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// The actor, e.g. `trainer 1`.
         actor: String,
         /// The coordinator.
@@ -135,6 +137,8 @@ pub enum NodeEventKind {
     },
     /// This node coordinates the job from now on.
     Coordinating {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// Its view's epoch.
         epoch: u64,
         /// The checkpoint step it restores (none: from step 0).
@@ -144,6 +148,8 @@ pub enum NodeEventKind {
     },
     /// A new coordinator fetches a checkpoint from a member.
     Fetching {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// The member.
         from: u32,
         /// The step.
@@ -153,6 +159,8 @@ pub enum NodeEventKind {
     },
     /// The coordinator does not start the job yet.
     Waiting {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// Configured members it waits for.
         missing: Vec<u32>,
         /// Why.
@@ -160,6 +168,8 @@ pub enum NodeEventKind {
     },
     /// Training progressed (at a bounded rate, and at every step a harness asked for).
     Step {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// Steps applied.
         step: u64,
         /// Steps of the whole job.
@@ -169,6 +179,8 @@ pub enum NodeEventKind {
     },
     /// The job finished.
     JobDone {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// Where its summary was written.
         summary: Option<String>,
         /// SHA-256 of the final parameters.
@@ -178,8 +190,24 @@ pub enum NodeEventKind {
     },
     /// The job failed.
     JobFailed {
+        /// The job (its id in the cluster's registry).
+        job: u64,
         /// Why.
         error: String,
+    },
+    /// This node's copy of the job registry changed a job's state
+    /// (`queued`, `running`, `finished`, `failed`, `cancelled`).
+    JobState {
+        /// The job.
+        job: u64,
+        /// Its state now.
+        state: String,
+        /// Finished: SHA-256 of the final parameters.
+        model_sha256: Option<String>,
+        /// Finished: where the summary was written.
+        summary: Option<String>,
+        /// Failed: why.
+        error: Option<String>,
     },
     /// The node stopped.
     Stopped,
@@ -188,6 +216,19 @@ pub enum NodeEventKind {
 /// Where a node sends its events. Called on the node's own tasks: it must
 /// return quickly (print a line, send on a channel), never block.
 pub type EventSink = Arc<dyn Fn(NodeEvent) + Send + Sync>;
+
+/// Hands a node's events to its sink, stamped with the node and the time.
+#[derive(Clone)]
+pub(crate) struct Emitter {
+    pub(crate) node: u32,
+    pub(crate) sink: EventSink,
+}
+
+impl Emitter {
+    pub(crate) fn emit(&self, kind: NodeEventKind) {
+        (self.sink)(NodeEvent::new(self.node, kind));
+    }
+}
 
 /// A sink that drops every event.
 pub fn discard() -> EventSink {
@@ -203,11 +244,11 @@ mod tests {
         let e = NodeEvent {
             node: 1,
             t_ms: 7,
-            kind: NodeEventKind::Coordinating { epoch: 3, restore: None, restore_from: "none".into() },
+            kind: NodeEventKind::Coordinating { job: 1, epoch: 3, restore: None, restore_from: "none".into() },
         };
         assert_eq!(
             serde_json::to_value(&e).unwrap(),
-            serde_json::json!({"event": "coordinating", "node": 1, "t_ms": 7, "epoch": 3, "restore": null, "restore_from": "none"})
+            serde_json::json!({"event": "coordinating", "node": 1, "t_ms": 7, "job": 1, "epoch": 3, "restore": null, "restore_from": "none"})
         );
         let stopped = serde_json::to_value(NodeEvent { node: 0, t_ms: 1, kind: NodeEventKind::Stopped }).unwrap();
         assert_eq!(stopped, serde_json::json!({"event": "stopped", "node": 0, "t_ms": 1}));

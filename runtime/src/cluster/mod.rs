@@ -5,8 +5,10 @@
 //! over the QUIC transport.
 
 pub mod event;
+pub mod jobs;
 pub mod membership;
 pub mod node;
+pub mod node_job;
 pub mod placement;
 pub mod registry;
 pub mod replication;

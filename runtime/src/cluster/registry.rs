@@ -36,8 +36,10 @@ pub const MAX_JOBS_KEPT: usize = 256;
 pub const MAX_QUEUED: usize = 64;
 
 /// Where a job stands.
+// Externally tagged (serde's default): it travels in bincode frames, which
+// cannot carry internally tagged enums.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Accepted, waiting for a free slot.
     Queued,
@@ -155,6 +157,13 @@ impl Registry {
     /// The newest version a majority of `members` holds (coordinator).
     pub fn durable(&self) -> Version {
         self.durable
+    }
+
+    /// Every member knows job `id` from its start (the job given on the
+    /// command line): queued, in version `(0, 0)`, below anything a coordinator issues.
+    pub fn seed(&mut self, id: JobId, spec: JobConfig) {
+        self.snapshot.jobs.insert(id, JobEntry { id, spec, state: JobState::Queued });
+        self.snapshot.next_id = self.snapshot.next_id.max(id + 1);
     }
 
     /// This node starts coordinating in `epoch`: its updates carry versions of

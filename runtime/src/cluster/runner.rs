@@ -25,6 +25,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::{mpsc, watch};
 
 use super::placement::Placement;
+use super::registry::JobId;
 use super::wire::{self, NodeMsg};
 
 /// A frame for a node, queued for the node loop to send.
@@ -65,6 +66,8 @@ impl Routes {
 pub struct Routing {
     /// This node.
     pub me: u32,
+    /// The job (its id in the cluster's registry): every frame says it.
+    pub job: JobId,
     /// Latest routes.
     pub routes: watch::Receiver<Routes>,
     /// Frames for other nodes.
@@ -131,10 +134,12 @@ impl Net for ClusterNet {
             return;
         }
         match self.routing.node_for(to) {
-            Some(node) if node != self.routing.me => match wire::encode_deliver(to, msg, &self.routing.limits) {
-                Ok(frame) => self.routing.send_frame(node, frame),
-                Err(e) => tracing::warn!(?to, "cannot encode a message for node {node}: {e}"),
-            },
+            Some(node) if node != self.routing.me => {
+                match wire::encode_deliver(self.routing.job, to, msg, &self.routing.limits) {
+                    Ok(frame) => self.routing.send_frame(node, frame),
+                    Err(e) => tracing::warn!(?to, "cannot encode a message for node {node}: {e}"),
+                }
+            }
             _ => tracing::debug!(?to, "no live actor for this address; message dropped"),
         }
     }
@@ -167,7 +172,7 @@ impl ClusterHooks {
         };
         // Every member, this node included (the node loop applies its own copy).
         if let Ok(frame) = wire::encode(
-            &NodeMsg::Locations { epoch: self.epoch, job_started_ms: self.job_started_ms, map },
+            &NodeMsg::Locations { job: self.routing.job, epoch: self.epoch, job_started_ms: self.job_started_ms, map },
             &self.routing.limits,
         ) {
             for &m in &self.members {
@@ -186,7 +191,10 @@ impl Cluster for ClusterHooks {
     }
 
     fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>, spawn: u64) {
-        if let Ok(frame) = wire::encode(&NodeMsg::Spawn { key, generation, restore, spawn }, &self.routing.limits) {
+        if let Ok(frame) = wire::encode(
+            &NodeMsg::Spawn { job: self.routing.job, key, generation, restore, spawn },
+            &self.routing.limits,
+        ) {
             self.routing.send_frame(node, frame);
         }
     }
@@ -198,7 +206,7 @@ impl Cluster for ClusterHooks {
     }
 
     fn stop_remote(&self, node: u32, key: ActorKey) {
-        if let Ok(frame) = wire::encode(&NodeMsg::Stop { key }, &self.routing.limits) {
+        if let Ok(frame) = wire::encode(&NodeMsg::Stop { job: self.routing.job, key }, &self.routing.limits) {
             self.routing.send_frame(node, frame);
         }
     }
@@ -222,7 +230,7 @@ impl Cluster for ClusterHooks {
                 Ok(bytes) => bytes,
                 Err(e) => return tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it: {e}"),
             };
-            match wire::encode_checkpoint(&name, &bytes, &routing.limits) {
+            match wire::encode_checkpoint(routing.job, &name, &bytes, &routing.limits) {
                 Ok(frame) => {
                     for r in &replicas {
                         routing.send_frame(*r, frame.clone());
@@ -231,7 +239,9 @@ impl Cluster for ClusterHooks {
                 Err(e) => return tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
             }
             // The node's own record, for the replication figures.
-            if let Ok(frame) = wire::encode(&NodeMsg::Replicating { name, to: replicas }, &routing.limits) {
+            if let Ok(frame) =
+                wire::encode(&NodeMsg::Replicating { job: routing.job, name, to: replicas }, &routing.limits)
+            {
                 routing.send_frame(me, frame);
             }
         };
@@ -350,11 +360,12 @@ impl Actor for HostActor {
                 match spawn_actor(&state.ctx, myself.get_cell(), key, generation, restore).await {
                     Ok(cell) => {
                         state.children.insert(cell.get_id(), (key, from, spawn));
-                        state.report(from, NodeMsg::Started { key, spawn });
+                        state.report(from, NodeMsg::Started { job: state.routing.job, key, spawn });
                     }
-                    Err(e) => {
-                        state.report(from, NodeMsg::Failed { key, spawn, reason: format!("failed to start: {e}") })
-                    }
+                    Err(e) => state.report(
+                        from,
+                        NodeMsg::Failed { job: state.routing.job, key, spawn, reason: format!("failed to start: {e}") },
+                    ),
                 }
             }
             HostMsg::StopAll { reason } => {
@@ -365,7 +376,10 @@ impl Actor for HostActor {
                 if let Some(reason) = reason {
                     for (key, from, spawn) in state.children.values() {
                         let reason = format!("stopped: {reason}");
-                        state.report(*from, NodeMsg::Failed { key: *key, spawn: *spawn, reason });
+                        state.report(
+                            *from,
+                            NodeMsg::Failed { job: state.routing.job, key: *key, spawn: *spawn, reason },
+                        );
                     }
                 }
                 state.children.clear();
@@ -406,6 +420,7 @@ impl Actor for HostActor {
                     state.report(
                         *from,
                         NodeMsg::Failed {
+                            job: state.routing.job,
                             key: *key,
                             spawn: *spawn,
                             reason: format!("stopped: node {coordinator} coordinates now"),
@@ -436,7 +451,7 @@ impl Actor for HostActor {
         }
         if let Some((key, coordinator, spawn)) = state.children.remove(&cell.get_id()) {
             tracing::warn!(actor = %key, "hosted actor failed: {reason}");
-            state.report(coordinator, NodeMsg::Failed { key, spawn, reason });
+            state.report(coordinator, NodeMsg::Failed { job: state.routing.job, key, spawn, reason });
         }
         Ok(())
     }

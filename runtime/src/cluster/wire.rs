@@ -6,7 +6,9 @@ use phalanx_transport::{DecodeError, EncodeError, Frame, Limits};
 use serde::{Deserialize, Serialize};
 
 use super::membership::MembershipMsg;
+use super::registry::{JobId, Snapshot, Version};
 use super::resume::Inventory;
+use crate::config::JobConfig;
 
 /// A frame's header between nodes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,6 +19,8 @@ pub enum NodeMsg {
     /// tensors of `Params`/`Gradient(s)` are moved to the frame's tensor
     /// payload; `lens` says how to cut it back.
     Deliver {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The addressee.
         to: Addr,
         /// The message, its tensor values emptied.
@@ -26,6 +30,8 @@ pub enum NodeMsg {
     },
     /// Coordinator → host: spawn this actor here.
     Spawn {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The actor.
         key: ActorKey,
         /// The generation it starts in.
@@ -37,11 +43,15 @@ pub enum NodeMsg {
     },
     /// Coordinator → host: stop this actor, it moves elsewhere.
     Stop {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The actor.
         key: ActorKey,
     },
     /// Host → coordinator: the actor is running.
     Started {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The actor.
         key: ActorKey,
         /// The spawn request.
@@ -49,6 +59,8 @@ pub enum NodeMsg {
     },
     /// Host → coordinator: the actor failed (or failed to start).
     Failed {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The actor.
         key: ActorKey,
         /// The spawn request.
@@ -59,6 +71,8 @@ pub enum NodeMsg {
     /// Coordinator → replica: a checkpoint file (its bytes are the payload,
     /// packed four to an f32, `len` of them meaningful).
     CheckpointCopy {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The file name.
         name: String,
         /// Number of bytes.
@@ -66,6 +80,8 @@ pub enum NodeMsg {
     },
     /// Coordinator → all: where every spawned actor runs.
     Locations {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The epoch the sender coordinates in.
         epoch: u64,
         /// When the job first started (Unix ms), so that a successor reports
@@ -76,19 +92,32 @@ pub enum NodeMsg {
     },
     /// Coordinator → all: the job finished; `summary` is where its summary was written.
     JobDone {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// Path of summary.json, if one was written.
         summary: Option<String>,
         /// SHA-256 of the final parameters.
         model_sha256: String,
     },
+    /// Coordinator → all: the job failed for good.
+    JobFailed {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
+        /// Why.
+        error: String,
+    },
     /// New coordinator → member: what do you hold of the job? (see
     /// [`resume`](super::resume)).
     CheckpointQuery {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The view the question belongs to.
         epoch: u64,
     },
     /// Member → coordinator: the answer to a [`NodeMsg::CheckpointQuery`].
     CheckpointInventory {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The view of the question.
         epoch: u64,
         /// What the member holds.
@@ -97,6 +126,8 @@ pub enum NodeMsg {
     /// New coordinator → member: send me the files of checkpoint `step`
     /// (they come back as [`NodeMsg::CheckpointCopy`] frames).
     CheckpointFetch {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The view of the request.
         epoch: u64,
         /// The checkpoint step.
@@ -104,17 +135,76 @@ pub enum NodeMsg {
     },
     /// Replica → coordinator: the copy `name` is stored and verified.
     CheckpointStored {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The file name.
         name: String,
     },
     /// A node's own record (never sent to a peer): checkpoint copy `name`
     /// went to the replicas `to`.
     Replicating {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
         /// The file name.
         name: String,
         /// The replicas it was sent to.
         to: Vec<u32>,
     },
+    /// Coordinator → members: the job registry (see [`super::registry`]).
+    Registry(Box<Snapshot>),
+    /// Member → coordinator: it holds the registry of this version.
+    RegistryAck {
+        /// The version held.
+        version: Version,
+    },
+    /// Member → coordinator: a job submitted at the member (already validated there).
+    Submit {
+        /// The member's id of the request (echoed in the answer).
+        request: u64,
+        /// The job.
+        spec: Box<JobConfig>,
+    },
+    /// Coordinator → member: the answer to a [`NodeMsg::Submit`] (the job's id
+    /// once a majority holds it, or why not).
+    SubmitAnswer {
+        /// The request.
+        request: u64,
+        /// The job's id, or why it was refused.
+        result: Result<JobId, String>,
+    },
+    /// Member → coordinator: cancel a job.
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+}
+
+impl NodeMsg {
+    /// The job a job-scoped message belongs to.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            NodeMsg::Deliver { job, .. }
+            | NodeMsg::Spawn { job, .. }
+            | NodeMsg::Stop { job, .. }
+            | NodeMsg::Started { job, .. }
+            | NodeMsg::Failed { job, .. }
+            | NodeMsg::CheckpointCopy { job, .. }
+            | NodeMsg::Locations { job, .. }
+            | NodeMsg::JobDone { job, .. }
+            | NodeMsg::JobFailed { job, .. }
+            | NodeMsg::CheckpointQuery { job, .. }
+            | NodeMsg::CheckpointInventory { job, .. }
+            | NodeMsg::CheckpointFetch { job, .. }
+            | NodeMsg::CheckpointStored { job, .. }
+            | NodeMsg::Replicating { job, .. } => Some(*job),
+            NodeMsg::Membership(_)
+            | NodeMsg::Registry(_)
+            | NodeMsg::RegistryAck { .. }
+            | NodeMsg::Submit { .. }
+            | NodeMsg::SubmitAnswer { .. }
+            | NodeMsg::Cancel { .. } => None,
+        }
+    }
 }
 
 /// Move the tensors out of `msg`.
@@ -164,14 +254,14 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
     Some(())
 }
 
-/// Encode a protocol message for `to` as one frame.
-pub fn encode_deliver(to: Addr, mut msg: Msg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
+/// Encode a protocol message of `job` for `to` as one frame.
+pub fn encode_deliver(job: JobId, to: Addr, mut msg: Msg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
     let (lens, tensor) = take_tensors(&mut msg);
-    phalanx_transport::encode(&NodeMsg::Deliver { to, msg, lens }, &tensor, limits)
+    phalanx_transport::encode(&NodeMsg::Deliver { job, to, msg, lens }, &tensor, limits)
 }
 
-/// Encode a checkpoint file copy.
-pub fn encode_checkpoint(name: &str, bytes: &[u8], limits: &Limits) -> Result<Vec<u8>, EncodeError> {
+/// Encode a copy of a checkpoint file of `job`.
+pub fn encode_checkpoint(job: JobId, name: &str, bytes: &[u8], limits: &Limits) -> Result<Vec<u8>, EncodeError> {
     let words: Vec<f32> = bytes
         .chunks(4)
         .map(|c| {
@@ -181,7 +271,7 @@ pub fn encode_checkpoint(name: &str, bytes: &[u8], limits: &Limits) -> Result<Ve
         })
         .collect();
     phalanx_transport::encode(
-        &NodeMsg::CheckpointCopy { name: name.to_string(), len: bytes.len() as u64 },
+        &NodeMsg::CheckpointCopy { job, name: name.to_string(), len: bytes.len() as u64 },
         &words,
         limits,
     )
@@ -196,10 +286,10 @@ pub fn encode(msg: &NodeMsg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
 pub enum Inbound {
     /// A control message.
     Control(NodeMsg),
-    /// A protocol message for a local actor.
-    Deliver(Addr, Msg),
-    /// A checkpoint file.
-    Checkpoint(String, Vec<u8>),
+    /// A protocol message of a job for a local actor.
+    Deliver(JobId, Addr, Msg),
+    /// A checkpoint file of a job.
+    Checkpoint(JobId, String, Vec<u8>),
 }
 
 /// Why a peer's frame was refused.
@@ -223,18 +313,18 @@ pub const TENSOR_MISMATCH_CODE: u32 = 0x301;
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
     let Frame { header, tensor } = phalanx_transport::decode::<NodeMsg>(frame, limits)?;
     match header {
-        NodeMsg::Deliver { to, mut msg, lens } => {
+        NodeMsg::Deliver { job, to, mut msg, lens } => {
             let got = tensor.len();
             put_tensors(&mut msg, &lens, tensor).ok_or(InboundError::TensorMismatch { got })?;
-            Ok(Inbound::Deliver(to, msg))
+            Ok(Inbound::Deliver(job, to, msg))
         }
-        NodeMsg::CheckpointCopy { name, len } => {
+        NodeMsg::CheckpointCopy { job, name, len } => {
             let mut bytes: Vec<u8> = tensor.iter().flat_map(|w| w.to_le_bytes()).collect();
             if len > bytes.len() as u64 || bytes.len() as u64 - len >= 4 {
                 return Err(InboundError::TensorMismatch { got: tensor.len() });
             }
             bytes.truncate(len as usize);
-            Ok(Inbound::Checkpoint(name, bytes))
+            Ok(Inbound::Checkpoint(job, name, bytes))
         }
         other => Ok(Inbound::Control(other)),
     }
@@ -265,8 +355,8 @@ mod tests {
             Msg::ShardReady { job: 1, partition: 3 },
         ];
         for msg in msgs {
-            let frame = encode_deliver(Addr::Trainer(1), msg.clone(), &limits).unwrap();
-            let Inbound::Deliver(to, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
+            let frame = encode_deliver(7, Addr::Trainer(1), msg.clone(), &limits).unwrap();
+            let Inbound::Deliver(7, to, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
             assert_eq!(to, Addr::Trainer(1));
             assert_eq!(format!("{back:?}"), format!("{msg:?}"));
         }
@@ -277,8 +367,8 @@ mod tests {
         let limits = Limits::default();
         for n in [0usize, 1, 3, 4, 5, 1001] {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
-            let frame = encode_checkpoint("ckpt-x", &bytes, &limits).unwrap();
-            let Inbound::Checkpoint(name, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
+            let frame = encode_checkpoint(3, "ckpt-x", &bytes, &limits).unwrap();
+            let Inbound::Checkpoint(3, name, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
             assert_eq!((name.as_str(), back), ("ckpt-x", bytes));
         }
     }
@@ -286,9 +376,40 @@ mod tests {
     #[test]
     fn a_payload_that_does_not_match_its_header_is_refused() {
         let limits = Limits::default();
-        let header =
-            NodeMsg::Deliver { to: Addr::Aggregator(0), msg: Msg::Gradients(vec![grad(0, vec![])]), lens: vec![5] };
+        let header = NodeMsg::Deliver {
+            job: 1,
+            to: Addr::Aggregator(0),
+            msg: Msg::Gradients(vec![grad(0, vec![])]),
+            lens: vec![5],
+        };
         let frame = phalanx_transport::encode(&header, &[1.0, 2.0], &limits).unwrap();
         assert!(matches!(decode(&frame[4..], &limits), Err(InboundError::TensorMismatch { got: 2 })));
+    }
+
+    #[test]
+    fn a_job_spec_and_a_registry_travel_intact() {
+        use crate::cluster::registry::Registry;
+        let limits = Limits::default();
+        let spec = JobConfig {
+            dataset: "csv:data/x.csv:label".parse().unwrap(),
+            fail: vec!["trainer:1@20".parse().unwrap()],
+            epochs: Some(3),
+            ..JobConfig::default()
+        };
+        let msg = NodeMsg::Submit { request: 9, spec: Box::new(spec.clone()) };
+        let Inbound::Control(back) = decode(&encode(&msg, &limits).unwrap()[4..], &limits).unwrap() else { panic!() };
+        assert_eq!(back, msg);
+        let mut registry = Registry::new(0, 1);
+        registry.take_over(2);
+        // Every state a job can be in crosses the wire.
+        use crate::cluster::registry::JobState;
+        let ids: Vec<_> = (0..5).map(|_| registry.accept(spec.clone()).unwrap().0).collect();
+        registry.to_start();
+        registry.set_state(ids[1], JobState::Finished { model_sha256: "ab".into(), summary: Some("s".into()) });
+        registry.set_state(ids[2], JobState::Failed { error: "e".into() });
+        registry.set_state(ids[3], JobState::Cancelled);
+        let msg = NodeMsg::Registry(Box::new(registry.snapshot().clone()));
+        let Inbound::Control(back) = decode(&encode(&msg, &limits).unwrap()[4..], &limits).unwrap() else { panic!() };
+        assert_eq!(back, msg);
     }
 }

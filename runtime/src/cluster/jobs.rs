@@ -1,0 +1,491 @@
+//! The jobs of one node: its copy of the cluster's job registry, one
+//! [`NodeJob`] per job that is not over, submissions and cancellations.
+//!
+//! ```text
+//!  NodeHandle::submit ──▶ Jobs ──(coordinator)──▶ Registry::accept ──Registry{v}──▶ members ──Ack{v}──┐
+//!                          │  (member) ──Submit──▶ coordinator ──SubmitAnswer──▶ reply               │
+//!                          └── majority holds v ◀─────────────────────────────────────────────────────┘
+//!  registry changes ──▶ sync: prepare a NodeJob for each new job (off the loop), start the
+//!                       running ones on the coordinator, stop and drop those that are over
+//! ```
+//!
+//! The rules (which jobs run, versions, durability) are in the sans-IO
+//! [`Registry`]; this shell carries them out with frames and tasks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::event::{Emitter, NodeEventKind};
+use super::membership::View;
+use super::node::NodeConfig;
+use super::node_job::NodeJob;
+use super::registry::{JobEntry, JobId, JobState, Registry, Version};
+use super::runner::{to_job, Outbound};
+use super::wire::{self, Inbound, NodeMsg};
+use crate::config::JobConfig;
+use crate::error::Error;
+use crate::job::PreparedJob;
+use crate::metrics::{Kind, NodeMetrics};
+use phalanx_actors::net::JobMsg;
+use phalanx_transport::Limits;
+
+/// How long a member waits for the coordinator to answer a forwarded submission.
+const SUBMIT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the coordinator sends its registry again while a version is not
+/// held by a majority (a member may have missed it).
+const REGISTRY_RESEND: Duration = Duration::from_millis(500);
+/// The id of the job given at node start (`phalanx node --job`, [`NodeBuilder::job`](crate::NodeBuilder::job)).
+pub const STARTUP_JOB: JobId = 1;
+
+/// What a [`NodeHandle`](crate::NodeHandle) asks of its node.
+#[derive(Debug)]
+pub enum NodeCommand {
+    /// Submit a job (validated by the caller); the reply is its id once a majority holds it.
+    Submit {
+        /// The job.
+        spec: Box<JobConfig>,
+        /// The answer.
+        reply: oneshot::Sender<Result<JobId, Error>>,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+    /// The registry as this node holds it.
+    Jobs {
+        /// The answer.
+        reply: oneshot::Sender<Vec<JobEntry>>,
+    },
+}
+
+/// Who waits for an accepted job to become durable.
+#[derive(Debug)]
+enum Waiter {
+    Local(oneshot::Sender<Result<JobId, Error>>),
+    Remote { node: u32, request: u64 },
+}
+
+/// The jobs of one node.
+pub(crate) struct Jobs {
+    config: NodeConfig,
+    registry: Registry,
+    jobs: BTreeMap<JobId, NodeJob>,
+    preparing: BTreeSet<JobId>,
+    /// The startup job's outputs go to the node's `out`, others' to `out/jobs/<id>`
+    /// unless the spec names its own.
+    view: Option<View>,
+    /// Coordinator: accepted jobs waiting for their version to become durable.
+    waiting: Vec<(Version, JobId, Waiter)>,
+    /// Member: submissions forwarded to the coordinator.
+    forwarded: BTreeMap<u64, (oneshot::Sender<Result<JobId, Error>>, Instant)>,
+    next_request: u64,
+    last_sent: Option<Instant>,
+    /// The last state of each job this node told about.
+    told: BTreeMap<JobId, &'static str>,
+    out_tx: mpsc::UnboundedSender<Outbound>,
+    ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
+    events: Emitter,
+    metrics: Arc<NodeMetrics>,
+    limits: Limits,
+}
+
+impl Jobs {
+    /// The jobs of node `config.id`; `startup` is the job given at start (job 1
+    /// on every member), already prepared. Prepared jobs arrive on `ready_tx`'s
+    /// receiver, to be handed to [`on_ready`](Self::on_ready).
+    pub(crate) async fn new(
+        config: NodeConfig,
+        startup: Option<Arc<PreparedJob>>,
+        out_tx: mpsc::UnboundedSender<Outbound>,
+        ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
+        events: Emitter,
+        metrics: Arc<NodeMetrics>,
+    ) -> Result<Self, Error> {
+        let mut registry = Registry::new(config.id, config.max_jobs);
+        let mut jobs = BTreeMap::new();
+        if let Some(prepared) = startup {
+            registry.seed(STARTUP_JOB, prepared.config.clone());
+            let job = NodeJob::start(
+                &config,
+                STARTUP_JOB,
+                prepared,
+                config.out.clone(),
+                out_tx.clone(),
+                events.clone(),
+                metrics.clone(),
+            )
+            .await?;
+            jobs.insert(STARTUP_JOB, job);
+        }
+        Ok(Self {
+            config,
+            registry,
+            jobs,
+            preparing: BTreeSet::new(),
+            view: None,
+            waiting: Vec::new(),
+            forwarded: BTreeMap::new(),
+            next_request: 0,
+            last_sent: None,
+            told: BTreeMap::new(),
+            out_tx,
+            ready_tx,
+            events,
+            metrics,
+            limits: Limits::default(),
+        })
+    }
+
+    fn me(&self) -> u32 {
+        self.config.id
+    }
+
+    fn coordinating(&self) -> bool {
+        self.view.as_ref().is_some_and(|v| v.coordinator == self.me())
+    }
+
+    fn send(&self, to: u32, msg: &NodeMsg) {
+        match wire::encode(msg, &self.limits) {
+            Ok(frame) => {
+                let _ = self.out_tx.send((to, frame));
+            }
+            Err(e) => tracing::warn!(node = self.me(), to, "cannot encode a control message: {e}"),
+        }
+    }
+
+    /// The job supervisor's local name of every job here (to tell them a node is lost).
+    pub(crate) fn on_node_lost(&self, peer: u32) {
+        for job in self.jobs.values() {
+            to_job(job.names(), JobMsg::NodeLost(peer));
+        }
+    }
+
+    /// A new view was adopted.
+    pub(crate) fn on_view(&mut self, view: &View) {
+        let was = self.coordinating();
+        self.view = Some(view.clone());
+        for job in self.jobs.values_mut() {
+            job.on_view(view);
+        }
+        if self.coordinating() {
+            if !was {
+                self.registry.take_over(view.epoch);
+                // The views' members may have missed earlier updates.
+                self.last_sent = None;
+            }
+            self.schedule();
+            self.broadcast();
+        }
+    }
+
+    /// Quorum lost or shutting down: stop everything here.
+    pub(crate) fn stop_all(&mut self, why: &str) {
+        self.view = None;
+        for job in self.jobs.values_mut() {
+            job.stop_all(why);
+        }
+    }
+
+    /// The clock advanced.
+    pub(crate) fn on_tick(&mut self, now: Instant) {
+        for job in self.jobs.values_mut() {
+            job.on_tick(now);
+        }
+        let expired: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) >= SUBMIT_ANSWER_TIMEOUT)
+            .map(|(r, _)| *r)
+            .collect();
+        for request in expired {
+            if let Some((reply, _)) = self.forwarded.remove(&request) {
+                let _ = reply.send(Err(Error::Submit(format!(
+                    "node {}: the coordinator did not answer within {} s; submit again",
+                    self.me(),
+                    SUBMIT_ANSWER_TIMEOUT.as_secs()
+                ))));
+            }
+        }
+        let unacked = self.registry.durable() < self.registry.snapshot().version;
+        let due = self.last_sent.is_none_or(|t| now.saturating_duration_since(t) >= REGISTRY_RESEND);
+        if self.coordinating() && unacked && due {
+            self.broadcast();
+        }
+    }
+
+    /// A command of a [`NodeHandle`](crate::NodeHandle).
+    pub(crate) fn on_command(&mut self, cmd: NodeCommand) {
+        match cmd {
+            NodeCommand::Submit { spec, reply } => match &self.view {
+                Some(v) if v.coordinator == self.me() => self.accept(*spec, Waiter::Local(reply)),
+                Some(v) => {
+                    self.next_request += 1;
+                    let request = self.next_request;
+                    self.forwarded.insert(request, (reply, Instant::now()));
+                    self.send(v.coordinator, &NodeMsg::Submit { request, spec });
+                }
+                None => {
+                    let _ = reply.send(Err(Error::Submit(format!(
+                        "node {} sees no majority of the cluster: no coordinator to take the job",
+                        self.me()
+                    ))));
+                }
+            },
+            NodeCommand::Cancel { job } => match &self.view {
+                Some(v) if v.coordinator == self.me() => self.cancel(job),
+                Some(v) => self.send(v.coordinator, &NodeMsg::Cancel { job }),
+                None => tracing::warn!(node = self.me(), job, "cannot cancel job {job}: no coordinator"),
+            },
+            NodeCommand::Jobs { reply } => {
+                let _ = reply.send(self.registry.snapshot().jobs.values().cloned().collect());
+            }
+        }
+    }
+
+    /// Coordinator: accept a job; `waiter` hears once a majority holds it.
+    fn accept(&mut self, spec: JobConfig, waiter: Waiter) {
+        match self.registry.accept(spec) {
+            Ok((id, version)) => {
+                tracing::info!(node = self.me(), job = id, "job {id} accepted");
+                self.waiting.push((version, id, waiter));
+                // This node holds it: with one member that is already a majority.
+                if let Some(v) = self.registry.on_ack(self.me(), version, self.config.members()) {
+                    self.release(v);
+                }
+                self.schedule();
+                self.broadcast();
+            }
+            Err(e) => self.answer(waiter, Err(e.to_string())),
+        }
+    }
+
+    fn answer(&self, waiter: Waiter, result: Result<JobId, String>) {
+        match waiter {
+            Waiter::Local(reply) => {
+                let _ = reply.send(result.map_err(Error::Submit));
+            }
+            Waiter::Remote { node, request } => self.send(node, &NodeMsg::SubmitAnswer { request, result }),
+        }
+    }
+
+    /// Tell every submitter whose job's version a majority holds now.
+    fn release(&mut self, durable: Version) {
+        let (done, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|(v, _, _)| *v <= durable);
+        self.waiting = rest;
+        for (_, id, waiter) in done {
+            self.answer(waiter, Ok(id));
+        }
+    }
+
+    /// Coordinator: cancel a job.
+    fn cancel(&mut self, job: JobId) {
+        if self.registry.set_state(job, JobState::Cancelled).is_some() {
+            tracing::info!(node = self.me(), job, "job {job} cancelled");
+            self.schedule();
+            self.broadcast();
+        }
+    }
+
+    /// Coordinator: start what may start, then bring the local jobs in line.
+    fn schedule(&mut self) {
+        if self.coordinating() {
+            self.registry.to_start();
+        }
+        self.sync();
+    }
+
+    /// Send the registry to every other member of the view.
+    fn broadcast(&mut self) {
+        let Some(view) = &self.view else { return };
+        let msg = NodeMsg::Registry(Box::new(self.registry.snapshot().clone()));
+        for m in view.members.iter().copied().filter(|m| *m != self.config.id) {
+            self.send(m, &msg);
+        }
+        self.last_sent = Some(Instant::now());
+    }
+
+    /// Bring the local jobs in line with the registry: prepare new ones, tell
+    /// the running ones to run, stop and drop those that are over.
+    fn sync(&mut self) {
+        let entries: Vec<JobEntry> = self.registry.snapshot().jobs.values().cloned().collect();
+        for entry in &entries {
+            let name = entry.state.name();
+            if self.told.get(&entry.id) != Some(&name) {
+                self.told.insert(entry.id, name);
+                self.metrics.jobs.get_or_create(&Kind::of(name)).inc();
+                let (model_sha256, summary, error) = match &entry.state {
+                    JobState::Finished { model_sha256, summary } => (Some(model_sha256.clone()), summary.clone(), None),
+                    JobState::Failed { error } => (None, None, Some(error.clone())),
+                    _ => (None, None, None),
+                };
+                self.events.emit(NodeEventKind::JobState {
+                    job: entry.id,
+                    state: name.to_string(),
+                    model_sha256,
+                    summary,
+                    error,
+                });
+            }
+            if entry.state.is_over() {
+                if let Some(mut job) = self.jobs.remove(&entry.id) {
+                    job.stop_all(&format!("ends job {} ({name})", entry.id));
+                }
+                continue;
+            }
+            match self.jobs.get_mut(&entry.id) {
+                Some(job) => job.set_should_run(entry.state == JobState::Running, self.view.as_ref()),
+                None if !self.preparing.contains(&entry.id) => self.prepare(entry),
+                None => {}
+            }
+        }
+        // Jobs the registry forgot (bounded history): nothing left to host.
+        let known: BTreeSet<JobId> = entries.iter().map(|e| e.id).collect();
+        self.told.retain(|id, _| known.contains(id));
+    }
+
+    /// Load a job's data and build its model off the node loop; the job
+    /// arrives through [`on_ready`](Self::on_ready).
+    fn prepare(&mut self, entry: &JobEntry) {
+        self.preparing.insert(entry.id);
+        let (config, spec, id) = (self.config.clone(), entry.spec.clone(), entry.id);
+        let out = spec.out.clone().or_else(|| self.config.out.as_deref().map(|o| job_out(o, id)));
+        let (out_tx, ready, events, metrics) =
+            (self.out_tx.clone(), self.ready_tx.clone(), self.events.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            let prepared = tokio::task::spawn_blocking(move || PreparedJob::new(spec))
+                .await
+                .map_err(|e| Error::Spawn(format!("preparing job {id}: {e}")))
+                .and_then(|r| r);
+            let job = match prepared {
+                Ok(prepared) => NodeJob::start(&config, id, Arc::new(prepared), out, out_tx, events, metrics).await,
+                Err(e) => Err(e),
+            };
+            let _ = ready.send((id, job)).await;
+        });
+    }
+
+    /// A job finished preparing.
+    pub(crate) fn on_ready(&mut self, id: JobId, job: Result<NodeJob, Error>) {
+        self.preparing.remove(&id);
+        match job {
+            Ok(job) => {
+                self.jobs.insert(id, job);
+                if let Some(view) = self.view.clone() {
+                    if let Some(job) = self.jobs.get_mut(&id) {
+                        job.on_view(&view);
+                    }
+                }
+                self.sync();
+            }
+            Err(e) => {
+                tracing::error!(node = self.me(), job = id, "cannot host job {id}: {e}");
+                let failed = JobState::Failed { error: format!("node {}: {e}", self.me()) };
+                if self.coordinating() && self.registry.set_state(id, failed).is_some() {
+                    self.schedule();
+                    self.broadcast();
+                }
+            }
+        }
+    }
+
+    /// A frame that is not membership, from `peer` (this node's own frames too).
+    pub(crate) fn on_frame(&mut self, peer: u32, inbound: Inbound) {
+        let job = match &inbound {
+            Inbound::Deliver(job, _, _) | Inbound::Checkpoint(job, _, _) => Some(*job),
+            Inbound::Control(msg) => msg.job(),
+        };
+        let Some(job) = job else {
+            if let Inbound::Control(msg) = inbound {
+                self.on_control(peer, msg);
+            }
+            return;
+        };
+        // The coordinator's registry follows its jobs' ends.
+        if self.coordinating() {
+            let state = match &inbound {
+                Inbound::Control(NodeMsg::JobDone { model_sha256, summary, .. }) => {
+                    Some(JobState::Finished { model_sha256: model_sha256.clone(), summary: summary.clone() })
+                }
+                Inbound::Control(NodeMsg::JobFailed { error, .. }) => Some(JobState::Failed { error: error.clone() }),
+                _ => None,
+            };
+            if let Some(state) = state {
+                if self.registry.set_state(job, state).is_some() {
+                    if let Some(j) = self.jobs.get_mut(&job) {
+                        j.on_inbound(peer, inbound);
+                    }
+                    self.schedule();
+                    self.broadcast();
+                    return;
+                }
+            }
+        }
+        match self.jobs.get_mut(&job) {
+            Some(j) => j.on_inbound(peer, inbound),
+            None => match inbound {
+                // Not hosted here (yet): the coordinator's spawn timeout respawns it.
+                Inbound::Control(NodeMsg::Spawn { key, spawn, .. }) => {
+                    let reason = format!("node {} does not host job {job} (yet)", self.me());
+                    self.send(peer, &NodeMsg::Failed { job, key, spawn, reason });
+                }
+                Inbound::Control(NodeMsg::JobDone { model_sha256, summary, .. }) => {
+                    self.events.emit(NodeEventKind::JobDone { job, summary, model_sha256, from: peer });
+                }
+                other => {
+                    tracing::debug!(node = self.me(), job, peer, "frame for a job not hosted here: {}", kind_of(&other))
+                }
+            },
+        }
+    }
+
+    /// Registry traffic, submissions and cancellations.
+    fn on_control(&mut self, peer: u32, msg: NodeMsg) {
+        match msg {
+            NodeMsg::Registry(snapshot) => {
+                if self.registry.adopt(*snapshot) {
+                    self.sync();
+                }
+                self.send(peer, &NodeMsg::RegistryAck { version: self.registry.snapshot().version });
+            }
+            NodeMsg::RegistryAck { version } if self.coordinating() => {
+                if let Some(v) = self.registry.on_ack(peer, version, self.config.members()) {
+                    self.release(v);
+                }
+            }
+            NodeMsg::Submit { request, spec } => {
+                if self.coordinating() {
+                    self.accept(*spec, Waiter::Remote { node: peer, request });
+                } else {
+                    let why = format!("node {} does not coordinate; submit again", self.me());
+                    self.send(peer, &NodeMsg::SubmitAnswer { request, result: Err(why) });
+                }
+            }
+            NodeMsg::SubmitAnswer { request, result } => {
+                if let Some((reply, _)) = self.forwarded.remove(&request) {
+                    let _ = reply.send(result.map_err(Error::Submit));
+                }
+            }
+            NodeMsg::Cancel { job } if self.coordinating() => self.cancel(job),
+            _ => {}
+        }
+    }
+}
+
+fn kind_of(inbound: &Inbound) -> &'static str {
+    match inbound {
+        Inbound::Deliver(..) => "deliver",
+        Inbound::Checkpoint(..) => "checkpoint",
+        Inbound::Control(_) => "control",
+    }
+}
+
+/// Where the outputs of job `id` go on a node whose outputs go to `out`.
+pub fn job_out(out: &std::path::Path, id: JobId) -> PathBuf {
+    out.join("jobs").join(id.to_string())
+}

@@ -1,0 +1,600 @@
+//! One job as a node sees it: the prepared job, the host of the actors the
+//! coordinator places here, routing, checkpoint copies, and — on the
+//! coordinator — the resume decision and the running supervisor.
+//!
+//! The node (see [`super::node`]) owns one [`NodeJob`] per job of the
+//! cluster's registry that is not over, and hands it the frames of its job.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phalanx_actors::actor::{spawn_job_recording, JobContext};
+use phalanx_actors::checkpoint::{CheckpointStore, FileKey, CHECKPOINTS_KEPT};
+use phalanx_actors::net::{JobMsg, LocalNet, Net};
+use phalanx_transport::Limits;
+use ractor::{Actor, ActorRef};
+use tokio::sync::{mpsc, watch};
+
+use super::event::{unix_ms, Emitter, NodeEventKind};
+use super::membership::View;
+use super::node::NodeConfig;
+use super::placement::{Placement, Shape};
+use super::registry::JobId;
+use super::replication::{ReplicationStats, ReplicationTracker};
+use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
+use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing};
+use super::step_events::StepEvents;
+use super::wire::{self, Inbound, NodeMsg};
+use crate::error::Error;
+use crate::job::PreparedJob;
+use crate::metrics::{Kind, NodeMetrics};
+
+/// The job side of a node: the prepared job, the host of placed actors,
+/// routing, and (on the coordinator) the running supervisor.
+pub(crate) struct NodeJob {
+    /// The job's id in the cluster's registry.
+    pub(crate) id: JobId,
+    /// The registry says the job runs (a coordinator starts or resumes it).
+    pub(crate) should_run: bool,
+    prepared: Arc<PreparedJob>,
+    host_ctx: Arc<JobContext>,
+    host: ActorRef<HostMsg>,
+    routing: Routing,
+    routes: watch::Sender<Routes>,
+    names: LocalNet,
+    checkpoints: PathBuf,
+    out: Option<PathBuf>,
+    /// Fault injection: see [`NodeConfig::crash_before_rename`].
+    crash_before_rename: Option<u64>,
+    /// See [`NodeConfig::report_steps`].
+    report_steps: Vec<u64>,
+    members: Vec<u32>,
+    /// Checkpoint copies wanted on other nodes.
+    replicas: u32,
+    coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
+    pub(crate) done: bool,
+    /// Members of the previous view, to notice a node coming back.
+    last_members: std::collections::BTreeSet<u32>,
+    /// Where a coordinator starts the job from (asks the members first).
+    resume: Resume,
+    /// This node has seen the job run (hosted its actors, had its locations,
+    /// coordinated it): a coordinator taking over need not wait for a fresh start.
+    seen_job: bool,
+    /// When the job first started anywhere (Unix ms), as coordinators said.
+    job_started_ms: Option<u64>,
+    /// Copies of this node's checkpoints acknowledged by the replicas.
+    replication: ReplicationTracker,
+    replication_stats: watch::Sender<ReplicationStats>,
+    events: Emitter,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// Where node `config.id` keeps the state of job `id`: `DATA_DIR/jobs/<id>/`.
+pub fn job_dir(config: &NodeConfig, id: JobId) -> PathBuf {
+    let data_dir = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("phalanx-node-{}-{}", config.id, std::process::id())));
+    data_dir.join("jobs").join(id.to_string())
+}
+
+impl NodeJob {
+    /// Job `id` on this node: `prepared` (data loaded, model built) and the
+    /// host of its actors; outputs (on the coordinator) go to `out`.
+    pub(crate) async fn start(
+        config: &NodeConfig,
+        id: JobId,
+        prepared: Arc<PreparedJob>,
+        out: Option<PathBuf>,
+        out_tx: mpsc::UnboundedSender<Outbound>,
+        events: Emitter,
+        metrics: Arc<NodeMetrics>,
+    ) -> Result<Self, Error> {
+        let checkpoints = job_dir(config, id).join("checkpoints");
+        let (routes, routes_rx) = watch::channel(Routes::default());
+        let routing = Routing {
+            me: config.id,
+            job: id,
+            routes: routes_rx,
+            out: out_tx,
+            limits: Limits::default(),
+            trainers: prepared.config.trainers,
+        };
+        // Actor names are per node and job: several nodes and jobs share one process's registry.
+        let names = LocalNet::new(format!("phalanx-node{}/job{id}", config.id), prepared.config.trainers);
+        let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
+        let store = CheckpointStore::open(&checkpoints)?;
+        let host_ctx = prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None);
+        let (host, _) = Actor::spawn(None, HostActor, (host_ctx.clone(), routing.clone()))
+            .await
+            .map_err(|e| Error::Spawn(e.to_string()))?;
+        let replicas = config.replica_count();
+        let resume_config = ResumeConfig {
+            // Members of the view are alive: a few failure timeouts is plenty to answer.
+            answer_timeout: Duration::from_millis(2 * config.detector.failure_timeout_ms),
+            ..ResumeConfig::default()
+        };
+        Ok(Self {
+            id,
+            should_run: false,
+            prepared,
+            host_ctx,
+            host,
+            routing,
+            routes,
+            names,
+            checkpoints,
+            out,
+            crash_before_rename: config.crash_before_rename,
+            report_steps: config.report_steps.clone(),
+            members: (0..config.members()).collect(),
+            replicas,
+            coordinator: None,
+            done: false,
+            last_members: Default::default(),
+            resume: Resume::new(config.id, 0..config.members(), resume_config),
+            seen_job: false,
+            job_started_ms: None,
+            replication: ReplicationTracker::new(replicas),
+            replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
+            events,
+            metrics,
+        })
+    }
+
+    pub(crate) fn on_view(&mut self, view: &View) {
+        let plan = self.host_ctx.plan.clone();
+        let shape = Shape {
+            configured: self.members.len() as u32,
+            trainers: plan.trainers,
+            assignment: &plan.assignment,
+            aggregators: plan.ranges.len() as u32,
+            replicas: self.replicas,
+        };
+        let placement = Placement::compute(view.epoch, view.coordinator, &view.members, &shape);
+        let previous = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
+        let changed = previous != Some(view.coordinator);
+        self.routes.send_modify(|r| r.placement = placement);
+        // A new coordinator respawns every actor; what an old one placed here goes.
+        let _ = self.host.send_message(HostMsg::CoordinatorIs { coordinator: view.coordinator, epoch: view.epoch });
+        let me = self.routing.me;
+        let grew = view.members.iter().any(|m| !self.last_members.contains(m)) && !self.last_members.is_empty();
+        self.last_members = view.members.clone();
+        if view.coordinator == me && grew && !changed {
+            // A node came back: give it its work again.
+            to_job(&self.names, JobMsg::Rebalance);
+        }
+        if view.coordinator != me {
+            self.resume.cancel();
+            if let Some((_, task)) = self.coordinator.take() {
+                task.abort();
+                if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
+                    job.stop_children(None);
+                    job.stop(None);
+                }
+            }
+        } else if self.coordinator.is_none() && !self.done && self.should_run {
+            // A new view while deciding starts the decision over with its members.
+            let cmds = self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, Instant::now());
+            self.run_resume(cmds);
+        }
+    }
+
+    /// The registry says the job runs (or no longer): start deciding where to
+    /// resume if this node coordinates `view` and nothing runs or decides yet.
+    pub(crate) fn set_should_run(&mut self, run: bool, view: Option<&View>) {
+        self.should_run = run;
+        let me = self.routing.me;
+        if let Some(view) = view.filter(|v| v.coordinator == me) {
+            if run && self.coordinator.is_none() && !self.done && !self.resume.is_deciding() {
+                let cmds =
+                    self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, Instant::now());
+                self.run_resume(cmds);
+            }
+        }
+    }
+
+    /// The job supervisor of this job here, if it runs here.
+    pub(crate) fn names(&self) -> &LocalNet {
+        &self.names
+    }
+
+    /// This node's newest complete checkpoint of the job.
+    fn local_newest(&self) -> Option<u64> {
+        newest_complete(&self.checkpoints, &self.prepared)
+    }
+
+    /// Carry out the resume decision's commands.
+    fn run_resume(&mut self, cmds: Vec<ResumeCommand>) {
+        let me = self.routing.me;
+        for cmd in cmds {
+            match cmd {
+                ResumeCommand::Ask { to, epoch } => {
+                    self.send_control(to, &NodeMsg::CheckpointQuery { job: self.id, epoch })
+                }
+                ResumeCommand::Fetch { from, step, epoch } => {
+                    tracing::info!(node = me, from, step, "fetching checkpoint {step} from node {from}");
+                    self.events.emit(NodeEventKind::Fetching { job: self.id, from, step, epoch });
+                    self.send_control(from, &NodeMsg::CheckpointFetch { job: self.id, epoch, step });
+                }
+                ResumeCommand::Start { restore, source, epoch } => {
+                    self.metrics.coordinator_waiting.set(0);
+                    self.start_coordinator(epoch, restore, source)
+                }
+                ResumeCommand::Waiting { missing, reason } => {
+                    tracing::warn!(node = me, ?missing, "coordinator not starting the job yet: {reason}");
+                    self.metrics.coordinator_waiting.set(1);
+                    self.events.emit(NodeEventKind::Waiting { job: self.id, missing, reason });
+                }
+            }
+        }
+    }
+
+    /// The clock advanced (the node loop's tick).
+    pub(crate) fn on_tick(&mut self, now: Instant) {
+        if self.resume.is_deciding() {
+            let cmds = self.resume.on_tick(now);
+            self.run_resume(cmds);
+        }
+    }
+
+    fn send_control(&self, to: u32, msg: &NodeMsg) {
+        match wire::encode(msg, &self.routing.limits) {
+            Ok(frame) => {
+                let _ = self.routing.out.send((to, frame));
+            }
+            Err(e) => tracing::warn!(node = self.routing.me, to, "cannot encode a control message: {e}"),
+        }
+    }
+
+    fn start_coordinator(&mut self, epoch: u64, restore: Option<u64>, source: Source) {
+        let me = self.routing.me;
+        self.seen_job = true;
+        let prepared = self.prepared.clone();
+        let routing = self.routing.clone();
+        let names = self.names.clone();
+        let members = self.members.clone();
+        let checkpoints = self.checkpoints.clone();
+        let out = self.out.clone();
+        let crash = self.crash_before_rename;
+        let replication = self.replication_stats.subscribe();
+        // A job this node has never seen run starts fresh (a new history);
+        // any other start continues it.
+        let fresh_job = self.job_started_ms.is_none();
+        let job_started_ms = *self.job_started_ms.get_or_insert_with(unix_ms);
+        let (events, metrics) = (self.events.clone(), self.metrics.clone());
+        let (routing_job, limits, failed_out, failed_members) =
+            (self.id, self.routing.limits, self.routing.out.clone(), self.members.clone());
+        let start = Start {
+            epoch,
+            restore,
+            source,
+            replication,
+            job_started_ms,
+            fresh_job,
+            report_steps: self.report_steps.clone(),
+            events: events.clone(),
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let result = match CheckpointStore::open(&checkpoints) {
+                Ok(store) => {
+                    let store = store.with_crash_before_rename(crash);
+                    coordinate(prepared, routing, names, members, store, out, start).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = result {
+                tracing::error!(node = me, job = routing_job, "coordinator: {e}");
+                metrics.jobs.get_or_create(&Kind::of("running")).set(0);
+                metrics.jobs.get_or_create(&Kind::of("failed")).inc();
+                events.emit(NodeEventKind::JobFailed { job: routing_job, error: e.to_string() });
+                // Every member learns it (the coordinator's registry first: it is one of them).
+                if let Ok(frame) = wire::encode(&NodeMsg::JobFailed { job: routing_job, error: e.to_string() }, &limits)
+                {
+                    for m in failed_members {
+                        let _ = failed_out.send((m, frame.clone()));
+                    }
+                }
+            }
+        });
+        self.coordinator = Some((epoch, task));
+    }
+
+    /// Stop the coordinator (if here) and every hosted actor, telling their
+    /// coordinators `why`.
+    pub(crate) fn stop_all(&mut self, why: &str) {
+        let reason = Some(format!("node {} {why}", self.routing.me));
+        let _ = self.host.send_message(HostMsg::StopAll { reason });
+        self.resume.cancel();
+        if let Some((_, task)) = self.coordinator.take() {
+            task.abort();
+            if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
+                job.stop_children(None);
+                job.stop(None);
+            }
+        }
+    }
+
+    /// A frame of this job from `peer` (or from this node's own queue).
+    pub(crate) fn on_inbound(&mut self, peer: u32, inbound: Inbound) {
+        let me = self.routing.me;
+        let job = self.id;
+        match inbound {
+            Inbound::Deliver(_, to, msg) => self.names.send(to, msg),
+            Inbound::Checkpoint(_, name, bytes) => self.on_checkpoint_copy(peer, &name, &bytes),
+            Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn, .. }) => {
+                self.seen_job = true;
+                self.events.emit(NodeEventKind::Spawn { job, actor: key.to_string(), from: peer });
+                let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore, spawn });
+            }
+            Inbound::Control(NodeMsg::Stop { key, .. }) => {
+                let _ = self.host.send_message(HostMsg::Stop { key, from: peer });
+            }
+            Inbound::Control(NodeMsg::Started { key, spawn, .. }) => {
+                to_job(&self.names, JobMsg::RemoteStarted(key, peer, spawn))
+            }
+            Inbound::Control(NodeMsg::Failed { key, spawn, reason, .. }) => {
+                to_job(&self.names, JobMsg::RemoteFailed(key, peer, spawn, reason))
+            }
+            Inbound::Control(NodeMsg::Locations { epoch, job_started_ms, map, .. }) => {
+                self.seen_job = true;
+                self.job_started_ms = Some(self.job_started_ms.map_or(job_started_ms, |t| t.min(job_started_ms)));
+                self.routes.send_modify(|r| r.set_locations(peer, epoch, map));
+            }
+            Inbound::Control(NodeMsg::JobDone { summary, model_sha256, .. }) => {
+                self.done = true;
+                self.resume.cancel();
+                let _ = self.host.send_message(HostMsg::StopAll { reason: None });
+                self.events.emit(NodeEventKind::JobDone { job, summary, model_sha256, from: peer });
+            }
+            Inbound::Control(NodeMsg::JobFailed { .. }) => {
+                self.done = true;
+                self.stop_all("ends a failed job");
+            }
+            Inbound::Control(NodeMsg::CheckpointQuery { epoch, .. }) => self.answer_query(peer, epoch),
+            Inbound::Control(NodeMsg::CheckpointInventory { epoch, inventory, .. }) => {
+                let cmds = self.resume.on_inventory(peer, epoch, inventory, Instant::now());
+                self.run_resume(cmds);
+            }
+            Inbound::Control(NodeMsg::CheckpointFetch { epoch, step, .. }) => self.serve_fetch(peer, epoch, step),
+            Inbound::Control(NodeMsg::CheckpointStored { name, .. }) => {
+                self.replication.on_acked(&name, peer);
+                self.replication_stats.send_replace(self.replication.snapshot());
+            }
+            Inbound::Control(NodeMsg::Replicating { name, to, .. }) if peer == me => {
+                if let Some(key) = FileKey::parse(&name) {
+                    self.replication.on_sent(&name, key.step, &to);
+                    self.replication_stats.send_replace(self.replication.snapshot());
+                }
+            }
+            // Not this job's, or handled by the node (membership, the registry).
+            Inbound::Control(_) => {}
+        }
+    }
+
+    /// A new coordinator asks what this node holds: answer from a blocking
+    /// task (listing and verifying files is disk work, not the node loop's).
+    fn answer_query(&self, peer: u32, epoch: u64) {
+        let (dir, prepared, out, limits) =
+            (self.checkpoints.clone(), self.prepared.clone(), self.routing.out.clone(), self.routing.limits);
+        let (started, job) = (self.seen_job, self.id);
+        tokio::task::spawn_blocking(move || {
+            let inventory = Inventory { newest: newest_complete(&dir, &prepared), started };
+            if let Ok(frame) = wire::encode(&NodeMsg::CheckpointInventory { job, epoch, inventory }, &limits) {
+                let _ = out.send((peer, frame));
+            }
+        });
+    }
+
+    /// A new coordinator fetches checkpoint `step`: send it every file of it.
+    fn serve_fetch(&self, peer: u32, epoch: u64, step: u64) {
+        let (dir, out, limits, me, job) =
+            (self.checkpoints.clone(), self.routing.out.clone(), self.routing.limits, self.routing.me, self.id);
+        tokio::task::spawn_blocking(move || {
+            let files = CheckpointStore::reader(&dir).files_of_step(step).unwrap_or_else(|e| {
+                tracing::warn!(node = me, peer, step, "cannot list checkpoint {step} for node {peer}: {e}");
+                Vec::new()
+            });
+            if files.is_empty() {
+                tracing::warn!(node = me, peer, step, epoch, "node {peer} asked for checkpoint {step}, which is gone");
+            }
+            for path in files {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+                let frame = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| wire::encode_checkpoint(job, &name, &bytes, &limits).map_err(|e| e.to_string()));
+                match frame {
+                    Ok(frame) => {
+                        let _ = out.send((peer, frame));
+                    }
+                    Err(e) => tracing::warn!(node = me, peer, path = %path.display(), "cannot send a checkpoint: {e}"),
+                }
+            }
+        });
+    }
+
+    /// A checkpoint file from `peer`: a replica's copy from the coordinator, or
+    /// a file this node fetches to take over. Nobody else may write here.
+    fn on_checkpoint_copy(&mut self, peer: u32, name: &str, bytes: &[u8]) {
+        let me = self.routing.me;
+        let coordinator = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
+        let fetching = self.resume.fetching_from() == Some(peer);
+        if coordinator != Some(peer) && !fetching {
+            tracing::warn!(
+                node = me,
+                peer,
+                "refusing checkpoint copy {name:?} from node {peer}: not the coordinator ({coordinator:?}) nor a node this one fetches from"
+            );
+            return;
+        }
+        if !self.store_copy(peer, name, bytes) {
+            return;
+        }
+        if fetching {
+            let cmds = self.resume.on_local(self.local_newest(), Instant::now());
+            self.run_resume(cmds);
+            return;
+        }
+        self.send_control(peer, &NodeMsg::CheckpointStored { job: self.id, name: name.to_string() });
+        // Keep the newest few complete copies, as the coordinator does (every
+        // few checkpoints: pruning verifies the files it keeps).
+        let every = self.prepared.config.checkpoint_every.max(1);
+        if FileKey::parse(name).is_some_and(|k| (k.step / every) % CHECKPOINTS_KEPT as u64 == 0) {
+            let (dir, prepared) = (self.checkpoints.clone(), self.prepared.clone());
+            tokio::task::spawn_blocking(move || {
+                let store = CheckpointStore::reader(&dir);
+                if let Err(e) = store.prune(&prepared.config_hash, prepared.model.num_params(), CHECKPOINTS_KEPT) {
+                    tracing::warn!(node = me, "pruning checkpoint copies in {} failed: {e}", dir.display());
+                }
+            });
+        }
+    }
+
+    /// Keep a checkpoint copy, verified before it counts; true when kept.
+    fn store_copy(&self, peer: u32, name: &str, bytes: &[u8]) -> bool {
+        let me = self.routing.me;
+        if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
+            tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
+            return false;
+        }
+        let path = self.checkpoints.join(name);
+        if let Err(e) = std::fs::create_dir_all(&self.checkpoints)
+            .map_err(|source| Error::Io { path: self.checkpoints.clone(), source })
+            .and_then(|()| crate::output::write_atomic(&path, bytes))
+        {
+            tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
+            return false;
+        }
+        if let Err(e) = CheckpointStore::read_file(&path) {
+            tracing::warn!(node = me, peer, "checkpoint copy {name} is bad ({e}); deleted");
+            let _ = std::fs::remove_file(&path);
+            return false;
+        }
+        true
+    }
+}
+
+/// The newest complete checkpoint of `job` in `dir` (none when unreadable: logged).
+fn newest_complete(dir: &std::path::Path, job: &PreparedJob) -> Option<u64> {
+    CheckpointStore::reader(dir).newest_complete(&job.config_hash, job.model.num_params()).unwrap_or_else(|e| {
+        tracing::warn!(dir = %dir.display(), "cannot list checkpoints: {e}");
+        None
+    })
+}
+
+/// Where a coordinator starts: its view, the resume decision, and the
+/// replication figures to report at the end.
+struct Start {
+    epoch: u64,
+    restore: Option<u64>,
+    source: Source,
+    replication: watch::Receiver<ReplicationStats>,
+    /// When the job first started, on any coordinator (Unix ms).
+    job_started_ms: u64,
+    /// This node never saw the job run before: a new history.
+    fresh_job: bool,
+    /// Steps that always get a `step` event.
+    report_steps: Vec<u64>,
+    events: Emitter,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// The first generation of a supervisor started by node `me` in view
+/// `epoch`: above every generation of earlier views (the epoch is in the high
+/// bits) and distinct from one another coordinator might start in a view of
+/// the same epoch (node ids in bits 20..32; rollbacks count up from there).
+fn first_generation(epoch: u64, me: u32) -> u64 {
+    (epoch << 32) | (u64::from(me & 0xfff) << 20)
+}
+
+/// What the coordinator writes and reports besides the job itself.
+/// Run the job's supervisor on this node (the coordinator) until the job ends.
+async fn coordinate(
+    prepared: Arc<PreparedJob>,
+    routing: Routing,
+    names: LocalNet,
+    members: Vec<u32>,
+    store: CheckpointStore,
+    out: Option<PathBuf>,
+    start: Start,
+) -> Result<(), Error> {
+    let me = routing.me;
+    let Start { epoch, restore, source, replication, job_started_ms, fresh_job, report_steps, events, metrics } = start;
+    let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch, job_started_ms));
+    let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
+    let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
+    let (source, cause) = match source {
+        Source::Local => ("local".to_string(), "local"),
+        Source::Fetched(node) => (format!("node {node}"), "fetched"),
+        Source::Scratch => ("none".to_string(), "scratch"),
+    };
+    tracing::info!(node = me, epoch, ?restore, %source, "coordinating the job");
+    metrics.takeovers.get_or_create(&Kind::of(cause)).inc();
+    metrics.jobs.get_or_create(&Kind::of("running")).set(1);
+    events.emit(NodeEventKind::Coordinating { job: routing.job, epoch, restore, restore_from: source });
+    // A coordinator taking over continues its predecessor's history (steps it
+    // recomputes appear again); a fresh job starts a new one.
+    let mut history = match &out {
+        Some(dir) => Some(crate::output::HistoryWriter::open(&dir.join(crate::output::HISTORY_FILE), !fresh_job)?),
+        None => None,
+    };
+    let total_steps = prepared.schedule.total_steps();
+    let mut step_events = StepEvents::new(report_steps, total_steps);
+    // A new view (a node lost or back) or placement: report the next step when it comes.
+    let mut routes = routing.routes.clone();
+    routes.mark_unchanged();
+    // Generations of this supervisor start above any a predecessor issued.
+    let handle = spawn_job_recording(ctx, restore, first_generation(epoch, me))
+        .await
+        .map_err(|e| Error::Spawn(e.to_string()))?;
+    let mut last_at: Option<Instant> = None;
+    let outcome = crate::job::await_job(
+        handle,
+        |_| {},
+        |r| {
+            if let Some(h) = history.as_mut() {
+                h.record(r);
+            }
+            metrics.steps_applied.inc();
+            metrics.samples_applied.inc_by(r.samples);
+            if let Some(at) = last_at.replace(r.at) {
+                metrics.step_duration.observe(r.at.saturating_duration_since(at).as_secs_f64());
+            }
+            if routes.has_changed().unwrap_or(false) {
+                routes.mark_unchanged();
+                step_events.report_next();
+            }
+            if step_events.due(r.step, r.at) {
+                events.emit(NodeEventKind::Step { job: routing.job, step: r.step, total_steps, loss: r.loss });
+            }
+        },
+    )
+    .await?;
+    metrics.checkpoint_failures.inc_by(outcome.checkpoint_failures.len() as u64);
+    metrics.jobs.get_or_create(&Kind::of("running")).set(0);
+    metrics.jobs.get_or_create(&Kind::of("finished")).inc();
+    let evaluation = prepared.evaluate(&outcome.params)?;
+    // The whole job's wall time, predecessors' shares included.
+    let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
+    let history = history.map(|h| h.path().to_path_buf());
+    let report = crate::TrainReport { outcome, evaluation, duration, history };
+    let model_sha256 = crate::params_sha256(&report.outcome.params);
+    let summary = match &out {
+        Some(dir) => {
+            crate::write_outputs(dir, &prepared, &report)?;
+            let replication = serde_json::to_value(&*replication.borrow()).unwrap_or_default();
+            crate::output::patch_summary(dir, [("replication".to_string(), replication)])?;
+            Some(dir.join("summary.json").to_string_lossy().into_owned())
+        }
+        None => None,
+    };
+    let done = NodeMsg::JobDone { job: routing.job, summary, model_sha256 };
+    if let Ok(frame) = super::wire::encode(&done, &routing.limits) {
+        for m in members {
+            let _ = routing.out.send((m, frame.clone()));
+        }
+    }
+    Ok(())
+}
