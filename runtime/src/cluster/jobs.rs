@@ -83,6 +83,9 @@ pub(crate) struct Jobs {
     waiting: Vec<(Version, JobId, Waiter)>,
     /// Member: submissions forwarded to the coordinator.
     forwarded: BTreeMap<u64, (oneshot::Sender<Result<JobId, Error>>, Instant)>,
+    /// Submissions made while no coordinator was known (the cluster forming,
+    /// or this node away from the majority): sent on once a view comes.
+    parked: Vec<(Box<JobConfig>, oneshot::Sender<Result<JobId, Error>>, Instant)>,
     next_request: u64,
     last_sent: Option<Instant>,
     /// The last state of each job this node told about.
@@ -130,6 +133,7 @@ impl Jobs {
             view: None,
             waiting: Vec::new(),
             forwarded: BTreeMap::new(),
+            parked: Vec::new(),
             next_request: 0,
             last_sent: None,
             told: BTreeMap::new(),
@@ -181,6 +185,11 @@ impl Jobs {
             self.schedule();
             self.broadcast();
         }
+        // Submissions that waited for a coordinator go on (after any takeover,
+        // so their versions belong to this view).
+        for (spec, reply, _) in std::mem::take(&mut self.parked) {
+            self.on_command(NodeCommand::Submit { spec, reply });
+        }
     }
 
     /// Quorum lost or shutting down: stop everything here.
@@ -211,6 +220,17 @@ impl Jobs {
                 ))));
             }
         }
+        let (expired, parked): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|(_, _, at)| now.saturating_duration_since(*at) >= SUBMIT_ANSWER_TIMEOUT);
+        self.parked = parked;
+        for (_, reply, _) in expired {
+            let _ = reply.send(Err(Error::Submit(format!(
+                "node {} has seen no majority of the cluster for {} s: no coordinator to take the job",
+                self.me(),
+                SUBMIT_ANSWER_TIMEOUT.as_secs()
+            ))));
+        }
         let unacked = self.registry.durable() < self.registry.snapshot().version;
         let due = self.last_sent.is_none_or(|t| now.saturating_duration_since(t) >= REGISTRY_RESEND);
         if self.coordinating() && unacked && due {
@@ -229,12 +249,8 @@ impl Jobs {
                     self.forwarded.insert(request, (reply, Instant::now()));
                     self.send(v.coordinator, &NodeMsg::Submit { request, spec });
                 }
-                None => {
-                    let _ = reply.send(Err(Error::Submit(format!(
-                        "node {} sees no majority of the cluster: no coordinator to take the job",
-                        self.me()
-                    ))));
-                }
+                // No coordinator known yet: wait (bounded) for a view.
+                None => self.parked.push((spec, reply, Instant::now())),
             },
             NodeCommand::Cancel { job } => match &self.view {
                 Some(v) if v.coordinator == self.me() => self.cancel(job),
