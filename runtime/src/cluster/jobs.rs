@@ -63,10 +63,13 @@ pub enum NodeCommand {
     },
 }
 
+/// Where the answer to a submission goes.
+type Reply = oneshot::Sender<Result<JobId, Error>>;
+
 /// Who waits for an accepted job to become durable.
 #[derive(Debug)]
 enum Waiter {
-    Local(oneshot::Sender<Result<JobId, Error>>),
+    Local(Reply),
     Remote { node: u32, request: u64 },
 }
 
@@ -82,10 +85,10 @@ pub(crate) struct Jobs {
     /// Coordinator: accepted jobs waiting for their version to become durable.
     waiting: Vec<(Version, JobId, Waiter)>,
     /// Member: submissions forwarded to the coordinator.
-    forwarded: BTreeMap<u64, (oneshot::Sender<Result<JobId, Error>>, Instant)>,
+    forwarded: BTreeMap<u64, (Reply, Instant)>,
     /// Submissions made while no coordinator was known (the cluster forming,
     /// or this node away from the majority): sent on once a view comes.
-    parked: Vec<(Box<JobConfig>, oneshot::Sender<Result<JobId, Error>>, Instant)>,
+    parked: Vec<(Box<JobConfig>, Reply, Instant)>,
     next_request: u64,
     last_sent: Option<Instant>,
     /// The last state of each job this node told about.
