@@ -26,8 +26,12 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     println!("serving on http://{}/progress and /summary", listener.local_addr()?);
 
-    let config =
-        JobConfig { model: ModelKind::Mlp, dataset: DatasetSource::Winequality, trainers: 2, ..Default::default() };
+    let config = JobConfig {
+        model: ModelKind::Mlp.into(),
+        dataset: DatasetSource::Winequality,
+        trainers: 2,
+        ..Default::default()
+    };
     let job = Arc::new(PreparedJob::new(config)?);
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let summary = Arc::new(Mutex::new(None::<String>));

@@ -47,6 +47,7 @@ use crate::cluster::membership::DetectorConfig;
 use crate::cluster::node::{run_node_with, NodeConfig, NodeParts};
 use crate::config::JobConfig;
 use crate::error::Error;
+use crate::job::Registries;
 use crate::metrics::NodeMetrics;
 
 /// Events buffered per subscriber; a subscriber further behind skips the
@@ -80,6 +81,7 @@ pub struct NodeBuilder {
     job: Option<JobConfig>,
     out: Option<PathBuf>,
     metrics: Option<SocketAddr>,
+    registries: Registries,
 }
 
 impl NodeBuilder {
@@ -139,6 +141,18 @@ impl NodeBuilder {
         self.out = Some(dir.into());
         self
     }
+    /// The models this node can host (default: the built-ins). A job naming a model that is
+    /// not in it fails with an error naming the model.
+    pub fn models(mut self, models: phalanx_actors::model::ModelRegistry) -> Self {
+        self.registries.models = models;
+        self
+    }
+    /// The data sources this node can load (default: the built-ins and CSV). Every node that
+    /// hosts part of a job loads its data through its own registry.
+    pub fn datasets(mut self, datasets: phalanx_actors::data::DataRegistry) -> Self {
+        self.registries.data = datasets;
+        self
+    }
     /// Serve Prometheus metrics at `http://ADDR/metrics` (port 0 picks one;
     /// see [`NodeHandle::metrics_addr`]).
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
@@ -185,6 +199,7 @@ impl NodeBuilder {
             identity: Some(identity),
             job: self.job,
             bound: Some(bound_tx),
+            registries: self.registries,
         };
         let task = tokio::spawn(run_node_with(config, parts, async move {
             let _ = stop_rx.await;

@@ -163,6 +163,8 @@ pub struct NodeParts {
     pub job: Option<crate::JobConfig>,
     /// Told the bound address once the node listens.
     pub bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    /// The models and data sources this node can host.
+    pub registries: crate::job::Registries,
 }
 
 /// Hands a node's events to its sink, stamped with the node and the time.
@@ -218,6 +220,7 @@ impl NodeJob {
     async fn start(
         config: &NodeConfig,
         job: Option<crate::JobConfig>,
+        registries: &crate::job::Registries,
         out_tx: mpsc::UnboundedSender<Outbound>,
         events: Emitter,
         metrics: Arc<NodeMetrics>,
@@ -227,7 +230,7 @@ impl NodeJob {
             (None, Some(path)) => crate::JobConfig::from_toml_file(path)?,
             (None, None) => return Ok(None),
         };
-        let prepared = Arc::new(PreparedJob::new(job)?);
+        let prepared = Arc::new(PreparedJob::with_registries(job, &registries.models, &registries.data)?);
         let data_dir = config
             .data_dir
             .clone()
@@ -712,7 +715,8 @@ pub async fn run_node(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let metrics = NodeMetrics::new(config.id);
-    run_node_with(config, NodeParts { events, metrics, identity: None, job: None, bound: None }, shutdown).await
+    let parts = NodeParts { events, metrics, identity: None, job: None, bound: None, registries: Default::default() };
+    run_node_with(config, parts, shutdown).await
 }
 
 /// [`run_node`] with every part given (see [`NodeParts`]).
@@ -722,7 +726,7 @@ pub async fn run_node_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    let NodeParts { events: sink, metrics, identity, job, bound } = parts;
+    let NodeParts { events: sink, metrics, identity, job, bound, registries } = parts;
     let identity = match identity {
         Some(identity) if identity.id == config.id => identity,
         Some(identity) => {
@@ -737,7 +741,7 @@ pub async fn run_node_with(
     let emitter = Emitter { node: config.id, sink };
     let limits = Limits::default();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let mut job = NodeJob::start(&config, job, out_tx, emitter.clone(), metrics.clone()).await?;
+    let mut job = NodeJob::start(&config, job, &registries, out_tx, emitter.clone(), metrics.clone()).await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
     // A member silent for a failure timeout is down for membership too: only then may another
     // incarnation with its id replace it; until then a second process is refused.
