@@ -93,19 +93,27 @@ fn quadratic(request: &ModelRequest) -> Result<Box<dyn Model>, ModelError> {
     Ok(Box::new(Quadratic { inputs: request.inputs, classes: request.outputs, init_scale: config.init_scale }))
 }
 
+/// The three tensors of a parameter vector.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    c: &'a [f32],
+}
+
 impl Quadratic {
     fn weights(&self) -> usize {
         self.inputs * self.classes
     }
 
-    /// `(A, B, c)` after checking the length.
-    fn split<'a>(&self, params: &'a [f32]) -> Result<(&'a [f32], &'a [f32], &'a [f32]), ModelError> {
+    /// `A`, `B` and `c` after checking the length.
+    fn split<'a>(&self, params: &'a [f32]) -> Result<Parts<'a>, ModelError> {
         if params.len() != self.num_params() {
             return Err(ModelError::ParamLength { expected: self.num_params(), got: params.len() });
         }
         let (a, rest) = params.split_at(self.weights());
         let (b, c) = rest.split_at(self.weights());
-        Ok((a, b, c))
+        Ok(Parts { a, b, c })
     }
 
     /// Checks the batch; returns its labels.
@@ -126,7 +134,7 @@ impl Quadratic {
     }
 
     /// The logits of one row into `out`, summed in a fixed order.
-    fn logits(&self, (a, b, c): (&[f32], &[f32], &[f32]), row: ArrayView1<'_, f32>, out: &mut [f32]) {
+    fn logits(&self, Parts { a, b, c }: Parts<'_>, row: ArrayView1<'_, f32>, out: &mut [f32]) {
         out.copy_from_slice(c);
         for (i, &v) in row.iter().enumerate() {
             let square = v * v;

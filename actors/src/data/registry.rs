@@ -1,35 +1,4 @@
 //! Data sources by name: the registry a job's `dataset` is looked up in.
-//!
-//! The built-in datasets (`diabetes`, `iris`, `winequality`) and CSV files (`csv:PATH[:TARGET]`)
-//! register themselves in [`DataRegistry::default`]. A source of your own — anything that can
-//! produce rows of `f32` features and one target per row — plugs in under a name, and a job
-//! names it: `dataset = "rings"` or, with an argument, `dataset = "rings:600"`.
-//!
-//! ```text
-//!  dataset = "rings:600" ──parse──▶ DatasetSource::Named ──DataRegistry::load(task)──▶ factory("rings") ──▶ Table
-//! ```
-//!
-//! Every node that hosts part of a job loads the data through its own registry, so every node
-//! must register the source, and the source must give the same rows in the same order each time
-//! (the job's identity hashes the training rows: a node whose rows differ runs another job).
-//!
-//! ```
-//! use phalanx_actors::data::{DataError, DataRegistry, DataRequest, DatasetSource, Table, TaskKind};
-//!
-//! let mut data = DataRegistry::default();
-//! data.register("line", |request: &DataRequest<'_>| -> Result<Table, DataError> {
-//!     let n: usize = request.arg.and_then(|a| a.parse().ok()).unwrap_or(10);
-//!     let rows: Vec<[f32; 1]> = (0..n).map(|i| [i as f32]).collect();
-//!     let targets: Vec<f32> = (0..n).map(|i| 2.0 * i as f32 + 1.0).collect();
-//!     Table::from_rows(request.name, vec!["x".into()], &rows, &targets, request.task)
-//! })?;
-//! let table = data.load(&"line:25".parse()?, TaskKind::Regression)?;
-//! assert_eq!((table.len(), table.features()), (25, 1));
-//!
-//! let err = data.load(&"mnist".parse()?, TaskKind::Classification).unwrap_err().to_string();
-//! assert!(err.contains("mnist") && err.contains("line") && err.contains("iris"), "{err}");
-//! # Ok::<(), DataError>(())
-//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -55,9 +24,39 @@ pub struct DataRequest<'a> {
 /// A data source: every row (features and target) for a request, the same ones every time.
 pub type DataFactory = dyn Fn(&DataRequest<'_>) -> Result<Table, DataError> + Send + Sync;
 
-/// Data sources by name: what a node (or a `train` call) can load. Cheap to clone.
+/// Data sources by name — the registry a job's `dataset` is looked up in. Cheap to clone.
 ///
-/// See the [module docs](self) for an example.
+/// The built-in datasets (`diabetes`, `iris`, `winequality`) and CSV files (`csv:PATH[:TARGET]`)
+/// register themselves in [`DataRegistry::default`]. A source of your own — anything that can
+/// produce rows of `f32` features and one target per row — plugs in under a name, and a job
+/// names it: `dataset = "rings"` or, with an argument, `dataset = "rings:600"`.
+///
+/// ```text
+///  dataset = "rings:600" ──parse──▶ DatasetSource::Named ──DataRegistry::load(task)──▶ factory("rings") ──▶ Table
+/// ```
+///
+/// Every node that hosts part of a job loads the data through its own registry, so every node
+/// must register the source, and the source must give the same rows in the same order each time
+/// and on every node (a job's config hash, which its checkpoints and its cluster job id derive
+/// from, covers the training rows).
+///
+/// ```
+/// use phalanx_actors::data::{DataError, DataRegistry, DataRequest, DatasetSource, Table, TaskKind};
+///
+/// let mut data = DataRegistry::default();
+/// data.register("line", |request: &DataRequest<'_>| -> Result<Table, DataError> {
+///     let n: usize = request.arg.and_then(|a| a.parse().ok()).unwrap_or(10);
+///     let rows: Vec<[f32; 1]> = (0..n).map(|i| [i as f32]).collect();
+///     let targets: Vec<f32> = (0..n).map(|i| 2.0 * i as f32 + 1.0).collect();
+///     Table::from_rows(request.name, vec!["x".into()], &rows, &targets, request.task)
+/// })?;
+/// let table = data.load(&"line:25".parse()?, TaskKind::Regression)?;
+/// assert_eq!((table.len(), table.features()), (25, 1));
+///
+/// let err = data.load(&"mnist".parse()?, TaskKind::Classification).unwrap_err().to_string();
+/// assert!(err.contains("mnist") && err.contains("line") && err.contains("iris"), "{err}");
+/// # Ok::<(), DataError>(())
+/// ```
 #[derive(Clone)]
 pub struct DataRegistry {
     sources: BTreeMap<String, Arc<DataFactory>>,

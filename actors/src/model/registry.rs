@@ -1,60 +1,4 @@
 //! Models by name: the registry a job's `model` is looked up in.
-//!
-//! A job names its model (`model = "quadratic"`) and may give it a config (a `[model_config]`
-//! table in the job file). The data decide the rest of the shape: the number of input features,
-//! the number of outputs and the [`Head`]. Together they make a [`ModelRequest`], and the
-//! [`ModelRegistry`] of whoever runs the job (a node, a `train` call) hands it to the factory
-//! registered under that name:
-//!
-//! ```text
-//!  job: model = "quadratic", [model_config]     data: inputs, outputs, head
-//!               └────────────────┬─────────────────────────┘
-//!                           ModelRequest ──▶ ModelRegistry::build ──▶ factory("quadratic") ──▶ Box<dyn Model>
-//! ```
-//!
-//! A registry belongs to its owner, never to the process: two nodes in one process may host
-//! different models. [`ModelRegistry::default`] holds the built-in models (linear, softmax,
-//! mlp); [`ModelRegistry::empty`] holds none.
-//!
-//! ```
-//! use phalanx_actors::model::{Head, Model, ModelError, ModelRegistry, ModelRequest};
-//!
-//! #[derive(serde::Deserialize)]
-//! struct Config {
-//!     hidden: usize,
-//! }
-//!
-//! let mut models = ModelRegistry::default();
-//! models.register("wide_mlp", |request: &ModelRequest| -> Result<Box<dyn Model>, ModelError> {
-//!     // A user factory may build anything implementing `Model`; this one reuses the built-in MLP.
-//!     let config: Config = request.parse_config()?;
-//!     let spec = phalanx_actors::model::ModelSpec {
-//!         kind: phalanx_actors::model::ModelKind::Mlp,
-//!         inputs: request.inputs,
-//!         outputs: request.outputs,
-//!         hidden: config.hidden * 4,
-//!         head: request.head,
-//!     };
-//!     phalanx_actors::model::build(&spec)
-//! })?;
-//! assert_eq!(models.names().collect::<Vec<_>>(), ["linear", "mlp", "softmax", "wide_mlp"]);
-//!
-//! let request = ModelRequest::new(
-//!     "wide_mlp".parse()?,
-//!     4,
-//!     3,
-//!     Head::Classification,
-//!     serde_json::json!({ "hidden": 8 }),
-//! );
-//! let built = models.build(&request)?;
-//! assert_eq!(built.model.num_params(), 4 * 32 + 32 + 32 * 3 + 3);
-//!
-//! // A name nobody registered is an error that lists what there is.
-//! let unknown = ModelRequest::new("cnn".parse()?, 4, 3, Head::Classification, serde_json::Value::Null);
-//! let err = models.build(&unknown).unwrap_err().to_string();
-//! assert!(err.contains("cnn") && err.contains("wide_mlp"), "{err}");
-//! # Ok::<(), ModelError>(())
-//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -69,7 +13,7 @@ use super::{build, Head, Model, ModelError, ModelKind, ModelSpec, MAX_PARAMS};
 /// Longest model name accepted.
 pub const MAX_NAME_LEN: usize = 64;
 
-/// The name of a model in a [`ModelRegistry`]: 1 to [`MAX_NAME_LEN`] ASCII letters, digits,
+/// The name of a model in a [`ModelRegistry`]: 1 to 64 ASCII letters, digits,
 /// `_`, `-` or `.`, starting with a letter or a digit. Case matters (`mlp` is the built-in,
 /// `MLP` is not).
 ///
@@ -321,9 +265,63 @@ struct BuiltinConfig {
     hidden: usize,
 }
 
-/// Models by name: what a node (or a `train` call) can build. Cheap to clone.
+/// Models by name — the registry a job's `model` is looked up in. Cheap to clone.
 ///
-/// See the [module docs](self) for an example.
+/// A job names its model (`model = "quadratic"`) and may give it a config (a `[model_config]`
+/// table in the job file). The data decide the rest of the shape: the number of input features,
+/// the number of outputs and the [`Head`]. Together they make a [`ModelRequest`], and the
+/// [`ModelRegistry`] of whoever runs the job (a node, a `train` call) hands it to the factory
+/// registered under that name:
+///
+/// ```text
+///  job: model = "quadratic", [model_config]     data: inputs, outputs, head
+///               └────────────────┬─────────────────────────┘
+///                           ModelRequest ──▶ ModelRegistry::build ──▶ factory("quadratic") ──▶ Box<dyn Model>
+/// ```
+///
+/// A registry belongs to its owner, never to the process: two nodes in one process may host
+/// different models. [`ModelRegistry::default`] holds the built-in models (linear, softmax,
+/// mlp); [`ModelRegistry::empty`] holds none.
+///
+/// ```
+/// use phalanx_actors::model::{Head, Model, ModelError, ModelRegistry, ModelRequest};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Config {
+///     hidden: usize,
+/// }
+///
+/// let mut models = ModelRegistry::default();
+/// models.register("wide_mlp", |request: &ModelRequest| -> Result<Box<dyn Model>, ModelError> {
+///     // A user factory may build anything implementing `Model`; this one reuses the built-in MLP.
+///     let config: Config = request.parse_config()?;
+///     let spec = phalanx_actors::model::ModelSpec {
+///         kind: phalanx_actors::model::ModelKind::Mlp,
+///         inputs: request.inputs,
+///         outputs: request.outputs,
+///         hidden: config.hidden * 4,
+///         head: request.head,
+///     };
+///     phalanx_actors::model::build(&spec)
+/// })?;
+/// assert_eq!(models.names().collect::<Vec<_>>(), ["linear", "mlp", "softmax", "wide_mlp"]);
+///
+/// let request = ModelRequest::new(
+///     "wide_mlp".parse()?,
+///     4,
+///     3,
+///     Head::Classification,
+///     serde_json::json!({ "hidden": 8 }),
+/// );
+/// let built = models.build(&request)?;
+/// assert_eq!(built.model.num_params(), 4 * 32 + 32 + 32 * 3 + 3);
+///
+/// // A name nobody registered is an error that lists what there is.
+/// let unknown = ModelRequest::new("cnn".parse()?, 4, 3, Head::Classification, serde_json::Value::Null);
+/// let err = models.build(&unknown).unwrap_err().to_string();
+/// assert!(err.contains("cnn") && err.contains("wide_mlp"), "{err}");
+/// # Ok::<(), ModelError>(())
+/// ```
 #[derive(Clone)]
 pub struct ModelRegistry {
     entries: BTreeMap<String, Entry>,
