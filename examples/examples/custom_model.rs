@@ -30,12 +30,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use phalanx::ndarray::{Array2, ArrayView1, ArrayView2};
 use phalanx::{
-    DataRegistry, DataRequest, Head, JobConfig, Model, ModelError, ModelRegistry, ModelRequest, Node, NodeEvent,
-    NodeEventKind, Table, Targets, TaskKind, TensorInfo,
+    DataError, DataRegistry, DataRequest, Head, JobConfig, Model, ModelError, ModelRegistry, ModelRequest, Node,
+    NodeEvent, NodeEventKind, Table, Targets, TaskKind, TensorInfo,
 };
-use phalanx_actors::data::{splitmix64, DataError};
+use phalanx_actors::data::splitmix64;
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 

@@ -86,10 +86,14 @@ pub use job::{params_sha256, Evaluation, Metric, PreparedJob, Registries, TrainR
 pub use node::{Node, NodeBuilder, NodeHandle};
 pub use output::{write_outputs, Summary};
 pub use phalanx_actors::actor::Progress;
-pub use phalanx_actors::data::{DataRegistry, DataRequest, DatasetSource, Table, TaskKind};
+pub use phalanx_actors::data::{DataError, DataRegistry, DataRequest, DatasetSource, Table, TaskKind};
 pub use phalanx_actors::model::{
     Head, Model, ModelConfig, ModelError, ModelKind, ModelName, ModelRegistry, ModelRequest, Targets, TensorInfo,
 };
+
+/// The ndarray the [`Model`] trait speaks (batches are `ArrayView2<f32>`), so
+/// that a model of your own uses the same version.
+pub use ndarray;
 
 /// Prepare and run a job in this process with the built-in models and data
 /// sources; checkpoints go to `config.out/checkpoints` (a temporary directory
