@@ -325,6 +325,24 @@ mod tests {
     }
 
     #[test]
+    fn a_job_with_a_model_config_crosses_the_wire_codec_intact() {
+        // Nodes pass jobs to each other as bincode headers, which cannot decode a
+        // self-describing value: the config travels as its JSON text.
+        let job = JobConfig {
+            model: "quadratic".parse().unwrap(),
+            model_config: Some(serde_json::json!({"init_scale": 0.05, "layers": [3, {"w": true}]}).into()),
+            dataset: "rings:2400".parse().unwrap(),
+            task: Some(TaskKind::Classification),
+            ..JobConfig::default()
+        };
+        let limits = phalanx_transport::Limits::default();
+        let wire = phalanx_transport::encode(&job, &[], &limits).unwrap();
+        let back =
+            phalanx_transport::decode::<JobConfig>(&wire[phalanx_transport::codec::PREFIX_BYTES..], &limits).unwrap();
+        assert_eq!(back.header, job);
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let cases: Vec<(JobConfig, &str)> = vec![
             (JobConfig { trainers: 0, ..JobConfig::default() }, "trainers"),
