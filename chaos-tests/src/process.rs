@@ -133,7 +133,7 @@ pub fn find_phalanx() -> Option<PathBuf> {
 /// The job every scenario runs (before its own epochs).
 pub fn job() -> JobConfig {
     JobConfig {
-        model: ModelKind::Mlp,
+        model: ModelKind::Mlp.into(),
         dataset: DatasetSource::Winequality,
         trainers: 3,
         epochs: Some(EPOCHS),

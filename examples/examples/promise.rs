@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
     // Injected faults are panics; the supervisors handle them. Keep the output readable.
     phalanx::log_panics();
     let base = JobConfig {
-        model: ModelKind::Mlp,
+        model: ModelKind::Mlp.into(),
         dataset: DatasetSource::Winequality,
         epochs: Some(20),
         ..Default::default()

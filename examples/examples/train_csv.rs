@@ -28,8 +28,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let model = match args.get(2).map(String::as_str) {
-        Some("mlp") => ModelKind::Mlp,
-        _ => ModelKind::Linear,
+        Some("mlp") => ModelKind::Mlp.into(),
+        _ => ModelKind::Linear.into(),
     };
     let dataset: DatasetSource = format!("csv:{path}:{target}").parse()?;
     let config = JobConfig { model, dataset, task: Some(TaskKind::Regression), trainers: 2, ..Default::default() };

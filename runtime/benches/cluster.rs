@@ -19,7 +19,7 @@ fn main() {
         let epochs = if quick { 2 } else { epochs };
         let dir = tempfile::tempdir().expect("temp dir");
         let config = JobConfig {
-            model: ModelKind::Mlp,
+            model: ModelKind::Mlp.into(),
             dataset: DatasetSource::Winequality,
             hidden,
             batch_size: Some(batch),

@@ -39,7 +39,7 @@ fn main() {
     );
     for (name, model, dataset, batch, hidden) in cases {
         let base = JobConfig {
-            model,
+            model: model.into(),
             dataset,
             hidden: hidden.max(1),
             epochs: Some(epochs),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use phalanx_actors::data::{DatasetSource, TaskKind};
 use phalanx_actors::faults::FaultSpec;
-use phalanx_actors::model::ModelKind;
+use phalanx_actors::model::{Head, ModelConfig, ModelKind, ModelName, ModelRequest};
 use phalanx_actors::optim::OptimizerKind;
 use phalanx_actors::protocol::RestartPolicy;
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use crate::error::Error;
 pub const DEFAULT_PARTITIONS: u32 = 8;
 /// Held-out share of the rows used for the reported metric.
 pub const DEFAULT_TEST_FRACTION: f64 = 0.2;
-/// Hidden units of the MLP.
+/// Hidden units of the built-in MLP.
 pub const DEFAULT_HIDDEN: usize = 64;
 /// Checkpoint interval in steps.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 20;
@@ -27,11 +27,20 @@ pub const DEFAULT_CHECKPOINT_EVERY: u64 = 20;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobConfig {
-    /// Model family.
-    pub model: ModelKind,
-    /// Data: `diabetes`, `iris`, `winequality` or `csv:PATH[:TARGET]`.
+    /// Model: a name in the model registry of whoever runs the job — the built-ins `linear`,
+    /// `softmax` and `mlp`, or a model registered with
+    /// [`ModelRegistry::register`](phalanx_actors::model::ModelRegistry::register).
+    pub model: ModelName,
+    /// A registered model's own settings (a `[model_config]` table in a job file), handed to
+    /// its factory as [`ModelRequest::config`]. The built-in models take none: the MLP's width
+    /// is [`hidden`](Self::hidden).
+    pub model_config: Option<ModelConfig>,
+    /// Data: `diabetes`, `iris`, `winequality`, `csv:PATH[:TARGET]`, or a source registered in
+    /// a [`DataRegistry`](phalanx_actors::data::DataRegistry) (`NAME` or `NAME:ARG`).
     pub dataset: DatasetSource,
-    /// Regression or classification; inferred from the model when absent.
+    /// Regression or classification; when absent, the built-in dataset's, else what a built-in
+    /// model implies (linear: regression; softmax, mlp: classification). A registered model
+    /// on a CSV or registered dataset needs it.
     pub task: Option<TaskKind>,
     /// Trainer actors (deployment only: does not change the result).
     pub trainers: u32,
@@ -49,7 +58,7 @@ pub struct JobConfig {
     pub optimizer: OptimizerKind,
     /// Learning rate; the optimizer's and model's default when absent.
     pub learning_rate: Option<f32>,
-    /// Hidden units of the MLP.
+    /// Hidden units of the built-in MLP.
     pub hidden: usize,
     /// Share of rows held out for the metric.
     pub test_fraction: f64,
@@ -71,7 +80,8 @@ impl Default for JobConfig {
     fn default() -> Self {
         let policy = RestartPolicy::default();
         Self {
-            model: ModelKind::Softmax,
+            model: ModelKind::Softmax.into(),
+            model_config: None,
             dataset: DatasetSource::Iris,
             task: None,
             trainers: 2,
@@ -123,23 +133,34 @@ impl JobConfig {
         toml::from_str::<JobConfig>(text).map_err(|e| Error::Config { file: None, reason: one_line(&e.to_string()) })
     }
 
-    /// The task: as given, else the built-in dataset's, else what the model implies.
+    /// The task: as given, else the built-in dataset's, else what a built-in model implies
+    /// (classification when nothing says: [`validate`](Self::validate) rejects that job).
     pub fn task(&self) -> TaskKind {
-        self.task.or_else(|| self.dataset.builtin_task()).unwrap_or(match self.model {
-            ModelKind::Linear => TaskKind::Regression,
-            ModelKind::Softmax | ModelKind::Mlp => TaskKind::Classification,
+        self.implied_task().unwrap_or(TaskKind::Classification)
+    }
+
+    /// The task as given, else the built-in dataset's, else a built-in model's.
+    fn implied_task(&self) -> Option<TaskKind> {
+        self.task.or_else(|| self.dataset.builtin_task()).or_else(|| {
+            self.model.builtin().map(|kind| match kind {
+                ModelKind::Linear => TaskKind::Regression,
+                ModelKind::Softmax | ModelKind::Mlp => TaskKind::Classification,
+            })
         })
     }
 
-    /// Fill in the defaults that depend on the model.
+    /// Fill in the defaults that depend on the model (a registered model: 40 epochs, batches
+    /// of 32, learning rate 0.01 with Adam, else 0.05).
     pub fn resolve(&self) -> Resolved {
-        let (epochs, batch_size, lr) = match (self.model, self.optimizer) {
-            (ModelKind::Linear, OptimizerKind::Adam) => (40, 32, 0.02),
-            (ModelKind::Linear, _) => (40, 32, 0.05),
-            (ModelKind::Softmax, OptimizerKind::Adam) => (40, 16, 0.05),
-            (ModelKind::Softmax, _) => (40, 16, 0.1),
-            (ModelKind::Mlp, OptimizerKind::Adam) => (40, 64, 0.005),
-            (ModelKind::Mlp, _) => (40, 64, 0.05),
+        let (epochs, batch_size, lr) = match (self.model.builtin(), self.optimizer) {
+            (Some(ModelKind::Linear), OptimizerKind::Adam) => (40, 32, 0.02),
+            (Some(ModelKind::Linear), _) => (40, 32, 0.05),
+            (Some(ModelKind::Softmax), OptimizerKind::Adam) => (40, 16, 0.05),
+            (Some(ModelKind::Softmax), _) => (40, 16, 0.1),
+            (Some(ModelKind::Mlp), OptimizerKind::Adam) => (40, 64, 0.005),
+            (Some(ModelKind::Mlp), _) => (40, 64, 0.05),
+            (None, OptimizerKind::Adam) => (40, 32, 0.01),
+            (None, _) => (40, 32, 0.05),
         };
         Resolved {
             epochs: self.epochs.unwrap_or(epochs),
@@ -183,6 +204,21 @@ impl JobConfig {
         if !(0.0..1.0).contains(&self.test_fraction) {
             return field("test_fraction", format!("{} is not in [0, 1)", self.test_fraction));
         }
+        if self.model.builtin().is_some() && self.model_config.is_some() {
+            return field(
+                "model_config",
+                format!("the built-in model {} takes no model_config (the MLP's width is `hidden`)", self.model),
+            );
+        }
+        if self.implied_task().is_none() {
+            return field(
+                "task",
+                format!(
+                    "model {} on dataset {} implies no task: set task = \"regression\" or \"classification\"",
+                    self.model, self.dataset
+                ),
+            );
+        }
         if self.model == ModelKind::Mlp && self.hidden == 0 {
             return field("hidden", "must be at least 1".into());
         }
@@ -206,6 +242,18 @@ impl JobConfig {
             return field("resume", "needs an output directory (--out) holding checkpoints/".into());
         }
         Ok(())
+    }
+
+    /// What the model registry is asked to build, once the data fix the shape: a built-in gets
+    /// `{"hidden": hidden}` as its config, a registered model its `model_config` (`null` when
+    /// absent).
+    pub fn model_request(&self, inputs: usize, outputs: usize, head: Head) -> ModelRequest {
+        let config = match (self.model.builtin(), &self.model_config) {
+            (Some(_), _) => serde_json::json!({ "hidden": self.hidden }),
+            (None, Some(config)) => config.0.clone(),
+            (None, None) => serde_json::Value::Null,
+        };
+        ModelRequest::new(self.model.clone(), inputs, outputs, head, config)
     }
 
     /// The restart policy for every role.
@@ -247,10 +295,51 @@ mod tests {
     fn wrong_types_and_values_are_named() {
         let e = JobConfig::from_toml_str("trainers = \"two\"\n").unwrap_err().to_string();
         assert!(e.contains("trainers"), "{e}");
-        let e = JobConfig::from_toml_str("model = \"cnn\"\n").unwrap_err().to_string();
-        assert!(e.contains("cnn"), "{e}");
+        // Any well-formed name parses (a registry decides whether it exists); a malformed one
+        // does not.
+        let e = JobConfig::from_toml_str("model = \"c n n\"\n").unwrap_err().to_string();
+        assert!(e.contains("c n n") && e.contains("model"), "{e}");
         let e = JobConfig::from_toml_str("fail = [\"trainer:x@3\"]\n").unwrap_err().to_string();
         assert!(e.contains("trainer:x@3"), "{e}");
+    }
+
+    #[test]
+    fn a_registered_model_and_source_with_a_model_config_parse_and_round_trip() {
+        let text = "model = \"quadratic\"\ndataset = \"rings:600\"\ntask = \"classification\"\n\n[model_config]\ndegree = 2\nscale = [0.5, 1.5]\n";
+        let c = JobConfig::from_toml_str(text).unwrap();
+        assert_eq!(c.model, "quadratic");
+        assert_eq!(c.model.builtin(), None);
+        assert_eq!(c.dataset.to_string(), "rings:600");
+        assert_eq!(c.model_config.as_ref().unwrap().0, serde_json::json!({"degree": 2, "scale": [0.5, 1.5]}));
+        c.validate().unwrap();
+        let request = c.model_request(2, 3, Head::Classification);
+        assert_eq!(request.config, serde_json::json!({"degree": 2, "scale": [0.5, 1.5]}));
+        // A job file written back (as `phalanx local` hands jobs to its nodes) reads the same.
+        let back = JobConfig::from_toml_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        // A built-in gets its width as config, as before registries.
+        let mlp = JobConfig { model: ModelKind::Mlp.into(), hidden: 7, ..JobConfig::default() };
+        assert_eq!(mlp.model_request(4, 3, Head::Classification).config, serde_json::json!({"hidden": 7}));
+        let back = JobConfig::from_toml_str(&toml::to_string(&mlp).unwrap()).unwrap();
+        assert_eq!(back, mlp);
+    }
+
+    #[test]
+    fn a_job_with_a_model_config_crosses_the_wire_codec_intact() {
+        // Nodes pass jobs to each other as bincode headers, which cannot decode a
+        // self-describing value: the config travels as its JSON text.
+        let job = JobConfig {
+            model: "quadratic".parse().unwrap(),
+            model_config: Some(serde_json::json!({"init_scale": 0.05, "layers": [3, {"w": true}]}).into()),
+            dataset: "rings:2400".parse().unwrap(),
+            task: Some(TaskKind::Classification),
+            ..JobConfig::default()
+        };
+        let limits = phalanx_transport::Limits::default();
+        let wire = phalanx_transport::encode(&job, &[], &limits).unwrap();
+        let back =
+            phalanx_transport::decode::<JobConfig>(&wire[phalanx_transport::codec::PREFIX_BYTES..], &limits).unwrap();
+        assert_eq!(back.header, job);
     }
 
     #[test]
@@ -263,7 +352,22 @@ mod tests {
             (JobConfig { batch_size: Some(0), ..JobConfig::default() }, "batch_size"),
             (JobConfig { test_fraction: 1.0, ..JobConfig::default() }, "test_fraction"),
             (JobConfig { learning_rate: Some(-1.0), ..JobConfig::default() }, "learning_rate"),
-            (JobConfig { model: ModelKind::Linear, dataset: DatasetSource::Iris, ..JobConfig::default() }, "model"),
+            (
+                JobConfig { model: ModelKind::Linear.into(), dataset: DatasetSource::Iris, ..JobConfig::default() },
+                "model",
+            ),
+            (
+                JobConfig { model_config: Some(serde_json::json!({"hidden": 3}).into()), ..JobConfig::default() },
+                "model_config",
+            ),
+            (
+                JobConfig {
+                    model: "quadratic".parse().unwrap(),
+                    dataset: "rings".parse().unwrap(),
+                    ..JobConfig::default()
+                },
+                "task",
+            ),
             (JobConfig { fail: vec!["trainer:5@3".parse().unwrap()], ..JobConfig::default() }, "fail"),
             (JobConfig { resume: true, ..JobConfig::default() }, "resume"),
         ];

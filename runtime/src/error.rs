@@ -26,6 +26,24 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The job names a model that the registry of whoever runs it does not have. A node wraps
+    /// it with its id.
+    #[error("invalid value for `model`: no model named {model:?} here (known: {})", known.join(", "))]
+    UnknownModel {
+        /// The model the job names.
+        model: String,
+        /// The models the registry has, sorted.
+        known: Vec<String>,
+    },
+    /// The job names a data source that the registry of whoever runs it does not have. A node
+    /// wraps it with its id.
+    #[error("invalid value for `dataset`: no data source named {dataset:?} here (known: {known})")]
+    UnknownDataset {
+        /// The source's registry name.
+        dataset: String,
+        /// The sources the registry has, with their forms (`csv:PATH[:TARGET]`), sorted.
+        known: String,
+    },
     /// The data could not be loaded or split.
     #[error(transparent)]
     Data(#[from] DataError),

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use phalanx_actors::actor::{spawn_job_recording, JobContext, JobHandle, JobOutcome, StepRecord};
 use phalanx_actors::checkpoint::CheckpointStore;
-use phalanx_actors::data::{self, OwnedTargets, Partitions, Prepared, Table, TaskKind};
+use phalanx_actors::data::{self, DataError, DataRegistry, OwnedTargets, Partitions, Prepared, Table, TaskKind};
 use phalanx_actors::faults::FaultPlan;
-use phalanx_actors::model::{self, Head, Model, ModelSpec, Targets};
+use phalanx_actors::model::{self, Head, Model, ModelError, ModelIdentity, ModelRegistry, Targets};
 use phalanx_actors::net::LocalNet;
 use phalanx_actors::optim::{OptimizerSpec, OptimizerState};
 use phalanx_actors::protocol::{JobId, JobPlan, Schedule};
@@ -19,6 +19,17 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{JobConfig, Resolved};
 use crate::error::Error;
+
+/// The models and data sources a job may name: what a node or a [`train_with`](crate::train_with)
+/// call can build and load. [`Default`] holds the built-ins. Cheap to clone; each owner has its
+/// own (two nodes in one process may host different models).
+#[derive(Clone, Debug, Default)]
+pub struct Registries {
+    /// Models by name.
+    pub models: ModelRegistry,
+    /// Data sources by name.
+    pub data: DataRegistry,
+}
 
 /// A job with its data loaded and everything derived from the config.
 pub struct PreparedJob {
@@ -32,6 +43,9 @@ pub struct PreparedJob {
     pub partitions: Arc<Partitions>,
     /// The model.
     pub model: Arc<dyn Model>,
+    /// What the model is: a built-in's spec or a registered model's request (hashed into
+    /// `config_hash`, written into model files).
+    pub model_identity: ModelIdentity,
     /// The optimizer.
     pub optimizer: OptimizerSpec,
     /// SHA-256 (hex) of everything that determines the math: checkpoints of
@@ -51,7 +65,7 @@ struct MathIdentity<'a> {
     batch_size: u32,
     epochs: u32,
     seed: u64,
-    model: &'a ModelSpec,
+    model: &'a ModelIdentity,
     optimizer: &'a OptimizerSpec,
     train_data_sha256: String,
 }
@@ -79,11 +93,22 @@ pub fn params_sha256(params: &[f32]) -> String {
 }
 
 impl PreparedJob {
-    /// Validate the config, load and split the data, build the model.
+    /// Validate the config, load and split the data, build the model — with the built-in
+    /// models and data sources only (see [`with_registries`](Self::with_registries)).
     pub fn new(config: JobConfig) -> Result<Self, Error> {
+        Self::with_registries(config, &ModelRegistry::default(), &DataRegistry::default())
+    }
+
+    /// Validate the config, load and split the data through `datasets`, build the model
+    /// through `models`. A model or source the registry lacks is [`Error::UnknownModel`] or
+    /// [`Error::UnknownDataset`], naming it and what the registry has.
+    pub fn with_registries(config: JobConfig, models: &ModelRegistry, datasets: &DataRegistry) -> Result<Self, Error> {
         config.validate()?;
         let resolved = config.resolve();
-        let table = data::load(&config.dataset, resolved.task)?;
+        let table = datasets.load(&config.dataset, resolved.task).map_err(|e| match e {
+            DataError::UnknownSource { name, known } => Error::UnknownDataset { dataset: name, known },
+            other => Error::Data(other),
+        })?;
         let data = data::prepare(table, config.seed, config.test_fraction)?;
         let n_train = data.train.len();
         if config.partitions as usize > n_train {
@@ -97,9 +122,16 @@ impl PreparedJob {
             Some(k) => (k, Head::Classification),
             None => (1, Head::Regression),
         };
-        let spec =
-            ModelSpec { kind: config.model, inputs: data.train.features(), outputs, hidden: config.hidden, head };
-        let model: Arc<dyn Model> = Arc::from(model::build(&spec)?);
+        let request = config.model_request(data.train.features(), outputs, head);
+        let built = models.build(&request).map_err(|e| match e {
+            ModelError::UnknownModel { name, known } => Error::UnknownModel { model: name, known },
+            ModelError::InvalidConfig { model, reason } => {
+                Error::Field { field: "model_config".into(), reason: format!("model {model}: {reason}") }
+            }
+            other => Error::Model(other),
+        })?;
+        let model: Arc<dyn Model> = Arc::from(built.model);
+        let model_identity = built.identity;
         if config.aggregators as usize > model.num_params() {
             return Err(Error::Field {
                 field: "aggregators".into(),
@@ -126,12 +158,22 @@ impl PreparedJob {
             batch_size: resolved.batch_size,
             epochs: resolved.epochs,
             seed: config.seed,
-            model: &spec,
+            model: &model_identity,
             optimizer: &optimizer,
             train_data_sha256: train_data_sha256(&data.train),
         };
         let config_hash = hex::encode(Sha256::digest(serde_json::to_vec(&identity).expect("plain data serialises")));
-        Ok(Self { config, resolved, data, partitions: Arc::new(partitions), model, optimizer, config_hash, schedule })
+        Ok(Self {
+            config,
+            resolved,
+            data,
+            partitions: Arc::new(partitions),
+            model,
+            model_identity,
+            optimizer,
+            config_hash,
+            schedule,
+        })
     }
 
     /// `(offset, len)` of each aggregator's range: `aggregators` contiguous,

@@ -29,6 +29,40 @@
 //! # let _ = job; Ok(()) }
 //! ```
 //!
+//! ## Your own models and data
+//!
+//! A job names its model and its dataset; a [`ModelRegistry`] and a
+//! [`DataRegistry`] turn the names into a [`Model`] and rows. The built-ins
+//! (`linear`, `softmax`, `mlp`; `diabetes`, `iris`, `winequality`,
+//! `csv:PATH[:TARGET]`) register themselves; register your own and pass the
+//! registries to [`train_with`] (or to a node: [`NodeBuilder::models`],
+//! [`NodeBuilder::datasets`]). A model keeps the determinism contract
+//! documented on [`Model`]: same inputs, same bits.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), phalanx::Error> {
+//! use phalanx::{DataRegistry, DataRequest, ModelRegistry, Table};
+//!
+//! let mut data = DataRegistry::default();
+//! data.register("squares", |r: &DataRequest<'_>| {
+//!     let rows: Vec<[f32; 1]> = (0..200).map(|i| [i as f32 / 100.0]).collect();
+//!     let targets: Vec<f32> = rows.iter().map(|[x]| x * x).collect();
+//!     Table::from_rows("squares", vec!["x".into()], &rows, &targets, r.task)
+//! })?;
+//! let config = phalanx::JobConfig {
+//!     model: "mlp".parse()?,
+//!     dataset: "squares".parse()?,
+//!     task: Some(phalanx::TaskKind::Regression),
+//!     ..Default::default()
+//! };
+//! let (_, report) = phalanx::train_with(config, &ModelRegistry::default(), &data, |_| {}).await?;
+//! println!("R² {:.3}", report.evaluation.metric.value);
+//! # Ok(()) }
+//! ```
+//!
+//! `examples/examples/custom_model.rs` registers a model of its own and
+//! trains it on three node processes, one of them killed.
+//!
 //! The protocol, its sans-IO cores and the actors live in
 //! [`phalanx_actors`]; the wire codec in [`phalanx_transport`].
 
@@ -48,15 +82,35 @@ pub mod relay;
 pub use cluster::event::{NodeEvent, NodeEventKind};
 pub use config::JobConfig;
 pub use error::Error;
-pub use job::{params_sha256, Evaluation, Metric, PreparedJob, TrainReport};
+pub use job::{params_sha256, Evaluation, Metric, PreparedJob, Registries, TrainReport};
 pub use node::{Node, NodeBuilder, NodeHandle};
 pub use output::{write_outputs, Summary};
 pub use phalanx_actors::actor::Progress;
+pub use phalanx_actors::data::{DataError, DataRegistry, DataRequest, DatasetSource, Table, TaskKind};
+pub use phalanx_actors::model::{
+    Head, Model, ModelConfig, ModelError, ModelKind, ModelName, ModelRegistry, ModelRequest, Targets, TensorInfo,
+};
 
-/// Prepare and run a job in this process; checkpoints go to
-/// `config.out/checkpoints` (a temporary directory when `out` is unset).
+/// The ndarray the [`Model`] trait speaks (batches are `ArrayView2<f32>`), so
+/// that a model of your own uses the same version.
+pub use ndarray;
+
+/// Prepare and run a job in this process with the built-in models and data
+/// sources; checkpoints go to `config.out/checkpoints` (a temporary directory
+/// when `out` is unset).
 pub async fn train(config: JobConfig, on_progress: impl FnMut(&Progress)) -> Result<(PreparedJob, TrainReport), Error> {
-    let job = PreparedJob::new(config)?;
+    train_with(config, &ModelRegistry::default(), &DataRegistry::default(), on_progress).await
+}
+
+/// [`train`] with the models and data sources of `models` and `datasets`
+/// (see [`PreparedJob::with_registries`]).
+pub async fn train_with(
+    config: JobConfig,
+    models: &ModelRegistry,
+    datasets: &DataRegistry,
+    on_progress: impl FnMut(&Progress),
+) -> Result<(PreparedJob, TrainReport), Error> {
+    let job = PreparedJob::with_registries(config, models, datasets)?;
     let (dir, _temp) = match &job.config.out {
         Some(out) => (out.join("checkpoints"), None),
         None => {

@@ -345,8 +345,10 @@ impl TrainArgs {
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
+        if let Some(model) = self.model {
+            c.model = model.into();
+        }
         set!(
-            model,
             dataset,
             trainers,
             aggregators,
@@ -709,7 +711,15 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     });
-    let parts = NodeParts { events, metrics, identity: None, job: None, bound: None, commands: None };
+    let parts = NodeParts {
+        events,
+        metrics,
+        identity: None,
+        job: None,
+        bound: None,
+        commands: None,
+        registries: Default::default(),
+    };
     // On a worker thread rather than the main thread's block_on: the node loop
     // is the process's heart and must be scheduled like every other task.
     let result = tokio::spawn(run_node_with(config, parts, termination()))

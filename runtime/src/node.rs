@@ -49,6 +49,7 @@ use crate::cluster::node::{run_node_with, NodeConfig, NodeParts};
 use crate::cluster::registry::{JobEntry, JobId};
 use crate::config::JobConfig;
 use crate::error::Error;
+use crate::job::Registries;
 use crate::metrics::NodeMetrics;
 
 /// Commands (submit, cancel, list) queued to a node at most; callers wait beyond.
@@ -86,6 +87,7 @@ pub struct NodeBuilder {
     out: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     max_jobs: Option<u32>,
+    registries: Registries,
 }
 
 impl NodeBuilder {
@@ -150,6 +152,18 @@ impl NodeBuilder {
         self.max_jobs = Some(n);
         self
     }
+    /// The models this node can host (default: the built-ins). A job naming a model that is
+    /// not in it fails with an error naming the model.
+    pub fn models(mut self, models: phalanx_actors::model::ModelRegistry) -> Self {
+        self.registries.models = models;
+        self
+    }
+    /// The data sources this node can load (default: the built-ins and CSV). Every node that
+    /// hosts part of a job loads its data through its own registry.
+    pub fn datasets(mut self, datasets: phalanx_actors::data::DataRegistry) -> Self {
+        self.registries.data = datasets;
+        self
+    }
     /// Serve Prometheus metrics at `http://ADDR/metrics` (port 0 picks one;
     /// see [`NodeHandle::metrics_addr`]).
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
@@ -188,6 +202,7 @@ impl NodeBuilder {
         let (bound_tx, bound_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (commands, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let handle_registries = self.registries.clone();
         let sink_events = events.clone();
         let parts = NodeParts {
             events: Arc::new(move |e| {
@@ -199,6 +214,7 @@ impl NodeBuilder {
             job: self.job,
             bound: Some(bound_tx),
             commands: Some(commands_rx),
+            registries: self.registries.clone(),
         };
         let task = tokio::spawn(run_node_with(config, parts, async move {
             let _ = stop_rx.await;
@@ -238,6 +254,7 @@ impl NodeBuilder {
                 events,
                 metrics,
                 commands,
+                registries: handle_registries,
                 stop: Mutex::new(Some(stop_tx)),
                 task: tokio::sync::Mutex::new(Some(task)),
             }),
@@ -253,6 +270,7 @@ struct Inner {
     events: broadcast::Sender<NodeEvent>,
     metrics: Arc<NodeMetrics>,
     commands: mpsc::Sender<NodeCommand>,
+    registries: Registries,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), Error>>>>,
 }
@@ -303,10 +321,12 @@ impl NodeHandle {
     /// job, so a coordinator dying right after does not lose it. Jobs run in
     /// submission order, at most `max_jobs` at once.
     pub async fn submit(&self, spec: JobConfig) -> Result<JobHandle, Error> {
-        let check = spec.clone();
-        tokio::task::spawn_blocking(move || crate::PreparedJob::new(check))
-            .await
-            .map_err(|e| Error::Spawn(format!("checking the job: {e}")))??;
+        let (check, registries) = (spec.clone(), self.inner.registries.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::PreparedJob::with_registries(check, &registries.models, &registries.data)
+        })
+        .await
+        .map_err(|e| Error::Spawn(format!("checking the job: {e}")))??;
         // Subscribed before the job can run, so its events are never missed.
         let events = self.events();
         let (reply, answer) = oneshot::channel();

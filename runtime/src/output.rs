@@ -447,6 +447,7 @@ pub fn write_outputs(dir: &Path, job: &PreparedJob, report: &TrainReport) -> Res
 /// The final parameters as a safetensors file: one tensor per layer, with
 /// metadata naming the flat order, the hash and the feature scaling.
 pub fn model_safetensors(job: &PreparedJob, params: &[f32], summary: &Summary) -> Result<Vec<u8>, Error> {
+    use phalanx_actors::model::ModelIdentity;
     use safetensors::tensor::{Dtype, TensorView};
     let layout = job.model.layout();
     let bytes: Vec<Vec<u8>> = layout
@@ -465,7 +466,15 @@ pub fn model_safetensors(job: &PreparedJob, params: &[f32], summary: &Summary) -
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), crate::predict::MODEL_FORMAT.to_string());
     meta.insert("model".to_string(), job.config.model.to_string());
-    meta.insert("model_spec".to_string(), serde_json::to_string(job.model.spec()).expect("a spec serialises"));
+    match &job.model_identity {
+        // The key Python readers (and files from before registries) know.
+        ModelIdentity::Builtin(spec) => {
+            meta.insert("model_spec".to_string(), serde_json::to_string(spec).expect("a spec serialises"));
+        }
+        ModelIdentity::Registered(request) => {
+            meta.insert("model_request".to_string(), serde_json::to_string(request).expect("a request serialises"));
+        }
+    }
     if let phalanx_actors::data::Labels::Class { class_names, .. } = &job.data.train.y {
         meta.insert("class_names".to_string(), serde_json::to_string(class_names).expect("strings serialise"));
     }

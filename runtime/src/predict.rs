@@ -2,7 +2,9 @@
 //! rows or a CSV file, and inspect model and checkpoint files.
 //!
 //! A model file carries what prediction needs besides the weights (see
-//! [`model_safetensors`](crate::output::model_safetensors)): the model spec,
+//! [`model_safetensors`](crate::output::model_safetensors)): the model spec
+//! (`model_spec` for a built-in, `model_request` for a registered model, which
+//! [`TrainedModel::load_with`] rebuilds through a [`ModelRegistry`]),
 //! the feature names and the standardisation of the training rows, the
 //! target's scale (regression) or the class names (classification), and the
 //! SHA-256 of the parameters, checked on load.
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 use phalanx_actors::checkpoint::CheckpointStore;
-use phalanx_actors::model::{build, Head, Model, ModelSpec};
+use phalanx_actors::model::{Head, Model, ModelIdentity, ModelRegistry, ModelRequest, ModelSpec};
 use safetensors::SafeTensors;
 
 use crate::error::Error;
@@ -39,8 +41,8 @@ const PREDICT_BATCH_ROWS: usize = 4096;
 pub struct TrainedModel {
     /// The file it came from.
     pub path: PathBuf,
-    /// The model's shape.
-    pub spec: ModelSpec,
+    /// The model: its name, shape (`inputs`, `outputs`, `head`) and config.
+    pub spec: ModelRequest,
     model: Box<dyn Model>,
     params: Vec<f32>,
     /// The features it expects, in order (CSV columns are matched by these names).
@@ -94,14 +96,25 @@ fn json_meta<T: serde::de::DeserializeOwned>(
 }
 
 impl TrainedModel {
-    /// Read and verify a model file.
+    /// Read and verify a model file of a built-in model.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        Self::from_bytes(path, &bytes)
+        Self::load_with(path, &ModelRegistry::default())
     }
 
-    /// Verify and load the bytes of a model file; `path` names it in errors.
+    /// Read and verify a model file, rebuilding its model through `models` (which must have
+    /// the model the file names).
+    pub fn load_with(path: &Path, models: &ModelRegistry) -> Result<Self, Error> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Self::from_bytes_with(path, &bytes, models)
+    }
+
+    /// Verify and load the bytes of a model file of a built-in model; `path` names it in errors.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, Error> {
+        Self::from_bytes_with(path, bytes, &ModelRegistry::default())
+    }
+
+    /// [`from_bytes`](Self::from_bytes), rebuilding the model through `models`.
+    pub fn from_bytes_with(path: &Path, bytes: &[u8], models: &ModelRegistry) -> Result<Self, Error> {
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
         let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
@@ -110,14 +123,19 @@ impl TrainedModel {
             Some(other) => return Err(bad(path, format!("format `{other}`, expected `{MODEL_FORMAT}`"))),
             None => return Err(bad(path, "no `format` metadata: not a Phalanx model file")),
         }
-        let spec: ModelSpec = json_meta(path, &meta, "model_spec").map_err(|e| match e {
-            Error::BadFile { path, reason } => Error::BadFile {
-                path,
-                reason: format!("{reason} (a model file written before `phalanx predict` existed: train it again)"),
-            },
-            other => other,
-        })?;
-        let model: Box<dyn Model> = build(&spec).map_err(|e| bad(path, format!("model_spec: {e}")))?;
+        let (spec, key) = if meta.contains_key("model_request") {
+            (json_meta::<ModelRequest>(path, &meta, "model_request")?, "model_request")
+        } else {
+            let spec: ModelSpec = json_meta(path, &meta, "model_spec").map_err(|e| match e {
+                Error::BadFile { path, reason } => Error::BadFile {
+                    path,
+                    reason: format!("{reason} (a model file written before `phalanx predict` existed: train it again)"),
+                },
+                other => other,
+            })?;
+            (ModelIdentity::Builtin(spec).request(), "model_spec")
+        };
+        let model: Box<dyn Model> = models.build(&spec).map_err(|e| bad(path, format!("{key}: {e}")))?.model;
         let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(path, e.to_string()))?;
         let mut params = Vec::with_capacity(model.num_params());
         for t in model.layout() {

@@ -19,7 +19,7 @@ use serde_json::Value;
 /// The job of the process-tier scenarios: about 3000 steps, a few seconds on 3 nodes.
 fn job(out: &Path) -> JobConfig {
     JobConfig {
-        model: ModelKind::Mlp,
+        model: ModelKind::Mlp.into(),
         dataset: DatasetSource::Winequality,
         trainers: 3,
         epochs: Some(150),

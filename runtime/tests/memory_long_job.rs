@@ -50,7 +50,7 @@ fn node_memory_stays_flat_over_a_long_job_and_outputs_stay_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let config = JobConfig {
-        model: ModelKind::Linear,
+        model: ModelKind::Linear.into(),
         dataset: DatasetSource::Diabetes,
         partitions: 2,
         trainers: 2,

@@ -65,7 +65,8 @@ fn interpreter() -> Result<PathBuf, String> {
 /// Train `model` on `dataset` in this process; returns the model file.
 async fn trained(dir: &Path, model: ModelKind, dataset: DatasetSource) -> PathBuf {
     let out = dir.join(model.name());
-    let config = JobConfig { model, dataset, epochs: Some(5), out: Some(out.clone()), ..JobConfig::default() };
+    let config =
+        JobConfig { model: model.into(), dataset, epochs: Some(5), out: Some(out.clone()), ..JobConfig::default() };
     let (job, report) = phalanx::train(config, |_| {}).await.expect("training");
     phalanx::write_outputs(&out, &job, &report).expect("outputs");
     out.join("model.safetensors")

@@ -18,7 +18,8 @@ async fn softmax_regression_on_iris_reaches_90_percent_held_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linear_regression_on_diabetes_matches_closed_form_least_squares() {
-    let config = JobConfig { model: ModelKind::Linear, dataset: DatasetSource::Diabetes, ..JobConfig::default() };
+    let config =
+        JobConfig { model: ModelKind::Linear.into(), dataset: DatasetSource::Diabetes, ..JobConfig::default() };
     let (_, report) = run(config).await.unwrap();
     let m = &report.evaluation.metric;
     let best = m.least_squares_r2.expect("closed-form fit on the same split");
@@ -33,8 +34,8 @@ async fn mlp_beats_softmax_regression_on_winequality() {
     let seeds = [1, 3, 4];
     for seed in seeds {
         let base = JobConfig { dataset: DatasetSource::Winequality, seed, ..JobConfig::default() };
-        let (_, softmax) = run(JobConfig { model: ModelKind::Softmax, ..base.clone() }).await.unwrap();
-        let (_, mlp) = run(JobConfig { model: ModelKind::Mlp, ..base }).await.unwrap();
+        let (_, softmax) = run(JobConfig { model: ModelKind::Softmax.into(), ..base.clone() }).await.unwrap();
+        let (_, mlp) = run(JobConfig { model: ModelKind::Mlp.into(), ..base }).await.unwrap();
         let (s, m) = (softmax.evaluation.metric.value, mlp.evaluation.metric.value);
         assert!(mlp.evaluation.metric.train_value > softmax.evaluation.metric.train_value, "seed {seed}");
         gap += (m - s) / seeds.len() as f64;

@@ -45,10 +45,12 @@ use rand_chacha::ChaCha8Rng;
 
 mod partition;
 mod prepare;
+mod registry;
 mod source;
 
 pub use partition::{PartitionFeed, Partitions};
 pub use prepare::{prepare, split_sizes, Prepared};
+pub use registry::{DataFactory, DataRegistry, DataRequest};
 pub use source::{load, DatasetSource, Labels, OwnedTargets, Table, TaskKind};
 
 /// Everything that can go wrong while loading, splitting or partitioning data.
@@ -301,6 +303,70 @@ pub enum DataError {
         step: u32,
         /// Steps per epoch.
         steps: u32,
+    },
+    /// A row given to [`Table::from_rows`] has a different number of features than the names.
+    #[error("table {table} row {row}: {found} features, expected {expected}")]
+    RowWidth {
+        /// The table's name.
+        table: String,
+        /// 0-based row.
+        row: usize,
+        /// Number of feature names.
+        expected: usize,
+        /// Number of values in the row.
+        found: usize,
+    },
+    /// A value given to [`Table::from_rows`] is NaN or infinite.
+    #[error("table {table} row {row} column {column:?}: the value is not finite")]
+    NotFiniteValue {
+        /// The table's name.
+        table: String,
+        /// 0-based row.
+        row: usize,
+        /// The feature's name, or `target`.
+        column: String,
+    },
+    /// A classification target given to [`Table::from_rows`] is not an integer.
+    #[error("table {table} row {row}: class target {value} is not an integer")]
+    NotAClassValue {
+        /// The table's name.
+        table: String,
+        /// 0-based row.
+        row: usize,
+        /// The target.
+        value: f64,
+    },
+    /// A dataset names a source that is not registered.
+    #[error("no data source named {name:?} here (known: {known})")]
+    UnknownSource {
+        /// The name asked for.
+        name: String,
+        /// The sources there are, with their forms (`csv:PATH[:TARGET]`), sorted.
+        known: String,
+    },
+    /// A source name that breaks the naming rules (see [`DatasetSource`]).
+    #[error("bad data source name {name:?}: {reason}")]
+    BadSourceName {
+        /// The name given (shortened if long).
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A source name registered twice, or a built-in source's name registered again.
+    #[error("data source name {name:?} is taken (a built-in source's name, or registered already)")]
+    SourceNameTaken {
+        /// The name.
+        name: String,
+    },
+    /// A registered source returned rows for another task than the job's.
+    #[error("data source {name} returned {got} rows for a {asked} job")]
+    SourceTask {
+        /// The source's name.
+        name: String,
+        /// The job's task.
+        asked: TaskKind,
+        /// The task of the rows it returned.
+        got: TaskKind,
     },
     /// A (deserialised) partition set breaks an invariant that [`Partitions::new`] guarantees.
     #[error("inconsistent partitions: {reason}")]

@@ -14,7 +14,10 @@ use super::{check_row_count, quote, DataError};
 /// Where the data comes from.
 ///
 /// The string form (used by [`FromStr`], [`fmt::Display`] and serde) is one of
-/// `diabetes`, `iris`, `winequality` (ASCII case ignored), `csv:PATH` or `csv:PATH:TARGET`.
+/// `diabetes`, `iris`, `winequality` (ASCII case ignored), `csv:PATH` or `csv:PATH:TARGET`,
+/// or `NAME` / `NAME:ARG` for a source registered in a [`DataRegistry`](super::DataRegistry)
+/// (a name of ASCII letters, digits, `_`, `-` and `.`, starting with a letter or a digit; the
+/// argument is everything after the first `:`, handed to the source as it is).
 ///
 /// A CSV spec is split at its **last** `:`. The part after it is the target column when it is
 /// a plausible column name: non-empty, without `/` or `\`, and without surrounding whitespace.
@@ -36,6 +39,8 @@ use super::{check_row_count, quote, DataError};
 /// assert_eq!(s.to_string(), "csv:data/wine.csv:quality");
 /// let odd: DatasetSource = "csv:runs/12:30.csv:".parse()?;
 /// assert_eq!(odd, DatasetSource::Csv { path: PathBuf::from("runs/12:30.csv"), target: None });
+/// let mine: DatasetSource = "rings:600".parse()?;
+/// assert_eq!(mine, DatasetSource::Named { name: "rings".into(), arg: Some("600".into()) });
 /// # Ok::<(), phalanx_actors::data::DataError>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -54,10 +59,44 @@ pub enum DatasetSource {
         /// The target column's name; `None` means the last column.
         target: Option<String>,
     },
+    /// A source registered by name in a [`DataRegistry`](super::DataRegistry).
+    Named {
+        /// The registry name.
+        name: String,
+        /// What follows the first `:`, if anything does.
+        arg: Option<String>,
+    },
 }
 
 const CSV_PREFIX: &str = "csv:";
-const SOURCE_FORMS: &str = "expected diabetes, iris, winequality, csv:PATH or csv:PATH:TARGET";
+const SOURCE_FORMS: &str =
+    "expected diabetes, iris, winequality, csv:PATH, csv:PATH:TARGET or a registered source's NAME[:ARG]";
+
+/// Whether `name` is a built-in source's name (`csv` included), ASCII case ignored.
+pub(crate) fn is_builtin_source_name(name: &str) -> bool {
+    ["csv", "diabetes", "iris", "winequality"].iter().any(|b| name.eq_ignore_ascii_case(b))
+}
+
+/// Longest registered source name accepted.
+pub(crate) const MAX_SOURCE_NAME_LEN: usize = 64;
+
+/// Checks a registered source's name: 1 to 64 ASCII letters, digits, `_`, `-` or `.`, starting
+/// with a letter or a digit.
+pub(crate) fn check_source_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("a source name cannot be empty");
+    }
+    if name.len() > MAX_SOURCE_NAME_LEN {
+        return Err("a source name has at most 64 characters");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("a source name starts with a letter or a digit");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+        return Err("a source name has only ASCII letters, digits, `_`, `-` and `.`");
+    }
+    Ok(())
+}
 
 impl DatasetSource {
     /// The task a built-in dataset supports; `None` for CSV files, which can be either.
@@ -65,7 +104,19 @@ impl DatasetSource {
         match self {
             Self::Diabetes => Some(TaskKind::Regression),
             Self::Iris | Self::Winequality => Some(TaskKind::Classification),
-            Self::Csv { .. } => None,
+            Self::Csv { .. } | Self::Named { .. } => None,
+        }
+    }
+
+    /// The name a [`DataRegistry`](super::DataRegistry) knows this source by: `diabetes`,
+    /// `iris`, `winequality`, `csv`, or a registered source's name.
+    pub fn registry_name(&self) -> &str {
+        match self {
+            Self::Diabetes => "diabetes",
+            Self::Iris => "iris",
+            Self::Winequality => "winequality",
+            Self::Csv { .. } => "csv",
+            Self::Named { name, .. } => name,
         }
     }
 }
@@ -101,7 +152,18 @@ impl FromStr for DatasetSource {
         }
         let rest = match (text.get(..CSV_PREFIX.len()), text.get(CSV_PREFIX.len()..)) {
             (Some(prefix), Some(rest)) if prefix.eq_ignore_ascii_case(CSV_PREFIX) => rest,
-            _ => return Err(bad(SOURCE_FORMS)),
+            _ => {
+                let (name, arg) = match text.split_once(':') {
+                    Some((name, arg)) => (name, (!arg.is_empty()).then(|| arg.to_owned())),
+                    None => (text, None),
+                };
+                // `csv` alone is the csv form without its path, and `iris:x` is no source:
+                // the built-in names are taken.
+                if is_builtin_source_name(name) || check_source_name(name).is_err() {
+                    return Err(bad(SOURCE_FORMS));
+                }
+                return Ok(Self::Named { name: name.to_owned(), arg });
+            }
         };
         let (path, target) = split_csv_spec(rest);
         if path.is_empty() {
@@ -125,6 +187,8 @@ impl fmt::Display for DatasetSource {
                     None => write!(f, "{CSV_PREFIX}{path}"),
                 }
             }
+            Self::Named { name, arg: Some(arg) } => write!(f, "{name}:{arg}"),
+            Self::Named { name, arg: None } => f.write_str(name),
         }
     }
 }
@@ -267,6 +331,86 @@ impl Table {
         Ok(table)
     }
 
+    /// Builds a table from rows of `f32` features and one `f32` target per row: what a source
+    /// registered in a [`DataRegistry`](super::DataRegistry) returns.
+    ///
+    /// For [`TaskKind::Regression`] the targets are the values. For
+    /// [`TaskKind::Classification`] they must be integers (`3.0`); their distinct values,
+    /// sorted ascending, become classes `0..K` with `K >= 2`, named as written (`"3"`), as for a
+    /// CSV file. Every value must be finite.
+    ///
+    /// ```
+    /// use phalanx_actors::data::{Table, TaskKind};
+    ///
+    /// let rows = [[0.5f32, 1.0], [1.5, -2.0], [2.0, 0.0]];
+    /// let table = Table::from_rows("demo", vec!["a".into(), "b".into()], &rows, &[1.0, 0.0, 1.0], TaskKind::Classification)?;
+    /// assert_eq!((table.len(), table.features(), table.classes()), (3, 2, Some(2)));
+    /// # Ok::<(), phalanx_actors::data::DataError>(())
+    /// ```
+    pub fn from_rows<R: AsRef<[f32]>>(
+        name: impl Into<String>,
+        feature_names: Vec<String>,
+        rows: &[R],
+        targets: &[f32],
+        task: TaskKind,
+    ) -> Result<Table, DataError> {
+        let name = name.into();
+        check_row_count(rows.len())?;
+        if targets.len() != rows.len() {
+            return Err(DataError::TableShape {
+                table: name,
+                what: "targets",
+                expected: rows.len(),
+                found: targets.len(),
+            });
+        }
+        let width = feature_names.len();
+        let mut x = Vec::with_capacity(rows.len().saturating_mul(width));
+        for (row, values) in rows.iter().enumerate() {
+            let values = values.as_ref();
+            if values.len() != width {
+                return Err(DataError::RowWidth { table: name, row, expected: width, found: values.len() });
+            }
+            if let Some(column) = values.iter().position(|v| !v.is_finite()) {
+                return Err(DataError::NotFiniteValue { table: name, row, column: quote(&feature_names[column]) });
+            }
+            x.extend_from_slice(values);
+        }
+        if let Some(row) = targets.iter().position(|v| !v.is_finite()) {
+            return Err(DataError::NotFiniteValue { table: name, row, column: "target".to_owned() });
+        }
+        let y = match task {
+            TaskKind::Regression => Labels::Real(targets.to_vec()),
+            TaskKind::Classification => {
+                let mut values = Vec::with_capacity(targets.len());
+                for (row, &t) in targets.iter().enumerate() {
+                    let t = f64::from(t);
+                    if t.fract() != 0.0 || t.abs() > MAX_CLASS_MAGNITUDE {
+                        return Err(DataError::NotAClassValue { table: name, row, value: t });
+                    }
+                    // Integral and within ±2^53, so the cast is exact.
+                    values.push(t as i64);
+                }
+                let (labels, class_names) = index_classes(&values);
+                if class_names.len() < 2 {
+                    return Err(DataError::TooFewClasses {
+                        dataset: name,
+                        column: "target".to_owned(),
+                        found: class_names.len(),
+                    });
+                }
+                Labels::Class { labels, classes: class_names.len(), class_names }
+            }
+        };
+        let x = Array2::from_shape_vec((rows.len(), width), x).map_err(|_| DataError::TableShape {
+            table: name.clone(),
+            what: "feature cells",
+            expected: rows.len().saturating_mul(width),
+            found: 0,
+        })?;
+        Table::new(name, feature_names, x, y)
+    }
+
     fn check(&self) -> Result<(), DataError> {
         let shape = |what, expected, found| DataError::TableShape { table: self.name.clone(), what, expected, found };
         if self.y.len() != self.x.nrows() {
@@ -355,7 +499,11 @@ impl Table {
     }
 }
 
-/// Loads a dataset for a task.
+/// What [`load`] reads without a registry, as unknown-source errors list it.
+pub(crate) const BUILTIN_SOURCES: [&str; 4] = ["csv:PATH[:TARGET]", "diabetes", "iris", "winequality"];
+
+/// Loads a built-in dataset or a CSV file for a task (a registered source needs its
+/// [`DataRegistry`](super::DataRegistry): here it is [`DataError::UnknownSource`]).
 ///
 /// Built-ins support one task each ([`DatasetSource::builtin_task`]); asking for the other is
 /// [`DataError::WrongTask`]. A CSV file needs a header row; its target is the named column or
@@ -392,6 +540,9 @@ pub fn load(source: &DatasetSource, task: TaskKind) -> Result<Table, DataError> 
             builtin_classification("winequality", data.records(), data.targets(), data.feature_names())?
         }
         DatasetSource::Csv { path, target } => load_csv(path, target.as_deref(), task)?,
+        DatasetSource::Named { name, .. } => {
+            return Err(DataError::UnknownSource { name: name.clone(), known: BUILTIN_SOURCES.join(", ") })
+        }
     };
     tracing::debug!(
         source = %source,
@@ -794,11 +945,33 @@ mod tests {
     }
 
     #[test]
-    fn source_rejects_unknown_and_empty_paths() {
-        for text in ["", "mnist", "csv:", "csv::y", "csv", "ｃsv:x"] {
+    fn source_rejects_malformed_names_and_empty_paths() {
+        for text in ["", "csv:", "csv::y", "csv", "ｃsv:x", "two words", ":x", "-a", "iris:x", "Diabetes:"] {
             let err = text.parse::<DatasetSource>().expect_err(text);
             assert!(matches!(err, DataError::BadSource { .. }), "{text}: {err:?}");
         }
+    }
+
+    #[test]
+    fn other_names_are_registered_sources_with_an_optional_argument() {
+        let named =
+            |name: &str, arg: Option<&str>| DatasetSource::Named { name: name.into(), arg: arg.map(Into::into) };
+        let cases = [
+            ("mnist", named("mnist", None)),
+            ("rings:600", named("rings", Some("600"))),
+            ("rings:", named("rings", None)),
+            ("my.source-2:a:b", named("my.source-2", Some("a:b"))),
+        ];
+        for (text, want) in cases {
+            let got: DatasetSource = text.parse().expect(text);
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string().parse::<DatasetSource>().ok(), Some(want), "{text} round trip");
+            assert_eq!(got.builtin_task(), None);
+        }
+        // Without a registry, a named source is unknown, and the error lists what there is.
+        let err = load(&named("mnist", None), TaskKind::Classification).unwrap_err();
+        assert!(matches!(err, DataError::UnknownSource { ref name, .. } if name == "mnist"), "{err}");
+        assert!(err.to_string().contains("iris"), "{err}");
     }
 
     #[test]

@@ -27,7 +27,8 @@
 //! - **Validated, never panicking.** Every entry point checks lengths, shapes and labels first
 //!   and returns a [`ModelError`]; after that the maths cannot index out of bounds.
 //!
-//! The entry point is [`build`]:
+//! The entry points are [`ModelRegistry`] (models by name: the built-ins and your own, see
+//! [`Model`] for the contract a model keeps) and, for a built-in spec, [`build`]:
 //!
 //! ```
 //! use ndarray::array;
@@ -54,14 +55,10 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// The [`Model`] methods every model answers from its `spec` and `layout`
-/// fields the same way; expanded inside each `impl Model`.
+/// The [`Model`] methods every built-in model answers from its `layout` field the same way;
+/// expanded inside each `impl Model`.
 macro_rules! layout_accessors {
     () => {
-        fn spec(&self) -> &ModelSpec {
-            &self.spec
-        }
-
         fn num_params(&self) -> usize {
             self.layout.total
         }
@@ -79,7 +76,10 @@ macro_rules! layout_accessors {
 mod linear;
 pub mod metrics;
 mod mlp;
+mod registry;
 mod softmax;
+
+pub use registry::{BuiltModel, ModelConfig, ModelFactory, ModelIdentity, ModelName, ModelRegistry, ModelRequest};
 
 /// Upper bound on [`Model::num_params`] that [`build`] accepts: 2^31 `f32`s (8 GiB).
 ///
@@ -228,22 +228,55 @@ pub struct TensorInfo {
     pub offset: usize,
 }
 
-/// A model family with analytic gradients over one flat parameter vector.
+/// A model with analytic gradients over one flat parameter vector: the maths a trainer runs.
 ///
-/// Implementations are stateless apart from their spec, so one instance can serve any number
-/// of trainers; every method is deterministic.
+/// The built-in models (linear, softmax, mlp) implement it, and so can yours: register a
+/// factory for it in a [`ModelRegistry`] and name it in a job (`model = "yours"`). One instance
+/// serves every trainer of a process at once (`&self`, `Send + Sync`).
+///
+/// # The determinism contract
+///
+/// Phalanx promises that a run that survives failures ends with the same `f32` bits as the run
+/// without them, and that the number of trainers, aggregators or nodes does not change a bit
+/// either. A restarted trainer recomputes a gradient on another node, maybe in another
+/// process; the aggregator adds what it gets in partition order. The promise therefore holds
+/// only for a model that keeps this one:
+///
+/// * **Same inputs, same bits.** [`init_params`](Model::init_params) is a pure function of the
+///   seed; [`loss_grad`](Model::loss_grad), [`loss`](Model::loss) and
+///   [`predict`](Model::predict) are pure functions of their arguments: the same values give
+///   the same bits on every call, in every process, on every node (of the same build on CPUs
+///   with the same features: see the module docs on SIMD kernels and libm).
+/// * **No thread-count-dependent reductions.** Sum in a fixed order. Never split a reduction
+///   over a thread pool (rayon, a multi-threaded BLAS, ndarray's `rayon` feature) whose
+///   chunking depends on how many threads there are: floating-point addition is not
+///   associative, so the bits would depend on the machine's load. Phalanx parallelises over
+///   partitions itself.
+/// * **No hidden state.** No clock, no OS randomness, no `HashMap` iteration order, no cache
+///   or counter that outlives a call. Randomness comes from the seed (for example
+///   `ChaCha8Rng::seed_from_u64(seed)` or [`crate::data::splitmix64`]).
+/// * **Sums, not means.** [`loss_grad`](Model::loss_grad) returns the *summed* loss of the
+///   rows and overwrites `grad` with the gradient of that sum; Phalanx adds the partitions'
+///   sums and divides once by the global batch size.
+/// * **Errors, not panics.** Check lengths, shapes and labels first and return a
+///   [`ModelError`]. A panic counts as a crashed trainer: it is restarted, replays the same
+///   batch and panics again until the job fails.
+///
+/// A contract test for your own model: build it twice, run `loss_grad` twice on the same batch,
+/// and compare the bits (`f32::to_bits`) — as this crate's tests do for the built-ins.
 pub trait Model: Send + Sync + std::fmt::Debug {
-    /// The spec this model was built from.
-    fn spec(&self) -> &ModelSpec;
-
     /// Length of the flat parameter vector.
     fn num_params(&self) -> usize;
 
-    /// Layer tensors in flat order; concatenating them gives the flat vector.
+    /// Layer tensors in flat order; concatenating them gives the flat vector (so the first
+    /// starts at offset 0, each starts where the previous ends, the last ends at
+    /// [`num_params`](Model::num_params), and names are unique). Checkpoints and model files
+    /// store one safetensors tensor per entry.
     fn layout(&self) -> Vec<TensorInfo>;
 
-    /// Deterministic initial parameters from a seed: weights uniform with a Xavier (or, before
-    /// a ReLU, He) limit drawn from `ChaCha8Rng::seed_from_u64(seed)`, biases zero.
+    /// Deterministic initial parameters from a seed, `num_params` of them. The built-ins draw
+    /// weights uniform with a Xavier (or, before a ReLU, He) limit from
+    /// `ChaCha8Rng::seed_from_u64(seed)` and set biases to zero.
     fn init_params(&self, seed: u64) -> Vec<f32>;
 
     /// Gradient of the SUM (not mean) of per-sample losses over the batch written into `grad`
@@ -380,6 +413,44 @@ pub enum ModelError {
     UnknownHead {
         /// The name given.
         got: String,
+    },
+    /// A model name that breaks the [`ModelName`] rules.
+    #[error("bad model name {got:?}: {reason}")]
+    BadName {
+        /// The name given (shortened if long).
+        got: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A name registered twice, or a built-in model's name registered for another model.
+    #[error("model name {name:?} is taken (a built-in model's name, or registered already)")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// The registry has no model of this name.
+    #[error("no model named {name:?} here (known: {})", known.join(", "))]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The names the registry has, sorted.
+        known: Vec<String>,
+    },
+    /// A model's config does not fit what its factory reads.
+    #[error("invalid config for model {model}: {reason}")]
+    InvalidConfig {
+        /// The model's name.
+        model: String,
+        /// What is wrong, as the factory says.
+        reason: String,
+    },
+    /// A model's [`Model::layout`] does not tile its parameter vector.
+    #[error("model {model} has a bad layout: {reason}")]
+    BadLayout {
+        /// The model's name.
+        model: String,
+        /// What is wrong.
+        reason: String,
     },
 }
 
@@ -691,8 +762,7 @@ pub(crate) mod test_util {
             let tolerance = 2e-3 + 1e-2 * numeric.abs().max(analytic.abs());
             assert!(
                 (numeric - analytic).abs() <= tolerance,
-                "{:?} param {i}: analytic {analytic}, numeric {numeric}",
-                model.spec().kind,
+                "{model:?} param {i}: analytic {analytic}, numeric {numeric}",
             );
         }
     }

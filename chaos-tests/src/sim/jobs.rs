@@ -19,7 +19,7 @@ pub struct SimJob {
 pub fn campaign_jobs() -> Vec<SimJob> {
     let configs = [
         JobConfig {
-            model: ModelKind::Softmax,
+            model: ModelKind::Softmax.into(),
             dataset: DatasetSource::Iris,
             partitions: 4,
             trainers: 2,
@@ -30,7 +30,7 @@ pub fn campaign_jobs() -> Vec<SimJob> {
             ..JobConfig::default()
         },
         JobConfig {
-            model: ModelKind::Linear,
+            model: ModelKind::Linear.into(),
             dataset: DatasetSource::Diabetes,
             partitions: 5,
             trainers: 3,
@@ -41,7 +41,7 @@ pub fn campaign_jobs() -> Vec<SimJob> {
             ..JobConfig::default()
         },
         JobConfig {
-            model: ModelKind::Mlp,
+            model: ModelKind::Mlp.into(),
             dataset: DatasetSource::Winequality,
             hidden: 8,
             partitions: 4,

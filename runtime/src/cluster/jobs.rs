@@ -28,7 +28,7 @@ use super::runner::{to_job, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
 use crate::config::JobConfig;
 use crate::error::Error;
-use crate::job::PreparedJob;
+use crate::job::{PreparedJob, Registries};
 use crate::metrics::{Kind, NodeMetrics};
 use phalanx_actors::net::JobMsg;
 use phalanx_transport::Limits;
@@ -95,6 +95,8 @@ pub(crate) struct Jobs {
     told: BTreeMap<JobId, &'static str>,
     out_tx: mpsc::UnboundedSender<Outbound>,
     ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
+    /// The models and data sources this node can host.
+    registries: Registries,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
     limits: Limits,
@@ -107,6 +109,7 @@ impl Jobs {
     pub(crate) async fn new(
         config: NodeConfig,
         startup: Option<Arc<PreparedJob>>,
+        registries: Registries,
         out_tx: mpsc::UnboundedSender<Outbound>,
         ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
         events: Emitter,
@@ -142,6 +145,7 @@ impl Jobs {
             told: BTreeMap::new(),
             out_tx,
             ready_tx,
+            registries,
             events,
             metrics,
             limits: Limits::default(),
@@ -372,15 +376,21 @@ impl Jobs {
     /// arrives through [`on_ready`](Self::on_ready).
     fn prepare(&mut self, entry: &JobEntry) {
         self.preparing.insert(entry.id);
-        let (config, spec, id) = (self.config.clone(), entry.spec.clone(), entry.id);
+        let (config, spec, id, registries) =
+            (self.config.clone(), entry.spec.clone(), entry.id, self.registries.clone());
         let out = spec.out.clone().or_else(|| self.config.out.as_deref().map(|o| job_out(o, id)));
         let (out_tx, ready, events, metrics) =
             (self.out_tx.clone(), self.ready_tx.clone(), self.events.clone(), self.metrics.clone());
         tokio::spawn(async move {
-            let prepared = tokio::task::spawn_blocking(move || PreparedJob::new(spec))
-                .await
-                .map_err(|e| Error::Spawn(format!("preparing job {id}: {e}")))
-                .and_then(|r| r);
+            let me = config.id;
+            let prepared = tokio::task::spawn_blocking(move || {
+                // A job naming a model or dataset this node lacks fails here, naming both.
+                PreparedJob::with_registries(spec, &registries.models, &registries.data)
+                    .map_err(|e| Error::Spawn(format!("node {me}: {e}")))
+            })
+            .await
+            .map_err(|e| Error::Spawn(format!("preparing job {id}: {e}")))
+            .and_then(|r| r);
             let job = match prepared {
                 Ok(prepared) => NodeJob::start(&config, id, Arc::new(prepared), out, out_tx, events, metrics).await,
                 Err(e) => Err(e),

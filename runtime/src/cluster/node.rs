@@ -163,6 +163,8 @@ pub struct NodeParts {
     pub bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     /// Commands of a [`NodeHandle`](crate::node::NodeHandle) (submit, cancel, list jobs).
     pub commands: Option<mpsc::Receiver<NodeCommand>>,
+    /// The models and data sources this node can host.
+    pub registries: crate::job::Registries,
 }
 
 /// Run a node until `shutdown` resolves, handing its events to `events`.
@@ -172,7 +174,15 @@ pub async fn run_node(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let metrics = NodeMetrics::new(config.id);
-    let parts = NodeParts { events, metrics, identity: None, job: None, bound: None, commands: None };
+    let parts = NodeParts {
+        events,
+        metrics,
+        identity: None,
+        job: None,
+        bound: None,
+        commands: None,
+        registries: Default::default(),
+    };
     run_node_with(config, parts, shutdown).await
 }
 
@@ -183,7 +193,7 @@ pub async fn run_node_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    let NodeParts { events: sink, metrics, identity, job, bound, commands } = parts;
+    let NodeParts { events: sink, metrics, identity, job, bound, commands, registries } = parts;
     // A node without a handle gets no commands: a channel nobody sends on.
     let (_no_commands, unused) = mpsc::channel(1);
     let mut commands = commands.unwrap_or(unused);
@@ -208,15 +218,19 @@ pub async fn run_node_with(
         (None, None) => None,
     };
     let startup = match startup {
-        Some(job) => Some(Arc::new(
-            tokio::task::spawn_blocking(move || PreparedJob::new(job))
-                .await
-                .map_err(|e| Error::Spawn(e.to_string()))??,
-        )),
+        Some(job) => {
+            let r = registries.clone();
+            Some(Arc::new(
+                tokio::task::spawn_blocking(move || PreparedJob::with_registries(job, &r.models, &r.data))
+                    .await
+                    .map_err(|e| Error::Spawn(e.to_string()))??,
+            ))
+        }
         None => None,
     };
     let (ready_tx, mut ready_rx) = mpsc::channel(16);
-    let mut jobs = Jobs::new(config.clone(), startup, out_tx, ready_tx, emitter.clone(), metrics.clone()).await?;
+    let mut jobs =
+        Jobs::new(config.clone(), startup, registries, out_tx, ready_tx, emitter.clone(), metrics.clone()).await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
     // A member silent for a failure timeout is down for membership too: only then may another
     // incarnation with its id replace it; until then a second process is refused.

@@ -19,7 +19,14 @@ pub fn job(model: ModelKind) -> JobConfig {
         ModelKind::Softmax => (DatasetSource::Iris, 10),
         ModelKind::Mlp => (DatasetSource::Winequality, 3),
     };
-    JobConfig { model, dataset, epochs: Some(epochs), checkpoint_every: 10, seed: 7, ..JobConfig::default() }
+    JobConfig {
+        model: model.into(),
+        dataset,
+        epochs: Some(epochs),
+        checkpoint_every: 10,
+        seed: 7,
+        ..JobConfig::default()
+    }
 }
 
 /// Prepare and run a job on actors, with a temporary checkpoint directory.
