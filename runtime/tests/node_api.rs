@@ -62,6 +62,7 @@ async fn three_embedded_nodes_train_to_the_bits_of_train_and_shut_down() {
     let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
     let out = dir.path().join("out");
     let mut nodes: Vec<NodeHandle> = Vec::new();
+    let mut streams = Vec::new();
     for i in 0..3u32 {
         let seeds = (0..3).filter(|j| *j != i as usize).map(addr).collect();
         let mut builder = Node::builder()
@@ -80,13 +81,17 @@ async fn three_embedded_nodes_train_to_the_bits_of_train_and_shut_down() {
         } else {
             builder.certs_dir(&certs)
         };
-        nodes.push(builder.start().await.expect("node starts"));
+        let node = builder.start().await.expect("node starts");
+        // Subscribed before the last member starts: the job (which waits for
+        // every member) cannot have begun yet.
+        streams.push(node.events());
+        nodes.push(node);
     }
     for (i, n) in nodes.iter().enumerate() {
         assert_eq!((n.id(), n.local_addr()), (i as u32, addr(i)));
     }
-    let mut events0 = nodes[0].events();
-    let mut events1 = nodes[1].events();
+    let mut streams = streams.into_iter();
+    let (mut events0, mut events1) = (streams.next().unwrap(), streams.next().unwrap());
 
     // Training runs: node 0 coordinates; scrape its metrics mid-job.
     wait_for(&mut events0, |e| matches!(e.kind, NodeEventKind::Step { step, .. } if step >= 40)).await;
