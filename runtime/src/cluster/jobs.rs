@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
 use super::node::NodeConfig;
-use super::node_job::NodeJob;
+use super::node_job::{NodeJob, NodeShared};
 use super::registry::{JobEntry, JobId, JobState, Registry, Version};
 use super::runner::{to_job, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
@@ -97,6 +97,8 @@ pub(crate) struct Jobs {
     ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
     /// The models and data sources this node can host.
     registries: Registries,
+    /// This node instance's random tag (see [`NodeShared`]).
+    instance: u64,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
     limits: Limits,
@@ -116,19 +118,13 @@ impl Jobs {
         metrics: Arc<NodeMetrics>,
     ) -> Result<Self, Error> {
         let mut registry = Registry::new(config.id, config.max_jobs);
+        let instance: u64 = rand::random();
         let mut jobs = BTreeMap::new();
         if let Some(prepared) = startup {
             registry.seed(STARTUP_JOB, prepared.config.clone());
-            let job = NodeJob::start(
-                &config,
-                STARTUP_JOB,
-                prepared,
-                config.out.clone(),
-                out_tx.clone(),
-                events.clone(),
-                metrics.clone(),
-            )
-            .await?;
+            let shared =
+                NodeShared { out_tx: out_tx.clone(), events: events.clone(), metrics: metrics.clone(), instance };
+            let job = NodeJob::start(&config, STARTUP_JOB, prepared, config.out.clone(), shared).await?;
             jobs.insert(STARTUP_JOB, job);
         }
         Ok(Self {
@@ -148,6 +144,7 @@ impl Jobs {
             registries,
             events,
             metrics,
+            instance,
             limits: Limits::default(),
         })
     }
@@ -379,8 +376,13 @@ impl Jobs {
         let (config, spec, id, registries) =
             (self.config.clone(), entry.spec.clone(), entry.id, self.registries.clone());
         let out = spec.out.clone().or_else(|| self.config.out.as_deref().map(|o| job_out(o, id)));
-        let (out_tx, ready, events, metrics) =
-            (self.out_tx.clone(), self.ready_tx.clone(), self.events.clone(), self.metrics.clone());
+        let ready = self.ready_tx.clone();
+        let shared = NodeShared {
+            out_tx: self.out_tx.clone(),
+            events: self.events.clone(),
+            metrics: self.metrics.clone(),
+            instance: self.instance,
+        };
         tokio::spawn(async move {
             let me = config.id;
             let prepared = tokio::task::spawn_blocking(move || {
@@ -392,7 +394,7 @@ impl Jobs {
             .map_err(|e| Error::Spawn(format!("preparing job {id}: {e}")))
             .and_then(|r| r);
             let job = match prepared {
-                Ok(prepared) => NodeJob::start(&config, id, Arc::new(prepared), out, out_tx, events, metrics).await,
+                Ok(prepared) => NodeJob::start(&config, id, Arc::new(prepared), out, shared).await,
                 Err(e) => Err(e),
             };
             let _ = ready.send((id, job)).await;

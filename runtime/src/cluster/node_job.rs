@@ -70,6 +70,17 @@ pub(crate) struct NodeJob {
     metrics: Arc<NodeMetrics>,
 }
 
+/// What every job of a node shares with it: the queue to the node loop, the
+/// event sink, the metrics, and the node instance's random tag (which keeps
+/// its actor names apart from another node's with the same id in the process).
+#[derive(Clone)]
+pub(crate) struct NodeShared {
+    pub(crate) out_tx: mpsc::UnboundedSender<Outbound>,
+    pub(crate) events: Emitter,
+    pub(crate) metrics: Arc<NodeMetrics>,
+    pub(crate) instance: u64,
+}
+
 /// Where node `config.id` keeps the state of job `id`: `DATA_DIR/jobs/<id>/`.
 pub fn job_dir(config: &NodeConfig, id: JobId) -> PathBuf {
     let data_dir = config
@@ -87,10 +98,9 @@ impl NodeJob {
         id: JobId,
         prepared: Arc<PreparedJob>,
         out: Option<PathBuf>,
-        out_tx: mpsc::UnboundedSender<Outbound>,
-        events: Emitter,
-        metrics: Arc<NodeMetrics>,
+        shared: NodeShared,
     ) -> Result<Self, Error> {
+        let NodeShared { out_tx, events, metrics, instance } = shared;
         let checkpoints = job_dir(config, id).join("checkpoints");
         let (routes, routes_rx) = watch::channel(Routes::default());
         let routing = Routing {
@@ -101,8 +111,11 @@ impl NodeJob {
             limits: Limits::default(),
             trainers: prepared.config.trainers,
         };
-        // Actor names are per node and job: several nodes and jobs share one process's registry.
-        let names = LocalNet::new(format!("phalanx-node{}/job{id}", config.id), prepared.config.trainers);
+        // Actor names are per node instance and job: ractor's registry is the
+        // process's, and one process may run several nodes, even of several
+        // clusters with the same ids (tests do).
+        let names =
+            LocalNet::new(format!("phalanx-node{}-{instance:016x}/job{id}", config.id), prepared.config.trainers);
         let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
         let store = CheckpointStore::open(&checkpoints)?;
         let host_ctx = prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None);
