@@ -338,7 +338,6 @@ impl Jobs {
             let name = entry.state.name();
             if self.told.get(&entry.id) != Some(&name) {
                 self.told.insert(entry.id, name);
-                self.metrics.jobs.get_or_create(&Kind::of(name)).inc();
                 let (model_sha256, summary, error) = match &entry.state {
                     JobState::Finished { model_sha256, summary } => (Some(model_sha256.clone()), summary.clone(), None),
                     JobState::Failed { error } => (None, None, Some(error.clone())),
@@ -363,6 +362,11 @@ impl Jobs {
                 None if !self.preparing.contains(&entry.id) => self.prepare(entry),
                 None => {}
             }
+        }
+        // Jobs by state, as this node's copy of the registry has them.
+        for state in ["queued", "running", "finished", "failed", "cancelled"] {
+            let n = entries.iter().filter(|e| e.state.name() == state).count();
+            self.metrics.jobs.get_or_create(&Kind::of(state)).set(n as i64);
         }
         // Jobs the registry forgot (bounded history): nothing left to host.
         let known: BTreeSet<JobId> = entries.iter().map(|e| e.id).collect();

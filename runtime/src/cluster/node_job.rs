@@ -300,8 +300,6 @@ impl NodeJob {
             };
             if let Err(e) = result {
                 tracing::error!(node = me, job = routing_job, "coordinator: {e}");
-                metrics.jobs.get_or_create(&Kind::of("running")).set(0);
-                metrics.jobs.get_or_create(&Kind::of("failed")).inc();
                 events.emit(NodeEventKind::JobFailed { job: routing_job, error: e.to_string() });
                 // Every member learns it (the coordinator's registry first: it is one of them).
                 if let Ok(frame) = wire::encode(&NodeMsg::JobFailed { job: routing_job, error: e.to_string() }, &limits)
@@ -545,7 +543,6 @@ async fn coordinate(
     };
     tracing::info!(node = me, epoch, ?restore, %source, "coordinating the job");
     metrics.takeovers.get_or_create(&Kind::of(cause)).inc();
-    metrics.jobs.get_or_create(&Kind::of("running")).set(1);
     events.emit(NodeEventKind::Coordinating { job: routing.job, epoch, restore, restore_from: source });
     // A coordinator taking over continues its predecessor's history (steps it
     // recomputes appear again); a fresh job starts a new one.
@@ -586,8 +583,6 @@ async fn coordinate(
     )
     .await?;
     metrics.checkpoint_failures.inc_by(outcome.checkpoint_failures.len() as u64);
-    metrics.jobs.get_or_create(&Kind::of("running")).set(0);
-    metrics.jobs.get_or_create(&Kind::of("finished")).inc();
     let evaluation = prepared.evaluate(&outcome.params)?;
     // The whole job's wall time, predecessors' shares included.
     let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
