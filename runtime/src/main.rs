@@ -711,15 +711,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     });
-    let parts = NodeParts {
-        events,
-        metrics,
-        identity: None,
-        job: None,
-        bound: None,
-        commands: None,
-        registries: Default::default(),
-    };
+    let parts = NodeParts::new(events, metrics);
     // On a worker thread rather than the main thread's block_on: the node loop
     // is the process's heart and must be scheduled like every other task.
     let result = tokio::spawn(run_node_with(config, parts, termination()))

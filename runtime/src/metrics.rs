@@ -76,20 +76,14 @@ pub struct NodeMetrics {
     pub bytes_received: Family<Kind, Counter>,
     /// Actor restarts, by cause (`node_lost`, `actor_failed`, `spawn_timeout`).
     pub restarts: Family<Kind, Counter>,
-    /// Recoveries (training progressing again after a failure), by cause.
-    pub recoveries: Family<Kind, Counter>,
     /// From a member's last heartbeat to it being declared down.
     pub failure_detection: Histogram,
-    /// From a failure to training progressing again.
-    pub recovery: Histogram,
     /// Epoch of the adopted membership view.
     pub membership_epoch: Gauge,
     /// Members of the adopted view.
     pub members: Gauge,
     /// Connections refused, by reason (the transport's close code name).
     pub rejected_connections: Family<Kind, Counter>,
-    /// Time to write (and fsync) a checkpoint file.
-    pub checkpoint_duration: Histogram,
     /// Checkpoints that could not be written.
     pub checkpoint_failures: Counter,
     /// Jobs by state (`queued`, `running`, `finished`, `failed`, `cancelled`).
@@ -112,74 +106,40 @@ impl NodeMetrics {
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             restarts: Family::default(),
-            recoveries: Family::default(),
             failure_detection: seconds_histogram(),
-            recovery: seconds_histogram(),
             membership_epoch: Gauge::default(),
             members: Gauge::default(),
             rejected_connections: Family::default(),
-            checkpoint_duration: seconds_histogram(),
             checkpoint_failures: Counter::default(),
             jobs: Family::default(),
             takeovers: Family::default(),
             coordinator_waiting: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("steps_applied", "Training steps applied", m.steps_applied.clone());
-        registry.register("samples_applied", "Training samples applied, replays included", m.samples_applied.clone());
-        registry.register_with_unit(
-            "step_duration",
-            "Wall time between consecutive applied steps",
-            prometheus_client::registry::Unit::Seconds,
-            m.step_duration.clone(),
-        );
-        registry.register_with_unit(
-            "network_sent",
-            "Frame bytes sent, by kind",
-            prometheus_client::registry::Unit::Bytes,
-            m.bytes_sent.clone(),
-        );
-        registry.register_with_unit(
+        use prometheus_client::registry::Unit;
+        let r = &mut registry;
+        r.register("steps_applied", "Training steps applied", m.steps_applied.clone());
+        r.register("samples_applied", "Training samples applied, replays included", m.samples_applied.clone());
+        let seconds = "Wall time between consecutive applied steps";
+        r.register_with_unit("step_duration", seconds, Unit::Seconds, m.step_duration.clone());
+        r.register_with_unit("network_sent", "Frame bytes sent, by kind", Unit::Bytes, m.bytes_sent.clone());
+        r.register_with_unit(
             "network_received",
             "Frame bytes received, by kind",
-            prometheus_client::registry::Unit::Bytes,
+            Unit::Bytes,
             m.bytes_received.clone(),
         );
-        registry.register("restarts", "Actor restarts, by cause", m.restarts.clone());
-        registry.register("recoveries", "Recoveries after a failure, by cause", m.recoveries.clone());
-        registry.register_with_unit(
-            "failure_detection",
-            "From a member's last heartbeat to it being declared down",
-            prometheus_client::registry::Unit::Seconds,
-            m.failure_detection.clone(),
-        );
-        registry.register_with_unit(
-            "recovery",
-            "From a failure to training progressing again",
-            prometheus_client::registry::Unit::Seconds,
-            m.recovery.clone(),
-        );
-        registry.register("membership_epoch", "Epoch of the adopted membership view", m.membership_epoch.clone());
-        registry.register("members", "Members of the adopted view", m.members.clone());
-        registry.register("rejected_connections", "Connections refused, by reason", m.rejected_connections.clone());
-        registry.register_with_unit(
-            "checkpoint_duration",
-            "Time to write a checkpoint file",
-            prometheus_client::registry::Unit::Seconds,
-            m.checkpoint_duration.clone(),
-        );
-        registry.register(
-            "checkpoint_failures",
-            "Checkpoints that could not be written",
-            m.checkpoint_failures.clone(),
-        );
-        registry.register("jobs", "Jobs by state", m.jobs.clone());
-        registry.register("takeovers", "Coordinator takeovers, by restore source", m.takeovers.clone());
-        registry.register(
-            "coordinator_waiting",
-            "1 while a coordinator waits before starting a job",
-            m.coordinator_waiting.clone(),
-        );
+        r.register("restarts", "Actor restarts, by cause", m.restarts.clone());
+        let detection = "From a member's last heartbeat to it being declared down";
+        r.register_with_unit("failure_detection", detection, Unit::Seconds, m.failure_detection.clone());
+        r.register("membership_epoch", "Epoch of the adopted membership view", m.membership_epoch.clone());
+        r.register("members", "Members of the adopted view", m.members.clone());
+        r.register("rejected_connections", "Connections refused, by reason", m.rejected_connections.clone());
+        r.register("checkpoint_failures", "Checkpoints that could not be written", m.checkpoint_failures.clone());
+        r.register("jobs", "Jobs by state", m.jobs.clone());
+        r.register("takeovers", "Coordinator takeovers, by restore source", m.takeovers.clone());
+        let waiting = "1 while a coordinator waits before starting a job";
+        r.register("coordinator_waiting", waiting, m.coordinator_waiting.clone());
         let build: Family<Build, Gauge> = Family::default();
         build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "Build of this node", build);
@@ -251,7 +211,6 @@ mod tests {
         for name in [
             "phalanx_step_duration_seconds",
             "phalanx_failure_detection_seconds",
-            "phalanx_checkpoint_duration_seconds",
             "phalanx_build_info",
             "phalanx_membership_epoch",
         ] {

@@ -8,21 +8,16 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+mod common;
+
 use phalanx::{JobConfig, Node, NodeEvent, NodeEventKind, NodeHandle};
 use phalanx_transport::certs::NodeIdentity;
-use tokio_stream::StreamExt;
 
 /// Bound on any wait: a hang fails the test.
 const WAIT: Duration = Duration::from_secs(60);
 
 fn job() -> JobConfig {
     JobConfig { epochs: Some(30), trainers: 3, ..JobConfig::default() }
-}
-
-/// Free loopback UDP ports (bound, read, released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let sockets: Vec<_> = (0..n).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
-    sockets.iter().map(|s| s.local_addr().unwrap().port()).collect()
 }
 
 /// `GET /metrics` over a plain TCP connection.
@@ -36,21 +31,11 @@ fn scrape(addr: std::net::SocketAddr) -> String {
     response
 }
 
-/// Wait for the first event matching `want`, returning it.
 async fn wait_for(
     events: &mut (impl tokio_stream::Stream<Item = NodeEvent> + Unpin),
     want: impl Fn(&NodeEvent) -> bool,
 ) -> NodeEvent {
-    tokio::time::timeout(WAIT, async {
-        while let Some(e) = events.next().await {
-            if want(&e) {
-                return e;
-            }
-        }
-        panic!("the event stream ended");
-    })
-    .await
-    .expect("event within the bound")
+    common::wait_for_event(events, WAIT, want).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +43,7 @@ async fn three_embedded_nodes_train_to_the_bits_of_train_and_shut_down() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     phalanx_transport::certs::generate(&certs, 3).unwrap();
-    let ports = free_ports(3);
+    let ports = common::free_udp_ports(3);
     let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
     let out = dir.path().join("out");
     let mut nodes: Vec<NodeHandle> = Vec::new();

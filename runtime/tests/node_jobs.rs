@@ -6,21 +6,17 @@
 
 use std::time::Duration;
 
+mod common;
+
 use phalanx::{JobConfig, Node, NodeEvent, NodeEventKind, NodeHandle};
-use tokio_stream::StreamExt;
 
 /// Bound on any wait: a hang fails the test.
 const WAIT: Duration = Duration::from_secs(90);
 
-fn free_ports(n: usize) -> Vec<u16> {
-    let sockets: Vec<_> = (0..n).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
-    sockets.iter().map(|s| s.local_addr().unwrap().port()).collect()
-}
-
 async fn cluster(dir: &std::path::Path) -> Vec<NodeHandle> {
     let certs = dir.join("certs");
     phalanx_transport::certs::generate(&certs, 3).unwrap();
-    let ports = free_ports(3);
+    let ports = common::free_udp_ports(3);
     let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
     let mut nodes = Vec::new();
     for i in 0..3u32 {
@@ -46,16 +42,7 @@ async fn wait_for(
     events: &mut (impl tokio_stream::Stream<Item = NodeEvent> + Unpin),
     want: impl Fn(&NodeEvent) -> bool,
 ) -> NodeEvent {
-    tokio::time::timeout(WAIT, async {
-        while let Some(e) = events.next().await {
-            if want(&e) {
-                return e;
-            }
-        }
-        panic!("the event stream ended");
-    })
-    .await
-    .expect("event within the bound")
+    common::wait_for_event(events, WAIT, want).await
 }
 
 fn job(seed: u64) -> JobConfig {

@@ -167,6 +167,14 @@ pub struct NodeParts {
     pub registries: crate::job::Registries,
 }
 
+impl NodeParts {
+    /// Events to `events`, metrics into `metrics`; the identity and the job
+    /// from the config, the built-in models and data sources, no handle.
+    pub fn new(events: EventSink, metrics: Arc<NodeMetrics>) -> Self {
+        Self { events, metrics, identity: None, job: None, bound: None, commands: None, registries: Default::default() }
+    }
+}
+
 /// Run a node until `shutdown` resolves, handing its events to `events`.
 pub async fn run_node(
     config: NodeConfig,
@@ -174,16 +182,7 @@ pub async fn run_node(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let metrics = NodeMetrics::new(config.id);
-    let parts = NodeParts {
-        events,
-        metrics,
-        identity: None,
-        job: None,
-        bound: None,
-        commands: None,
-        registries: Default::default(),
-    };
-    run_node_with(config, parts, shutdown).await
+    run_node_with(config, NodeParts::new(events, metrics), shutdown).await
 }
 
 /// [`run_node`] with every part given (see [`NodeParts`]).

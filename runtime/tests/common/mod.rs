@@ -65,3 +65,29 @@ pub fn assert_exactly_once(job: &PreparedJob, report: &TrainReport) {
     let totals: Vec<u64> = sizes.iter().map(|s| s * epochs).collect();
     assert_eq!(ledger.closed.per_partition, totals, "samples applied per partition over all epochs");
 }
+
+/// The first event of an embedded node's stream that `want` accepts, within
+/// `bound` (a hang fails the test).
+pub async fn wait_for_event(
+    events: &mut (impl tokio_stream::Stream<Item = phalanx::NodeEvent> + Unpin),
+    bound: Duration,
+    want: impl Fn(&phalanx::NodeEvent) -> bool,
+) -> phalanx::NodeEvent {
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(bound, async {
+        while let Some(e) = events.next().await {
+            if want(&e) {
+                return e;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("event within the bound")
+}
+
+/// Free loopback UDP ports (bound, read, released).
+pub fn free_udp_ports(n: usize) -> Vec<u16> {
+    let sockets: Vec<_> = (0..n).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    sockets.iter().map(|s| s.local_addr().unwrap().port()).collect()
+}
