@@ -307,7 +307,7 @@ impl fmt::Debug for FaultRelay {
 }
 
 impl FaultRelay {
-    /// Relays for the nodes at `nodes` (node i listens on nodes[i]): one socket pair per ordered
+    /// Relays for the nodes at `nodes` (node i listens on `nodes[i]`): one socket pair per ordered
     /// pair (i, j), i != j. Randomness (loss, jitter, duplication) comes from a ChaCha8 RNG seeded
     /// with `seed`. Runs on its own thread with its own tokio runtime (the harness is synchronous
     /// code), so it works whether or not the caller is inside a tokio runtime.

@@ -1,5 +1,5 @@
 //! The jobs of one node: its copy of the cluster's job registry, one
-//! [`NodeJob`] per job that is not over, submissions and cancellations.
+//! `NodeJob` per job that is not over, submissions and cancellations.
 //!
 //! ```text
 //!  NodeHandle::submit ──▶ Jobs ──(coordinator)──▶ Registry::accept ──Registry{v}──▶ members ──Ack{v}──┐

@@ -185,8 +185,19 @@ pub async fn run_node(
     run_node_with(config, NodeParts::new(events, metrics), shutdown).await
 }
 
-/// [`run_node`] with every part given (see [`NodeParts`]).
+/// [`run_node`] with every part given (see [`NodeParts`]). Everything the
+/// node logs is inside a `node` span with its id.
 pub async fn run_node_with(
+    config: NodeConfig,
+    parts: NodeParts,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("node", node = config.id);
+    node_loop(config, parts, shutdown).instrument(span).await
+}
+
+async fn node_loop(
     config: NodeConfig,
     parts: NodeParts,
     shutdown: impl std::future::Future<Output = ()>,

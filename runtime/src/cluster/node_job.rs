@@ -2,7 +2,7 @@
 //! coordinator places here, routing, checkpoint copies, and — on the
 //! coordinator — the resume decision and the running supervisor.
 //!
-//! The node (see [`super::node`]) owns one [`NodeJob`] per job of the
+//! The node (see [`super::node`]) owns one `NodeJob` per job of the
 //! cluster's registry that is not over, and hands it the frames of its job.
 
 use std::path::PathBuf;
@@ -294,7 +294,12 @@ impl NodeJob {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
                     let store = store.with_crash_before_rename(crash);
-                    coordinate(prepared, routing, names, members, store, out, start).await
+                    let span = tracing::info_span!("job", node = me, job = routing.job, epoch);
+                    tracing::Instrument::instrument(
+                        coordinate(prepared, routing, names, members, store, out, start),
+                        span,
+                    )
+                    .await
                 }
                 Err(e) => Err(e.into()),
             };
