@@ -405,7 +405,7 @@ pub fn process_campaign_of(
             if run.steps_replayed() > 0 && run.marks().iter().any(|(_, m)| m == "resumed") {
                 plotted = true;
                 let title = format!("{} ({} nodes): loss and throughput per step", s.name, s.nodes);
-                plot_run(path, &title, &run.points(), &run.marks())?;
+                plot_run(path, &title, "steps / s", &run.points(), &run.marks())?;
             }
         }
     }

@@ -76,6 +76,7 @@ pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod output;
+pub mod plot;
 pub mod predict;
 pub mod relay;
 

@@ -1083,6 +1083,15 @@ pub fn run_local_watching(
     let bytes = serde_json::to_vec_pretty(&summary)
         .map_err(|e| Error::Encode { what: "summary".into(), reason: e.to_string() })?;
     crate::output::write_atomic(&path, &bytes)?;
+    // The coordinator drew its own faults; the node faults are known here.
+    let mut marks: Vec<(u64, String)> = node_faults
+        .iter()
+        .map(|f| (f.step, format!("{}{}", f.kind, f.node.map(|n| format!(" {n}")).unwrap_or_default())))
+        .collect();
+    for f in summary["faults"].as_array().into_iter().flatten() {
+        marks.push((f["step"].as_u64().unwrap_or(0), f["what"].as_str().unwrap_or("").to_string()));
+    }
+    crate::output::write_loss_svg(&out, &marks)?;
     Ok(summary)
 }
 

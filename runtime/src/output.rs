@@ -427,6 +427,29 @@ pub fn patch_summary(
     Ok(summary)
 }
 
+/// Points plotted at most: a million-step history is thinned evenly.
+const PLOT_POINTS: usize = 2_000;
+
+/// Draw `dir/loss.svg` from `dir/history.csv`: loss and samples/s per step,
+/// `marks` (step, label: faults, recoveries) as vertical lines. Nothing to
+/// draw without a history.
+pub fn write_loss_svg(dir: &Path, marks: &[(u64, String)]) -> Result<(), Error> {
+    let history = dir.join(HISTORY_FILE);
+    if !history.is_file() {
+        return Ok(());
+    }
+    let rows = read_history(&history)?;
+    let stride = rows.len().div_ceil(PLOT_POINTS).max(1);
+    let points: Vec<crate::plot::RunPoint> = rows
+        .iter()
+        .step_by(stride)
+        .map(|r| crate::plot::RunPoint { step: r.step, loss: r.loss, throughput: r.samples_per_sec })
+        .collect();
+    let path = dir.join("loss.svg");
+    crate::plot::plot_run(&path, "loss and samples / s per step", "samples / s", &points, marks)
+        .map_err(|reason| Error::Encode { what: path.display().to_string(), reason })
+}
+
 /// Write `summary.json` and `model.safetensors` into `dir` (`history.csv`
 /// was written while the job ran).
 pub fn write_outputs(dir: &Path, job: &PreparedJob, report: &TrainReport) -> Result<Summary, Error> {
@@ -441,6 +464,8 @@ pub fn write_outputs(dir: &Path, job: &PreparedJob, report: &TrainReport) -> Res
     let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
     write_atomic(&dir.join("summary.json"), &json)?;
     write_atomic(&dir.join("model.safetensors"), &model_safetensors(job, &report.outcome.params, &summary)?)?;
+    let marks: Vec<(u64, String)> = summary.faults.iter().map(|f| (f.step, f.what.clone())).collect();
+    write_loss_svg(dir, &marks)?;
     Ok(summary)
 }
 

@@ -63,6 +63,10 @@ fn local_cluster_with_a_kill_and_a_pause_matches_train_and_reports_node_faults()
     let injected = events.lines().filter(|l| l.contains(r#""event":"injected""#)).count();
     assert_eq!(injected, 2, "the harness logs each fault it injects");
     assert!(out_train.join("history.csv").is_file(), "phalanx train writes the history too");
+    // loss.svg beside the summary, with the node faults marked.
+    let svg = std::fs::read_to_string(out_local.join("loss.svg")).expect("phalanx local draws loss.svg");
+    assert!(svg.contains("samples / s") && svg.contains("kill 1") && svg.contains("pause 2"), "faults marked");
+    assert!(out_train.join("loss.svg").is_file(), "phalanx train draws it too");
 }
 
 #[test]
