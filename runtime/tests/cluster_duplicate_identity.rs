@@ -58,6 +58,9 @@ fn run(out: &Path, faults: Vec<NodeFault>) -> Run {
     Run { summary, training, events }
 }
 
+/// Slowdown bound of the duplicate run over the fault-free one (see the test).
+const MAX_SLOWDOWN: f64 = 3.0;
+
 #[test]
 fn a_second_process_with_a_members_id_is_refused_and_the_job_runs_as_if_it_never_started() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,8 +85,12 @@ fn a_second_process_with_a_members_id_is_refused_and_the_job_runs_as_if_it_never
     }
     let fastest = |runs: &[Run]| runs.iter().map(|r| r.training).min().unwrap();
     let (calm_time, twice_time) = (fastest(&calm), fastest(&twice));
+    // The causal checks of thrash are below (no member declared down or replaced, a handful of
+    // views); wall time on a shared 2-core machine varies about 2x between identical runs, so
+    // the time bound only catches the old behaviour (9-14x slower), and the ratio is printed.
+    eprintln!("with a duplicate {twice_time:?}, fault-free {calm_time:?}");
     assert!(
-        twice_time.as_secs_f64() <= 1.5 * calm_time.as_secs_f64(),
+        twice_time.as_secs_f64() <= MAX_SLOWDOWN * calm_time.as_secs_f64(),
         "with a duplicate {twice_time:?}, fault-free {calm_time:?}"
     );
     let calm_views = calm.iter().map(|r| r.member_events("view").len()).max().unwrap();
