@@ -13,6 +13,8 @@ use phalanx_actors::faults::FaultSpec;
 use phalanx_actors::model::ModelKind;
 use phalanx_actors::optim::OptimizerKind;
 
+mod cli_client;
+
 /// Phalanx: distributed training that keeps training when nodes die, and
 /// ends with the same model bits as if nothing had failed.
 #[derive(Parser, Debug)]
@@ -42,6 +44,14 @@ enum Command {
     Predict(PredictArgs),
     /// Print and verify a model file or a checkpoint file.
     Inspect(InspectArgs),
+    /// Submit a job to a running cluster (prints its id first); --wait follows it and fetches its model.
+    Submit(Box<cli_client::SubmitArgs>),
+    /// List a cluster's jobs and their states.
+    Jobs(cli_client::JobsArgs),
+    /// Cancel a job of a cluster.
+    Cancel(cli_client::CancelArgs),
+    /// Show a cluster's view: epoch, coordinator, members.
+    Status(cli_client::StatusArgs),
 }
 
 /// `phalanx predict --model model.safetensors --data csv:PATH [--out preds.csv]`.
@@ -112,7 +122,7 @@ struct LocalArgs {
 /// `phalanx certs --dir DIR --nodes N`.
 #[derive(Args, Debug)]
 struct CertsArgs {
-    /// Directory for ca.pem, ca.key, node-<i>.pem and node-<i>.key.
+    /// Directory for ca.pem, ca.key, node-<i>.pem/.key and the client's client.pem/.key.
     #[arg(long)]
     dir: PathBuf,
     /// Number of nodes (certificates for ids 0..N).
@@ -273,7 +283,7 @@ async fn termination() {
 
 /// Job flags; each overrides the same field of `--config`.
 #[derive(Args, Debug, Default)]
-struct TrainArgs {
+pub(crate) struct TrainArgs {
     /// TOML job file (fields as in the flags, with underscores: batch_size = 32).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -334,7 +344,7 @@ struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn into_config(self) -> anyhow::Result<JobConfig> {
+    pub(crate) fn into_config(self) -> anyhow::Result<JobConfig> {
         let mut c = match &self.config {
             Some(path) => JobConfig::from_toml_file(path)?,
             None => JobConfig::default(),
@@ -394,13 +404,13 @@ fn init_logging(verbose: u8, format: LogFormat) {
 }
 
 /// Shows progress: a bar on a terminal, a line every tenth of the job otherwise.
-struct ProgressView {
+pub(crate) struct ProgressView {
     bar: Option<ProgressBar>,
     last_tenth: u64,
 }
 
 impl ProgressView {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
@@ -413,7 +423,7 @@ impl ProgressView {
         Self { bar, last_tenth: 0 }
     }
 
-    fn update(&mut self, p: &Progress, started: std::time::Instant) {
+    pub(crate) fn update(&mut self, p: &Progress, started: std::time::Instant) {
         let rate = p.samples as f64 / started.elapsed().as_secs_f64().max(1e-6);
         let msg = if p.samples > 0 {
             format!("loss {:.4} | {:.0} samples/s | faults {}", p.loss, rate, p.faults)
@@ -436,7 +446,7 @@ impl ProgressView {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -756,13 +766,17 @@ fn main() -> ExitCode {
                 phalanx_transport::certs::generate(&args.dir, args.nodes)
                     .with_context(|| format!("writing certificates to {}", args.dir.display()))?;
                 println!(
-                    "wrote {0}/ca.pem, {0}/ca.key and node-<i>.pem/.key for i in 0..{1}",
+                    "wrote {0}/ca.pem, {0}/ca.key, node-<i>.pem/.key for i in 0..{1}, and the client certificate {0}/client.pem/.key",
                     args.dir.display(),
                     args.nodes
                 );
                 Ok(())
             }
             Command::Node(args) => node(args).await,
+            Command::Submit(args) => cli_client::submit(*args).await,
+            Command::Jobs(args) => cli_client::jobs(args).await,
+            Command::Cancel(args) => cli_client::cancel(args).await,
+            Command::Status(args) => cli_client::status(args).await,
         }
     });
     match result {

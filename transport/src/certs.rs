@@ -13,6 +13,11 @@
 //! | `ca.key` | the CA private key, mode 0600; only needed to issue more certificates |
 //! | `node-<i>.pem` | node `i`'s certificate, signed by the CA |
 //! | `node-<i>.key` | node `i`'s private key (PKCS #8), mode 0600 |
+//! | `client.pem` | the client certificate (`client-admin`): may submit and query jobs, never a member |
+//! | `client.key` | its private key, mode 0600 |
+//!
+//! A client certificate carries one DNS name `client-<name>` and no `node-<i>`: the client
+//! API ([`ClientIdentity`], [`crate::client`]) takes it, membership never does.
 //!
 //! ```
 //! use phalanx_transport::certs::{self, NodeIdentity};
@@ -47,6 +52,20 @@ pub const CA_KEY_FILE: &str = "ca.key";
 
 /// Prefix of the DNS name that carries a node id: node 3 is `node-3`.
 pub const NODE_NAME_PREFIX: &str = "node-";
+
+/// Prefix of the DNS name that carries a client's name: client `admin` is `client-admin`.
+pub const CLIENT_NAME_PREFIX: &str = "client-";
+
+/// The name [`generate`] gives its client certificate.
+pub const DEFAULT_CLIENT_NAME: &str = "admin";
+
+/// File name of the client certificate inside a certificate directory.
+pub const CLIENT_CERT_FILE: &str = "client.pem";
+/// File name of the client's private key inside a certificate directory.
+pub const CLIENT_KEY_FILE: &str = "client.key";
+
+/// Longest client name (after the prefix).
+pub const MAX_CLIENT_NAME_BYTES: usize = 64;
 
 /// How far back [`generate`] dates `not_before`, so clocks a little behind still accept it.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60 * 60);
@@ -109,6 +128,18 @@ pub enum CertError {
         /// The bound.
         at: SystemTime,
     },
+    /// A client certificate does not carry exactly one `client-<name>` (or also names a node).
+    #[error("{path} is not a client certificate (it must name one client-<name> and no node)")]
+    NotAClient {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// A client name that is empty, too long, or has characters other than `A-Za-z0-9_-`.
+    #[error("invalid client name {name:?}: 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")]
+    BadClientName {
+        /// The name asked for.
+        name: String,
+    },
     /// rcgen could not build or sign a certificate.
     #[error("cannot generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -153,6 +184,48 @@ pub fn node_id_of(cert_der: &[u8]) -> Option<u32> {
     });
     let first = ids.next()?;
     ids.all(|id| id == first).then_some(first)
+}
+
+/// Whether `name` is a valid client name: 1 to [`MAX_CLIENT_NAME_BYTES`] of `A-Za-z0-9_-`.
+pub fn valid_client_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CLIENT_NAME_BYTES
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The client name in a DER certificate: its one `client-<name>` DNS name, if it carries
+/// exactly one and names no node. A certificate naming a node is never a client's.
+///
+/// ```
+/// use phalanx_transport::certs::{client_name_of, CertAuthority};
+/// use std::time::{Duration, SystemTime};
+///
+/// let ca = CertAuthority::new()?;
+/// let now = SystemTime::now();
+/// let (cert, _key) = ca.issue_client_cert("ops", now, now + Duration::from_secs(60))?;
+/// let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())?;
+/// assert_eq!(client_name_of(&der).as_deref(), Some("ops"));
+/// # use rustls::pki_types::pem::PemObject;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn client_name_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut clients = Vec::new();
+    for name in &san.value.general_names {
+        if let GeneralName::DNSName(dns) = name {
+            if parse_node_name(dns).is_some() {
+                return None;
+            }
+            if let Some(client) = dns.strip_prefix(CLIENT_NAME_PREFIX) {
+                clients.push(client);
+            }
+        }
+    }
+    match clients.as_slice() {
+        [one] if valid_client_name(one) => Some((*one).to_owned()),
+        _ => None,
+    }
 }
 
 /// A node certificate and its private key, as issued by a [`CertAuthority`].
@@ -299,10 +372,47 @@ impl CertAuthority {
             key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
         })
     }
+    /// Issues a client certificate for `name` (DNS name `client-<name>`, client
+    /// authentication only), valid from `not_before` to `not_after`. Returns the certificate
+    /// and its private key, both PEM.
+    pub fn issue_client_cert(
+        &self,
+        name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(String, String), CertError> {
+        if !valid_client_name(name) {
+            return Err(CertError::BadClientName { name: name.to_owned() });
+        }
+        let dns = format!("{CLIENT_NAME_PREFIX}{name}");
+        let mut params = CertificateParams::new(vec![dns.clone()])?;
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, dns);
+        params.distinguished_name = subject;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = certificate_time(not_before)?;
+        params.not_after = certificate_time(not_after)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues a client certificate for `name` valid for [`NODE_CERT_VALIDITY`] and writes it
+    /// as `client.pem`/`client.key` into `dir` (beside `ca.pem`).
+    pub fn write_client_cert(&self, dir: &Path, name: &str) -> Result<(), CertError> {
+        let now = SystemTime::now();
+        let (cert, key) = self.issue_client_cert(name, now - CLOCK_SKEW_ALLOWANCE, now + NODE_CERT_VALIDITY)?;
+        write_file(&dir.join(CLIENT_CERT_FILE), cert.as_bytes(), false)?;
+        write_file(&dir.join(CLIENT_KEY_FILE), key.as_bytes(), true)
+    }
 }
 
 /// Writes a fresh CA and certificates for nodes `0..nodes` into `dir` (created if missing):
-/// `ca.pem`, `ca.key`, `node-<i>.pem`, `node-<i>.key`. Existing files are overwritten.
+/// `ca.pem`, `ca.key`, `node-<i>.pem`, `node-<i>.key`, and the client certificate
+/// `client.pem`/`client.key` (client [`DEFAULT_CLIENT_NAME`]). Existing files are overwritten.
 ///
 /// Node certificates are valid from an hour ago ([`CLOCK_SKEW_ALLOWANCE`]) to a year ahead
 /// ([`NODE_CERT_VALIDITY`]).
@@ -313,7 +423,72 @@ pub fn generate(dir: &Path, nodes: u32) -> Result<(), CertError> {
     for id in 0..nodes {
         ca.issue_node_cert(id, now - CLOCK_SKEW_ALLOWANCE, now + NODE_CERT_VALIDITY)?.write(dir)?;
     }
-    Ok(())
+    ca.write_client_cert(dir, DEFAULT_CLIENT_NAME)
+}
+
+/// What a client of the cluster (`phalanx submit`, `jobs`, `cancel`, `status`) presents: a
+/// client certificate (`client-<name>`), its key, and the cluster CA it trusts.
+pub struct ClientIdentity {
+    /// The client's name, from its certificate.
+    pub name: String,
+    /// The client certificate first, then any intermediates.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The client's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The CA certificates the client trusts the nodes by.
+    pub ca_roots: Vec<CertificateDer<'static>>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+            ca_roots: self.ca_roots.clone(),
+        }
+    }
+}
+
+// Not derived: the private key must not end up in a log line.
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl ClientIdentity {
+    /// Loads `client.pem`, `client.key` and `ca.pem` from `dir`, checking that the certificate
+    /// is a client's.
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        let cert_path = dir.join(CLIENT_CERT_FILE);
+        let key_path = dir.join(CLIENT_KEY_FILE);
+        let ca_path = dir.join(CA_CERT_FILE);
+        let cert = read(&cert_path)?;
+        let (key, ca) = (read(&key_path)?, read(&ca_path)?);
+        Self::parse((&cert_path, &cert), (&key_path, &key), (&ca_path, &ca))
+    }
+
+    /// The same from PEM bytes in memory.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> Result<Self, CertError> {
+        let (cert, key, ca) = (Path::new("<memory: cert>"), Path::new("<memory: key>"), Path::new("<memory: ca>"));
+        Self::parse((cert, cert_pem), (key, key_pem), (ca, ca_pem))
+    }
+
+    fn parse(cert: (&Path, &[u8]), key: (&Path, &[u8]), ca: (&Path, &[u8])) -> Result<Self, CertError> {
+        let cert_chain = parse_certs(cert.0, cert.1)?;
+        let name = cert_chain
+            .first()
+            .and_then(|c| client_name_of(c))
+            .ok_or_else(|| CertError::NotAClient { path: cert.0.to_owned() })?;
+        let key = PrivateKeyDer::from_pem_slice(key.1).map_err(|source| CertError::Pem {
+            path: key.0.to_owned(),
+            expected: "private key",
+            source,
+        })?;
+        let ca_roots = parse_certs(ca.0, ca.1)?;
+        Ok(Self { name, cert_chain, key, ca_roots })
+    }
 }
 
 /// Everything a node needs to take part in mutual TLS: its id, its certificate chain and key,
@@ -467,6 +642,31 @@ mod tests {
             assert_eq!(identity.ca_roots.len(), 1);
         }
         assert!(CertAuthority::load(dir.path()).is_ok());
+        let client = ClientIdentity::load(dir.path()).expect("client");
+        assert_eq!(client.name, DEFAULT_CLIENT_NAME);
+        assert_eq!(node_id_of(&client.cert_chain[0]), None, "a client certificate names no node");
+    }
+
+    #[test]
+    fn client_names_are_checked() {
+        let ca = CertAuthority::new().expect("ca");
+        let now = SystemTime::now();
+        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+            let err = ca.issue_client_cert(bad, now, now + Duration::from_secs(60)).unwrap_err();
+            assert!(matches!(err, CertError::BadClientName { .. }), "{bad:?}: {err}");
+        }
+        // A node certificate is no client's, nor is one naming a node and a client.
+        let node = ca.issue_node_cert(1, now, now + Duration::from_secs(60)).expect("issue");
+        assert_eq!(client_name_of(&node.cert_der), None);
+        let params = CertificateParams::new(vec!["client-x".to_string(), "node-2".to_string()]).expect("params");
+        let key = KeyPair::generate().expect("key");
+        let both = params.self_signed(&key).expect("sign");
+        assert_eq!(client_name_of(both.der()), None);
+        let dir = tempfile::tempdir().expect("temp dir");
+        generate(dir.path(), 1).expect("generate");
+        fs::copy(dir.path().join("node-0.pem"), dir.path().join(CLIENT_CERT_FILE)).expect("copy");
+        let err = ClientIdentity::load(dir.path()).unwrap_err();
+        assert!(matches!(err, CertError::NotAClient { .. }) && err.to_string().contains("client.pem"), "{err}");
     }
 
     #[cfg(unix)]
@@ -475,7 +675,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("temp dir");
         generate(dir.path(), 1).expect("generate");
-        for file in [CA_KEY_FILE, "node-0.key"] {
+        for file in [CA_KEY_FILE, "node-0.key", CLIENT_KEY_FILE] {
             let mode = fs::metadata(dir.path().join(file)).expect("key exists").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{file}");
         }

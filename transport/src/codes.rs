@@ -20,6 +20,7 @@
 //! | `0x208` | [`SELF_CONNECT`] | the peer presents this node's own id |
 //! | `0x209` | [`OVERLOADED`] | too many handshakes in progress; try again later |
 //! | `0x20a` | [`DUPLICATE_IDENTITY`] | another process with the same node id is already a live member here; the dialler is a second process and must stop |
+//! | `0x20b` | [`NOT_A_CLIENT`] | a connection on the client API presents no client certificate (`client-<name>`) |
 
 /// The node is shutting down (the code of [`Transport::shutdown`](crate::Transport::shutdown)).
 pub const SHUTDOWN: u32 = 0x200;
@@ -52,6 +53,10 @@ pub const OVERLOADED: u32 = 0x209;
 /// should stop; retrying cannot help while the other process runs.
 pub const DUPLICATE_IDENTITY: u32 = 0x20a;
 
+/// A connection on the client API ([`CLIENT_ALPN`](crate::tls::CLIENT_ALPN)) presents a
+/// certificate that is not a client's (a node's, or one naming no `client-<name>`).
+pub const NOT_A_CLIENT: u32 = 0x20b;
+
 /// Short name of a transport or codec close code, for log lines and event reasons.
 ///
 /// ```
@@ -75,6 +80,7 @@ pub fn name(code: u32) -> &'static str {
         SELF_CONNECT => "self connect",
         OVERLOADED => "overloaded",
         DUPLICATE_IDENTITY => "duplicate identity",
+        NOT_A_CLIENT => "not a client",
         D::CODE_OVERSIZE => "oversize",
         D::CODE_UNSUPPORTED_VERSION => "unsupported version",
         D::CODE_HEADER_TOO_LARGE => "header too large",

@@ -24,6 +24,7 @@
 //! A frame that breaks a codec rule closes *that* connection with the codec's reason code;
 //! every other connection carries on.
 
+mod clients;
 mod config;
 mod driver;
 mod error;
@@ -42,6 +43,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+pub use clients::{
+    ClientReply, ReplyError, CLIENT_REQUEST_LIMITS, CLIENT_RESPONSE_LIMITS, MAX_CLIENT_CONNECTIONS, MAX_CLIENT_STREAMS,
+};
 pub use config::{
     TransportConfig, DEFAULT_EVENT_QUEUE_LEN, DEFAULT_HELLO_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEP_ALIVE_MS,
     DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES, MAX_PENDING_HANDSHAKES,
@@ -117,6 +121,19 @@ pub enum TransportEvent {
         /// Why, for logs.
         reason: String,
     },
+    /// A request from a client (a connection on
+    /// [`CLIENT_ALPN`](crate::tls::CLIENT_ALPN) with a client certificate): one frame body,
+    /// checked like a [`Message`](Self::Message)'s, and the stream to answer on.
+    ClientRequest {
+        /// The client's name (`client-<name>` in its certificate).
+        client: String,
+        /// Its UDP address.
+        addr: SocketAddr,
+        /// The request frame's body.
+        request: Vec<u8>,
+        /// Where the answers go.
+        reply: ClientReply,
+    },
 }
 
 // Not derived: a message body can be 256 MiB.
@@ -135,6 +152,12 @@ impl fmt::Debug for TransportEvent {
                 .field("peer", peer)
                 .field("addr", addr)
                 .field("reason", reason)
+                .finish(),
+            Self::ClientRequest { client, addr, request, .. } => f
+                .debug_struct("ClientRequest")
+                .field("client", client)
+                .field("addr", addr)
+                .field("request_bytes", &request.len())
                 .finish(),
             Self::Rejected { addr, peer, code, reason } => f
                 .debug_struct("Rejected")

@@ -106,19 +106,22 @@
 #![deny(unsafe_code)]
 
 pub mod certs;
+pub mod client;
 pub mod codec;
 pub mod codes;
 mod endpoint;
 pub mod tls;
 
-pub use certs::{CertError, NodeIdentity};
+pub use certs::{CertError, ClientIdentity, NodeIdentity};
+pub use client::{Answers, Client, ClientError};
 pub use codec::{
     check_frame, decode, encode, encode_into, DecodeError, EncodeError, Frame, FrameDecoder, Limits, ALPN,
     PROTOCOL_VERSION,
 };
 pub use endpoint::{
-    bind_udp, BindError, ConfigError, ConnectError, Hello, PeerInfo, SendError, Transport, TransportConfig,
-    TransportEvent, TransportStats, DEFAULT_EVENT_QUEUE_LEN, DEFAULT_HELLO_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS,
-    DEFAULT_KEEP_ALIVE_MS, DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES,
-    HELLO_LIMITS, MAX_PENDING_HANDSHAKES,
+    bind_udp, BindError, ClientReply, ConfigError, ConnectError, Hello, PeerInfo, ReplyError, SendError, Transport,
+    TransportConfig, TransportEvent, TransportStats, CLIENT_REQUEST_LIMITS, CLIENT_RESPONSE_LIMITS,
+    DEFAULT_EVENT_QUEUE_LEN, DEFAULT_HELLO_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEP_ALIVE_MS,
+    DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES, HELLO_LIMITS,
+    MAX_CLIENT_CONNECTIONS, MAX_CLIENT_STREAMS, MAX_PENDING_HANDSHAKES,
 };

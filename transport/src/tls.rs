@@ -25,8 +25,13 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::certs::{node_id_of, node_name, NodeIdentity};
+use crate::certs::{node_id_of, node_name, ClientIdentity, NodeIdentity};
 use crate::codec::ALPN;
+
+/// QUIC ALPN protocol id of client connections (`phalanx submit`, `jobs`, `cancel`,
+/// `status`): a node offers it beside [`ALPN`] and serves the client API on it, and only to
+/// client certificates (`client-<name>`).
+pub const CLIENT_ALPN: &[u8] = b"phalanx-client/1";
 
 /// Server name a client asks for when it dials an address without knowing which node is
 /// there. The `.invalid` top-level domain (RFC 2606) guarantees no certificate legitimately
@@ -68,6 +73,15 @@ pub enum TlsError {
         /// rustls's reason.
         source: rustls::Error,
     },
+    /// A client identity could not be used (no CA, a bad CA certificate, a key that does
+    /// not match its certificate).
+    #[error("client {client}: {reason}")]
+    Client {
+        /// The client's name.
+        client: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// The configuration offers no cipher suite QUIC can use.
     #[error("no cipher suite usable by QUIC: {0}")]
     Quic(#[from] NoInitialCipherSuite),
@@ -104,7 +118,7 @@ pub fn server_config(identity: &NodeIdentity) -> Result<rustls::ServerConfig, Tl
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
         .map_err(|source| TlsError::BadIdentity { node, source })?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![ALPN.to_vec(), CLIENT_ALPN.to_vec()];
     // No resumption: every connection presents and verifies certificates afresh, so a
     // certificate that expired since an earlier session is refused. Nodes connect rarely;
     // a full handshake costs about a millisecond.
@@ -145,6 +159,40 @@ pub fn quic_server_config(identity: &NodeIdentity) -> Result<quinn::ServerConfig
 /// [`client_config`] wrapped for quinn.
 pub fn quic_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, TlsError> {
     let crypto = QuicClientConfig::try_from(client_config(identity)?)?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// The rustls client config of a cluster client: TLS 1.3, ALPN [`CLIENT_ALPN`], the client
+/// certificate, and the node verified against the cluster CA and the `node-<i>` name its
+/// certificate carries (a client dials addresses, not ids).
+pub fn client_config_for_client(identity: &ClientIdentity) -> Result<rustls::ClientConfig, TlsError> {
+    let fail = |reason: String| TlsError::Client { client: identity.name.clone(), reason };
+    if identity.ca_roots.is_empty() {
+        return Err(fail("the identity has no CA certificate".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in &identity.ca_roots {
+        roots.add(ca.clone()).map_err(|e| fail(format!("cannot trust CA certificate: {e}")))?;
+    }
+    let provider = provider();
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| fail(format!("cannot build the certificate verifier: {e}")))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| fail(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodeServerVerifier { webpki }))
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(|e| fail(format!("bad certificate or key: {e}")))?;
+    config.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// [`client_config_for_client`] wrapped for quinn.
+pub fn quic_client_config_for_client(identity: &ClientIdentity) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = QuicClientConfig::try_from(client_config_for_client(identity)?)?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
@@ -236,7 +284,7 @@ mod tests {
         let node = identity(&ca, 0);
         let server = server_config(&node).expect("server config");
         let client = client_config(&node).expect("client config");
-        assert_eq!(server.alpn_protocols, vec![ALPN.to_vec()]);
+        assert_eq!(server.alpn_protocols, vec![ALPN.to_vec(), CLIENT_ALPN.to_vec()]);
         assert_eq!(client.alpn_protocols, vec![ALPN.to_vec()]);
         assert_eq!((server.max_early_data_size, server.send_tls13_tickets), (0, 0), "no 0-RTT, no tickets");
         assert!(!client.enable_early_data);

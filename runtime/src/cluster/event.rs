@@ -19,10 +19,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One event of one node.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeEvent {
     /// The node that saw it.
     pub node: u32,
@@ -47,7 +47,7 @@ pub fn unix_ms() -> u64 {
 }
 
 /// Which side of a duplicate identity a node is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DuplicateRole {
     /// A member that refused a second process with a member's id.
@@ -57,7 +57,7 @@ pub enum DuplicateRole {
 }
 
 /// What happened (serialised with `"event": "<snake_case name>"`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum NodeEventKind {
     /// The node is bound and listening.

@@ -61,6 +61,11 @@ pub enum NodeCommand {
         /// The answer.
         reply: oneshot::Sender<Vec<JobEntry>>,
     },
+    /// The node's view of the cluster (answered by the node loop, which holds the view).
+    Status {
+        /// The answer.
+        reply: oneshot::Sender<super::client_api::ClusterStatus>,
+    },
 }
 
 /// Where the answer to a submission goes.
@@ -264,6 +269,9 @@ impl Jobs {
             NodeCommand::Jobs { reply } => {
                 let _ = reply.send(self.registry.snapshot().jobs.values().cloned().collect());
             }
+            // The node loop answers it (it holds the view and the connections); dropping the
+            // reply tells a caller that got here by mistake.
+            NodeCommand::Status { reply } => drop(reply),
         }
     }
 
@@ -379,7 +387,14 @@ impl Jobs {
         self.preparing.insert(entry.id);
         let (config, spec, id, registries) =
             (self.config.clone(), entry.spec.clone(), entry.id, self.registries.clone());
-        let out = spec.out.clone().or_else(|| self.config.out.as_deref().map(|o| job_out(o, id)));
+        // Outputs go where the spec or the node says, else beside the job's checkpoints, so
+        // a client can always fetch a finished job's model (`phalanx submit --wait`).
+        let out = spec
+            .out
+            .clone()
+            .or_else(|| self.config.out.as_deref().map(|o| job_out(o, id)))
+            .unwrap_or_else(|| super::node_job::job_dir(&self.config, id).join("out"));
+        let out = Some(out);
         let ready = self.ready_tx.clone();
         let shared = NodeShared {
             out_tx: self.out_tx.clone(),

@@ -4,6 +4,7 @@
 //! them heartbeats, views and clock ticks and carries out their commands
 //! over the QUIC transport.
 
+pub mod client_api;
 pub mod event;
 pub mod jobs;
 pub mod membership;

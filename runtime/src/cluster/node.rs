@@ -36,9 +36,10 @@ use std::time::{Duration, Instant};
 use phalanx_transport::certs::NodeIdentity;
 use phalanx_transport::{codes, Limits, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
-use super::event::{DuplicateRole, Emitter, EventSink, NodeEventKind};
+use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
+use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
 use super::membership::{DetectorConfig, Membership, MembershipCommand};
 use super::placement::default_replicas;
@@ -218,7 +219,23 @@ async fn node_loop(
         None => NodeIdentity::load(&config.certs, config.id)
             .map_err(|e| Error::Field { field: "certs".into(), reason: e.to_string() })?,
     };
+    // Every event also goes to the clients following a job (`phalanx submit --wait`); a
+    // broadcast without subscribers costs a lock and nothing else.
+    let (client_events, _) = broadcast::channel::<NodeEvent>(CLIENT_EVENT_CAPACITY);
+    let sink: EventSink = {
+        let client_events = client_events.clone();
+        Arc::new(move |event: NodeEvent| {
+            if client_events.receiver_count() > 0 {
+                let _ = client_events.send(event.clone());
+            }
+            sink(event)
+        })
+    };
     let emitter = Emitter { node: config.id, sink };
+    // Commands of client requests (their tasks answer off the loop, through the loop).
+    let (client_commands, mut client_commands_rx) = mpsc::channel::<NodeCommand>(64);
+    let client_api =
+        ClientApi { node: config.id, commands: client_commands, events: client_events, registries: registries.clone() };
     let limits = Limits::default();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     // The job given at start is loaded here, so a bad one stops the node with its error.
@@ -304,7 +321,21 @@ async fn node_loop(
                 Vec::new()
             }
             Some(cmd) = commands.recv() => {
-                jobs.on_command(cmd);
+                match cmd {
+                    NodeCommand::Status { reply } => {
+                        let _ = reply.send(status(&config, &membership, &transport));
+                    }
+                    cmd => jobs.on_command(cmd),
+                }
+                Vec::new()
+            }
+            Some(cmd) = client_commands_rx.recv() => {
+                match cmd {
+                    NodeCommand::Status { reply } => {
+                        let _ = reply.send(status(&config, &membership, &transport));
+                    }
+                    cmd => jobs.on_command(cmd),
+                }
                 Vec::new()
             }
             Some((id, job)) = ready_rx.recv() => {
@@ -365,6 +396,10 @@ async fn node_loop(
                     tracing::warn!(node = me, %addr, ?peer, code, "rejected connection: {reason}");
                     metrics.rejected_connections.get_or_create(&Kind::of(codes::name(code))).inc();
                     emitter.emit(NodeEventKind::Rejected { addr, peer, code, reason });
+                    Vec::new()
+                }
+                Some(TransportEvent::ClientRequest { client, addr, request, reply }) => {
+                    tokio::spawn(client_api.clone().serve(client, addr, request, reply));
                     Vec::new()
                 }
                 Some(TransportEvent::DuplicateIdentity { peer, addr, reason }) => {
@@ -445,4 +480,29 @@ async fn node_loop(
     }
     emitter.emit(NodeEventKind::Stopped);
     Ok(())
+}
+
+/// Events a following client may fall behind by before it skips the oldest.
+const CLIENT_EVENT_CAPACITY: usize = 1024;
+
+/// This node's view of the cluster, for `phalanx status`.
+fn status(config: &NodeConfig, membership: &Membership, transport: &Transport) -> ClusterStatus {
+    let me = config.id;
+    let view = membership.view();
+    let members = view
+        .map(|v| v.members.iter().copied().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|id| MemberStatus {
+            id,
+            addr: if id == me { Some(transport.local_addr()) } else { transport.peer_info(id).map(|p| p.addr) },
+        })
+        .collect();
+    ClusterStatus {
+        node: me,
+        configured: config.members(),
+        epoch: view.map(|v| v.epoch),
+        coordinator: view.map(|v| v.coordinator),
+        members,
+    }
 }

@@ -28,7 +28,7 @@ use super::link::{
 };
 use super::stats::{Counters, TransportStats};
 use super::{lock, PeerInfo, TransportEvent};
-use crate::certs::node_id_of;
+use crate::certs::{client_name_of, node_id_of};
 use crate::{codes, tls, Limits, ALPN, PROTOCOL_VERSION};
 
 /// How long [`Inner::shutdown`] waits for closing connections to drain: enough
@@ -57,6 +57,8 @@ pub(crate) struct Inner {
     table_changes: watch::Sender<()>,
     pub(crate) runtime: tokio::runtime::Handle,
     shutting_down: AtomicBool,
+    /// Slots of client connections ([`super::clients::MAX_CLIENT_CONNECTIONS`]).
+    pub(crate) clients: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inner {
@@ -87,6 +89,7 @@ impl Inner {
             table_changes: watch::Sender::new(()),
             runtime,
             shutting_down: AtomicBool::new(false),
+            clients: Arc::new(tokio::sync::Semaphore::new(super::clients::MAX_CLIENT_CONNECTIONS)),
         }
     }
 
@@ -114,18 +117,22 @@ impl Inner {
     /// The peer's node id from its certificate, after checking the negotiated ALPN; on
     /// failure the close code and reason.
     fn identify(&self, conn: &Connection) -> Result<u32, (u32, String)> {
-        let alpn = conn
-            .handshake_data()
-            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|data| data.protocol);
+        let alpn = negotiated_alpn(conn);
         if alpn.as_deref() != Some(ALPN) {
             // rustls already refuses a mismatch; this guards against a peer that negotiated none.
             return Err((codes::HANDSHAKE_FAILED, format!("negotiated ALPN {alpn:?}, expected {ALPN:?}")));
         }
         let certs = conn.peer_identity().and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok());
         let id = certs.as_deref().and_then(|certs| certs.first()).and_then(|cert| node_id_of(cert));
+        let client = || certs.as_deref().and_then(|certs| certs.first()).and_then(|cert| client_name_of(cert));
         match id {
-            None => Err((codes::NO_NODE_ID, "the certificate names no single node-<id>".to_owned())),
+            None => match client() {
+                Some(name) => Err((
+                    codes::NO_NODE_ID,
+                    format!("client certificate client-{name} may use the client API only; it cannot join as a member"),
+                )),
+                None => Err((codes::NO_NODE_ID, "the certificate names no single node-<id>".to_owned())),
+            },
             Some(id) if id == self.id => {
                 Err((codes::SELF_CONNECT, format!("the peer presents this node's own id {id}")))
             }
@@ -170,6 +177,9 @@ impl Inner {
     pub(crate) async fn accept(self: &Arc<Self>, conn: Connection) {
         let addr = conn.remote_address();
         self.track(&conn);
+        if negotiated_alpn(&conn).as_deref() == Some(tls::CLIENT_ALPN) {
+            return self.accept_client(conn, addr).await;
+        }
         let peer = match self.identify(&conn) {
             Ok(peer) => peer,
             Err((code, reason)) => return self.refuse(&conn, addr, None, code, reason).await,
@@ -598,6 +608,13 @@ enum WriteFrameError {
 }
 
 /// A random incarnation number; the time is a fallback should the system RNG fail.
+/// The ALPN protocol the handshake settled on.
+fn negotiated_alpn(conn: &Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+}
+
 fn draw_incarnation() -> u64 {
     let mut bytes = [0u8; 8];
     if tls::provider().secure_random.fill(&mut bytes).is_ok() {
