@@ -80,6 +80,16 @@ impl Cluster {
         self.certs.parent().unwrap().to_path_buf()
     }
 
+    /// The certificates directory (`phalanx certs`: nodes' and the client's).
+    pub fn certs(&self) -> PathBuf {
+        self.certs.clone()
+    }
+
+    /// Every node's address, comma-separated (`--cluster`).
+    pub fn addrs(&self) -> String {
+        self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
     /// Where the coordinator writes summary.json.
     pub fn out(&self) -> PathBuf {
         self.dir().join("out")
@@ -94,14 +104,13 @@ impl Cluster {
             .args(["node", "--id", &id.to_string()])
             .args(["--listen", &format!("127.0.0.1:{}", self.ports[id as usize])])
             .args(["--certs", self.certs.to_str().unwrap(), "--seeds", &seeds.join(",")])
+            .args(["--data-dir", self.dir().join(format!("data-{id}")).to_str().unwrap()])
             .args(if self.job {
                 vec![
                     "--job".to_string(),
                     self.dir().join("job.toml").to_string_lossy().into_owned(),
                     "--out".to_string(),
                     self.out().to_string_lossy().into_owned(),
-                    "--data-dir".to_string(),
-                    self.dir().join(format!("data-{id}")).to_string_lossy().into_owned(),
                 ]
             } else {
                 Vec::new()
