@@ -119,15 +119,35 @@ struct LocalArgs {
     job: TrainArgs,
 }
 
-/// `phalanx certs --dir DIR --nodes N`.
+/// `phalanx certs --dir DIR --nodes N [--name ID=HOST ...]`.
 #[derive(Args, Debug)]
 struct CertsArgs {
-    /// Directory for ca.pem, ca.key, node-<i>.pem/.key and the client's client.pem/.key.
+    /// Directory to write: ca.pem, ca/ (the CA key: keep it off the nodes), node-<i>/ for each
+    /// node (node.pem, node.key, ca.pem: ship it to node i alone) and client/ for the CLI.
     #[arg(long)]
     dir: PathBuf,
     /// Number of nodes (certificates for ids 0..N).
     #[arg(long)]
     nodes: u32,
+    /// Also name HOST (a DNS name or an IP address) in node ID's certificate; nodes only check
+    /// node-<id>, other tools may want more. Repeatable.
+    #[arg(long = "name", value_name = "ID=HOST")]
+    names: Vec<String>,
+}
+
+impl CertsArgs {
+    fn extra_names(&self) -> anyhow::Result<std::collections::BTreeMap<u32, Vec<String>>> {
+        let mut names: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        for spec in &self.names {
+            let (id, host) =
+                spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--name {spec:?}: expected ID=HOST"))?;
+            let id: u32 = id.trim().parse().map_err(|_| anyhow::anyhow!("--name {spec:?}: {id:?} is not a node id"))?;
+            anyhow::ensure!(id < self.nodes, "--name {spec:?}: node {id} is not among the {} nodes", self.nodes);
+            anyhow::ensure!(!host.trim().is_empty(), "--name {spec:?}: empty host");
+            names.entry(id).or_default().push(host.trim().to_owned());
+        }
+        Ok(names)
+    }
 }
 
 /// `phalanx node --id I --listen ADDR --certs DIR [--seeds ADDR,...]`; the
@@ -763,10 +783,11 @@ fn main() -> ExitCode {
             Command::Predict(args) => predict(args),
             Command::Inspect(args) => inspect(args),
             Command::Certs(args) => {
-                phalanx_transport::certs::generate(&args.dir, args.nodes)
+                phalanx_transport::certs::generate_named(&args.dir, args.nodes, &args.extra_names()?)
                     .with_context(|| format!("writing certificates to {}", args.dir.display()))?;
                 println!(
-                    "wrote {0}/ca.pem, {0}/ca.key, node-<i>.pem/.key for i in 0..{1}, and the client certificate {0}/client.pem/.key",
+                    "wrote {0}/ca.pem; the CA key in {0}/ca/ (keep it off the nodes); {0}/node-<i>/ for i in 0..{1} \
+                     (ship each to its node); {0}/client/ for phalanx submit, jobs, cancel, status",
                     args.dir.display(),
                     args.nodes
                 );

@@ -61,7 +61,7 @@ async fn three_embedded_nodes_train_to_the_bits_of_train_and_shut_down() {
         builder = if i == 2 {
             let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
             let identity =
-                NodeIdentity::from_pem(2, &read("node-2.pem"), &read("node-2.key"), &read("ca.pem")).unwrap();
+                NodeIdentity::from_pem(2, &read("node-2/node.pem"), &read("node-2/node.key"), &read("ca.pem")).unwrap();
             builder.identity(identity)
         } else {
             builder.certs_dir(&certs)
@@ -116,7 +116,7 @@ async fn a_node_that_cannot_start_says_why() {
     // Node 1's certificate given to node 0.
     let e = Node::builder().id(0).certs_dir(&certs).nodes(2).identity({
         let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
-        NodeIdentity::from_pem(1, &read("node-1.pem"), &read("node-1.key"), &read("ca.pem")).unwrap()
+        NodeIdentity::from_pem(1, &read("node-1/node.pem"), &read("node-1/node.key"), &read("ca.pem")).unwrap()
     });
     let err = e.start().await.unwrap_err().to_string();
     assert!(err.contains("identity") && err.contains("node 1") && err.contains("node 0"), "{err}");

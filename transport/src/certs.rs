@@ -5,16 +5,23 @@
 //! checks it against the CA, and [`node_id_of`] reads it back from the peer's certificate, so a
 //! node cannot claim another node's id without that node's key.
 //!
-//! Files, all PEM, as [`generate`] writes them and [`NodeIdentity::load`] reads them:
+//! Files, all PEM, as [`generate`] writes them: one directory per node and one for the
+//! client, each self-contained (its certificate, its key, the CA certificate), and the CA's
+//! key apart from all of them, so a node's directory can be shipped to its machine alone.
 //!
 //! | file | content |
 //! |---|---|
-//! | `ca.pem` | the CA certificate (the trust root of every node) |
-//! | `ca.key` | the CA private key, mode 0600; only needed to issue more certificates |
-//! | `node-<i>.pem` | node `i`'s certificate, signed by the CA |
-//! | `node-<i>.key` | node `i`'s private key (PKCS #8), mode 0600 |
-//! | `client.pem` | the client certificate (`client-admin`): may submit and query jobs, never a member |
-//! | `client.key` | its private key, mode 0600 |
+//! | `ca.pem` | the CA certificate (the trust root of every node and client) |
+//! | `ca/ca.pem`, `ca/ca.key` | the CA certificate and private key (0600): only needed to issue more certificates; keep it off the nodes |
+//! | `node-<i>/node.pem` | node `i`'s certificate, signed by the CA, naming `node-<i>` (and any extra names asked for) |
+//! | `node-<i>/node.key` | node `i`'s private key (PKCS #8), mode 0600 |
+//! | `node-<i>/ca.pem` | the CA certificate |
+//! | `client/client.pem`, `client/client.key`, `client/ca.pem` | the client certificate (`client-admin`): may submit and query jobs, never a member |
+//!
+//! A node is started with either the whole directory (`--certs DIR`, it picks `node-<id>/`)
+//! or its own (`--certs DIR/node-3`). Directories of the earlier flat layout
+//! (`node-<i>.pem`, `node-<i>.key`, `client.pem`, `client.key` and `ca.key` beside `ca.pem`)
+//! still load.
 //!
 //! A client certificate carries one DNS name `client-<name>` and no `node-<i>`: the client
 //! API ([`ClientIdentity`], [`crate::client`]) takes it, membership never does.
@@ -47,8 +54,19 @@ use x509_parser::extensions::GeneralName;
 
 /// File name of the CA certificate inside a certificate directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
-/// File name of the CA private key inside a certificate directory.
+/// File name of the CA private key inside the CA directory ([`CA_DIR`]).
 pub const CA_KEY_FILE: &str = "ca.key";
+
+/// The directory, inside a certificate directory, holding the CA's certificate and key.
+pub const CA_DIR: &str = "ca";
+
+/// The directory, inside a certificate directory, holding the client's files.
+pub const CLIENT_DIR: &str = "client";
+
+/// File name of a node's certificate inside its directory (`node-<i>/node.pem`).
+pub const NODE_CERT_FILE: &str = "node.pem";
+/// File name of a node's private key inside its directory (`node-<i>/node.key`).
+pub const NODE_KEY_FILE: &str = "node.key";
 
 /// Prefix of the DNS name that carries a node id: node 3 is `node-3`.
 pub const NODE_NAME_PREFIX: &str = "node-";
@@ -258,11 +276,14 @@ impl IssuedCert {
         PrivateKeyDer::Pkcs8(self.key_der.clone_key())
     }
 
-    /// Writes `dir/node-<id>.pem` and `dir/node-<id>.key` (mode 0600).
-    pub fn write(&self, dir: &Path) -> Result<(), CertError> {
-        let name = node_name(self.id);
-        write_file(&dir.join(format!("{name}.pem")), self.cert_pem.as_bytes(), false)?;
-        write_file(&dir.join(format!("{name}.key")), self.key_pem.as_bytes(), true)
+    /// Writes the node's directory `dir/node-<id>/`: `node.pem`, `node.key` (mode 0600) and
+    /// the CA certificate `ca_pem` as `ca.pem`.
+    pub fn write(&self, dir: &Path, ca_pem: &str) -> Result<(), CertError> {
+        let own = dir.join(node_name(self.id));
+        create_dir(&own)?;
+        write_file(&own.join(NODE_CERT_FILE), self.cert_pem.as_bytes(), false)?;
+        write_file(&own.join(NODE_KEY_FILE), self.key_pem.as_bytes(), true)?;
+        write_file(&own.join(CA_CERT_FILE), ca_pem.as_bytes(), false)
     }
 
     /// This certificate as a node identity that trusts `ca_roots`.
@@ -307,6 +328,9 @@ impl CertAuthority {
 
     /// Loads the CA from `dir/ca.pem` and `dir/ca.key`.
     pub fn load(dir: &Path) -> Result<Self, CertError> {
+        // The CA directory itself, a certificate directory holding it, or the flat layout.
+        let dir = if dir.join(CA_KEY_FILE).is_file() { dir.to_path_buf() } else { dir.join(CA_DIR) };
+        let dir = dir.as_path();
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         let cert_pem = read_to_string(&cert_path)?;
@@ -324,9 +348,11 @@ impl CertAuthority {
 
     /// Writes `dir/ca.pem` and `dir/ca.key` (mode 0600), creating `dir` if needed.
     pub fn write(&self, dir: &Path) -> Result<(), CertError> {
-        create_dir(dir)?;
+        let ca = dir.join(CA_DIR);
+        create_dir(&ca)?;
         write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
-        write_file(&dir.join(CA_KEY_FILE), self.issuer.key().serialize_pem().as_bytes(), true)
+        write_file(&ca.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
+        write_file(&ca.join(CA_KEY_FILE), self.issuer.key().serialize_pem().as_bytes(), true)
     }
 
     /// The CA certificate, PEM.
@@ -351,8 +377,21 @@ impl CertAuthority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<IssuedCert, CertError> {
+        self.issue_node_cert_named(id, &[], not_before, not_after)
+    }
+
+    /// [`issue_node_cert`](Self::issue_node_cert) with extra names besides `node-<id>`
+    /// (host names or IP addresses, for tools that check them; nodes only check `node-<id>`).
+    pub fn issue_node_cert_named(
+        &self,
+        id: u32,
+        extra_names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert, CertError> {
         let name = node_name(id);
-        let mut params = CertificateParams::new(vec![name.clone(), "localhost".into(), "127.0.0.1".into()])?;
+        let names: Vec<String> = std::iter::once(name.clone()).chain(extra_names.iter().cloned()).collect();
+        let mut params = CertificateParams::new(names)?;
         let mut subject = DistinguishedName::new();
         subject.push(DnType::CommonName, name);
         params.distinguished_name = subject;
@@ -400,13 +439,16 @@ impl CertAuthority {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// Issues a client certificate for `name` valid for [`NODE_CERT_VALIDITY`] and writes it
-    /// as `client.pem`/`client.key` into `dir` (beside `ca.pem`).
+    /// Issues a client certificate for `name` valid for [`NODE_CERT_VALIDITY`] and writes the
+    /// client's directory `dir/client/`: `client.pem`, `client.key` (0600), `ca.pem`.
     pub fn write_client_cert(&self, dir: &Path, name: &str) -> Result<(), CertError> {
         let now = SystemTime::now();
         let (cert, key) = self.issue_client_cert(name, now - CLOCK_SKEW_ALLOWANCE, now + NODE_CERT_VALIDITY)?;
-        write_file(&dir.join(CLIENT_CERT_FILE), cert.as_bytes(), false)?;
-        write_file(&dir.join(CLIENT_KEY_FILE), key.as_bytes(), true)
+        let own = dir.join(CLIENT_DIR);
+        create_dir(&own)?;
+        write_file(&own.join(CLIENT_CERT_FILE), cert.as_bytes(), false)?;
+        write_file(&own.join(CLIENT_KEY_FILE), key.as_bytes(), true)?;
+        write_file(&own.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)
     }
 }
 
@@ -417,13 +459,45 @@ impl CertAuthority {
 /// Node certificates are valid from an hour ago ([`CLOCK_SKEW_ALLOWANCE`]) to a year ahead
 /// ([`NODE_CERT_VALIDITY`]).
 pub fn generate(dir: &Path, nodes: u32) -> Result<(), CertError> {
+    generate_named(dir, nodes, &std::collections::BTreeMap::new())
+}
+
+/// [`generate`] with extra names (host names, IP addresses) for some nodes' certificates.
+pub fn generate_named(
+    dir: &Path,
+    nodes: u32,
+    extra_names: &std::collections::BTreeMap<u32, Vec<String>>,
+) -> Result<(), CertError> {
     let ca = CertAuthority::new()?;
     ca.write(dir)?;
     let now = SystemTime::now();
     for id in 0..nodes {
-        ca.issue_node_cert(id, now - CLOCK_SKEW_ALLOWANCE, now + NODE_CERT_VALIDITY)?.write(dir)?;
+        let extra = extra_names.get(&id).map(Vec::as_slice).unwrap_or_default();
+        ca.issue_node_cert_named(id, extra, now - CLOCK_SKEW_ALLOWANCE, now + NODE_CERT_VALIDITY)?
+            .write(dir, ca.cert_pem())?;
     }
     ca.write_client_cert(dir, DEFAULT_CLIENT_NAME)
+}
+
+/// Where node `id`'s files are under `dir`: its own directory `dir/node-<id>/`, `dir` itself
+/// if it is a node directory, or the flat layout (`dir/node-<id>.pem`).
+fn node_files(dir: &Path, id: u32) -> (PathBuf, PathBuf, PathBuf) {
+    let own = dir.join(node_name(id));
+    if own.join(NODE_CERT_FILE).is_file() {
+        return (own.join(NODE_CERT_FILE), own.join(NODE_KEY_FILE), own.join(CA_CERT_FILE));
+    }
+    if dir.join(NODE_CERT_FILE).is_file() {
+        return (dir.join(NODE_CERT_FILE), dir.join(NODE_KEY_FILE), dir.join(CA_CERT_FILE));
+    }
+    let name = node_name(id);
+    (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")), dir.join(CA_CERT_FILE))
+}
+
+/// Where the client's files are under `dir`: `dir/client/`, else `dir` itself.
+fn client_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let own = dir.join(CLIENT_DIR);
+    let dir = if own.join(CLIENT_CERT_FILE).is_file() { own } else { dir.to_path_buf() };
+    (dir.join(CLIENT_CERT_FILE), dir.join(CLIENT_KEY_FILE), dir.join(CA_CERT_FILE))
 }
 
 /// What a client of the cluster (`phalanx submit`, `jobs`, `cancel`, `status`) presents: a
@@ -458,12 +532,10 @@ impl fmt::Debug for ClientIdentity {
 }
 
 impl ClientIdentity {
-    /// Loads `client.pem`, `client.key` and `ca.pem` from `dir`, checking that the certificate
-    /// is a client's.
+    /// Loads `client.pem`, `client.key` and `ca.pem` from `dir/client/` (or from `dir` itself),
+    /// checking that the certificate is a client's.
     pub fn load(dir: &Path) -> Result<Self, CertError> {
-        let cert_path = dir.join(CLIENT_CERT_FILE);
-        let key_path = dir.join(CLIENT_KEY_FILE);
-        let ca_path = dir.join(CA_CERT_FILE);
+        let (cert_path, key_path, ca_path) = client_files(dir);
         let cert = read(&cert_path)?;
         let (key, ca) = (read(&key_path)?, read(&ca_path)?);
         Self::parse((&cert_path, &cert), (&key_path, &key), (&ca_path, &ca))
@@ -527,16 +599,15 @@ impl fmt::Debug for NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// Loads node `id` from `dir/node-<id>.pem`, `dir/node-<id>.key` and `dir/ca.pem`.
+    /// Loads node `id` from its directory: `dir/node-<id>/` (`node.pem`, `node.key`,
+    /// `ca.pem`), or `dir` itself when it is that directory, or the flat layout
+    /// (`dir/node-<id>.pem`, `dir/node-<id>.key`, `dir/ca.pem`).
     ///
     /// Fails naming the file if one is missing or unparseable, or if the certificate does not
     /// name node `id`. Whether the certificate is signed by the CA and still valid is checked
     /// by the peers during the handshake, not here.
     pub fn load(dir: &Path, id: u32) -> Result<Self, CertError> {
-        let name = node_name(id);
-        let cert_path = dir.join(format!("{name}.pem"));
-        let key_path = dir.join(format!("{name}.key"));
-        let ca_path = dir.join(CA_CERT_FILE);
+        let (cert_path, key_path, ca_path) = node_files(dir, id);
         let cert = read(&cert_path)?;
         // The certificate first: a wrong one is named before a missing key is.
         let found = parse_certs(&cert_path, &cert)?.first().and_then(|c| node_id_of(c));
@@ -664,7 +735,7 @@ mod tests {
         assert_eq!(client_name_of(both.der()), None);
         let dir = tempfile::tempdir().expect("temp dir");
         generate(dir.path(), 1).expect("generate");
-        fs::copy(dir.path().join("node-0.pem"), dir.path().join(CLIENT_CERT_FILE)).expect("copy");
+        fs::copy(dir.path().join("node-0/node.pem"), dir.path().join("client/client.pem")).expect("copy");
         let err = ClientIdentity::load(dir.path()).unwrap_err();
         assert!(matches!(err, CertError::NotAClient { .. }) && err.to_string().contains("client.pem"), "{err}");
     }
@@ -675,7 +746,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("temp dir");
         generate(dir.path(), 1).expect("generate");
-        for file in [CA_KEY_FILE, "node-0.key", CLIENT_KEY_FILE] {
+        for file in ["ca/ca.key", "node-0/node.key", "client/client.key"] {
             let mode = fs::metadata(dir.path().join(file)).expect("key exists").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{file}");
         }
@@ -688,13 +759,73 @@ mod tests {
         let err = NodeIdentity::load(dir.path(), 4).unwrap_err();
         assert!(err.to_string().contains("node-4.pem"), "{err}");
 
-        fs::write(dir.path().join("node-0.key"), "not pem").expect("write");
+        fs::write(dir.path().join("node-0/node.key"), "not pem").expect("write");
         let err = NodeIdentity::load(dir.path(), 0).unwrap_err();
-        assert!(matches!(err, CertError::Pem { .. }) && err.to_string().contains("node-0.key"), "{err}");
+        assert!(matches!(err, CertError::Pem { .. }) && err.to_string().contains("node-0/node.key"), "{err}");
 
-        fs::copy(dir.path().join("node-0.pem"), dir.path().join("node-9.pem")).expect("copy");
+        fs::create_dir(dir.path().join("node-9")).expect("mkdir");
+        fs::copy(dir.path().join("node-0/node.pem"), dir.path().join("node-9/node.pem")).expect("copy");
         let err = NodeIdentity::load(dir.path(), 9).unwrap_err();
         assert!(matches!(err, CertError::WrongNodeId { expected: 9, found: Some(0), .. }), "{err}");
+    }
+
+    #[test]
+    fn each_node_gets_a_directory_of_its_own_without_the_ca_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let extra =
+            std::collections::BTreeMap::from([(1, vec!["gpu-box-1.example".to_string(), "10.0.0.7".to_string()])]);
+        generate_named(dir.path(), 2, &extra).expect("generate");
+        for id in 0..2 {
+            let own = dir.path().join(node_name(id));
+            let mut files: Vec<String> = fs::read_dir(&own)
+                .expect("node dir")
+                .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+                .collect();
+            files.sort();
+            assert_eq!(files, ["ca.pem", "node.key", "node.pem"], "node {id} holds only its own files");
+            // Started with its own directory or the whole one, a node loads the same identity.
+            let alone = NodeIdentity::load(&own, id).expect("load from its own directory");
+            let whole = NodeIdentity::load(dir.path(), id).expect("load from the whole directory");
+            assert_eq!(alone.cert_chain, whole.cert_chain);
+            // It names only what was asked: node-<id>, plus node 1's extra names.
+            let (_, cert) = x509_parser::parse_x509_certificate(&alone.cert_chain[0]).expect("x509");
+            let names: Vec<String> = cert
+                .subject_alternative_name()
+                .expect("san")
+                .expect("san present")
+                .value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    GeneralName::DNSName(d) => d.to_string(),
+                    GeneralName::IPAddress(ip) => format!("ip:{ip:?}"),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            let want: Vec<String> = if id == 1 {
+                vec!["node-1".into(), "gpu-box-1.example".into(), "ip:[10, 0, 0, 7]".into()]
+            } else {
+                vec!["node-0".into()]
+            };
+            assert_eq!(names, want);
+        }
+        assert!(dir.path().join("ca/ca.key").is_file() && !dir.path().join("ca.key").exists());
+        assert!(CertAuthority::load(dir.path()).is_ok() && CertAuthority::load(&dir.path().join("ca")).is_ok());
+        assert_eq!(ClientIdentity::load(&dir.path().join("client")).expect("client dir").name, DEFAULT_CLIENT_NAME);
+    }
+
+    #[test]
+    fn the_flat_layout_of_earlier_versions_still_loads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertAuthority::new().expect("ca");
+        let now = SystemTime::now();
+        let cert = ca.issue_node_cert(2, now - CLOCK_SKEW_ALLOWANCE, now + Duration::from_secs(60)).expect("issue");
+        write_file(&dir.path().join("node-2.pem"), cert.cert_pem.as_bytes(), false).expect("write");
+        write_file(&dir.path().join("node-2.key"), cert.key_pem().as_bytes(), true).expect("write");
+        write_file(&dir.path().join(CA_CERT_FILE), ca.cert_pem().as_bytes(), false).expect("write");
+        write_file(&dir.path().join(CA_KEY_FILE), ca.issuer.key().serialize_pem().as_bytes(), true).expect("write");
+        assert_eq!(NodeIdentity::load(dir.path(), 2).expect("flat node files").id, 2);
+        assert!(CertAuthority::load(dir.path()).is_ok(), "ca.key beside ca.pem");
     }
 
     #[test]

@@ -215,8 +215,8 @@ async fn the_node_id_comes_from_the_certificate_and_a_nameless_certificate_is_re
 
     // A certificate the cluster CA signed but that names no node.
     let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem");
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca.key")).expect("ca.key")).expect("ca key");
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca/ca.key")).expect("ca/ca.key"))
+        .expect("ca key");
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
     let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];

@@ -71,7 +71,7 @@ async fn aioquic(python: &Path, dir: &Path, port: u16, mode: &str) -> serde_json
     let mut command = Command::new(python);
     command.arg(script()).args(["--port", &port.to_string(), "--mode", mode]).arg("--ca").arg(dir.join("ca.pem"));
     if mode != "no-cert" {
-        command.arg("--cert").arg(dir.join("node-3.pem")).arg("--key").arg(dir.join("node-3.key"));
+        command.arg("--cert").arg(dir.join("node-3/node.pem")).arg("--key").arg(dir.join("node-3/node.key"));
     }
     let output = tokio::task::spawn_blocking(move || run(&mut command)).await.expect("join").expect("aioquic client");
     let report = serde_json::from_str(output.trim()).unwrap_or_else(|err| panic!("bad report {output:?}: {err}"));

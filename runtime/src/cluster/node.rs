@@ -62,7 +62,8 @@ pub struct NodeConfig {
     pub id: u32,
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Directory with `ca.pem` and `node-<id>.pem`/`.key` (see `phalanx certs`).
+    /// The certificates directory of `phalanx certs` (this node's `node-<id>/` in it is
+    /// used), or this node's own directory (`node.pem`, `node.key`, `ca.pem`).
     pub certs: PathBuf,
     /// Addresses of the other members.
     #[serde(default)]
