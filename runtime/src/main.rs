@@ -202,6 +202,10 @@ struct NodeArgs {
     /// Steps that always get a `step` event on the coordinator (others come at a bounded rate). Comma-separated.
     #[arg(long, value_delimiter = ',', value_name = "STEP,...")]
     report_steps: Vec<u64>,
+    /// Refuse a certificate: node-<id>, client-<name> or serial:<hex>. Repeatable; adds to the
+    /// config's `revoked`, which SIGHUP reloads from --config.
+    #[arg(long, value_name = "ENTRY")]
+    revoke: Vec<phalanx_transport::Revoked>,
 }
 
 impl NodeArgs {
@@ -229,6 +233,7 @@ impl NodeArgs {
                     replicas: None,
                     report_steps: Vec::new(),
                     max_jobs: 1,
+                    revoked: Vec::new(),
                 }
             }
         };
@@ -268,6 +273,7 @@ impl NodeArgs {
         if !self.report_steps.is_empty() {
             c.report_steps = self.report_steps;
         }
+        c.revoked.extend(self.revoke);
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;
         }
@@ -720,6 +726,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     use phalanx::cluster::node::{run_node_with, NodeParts};
     use std::io::Write;
     let metrics_at = args.metrics;
+    let (config_path, flags_revoked) = (args.config.clone(), args.revoke.clone());
     let config = args.into_config()?;
     let metrics = phalanx::metrics::NodeMetrics::new(config.id);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -741,7 +748,8 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     });
-    let parts = NodeParts::new(events, metrics);
+    let mut parts = NodeParts::new(events, metrics);
+    parts.revocations = Some(reload_revocations_on_hangup(config.id, config_path, flags_revoked));
     // On a worker thread rather than the main thread's block_on: the node loop
     // is the process's heart and must be scheduled like every other task.
     let result = tokio::spawn(run_node_with(config, parts, termination()))
@@ -749,6 +757,46 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("node task failed: {e}"))?;
     drop(stopped_tx);
     Ok(result?)
+}
+
+/// The revocation list, read again from the config file (plus the `--revoke` flags) at every
+/// SIGHUP. A file that no longer parses keeps the current list and says why.
+fn reload_revocations_on_hangup(
+    node: u32,
+    config: Option<PathBuf>,
+    flags: Vec<phalanx_transport::Revoked>,
+) -> tokio::sync::watch::Receiver<phalanx_transport::Revocations> {
+    let (tx, rx) = tokio::sync::watch::channel(phalanx_transport::Revocations::default());
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+        while hangups.recv().await.is_some() {
+            let Some(path) = &config else {
+                eprintln!("node {node}: SIGHUP: no --config file to reload the revocation list from");
+                continue;
+            };
+            let read = std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|text| {
+                toml::from_str::<phalanx::cluster::node::NodeConfig>(&text).map_err(|e| e.to_string())
+            });
+            match read {
+                Ok(fresh) => {
+                    let list =
+                        phalanx_transport::Revocations::new(fresh.revoked.into_iter().chain(flags.iter().cloned()));
+                    eprintln!("node {node}: revocation list reloaded from {}: {list:?}", path.display());
+                    tx.send_replace(list);
+                }
+                Err(e) => eprintln!(
+                    "node {node}: SIGHUP: keeping the revocation list: cannot read {}: {}",
+                    path.display(),
+                    e.replace('\n', " ")
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (node, config, flags, &tx);
+    rx
 }
 
 /// An error and its causes on one line, each cause once: errors that already

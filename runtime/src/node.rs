@@ -196,12 +196,14 @@ impl NodeBuilder {
             replicas: self.replicas,
             report_steps: Vec::new(),
             max_jobs: self.max_jobs.unwrap_or(1).max(1),
+            revoked: Vec::new(),
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let metrics = NodeMetrics::new(id);
         let (bound_tx, bound_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (commands, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let (revocations, revocations_rx) = tokio::sync::watch::channel(phalanx_transport::Revocations::default());
         let handle_registries = self.registries.clone();
         let sink_events = events.clone();
         let parts = NodeParts {
@@ -215,6 +217,7 @@ impl NodeBuilder {
             bound: Some(bound_tx),
             commands: Some(commands_rx),
             registries: self.registries.clone(),
+            revocations: Some(revocations_rx),
         };
         let task = tokio::spawn(run_node_with(config, parts, async move {
             let _ = stop_rx.await;
@@ -255,6 +258,7 @@ impl NodeBuilder {
                 metrics,
                 commands,
                 registries: handle_registries,
+                revocations,
                 stop: Mutex::new(Some(stop_tx)),
                 task: tokio::sync::Mutex::new(Some(task)),
             }),
@@ -271,6 +275,7 @@ struct Inner {
     metrics: Arc<NodeMetrics>,
     commands: mpsc::Sender<NodeCommand>,
     registries: Registries,
+    revocations: tokio::sync::watch::Sender<phalanx_transport::Revocations>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), Error>>>>,
 }
@@ -313,6 +318,12 @@ impl NodeHandle {
                 None
             }
         })
+    }
+
+    /// Replace the certificates this node refuses: handshakes presenting one are refused,
+    /// and live connections (members and clients) presenting one are closed at once.
+    pub fn set_revocations(&self, list: phalanx_transport::Revocations) {
+        self.inner.revocations.send_replace(list);
     }
 
     /// Submit a job to the cluster from this node (any member: it is forwarded

@@ -21,6 +21,8 @@
 //! | `0x209` | [`OVERLOADED`] | too many handshakes in progress; try again later |
 //! | `0x20a` | [`DUPLICATE_IDENTITY`] | another process with the same node id is already a live member here; the dialler is a second process and must stop |
 //! | `0x20b` | [`NOT_A_CLIENT`] | a connection on the client API presents no client certificate (`client-<name>`) |
+//! | `0x20c` | [`REVOKED`] | the peer's certificate is on the node's revocation list |
+//! | `0x20d` | [`CERT_EXPIRED`] | the peer's certificate expired while its connection was open |
 
 /// The node is shutting down (the code of [`Transport::shutdown`](crate::Transport::shutdown)).
 pub const SHUTDOWN: u32 = 0x200;
@@ -57,6 +59,12 @@ pub const DUPLICATE_IDENTITY: u32 = 0x20a;
 /// certificate that is not a client's (a node's, or one naming no `client-<name>`).
 pub const NOT_A_CLIENT: u32 = 0x20b;
 
+/// The peer's certificate is revoked (see [`Revocations`](crate::Revocations)): refused at the
+/// handshake, or its live connection closed when the list changed.
+pub const REVOKED: u32 = 0x20c;
+/// The peer's certificate passed its `notAfter` while the connection was open.
+pub const CERT_EXPIRED: u32 = 0x20d;
+
 /// Short name of a transport or codec close code, for log lines and event reasons.
 ///
 /// ```
@@ -81,6 +89,8 @@ pub fn name(code: u32) -> &'static str {
         OVERLOADED => "overloaded",
         DUPLICATE_IDENTITY => "duplicate identity",
         NOT_A_CLIENT => "not a client",
+        REVOKED => "revoked",
+        CERT_EXPIRED => "certificate expired",
         D::CODE_OVERSIZE => "oversize",
         D::CODE_UNSUPPORTED_VERSION => "unsupported version",
         D::CODE_HEADER_TOO_LARGE => "header too large",

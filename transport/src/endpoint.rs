@@ -362,6 +362,13 @@ impl Transport {
         self.inner.close_peer(peer, code, reason, true);
     }
 
+    /// Replaces the list of revoked certificates: handshakes presenting one are refused from
+    /// now on, and live connections (members and clients) presenting one are closed at once
+    /// with [`codes::REVOKED`].
+    pub fn set_revocations(&self, list: crate::Revocations) {
+        self.inner.set_revocations(list);
+    }
+
     /// Closes every connection with [`codes::SHUTDOWN`], stops accepting and waits until the
     /// peers were told (QUIC's `wait_idle`). Call it before the process exits.
     pub async fn shutdown(&self) {

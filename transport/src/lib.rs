@@ -110,6 +110,7 @@ pub mod client;
 pub mod codec;
 pub mod codes;
 mod endpoint;
+pub mod revocation;
 pub mod tls;
 
 pub use certs::{CertError, ClientIdentity, NodeIdentity};
@@ -125,3 +126,4 @@ pub use endpoint::{
     DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES, HELLO_LIMITS,
     MAX_CLIENT_CONNECTIONS, MAX_CLIENT_STREAMS, MAX_PENDING_HANDSHAKES,
 };
+pub use revocation::{Revocations, Revoked};

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_transport::certs::NodeIdentity;
-use phalanx_transport::{codes, Limits, Transport, TransportConfig, TransportEvent};
+use phalanx_transport::{codes, Limits, Revocations, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
@@ -100,6 +100,11 @@ pub struct NodeConfig {
     /// Jobs running at once; more wait in the queue (FIFO). Default 1.
     #[serde(default = "one")]
     pub max_jobs: u32,
+    /// Certificates this node refuses: `node-<id>`, `client-<name>` or `serial:<hex>`. Live
+    /// connections presenting one are closed at once; `phalanx node` reloads the list from
+    /// its config file on SIGHUP, and [`NodeParts::revocations`] changes it while running.
+    #[serde(default)]
+    pub revoked: Vec<phalanx_transport::Revoked>,
 }
 
 fn one() -> u32 {
@@ -167,13 +172,24 @@ pub struct NodeParts {
     pub commands: Option<mpsc::Receiver<NodeCommand>>,
     /// The models and data sources this node can host.
     pub registries: crate::job::Registries,
+    /// Later revocation lists (replacing `config.revoked` and each other).
+    pub revocations: Option<tokio::sync::watch::Receiver<Revocations>>,
 }
 
 impl NodeParts {
     /// Events to `events`, metrics into `metrics`; the identity and the job
     /// from the config, the built-in models and data sources, no handle.
     pub fn new(events: EventSink, metrics: Arc<NodeMetrics>) -> Self {
-        Self { events, metrics, identity: None, job: None, bound: None, commands: None, registries: Default::default() }
+        Self {
+            events,
+            metrics,
+            identity: None,
+            job: None,
+            bound: None,
+            commands: None,
+            registries: Default::default(),
+            revocations: None,
+        }
     }
 }
 
@@ -205,7 +221,10 @@ async fn node_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    let NodeParts { events: sink, metrics, identity, job, bound, commands, registries } = parts;
+    let NodeParts { events: sink, metrics, identity, job, bound, commands, registries, revocations } = parts;
+    // A node without later lists keeps its config's: a channel whose sender is kept here.
+    let (_no_revocations, unchanged) = tokio::sync::watch::channel(Revocations::default());
+    let mut revocations = revocations.unwrap_or(unchanged);
     // A node without a handle gets no commands: a channel nobody sends on.
     let (_no_commands, unused) = mpsc::channel(1);
     let mut commands = commands.unwrap_or(unused);
@@ -266,6 +285,7 @@ async fn node_loop(
     let (transport, mut events) = Transport::bind(transport_config)
         .await
         .map_err(|e| Error::Field { field: "listen".into(), reason: format!("{}: {e}", config.listen) })?;
+    transport.set_revocations(Revocations::new(config.revoked.iter().cloned()));
     let me = config.id;
     let addr = transport.local_addr();
     tracing::info!(node = me, %addr, "listening");
@@ -328,6 +348,12 @@ async fn node_loop(
                     }
                     cmd => jobs.on_command(cmd),
                 }
+                Vec::new()
+            }
+            Ok(()) = revocations.changed() => {
+                let list = revocations.borrow_and_update().clone();
+                tracing::info!(node = me, ?list, "revocation list replaced");
+                transport.set_revocations(list);
                 Vec::new()
             }
             Some(cmd) = client_commands_rx.recv() => {

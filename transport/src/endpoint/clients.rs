@@ -81,6 +81,10 @@ impl Inner {
             .peer_identity()
             .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
         let first = certs.as_deref().and_then(|certs| certs.first());
+        if let Some(reason) = first.and_then(|cert| self.revoked(cert)) {
+            close_connection(&conn, codes::REVOKED, &reason);
+            return self.report_rejected(addr, None, codes::REVOKED, reason).await;
+        }
         let Some(client) = first.and_then(|cert| crate::certs::client_name_of(cert)) else {
             let reason = match first.and_then(|cert| crate::certs::node_id_of(cert)) {
                 Some(id) => format!("node {id}'s certificate on the client API: only client certificates may use it"),
@@ -106,9 +110,33 @@ impl Inner {
     /// Reads one request per stream until the connection ends.
     async fn serve_client(self: Arc<Self>, conn: Connection, addr: SocketAddr, client: String) {
         let requests = Arc::new(Semaphore::new(MAX_CLIENT_STREAMS as usize));
+        let cert = super::link::peer_cert(&conn).unwrap_or_default();
+        let expired = crate::revocation::expired(crate::revocation::not_after_of(&cert));
+        tokio::pin!(expired);
+        let mut revocations = self.revocations.subscribe();
         loop {
             // Ends when the client closes, or the endpoint closes every connection at shutdown.
-            let Ok((send, recv)) = conn.accept_bi().await else { break };
+            let (send, recv) = tokio::select! {
+                accepted = conn.accept_bi() => match accepted {
+                    Ok(streams) => streams,
+                    Err(_) => break,
+                },
+                () = &mut expired => {
+                    let reason = format!("client {client}'s certificate expired");
+                    close_connection(&conn, codes::CERT_EXPIRED, &reason);
+                    self.log_rejected(addr, None, codes::CERT_EXPIRED, &reason);
+                    break;
+                }
+                Ok(()) = revocations.changed() => match self.revoked(&cert) {
+                    Some(reason) => {
+                        let reason = format!("client {client}: {reason}");
+                        close_connection(&conn, codes::REVOKED, &reason);
+                        self.log_rejected(addr, None, codes::REVOKED, &reason);
+                        break;
+                    }
+                    None => continue,
+                },
+            };
             // QUIC's stream limit keeps the count at MAX_CLIENT_STREAMS; the semaphore is the
             // same bound for streams whose answer is still being written.
             let Ok(slot) = requests.clone().try_acquire_owned() else {

@@ -57,8 +57,28 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
 pub(crate) async fn drive(inner: Arc<Inner>, link: Arc<Link>) {
     let budget = Arc::new(Semaphore::new(inner.recv_budget_bytes.min(Semaphore::MAX_PERMITS)));
     let mut readers = JoinSet::new();
+    let mut revocations = inner.revocations.subscribe();
+    let expired = crate::revocation::expired(link.not_after);
+    tokio::pin!(expired);
+    let mut refused = false;
     let end = loop {
         tokio::select! {
+            () = &mut expired, if !refused => {
+                refused = true;
+                let reason = format!("node {}'s certificate expired", link.peer);
+                if link.close(codes::CERT_EXPIRED, &reason, true) {
+                    inner.log_rejected(link.addr, Some(link.peer), codes::CERT_EXPIRED, &reason);
+                }
+            }
+            Ok(()) = revocations.changed(), if !refused => {
+                if let Some(reason) = inner.revoked(&link.cert) {
+                    refused = true;
+                    let reason = format!("node {}: {reason}", link.peer);
+                    if link.close(codes::REVOKED, &reason, true) {
+                        inner.log_rejected(link.addr, Some(link.peer), codes::REVOKED, &reason);
+                    }
+                }
+            }
             accepted = link.conn.accept_uni() => match accepted {
                 Ok(mut recv) => {
                     let (limits, budget, link) = (inner.limits, budget.clone(), link.clone());

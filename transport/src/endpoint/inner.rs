@@ -29,7 +29,7 @@ use super::link::{
 use super::stats::{Counters, TransportStats};
 use super::{lock, PeerInfo, TransportEvent};
 use crate::certs::{client_name_of, node_id_of};
-use crate::{codes, tls, Limits, ALPN, PROTOCOL_VERSION};
+use crate::{codes, tls, Limits, Revocations, ALPN, PROTOCOL_VERSION};
 
 /// How long [`Inner::shutdown`] waits for closing connections to drain: enough
 /// for the close to reach live peers (a few round trips on a LAN), short enough
@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     /// Slots of client connections ([`super::clients::MAX_CLIENT_CONNECTIONS`]).
     pub(crate) clients: Arc<tokio::sync::Semaphore>,
+    /// The certificates refused; every connection's task watches it.
+    pub(crate) revocations: watch::Sender<Arc<Revocations>>,
 }
 
 impl Inner {
@@ -90,6 +92,7 @@ impl Inner {
             runtime,
             shutting_down: AtomicBool::new(false),
             clients: Arc::new(tokio::sync::Semaphore::new(super::clients::MAX_CLIENT_CONNECTIONS)),
+            revocations: watch::Sender::new(Arc::new(Revocations::default())),
         }
     }
 
@@ -123,6 +126,9 @@ impl Inner {
             return Err((codes::HANDSHAKE_FAILED, format!("negotiated ALPN {alpn:?}, expected {ALPN:?}")));
         }
         let certs = conn.peer_identity().and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok());
+        if let Some(reason) = certs.as_deref().and_then(|certs| certs.first()).and_then(|cert| self.revoked(cert)) {
+            return Err((codes::REVOKED, reason));
+        }
         let id = certs.as_deref().and_then(|certs| certs.first()).and_then(|cert| node_id_of(cert));
         let client = || certs.as_deref().and_then(|certs| certs.first()).and_then(|cert| client_name_of(cert));
         match id {
@@ -138,6 +144,17 @@ impl Inner {
             }
             Some(id) => Ok(id),
         }
+    }
+
+    /// Why `cert` is refused, if the revocation list names it.
+    pub(crate) fn revoked(&self, cert: &[u8]) -> Option<String> {
+        let list = self.revocations.borrow().clone();
+        list.revoking(cert).map(|entry| format!("the certificate is revoked ({entry} is on the revocation list)"))
+    }
+
+    /// Replaces the revocation list; every connection's task checks its peer against it.
+    pub(crate) fn set_revocations(&self, list: Revocations) {
+        self.revocations.send_replace(Arc::new(list));
     }
 
     /// Closes a connection that never became a link, and reports it.

@@ -40,6 +40,10 @@ pub(crate) struct Link {
     pub(crate) incarnation: u64,
     /// Sends in flight on this connection; a send without a permit is refused as busy.
     pub(crate) sends: Arc<Semaphore>,
+    /// The peer's certificate (DER), checked again whenever the revocation list changes.
+    pub(crate) cert: Vec<u8>,
+    /// When the peer's certificate expires: the connection is closed then.
+    pub(crate) not_after: Option<std::time::SystemTime>,
     /// When something last arrived on this connection: its hello, then every complete frame.
     /// The proof that the process behind it still runs (see [`arbitrate`]).
     heard: watch::Sender<Instant>,
@@ -49,7 +53,11 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn new(conn: Connection, peer: u32, dialled_by: u32, incarnation: u64, max_sends: usize) -> Self {
         let addr = conn.remote_address();
+        let cert = peer_cert(&conn).unwrap_or_default();
+        let not_after = crate::revocation::not_after_of(&cert);
         Self {
+            cert,
+            not_after,
             conn,
             peer,
             addr,
@@ -113,6 +121,12 @@ impl Link {
         }
         describe_close(err, idle_timeout_ms)
     }
+}
+
+/// The peer's end-entity certificate (DER), if it presented one.
+pub(crate) fn peer_cert(conn: &Connection) -> Option<Vec<u8>> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| c.to_vec())
 }
 
 /// Closes `conn` with `code` and a reason cut to what fits in a packet.

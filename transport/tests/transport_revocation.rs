@@ -1,0 +1,110 @@
+//! Revoked and expired certificates: a revocation list set on a running node closes the live
+//! connections it names at once and refuses them from then on (members and clients alike);
+//! a connection whose peer's certificate expires is closed when it does, not at the next
+//! handshake.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use phalanx_transport::certs::{CertAuthority, ClientIdentity};
+use phalanx_transport::{codes, Client, ConnectError, Revocations, Transport, TransportConfig, TransportEvent};
+use support::*;
+
+#[tokio::test]
+async fn revoking_a_member_closes_its_connection_at_once_and_refuses_it_after() {
+    init_tracing();
+    let dir = cluster(3);
+    let (server, mut events) = node(dir.path(), 0).await;
+    let (one, mut one_events) = node(dir.path(), 1).await;
+    let (two, _two_events) = node(dir.path(), 2).await;
+    one.connect(server.local_addr(), Some(0)).await.expect("node 1 connects");
+    two.connect(server.local_addr(), Some(0)).await.expect("node 2 connects");
+    wait_peer_up(&mut events, 1).await;
+    wait_peer_up(&mut events, 2).await;
+
+    server.set_revocations(Revocations::parse(["node-1"]).expect("list"));
+    let (event, _) = wait_for(&mut events, "node 1 closed as revoked", |e| {
+        matches!(e, TransportEvent::Rejected { code: codes::REVOKED, peer: Some(1), .. })
+    })
+    .await;
+    let TransportEvent::Rejected { reason, .. } = event else { unreachable!() };
+    assert!(reason.contains("node-1 is on the revocation list"), "{reason}");
+    wait_for(&mut events, "node 1 down", |e| matches!(e, TransportEvent::PeerDown { peer: 1, .. })).await;
+    assert_eq!(server.peers(), vec![2], "node 2 is not revoked and stays");
+
+    // Node 1 learns it was closed, then dials again: refused at the handshake.
+    let (event, _) =
+        wait_for(&mut one_events, "node 1 to see the close", |e| matches!(e, TransportEvent::PeerDown { peer: 0, .. }))
+            .await;
+    let TransportEvent::PeerDown { reason, .. } = event else { unreachable!() };
+    assert!(reason.contains("revoked"), "node 1 is told why: {reason}");
+    let err = one.connect(server.local_addr(), Some(0)).await.expect_err("a revoked node connected");
+    assert!(matches!(err, ConnectError::Refused { code: codes::REVOKED, .. } | ConnectError::Lost { .. }), "{err}");
+    wait_rejected(&mut events, codes::REVOKED).await;
+    assert_eq!(server.peers(), vec![2]);
+
+    // Lifted: node 1 is a member again.
+    server.set_revocations(Revocations::default());
+    one.connect(server.local_addr(), Some(0)).await.expect("node 1 is back");
+    wait_peer_up(&mut events, 1).await;
+    for t in [one, two, server] {
+        t.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_client_closes_its_connection_and_refuses_the_next() {
+    init_tracing();
+    let dir = cluster(1);
+    let (server, mut events) = node(dir.path(), 0).await;
+    let identity = ClientIdentity::load(dir.path()).expect("client");
+    let client = Client::connect(&identity, server.local_addr(), Duration::from_secs(5)).await.expect("connect");
+
+    server.set_revocations(Revocations::parse(["client-admin"]).expect("list"));
+    // The open connection is closed: a request on it fails.
+    let asked = match client.request::<_, String>(&"jobs".to_owned()).await {
+        Ok(mut answers) => answers.next().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(asked.is_err(), "a revoked client got an answer");
+    // A new one is refused.
+    if let Ok(again) = Client::connect(&identity, server.local_addr(), Duration::from_secs(5)).await {
+        let asked = match again.request::<_, String>(&"jobs".to_owned()).await {
+            Ok(mut answers) => answers.next().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(asked.is_err(), "a revoked client was served");
+    }
+    let (_, before) = wait_rejected(&mut events, codes::REVOKED).await;
+    assert!(!before.iter().any(|e| matches!(e, TransportEvent::ClientRequest { .. })), "{before:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_the_peers_certificate_expires() {
+    init_tracing();
+    let dir = cluster(2);
+    let ca = CertAuthority::load(dir.path()).expect("cluster CA");
+    let now = SystemTime::now();
+    // Valid for two more seconds (certificate times have one-second resolution).
+    let short = ca
+        .issue_node_cert(1, now - Duration::from_secs(60), now + Duration::from_secs(2))
+        .expect("issue")
+        .identity(cluster_ca_root(dir.path()));
+    let (server, mut events) = node(dir.path(), 0).await;
+    let (one, _one_events) =
+        Transport::bind(TransportConfig::new(short, "127.0.0.1:0".parse().expect("addr"))).await.expect("bind");
+    one.connect(server.local_addr(), Some(0)).await.expect("valid for now");
+    wait_peer_up(&mut events, 1).await;
+    let (event, _) = wait_for(&mut events, "node 1's certificate to expire", |e| {
+        matches!(e, TransportEvent::PeerDown { peer: 1, .. })
+    })
+    .await;
+    let TransportEvent::PeerDown { reason, .. } = event else { unreachable!() };
+    assert!(reason.contains("certificate expired"), "{reason}");
+    assert!(SystemTime::now() >= now + Duration::from_secs(1), "closed before the certificate expired");
+    assert_eq!(server.stats().rejected_with(codes::CERT_EXPIRED), 1);
+    one.shutdown().await;
+    server.shutdown().await;
+}
