@@ -151,3 +151,46 @@ async fn nothing_a_refused_client_sends_is_ever_delivered() {
         "{rest:?}"
     );
 }
+
+/// One address opens far more connections than the node has handshake slots, each holding
+/// its slot (a valid certificate, then no hello); a member dialling from elsewhere still gets
+/// in at once, since one address may hold only a few slots.
+#[tokio::test]
+async fn a_handshake_flood_from_one_address_does_not_keep_members_out() {
+    init_tracing();
+    let dir = cluster(4);
+    let mut server_config = config(dir.path(), 0);
+    // The flood's slots stay held for the whole test (no hello ever comes).
+    server_config.hello_timeout_ms = 60_000;
+    let (server, mut events) = Transport::bind(server_config).await.expect("bind");
+
+    // Node 3's certificate from one endpoint (one address), 3 × the node's handshake slots.
+    let flooder = RawClient::node(identity(dir.path(), 3));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let flood = 3 * phalanx_transport::MAX_PENDING_HANDSHAKES;
+    let mut held = Vec::new();
+    let mut dials = tokio::task::JoinSet::new();
+    for _ in 0..flood {
+        let (flooder, endpoint, addr) = (flooder.clone(), endpoint.clone(), server.local_addr());
+        dials.spawn(async move { flooder.connect_with(&endpoint, addr, 0).await });
+    }
+    while let Some(dialled) = dials.join_next().await {
+        if let Ok(Ok(conn)) = dialled {
+            held.push(conn);
+        }
+    }
+    wait_rejected(&mut events, codes::OVERLOADED).await;
+
+    // A member from another address: admitted while the flood still holds its slots.
+    let (member, _member_events) = node(dir.path(), 1).await;
+    member.connect(server.local_addr(), Some(0)).await.expect("the member gets in despite the flood");
+    wait_peer_up(&mut events, 1).await;
+    let refused = server.stats().rejected_with(codes::OVERLOADED);
+    assert!(
+        refused >= (flood - phalanx_transport::MAX_HANDSHAKES_PER_ADDRESS) as u64,
+        "the flood beyond its per-address share was refused: {refused} of {flood}"
+    );
+    drop(held);
+    member.shutdown().await;
+    server.shutdown().await;
+}

@@ -29,6 +29,9 @@ pub const DEFAULT_EVENT_QUEUE_LEN: usize = 1024;
 /// Handshakes (TLS and hello) accepted at once; further connection attempts are refused
 /// until one finishes, so a flood of dialers cannot pile up tasks.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Most handshakes (TLS and hello) in progress from one address at once; more are refused
+/// with [`codes::OVERLOADED`](crate::codes::OVERLOADED), so one source cannot hold every slot.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 
 /// Everything [`Transport::bind`](crate::Transport::bind) needs. Build it with
 /// [`TransportConfig::new`] and change the fields that matter.

@@ -157,6 +157,7 @@ pub async fn healthy_exchange(
 }
 
 /// How a raw client presents itself.
+#[derive(Clone)]
 pub struct RawClient {
     /// Certificate chain and key to present; `None`: no client certificate.
     pub identity: Option<NodeIdentity>,
@@ -180,6 +181,19 @@ impl RawClient {
         server: SocketAddr,
         server_id: u32,
     ) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+        let conn = self.connect_with(&endpoint, server, server_id).await?;
+        Ok((endpoint, conn))
+    }
+
+    /// [`connect`](Self::connect) from an existing endpoint (so many connections share one
+    /// address).
+    pub async fn connect_with(
+        &self,
+        endpoint: &quinn::Endpoint,
+        server: SocketAddr,
+        server_id: u32,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
         let mut roots = rustls::RootCertStore::empty();
         for root in &self.roots {
             roots.add(root.clone()).expect("root");
@@ -196,9 +210,7 @@ impl RawClient {
         };
         crypto.alpn_protocols = vec![self.alpn.clone()];
         let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(crypto).expect("quic config")));
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-        let conn = endpoint.connect_with(config, server, &certs::node_name(server_id)).expect("start connect").await?;
-        Ok((endpoint, conn))
+        endpoint.connect_with(config, server, &certs::node_name(server_id)).expect("start connect").await
     }
 }
 
