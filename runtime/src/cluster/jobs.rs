@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
 use super::node::NodeConfig;
-use super::node_job::{NodeJob, NodeShared};
+use super::node_job::{NodeJob, NodeShared, StoredCopy};
 use super::registry::{JobEntry, JobId, JobState, Registry, Version};
 use super::runner::{to_job, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
@@ -100,6 +100,8 @@ pub(crate) struct Jobs {
     told: BTreeMap<JobId, &'static str>,
     out_tx: mpsc::UnboundedSender<Outbound>,
     ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
+    /// Where checkpoint copies written off the loop report back (see [`StoredCopy`]).
+    stored: mpsc::Sender<StoredCopy>,
     /// The models and data sources this node can host.
     registries: Registries,
     /// This node instance's random tag (see [`NodeShared`]).
@@ -119,6 +121,7 @@ impl Jobs {
         registries: Registries,
         out_tx: mpsc::UnboundedSender<Outbound>,
         ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
+        stored: mpsc::Sender<StoredCopy>,
         events: Emitter,
         metrics: Arc<NodeMetrics>,
     ) -> Result<Self, Error> {
@@ -127,8 +130,13 @@ impl Jobs {
         let mut jobs = BTreeMap::new();
         if let Some(prepared) = startup {
             registry.seed(STARTUP_JOB, prepared.config.clone());
-            let shared =
-                NodeShared { out_tx: out_tx.clone(), events: events.clone(), metrics: metrics.clone(), instance };
+            let shared = NodeShared {
+                out_tx: out_tx.clone(),
+                events: events.clone(),
+                metrics: metrics.clone(),
+                instance,
+                stored: stored.clone(),
+            };
             let job = NodeJob::start(&config, STARTUP_JOB, prepared, config.out.clone(), shared).await?;
             jobs.insert(STARTUP_JOB, job);
         }
@@ -146,6 +154,7 @@ impl Jobs {
             told: BTreeMap::new(),
             out_tx,
             ready_tx,
+            stored,
             registries,
             events,
             metrics,
@@ -244,6 +253,13 @@ impl Jobs {
         let due = self.last_sent.is_none_or(|t| now.saturating_duration_since(t) >= REGISTRY_RESEND);
         if self.coordinating() && unacked && due {
             self.broadcast();
+        }
+    }
+
+    /// A checkpoint copy written off the loop: to its job, if this node still hosts it.
+    pub(crate) fn on_copy_stored(&mut self, copy: StoredCopy) {
+        if let Some(job) = self.jobs.get_mut(&copy.job) {
+            job.on_copy_stored(copy);
         }
     }
 
@@ -401,6 +417,7 @@ impl Jobs {
             events: self.events.clone(),
             metrics: self.metrics.clone(),
             instance: self.instance,
+            stored: self.stored.clone(),
         };
         tokio::spawn(async move {
             let me = config.id;

@@ -276,8 +276,10 @@ async fn node_loop(
         None => None,
     };
     let (ready_tx, mut ready_rx) = mpsc::channel(16);
+    let (stored_tx, mut stored_rx) = mpsc::channel(super::node_job::STORED_COPIES_CAPACITY);
     let mut jobs =
-        Jobs::new(config.clone(), startup, registries, out_tx, ready_tx, emitter.clone(), metrics.clone()).await?;
+        Jobs::new(config.clone(), startup, registries, out_tx, ready_tx, stored_tx, emitter.clone(), metrics.clone())
+            .await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
     // A member silent for a failure timeout is down for membership too: only then may another
     // incarnation with its id replace it; until then a second process is refused.
@@ -363,6 +365,10 @@ async fn node_loop(
                     }
                     cmd => jobs.on_command(cmd),
                 }
+                Vec::new()
+            }
+            Some(copy) = stored_rx.recv() => {
+                jobs.on_copy_stored(copy);
                 Vec::new()
             }
             Some((id, job)) = ready_rx.recv() => {

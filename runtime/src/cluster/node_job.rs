@@ -68,6 +68,8 @@ pub(crate) struct NodeJob {
     replication_stats: watch::Sender<ReplicationStats>,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
+    /// Where checkpoint copies written off the loop report back.
+    stored: mpsc::Sender<StoredCopy>,
 }
 
 /// What every job of a node shares with it: the queue to the node loop, the
@@ -79,7 +81,24 @@ pub(crate) struct NodeShared {
     pub(crate) events: Emitter,
     pub(crate) metrics: Arc<NodeMetrics>,
     pub(crate) instance: u64,
+    /// Where checkpoint copies written off the node loop report back.
+    pub(crate) stored: mpsc::Sender<StoredCopy>,
 }
+
+/// A checkpoint copy written (and verified) on the blocking pool, back on the node loop.
+#[derive(Debug)]
+pub(crate) struct StoredCopy {
+    pub(crate) job: JobId,
+    pub(crate) peer: u32,
+    pub(crate) name: String,
+    /// It came from the node this one was fetching from (a resume), not the coordinator.
+    pub(crate) fetching: bool,
+    /// Kept (written, fsynced and verified); false: refused or bad (logged).
+    pub(crate) kept: bool,
+}
+
+/// Copies being written at once per node; more wait (back-pressure on the copies' senders).
+pub(crate) const STORED_COPIES_CAPACITY: usize = 64;
 
 /// Where node `config.id` keeps the state of job `id`: `DATA_DIR/jobs/<id>/`.
 pub fn job_dir(config: &NodeConfig, id: JobId) -> PathBuf {
@@ -100,7 +119,7 @@ impl NodeJob {
         out: Option<PathBuf>,
         shared: NodeShared,
     ) -> Result<Self, Error> {
-        let NodeShared { out_tx, events, metrics, instance } = shared;
+        let NodeShared { out_tx, events, metrics, instance, stored } = shared;
         let checkpoints = job_dir(config, id).join("checkpoints");
         let (routes, routes_rx) = watch::channel(Routes::default());
         let routing = Routing {
@@ -153,6 +172,7 @@ impl NodeJob {
             replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
             events,
             metrics,
+            stored,
         })
     }
 
@@ -339,7 +359,7 @@ impl NodeJob {
         let job = self.id;
         match inbound {
             Inbound::Deliver(_, to, msg) => self.names.send(to, msg),
-            Inbound::Checkpoint(_, name, bytes) => self.on_checkpoint_copy(peer, &name, &bytes),
+            Inbound::Checkpoint(_, name, bytes) => self.on_checkpoint_copy(peer, name, bytes),
             Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn, .. }) => {
                 self.seen_job = true;
                 self.events.emit(NodeEventKind::Spawn { job, actor: key.to_string(), from: peer });
@@ -433,7 +453,7 @@ impl NodeJob {
 
     /// A checkpoint file from `peer`: a replica's copy from the coordinator, or
     /// a file this node fetches to take over. Nobody else may write here.
-    fn on_checkpoint_copy(&mut self, peer: u32, name: &str, bytes: &[u8]) {
+    fn on_checkpoint_copy(&mut self, peer: u32, name: String, bytes: Vec<u8>) {
         let me = self.routing.me;
         let coordinator = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
         let fetching = self.resume.fetching_from() == Some(peer);
@@ -445,19 +465,38 @@ impl NodeJob {
             );
             return;
         }
-        if !self.store_copy(peer, name, bytes) {
+        // Written, fsynced and verified on the blocking pool: a large copy must not hold up
+        // the node loop (heartbeats, other jobs); the result comes back as a StoredCopy.
+        let (dir, stored, job) = (self.checkpoints.clone(), self.stored.clone(), self.id);
+        tokio::task::spawn_blocking(move || {
+            let kept = store_copy(&dir, me, peer, &name, &bytes);
+            // Waits while the node loop is behind (bounded channel); fails only once the
+            // node stopped, when nothing is waiting for the copy.
+            let _ = stored.blocking_send(StoredCopy { job, peer, name, fetching, kept });
+        });
+    }
+
+    /// A copy written off the loop: acknowledge it to the coordinator, or go on with the
+    /// resume that fetched it.
+    pub(crate) fn on_copy_stored(&mut self, copy: StoredCopy) {
+        let me = self.routing.me;
+        let StoredCopy { peer, name, fetching, kept, .. } = copy;
+        if !kept {
             return;
         }
         if fetching {
-            let cmds = self.resume.on_local(self.local_newest(), Instant::now());
-            self.run_resume(cmds);
+            // Still fetching from that node: the resume decides what the copy completes.
+            if self.resume.fetching_from() == Some(peer) {
+                let cmds = self.resume.on_local(self.local_newest(), Instant::now());
+                self.run_resume(cmds);
+            }
             return;
         }
-        self.send_control(peer, &NodeMsg::CheckpointStored { job: self.id, name: name.to_string() });
+        self.send_control(peer, &NodeMsg::CheckpointStored { job: self.id, name: name.clone() });
         // Keep the newest few complete copies, as the coordinator does (every
         // few checkpoints: pruning verifies the files it keeps).
         let every = self.prepared.config.checkpoint_every.max(1);
-        if FileKey::parse(name).is_some_and(|k| (k.step / every) % CHECKPOINTS_KEPT as u64 == 0) {
+        if FileKey::parse(&name).is_some_and(|k| (k.step / every) % CHECKPOINTS_KEPT as u64 == 0) {
             let (dir, prepared) = (self.checkpoints.clone(), self.prepared.clone());
             tokio::task::spawn_blocking(move || {
                 let store = CheckpointStore::reader(&dir);
@@ -467,29 +506,28 @@ impl NodeJob {
             });
         }
     }
+}
 
-    /// Keep a checkpoint copy, verified before it counts; true when kept.
-    fn store_copy(&self, peer: u32, name: &str, bytes: &[u8]) -> bool {
-        let me = self.routing.me;
-        if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
-            tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
-            return false;
-        }
-        let path = self.checkpoints.join(name);
-        if let Err(e) = std::fs::create_dir_all(&self.checkpoints)
-            .map_err(|source| Error::Io { path: self.checkpoints.clone(), source })
-            .and_then(|()| crate::output::write_atomic(&path, bytes))
-        {
-            tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
-            return false;
-        }
-        if let Err(e) = CheckpointStore::read_file(&path) {
-            tracing::warn!(node = me, peer, "checkpoint copy {name} is bad ({e}); deleted");
-            let _ = std::fs::remove_file(&path);
-            return false;
-        }
-        true
+/// Keep a checkpoint copy in `dir`, verified before it counts; true when kept.
+fn store_copy(dir: &std::path::Path, me: u32, peer: u32, name: &str, bytes: &[u8]) -> bool {
+    if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
+        tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
+        return false;
     }
+    let path = dir.join(name);
+    if let Err(e) = std::fs::create_dir_all(dir)
+        .map_err(|source| Error::Io { path: dir.to_path_buf(), source })
+        .and_then(|()| crate::output::write_atomic(&path, bytes))
+    {
+        tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
+        return false;
+    }
+    if let Err(e) = CheckpointStore::read_file(&path) {
+        tracing::warn!(node = me, peer, "checkpoint copy {name} is bad ({e}); deleted");
+        let _ = std::fs::remove_file(&path);
+        return false;
+    }
+    true
 }
 
 /// The newest complete checkpoint of `job` in `dir` (none when unreadable: logged).
