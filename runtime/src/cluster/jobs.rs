@@ -114,19 +114,17 @@ pub(crate) struct Jobs {
 impl Jobs {
     /// The jobs of node `config.id`; `startup` is the job given at start (job 1
     /// on every member), already prepared. Prepared jobs arrive on `ready_tx`'s
-    /// receiver, to be handed to [`on_ready`](Self::on_ready).
+    /// receiver, to be handed to [`on_ready`](Self::on_ready); `shared` is what
+    /// every job of the node shares.
     pub(crate) async fn new(
         config: NodeConfig,
         startup: Option<Arc<PreparedJob>>,
         registries: Registries,
-        out_tx: mpsc::UnboundedSender<Outbound>,
         ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
-        stored: mpsc::Sender<StoredCopy>,
-        events: Emitter,
-        metrics: Arc<NodeMetrics>,
+        shared: NodeShared,
     ) -> Result<Self, Error> {
         let mut registry = Registry::new(config.id, config.max_jobs);
-        let instance: u64 = rand::random();
+        let NodeShared { out_tx, events, metrics, stored, instance } = shared;
         let mut jobs = BTreeMap::new();
         if let Some(prepared) = startup {
             registry.seed(STARTUP_JOB, prepared.config.clone());

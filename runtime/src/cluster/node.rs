@@ -42,6 +42,7 @@ use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
 use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
 use super::membership::{DetectorConfig, Membership, MembershipCommand};
+use super::node_job::NodeShared;
 use super::placement::default_replicas;
 use super::runner::Outbound;
 use super::wire::{self, Inbound, InboundError, NodeMsg};
@@ -277,9 +278,14 @@ async fn node_loop(
     };
     let (ready_tx, mut ready_rx) = mpsc::channel(16);
     let (stored_tx, mut stored_rx) = mpsc::channel(super::node_job::STORED_COPIES_CAPACITY);
-    let mut jobs =
-        Jobs::new(config.clone(), startup, registries, out_tx, ready_tx, stored_tx, emitter.clone(), metrics.clone())
-            .await?;
+    let shared = NodeShared {
+        out_tx,
+        events: emitter.clone(),
+        metrics: metrics.clone(),
+        instance: rand::random(),
+        stored: stored_tx,
+    };
+    let mut jobs = Jobs::new(config.clone(), startup, registries, ready_tx, shared).await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
     // A member silent for a failure timeout is down for membership too: only then may another
     // incarnation with its id replace it; until then a second process is refused.
