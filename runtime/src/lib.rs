@@ -92,6 +92,21 @@ pub use phalanx_actors::model::{
     Head, Model, ModelConfig, ModelError, ModelKind, ModelName, ModelRegistry, ModelRequest, Targets, TensorInfo,
 };
 
+/// True when this build has the cargo feature `fault-injection`: the in-process fault
+/// hooks (`phalanx train --fail`, `phalanx node/local --crash-before-rename`, and those of
+/// [`phalanx_actors`]). Off in a default build, which refuses a job or node config that
+/// asks for one; faults from outside (signals, the relay, the filesystem) need no feature.
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
+/// The version `phalanx --version` prints: the crate version, followed by
+/// ` (fault-injection)` in a build with the in-process fault hooks.
+pub const VERSION: &str =
+    if FAULT_INJECTION { concat!(env!("CARGO_PKG_VERSION"), " (fault-injection)") } else { env!("CARGO_PKG_VERSION") };
+
+/// Why a job or node config that asks for an in-process fault is refused by a default build.
+pub(crate) const NO_FAULT_INJECTION: &str =
+    "in-process fault injection is not built in (a default build); build with the cargo feature fault-injection";
+
 /// The ndarray the [`Model`] trait speaks (batches are `ArrayView2<f32>`), so
 /// that a model of your own uses the same version.
 pub use ndarray;

@@ -123,6 +123,7 @@ impl AggregatorState {
     }
 
     fn on_gradient(&mut self, g: Gradient) -> Result<(), ActorProcessingErr> {
+        #[cfg(feature = "fault-injection")]
         if g.step == self.core.step() && g.generation == self.core.generation() {
             self.ctx.faults.maybe_panic(self.key, g.step);
         }

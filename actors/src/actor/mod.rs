@@ -36,6 +36,7 @@ use std::sync::Arc;
 
 use crate::checkpoint::CheckpointStore;
 use crate::data::{Partitions, Table};
+#[cfg(feature = "fault-injection")]
 use crate::faults::FaultPlan;
 use crate::model::Model;
 use crate::net::Net;
@@ -64,7 +65,8 @@ pub struct JobContext {
     pub store: Arc<CheckpointStore>,
     /// SHA-256 (hex) of everything that determines the math of the job.
     pub config_hash: String,
-    /// Injected faults.
+    /// Injected faults (only with the cargo feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub faults: FaultPlan,
     /// How actors reach each other.
     pub net: Arc<dyn Net>,
