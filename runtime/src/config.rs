@@ -230,8 +230,8 @@ impl JobConfig {
         if self.model == ModelKind::Softmax && r.task == TaskKind::Regression {
             return field("model", "softmax regression needs a classification task (use linear or mlp)".into());
         }
-        if !crate::FAULT_INJECTION && !self.fail.is_empty() {
-            return field("fail", format!("{}: {}", self.fail[0], crate::NO_FAULT_INJECTION));
+        if let Some(f) = self.fail.first() {
+            crate::require_fault_injection(crate::FAULT_INJECTION, "fail", f)?;
         }
         for f in &self.fail {
             let count = match f.actor.role {

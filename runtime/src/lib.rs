@@ -103,9 +103,20 @@ pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
 pub const VERSION: &str =
     if FAULT_INJECTION { concat!(env!("CARGO_PKG_VERSION"), " (fault-injection)") } else { env!("CARGO_PKG_VERSION") };
 
-/// Why a job or node config that asks for an in-process fault is refused by a default build.
-pub(crate) const NO_FAULT_INJECTION: &str =
-    "in-process fault injection is not built in (a default build); build with the cargo feature fault-injection";
+/// Refuses an in-process fault (`what`, asked for by `field`) unless the hooks are `built_in`
+/// (the caller passes [`FAULT_INJECTION`]; a parameter so that tests see both answers).
+pub(crate) fn require_fault_injection(built_in: bool, field: &str, what: &dyn std::fmt::Display) -> Result<(), Error> {
+    if built_in {
+        return Ok(());
+    }
+    Err(Error::Field {
+        field: field.to_string(),
+        reason: format!(
+            "{what}: in-process fault injection is not built in (a default build); \
+             build with the cargo feature fault-injection"
+        ),
+    })
+}
 
 /// The ndarray the [`Model`] trait speaks (batches are `ArrayView2<f32>`), so
 /// that a model of your own uses the same version.
@@ -154,4 +165,22 @@ pub fn log_panics() {
             .unwrap_or("(no message)");
         tracing::warn!("panicked{location}: {msg}");
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_without_the_hooks_refuses_a_fault_naming_the_field_and_the_feature() {
+        let e = require_fault_injection(false, "fail", &"trainer:1@20").unwrap_err().to_string();
+        assert!(e.contains("fail") && e.contains("trainer:1@20") && e.contains("feature fault-injection"), "{e}");
+        assert!(require_fault_injection(true, "fail", &"trainer:1@20").is_ok());
+    }
+
+    #[test]
+    fn the_version_says_whether_the_hooks_are_built_in() {
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert_eq!(VERSION.ends_with("(fault-injection)"), cfg!(feature = "fault-injection"));
+    }
 }

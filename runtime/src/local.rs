@@ -771,7 +771,8 @@ fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<
                 return Err(bad(f, "a duplicate needs another member to refuse it (at least 2 nodes)".into()));
             }
             NodeFault::CrashBeforeRename { .. } if !crate::FAULT_INJECTION => {
-                return Err(bad(f, crate::NO_FAULT_INJECTION.into()));
+                let (kind, arg) = f.to_flag();
+                return crate::require_fault_injection(false, &format!("--{kind}"), &arg);
             }
             NodeFault::CrashBeforeRename { step, .. }
                 if config.checkpoint_every == 0 || step % config.checkpoint_every != 0 || *step == 0 =>

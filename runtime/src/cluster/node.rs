@@ -145,8 +145,8 @@ impl NodeConfig {
         if self.detector.heartbeat_ms == 0 || self.detector.failure_timeout_ms <= self.detector.heartbeat_ms {
             return field("detector", "failure_timeout_ms must exceed heartbeat_ms, and both be positive".into());
         }
-        if let Some(step) = self.crash_before_rename.filter(|_| !crate::FAULT_INJECTION) {
-            return field("crash_before_rename", format!("{step}: {}", crate::NO_FAULT_INJECTION));
+        if let Some(step) = self.crash_before_rename {
+            crate::require_fault_injection(crate::FAULT_INJECTION, "crash_before_rename", &step)?;
         }
         Ok(())
     }
