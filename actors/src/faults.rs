@@ -1,10 +1,17 @@
 //! In-process fault injection: make a named actor panic at a given step.
 //!
-//! A [`FaultPlan`] is parsed from specs such as `trainer:2@40`,
+//! A fault is written as a [`FaultSpec`] such as `trainer:2@40`,
 //! `shard:1@10`, `aggregator@55` (index 0 when omitted). Each spec fires
 //! once by default; `x3` fires three times and `x*` at every attempt (a
 //! *poison* step, used to show that the restart budget escalates instead of
 //! looping forever).
+//!
+//! Only the spec, plain data, is in every build, so that a job's config reads
+//! and travels the same whatever the build. What makes an actor panic, the
+//! `FaultPlan` the actors consult, exists only with the cargo feature
+//! `fault-injection`, which the chaos harness and the tests enable and a
+//! default build of `phalanx` does not: there a job that names a fault is
+//! refused when it is validated.
 //!
 //! The remaining counts are shared atomics rather than actor state on
 //! purpose: the actor that fires a fault dies with it, and its replacement
@@ -12,14 +19,22 @@
 
 use std::fmt;
 use std::str::FromStr;
+#[cfg(feature = "fault-injection")]
 use std::sync::atomic::{AtomicU32, Ordering};
+#[cfg(feature = "fault-injection")]
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{ActorKey, Role};
 
+/// True when this build has the cargo feature `fault-injection`: the hooks
+/// that make actors panic, a checkpoint save abort before its rename and an
+/// aggregator count duplicates. A default build has none of them.
+pub const ENABLED: bool = cfg!(feature = "fault-injection");
+
 /// Count meaning "fire at every attempt".
+#[cfg(feature = "fault-injection")]
 const ALWAYS: u32 = u32::MAX;
 
 /// One injected fault: `role:index@step[xN|x*]`.
@@ -103,11 +118,14 @@ impl From<FaultSpec> for String {
 }
 
 /// The faults of a job and how often each may still fire. Cheap to clone.
+/// Only with the cargo feature `fault-injection`.
+#[cfg(feature = "fault-injection")]
 #[derive(Clone, Debug, Default)]
 pub struct FaultPlan {
     faults: Arc<[(FaultSpec, AtomicU32)]>,
 }
 
+#[cfg(feature = "fault-injection")]
 impl FaultPlan {
     /// A plan with these faults.
     pub fn new(specs: impl IntoIterator<Item = FaultSpec>) -> Self {
@@ -181,6 +199,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "fault-injection")]
     #[test]
     fn a_fault_fires_exactly_as_often_as_asked() {
         let plan = FaultPlan::new(["trainer:1@5x2".parse().unwrap(), "shard:0@1x*".parse().unwrap()]);

@@ -16,7 +16,9 @@
 //! * [`actor`] — ractor actors that each own one core and carry out its
 //!   commands, with an OTP-style supervisor;
 //! * [`checkpoint`] — atomic, checksummed safetensors checkpoints;
-//! * [`faults`] — fault injection for tests and demos.
+//! * [`faults`] — fault injection for tests and demos: the hooks exist only
+//!   with the cargo feature `fault-injection` (off by default; the chaos
+//!   harness and the tests enable it).
 //!
 //! ```text
 //!   ShardActor(p) ──Batch(p,s)──▶ TrainerActor ──Gradient(s,p) ranges──▶ AggregatorActor(r)

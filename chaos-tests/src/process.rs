@@ -130,6 +130,40 @@ pub fn find_phalanx() -> Option<PathBuf> {
     [dir.join("phalanx"), dir.parent()?.join("phalanx")].into_iter().find(|p| p.is_file())
 }
 
+/// Fault kinds that fire inside a node (an in-process hook), not from outside:
+/// the node must be a build with the cargo feature `fault-injection`.
+pub const IN_PROCESS_FAULTS: [&str; 1] = ["crash-before-rename"];
+
+/// Whether `exe` has the in-process fault hooks: `phalanx --version` ends in
+/// `(fault-injection)` in such a build (see [`phalanx::VERSION`]).
+pub fn has_fault_injection(exe: &Path) -> Result<bool, String> {
+    let out = std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{} --version: {e}", exe.display()))?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !line.starts_with("phalanx ") {
+        return Err(format!("{} --version: not a phalanx binary ({}): {line}", exe.display(), out.status));
+    }
+    Ok(line.trim_end().ends_with("(fault-injection)"))
+}
+
+/// Refuse, before anything runs, a campaign whose scenarios need a hook that `exe` lacks.
+fn check_hooks(exe: &Path, scenarios: &[ProcessScenario]) -> Result<(), String> {
+    let needs = scenarios.iter().find_map(|s| {
+        let faults = s.node_faults().ok()?;
+        faults.iter().find(|f| IN_PROCESS_FAULTS.contains(&f.kind())).map(|f| (s.name.clone(), f.kind()))
+    });
+    match needs {
+        Some((scenario, kind)) if !has_fault_injection(exe)? => Err(format!(
+            "{}: a default build, without the in-process fault hooks that scenario '{scenario}' needs ({kind}); \
+             build it with the harness: cargo build --release -p phalanx -p phalanx-chaos",
+            exe.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The job every scenario runs (before its own epochs).
 pub fn job() -> JobConfig {
     JobConfig {
@@ -336,6 +370,7 @@ pub fn process_campaign_of(
     report: &mut Report,
     plot: Option<&Path>,
 ) -> Result<(), String> {
+    check_hooks(exe, scenarios)?;
     report.tiers.push("real processes".into());
     let mut baselines: std::collections::BTreeMap<(u32, u32), (Expected, f64)> = Default::default();
     let mut plotted = plot.is_none();

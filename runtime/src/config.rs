@@ -64,7 +64,9 @@ pub struct JobConfig {
     pub test_fraction: f64,
     /// Checkpoint every K steps (0: only the final one).
     pub checkpoint_every: u64,
-    /// Injected faults, e.g. `trainer:1@20`.
+    /// Injected faults, e.g. `trainer:1@20` (actor panics). Only a build with the cargo
+    /// feature `fault-injection` runs them; a default build refuses a job that names one.
+    /// The field is in every build so that a job reads and travels the same.
     pub fail: Vec<FaultSpec>,
     /// Output directory.
     pub out: Option<PathBuf>,
@@ -227,6 +229,9 @@ impl JobConfig {
         }
         if self.model == ModelKind::Softmax && r.task == TaskKind::Regression {
             return field("model", "softmax regression needs a classification task (use linear or mlp)".into());
+        }
+        if let Some(f) = self.fail.first() {
+            crate::require_fault_injection(crate::FAULT_INJECTION, "fail", f)?;
         }
         for f in &self.fail {
             let count = match f.actor.role {

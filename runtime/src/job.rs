@@ -9,6 +9,7 @@ use std::time::Instant;
 use phalanx_actors::actor::{spawn_job_recording, JobContext, JobHandle, JobOutcome, StepRecord};
 use phalanx_actors::checkpoint::CheckpointStore;
 use phalanx_actors::data::{self, DataError, DataRegistry, OwnedTargets, Partitions, Prepared, Table, TaskKind};
+#[cfg(feature = "fault-injection")]
 use phalanx_actors::faults::FaultPlan;
 use phalanx_actors::model::{self, Head, Model, ModelError, ModelIdentity, ModelRegistry, Targets};
 use phalanx_actors::net::LocalNet;
@@ -226,6 +227,7 @@ impl PreparedJob {
             checkpoint_every: self.config.checkpoint_every,
             store: Arc::new(store),
             config_hash: self.config_hash.clone(),
+            #[cfg(feature = "fault-injection")]
             faults: FaultPlan::new(self.config.fail.iter().copied()),
             net,
             names,

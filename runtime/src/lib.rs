@@ -92,6 +92,32 @@ pub use phalanx_actors::model::{
     Head, Model, ModelConfig, ModelError, ModelKind, ModelName, ModelRegistry, ModelRequest, Targets, TensorInfo,
 };
 
+/// True when this build has the cargo feature `fault-injection`: the in-process fault
+/// hooks (`phalanx train --fail`, `phalanx node/local --crash-before-rename`, and those of
+/// [`phalanx_actors`]). Off in a default build, which refuses a job or node config that
+/// asks for one; faults from outside (signals, the relay, the filesystem) need no feature.
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
+/// The version `phalanx --version` prints: the crate version, followed by
+/// ` (fault-injection)` in a build with the in-process fault hooks.
+pub const VERSION: &str =
+    if FAULT_INJECTION { concat!(env!("CARGO_PKG_VERSION"), " (fault-injection)") } else { env!("CARGO_PKG_VERSION") };
+
+/// Refuses an in-process fault (`what`, asked for by `field`) unless the hooks are `built_in`
+/// (the caller passes [`FAULT_INJECTION`]; a parameter so that tests see both answers).
+pub(crate) fn require_fault_injection(built_in: bool, field: &str, what: &dyn std::fmt::Display) -> Result<(), Error> {
+    if built_in {
+        return Ok(());
+    }
+    Err(Error::Field {
+        field: field.to_string(),
+        reason: format!(
+            "{what}: in-process fault injection is not built in (a default build); \
+             build with the cargo feature fault-injection"
+        ),
+    })
+}
+
 /// The ndarray the [`Model`] trait speaks (batches are `ArrayView2<f32>`), so
 /// that a model of your own uses the same version.
 pub use ndarray;
@@ -139,4 +165,22 @@ pub fn log_panics() {
             .unwrap_or("(no message)");
         tracing::warn!("panicked{location}: {msg}");
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_without_the_hooks_refuses_a_fault_naming_the_field_and_the_feature() {
+        let e = require_fault_injection(false, "fail", &"trainer:1@20").unwrap_err().to_string();
+        assert!(e.contains("fail") && e.contains("trainer:1@20") && e.contains("feature fault-injection"), "{e}");
+        assert!(require_fault_injection(true, "fail", &"trainer:1@20").is_ok());
+    }
+
+    #[test]
+    fn the_version_says_whether_the_hooks_are_built_in() {
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert_eq!(VERSION.ends_with("(fault-injection)"), cfg!(feature = "fault-injection"));
+    }
 }

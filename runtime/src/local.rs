@@ -18,7 +18,7 @@
 //! | `--degrade SPEC@STEP:MS` | every link loses/delays/duplicates packets for `MS`; `SPEC` is `loss=0.2,delay=20,jitter=10,dup=0.05` (any subset) |
 //! | `--disk-full NODE@STEP:MS` | the node's data directory (a size-limited tmpfs, mounted for the run; needs root) is filled for `MS` |
 //! | `--corrupt NODE@STEP` | flip a byte in every checkpoint file of the newest step on the node |
-//! | `--crash-before-rename NODE@STEP` | the node aborts after writing the checkpoint of `STEP` to its temporary file, before the rename |
+//! | `--crash-before-rename NODE@STEP` | the node aborts after writing the checkpoint of `STEP` to its temporary file, before the rename (an in-process hook: only a build with the cargo feature `fault-injection` has it) |
 //! | `--wipe NODE@STEP` | delete every checkpoint file on the node (its copies are lost) |
 //! | `--duplicate NODE@STEP` | start a second process with node `NODE`'s id and certificate on another free port (same seeds, dialled directly); the members must refuse it, and `summary.json` records how it exited |
 //!
@@ -769,6 +769,10 @@ fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<
             }
             NodeFault::Duplicate { .. } if nodes < 2 => {
                 return Err(bad(f, "a duplicate needs another member to refuse it (at least 2 nodes)".into()));
+            }
+            NodeFault::CrashBeforeRename { .. } if !crate::FAULT_INJECTION => {
+                let (kind, arg) = f.to_flag();
+                return crate::require_fault_injection(false, &format!("--{kind}"), &arg);
             }
             NodeFault::CrashBeforeRename { step, .. }
                 if config.checkpoint_every == 0 || step % config.checkpoint_every != 0 || *step == 0 =>

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use phalanx::{JobConfig, Progress};
 use phalanx_actors::data::{DatasetSource, TaskKind};
+#[cfg(feature = "fault-injection")]
 use phalanx_actors::faults::FaultSpec;
 use phalanx_actors::model::ModelKind;
 use phalanx_actors::optim::OptimizerKind;
@@ -18,7 +19,7 @@ mod cli_client;
 /// Phalanx: distributed training that keeps training when nodes die, and
 /// ends with the same model bits as if nothing had failed.
 #[derive(Parser, Debug)]
-#[command(name = "phalanx", version, about, long_about = None)]
+#[command(name = "phalanx", version = phalanx::VERSION, about, long_about = None)]
 struct Cli {
     /// Log more (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -104,6 +105,7 @@ struct LocalArgs {
     #[arg(long, value_name = "NODE@STEP")]
     corrupt: Vec<String>,
     /// The node aborts after writing its checkpoint of STEP to a temporary file, before the rename.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, value_name = "NODE@STEP")]
     crash_before_rename: Vec<String>,
     /// Delete every checkpoint file on a node (its copies are lost). Repeatable.
@@ -188,6 +190,7 @@ struct NodeArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Fault injection (chaos tests): abort after writing the checkpoint of STEP to its temporary file, before the rename.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, value_name = "STEP")]
     crash_before_rename: Option<u64>,
     /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
@@ -267,6 +270,7 @@ impl NodeArgs {
         if let Some(n) = self.max_jobs {
             c.max_jobs = n.max(1);
         }
+        #[cfg(feature = "fault-injection")]
         if self.crash_before_rename.is_some() {
             c.crash_before_rename = self.crash_before_rename;
         }
@@ -356,6 +360,7 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Make an actor panic: ROLE[:INDEX]@STEP[xN|x*], ROLE = trainer, shard or aggregator. Repeatable.
+    #[cfg(feature = "fault-injection")]
     #[arg(long = "fail", value_name = "ROLE[:INDEX]@STEP")]
     fail: Vec<FaultSpec>,
     /// Output directory: model.safetensors, summary.json, checkpoints/.
@@ -397,6 +402,7 @@ impl TrainArgs {
             max_restarts
         );
         set_opt!(task, epochs, batch_size, learning_rate, out);
+        #[cfg(feature = "fault-injection")]
         if !self.fail.is_empty() {
             c.fail = self.fail;
         }
@@ -562,6 +568,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("degrade", &args.degrade),
         ("disk-full", &args.disk_full),
         ("corrupt", &args.corrupt),
+        #[cfg(feature = "fault-injection")]
         ("crash-before-rename", &args.crash_before_rename),
         ("wipe", &args.wipe),
         ("duplicate", &args.duplicate),

@@ -49,6 +49,8 @@ impl Kind {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Build {
     version: String,
+    /// `true` in a build with the in-process fault hooks (see [`crate::FAULT_INJECTION`]).
+    fault_injection: String,
 }
 
 /// Histogram buckets for durations from 1 ms to about 16 s.
@@ -141,7 +143,12 @@ impl NodeMetrics {
         let waiting = "1 while a coordinator waits before starting a job";
         r.register("coordinator_waiting", waiting, m.coordinator_waiting.clone());
         let build: Family<Build, Gauge> = Family::default();
-        build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        build
+            .get_or_create(&Build {
+                version: env!("CARGO_PKG_VERSION").into(),
+                fault_injection: crate::FAULT_INJECTION.to_string(),
+            })
+            .set(1);
         registry.register("build_info", "Build of this node", build);
         Arc::new(Self { registry, ..m })
     }

@@ -44,6 +44,18 @@ fn initial_state(ctx: &JobContext, range: u32, restore: Option<u64>) -> Result<(
     if let Some(step) = restore {
         match ctx.store.load_range(step, &ctx.config_hash, total, offset, len) {
             Ok(c) => {
+                // A copy may have come from another node: its optimizer state must
+                // fit this job's optimizer before the core trusts it.
+                let names = ctx.optimizer.slot_names();
+                let slots_fit = c.optimizer_slots.len() == names.len()
+                    && c.optimizer_slots.iter().zip(names).all(|((n, v), want)| n == want && v.len() == len);
+                if c.params.len() != len || !slots_fit {
+                    return Err(format!(
+                        "aggregator {range}: checkpoint of step {step} does not fit the range [{offset}, +{len}) \
+                         and the optimizer's slots {names:?}"
+                    )
+                    .into());
+                }
                 let state = RangeState {
                     step: c.step,
                     params: c.params,
@@ -123,6 +135,7 @@ impl AggregatorState {
     }
 
     fn on_gradient(&mut self, g: Gradient) -> Result<(), ActorProcessingErr> {
+        #[cfg(feature = "fault-injection")]
         if g.step == self.core.step() && g.generation == self.core.generation() {
             self.ctx.faults.maybe_panic(self.key, g.step);
         }

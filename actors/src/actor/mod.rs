@@ -36,6 +36,7 @@ use std::sync::Arc;
 
 use crate::checkpoint::CheckpointStore;
 use crate::data::{Partitions, Table};
+#[cfg(feature = "fault-injection")]
 use crate::faults::FaultPlan;
 use crate::model::Model;
 use crate::net::Net;
@@ -64,7 +65,8 @@ pub struct JobContext {
     pub store: Arc<CheckpointStore>,
     /// SHA-256 (hex) of everything that determines the math of the job.
     pub config_hash: String,
-    /// Injected faults.
+    /// Injected faults (only with the cargo feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub faults: FaultPlan,
     /// How actors reach each other.
     pub net: Arc<dyn Net>,
@@ -95,7 +97,9 @@ pub trait Cluster: Send + Sync + 'static {
 }
 
 /// Spawn one actor of a job in this process, linked to `supervisor`, under
-/// its registry name. Shared by the job supervisor and by node hosts.
+/// its registry name. Shared by the job supervisor and by node hosts. A key
+/// that is not an actor of the job (a spawn request from the wire naming an
+/// index out of range) fails to start instead of reaching the actor.
 pub async fn spawn_actor(
     ctx: &Arc<JobContext>,
     supervisor: ActorCell,
@@ -103,6 +107,9 @@ pub async fn spawn_actor(
     generation: u64,
     restore: Option<u64>,
 ) -> Result<ActorCell, SpawnErr> {
+    if !ctx.plan.contains(key) {
+        return Err(SpawnErr::StartupFailed(format!("{key} is not an actor of job {}", ctx.job).into()));
+    }
     let name = Some(ctx.names.name_of(key));
     let ctx = ctx.clone();
     Ok(match key.role {

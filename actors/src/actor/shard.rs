@@ -6,7 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::JobContext;
 use crate::net::ActorMsg;
-use crate::protocol::{ActorKey, Addr, Msg, ShardCore};
+use crate::protocol::{Addr, Msg, ShardCore};
 
 /// Serves partition `p`'s batches by carrying out a [`ShardCore`].
 pub struct ShardActor;
@@ -55,7 +55,8 @@ impl Actor for ShardActor {
         }
         let mut batches = Vec::with_capacity(steps.clone().count());
         for s in steps {
-            state.ctx.faults.maybe_panic(ActorKey::shard(partition), s);
+            #[cfg(feature = "fault-injection")]
+            state.ctx.faults.maybe_panic(crate::protocol::ActorKey::shard(partition), s);
             batches.push(state.core.batch(s)?);
         }
         state.ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));

@@ -35,6 +35,7 @@ impl TrainerState {
                 TrainerCommand::Send(Addr::Aggregator(r), Msg::Gradient(g)) => gradients.entry(r).or_default().push(g),
                 TrainerCommand::Send(to, msg) => self.ctx.net.send(to, msg),
                 TrainerCommand::Compute { step, partition } => {
+                    #[cfg(feature = "fault-injection")]
                     self.ctx.faults.maybe_panic(self.key, step);
                     queue.extend(self.core.compute(step, partition)?);
                 }

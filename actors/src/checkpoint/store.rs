@@ -21,6 +21,7 @@ pub struct CheckpointStore {
     temp_seq: AtomicU64,
     /// Fault injection: abort the process between writing and renaming the
     /// checkpoint of this step.
+    #[cfg(feature = "fault-injection")]
     crash_before_rename: Option<u64>,
 }
 
@@ -86,7 +87,7 @@ impl CheckpointStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, CheckpointError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io_err("creating directory", &dir))?;
-        let store = CheckpointStore { dir, temp_seq: AtomicU64::new(0), crash_before_rename: None };
+        let store = CheckpointStore::reader(dir);
         for name in store.file_names()? {
             if name.starts_with(TEMP_PREFIX) {
                 let path = store.dir.join(&name);
@@ -109,7 +110,12 @@ impl CheckpointStore {
     /// temporary file, so it is safe beside a live writer (an aggregator saving
     /// in the same directory). A missing directory reads as empty.
     pub fn reader(dir: impl Into<PathBuf>) -> Self {
-        CheckpointStore { dir: dir.into(), temp_seq: AtomicU64::new(0), crash_before_rename: None }
+        CheckpointStore {
+            dir: dir.into(),
+            temp_seq: AtomicU64::new(0),
+            #[cfg(feature = "fault-injection")]
+            crash_before_rename: None,
+        }
     }
 
     /// The files (by final name) holding checkpoint `step`, whatever their
@@ -121,7 +127,9 @@ impl CheckpointStore {
 
     /// Fault injection for chaos tests of whole processes: the save of `step`
     /// writes and fsyncs its temporary file, then aborts the process before the
-    /// rename, as a crash at the worst moment would.
+    /// rename, as a crash at the worst moment would. Only with the cargo feature
+    /// `fault-injection`.
+    #[cfg(feature = "fault-injection")]
     pub fn with_crash_before_rename(mut self, step: Option<u64>) -> Self {
         self.crash_before_rename = step;
         self
@@ -138,6 +146,7 @@ impl CheckpointStore {
     /// the same step and range is replaced.
     pub fn save(&self, ckpt: &RangeCheckpoint) -> Result<PathBuf, CheckpointError> {
         let (temp_path, final_path) = self.write_temp(ckpt)?;
+        #[cfg(feature = "fault-injection")]
         if self.crash_before_rename == Some(ckpt.step) {
             tracing::error!(path = %temp_path.display(), "injected crash before renaming checkpoint {}", final_path.display());
             eprintln!("injected crash: wrote {} and abort before renaming it", temp_path.display());
@@ -158,7 +167,8 @@ impl CheckpointStore {
 
     /// Like [`save`](Self::save) but stops after writing and fsyncing the temporary file,
     /// as a crash between write and rename would. Returns the temporary file's path. For
-    /// fault tests.
+    /// fault tests: only in tests and with the cargo feature `fault-injection`.
+    #[cfg(any(test, feature = "fault-injection"))]
     pub fn save_without_rename(&self, ckpt: &RangeCheckpoint) -> Result<PathBuf, CheckpointError> {
         self.write_temp(ckpt).map(|(temp_path, _)| temp_path)
     }

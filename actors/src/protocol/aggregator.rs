@@ -164,7 +164,8 @@ pub struct AggregatorCore {
     pending: Vec<Option<Pending>>,
     pending_count: u32,
     stats: AggStats,
-    /// A deliberately broken mode (see [`AggregatorCore::break_accept_duplicates`]).
+    /// A deliberately broken mode (see `AggregatorCore::break_accept_duplicates`).
+    #[cfg(feature = "fault-injection")]
     accept_duplicates: bool,
 }
 
@@ -188,6 +189,7 @@ impl AggregatorCore {
             pending,
             pending_count: 0,
             stats: AggStats::default(),
+            #[cfg(feature = "fault-injection")]
             accept_duplicates: false,
         }
     }
@@ -277,16 +279,26 @@ impl AggregatorCore {
 
     /// Break this core on purpose: from now on a duplicate contribution is
     /// added to the pending one instead of being ignored. Exists only so the
-    /// chaos tests can prove their checkers catch a real bug; never call it
-    /// in a deployment.
+    /// chaos tests can prove their checkers catch a real bug. Only with the
+    /// cargo feature `fault-injection`.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn break_accept_duplicates(&mut self) {
         self.accept_duplicates = true;
+    }
+
+    /// True in the deliberately broken mode of `break_accept_duplicates`.
+    fn accepts_duplicates(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.accept_duplicates;
+        #[cfg(not(feature = "fault-injection"))]
+        false
     }
 
     /// A gradient range arrives. Returns what happened to it and the commands.
     pub fn on_gradient(&mut self, g: Gradient) -> (Verdict, Vec<AggCommand>) {
         let verdict = self.classify(&g);
+        #[cfg(feature = "fault-injection")]
         if verdict == Verdict::Duplicate && self.accept_duplicates {
             if let Some(p) = self.pending[g.partition as usize].as_mut() {
                 p.samples += g.samples;
@@ -368,6 +380,7 @@ impl AggregatorCore {
         let mut samples: u64 = 0;
         let mut loss_sum = 0.0f64;
         let partitions = self.setup.partitions as usize;
+        let broken = self.accepts_duplicates();
         // Partition order, always: float addition is not associative, and this
         // fixed order is what makes the result independent of arrival order.
         for (p, slot) in self.pending.iter_mut().enumerate() {
@@ -381,7 +394,7 @@ impl AggregatorCore {
             loss_sum += part.loss_sum;
             let applied = self.state.ledger.add(u64::from(epoch), partitions, p, u64::from(part.samples));
             assert!(
-                self.accept_duplicates || applied <= self.setup.partition_sizes[p],
+                broken || applied <= self.setup.partition_sizes[p],
                 "exactly-once violated: epoch {epoch} partition {p} applied {applied} > {} samples",
                 self.setup.partition_sizes[p]
             );

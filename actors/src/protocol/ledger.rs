@@ -71,7 +71,9 @@ impl Ledger {
         if row.len() <= p {
             row.resize(p + 1, 0);
         }
-        row[p] += samples;
+        // Saturating: a ledger restored from a checkpoint copy holds numbers from
+        // another node; an absurd count must show as duplicated, not overflow.
+        row[p] = row[p].saturating_add(samples);
         row[p]
     }
 
@@ -80,7 +82,7 @@ impl Ledger {
     pub fn close(&mut self, epoch: u64, sizes: &[u64]) {
         let row = self.open.remove(&epoch).unwrap_or_else(|| vec![0; sizes.len()]);
         let c = &mut self.closed;
-        c.epochs += 1;
+        c.epochs = c.epochs.saturating_add(1);
         if c.per_partition.len() < row.len().max(sizes.len()) {
             c.per_partition.resize(row.len().max(sizes.len()), 0);
         }
@@ -88,13 +90,13 @@ impl Ledger {
         for p in 0..row.len().max(sizes.len()) {
             let got = row.get(p).copied().unwrap_or(0);
             let want = sizes.get(p).copied().unwrap_or(0);
-            c.per_partition[p] += got;
-            c.lost += want.saturating_sub(got);
-            c.duplicated += got.saturating_sub(want);
+            c.per_partition[p] = c.per_partition[p].saturating_add(got);
+            c.lost = c.lost.saturating_add(want.saturating_sub(got));
+            c.duplicated = c.duplicated.saturating_add(got.saturating_sub(want));
             exact &= got == want;
         }
         if exact {
-            c.exact += 1;
+            c.exact = c.exact.saturating_add(1);
         } else if c.first_inexact.is_none() {
             c.first_inexact = Some((epoch, row));
         }
@@ -111,7 +113,7 @@ impl Ledger {
 
     /// Epochs the ledger has seen: folded and open.
     pub fn epochs(&self) -> u64 {
-        self.closed.epochs + self.open.len() as u64
+        self.closed.epochs.saturating_add(self.open.len() as u64)
     }
 
     /// The first epoch not applied exactly once against `sizes`, with its
@@ -130,7 +132,7 @@ impl Ledger {
     /// and nothing else was applied.
     pub fn is_exact(&self, sizes: &[u64], epochs: u64) -> bool {
         let open_exact = self.open.values().filter(|row| row.as_slice() == sizes).count() as u64;
-        self.epochs() == epochs && self.closed.exact + open_exact == epochs
+        self.epochs() == epochs && self.closed.exact.saturating_add(open_exact) == epochs
     }
 }
 

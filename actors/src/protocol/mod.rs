@@ -46,4 +46,6 @@ pub enum Addr {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -114,6 +114,16 @@ impl JobPlan {
         }
     }
 
+    /// True when `key` is one of the job's actors (an index in range for its role).
+    pub fn contains(&self, key: ActorKey) -> bool {
+        let count = match key.role {
+            Role::Shard => self.assignment.len(),
+            Role::Trainer => self.trainers as usize,
+            Role::Aggregator => self.ranges.len(),
+        };
+        (key.index as usize) < count
+    }
+
     /// Every actor of the job, shards first, then aggregators, then trainers.
     pub fn actors(&self) -> Vec<ActorKey> {
         let shards = (0..self.assignment.len() as u32).map(ActorKey::shard);
@@ -147,6 +157,14 @@ pub enum JobError {
     LedgerMismatch {
         /// The range that disagrees with range 0.
         range: u32,
+    },
+    /// A rollback needs a generation above every one issued, and none is left.
+    #[error("no generation left above {generation} for the rollback that {actor} needs")]
+    GenerationsExhausted {
+        /// The actor whose restart needed the rollback.
+        actor: ActorKey,
+        /// The current generation.
+        generation: u64,
     },
 }
 
@@ -233,6 +251,8 @@ pub struct JobCore {
     losses: LossSeries,
     finished: Vec<Option<(u64, Vec<f32>, Ledger)>>,
     done: bool,
+    /// Events dropped because a value in them does not fit the plan.
+    rejected: u64,
 }
 
 impl JobCore {
@@ -253,6 +273,7 @@ impl JobCore {
             losses: LossSeries::new(),
             finished: vec![None; ranges],
             done: false,
+            rejected: 0,
         }
     }
 
@@ -300,6 +321,18 @@ impl JobCore {
     pub fn is_done(&self) -> bool {
         self.done
     }
+    /// Events dropped because a value in them (an actor, a range, a step, an
+    /// offset or a length) does not fit the plan.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Count and log an event that does not fit the plan.
+    fn reject(&mut self, what: std::fmt::Arguments<'_>) -> Vec<JobCommand> {
+        self.rejected += 1;
+        tracing::warn!(job = self.plan.job, "supervisor dropped {what}");
+        Vec::new()
+    }
 
     fn ms_since_start(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.started).as_millis() as u64
@@ -322,6 +355,9 @@ impl JobCore {
     pub fn on_child_failed(&mut self, key: ActorKey, reason: String, now: Instant) -> Vec<JobCommand> {
         if self.done {
             return Vec::new();
+        }
+        if !self.plan.contains(key) {
+            return self.reject(format_args!("a failure of {key}, which is not an actor of the job"));
         }
         let policy = *self.plan.policy(key.role);
         let at_ms = self.ms_since_start(now);
@@ -365,13 +401,33 @@ impl JobCore {
         if self.done {
             return Vec::new();
         }
+        if !self.plan.contains(key) {
+            return self.reject(format_args!("a restart of {key}, which is not an actor of the job"));
+        }
         let since = self.ms_since_start(now);
         let waiting = self.children.get_mut(&key).map(|c| std::mem::take(&mut c.awaiting_restart)).unwrap_or_default();
         let mut out = Vec::new();
         let mut restore = None;
         if key.role == Role::Aggregator {
+            // A checkpoint past the last step (a copy another node sent) is no
+            // version of this job: start over from step 0, which gives the same bits.
+            let total = self.plan.schedule.total_steps();
+            let checkpoint = match checkpoint {
+                Some(step) if step > total => {
+                    self.reject(format_args!("checkpoint {step} to restart {key} from (the job has {total} steps)"));
+                    None
+                }
+                other => other,
+            };
             // The ranges make one θ: every aggregator returns to the same version.
-            self.generation += 1;
+            let Some(next) = self.generation.checked_add(1) else {
+                self.done = true;
+                return vec![JobCommand::Fail(JobError::GenerationsExhausted {
+                    actor: key,
+                    generation: self.generation,
+                })];
+            };
+            self.generation = next;
             self.rollbacks += 1;
             let step = checkpoint.unwrap_or(0);
             restore = Some(step);
@@ -420,6 +476,13 @@ impl JobCore {
         if generation != self.generation || self.done {
             return Vec::new();
         }
+        let total = self.plan.schedule.total_steps();
+        if step > total || range as usize >= self.range_steps.len() {
+            return self.reject(format_args!(
+                "step {step} applied by range {range} (the job has {} ranges and {total} steps)",
+                self.range_steps.len()
+            ));
+        }
         let Some(slot) = self.range_steps.get_mut(range as usize) else { return Vec::new() };
         *slot = (*slot).max(step);
         let min = self.range_steps.iter().copied().min().unwrap_or(0);
@@ -448,6 +511,15 @@ impl JobCore {
         if generation != self.generation || self.done {
             return Vec::new();
         }
+        // The offset and length come from the wire: they must be the range's own,
+        // or assembling θ below would write outside it.
+        let expected = self.plan.ranges.get(range as usize).copied();
+        if expected.is_none() || expected != usize::try_from(offset).ok().map(|o| (o, values.len())) {
+            return self.reject(format_args!(
+                "the final values of range {range} at [{offset}, +{}) (the range is {expected:?})",
+                values.len()
+            ));
+        }
         let Some(slot) = self.finished.get_mut(range as usize) else { return Vec::new() };
         *slot = Some((offset, values, ledger));
         if self.finished.iter().any(Option::is_none) {
@@ -459,8 +531,12 @@ impl JobCore {
         let mut ledger0: Option<&Ledger> = None;
         for (r, f) in self.finished.iter().enumerate() {
             let Some((offset, values, ledger)) = f else { continue };
+            // Checked on arrival; a plan whose ranges do not tile θ is a bug, not an input.
             let o = *offset as usize;
-            params[o..o + values.len()].copy_from_slice(values);
+            let Some(dst) = o.checked_add(values.len()).and_then(|end| params.get_mut(o..end)) else {
+                unreachable!("range {r} [{o}, +{}) checked against the plan on arrival", values.len())
+            };
+            dst.copy_from_slice(values);
             match ledger0 {
                 None => ledger0 = Some(ledger),
                 Some(l0) if l0 != ledger => {

@@ -194,6 +194,7 @@ fn a_state_restored_with_finished_epochs_as_rows_folds_them() {
     assert_eq!(ledger.open.keys().copied().collect::<Vec<_>>(), vec![1]);
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_broken_aggregator_counting_a_duplicate_leaves_an_inexact_epoch_in_the_ledger() {
     let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 2), 0, fresh(2));

@@ -124,6 +124,8 @@ pub struct TrainerCore {
     progress: u64,
     seen_progress: u64,
     idle_ticks: u32,
+    /// Messages dropped because their shape does not fit the job.
+    rejected: u64,
 }
 
 impl TrainerCore {
@@ -147,6 +149,7 @@ impl TrainerCore {
             progress: 0,
             seen_progress: 0,
             idle_ticks: 0,
+            rejected: 0,
         }
     }
 
@@ -157,6 +160,11 @@ impl TrainerCore {
     /// The generation.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+    /// Messages dropped because their shape (a range's offset or length, a
+    /// batch's features or row count) does not fit the job.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
     }
     /// The version of the newest complete θ, if any.
     pub fn ready_step(&self) -> Option<u64> {
@@ -249,10 +257,12 @@ impl TrainerCore {
         let r = p.range as usize;
         let Some(&(offset, len)) = self.setup.ranges.get(r) else {
             tracing::warn!(trainer = self.setup.index, range = p.range, "params for an unknown range dropped");
+            self.rejected += 1;
             return Vec::new();
         };
         if p.offset != offset as u64 || p.values.len() != len {
             tracing::warn!(trainer = self.setup.index, range = p.range, "params with a wrong offset or length dropped");
+            self.rejected += 1;
             return Vec::new();
         }
         if self.ready_step().is_some_and(|s| p.step <= s) {
@@ -340,9 +350,23 @@ impl TrainerCore {
             return Vec::new();
         }
         let key = (b.step, b.partition);
-        if !self.requested.remove(&key) {
+        if !self.requested.contains(&key) {
             return Vec::new(); // not asked for (any more): a duplicate or late reply
         }
+        // The shape comes from the wire: a batch that cannot feed the model is
+        // dropped here (still requested: the stall check asks again) rather than
+        // failing the trainer at compute time.
+        if let Err(reason) = self.check_batch(&b) {
+            tracing::warn!(
+                trainer = self.setup.index,
+                partition = b.partition,
+                step = b.step,
+                "batch dropped: {reason}"
+            );
+            self.rejected += 1;
+            return Vec::new();
+        }
+        self.requested.remove(&key);
         let ready = self.ready_step();
         self.batches.insert(key, b);
         match ready {
@@ -351,6 +375,20 @@ impl TrainerCore {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Why `b` cannot feed the model, if it cannot.
+    fn check_batch(&self, b: &Batch) -> Result<(), String> {
+        let rows = b.targets.len();
+        let features = self.setup.features;
+        if b.features as usize != features || rows.checked_mul(features) != Some(b.x.len()) {
+            return Err(format!(
+                "{} values for {rows} rows of {} features (model has {features})",
+                b.x.len(),
+                b.features
+            ));
+        }
+        Ok(())
     }
 
     /// The shard of `partition` restarted: requests sent to its predecessor may be lost.
@@ -397,15 +435,7 @@ impl TrainerCore {
         };
         let bad = |reason: String| TrainerError::BadBatch { trainer: self.setup.index, partition, step, reason };
         let rows = batch.targets.len();
-        if batch.features as usize != self.setup.features || batch.x.len() != rows * self.setup.features {
-            return Err(bad(format!(
-                "{} values for {} rows of {} features (model has {})",
-                batch.x.len(),
-                rows,
-                batch.features,
-                self.setup.features
-            )));
-        }
+        self.check_batch(&batch).map_err(bad)?;
         let x = ArrayView2::from_shape((rows, self.setup.features), &batch.x).map_err(|e| bad(e.to_string()))?;
         let targets = match &batch.targets {
             BatchTargets::Real(v) => Targets::Real(v),

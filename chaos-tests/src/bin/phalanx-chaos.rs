@@ -104,7 +104,7 @@ fn run() -> Result<bool, String> {
                     sim_campaign(start..start + seeds, &out).map_err(|e| format!("{}: {e}", out.display()))?;
                 if !skip_processes {
                     let exe = find_phalanx().ok_or(
-                        "the phalanx binary is not next to phalanx-chaos: build it (cargo build --release -p phalanx) \
+                        "the phalanx binary is not next to phalanx-chaos: build it with the harness (cargo build --release -p phalanx -p phalanx-chaos) \
                          or pass --skip-processes",
                     )?;
                     process_campaign(&exe, &out.join("processes"), &mut report)?;
@@ -190,7 +190,7 @@ fn run() -> Result<bool, String> {
 /// `run` of a real-process scenario: its fault-free twin, the run, the report.
 fn run_process_scenario(scenario: &ProcessScenario, out: &std::path::Path) -> Result<bool, String> {
     let exe = find_phalanx()
-        .ok_or("the phalanx binary is not next to phalanx-chaos: build it (cargo build --release -p phalanx)")?;
+        .ok_or("the phalanx binary is not next to phalanx-chaos: build it with the harness (cargo build --release -p phalanx -p phalanx-chaos)")?;
     let mut report = Report { identical: true, ..Report::default() };
     let plot = out.join("processes.svg");
     process_campaign_of(&exe, std::slice::from_ref(scenario), &out.join("processes"), &mut report, Some(&plot))?;

@@ -32,6 +32,13 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
 /// second on loopback, several missed heartbeats of tolerance.
 pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 500;
 
+/// The highest view epoch a node issues or accepts. A job supervisor's
+/// generations carry the epoch of its view in their high 32 bits (see
+/// `node_job::first_generation`), so a larger epoch would not fence anything;
+/// a heartbeat or view claiming one is dropped, and a node whose epochs run
+/// out issues no more views (four billion view changes: never in practice).
+pub const MAX_EPOCH: u64 = u32::MAX as u64;
+
 /// Detector settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DetectorConfig {
@@ -111,6 +118,8 @@ pub struct Membership {
     rejoining: bool,
     /// The view each member last said it had adopted: (epoch, coordinator).
     reported: BTreeMap<u32, (u64, u32)>,
+    /// Messages from members dropped because a value in them is out of bounds.
+    rejected: u64,
 }
 
 impl Membership {
@@ -132,7 +141,41 @@ impl Membership {
             settled: false,
             rejoining: false,
             reported: BTreeMap::new(),
+            rejected: 0,
         }
+    }
+
+    /// Messages from members dropped because a value in them is out of bounds:
+    /// an epoch above [`MAX_EPOCH`], a coordinator or view member that is not a
+    /// configured member, a view not issued by its sender.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Why a message from member `from` cannot be taken, if it cannot.
+    fn check(&self, from: u32, msg: &MembershipMsg) -> Result<(), String> {
+        match msg {
+            MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator } => {
+                if (*view_epoch).max(*highest_epoch) > MAX_EPOCH {
+                    return Err(format!("epochs {view_epoch}/{highest_epoch} above {MAX_EPOCH}"));
+                }
+                if let Some(c) = coordinator.filter(|c| !self.members.contains(c)) {
+                    return Err(format!("coordinator {c} is not a configured member"));
+                }
+            }
+            MembershipMsg::View(view) => {
+                if view.epoch > MAX_EPOCH {
+                    return Err(format!("view epoch {} above {MAX_EPOCH}", view.epoch));
+                }
+                if view.coordinator != from || !view.members.contains(&from) {
+                    return Err(format!("a view of coordinator {} sent by node {from}", view.coordinator));
+                }
+                if let Some(m) = view.members.iter().find(|m| !self.members.contains(m)) {
+                    return Err(format!("view member {m} is not a configured member"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// This node's id.
@@ -203,6 +246,13 @@ impl Membership {
     /// A message from member `from` arrived.
     pub fn on_message(&mut self, from: u32, msg: MembershipMsg, now: Instant) -> Vec<MembershipCommand> {
         if !self.members.contains(&from) || from == self.me {
+            return Vec::new();
+        }
+        if let Err(why) = self.check(from, &msg) {
+            // Not even a sign of life: a member that only says such things is
+            // declared down like a silent one, and leaves the view.
+            tracing::warn!(node = self.me, peer = from, "membership message dropped: {why}");
+            self.rejected += 1;
             return Vec::new();
         }
         self.last_heard.insert(from, now);
@@ -291,8 +341,12 @@ impl Membership {
         if current.is_some_and(|v| v.coordinator == self.me && v.members == self.up) {
             return out;
         }
-        self.highest_epoch += 1;
-        let view = View { epoch: self.highest_epoch, coordinator: self.me, members: self.up.clone() };
+        let Some(epoch) = self.highest_epoch.checked_add(1).filter(|e| *e <= MAX_EPOCH) else {
+            tracing::error!(node = self.me, epoch = self.highest_epoch, "no view epoch left: issuing no view");
+            return out;
+        };
+        self.highest_epoch = epoch;
+        let view = View { epoch, coordinator: self.me, members: self.up.clone() };
         self.view = Some(view.clone());
         for &m in self.up.iter().filter(|m| **m != self.me) {
             out.push(MembershipCommand::Send(m, MembershipMsg::View(view.clone())));
@@ -603,5 +657,122 @@ mod tests {
         let beat = MembershipMsg::Heartbeat { view_epoch: 99, highest_epoch: 99, coordinator: Some(7) };
         assert!(m.on_message(7, beat, now).is_empty());
         assert_eq!(m.up().len(), 1);
+    }
+}
+
+/// Any message from anyone, any clock: the core never panics, never adopts or
+/// issues a view beyond [`MAX_EPOCH`] or with a member outside the cluster.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::{btree_set, vec};
+    use proptest::prelude::*;
+
+    /// Configured members `0..MEMBERS`; the core under test is node 1.
+    const MEMBERS: u32 = 5;
+
+    fn any_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![4 => 0..6u64, 1 => Just(MAX_EPOCH), 1 => Just(MAX_EPOCH + 1), 1 => Just(u64::MAX), 1 => any::<u64>()]
+    }
+
+    fn any_u32() -> impl Strategy<Value = u32> {
+        prop_oneof![4 => 0..MEMBERS + 1, 1 => Just(u32::MAX), 1 => any::<u32>()]
+    }
+
+    fn msg() -> impl Strategy<Value = MembershipMsg> {
+        prop_oneof![
+            (any_u64(), any_u64(), proptest::option::of(any_u32())).prop_map(
+                |(view_epoch, highest_epoch, coordinator)| MembershipMsg::Heartbeat {
+                    view_epoch,
+                    highest_epoch,
+                    coordinator
+                }
+            ),
+            (any_u64(), any_u32(), btree_set(any_u32(), 0..6))
+                .prop_map(|(epoch, coordinator, members)| MembershipMsg::View(View { epoch, coordinator, members })),
+        ]
+    }
+
+    #[derive(Clone, Debug)]
+    enum Event {
+        Message(u32, MembershipMsg),
+        /// The clock advances by this many milliseconds, then a tick.
+        Tick(u64),
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            3 => (any_u32(), msg()).prop_map(|(from, m)| Event::Message(from, m)),
+            // Heartbeats of live members, so views get issued and adopted too.
+            2 => (0..MEMBERS, 0..4u64).prop_map(|(from, e)| Event::Message(
+                from,
+                MembershipMsg::Heartbeat { view_epoch: e, highest_epoch: e, coordinator: (e > 0).then_some(0) }
+            )),
+            2 => (0..800u64).prop_map(Event::Tick),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_membership_core_takes_any_message(events in vec(event(), 0..64)) {
+            let mut m = Membership::new(1, 0..MEMBERS, DetectorConfig::default());
+            let mut now = Instant::now();
+            for event in events {
+                let cmds = match event {
+                    Event::Message(from, msg) => m.on_message(from, msg, now),
+                    Event::Tick(ms) => {
+                        now += Duration::from_millis(ms);
+                        m.on_tick(now)
+                    }
+                };
+                for cmd in cmds {
+                    let view = match cmd {
+                        MembershipCommand::Adopted(v) | MembershipCommand::Send(_, MembershipMsg::View(v)) => v,
+                        MembershipCommand::Send(to, _) | MembershipCommand::Down(to) => {
+                            prop_assert!(to < MEMBERS);
+                            continue;
+                        }
+                        MembershipCommand::QuorumLost => continue,
+                    };
+                    prop_assert!(view.epoch <= MAX_EPOCH, "{view:?}");
+                    prop_assert!(view.members.iter().all(|n| *n < MEMBERS), "{view:?}");
+                    prop_assert!(view.members.contains(&view.coordinator), "{view:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_epoch_at_the_end_of_the_range_is_refused_and_the_node_still_issues_views() {
+        let mut m = Membership::new(0, 0..3, DetectorConfig::default());
+        let now = Instant::now();
+        let beat = |e| MembershipMsg::Heartbeat { view_epoch: e, highest_epoch: e, coordinator: None };
+        // Before the bound, `u64::MAX` as the highest epoch seen made the next view's `+ 1` overflow.
+        for e in [u64::MAX, MAX_EPOCH + 1] {
+            assert!(m.on_message(1, beat(e), now).is_empty());
+        }
+        let stranger = View { epoch: 5, coordinator: 2, members: [2, 9].into_iter().collect() };
+        assert!(m.on_message(2, MembershipMsg::View(stranger), now).is_empty());
+        let forged = View { epoch: 5, coordinator: 2, members: [1, 2].into_iter().collect() };
+        assert!(m.on_message(1, MembershipMsg::View(forged), now).is_empty());
+        assert_eq!(m.rejected(), 4);
+        assert_eq!(m.up().len(), 1, "refused messages are no sign of life");
+        m.on_message(1, beat(0), now);
+        m.on_message(2, beat(0), now);
+        let view = m.view().expect("node 0 heard everyone and coordinates");
+        assert_eq!((view.epoch, view.coordinator, view.members.len()), (1, 0, 3));
+    }
+
+    #[test]
+    fn a_node_whose_epochs_ran_out_issues_no_view() {
+        let mut m = Membership::new(0, 0..3, DetectorConfig::default());
+        let now = Instant::now();
+        let beat = MembershipMsg::Heartbeat { view_epoch: 0, highest_epoch: MAX_EPOCH, coordinator: None };
+        m.on_message(1, beat.clone(), now);
+        let cmds = m.on_message(2, beat, now);
+        assert!(cmds.is_empty(), "{cmds:?}");
+        assert!(m.view().is_none());
     }
 }

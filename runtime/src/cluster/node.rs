@@ -85,7 +85,9 @@ pub struct NodeConfig {
     #[serde(default)]
     pub out: Option<PathBuf>,
     /// Fault injection for chaos tests: abort this process after writing the
-    /// checkpoint of this step to its temporary file, before the rename.
+    /// checkpoint of this step to its temporary file, before the rename. Only a
+    /// build with the cargo feature `fault-injection` does; a default build
+    /// refuses a config that sets it ([`validate`](Self::validate)).
     #[serde(default)]
     pub crash_before_rename: Option<u64>,
     /// Other nodes that keep a copy of every checkpoint (the coordinator's
@@ -150,6 +152,9 @@ impl NodeConfig {
         }
         if self.detector.heartbeat_ms == 0 || self.detector.failure_timeout_ms <= self.detector.heartbeat_ms {
             return field("detector", "failure_timeout_ms must exceed heartbeat_ms, and both be positive".into());
+        }
+        if let Some(step) = self.crash_before_rename {
+            crate::require_fault_injection(crate::FAULT_INJECTION, "crash_before_rename", &step)?;
         }
         Ok(())
     }

@@ -46,6 +46,7 @@ pub(crate) struct NodeJob {
     checkpoints: PathBuf,
     out: Option<PathBuf>,
     /// Fault injection: see [`NodeConfig::crash_before_rename`].
+    #[cfg(feature = "fault-injection")]
     crash_before_rename: Option<u64>,
     /// See [`NodeConfig::report_steps`].
     report_steps: Vec<u64>,
@@ -158,6 +159,7 @@ impl NodeJob {
             names,
             checkpoints,
             out,
+            #[cfg(feature = "fault-injection")]
             crash_before_rename: config.crash_before_rename,
             report_steps: config.report_steps.clone(),
             members: (0..config.members()).collect(),
@@ -290,6 +292,7 @@ impl NodeJob {
         let members = self.members.clone();
         let checkpoints = self.checkpoints.clone();
         let out = self.out.clone();
+        #[cfg(feature = "fault-injection")]
         let crash = self.crash_before_rename;
         let replication = self.replication_stats.subscribe();
         // A job this node has never seen run starts fresh (a new history);
@@ -313,6 +316,7 @@ impl NodeJob {
         let task = tokio::spawn(async move {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
+                    #[cfg(feature = "fault-injection")]
                     let store = store.with_crash_before_rename(crash);
                     let span = tracing::info_span!("job", node = me, job = routing.job, epoch);
                     tracing::Instrument::instrument(

@@ -34,6 +34,13 @@ pub type JobId = u64;
 pub const MAX_JOBS_KEPT: usize = 256;
 /// Jobs queued at most; a submission beyond is refused (back-pressure).
 pub const MAX_QUEUED: usize = 64;
+/// Jobs running at once at most, whatever a node's `max_jobs` asks: with
+/// [`MAX_QUEUED`] it keeps the jobs that are not over below [`MAX_JOBS_KEPT`],
+/// so the registry stays within that bound.
+pub const MAX_RUNNING: u32 = 64;
+/// The largest job id and version sequence number a registry gives or adopts:
+/// far beyond any real count, and below `u64::MAX` so that the next one exists.
+pub const MAX_SEQ: u64 = u64::MAX / 2;
 
 /// Where a job stands.
 // Externally tagged (serde's default): it travels in bincode frames, which
@@ -116,6 +123,60 @@ pub enum SubmitError {
         /// This node.
         me: u32,
     },
+    /// No job id or registry version is left to give.
+    #[error("the registry has no job id or version left to give")]
+    Exhausted,
+}
+
+/// Why a member refused a registry snapshot from the wire.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// More jobs than a registry ever holds.
+    #[error("{jobs} jobs, and a registry holds at most {MAX_JOBS_KEPT} (+1 seeded)")]
+    TooManyJobs {
+        /// Jobs in the snapshot.
+        jobs: usize,
+    },
+    /// A job filed under another id than its own.
+    #[error("job {id} filed under id {key}")]
+    MisfiledJob {
+        /// The key it is filed under.
+        key: JobId,
+        /// Its own id.
+        id: JobId,
+    },
+    /// An id, the next id or the version's sequence number beyond [`MAX_SEQ`].
+    #[error("{what} {value} is beyond {MAX_SEQ}")]
+    OutOfRange {
+        /// Which number.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+}
+
+impl Snapshot {
+    /// Check what a snapshot from another node must satisfy before a member
+    /// adopts it: bounded size, ids that match their keys, numbers whose
+    /// successors exist.
+    pub fn validate(&self) -> Result<(), SnapshotError> {
+        if self.jobs.len() > MAX_JOBS_KEPT + 1 {
+            return Err(SnapshotError::TooManyJobs { jobs: self.jobs.len() });
+        }
+        let beyond = |what, value: u64| (value > MAX_SEQ).then_some(SnapshotError::OutOfRange { what, value });
+        if let Some(e) = beyond("next id", self.next_id).or_else(|| beyond("version sequence", self.version.1)) {
+            return Err(e);
+        }
+        for (key, job) in &self.jobs {
+            if *key != job.id {
+                return Err(SnapshotError::MisfiledJob { key: *key, id: job.id });
+            }
+            if let Some(e) = beyond("job id", *key) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The registry of one node: the coordinator's working copy, or a member's
@@ -133,12 +194,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry of node `me`, running at most `max_running` jobs at once.
+    /// An empty registry of node `me`, running at most `max_running` jobs at once
+    /// (at least 1, at most [`MAX_RUNNING`]).
     pub fn new(me: u32, max_running: u32) -> Self {
         Self {
             me,
             snapshot: Snapshot::default(),
-            max_running: max_running.max(1),
+            max_running: max_running.clamp(1, MAX_RUNNING),
             acks: BTreeMap::new(),
             durable: (0, 0),
         }
@@ -163,7 +225,7 @@ impl Registry {
     /// command line): queued, in version `(0, 0)`, below anything a coordinator issues.
     pub fn seed(&mut self, id: JobId, spec: JobConfig) {
         self.snapshot.jobs.insert(id, JobEntry { id, spec, state: JobState::Queued });
-        self.snapshot.next_id = self.snapshot.next_id.max(id + 1);
+        self.snapshot.next_id = self.snapshot.next_id.max(id.saturating_add(1));
     }
 
     /// This node starts coordinating in `epoch`: its updates carry versions of
@@ -177,7 +239,9 @@ impl Registry {
     }
 
     fn bump(&mut self) -> Version {
-        self.snapshot.version.1 += 1;
+        // Adopted snapshots keep the sequence at most MAX_SEQ: no real registry
+        // gets near the end, and a saturated one stops being newer, not a panic.
+        self.snapshot.version.1 = self.snapshot.version.1.saturating_add(1);
         self.acks.insert(self.snapshot.version, [self.me].into_iter().collect());
         self.snapshot.version
     }
@@ -189,7 +253,11 @@ impl Registry {
         if queued >= MAX_QUEUED {
             return Err(SubmitError::QueueFull);
         }
-        let id = self.snapshot.next_id.max(self.snapshot.jobs.keys().next_back().map_or(0, |k| k + 1)).max(1);
+        let after_last = self.snapshot.jobs.keys().next_back().map_or(0, |k| k.saturating_add(1));
+        let id = self.snapshot.next_id.max(after_last).max(1);
+        if id > MAX_SEQ || self.snapshot.version.1 >= MAX_SEQ {
+            return Err(SubmitError::Exhausted);
+        }
         self.snapshot.next_id = id + 1;
         self.snapshot.jobs.insert(id, JobEntry { id, spec, state: JobState::Queued });
         self.forget_old();
@@ -248,10 +316,15 @@ impl Registry {
         newly
     }
 
-    /// A member's copy: adopt `snapshot` if newer than the one held. Returns
+    /// A member's copy: adopt `snapshot` if newer than the one held and valid
+    /// ([`Snapshot::validate`]; an invalid one is logged and refused). Returns
     /// whether it was adopted.
     pub fn adopt(&mut self, snapshot: Snapshot) -> bool {
         if snapshot.version <= self.snapshot.version {
+            return false;
+        }
+        if let Err(e) = snapshot.validate() {
+            tracing::warn!(node = self.me, version = ?snapshot.version, "registry snapshot refused: {e}");
             return false;
         }
         self.snapshot = snapshot;
@@ -369,5 +442,130 @@ mod tests {
         assert!(r.set_state(a, JobState::Cancelled).is_some());
         assert!(r.set_state(a, JobState::Running).is_none());
         assert_eq!(r.job(a).unwrap().state, JobState::Cancelled);
+    }
+}
+
+/// Any snapshot, ack or order: the registry never panics and stays bounded.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+
+    fn any_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![4 => 0..8u64, 1 => Just(MAX_SEQ), 1 => Just(MAX_SEQ + 1), 1 => Just(u64::MAX), 1 => any::<u64>()]
+    }
+
+    fn state() -> impl Strategy<Value = JobState> {
+        prop_oneof![
+            Just(JobState::Queued),
+            Just(JobState::Running),
+            Just(JobState::Finished { model_sha256: "ab".into(), summary: None }),
+            Just(JobState::Failed { error: "e".into() }),
+            Just(JobState::Cancelled),
+        ]
+    }
+
+    fn snapshot() -> impl Strategy<Value = Snapshot> {
+        let entry = (prop_oneof![Just(None), any_u64().prop_map(Some)], state());
+        (any_u64(), any_u64(), any_u64(), btree_map(any_u64(), entry, 0..6), 0..300usize).prop_map(
+            |(epoch, seq, next_id, entries, extra)| {
+                let mut jobs: BTreeMap<JobId, JobEntry> = entries
+                    .into_iter()
+                    .map(|(key, (id, state))| {
+                        (key, JobEntry { id: id.unwrap_or(key), spec: JobConfig::default(), state })
+                    })
+                    .collect();
+                // Sometimes far more jobs than a registry holds.
+                if extra > 250 {
+                    jobs.extend(
+                        (1000..1000 + extra as u64)
+                            .map(|id| (id, JobEntry { id, spec: JobConfig::default(), state: JobState::Cancelled })),
+                    );
+                }
+                Snapshot { version: (epoch, seq), next_id, jobs }
+            },
+        )
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Adopt(Snapshot),
+        TakeOver(u64),
+        Accept,
+        SetState(u64, JobState),
+        ToStart,
+        Ack(u32, (u64, u64), u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => snapshot().prop_map(Op::Adopt),
+            1 => any_u64().prop_map(Op::TakeOver),
+            3 => Just(Op::Accept),
+            2 => (any_u64(), state()).prop_map(|(id, s)| Op::SetState(id, s)),
+            2 => Just(Op::ToStart),
+            2 => (any::<u32>(), (any_u64(), any_u64()), any::<u32>()).prop_map(|(f, v, c)| Op::Ack(f, v, c)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_registry_takes_any_snapshot_ack_and_order(ops in vec(op(), 0..40), max_running in any::<u32>()) {
+            let mut r = Registry::new(1, max_running);
+            r.seed(1, JobConfig::default());
+            for op in ops {
+                match op {
+                    Op::Adopt(s) => {
+                        let valid = s.validate().is_ok();
+                        if r.adopt(s) {
+                            prop_assert!(valid);
+                        }
+                    }
+                    Op::TakeOver(epoch) => r.take_over(epoch),
+                    Op::Accept => {
+                        let _ = r.accept(JobConfig::default());
+                    }
+                    Op::SetState(id, state) => {
+                        let _ = r.set_state(id, state);
+                    }
+                    Op::ToStart => {
+                        let _ = r.to_start();
+                    }
+                    Op::Ack(from, v, configured) => {
+                        let _ = r.on_ack(from, v, configured);
+                    }
+                }
+                let s = r.snapshot();
+                prop_assert!(s.jobs.len() <= MAX_JOBS_KEPT + 1, "{} jobs", s.jobs.len());
+                prop_assert!(r.running().len() <= MAX_RUNNING as usize);
+            }
+        }
+    }
+
+    #[test]
+    fn a_snapshot_whose_numbers_have_no_successor_is_refused() {
+        let job = |id| JobEntry { id, spec: JobConfig::default(), state: JobState::Queued };
+        let mut r = Registry::new(1, 1);
+        for bad in [
+            Snapshot { version: (1, u64::MAX), ..Snapshot::default() },
+            Snapshot { version: (1, 1), next_id: u64::MAX, ..Snapshot::default() },
+            Snapshot {
+                version: (1, 1),
+                jobs: [(u64::MAX, job(u64::MAX))].into_iter().collect(),
+                ..Snapshot::default()
+            },
+            Snapshot { version: (1, 1), jobs: [(3, job(4))].into_iter().collect(), ..Snapshot::default() },
+            Snapshot { version: (1, 1), jobs: (0..300).map(|id| (id, job(id))).collect(), ..Snapshot::default() },
+        ] {
+            let why = bad.validate().unwrap_err();
+            assert!(!r.adopt(bad), "{why}");
+        }
+        // Before validation, taking over after adopting `u64::MAX` made the next accept overflow.
+        assert_eq!(r.snapshot().version, (0, 0));
+        r.take_over(2);
+        assert!(r.accept(JobConfig::default()).is_ok());
     }
 }
