@@ -185,8 +185,11 @@ impl Actor for AggregatorActor {
     ) -> Result<(), ActorProcessingErr> {
         let ActorMsg::Net(msg) = msg else { return Ok(()) };
         match msg {
-            Msg::Gradient(g) => state.on_gradient(g),
-            Msg::Gradients(gs) => gs.into_iter().try_for_each(|g| state.on_gradient(g)),
+            // A gradient may complete a step: the optimizer runs off the tokio workers.
+            Msg::Gradient(g) => super::compute(state.ctx.model.num_params(), || state.on_gradient(g)),
+            Msg::Gradients(gs) => {
+                super::compute(state.ctx.model.num_params(), || gs.into_iter().try_for_each(|g| state.on_gradient(g)))
+            }
             Msg::ParamsRequest { trainer, step, .. } => {
                 let cmds = state.core.on_params_request(trainer, step);
                 state.run(cmds)

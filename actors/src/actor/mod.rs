@@ -125,3 +125,25 @@ pub async fn spawn_actor(
         }
     })
 }
+
+/// Runs an actor's CPU-bound work (a trainer's gradients, an aggregator's optimizer step)
+/// so that it does not hold a tokio worker the rest of the node needs: on a multi-threaded
+/// runtime the worker hands its other tasks (the node loop, heartbeats, QUIC) to another
+/// thread for the duration ([`tokio::task::block_in_place`]); elsewhere (a current-thread
+/// runtime, outside tokio) it simply runs. The result and its bits are the same either way.
+///
+/// Handing a worker over costs a few microseconds, more than a small model's whole step, so
+/// only models of at least [`OFFLOAD_PARAMS`] parameters (`params`) are handed over.
+pub(crate) fn compute<R>(params: usize, work: impl FnOnce() -> R) -> R {
+    if params < OFFLOAD_PARAMS {
+        return work();
+    }
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+/// Models from this many parameters compute off the tokio workers (see [`compute`]): a
+/// gradient of this size takes on the order of a millisecond.
+pub const OFFLOAD_PARAMS: usize = 65_536;

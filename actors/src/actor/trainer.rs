@@ -87,16 +87,19 @@ impl Actor for TrainerActor {
             }
             ActorMsg::Net(msg) => msg,
         };
-        let cmds = match msg {
-            Msg::Params(p) => state.core.on_params(p),
-            Msg::Batches(b) => state.core.on_batches(b),
-            Msg::ShardReady { partition, .. } => state.core.on_shard_ready(partition),
-            Msg::Assign { generation, partitions, .. } => state.core.on_assign(generation, partitions),
-            other => {
-                tracing::warn!(trainer = state.key.index, kind = other.kind(), "unexpected message dropped");
-                Vec::new()
-            }
-        };
-        state.run(cmds)
+        // Gradients are computed here (TrainerCommand::Compute): off the tokio workers.
+        super::compute(state.ctx.model.num_params(), || {
+            let cmds = match msg {
+                Msg::Params(p) => state.core.on_params(p),
+                Msg::Batches(b) => state.core.on_batches(b),
+                Msg::ShardReady { partition, .. } => state.core.on_shard_ready(partition),
+                Msg::Assign { generation, partitions, .. } => state.core.on_assign(generation, partitions),
+                other => {
+                    tracing::warn!(trainer = state.key.index, kind = other.kind(), "unexpected message dropped");
+                    Vec::new()
+                }
+            };
+            state.run(cmds)
+        })
     }
 }
