@@ -476,6 +476,7 @@ pub fn job_of(kind: &NodeEventKind) -> Option<JobId> {
         | NodeEventKind::Fetching { job, .. }
         | NodeEventKind::Waiting { job, .. }
         | NodeEventKind::Step { job, .. }
+        | NodeEventKind::Recovered { job, .. }
         | NodeEventKind::JobDone { job, .. }
         | NodeEventKind::JobFailed { job, .. }
         | NodeEventKind::JobState { job, .. } => Some(*job),
