@@ -253,7 +253,8 @@ impl PreparedJob {
             None
         };
         let names = LocalNet::new(format!("phalanx-{job:x}"), self.config.trainers);
-        let ctx = self.context(job, store, names.clone(), Arc::new(names), None, None);
+        let ctx = tracing::info_span!("job", job)
+            .in_scope(|| self.context(job, store, names.clone(), Arc::new(names), None, None));
         spawn_job_recording(ctx, restore, 0).await.map_err(|e| Error::Spawn(e.to_string()))
     }
 

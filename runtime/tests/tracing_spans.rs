@@ -1,9 +1,10 @@
 //! Tracing spans of a job's actors, captured by a `tracing_subscriber` layer
 //! while a small job trains on this test's thread (a current-thread runtime
-//! runs every actor here, so a thread-local subscriber sees them all): each
-//! actor logs in a span named by its role with the job and its index, a child
-//! of the span the job was started in; with debug on, every (step, partition)
-//! a trainer computes has a `step` span; with debug off there are none.
+//! runs every actor here, so a thread-local subscriber sees them all): the
+//! job runs in a `job{job}` span under the caller's, each actor in a child
+//! span named by its role with its index; with debug on, every (step,
+//! partition) a trainer computes has a `step` span; with debug off there are
+//! none.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -68,7 +69,10 @@ async fn every_actor_has_a_span_and_every_computed_step_a_debug_span_with_its_st
     assert!(total_steps > 5, "a few steps: {total_steps}");
     let spans = spans_of_a_job(LevelFilter::DEBUG).await;
 
-    // One span per actor instance, named by its role, under the span the job started in.
+    // The job's span under the caller's, one span per actor instance under it, named by its role.
+    let jobs: Vec<&Opened> = spans.iter().filter(|s| s.name == "job").collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].fields.contains_key("job") && jobs[0].parent == Some("test_job"), "{jobs:?}");
     let actors = |role: &str, index: &str| -> BTreeSet<String> {
         spans.iter().filter(|s| s.name == role).map(|s| s.fields.get(index).cloned().unwrap_or_default()).collect()
     };
@@ -77,8 +81,7 @@ async fn every_actor_has_a_span_and_every_computed_step_a_debug_span_with_its_st
     assert_eq!(actors("shard", "partition"), all(4));
     assert_eq!(actors("aggregator", "range"), all(1));
     for s in spans.iter().filter(|s| ["trainer", "shard", "aggregator"].contains(&s.name)) {
-        assert!(s.fields.contains_key("job"), "{s:?}");
-        assert_eq!(s.parent, Some("test_job"), "{s:?}");
+        assert_eq!(s.parent, Some("job"), "{s:?}");
     }
 
     // Every (step, partition) a trainer computed has its step span in that trainer's span.

@@ -22,7 +22,7 @@ pub struct AggregatorState {
     ctx: Arc<JobContext>,
     key: ActorKey,
     core: AggregatorCore,
-    /// `aggregator{job, range}`, under the job's span.
+    /// `aggregator{range}`, under the job's span.
     span: tracing::Span,
 }
 
@@ -168,7 +168,7 @@ impl Actor for AggregatorActor {
         _myself: ActorRef<ActorMsg>,
         (ctx, range, generation, restore): Self::Arguments,
     ) -> Result<AggregatorState, ActorProcessingErr> {
-        let span = tracing::info_span!(parent: &ctx.span, "aggregator", job = ctx.job, range);
+        let span = tracing::info_span!(parent: &ctx.span, "aggregator", range);
         let (state, fresh) = span.in_scope(|| initial_state(&ctx, range, restore))?;
         let core = AggregatorCore::new(setup(&ctx, range), generation, state);
         let cmds = core.start(fresh);

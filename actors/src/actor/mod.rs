@@ -15,11 +15,11 @@
 //! most one step of gradients and one batch per partition are in flight.
 //! That bounds every (unbounded) ractor mailbox without extra credits.
 //!
-//! Every actor logs inside a span named by its role (`shard`, `trainer`,
-//! `aggregator`) with the fields `job` and its index (`partition`, `trainer`,
-//! `range`), a child of [`JobContext::span`]; the work of one step runs in a
-//! `debug`-level `step` span with the field `step`, which costs nothing
-//! unless debug logging is on. What a node counts (restarts, recoveries,
+//! Every actor logs inside a span named by its role with its index
+//! (`shard{partition}`, `trainer{trainer}`, `aggregator{range}`), a child of
+//! [`JobContext::span`] (which names the job), although each actor runs on a
+//! task of its own; the work of one step runs in a `debug`-level `step` span
+//! with the field `step`, which costs nothing unless debug logging is on. What a node counts (restarts, recoveries,
 //! checkpoint durations) it learns from a [`JobObserver`].
 
 mod aggregator;
@@ -83,8 +83,9 @@ pub struct JobContext {
     /// Told of restarts, recoveries and checkpoints as they happen (a node's
     /// metrics and events). `None`: nobody listens.
     pub observer: Option<Arc<dyn JobObserver>>,
-    /// The span the job's actors log in (a node's `job` span): each actor's
-    /// own span is its child, although the actor runs on a task of its own.
+    /// The span the job's actors log in, naming the job (the `phalanx` crate
+    /// opens `job{job}`, on a node `job{node, job}`): the supervisor logs in
+    /// it, and each actor's own span is its child.
     pub span: tracing::Span,
 }
 

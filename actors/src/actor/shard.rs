@@ -15,7 +15,7 @@ pub struct ShardActor;
 pub struct ShardState {
     ctx: Arc<JobContext>,
     core: ShardCore,
-    /// `shard{job, partition}`, under the job's span.
+    /// `shard{partition}`, under the job's span.
     span: tracing::Span,
 }
 
@@ -29,7 +29,7 @@ impl Actor for ShardActor {
         _myself: ActorRef<ActorMsg>,
         (ctx, partition): Self::Arguments,
     ) -> Result<ShardState, ActorProcessingErr> {
-        let span = tracing::info_span!(parent: &ctx.span, "shard", job = ctx.job, partition);
+        let span = tracing::info_span!(parent: &ctx.span, "shard", partition);
         let core = span
             .in_scope(|| ShardCore::new(ctx.job, partition, ctx.plan.schedule, &ctx.partitions, ctx.train.clone()))?;
         Ok(ShardState { ctx, core, span })

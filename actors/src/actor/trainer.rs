@@ -21,7 +21,7 @@ pub struct TrainerState {
     ctx: Arc<JobContext>,
     key: ActorKey,
     core: TrainerCore,
-    /// `trainer{job, trainer}`, under the job's span.
+    /// `trainer{trainer}`, under the job's span.
     span: tracing::Span,
 }
 
@@ -67,7 +67,7 @@ impl Actor for TrainerActor {
             schedule: ctx.plan.schedule,
             features: ctx.train.features(),
         };
-        let span = tracing::info_span!(parent: &ctx.span, "trainer", job = ctx.job, trainer = index);
+        let span = tracing::info_span!(parent: &ctx.span, "trainer", trainer = index);
         let core = TrainerCore::new(setup, ctx.model.clone(), generation, ctx.plan.partitions_of(index));
         let mut state = TrainerState { ctx, key: ActorKey::trainer(index), core, span: span.clone() };
         let start = state.core.start();

@@ -11,7 +11,7 @@
 //! [`super::event`]); `phalanx node` prints each as one JSON object per line
 //! on stdout (`listening` with the process id, `peer_up`, `peer_down`,
 //! `down`, `view`, `quorum_lost`, `duplicate_identity`, `stopped`; with a job
-//! `coordinating`, `spawn`, `step`, `job_done`, `job_failed`), each with
+//! `coordinating`, `spawn`, `step`, `recovered`, `job_done`, `job_failed`), each with
 //! `node` and `t_ms` (milliseconds since the Unix epoch, so a driver can
 //! measure detection time against the moment it killed a process), and logs
 //! for people on stderr. `step` events come at a bounded rate (see

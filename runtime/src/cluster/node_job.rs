@@ -518,7 +518,6 @@ fn newest_complete(dir: &std::path::Path, job: &PreparedJob) -> Option<u64> {
 
 /// Feeds a node's metrics and events from the actors of one of its jobs (see
 /// [`JobObserver`]).
-#[derive(Clone)]
 struct NodeObserver {
     job: JobId,
     events: Emitter,
