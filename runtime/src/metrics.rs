@@ -249,6 +249,27 @@ mod tests {
     }
 
     #[test]
+    fn restarts_and_recoveries_carry_their_cause_and_checkpoint_failures_their_kind() {
+        let m = NodeMetrics::new(3);
+        m.restarts.get_or_create(&Cause::of("node_lost")).inc_by(2);
+        m.recoveries.get_or_create(&Cause::of("node_lost")).inc();
+        m.recovery_duration.observe(0.25);
+        m.checkpoint_duration.observe(0.003);
+        m.checkpoint_failures.get_or_create(&Kind::of("copy")).inc();
+        let text = m.encode();
+        for line in [
+            "phalanx_restarts_total{node=\"3\",cause=\"node_lost\"} 2",
+            "phalanx_recoveries_total{node=\"3\",cause=\"node_lost\"} 1",
+            "phalanx_recovery_duration_seconds_count{node=\"3\"} 1",
+            "phalanx_recovery_duration_seconds_bucket{node=\"3\",le=\"0.256\"} 1",
+            "phalanx_checkpoint_duration_seconds_bucket{node=\"3\",le=\"0.0032\"} 1",
+            "phalanx_checkpoint_failures_total{node=\"3\",kind=\"copy\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+
+    #[test]
     fn names_follow_prometheus_conventions() {
         let text = NodeMetrics::new(3).encode();
         for name in [
@@ -256,9 +277,6 @@ mod tests {
             "phalanx_failure_detection_seconds",
             "phalanx_recovery_duration_seconds",
             "phalanx_checkpoint_duration_seconds",
-            "phalanx_recoveries",
-            "phalanx_restarts",
-            "phalanx_checkpoint_failures",
             "phalanx_build_info",
             "phalanx_membership_epoch",
         ] {
