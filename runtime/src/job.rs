@@ -207,7 +207,9 @@ impl PreparedJob {
         bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
     }
 
-    /// The shared context of this job's actors in this process.
+    /// The shared context of this job's actors in this process. The actors
+    /// log in spans under the span current here; `observer` (if any) is told
+    /// of restarts, recoveries and checkpoints.
     pub fn context(
         &self,
         job: JobId,
@@ -215,6 +217,7 @@ impl PreparedJob {
         names: LocalNet,
         net: Arc<dyn phalanx_actors::net::Net>,
         cluster: Option<Arc<dyn phalanx_actors::actor::Cluster>>,
+        observer: Option<Arc<dyn phalanx_actors::actor::JobObserver>>,
     ) -> Arc<JobContext> {
         Arc::new(JobContext {
             job,
@@ -232,6 +235,8 @@ impl PreparedJob {
             net,
             names,
             cluster,
+            observer,
+            span: tracing::Span::current(),
         })
     }
 
@@ -250,7 +255,8 @@ impl PreparedJob {
             None
         };
         let names = LocalNet::new(format!("phalanx-{job:x}"), self.config.trainers);
-        let ctx = self.context(job, store, names.clone(), Arc::new(names), None);
+        let ctx = tracing::info_span!("job", job)
+            .in_scope(|| self.context(job, store, names.clone(), Arc::new(names), None, None));
         spawn_job_recording(ctx, restore, 0).await.map_err(|e| Error::Spawn(e.to_string()))
     }
 

@@ -45,6 +45,20 @@ impl Kind {
     }
 }
 
+/// A label naming why something happened (a restart, a recovery).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Cause {
+    /// The cause.
+    pub cause: String,
+}
+
+impl Cause {
+    /// The label `cause="…"`.
+    pub fn of(cause: impl Into<String>) -> Self {
+        Self { cause: cause.into() }
+    }
+}
+
 /// The label of `phalanx_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Build {
@@ -62,6 +76,12 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(seconds_buckets())
 }
 
+/// Histogram buckets for checkpoint writes: from 100 µs (a small model on a
+/// fast disk) to about 13 s.
+fn checkpoint_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
+}
+
 /// The metrics of one node.
 #[derive(Debug)]
 pub struct NodeMetrics {
@@ -72,12 +92,22 @@ pub struct NodeMetrics {
     pub samples_applied: Counter,
     /// Wall time between consecutive applied steps.
     pub step_duration: Histogram,
-    /// Frame bytes sent, by kind (`tensor`, `control`, `checkpoint`, `membership`).
+    /// Frame bytes sent to other nodes, by kind (`gradients`, `params`,
+    /// `batches`, `checkpoint`, `control`, `membership`; see
+    /// [`Traffic`](crate::cluster::runner::Traffic)).
     pub bytes_sent: Family<Kind, Counter>,
-    /// Frame bytes received, by kind.
+    /// Frame bytes received from other nodes, by kind.
     pub bytes_received: Family<Kind, Counter>,
-    /// Actor restarts, by cause (`node_lost`, `actor_failed`, `spawn_timeout`).
-    pub restarts: Family<Kind, Counter>,
+    /// Actors restarted by the supervisors this node runs, by cause
+    /// (`actor_failed`, `start_failed`, `spawn_timeout`, `node_lost`).
+    pub restarts: Family<Cause, Counter>,
+    /// Recoveries of the jobs this node coordinates — the first step applied
+    /// after failures — by cause (those of `restarts`, and `takeover` when
+    /// this node took over a job from a lost coordinator).
+    pub recoveries: Family<Cause, Counter>,
+    /// From a failure being noticed (or, for a takeover, the view that made
+    /// this node coordinator) to the first step applied after it.
+    pub recovery_duration: Histogram,
     /// From a member's last heartbeat to it being declared down.
     pub failure_detection: Histogram,
     /// Epoch of the adopted membership view.
@@ -86,8 +116,12 @@ pub struct NodeMetrics {
     pub members: Gauge,
     /// Connections refused, by reason (the transport's close code name).
     pub rejected_connections: Family<Kind, Counter>,
-    /// Checkpoints that could not be written.
-    pub checkpoint_failures: Counter,
+    /// Checkpoint files this node wrote: the time to write, fsync and rename
+    /// one and fsync its directory.
+    pub checkpoint_duration: Histogram,
+    /// Checkpoint files this node could not write, by kind (`save`: its own
+    /// aggregator's; `copy`: a copy of another node's).
+    pub checkpoint_failures: Family<Kind, Counter>,
     /// Jobs by state (`queued`, `running`, `finished`, `failed`, `cancelled`).
     pub jobs: Family<Kind, Gauge>,
     /// Coordinator takeovers, by where the restore came from (`local`, `fetched`, `scratch`).
@@ -108,11 +142,14 @@ impl NodeMetrics {
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             restarts: Family::default(),
+            recoveries: Family::default(),
+            recovery_duration: seconds_histogram(),
             failure_detection: seconds_histogram(),
             membership_epoch: Gauge::default(),
             members: Gauge::default(),
             rejected_connections: Family::default(),
-            checkpoint_failures: Counter::default(),
+            checkpoint_duration: checkpoint_histogram(),
+            checkpoint_failures: Family::default(),
             jobs: Family::default(),
             takeovers: Family::default(),
             coordinator_waiting: Gauge::default(),
@@ -131,13 +168,19 @@ impl NodeMetrics {
             Unit::Bytes,
             m.bytes_received.clone(),
         );
-        r.register("restarts", "Actor restarts, by cause", m.restarts.clone());
+        r.register("restarts", "Actors restarted, by cause", m.restarts.clone());
+        r.register("recoveries", "First steps applied after failures, by cause", m.recoveries.clone());
+        let recovery = "From a failure being noticed to the first step applied after it";
+        r.register_with_unit("recovery_duration", recovery, Unit::Seconds, m.recovery_duration.clone());
         let detection = "From a member's last heartbeat to it being declared down";
         r.register_with_unit("failure_detection", detection, Unit::Seconds, m.failure_detection.clone());
         r.register("membership_epoch", "Epoch of the adopted membership view", m.membership_epoch.clone());
         r.register("members", "Members of the adopted view", m.members.clone());
         r.register("rejected_connections", "Connections refused, by reason", m.rejected_connections.clone());
-        r.register("checkpoint_failures", "Checkpoints that could not be written", m.checkpoint_failures.clone());
+        let checkpoint = "Time to write, fsync and rename a checkpoint file";
+        r.register_with_unit("checkpoint_duration", checkpoint, Unit::Seconds, m.checkpoint_duration.clone());
+        let failures = "Checkpoint files that could not be written, by kind";
+        r.register("checkpoint_failures", failures, m.checkpoint_failures.clone());
         r.register("jobs", "Jobs by state", m.jobs.clone());
         r.register("takeovers", "Coordinator takeovers, by restore source", m.takeovers.clone());
         let waiting = "1 while a coordinator waits before starting a job";
@@ -213,11 +256,34 @@ mod tests {
     }
 
     #[test]
+    fn restarts_and_recoveries_carry_their_cause_and_checkpoint_failures_their_kind() {
+        let m = NodeMetrics::new(3);
+        m.restarts.get_or_create(&Cause::of("node_lost")).inc_by(2);
+        m.recoveries.get_or_create(&Cause::of("node_lost")).inc();
+        m.recovery_duration.observe(0.25);
+        m.checkpoint_duration.observe(0.003);
+        m.checkpoint_failures.get_or_create(&Kind::of("copy")).inc();
+        let text = m.encode();
+        for line in [
+            "phalanx_restarts_total{node=\"3\",cause=\"node_lost\"} 2",
+            "phalanx_recoveries_total{node=\"3\",cause=\"node_lost\"} 1",
+            "phalanx_recovery_duration_seconds_count{node=\"3\"} 1",
+            "phalanx_recovery_duration_seconds_bucket{node=\"3\",le=\"0.256\"} 1",
+            "phalanx_checkpoint_duration_seconds_bucket{node=\"3\",le=\"0.0032\"} 1",
+            "phalanx_checkpoint_failures_total{node=\"3\",kind=\"copy\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+
+    #[test]
     fn names_follow_prometheus_conventions() {
         let text = NodeMetrics::new(3).encode();
         for name in [
             "phalanx_step_duration_seconds",
             "phalanx_failure_detection_seconds",
+            "phalanx_recovery_duration_seconds",
+            "phalanx_checkpoint_duration_seconds",
             "phalanx_build_info",
             "phalanx_membership_epoch",
         ] {

@@ -416,7 +416,7 @@ impl JobHandle {
     }
 
     /// This job's events seen by the node it was submitted to (on the
-    /// coordinator: `coordinating`, `step` at a bounded rate, `job_done`; on
+    /// coordinator: `coordinating`, `step` at a bounded rate, `recovered`, `job_done`; on
     /// every node: `job_state` changes).
     pub fn progress(&self) -> impl Stream<Item = NodeEvent> + Unpin + Send + 'static {
         let id = self.id;
@@ -487,6 +487,7 @@ pub fn job_of(kind: &NodeEventKind) -> Option<JobId> {
         | NodeEventKind::Fetching { job, .. }
         | NodeEventKind::Waiting { job, .. }
         | NodeEventKind::Step { job, .. }
+        | NodeEventKind::Recovered { job, .. }
         | NodeEventKind::JobDone { job, .. }
         | NodeEventKind::JobFailed { job, .. }
         | NodeEventKind::JobState { job, .. } => Some(*job),

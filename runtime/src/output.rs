@@ -129,6 +129,8 @@ pub struct FaultSummary {
     pub step: u64,
     /// Why it failed.
     pub reason: String,
+    /// How it was lost: `actor_failed`, `start_failed`, `spawn_timeout`, `node_lost`.
+    pub cause: String,
     /// Milliseconds until the replacement was running.
     pub restart_ms: Option<u64>,
     /// Milliseconds until training progressed again.
@@ -145,6 +147,7 @@ impl From<&FaultRecord> for FaultSummary {
             index: f.actor.index,
             step: f.step,
             reason: f.reason.clone(),
+            cause: f.cause.to_string(),
             restart_ms: f.restart_ms,
             recovery_ms: f.recovery_ms,
             rolled_back_to: f.rolled_back_to,

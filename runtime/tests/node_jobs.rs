@@ -2,7 +2,9 @@
 //! process start without a job; jobs submitted at any member are forwarded to
 //! the coordinator, queued first in first out, and end with the bits of
 //! `phalanx::train`. A node leaving during a job, and the coordinator leaving
-//! with one job running and one queued, lose neither.
+//! with one job running and one queued, lose neither; each node's scraped
+//! `/metrics` counts the recovery with its cause and duration, as its
+//! `recovered` event reports it, and the checkpoints it wrote.
 
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ async fn cluster(dir: &std::path::Path) -> Vec<NodeHandle> {
             .certs_dir(&certs)
             .data_dir(dir.join(format!("data-{i}")))
             .out(dir.join("out"))
+            .metrics("127.0.0.1:0".parse().unwrap())
             .start()
             .await
             .expect("node starts");
@@ -47,6 +50,17 @@ async fn wait_for(
 
 fn job(seed: u64) -> JobConfig {
     JobConfig { seed, epochs: Some(40), trainers: 3, ..JobConfig::default() }
+}
+
+/// Node `node`'s `/metrics`, scraped over HTTP.
+async fn scrape(node: &NodeHandle) -> String {
+    let addr = node.metrics_addr().expect("metrics served");
+    tokio::task::spawn_blocking(move || common::scrape(addr)).await.unwrap()
+}
+
+/// The value of `series` in `text`, or a failure showing the text.
+fn metric(text: &str, series: &str) -> f64 {
+    common::metric(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
 async fn expected(spec: JobConfig) -> String {
@@ -71,11 +85,53 @@ async fn jobs_submitted_at_any_member_run_in_order_to_the_bits_of_train_and_surv
     assert_eq!(first.model_sha256, expected(job(1)).await);
     let summary = first.summary.expect("a summary");
     assert!(summary.to_string_lossy().contains(&format!("jobs/{}/summary.json", a.id())), "{summary:?}");
-    // Job b started only once job a was over; a node leaves while it trains.
-    wait_for(&mut b_events, |e| matches!(e.kind, NodeEventKind::Step { step, .. } if step >= 100)).await;
+    // Job b started only once job a was over; a node leaves while it trains
+    // (from its first step on: b's last step needs node 2's trainer, or its replacement).
+    wait_for(&mut b_events, |e| matches!(e.kind, NodeEventKind::Step { .. })).await;
     nodes[2].shutdown().await.unwrap();
+    // The coordinator moves node 2's trainer and shards once it is declared down.
+    let recovered = wait_for(&mut b_events, |e| matches!(e.kind, NodeEventKind::Recovered { .. })).await;
+    let NodeEventKind::Recovered { cause, actors, .. } = &recovered.kind else { unreachable!() };
+    assert_eq!((recovered.node, cause.as_str()), (0, "node_lost"), "{recovered:?}");
+    assert!(actors.contains(&"trainer 2".to_string()), "{recovered:?}");
     let second = b.outcome().await.expect("job b finishes without node 2");
     assert_eq!(second.model_sha256, expected(job(2)).await);
+    // Every recovery event of job b is counted once, with its duration, by cause.
+    let mut events = 1;
+    loop {
+        let e = wait_for(&mut b_events, |e| {
+            matches!(e.kind, NodeEventKind::Recovered { .. } | NodeEventKind::JobDone { .. })
+        })
+        .await;
+        match e.kind {
+            NodeEventKind::Recovered { .. } => events += 1,
+            _ => break,
+        }
+    }
+    let text = scrape(&nodes[0]).await;
+    let counted = metric(&text, "phalanx_recoveries_total{node=\"0\",cause=\"node_lost\"}");
+    assert_eq!(counted, f64::from(events), "recovered events vs the metric:\n{text}");
+    assert_eq!(metric(&text, "phalanx_recovery_duration_seconds_count{node=\"0\"}"), counted, "{text}");
+    assert!(metric(&text, "phalanx_recovery_duration_seconds_sum{node=\"0\"}") > 0.0, "{text}");
+    assert!(metric(&text, "phalanx_restarts_total{node=\"0\",cause=\"node_lost\"}") >= 2.0, "{text}");
+    // Both jobs wrote checkpoints on the coordinator; none failed.
+    assert!(metric(&text, "phalanx_checkpoint_duration_seconds_count{node=\"0\"}") >= 2.0, "{text}");
+    assert!(!text.contains("phalanx_checkpoint_failures_total{"), "{text}");
+    // Bytes by kind: parameters out to the trainers, gradients back, checkpoint copies to the replica.
+    for series in [
+        "phalanx_network_sent_bytes_total{node=\"0\",kind=\"params\"}",
+        "phalanx_network_received_bytes_total{node=\"0\",kind=\"gradients\"}",
+        "phalanx_network_sent_bytes_total{node=\"0\",kind=\"checkpoint\"}",
+        "phalanx_network_sent_bytes_total{node=\"0\",kind=\"control\"}",
+        "phalanx_network_sent_bytes_total{node=\"0\",kind=\"membership\"}",
+    ] {
+        assert!(metric(&text, series) > 0.0, "{series} in:\n{text}");
+    }
+    let replica = scrape(&nodes[1]).await;
+    assert!(
+        metric(&replica, "phalanx_network_received_bytes_total{node=\"1\",kind=\"checkpoint\"}") > 0.0,
+        "{replica}"
+    );
     for n in &nodes[..2] {
         n.shutdown().await.unwrap();
     }
@@ -93,10 +149,19 @@ async fn the_coordinator_leaving_loses_neither_the_running_nor_the_queued_job() 
     nodes[0].shutdown().await.unwrap();
     let takeover = wait_for(&mut events, |e| matches!(e.kind, NodeEventKind::Coordinating { .. })).await;
     assert_eq!(takeover.node, 1, "node 1 takes over: {takeover:?}");
+    // Training goes on under node 1: a recovery by takeover, timed from the view that made it coordinator.
+    let recovered = wait_for(&mut events, |e| matches!(e.kind, NodeEventKind::Recovered { .. })).await;
+    let NodeEventKind::Recovered { job: recovered_job, ref cause, .. } = recovered.kind else { unreachable!() };
+    assert_eq!((recovered.node, recovered_job, cause.as_str()), (1, running.id(), "takeover"), "{recovered:?}");
     let first = running.outcome().await.expect("the running job finishes");
     assert_eq!(first.model_sha256, expected(job(3)).await);
     let second = queued.outcome().await.expect("the queued job runs and finishes");
     assert_eq!(second.model_sha256, expected(job(4)).await);
+    // The queued job started fresh under node 1: one takeover, not two.
+    let text = scrape(&nodes[1]).await;
+    assert_eq!(metric(&text, "phalanx_recoveries_total{node=\"1\",cause=\"takeover\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "phalanx_recovery_duration_seconds_count{node=\"1\"}"), 1.0, "{text}");
+    assert!(metric(&text, "phalanx_checkpoint_duration_seconds_count{node=\"1\"}") >= 1.0, "{text}");
     for n in &nodes[1..] {
         n.shutdown().await.unwrap();
     }

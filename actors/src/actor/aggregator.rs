@@ -22,6 +22,8 @@ pub struct AggregatorState {
     ctx: Arc<JobContext>,
     key: ActorKey,
     core: AggregatorCore,
+    /// `aggregator{range}`, under the job's span.
+    span: tracing::Span,
 }
 
 fn setup(ctx: &JobContext, range: u32) -> AggregatorSetup {
@@ -104,7 +106,13 @@ impl AggregatorState {
             ledger: state.ledger.clone(),
         };
         let range = self.key.index;
-        let path = match self.ctx.store.save(&ckpt) {
+        let started = std::time::Instant::now();
+        let saved = self.ctx.store.save(&ckpt);
+        let took = started.elapsed();
+        if let (Some(observer), Err(e)) = (&self.ctx.observer, &saved) {
+            observer.checkpoint_failed(range, step, &e.to_string());
+        }
+        let path = match saved {
             Ok(path) => path,
             Err(e @ crate::checkpoint::CheckpointError::Io { .. }) => {
                 // A checkpoint that cannot be written (a full disk, an I/O error) does not
@@ -118,7 +126,10 @@ impl AggregatorState {
             }
             Err(e) => return Err(format!("aggregator {range}: checkpoint of step {step}: {e}").into()),
         };
-        tracing::debug!(range, step, path = %path.display(), "checkpoint saved");
+        tracing::debug!(range, step, path = %path.display(), took_us = took.as_micros() as u64, "checkpoint saved");
+        if let Some(observer) = &self.ctx.observer {
+            observer.checkpoint_saved(range, step, took);
+        }
         if let Some(cluster) = &self.ctx.cluster {
             cluster.replicate(&path);
         }
@@ -135,6 +146,7 @@ impl AggregatorState {
     }
 
     fn on_gradient(&mut self, g: Gradient) -> Result<(), ActorProcessingErr> {
+        let _step = tracing::debug_span!("step", step = g.step, partition = g.partition).entered();
         #[cfg(feature = "fault-injection")]
         if g.step == self.core.step() && g.generation == self.core.generation() {
             self.ctx.faults.maybe_panic(self.key, g.step);
@@ -169,11 +181,12 @@ impl Actor for AggregatorActor {
         _myself: ActorRef<ActorMsg>,
         (ctx, range, generation, restore): Self::Arguments,
     ) -> Result<AggregatorState, ActorProcessingErr> {
-        let (state, fresh) = initial_state(&ctx, range, restore)?;
+        let span = tracing::info_span!(parent: &ctx.span, "aggregator", range);
+        let (state, fresh) = span.in_scope(|| initial_state(&ctx, range, restore))?;
         let core = AggregatorCore::new(setup(&ctx, range), generation, state);
         let cmds = core.start(fresh);
-        let mut state = AggregatorState { ctx, key: ActorKey::aggregator(range), core };
-        state.run(cmds)?;
+        let mut state = AggregatorState { ctx, key: ActorKey::aggregator(range), core, span: span.clone() };
+        span.in_scope(|| state.run(cmds))?;
         Ok(state)
     }
 
@@ -183,26 +196,33 @@ impl Actor for AggregatorActor {
         msg: ActorMsg,
         state: &mut AggregatorState,
     ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        span.in_scope(|| state.on_message(msg))
+    }
+}
+
+impl AggregatorState {
+    fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
         let ActorMsg::Net(msg) = msg else { return Ok(()) };
         match msg {
             // A gradient may complete a step: the optimizer runs off the tokio workers.
-            Msg::Gradient(g) => super::compute(state.ctx.model.num_params(), || state.on_gradient(g)),
+            Msg::Gradient(g) => super::compute(self.ctx.model.num_params(), || self.on_gradient(g)),
             Msg::Gradients(gs) => {
-                super::compute(state.ctx.model.num_params(), || gs.into_iter().try_for_each(|g| state.on_gradient(g)))
+                super::compute(self.ctx.model.num_params(), || gs.into_iter().try_for_each(|g| self.on_gradient(g)))
             }
             Msg::ParamsRequest { trainer, step, .. } => {
-                let cmds = state.core.on_params_request(trainer, step);
-                state.run(cmds)
+                let cmds = self.core.on_params_request(trainer, step);
+                self.run(cmds)
             }
             Msg::Rollback { generation, step, .. } => {
-                if generation <= state.core.generation() {
+                if generation <= self.core.generation() {
                     return Ok(());
                 }
-                tracing::info!(range = state.key.index, generation, step, "rolling back to checkpoint");
-                state.restart_core(generation, Some(step))
+                tracing::info!(range = self.key.index, generation, step, "rolling back to checkpoint");
+                self.restart_core(generation, Some(step))
             }
             other => {
-                tracing::warn!(range = state.key.index, kind = other.kind(), "unexpected message dropped");
+                tracing::warn!(range = self.key.index, kind = other.kind(), "unexpected message dropped");
                 Ok(())
             }
         }

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 
 use super::{spawn_actor, JobContext};
 use crate::net::JobMsg;
-use crate::protocol::{ActorKey, FaultRecord, JobCommand, JobCore, JobError, Ledger, Msg, Role};
+use crate::protocol::{ActorKey, FaultCause, FaultRecord, JobCommand, JobCore, JobError, Ledger, Msg, Role};
 
 /// How long a node has to answer a spawn request (started or failed)
 /// before the supervisor counts the actor as failed and respawns it.
@@ -246,8 +247,9 @@ impl JobState {
                         Err(e) => {
                             // A failed pre_start sends no supervision event: count it here.
                             tracing::warn!(actor = %key, "failed to start: {e}");
-                            queue.extend(self.core.on_child_failed(
+                            queue.extend(self.core.on_child_lost(
                                 key,
+                                FaultCause::StartFailed,
                                 format!("failed to start: {e}"),
                                 Instant::now(),
                             ));
@@ -259,7 +261,12 @@ impl JobState {
                     myself.send_after(delay, move || JobMsg::RestartDue(key));
                 }
                 JobCommand::Send(to, msg) => self.ctx.net.send(to, msg),
-                JobCommand::Progress { step, loss, samples } => {
+                JobCommand::Progress { step, loss, samples, recovered } => {
+                    if let Some(observer) = &self.ctx.observer {
+                        for r in &recovered {
+                            observer.recovered(step, r);
+                        }
+                    }
                     self.samples += samples;
                     let (faults, generation) = (self.core.faults().len(), self.core.generation());
                     if let Some(tx) = &self.steps {
@@ -386,7 +393,8 @@ impl Actor for JobActor {
         let restore = state.core.global_step();
         let restore = (restore > 0).then_some(restore);
         let cmds = state.core.start(restore);
-        state.run(&myself, cmds).await;
+        let span = state.ctx.span.clone();
+        state.run(&myself, cmds).instrument(span).await;
         Ok(())
     }
 
@@ -396,90 +404,8 @@ impl Actor for JobActor {
         msg: JobMsg,
         state: &mut JobState,
     ) -> Result<(), ActorProcessingErr> {
-        if state.stopping {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let cmds = match msg {
-            JobMsg::RestartDue(key) => {
-                let checkpoint = if key.role == Role::Aggregator {
-                    match state.ctx.store.newest_complete(&state.ctx.config_hash, state.ctx.model.num_params()) {
-                        Ok(step) => step,
-                        Err(e) => {
-                            tracing::error!("cannot list checkpoints: {e}");
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                state.core.on_restart_due(key, checkpoint, now)
-            }
-            JobMsg::Net(Msg::StepApplied { range, generation, step, loss_sum, samples, .. }) => {
-                state.core.on_step_applied(range, generation, step, loss_sum, samples, now)
-            }
-            JobMsg::Net(Msg::Finished { range, generation, offset, values, ledger, .. }) => {
-                state.core.on_finished(range, generation, offset, values, ledger)
-            }
-            JobMsg::Net(Msg::CheckpointSaved { .. }) => Vec::new(),
-            JobMsg::Net(Msg::CheckpointFailed { range, step, reason, .. }) => {
-                tracing::warn!(range, step, "checkpoint not saved: {reason}");
-                state.checkpoint_failures_total += 1;
-                if state.checkpoint_failures.len() < CHECKPOINT_FAILURES_KEPT {
-                    state.checkpoint_failures.push(CheckpointFailure { range, step, reason });
-                }
-                Vec::new()
-            }
-            JobMsg::RemoteStarted(key, node, spawn) => {
-                state.unanswered.remove(&(key, spawn));
-                if !state.is_current(key, node, spawn) {
-                    return Ok(());
-                }
-                state.core.on_child_started(key)
-            }
-            JobMsg::SpawnTimeout(key, node, spawn) => {
-                if !state.unanswered.remove(&(key, spawn)) || !state.is_current(key, node, spawn) {
-                    return Ok(());
-                }
-                state.remote.remove(&key);
-                let reason = format!(
-                    "node {node} did not answer the spawn request within {} ms",
-                    SPAWN_ANSWER_TIMEOUT.as_millis()
-                );
-                tracing::warn!(actor = %key, "{reason}");
-                state.core.on_child_failed(key, reason, now)
-            }
-            JobMsg::RemoteFailed(key, node, spawn, reason) => {
-                state.unanswered.remove(&(key, spawn));
-                if !state.is_current(key, node, spawn) {
-                    // About an instance that is no longer the current one: e.g. a node
-                    // that was cut off reports, late, the actor it stopped, after the
-                    // actor was placed again (there or elsewhere).
-                    tracing::debug!(actor = %key, node, spawn, "stale report ignored: {reason}");
-                    return Ok(());
-                }
-                state.remote.remove(&key);
-                tracing::warn!(actor = %key, "remote actor failed: {reason}");
-                state.core.on_child_failed(key, reason, now)
-            }
-            JobMsg::Rebalance => state.rebalance(&myself),
-            JobMsg::NodeLost(node) => {
-                let lost: Vec<ActorKey> =
-                    state.remote.iter().filter(|(_, (n, _))| *n == node).map(|(k, _)| *k).collect();
-                let mut cmds = Vec::new();
-                for key in lost {
-                    state.remote.remove(&key);
-                    cmds.extend(state.core.on_child_failed(key, format!("node {node} lost"), now));
-                }
-                cmds
-            }
-            JobMsg::Net(other) => {
-                tracing::warn!(kind = other.kind(), "unexpected message at the job supervisor dropped");
-                Vec::new()
-            }
-        };
-        state.run(&myself, cmds).await;
-        Ok(())
+        let span = state.ctx.span.clone();
+        on_message(myself, msg, state).instrument(span).await
     }
 
     async fn handle_supervisor_evt(
@@ -488,25 +414,125 @@ impl Actor for JobActor {
         evt: SupervisionEvent,
         state: &mut JobState,
     ) -> Result<(), ActorProcessingErr> {
-        // ractor's default would stop the supervisor on any child exit; here a
-        // dead child goes to the restart policy instead.
-        if state.stopping {
-            return Ok(());
-        }
-        let (cell, reason) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, format!("stopped unexpectedly ({})", reason.unwrap_or_else(|| "no reason".into())))
-            }
-            _ => return Ok(()),
-        };
-        if state.moving.remove(&cell.get_id()) {
-            return Ok(());
-        }
-        let Some(key) = state.children.remove(&cell.get_id()) else { return Ok(()) };
-        tracing::warn!(actor = %key, step = state.core.global_step(), "actor failed: {reason}");
-        let cmds = state.core.on_child_failed(key, reason, Instant::now());
-        state.run(&myself, cmds).await;
-        Ok(())
+        let span = state.ctx.span.clone();
+        on_supervision(myself, evt, state).instrument(span).await
     }
+}
+
+/// [`JobActor::handle`], inside the job's span.
+async fn on_message(myself: ActorRef<JobMsg>, msg: JobMsg, state: &mut JobState) -> Result<(), ActorProcessingErr> {
+    if state.stopping {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let cmds = match msg {
+        JobMsg::RestartDue(key) => {
+            let checkpoint = if key.role == Role::Aggregator {
+                match state.ctx.store.newest_complete(&state.ctx.config_hash, state.ctx.model.num_params()) {
+                    Ok(step) => step,
+                    Err(e) => {
+                        tracing::error!("cannot list checkpoints: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if let (Some(observer), Some(cause)) = (&state.ctx.observer, state.core.restart_cause(key)) {
+                if !state.core.is_done() {
+                    observer.restarted(key, cause);
+                }
+            }
+            state.core.on_restart_due(key, checkpoint, now)
+        }
+        JobMsg::Net(Msg::StepApplied { range, generation, step, loss_sum, samples, .. }) => {
+            state.core.on_step_applied(range, generation, step, loss_sum, samples, now)
+        }
+        JobMsg::Net(Msg::Finished { range, generation, offset, values, ledger, .. }) => {
+            state.core.on_finished(range, generation, offset, values, ledger)
+        }
+        JobMsg::Net(Msg::CheckpointSaved { .. }) => Vec::new(),
+        JobMsg::Net(Msg::CheckpointFailed { range, step, reason, .. }) => {
+            tracing::warn!(range, step, "checkpoint not saved: {reason}");
+            state.checkpoint_failures_total += 1;
+            if state.checkpoint_failures.len() < CHECKPOINT_FAILURES_KEPT {
+                state.checkpoint_failures.push(CheckpointFailure { range, step, reason });
+            }
+            Vec::new()
+        }
+        JobMsg::RemoteStarted(key, node, spawn) => {
+            state.unanswered.remove(&(key, spawn));
+            if !state.is_current(key, node, spawn) {
+                return Ok(());
+            }
+            state.core.on_child_started(key)
+        }
+        JobMsg::SpawnTimeout(key, node, spawn) => {
+            if !state.unanswered.remove(&(key, spawn)) || !state.is_current(key, node, spawn) {
+                return Ok(());
+            }
+            state.remote.remove(&key);
+            let reason =
+                format!("node {node} did not answer the spawn request within {} ms", SPAWN_ANSWER_TIMEOUT.as_millis());
+            tracing::warn!(actor = %key, "{reason}");
+            state.core.on_child_lost(key, FaultCause::SpawnTimeout, reason, now)
+        }
+        JobMsg::RemoteFailed(key, node, spawn, reason) => {
+            state.unanswered.remove(&(key, spawn));
+            if !state.is_current(key, node, spawn) {
+                // About an instance that is no longer the current one: e.g. a node
+                // that was cut off reports, late, the actor it stopped, after the
+                // actor was placed again (there or elsewhere).
+                tracing::debug!(actor = %key, node, spawn, "stale report ignored: {reason}");
+                return Ok(());
+            }
+            state.remote.remove(&key);
+            tracing::warn!(actor = %key, "remote actor failed: {reason}");
+            state.core.on_child_failed(key, reason, now)
+        }
+        JobMsg::Rebalance => state.rebalance(&myself),
+        JobMsg::NodeLost(node) => {
+            let lost: Vec<ActorKey> = state.remote.iter().filter(|(_, (n, _))| *n == node).map(|(k, _)| *k).collect();
+            let mut cmds = Vec::new();
+            for key in lost {
+                state.remote.remove(&key);
+                cmds.extend(state.core.on_child_lost(key, FaultCause::NodeLost, format!("node {node} lost"), now));
+            }
+            cmds
+        }
+        JobMsg::Net(other) => {
+            tracing::warn!(kind = other.kind(), "unexpected message at the job supervisor dropped");
+            Vec::new()
+        }
+    };
+    state.run(&myself, cmds).await;
+    Ok(())
+}
+
+/// [`JobActor::handle_supervisor_evt`], inside the job's span.
+async fn on_supervision(
+    myself: ActorRef<JobMsg>,
+    evt: SupervisionEvent,
+    state: &mut JobState,
+) -> Result<(), ActorProcessingErr> {
+    // ractor's default would stop the supervisor on any child exit; here a
+    // dead child goes to the restart policy instead.
+    if state.stopping {
+        return Ok(());
+    }
+    let (cell, reason) = match evt {
+        SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => {
+            (cell, format!("stopped unexpectedly ({})", reason.unwrap_or_else(|| "no reason".into())))
+        }
+        _ => return Ok(()),
+    };
+    if state.moving.remove(&cell.get_id()) {
+        return Ok(());
+    }
+    let Some(key) = state.children.remove(&cell.get_id()) else { return Ok(()) };
+    tracing::warn!(actor = %key, step = state.core.global_step(), "actor failed: {reason}");
+    let cmds = state.core.on_child_failed(key, reason, Instant::now());
+    state.run(&myself, cmds).await;
+    Ok(())
 }

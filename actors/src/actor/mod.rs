@@ -14,6 +14,13 @@
 //! `s` only after it holds θ_s and prefetches at most one batch ahead, so at
 //! most one step of gradients and one batch per partition are in flight.
 //! That bounds every (unbounded) ractor mailbox without extra credits.
+//!
+//! Every actor logs inside a span named by its role with its index
+//! (`shard{partition}`, `trainer{trainer}`, `aggregator{range}`), a child of
+//! [`JobContext::span`] (which names the job), although each actor runs on a
+//! task of its own; the work of one step runs in a `debug`-level `step` span
+//! with the field `step`, which costs nothing unless debug logging is on. What a node counts (restarts, recoveries,
+//! checkpoint durations) it learns from a [`JobObserver`].
 
 mod aggregator;
 mod job;
@@ -41,7 +48,7 @@ use crate::faults::FaultPlan;
 use crate::model::Model;
 use crate::net::Net;
 use crate::optim::OptimizerSpec;
-use crate::protocol::{JobId, JobPlan};
+use crate::protocol::{FaultCause, JobId, JobPlan, Recovery};
 
 /// Everything the actors of one job share. Immutable once built.
 pub struct JobContext {
@@ -75,6 +82,49 @@ pub struct JobContext {
     /// When the job spans several nodes: where actors live and how to reach
     /// other nodes. `None` runs everything in this process.
     pub cluster: Option<Arc<dyn Cluster>>,
+    /// Told of restarts, recoveries and checkpoints as they happen (a node's
+    /// metrics and events). `None`: nobody listens.
+    pub observer: Option<Arc<dyn JobObserver>>,
+    /// The span the job's actors log in, naming the job (the `phalanx` crate
+    /// opens `job{job}`, on a node `job{node, job}`): the supervisor logs in
+    /// it, and each actor's own span is its child.
+    pub span: tracing::Span,
+}
+
+/// What a job reports while it runs, for whoever runs it to count (the
+/// `phalanx` crate feeds a node's metrics and events from it). Called on the
+/// actors' own tasks: it must return at once (count, send on a channel),
+/// never block. Every method does nothing by default.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::Duration;
+/// use phalanx_actors::actor::JobObserver;
+///
+/// #[derive(Default)]
+/// struct Checkpoints(AtomicU64);
+///
+/// impl JobObserver for Checkpoints {
+///     fn checkpoint_saved(&self, _range: u32, _step: u64, _took: Duration) {
+///         self.0.fetch_add(1, Ordering::Relaxed);
+///     }
+/// }
+///
+/// let seen = Checkpoints::default();
+/// seen.checkpoint_saved(0, 10, Duration::from_millis(3));
+/// seen.checkpoint_failed(0, 20, "disk full"); // not counted by this observer
+/// assert_eq!(seen.0.load(Ordering::Relaxed), 1);
+/// ```
+pub trait JobObserver: Send + Sync + 'static {
+    /// The supervisor restarts `actor`, lost for `cause`.
+    fn restarted(&self, _actor: crate::protocol::ActorKey, _cause: FaultCause) {}
+    /// Step `step` is the first applied after the failures of `recovery`.
+    fn recovered(&self, _step: u64, _recovery: &Recovery) {}
+    /// The aggregator of `range` wrote its checkpoint of `step` (written,
+    /// fsynced, renamed, directory fsynced) in `took`.
+    fn checkpoint_saved(&self, _range: u32, _step: u64, _took: std::time::Duration) {}
+    /// The aggregator of `range` could not write its checkpoint of `step`.
+    fn checkpoint_failed(&self, _range: u32, _step: u64, _reason: &str) {}
 }
 
 /// What the supervisor needs from a multi-node runtime. Implemented by the

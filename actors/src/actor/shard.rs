@@ -15,6 +15,8 @@ pub struct ShardActor;
 pub struct ShardState {
     ctx: Arc<JobContext>,
     core: ShardCore,
+    /// `shard{partition}`, under the job's span.
+    span: tracing::Span,
 }
 
 impl Actor for ShardActor {
@@ -27,8 +29,10 @@ impl Actor for ShardActor {
         _myself: ActorRef<ActorMsg>,
         (ctx, partition): Self::Arguments,
     ) -> Result<ShardState, ActorProcessingErr> {
-        let core = ShardCore::new(ctx.job, partition, ctx.plan.schedule, &ctx.partitions, ctx.train.clone())?;
-        Ok(ShardState { ctx, core })
+        let span = tracing::info_span!(parent: &ctx.span, "shard", partition);
+        let core = span
+            .in_scope(|| ShardCore::new(ctx.job, partition, ctx.plan.schedule, &ctx.partitions, ctx.train.clone()))?;
+        Ok(ShardState { ctx, core, span })
     }
 
     async fn handle(
@@ -37,14 +41,21 @@ impl Actor for ShardActor {
         msg: ActorMsg,
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        span.in_scope(|| state.on_message(msg))
+    }
+}
+
+impl ShardState {
+    fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
         let ActorMsg::Net(Msg::BatchRequest { job, partition, step, count, trainer }) = msg else {
-            tracing::warn!(shard = state.core.partition(), ?msg, "unexpected message dropped");
+            tracing::warn!(shard = self.core.partition(), ?msg, "unexpected message dropped");
             return Ok(());
         };
-        let steps = state.core.steps(job, partition, step, count);
+        let steps = self.core.steps(job, partition, step, count);
         if steps.is_empty() {
             tracing::warn!(
-                shard = state.core.partition(),
+                shard = self.core.partition(),
                 job,
                 partition,
                 step,
@@ -53,13 +64,14 @@ impl Actor for ShardActor {
             );
             return Ok(());
         }
+        let _step = tracing::debug_span!("step", step, count).entered();
         let mut batches = Vec::with_capacity(steps.clone().count());
         for s in steps {
             #[cfg(feature = "fault-injection")]
-            state.ctx.faults.maybe_panic(crate::protocol::ActorKey::shard(partition), s);
-            batches.push(state.core.batch(s)?);
+            self.ctx.faults.maybe_panic(ActorKey::shard(partition), s);
+            batches.push(self.core.batch(s)?);
         }
-        state.ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));
+        self.ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));
         Ok(())
     }
 }

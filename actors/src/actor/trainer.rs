@@ -21,6 +21,8 @@ pub struct TrainerState {
     ctx: Arc<JobContext>,
     key: ActorKey,
     core: TrainerCore,
+    /// `trainer{trainer}`, under the job's span.
+    span: tracing::Span,
 }
 
 impl TrainerState {
@@ -35,6 +37,7 @@ impl TrainerState {
                 TrainerCommand::Send(Addr::Aggregator(r), Msg::Gradient(g)) => gradients.entry(r).or_default().push(g),
                 TrainerCommand::Send(to, msg) => self.ctx.net.send(to, msg),
                 TrainerCommand::Compute { step, partition } => {
+                    let _step = tracing::debug_span!("step", step, partition).entered();
                     #[cfg(feature = "fault-injection")]
                     self.ctx.faults.maybe_panic(self.key, step);
                     queue.extend(self.core.compute(step, partition)?);
@@ -65,10 +68,11 @@ impl Actor for TrainerActor {
             schedule: ctx.plan.schedule,
             features: ctx.train.features(),
         };
+        let span = tracing::info_span!(parent: &ctx.span, "trainer", trainer = index);
         let core = TrainerCore::new(setup, ctx.model.clone(), generation, ctx.plan.partitions_of(index));
-        let mut state = TrainerState { ctx, key: ActorKey::trainer(index), core };
+        let mut state = TrainerState { ctx, key: ActorKey::trainer(index), core, span: span.clone() };
         let start = state.core.start();
-        state.run(start)?;
+        span.in_scope(|| state.run(start))?;
         // The timer task ends with the actor (its sends fail once it is gone).
         myself.send_interval(TICK, || ActorMsg::Tick);
         Ok(state)
@@ -80,26 +84,33 @@ impl Actor for TrainerActor {
         msg: ActorMsg,
         state: &mut TrainerState,
     ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        span.in_scope(|| state.on_message(msg))
+    }
+}
+
+impl TrainerState {
+    fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
             ActorMsg::Tick => {
-                let cmds = state.core.on_tick();
-                return state.run(cmds);
+                let cmds = self.core.on_tick();
+                return self.run(cmds);
             }
             ActorMsg::Net(msg) => msg,
         };
         // Gradients are computed here (TrainerCommand::Compute): off the tokio workers.
-        super::compute(state.ctx.model.num_params(), || {
+        super::compute(self.ctx.model.num_params(), || {
             let cmds = match msg {
-                Msg::Params(p) => state.core.on_params(p),
-                Msg::Batches(b) => state.core.on_batches(b),
-                Msg::ShardReady { partition, .. } => state.core.on_shard_ready(partition),
-                Msg::Assign { generation, partitions, .. } => state.core.on_assign(generation, partitions),
+                Msg::Params(p) => self.core.on_params(p),
+                Msg::Batches(b) => self.core.on_batches(b),
+                Msg::ShardReady { partition, .. } => self.core.on_shard_ready(partition),
+                Msg::Assign { generation, partitions, .. } => self.core.on_assign(generation, partitions),
                 other => {
-                    tracing::warn!(trainer = state.key.index, kind = other.kind(), "unexpected message dropped");
+                    tracing::warn!(trainer = self.key.index, kind = other.kind(), "unexpected message dropped");
                     Vec::new()
                 }
             };
-            state.run(cmds)
+            self.run(cmds)
         })
     }
 }

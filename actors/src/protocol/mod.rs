@@ -24,7 +24,7 @@ pub use loss_series::{LossSeries, LOSS_POINTS};
 pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Msg, Params, Role};
 pub use schedule::Schedule;
 pub use shard::{ShardCore, ShardError, MAX_BATCHES_PER_REQUEST};
-pub use supervision::{FaultRecord, JobCommand, JobCore, JobError, JobPlan, RestartPolicy};
+pub use supervision::{FaultCause, FaultRecord, JobCommand, JobCore, JobError, JobPlan, Recovery, RestartPolicy};
 pub use trainer::{TrainerCommand, TrainerCore, TrainerError, TrainerSetup, BATCH_WINDOW, STALL_TICKS};
 
 use serde::{Deserialize, Serialize};

@@ -168,11 +168,61 @@ pub enum JobError {
     },
 }
 
+/// Why the supervisor lost an actor: the cause label of restarts and
+/// recoveries in metrics and events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultCause {
+    /// The actor panicked, returned an error or stopped (here or on its node).
+    #[default]
+    ActorFailed,
+    /// The actor failed to start here (its `pre_start` failed).
+    StartFailed,
+    /// The node asked to run the actor did not answer in time.
+    SpawnTimeout,
+    /// The node running the actor was declared down.
+    NodeLost,
+}
+
+impl FaultCause {
+    /// The cause as a metric label and event field: `actor_failed`,
+    /// `start_failed`, `spawn_timeout`, `node_lost`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultCause::ActorFailed => "actor_failed",
+            FaultCause::StartFailed => "start_failed",
+            FaultCause::SpawnTimeout => "spawn_timeout",
+            FaultCause::NodeLost => "node_lost",
+        }
+    }
+}
+
+impl std::fmt::Display for FaultCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Training progressed again after failures of one cause: reported with the
+/// first step applied once their replacements run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Why the actors were lost.
+    pub cause: FaultCause,
+    /// The actors lost, in the order their failures were noticed.
+    pub actors: Vec<ActorKey>,
+    /// From the first of these failures being noticed to the step applied.
+    pub duration: Duration,
+}
+
 /// One failure of an actor and how the job recovered from it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FaultRecord {
     /// What failed, e.g. "trainer 2".
     pub actor: ActorKey,
+    /// Why it was lost.
+    #[serde(default)]
+    pub cause: FaultCause,
     /// The global step (parameter version) when the failure was noticed.
     pub step: u64,
     /// The failure's reason (panic message or error).
@@ -217,6 +267,9 @@ pub enum JobCommand {
         loss: f64,
         /// Samples applied in it.
         samples: u64,
+        /// The failures this step recovers from, one entry per cause
+        /// (usually none).
+        recovered: Vec<Recovery>,
     },
     /// The job failed; stop everything.
     Fail(JobError),
@@ -232,8 +285,8 @@ pub enum JobCommand {
 #[derive(Default)]
 struct Child {
     failures: VecDeque<Instant>,
-    /// Fault records waiting for this child's restart.
-    awaiting_restart: Vec<usize>,
+    /// Fault records waiting for this child's restart, with when each failure was noticed.
+    awaiting_restart: Vec<(usize, Instant)>,
 }
 
 /// The supervisor's state machine.
@@ -247,7 +300,9 @@ pub struct JobCore {
     range_steps: Vec<u64>,
     global_step: u64,
     faults: Vec<FaultRecord>,
-    awaiting_progress: Vec<usize>,
+    /// Fault records whose replacement runs, waiting for the next applied
+    /// step, with when each failure was noticed.
+    awaiting_progress: Vec<(usize, Instant)>,
     losses: LossSeries,
     finished: Vec<Option<(u64, Vec<f32>, Ledger)>>,
     done: bool,
@@ -351,8 +406,15 @@ impl JobCore {
             .collect()
     }
 
-    /// A child died (panic, error, or failed to start).
+    /// A child died (panic or error): [`JobCore::on_child_lost`] with
+    /// [`FaultCause::ActorFailed`].
     pub fn on_child_failed(&mut self, key: ActorKey, reason: String, now: Instant) -> Vec<JobCommand> {
+        self.on_child_lost(key, FaultCause::ActorFailed, reason, now)
+    }
+
+    /// A child is gone for `cause`: restart it after a backoff, or fail the
+    /// job when it failed too often within its policy's window.
+    pub fn on_child_lost(&mut self, key: ActorKey, cause: FaultCause, reason: String, now: Instant) -> Vec<JobCommand> {
         if self.done {
             return Vec::new();
         }
@@ -363,6 +425,7 @@ impl JobCore {
         let at_ms = self.ms_since_start(now);
         let record = FaultRecord {
             actor: key,
+            cause,
             step: self.global_step,
             reason: reason.clone(),
             at_ms,
@@ -390,8 +453,15 @@ impl JobCore {
                 reason,
             })];
         }
-        child.awaiting_restart.push(idx);
+        child.awaiting_restart.push((idx, now));
         vec![JobCommand::RestartAfter { key, delay: policy.backoff(failures) }]
+    }
+
+    /// Why `key` is about to restart: the cause of the first failure waiting
+    /// for its restart (`None` when none waits).
+    pub fn restart_cause(&self, key: ActorKey) -> Option<FaultCause> {
+        let (first, _) = self.children.get(&key)?.awaiting_restart.first()?;
+        Some(self.faults[*first].cause)
     }
 
     /// The backoff of `key` elapsed. For an aggregator, `checkpoint` is the
@@ -442,13 +512,13 @@ impl JobCore {
                     ));
                 }
             }
-            for &i in &waiting {
+            for &(i, _) in &waiting {
                 self.faults[i].rolled_back_to = Some(step);
             }
         }
-        for &i in &waiting {
+        for &(i, noticed) in &waiting {
             self.faults[i].restart_ms = Some(since.saturating_sub(self.faults[i].at_ms));
-            self.awaiting_progress.push(i);
+            self.awaiting_progress.push((i, noticed));
         }
         out.push(JobCommand::Spawn { key, generation: self.generation, restore });
         out
@@ -493,10 +563,21 @@ impl JobCore {
         let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
         self.losses.record(min, loss);
         let since = self.ms_since_start(now);
-        for i in std::mem::take(&mut self.awaiting_progress) {
-            self.faults[i].recovery_ms = Some(since.saturating_sub(self.faults[i].at_ms));
+        // One recovery per cause, timed from the first of its failures.
+        let mut recovered: Vec<Recovery> = Vec::new();
+        for (i, noticed) in std::mem::take(&mut self.awaiting_progress) {
+            let fault = &mut self.faults[i];
+            fault.recovery_ms = Some(since.saturating_sub(fault.at_ms));
+            let duration = now.saturating_duration_since(noticed);
+            match recovered.iter_mut().find(|r| r.cause == fault.cause) {
+                Some(r) => {
+                    r.actors.push(fault.actor);
+                    r.duration = r.duration.max(duration);
+                }
+                None => recovered.push(Recovery { cause: fault.cause, actors: vec![fault.actor], duration }),
+            }
         }
-        vec![JobCommand::Progress { step: min, loss, samples }]
+        vec![JobCommand::Progress { step: min, loss, samples, recovered }]
     }
 
     /// An aggregator applied the last step.

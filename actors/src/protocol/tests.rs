@@ -481,6 +481,49 @@ fn aggregator_restart_rolls_every_range_back_under_a_new_generation() {
 }
 
 #[test]
+fn the_first_step_after_failures_is_one_recovery_per_cause_timed_from_its_first_failure() {
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut core = JobCore::new(plan(), t0);
+    let lost = || "node 2 lost".to_string();
+    core.on_child_lost(ActorKey::trainer(1), FaultCause::NodeLost, lost(), ms(0));
+    core.on_child_lost(ActorKey::shard(1), FaultCause::NodeLost, lost(), ms(1));
+    core.on_child_failed(ActorKey::trainer(0), "panic".into(), ms(2));
+    assert_eq!(core.restart_cause(ActorKey::trainer(1)), Some(FaultCause::NodeLost));
+    assert_eq!(core.restart_cause(ActorKey::trainer(0)), Some(FaultCause::ActorFailed));
+    assert_eq!(core.restart_cause(ActorKey::shard(0)), None, "shard 0 did not fail");
+    for key in [ActorKey::trainer(1), ActorKey::shard(1), ActorKey::trainer(0)] {
+        core.on_restart_due(key, None, ms(10));
+    }
+    assert_eq!(core.restart_cause(ActorKey::trainer(1)), None, "restarted");
+    let causes: Vec<FaultCause> = core.faults().iter().map(|f| f.cause).collect();
+    assert_eq!(causes, [FaultCause::NodeLost, FaultCause::NodeLost, FaultCause::ActorFailed]);
+
+    // Step 1 is applied once both ranges applied it: that step recovers all three.
+    assert!(core.on_step_applied(0, 0, 1, 1.0, 8, ms(30)).is_empty());
+    let cmds = core.on_step_applied(1, 0, 1, 1.0, 8, ms(40));
+    let [JobCommand::Progress { step: 1, recovered, .. }] = cmds.as_slice() else { panic!("{cmds:?}") };
+    let expected = vec![
+        Recovery {
+            cause: FaultCause::NodeLost,
+            actors: vec![ActorKey::trainer(1), ActorKey::shard(1)],
+            duration: Duration::from_millis(40),
+        },
+        Recovery {
+            cause: FaultCause::ActorFailed,
+            actors: vec![ActorKey::trainer(0)],
+            duration: Duration::from_millis(38),
+        },
+    ];
+    assert_eq!(recovered, &expected);
+    // The next step recovers from nothing.
+    core.on_step_applied(0, 0, 2, 1.0, 8, ms(50));
+    let cmds = core.on_step_applied(1, 0, 2, 1.0, 8, ms(60));
+    let [JobCommand::Progress { step: 2, recovered, .. }] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert!(recovered.is_empty());
+}
+
+#[test]
 fn supervisor_completes_when_every_range_finished_and_checks_the_ledgers() {
     let mut core = JobCore::new(plan(), Instant::now());
     let ledger: Ledger = [(0, vec![4, 4, 4, 4])].into_iter().collect();

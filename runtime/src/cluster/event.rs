@@ -177,6 +177,24 @@ pub enum NodeEventKind {
         /// Mean loss of the last step.
         loss: f64,
     },
+    /// Training progressed again after failures: the first step applied
+    /// once the lost actors run again (or, after a takeover, the first step
+    /// this node applies as the new coordinator). Counted in the same place
+    /// as `phalanx_recoveries_total` and `phalanx_recovery_duration_seconds`.
+    Recovered {
+        /// The job (its id in the cluster's registry).
+        job: u64,
+        /// The step applied.
+        step: u64,
+        /// Why actors were lost: `actor_failed`, `start_failed`,
+        /// `spawn_timeout`, `node_lost`, or `takeover`.
+        cause: String,
+        /// The actors lost, e.g. `trainer 2` (none for a takeover).
+        actors: Vec<String>,
+        /// From the first failure being noticed (or the view that made this
+        /// node coordinator) to the step.
+        recovery_ms: u64,
+    },
     /// The job finished.
     JobDone {
         /// The job (its id in the cluster's registry).

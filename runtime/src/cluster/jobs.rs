@@ -172,7 +172,7 @@ impl Jobs {
     fn send(&self, to: u32, msg: &NodeMsg) {
         match wire::encode(msg, &self.limits) {
             Ok(frame) => {
-                let _ = self.out_tx.send((to, frame));
+                let _ = self.out_tx.send(Outbound::control(to, frame));
             }
             Err(e) => tracing::warn!(node = self.me(), to, "cannot encode a control message: {e}"),
         }

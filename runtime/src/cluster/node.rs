@@ -11,7 +11,7 @@
 //! [`super::event`]); `phalanx node` prints each as one JSON object per line
 //! on stdout (`listening` with the process id, `peer_up`, `peer_down`,
 //! `down`, `view`, `quorum_lost`, `duplicate_identity`, `stopped`; with a job
-//! `coordinating`, `spawn`, `step`, `job_done`, `job_failed`), each with
+//! `coordinating`, `spawn`, `step`, `recovered`, `job_done`, `job_failed`), each with
 //! `node` and `t_ms` (milliseconds since the Unix epoch, so a driver can
 //! measure detection time against the moment it killed a process), and logs
 //! for people on stderr. `step` events come at a bounded rate (see
@@ -44,7 +44,7 @@ use super::jobs::{Jobs, NodeCommand};
 use super::membership::{DetectorConfig, Membership, MembershipCommand};
 use super::node_job::NodeShared;
 use super::placement::default_replicas;
-use super::runner::Outbound;
+use super::runner::{Outbound, Traffic};
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
@@ -338,18 +338,18 @@ async fn node_loop(
                 jobs.on_tick(now);
                 membership.on_tick(now)
             }
-            Some((node, frame)) = out_rx.recv() => {
-                if node == me {
+            Some(Outbound { to, frame, traffic }) = out_rx.recv() => {
+                if to == me {
                     if let Ok(inbound) = wire::decode(&frame[4..], &limits) {
                         jobs.on_frame(me, inbound);
                     }
                 } else {
                     let bytes = frame.len() as u64;
-                    match transport.send(node, frame) {
+                    match transport.send(to, frame) {
                         Ok(()) => {
-                            metrics.bytes_sent.get_or_create(&Kind::of("cluster")).inc_by(bytes);
+                            metrics.bytes_sent.get_or_create(&Kind::of(traffic.as_str())).inc_by(bytes);
                         }
-                        Err(e) => tracing::debug!(node = me, to = node, "frame not sent: {e}"),
+                        Err(e) => tracing::debug!(node = me, to, "frame not sent: {e}"),
                     }
                 }
                 Vec::new()
@@ -412,11 +412,16 @@ async fn node_loop(
                 }
                 Some(TransportEvent::Message { peer, frame }) => match wire::decode(&frame, &limits) {
                     Ok(Inbound::Control(NodeMsg::Membership(m))) => {
-                        metrics.bytes_received.get_or_create(&Kind::of("membership")).inc_by(frame.len() as u64);
+                        metrics.bytes_received.get_or_create(&Kind::of(Traffic::Membership.as_str())).inc_by(frame.len() as u64);
                         membership.on_message(peer, m, Instant::now())
                     }
                     Ok(inbound) => {
-                        metrics.bytes_received.get_or_create(&Kind::of("cluster")).inc_by(frame.len() as u64);
+                        let traffic = match &inbound {
+                            Inbound::Deliver(_, _, msg) => Traffic::of(msg),
+                            Inbound::Checkpoint(..) => Traffic::Checkpoint,
+                            Inbound::Control(_) => Traffic::Control,
+                        };
+                        metrics.bytes_received.get_or_create(&Kind::of(traffic.as_str())).inc_by(frame.len() as u64);
                         jobs.on_frame(peer, inbound);
                         Vec::new()
                     }
@@ -466,7 +471,7 @@ async fn node_loop(
                         let bytes = frame.len() as u64;
                         // A peer without a connection simply misses a heartbeat.
                         if transport.send(to, frame).is_ok() {
-                            metrics.bytes_sent.get_or_create(&Kind::of("membership")).inc_by(bytes);
+                            metrics.bytes_sent.get_or_create(&Kind::of(Traffic::Membership.as_str())).inc_by(bytes);
                         }
                     }
                 }
@@ -477,7 +482,6 @@ async fn node_loop(
                             .failure_detection
                             .observe(Instant::now().saturating_duration_since(heard).as_secs_f64());
                     }
-                    metrics.restarts.get_or_create(&Kind::of("node_lost")).inc();
                     emitter.emit(NodeEventKind::Down { peer });
                     jobs.on_node_lost(peer);
                 }

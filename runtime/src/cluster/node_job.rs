@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_actors::actor::{spawn_job_recording, JobContext};
+use phalanx_actors::actor::{spawn_job_recording, JobContext, JobObserver};
 use phalanx_actors::checkpoint::{CheckpointStore, FileKey, CHECKPOINTS_KEPT};
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
+use phalanx_actors::protocol::{ActorKey, FaultCause, Recovery};
 use phalanx_transport::Limits;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
@@ -23,12 +24,12 @@ use super::placement::{Placement, Shape};
 use super::registry::JobId;
 use super::replication::{ReplicationStats, ReplicationTracker};
 use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
-use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing};
+use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing, Traffic};
 use super::step_events::StepEvents;
 use super::wire::{self, Inbound, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
-use crate::metrics::{Kind, NodeMetrics};
+use crate::metrics::{Cause, Kind, NodeMetrics};
 
 /// The job side of a node: the prepared job, the host of placed actors,
 /// routing, and (on the coordinator) the running supervisor.
@@ -64,6 +65,9 @@ pub(crate) struct NodeJob {
     seen_job: bool,
     /// When the job first started anywhere (Unix ms), as coordinators said.
     job_started_ms: Option<u64>,
+    /// When a view made this node coordinator in place of another one: a
+    /// takeover, timed until the first step this node applies.
+    takeover_since: Option<Instant>,
     /// Copies of this node's checkpoints acknowledged by the replicas.
     replication: ReplicationTracker,
     replication_stats: watch::Sender<ReplicationStats>,
@@ -138,7 +142,10 @@ impl NodeJob {
             LocalNet::new(format!("phalanx-node{}-{instance:016x}/job{id}", config.id), prepared.config.trainers);
         let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
         let store = CheckpointStore::open(&checkpoints)?;
-        let host_ctx = prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None);
+        let observer = NodeObserver::new(id, events.clone(), metrics.clone());
+        // The actors hosted here log in this node's span of the job.
+        let host_ctx = tracing::info_span!("job", node = config.id, job = id)
+            .in_scope(|| prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None, Some(observer)));
         let (host, _) = Actor::spawn(None, HostActor, (host_ctx.clone(), routing.clone()))
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
@@ -170,6 +177,7 @@ impl NodeJob {
             resume: Resume::new(config.id, 0..config.members(), resume_config),
             seen_job: false,
             job_started_ms: None,
+            takeover_since: None,
             replication: ReplicationTracker::new(replicas),
             replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
             events,
@@ -190,10 +198,15 @@ impl NodeJob {
         let placement = Placement::compute(view.epoch, view.coordinator, &view.members, &shape);
         let previous = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
         let changed = previous != Some(view.coordinator);
+        let me = self.routing.me;
+        if view.coordinator != me {
+            self.takeover_since = None;
+        } else if previous.is_some_and(|p| p != me) && self.takeover_since.is_none() {
+            self.takeover_since = Some(Instant::now());
+        }
         self.routes.send_modify(|r| r.placement = placement);
         // A new coordinator respawns every actor; what an old one placed here goes.
         let _ = self.host.send_message(HostMsg::CoordinatorIs { coordinator: view.coordinator, epoch: view.epoch });
-        let me = self.routing.me;
         let grew = view.members.iter().any(|m| !self.last_members.contains(m)) && !self.last_members.is_empty();
         self.last_members = view.members.clone();
         if view.coordinator == me && grew && !changed {
@@ -277,7 +290,7 @@ impl NodeJob {
     fn send_control(&self, to: u32, msg: &NodeMsg) {
         match wire::encode(msg, &self.routing.limits) {
             Ok(frame) => {
-                let _ = self.routing.out.send((to, frame));
+                let _ = self.routing.out.send(Outbound::control(to, frame));
             }
             Err(e) => tracing::warn!(node = self.routing.me, to, "cannot encode a control message: {e}"),
         }
@@ -298,6 +311,7 @@ impl NodeJob {
         // A job this node has never seen run starts fresh (a new history);
         // any other start continues it.
         let fresh_job = self.job_started_ms.is_none();
+        let takeover = self.takeover_since.take().filter(|_| !fresh_job);
         let job_started_ms = *self.job_started_ms.get_or_insert_with(unix_ms);
         let (events, metrics) = (self.events.clone(), self.metrics.clone());
         let (routing_job, limits, failed_out, failed_members) =
@@ -309,6 +323,7 @@ impl NodeJob {
             replication,
             job_started_ms,
             fresh_job,
+            takeover,
             report_steps: self.report_steps.clone(),
             events: events.clone(),
             metrics: metrics.clone(),
@@ -334,7 +349,7 @@ impl NodeJob {
                 if let Ok(frame) = wire::encode(&NodeMsg::JobFailed { job: routing_job, error: e.to_string() }, &limits)
                 {
                     for m in failed_members {
-                        let _ = failed_out.send((m, frame.clone()));
+                        let _ = failed_out.send(Outbound::control(m, frame.clone()));
                     }
                 }
             }
@@ -423,7 +438,7 @@ impl NodeJob {
         tokio::task::spawn_blocking(move || {
             let inventory = Inventory { newest: newest_complete(&dir, &prepared), started };
             if let Ok(frame) = wire::encode(&NodeMsg::CheckpointInventory { job, epoch, inventory }, &limits) {
-                let _ = out.send((peer, frame));
+                let _ = out.send(Outbound::control(peer, frame));
             }
         });
     }
@@ -447,7 +462,7 @@ impl NodeJob {
                     .and_then(|bytes| wire::encode_checkpoint(job, &name, &bytes, &limits).map_err(|e| e.to_string()));
                 match frame {
                     Ok(frame) => {
-                        let _ = out.send((peer, frame));
+                        let _ = out.send(Outbound { to: peer, frame, traffic: Traffic::Checkpoint });
                     }
                     Err(e) => tracing::warn!(node = me, peer, path = %path.display(), "cannot send a checkpoint: {e}"),
                 }
@@ -471,9 +486,10 @@ impl NodeJob {
         }
         // Written, fsynced and verified on the blocking pool: a large copy must not hold up
         // the node loop (heartbeats, other jobs); the result comes back as a StoredCopy.
-        let (dir, stored, job) = (self.checkpoints.clone(), self.stored.clone(), self.id);
+        let (dir, stored, job, metrics) =
+            (self.checkpoints.clone(), self.stored.clone(), self.id, self.metrics.clone());
         tokio::task::spawn_blocking(move || {
-            let kept = store_copy(&dir, me, peer, &name, &bytes);
+            let kept = store_copy(&dir, me, peer, &name, &bytes, &metrics);
             // Waits while the node loop is behind (bounded channel); fails only once the
             // node stopped, when nothing is waiting for the copy.
             let _ = stored.blocking_send(StoredCopy { job, peer, name, fetching, kept });
@@ -513,7 +529,7 @@ impl NodeJob {
 }
 
 /// Keep a checkpoint copy in `dir`, verified before it counts; true when kept.
-fn store_copy(dir: &std::path::Path, me: u32, peer: u32, name: &str, bytes: &[u8]) -> bool {
+fn store_copy(dir: &std::path::Path, me: u32, peer: u32, name: &str, bytes: &[u8], metrics: &NodeMetrics) -> bool {
     if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
         tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
         return false;
@@ -524,6 +540,7 @@ fn store_copy(dir: &std::path::Path, me: u32, peer: u32, name: &str, bytes: &[u8
         .and_then(|()| crate::output::write_atomic(&path, bytes))
     {
         tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
+        metrics.checkpoint_failures.get_or_create(&Kind::of("copy")).inc();
         return false;
     }
     if let Err(e) = CheckpointStore::read_file(&path) {
@@ -542,6 +559,59 @@ fn newest_complete(dir: &std::path::Path, job: &PreparedJob) -> Option<u64> {
     })
 }
 
+/// Feeds a node's metrics and events from the actors of one of its jobs (see
+/// [`JobObserver`]).
+struct NodeObserver {
+    job: JobId,
+    events: Emitter,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl NodeObserver {
+    fn new(job: JobId, events: Emitter, metrics: Arc<NodeMetrics>) -> Arc<Self> {
+        Arc::new(Self { job, events, metrics })
+    }
+
+    /// Step `step` is the first applied after failures of `cause` (of
+    /// `actors`), `took` after the first was noticed. The one place a
+    /// recovery is counted and reported, so the metric and the event agree.
+    fn report_recovery(&self, step: u64, cause: &str, actors: Vec<String>, took: Duration) {
+        self.metrics.recoveries.get_or_create(&Cause::of(cause)).inc();
+        self.metrics.recovery_duration.observe(took.as_secs_f64());
+        let recovery_ms = took.as_millis() as u64;
+        tracing::info!(
+            node = self.events.node,
+            job = self.job,
+            step,
+            cause,
+            recovery_ms,
+            ?actors,
+            "training recovered"
+        );
+        let cause = cause.to_string();
+        self.events.emit(NodeEventKind::Recovered { job: self.job, step, cause, actors, recovery_ms });
+    }
+}
+
+impl JobObserver for NodeObserver {
+    fn restarted(&self, _actor: ActorKey, cause: FaultCause) {
+        self.metrics.restarts.get_or_create(&Cause::of(cause.as_str())).inc();
+    }
+
+    fn recovered(&self, step: u64, recovery: &Recovery) {
+        let actors = recovery.actors.iter().map(ActorKey::to_string).collect();
+        self.report_recovery(step, recovery.cause.as_str(), actors, recovery.duration);
+    }
+
+    fn checkpoint_saved(&self, _range: u32, _step: u64, took: Duration) {
+        self.metrics.checkpoint_duration.observe(took.as_secs_f64());
+    }
+
+    fn checkpoint_failed(&self, _range: u32, _step: u64, _reason: &str) {
+        self.metrics.checkpoint_failures.get_or_create(&Kind::of("save")).inc();
+    }
+}
+
 /// Where a coordinator starts: its view, the resume decision, and the
 /// replication figures to report at the end.
 struct Start {
@@ -553,6 +623,8 @@ struct Start {
     job_started_ms: u64,
     /// This node never saw the job run before: a new history.
     fresh_job: bool,
+    /// This node took the job over from a lost coordinator at this moment.
+    takeover: Option<Instant>,
     /// Steps that always get a `step` event.
     report_steps: Vec<u64>,
     events: Emitter,
@@ -579,10 +651,22 @@ async fn coordinate(
     start: Start,
 ) -> Result<(), Error> {
     let me = routing.me;
-    let Start { epoch, restore, source, replication, job_started_ms, fresh_job, report_steps, events, metrics } = start;
+    let Start {
+        epoch,
+        restore,
+        source,
+        replication,
+        job_started_ms,
+        fresh_job,
+        mut takeover,
+        report_steps,
+        events,
+        metrics,
+    } = start;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch, job_started_ms));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
-    let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks));
+    let observer = NodeObserver::new(routing.job, events.clone(), metrics.clone());
+    let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks), Some(observer.clone()));
     let (source, cause) = match source {
         Source::Local => ("local".to_string(), "local"),
         Source::Fetched(node) => (format!("node {node}"), "fetched"),
@@ -614,6 +698,9 @@ async fn coordinate(
             if let Some(h) = history.as_mut() {
                 h.record(r);
             }
+            if let Some(since) = takeover.take() {
+                observer.report_recovery(r.step, "takeover", Vec::new(), r.at.saturating_duration_since(since));
+            }
             metrics.steps_applied.inc();
             metrics.samples_applied.inc_by(r.samples);
             if let Some(at) = last_at.replace(r.at) {
@@ -629,7 +716,6 @@ async fn coordinate(
         },
     )
     .await?;
-    metrics.checkpoint_failures.inc_by(outcome.checkpoint_failures.len() as u64);
     let evaluation = prepared.evaluate(&outcome.params)?;
     // The whole job's wall time, predecessors' shares included.
     let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
@@ -648,7 +734,7 @@ async fn coordinate(
     let done = NodeMsg::JobDone { job: routing.job, summary, model_sha256 };
     if let Ok(frame) = super::wire::encode(&done, &routing.limits) {
         for m in members {
-            let _ = routing.out.send((m, frame.clone()));
+            let _ = routing.out.send(Outbound::control(m, frame.clone()));
         }
     }
     Ok(())

@@ -28,8 +28,67 @@ use super::placement::Placement;
 use super::registry::JobId;
 use super::wire::{self, NodeMsg};
 
+/// What a frame carries, for the byte counters of the node's metrics
+/// (`phalanx_network_{sent,received}_bytes_total{kind}`): told by whoever
+/// encodes a frame, so that the node loop never decodes one to count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Traffic {
+    /// Heartbeats and views.
+    Membership,
+    /// Everything else between nodes: spawn and stop orders, locations,
+    /// the job registry, checkpoint questions, small protocol messages.
+    Control,
+    /// Parameters for trainers.
+    Params,
+    /// Gradients for aggregators.
+    Gradients,
+    /// Batches for a trainer on another node than its shard.
+    Batches,
+    /// Checkpoint files: copies for replicas, and fetches by a new coordinator.
+    Checkpoint,
+}
+
+impl Traffic {
+    /// The kind of a protocol message delivered to an actor on another node.
+    pub fn of(msg: &Msg) -> Self {
+        match msg {
+            Msg::Params(_) => Traffic::Params,
+            Msg::Gradient(_) | Msg::Gradients(_) => Traffic::Gradients,
+            Msg::Batches(_) => Traffic::Batches,
+            _ => Traffic::Control,
+        }
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Traffic::Membership => "membership",
+            Traffic::Control => "control",
+            Traffic::Params => "params",
+            Traffic::Gradients => "gradients",
+            Traffic::Batches => "batches",
+            Traffic::Checkpoint => "checkpoint",
+        }
+    }
+}
+
 /// A frame for a node, queued for the node loop to send.
-pub type Outbound = (u32, Vec<u8>);
+#[derive(Debug)]
+pub struct Outbound {
+    /// The node.
+    pub to: u32,
+    /// The frame, length prefix included.
+    pub frame: Vec<u8>,
+    /// What it carries.
+    pub traffic: Traffic,
+}
+
+impl Outbound {
+    /// A control frame for `to`.
+    pub fn control(to: u32, frame: Vec<u8>) -> Self {
+        Self { to, frame, traffic: Traffic::Control }
+    }
+}
 
 /// What routing needs to know, published by the node loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,9 +138,9 @@ pub struct Routing {
 }
 
 impl Routing {
-    fn send_frame(&self, node: u32, frame: Vec<u8>) {
+    fn send_frame(&self, node: u32, frame: Vec<u8>, traffic: Traffic) {
         // The node loop outlives every actor; a send error means shutdown.
-        let _ = self.out.send((node, frame));
+        let _ = self.out.send(Outbound { to: node, frame, traffic });
     }
 
     fn node_for(&self, to: Addr) -> Option<u32> {
@@ -135,8 +194,9 @@ impl Net for ClusterNet {
         }
         match self.routing.node_for(to) {
             Some(node) if node != self.routing.me => {
+                let traffic = Traffic::of(&msg);
                 match wire::encode_deliver(self.routing.job, to, msg, &self.routing.limits) {
-                    Ok(frame) => self.routing.send_frame(node, frame),
+                    Ok(frame) => self.routing.send_frame(node, frame, traffic),
                     Err(e) => tracing::warn!(?to, "cannot encode a message for node {node}: {e}"),
                 }
             }
@@ -176,7 +236,7 @@ impl ClusterHooks {
             &self.routing.limits,
         ) {
             for &m in &self.members {
-                self.routing.send_frame(m, frame.clone());
+                self.routing.send_frame(m, frame.clone(), Traffic::Control);
             }
         }
     }
@@ -195,7 +255,7 @@ impl Cluster for ClusterHooks {
             &NodeMsg::Spawn { job: self.routing.job, key, generation, restore, spawn },
             &self.routing.limits,
         ) {
-            self.routing.send_frame(node, frame);
+            self.routing.send_frame(node, frame, Traffic::Control);
         }
     }
 
@@ -207,7 +267,7 @@ impl Cluster for ClusterHooks {
 
     fn stop_remote(&self, node: u32, key: ActorKey) {
         if let Ok(frame) = wire::encode(&NodeMsg::Stop { job: self.routing.job, key }, &self.routing.limits) {
-            self.routing.send_frame(node, frame);
+            self.routing.send_frame(node, frame, Traffic::Control);
         }
     }
 
@@ -233,7 +293,7 @@ impl Cluster for ClusterHooks {
             match wire::encode_checkpoint(routing.job, &name, &bytes, &routing.limits) {
                 Ok(frame) => {
                     for r in &replicas {
-                        routing.send_frame(*r, frame.clone());
+                        routing.send_frame(*r, frame.clone(), Traffic::Checkpoint);
                     }
                 }
                 Err(e) => return tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
@@ -242,7 +302,7 @@ impl Cluster for ClusterHooks {
             if let Ok(frame) =
                 wire::encode(&NodeMsg::Replicating { job: routing.job, name, to: replicas }, &routing.limits)
             {
-                routing.send_frame(me, frame);
+                routing.send_frame(me, frame, Traffic::Control);
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -310,7 +370,7 @@ pub struct HostState {
 impl HostState {
     fn report(&self, coordinator: u32, msg: NodeMsg) {
         if let Ok(frame) = wire::encode(&msg, &self.routing.limits) {
-            self.routing.send_frame(coordinator, frame);
+            self.routing.send_frame(coordinator, frame, Traffic::Control);
         }
     }
 }
