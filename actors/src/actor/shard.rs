@@ -68,7 +68,7 @@ impl ShardState {
         let mut batches = Vec::with_capacity(steps.clone().count());
         for s in steps {
             #[cfg(feature = "fault-injection")]
-            self.ctx.faults.maybe_panic(ActorKey::shard(partition), s);
+            self.ctx.faults.maybe_panic(crate::protocol::ActorKey::shard(partition), s);
             batches.push(self.core.batch(s)?);
         }
         self.ctx.net.send(Addr::Trainer(trainer), Msg::Batches(batches));
