@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -184,7 +185,7 @@ class Runner:
 def find_winequality():
     """winequality-red.csv.gz of the linfa-datasets crate the workspace locks."""
     try:
-        r = subprocess.run(["cargo", "metadata", "--format-version", "1", "--locked"], cwd=REPO,
+        r = subprocess.run([os.environ.get("CARGO", "cargo"), "metadata", "--format-version", "1", "--locked"], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
         if r.returncode == 0:
             for pkg in json.loads(r.stdout)["packages"]:
@@ -421,7 +422,7 @@ class Bench:
         out = self.run_dir(tag)
         steps = epochs * self.w.steps_per_epoch
         port = 29400 if self.use_netns else free_port()
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=3",
+        torchrun = [sys.executable, os.path.join(HERE, "torchrun_compat.py"), "--nnodes=1", "--nproc_per_node=3",
                     "--max_restarts=1", f"--monitor_interval={self.args.torchrun_monitor_interval}",
                     "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
         cmd = torchrun + self.ddp_cmd("elastic", hidden, steps, out, ["--checkpoint-every", str(CHECKPOINT_EVERY)])[1:]
@@ -469,6 +470,11 @@ def free_port():
 # Figures
 
 
+def sig(x, digits=4):
+    """`x` to `digits` significant digits (JSON figures, not false precision)."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
 def pct(values, q):
     """Nearest-rank percentile."""
     s = sorted(values)
@@ -502,15 +508,15 @@ def summarise(bench, recovery):
     wire = per_step(bench.runs, "lo_tx_bytes")
     wall_ft = per_step(bench.runs, "wall_s", ft=True)
     table = []
-    by_size, worst = {}, 0.0
+    by_size, worst = {}, None
     for hidden in p["sizes"]:
-        entry = {"params": params_of(hidden), "worst": 0.0, "workers": {}}
+        entry = {"params": params_of(hidden), "worst": None, "workers": {}}
         for workers in p["workers"]:
             ph, dd = wall[("phalanx", hidden, workers)], wall[("ddp", hidden, workers)]
             ratio = statistics.median(ph) / statistics.median(dd)
-            entry["workers"][str(workers)] = round(ratio, 4)
-            entry["worst"] = round(max(entry["worst"], ratio), 4)
-            worst = max(worst, ratio)
+            entry["workers"][str(workers)] = sig(ratio)
+            entry["worst"] = sig(ratio if entry["worst"] is None else max(entry["worst"], ratio))
+            worst = ratio if worst is None else max(worst, ratio)
             model_bytes = 4 * params_of(hidden)
             row = {"hidden": hidden, "params": params_of(hidden), "workers": workers, "phalanx_over_ddp": ratio}
             for system in ("phalanx", "ddp"):
@@ -529,7 +535,7 @@ def summarise(bench, recovery):
 
     def wire_at(system, hidden, w):
         v = wire.get((system, hidden, w))
-        return None if v is None else round(statistics.median(v) / w / (4 * params_of(hidden)), 4)
+        return None if v is None else sig(statistics.median(v) / w / (4 * params_of(hidden)))
 
     wire_json = {
         "hidden": biggest,
@@ -550,29 +556,36 @@ def summarise(bench, recovery):
             off = statistics.median(wall[("phalanx", hidden, workers)])
             overhead = on / off - 1
             ft_by_size[str(hidden)][str(workers)] = {
-                "overhead": round(overhead, 4), "on_ms_per_step": on * 1000, "off_ms_per_step": off * 1000}
+                "overhead": sig(overhead), "on_ms_per_step": sig(on * 1000), "off_ms_per_step": sig(off * 1000)}
             ft_worst = overhead if ft_worst is None else max(ft_worst, overhead)
     ph_ms = [r["recovery_ms"] for r in recovery["phalanx"]]
     tr_ms = [r["recovery_ms"] for r in recovery["torchrun"]]
+
+    def side(runs, ms, detector):
+        if not runs:
+            return {"runs": [], "recovery_ms_p50": None, "recovery_ms_p99": None, "steps_redone_median": None,
+                    "detector": detector}
+        return {"runs": runs, "recovery_ms_p50": pct(ms, 50), "recovery_ms_p99": pct(ms, 99),
+                "steps_redone_median": statistics.median(r["steps_redone"] for r in runs), "detector": detector}
+
     rec = {
         "hidden": p["recovery_hidden"], "workers": 3, "kill_step": p["kill_step"],
         "checkpoint_every": CHECKPOINT_EVERY,
-        "phalanx": {"runs": recovery["phalanx"], "recovery_ms_p50": pct(ph_ms, 50), "recovery_ms_p99": pct(ph_ms, 99),
-                    "steps_redone_median": statistics.median(r["steps_redone"] for r in recovery["phalanx"]),
-                    "detector": "phalanx defaults: heartbeat every 100 ms, node down after its failure timeout"},
-        "torchrun": {"runs": recovery["torchrun"], "recovery_ms_p50": pct(tr_ms, 50), "recovery_ms_p99": pct(tr_ms, 99),
-                     "steps_redone_median": statistics.median(r["steps_redone"] for r in recovery["torchrun"]),
-                     "detector": f"torchrun --monitor_interval={bench.args.torchrun_monitor_interval} "
-                                 f"(its default is 5 s), --max_restarts=1, c10d rendezvous"},
+        "phalanx": side(recovery["phalanx"], ph_ms,
+                        "phalanx defaults: heartbeat every 100 ms, a node is down after 500 ms of silence"),
+        "torchrun": side(recovery["torchrun"], tr_ms,
+                         f"torchrun --monitor_interval={bench.args.torchrun_monitor_interval:g} s (its default: 5 s), "
+                         "--max_restarts=1, c10d rendezvous"),
     }
+    speedup = sig(statistics.median(tr_ms) / max(statistics.median(ph_ms), 1)) if ph_ms and tr_ms else None
     return {
-        "phalanx_over_ddp": round(worst, 4),
+        "phalanx_over_ddp": sig(worst),
         "phalanx_over_ddp_by_size": by_size,
-        "recovery_speedup_vs_torchrun": round(statistics.median(tr_ms) / max(statistics.median(ph_ms), 1), 3),
+        "recovery_speedup_vs_torchrun": speedup,
         "wire_bytes_per_node_step_over_model_bytes": wire_json,
-        "ft_overhead_no_faults": round(ft_worst, 4),
+        "ft_overhead_no_faults": sig(ft_worst),
         "ft_overhead_no_faults_by_size": ft_by_size,
-        "recovery_ms_p99": pct(ph_ms, 99),
+        "recovery_ms_p99": pct(ph_ms, 99) if ph_ms else None,
         "recovery": rec,
         "fairness": dict(bench.fairness, passed=True, first_step_tolerance=FIRST_STEP_TOLERANCE,
                          curve_tolerance_rel=CURVE_TOLERANCE_REL),
@@ -638,6 +651,11 @@ def markdown(result):
         "",
         f"Measured {m['date']} by `{m['command']}` ({m['profile_name']} profile, {m['duration_s'] / 60:.1f} min).",
         "",
+    ]
+    if m["profile_name"] == "smoke":
+        lines += ["**A smoke run:** tiny model, few steps, one repeat. It proves the harness works end to end; "
+                  "its timings are start-up noise, not measurements.", ""]
+    lines += [
         f"- **Machine:** {m['machine']['cpu']}, {m['machine']['cores']} cores, {m['machine']['memory']}, "
         f"Linux {m['machine']['kernel']}, Debian {m['machine']['debian']}; load average at start "
         f"{' '.join(m['machine']['loadavg_start'])}, at end {' '.join(m['machine']['loadavg_end'])} "
@@ -716,34 +734,55 @@ def markdown(result):
         "",
         "## Recovery after SIGKILL of one worker",
         "",
-        f"Hidden {rec['hidden']}, 3 workers, SIGKILL of worker 1 at step {rec['kill_step']}, checkpoints every "
-        f"{rec['checkpoint_every']} steps on both sides. Time from the kill to the next step completed by the "
-        "recovered deployment; steps redone = steps completed before the kill that were computed again.",
-        "",
-        "| system | kills | recovery ms p50 | p99 | all (ms) | steps redone (median) | detector |",
-        "|---|---|---|---|---|---|---|",
-        f"| Phalanx (`phalanx local --kill 1@{rec['kill_step']}`) | {len(ph['runs'])} | {ph['recovery_ms_p50']} | "
-        f"{ph['recovery_ms_p99']} | {', '.join(str(r['recovery_ms']) for r in ph['runs'])} | "
-        f"{ph['steps_redone_median']} | {ph['detector']} |",
-        f"| torchrun (`--max_restarts=1`, resumes from its checkpoint) | {len(tr['runs'])} | {tr['recovery_ms_p50']} | "
-        f"{tr['recovery_ms_p99']} | {', '.join(str(r['recovery_ms']) for r in tr['runs'])} | "
-        f"{tr['steps_redone_median']} | {tr['detector']} |",
-        "",
-        f"`recovery_speedup_vs_torchrun` (median torchrun / median Phalanx): **{result['recovery_speedup_vs_torchrun']:.1f}**; "
-        f"`recovery_ms_p99` (Phalanx): {result['recovery_ms_p99']}.",
-        "",
-        "Raw figures: `bench/results/latest.json`. Reproduce: `bench/run.sh` (about "
-        f"{m['duration_s'] / 60:.0f} min here; `bench/run.sh --smoke` in about a minute).",
+    ]
+    if not ph["runs"] and not tr["runs"]:
+        lines += ["Not measured in this run (`--skip-recovery`).", ""]
+    else:
+        lines += [
+            f"Hidden {rec['hidden']}, 3 workers, SIGKILL of worker 1 at step {rec['kill_step']}, checkpoints every "
+            f"{rec['checkpoint_every']} steps on both sides. Time from the kill to the next step completed by the "
+            "recovered deployment (Phalanx: `node_faults[].recovery_ms` of its summary, the first step applied after "
+            "the node was declared down; torchrun: the first step the restarted ranks complete); steps redone = steps "
+            "completed before the kill that were computed again.",
+            "",
+            "| system | kills | recovery ms p50 | p99 | each kill (ms) | steps redone (median) | detector |",
+            "|---|---|---|---|---|---|---|",
+            f"| Phalanx (`phalanx local --nodes 3 --kill 1@{rec['kill_step']}`) | {len(ph['runs'])} | "
+            f"{ph['recovery_ms_p50']} | {ph['recovery_ms_p99']} | {', '.join(str(r['recovery_ms']) for r in ph['runs'])} | "
+            f"{ph['steps_redone_median']} | {ph['detector']} |",
+            f"| torchrun (`--max_restarts=1`, resumes from its checkpoint) | {len(tr['runs'])} | {tr['recovery_ms_p50']} | "
+            f"{tr['recovery_ms_p99']} | {', '.join(str(r['recovery_ms']) for r in tr['runs'])} | "
+            f"{tr['steps_redone_median']} | {tr['detector']} |",
+            "",
+            f"`recovery_speedup_vs_torchrun` (median torchrun / median Phalanx): **{_num(result['recovery_speedup_vs_torchrun'], 1)}**; "
+            f"`recovery_ms_p99` (Phalanx): {result['recovery_ms_p99']}.",
+            "",
+        ]
+    lines += [
+        f"Raw figures: `latest.json` beside this run's output ({m['out']}). Reproduce: `{m['command']}`.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _num(v):
-    return "–" if v is None else f"{v:.2f}"
+def _num(v, digits=2):
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def command_line():
+    """How this run was started, as `bench/run.sh ...` (without the binary run.sh passes)."""
+    argv, shown, skip = sys.argv[1:], [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--phalanx":
+            skip = True
+        elif not a.startswith("--phalanx="):
+            shown.append(a)
+    return " ".join(["bench/run.sh"] + [shlex.quote(a) for a in shown])
 
 
 def main():
@@ -755,6 +794,11 @@ def main():
     ap.add_argument("--phalanx", required=True, help="the phalanx binary")
     ap.add_argument("--work", help="scratch directory (default: OUT/work)")
     ap.add_argument("--repeats", type=int, help="override the profile's repeats")
+    ap.add_argument("--sizes", help="override the profile's hidden sizes, comma-separated (each needs --epochs "
+                                    "unless the profile has it)")
+    ap.add_argument("--workers", help="override the profile's worker counts, comma-separated")
+    ap.add_argument("--epochs", help="SHORT,LONG epochs for every size (overrides the profile's)")
+    ap.add_argument("--skip-recovery", action="store_true", help="no recovery runs (no recovery figures)")
     ap.add_argument("--torchrun-monitor-interval", type=float, default=5.0,
                     help="torchrun --monitor_interval in s (default 5, torchrun's own default)")
     ap.add_argument("--allow-other-blas", action="store_true", help="do not stop when torch is not on OpenBLAS")
@@ -765,6 +809,17 @@ def main():
     profile = dict(PROFILES[name])
     if args.repeats:
         profile["repeats"] = args.repeats
+    if args.workers:
+        profile["workers"] = [int(w) for w in args.workers.split(",")]
+        profile["ft_workers"] = [w for w in profile["ft_workers"] if w in profile["workers"]]
+    if args.sizes:
+        profile["sizes"] = [int(h) for h in args.sizes.split(",")]
+    if args.epochs:
+        short, long_ = (int(e) for e in args.epochs.split(","))
+        profile["epochs"] = {h: (short, long_) for h in profile["sizes"]}
+    missing = [h for h in profile["sizes"] if h not in profile["epochs"]]
+    if missing:
+        ap.error(f"no epochs for hidden sizes {missing}: give --epochs SHORT,LONG")
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
     args.work = args.work or os.path.join(args.out, "work")
@@ -779,7 +834,7 @@ def main():
         bench = Bench(args, profile)
         log(f"profile {name}: sizes {profile['sizes']}, workers {profile['workers']}, {profile['repeats']} repeats")
         bench.speed()
-        recovery = bench.recovery()
+        recovery = {"phalanx": [], "torchrun": []} if args.skip_recovery else bench.recovery()
         result = summarise(bench, recovery)
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
@@ -790,9 +845,9 @@ def main():
         "steps_per_epoch": bench.w.steps_per_epoch,
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "command": "bench/run.sh" + (" --smoke" if args.smoke else "")
-            + (f" --repeats {args.repeats}" if args.repeats else ""),
+            "command": command_line(),
             "profile_name": name,
+            "out": os.path.relpath(args.out, REPO) if args.out.startswith(REPO) else args.out,
             "profile": {k: (v if k != "epochs" else {str(h): e for h, e in v.items()}) for k, v in profile.items()},
             "duration_s": round(time.time() - started, 1),
             "machine": mach,
