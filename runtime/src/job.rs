@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ndarray::{Array2, ArrayView2};
 use phalanx_actors::actor::{spawn_job_recording, JobContext, JobHandle, JobOutcome, StepRecord};
 use phalanx_actors::checkpoint::CheckpointStore;
 use phalanx_actors::data::{self, DataError, DataRegistry, OwnedTargets, Partitions, Prepared, Table, TaskKind};
 use phalanx_actors::faults::FaultPlan;
-use ndarray::{Array2, ArrayView2};
 use phalanx_actors::model::{self, Head, Model, ModelError, ModelIdentity, ModelRegistry, Targets, TensorInfo};
 use phalanx_actors::net::LocalNet;
 use phalanx_actors::optim::{OptimizerSpec, OptimizerState};
@@ -105,7 +105,8 @@ const INIT_PARAMS_HEADER_SLACK_BYTES: u64 = 1 << 20;
 /// tensor per tensor of the model's layout, by name and shape, nothing else, every value finite.
 fn read_init_params(path: &Path, model: &dyn Model) -> Result<Vec<f32>, Error> {
     use safetensors::{Dtype, SafeTensors};
-    let bad = |reason: String| Error::Field { field: "init_params".into(), reason: format!("{}: {reason}", path.display()) };
+    let bad =
+        |reason: String| Error::Field { field: "init_params".into(), reason: format!("{}: {reason}", path.display()) };
     let limit = model.num_params() as u64 * 4 + INIT_PARAMS_HEADER_SLACK_BYTES;
     let size = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
     if size > limit {
@@ -114,7 +115,7 @@ fn read_init_params(path: &Path, model: &dyn Model) -> Result<Vec<f32>, Error> {
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let layout = model.layout();
-    if let Some(extra) = tensors.names().into_iter().find(|name| !layout.iter().any(|t| &t.name == *name)) {
+    if let Some(extra) = tensors.names().into_iter().find(|name| !layout.iter().any(|t| t.name == **name)) {
         let names = layout.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
         return Err(bad(format!("tensor `{extra}` is not one of the model's ({names})")));
     }
@@ -571,7 +572,8 @@ mod tests {
 
     /// Writes `tensors` (name, shape, values) as a safetensors file.
     fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> =
+            tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .zip(&bytes)
@@ -620,7 +622,8 @@ mod tests {
         let path = dir.path().join("init.safetensors");
         let error = |tensors: &[(&str, Vec<usize>, Vec<f32>)]| {
             write(&path, tensors);
-            let e = PreparedJob::new(JobConfig { init_params: Some(path.clone()), ..mlp(4) }).err().unwrap().to_string();
+            let e =
+                PreparedJob::new(JobConfig { init_params: Some(path.clone()), ..mlp(4) }).err().unwrap().to_string();
             assert!(e.contains("`init_params`") && e.contains(&path.display().to_string()), "{e}");
             e
         };
