@@ -286,12 +286,32 @@ class Bench:
         self.phalanx = os.path.abspath(args.phalanx)
         self.fairness = {"checks": 0, "max_first_step_diff": 0.0}
         self.runs = []
+        self.retried = []
 
     def run_dir(self, tag):
         d = os.path.join(self.work, "runs", tag)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         return d
+
+    def run_once_more_on_failure(self, cmd, tag, out):
+        """Runs a measured command; a run that fails is run once more and the failure recorded
+        (`retried_runs` in the results): on a shared machine another job's stray signal can end
+        a run. A second failure stops the harness."""
+        log_path = os.path.join(self.logs, tag + ".log")
+        m = self.runner.run(cmd, log_path)
+        if m["rc"] == 0:
+            return m
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-600:].strip().replace("\n", " | ")
+        log(f"{tag} failed (exit {m['rc']}), running it once more: {tail}")
+        self.retried.append({"tag": tag, "exit": m["rc"], "log_tail": tail})
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        m = self.runner.run(cmd, log_path)
+        if m["rc"] != 0:
+            raise BenchError(f"{tag} failed twice (exit {m['rc']}); log {log_path}")
+        return m
 
     def phalanx_run(self, hidden, workers, epochs, checkpoint_every, tag, kill=None):
         out = self.run_dir(tag)
@@ -303,9 +323,7 @@ class Bench:
                    "--epochs", str(epochs), "--out", out]
             if kill is not None:
                 cmd += ["--kill", kill]
-        m = self.runner.run(cmd, os.path.join(self.logs, tag + ".log"))
-        if m["rc"] != 0:
-            raise BenchError(f"phalanx run {tag} failed (exit {m['rc']}); log {os.path.join(self.logs, tag + '.log')}")
+        m = self.run_once_more_on_failure(cmd, tag, out)
         with open(os.path.join(out, "summary.json")) as f:
             summary = json.load(f)
         steps = epochs * self.w.steps_per_epoch
@@ -333,9 +351,7 @@ class Bench:
         steps = epochs * self.w.steps_per_epoch
         port = ["--port", "29500"] if self.use_netns else ["--port", str(free_port())]
         cmd = self.ddp_cmd("launch", hidden, steps, out, ["--world", str(workers)] + port)
-        m = self.runner.run(cmd, os.path.join(self.logs, tag + ".log"))
-        if m["rc"] != 0:
-            raise BenchError(f"ddp run {tag} failed (exit {m['rc']}); log {os.path.join(self.logs, tag + '.log')}")
+        m = self.run_once_more_on_failure(cmd, tag, out)
         sums = [0.0] * steps
         for r in range(workers):
             with open(os.path.join(out, f"losses-rank{r}.json")) as f:
@@ -635,6 +651,7 @@ def summarise(bench, recovery):
         "fairness": dict(bench.fairness, passed=True, first_step_tolerance=FIRST_STEP_TOLERANCE,
                          first_epoch_tolerance_rel=EPOCH1_TOLERANCE_REL, epoch_mean_tolerance_rel=CURVE_TOLERANCE_REL),
         "step_time": table,
+        "retried_runs": bench.retried,
     }
 
 
@@ -737,6 +754,10 @@ def markdown(result):
         f"(tolerance {EPOCH1_TOLERANCE_REL}: the same batches and updates), epoch means by at most "
         f"{fair['max_epoch_mean_rel_diff']:.1e} (tolerance {CURVE_TOLERANCE_REL}: f32 rounding differences grow "
         f"slowly once ReLU units flip; the largest single-step difference was {fair['max_step_rel_diff']:.1e}).",
+        "- **Failed runs:** " + ("none." if not result["retried_runs"] else
+                                 f"{len(result['retried_runs'])} run(s) failed and were run once more (the failures "
+                                 "are in `retried_runs` of the JSON): "
+                                 + "; ".join(f"`{r['tag']}` (exit {r['exit']})" for r in result["retried_runs"]) + "."),
         "",
         "## Step time",
         "",
