@@ -706,6 +706,48 @@ def fmt_stat(s):
     return f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"
 
 
+def summary_lines(result):
+    """What the tables say, in a few sentences computed from them."""
+    rows = result["step_time"]
+    faster = [r for r in rows if r["phalanx_over_ddp"] < 1]
+    worst = max(rows, key=lambda r: r["phalanx_over_ddp"])
+    best = min(rows, key=lambda r: r["phalanx_over_ddp"])
+    out = [
+        f"- **Step time:** Phalanx is faster than DDP in {len(faster)} of {len(rows)} configurations"
+        + (f" (all at {', '.join(sorted({format(r['params'], ',') for r in faster}))} parameters)" if faster else "")
+        + f"; best ratio {best['phalanx_over_ddp']:.2f} ({best['params']:,} parameters, {best['workers']} workers), "
+        f"worst {worst['phalanx_over_ddp']:.2f} ({worst['params']:,} parameters, {worst['workers']} workers).",
+    ]
+    w = result["wire_bytes_per_node_step_over_model_bytes"]
+    parts = [f"{w['phalanx'][k]:.2f} × the model per node and step on {k} workers (DDP {_num(w['ddp'][k])}, "
+             f"a ring all-reduce {w['ring_allreduce'][k]:.2f})" for k in w["phalanx"] if w["phalanx"][k] is not None]
+    if parts:
+        out.append(f"- **Wire:** at {w['params']:,} parameters Phalanx sends " + "; ".join(parts) + ".")
+    ft = result["ft_overhead_no_faults_by_size"]
+    runs = result["meta"].get("runs", [])
+    off_runs, on_runs = per_step(runs, "wall_s"), per_step(runs, "wall_s", ft=True)
+    cells, clear = [], []
+    for h, by in ft.items():
+        for wk, e in by.items():
+            cells.append((h, wk, e["overhead"]))
+            key = ("phalanx", int(h), int(wk))
+            if key in off_runs and key in on_runs and min(on_runs[key]) > max(off_runs[key]):
+                clear.append(f"{e['overhead'] * 100:+.0f} % at {params_of(int(h)):,} parameters on {wk} worker(s)")
+    if cells:
+        h, wk, o = max(cells, key=lambda c: c[2])
+        out.append(f"- **Checkpoints without faults:** worst median cost {o * 100:+.0f} % ({params_of(int(h)):,} "
+                   f"parameters, {wk} worker(s)). Costs above the noise (every repeat with checkpoints slower than "
+                   f"every repeat without): {'; '.join(clear) if clear else 'none'}.")
+    rec = result["recovery"]
+    if rec["phalanx"]["runs"] and rec["torchrun"]["runs"]:
+        out.append(f"- **Recovery:** Phalanx {rec['phalanx']['recovery_ms_p50']} ms p50 / "
+                   f"{rec['phalanx']['recovery_ms_p99']} ms p99 over {len(rec['phalanx']['runs'])} kills, "
+                   f"{rec['phalanx']['steps_redone_median']:g} steps redone; torchrun {rec['torchrun']['recovery_ms_p50']} ms "
+                   f"p50 over {len(rec['torchrun']['runs'])} kills, {rec['torchrun']['steps_redone_median']:g} steps redone "
+                   f"({result['recovery_speedup_vs_torchrun']:.1f} × faster).")
+    return out
+
+
 def markdown(result):
     m, v, p = result["meta"], result["meta"]["versions"], result["meta"]["profile"]
     fair = result["fairness"]
@@ -733,7 +775,7 @@ def markdown(result):
         f"(Phalanx's seeded shuffles, ported to `bench/workload.py` and pinned against its tests); plain SGD, "
         f"lr {LR} up to hidden {LR_WIDTH}, {LR} × {LR_WIDTH} / hidden above (with 0.05 the wide models "
         "diverge into chaos, where rounding differences grow until no two implementations' loss curves can be "
-        "compared; the step time does not depend on it), f32; seed {SEED}.",
+        f"compared; the step time does not depend on it), f32; seed {SEED}.",
         "- **Processes:** Phalanx: `phalanx train --trainers 1` for 1 worker, `phalanx local --nodes N --trainers N` "
         "for N (node 0 also hosts the aggregators); DDP: N processes, `torch.distributed` gloo, "
         "`DistributedDataParallel`, rank r owning the partitions p ≡ r (mod N) as Phalanx's trainers do. "
@@ -758,6 +800,10 @@ def markdown(result):
                                  f"{len(result['retried_runs'])} run(s) failed and were run once more (the failures "
                                  "are in `retried_runs` of the JSON): "
                                  + "; ".join(f"`{r['tag']}` (exit {r['exit']})" for r in result["retried_runs"]) + "."),
+        "",
+        "## In short",
+        "",
+        *summary_lines(result),
         "",
         "## Step time",
         "",
@@ -795,13 +841,21 @@ def markdown(result):
         f"Checkpoints every {CHECKPOINT_EVERY} steps (Phalanx's default; on a cluster each is also copied to a "
         "replica) against none. The exactly-once ledger has no off switch: it is on in both.",
         "",
-        "| parameters | workers | off ms/step | on ms/step | overhead |",
+        "A difference inside the min–max spread of the repeats is noise of the shared machine, not a cost.",
+        "",
+        "| parameters | workers | off ms/step | on ms/step | overhead (median on / median off − 1) |",
         "|---|---|---|---|---|",
     ]
+    runs = m.get("runs", [])
+    off_runs, on_runs = per_step(runs, "wall_s"), per_step(runs, "wall_s", ft=True)
     for h, by in result["ft_overhead_no_faults_by_size"].items():
         for wk, e in by.items():
-            lines.append(f"| {params_of(int(h)):,} | {wk} | {e['off_ms_per_step']:.3g} | {e['on_ms_per_step']:.3g} | "
-                         f"{e['overhead'] * 100:+.1f} % |")
+            key = ("phalanx", int(h), int(wk))
+            off = fmt_stat({k: v * 1000 for k, v in stats(off_runs[key]).items()}) if key in off_runs \
+                else f"{e['off_ms_per_step']:.3g}"
+            on = fmt_stat({k: v * 1000 for k, v in stats(on_runs[key]).items()}) if key in on_runs \
+                else f"{e['on_ms_per_step']:.3g}"
+            lines.append(f"| {params_of(int(h)):,} | {wk} | {off} | {on} | {e['overhead'] * 100:+.1f} % |")
     rec = result["recovery"]
     ph, tr = rec["phalanx"], rec["torchrun"]
     lines += [
@@ -825,20 +879,19 @@ def markdown(result):
             "|---|---|---|---|---|---|---|",
             f"| Phalanx (`phalanx local --nodes 3 --kill 1@{rec['kill_step']}`) | {len(ph['runs'])} | "
             f"{ph['recovery_ms_p50']} | {ph['recovery_ms_p99']} | {', '.join(str(r['recovery_ms']) for r in ph['runs'])} | "
-            f"{ph['steps_redone_median']} | {ph['detector']} |",
+            f"{ph['steps_redone_median']:g} | {ph['detector']} |",
             f"| torchrun (`--max_restarts=1`, resumes from its checkpoint) | {len(tr['runs'])} | {tr['recovery_ms_p50']} | "
             f"{tr['recovery_ms_p99']} | {', '.join(str(r['recovery_ms']) for r in tr['runs'])} | "
-            f"{tr['steps_redone_median']} | {tr['detector']} |",
+            f"{tr['steps_redone_median']:g} | {tr['detector']} |",
             "",
             f"`recovery_speedup_vs_torchrun` (median torchrun / median Phalanx): **{_num(result['recovery_speedup_vs_torchrun'], 1)}**; "
             f"`recovery_ms_p99` (Phalanx): {result['recovery_ms_p99']}.",
             "",
         ]
     lines += [
-        f"Raw figures: `latest.json` beside this run's output ({m['out']}). Reproduce: `{m['command']}`.",
-        "",
+        f"Raw figures: `{m['out']}/latest.json`. Reproduce: `{m['command']}`.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def _inrun(side):
@@ -880,6 +933,8 @@ def main():
     ap.add_argument("--workers", help="override the profile's worker counts, comma-separated")
     ap.add_argument("--epochs", help="SHORT,LONG epochs for every size (overrides the profile's)")
     ap.add_argument("--skip-recovery", action="store_true", help="no recovery runs (no recovery figures)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report from OUT/latest.json without running anything")
     ap.add_argument("--kills", help="PHALANX,TORCHRUN: how many kills of each (overrides the profile's)")
     ap.add_argument("--torchrun-monitor-interval", type=float, default=5.0,
                     help="torchrun --monitor_interval in s (default 5, torchrun's own default)")
@@ -911,6 +966,13 @@ def main():
         default_out = os.path.abspath(os.path.join(HERE, "results"))
         args.markdown = os.path.join(REPO, "BENCHMARKS.md") if (args.out == default_out and not args.smoke) \
             else os.path.join(args.out, "BENCHMARKS.md")
+    if args.report_only:
+        with open(os.path.join(args.out, "latest.json")) as f:
+            result = json.load(f)
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
+        log(f"wrote {args.markdown} from {os.path.join(args.out, 'latest.json')}")
+        return 0
     try:
         workload.self_check()
         blas = check_blas(args.allow_other_blas)
