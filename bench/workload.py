@@ -230,7 +230,7 @@ def mlp_layout(inputs, hidden, outputs):
 
 def write_init(path, inputs, hidden, outputs, seed):
     """Seeded initial weights as safetensors (F32, the MLP's layout): He-uniform w1,
-    Xavier-uniform w2, zero biases, drawn from ChaCha8-free stdlib `random` (any fixed draw
+    Xavier-uniform w2, zero biases, drawn with the stdlib's seeded `random` (any fixed draw
     works: both sides read the file)."""
     import random
 
