@@ -60,6 +60,11 @@ pub struct JobConfig {
     pub learning_rate: Option<f32>,
     /// Hidden units of the built-in MLP.
     pub hidden: usize,
+    /// Initial θ from a safetensors file instead of the seeded initialisation: one F32 tensor per
+    /// tensor of the model's layout, by name and shape (a `model.safetensors` of an earlier run
+    /// works). Every node that hosts the job reads it, so give a path all of them can read. Its
+    /// values are part of the math (hashed into the config hash).
+    pub init_params: Option<PathBuf>,
     /// Share of rows held out for the metric.
     pub test_fraction: f64,
     /// Checkpoint every K steps (0: only the final one).
@@ -95,6 +100,7 @@ impl Default for JobConfig {
             optimizer: OptimizerKind::Adam,
             learning_rate: None,
             hidden: DEFAULT_HIDDEN,
+            init_params: None,
             test_fraction: DEFAULT_TEST_FRACTION,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             fail: Vec::new(),

@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ndarray::{Array2, ArrayView2};
 use phalanx_actors::actor::{spawn_job_recording, JobContext, JobHandle, JobOutcome, StepRecord};
 use phalanx_actors::checkpoint::CheckpointStore;
 use phalanx_actors::data::{self, DataError, DataRegistry, OwnedTargets, Partitions, Prepared, Table, TaskKind};
 #[cfg(feature = "fault-injection")]
 use phalanx_actors::faults::FaultPlan;
-use phalanx_actors::model::{self, Head, Model, ModelError, ModelIdentity, ModelRegistry, Targets};
+use phalanx_actors::model::{self, Head, Model, ModelError, ModelIdentity, ModelRegistry, Targets, TensorInfo};
 use phalanx_actors::net::LocalNet;
 use phalanx_actors::optim::{OptimizerSpec, OptimizerState};
 use phalanx_actors::protocol::{JobId, JobPlan, Schedule};
@@ -69,6 +70,10 @@ struct MathIdentity<'a> {
     model: &'a ModelIdentity,
     optimizer: &'a OptimizerSpec,
     train_data_sha256: String,
+    /// SHA-256 of θ_0 when it comes from a file (absent otherwise, so that the hashes of jobs
+    /// without one stay what they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init_params_sha256: Option<String>,
 }
 
 fn train_data_sha256(t: &Table) -> String {
@@ -91,6 +96,89 @@ pub fn params_sha256(params: &[f32]) -> String {
         h.update(v.to_le_bytes());
     }
     hex::encode(h.finalize())
+}
+
+/// Bytes a file of initial parameters may have beyond the parameters themselves (its JSON
+/// header): bounds what is read before the file is checked.
+const INIT_PARAMS_HEADER_SLACK_BYTES: u64 = 1 << 20;
+
+/// Reads θ_0 for `model` from the safetensors file `path` (the job's `init_params`): one F32
+/// tensor per tensor of the model's layout, by name and shape, nothing else, every value finite.
+fn read_init_params(path: &Path, model: &dyn Model) -> Result<Vec<f32>, Error> {
+    use safetensors::{Dtype, SafeTensors};
+    let bad =
+        |reason: String| Error::Field { field: "init_params".into(), reason: format!("{}: {reason}", path.display()) };
+    let limit = model.num_params() as u64 * 4 + INIT_PARAMS_HEADER_SLACK_BYTES;
+    let size = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
+    if size > limit {
+        return Err(bad(format!("{size} bytes, more than the model's {} parameters need", model.num_params())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let layout = model.layout();
+    if let Some(extra) = tensors.names().into_iter().find(|name| !layout.iter().any(|t| t.name == **name)) {
+        let names = layout.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+        return Err(bad(format!("tensor `{extra}` is not one of the model's ({names})")));
+    }
+    let mut params = Vec::with_capacity(model.num_params());
+    for t in &layout {
+        let view = tensors.tensor(&t.name).map_err(|e| bad(format!("tensor `{}`: {e}", t.name)))?;
+        if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
+            return Err(bad(format!(
+                "tensor `{}` is {:?} {:?}, the model needs F32 {:?}",
+                t.name,
+                view.dtype(),
+                view.shape(),
+                t.shape
+            )));
+        }
+        let start = params.len();
+        params.extend(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        if let Some(i) = params[start..].iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("tensor `{}` element {i} is {}", t.name, params[start + i])));
+        }
+    }
+    Ok(params)
+}
+
+/// A model whose θ_0 is the job's `init_params` file instead of its seeded initialisation;
+/// everything else is the wrapped model's.
+#[derive(Debug)]
+struct FileInit {
+    model: Arc<dyn Model>,
+    params: Vec<f32>,
+}
+
+impl Model for FileInit {
+    fn num_params(&self) -> usize {
+        self.model.num_params()
+    }
+
+    fn layout(&self) -> Vec<TensorInfo> {
+        self.model.layout()
+    }
+
+    fn init_params(&self, _seed: u64) -> Vec<f32> {
+        self.params.clone()
+    }
+
+    fn loss_grad(
+        &self,
+        params: &[f32],
+        x: ArrayView2<'_, f32>,
+        y: Targets<'_>,
+        grad: &mut [f32],
+    ) -> Result<f64, ModelError> {
+        self.model.loss_grad(params, x, y, grad)
+    }
+
+    fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
+        self.model.loss(params, x, y)
+    }
+
+    fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError> {
+        self.model.predict(params, x)
+    }
 }
 
 impl PreparedJob {
@@ -133,6 +221,14 @@ impl PreparedJob {
         })?;
         let model: Arc<dyn Model> = Arc::from(built.model);
         let model_identity = built.identity;
+        let (model, init_params_sha256) = match &config.init_params {
+            Some(path) => {
+                let params = read_init_params(path, model.as_ref())?;
+                let sha = params_sha256(&params);
+                (Arc::new(FileInit { model, params }) as Arc<dyn Model>, Some(sha))
+            }
+            None => (model, None),
+        };
         if config.aggregators as usize > model.num_params() {
             return Err(Error::Field {
                 field: "aggregators".into(),
@@ -162,6 +258,7 @@ impl PreparedJob {
             model: &model_identity,
             optimizer: &optimizer,
             train_data_sha256: train_data_sha256(&data.train),
+            init_params_sha256,
         };
         let config_hash = hex::encode(Sha256::digest(serde_json::to_vec(&identity).expect("plain data serialises")));
         Ok(Self {
@@ -463,4 +560,98 @@ pub async fn run(
     let evaluation = job.evaluate(&outcome.params)?;
     let history = history.map(|h| h.path().to_path_buf());
     Ok(TrainReport { outcome, evaluation, duration: started.elapsed(), history })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_actors::model::ModelKind;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    fn mlp(hidden: usize) -> JobConfig {
+        JobConfig {
+            model: ModelKind::Mlp.into(),
+            dataset: data::DatasetSource::Winequality,
+            hidden,
+            epochs: Some(1),
+            ..JobConfig::default()
+        }
+    }
+
+    /// Writes `tensors` (name, shape, values) as a safetensors file.
+    fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+        let bytes: Vec<Vec<u8>> =
+            tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| (name.to_string(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+
+    /// The tensors of an MLP on winequality (11 features, 6 classes), element `i` of the flat
+    /// vector set to `i / 1000`.
+    fn mlp_tensors(hidden: usize) -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
+        let shapes = [("w1", vec![11, hidden]), ("b1", vec![hidden]), ("w2", vec![hidden, 6]), ("b2", vec![6])];
+        let mut next = 0usize;
+        shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let values = (next..next + n).map(|i| i as f32 / 1000.0).collect();
+                next += n;
+                (name, shape, values)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn init_params_file_is_theta_0_and_part_of_the_config_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("init.safetensors");
+        write(&path, &mlp_tensors(4));
+        let seeded = PreparedJob::new(mlp(4)).unwrap();
+        let job = PreparedJob::new(JobConfig { init_params: Some(path), ..mlp(4) }).unwrap();
+        let want: Vec<f32> = (0..job.model.num_params()).map(|i| i as f32 / 1000.0).collect();
+        assert_eq!(job.model.init_params(job.config.seed), want);
+        assert_ne!(seeded.model.init_params(42), want);
+        assert_ne!(job.config_hash, seeded.config_hash, "θ_0 is part of the math");
+        // The plain loop starts from it too: one epoch moves away from it, and differently from
+        // the seeded start.
+        let trained = job.reference_params().unwrap();
+        assert_ne!(trained, want);
+        assert_ne!(trained, seeded.reference_params().unwrap());
+    }
+
+    #[test]
+    fn a_bad_init_params_file_names_the_field_the_file_and_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("init.safetensors");
+        let error = |tensors: &[(&str, Vec<usize>, Vec<f32>)]| {
+            write(&path, tensors);
+            let e =
+                PreparedJob::new(JobConfig { init_params: Some(path.clone()), ..mlp(4) }).err().unwrap().to_string();
+            assert!(e.contains("`init_params`") && e.contains(&path.display().to_string()), "{e}");
+            e
+        };
+        let e = error(&mlp_tensors(5));
+        assert!(e.contains("tensor `w1`") && e.contains("[11, 4]"), "{e}");
+        let mut missing = mlp_tensors(4);
+        missing.pop();
+        assert!(error(&missing).contains("`b2`"));
+        let mut extra = mlp_tensors(4);
+        extra.push(("w3", vec![1], vec![0.0]));
+        assert!(error(&extra).contains("`w3`"));
+        let mut nan = mlp_tensors(4);
+        nan[1].2[2] = f32::NAN;
+        let e = error(&nan);
+        assert!(e.contains("tensor `b1` element 2 is NaN"), "{e}");
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let e = PreparedJob::new(JobConfig { init_params: Some(path.clone()), ..mlp(4) }).err().unwrap().to_string();
+        assert!(e.contains("not a safetensors file"), "{e}");
+        let gone = dir.path().join("missing.safetensors");
+        let e = PreparedJob::new(JobConfig { init_params: Some(gone.clone()), ..mlp(4) }).err().unwrap().to_string();
+        assert!(e.contains("`init_params`") && e.contains(&gone.display().to_string()), "{e}");
+    }
 }
