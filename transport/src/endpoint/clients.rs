@@ -114,6 +114,8 @@ impl Inner {
         let expired = crate::revocation::expired(crate::revocation::not_after_of(&cert));
         tokio::pin!(expired);
         let mut revocations = self.revocations.subscribe();
+        // The list may have changed since the handshake checked it.
+        revocations.mark_changed();
         loop {
             // Ends when the client closes, or the endpoint closes every connection at shutdown.
             let (send, recv) = tokio::select! {

@@ -141,6 +141,9 @@ pub(crate) async fn drive(inner: Arc<Inner>, link: Arc<Link>) {
     let budget = Arc::new(Semaphore::new(inner.recv_budget_bytes.min(Semaphore::MAX_PERMITS)));
     let mut readers = JoinSet::new();
     let mut revocations = inner.revocations.subscribe();
+    // Checked once at the start too: the list may have changed while this connection was in
+    // its hello, after its certificate was checked.
+    revocations.mark_changed();
     let expired = crate::revocation::expired(link.not_after);
     tokio::pin!(expired);
     let mut refused = false;

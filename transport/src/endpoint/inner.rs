@@ -261,8 +261,11 @@ impl Inner {
         };
         if self.establish(conn, peer, node, theirs.incarnation).await {
             Ok(peer)
-        } else {
+        } else if self.is_shutting_down() {
             Err(ConnectError::ShuttingDown { node })
+        } else {
+            let reason = format!("node {peer}'s certificate was revoked during the handshake");
+            Err(ConnectError::Refused { addr, peer: Some(peer), code: codes::REVOKED, reason })
         }
     }
 
@@ -310,6 +313,13 @@ impl Inner {
     /// newcomer is a restart and takes over).
     async fn establish(self: &Arc<Self>, conn: Connection, peer: u32, dialled_by: u32, incarnation: u64) -> bool {
         let link = Arc::new(Link::new(conn, peer, dialled_by, incarnation, self.max_inflight_sends));
+        // Revoked while this connection was in its hello (its certificate was checked before).
+        if let Some(reason) = self.revoked(&link.cert) {
+            let reason = format!("node {peer}: {reason}");
+            link.close(codes::REVOKED, &reason, true);
+            self.report_rejected(link.addr, Some(peer), codes::REVOKED, reason).await;
+            return false;
+        }
         let arrived = Instant::now();
         let (taken, displaced) = loop {
             // Two slots: a restart is announced as PeerDown + PeerUp. None if the receiver is gone.
