@@ -525,9 +525,14 @@ impl LocalCluster {
         outcomes
     }
 
-    fn signal(&self, id: u32, sig: &str) {
-        if let Some(child) = &self.nodes[id as usize] {
-            let _ = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status();
+    /// Sends `sig` to node `id` if its process still runs. A child this harness already
+    /// reaped (`try_wait` saw it exit) is never signalled: its pid may belong to another
+    /// process by now. An unreaped child's pid cannot be reused, so the check is race-free.
+    fn signal(&mut self, id: u32, sig: &str) {
+        if let Some(child) = self.nodes[id as usize].as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status();
+            }
         }
     }
 
