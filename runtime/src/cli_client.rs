@@ -1,11 +1,14 @@
 //! The client commands of the `phalanx` binary: `submit`, `jobs`, `cancel`, `status`.
 //!
 //! They talk to a long-lived cluster over QUIC with the client certificate that `phalanx
-//! certs` writes (`client.pem`/`client.key`); see [`phalanx::cluster::client_api`].
+//! certs` writes (`client/client.pem`); see [`phalanx::cluster::client_api`]. Results go to the
+//! writer the binary passes (its stdout), progress to stderr.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use std::io::Write;
 
 use anyhow::Context;
 use clap::Args;
@@ -87,14 +90,14 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
-pub(crate) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+pub(crate) async fn submit(args: SubmitArgs, stdout: &mut impl Write) -> anyhow::Result<()> {
     let client = args.cluster.client()?;
     let mut spec = args.job.into_config()?;
     // `out` is the client's directory: the cluster writes outputs beside the job's checkpoints.
     let out = spec.out.take().unwrap_or_else(|| PathBuf::from("phalanx-out"));
     let job = client.submit(&spec).await?;
     // The contract: the job id is the first line of stdout.
-    println!("{job}");
+    writeln!(stdout, "{job}")?;
     if !args.wait {
         return Ok(());
     }
@@ -123,10 +126,10 @@ pub(crate) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     match state? {
         JobState::Finished { model_sha256, .. } => {
             let files = client.fetch_outputs(job, &out).await?;
-            println!("job {job} finished in {:.2}s", started.elapsed().as_secs_f64());
-            println!("model_sha256 {model_sha256}");
+            writeln!(stdout, "job {job} finished in {:.2}s", started.elapsed().as_secs_f64())?;
+            writeln!(stdout, "model_sha256 {model_sha256}")?;
             let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-            println!("wrote {}", names.join(", "));
+            writeln!(stdout, "wrote {}", names.join(", "))?;
             Ok(())
         }
         JobState::Failed { error } => anyhow::bail!("job {job} failed: {error}"),
@@ -135,57 +138,61 @@ pub(crate) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) async fn jobs(args: JobsArgs) -> anyhow::Result<()> {
+pub(crate) async fn jobs(args: JobsArgs, stdout: &mut impl Write) -> anyhow::Result<()> {
     let jobs = args.cluster.client()?.jobs().await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&jobs)?)?;
         return Ok(());
     }
-    println!("{:>4}  {:<10} {:<10} {:<14} detail", "id", "state", "model", "dataset");
+    writeln!(stdout, "{:>4}  {:<10} {:<10} {:<14} detail", "id", "state", "model", "dataset")?;
     for j in jobs {
         let detail = match &j.state {
             JobState::Finished { model_sha256, .. } => format!("model_sha256 {model_sha256}"),
             JobState::Failed { error } => error.clone(),
             _ => String::new(),
         };
-        println!(
+        writeln!(
+            stdout,
             "{:>4}  {:<10} {:<10} {:<14} {detail}",
             j.id,
             j.state.name(),
             j.spec.model.to_string(),
             j.spec.dataset.to_string()
-        );
+        )?;
     }
     Ok(())
 }
 
-pub(crate) async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+pub(crate) async fn cancel(args: CancelArgs, stdout: &mut impl Write) -> anyhow::Result<()> {
     args.cluster.client()?.cancel(args.id).await?;
-    println!("cancelling job {}", args.id);
+    writeln!(stdout, "cancelling job {}", args.id)?;
     Ok(())
 }
 
-pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
+pub(crate) async fn status(args: StatusArgs, stdout: &mut impl Write) -> anyhow::Result<()> {
     let status = args.cluster.client()?.status(None).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&status)?)?;
         return Ok(());
     }
     match (status.epoch, status.coordinator) {
         (Some(epoch), Some(coordinator)) => {
-            println!(
+            writeln!(
+                stdout,
                 "node {} sees view {epoch}: coordinator {coordinator}, {} of {} members up",
                 status.node,
                 status.members.len(),
                 status.configured
-            );
+            )?;
         }
-        _ => println!("node {} has no view yet (waiting for a majority of {})", status.node, status.configured),
+        _ => {
+            writeln!(stdout, "node {} has no view yet (waiting for a majority of {})", status.node, status.configured)?
+        }
     }
     for m in &status.members {
         let addr = m.addr.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
         let role = if Some(m.id) == status.coordinator { " (coordinator)" } else { "" };
-        println!("  node {} at {addr}{role}", m.id);
+        writeln!(stdout, "  node {} at {addr}{role}", m.id)?;
     }
     Ok(())
 }

@@ -849,10 +849,10 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Node(args) => node(args).await,
-            Command::Submit(args) => cli_client::submit(*args).await,
-            Command::Jobs(args) => cli_client::jobs(args).await,
-            Command::Cancel(args) => cli_client::cancel(args).await,
-            Command::Status(args) => cli_client::status(args).await,
+            Command::Submit(args) => cli_client::submit(*args, &mut std::io::stdout()).await,
+            Command::Jobs(args) => cli_client::jobs(args, &mut std::io::stdout()).await,
+            Command::Cancel(args) => cli_client::cancel(args, &mut std::io::stdout()).await,
+            Command::Status(args) => cli_client::status(args, &mut std::io::stdout()).await,
         }
     });
     match result {

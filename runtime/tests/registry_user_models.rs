@@ -107,11 +107,7 @@ fn affine(request: &ModelRequest) -> Result<Box<dyn Model>, ModelError> {
 
 /// `plane`: 400 rows of `y = 2a − b + 0.5 + noise`, each a function of its index.
 fn plane(request: &DataRequest<'_>) -> Result<Table, phalanx_actors::data::DataError> {
-    let unit = |i: u64| (splitmix64(i) >> 40) as f32 / 16_777_216.0 - 0.5;
-    let rows: Vec<[f32; 2]> = (0..400u64).map(|i| [4.0 * unit(3 * i), 4.0 * unit(3 * i + 1)]).collect();
-    let targets: Vec<f32> =
-        rows.iter().enumerate().map(|(i, [a, b])| 2.0 * a - b + 0.5 + 0.1 * unit(3 * i as u64 + 2)).collect();
-    Table::from_rows("plane", vec!["a".into(), "b".into()], &rows, &targets, request.task)
+    common::plane(400, 0.1, request)
 }
 
 fn registries() -> (ModelRegistry, DataRegistry) {

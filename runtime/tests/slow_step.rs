@@ -89,10 +89,7 @@ fn slow(_: &ModelRequest) -> Result<Box<dyn Model>, ModelError> {
 
 /// 96 rows of `y = 2a − b + 0.5`.
 fn plane(request: &DataRequest<'_>) -> Result<Table, phalanx_actors::data::DataError> {
-    let unit = |i: u64| (splitmix64(i) >> 40) as f32 / 16_777_216.0 - 0.5;
-    let rows: Vec<[f32; 2]> = (0..96u64).map(|i| [4.0 * unit(2 * i), 4.0 * unit(2 * i + 1)]).collect();
-    let targets: Vec<f32> = rows.iter().map(|[a, b]| 2.0 * a - b + 0.5).collect();
-    Table::from_rows("plane", vec!["a".into(), "b".into()], &rows, &targets, request.task)
+    common::plane(96, 0.0, request)
 }
 
 fn registries() -> (ModelRegistry, DataRegistry) {

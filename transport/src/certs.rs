@@ -553,12 +553,7 @@ impl ClientIdentity {
             .first()
             .and_then(|c| client_name_of(c))
             .ok_or_else(|| CertError::NotAClient { path: cert.0.to_owned() })?;
-        let key = PrivateKeyDer::from_pem_slice(key.1).map_err(|source| CertError::Pem {
-            path: key.0.to_owned(),
-            expected: "private key",
-            source,
-        })?;
-        let ca_roots = parse_certs(ca.0, ca.1)?;
+        let (key, ca_roots) = parse_key_and_roots(key, ca)?;
         Ok(Self { name, cert_chain, key, ca_roots })
     }
 }
@@ -632,14 +627,23 @@ impl NodeIdentity {
         if found != Some(id) {
             return Err(CertError::WrongNodeId { path: cert.0.to_owned(), expected: id, found });
         }
-        let key = PrivateKeyDer::from_pem_slice(key.1).map_err(|source| CertError::Pem {
-            path: key.0.to_owned(),
-            expected: "private key",
-            source,
-        })?;
-        let ca_roots = parse_certs(ca.0, ca.1)?;
+        let (key, ca_roots) = parse_key_and_roots(key, ca)?;
         Ok(Self { id, cert_chain, key, ca_roots })
     }
+}
+
+/// A private key and the CA certificates to trust, each `(where it came from, PEM)`.
+#[allow(clippy::type_complexity)]
+fn parse_key_and_roots(
+    key: (&Path, &[u8]),
+    ca: (&Path, &[u8]),
+) -> Result<(PrivateKeyDer<'static>, Vec<CertificateDer<'static>>), CertError> {
+    let parsed = PrivateKeyDer::from_pem_slice(key.1).map_err(|source| CertError::Pem {
+        path: key.0.to_owned(),
+        expected: "private key",
+        source,
+    })?;
+    Ok((parsed, parse_certs(ca.0, ca.1)?))
 }
 
 /// `at` as a certificate time; `OffsetDateTime::from` would panic out of range.

@@ -110,3 +110,18 @@ pub fn scrape(addr: std::net::SocketAddr) -> String {
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// A user data source for registry tests: `rows` rows of `y = 2a − b + 0.5`, plus `noise` ×
+/// a uniform draw in [−0.5, 0.5), each row a function of its index (so every node loads the
+/// same table).
+pub fn plane(
+    rows: u64,
+    noise: f32,
+    request: &phalanx::DataRequest<'_>,
+) -> Result<phalanx::Table, phalanx_actors::data::DataError> {
+    let unit = |i: u64| (phalanx_actors::data::splitmix64(i) >> 40) as f32 / 16_777_216.0 - 0.5;
+    let features: Vec<[f32; 2]> = (0..rows).map(|i| [4.0 * unit(3 * i), 4.0 * unit(3 * i + 1)]).collect();
+    let targets: Vec<f32> =
+        features.iter().enumerate().map(|(i, [a, b])| 2.0 * a - b + 0.5 + noise * unit(3 * i as u64 + 2)).collect();
+    phalanx::Table::from_rows("plane", vec!["a".into(), "b".into()], &features, &targets, request.task)
+}
