@@ -354,13 +354,9 @@ async fn node_loop(
                 }
                 Vec::new()
             }
+            // A handle's commands and the client API's, answered alike.
             Some(cmd) = commands.recv() => {
-                match cmd {
-                    NodeCommand::Status { reply } => {
-                        let _ = reply.send(status(&config, &membership, &transport));
-                    }
-                    cmd => jobs.on_command(cmd),
-                }
+                on_command(cmd, &mut jobs, status(&config, &membership, &transport));
                 Vec::new()
             }
             Ok(()) = revocations.changed() => {
@@ -370,12 +366,7 @@ async fn node_loop(
                 Vec::new()
             }
             Some(cmd) = client_commands_rx.recv() => {
-                match cmd {
-                    NodeCommand::Status { reply } => {
-                        let _ = reply.send(status(&config, &membership, &transport));
-                    }
-                    cmd => jobs.on_command(cmd),
-                }
+                on_command(cmd, &mut jobs, status(&config, &membership, &transport));
                 Vec::new()
             }
             Some(copy) = stored_rx.recv() => {
@@ -528,6 +519,17 @@ async fn node_loop(
     }
     emitter.emit(NodeEventKind::Stopped);
     Ok(())
+}
+
+/// A command of a handle or a client: the node loop answers `Status` (it holds the view and
+/// the connections), the jobs everything else.
+fn on_command(cmd: NodeCommand, jobs: &mut Jobs, status: ClusterStatus) {
+    match cmd {
+        NodeCommand::Status { reply } => {
+            let _ = reply.send(status);
+        }
+        cmd => jobs.on_command(cmd),
+    }
 }
 
 /// Events a following client may fall behind by before it skips the oldest.

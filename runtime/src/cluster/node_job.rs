@@ -214,14 +214,7 @@ impl NodeJob {
             to_job(&self.names, JobMsg::Rebalance);
         }
         if view.coordinator != me {
-            self.resume.cancel();
-            if let Some((_, task)) = self.coordinator.take() {
-                task.abort();
-                if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
-                    job.stop_children(None);
-                    job.stop(None);
-                }
-            }
+            self.stop_coordinating();
         } else if self.coordinator.is_none() && !self.done && self.should_run {
             // A new view while deciding starts the decision over with its members.
             let cmds = self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, Instant::now());
@@ -362,6 +355,12 @@ impl NodeJob {
     pub(crate) fn stop_all(&mut self, why: &str) {
         let reason = Some(format!("node {} {why}", self.routing.me));
         let _ = self.host.send_message(HostMsg::StopAll { reason });
+        self.stop_coordinating();
+    }
+
+    /// Give up the coordinator role here: no resume decision under way, the supervisor's
+    /// task and its actors stopped.
+    fn stop_coordinating(&mut self) {
         self.resume.cancel();
         if let Some((_, task)) = self.coordinator.take() {
             task.abort();
