@@ -116,6 +116,8 @@ pub struct NodeMetrics {
     pub members: Gauge,
     /// Connections refused, by reason (the transport's close code name).
     pub rejected_connections: Family<Kind, Counter>,
+    /// Messages from members dropped by the authority checks, by message kind.
+    pub rejected_messages: Family<Kind, Counter>,
     /// Checkpoint files this node wrote: the time to write, fsync and rename
     /// one and fsync its directory.
     pub checkpoint_duration: Histogram,
@@ -148,6 +150,7 @@ impl NodeMetrics {
             membership_epoch: Gauge::default(),
             members: Gauge::default(),
             rejected_connections: Family::default(),
+            rejected_messages: Family::default(),
             checkpoint_duration: checkpoint_histogram(),
             checkpoint_failures: Family::default(),
             jobs: Family::default(),
@@ -177,6 +180,11 @@ impl NodeMetrics {
         r.register("membership_epoch", "Epoch of the adopted membership view", m.membership_epoch.clone());
         r.register("members", "Members of the adopted view", m.members.clone());
         r.register("rejected_connections", "Connections refused, by reason", m.rejected_connections.clone());
+        r.register(
+            "rejected_messages",
+            "Messages from members dropped: not entitled under the view, or out of range; by kind",
+            m.rejected_messages.clone(),
+        );
         let checkpoint = "Time to write, fsync and rename a checkpoint file";
         r.register_with_unit("checkpoint_duration", checkpoint, Unit::Seconds, m.checkpoint_duration.clone());
         let failures = "Checkpoint files that could not be written, by kind";

@@ -227,6 +227,30 @@ pub enum NodeEventKind {
         /// Failed: why.
         error: Option<String>,
     },
+    /// Messages of a kind from a member were dropped because the member was not entitled to
+    /// send them under the adopted view (a `job-done` not from the coordinator, a `params`
+    /// from a node that does not host that aggregator, a `view` not from the node the local
+    /// rules elect) or because a value in them is out of range. Reported at a bounded rate:
+    /// `count` is the running total of this kind from this member, and the last event of a
+    /// burst always carries the final total (see [`authority`](super::authority)).
+    MessageRejected {
+        /// The member that sent them.
+        peer: u32,
+        /// The message kind, e.g. `job-done`, `spawn`, `rollback`, `view`, `checkpoint-copy`.
+        kind: String,
+        /// Why the last one was dropped.
+        reason: String,
+        /// Messages of this kind from this member dropped so far.
+        count: u64,
+    },
+    /// Fault injection (a `fault-injection` build acting as a rogue member): this node sent a
+    /// forged message of `kind` to `to`.
+    Forged {
+        /// The member it went to.
+        to: u32,
+        /// The message kind, as [`NodeEventKind::MessageRejected`] names it.
+        kind: String,
+    },
     /// The node stopped.
     Stopped,
 }

@@ -205,6 +205,34 @@ impl NodeMsg {
             | NodeMsg::Cancel { .. } => None,
         }
     }
+
+    /// A short kebab-case name of the message kind for logs and counters (a `Deliver` is
+    /// named by the protocol message it carries, as [`Msg::kind`] names it).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeMsg::Membership(MembershipMsg::Heartbeat { .. }) => "heartbeat",
+            NodeMsg::Membership(MembershipMsg::View(_)) => "view",
+            NodeMsg::Deliver { msg, .. } => msg.kind(),
+            NodeMsg::Spawn { .. } => "spawn",
+            NodeMsg::Stop { .. } => "stop",
+            NodeMsg::Started { .. } => "started",
+            NodeMsg::Failed { .. } => "failed",
+            NodeMsg::CheckpointCopy { .. } => "checkpoint-copy",
+            NodeMsg::Locations { .. } => "locations",
+            NodeMsg::JobDone { .. } => "job-done",
+            NodeMsg::JobFailed { .. } => "job-failed",
+            NodeMsg::CheckpointQuery { .. } => "checkpoint-query",
+            NodeMsg::CheckpointInventory { .. } => "checkpoint-inventory",
+            NodeMsg::CheckpointFetch { .. } => "checkpoint-fetch",
+            NodeMsg::CheckpointStored { .. } => "checkpoint-stored",
+            NodeMsg::Replicating { .. } => "replicating",
+            NodeMsg::Registry(_) => "registry",
+            NodeMsg::RegistryAck { .. } => "registry-ack",
+            NodeMsg::Submit { .. } => "submit",
+            NodeMsg::SubmitAnswer { .. } => "submit-answer",
+            NodeMsg::Cancel { .. } => "cancel",
+        }
+    }
 }
 
 /// Move the tensors out of `msg`.
@@ -290,6 +318,17 @@ pub enum Inbound {
     Deliver(JobId, Addr, Msg),
     /// A checkpoint file of a job.
     Checkpoint(JobId, String, Vec<u8>),
+}
+
+impl Inbound {
+    /// The message kind, as [`NodeMsg::kind`] names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Inbound::Control(msg) => msg.kind(),
+            Inbound::Deliver(_, _, msg) => msg.kind(),
+            Inbound::Checkpoint(..) => "checkpoint-copy",
+        }
+    }
 }
 
 /// Why a peer's frame was refused.
