@@ -708,9 +708,15 @@ fn wipe_checkpoints(dir: &Path) -> Result<String, Error> {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let Some(key) = entry.file_name().to_str().and_then(FileKey::parse) else { continue };
         let path = entry.path();
-        std::fs::remove_file(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        steps.insert(key.step);
-        count += 1;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                steps.insert(key.step);
+                count += 1;
+            }
+            // The node pruned it between the listing and here: gone either way.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Io { path, source }),
+        }
     }
     Ok(format!("deleted {count} checkpoint file(s) of steps {steps:?} in {}", dir.display()))
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::authority::{Parked, ParkedFrame, Scope, Verdict};
 use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
 use super::node::NodeConfig;
@@ -98,6 +99,10 @@ pub(crate) struct Jobs {
     last_sent: Option<Instant>,
     /// The last state of each job this node told about.
     told: BTreeMap<JobId, &'static str>,
+    /// Frames whose senders may become entitled with the next view or location map.
+    lot: Parked,
+    /// Messages dropped by the authority rules, per sender and kind.
+    rejections: BTreeMap<(u32, &'static str), u64>,
     out_tx: mpsc::UnboundedSender<Outbound>,
     ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
     /// Where checkpoint copies written off the loop report back (see [`StoredCopy`]).
@@ -138,6 +143,7 @@ impl Jobs {
             let job = NodeJob::start(&config, STARTUP_JOB, prepared, config.out.clone(), shared).await?;
             jobs.insert(STARTUP_JOB, job);
         }
+        let held_for = Duration::from_millis(config.detector.failure_timeout_ms.saturating_mul(2));
         Ok(Self {
             config,
             registry,
@@ -150,6 +156,10 @@ impl Jobs {
             next_request: 0,
             last_sent: None,
             told: BTreeMap::new(),
+            // A message overtakes the view or map it depends on by a few frames at most:
+            // two failure timeouts is far longer than that, and bounds what waits.
+            rejections: BTreeMap::new(),
+            lot: Parked::new(held_for),
             out_tx,
             ready_tx,
             stored,
@@ -206,11 +216,16 @@ impl Jobs {
         for (spec, reply, _) in std::mem::take(&mut self.parked) {
             self.on_command(NodeCommand::Submit { spec, reply });
         }
+        self.judge_held();
     }
 
     /// Quorum lost or shutting down: stop everything here.
     pub(crate) fn stop_all(&mut self, why: &str) {
         self.view = None;
+        for frame in self.lot.take() {
+            let reason = format!("{}; dropped as this node {why}", frame.reason);
+            self.rejected(frame.peer, frame.inbound.kind(), reason);
+        }
         for job in self.jobs.values_mut() {
             job.stop_all(why);
         }
@@ -218,6 +233,10 @@ impl Jobs {
 
     /// The clock advanced.
     pub(crate) fn on_tick(&mut self, now: Instant) {
+        for frame in self.lot.expired(now) {
+            let reason = format!("{} (still, after {} ms)", frame.reason, self.lot.max_age().as_millis());
+            self.rejected(frame.peer, frame.inbound.kind(), reason);
+        }
         for job in self.jobs.values_mut() {
             job.on_tick(now);
         }
@@ -459,12 +478,67 @@ impl Jobs {
         }
     }
 
-    /// A frame that is not membership, from `peer` (this node's own frames too).
+    /// A frame that is not membership, from `peer` (this node's own frames too):
+    /// obeyed if the authority rules let `peer` send it, held if it may have
+    /// overtaken the view or map that entitles it, else counted and dropped.
     pub(crate) fn on_frame(&mut self, peer: u32, inbound: Inbound) {
-        let job = match &inbound {
-            Inbound::Deliver(job, _, _) | Inbound::Checkpoint(job, _, _) => Some(*job),
-            Inbound::Control(msg) => msg.job(),
-        };
+        match self.judge(peer, &inbound) {
+            Verdict::Accept => self.obey(peer, inbound),
+            Verdict::Wait(reason) => {
+                tracing::debug!(node = self.me(), peer, kind = inbound.kind(), "held: {reason}");
+                for frame in self.lot.park(Instant::now(), peer, inbound, reason) {
+                    let reason = format!("{} (pushed out: too many held from node {})", frame.reason, frame.peer);
+                    self.rejected(frame.peer, frame.inbound.kind(), reason);
+                }
+            }
+            Verdict::Reject(reason) => self.rejected(peer, inbound.kind(), reason),
+        }
+    }
+
+    /// The authority rules on a frame from `peer` (see [`super::authority`]).
+    fn judge(&self, peer: u32, inbound: &Inbound) -> Verdict {
+        let (me, members, view) = (self.me(), self.config.members(), self.view.as_ref());
+        match job_of(inbound).and_then(|job| self.jobs.get(&job)) {
+            Some(job) => job.judge(me, members, view, peer, inbound),
+            None => Scope { me, members, view, job: None }.judge(peer, inbound),
+        }
+    }
+
+    /// Judge the held frames again (a view or a location map came).
+    fn judge_held(&mut self) {
+        for frame in self.lot.take() {
+            match self.judge(frame.peer, &frame.inbound) {
+                Verdict::Accept => {
+                    let ParkedFrame { peer, inbound, .. } = frame;
+                    self.obey(peer, inbound);
+                }
+                Verdict::Wait(_) => self.lot.keep(frame),
+                Verdict::Reject(reason) => self.rejected(frame.peer, frame.inbound.kind(), reason),
+            }
+        }
+    }
+
+    /// A message from `peer` was dropped by the authority rules (or a core): count and report it.
+    pub(crate) fn rejected(&mut self, peer: u32, kind: &'static str, reason: String) {
+        tracing::warn!(node = self.me(), peer, kind, "dropped a {kind} from node {peer}: {reason}");
+        self.metrics.rejected_messages.get_or_create(&Kind::of(kind)).inc();
+        let count = self.rejections.entry((peer, kind)).or_default();
+        *count += 1;
+        let count = *count;
+        self.events.emit(NodeEventKind::MessageRejected { peer, kind: kind.into(), reason, count });
+    }
+
+    /// A frame the authority rules let through.
+    fn obey(&mut self, peer: u32, inbound: Inbound) {
+        let locations = matches!(inbound, Inbound::Control(NodeMsg::Locations { .. }));
+        self.handle(peer, inbound);
+        if locations {
+            self.judge_held();
+        }
+    }
+
+    fn handle(&mut self, peer: u32, inbound: Inbound) {
+        let job = job_of(&inbound);
         let Some(job) = job else {
             if let Inbound::Control(msg) = inbound {
                 self.on_control(peer, msg);
@@ -503,7 +577,7 @@ impl Jobs {
                     self.events.emit(NodeEventKind::JobDone { job, summary, model_sha256, from: peer });
                 }
                 other => {
-                    tracing::debug!(node = self.me(), job, peer, "frame for a job not hosted here: {}", kind_of(&other))
+                    tracing::debug!(node = self.me(), job, peer, "frame for a job not hosted here: {}", other.kind())
                 }
             },
         }
@@ -524,7 +598,11 @@ impl Jobs {
                 }
             }
             NodeMsg::Submit { request, spec } => {
-                if self.coordinating() {
+                if let Err(e) = spec.validate() {
+                    // Checked by the member too; a member's word is not taken for it.
+                    let why = format!("node {} refused the job submitted through node {peer}: {e}", self.me());
+                    self.send(peer, &NodeMsg::SubmitAnswer { request, result: Err(why) });
+                } else if self.coordinating() {
                     self.accept(*spec, Waiter::Remote { node: peer, request });
                 } else {
                     let why = format!("node {} does not coordinate; submit again", self.me());
@@ -542,11 +620,11 @@ impl Jobs {
     }
 }
 
-fn kind_of(inbound: &Inbound) -> &'static str {
+/// The job a frame belongs to, if it is scoped to one.
+fn job_of(inbound: &Inbound) -> Option<JobId> {
     match inbound {
-        Inbound::Deliver(..) => "deliver",
-        Inbound::Checkpoint(..) => "checkpoint",
-        Inbound::Control(_) => "control",
+        Inbound::Deliver(job, _, _) | Inbound::Checkpoint(job, _, _) => Some(*job),
+        Inbound::Control(msg) => msg.job(),
     }
 }
 

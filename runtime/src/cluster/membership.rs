@@ -15,6 +15,14 @@
 //! that sees a strict majority of the configured members may issue views;
 //! the minority side stops and waits (no split brain).
 //!
+//! **Authority.** A node takes a view only from the node its own rules elect:
+//! the live coordinator it knows of, or the member that would succeed it (the
+//! lowest live id besides it). Epochs move by bounded steps: a view at most
+//! [`MAX_EPOCH_STEP`] above the highest epoch this node knows, a heartbeat
+//! raising that by at most as much, and a member's claim to coordinate counts
+//! only when another member or this node's own view backs it. Everything
+//! else is counted and dropped ([`MembershipCommand::Rejected`]).
+//!
 //! ```text
 //!  tick ──▶ heartbeats out; silent members ──▶ down ──▶ (coordinator with quorum) ──▶ View{epoch+1}
 //!  heartbeat in ──▶ member up ──▶ (coordinator) ──▶ View{epoch+1} with it
@@ -38,6 +46,12 @@ pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 500;
 /// a heartbeat or view claiming one is dropped, and a node whose epochs run
 /// out issues no more views (four billion view changes: never in practice).
 pub const MAX_EPOCH: u64 = u32::MAX as u64;
+
+/// The most a view's epoch may run ahead of the highest epoch a node knows, and
+/// the most one heartbeat raises it by. A node away while the cluster went
+/// through more views catches up in a few heartbeats; a member announcing
+/// epochs near [`MAX_EPOCH`] cannot use up the range in one message.
+pub const MAX_EPOCH_STEP: u64 = 1024;
 
 /// Detector settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +106,16 @@ pub enum MembershipCommand {
     Down(u32),
     /// This node no longer sees a majority: stop training and wait.
     QuorumLost,
+    /// A message from a member was dropped: it was not entitled to send it (a
+    /// view from a node these rules do not elect) or a value in it is out of bounds.
+    Rejected {
+        /// The member.
+        peer: u32,
+        /// The message kind (`view`, `heartbeat`).
+        kind: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The membership state machine of one node.
@@ -166,6 +190,13 @@ impl Membership {
             MembershipMsg::View(view) => {
                 if view.epoch > MAX_EPOCH {
                     return Err(format!("view epoch {} above {MAX_EPOCH}", view.epoch));
+                }
+                let bound = self.highest_epoch.saturating_add(MAX_EPOCH_STEP);
+                if view.epoch > bound {
+                    return Err(format!(
+                        "view epoch {} is more than {MAX_EPOCH_STEP} above the highest epoch known here ({})",
+                        view.epoch, self.highest_epoch
+                    ));
                 }
                 if view.coordinator != from || !view.members.contains(&from) {
                     return Err(format!("a view of coordinator {} sent by node {from}", view.coordinator));
@@ -251,18 +282,18 @@ impl Membership {
         if let Err(why) = self.check(from, &msg) {
             // Not even a sign of life: a member that only says such things is
             // declared down like a silent one, and leaves the view.
-            tracing::warn!(node = self.me, peer = from, "membership message dropped: {why}");
-            self.rejected += 1;
-            return Vec::new();
+            return vec![self.reject(from, &msg, why)];
         }
         self.last_heard.insert(from, now);
         let mut out = Vec::new();
         self.up.insert(from);
         match msg {
             MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator } => {
-                self.highest_epoch = self.highest_epoch.max(highest_epoch);
+                // Raised by a bounded step per heartbeat (see MAX_EPOCH_STEP).
+                let bound = self.highest_epoch.saturating_add(MAX_EPOCH_STEP);
+                self.highest_epoch = self.highest_epoch.max(highest_epoch.min(bound));
                 match coordinator {
-                    Some(c) if view_epoch > 0 => self.reported.insert(from, (view_epoch, c)),
+                    Some(c) if view_epoch > 0 && view_epoch <= bound => self.reported.insert(from, (view_epoch, c)),
                     _ => self.reported.remove(&from),
                 };
                 // A member behind the coordinator's view missed it (views go
@@ -275,6 +306,12 @@ impl Membership {
             }
             MembershipMsg::View(view) => {
                 if view.epoch > self.view.as_ref().map_or(0, |v| v.epoch) && view.coordinator == from {
+                    if let Some(elected) = self.electable(from) {
+                        let why = format!("a view from node {from}, while the rules here elect node {elected}");
+                        out.push(self.reject(from, &MembershipMsg::View(view), why));
+                        out.extend(self.reconcile());
+                        return out;
+                    }
                     self.highest_epoch = self.highest_epoch.max(view.epoch);
                     self.view = Some(view.clone());
                     out.push(MembershipCommand::Adopted(view));
@@ -283,6 +320,31 @@ impl Membership {
         }
         out.extend(self.reconcile());
         out
+    }
+
+    /// Count and report a dropped message.
+    fn reject(&mut self, from: u32, msg: &MembershipMsg, reason: String) -> MembershipCommand {
+        tracing::warn!(node = self.me, peer = from, "membership message dropped: {reason}");
+        self.rejected += 1;
+        let kind = match msg {
+            MembershipMsg::Heartbeat { .. } => "heartbeat",
+            MembershipMsg::View(_) => "view",
+        };
+        MembershipCommand::Rejected { peer: from, kind, reason }
+    }
+
+    /// `None` when a view from `from` may be taken under the local rules: `from`
+    /// is the live coordinator this node knows of, or the member that would
+    /// succeed it (the lowest live id besides it — it may have seen the
+    /// coordinator fail a heartbeat before this node did). Otherwise the node
+    /// the rules elect.
+    fn electable(&self, from: u32) -> Option<u32> {
+        let live = self.live_coordinator();
+        let successor = self.up.iter().copied().find(|m| Some(*m) != live);
+        if live == Some(from) || successor == Some(from) {
+            return None;
+        }
+        live.or(successor)
     }
 
     /// The coordinator of the newest view this node knows of — its own or one
@@ -294,7 +356,20 @@ impl Membership {
         // so: it voided its view when it lost its quorum (and a heartbeat sent
         // before a partition can arrive after it heals).
         let mine = |r: &(u64, u32)| r.1 != self.me || own.is_some_and(|o| o.1 == self.me && o.0 >= r.0);
-        let reported = self.reported.iter().filter(|(from, _)| self.up.contains(from)).map(|(_, r)| *r).filter(mine);
+        // A member's claim to coordinate itself counts only when backed by this
+        // node's view or another member's report: one member alone cannot make
+        // the others wait for it.
+        let backed = |from: u32, c: u32| {
+            from != c
+                || own.is_some_and(|o| o.1 == c)
+                || self.reported.iter().any(|(other, r)| *other != c && self.up.contains(other) && r.1 == c)
+        };
+        let reported = self
+            .reported
+            .iter()
+            .filter(|(from, r)| self.up.contains(from) && backed(**from, r.1))
+            .map(|(_, r)| *r)
+            .filter(mine);
         own.into_iter()
             .chain(reported)
             .filter(|(_, c)| self.up.contains(c))
@@ -370,6 +445,8 @@ mod tests {
         now: Instant,
         adopted: BTreeMap<u32, Vec<View>>,
         downs: Vec<(u32, u32, Instant)>,
+        /// (receiver, sender, kind) of every message a core dropped.
+        rejected: Vec<(u32, u32, &'static str)>,
     }
 
     impl Net {
@@ -383,6 +460,7 @@ mod tests {
                 now: Instant::now(),
                 adopted: BTreeMap::new(),
                 downs: Vec::new(),
+                rejected: Vec::new(),
             }
         }
 
@@ -430,6 +508,7 @@ mod tests {
                     MembershipCommand::Adopted(v) => self.adopted.entry(src).or_default().push(v),
                     MembershipCommand::Down(m) => self.downs.push((src, m, self.now)),
                     MembershipCommand::QuorumLost => {}
+                    MembershipCommand::Rejected { peer, kind, .. } => self.rejected.push((src, peer, kind)),
                 }
             }
         }
@@ -580,6 +659,92 @@ mod tests {
         net.run(1_000);
         let v = net.view_of(0);
         assert_eq!((v.coordinator, v.members.len()), (1, 3));
+    }
+
+    /// A member that is not elected (node 3 of 4, never the lowest live id)
+    /// announces views naming itself: every view it sends is counted as
+    /// rejected, and the cluster keeps node 0's view.
+    #[test]
+    fn views_from_a_member_the_rules_do_not_elect_are_rejected() {
+        let mut net = Net::new(4);
+        net.run(1_000);
+        let before = net.view_of(0);
+        assert_eq!((before.coordinator, before.members.len()), (0, 4));
+        for step in 1..=3 {
+            let forged = View { epoch: before.epoch + step, coordinator: 3, members: (0..4).collect() };
+            let sends = (0..3).map(|to| MembershipCommand::Send(to, MembershipMsg::View(forged.clone()))).collect();
+            net.apply(3, sends);
+        }
+        net.run(1_000);
+        for id in 0..3 {
+            assert_eq!(net.view_of(id).coordinator, 0, "node {id} followed the rogue");
+        }
+        let views: Vec<_> = net.rejected.iter().filter(|(_, from, kind)| *from == 3 && *kind == "view").collect();
+        assert_eq!(views.len(), 9, "three forged views to each of three members: {:?}", net.rejected);
+    }
+
+    /// Even the coordinator's view may not jump the epoch range: a view far
+    /// above the highest epoch known is refused, and heartbeats claiming one
+    /// raise a node's epoch by bounded steps only.
+    #[test]
+    fn epochs_move_by_bounded_steps() {
+        let mut net = Net::new(3);
+        net.run(1_000);
+        let v = net.view_of(0);
+        let huge = View { epoch: MAX_EPOCH - 1, coordinator: 0, members: v.members.clone() };
+        net.apply(0, vec![MembershipCommand::Send(1, MembershipMsg::View(huge))]);
+        assert_eq!(net.view_of(1), v, "a view {} epochs ahead was taken", MAX_EPOCH - 1 - v.epoch);
+        assert!(net.rejected.contains(&(1, 0, "view")), "{:?}", net.rejected);
+        let beat = MembershipMsg::Heartbeat { view_epoch: v.epoch, highest_epoch: MAX_EPOCH, coordinator: Some(0) };
+        let now = net.now;
+        let node1 = net.nodes.get_mut(&1).unwrap();
+        let before = node1.highest_epoch;
+        node1.on_message(2, beat, now);
+        assert_eq!(node1.highest_epoch, before + MAX_EPOCH_STEP);
+    }
+
+    /// A node far behind (away while the cluster went through many views)
+    /// catches up through heartbeats and then takes the current view.
+    #[test]
+    fn a_node_far_behind_catches_up_in_bounded_steps() {
+        let mut net = Net::new(3);
+        net.run(1_000);
+        let far = 3 * MAX_EPOCH_STEP + 5;
+        for m in net.nodes.values_mut() {
+            m.highest_epoch = far - 1;
+        }
+        net.nodes.get_mut(&2).unwrap().highest_epoch = 0;
+        // Node 1 leaves and comes back: node 0 issues views at epochs far above node 2's.
+        net.paused.insert(1);
+        net.run(1_000);
+        net.paused.remove(&1);
+        net.run(2_000);
+        let v = net.view_of(0);
+        assert!(v.epoch >= far && v.members.len() == 3, "{v:?}");
+        assert_eq!(net.view_of(2), v);
+    }
+
+    /// A member claiming in its heartbeats to coordinate a newer view, with no
+    /// other member backing the claim, does not make the others wait for it.
+    #[test]
+    fn an_unbacked_claim_to_coordinate_is_not_followed() {
+        let mut net = Net::new(4);
+        net.run(1_000);
+        let v = net.view_of(0);
+        let claim =
+            MembershipMsg::Heartbeat { view_epoch: v.epoch + 10, highest_epoch: v.epoch + 10, coordinator: Some(3) };
+        net.isolate(1);
+        // Node 3 says only that, every 100 ms (its honest heartbeats stop).
+        net.paused.insert(3);
+        for _ in 0..20 {
+            let sends = [0, 2].into_iter().map(|to| MembershipCommand::Send(to, claim.clone())).collect();
+            net.apply(3, sends);
+            net.run(100);
+        }
+        // Node 1 was lost: node 0 still coordinates and issues the view without it.
+        let after = net.view_of(0);
+        assert_eq!((after.coordinator, after.members.len()), (0, 3), "{after:?}");
+        assert!(after.epoch > v.epoch);
     }
 
     #[test]
@@ -734,7 +899,7 @@ mod proptests {
                             prop_assert!(to < MEMBERS);
                             continue;
                         }
-                        MembershipCommand::QuorumLost => continue,
+                        MembershipCommand::QuorumLost | MembershipCommand::Rejected { .. } => continue,
                     };
                     prop_assert!(view.epoch <= MAX_EPOCH, "{view:?}");
                     prop_assert!(view.members.iter().all(|n| *n < MEMBERS), "{view:?}");
@@ -750,13 +915,15 @@ mod proptests {
         let now = Instant::now();
         let beat = |e| MembershipMsg::Heartbeat { view_epoch: e, highest_epoch: e, coordinator: None };
         // Before the bound, `u64::MAX` as the highest epoch seen made the next view's `+ 1` overflow.
+        let only_rejected =
+            |cmds: Vec<MembershipCommand>| cmds.len() == 1 && matches!(cmds[0], MembershipCommand::Rejected { .. });
         for e in [u64::MAX, MAX_EPOCH + 1] {
-            assert!(m.on_message(1, beat(e), now).is_empty());
+            assert!(only_rejected(m.on_message(1, beat(e), now)));
         }
         let stranger = View { epoch: 5, coordinator: 2, members: [2, 9].into_iter().collect() };
-        assert!(m.on_message(2, MembershipMsg::View(stranger), now).is_empty());
+        assert!(only_rejected(m.on_message(2, MembershipMsg::View(stranger), now)));
         let forged = View { epoch: 5, coordinator: 2, members: [1, 2].into_iter().collect() };
-        assert!(m.on_message(1, MembershipMsg::View(forged), now).is_empty());
+        assert!(only_rejected(m.on_message(1, MembershipMsg::View(forged), now)));
         assert_eq!(m.rejected(), 4);
         assert_eq!(m.up().len(), 1, "refused messages are no sign of life");
         m.on_message(1, beat(0), now);
@@ -769,6 +936,8 @@ mod proptests {
     fn a_node_whose_epochs_ran_out_issues_no_view() {
         let mut m = Membership::new(0, 0..3, DetectorConfig::default());
         let now = Instant::now();
+        // Heartbeats raise the epoch by bounded steps: a cluster that went through every epoch.
+        m.highest_epoch = MAX_EPOCH - 1;
         let beat = MembershipMsg::Heartbeat { view_epoch: 0, highest_epoch: MAX_EPOCH, coordinator: None };
         m.on_message(1, beat.clone(), now);
         let cmds = m.on_message(2, beat, now);

@@ -4,6 +4,7 @@
 //! them heartbeats, views and clock ticks and carries out their commands
 //! over the QUIC transport.
 
+pub(crate) mod authority;
 pub mod client_api;
 pub mod event;
 pub mod jobs;

@@ -493,6 +493,7 @@ async fn node_loop(
                     });
                     jobs.on_view(&view);
                 }
+                MembershipCommand::Rejected { peer, kind, reason } => jobs.rejected(peer, kind, reason),
                 MembershipCommand::QuorumLost => {
                     let reachable: Vec<u32> = membership.up().iter().copied().collect();
                     let missing: Vec<u32> = (0..config.members()).filter(|m| !reachable.contains(m)).collect();

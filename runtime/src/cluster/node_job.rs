@@ -17,6 +17,7 @@ use phalanx_transport::Limits;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
 
+use super::authority::{JobScope, Scope, Verdict};
 use super::event::{unix_ms, Emitter, NodeEventKind};
 use super::membership::View;
 use super::node::NodeConfig;
@@ -371,7 +372,15 @@ impl NodeJob {
         }
     }
 
-    /// A frame of this job from `peer` (or from this node's own queue).
+    /// Whether `peer` may send `inbound` of this job (see [`authority`](super::authority)).
+    pub(crate) fn judge(&self, me: u32, members: u32, view: Option<&View>, peer: u32, inbound: &Inbound) -> Verdict {
+        let routes = self.routes.borrow();
+        let job = JobScope { plan: &self.host_ctx.plan, routes: &routes, fetching_from: self.resume.fetching_from() };
+        Scope { me, members, view, job: Some(job) }.judge(peer, inbound)
+    }
+
+    /// A frame of this job from `peer` (or from this node's own queue), which the
+    /// authority rules let through.
     pub(crate) fn on_inbound(&mut self, peer: u32, inbound: Inbound) {
         let me = self.routing.me;
         let job = self.id;
@@ -470,19 +479,10 @@ impl NodeJob {
     }
 
     /// A checkpoint file from `peer`: a replica's copy from the coordinator, or
-    /// a file this node fetches to take over. Nobody else may write here.
+    /// a file this node fetches to take over (nobody else gets here: see [`Scope::judge`]).
     fn on_checkpoint_copy(&mut self, peer: u32, name: String, bytes: Vec<u8>) {
         let me = self.routing.me;
-        let coordinator = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
         let fetching = self.resume.fetching_from() == Some(peer);
-        if coordinator != Some(peer) && !fetching {
-            tracing::warn!(
-                node = me,
-                peer,
-                "refusing checkpoint copy {name:?} from node {peer}: not the coordinator ({coordinator:?}) nor a node this one fetches from"
-            );
-            return;
-        }
         // Written, fsynced and verified on the blocking pool: a large copy must not hold up
         // the node loop (heartbeats, other jobs); the result comes back as a StoredCopy.
         let (dir, stored, job, metrics) =

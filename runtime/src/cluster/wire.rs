@@ -365,6 +365,9 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
             bytes.truncate(len as usize);
             Ok(Inbound::Checkpoint(job, name, bytes))
         }
+        // A control message is its header alone (at most `max_header_bytes`, 64 KiB by
+        // default): a tensor payload after it is a bad frame, not memory to hold.
+        _ if !tensor.is_empty() => Err(InboundError::TensorMismatch { got: tensor.len() }),
         other => Ok(Inbound::Control(other)),
     }
 }
@@ -423,6 +426,10 @@ mod tests {
         };
         let frame = phalanx_transport::encode(&header, &[1.0, 2.0], &limits).unwrap();
         assert!(matches!(decode(&frame[4..], &limits), Err(InboundError::TensorMismatch { got: 2 })));
+        // A control message carries no tensor.
+        let control = NodeMsg::Cancel { job: 1 };
+        let frame = phalanx_transport::encode(&control, &[0.0; 1000], &limits).unwrap();
+        assert!(matches!(decode(&frame[4..], &limits), Err(InboundError::TensorMismatch { got: 1000 })));
     }
 
     #[test]
