@@ -106,7 +106,7 @@ impl Scope<'_> {
     }
 
     /// Only the coordinator of the adopted view sends it.
-    fn from_coordinator(&self, peer: u32) -> Verdict {
+    fn sent_by_coordinator(&self, peer: u32) -> Verdict {
         if self.coordinator() == Some(peer) {
             Verdict::Accept
         } else {
@@ -126,7 +126,7 @@ impl Scope<'_> {
     }
 
     /// A member of the adopted view sends it.
-    fn from_member(&self, peer: u32) -> Verdict {
+    fn sent_by_member(&self, peer: u32) -> Verdict {
         match self.view {
             Some(v) if v.members.contains(&peer) => Verdict::Accept,
             Some(v) => Verdict::Wait(format!("node {peer} is not a member of view {}", v.epoch)),
@@ -135,7 +135,7 @@ impl Scope<'_> {
     }
 
     /// The node hosting `key` sends it.
-    fn from_host(&self, peer: u32, key: ActorKey) -> Verdict {
+    fn sent_by_host(&self, peer: u32, key: ActorKey) -> Verdict {
         let Some(job) = &self.job else { return Verdict::Wait("the job is not hosted here (yet)".into()) };
         if !job.plan.contains(key) {
             return Verdict::Reject(format!("the job has no {key}"));
@@ -157,7 +157,7 @@ impl Scope<'_> {
                     return reject;
                 }
                 let epoch = generation >> 32;
-                match self.from_coordinator(peer) {
+                match self.sent_by_coordinator(peer) {
                     Verdict::Accept if self.view.is_some_and(|v| epoch > v.epoch) => Verdict::Reject(format!(
                         "generation {generation} belongs to epoch {epoch}, after the view's {}",
                         self.view.map_or(0, |v| v.epoch)
@@ -165,7 +165,7 @@ impl Scope<'_> {
                     verdict => verdict,
                 }
             }
-            NodeMsg::Stop { key, .. } => self.unknown_actor(*key).unwrap_or_else(|| self.from_coordinator(peer)),
+            NodeMsg::Stop { key, .. } => self.unknown_actor(*key).unwrap_or_else(|| self.sent_by_coordinator(peer)),
             NodeMsg::Locations { map, .. } => {
                 if let Some((key, node)) = map.iter().find(|(_, node)| **node >= self.members) {
                     return Verdict::Reject(format!("{key} placed on node {node}, not a configured member"));
@@ -173,21 +173,21 @@ impl Scope<'_> {
                 if let Some(reject) = map.keys().find_map(|key| self.unknown_actor(*key)) {
                     return reject;
                 }
-                self.from_coordinator(peer)
+                self.sent_by_coordinator(peer)
             }
             NodeMsg::JobDone { .. }
             | NodeMsg::JobFailed { .. }
             | NodeMsg::CheckpointQuery { .. }
             | NodeMsg::CheckpointFetch { .. }
             | NodeMsg::Registry(_)
-            | NodeMsg::SubmitAnswer { .. } => self.from_coordinator(peer),
+            | NodeMsg::SubmitAnswer { .. } => self.sent_by_coordinator(peer),
             NodeMsg::Started { key, .. } | NodeMsg::Failed { key, .. } => {
                 self.unknown_actor(*key).unwrap_or_else(|| self.to_coordinator(peer))
             }
             NodeMsg::CheckpointInventory { .. } | NodeMsg::CheckpointStored { .. } | NodeMsg::RegistryAck { .. } => {
                 self.to_coordinator(peer)
             }
-            NodeMsg::Submit { .. } | NodeMsg::Cancel { .. } => self.from_member(peer),
+            NodeMsg::Submit { .. } | NodeMsg::Cancel { .. } => self.sent_by_member(peer),
             NodeMsg::Replicating { .. } => Verdict::Reject("a node's own record, never sent by a peer".into()),
             // Checkpoint copies and deliveries arrive decoded as such (see wire::decode);
             // membership goes to the membership core.
@@ -206,7 +206,7 @@ impl Scope<'_> {
         let Some(plan) = self.plan() else {
             // Not hosted here: nothing would take it; only the sender class is known.
             return match msg {
-                Msg::Assign { .. } | Msg::Rollback { .. } | Msg::ShardReady { .. } => self.from_coordinator(peer),
+                Msg::Assign { .. } | Msg::Rollback { .. } | Msg::ShardReady { .. } => self.sent_by_coordinator(peer),
                 _ => Verdict::Accept,
             };
         };
@@ -247,12 +247,12 @@ impl Scope<'_> {
         };
         let verdict = (|| -> Result<Verdict, Verdict> {
             Ok(match msg {
-                Msg::Assign { .. } | Msg::Rollback { .. } | Msg::ShardReady { .. } => self.from_coordinator(peer),
+                Msg::Assign { .. } | Msg::Rollback { .. } | Msg::ShardReady { .. } => self.sent_by_coordinator(peer),
                 Msg::Params(p) => {
                     shaped("parameters", p.offset, p.values.len(), range(p.range)?)?;
-                    self.from_host(peer, ActorKey::aggregator(p.range))
+                    self.sent_by_host(peer, ActorKey::aggregator(p.range))
                 }
-                Msg::Gradient(g) => self.from_host(peer, gradient(g)?),
+                Msg::Gradient(g) => self.sent_by_host(peer, gradient(g)?),
                 Msg::Gradients(gs) => {
                     let Some(first) = gs.first() else { return Err(Verdict::Reject("no gradients".into())) };
                     let trainer = gradient(first)?;
@@ -261,12 +261,12 @@ impl Scope<'_> {
                             return Err(Verdict::Reject("gradients of partitions of different trainers".into()));
                         }
                     }
-                    self.from_host(peer, trainer)
+                    self.sent_by_host(peer, trainer)
                 }
-                Msg::ParamsRequest { trainer, .. } => self.from_host(peer, ActorKey::trainer(*trainer)),
+                Msg::ParamsRequest { trainer, .. } => self.sent_by_host(peer, ActorKey::trainer(*trainer)),
                 Msg::BatchRequest { partition, trainer, .. } => {
                     owner(*partition)?;
-                    self.from_host(peer, ActorKey::trainer(*trainer))
+                    self.sent_by_host(peer, ActorKey::trainer(*trainer))
                 }
                 Msg::Batches(batches) => {
                     let Some(first) = batches.first() else { return Err(Verdict::Reject("no batches".into())) };
@@ -274,7 +274,7 @@ impl Scope<'_> {
                         return Err(Verdict::Reject("batches of several partitions".into()));
                     }
                     owner(first.partition)?;
-                    self.from_host(peer, ActorKey::shard(first.partition))
+                    self.sent_by_host(peer, ActorKey::shard(first.partition))
                 }
                 Msg::StepApplied { range: r, .. }
                 | Msg::CheckpointSaved { range: r, .. }
@@ -293,7 +293,7 @@ impl Scope<'_> {
 
     fn to_coordinator_from_host(&self, peer: u32, key: ActorKey) -> Verdict {
         match self.to_coordinator(peer) {
-            Verdict::Accept => self.from_host(peer, key),
+            Verdict::Accept => self.sent_by_host(peer, key),
             other => other,
         }
     }
@@ -611,5 +611,128 @@ mod tests {
         assert!(lot.expired(t0 + Duration::from_millis(400)).is_empty());
         assert_eq!(lot.expired(t0 + Duration::from_millis(600)).len(), PER_PEER_FRAMES + 1);
         assert_eq!(lot.len(), 0);
+    }
+
+    mod arbitrary {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn num() -> impl Strategy<Value = u64> {
+            prop_oneof![4 => 0..20u64, 1 => Just(u64::MAX), 1 => Just(u64::from(u32::MAX) + 1), 1 => any::<u64>()]
+        }
+
+        fn small() -> impl Strategy<Value = u32> {
+            prop_oneof![4 => 0..6u32, 1 => Just(u32::MAX), 1 => any::<u32>()]
+        }
+
+        fn key() -> impl Strategy<Value = ActorKey> {
+            (0..3u8, small()).prop_map(|(r, i)| match r {
+                0 => ActorKey::shard(i),
+                1 => ActorKey::trainer(i),
+                _ => ActorKey::aggregator(i),
+            })
+        }
+
+        fn grad() -> impl Strategy<Value = Gradient> {
+            (num(), small(), num(), 0..20usize).prop_map(|(generation, partition, offset, len)| Gradient {
+                job: 1,
+                generation,
+                step: 0,
+                partition,
+                samples: 1,
+                loss_sum: 0.0,
+                offset,
+                values: vec![0.0; len],
+            })
+        }
+
+        fn inbound() -> impl Strategy<Value = Inbound> {
+            let to = prop_oneof![Just(Addr::Job), small().prop_map(Addr::Trainer), small().prop_map(Addr::Aggregator)];
+            let msg = prop_oneof![
+                (small(), num(), 0..20usize).prop_map(|(range, offset, len)| Msg::Params(Params {
+                    job: 1,
+                    generation: 1,
+                    step: 0,
+                    range,
+                    offset,
+                    values: vec![0.0; len]
+                })),
+                grad().prop_map(Msg::Gradient),
+                vec(grad(), 0..4).prop_map(Msg::Gradients),
+                (small(), small()).prop_map(|(partition, trainer)| Msg::BatchRequest {
+                    job: 1,
+                    partition,
+                    step: 0,
+                    count: 1,
+                    trainer
+                }),
+                small().prop_map(|trainer| Msg::ParamsRequest { job: 1, trainer, step: None }),
+                (small(), num()).prop_map(|(range, step)| Msg::StepApplied {
+                    job: 1,
+                    range,
+                    generation: 1,
+                    step,
+                    loss_sum: 0.0,
+                    samples: 1
+                }),
+                (small(), num(), 0..20usize).prop_map(|(range, offset, len)| Msg::Finished {
+                    job: 1,
+                    range,
+                    generation: 1,
+                    offset,
+                    values: vec![0.0; len],
+                    ledger: Default::default()
+                }),
+                num().prop_map(|generation| Msg::Rollback { job: 1, generation, step: 0 }),
+            ];
+            let control = prop_oneof![
+                (key(), num()).prop_map(|(key, generation)| NodeMsg::Spawn {
+                    job: 1,
+                    key,
+                    generation,
+                    restore: None,
+                    spawn: 1
+                }),
+                (key(), small()).prop_map(|(key, node)| NodeMsg::Locations {
+                    job: 1,
+                    epoch: 3,
+                    job_started_ms: 0,
+                    map: [(key, node)].into()
+                }),
+                key().prop_map(|key| NodeMsg::Started { job: 1, key, spawn: 1 }),
+                Just(NodeMsg::JobDone { job: 1, summary: None, model_sha256: String::new() }),
+            ];
+            prop_oneof![
+                (to, msg).prop_map(|(to, msg)| Inbound::Deliver(1, to, msg)),
+                control.prop_map(Inbound::Control),
+                vec(any::<u8>(), 0..8).prop_map(|b| Inbound::Checkpoint(1, "ckpt-x".into(), b)),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+            /// Whatever a member sends, judging it never panics, and what is let
+            /// through has the shapes of the plan.
+            #[test]
+            fn any_message_is_judged_without_panic(me in 0..4u32, peer in 0..6u32, coordinator in 0..4u32, inbound in inbound()) {
+                let v = view(3, coordinator);
+                let verdict = judge(me, &v, peer, &inbound);
+                if verdict == Verdict::Accept && peer != me {
+                    let plan = plan();
+                    if let Inbound::Deliver(_, _, Msg::Params(p)) = &inbound {
+                        let r = plan.ranges[p.range as usize];
+                        prop_assert_eq!((p.offset, p.values.len()), (r.0 as u64, r.1));
+                    }
+                    if let Inbound::Deliver(_, _, Msg::Gradient(g)) = &inbound {
+                        prop_assert!((g.partition as usize) < plan.assignment.len());
+                    }
+                    if let Inbound::Control(NodeMsg::Spawn { key, .. }) = &inbound {
+                        prop_assert!(plan.contains(*key) && peer == coordinator);
+                    }
+                }
+            }
+        }
     }
 }

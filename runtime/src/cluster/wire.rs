@@ -311,6 +311,7 @@ pub fn encode(msg: &NodeMsg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
 }
 
 /// A decoded frame from a peer.
+#[derive(Debug)]
 pub enum Inbound {
     /// A control message.
     Control(NodeMsg),
