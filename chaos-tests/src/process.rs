@@ -31,7 +31,7 @@ use crate::invariants::{check_process, Expected};
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 18] = [
+pub const BUILTIN: [(&str, &str); 19] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -50,6 +50,7 @@ pub const BUILTIN: [(&str, &str); 18] = [
     ("lost-every-checkpoint-copy.toml", include_str!("../scenarios/lost-every-checkpoint-copy.toml")),
     ("fetch-checkpoint-from-member.toml", include_str!("../scenarios/fetch-checkpoint-from-member.toml")),
     ("duplicate-identity.toml", include_str!("../scenarios/duplicate-identity.toml")),
+    ("pause-coordinator-past-lease.toml", include_str!("../scenarios/pause-coordinator-past-lease.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -275,10 +276,39 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
         Ok(s) => {
             let mut v = check_process(s, expected);
             v.extend(took_effect(scenario, s).err().map(|e| format!("fault-took-effect: {e}")));
+            v.extend(check_leases(&work.join("events.jsonl")).into_iter().map(|e| format!("leases: {e}")));
             v
         }
     };
     ScenarioRun { name: scenario.name.clone(), summary, duration, trace, violations }
+}
+
+/// The commit invariants (no two coordinators commit at once, one parameter hash per
+/// range and step) on the `commit` events of a run's `events.jsonl` (one machine, one clock).
+pub fn check_leases(events: &Path) -> Vec<String> {
+    let text = match std::fs::read_to_string(events) {
+        Ok(text) => text,
+        Err(e) => return vec![format!("{}: {e}", events.display())],
+    };
+    let commits: Vec<phalanx::cluster::commits::Commit> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|e| e["event"] == "commit")
+        .filter_map(|e| {
+            Some(phalanx::cluster::commits::Commit {
+                node: u32::try_from(e["node"].as_u64()?).ok()?,
+                generation: e["generation"].as_u64()?,
+                range: u32::try_from(e["range"].as_u64()?).ok()?,
+                step: e["step"].as_u64()?,
+                hash: e["hash"].as_str()?.to_owned(),
+                t_us: e["t_us"].as_u64()?,
+            })
+        })
+        .collect();
+    if commits.is_empty() {
+        return vec![format!("no commit recorded in {}", events.display())];
+    }
+    phalanx::cluster::commits::check(&commits)
 }
 
 /// The faults really happened: a run where nothing was damaged proves nothing.

@@ -427,7 +427,9 @@ impl LocalCluster {
             .arg("--out")
             .arg(out)
             .arg("--data-dir")
-            .arg(data_dir);
+            .arg(data_dir)
+            // Every commit is an event: the harness checks the lease invariants on them.
+            .arg("--record-commits");
         if let Some(r) = self.replicas {
             command.args(["--replicas", &r.to_string()]);
         }

@@ -209,6 +209,10 @@ struct NodeArgs {
     /// config's `revoked`, which SIGHUP reloads from --config.
     #[arg(long, value_name = "ENTRY")]
     revoke: Vec<phalanx_transport::Revoked>,
+    /// Print a `commit` event for every step this node's aggregators apply (`phalanx local`
+    /// does, and checks the lease invariants on them).
+    #[arg(long)]
+    record_commits: bool,
 }
 
 impl NodeArgs {
@@ -237,6 +241,8 @@ impl NodeArgs {
                     report_steps: Vec::new(),
                     max_jobs: 1,
                     revoked: Vec::new(),
+                    record_commits: false,
+                    no_leases: false,
                 }
             }
         };
@@ -278,6 +284,7 @@ impl NodeArgs {
             c.report_steps = self.report_steps;
         }
         c.revoked.extend(self.revoke);
+        c.record_commits |= self.record_commits;
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;
         }

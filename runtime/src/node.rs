@@ -197,6 +197,8 @@ impl NodeBuilder {
             report_steps: Vec::new(),
             max_jobs: self.max_jobs.unwrap_or(1).max(1),
             revoked: Vec::new(),
+            record_commits: false,
+            no_leases: false,
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let metrics = NodeMetrics::new(id);

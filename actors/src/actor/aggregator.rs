@@ -22,6 +22,8 @@ pub struct AggregatorState {
     ctx: Arc<JobContext>,
     key: ActorKey,
     core: AggregatorCore,
+    /// A look-again at the lease is scheduled.
+    retry_due: bool,
     /// `aggregator{range}`, under the job's span.
     span: tracing::Span,
 }
@@ -80,7 +82,37 @@ fn initial_state(ctx: &JobContext, range: u32, restore: Option<u64>) -> Result<(
     Ok((state, true))
 }
 
+/// How often an aggregator whose step waits for the coordinator's lease looks again.
+const LEASE_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 impl AggregatorState {
+    fn may_commit(&self) -> bool {
+        self.ctx.cluster.as_ref().is_none_or(|c| c.may_commit())
+    }
+
+    /// Run `cmds` of a call that may have applied a step (`before`: the step before it):
+    /// tell the observer of the commit, and look again later while a step waits for the lease.
+    fn after_step(
+        &mut self,
+        before: u64,
+        cmds: Vec<AggCommand>,
+        myself: &ActorRef<ActorMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.core.step() > before {
+            if let Some(observer) = &self.ctx.observer {
+                let state = self.core.state();
+                observer.committed(self.key.index, self.core.generation(), state.step, &state.params);
+            }
+        }
+        self.run(cmds)?;
+        // One look-again at a time, however many messages arrive meanwhile.
+        if self.core.waiting_for_lease() && !self.retry_due {
+            self.retry_due = true;
+            myself.send_after(LEASE_RETRY, || ActorMsg::Tick);
+        }
+        Ok(())
+    }
+
     fn run(&mut self, cmds: Vec<AggCommand>) -> Result<(), ActorProcessingErr> {
         for cmd in cmds {
             match cmd {
@@ -145,13 +177,17 @@ impl AggregatorState {
         Ok(())
     }
 
-    fn on_gradient(&mut self, g: Gradient) -> Result<(), ActorProcessingErr> {
+    fn on_gradient(&mut self, g: Gradient, myself: &ActorRef<ActorMsg>) -> Result<(), ActorProcessingErr> {
         let _step = tracing::debug_span!("step", step = g.step, partition = g.partition).entered();
+        let before = self.core.step();
+        let cmds = self.core.on_lease(self.may_commit());
+        self.after_step(before, cmds, myself)?;
         #[cfg(feature = "fault-injection")]
         if g.step == self.core.step() && g.generation == self.core.generation() {
             self.ctx.faults.maybe_panic(self.key, g.step);
         }
         let (partition, step) = (g.partition, g.step);
+        let before = self.core.step();
         let (verdict, cmds) = self.core.on_gradient(g);
         match &verdict {
             Verdict::Malformed(reason) => {
@@ -160,7 +196,7 @@ impl AggregatorState {
             Verdict::Accepted | Verdict::Applied => {}
             other => tracing::trace!(range = self.key.index, partition, step, ?other, "gradient ignored"),
         }
-        self.run(cmds)
+        self.after_step(before, cmds, myself)
     }
 
     fn restart_core(&mut self, generation: u64, restore: Option<u64>) -> Result<(), ActorProcessingErr> {
@@ -185,31 +221,43 @@ impl Actor for AggregatorActor {
         let (state, fresh) = span.in_scope(|| initial_state(&ctx, range, restore))?;
         let core = AggregatorCore::new(setup(&ctx, range), generation, state);
         let cmds = core.start(fresh);
-        let mut state = AggregatorState { ctx, key: ActorKey::aggregator(range), core, span: span.clone() };
+        let mut state =
+            AggregatorState { ctx, key: ActorKey::aggregator(range), core, retry_due: false, span: span.clone() };
         span.in_scope(|| state.run(cmds))?;
         Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<ActorMsg>,
+        myself: ActorRef<ActorMsg>,
         msg: ActorMsg,
         state: &mut AggregatorState,
     ) -> Result<(), ActorProcessingErr> {
         let span = state.span.clone();
-        span.in_scope(|| state.on_message(msg))
+        span.in_scope(|| state.on_message(msg, &myself))
     }
 }
 
 impl AggregatorState {
-    fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
-        let ActorMsg::Net(msg) = msg else { return Ok(()) };
+    fn on_message(&mut self, msg: ActorMsg, myself: &ActorRef<ActorMsg>) -> Result<(), ActorProcessingErr> {
+        let msg = match msg {
+            ActorMsg::Net(msg) => msg,
+            // A step waits for the lease: look again (the step runs off the tokio workers).
+            ActorMsg::Tick => {
+                self.retry_due = false;
+                let before = self.core.step();
+                return super::compute(self.ctx.model.num_params(), || {
+                    let cmds = self.core.on_lease(self.may_commit());
+                    self.after_step(before, cmds, myself)
+                });
+            }
+        };
         match msg {
             // A gradient may complete a step: the optimizer runs off the tokio workers.
-            Msg::Gradient(g) => super::compute(self.ctx.model.num_params(), || self.on_gradient(g)),
-            Msg::Gradients(gs) => {
-                super::compute(self.ctx.model.num_params(), || gs.into_iter().try_for_each(|g| self.on_gradient(g)))
-            }
+            Msg::Gradient(g) => super::compute(self.ctx.model.num_params(), || self.on_gradient(g, myself)),
+            Msg::Gradients(gs) => super::compute(self.ctx.model.num_params(), || {
+                gs.into_iter().try_for_each(|g| self.on_gradient(g, myself))
+            }),
             Msg::ParamsRequest { trainer, step, .. } => {
                 let cmds = self.core.on_params_request(trainer, step);
                 self.run(cmds)

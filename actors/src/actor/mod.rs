@@ -125,11 +125,19 @@ pub trait JobObserver: Send + Sync + 'static {
     fn checkpoint_saved(&self, _range: u32, _step: u64, _took: std::time::Duration) {}
     /// The aggregator of `range` could not write its checkpoint of `step`.
     fn checkpoint_failed(&self, _range: u32, _step: u64, _reason: &str) {}
+    /// The aggregator of `range`, in `generation`, applied a step: the range is
+    /// now `params` at version `step` (the commit invariants are checked on these).
+    fn committed(&self, _range: u32, _generation: u64, _step: u64, _params: &[f32]) {}
 }
 
 /// What the supervisor needs from a multi-node runtime. Implemented by the
 /// `phalanx` crate over its QUIC transport; the actors never see quinn.
 pub trait Cluster: Send + Sync + 'static {
+    /// Whether this node may commit steps now: it holds the coordinator's lease
+    /// (see `AggregatorCore::on_lease`). One process with no cluster always may.
+    fn may_commit(&self) -> bool {
+        true
+    }
     /// The node that should host `key` now, or `None` for this node.
     fn remote_host(&self, key: ActorKey) -> Option<u32>;
     /// Ask `node` to spawn `key`; it answers with `JobMsg::RemoteStarted`

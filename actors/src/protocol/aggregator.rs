@@ -164,6 +164,8 @@ pub struct AggregatorCore {
     pending: Vec<Option<Pending>>,
     pending_count: u32,
     stats: AggStats,
+    /// The coordinator holds its lease (see [`AggregatorCore::on_lease`]).
+    lease: bool,
     /// A deliberately broken mode (see `AggregatorCore::break_accept_duplicates`).
     #[cfg(feature = "fault-injection")]
     accept_duplicates: bool,
@@ -189,6 +191,7 @@ impl AggregatorCore {
             pending,
             pending_count: 0,
             stats: AggStats::default(),
+            lease: true,
             #[cfg(feature = "fault-injection")]
             accept_duplicates: false,
         }
@@ -320,10 +323,29 @@ impl AggregatorCore {
         let p = g.partition as usize;
         self.pending[p] = Some(Pending { samples: g.samples, loss_sum: g.loss_sum, values: g.values });
         self.pending_count += 1;
-        if self.pending_count < self.setup.partitions {
+        if self.pending_count < self.setup.partitions || !self.lease {
             return (Verdict::Accepted, Vec::new());
         }
         (Verdict::Applied, self.apply())
+    }
+
+    /// Whether the coordinator this aggregator runs on holds its lease (a
+    /// majority acknowledged it recently; see the runtime's membership). A step
+    /// whose gradients are all in is applied only while it does: a coordinator
+    /// that lost its majority — paused, cut off — never commits a step its
+    /// successor may commit too. When the lease comes back, the waiting step is
+    /// applied exactly as it would have been at once.
+    pub fn on_lease(&mut self, holds: bool) -> Vec<AggCommand> {
+        self.lease = holds;
+        if holds && self.waiting_for_lease() {
+            return self.apply();
+        }
+        Vec::new()
+    }
+
+    /// True while a complete step waits for the lease.
+    pub fn waiting_for_lease(&self) -> bool {
+        self.pending_count == self.setup.partitions && self.setup.partitions > 0
     }
 
     fn classify(&self, g: &Gradient) -> Verdict {

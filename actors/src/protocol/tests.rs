@@ -78,6 +78,26 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// A step whose gradients are all in waits while the coordinator has no lease,
+/// and is then applied bit for bit as it would have been at once.
+#[test]
+fn aggregator_commits_only_under_a_lease() {
+    let mut held = AggregatorCore::new(agg_setup(0, 0, 5, 4), 0, fresh(5));
+    assert!(held.on_lease(false).is_empty());
+    for p in [2, 0, 3, 1] {
+        let (verdict, cmds) = held.on_gradient(grad(0, p, 0, awkward(p, 5)));
+        assert_eq!((verdict, cmds.len()), (Verdict::Accepted, 0), "partition {p}");
+    }
+    assert_eq!(held.step(), 0, "no step without the lease");
+    assert!(held.waiting_for_lease());
+    assert!(held.on_lease(false).is_empty(), "still none");
+    let cmds = held.on_lease(true);
+    assert!(cmds.iter().any(|c| matches!(c, AggCommand::Send(Addr::Job, Msg::StepApplied { step: 1, .. }))));
+    assert_eq!(held.step(), 1);
+    assert!(!held.waiting_for_lease());
+    assert_eq!(bits(&held.state().params), bits(&applied_params(&[0, 1, 2, 3])));
+}
+
 #[test]
 fn aggregator_ignores_duplicates_stale_future_and_other_generations() {
     let mut core = AggregatorCore::new(agg_setup(0, 0, 3, 2), 0, fresh(3));

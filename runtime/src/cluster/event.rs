@@ -251,6 +251,23 @@ pub enum NodeEventKind {
         /// The message kind, as [`NodeEventKind::MessageRejected`] names it.
         kind: String,
     },
+    /// An aggregator on this node (the coordinator) applied a step (only with
+    /// [`NodeConfig::record_commits`](super::node::NodeConfig::record_commits); the
+    /// commit invariants of [`commits`](super::commits) are checked on these).
+    Commit {
+        /// The job (its id in the cluster's registry).
+        job: u64,
+        /// The parameter range.
+        range: u32,
+        /// The aggregator's generation (its top bits name the coordination term).
+        generation: u64,
+        /// The step applied: the range is now at this version.
+        step: u64,
+        /// FNV-1a hash of the range's parameters after the step (hex).
+        hash: String,
+        /// When, in microseconds since the Unix epoch.
+        t_us: u64,
+    },
     /// The node stopped.
     Stopped,
 }

@@ -111,6 +111,8 @@ pub(crate) struct Jobs {
     registries: Registries,
     /// This node instance's random tag (see [`NodeShared`]).
     instance: u64,
+    /// The node's coordinator lease (see [`NodeShared`]).
+    lease: Arc<super::membership::LeaseCell>,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
     limits: Limits,
@@ -129,7 +131,7 @@ impl Jobs {
         shared: NodeShared,
     ) -> Result<Self, Error> {
         let mut registry = Registry::new(config.id, config.max_jobs);
-        let NodeShared { out_tx, events, metrics, stored, instance } = shared;
+        let NodeShared { out_tx, events, metrics, stored, instance, lease } = shared;
         let mut jobs = BTreeMap::new();
         if let Some(prepared) = startup {
             registry.seed(STARTUP_JOB, prepared.config.clone());
@@ -139,6 +141,7 @@ impl Jobs {
                 metrics: metrics.clone(),
                 instance,
                 stored: stored.clone(),
+                lease: lease.clone(),
             };
             let job = NodeJob::start(&config, STARTUP_JOB, prepared, config.out.clone(), shared).await?;
             jobs.insert(STARTUP_JOB, job);
@@ -167,6 +170,7 @@ impl Jobs {
             events,
             metrics,
             instance,
+            lease,
             limits: Limits::default(),
         })
     }
@@ -435,6 +439,7 @@ impl Jobs {
             metrics: self.metrics.clone(),
             instance: self.instance,
             stored: self.stored.clone(),
+            lease: self.lease.clone(),
         };
         tokio::spawn(async move {
             let me = config.id;

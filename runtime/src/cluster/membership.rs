@@ -60,11 +60,76 @@ pub struct DetectorConfig {
     pub heartbeat_ms: u64,
     /// Silence, in milliseconds, after which a member counts as down.
     pub failure_timeout_ms: u64,
+    /// The coordinator's lease in milliseconds (see [`Membership::lease`]); default: the
+    /// failure timeout. At least two heartbeats, so that a lease is renewed before it runs out.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
+}
+
+impl DetectorConfig {
+    /// The lease period.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.unwrap_or(self.failure_timeout_ms))
+    }
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        Self { heartbeat_ms: DEFAULT_HEARTBEAT_MS, failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS }
+        Self { heartbeat_ms: DEFAULT_HEARTBEAT_MS, failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS, lease_ms: None }
+    }
+}
+
+/// A node's lease as its actors read it: published by the node loop after every
+/// membership event, read by the coordinator's aggregators before every step
+/// (`Cluster::may_commit`). Times are microseconds since the cell was made;
+/// reading takes two atomic loads and a clock read.
+#[derive(Debug)]
+pub struct LeaseCell {
+    base: Instant,
+    from_us: std::sync::atomic::AtomicU64,
+    until_us: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LeaseCell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LeaseCell {
+    /// No lease.
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            from_us: std::sync::atomic::AtomicU64::new(u64::MAX),
+            until_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Publish [`Membership::lease`].
+    pub fn set(&self, lease: Option<(Instant, Instant)>) {
+        use std::sync::atomic::Ordering::Release;
+        let (from, until) = lease.map_or((u64::MAX, 0), |(f, u)| (self.micros(f), self.micros(u)));
+        // Narrow first, widen last: a reader between the stores never sees a wider lease.
+        self.until_us.store(0, Release);
+        self.from_us.store(from, Release);
+        self.until_us.store(until, Release);
+    }
+
+    /// True when the lease holds at `now`.
+    pub fn holds_at(&self, now: Instant) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        let now = self.micros(now);
+        self.from_us.load(Acquire) <= now && now < self.until_us.load(Acquire)
+    }
+
+    /// True when the lease holds now.
+    pub fn holds(&self) -> bool {
+        self.holds_at(Instant::now())
     }
 }
 
@@ -90,6 +155,16 @@ pub enum MembershipMsg {
         highest_epoch: u64,
         /// Coordinator of the view the sender has adopted.
         coordinator: Option<u32>,
+        /// When the sender sent it, in microseconds of the sender's own clock.
+        sent_us: u64,
+        /// The newest `sent_us` the sender has had from the receiver, when it
+        /// acknowledges the receiver as its coordinator: the receiver's lease
+        /// runs from that moment of its own clock (see [`Membership::lease`]).
+        echo_us: Option<u64>,
+        /// How long ago (µs) the sender received the newest heartbeat of another
+        /// coordinator that it acknowledged — that coordinator's lease through
+        /// the sender ends a lease after it (since the sender's start when none).
+        released_us: u64,
     },
     /// The coordinator's view.
     View(View),
@@ -144,6 +219,35 @@ pub struct Membership {
     reported: BTreeMap<u32, (u64, u32)>,
     /// Messages from members dropped because a value in them is out of bounds.
     rejected: u64,
+    /// The clock heartbeats' `sent_us` count from (the first moment this core saw).
+    base: Option<Instant>,
+    /// The newest `sent_us` each member sent (its clock) and when it came, echoed back
+    /// to it as an acknowledgement.
+    heard_sent: BTreeMap<u32, (u64, Instant)>,
+    /// For each coordinator this node acknowledged, when it received the newest
+    /// heartbeat of it that it echoed.
+    echoed: BTreeMap<u32, Instant>,
+    /// This node's coordination term, while it coordinates.
+    term: Option<Term>,
+    /// False only in tests showing what leases prevent (see [`Membership::without_leases`]).
+    leases: bool,
+}
+
+/// A run of views this node coordinates without another coordinator between them.
+#[derive(Clone, Debug)]
+struct Term {
+    /// The epoch of the view this node started the term with.
+    epoch: u64,
+    /// For each member, the newest moment of this node's clock (µs since `base`) it
+    /// acknowledged this node as coordinator at.
+    acks: BTreeMap<u32, u64>,
+    /// For each acknowledging member, the newest moment it could have acknowledged
+    /// another coordinator (see `released_us`).
+    released: BTreeMap<u32, Instant>,
+    /// When this term may commit: a lease after the last moment any member of the
+    /// first acknowledging majority (this node included) acknowledged another
+    /// coordinator. Set once that majority is there.
+    ready_at: Option<Instant>,
 }
 
 impl Membership {
@@ -166,7 +270,96 @@ impl Membership {
             rejoining: false,
             reported: BTreeMap::new(),
             rejected: 0,
+            base: None,
+            heard_sent: BTreeMap::new(),
+            echoed: BTreeMap::new(),
+            term: None,
+            leases: true,
         }
+    }
+
+    /// A core whose coordinator commits without a lease: only for tests that show
+    /// what leases prevent (two coordinators committing at once after a pause).
+    pub fn without_leases(mut self) -> Self {
+        self.leases = false;
+        self
+    }
+
+    fn micros(&mut self, now: Instant) -> u64 {
+        let base = *self.base.get_or_insert(now);
+        u64::try_from(now.saturating_duration_since(base).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// When this node may commit steps as coordinator: `(from, until)` of its
+    /// lease, or none while it does not coordinate or no majority acknowledges it.
+    ///
+    /// A member acknowledges its coordinator in every heartbeat by echoing the
+    /// newest `sent_us` it has from it; the lease runs from the *send* time the
+    /// echo names (this node's own clock, so neither network delay nor a pause
+    /// can stretch it) for [`DetectorConfig::lease`], and holds while a majority
+    /// of the configured members (this node included) has acknowledged within it.
+    /// A member stops acknowledging once it adopts another coordinator's view,
+    /// and tells the new one how long ago it last acknowledged another; the new
+    /// coordinator commits from a lease after the latest such moment of a
+    /// majority (`from`, this node's own included) — any majority the old one
+    /// could still count includes one of those members, so every lease of its
+    /// predecessor has run out by then, and two coordinators never commit at the
+    /// same time. After a crash or a pause the wait is already over when the
+    /// successor takes over (detection took a failure timeout); after a cut that
+    /// left the old coordinator heard by some, it waits out that lease.
+    pub fn lease(&self, now: Instant) -> Option<(Instant, Instant)> {
+        let view = self.view.as_ref().filter(|v| v.coordinator == self.me)?;
+        if !self.leases {
+            return Some((now, now + Duration::from_secs(3600)));
+        }
+        let term = self.term.as_ref()?;
+        let base = self.base?;
+        let lease = self.config.lease();
+        let from = term.ready_at?;
+        let need = self.members.len() / 2; // acknowledgements besides this node's own
+        if need == 0 {
+            return Some((from, now + lease));
+        }
+        let mut acks: Vec<u64> = term.acks.iter().filter(|(m, _)| view.members.contains(m)).map(|(_, t)| *t).collect();
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let oldest_needed = *acks.get(need - 1)?;
+        Some((from, base + Duration::from_micros(oldest_needed) + lease))
+    }
+
+    /// The epoch this node's current coordination term began in, while it coordinates.
+    pub fn term(&self) -> Option<u64> {
+        self.term.as_ref().map(|t| t.epoch)
+    }
+
+    /// Keep the term in step with the view: a new one when this node starts
+    /// coordinating, none when it stops; note when a majority first acknowledged it.
+    fn track_term(&mut self, now: Instant) {
+        let coordinating = self.view.as_ref().is_some_and(|v| v.coordinator == self.me);
+        if !coordinating {
+            self.term = None;
+            return;
+        }
+        let need = self.members.len() / 2;
+        let epoch = self.view.as_ref().map_or(0, |v| v.epoch);
+        let own = self.released_since(self.me);
+        let lease = self.config.lease();
+        let term = self.term.get_or_insert_with(|| Term {
+            epoch,
+            acks: BTreeMap::new(),
+            released: BTreeMap::new(),
+            ready_at: None,
+        });
+        if term.ready_at.is_none() && term.acks.len() >= need {
+            let last = term.released.values().copied().chain(own).max().unwrap_or(now);
+            term.ready_at = Some(last + lease);
+        }
+    }
+
+    /// The newest moment this node acknowledged a coordinator other than `other`
+    /// (its start when it never did).
+    fn released_since(&self, other: u32) -> Option<Instant> {
+        let echoed = self.echoed.iter().filter(|(c, _)| **c != other).map(|(_, t)| *t).max();
+        echoed.or(self.base).map(|t| t.max(self.base.unwrap_or(t)))
     }
 
     /// Messages from members dropped because a value in them is out of bounds:
@@ -177,9 +370,14 @@ impl Membership {
     }
 
     /// Why a message from member `from` cannot be taken, if it cannot.
-    fn check(&self, from: u32, msg: &MembershipMsg) -> Result<(), String> {
+    fn check(&self, from: u32, msg: &MembershipMsg, now_us: u64) -> Result<(), String> {
         match msg {
-            MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator } => {
+            MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator, echo_us, .. } => {
+                if echo_us.is_some_and(|e| e > now_us) {
+                    return Err(format!(
+                        "an acknowledgement of a heartbeat this node sends only in the future ({echo_us:?} µs)"
+                    ));
+                }
                 if (*view_epoch).max(*highest_epoch) > MAX_EPOCH {
                     return Err(format!("epochs {view_epoch}/{highest_epoch} above {MAX_EPOCH}"));
                 }
@@ -250,10 +448,27 @@ impl Membership {
         let period = Duration::from_millis(self.config.heartbeat_ms);
         if self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= period) {
             self.last_heartbeat = Some(now);
+            let sent_us = self.micros(now);
             for &m in self.members.iter().filter(|m| **m != self.me) {
                 let view_epoch = self.view.as_ref().map_or(0, |v| v.epoch);
                 let coordinator = self.view.as_ref().map(|v| v.coordinator);
-                let beat = MembershipMsg::Heartbeat { view_epoch, highest_epoch: self.highest_epoch, coordinator };
+                // Acknowledge the coordinator (only it) with its own newest send time.
+                let echo = self.heard_sent.get(&m).copied().filter(|_| coordinator == Some(m));
+                if let Some((_, received)) = echo {
+                    let newest = self.echoed.entry(m).or_insert(received);
+                    *newest = (*newest).max(received);
+                }
+                let released_us = self
+                    .released_since(m)
+                    .map_or(0, |t| u64::try_from(now.saturating_duration_since(t).as_micros()).unwrap_or(u64::MAX));
+                let beat = MembershipMsg::Heartbeat {
+                    view_epoch,
+                    highest_epoch: self.highest_epoch,
+                    coordinator,
+                    sent_us,
+                    echo_us: echo.map(|(sent, _)| sent),
+                    released_us,
+                };
                 out.push(MembershipCommand::Send(m, beat));
             }
         }
@@ -271,6 +486,7 @@ impl Membership {
             out.push(MembershipCommand::Down(m));
         }
         out.extend(self.reconcile());
+        self.track_term(now);
         out
     }
 
@@ -279,7 +495,8 @@ impl Membership {
         if !self.members.contains(&from) || from == self.me {
             return Vec::new();
         }
-        if let Err(why) = self.check(from, &msg) {
+        let now_us = self.micros(now);
+        if let Err(why) = self.check(from, &msg, now_us) {
             // Not even a sign of life: a member that only says such things is
             // declared down like a silent one, and leaves the view.
             return vec![self.reject(from, &msg, why)];
@@ -288,7 +505,18 @@ impl Membership {
         let mut out = Vec::new();
         self.up.insert(from);
         match msg {
-            MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator } => {
+            MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator, sent_us, echo_us, released_us } => {
+                self.heard_sent.insert(from, (sent_us, now));
+                // An acknowledgement of this node's term (this view or a later one of it).
+                let mine = self.view.as_ref().is_some_and(|v| v.coordinator == self.me && coordinator == Some(self.me));
+                if let (true, Some(echo), Some(term)) = (mine, echo_us, self.term.as_mut()) {
+                    let ack = term.acks.entry(from).or_default();
+                    *ack = (*ack).max(echo);
+                    // Received after it was sent: now minus its age is no earlier than the moment.
+                    let released = now.checked_sub(Duration::from_micros(released_us)).unwrap_or(now);
+                    let newest = term.released.entry(from).or_insert(released);
+                    *newest = (*newest).max(released);
+                }
                 // Raised by a bounded step per heartbeat (see MAX_EPOCH_STEP).
                 let bound = self.highest_epoch.saturating_add(MAX_EPOCH_STEP);
                 self.highest_epoch = self.highest_epoch.max(highest_epoch.min(bound));
@@ -319,6 +547,7 @@ impl Membership {
             }
         }
         out.extend(self.reconcile());
+        self.track_term(now);
         out
     }
 
@@ -445,19 +674,29 @@ mod tests {
         now: Instant,
         adopted: BTreeMap<u32, Vec<View>>,
         downs: Vec<(u32, u32, Instant)>,
+        /// Every step a coordinator committed: one per tick while its lease holds.
+        commits: Vec<crate::cluster::commits::Commit>,
+        start: Instant,
         /// (receiver, sender, kind) of every message a core dropped.
         rejected: Vec<(u32, u32, &'static str)>,
     }
 
     impl Net {
         fn new(n: u32) -> Self {
-            let nodes = (0..n).map(|i| (i, Membership::new(i, 0..n, DetectorConfig::default()))).collect();
+            Self::with(n, |m| m)
+        }
+
+        fn with(n: u32, build: impl Fn(Membership) -> Membership) -> Self {
+            let nodes = (0..n).map(|i| (i, build(Membership::new(i, 0..n, DetectorConfig::default())))).collect();
+            let now = Instant::now();
             Self {
+                commits: Vec::new(),
+                start: now,
                 nodes,
                 cut: BTreeSet::new(),
                 paused: BTreeSet::new(),
                 drop_views_to: BTreeSet::new(),
-                now: Instant::now(),
+                now,
                 adopted: BTreeMap::new(),
                 downs: Vec::new(),
                 rejected: Vec::new(),
@@ -484,6 +723,22 @@ mod tests {
                         continue;
                     }
                     let now = self.now;
+                    // What a coordinator's aggregators do first on waking (a step
+                    // completed by messages queued meanwhile), before its clock ticks.
+                    let node = &self.nodes[&id];
+                    if let (Some((from, until)), Some(term)) = (node.lease(now), node.term()) {
+                        if from <= now && now < until {
+                            let step = self.commits.len() as u64;
+                            self.commits.push(crate::cluster::commits::Commit {
+                                node: id,
+                                generation: (term << 32) | (u64::from(id) << 20),
+                                range: 0,
+                                step,
+                                hash: format!("{step}"),
+                                t_us: now.duration_since(self.start).as_micros() as u64,
+                            });
+                        }
+                    }
                     let cmds = self.nodes.get_mut(&id).unwrap().on_tick(now);
                     self.apply(id, cmds);
                 }
@@ -648,7 +903,14 @@ mod tests {
         net.run(2_000);
         assert_eq!(net.view_of(1).coordinator, 1);
         // A heartbeat node 2 sent before the cut, delivered after it healed.
-        let stale = MembershipMsg::Heartbeat { view_epoch: 1, highest_epoch: 1, coordinator: Some(0) };
+        let stale = MembershipMsg::Heartbeat {
+            view_epoch: 1,
+            highest_epoch: 1,
+            coordinator: Some(0),
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
         let now = net.now;
         let node0 = net.nodes.get_mut(&0).unwrap();
         let mut cmds = node0.on_message(2, stale.clone(), now);
@@ -695,7 +957,14 @@ mod tests {
         net.apply(0, vec![MembershipCommand::Send(1, MembershipMsg::View(huge))]);
         assert_eq!(net.view_of(1), v, "a view {} epochs ahead was taken", MAX_EPOCH - 1 - v.epoch);
         assert!(net.rejected.contains(&(1, 0, "view")), "{:?}", net.rejected);
-        let beat = MembershipMsg::Heartbeat { view_epoch: v.epoch, highest_epoch: MAX_EPOCH, coordinator: Some(0) };
+        let beat = MembershipMsg::Heartbeat {
+            view_epoch: v.epoch,
+            highest_epoch: MAX_EPOCH,
+            coordinator: Some(0),
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
         let now = net.now;
         let node1 = net.nodes.get_mut(&1).unwrap();
         let before = node1.highest_epoch;
@@ -731,8 +1000,14 @@ mod tests {
         let mut net = Net::new(4);
         net.run(1_000);
         let v = net.view_of(0);
-        let claim =
-            MembershipMsg::Heartbeat { view_epoch: v.epoch + 10, highest_epoch: v.epoch + 10, coordinator: Some(3) };
+        let claim = MembershipMsg::Heartbeat {
+            view_epoch: v.epoch + 10,
+            highest_epoch: v.epoch + 10,
+            coordinator: Some(3),
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
         net.isolate(1);
         // Node 3 says only that, every 100 ms (its honest heartbeats stop).
         net.paused.insert(3);
@@ -745,6 +1020,54 @@ mod tests {
         let after = net.view_of(0);
         assert_eq!((after.coordinator, after.members.len()), (0, 3), "{after:?}");
         assert!(after.epoch > v.epoch);
+    }
+
+    /// The coordinator is paused longer than its lease while the others elect a
+    /// successor; on waking, it would commit before hearing anyone. With leases
+    /// it cannot (its acknowledgements are old) and the successor waited a whole
+    /// lease: the commit intervals never overlap.
+    fn pause_the_coordinator_past_its_lease(net: &mut Net) -> Vec<String> {
+        net.run(1_000);
+        assert!(net.commits.iter().any(|c| c.node == 0), "node 0 committed before the pause");
+        net.paused.insert(0);
+        net.run(2_000);
+        assert_eq!(net.view_of(1).coordinator, 1);
+        net.paused.remove(&0);
+        net.run(500);
+        assert!(net.commits.iter().any(|c| c.node == 1), "the successor committed");
+        crate::cluster::commits::check(&net.commits)
+    }
+
+    #[test]
+    fn with_leases_two_coordinators_never_commit_at_once() {
+        let mut net = Net::new(3);
+        let violations = pause_the_coordinator_past_its_lease(&mut net);
+        assert!(violations.is_empty(), "{violations:?}");
+    }
+
+    #[test]
+    fn without_leases_the_commit_invariant_fails() {
+        let mut net = Net::with(3, Membership::without_leases);
+        let violations = pause_the_coordinator_past_its_lease(&mut net);
+        assert!(violations.iter().any(|v| v.contains("two coordinators committed at once")), "{violations:?}");
+    }
+
+    /// A coordinator whose members stop acknowledging it (cut off from both,
+    /// which it notices only after the failure timeout) stops committing one
+    /// lease after the last acknowledged heartbeat, before its successor starts.
+    #[test]
+    fn a_cut_off_coordinator_stops_committing_within_its_lease() {
+        let mut net = Net::new(3);
+        net.run(1_000);
+        net.isolate(0);
+        net.run(2_000);
+        net.heal();
+        net.run(1_000);
+        let violations = crate::cluster::commits::check(&net.commits);
+        assert!(violations.is_empty(), "{violations:?}");
+        let last_old = net.commits.iter().filter(|c| c.node == 0).map(|c| c.t_us).max().unwrap();
+        let first_new = net.commits.iter().filter(|c| c.node == 1).map(|c| c.t_us).min().unwrap();
+        assert!(first_new > last_old, "{first_new} vs {last_old}");
     }
 
     #[test]
@@ -819,7 +1142,14 @@ mod tests {
     fn messages_from_strangers_are_ignored() {
         let mut m = Membership::new(0, 0..3, DetectorConfig::default());
         let now = Instant::now();
-        let beat = MembershipMsg::Heartbeat { view_epoch: 99, highest_epoch: 99, coordinator: Some(7) };
+        let beat = MembershipMsg::Heartbeat {
+            view_epoch: 99,
+            highest_epoch: 99,
+            coordinator: Some(7),
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
         assert!(m.on_message(7, beat, now).is_empty());
         assert_eq!(m.up().len(), 1);
     }
@@ -848,6 +1178,9 @@ mod proptests {
         prop_oneof![
             (any_u64(), any_u64(), proptest::option::of(any_u32())).prop_map(
                 |(view_epoch, highest_epoch, coordinator)| MembershipMsg::Heartbeat {
+                    sent_us: 0,
+                    echo_us: None,
+                    released_us: 0,
                     view_epoch,
                     highest_epoch,
                     coordinator
@@ -871,7 +1204,7 @@ mod proptests {
             // Heartbeats of live members, so views get issued and adopted too.
             2 => (0..MEMBERS, 0..4u64).prop_map(|(from, e)| Event::Message(
                 from,
-                MembershipMsg::Heartbeat { view_epoch: e, highest_epoch: e, coordinator: (e > 0).then_some(0) }
+                MembershipMsg::Heartbeat { view_epoch: e, highest_epoch: e, coordinator: (e > 0).then_some(0), sent_us: 0, echo_us: None, released_us: 0 }
             )),
             2 => (0..800u64).prop_map(Event::Tick),
         ]
@@ -913,7 +1246,14 @@ mod proptests {
     fn an_epoch_at_the_end_of_the_range_is_refused_and_the_node_still_issues_views() {
         let mut m = Membership::new(0, 0..3, DetectorConfig::default());
         let now = Instant::now();
-        let beat = |e| MembershipMsg::Heartbeat { view_epoch: e, highest_epoch: e, coordinator: None };
+        let beat = |e| MembershipMsg::Heartbeat {
+            view_epoch: e,
+            highest_epoch: e,
+            coordinator: None,
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
         // Before the bound, `u64::MAX` as the highest epoch seen made the next view's `+ 1` overflow.
         let only_rejected =
             |cmds: Vec<MembershipCommand>| cmds.len() == 1 && matches!(cmds[0], MembershipCommand::Rejected { .. });
@@ -938,7 +1278,14 @@ mod proptests {
         let now = Instant::now();
         // Heartbeats raise the epoch by bounded steps: a cluster that went through every epoch.
         m.highest_epoch = MAX_EPOCH - 1;
-        let beat = MembershipMsg::Heartbeat { view_epoch: 0, highest_epoch: MAX_EPOCH, coordinator: None };
+        let beat = MembershipMsg::Heartbeat {
+            view_epoch: 0,
+            highest_epoch: MAX_EPOCH,
+            coordinator: None,
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
         m.on_message(1, beat.clone(), now);
         let cmds = m.on_message(2, beat, now);
         assert!(cmds.is_empty(), "{cmds:?}");

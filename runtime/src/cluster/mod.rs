@@ -6,6 +6,7 @@
 
 pub(crate) mod authority;
 pub mod client_api;
+pub mod commits;
 pub mod event;
 pub mod jobs;
 pub mod membership;

@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
 use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
-use super::membership::{DetectorConfig, Membership, MembershipCommand};
+use super::membership::{DetectorConfig, LeaseCell, Membership, MembershipCommand};
 use super::node_job::NodeShared;
 use super::placement::default_replicas;
 use super::runner::{Outbound, Traffic};
@@ -108,6 +108,14 @@ pub struct NodeConfig {
     /// its config file on SIGHUP, and [`NodeParts::revocations`] changes it while running.
     #[serde(default)]
     pub revoked: Vec<phalanx_transport::Revoked>,
+    /// Emit a `commit` event for every step this node's aggregators apply (what the chaos
+    /// harness checks the lease invariants on). Off by default: one event per step.
+    #[serde(default)]
+    pub record_commits: bool,
+    /// Fault injection for tests: coordinate without leases (what the lease invariant
+    /// is shown to catch). Only a build with the cargo feature `fault-injection` accepts it.
+    #[serde(default)]
+    pub no_leases: bool,
 }
 
 fn one() -> u32 {
@@ -155,6 +163,20 @@ impl NodeConfig {
         }
         if let Some(step) = self.crash_before_rename {
             crate::require_fault_injection(crate::FAULT_INJECTION, "crash_before_rename", &step)?;
+        }
+        if self.no_leases {
+            crate::require_fault_injection(crate::FAULT_INJECTION, "no_leases", &true)?;
+        }
+        if let Some(lease) = self.detector.lease_ms {
+            if lease < 2 * self.detector.heartbeat_ms {
+                return field(
+                    "detector",
+                    format!(
+                        "lease_ms {lease} is shorter than two heartbeats ({} ms): the lease would lapse between them",
+                        2 * self.detector.heartbeat_ms
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -283,12 +305,14 @@ async fn node_loop(
     };
     let (ready_tx, mut ready_rx) = mpsc::channel(16);
     let (stored_tx, mut stored_rx) = mpsc::channel(super::node_job::STORED_COPIES_CAPACITY);
+    let lease = Arc::new(LeaseCell::new());
     let shared = NodeShared {
         out_tx,
         events: emitter.clone(),
         metrics: metrics.clone(),
         instance: rand::random(),
         stored: stored_tx,
+        lease: lease.clone(),
     };
     let mut jobs = Jobs::new(config.clone(), startup, registries, ready_tx, shared).await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
@@ -308,6 +332,9 @@ async fn node_loop(
     }
 
     let mut membership = Membership::new(me, 0..config.members(), config.detector);
+    if config.no_leases {
+        membership = membership.without_leases();
+    }
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
     let mut connected_addrs: BTreeMap<u32, SocketAddr> = BTreeMap::new();
     let (dial_tx, mut dial_rx) = mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
@@ -455,6 +482,8 @@ async fn node_loop(
                 }
             },
         };
+        // The coordinator's aggregators read the lease before every step.
+        lease.set(membership.lease(Instant::now()));
         for cmd in cmds {
             match cmd {
                 MembershipCommand::Send(to, msg) => {

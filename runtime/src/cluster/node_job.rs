@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::authority::{JobScope, Scope, Verdict};
 use super::event::{unix_ms, Emitter, NodeEventKind};
-use super::membership::View;
+use super::membership::{LeaseCell, View};
 use super::node::NodeConfig;
 use super::placement::{Placement, Shape};
 use super::registry::JobId;
@@ -89,6 +89,8 @@ pub(crate) struct NodeShared {
     pub(crate) instance: u64,
     /// Where checkpoint copies written off the node loop report back.
     pub(crate) stored: mpsc::Sender<StoredCopy>,
+    /// The node's coordinator lease, published by the node loop.
+    pub(crate) lease: Arc<LeaseCell>,
 }
 
 /// A checkpoint copy written (and verified) on the blocking pool, back on the node loop.
@@ -125,7 +127,7 @@ impl NodeJob {
         out: Option<PathBuf>,
         shared: NodeShared,
     ) -> Result<Self, Error> {
-        let NodeShared { out_tx, events, metrics, instance, stored } = shared;
+        let NodeShared { out_tx, events, metrics, instance, stored, lease } = shared;
         let checkpoints = job_dir(config, id).join("checkpoints");
         let (routes, routes_rx) = watch::channel(Routes::default());
         let routing = Routing {
@@ -135,6 +137,8 @@ impl NodeJob {
             out: out_tx,
             limits: Limits::default(),
             trainers: prepared.config.trainers,
+            lease,
+            record_commits: config.record_commits,
         };
         // Actor names are per node instance and job: ractor's registry is the
         // process's, and one process may run several nodes, even of several
@@ -143,7 +147,7 @@ impl NodeJob {
             LocalNet::new(format!("phalanx-node{}-{instance:016x}/job{id}", config.id), prepared.config.trainers);
         let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
         let store = CheckpointStore::open(&checkpoints)?;
-        let observer = NodeObserver::new(id, events.clone(), metrics.clone());
+        let observer = NodeObserver::new(id, events.clone(), metrics.clone(), false);
         // The actors hosted here log in this node's span of the job.
         let host_ctx = tracing::info_span!("job", node = config.id, job = id)
             .in_scope(|| prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None, Some(observer)));
@@ -564,11 +568,13 @@ struct NodeObserver {
     job: JobId,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
+    /// Emit a `commit` event for every step applied here (see [`NodeConfig::record_commits`]).
+    record_commits: bool,
 }
 
 impl NodeObserver {
-    fn new(job: JobId, events: Emitter, metrics: Arc<NodeMetrics>) -> Arc<Self> {
-        Arc::new(Self { job, events, metrics })
+    fn new(job: JobId, events: Emitter, metrics: Arc<NodeMetrics>, record_commits: bool) -> Arc<Self> {
+        Arc::new(Self { job, events, metrics, record_commits })
     }
 
     /// Step `step` is the first applied after failures of `cause` (of
@@ -593,6 +599,21 @@ impl NodeObserver {
 }
 
 impl JobObserver for NodeObserver {
+    fn committed(&self, range: u32, generation: u64, step: u64, params: &[f32]) {
+        if !self.record_commits {
+            return;
+        }
+        // FNV-1a over the values' bits: cheap beside the step that produced them.
+        let hash = params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            v.to_bits().to_le_bytes().iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+        });
+        let t_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let hash = format!("{hash:016x}");
+        self.events.emit(NodeEventKind::Commit { job: self.job, range, generation, step, hash, t_us });
+    }
+
     fn restarted(&self, _actor: ActorKey, cause: FaultCause) {
         self.metrics.restarts.get_or_create(&Cause::of(cause.as_str())).inc();
     }
@@ -664,7 +685,7 @@ async fn coordinate(
     } = start;
     let hooks = Arc::new(ClusterHooks::new(routing.clone(), members.clone(), epoch, job_started_ms));
     let net = Arc::new(ClusterNet::new(names.clone(), routing.clone()));
-    let observer = NodeObserver::new(routing.job, events.clone(), metrics.clone());
+    let observer = NodeObserver::new(routing.job, events.clone(), metrics.clone(), routing.record_commits);
     let ctx = prepared.context(prepared.cluster_job_id(), store, names, net, Some(hooks), Some(observer.clone()));
     let (source, cause) = match source {
         Source::Local => ("local".to_string(), "local"),

@@ -24,6 +24,7 @@ use phalanx_transport::Limits;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::{mpsc, watch};
 
+use super::membership::LeaseCell;
 use super::placement::Placement;
 use super::registry::JobId;
 use super::wire::{self, NodeMsg};
@@ -135,6 +136,10 @@ pub struct Routing {
     pub limits: Limits,
     /// Trainers in the job.
     pub trainers: u32,
+    /// This node's coordinator lease (see [`LeaseCell`]).
+    pub lease: Arc<LeaseCell>,
+    /// Report every step an aggregator here commits as a `commit` event.
+    pub record_commits: bool,
 }
 
 impl Routing {
@@ -243,6 +248,10 @@ impl ClusterHooks {
 }
 
 impl Cluster for ClusterHooks {
+    fn may_commit(&self) -> bool {
+        self.routing.lease.holds()
+    }
+
     fn remote_host(&self, key: ActorKey) -> Option<u32> {
         let node =
             self.routing.routes.borrow().placement.as_ref().and_then(|p| p.node_of(key)).unwrap_or(self.routing.me);
