@@ -126,4 +126,6 @@ pub use endpoint::{
     DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES, HELLO_LIMITS,
     MAX_CLIENT_CONNECTIONS, MAX_CLIENT_STREAMS, MAX_HANDSHAKES_PER_ADDRESS, MAX_PENDING_HANDSHAKES,
 };
+#[cfg(feature = "fault-injection")]
+pub use endpoint::{RawSend, RawSendError};
 pub use revocation::{Revocations, Revoked};
