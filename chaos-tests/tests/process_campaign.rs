@@ -46,7 +46,10 @@ fn every_process_scenario_keeps_every_invariant() {
     assert!(md.contains("| SIGKILL aggregator node |"), "{md}");
     // The rogue member's forgeries, each kind rejected.
     for kind in ["job-done", "spawn", "rollback", "view", "checkpoint-copy", "params", "gradient", "oversized-frame"] {
-        let c = report.forged_rejected.get(kind).unwrap_or_else(|| panic!("no forged {kind}: {:?}", report.forged_rejected));
+        let c = report
+            .forged_rejected
+            .get(kind)
+            .unwrap_or_else(|| panic!("no forged {kind}: {:?}", report.forged_rejected));
         assert!(c.forged > 0 && c.rejected >= c.forged, "{kind}: {c:?}");
     }
     assert!(md.contains("## Forged messages rejected, by kind"), "{md}");

@@ -54,9 +54,9 @@ pub use config::{
     MAX_HANDSHAKES_PER_ADDRESS, MAX_PENDING_HANDSHAKES,
 };
 pub use error::{BindError, ConfigError, ConnectError, SendError};
+pub use hello::{Hello, HELLO_LIMITS};
 #[cfg(feature = "fault-injection")]
 pub use raw::{RawSend, RawSendError};
-pub use hello::{Hello, HELLO_LIMITS};
 pub use socket::bind_udp;
 pub use stats::TransportStats;
 

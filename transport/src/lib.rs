@@ -58,7 +58,8 @@
 //! * **Bad input closes one connection**, never the node: a broken frame, a wrong version or
 //!   a hello lying about the node id closes that connection with a reason code
 //!   ([`codes`], [`DecodeError::reason_code`]), logged and reported as
-//!   [`TransportEvent::Rejected`].
+//!   [`TransportEvent::Rejected`]; a member's frame that breaks a codec rule is also reported
+//!   as [`TransportEvent::BadFrame`], one per frame, for the caller to count.
 //!
 //! # A frame's bytes
 //!

@@ -68,7 +68,9 @@ pub fn forged_rejected(tally: &BTreeMap<String, ForgedCount>) -> Result<(), Stri
     }
     let wrong: Vec<String> = tally
         .iter()
-        .filter(|(kind, c)| if kind.as_str() == OVERSIZED_FRAME { c.rejected < c.forged } else { c.rejected != c.forged })
+        .filter(
+            |(kind, c)| if kind.as_str() == OVERSIZED_FRAME { c.rejected < c.forged } else { c.rejected != c.forged },
+        )
         .map(|(kind, c)| format!("{kind}: {} forged, {} rejected", c.forged, c.rejected))
         .collect();
     match wrong.is_empty() {
@@ -144,7 +146,8 @@ mod tests {
         let e = forged_rejected(&tally(&events)).unwrap_err();
         assert!(e.contains("rollback: 1 forged, 0 rejected"), "{e}");
         // Fewer oversized frames counted than forged.
-        let events: Vec<Value> = run().into_iter().filter(|e| e["kind"] != OVERSIZED_FRAME || e["event"] == "forged").collect();
+        let events: Vec<Value> =
+            run().into_iter().filter(|e| e["kind"] != OVERSIZED_FRAME || e["event"] == "forged").collect();
         assert!(forged_rejected(&tally(&events)).unwrap_err().contains("oversized-frame: 4 forged, 0 rejected"));
         // More rejections than forgeries of an exact kind: something else was counted as forged.
         let mut events = run();

@@ -101,18 +101,23 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
                 push(rollback.kind(), wire::encode_deliver(job.id, Addr::Aggregator(0), rollback, limits));
             }
         }
-        let forged_view = NodeMsg::Membership(MembershipMsg::View(View { epoch, coordinator: me, members: members.clone() }));
+        let forged_view =
+            NodeMsg::Membership(MembershipMsg::View(View { epoch, coordinator: me, members: members.clone() }));
         push(forged_view.kind(), wire::encode(&forged_view, limits));
         for job in jobs {
             // A name the coordinator's copies could have; the bytes are no checkpoint.
             let name = FileKey { step: FAR_AHEAD, offset: 0, len: FORGED_VALUES }.file_name();
             let garbage: Vec<u8> = (0..GARBAGE_BYTES).map(|i| (i as u8).wrapping_mul(151)).collect();
-            push(NodeMsg::CheckpointCopy { job: job.id, name: name.clone(), len: 0 }.kind(), wire::encode_checkpoint(job.id, &name, &garbage, limits));
+            push(
+                NodeMsg::CheckpointCopy { job: job.id, name: name.clone(), len: 0 }.kind(),
+                wire::encode_checkpoint(job.id, &name, &garbage, limits),
+            );
             let Some(actors) = job.actors_job else { continue };
             let values = vec![0.5; FORGED_VALUES];
             // Offsets whose end does not fit in a u64: any range check that adds overflows.
             let offset = u64::MAX - 1;
-            let params = Msg::Params(Params { job: actors, generation, step: 0, range: 0, offset, values: values.clone() });
+            let params =
+                Msg::Params(Params { job: actors, generation, step: 0, range: 0, offset, values: values.clone() });
             push(params.kind(), wire::encode_deliver(job.id, Addr::Trainer(0), params, limits));
             let gradient = Msg::Gradient(Gradient {
                 job: actors,
@@ -156,7 +161,10 @@ impl Trigger {
                     field: "rogue".into(),
                     reason: format!("node {me}: cannot listen for SIGUSR1: {e}"),
                 })?;
-                tracing::warn!(node = me, "a rogue member (fault injection): every SIGUSR1 sends every member forged messages");
+                tracing::warn!(
+                    node = me,
+                    "a rogue member (fault injection): every SIGUSR1 sends every member forged messages"
+                );
                 Some(s)
             }
             false => None,
@@ -295,16 +303,7 @@ mod tests {
         let limits = Limits::default();
         let job = KnownJob { id: 1, actors_job: Some(0xabcd) };
         let round = forge_round(3, &view(7, &[0, 1, 2, 3]), &[job], &limits);
-        let want = [
-            "job-done",
-            "spawn",
-            "rollback",
-            "view",
-            "checkpoint-copy",
-            "params",
-            "gradient",
-            OVERSIZED_FRAME,
-        ];
+        let want = ["job-done", "spawn", "rollback", "view", "checkpoint-copy", "params", "gradient", OVERSIZED_FRAME];
         for to in [0, 1, 2] {
             assert_eq!(kinds_to(&round, to), want, "to node {to}");
         }
@@ -356,7 +355,8 @@ mod tests {
         // Per member: 6 job-scoped kinds per job (capped), one view, one oversized frame.
         assert_eq!(round.len(), 4 * (6 * MAX_FORGED_JOBS + 2));
         for f in round.iter().filter(|f| f.kind == "view") {
-            let Inbound::Control(NodeMsg::Membership(MembershipMsg::View(v))) = wire::decode(&f.bytes[4..], &limits).unwrap()
+            let Inbound::Control(NodeMsg::Membership(MembershipMsg::View(v))) =
+                wire::decode(&f.bytes[4..], &limits).unwrap()
             else {
                 panic!()
             };
