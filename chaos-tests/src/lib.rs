@@ -24,9 +24,10 @@
 //! `tier = "process"`) against real `phalanx node` processes through
 //! [`phalanx::local`]: SIGKILL and SIGSTOP of nodes, restarts, partitions and
 //! damaged links through a UDP fault relay, full disks, corrupted
-//! checkpoints, a crash between checkpoint write and rename and a second
-//! process with a member's identity; each run is
-//! checked by [`invariants::check_process`] against the plain loop's result.
+//! checkpoints, a crash between checkpoint write and rename, a second
+//! process with a member's identity and a rogue member forging messages; each
+//! run is checked by [`invariants::check_process`] against the plain loop's
+//! result (and, with a rogue, by [`invariants::forged_rejected`]).
 //!
 //! The entry points are [`sim::simulate`] for one run,
 //! [`campaign::sim_campaign`] for a simulated campaign with its report and

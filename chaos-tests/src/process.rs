@@ -2,8 +2,9 @@
 //! TLS), faults injected while a job trains — SIGKILL, SIGSTOP, restarts,
 //! partitions and damaged links (through the fault relay), full disks (a
 //! tmpfs), corrupted checkpoints, a crash between checkpoint write and
-//! rename, a second process with a member's identity — and the invariants
-//! checked on the outcome.
+//! rename, a second process with a member's identity, a rogue member that
+//! forges orders, views, checkpoint copies, out-of-range values and oversized
+//! frames — and the invariants checked on the outcome.
 //!
 //! Scenarios are TOML files in `chaos-tests/scenarios/` (`tier = "process"`);
 //! the built-in set is compiled in, so the campaign runs from anywhere:
@@ -27,11 +28,11 @@ use phalanx_actors::model::ModelKind;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::invariants::{check_process, Expected};
+use crate::invariants::{check_process, forged_rejected, read_events, tally, Expected, ForgedCount};
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 19] = [
+pub const BUILTIN: [(&str, &str); 20] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -51,6 +52,7 @@ pub const BUILTIN: [(&str, &str); 19] = [
     ("fetch-checkpoint-from-member.toml", include_str!("../scenarios/fetch-checkpoint-from-member.toml")),
     ("duplicate-identity.toml", include_str!("../scenarios/duplicate-identity.toml")),
     ("pause-coordinator-past-lease.toml", include_str!("../scenarios/pause-coordinator-past-lease.toml")),
+    ("rogue-member.toml", include_str!("../scenarios/rogue-member.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -133,7 +135,7 @@ pub fn find_phalanx() -> Option<PathBuf> {
 
 /// Fault kinds that fire inside a node (an in-process hook), not from outside:
 /// the node must be a build with the cargo feature `fault-injection`.
-pub const IN_PROCESS_FAULTS: [&str; 1] = ["crash-before-rename"];
+pub const IN_PROCESS_FAULTS: [&str; 2] = ["crash-before-rename", "rogue"];
 
 /// Whether `exe` has the in-process fault hooks: `phalanx --version` ends in
 /// `(fault-injection)` in such a build (see [`phalanx::VERSION`]).
@@ -203,6 +205,9 @@ pub struct ScenarioRun {
     pub trace: Vec<(u64, f64, f64)>,
     /// Invariant violations and faults that did not take effect.
     pub violations: Vec<String>,
+    /// A rogue member's forged messages and the members' rejections of them, per kind
+    /// (empty without a rogue).
+    pub forged: std::collections::BTreeMap<String, ForgedCount>,
 }
 
 impl ScenarioRun {
@@ -271,7 +276,7 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
         (Some(first), Some(last)) => Duration::from_secs_f64(last.2 - first.2),
         _ => started.elapsed(),
     };
-    let violations = match &summary {
+    let mut violations = match &summary {
         Err(e) => vec![format!("completes: {e}")],
         Ok(s) => {
             let mut v = check_process(s, expected);
@@ -280,7 +285,18 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
             v
         }
     };
-    ScenarioRun { name: scenario.name.clone(), summary, duration, trace, violations }
+    // A rogue member: what it forged and what the members rejected, from the run's events.
+    let mut forged = Default::default();
+    if scenario.faults.iter().any(|f| f.trim_start().starts_with("rogue")) {
+        match read_events(&work.join("events.jsonl")) {
+            Ok(events) => {
+                forged = tally(&events);
+                violations.extend(forged_rejected(&forged).err().map(|e| format!("forged-rejected: {e}")));
+            }
+            Err(e) => violations.push(format!("forged-rejected: no events: {e}")),
+        }
+    }
+    ScenarioRun { name: scenario.name.clone(), summary, duration, trace, violations, forged }
 }
 
 /// The commit invariants (no two coordinators commit at once, one parameter hash per
@@ -450,6 +466,11 @@ pub fn process_campaign_of(
         report.seeds_run += 1;
         report.steps_replayed += run.steps_replayed();
         report.violations.extend(run.violations.iter().map(|v| format!("{}: {v}", s.name)));
+        for (kind, c) in &run.forged {
+            let total = report.forged_rejected.entry(kind.clone()).or_default();
+            total.forged += c.forged;
+            total.rejected += c.rejected;
+        }
         let entry = report.fault_types.entry(s.name.clone()).or_default();
         entry.tier = "process".into();
         entry.injected += injected;
@@ -505,6 +526,7 @@ mod tests {
             "crash-before-rename",
             "wipe",
             "duplicate",
+            "rogue",
         ];
         for k in wanted {
             assert!(kinds.contains(k), "no built-in scenario injects {k}");

@@ -92,6 +92,9 @@ pub struct Report {
     pub steps_replayed: u64,
     /// Mean virtual time to finish with faults over the fault-free time (1.0 = no slowdown).
     pub slowdown: f64,
+    /// A rogue member's forged messages, per kind: how many it sent and how many the members
+    /// dropped and counted (`oversized-frame`: frames the transport refused), over every run.
+    pub forged_rejected: BTreeMap<String, crate::invariants::ForgedCount>,
 }
 
 impl Report {
@@ -167,6 +170,18 @@ impl Report {
             }
             s.push('\n');
         }
+        if !self.forged_rejected.is_empty() {
+            s.push_str("## Forged messages rejected, by kind\n\n");
+            s.push_str(
+                "A rogue member (a valid node certificate) forged them; the members dropped and counted them \
+                 (`message_rejected`, metric `phalanx_rejected_messages_total`).\n\n",
+            );
+            s.push_str("| kind | forged | rejected |\n|---|---:|---:|\n");
+            for (kind, c) in &self.forged_rejected {
+                s.push_str(&format!("| {kind} | {} | {} |\n", c.forged, c.rejected));
+            }
+            s.push('\n');
+        }
         s.push_str(&format!(
             "Steps recomputed after rollbacks and takeovers: {}. Simulation slowdown vs fault-free (virtual time, mean over seeds): {:.2}×.\n\n",
             self.steps_replayed, self.slowdown
@@ -185,6 +200,9 @@ impl Report {
             }
             if self.tiers.iter().any(|t| t == "real processes") {
                 s.push_str("; no-bad-checkpoint, clean-exits and fault-took-effect (real processes)");
+                if !self.forged_rejected.is_empty() {
+                    s.push_str("; forged-rejected (a rogue member)");
+                }
             }
             s.push_str(".\n");
         } else {
@@ -231,6 +249,19 @@ pub fn plot_loss(path: &Path, title: &str, losses: &[(u64, f64)], faults: &[(u64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_has_a_table_of_forged_messages_rejected() {
+        let mut r = Report::default();
+        assert!(!r.markdown().contains("Forged messages rejected"), "no rogue, no table");
+        r.forged_rejected.insert("job-done".into(), crate::invariants::ForgedCount { forged: 6, rejected: 6 });
+        r.forged_rejected.insert("oversized-frame".into(), crate::invariants::ForgedCount { forged: 6, rejected: 7 });
+        let md = r.markdown();
+        assert!(md.contains("## Forged messages rejected, by kind"), "{md}");
+        assert!(md.contains("| job-done | 6 | 6 |") && md.contains("| oversized-frame | 6 | 7 |"), "{md}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["forged_rejected"]["job-done"], serde_json::json!({ "forged": 6, "rejected": 6 }));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

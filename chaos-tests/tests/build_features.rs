@@ -2,7 +2,8 @@
 //! carry no hook whose only job is to break them"); the chaos harness's build carries them all.
 //!
 //! The hooks (actor panics, a crash before a checkpoint rename, an aggregator that counts
-//! duplicates) exist only under `#[cfg(feature = "fault-injection")]` in `phalanx-actors` and
+//! duplicates, a rogue member and the raw frames it sends) exist only under
+//! `#[cfg(feature = "fault-injection")]` in `phalanx-actors`, `phalanx-transport` and
 //! `phalanx`, so what a build contains is decided by the features cargo resolves for it.
 //! `cargo test --workspace` unifies features (the harness and the tests enable this one), so
 //! no test binary can observe a default build directly, and building a second release binary
@@ -47,7 +48,7 @@ fn resolved_features(package: &str) -> BTreeMap<String, Vec<String>> {
 #[test]
 fn a_default_build_of_phalanx_has_no_fault_hooks() {
     let features = resolved_features("phalanx");
-    for crate_name in ["phalanx", "phalanx-actors"] {
+    for crate_name in ["phalanx", "phalanx-actors", "phalanx-transport"] {
         let enabled = features.get(crate_name).unwrap_or_else(|| panic!("{crate_name} in {features:?}"));
         assert!(!enabled.iter().any(|f| f == FEATURE), "cargo build -p phalanx enables {crate_name}/{FEATURE}");
     }
@@ -58,7 +59,7 @@ fn the_harness_builds_both_crates_with_the_fault_hooks() {
     // The same question about the harness, which must see the feature: the check above
     // reads what it claims to read.
     let features = resolved_features("phalanx-chaos");
-    for crate_name in ["phalanx", "phalanx-actors"] {
+    for crate_name in ["phalanx", "phalanx-actors", "phalanx-transport"] {
         let enabled = features.get(crate_name).unwrap_or_else(|| panic!("{crate_name} in {features:?}"));
         assert!(enabled.iter().any(|f| f == FEATURE), "{crate_name}: {enabled:?}");
     }
@@ -76,6 +77,8 @@ fn the_phalanx_binary_the_harness_runs_has_the_fault_flags() {
     assert!(help(&["train", "--help"]).contains("--fail"));
     assert!(help(&["local", "--help"]).contains("--crash-before-rename"));
     assert!(help(&["node", "--help"]).contains("--crash-before-rename"));
+    assert!(help(&["local", "--help"]).contains("--rogue"));
+    assert!(help(&["node", "--help"]).contains("--rogue"));
     // Faults from outside are in every build.
     assert!(help(&["local", "--help"]).contains("--kill"));
 }

@@ -5,10 +5,12 @@
 //! the aggregator node or a trainer node; packet loss, delay, jitter and
 //! duplication; full checkpoint disks (tmpfs), with and without a kill; a
 //! crash between checkpoint write and rename; a corrupted checkpoint copy; a
-//! second process started with a member's identity.
+//! second process started with a member's identity; a rogue member that forges
+//! job-done, spawn, rollback, view, checkpoint-copy, params and gradient
+//! messages and oversized frames.
 //! Every run completes bit-identical to the plain loop with exactly-once
 //! accounting, never loads a bad checkpoint, exits cleanly, and shows that
-//! its faults took effect.
+//! its faults took effect; every forged message is rejected.
 
 use phalanx_chaos::process::{find_phalanx, process_campaign, BUILTIN};
 use phalanx_chaos::report::Report;
@@ -42,6 +44,15 @@ fn every_process_scenario_keeps_every_invariant() {
     report.write(dir.path()).unwrap();
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(md.contains("| SIGKILL aggregator node |"), "{md}");
+    // The rogue member's forgeries, each kind rejected.
+    for kind in ["job-done", "spawn", "rollback", "view", "checkpoint-copy", "params", "gradient", "oversized-frame"] {
+        let c = report
+            .forged_rejected
+            .get(kind)
+            .unwrap_or_else(|| panic!("no forged {kind}: {:?}", report.forged_rejected));
+        assert!(c.forged > 0 && c.rejected >= c.forged, "{kind}: {c:?}");
+    }
+    assert!(md.contains("## Forged messages rejected, by kind"), "{md}");
     let svg = std::fs::read_to_string(dir.path().join("processes.svg")).unwrap();
     assert!(svg.contains("steps / s") && svg.contains("resumed"), "the plot shows throughput and recovery");
 }

@@ -21,6 +21,7 @@
 //! | `--crash-before-rename NODE@STEP` | the node aborts after writing the checkpoint of `STEP` to its temporary file, before the rename (an in-process hook: only a build with the cargo feature `fault-injection` has it) |
 //! | `--wipe NODE@STEP` | delete every checkpoint file on the node (its copies are lost) |
 //! | `--duplicate NODE@STEP` | start a second process with node `NODE`'s id and certificate on another free port (same seeds, dialled directly); the members must refuse it, and `summary.json` records how it exited |
+//! | `--rogue NODE@STEP` | node `NODE` runs as a rogue member (`phalanx node --rogue`) and gets SIGUSR1 at `STEP`: it sends every other member one round of forged messages (repeat the flag for more rounds; an in-process hook: only a build with the cargo feature `fault-injection` has it) |
 //!
 //! Network faults go through a [`FaultRelay`] between the nodes (started
 //! only when the schedule has one): `tc netem` and iptables are not
@@ -134,6 +135,14 @@ pub enum NodeFault {
         /// The step.
         step: u64,
     },
+    /// Node `node` runs as a rogue member from its start; at `step` it gets SIGUSR1 and sends
+    /// every other member one round of forged messages.
+    Rogue {
+        /// The rogue node.
+        node: u32,
+        /// The step of the round.
+        step: u64,
+    },
 }
 
 impl NodeFault {
@@ -149,7 +158,8 @@ impl NodeFault {
             | NodeFault::Corrupt { step, .. }
             | NodeFault::CrashBeforeRename { step, .. }
             | NodeFault::Wipe { step, .. }
-            | NodeFault::Duplicate { step, .. } => *step,
+            | NodeFault::Duplicate { step, .. }
+            | NodeFault::Rogue { step, .. } => *step,
         }
     }
 
@@ -176,6 +186,7 @@ impl NodeFault {
             NodeFault::CrashBeforeRename { .. } => "crash-before-rename",
             NodeFault::Wipe { .. } => "wipe",
             NodeFault::Duplicate { .. } => "duplicate",
+            NodeFault::Rogue { .. } => "rogue",
         }
     }
 
@@ -189,7 +200,8 @@ impl NodeFault {
             | NodeFault::Corrupt { node, .. }
             | NodeFault::CrashBeforeRename { node, .. }
             | NodeFault::Wipe { node, .. }
-            | NodeFault::Duplicate { node, .. } => vec![*node],
+            | NodeFault::Duplicate { node, .. }
+            | NodeFault::Rogue { node, .. } => vec![*node],
             NodeFault::Partition { side, .. } => side.clone(),
             NodeFault::Degrade { .. } => Vec::new(),
         }
@@ -218,6 +230,7 @@ impl NodeFault {
             "crash-before-rename" => NodeFault::CrashBeforeRename { node: node()?, step },
             "wipe" => NodeFault::Wipe { node: node()?, step },
             "duplicate" => NodeFault::Duplicate { node: node()?, step },
+            "rogue" => NodeFault::Rogue { node: node()?, step },
             "partition" => {
                 let side =
                     what.split(',').map(|n| number(n, "NODE").map(|n| n as u32)).collect::<Result<Vec<_>, _>>()?;
@@ -236,7 +249,8 @@ impl NodeFault {
             | NodeFault::Corrupt { node, step }
             | NodeFault::CrashBeforeRename { node, step }
             | NodeFault::Wipe { node, step }
-            | NodeFault::Duplicate { node, step } => format!("{node}@{step}"),
+            | NodeFault::Duplicate { node, step }
+            | NodeFault::Rogue { node, step } => format!("{node}@{step}"),
             NodeFault::Pause { node, step, ms } | NodeFault::DiskFull { node, step, ms } => {
                 format!("{node}@{step}:{ms}")
             }
@@ -281,7 +295,7 @@ fn parse_link(spec: &str) -> Result<LinkFaults, String> {
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeFaultReport {
     /// `kill`, `pause`, `restart`, `partition`, `degrade`, `disk-full`,
-    /// `corrupt`, `crash-before-rename`, `wipe` or `duplicate`.
+    /// `corrupt`, `crash-before-rename`, `wipe`, `duplicate` or `rogue`.
     pub kind: String,
     /// The node (the first of a partition's side; none for `degrade`).
     pub node: Option<u32>,
@@ -356,6 +370,8 @@ struct LocalCluster {
     mounts: Vec<PathBuf>,
     /// Nodes started with `--crash-before-rename STEP` at their first start.
     crash_before_rename: BTreeMap<u32, u64>,
+    /// Nodes started with `--rogue` (at every start): SIGUSR1 makes them forge a round.
+    rogues: std::collections::BTreeSet<u32>,
     /// Steps at which a fault is due: the coordinator reports each of them
     /// as a `step` event (it reports others at a bounded rate).
     report_steps: Vec<u64>,
@@ -407,6 +423,9 @@ impl LocalCluster {
         // Only the first start crashes: the restarted node is the one that must cope.
         if let Some(step) = self.crash_before_rename.remove(&id) {
             command.args(["--crash-before-rename", &step.to_string()]);
+        }
+        if self.rogues.contains(&id) {
+            command.arg("--rogue");
         }
         let child = self.start(command, &log_path, false)?;
         self.nodes[id as usize] = Some(child);
@@ -783,7 +802,10 @@ fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<
             NodeFault::Duplicate { .. } if nodes < 2 => {
                 return Err(bad(f, "a duplicate needs another member to refuse it (at least 2 nodes)".into()));
             }
-            NodeFault::CrashBeforeRename { .. } if !crate::FAULT_INJECTION => {
+            NodeFault::Rogue { .. } if nodes < 2 => {
+                return Err(bad(f, "a rogue needs other members to forge messages for (at least 2 nodes)".into()));
+            }
+            NodeFault::CrashBeforeRename { .. } | NodeFault::Rogue { .. } if !crate::FAULT_INJECTION => {
                 let (kind, arg) = f.to_flag();
                 return crate::require_fault_injection(false, &format!("--{kind}"), &arg);
             }
@@ -888,6 +910,13 @@ pub fn run_local_watching(
             .iter()
             .filter_map(|f| match f {
                 NodeFault::CrashBeforeRename { node, step } => Some((*node, *step)),
+                _ => None,
+            })
+            .collect(),
+        rogues: faults
+            .iter()
+            .filter_map(|f| match f {
+                NodeFault::Rogue { node, .. } => Some(*node),
                 _ => None,
             })
             .collect(),
@@ -1022,6 +1051,11 @@ pub fn run_local_watching(
                         NodeFault::Duplicate { node, .. } => {
                             evidence = Some(cluster.spawn_duplicate(*node, reports.len())?);
                         }
+                        // Started with `--rogue`; the signal makes it forge one round.
+                        NodeFault::Rogue { node, .. } => {
+                            cluster.signal(*node, "USR1");
+                            evidence = Some(format!("sent SIGUSR1 to node {node}, a rogue member: one round of forged messages (its `forged` events)"));
+                        }
                     }
                     let (kind, arg) = f.to_flag();
                     eprintln!("injected: --{kind} {arg} at step {step}");
@@ -1129,6 +1163,7 @@ mod tests {
             ("crash-before-rename", "0@160"),
             ("wipe", "1@310"),
             ("duplicate", "1@300"),
+            ("rogue", "2@300"),
         ] {
             let f = NodeFault::parse(kind, arg).unwrap_or_else(|e| panic!("{e}"));
             let (k, a) = f.to_flag();
@@ -1146,6 +1181,10 @@ mod tests {
             ("degrade", "loss=2@1:5", "probability"),
             ("degrade", "lost=0.1@1:5", "unknown key 'lost'"),
             ("partition", "0,a@1:5", "NODE is not a number"),
+            ("rogue", "x@300", "NODE is not a number"),
+            ("rogue", "2", "expected WHAT@STEP"),
+            ("rogue", "2@300:50", "no :MS"),
+            ("rogue", "2@soon", "STEP is not a number"),
         ] {
             let e = NodeFault::parse(kind, arg).unwrap_err();
             assert!(e.starts_with(&format!("--{kind} {arg}:")) && e.contains(want), "{e}");
@@ -1166,5 +1205,9 @@ mod tests {
         }
         let e = check_faults(&config, 1, &[NodeFault::Duplicate { node: 0, step: 1 }]).unwrap_err().to_string();
         assert!(e.contains("--duplicate 0@1") && e.contains("another member"), "{e}");
+        let e = check_faults(&config, 3, &[NodeFault::Rogue { node: 3, step: 300 }]).unwrap_err().to_string();
+        assert!(e.contains("--rogue 3@300") && e.contains("no node 3"), "{e}");
+        let e = check_faults(&config, 1, &[NodeFault::Rogue { node: 0, step: 300 }]).unwrap_err().to_string();
+        assert!(e.contains("--rogue 0@300") && e.contains("other members"), "{e}");
     }
 }

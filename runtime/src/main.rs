@@ -117,6 +117,11 @@ struct LocalArgs {
     /// Start a second process with NODE's id and certificate on another port (the members must refuse it). Repeatable.
     #[arg(long, value_name = "NODE@STEP")]
     duplicate: Vec<String>,
+    /// NODE runs as a rogue member and, at STEP, sends every other member a round of forged
+    /// messages (SIGUSR1). Repeatable for more rounds; give it the highest id (a coordinator's orders are obeyed).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, value_name = "NODE@STEP")]
+    rogue: Vec<String>,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -193,6 +198,10 @@ struct NodeArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, value_name = "STEP")]
     crash_before_rename: Option<u64>,
+    /// Fault injection (chaos tests): a rogue member; every SIGUSR1 sends every other member a round of forged messages.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long)]
+    rogue: bool,
     /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
     #[arg(long, value_name = "R")]
     replicas: Option<u32>,
@@ -237,6 +246,7 @@ impl NodeArgs {
                     job: None,
                     out: None,
                     crash_before_rename: None,
+                    rogue: false,
                     replicas: None,
                     report_steps: Vec::new(),
                     max_jobs: 1,
@@ -279,6 +289,10 @@ impl NodeArgs {
         #[cfg(feature = "fault-injection")]
         if self.crash_before_rename.is_some() {
             c.crash_before_rename = self.crash_before_rename;
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.rogue {
+            c.rogue = true;
         }
         if !self.report_steps.is_empty() {
             c.report_steps = self.report_steps;
@@ -579,6 +593,8 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("crash-before-rename", &args.crash_before_rename),
         ("wipe", &args.wipe),
         ("duplicate", &args.duplicate),
+        #[cfg(feature = "fault-injection")]
+        ("rogue", &args.rogue),
     ] {
         for s in specs {
             faults.push(NodeFault::parse(kind, s).map_err(anyhow::Error::msg)?);

@@ -193,6 +193,7 @@ impl NodeBuilder {
             job: None,
             out: self.out,
             crash_before_rename: None,
+            rogue: false,
             replicas: self.replicas,
             report_steps: Vec::new(),
             max_jobs: self.max_jobs.unwrap_or(1).max(1),

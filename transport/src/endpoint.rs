@@ -31,6 +31,8 @@ mod error;
 mod hello;
 mod inner;
 mod link;
+#[cfg(feature = "fault-injection")]
+mod raw;
 mod socket;
 mod stats;
 mod stream;
@@ -53,6 +55,8 @@ pub use config::{
 };
 pub use error::{BindError, ConfigError, ConnectError, SendError};
 pub use hello::{Hello, HELLO_LIMITS};
+#[cfg(feature = "fault-injection")]
+pub use raw::{RawSend, RawSendError};
 pub use socket::bind_udp;
 pub use stats::TransportStats;
 
@@ -122,6 +126,22 @@ pub enum TransportEvent {
         /// Why, for logs.
         reason: String,
     },
+    /// A peer's frame broke a codec rule — a length prefix above
+    /// [`Limits::max_frame_bytes`](crate::Limits::max_frame_bytes), another protocol version,
+    /// a truncated or malformed envelope, bytes after the frame on its stream — so its
+    /// connection is closed with `code` (reported as [`Rejected`](Self::Rejected), then
+    /// `PeerDown`, once it has ended). One event per bad frame, so that the caller can count
+    /// frame-level violations per member; frames the caller cannot decode are the caller's
+    /// to count (it calls [`Transport::reject`]).
+    BadFrame {
+        /// The member that sent it.
+        peer: u32,
+        /// The codec's close code ([`DecodeError::reason_code`](crate::DecodeError::reason_code),
+        /// or [`codes::STREAM_FRAMING`]).
+        code: u32,
+        /// What was wrong, for logs.
+        reason: String,
+    },
     /// A request from a client (a connection on
     /// [`CLIENT_ALPN`](crate::tls::CLIENT_ALPN) with a client certificate): one frame body,
     /// checked like a [`Message`](Self::Message)'s, and the stream to answer on.
@@ -152,6 +172,12 @@ impl fmt::Debug for TransportEvent {
                 .debug_struct("DuplicateIdentity")
                 .field("peer", peer)
                 .field("addr", addr)
+                .field("reason", reason)
+                .finish(),
+            Self::BadFrame { peer, code, reason } => f
+                .debug_struct("BadFrame")
+                .field("peer", peer)
+                .field("code", &format_args!("{code:#x} ({})", codes::name(*code)))
                 .field("reason", reason)
                 .finish(),
             Self::ClientRequest { client, addr, request, .. } => f
@@ -335,6 +361,20 @@ impl Transport {
     pub async fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
         self.check_outgoing(peer, &frame)?;
         self.inner.send_when_ready(peer, Bytes::from(frame)).await
+    }
+
+    /// Fault injection (the cargo feature `fault-injection`; a rogue member in the chaos
+    /// harness): writes `bytes` to `peer` on a new unidirectional stream exactly as given,
+    /// without the checks of [`send`](Self::send), so a frame may break any codec rule (an
+    /// oversized length prefix, say, which makes the peer close the connection).
+    ///
+    /// Like [`send`](Self::send) it returns once the bytes are queued (`Ok`: handed to the
+    /// transport) and refuses with [`SendError::Busy`] beyond
+    /// [`TransportConfig::max_inflight_sends_per_peer`] writes in flight; the returned
+    /// [`RawSend`] tells when the peer's QUIC stack has acknowledged every byte.
+    #[cfg(feature = "fault-injection")]
+    pub fn send_raw(&self, peer: u32, bytes: Vec<u8>) -> Result<RawSend, SendError> {
+        self.inner.send_raw(peer, Bytes::from(bytes))
     }
 
     /// Ids of the peers with a live connection, ascending.

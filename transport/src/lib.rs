@@ -58,7 +58,8 @@
 //! * **Bad input closes one connection**, never the node: a broken frame, a wrong version or
 //!   a hello lying about the node id closes that connection with a reason code
 //!   ([`codes`], [`DecodeError::reason_code`]), logged and reported as
-//!   [`TransportEvent::Rejected`].
+//!   [`TransportEvent::Rejected`]; a member's frame that breaks a codec rule is also reported
+//!   as [`TransportEvent::BadFrame`], one per frame, for the caller to count.
 //!
 //! # A frame's bytes
 //!
@@ -126,4 +127,6 @@ pub use endpoint::{
     DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER, DEFAULT_RESTART_SILENCE_MS, DEFAULT_UDP_BUFFER_BYTES, HELLO_LIMITS,
     MAX_CLIENT_CONNECTIONS, MAX_CLIENT_STREAMS, MAX_HANDSHAKES_PER_ADDRESS, MAX_PENDING_HANDSHAKES,
 };
+#[cfg(feature = "fault-injection")]
+pub use endpoint::{RawSend, RawSendError};
 pub use revocation::{Revocations, Revoked};

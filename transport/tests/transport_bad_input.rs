@@ -35,6 +35,13 @@ async fn member_sends(bytes: Vec<u8>, what: &str) -> (u32, u32) {
     let TransportEvent::Rejected { peer, code, reason, .. } = event else { unreachable!() };
     assert_eq!(peer, Some(3), "{what}");
     assert!(!reason.is_empty());
+    // The node learns of the frame-level violation itself, once, before the rejection.
+    let bad: Vec<&TransportEvent> = skipped.iter().filter(|e| matches!(e, TransportEvent::BadFrame { .. })).collect();
+    assert!(
+        matches!(bad.as_slice(), [TransportEvent::BadFrame { peer: 3, code: c, reason }] if *c == code && !reason.is_empty()),
+        "{what}: one BadFrame from node 3 with code {code:#x}, got {skipped:?}"
+    );
+    assert_eq!(server.stats().bad_frames, 1, "{what}");
     let (down, _) = wait_for(&mut server_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
     assert!(matches!(down, TransportEvent::PeerDown { peer: 3, .. }), "{down:?}");
     let seen_by_offender = close_code(&conn).await.expect("closed with an application code");
@@ -133,8 +140,11 @@ async fn a_frame_with_an_unknown_header_is_rejected_by_the_caller() {
     let err = decode::<Control>(&frame, &limits).expect_err("unknown variant decoded");
     server.reject(3, err.reason_code(), &err.to_string());
 
-    let (peer, _) = wait_rejected(&mut server_events, DecodeError::CODE_HEADER).await;
+    let (peer, before) = wait_rejected(&mut server_events, DecodeError::CODE_HEADER).await;
     assert_eq!(peer, Some(3));
+    // The envelope was valid: the caller decides about the header, and counts it itself.
+    assert!(!before.iter().any(|e| matches!(e, TransportEvent::BadFrame { .. })), "{before:?}");
+    assert_eq!(server.stats().bad_frames, 0);
     let (down, _) = wait_for(&mut server_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;
     assert!(matches!(down, TransportEvent::PeerDown { peer: 3, .. }));
     let (down, _) = wait_for(&mut member_events, "PeerDown", |e| matches!(e, TransportEvent::PeerDown { .. })).await;

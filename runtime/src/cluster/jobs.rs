@@ -25,6 +25,7 @@ use super::membership::View;
 use super::node::NodeConfig;
 use super::node_job::{NodeJob, NodeShared, StoredCopy};
 use super::registry::{JobEntry, JobId, JobState, Registry, Version};
+use super::rejections::Rejections;
 use super::runner::{to_job, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
 use crate::config::JobConfig;
@@ -101,8 +102,9 @@ pub(crate) struct Jobs {
     told: BTreeMap<JobId, &'static str>,
     /// Frames whose senders may become entitled with the next view or location map.
     lot: Parked,
-    /// Messages dropped by the authority rules, per sender and kind.
-    rejections: BTreeMap<(u32, &'static str), u64>,
+    /// Messages dropped by the authority rules (and the node loop's bad frames), per
+    /// sender and kind, reported at a bounded rate.
+    rejections: Rejections,
     out_tx: mpsc::UnboundedSender<Outbound>,
     ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
     /// Where checkpoint copies written off the loop report back (see [`StoredCopy`]).
@@ -161,7 +163,7 @@ impl Jobs {
             told: BTreeMap::new(),
             // A message overtakes the view or map it depends on by a few frames at most:
             // two failure timeouts is far longer than that, and bounds what waits.
-            rejections: BTreeMap::new(),
+            rejections: Rejections::new(),
             lot: Parked::new(held_for),
             out_tx,
             ready_tx,
@@ -237,6 +239,7 @@ impl Jobs {
 
     /// The clock advanced.
     pub(crate) fn on_tick(&mut self, now: Instant) {
+        self.rejections.emit_due(&self.events, now);
         for frame in self.lot.expired(now) {
             let reason = format!("{} (still, after {} ms)", frame.reason, self.lot.max_age().as_millis());
             self.rejected(frame.peer, frame.inbound.kind(), reason);
@@ -523,14 +526,17 @@ impl Jobs {
         }
     }
 
-    /// A message from `peer` was dropped by the authority rules (or a core): count and report it.
+    /// A message from `peer` was dropped by the authority rules, a core or the codec: count
+    /// and report it (see [`Rejections`]).
     pub(crate) fn rejected(&mut self, peer: u32, kind: &'static str, reason: String) {
-        tracing::warn!(node = self.me(), peer, kind, "dropped a {kind} from node {peer}: {reason}");
-        self.metrics.rejected_messages.get_or_create(&Kind::of(kind)).inc();
-        let count = self.rejections.entry((peer, kind)).or_default();
-        *count += 1;
-        let count = *count;
-        self.events.emit(NodeEventKind::MessageRejected { peer, kind: kind.into(), reason, count });
+        self.rejections.reject(&self.metrics, &self.events, peer, kind, reason, Instant::now());
+    }
+
+    /// Report every rejection total not reported yet (the node is stopping).
+    pub(crate) fn flush_rejections(&mut self) {
+        for event in self.rejections.flush_all(Instant::now()) {
+            self.events.emit(event);
+        }
     }
 
     /// A frame the authority rules let through.

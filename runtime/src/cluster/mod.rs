@@ -14,8 +14,36 @@ pub mod node;
 pub mod node_job;
 pub mod placement;
 pub mod registry;
+pub mod rejections;
 pub mod replication;
 pub mod resume;
+#[cfg(feature = "fault-injection")]
+pub mod rogue;
 pub mod runner;
 pub mod step_events;
 pub mod wire;
+
+/// A default build has no rogue member: this stand-in for `rogue::Trigger` is never
+/// signalled and forges nothing (a config asking for a rogue is refused before it is made).
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) mod rogue {
+    use super::event::Emitter;
+    use super::jobs::Jobs;
+    use super::membership::View;
+    use super::node::NodeConfig;
+    use crate::error::Error;
+
+    pub(crate) struct Trigger;
+
+    impl Trigger {
+        pub(crate) fn new(_: &NodeConfig, _: &Emitter) -> Result<Self, Error> {
+            Ok(Self)
+        }
+
+        pub(crate) async fn signalled(&mut self) {
+            std::future::pending::<()>().await
+        }
+
+        pub(crate) fn round(&mut self, _: &phalanx_transport::Transport, _: Option<&View>, _: &mut Jobs) {}
+    }
+}

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_transport::certs::NodeIdentity;
-use phalanx_transport::{codes, Limits, Revocations, Transport, TransportConfig, TransportEvent};
+use phalanx_transport::{codes, DecodeError, Limits, Revocations, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
@@ -44,6 +44,7 @@ use super::jobs::{Jobs, NodeCommand};
 use super::membership::{DetectorConfig, LeaseCell, Membership, MembershipCommand};
 use super::node_job::NodeShared;
 use super::placement::default_replicas;
+use super::rejections::{MALFORMED_FRAME, OVERSIZED_FRAME};
 use super::runner::{Outbound, Traffic};
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
@@ -90,6 +91,11 @@ pub struct NodeConfig {
     /// refuses a config that sets it ([`validate`](Self::validate)).
     #[serde(default)]
     pub crash_before_rename: Option<u64>,
+    /// Fault injection for chaos tests: a rogue member, otherwise honest, that sends every
+    /// other member a round of forged messages at each SIGUSR1 (see `cluster::rogue`). Only a
+    /// build with the cargo feature `fault-injection` has one; a default build refuses it.
+    #[serde(default)]
+    pub rogue: bool,
     /// Other nodes that keep a copy of every checkpoint (the coordinator's
     /// successor first). Default: 2 when the cluster has at least 5 members,
     /// else 1 (see [`default_replicas`]).
@@ -177,6 +183,9 @@ impl NodeConfig {
                     ),
                 );
             }
+        }
+        if self.rogue {
+            crate::require_fault_injection(crate::FAULT_INJECTION, "rogue", &"rogue = true")?;
         }
         Ok(())
     }
@@ -335,6 +344,7 @@ async fn node_loop(
     if config.no_leases {
         membership = membership.without_leases();
     }
+    let mut rogue = super::rogue::Trigger::new(&config, &emitter)?;
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
     let mut connected_addrs: BTreeMap<u32, SocketAddr> = BTreeMap::new();
     let (dial_tx, mut dial_rx) = mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
@@ -390,6 +400,11 @@ async fn node_loop(
                 let list = revocations.borrow_and_update().clone();
                 tracing::info!(node = me, ?list, "revocation list replaced");
                 transport.set_revocations(list);
+                Vec::new()
+            }
+            // Fault injection (a rogue member at SIGUSR1); never in a default build.
+            () = rogue.signalled() => {
+                rogue.round(&transport, membership.view(), &mut jobs);
                 Vec::new()
             }
             Some(cmd) = client_commands_rx.recv() => {
@@ -450,9 +465,16 @@ async fn node_loop(
                         };
                         tracing::warn!(node = me, peer, "closing the connection of node {peer}: bad frame: {e}");
                         transport.reject(peer, code, &e.to_string());
+                        jobs.rejected(peer, MALFORMED_FRAME, e.to_string());
                         Vec::new()
                     }
                 },
+                // The transport closed a connection for a frame that broke a codec rule.
+                Some(TransportEvent::BadFrame { peer, code, reason }) => {
+                    let kind = if code == DecodeError::CODE_OVERSIZE { OVERSIZED_FRAME } else { MALFORMED_FRAME };
+                    jobs.rejected(peer, kind, reason);
+                    Vec::new()
+                }
                 Some(TransportEvent::Rejected { addr, peer, code: codes::DUPLICATE_IDENTITY, reason }) => {
                     tracing::warn!(node = me, %addr, ?peer, "refused a second process with a member's id: {reason}");
                     metrics.rejected_connections.get_or_create(&Kind::of(codes::name(codes::DUPLICATE_IDENTITY))).inc();
@@ -543,6 +565,7 @@ async fn node_loop(
         }
     }
     jobs.stop_all("is shutting down");
+    jobs.flush_rejections();
     transport.shutdown().await;
     if let Some(error) = fatal {
         return Err(error);

@@ -203,6 +203,9 @@ async fn handle(inner: &Inner, link: &Link, done: Result<Result<ReceivedFrame, F
                 if link.close(code, &reason, true) {
                     inner.log_rejected(link.addr, Some(link.peer), code, &reason);
                 }
+                // Every bad frame is reported, not only the one that closed the connection:
+                // the caller counts violations per member.
+                inner.bad_frame(link, code, reason).await;
             }
             None => tracing::debug!(node = inner.id, peer = link.peer, error = %err, "stream ended without a frame"),
         },

@@ -538,6 +538,25 @@ impl Inner {
         Ok(())
     }
 
+    /// Fault injection: see [`Transport::send_raw`](crate::Transport::send_raw).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn send_raw(&self, peer: u32, bytes: Bytes) -> Result<super::raw::RawSend, SendError> {
+        let link = self.live_link(peer).ok_or(SendError::NotConnected { peer })?;
+        let permit = link
+            .sends
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SendError::Busy { peer, in_flight: self.max_inflight_sends })?;
+        Ok(super::raw::spawn(&self.runtime, link, permit, bytes))
+    }
+
+    /// A peer's frame broke a codec rule: one [`TransportEvent::BadFrame`] (waiting for room
+    /// in the queue, like a message).
+    pub(crate) async fn bad_frame(&self, link: &Link, code: u32, reason: String) {
+        self.stats.bad_frame();
+        let _ = self.events.send(TransportEvent::BadFrame { peer: link.peer, code, reason }).await;
+    }
+
     fn spawn_write(&self, link: Arc<Link>, permit: OwnedSemaphorePermit, frame: Bytes) {
         let (stats, node) = (self.stats.clone(), self.id);
         self.runtime.spawn(async move {

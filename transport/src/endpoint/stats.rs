@@ -24,6 +24,9 @@ pub struct TransportStats {
     /// Sends accepted by [`Transport::send`](crate::Transport::send) whose write then failed
     /// (the connection closed meanwhile).
     pub send_failures: u64,
+    /// Frames from members that broke a codec rule (each closed its connection, see
+    /// [`TransportEvent::BadFrame`](crate::TransportEvent::BadFrame)).
+    pub bad_frames: u64,
     /// Connections refused or closed for bad input, by close code (see [`codes`](crate::codes)
     /// and [`DecodeError::reason_code`](crate::DecodeError::reason_code)).
     pub rejected: BTreeMap<u32, u64>,
@@ -58,6 +61,7 @@ pub(crate) struct Counters {
     bytes_out: AtomicU64,
     frames_dropped: AtomicU64,
     send_failures: AtomicU64,
+    bad_frames: AtomicU64,
     rejected: Mutex<BTreeMap<u32, u64>>,
     refused_by_peers: Mutex<BTreeMap<u32, u64>>,
 }
@@ -81,6 +85,10 @@ impl Counters {
         self.send_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn bad_frame(&self) {
+        self.bad_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn rejected(&self, code: u32) {
         *lock(&self.rejected).entry(code).or_insert(0) += 1;
     }
@@ -97,6 +105,7 @@ impl Counters {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             frames_dropped: self.frames_dropped.load(Ordering::Relaxed),
             send_failures: self.send_failures.load(Ordering::Relaxed),
+            bad_frames: self.bad_frames.load(Ordering::Relaxed),
             rejected: lock(&self.rejected).clone(),
             refused_by_peers: lock(&self.refused_by_peers).clone(),
             open_connections,
