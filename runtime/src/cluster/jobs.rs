@@ -26,7 +26,7 @@ use super::node::NodeConfig;
 use super::node_job::{NodeJob, NodeShared, StoredCopy};
 use super::registry::{JobEntry, JobId, JobState, Registry, Version};
 use super::rejections::Rejections;
-use super::runner::{to_job, Outbound};
+use super::runner::{to_job, OutQueue, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
 use crate::config::JobConfig;
 use crate::error::Error;
@@ -105,7 +105,7 @@ pub(crate) struct Jobs {
     /// Messages dropped by the authority rules (and the node loop's bad frames), per
     /// sender and kind, reported at a bounded rate.
     rejections: Rejections,
-    out_tx: mpsc::UnboundedSender<Outbound>,
+    out_tx: OutQueue,
     ready_tx: mpsc::Sender<(JobId, Result<NodeJob, Error>)>,
     /// Where checkpoint copies written off the loop report back (see [`StoredCopy`]).
     stored: mpsc::Sender<StoredCopy>,
@@ -188,7 +188,8 @@ impl Jobs {
     fn send(&self, to: u32, msg: &NodeMsg) {
         match wire::encode(msg, &self.limits) {
             Ok(frame) => {
-                let _ = self.out_tx.send(Outbound::control(to, frame));
+                // The node loop's own frame: never waits for the queue it drains.
+                let _ = self.out_tx.send_now(Outbound::control(to, frame));
             }
             Err(e) => tracing::warn!(node = self.me(), to, "cannot encode a control message: {e}"),
         }

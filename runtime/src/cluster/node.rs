@@ -45,7 +45,7 @@ use super::membership::{DetectorConfig, LeaseCell, Membership, MembershipCommand
 use super::node_job::NodeShared;
 use super::placement::default_replicas;
 use super::rejections::{MALFORMED_FRAME, OVERSIZED_FRAME};
-use super::runner::{Outbound, Traffic};
+use super::runner::{OutPermit, OutQueue, Outbound, Traffic, OUT_QUEUE_BYTES};
 use super::wire::{self, Inbound, InboundError, NodeMsg};
 use crate::error::Error;
 use crate::job::PreparedJob;
@@ -294,7 +294,9 @@ async fn node_loop(
     let client_api =
         ClientApi { node: config.id, commands: client_commands, events: client_events, registries: registries.clone() };
     let limits = Limits::default();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    // Frames of the jobs for other nodes: bounded in bytes until the transport takes them.
+    let (out_tx, mut out_rx) = OutQueue::new(OUT_QUEUE_BYTES);
+    let mut senders = Senders::default();
     // The job given at start is loaded here, so a bad one stops the node with its error.
     let startup = match (job, &config.job) {
         (Some(job), _) => Some(job),
@@ -375,19 +377,13 @@ async fn node_loop(
                 jobs.on_tick(now);
                 membership.on_tick(now)
             }
-            Some(Outbound { to, frame, traffic }) = out_rx.recv() => {
-                if to == me {
-                    if let Ok(inbound) = wire::decode(&frame[4..], &limits) {
+            Some((out, permit)) = out_rx.recv() => {
+                if out.to == me {
+                    if let Ok(inbound) = wire::decode(&out.frame[4..], &limits) {
                         jobs.on_frame(me, inbound);
                     }
                 } else {
-                    let bytes = frame.len() as u64;
-                    match transport.send(to, frame) {
-                        Ok(()) => {
-                            metrics.bytes_sent.get_or_create(&Kind::of(traffic.as_str())).inc_by(bytes);
-                        }
-                        Err(e) => tracing::debug!(node = me, to, "frame not sent: {e}"),
-                    }
+                    senders.send(&transport, &metrics, out, permit);
                 }
                 Vec::new()
             }
@@ -572,6 +568,41 @@ async fn node_loop(
     }
     emitter.emit(NodeEventKind::Stopped);
     Ok(())
+}
+
+/// One sender task per peer for the jobs' frames: each frame goes to the transport in order,
+/// when the transport has room for it (`send_when_ready`: a busy peer delays its frames, it
+/// does not lose them), and its share of the out-queue budget is given back then — so a slow
+/// peer slows the producers down through the [`OutQueue`] instead of growing a queue.
+#[derive(Default)]
+struct Senders {
+    tasks: BTreeMap<u32, mpsc::UnboundedSender<(Outbound, OutPermit)>>,
+}
+
+impl Senders {
+    fn send(&mut self, transport: &Transport, metrics: &Arc<NodeMetrics>, out: Outbound, permit: OutPermit) {
+        let to = out.to;
+        let tx = self.tasks.entry(to).or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(Outbound, OutPermit)>();
+            let (transport, metrics) = (transport.clone(), metrics.clone());
+            tokio::spawn(async move {
+                while let Some((Outbound { to, frame, traffic }, permit)) = rx.recv().await {
+                    let bytes = frame.len() as u64;
+                    match transport.send_when_ready(to, frame).await {
+                        Ok(()) => {
+                            metrics.bytes_sent.get_or_create(&Kind::of(traffic.as_str())).inc_by(bytes);
+                        }
+                        // The peer is gone: the protocol recovers what it carried.
+                        Err(e) => tracing::debug!(to, "frame not sent: {e}"),
+                    }
+                    drop(permit);
+                }
+            });
+            tx
+        });
+        // Fails only if the task is gone (the runtime is shutting down): the frame goes too.
+        let _ = tx.send((out, permit));
+    }
 }
 
 /// A command of a handle or a client: the node loop answers `Status` (it holds the view and

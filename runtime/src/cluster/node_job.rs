@@ -25,7 +25,9 @@ use super::placement::{Placement, Shape};
 use super::registry::JobId;
 use super::replication::{ReplicationStats, ReplicationTracker};
 use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
-use super::runner::{to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, Outbound, Routes, Routing, Traffic};
+use super::runner::{
+    to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, OutQueue, Outbound, Routes, Routing, Traffic,
+};
 use super::step_events::StepEvents;
 use super::wire::{self, Inbound, NodeMsg};
 use crate::error::Error;
@@ -83,7 +85,7 @@ pub(crate) struct NodeJob {
 /// its actor names apart from another node's with the same id in the process).
 #[derive(Clone)]
 pub(crate) struct NodeShared {
-    pub(crate) out_tx: mpsc::UnboundedSender<Outbound>,
+    pub(crate) out_tx: OutQueue,
     pub(crate) events: Emitter,
     pub(crate) metrics: Arc<NodeMetrics>,
     pub(crate) instance: u64,
@@ -288,7 +290,8 @@ impl NodeJob {
     fn send_control(&self, to: u32, msg: &NodeMsg) {
         match wire::encode(msg, &self.routing.limits) {
             Ok(frame) => {
-                let _ = self.routing.out.send(Outbound::control(to, frame));
+                // The node loop's own frame: never waits for the queue it drains.
+                let _ = self.routing.out.send_now(Outbound::control(to, frame));
             }
             Err(e) => tracing::warn!(node = self.routing.me, to, "cannot encode a control message: {e}"),
         }

@@ -91,6 +91,120 @@ impl Outbound {
     }
 }
 
+/// Bytes of frames a node's jobs may have queued for its node loop (and the loop hold back
+/// for a busy peer) before a producer waits: a few large parameter or checkpoint frames.
+pub const OUT_QUEUE_BYTES: usize = 64 << 20;
+
+/// The queue of frames from a node's jobs to its node loop, bounded in bytes.
+///
+/// A frame is counted from the moment it is queued until the node loop hands it to the
+/// transport (or gives it up: the peer is gone). A producer that finds the budget used waits
+/// until there is room — back-pressure instead of a growing queue or dropped frames; a frame
+/// larger than the whole budget goes once the queue is empty. Actors wait off the tokio
+/// workers (`block_in_place`), blocking-pool tasks in place; the node loop's own frames never
+/// wait ([`send_now`](Self::send_now): it is the one draining the queue), nor does anything on
+/// a single-threaded runtime (nothing else could drain it meanwhile).
+#[derive(Clone)]
+pub struct OutQueue {
+    tx: mpsc::UnboundedSender<(Outbound, OutPermit)>,
+    budget: Arc<OutBudget>,
+}
+
+struct OutBudget {
+    queued: std::sync::Mutex<usize>,
+    room: std::sync::Condvar,
+    limit: usize,
+}
+
+impl OutBudget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A queued frame's share of the budget, given back when dropped.
+pub struct OutPermit {
+    bytes: usize,
+    budget: Arc<OutBudget>,
+}
+
+impl Drop for OutPermit {
+    fn drop(&mut self) {
+        let mut queued = self.budget.lock();
+        *queued = queued.saturating_sub(self.bytes);
+        self.budget.room.notify_all();
+    }
+}
+
+/// The node loop's end of an [`OutQueue`].
+pub struct OutReceiver {
+    rx: mpsc::UnboundedReceiver<(Outbound, OutPermit)>,
+    budget: Arc<OutBudget>,
+}
+
+impl OutQueue {
+    /// A queue of at most `limit` bytes and its receiving end.
+    pub fn new(limit: usize) -> (Self, OutReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(OutBudget { queued: std::sync::Mutex::new(0), room: std::sync::Condvar::new(), limit });
+        (Self { tx, budget: budget.clone() }, OutReceiver { rx, budget })
+    }
+
+    /// Queue `out`, waiting while the budget is used (see [`OutQueue`]). Fails once the node
+    /// loop is gone (the node stopped).
+    pub fn send(&self, out: Outbound) -> Result<(), Outbound> {
+        let wait = matches!(
+            tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) | Err(_)
+        );
+        if wait {
+            let bytes = out.frame.len();
+            let room = || {
+                let mut queued = self.budget.lock();
+                while *queued > 0 && queued.saturating_add(bytes) > self.budget.limit && !self.tx.is_closed() {
+                    // Woken by every frame the loop sends; the timeout only re-checks closing.
+                    queued = self
+                        .budget
+                        .room
+                        .wait_timeout(queued, std::time::Duration::from_millis(100))
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(_) => tokio::task::block_in_place(room),
+                Err(_) => room(),
+            }
+        }
+        self.send_now(out)
+    }
+
+    /// Queue `out` at once, over the budget if need be (the node loop's own frames).
+    pub fn send_now(&self, out: Outbound) -> Result<(), Outbound> {
+        let bytes = out.frame.len();
+        *self.budget.lock() += bytes;
+        let permit = OutPermit { bytes, budget: self.budget.clone() };
+        self.tx.send((out, permit)).map_err(|e| e.0 .0)
+    }
+
+    /// Bytes queued or held back now.
+    pub fn queued_bytes(&self) -> usize {
+        *self.budget.lock()
+    }
+}
+
+impl OutReceiver {
+    /// The next frame and its share of the budget (keep it until the frame is handed on).
+    pub async fn recv(&mut self) -> Option<(Outbound, OutPermit)> {
+        self.rx.recv().await
+    }
+
+    /// Bytes queued or held back now.
+    pub fn queued_bytes(&self) -> usize {
+        *self.budget.lock()
+    }
+}
+
 /// What routing needs to know, published by the node loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Routes {
@@ -131,7 +245,7 @@ pub struct Routing {
     /// Latest routes.
     pub routes: watch::Receiver<Routes>,
     /// Frames for other nodes.
-    pub out: mpsc::UnboundedSender<Outbound>,
+    pub out: OutQueue,
     /// Frame limits.
     pub limits: Limits,
     /// Trainers in the job.
@@ -530,5 +644,60 @@ impl Actor for HostActor {
 pub fn to_job(local: &LocalNet, msg: JobMsg) {
     if let Some(job) = ActorRef::<JobMsg>::where_is(local.job_name()) {
         let _ = job.send_message(msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(to: u32, bytes: usize) -> Outbound {
+        Outbound { to, frame: vec![0; bytes], traffic: Traffic::Control }
+    }
+
+    /// A producer over the budget waits until the node loop hands a frame on, and then goes;
+    /// nothing is dropped and the queue never holds more than the budget plus one frame.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_producer_over_the_budget_waits_for_room() {
+        let (queue, mut rx) = OutQueue::new(1000);
+        queue.send(frame(1, 600)).unwrap();
+        // A blocking-pool-like producer (a plain thread): 600 + 600 > 1000, so it waits.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let producer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                queue.send(frame(1, 600)).unwrap();
+                done_tx.send(queue.queued_bytes()).unwrap();
+            })
+        };
+        let (first, permit) = rx.recv().await.unwrap();
+        assert_eq!(first.frame.len(), 600);
+        // Had it not waited, it would have queued its frame by now.
+        let early = done_rx.recv_timeout(std::time::Duration::from_millis(200));
+        assert!(early.is_err(), "the producer went over the budget: {early:?}");
+        assert_eq!(rx.queued_bytes(), 600, "only the first frame is counted");
+        drop(permit);
+        assert_eq!(done_rx.recv().unwrap(), 600, "the second frame went once the first was handed on");
+        producer.join().unwrap();
+        let (second, _permit) = rx.recv().await.unwrap();
+        assert_eq!(second.frame.len(), 600);
+    }
+
+    /// The node loop's own frames never wait, and a frame larger than the whole budget goes
+    /// once the queue is empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loops_frames_and_huge_frames_are_not_stuck() {
+        let (queue, mut rx) = OutQueue::new(1000);
+        queue.send_now(frame(1, 900)).unwrap();
+        queue.send_now(frame(1, 900)).unwrap();
+        assert_eq!(queue.queued_bytes(), 1800, "over the budget, without waiting");
+        let (_, a) = rx.recv().await.unwrap();
+        let (_, b) = rx.recv().await.unwrap();
+        drop((a, b));
+        queue.send(frame(2, 5000)).unwrap();
+        let (huge, permit) = rx.recv().await.unwrap();
+        assert_eq!((huge.to, huge.frame.len(), rx.queued_bytes()), (2, 5000, 5000));
+        drop(permit);
+        assert_eq!(rx.queued_bytes(), 0);
     }
 }
