@@ -23,6 +23,7 @@
 //! | `0x20b` | [`NOT_A_CLIENT`] | a connection on the client API presents no client certificate (`client-<name>`) |
 //! | `0x20c` | [`REVOKED`] | the peer's certificate is on the node's revocation list |
 //! | `0x20d` | [`CERT_EXPIRED`] | the peer's certificate expired while its connection was open |
+//! | `0x20e` | [`NOT_A_MEMBER`] | the peer's certificate names a node outside the configured cluster |
 
 /// The node is shutting down (the code of [`Transport::shutdown`](crate::Transport::shutdown)).
 pub const SHUTDOWN: u32 = 0x200;
@@ -64,6 +65,10 @@ pub const NOT_A_CLIENT: u32 = 0x20b;
 pub const REVOKED: u32 = 0x20c;
 /// The peer's certificate passed its `notAfter` while the connection was open.
 pub const CERT_EXPIRED: u32 = 0x20d;
+/// The peer's certificate names a node id outside the configured cluster
+/// ([`TransportConfig::members`](crate::TransportConfig::members)): signed by the cluster's CA,
+/// but not one of its members.
+pub const NOT_A_MEMBER: u32 = 0x20e;
 
 /// Short name of a transport or codec close code, for log lines and event reasons.
 ///
@@ -91,6 +96,7 @@ pub fn name(code: u32) -> &'static str {
         NOT_A_CLIENT => "not a client",
         REVOKED => "revoked",
         CERT_EXPIRED => "certificate expired",
+        NOT_A_MEMBER => "not a member",
         D::CODE_OVERSIZE => "oversize",
         D::CODE_UNSUPPORTED_VERSION => "unsupported version",
         D::CODE_HEADER_TOO_LARGE => "header too large",

@@ -108,3 +108,34 @@ async fn a_connection_is_closed_when_the_peers_certificate_expires() {
     one.shutdown().await;
     server.shutdown().await;
 }
+
+/// A certificate of the cluster's CA naming a node outside the configured cluster (node 5 of
+/// a 3-node cluster) never becomes a member: refused at the handshake with `NOT_A_MEMBER`.
+#[tokio::test]
+async fn a_node_id_outside_the_configured_cluster_is_refused() {
+    init_tracing();
+    let dir = cluster(6);
+    let mut config = config(dir.path(), 0);
+    config.members = Some(3);
+    let (server, mut events) = Transport::bind(config).await.expect("bind");
+    let (five, _five_events) = node(dir.path(), 5).await;
+    let err = five.connect(server.local_addr(), Some(0)).await.expect_err("node 5 joined a 3-node cluster");
+    assert!(
+        matches!(err, ConnectError::Refused { code: codes::NOT_A_MEMBER, .. } | ConnectError::Lost { .. }),
+        "{err}"
+    );
+    let (event, _) = wait_for(&mut events, "node 5 refused", |e| {
+        matches!(e, TransportEvent::Rejected { code: codes::NOT_A_MEMBER, .. })
+    })
+    .await;
+    let TransportEvent::Rejected { reason, .. } = event else { unreachable!() };
+    assert!(reason.contains("node 5 is not a member of this 3-node cluster"), "{reason}");
+    assert!(server.peers().is_empty());
+    // A member's id is welcome.
+    let (two, _two_events) = node(dir.path(), 2).await;
+    two.connect(server.local_addr(), Some(0)).await.expect("node 2 connects");
+    wait_peer_up(&mut events, 2).await;
+    for t in [two, five, server] {
+        t.shutdown().await;
+    }
+}

@@ -297,6 +297,8 @@ async fn node_loop(
     // Frames of the jobs for other nodes: bounded in bytes until the transport takes them.
     let (out_tx, mut out_rx) = OutQueue::new(OUT_QUEUE_BYTES);
     let mut senders = Senders::default();
+    // Large frames decoded off the loop come back here.
+    let (decoded_tx, mut decoded_rx) = mpsc::channel::<(u32, usize, Result<Inbound, InboundError>)>(16);
     // The job given at start is loaded here, so a bad one stops the node with its error.
     let startup = match (job, &config.job) {
         (Some(job), _) => Some(job),
@@ -327,6 +329,8 @@ async fn node_loop(
     };
     let mut jobs = Jobs::new(config.clone(), startup, registries, ready_tx, shared).await?;
     let mut transport_config = TransportConfig::new(identity, config.listen);
+    // A certificate of the cluster's CA naming a node outside it never becomes a member.
+    transport_config.members = Some(config.members());
     // A member silent for a failure timeout is down for membership too: only then may another
     // incarnation with its id replace it; until then a second process is refused.
     transport_config.restart_silence_ms = config.detector.failure_timeout_ms.min(transport_config.idle_timeout_ms);
@@ -411,6 +415,9 @@ async fn node_loop(
                 jobs.on_copy_stored(copy);
                 Vec::new()
             }
+            Some((peer, len, decoded)) = decoded_rx.recv() => {
+                on_decoded(me, peer, len, decoded, &mut membership, &mut jobs, &metrics, &transport)
+            }
             Some((id, job)) = ready_rx.recv() => {
                 jobs.on_ready(id, job);
                 Vec::new()
@@ -439,32 +446,21 @@ async fn node_loop(
                     emitter.emit(NodeEventKind::PeerDown { peer, reason });
                     Vec::new()
                 }
-                Some(TransportEvent::Message { peer, frame }) => match wire::decode(&frame, &limits) {
-                    Ok(Inbound::Control(NodeMsg::Membership(m))) => {
-                        metrics.bytes_received.get_or_create(&Kind::of(Traffic::Membership.as_str())).inc_by(frame.len() as u64);
-                        membership.on_message(peer, m, Instant::now())
-                    }
-                    Ok(inbound) => {
-                        let traffic = match &inbound {
-                            Inbound::Deliver(_, _, msg) => Traffic::of(msg),
-                            Inbound::Checkpoint(..) => Traffic::Checkpoint,
-                            Inbound::Control(_) => Traffic::Control,
-                        };
-                        metrics.bytes_received.get_or_create(&Kind::of(traffic.as_str())).inc_by(frame.len() as u64);
-                        jobs.on_frame(peer, inbound);
-                        Vec::new()
-                    }
-                    Err(e) => {
-                        let code = match &e {
-                            InboundError::Decode(d) => d.reason_code(),
-                            InboundError::TensorMismatch { .. } => wire::TENSOR_MISMATCH_CODE,
-                        };
-                        tracing::warn!(node = me, peer, "closing the connection of node {peer}: bad frame: {e}");
-                        transport.reject(peer, code, &e.to_string());
-                        jobs.rejected(peer, MALFORMED_FRAME, e.to_string());
-                        Vec::new()
-                    }
-                },
+                // A large frame (parameters, gradients, a checkpoint copy) is decoded on the
+                // blocking pool: copying hundreds of MiB must not hold up the heartbeats.
+                Some(TransportEvent::Message { peer, frame }) if frame.len() > INLINE_DECODE_BYTES => {
+                    let tx = decoded_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let decoded = wire::decode(&frame, &limits);
+                        // Waits while the loop is behind (bounded); fails only once it stopped.
+                        let _ = tx.blocking_send((peer, frame.len(), decoded));
+                    });
+                    Vec::new()
+                }
+                Some(TransportEvent::Message { peer, frame }) => {
+                    let decoded = wire::decode(&frame, &limits);
+                    on_decoded(me, peer, frame.len(), decoded, &mut membership, &mut jobs, &metrics, &transport)
+                }
                 // The transport closed a connection for a frame that broke a codec rule.
                 Some(TransportEvent::BadFrame { peer, code, reason }) => {
                     let kind = if code == DecodeError::CODE_OVERSIZE { OVERSIZED_FRAME } else { MALFORMED_FRAME };
@@ -568,6 +564,50 @@ async fn node_loop(
     }
     emitter.emit(NodeEventKind::Stopped);
     Ok(())
+}
+
+/// Frames up to this size are decoded on the node loop; larger ones on the blocking pool.
+const INLINE_DECODE_BYTES: usize = 256 << 10;
+
+/// A frame from `peer` of `len` bytes, decoded: membership to its core, the rest to the jobs
+/// (through the authority rules); a frame that does not decode closes that peer's connection.
+#[allow(clippy::too_many_arguments)]
+fn on_decoded(
+    me: u32,
+    peer: u32,
+    len: usize,
+    decoded: Result<Inbound, InboundError>,
+    membership: &mut Membership,
+    jobs: &mut Jobs,
+    metrics: &NodeMetrics,
+    transport: &Transport,
+) -> Vec<MembershipCommand> {
+    match decoded {
+        Ok(Inbound::Control(NodeMsg::Membership(m))) => {
+            metrics.bytes_received.get_or_create(&Kind::of(Traffic::Membership.as_str())).inc_by(len as u64);
+            membership.on_message(peer, m, Instant::now())
+        }
+        Ok(inbound) => {
+            let traffic = match &inbound {
+                Inbound::Deliver(_, _, msg) => Traffic::of(msg),
+                Inbound::Checkpoint(..) => Traffic::Checkpoint,
+                Inbound::Control(_) => Traffic::Control,
+            };
+            metrics.bytes_received.get_or_create(&Kind::of(traffic.as_str())).inc_by(len as u64);
+            jobs.on_frame(peer, inbound);
+            Vec::new()
+        }
+        Err(e) => {
+            let code = match &e {
+                InboundError::Decode(d) => d.reason_code(),
+                InboundError::TensorMismatch { .. } => wire::TENSOR_MISMATCH_CODE,
+            };
+            tracing::warn!(node = me, peer, "closing the connection of node {peer}: bad frame: {e}");
+            transport.reject(peer, code, &e.to_string());
+            jobs.rejected(peer, MALFORMED_FRAME, e.to_string());
+            Vec::new()
+        }
+    }
 }
 
 /// One sender task per peer for the jobs' frames: each frame goes to the transport in order,

@@ -51,6 +51,10 @@ pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 pub struct TransportConfig {
     /// This node's id, certificate, key and trusted CA.
     pub identity: NodeIdentity,
+    /// The configured cluster: node ids `0..members` may connect, a certificate naming any
+    /// other id (signed by the same CA) is refused with [`codes::NOT_A_MEMBER`](crate::codes::NOT_A_MEMBER).
+    /// `None` (the default): any id.
+    pub members: Option<u32>,
     /// UDP address to listen on (port 0: any free port, see
     /// [`Transport::local_addr`](crate::Transport::local_addr)).
     pub listen: SocketAddr,
@@ -97,6 +101,7 @@ impl TransportConfig {
         let limits = Limits::default();
         Self {
             identity,
+            members: None,
             listen,
             keep_alive_ms: DEFAULT_KEEP_ALIVE_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,

@@ -38,6 +38,8 @@ pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_millis(250);
 
 pub(crate) struct Inner {
     pub(crate) id: u32,
+    /// Node ids `0..members` may connect; `None`: any (see [`TransportConfig::members`]).
+    pub(crate) members: Option<u32>,
     pub(crate) incarnation: u64,
     pub(crate) endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
@@ -74,6 +76,7 @@ impl Inner {
     ) -> Self {
         Self {
             id: config.identity.id,
+            members: config.members,
             incarnation: draw_incarnation(),
             endpoint,
             client_config,
@@ -141,6 +144,10 @@ impl Inner {
             },
             Some(id) if id == self.id => {
                 Err((codes::SELF_CONNECT, format!("the peer presents this node's own id {id}")))
+            }
+            Some(id) if self.members.is_some_and(|n| id >= n) => {
+                let n = self.members.unwrap_or_default();
+                Err((codes::NOT_A_MEMBER, format!("node {id} is not a member of this {n}-node cluster (ids 0..{n})")))
             }
             Some(id) => Ok(id),
         }
