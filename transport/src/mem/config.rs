@@ -29,7 +29,8 @@ pub const MAX_NODE_ID: u32 = 1 << 24;
 /// ```
 /// use phalanx_transport::mem::MemConfig;
 ///
-/// let config = MemConfig { idle_timeout_ms: 1_000, ..MemConfig::default() };
+/// let mut config = MemConfig::default();
+/// config.idle_timeout_ms = 1_000;
 /// assert!(config.validate().is_ok());
 /// assert_eq!(config.recv_budget_bytes_per_peer, 2 * config.limits.max_frame_bytes as usize);
 /// ```
@@ -63,14 +64,21 @@ impl Default for MemConfig {
             limits,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             max_inflight_sends_per_peer: DEFAULT_MAX_INFLIGHT_SENDS_PER_PEER,
-            recv_budget_bytes_per_peer: usize::try_from(u64::from(limits.max_frame_bytes).saturating_mul(2))
-                .unwrap_or(usize::MAX),
+            recv_budget_bytes_per_peer: default_recv_budget(&limits),
             trace_capacity: DEFAULT_TRACE_CAPACITY,
         }
     }
 }
 
 impl MemConfig {
+    /// Sets `limits` and the receive budget that goes with them (twice the frame limit), as
+    /// [`TransportConfig::with_limits`](crate::TransportConfig::with_limits) does.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self.recv_budget_bytes_per_peer = default_recv_budget(&limits);
+        self
+    }
+
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), MemError> {
         let invalid = |field: &'static str, reason: String| Err(MemError::InvalidConfig { field, reason });
@@ -244,4 +252,8 @@ pub enum MemError {
         /// Receiving node.
         to: u32,
     },
+}
+
+fn default_recv_budget(limits: &Limits) -> usize {
+    usize::try_from(u64::from(limits.max_frame_bytes).saturating_mul(2)).unwrap_or(usize::MAX)
 }
