@@ -528,6 +528,17 @@ async fn the_receive_budget_refuses_sends_with_busy_until_the_receiver_takes_fra
     assert!(matches!(next(&mut b_events).await, TransportEvent::PeerUp { peer: 0, .. }));
     assert!(matches!(next(&mut b_events).await, TransportEvent::Message { peer: 0, .. }));
     a.send(1, block.clone()).expect("room again once b took one");
+    net.settled().await;
+
+    // A node that drops its event stream takes nothing: what it held is released, what
+    // arrives later is dropped, and the sender is never stuck on a budget nobody frees.
+    drop(b_events);
+    for _ in 0..10 {
+        a.send(1, block.clone()).expect("nothing stays charged");
+        net.settled().await;
+    }
+    let stats = net.link_stats(0, 1);
+    assert_eq!((stats.delivered, stats.dropped), (4, 10), "{stats}");
 
     // The frame count is bounded too.
     let mut config = MemConfig::default();

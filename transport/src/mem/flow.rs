@@ -179,6 +179,10 @@ impl State {
             self.push(to, event, None);
             return self.close_local(now, to, conn, violation.code, &violation.reason, true);
         }
+        if !self.receiving(to) {
+            // Nobody takes this node's events any more (its receiver was dropped).
+            return self.discard(now, Wire::Frame { conn, from, to, seq, bytes });
+        }
         bytes.drain(..PREFIX_BYTES);
         let link = self.link(from, to);
         if link.highest_delivered.is_some_and(|highest| seq < highest) {

@@ -327,15 +327,19 @@ impl State {
                 tracing::warn!(node, ?event, "event dropped: {MAX_QUEUED_LIFECYCLE_EVENTS} events are waiting already");
             }
             None => {
+                // Only lifecycle events get here: a frame is discarded before it is counted
+                // delivered to a node without a receiver (`receiving`).
                 if let Some((from, to, bytes)) = charge {
                     self.release(from, to, bytes);
-                    self.link(from, to).stats.dropped += 1;
-                    if let Some(n) = self.nodes.get_mut(&node) {
-                        n.counters.frames_dropped += 1;
-                    }
                 }
             }
         }
+    }
+
+    /// Whether `node`'s current incarnation has a receiver for its events.
+    pub(crate) fn receiving(&self, node: u32) -> bool {
+        let gen = self.nodes.get(&node).map(|n| n.gen);
+        gen.and_then(|gen| self.inboxes.get(&gen)).is_some_and(|inbox| !inbox.closed)
     }
 
     /// Takes the next event of incarnation `gen`.
@@ -359,14 +363,14 @@ impl State {
         }
     }
 
-    /// Discards the queue of incarnation `gen` (its receiver is gone, or it crashed).
+    /// Discards the queue of incarnation `gen` (its receiver is gone, or it crashed). Its
+    /// messages were counted delivered already; their budget is released.
     pub(crate) fn drop_inbox(&mut self, gen: u64) {
         let Some(inbox) = self.inboxes.remove(&gen) else { return };
         inbox.notify.notify_one();
         for queued in inbox.events {
             if let Some((from, to, bytes)) = queued.charge {
                 self.release(from, to, bytes);
-                self.link(from, to).stats.dropped += 1;
             }
         }
     }

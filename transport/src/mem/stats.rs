@@ -29,7 +29,8 @@ pub struct LinkStats {
     /// they move on when it resumes.
     pub held_by_pause: u64,
     /// Frames that arrived after the receiving end of their connection was gone (closed,
-    /// timed out, superseded, the node crashed), or whose receiver stopped receiving.
+    /// timed out, superseded, the node crashed), or whose receiver stopped receiving. (Frames
+    /// already queued for a node that then crashed count as delivered.)
     pub dropped: u64,
     /// Frames that broke a codec rule on arrival (each closed its connection).
     pub bad_frames: u64,
