@@ -96,6 +96,7 @@
 //! ```
 
 mod config;
+mod conns;
 mod flow;
 mod frames;
 mod state;

@@ -3,6 +3,7 @@
 //! [`read_stream`]), and the driver task that moves virtual time forward.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::Notify;
@@ -118,6 +119,21 @@ impl State {
             let delay = self.sample_delay(from, to);
             self.schedule(now + delay, Wire::Frame { conn, from, to, seq, bytes });
         }
+    }
+
+    /// A frame's time on the link from `from` to `to`: its delay plus a draw of its jitter.
+    pub(crate) fn sample_delay(&mut self, from: u32, to: u32) -> Duration {
+        let faults = self.faults(from, to);
+        let jitter = u64::try_from(faults.jitter.as_nanos()).unwrap_or(u64::MAX);
+        let extra = if jitter == 0 { 0 } else { self.rng.random_range(0..=jitter) };
+        faults.delay + Duration::from_nanos(extra)
+    }
+
+    /// Puts `wire` on the wire, to arrive at `at`.
+    pub(crate) fn schedule(&mut self, at: Instant, wire: Wire) {
+        let key = (at, self.next_wire);
+        self.next_wire += 1;
+        self.queue.insert(key, wire);
     }
 
     /// An item reaches its receiver at `now`.
