@@ -217,7 +217,7 @@ impl MemNetwork {
 
     /// Sets the faults of every link without faults of its own.
     pub fn set_default_link(&self, faults: LinkFaults) -> Result<(), MemError> {
-        faults.validate(u32::MAX, u32::MAX)?;
+        faults.validate(None)?;
         self.shared.mutate(|state| state.default_faults = faults);
         Ok(())
     }

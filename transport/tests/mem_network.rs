@@ -235,8 +235,10 @@ async fn loss_drops_frames_on_one_direction_only_and_counts_them() {
     assert!((50..150).contains(&arrived), "half of 200 arrive, give or take: {arrived}");
     assert!(matches!(
         net.set_link(0, 1, LinkFaults::none().loss(1.5)),
-        Err(MemError::Probability { from: 0, to: 1, field: "loss", .. })
+        Err(MemError::Probability { link: Some((0, 1)), field: "loss", .. })
     ));
+    let err = net.set_default_link(LinkFaults::none().duplicate(-0.1)).expect_err("a negative probability");
+    assert_eq!(err.to_string(), "default link: duplicate probability -0.1 is not within 0..=1");
 }
 
 #[tokio::test(start_paused = true)]
@@ -330,6 +332,48 @@ async fn an_asymmetric_cut_loses_one_direction_and_ends_in_idle_timeouts() {
     assert_eq!(dial.await.expect("dial task").expect("connect after the heal"), 0);
     assert!(matches!(next(&mut a_events).await, TransportEvent::PeerUp { peer: 1, .. }));
     assert!(matches!(next(&mut b_events).await, TransportEvent::PeerUp { peer: 0, .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_shorter_than_the_idle_timeout_keeps_the_connection() {
+    let net = network(7);
+    let (a, mut a_events) = net.add_node(0).expect("node 0");
+    let (_b, mut b_events) = net.add_node(1).expect("node 1");
+    a.connect(net.addr_of(1), Some(1)).await.expect("connect");
+    net.settled().await;
+    drain(&mut a_events);
+    drain(&mut b_events);
+
+    net.isolate(0);
+    advance(DEFAULT_IDLE_TIMEOUT_MS - 1).await;
+    net.heal_all();
+    a.send(1, frame("after the cut")).expect("send");
+    advance(3 * DEFAULT_IDLE_TIMEOUT_MS).await;
+    assert_eq!(texts(&drain(&mut b_events), 0), ["after the cut"]);
+    assert!(drain(&mut a_events).is_empty(), "no PeerDown");
+    assert_eq!(net.stats().idle_timeouts, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dial_waits_for_a_node_that_starts_later_and_times_out_on_one_that_never_does() {
+    let net = network(8);
+    let (a, _a_events) = net.add_node(0).expect("node 0");
+    let dial = tokio::spawn({
+        let a = a.clone();
+        let addr = net.addr_of(5);
+        async move { a.connect(addr, None).await }
+    });
+    advance(1_000).await;
+    let (_late, mut late_events) = net.add_node(5).expect("node 5");
+    assert_eq!(dial.await.expect("dial task").expect("connected once node 5 runs"), 5);
+    assert!(matches!(next(&mut late_events).await, TransportEvent::PeerUp { peer: 0, .. }));
+
+    let dialled_at = net.elapsed();
+    match a.connect(net.addr_of(6), None).await {
+        Err(ConnectError::Handshake { source: quinn::ConnectionError::TimedOut, .. }) => {}
+        other => panic!("expected a handshake timeout, got {other:?}"),
+    }
+    assert_eq!(net.elapsed() - dialled_at, IDLE);
 }
 
 #[tokio::test(start_paused = true)]

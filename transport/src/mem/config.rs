@@ -155,14 +155,15 @@ impl LinkFaults {
         self
     }
 
-    pub(crate) fn validate(&self, from: u32, to: u32) -> Result<(), MemError> {
+    /// Checks the faults of `link` (`None`: the default of every link).
+    pub(crate) fn validate(&self, link: Option<(u32, u32)>) -> Result<(), MemError> {
         for (field, value) in [("loss", self.loss), ("duplicate", self.duplicate)] {
             if !(0.0..=1.0).contains(&value) {
-                return Err(MemError::Probability { from, to, field, value });
+                return Err(MemError::Probability { link, field, value });
             }
         }
         if self.delay.saturating_add(self.jitter) > MAX_LINK_DELAY {
-            return Err(MemError::Delay { from, to, delay: self.delay, jitter: self.jitter });
+            return Err(MemError::Delay { link, delay: self.delay, jitter: self.jitter });
         }
         Ok(())
     }
@@ -210,24 +211,20 @@ pub enum MemError {
         node: u32,
     },
     /// A probability outside `0.0..=1.0`.
-    #[error("link {from}->{to}: {field} probability {value} is not within 0..=1")]
+    #[error("{}: {field} probability {value} is not within 0..=1", link_name(*link))]
     Probability {
-        /// Sending node.
-        from: u32,
-        /// Receiving node.
-        to: u32,
+        /// The link (sending node, receiving node); `None` for the default of every link.
+        link: Option<(u32, u32)>,
         /// `loss` or `duplicate`.
         field: &'static str,
         /// The value given.
         value: f64,
     },
     /// A delay plus jitter above [`MAX_LINK_DELAY`].
-    #[error("link {from}->{to}: delay {delay:?} plus jitter {jitter:?} exceeds {MAX_LINK_DELAY:?}")]
+    #[error("{}: delay {delay:?} plus jitter {jitter:?} exceeds {MAX_LINK_DELAY:?}", link_name(*link))]
     Delay {
-        /// Sending node.
-        from: u32,
-        /// Receiving node.
-        to: u32,
+        /// The link (sending node, receiving node); `None` for the default of every link.
+        link: Option<(u32, u32)>,
         /// The delay given.
         delay: Duration,
         /// The jitter given.
@@ -256,4 +253,11 @@ pub enum MemError {
 
 fn default_recv_budget(limits: &Limits) -> usize {
     usize::try_from(u64::from(limits.max_frame_bytes).saturating_mul(2)).unwrap_or(usize::MAX)
+}
+
+fn link_name(link: Option<(u32, u32)>) -> String {
+    match link {
+        Some((from, to)) => format!("link {from}->{to}"),
+        None => "default link".to_owned(),
+    }
 }

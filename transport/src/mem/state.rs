@@ -519,7 +519,7 @@ impl State {
     }
 
     pub(crate) fn set_link(&mut self, from: u32, to: u32, faults: LinkFaults) -> Result<(), MemError> {
-        faults.validate(from, to)?;
+        faults.validate(Some((from, to)))?;
         self.link(from, to).faults = Some(faults);
         Ok(())
     }
