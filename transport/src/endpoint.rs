@@ -25,7 +25,7 @@
 //! every other connection carries on.
 
 mod clients;
-mod config;
+pub(crate) mod config;
 mod driver;
 mod error;
 mod hello;
@@ -428,13 +428,20 @@ impl Transport {
     }
 
     fn check_outgoing(&self, peer: u32, frame: &[u8]) -> Result<(), SendError> {
-        let (prefix, body) = frame.split_at_checked(PREFIX_BYTES).unwrap_or((&[], frame));
-        let prefix = <[u8; PREFIX_BYTES]>::try_from(prefix).map(u32::from_le_bytes).unwrap_or(0);
-        if prefix as usize != body.len() || frame.len() < PREFIX_BYTES {
-            return Err(SendError::LengthMismatch { peer, prefix, body_bytes: body.len() });
-        }
-        check_frame(body, &self.inner.limits).map_err(|source| SendError::InvalidFrame { peer, source })
+        check_outgoing(peer, frame, &self.inner.limits)
     }
+}
+
+/// The checks [`Transport::send`] applies to a frame before anything is sent: the length
+/// prefix counts the bytes after it, and the body passes [`check_frame`]. Shared with the
+/// in-memory transport ([`crate::mem`]) so both refuse exactly the same frames.
+pub(crate) fn check_outgoing(peer: u32, frame: &[u8], limits: &crate::Limits) -> Result<(), SendError> {
+    let (prefix, body) = frame.split_at_checked(PREFIX_BYTES).unwrap_or((&[], frame));
+    let prefix = <[u8; PREFIX_BYTES]>::try_from(prefix).map(u32::from_le_bytes).unwrap_or(0);
+    if prefix as usize != body.len() || frame.len() < PREFIX_BYTES {
+        return Err(SendError::LengthMismatch { peer, prefix, body_bytes: body.len() });
+    }
+    check_frame(body, limits).map_err(|source| SendError::InvalidFrame { peer, source })
 }
 
 /// Locks a mutex whose holders never leave the data half-updated, so a poisoned lock (a

@@ -26,6 +26,11 @@
 //! built by [`encode`], and each received frame arrives as [`TransportEvent::Message`] for
 //! the caller to [`decode`] with its own header type.
 //!
+//! A node loop written against the [`api::Transport`] trait runs over this QUIC transport
+//! or over [`mem::MemTransport`], an in-memory network of many nodes in one process with
+//! seeded faults (loss, duplication, delay and reordering, asymmetric cuts, pauses, crashes
+//! and restarts) for the simulation tier and fast tests; see [`mem`] for what it models.
+//!
 //! Below the transport sits the frame codec: [`encode`] turns a serde header and an `f32`
 //! tensor into a frame, and [`FrameDecoder`] / [`decode`] turn bytes back into [`Frame`]s. The
 //! codec is sans-IO: it never touches a socket, a task or a clock, so every rule about the
@@ -106,11 +111,13 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod certs;
 pub mod client;
 pub mod codec;
 pub mod codes;
 mod endpoint;
+pub mod mem;
 pub mod revocation;
 pub mod tls;
 

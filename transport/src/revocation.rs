@@ -107,6 +107,12 @@ impl Revocations {
         self.entries.is_empty()
     }
 
+    /// The entry that revokes every certificate of node `id`, if any (the in-memory
+    /// transport has node ids but no certificates).
+    pub(crate) fn revoking_node(&self, id: u32) -> Option<&Revoked> {
+        self.entries.get(&Revoked::Node(id))
+    }
+
     /// The entry that revokes the certificate `cert_der`, if any.
     pub fn revoking(&self, cert_der: &[u8]) -> Option<&Revoked> {
         if self.entries.is_empty() {

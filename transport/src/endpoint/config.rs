@@ -179,7 +179,7 @@ impl TransportConfig {
 
 /// Upper bound of [`TransportConfig::max_inflight_sends_per_peer`], so the peer's stream
 /// limit (twice as many) stays a small QUIC varint.
-const MAX_INFLIGHT_SENDS: u32 = 1 << 16;
+pub(crate) const MAX_INFLIGHT_SENDS: u32 = 1 << 16;
 
 fn default_recv_budget(limits: &Limits) -> usize {
     usize::try_from(u64::from(limits.max_frame_bytes).saturating_mul(2)).unwrap_or(usize::MAX)
