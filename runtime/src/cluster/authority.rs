@@ -477,17 +477,13 @@ mod tests {
         Msg::Params(Params { job: 1, generation: 1, step: 0, range, offset, values: vec![0.0; len] })
     }
 
+    /// A gradient of job 1 at step 0 of `len` values at `offset`.
+    fn grad_of(generation: u64, partition: u32, offset: u64, len: usize) -> Gradient {
+        Gradient { job: 1, generation, step: 0, partition, samples: 1, loss_sum: 0.0, offset, values: vec![0.0; len] }
+    }
+
     fn gradient(partition: u32, offset: u64, len: usize) -> Msg {
-        Msg::Gradient(Gradient {
-            job: 1,
-            generation: 1,
-            step: 0,
-            partition,
-            samples: 1,
-            loss_sum: 0.0,
-            offset,
-            values: vec![0.0; len],
-        })
+        Msg::Gradient(grad_of(1, partition, offset, len))
     }
 
     fn waits(v: &Verdict) -> bool {
@@ -636,16 +632,8 @@ mod tests {
         }
 
         fn grad() -> impl Strategy<Value = Gradient> {
-            (num(), small(), num(), 0..20usize).prop_map(|(generation, partition, offset, len)| Gradient {
-                job: 1,
-                generation,
-                step: 0,
-                partition,
-                samples: 1,
-                loss_sum: 0.0,
-                offset,
-                values: vec![0.0; len],
-            })
+            (num(), small(), num(), 0..20usize)
+                .prop_map(|(generation, partition, offset, len)| super::grad_of(generation, partition, offset, len))
         }
 
         fn inbound() -> impl Strategy<Value = Inbound> {
