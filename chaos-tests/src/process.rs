@@ -4,7 +4,8 @@
 //! tmpfs), corrupted checkpoints, a crash between checkpoint write and
 //! rename, a second process with a member's identity, a rogue member that
 //! forges orders, views, checkpoint copies, out-of-range values and oversized
-//! frames — and the invariants checked on the outcome.
+//! frames — and the invariants checked on the outcome, including the commit
+//! invariants on the nodes' `commit` events ([`check_leases`]).
 //!
 //! Scenarios are TOML files in `chaos-tests/scenarios/` (`tier = "process"`);
 //! the built-in set is compiled in, so the campaign runs from anywhere:

@@ -1,7 +1,8 @@
 //! The real-process tier in CI: every built-in scenario of
 //! `chaos-tests/scenarios/` once against `phalanx node` processes — SIGKILL
 //! of a trainer node, of the aggregator node, of two nodes at once; SIGSTOP
-//! shorter and longer than detection; kill + restart; a partition isolating
+//! shorter and longer than detection, and of the coordinator past its lease
+//! while the others elect a successor; kill + restart; a partition isolating
 //! the aggregator node or a trainer node; packet loss, delay, jitter and
 //! duplication; full checkpoint disks (tmpfs), with and without a kill; a
 //! crash between checkpoint write and rename; a corrupted checkpoint copy; a
@@ -10,7 +11,9 @@
 //! messages and oversized frames.
 //! Every run completes bit-identical to the plain loop with exactly-once
 //! accounting, never loads a bad checkpoint, exits cleanly, and shows that
-//! its faults took effect; every forged message is rejected.
+//! its faults took effect; every forged message is rejected; and its `commit`
+//! events show no two coordinators committing at once and one parameter hash
+//! per range and step.
 
 use phalanx_chaos::process::{find_phalanx, process_campaign, BUILTIN};
 use phalanx_chaos::report::Report;
