@@ -19,9 +19,8 @@
 //! the live coordinator it knows of, or the member that would succeed it (the
 //! lowest live id besides it). Epochs move by bounded steps: a view at most
 //! [`MAX_EPOCH_STEP`] above the highest epoch this node knows, a heartbeat
-//! raising that by at most as much, and a member's claim to coordinate counts
-//! only when another member or this node's own view backs it. Everything
-//! else is counted and dropped ([`MembershipCommand::Rejected`]).
+//! raising that by at most as much. Everything else is counted and dropped
+//! ([`MembershipCommand::Rejected`]).
 //!
 //! ```text
 //!  tick ──▶ heartbeats out; silent members ──▶ down ──▶ (coordinator with quorum) ──▶ View{epoch+1}
@@ -342,6 +341,7 @@ impl Membership {
         let need = self.members.len() / 2;
         let epoch = self.view.as_ref().map_or(0, |v| v.epoch);
         let own = self.released_since(self.me);
+        let holds = self.lease(now).is_some_and(|(_, until)| now < until);
         let lease = self.config.lease();
         let term = self.term.get_or_insert_with(|| Term {
             epoch,
@@ -349,6 +349,14 @@ impl Membership {
             released: BTreeMap::new(),
             ready_at: None,
         });
+        if term.ready_at.is_some() && !holds {
+            // The lease ran out (a pause, a cut): the term starts over — fresh
+            // acknowledgements, and a wait if members acknowledged another coordinator
+            // meanwhile (its lease may still run).
+            term.ready_at = None;
+            term.acks.clear();
+            term.released.clear();
+        }
         if term.ready_at.is_none() && term.acks.len() >= need {
             let last = term.released.values().copied().chain(own).max().unwrap_or(now);
             term.ready_at = Some(last + lease);
@@ -534,7 +542,7 @@ impl Membership {
             }
             MembershipMsg::View(view) => {
                 if view.epoch > self.view.as_ref().map_or(0, |v| v.epoch) && view.coordinator == from {
-                    if let Some(elected) = self.electable(from) {
+                    if let Some(elected) = self.electable(from, now) {
                         let why = format!("a view from node {from}, while the rules here elect node {elected}");
                         out.push(self.reject(from, &MembershipMsg::View(view), why));
                         out.extend(self.reconcile());
@@ -567,10 +575,19 @@ impl Membership {
     /// succeed it (the lowest live id besides it — it may have seen the
     /// coordinator fail a heartbeat before this node did). Otherwise the node
     /// the rules elect.
-    fn electable(&self, from: u32) -> Option<u32> {
+    fn electable(&self, from: u32, now: Instant) -> Option<u32> {
         let live = self.live_coordinator();
+        if live == Some(from) {
+            return None;
+        }
+        // The successor only once the live coordinator has gone quiet here too: a node
+        // waking from a pause must not take the role from a coordinator that is heard.
+        let quiet = Duration::from_millis(self.config.failure_timeout_ms / 2);
+        let silent = live.is_none_or(|c| {
+            c != self.me && self.last_heard.get(&c).is_none_or(|t| now.saturating_duration_since(*t) >= quiet)
+        });
         let successor = self.up.iter().copied().find(|m| Some(*m) != live);
-        if live == Some(from) || successor == Some(from) {
+        if silent && successor == Some(from) {
             return None;
         }
         live.or(successor)
@@ -585,20 +602,7 @@ impl Membership {
         // so: it voided its view when it lost its quorum (and a heartbeat sent
         // before a partition can arrive after it heals).
         let mine = |r: &(u64, u32)| r.1 != self.me || own.is_some_and(|o| o.1 == self.me && o.0 >= r.0);
-        // A member's claim to coordinate itself counts only when backed by this
-        // node's view or another member's report: one member alone cannot make
-        // the others wait for it.
-        let backed = |from: u32, c: u32| {
-            from != c
-                || own.is_some_and(|o| o.1 == c)
-                || self.reported.iter().any(|(other, r)| *other != c && self.up.contains(other) && r.1 == c)
-        };
-        let reported = self
-            .reported
-            .iter()
-            .filter(|(from, r)| self.up.contains(from) && backed(**from, r.1))
-            .map(|(_, r)| *r)
-            .filter(mine);
+        let reported = self.reported.iter().filter(|(from, _)| self.up.contains(from)).map(|(_, r)| *r).filter(mine);
         own.into_iter()
             .chain(reported)
             .filter(|(_, c)| self.up.contains(c))
@@ -993,35 +997,6 @@ mod tests {
         assert_eq!(net.view_of(2), v);
     }
 
-    /// A member claiming in its heartbeats to coordinate a newer view, with no
-    /// other member backing the claim, does not make the others wait for it.
-    #[test]
-    fn an_unbacked_claim_to_coordinate_is_not_followed() {
-        let mut net = Net::new(4);
-        net.run(1_000);
-        let v = net.view_of(0);
-        let claim = MembershipMsg::Heartbeat {
-            view_epoch: v.epoch + 10,
-            highest_epoch: v.epoch + 10,
-            coordinator: Some(3),
-            sent_us: 0,
-            echo_us: None,
-            released_us: 0,
-        };
-        net.isolate(1);
-        // Node 3 says only that, every 100 ms (its honest heartbeats stop).
-        net.paused.insert(3);
-        for _ in 0..20 {
-            let sends = [0, 2].into_iter().map(|to| MembershipCommand::Send(to, claim.clone())).collect();
-            net.apply(3, sends);
-            net.run(100);
-        }
-        // Node 1 was lost: node 0 still coordinates and issues the view without it.
-        let after = net.view_of(0);
-        assert_eq!((after.coordinator, after.members.len()), (0, 3), "{after:?}");
-        assert!(after.epoch > v.epoch);
-    }
-
     /// The coordinator is paused longer than its lease while the others elect a
     /// successor; on waking, it would commit before hearing anyone. With leases
     /// it cannot (its acknowledgements are old) and the successor waited a whole
@@ -1036,6 +1011,36 @@ mod tests {
         net.run(500);
         assert!(net.commits.iter().any(|c| c.node == 1), "the successor committed");
         crate::cluster::commits::check(&net.commits)
+    }
+
+    /// Found by the process tier: a coordinator woken from a long pause hears its successor
+    /// first (a heartbeat queued while it slept), then notices the silence of the others. It
+    /// must join the successor's view, not issue one of its own that the members, hearing
+    /// their live coordinator, would take as a successor's.
+    #[test]
+    fn a_coordinator_waking_from_a_pause_does_not_take_the_role_back() {
+        let mut net = Net::new(3);
+        net.run(1_000);
+        net.paused.insert(0);
+        net.run(2_000);
+        let v = net.view_of(1);
+        assert_eq!(v.coordinator, 1);
+        net.paused.remove(&0);
+        let beat = MembershipMsg::Heartbeat {
+            view_epoch: v.epoch,
+            highest_epoch: v.epoch,
+            coordinator: Some(1),
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
+        net.apply(1, vec![MembershipCommand::Send(0, beat)]);
+        net.run(1_000);
+        for id in 0..3 {
+            assert_eq!(net.view_of(id).coordinator, 1, "node {id}");
+        }
+        let violations = crate::cluster::commits::check(&net.commits);
+        assert!(violations.is_empty(), "{violations:?}");
     }
 
     #[test]
