@@ -217,10 +217,13 @@ impl ScenarioRun {
         scenario.faults.iter().filter(|f| !f.trim_start().starts_with("restart")).count() as u64
     }
 
-    /// Steps applied again after going back (rollbacks and takeovers): the
-    /// sum of every backward jump of the history.
+    /// Steps applied again (rollbacks and takeovers): rows of the history
+    /// whose step an earlier row already recorded. Counted by step rather
+    /// than by backward jumps, as a coordinator woken from a pause may append
+    /// the step it applied before it, after its successor's rows.
     pub fn steps_replayed(&self) -> u64 {
-        self.trace.windows(2).map(|w| w[0].0.saturating_sub(w[1].0)).sum()
+        let distinct: std::collections::BTreeSet<u64> = self.trace.iter().map(|(step, _, _)| *step).collect();
+        (self.trace.len() - distinct.len()) as u64
     }
 
     /// The trace as plot points: loss and steps per second over the last

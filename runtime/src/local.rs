@@ -1142,7 +1142,9 @@ pub fn run_local_watching(
     for f in summary["faults"].as_array().into_iter().flatten() {
         marks.push((f["step"].as_u64().unwrap_or(0), f["what"].as_str().unwrap_or("").to_string()));
     }
-    crate::output::write_loss_svg(&out, &marks)?;
+    if let Err(e) = crate::output::write_loss_svg(&out, &marks) {
+        tracing::warn!(dir = %out.display(), "loss.svg not drawn: {e}");
+    }
     Ok(summary)
 }
 

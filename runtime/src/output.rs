@@ -291,13 +291,14 @@ impl HistoryWriter {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
         }
-        let mut options = std::fs::OpenOptions::new();
-        if append {
-            options.create(true).append(true);
-        } else {
-            options.create(true).write(true).truncate(true);
+        // Always O_APPEND, also for a fresh history: every row then lands at
+        // the end of the file whoever else appends. A coordinator that wakes
+        // from a pause after its successor took over would otherwise write at
+        // its own stale offset, over the successor's rows.
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        if !append {
+            file.set_len(0).map_err(io)?;
         }
-        let mut file = options.open(path).map_err(io)?;
         if file.metadata().map_err(io)?.len() == 0 {
             file.write_all(format!("{HISTORY_HEADER}\n").as_bytes()).map_err(io)?;
         }
@@ -468,7 +469,11 @@ pub fn write_outputs(dir: &Path, job: &PreparedJob, report: &TrainReport) -> Res
     write_atomic(&dir.join("summary.json"), &json)?;
     write_atomic(&dir.join("model.safetensors"), &model_safetensors(job, &report.outcome.params, &summary)?)?;
     let marks: Vec<(u64, String)> = summary.faults.iter().map(|f| (f.step, f.what.clone())).collect();
-    write_loss_svg(dir, &marks)?;
+    // The plot is a view of the history, not a result: a history it cannot
+    // read (edited by hand, a disk that filled) costs the plot, not the job.
+    if let Err(e) = write_loss_svg(dir, &marks) {
+        tracing::warn!(dir = %dir.display(), "loss.svg not drawn: {e}");
+    }
     Ok(summary)
 }
 
@@ -519,4 +524,36 @@ pub fn model_safetensors(job: &PreparedJob, params: &[f32], summary: &Summary) -
     let meta: std::collections::HashMap<String, String> = meta.into_iter().collect();
     safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::Encode { what: "model.safetensors".into(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step: u64) -> StepRecord {
+        StepRecord { step, epoch: 0, loss: 0.5, samples: 8, generation: 0, at: Instant::now() }
+    }
+
+    /// A coordinator that started the history, was paused, and wakes after its
+    /// successor appended rows: its next row goes after theirs, not over them.
+    #[test]
+    fn a_stale_writer_appends_after_a_successors_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(HISTORY_FILE);
+        let mut first = HistoryWriter::open(&path, false).unwrap();
+        first.record(&step(1));
+        let mut successor = HistoryWriter::open(&path, true).unwrap();
+        for s in 2..40 {
+            successor.record(&step(s));
+        }
+        first.record(&step(2));
+        let rows = read_history(&path).unwrap();
+        let steps: Vec<u64> = rows.iter().map(|r| r.step).collect();
+        assert_eq!(steps, [vec![1], (2..40).collect(), vec![2]].concat());
+        // A fresh history still starts empty.
+        drop((first, successor));
+        let mut again = HistoryWriter::open(&path, false).unwrap();
+        again.record(&step(7));
+        assert_eq!(read_history(&path).unwrap().iter().map(|r| r.step).collect::<Vec<_>>(), vec![7]);
+    }
 }

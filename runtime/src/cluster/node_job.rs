@@ -6,6 +6,7 @@
 //! cluster's registry that is not over, and hands it the frames of its job.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,7 +58,9 @@ pub(crate) struct NodeJob {
     members: Vec<u32>,
     /// Checkpoint copies wanted on other nodes.
     replicas: u32,
-    coordinator: Option<(u64, tokio::task::JoinHandle<()>)>,
+    /// The coordinator task running here: its view epoch, the task, and the flag that
+    /// tells it it was stood down (its supervisor stopping then is no failure).
+    coordinator: Option<(u64, tokio::task::JoinHandle<()>, Arc<AtomicBool>)>,
     pub(crate) done: bool,
     /// Members of the previous view, to notice a node coming back.
     last_members: std::collections::BTreeSet<u32>,
@@ -329,6 +332,8 @@ impl NodeJob {
             events: events.clone(),
             metrics: metrics.clone(),
         };
+        let stood_down = Arc::new(AtomicBool::new(false));
+        let stand_down = stood_down.clone();
         let task = tokio::spawn(async move {
             let result = match CheckpointStore::open(&checkpoints) {
                 Ok(store) => {
@@ -343,6 +348,16 @@ impl NodeJob {
                 }
                 Err(e) => Err(e.into()),
             };
+            // Stood down (a new view, a lost quorum, a shutdown): its supervisor
+            // stopped under it, which says nothing about the job — the node that
+            // coordinates now carries it on. Set before the supervisor is stopped,
+            // so it is seen here whenever that stop is what ended the run.
+            if stand_down.load(Ordering::Acquire) {
+                if let Err(e) = result {
+                    tracing::info!(node = me, job = routing_job, "coordinator stood down ({e})");
+                }
+                return;
+            }
             if let Err(e) = result {
                 tracing::error!(node = me, job = routing_job, "coordinator: {e}");
                 events.emit(NodeEventKind::JobFailed { job: routing_job, error: e.to_string() });
@@ -355,7 +370,7 @@ impl NodeJob {
                 }
             }
         });
-        self.coordinator = Some((epoch, task));
+        self.coordinator = Some((epoch, task, stood_down));
     }
 
     /// Stop the coordinator (if here) and every hosted actor, telling their
@@ -370,7 +385,8 @@ impl NodeJob {
     /// task and its actors stopped.
     fn stop_coordinating(&mut self) {
         self.resume.cancel();
-        if let Some((_, task)) = self.coordinator.take() {
+        if let Some((_, task, stood_down)) = self.coordinator.take() {
+            stood_down.store(true, Ordering::Release);
             task.abort();
             if let Some(job) = ActorRef::<JobMsg>::where_is(self.names.job_name()) {
                 job.stop_children(None);
