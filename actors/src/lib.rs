@@ -34,6 +34,7 @@
 
 pub mod actor;
 pub mod checkpoint;
+pub mod clock;
 pub mod data;
 pub mod faults;
 pub mod model;

@@ -38,6 +38,7 @@
 
 pub mod campaign;
 pub mod invariants;
+pub mod nodes;
 pub mod process;
 pub mod report;
 pub mod sim;

@@ -129,7 +129,7 @@ impl Report {
             if self.identical { "yes" } else { "NO" }
         ));
         for (tier, p) in &self.recovery_ms_by_tier {
-            let unit = if tier == "simulation" { "virtual ms" } else { "wall-clock ms" };
+            let unit = if tier == "simulation" || tier == crate::nodes::TIER { "virtual ms" } else { "wall-clock ms" };
             s.push_str(&format!(
                 "Recovery ({tier}, {unit}): p50 {} / p95 {} / p99 {} over {} faults.\n\n",
                 ms(p.p50),
@@ -141,6 +141,11 @@ impl Report {
         for (tier, heading, restart) in [
             ("process", "Real processes (wall-clock ms on loopback)", "detection"),
             ("simulation", "Simulation (virtual ms of a seeded clock)", "restart"),
+            (
+                crate::nodes::TIER,
+                "Simulated nodes: the real node loop, control plane and actor shells on an in-memory network (virtual ms)",
+                "restart",
+            ),
         ] {
             let rows: Vec<_> = self.fault_types.iter().filter(|(_, f)| f.tier == tier).collect();
             if rows.is_empty() {

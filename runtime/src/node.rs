@@ -221,6 +221,8 @@ impl NodeBuilder {
             commands: Some(commands_rx),
             registries: self.registries.clone(),
             revocations: Some(revocations_rx),
+            #[cfg(feature = "fault-injection")]
+            freeze: None,
         };
         let task = tokio::spawn(run_node_with(config, parts, async move {
             let _ = stop_rx.await;

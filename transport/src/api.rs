@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!                       ┌───────────────────────── api::Transport ─────────────────────────┐
-//!   node loop<T> ──────►│ local_addr · connect · send · reject · set_revocations ·         │
-//!        ▲              │ peer_info · shutdown                                              │
+//!   node loop<T> ──────►│ local_addr · connect · send · send_when_ready · reject ·        │
+//!        ▲              │ set_revocations · peer_info · shutdown                            │
 //!        │              └──────────────┬───────────────────────────────────┬───────────────┘
 //!        │                             │                                   │
 //!        │                 crate::Transport (QUIC, mTLS)        mem::MemTransport (MemNetwork)
@@ -85,6 +85,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// to `peer`; `Ok` means queued, not arrived. See [`crate::Transport::send`].
     fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError>;
 
+    /// Like [`send`](Self::send), but waits while `peer`'s sends are at their bound instead
+    /// of returning [`SendError::Busy`]; `Ok` means queued. See
+    /// [`crate::Transport::send_when_ready`].
+    fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> impl Future<Output = Result<(), SendError>> + Send;
+
     /// Closes the connection to `peer` for bad input with `code`: `Rejected`, then
     /// `PeerDown`. See [`crate::Transport::reject`].
     fn reject(&self, peer: u32, code: u32, reason: &str);
@@ -129,6 +134,10 @@ impl Transport for crate::Transport {
 
     fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
         crate::Transport::send(self, peer, frame)
+    }
+
+    fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> impl Future<Output = Result<(), SendError>> + Send {
+        crate::Transport::send_when_ready(self, peer, frame)
     }
 
     fn reject(&self, peer: u32, code: u32, reason: &str) {

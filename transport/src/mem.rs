@@ -72,7 +72,8 @@
 //!   purpose: the control plane must survive losing any message. Handshakes and close notices
 //!   are not subject to loss (QUIC retransmits them); a close notice is lost to a cut.
 //! * **No second process with a live member's id** (`DuplicateIdentity`), **no client API**
-//!   (`ClientRequest`), no `send_when_ready`.
+//!   (`ClientRequest`). `send_when_ready` re-checks the bound every millisecond rather than
+//!   being woken when room frees.
 //!
 //! ```
 //! use std::time::Duration;
@@ -407,6 +408,28 @@ impl MemTransport {
             .map_err(|refused| refused.send_error(peer))
     }
 
+    /// Like [`send`](Self::send), but while the link to `peer` is at its bound (where `send`
+    /// returns [`SendError::Busy`]) it waits — re-checking every millisecond of tokio's clock,
+    /// so virtual time under a paused clock — until the receiver has taken enough frames.
+    /// Any other refusal returns at once.
+    pub async fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+        check_outgoing(peer, &frame, &self.limits)?;
+        let len = frame.len();
+        let mut frame = Some(frame);
+        loop {
+            let sent = self.shared.mutate(|state| {
+                state.has_room(self.node, peer, len).then(|| {
+                    let frame = frame.take().expect("taken once");
+                    state.send(Instant::now(), self.node, Sender::Node { gen: self.gen }, peer, frame)
+                })
+            });
+            match sent {
+                Some(result) => return result.map_err(|refused| refused.send_error(peer)),
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
     /// Ids of the peers with an open connection here, ascending.
     pub fn peers(&self) -> Vec<u32> {
         self.shared.lock().peers(self.node, self.gen)
@@ -529,6 +552,10 @@ impl crate::api::Transport for MemTransport {
 
     fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
         MemTransport::send(self, peer, frame)
+    }
+
+    fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> impl Future<Output = Result<(), SendError>> + Send {
+        MemTransport::send_when_ready(self, peer, frame)
     }
 
     fn reject(&self, peer: u32, code: u32, reason: &str) {

@@ -1,5 +1,6 @@
 //! The job supervisor actor: carries out a [`JobCore`].
 
+use crate::clock;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -251,7 +252,7 @@ impl JobState {
                                 key,
                                 FaultCause::StartFailed,
                                 format!("failed to start: {e}"),
-                                Instant::now(),
+                                clock::now(),
                             ));
                         }
                     }
@@ -271,7 +272,7 @@ impl JobState {
                     let (faults, generation) = (self.core.faults().len(), self.core.generation());
                     if let Some(tx) = &self.steps {
                         let (epoch, _) = self.ctx.plan.schedule.locate(step.saturating_sub(1));
-                        let record = StepRecord { step, epoch, loss, samples, generation, at: Instant::now() };
+                        let record = StepRecord { step, epoch, loss, samples, generation, at: clock::now() };
                         // Waits while the reader is STEP_QUEUE records behind: the
                         // history stays complete and the queue bounded.
                         if tx.send(record).await.is_err() {
@@ -365,7 +366,7 @@ impl Actor for JobActor {
     type Arguments = JobArgs;
 
     async fn pre_start(&self, _myself: ActorRef<JobMsg>, args: JobArgs) -> Result<JobState, ActorProcessingErr> {
-        let mut core = JobCore::new(args.ctx.plan.clone(), Instant::now()).with_generation(args.generation);
+        let mut core = JobCore::new(args.ctx.plan.clone(), clock::now()).with_generation(args.generation);
         if let Some(step) = args.restore {
             core = core.with_start_step(step);
         }
@@ -424,7 +425,7 @@ async fn on_message(myself: ActorRef<JobMsg>, msg: JobMsg, state: &mut JobState)
     if state.stopping {
         return Ok(());
     }
-    let now = Instant::now();
+    let now = clock::now();
     let cmds = match msg {
         JobMsg::RestartDue(key) => {
             let checkpoint = if key.role == Role::Aggregator {
@@ -532,7 +533,7 @@ async fn on_supervision(
     }
     let Some(key) = state.children.remove(&cell.get_id()) else { return Ok(()) };
     tracing::warn!(actor = %key, step = state.core.global_step(), "actor failed: {reason}");
-    let cmds = state.core.on_child_failed(key, reason, Instant::now());
+    let cmds = state.core.on_child_failed(key, reason, clock::now());
     state.run(&myself, cmds).await;
     Ok(())
 }

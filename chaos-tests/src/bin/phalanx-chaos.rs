@@ -1,6 +1,7 @@
 //! `phalanx-chaos`: run fault scenarios and campaigns against Phalanx.
 //!
 //! cargo run --release -p phalanx-chaos -- campaign --seeds 500 --out chaos-out
+//! cargo run --release -p phalanx-chaos -- campaign --seeds 500 --node-seeds 5000 --skip-processes --out chaos-out
 //! cargo run --release -p phalanx-chaos -- run chaos-tests/scenarios/sim-heavy.toml --out chaos-out
 //! cargo run --release -p phalanx-chaos -- run chaos-tests/scenarios/partition-aggregator-node.toml --out chaos-out
 
@@ -44,9 +45,16 @@ enum Command {
         /// Output directory for report.json, report.md and loss.svg.
         #[arg(long)]
         out: PathBuf,
-        /// Run only the simulation tier (no node processes).
+        /// Run only the simulation tiers (no node processes).
         #[arg(long)]
         skip_processes: bool,
+        /// Seeds of the simulated-nodes tier (the real node loop, control plane and actor
+        /// shells on an in-memory network); default: --seeds.
+        #[arg(long)]
+        node_seeds: Option<u64>,
+        /// Threads running simulated-nodes seeds at once.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
 }
 
@@ -96,12 +104,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn run() -> Result<bool, String> {
     match Cli::parse().command {
-        Command::Campaign { seeds, duration, out, skip_processes } => {
+        Command::Campaign { seeds, duration, out, skip_processes, node_seeds, threads } => {
             let deadline = duration.as_deref().map(parse_duration).transpose()?.map(|d| Instant::now() + d);
             let mut start = 0;
             loop {
                 let mut report =
                     sim_campaign(start..start + seeds, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+                let nodes = node_seeds.unwrap_or(seeds);
+                let verdicts = phalanx_chaos::nodes::run_seeds(start..start + nodes, threads);
+                phalanx_chaos::nodes::add_to_report(&verdicts, &mut report);
+                report.write(&out).map_err(|e| format!("{}: {e}", out.display()))?;
                 if !skip_processes {
                     let exe = find_phalanx().ok_or(
                         "the phalanx binary is not next to phalanx-chaos: build it with the harness (cargo build --release -p phalanx -p phalanx-chaos) \
@@ -118,7 +130,7 @@ fn run() -> Result<bool, String> {
                 };
                 println!(
                     "seeds {}..{}{}: {} faults injected, {} survived, lost {}, duplicated {}, identical {}; \
-                     recovery p50/p99: simulation {} (virtual), processes {}",
+                     recovery p50/p99: simulation {} (virtual), simulated nodes {} (virtual), processes {}",
                     start,
                     start + seeds,
                     if skip_processes { "" } else { " + process scenarios" },
@@ -128,6 +140,7 @@ fn run() -> Result<bool, String> {
                     report.samples_duplicated,
                     report.identical,
                     ms("simulation"),
+                    ms(phalanx_chaos::nodes::TIER),
                     ms("process")
                 );
                 for v in &report.violations {

@@ -8,6 +8,8 @@ use crate::invariants::Expected;
 
 /// A job for the simulation and what its fault-free run produces.
 pub struct SimJob {
+    /// The job's config (what a node is given).
+    pub config: JobConfig,
     /// The job.
     pub job: PreparedJob,
     /// Its fault-free result.
@@ -56,14 +58,14 @@ pub fn campaign_jobs() -> Vec<SimJob> {
     configs
         .into_iter()
         .map(|c| {
-            let job = PreparedJob::new(c).expect("campaign job config is valid");
+            let job = PreparedJob::new(c.clone()).expect("campaign job config is valid");
             let reference = job.reference_params().expect("plain loop runs");
             let expected = Expected {
                 model_sha256: phalanx::params_sha256(&reference),
                 partition_sizes: job.partitions.sizes(),
                 epochs: job.schedule.epochs,
             };
-            SimJob { job, expected }
+            SimJob { config: c, job, expected }
         })
         .collect()
 }

@@ -17,7 +17,6 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +40,10 @@ impl NodeEvent {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, on the runtime's clock (virtual in the simulation
+/// tier; see [`phalanx_actors::clock`]).
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    phalanx_actors::clock::unix_ms()
 }
 
 /// Which side of a duplicate identity a node is on.

@@ -12,6 +12,7 @@
 //! The rules (which jobs run, versions, durability) are in the sans-IO
 //! [`Registry`]; this shell carries them out with frames and tasks.
 
+use phalanx_actors::clock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -296,11 +297,11 @@ impl Jobs {
                 Some(v) => {
                     self.next_request += 1;
                     let request = self.next_request;
-                    self.forwarded.insert(request, (reply, Instant::now()));
+                    self.forwarded.insert(request, (reply, clock::now()));
                     self.send(v.coordinator, &NodeMsg::Submit { request, spec });
                 }
                 // No coordinator known yet: wait (bounded) for a view.
-                None => self.parked.push((spec, reply, Instant::now())),
+                None => self.parked.push((spec, reply, clock::now())),
             },
             NodeCommand::Cancel { job } => match &self.view {
                 Some(v) if v.coordinator == self.me() => self.cancel(job),
@@ -376,7 +377,7 @@ impl Jobs {
         for m in view.members.iter().copied().filter(|m| *m != self.config.id) {
             self.send(m, &msg);
         }
-        self.last_sent = Some(Instant::now());
+        self.last_sent = Some(clock::now());
     }
 
     /// Bring the local jobs in line with the registry: prepare new ones, tell
@@ -495,7 +496,7 @@ impl Jobs {
             Verdict::Accept => self.obey(peer, inbound),
             Verdict::Wait(reason) => {
                 tracing::debug!(node = self.me(), peer, kind = inbound.kind(), "held: {reason}");
-                for frame in self.lot.park(Instant::now(), peer, inbound, reason) {
+                for frame in self.lot.park(clock::now(), peer, inbound, reason) {
                     let reason = format!("{} (pushed out: too many held from node {})", frame.reason, frame.peer);
                     self.rejected(frame.peer, frame.inbound.kind(), reason);
                 }
@@ -530,12 +531,12 @@ impl Jobs {
     /// A message from `peer` was dropped by the authority rules, a core or the codec: count
     /// and report it (see [`Rejections`]).
     pub(crate) fn rejected(&mut self, peer: u32, kind: &'static str, reason: String) {
-        self.rejections.reject(&self.metrics, &self.events, peer, kind, reason, Instant::now());
+        self.rejections.reject(&self.metrics, &self.events, peer, kind, reason, clock::now());
     }
 
     /// Report every rejection total not reported yet (the node is stopping).
     pub(crate) fn flush_rejections(&mut self) {
-        for event in self.rejections.flush_all(Instant::now()) {
+        for event in self.rejections.flush_all(clock::now()) {
             self.events.emit(event);
         }
     }

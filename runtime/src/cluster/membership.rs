@@ -28,6 +28,7 @@
 //!  View in (epoch > seen) ──▶ adopt; epoch ≤ seen ──▶ ignored (fenced)
 //! ```
 
+use phalanx_actors::clock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,10 @@ pub struct LeaseCell {
     base: Instant,
     from_us: std::sync::atomic::AtomicU64,
     until_us: std::sync::atomic::AtomicU64,
+    /// Fault injection (the simulation tier's pause): the node stands still, so nothing
+    /// on it commits, whatever the lease says.
+    #[cfg(feature = "fault-injection")]
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Default for LeaseCell {
@@ -99,9 +104,11 @@ impl LeaseCell {
     /// No lease.
     pub fn new() -> Self {
         Self {
-            base: Instant::now(),
+            base: clock::now(),
             from_us: std::sync::atomic::AtomicU64::new(u64::MAX),
             until_us: std::sync::atomic::AtomicU64::new(0),
+            #[cfg(feature = "fault-injection")]
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -119,16 +126,28 @@ impl LeaseCell {
         self.until_us.store(until, Release);
     }
 
+    /// Fault injection: while `frozen`, [`holds_at`](Self::holds_at) is false (the node is
+    /// paused: its aggregators wait, as a stopped process would, and on waking read the lease
+    /// the loop last published, before the loop has heard anything new).
+    #[cfg(feature = "fault-injection")]
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, std::sync::atomic::Ordering::Release);
+    }
+
     /// True when the lease holds at `now`.
     pub fn holds_at(&self, now: Instant) -> bool {
         use std::sync::atomic::Ordering::Acquire;
+        #[cfg(feature = "fault-injection")]
+        if self.frozen.load(Acquire) {
+            return false;
+        }
         let now = self.micros(now);
         self.from_us.load(Acquire) <= now && now < self.until_us.load(Acquire)
     }
 
     /// True when the lease holds now.
     pub fn holds(&self) -> bool {
-        self.holds_at(Instant::now())
+        self.holds_at(clock::now())
     }
 }
 
@@ -202,6 +221,9 @@ pub struct Membership {
     view: Option<View>,
     highest_epoch: u64,
     last_heartbeat: Option<Instant>,
+    /// When [`on_tick`](Self::on_tick) last ran: a long gap means this node itself stood
+    /// still (a pause, a stalled loop), which says nothing about its peers.
+    last_tick: Option<Instant>,
     had_quorum: bool,
     /// First tick with a majority heard (since start, or since the quorum was
     /// lost); until a failure timeout has passed since, a node that has not
@@ -263,6 +285,7 @@ impl Membership {
             view: None,
             highest_epoch: 0,
             last_heartbeat: None,
+            last_tick: None,
             had_quorum: false,
             started: None,
             settled: false,
@@ -481,6 +504,23 @@ impl Membership {
             }
         }
         let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        // This node stood still for half a failure timeout or more (SIGSTOP, a stalled loop):
+        // its peers' silence meanwhile is its own deafness, so nobody is blamed for it — each
+        // gets a fresh failure timeout from now (what they sent meanwhile is arriving). Leases
+        // are untouched: they run on acknowledged send times, not on what was heard.
+        if let Some(gap) = self.last_tick.replace(now).map(|t| now.saturating_duration_since(t)) {
+            if gap >= timeout / 2 {
+                tracing::warn!(
+                    node = self.me,
+                    stalled_ms = gap.as_millis() as u64,
+                    "this node stood still for {} ms: not blaming its peers for the silence",
+                    gap.as_millis()
+                );
+                for m in self.up.iter().filter(|m| **m != self.me) {
+                    self.last_heard.insert(*m, now);
+                }
+            }
+        }
         let silent: Vec<u32> = self
             .up
             .iter()
@@ -533,9 +573,11 @@ impl Membership {
                     _ => self.reported.remove(&from),
                 };
                 // A member behind the coordinator's view missed it (views go
-                // out once, and a send can be lost): send it again.
+                // out once, and a send can be lost), or holds another node's view of
+                // the same epoch: send it again.
                 if let Some(v) = self.view.as_ref().filter(|v| v.coordinator == self.me) {
-                    if view_epoch < v.epoch && v.members.contains(&from) {
+                    let behind = view_epoch < v.epoch || (view_epoch == v.epoch && coordinator != Some(self.me));
+                    if behind && v.members.contains(&from) {
                         out.push(MembershipCommand::Send(from, MembershipMsg::View(v.clone())));
                     }
                 }
@@ -632,8 +674,25 @@ impl Membership {
         }
         self.had_quorum = true;
         match self.live_coordinator() {
-            // Someone else coordinates and is alive: join its view, never compete.
-            Some(c) if c != self.me => return out,
+            // Someone else coordinates and is alive: join its view, never compete. A view that
+            // lost to it (this node's own or a third node's, of an equal epoch issued by a
+            // higher id, or an older one) is given up: this node's heartbeats then report no
+            // view, and the coordinator sends its own again (it does for members behind it) —
+            // else equal-epoch views would stand side by side, each side rejecting the other's
+            // orders for ever.
+            Some(c) if c != self.me => {
+                if let Some(lost) = self.view.as_ref().filter(|v| v.coordinator != c) {
+                    tracing::info!(
+                        node = self.me,
+                        coordinator = c,
+                        "giving up view {} of node {} for node {c}'s",
+                        lost.epoch,
+                        lost.coordinator
+                    );
+                    self.view = None;
+                }
+                return out;
+            }
             // This node coordinates the newest view it knows of: it stays.
             Some(_) => {}
             // Nobody does: the lowest live id takes over, once it has heard the cluster.
@@ -1072,6 +1131,108 @@ mod tests {
         for id in 0..3 {
             assert_eq!(net.view_of(id), v, "node {id}");
         }
+    }
+
+    /// Found by the simulation tier on real nodes: node 1 woke from a pause, issued a view
+    /// while node 0 was still silent to it, and ended with a view of the same epoch as node
+    /// 0's. Node 1 saw node 0 win the tie but kept its own view, node 0 saw node 1 up to date
+    /// and never sent its view again: each rejected the other's orders for ever.
+    #[test]
+    fn a_node_whose_view_loses_an_equal_epoch_tie_gives_it_up_and_takes_the_winners() {
+        let config = DetectorConfig::default();
+        let beat = |view_epoch: u64, highest_epoch: u64, coordinator: Option<u32>| MembershipMsg::Heartbeat {
+            view_epoch,
+            highest_epoch,
+            coordinator,
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
+        let mut m = Membership::new(1, 0..3, config);
+        let t0 = Instant::now();
+        let step = Duration::from_millis(config.heartbeat_ms);
+        // Node 2 is heard (having seen epoch 2), node 0 is silent: node 1 settles and coordinates.
+        let mut now = t0;
+        while now <= t0 + Duration::from_millis(3 * config.failure_timeout_ms) {
+            m.on_message(2, beat(0, 2, None), now);
+            m.on_tick(now);
+            now += step;
+        }
+        let own = m.view().cloned().expect("node 1 issued a view");
+        assert_eq!((own.coordinator, own.epoch), (1, 3), "{own:?}");
+        // Node 0 comes back coordinating a view of the same epoch: the lower id wins the tie.
+        m.on_message(0, beat(3, 3, Some(0)), now);
+        m.on_message(2, beat(3, 3, Some(0)), now);
+        assert_eq!(m.view(), None, "node 1 gave its view up");
+        // Its heartbeats now say it is behind, so node 0 sends its view, which node 1 takes.
+        let theirs = View { epoch: 3, coordinator: 0, members: [0, 1, 2].into_iter().collect() };
+        let cmds = m.on_message(0, MembershipMsg::View(theirs.clone()), now);
+        assert!(cmds.iter().any(|c| matches!(c, MembershipCommand::Adopted(v) if *v == theirs)), "{cmds:?}");
+        assert_eq!(m.view(), Some(&theirs));
+    }
+
+    /// The same tie seen by a third node: node 2 followed node 1's view; once node 1 follows
+    /// node 0's view of the same epoch, node 2 gives its view up too, and node 0 (told of a
+    /// member holding another coordinator's view of its epoch) sends it its own.
+    #[test]
+    fn a_member_following_the_loser_of_an_equal_epoch_tie_moves_to_the_winner() {
+        let config = DetectorConfig::default();
+        let beat = |view_epoch: u64, coordinator: Option<u32>| MembershipMsg::Heartbeat {
+            view_epoch,
+            highest_epoch: view_epoch,
+            coordinator,
+            sent_us: 0,
+            echo_us: None,
+            released_us: 0,
+        };
+        let mut m = Membership::new(2, 0..3, config);
+        let now = Instant::now();
+        m.on_message(1, beat(0, None), now);
+        let loser = View { epoch: 1, coordinator: 1, members: [1, 2].into_iter().collect() };
+        m.on_message(1, MembershipMsg::View(loser.clone()), now);
+        assert_eq!(m.view(), Some(&loser));
+        // Node 0 is heard coordinating epoch 1, and node 1 now follows it.
+        m.on_message(0, beat(1, Some(0)), now);
+        m.on_message(1, beat(1, Some(0)), now);
+        assert_eq!(m.view(), None, "node 2 gave node 1's view up");
+        let winner = View { epoch: 1, coordinator: 0, members: [0, 1, 2].into_iter().collect() };
+        m.on_message(0, MembershipMsg::View(winner.clone()), now);
+        assert_eq!(m.view(), Some(&winner));
+
+        // The winner's side: a member reporting node 1's view of the same epoch gets node 0's.
+        let mut c = Membership::new(0, 0..3, config);
+        let mut t = now;
+        while c.view().is_none() {
+            for peer in [1, 2] {
+                c.on_message(peer, beat(0, None), t);
+            }
+            c.on_tick(t);
+            t += Duration::from_millis(config.heartbeat_ms);
+        }
+        let epoch = c.view().unwrap().epoch;
+        let cmds = c.on_message(2, beat(epoch, Some(1)), t);
+        let resent = cmds
+            .iter()
+            .any(|cmd| matches!(cmd, MembershipCommand::Send(2, MembershipMsg::View(v)) if v.coordinator == 0));
+        assert!(resent, "{cmds:?}");
+    }
+
+    /// A node that stood still (SIGSTOP, a stalled loop) does not declare its peers down
+    /// for its own silence: they get a fresh failure timeout from its first tick after.
+    #[test]
+    fn a_node_waking_from_a_stall_does_not_blame_its_peers() {
+        let mut net = Net::new(3);
+        net.run(1_000);
+        let before = net.view_of(1);
+        net.paused.insert(1);
+        net.run(3_000);
+        net.paused.remove(&1);
+        // Its first tick after: node 0 ticks before it (and is heard), node 2 after.
+        net.run(10);
+        let downs: Vec<_> = net.downs.iter().filter(|(by, _, _)| *by == 1).collect();
+        assert!(downs.is_empty(), "node 1 blamed its peers for its own pause: {downs:?}");
+        net.run(1_000);
+        assert_eq!(net.view_of(1).coordinator, before.coordinator);
     }
 
     #[test]

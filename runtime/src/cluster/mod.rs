@@ -36,7 +36,11 @@ pub(crate) mod rogue {
     pub(crate) struct Trigger;
 
     impl Trigger {
-        pub(crate) fn new(_: &NodeConfig, _: &Emitter) -> Result<Self, Error> {
+        pub(crate) fn new(_: &NodeConfig, _: &Emitter, _: &phalanx_transport::Transport) -> Result<Self, Error> {
+            Ok(Self)
+        }
+
+        pub(crate) fn none(_: &NodeConfig) -> Result<Self, Error> {
             Ok(Self)
         }
 
@@ -44,6 +48,6 @@ pub(crate) mod rogue {
             std::future::pending::<()>().await
         }
 
-        pub(crate) fn round(&mut self, _: &phalanx_transport::Transport, _: Option<&View>, _: &mut Jobs) {}
+        pub(crate) fn round(&mut self, _: Option<&View>, _: &mut Jobs) {}
     }
 }

@@ -27,12 +27,14 @@
 //! [`Error::DuplicateIdentity`]. A restarted node (the old process is dead,
 //! so silent) takes over as before.
 
+use phalanx_actors::clock;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use phalanx_transport::api::{self, Events as _};
 use phalanx_transport::certs::NodeIdentity;
 use phalanx_transport::{codes, DecodeError, Limits, Revocations, Transport, TransportConfig, TransportEvent};
 use serde::{Deserialize, Serialize};
@@ -211,6 +213,11 @@ pub struct NodeParts {
     pub registries: crate::job::Registries,
     /// Later revocation lists (replacing `config.revoked` and each other).
     pub revocations: Option<tokio::sync::watch::Receiver<Revocations>>,
+    /// Fault injection for the simulation tier (the cargo feature `fault-injection`): while
+    /// this reads `true` the node loop stands still — no tick, no frame, no heartbeat — as a
+    /// process stopped by SIGSTOP would (see [`Freeze`]).
+    #[cfg(feature = "fault-injection")]
+    pub freeze: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl NodeParts {
@@ -226,6 +233,8 @@ impl NodeParts {
             commands: None,
             registries: Default::default(),
             revocations: None,
+            #[cfg(feature = "fault-injection")]
+            freeze: None,
         }
     }
 }
@@ -252,20 +261,14 @@ pub async fn run_node_with(
     node_loop(config, parts, shutdown).instrument(span).await
 }
 
+/// The QUIC node: its identity, its endpoint, then the [generic loop](node_loop_on).
 async fn node_loop(
     config: NodeConfig,
-    parts: NodeParts,
+    mut parts: NodeParts,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    let NodeParts { events: sink, metrics, identity, job, bound, commands, registries, revocations } = parts;
-    // A node without later lists keeps its config's: a channel whose sender is kept here.
-    let (_no_revocations, unchanged) = tokio::sync::watch::channel(Revocations::default());
-    let mut revocations = revocations.unwrap_or(unchanged);
-    // A node without a handle gets no commands: a channel nobody sends on.
-    let (_no_commands, unused) = mpsc::channel(1);
-    let mut commands = commands.unwrap_or(unused);
-    let identity = match identity {
+    let identity = match parts.identity.take() {
         Some(identity) if identity.id == config.id => identity,
         Some(identity) => {
             return Err(Error::Field {
@@ -276,6 +279,56 @@ async fn node_loop(
         None => NodeIdentity::load(&config.certs, config.id)
             .map_err(|e| Error::Field { field: "certs".into(), reason: e.to_string() })?,
     };
+    let mut transport_config = TransportConfig::new(identity, config.listen);
+    // A certificate of the cluster's CA naming a node outside it never becomes a member.
+    transport_config.members = Some(config.members());
+    // A member silent for a failure timeout is down for membership too: only then may another
+    // incarnation with its id replace it; until then a second process is refused.
+    transport_config.restart_silence_ms = config.detector.failure_timeout_ms.min(transport_config.idle_timeout_ms);
+    let (transport, events) = Transport::bind(transport_config)
+        .await
+        .map_err(|e| Error::Field { field: "listen".into(), reason: format!("{}: {e}", config.listen) })?;
+    let emitter = Emitter { node: config.id, sink: parts.events.clone() };
+    let rogue = super::rogue::Trigger::new(&config, &emitter, &transport)?;
+    node_loop_on(config, parts, transport, events, rogue, shutdown).await
+}
+
+/// Run a node over any [`api::Transport`](phalanx_transport::api::Transport) until
+/// `shutdown` resolves: the loop of [`run_node_with`], whose QUIC endpoint is replaced by
+/// `transport` (already set up: its identity, its revocation list) and its `events`. The
+/// simulation tier runs real nodes this way on an in-memory network
+/// ([`MemNetwork`](phalanx_transport::mem::MemNetwork)) under a paused clock; `parts.identity`
+/// is not used.
+pub async fn run_node_on<T: api::Transport>(
+    config: NodeConfig,
+    parts: NodeParts,
+    transport: T,
+    events: T::Events,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    use tracing::Instrument;
+    config.validate()?;
+    let span = tracing::info_span!("node", node = config.id);
+    let rogue = super::rogue::Trigger::none(&config)?;
+    node_loop_on(config, parts, transport, events, rogue, shutdown).instrument(span).await
+}
+
+async fn node_loop_on<T: api::Transport>(
+    config: NodeConfig,
+    parts: NodeParts,
+    transport: T,
+    mut events: T::Events,
+    mut rogue: super::rogue::Trigger,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let mut freeze = Freeze::of(&parts);
+    let NodeParts { events: sink, metrics, identity: _, job, bound, commands, registries, revocations, .. } = parts;
+    // A node without later lists keeps its config's: a channel whose sender is kept here.
+    let (_no_revocations, unchanged) = tokio::sync::watch::channel(Revocations::default());
+    let mut revocations = revocations.unwrap_or(unchanged);
+    // A node without a handle gets no commands: a channel nobody sends on.
+    let (_no_commands, unused) = mpsc::channel(1);
+    let mut commands = commands.unwrap_or(unused);
     // Every event also goes to the clients following a job (`phalanx submit --wait`); a
     // broadcast without subscribers costs a lock and nothing else.
     let (client_events, _) = broadcast::channel::<NodeEvent>(CLIENT_EVENT_CAPACITY);
@@ -328,15 +381,6 @@ async fn node_loop(
         lease: lease.clone(),
     };
     let mut jobs = Jobs::new(config.clone(), startup, registries, ready_tx, shared).await?;
-    let mut transport_config = TransportConfig::new(identity, config.listen);
-    // A certificate of the cluster's CA naming a node outside it never becomes a member.
-    transport_config.members = Some(config.members());
-    // A member silent for a failure timeout is down for membership too: only then may another
-    // incarnation with its id replace it; until then a second process is refused.
-    transport_config.restart_silence_ms = config.detector.failure_timeout_ms.min(transport_config.idle_timeout_ms);
-    let (transport, mut events) = Transport::bind(transport_config)
-        .await
-        .map_err(|e| Error::Field { field: "listen".into(), reason: format!("{}: {e}", config.listen) })?;
     transport.set_revocations(Revocations::new(config.revoked.iter().cloned()));
     let me = config.id;
     let addr = transport.local_addr();
@@ -350,7 +394,6 @@ async fn node_loop(
     if config.no_leases {
         membership = membership.without_leases();
     }
-    let mut rogue = super::rogue::Trigger::new(&config, &emitter)?;
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
     let mut connected_addrs: BTreeMap<u32, SocketAddr> = BTreeMap::new();
     let (dial_tx, mut dial_rx) = mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
@@ -364,7 +407,7 @@ async fn node_loop(
         let cmds = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
-                let now = Instant::now();
+                let now = clock::now();
                 // Dial seeds we have no connection to (a restarted seed comes back this way).
                 for seed in &config.seeds {
                     let live = connected_addrs.values().any(|a| a == seed);
@@ -402,9 +445,14 @@ async fn node_loop(
                 transport.set_revocations(list);
                 Vec::new()
             }
+            // Fault injection (the simulation tier's pause): the loop waits here, doing nothing.
+            () = freeze.requested() => {
+                freeze.hold(&lease).await;
+                Vec::new()
+            }
             // Fault injection (a rogue member at SIGUSR1); never in a default build.
             () = rogue.signalled() => {
-                rogue.round(&transport, membership.view(), &mut jobs);
+                rogue.round(membership.view(), &mut jobs);
                 Vec::new()
             }
             Some(cmd) = client_commands_rx.recv() => {
@@ -430,7 +478,7 @@ async fn node_loop(
                     }
                     Err(e) => {
                         tracing::debug!(node = me, %seed, "dial failed: {e}");
-                        dialing.insert(seed, Instant::now() + Duration::from_millis(REDIAL_MS));
+                        dialing.insert(seed, clock::now() + Duration::from_millis(REDIAL_MS));
                     }
                 }
                 Vec::new()
@@ -497,7 +545,7 @@ async fn node_loop(
             },
         };
         // The coordinator's aggregators read the lease before every step.
-        lease.set(membership.lease(Instant::now()));
+        lease.set(membership.lease(clock::now()));
         for cmd in cmds {
             match cmd {
                 MembershipCommand::Send(to, msg) => {
@@ -512,9 +560,7 @@ async fn node_loop(
                 MembershipCommand::Down(peer) => {
                     tracing::warn!(node = me, peer, "node {peer} is down (no heartbeat)");
                     if let Some(heard) = membership.last_heard(peer) {
-                        metrics
-                            .failure_detection
-                            .observe(Instant::now().saturating_duration_since(heard).as_secs_f64());
+                        metrics.failure_detection.observe(clock::now().saturating_duration_since(heard).as_secs_f64());
                     }
                     emitter.emit(NodeEventKind::Down { peer });
                     jobs.on_node_lost(peer);
@@ -566,6 +612,55 @@ async fn node_loop(
     Ok(())
 }
 
+/// A node loop's pause switch: [`NodeParts::freeze`] in a build with the cargo feature
+/// `fault-injection`, never requested otherwise. While frozen the loop awaits nothing but
+/// the switch, so the node neither ticks, heartbeats, decodes nor sends; what arrives waits in
+/// the transport. Its actors keep running but hear nothing and reach nobody (their frames
+/// queue for the loop), and the aggregators stop committing once the lease the loop no
+/// longer renews runs out — the node, seen from outside, is a stopped process.
+struct Freeze {
+    #[cfg(feature = "fault-injection")]
+    switch: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Freeze {
+    fn of(parts: &NodeParts) -> Self {
+        #[cfg(feature = "fault-injection")]
+        return Self { switch: parts.freeze.clone() };
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            let _ = parts;
+            Self {}
+        }
+    }
+
+    /// Resolves when the switch turns on; never without one.
+    async fn requested(&mut self) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(switch) = self.switch.as_mut() {
+            let on = switch.wait_for(|frozen| *frozen).await.is_ok();
+            if on {
+                return;
+            }
+            // The switch is gone: never frozen again.
+            self.switch = None;
+        }
+        std::future::pending::<()>().await
+    }
+
+    /// Stands still until the switch turns off again (or is gone), with `lease` frozen.
+    async fn hold(&mut self, lease: &LeaseCell) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(switch) = self.switch.as_mut() {
+            lease.set_frozen(true);
+            let _ = switch.wait_for(|frozen| !*frozen).await;
+            lease.set_frozen(false);
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = lease;
+    }
+}
+
 /// Frames up to this size are decoded on the node loop; larger ones on the blocking pool.
 const INLINE_DECODE_BYTES: usize = 256 << 10;
 
@@ -580,12 +675,12 @@ fn on_decoded(
     membership: &mut Membership,
     jobs: &mut Jobs,
     metrics: &NodeMetrics,
-    transport: &Transport,
+    transport: &impl api::Transport,
 ) -> Vec<MembershipCommand> {
     match decoded {
         Ok(Inbound::Control(NodeMsg::Membership(m))) => {
             metrics.bytes_received.get_or_create(&Kind::of(Traffic::Membership.as_str())).inc_by(len as u64);
-            membership.on_message(peer, m, Instant::now())
+            membership.on_message(peer, m, clock::now())
         }
         Ok(inbound) => {
             let traffic = match &inbound {
@@ -620,7 +715,7 @@ struct Senders {
 }
 
 impl Senders {
-    fn send(&mut self, transport: &Transport, metrics: &Arc<NodeMetrics>, out: Outbound, permit: OutPermit) {
+    fn send<T: api::Transport>(&mut self, transport: &T, metrics: &Arc<NodeMetrics>, out: Outbound, permit: OutPermit) {
         let to = out.to;
         let tx = self.tasks.entry(to).or_insert_with(|| {
             let (tx, mut rx) = mpsc::unbounded_channel::<(Outbound, OutPermit)>();
@@ -660,7 +755,7 @@ fn on_command(cmd: NodeCommand, jobs: &mut Jobs, status: ClusterStatus) {
 const CLIENT_EVENT_CAPACITY: usize = 1024;
 
 /// This node's view of the cluster, for `phalanx status`.
-fn status(config: &NodeConfig, membership: &Membership, transport: &Transport) -> ClusterStatus {
+fn status(config: &NodeConfig, membership: &Membership, transport: &impl api::Transport) -> ClusterStatus {
     let me = config.id;
     let view = membership.view();
     let members = view

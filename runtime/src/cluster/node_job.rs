@@ -5,6 +5,7 @@
 //! The node (see [`super::node`]) owns one `NodeJob` per job of the
 //! cluster's registry that is not over, and hands it the frames of its job.
 
+use phalanx_actors::clock;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -212,7 +213,7 @@ impl NodeJob {
         if view.coordinator != me {
             self.takeover_since = None;
         } else if previous.is_some_and(|p| p != me) && self.takeover_since.is_none() {
-            self.takeover_since = Some(Instant::now());
+            self.takeover_since = Some(clock::now());
         }
         self.routes.send_modify(|r| r.placement = placement);
         // A new coordinator respawns every actor; what an old one placed here goes.
@@ -227,7 +228,7 @@ impl NodeJob {
             self.stop_coordinating();
         } else if self.coordinator.is_none() && !self.done && self.should_run {
             // A new view while deciding starts the decision over with its members.
-            let cmds = self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, Instant::now());
+            let cmds = self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, clock::now());
             self.run_resume(cmds);
         }
     }
@@ -240,7 +241,7 @@ impl NodeJob {
         if let Some(view) = view.filter(|v| v.coordinator == me) {
             if run && self.coordinator.is_none() && !self.done && !self.resume.is_deciding() {
                 let cmds =
-                    self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, Instant::now());
+                    self.resume.begin(view.epoch, &view.members, self.local_newest(), self.seen_job, clock::now());
                 self.run_resume(cmds);
             }
         }
@@ -441,7 +442,7 @@ impl NodeJob {
             }
             Inbound::Control(NodeMsg::CheckpointQuery { epoch, .. }) => self.answer_query(peer, epoch),
             Inbound::Control(NodeMsg::CheckpointInventory { epoch, inventory, .. }) => {
-                let cmds = self.resume.on_inventory(peer, epoch, inventory, Instant::now());
+                let cmds = self.resume.on_inventory(peer, epoch, inventory, clock::now());
                 self.run_resume(cmds);
             }
             Inbound::Control(NodeMsg::CheckpointFetch { epoch, step, .. }) => self.serve_fetch(peer, epoch, step),
@@ -529,7 +530,7 @@ impl NodeJob {
         if fetching {
             // Still fetching from that node: the resume decides what the copy completes.
             if self.resume.fetching_from() == Some(peer) {
-                let cmds = self.resume.on_local(self.local_newest(), Instant::now());
+                let cmds = self.resume.on_local(self.local_newest(), clock::now());
                 self.run_resume(cmds);
             }
             return;
@@ -626,9 +627,7 @@ impl JobObserver for NodeObserver {
         let hash = params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
             v.to_bits().to_le_bytes().iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
         });
-        let t_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let t_us = clock::unix_us();
         let hash = format!("{hash:016x}");
         self.events.emit(NodeEventKind::Commit { job: self.job, range, generation, step, hash, t_us });
     }

@@ -24,6 +24,7 @@
 //! tick) and feeds back answers and stored copies; the rules live here, so
 //! every order of answers, losses and timeouts is a unit test.
 
+use phalanx_actors::clock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -164,7 +165,7 @@ impl Resume {
             members: BTreeSet::new(),
             local: None,
             seen_job: false,
-            asked_at: Instant::now(),
+            asked_at: clock::now(),
             first_begin: None,
             answers: BTreeMap::new(),
             failed: BTreeSet::new(),

@@ -146,12 +146,14 @@ pub(crate) struct Trigger {
     limits: Limits,
     #[cfg(unix)]
     signals: Option<tokio::signal::unix::Signal>,
+    /// The transport forged bytes go out on (a rogue needs the QUIC one: `send_raw`).
+    transport: Option<Transport>,
     rounds: u64,
 }
 
 impl Trigger {
-    /// The trigger of node `config.id`: listening for SIGUSR1 if `config.rogue`.
-    pub(crate) fn new(config: &NodeConfig, emitter: &Emitter) -> Result<Self, Error> {
+    /// The trigger of node `config.id` on `transport`: listening for SIGUSR1 if `config.rogue`.
+    pub(crate) fn new(config: &NodeConfig, emitter: &Emitter, transport: &Transport) -> Result<Self, Error> {
         let me = config.id;
         #[cfg(unix)]
         let signals = match config.rogue {
@@ -179,6 +181,27 @@ impl Trigger {
             limits: Limits::default(),
             #[cfg(unix)]
             signals,
+            transport: Some(transport.clone()),
+            rounds: 0,
+        })
+    }
+
+    /// The trigger of a node on another transport than QUIC (the simulation tier's): never
+    /// signalled; a config asking for a rogue is refused.
+    pub(crate) fn none(config: &NodeConfig) -> Result<Self, Error> {
+        if config.rogue {
+            return Err(Error::Field {
+                field: "rogue".into(),
+                reason: format!("node {}: a rogue member forges on the QUIC transport only", config.id),
+            });
+        }
+        Ok(Self {
+            me: config.id,
+            emitter: Emitter { node: config.id, sink: std::sync::Arc::new(|_| {}) },
+            limits: Limits::default(),
+            #[cfg(unix)]
+            signals: None,
+            transport: None,
             rounds: 0,
         })
     }
@@ -196,7 +219,8 @@ impl Trigger {
 
     /// Forges one round to every other member of `view` for the jobs `jobs` says are running,
     /// and sends it in the background (the node loop goes on at once).
-    pub(crate) fn round(&mut self, transport: &Transport, view: Option<&View>, jobs: &mut Jobs) {
+    pub(crate) fn round(&mut self, view: Option<&View>, jobs: &mut Jobs) {
+        let Some(transport) = self.transport.clone() else { return };
         self.rounds += 1;
         let (me, round) = (self.me, self.rounds);
         let Some(view) = view.cloned() else {
@@ -213,7 +237,7 @@ impl Trigger {
             .take(MAX_FORGED_JOBS)
             .map(|entry| (entry.id, entry.spec))
             .collect();
-        let (transport, emitter, limits) = (transport.clone(), self.emitter.clone(), self.limits);
+        let (emitter, limits) = (self.emitter.clone(), self.limits);
         tokio::spawn(async move {
             let jobs = known_jobs(running).await;
             let frames = forge_round(me, &view, &jobs, &limits);
