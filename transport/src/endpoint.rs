@@ -97,8 +97,9 @@ pub enum TransportEvent {
     Message {
         /// The sender.
         peer: u32,
-        /// The frame body.
-        frame: Vec<u8>,
+        /// The frame body, holding its share of the receive budget until dropped (see
+        /// [`RecvFrame`](crate::RecvFrame)).
+        frame: crate::RecvFrame,
     },
     /// This node was refused by `peer` because another process with this node's id is
     /// already a live member there ([`codes::DUPLICATE_IDENTITY`]): this process is the

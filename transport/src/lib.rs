@@ -117,6 +117,7 @@ pub mod client;
 pub mod codec;
 pub mod codes;
 mod endpoint;
+mod frame;
 pub mod mem;
 pub mod revocation;
 pub mod tls;
@@ -136,4 +137,5 @@ pub use endpoint::{
 };
 #[cfg(feature = "fault-injection")]
 pub use endpoint::{RawSend, RawSendError};
+pub use frame::{ReceiveBudget, RecvFrame};
 pub use revocation::{Revocations, Revoked};

@@ -46,7 +46,7 @@
 //!   without a close; its event stream ends) and restarts (a new incarnation, new handles).
 //! * **Bounds**: per directed link at most [`MemConfig::max_inflight_sends_per_peer`] frames and
 //!   [`MemConfig::recv_budget_bytes_per_peer`] bytes in flight, counted from `send` until the
-//!   receiving caller takes the message from its [`MemEvents`]; a send beyond gets
+//!   receiving caller drops the [`RecvFrame`](crate::RecvFrame) it took from its [`MemEvents`]; a send beyond gets
 //!   [`SendError::Busy`], the error the QUIC transport returns when a peer does not keep up.
 //!   Other queued events are capped by [`MAX_QUEUED_LIFECYCLE_EVENTS`], the trace by
 //!   [`MemConfig::trace_capacity`].
@@ -504,7 +504,7 @@ impl MemEvents {
     pub async fn recv(&mut self) -> Option<TransportEvent> {
         loop {
             let notify = match self.pop() {
-                Popped::Event(event) => return Some(event),
+                Popped::Event(event, charge) => return Some(self.holding(event, charge)),
                 Popped::Gone => return None,
                 Popped::Empty(notify) => notify,
             };
@@ -516,7 +516,7 @@ impl MemEvents {
     /// The next event if one is queued now.
     pub fn try_recv(&mut self) -> Option<TransportEvent> {
         match self.pop() {
-            Popped::Event(event) => Some(event),
+            Popped::Event(event, charge) => Some(self.holding(event, charge)),
             Popped::Gone | Popped::Empty(_) => None,
         }
     }
@@ -524,6 +524,38 @@ impl MemEvents {
     fn pop(&self) -> Popped {
         // Taking an event changes no deadline: the driver need not wake.
         self.shared.lock().pop(self.gen)
+    }
+
+    /// A message's frame holds its link's charge until the receiver drops it (the lock is
+    /// not held here: dropping a frame takes it).
+    fn holding(&self, event: TransportEvent, charge: Option<(u32, u32, usize)>) -> TransportEvent {
+        match (event, charge) {
+            (TransportEvent::Message { peer, frame }, Some((from, to, bytes))) => {
+                let (body, _) = frame.into_parts();
+                let charge = LinkCharge { shared: Arc::downgrade(&self.shared), from, to, bytes };
+                TransportEvent::Message {
+                    peer,
+                    frame: crate::RecvFrame::with_budget(body, crate::ReceiveBudget::of(charge)),
+                }
+            }
+            (event, _) => event,
+        }
+    }
+}
+
+/// A received frame's bytes on its link's budget, released when the frame is dropped.
+struct LinkCharge {
+    shared: std::sync::Weak<Shared>,
+    from: u32,
+    to: u32,
+    bytes: usize,
+}
+
+impl Drop for LinkCharge {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.mutate(|state| state.release(self.from, self.to, self.bytes));
+        }
     }
 }
 

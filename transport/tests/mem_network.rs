@@ -551,7 +551,7 @@ async fn send_refuses_what_the_quic_transport_refuses() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_receive_budget_refuses_sends_with_busy_until_the_receiver_takes_frames() {
+async fn the_receive_budget_refuses_sends_with_busy_until_the_receiver_is_done_with_frames() {
     let limits = Limits { max_frame_bytes: 1024, ..Limits::default() };
     let mut config = MemConfig::default().with_limits(limits);
     config.recv_budget_bytes_per_peer = 2048;
@@ -570,8 +570,12 @@ async fn the_receive_budget_refuses_sends_with_busy_until_the_receiver_takes_fra
     assert!(matches!(a.send(1, block.clone()), Err(SendError::Busy { peer: 1, in_flight: 3 })));
     assert_eq!(net.link_stats(0, 1).busy, 1);
     assert!(matches!(next(&mut b_events).await, TransportEvent::PeerUp { peer: 0, .. }));
-    assert!(matches!(next(&mut b_events).await, TransportEvent::Message { peer: 0, .. }));
-    a.send(1, block.clone()).expect("room again once b took one");
+    let held = next(&mut b_events).await;
+    assert!(matches!(&held, TransportEvent::Message { peer: 0, frame } if frame.holds_budget()), "{held:?}");
+    // Taken but not done with: still charged.
+    assert!(matches!(a.send(1, block.clone()), Err(SendError::Busy { peer: 1, in_flight: 3 })));
+    drop(held);
+    a.send(1, block.clone()).expect("room again once b dropped it");
     net.settled().await;
 
     // A node that drops its event stream takes nothing: what it held is released, what

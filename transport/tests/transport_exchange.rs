@@ -386,3 +386,35 @@ async fn a_peer_that_falls_silent_is_reported_down_after_the_idle_timeout() {
     assert!(server.peers().is_empty());
     server.shutdown().await;
 }
+
+/// A received frame holds its bytes of the peer's receive budget until the receiver drops
+/// it: with a budget of one frame, the next frame from that peer is not read while the first
+/// is held, and arrives once it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_frame_keeps_its_receive_budget_until_dropped() {
+    init_tracing();
+    let dir = cluster(2);
+    let limits = Limits { max_frame_bytes: 64 << 10, ..Limits::default() };
+    let (a, _a_events) = Transport::bind(config(dir.path(), 0).with_limits(limits)).await.expect("bind");
+    let mut b_config = config(dir.path(), 1).with_limits(limits);
+    b_config.recv_budget_bytes_per_peer = limits.max_frame_bytes as usize;
+    let (b, mut b_events) = Transport::bind(b_config).await.expect("bind");
+    a.connect(b.local_addr(), Some(1)).await.expect("connect");
+    wait_peer_up(&mut b_events, 0).await;
+    let block =
+        |n: u64| encode(&Msg::Gradient { step: n, partition: 0 }, &vec![1.0f32; 12_000], &limits).expect("encode");
+    a.send(1, block(1)).expect("send");
+    a.send(1, block(2)).expect("send");
+
+    let (held, _) = wait_for(&mut b_events, "the first frame", |e| matches!(e, TransportEvent::Message { .. })).await;
+    let TransportEvent::Message { frame, .. } = held else { unreachable!() };
+    assert!(frame.holds_budget());
+    // The second frame is not even read while the first is held (an absence, so a bound).
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), b_events.recv()).await;
+    assert!(early.is_err(), "a frame beyond the budget arrived while the first was held: {early:?}");
+    drop(frame);
+    let (second, _) = wait_message(&mut b_events, 0).await;
+    assert_eq!(decode::<Msg>(&second, &limits).expect("decode").header, Msg::Gradient { step: 2, partition: 0 });
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -351,7 +351,9 @@ async fn node_loop_on<T: api::Transport>(
     let (out_tx, mut out_rx) = OutQueue::new(OUT_QUEUE_BYTES);
     let mut senders = Senders::default();
     // Large frames decoded off the loop come back here.
-    let (decoded_tx, mut decoded_rx) = mpsc::channel::<(u32, usize, Result<Inbound, InboundError>)>(16);
+    // Each with its frame's receive budget, given back once the loop has handed it on.
+    let (decoded_tx, mut decoded_rx) =
+        mpsc::channel::<(u32, usize, Result<Inbound, InboundError>, phalanx_transport::ReceiveBudget)>(16);
     // The job given at start is loaded here, so a bad one stops the node with its error.
     let startup = match (job, &config.job) {
         (Some(job), _) => Some(job),
@@ -463,8 +465,10 @@ async fn node_loop_on<T: api::Transport>(
                 jobs.on_copy_stored(copy);
                 Vec::new()
             }
-            Some((peer, len, decoded)) = decoded_rx.recv() => {
-                on_decoded(me, peer, len, decoded, &mut membership, &mut jobs, &metrics, &transport)
+            Some((peer, len, decoded, budget)) = decoded_rx.recv() => {
+                let cmds = on_decoded(me, peer, len, decoded, &mut membership, &mut jobs, &metrics, &transport);
+                drop(budget);
+                cmds
             }
             Some((id, job)) = ready_rx.recv() => {
                 jobs.on_ready(id, job);
@@ -496,12 +500,16 @@ async fn node_loop_on<T: api::Transport>(
                 }
                 // A large frame (parameters, gradients, a checkpoint copy) is decoded on the
                 // blocking pool: copying hundreds of MiB must not hold up the heartbeats.
+                // The frame's share of the peer's receive budget is held until the loop has
+                // handed the message on: a peer whose frames pile up here is read no further.
                 Some(TransportEvent::Message { peer, frame }) if frame.len() > INLINE_DECODE_BYTES => {
                     let tx = decoded_tx.clone();
                     tokio::task::spawn_blocking(move || {
                         let decoded = wire::decode(&frame, &limits);
+                        let len = frame.len();
+                        let (_, budget) = frame.into_parts();
                         // Waits while the loop is behind (bounded); fails only once it stopped.
-                        let _ = tx.blocking_send((peer, frame.len(), decoded));
+                        let _ = tx.blocking_send((peer, len, decoded, budget));
                     });
                     Vec::new()
                 }

@@ -86,8 +86,10 @@ pub struct TransportConfig {
     /// beyond that returns [`SendError::Busy`](crate::SendError::Busy). The peer is also
     /// allowed twice this many concurrent incoming streams.
     pub max_inflight_sends_per_peer: usize,
-    /// Bytes of frames being received from one peer and not yet handed to the event queue.
-    /// A peer that sends more waits (QUIC flow control); must be at least
+    /// Bytes of frames from one peer being received, queued as events or held by the receiver
+    /// (each [`RecvFrame`](crate::RecvFrame) holds its bytes until dropped or
+    /// [`into_vec`](crate::RecvFrame::into_vec)). A peer that sends more waits (QUIC flow
+    /// control); must be at least
     /// `limits.max_frame_bytes`. Defaults to twice that.
     pub recv_budget_bytes_per_peer: usize,
     /// Capacity of the event queue returned by [`Transport::bind`](crate::Transport::bind).

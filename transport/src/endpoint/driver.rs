@@ -194,9 +194,10 @@ async fn handle(inner: &Inner, link: &Link, done: Result<Result<ReceivedFrame, F
     match done {
         Ok(Ok(frame)) => {
             inner.stats.received(frame.body.len());
-            // The budget permit inside `frame` is released once the body is queued.
+            // The budget permit goes with the body: released when the receiver drops it.
             let ReceivedFrame { body, _budget } = frame;
-            inner.deliver(link, body).await;
+            let budget = _budget.map_or_else(crate::ReceiveBudget::none, crate::ReceiveBudget::of);
+            inner.deliver(link, crate::RecvFrame::with_budget(body, budget)).await;
         }
         Ok(Err(err)) => match err.violation() {
             Some((code, reason)) => {

@@ -468,7 +468,7 @@ impl Inner {
 
     /// Hands a received frame to the caller if `link`'s peer incarnation is still the current
     /// one; otherwise the frame is dropped, since its `PeerDown` was already reported.
-    pub(crate) async fn deliver(&self, link: &Link, frame: Vec<u8>) {
+    pub(crate) async fn deliver(&self, link: &Link, frame: crate::RecvFrame) {
         let Ok(permit) = self.events.reserve().await else {
             self.stats.dropped();
             return;

@@ -47,8 +47,8 @@ pub struct MemConfig {
     /// Frames in flight from one node to another (sent and not yet received by the peer's
     /// caller); a send beyond returns [`SendError::Busy`](crate::SendError::Busy).
     pub max_inflight_sends_per_peer: usize,
-    /// Bytes in flight from one node to another, held until the receiving caller takes the
-    /// frame from its events; a send beyond returns [`SendError::Busy`](crate::SendError::Busy)
+    /// Bytes in flight from one node to another, held until the receiving caller drops the
+    /// frame it took from its events; a send beyond returns [`SendError::Busy`](crate::SendError::Busy)
     /// (unless nothing is in flight: one frame of the largest size always fits). At least
     /// `limits.max_frame_bytes`.
     pub recv_budget_bytes_per_peer: usize,

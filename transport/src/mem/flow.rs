@@ -211,7 +211,11 @@ impl State {
             node.counters.bytes_in += bytes.len() as u64;
         }
         self.record(now, TraceEvent::Delivered { from, to, seq, bytes: len });
-        self.push(to, TransportEvent::Message { peer: from, frame: bytes }, Some((from, to, len)));
+        self.push(
+            to,
+            TransportEvent::Message { peer: from, frame: crate::RecvFrame::new(bytes) },
+            Some((from, to, len)),
+        );
     }
 
     /// An item whose receiving end is gone: a frame counts as dropped.

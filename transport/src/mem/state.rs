@@ -174,7 +174,9 @@ pub(crate) struct Inbox {
 
 /// What [`State::pop`] found.
 pub(crate) enum Popped {
-    Event(TransportEvent),
+    /// An event, and for a message the budget charge it still holds (`from`, `to`, bytes):
+    /// released when the receiver drops the frame.
+    Event(TransportEvent, Option<(u32, u32, usize)>),
     /// Nothing yet: wait on this.
     Empty(Arc<Notify>),
     /// The incarnation is gone and its queue drained.
@@ -308,7 +310,7 @@ impl State {
     }
 
     /// Queues `event` for `node`'s current incarnation. A message's `charge` is released when
-    /// the caller takes it, or now if nobody will.
+    /// the caller drops the frame it took, or now if nobody will take it.
     pub(crate) fn push(&mut self, node: u32, event: TransportEvent, charge: Option<(u32, u32, usize)>) {
         let gen = self.nodes.get(&node).map(|n| n.gen);
         let is_message = matches!(event, TransportEvent::Message { .. });
@@ -347,10 +349,7 @@ impl State {
                 if charge.is_none() {
                     inbox.lifecycle = inbox.lifecycle.saturating_sub(1);
                 }
-                if let Some((from, to, bytes)) = charge {
-                    self.release(from, to, bytes);
-                }
-                Popped::Event(event)
+                Popped::Event(event, charge)
             }
             None if inbox.closed => {
                 self.inboxes.remove(&gen);

@@ -116,7 +116,7 @@ pub async fn wait_message(events: &mut Receiver<TransportEvent>, from: u32) -> (
     let (event, skipped) =
         wait_for(events, "Message", |e| matches!(e, TransportEvent::Message { peer, .. } if *peer == from)).await;
     match event {
-        TransportEvent::Message { frame, .. } => (frame, skipped),
+        TransportEvent::Message { frame, .. } => (frame.into_vec(), skipped),
         _ => unreachable!(),
     }
 }
