@@ -249,9 +249,6 @@ impl Cluster {
     fn config(&self, id: u32) -> NodeConfig {
         let seeds = (0..self.opts.nodes).filter(|&n| n != id).map(|n| self.network.addr_of(n)).collect();
         NodeConfig {
-            id,
-            listen: self.network.addr_of(id),
-            certs: self.dir.join("no-certificates-in-memory"),
             seeds,
             nodes: Some(self.opts.nodes),
             data_dir: Some(self.dir.join(format!("node-{id}"))),
@@ -260,16 +257,10 @@ impl Cluster {
                 failure_timeout_ms: FAILURE_TIMEOUT_MS,
                 lease_ms: None,
             },
-            job: None,
             out: Some(self.dir.join("out")),
-            crash_before_rename: None,
-            rogue: false,
-            replicas: None,
-            report_steps: Vec::new(),
-            max_jobs: 1,
-            revoked: Vec::new(),
             record_commits: true,
             no_leases: self.opts.no_leases,
+            ..NodeConfig::new(id, self.network.addr_of(id), self.dir.join("no-certificates-in-memory"))
         }
     }
 

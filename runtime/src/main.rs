@@ -235,25 +235,11 @@ impl NodeArgs {
             }
             None => {
                 let missing = |f: &str| anyhow::anyhow!("missing --{f} (or a --config file with `{f}`)");
-                NodeConfig {
-                    id: self.id.ok_or_else(|| missing("id"))?,
-                    listen: self.listen.ok_or_else(|| missing("listen"))?,
-                    certs: self.certs.clone().ok_or_else(|| missing("certs"))?,
-                    seeds: Vec::new(),
-                    nodes: None,
-                    data_dir: None,
-                    detector: Default::default(),
-                    job: None,
-                    out: None,
-                    crash_before_rename: None,
-                    rogue: false,
-                    replicas: None,
-                    report_steps: Vec::new(),
-                    max_jobs: 1,
-                    revoked: Vec::new(),
-                    record_commits: false,
-                    no_leases: false,
-                }
+                NodeConfig::new(
+                    self.id.ok_or_else(|| missing("id"))?,
+                    self.listen.ok_or_else(|| missing("listen"))?,
+                    self.certs.clone().ok_or_else(|| missing("certs"))?,
+                )
             }
         };
         if let Some(v) = self.id {

@@ -1133,6 +1133,11 @@ mod tests {
         }
     }
 
+    /// A heartbeat acknowledging nothing.
+    fn plain_beat(view_epoch: u64, highest_epoch: u64, coordinator: Option<u32>) -> MembershipMsg {
+        MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator, sent_us: 0, echo_us: None, released_us: 0 }
+    }
+
     /// Found by the simulation tier on real nodes: node 1 woke from a pause, issued a view
     /// while node 0 was still silent to it, and ended with a view of the same epoch as node
     /// 0's. Node 1 saw node 0 win the tie but kept its own view, node 0 saw node 1 up to date
@@ -1140,14 +1145,7 @@ mod tests {
     #[test]
     fn a_node_whose_view_loses_an_equal_epoch_tie_gives_it_up_and_takes_the_winners() {
         let config = DetectorConfig::default();
-        let beat = |view_epoch: u64, highest_epoch: u64, coordinator: Option<u32>| MembershipMsg::Heartbeat {
-            view_epoch,
-            highest_epoch,
-            coordinator,
-            sent_us: 0,
-            echo_us: None,
-            released_us: 0,
-        };
+        let beat = |view_epoch, highest_epoch, coordinator| plain_beat(view_epoch, highest_epoch, coordinator);
         let mut m = Membership::new(1, 0..3, config);
         let t0 = Instant::now();
         let step = Duration::from_millis(config.heartbeat_ms);
@@ -1177,14 +1175,7 @@ mod tests {
     #[test]
     fn a_member_following_the_loser_of_an_equal_epoch_tie_moves_to_the_winner() {
         let config = DetectorConfig::default();
-        let beat = |view_epoch: u64, coordinator: Option<u32>| MembershipMsg::Heartbeat {
-            view_epoch,
-            highest_epoch: view_epoch,
-            coordinator,
-            sent_us: 0,
-            echo_us: None,
-            released_us: 0,
-        };
+        let beat = |view_epoch, coordinator| plain_beat(view_epoch, view_epoch, coordinator);
         let mut m = Membership::new(2, 0..3, config);
         let now = Instant::now();
         m.on_message(1, beat(0, None), now);

@@ -131,6 +131,30 @@ fn one() -> u32 {
 }
 
 impl NodeConfig {
+    /// Node `id` listening on `listen` with the certificates in `certs`, everything else at
+    /// its default (no seeds, a cluster of one until `nodes` or `seeds` say more).
+    pub fn new(id: u32, listen: SocketAddr, certs: PathBuf) -> Self {
+        Self {
+            id,
+            listen,
+            certs,
+            seeds: Vec::new(),
+            nodes: None,
+            data_dir: None,
+            detector: DetectorConfig::default(),
+            job: None,
+            out: None,
+            crash_before_rename: None,
+            rogue: false,
+            replicas: None,
+            report_steps: Vec::new(),
+            max_jobs: one(),
+            revoked: Vec::new(),
+            record_commits: false,
+            no_leases: false,
+        }
+    }
+
     /// The configured members: `0..nodes`.
     pub fn members(&self) -> u32 {
         self.nodes.unwrap_or(self.seeds.len() as u32 + 1)
