@@ -103,8 +103,13 @@ fn sighup_reloads_the_revocation_list_and_closes_a_revoked_member_at_once() {
     };
     std::fs::write(&config_path, config("\"node-1\"")).unwrap();
     hangup(&node0);
+    // (A swap of duplicate connections made at start-up may be reported first, as a
+    // `peer_down` with code 0x204, when the replacement's hello is slow on a loaded machine.)
     let down = wait_for(&events, "node 0 to close node 1 as revoked", |v| {
-        v["event"] == "peer_down" && v["node"] == 0 && v["peer"] == 1
+        v["event"] == "peer_down"
+            && v["node"] == 0
+            && v["peer"] == 1
+            && !v["reason"].as_str().unwrap_or("").contains("(duplicate)")
     });
     let reason = down["reason"].as_str().unwrap();
     assert!(reason.contains("revoked") && reason.contains("node-1 is on the revocation list"), "{down}");
