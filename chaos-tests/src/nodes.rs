@@ -27,7 +27,8 @@
 //! not retransmit); an asymmetric cut of one direction of one link; the coordinator's outgoing
 //! links cut while it still hears everyone (the others elect a successor while it believes it
 //! coordinates: two competing coordinators); a paused node (its loop and network stand still,
-//! then it wakes with stale beliefs); a crash and a restart from the node's data directory.
+//! then it wakes with stale beliefs); a crash and a restart from the node's data directory; on
+//! the five-node seeds (one in five) also two nodes crashing at once.
 //! After the fault phase the network heals and the job must finish within the budget.
 
 use std::collections::BTreeMap;
@@ -84,11 +85,12 @@ pub struct NodeSimOptions {
 }
 
 impl NodeSimOptions {
-    /// Three nodes, three faults in the first 1.5 virtual seconds, two virtual minutes.
+    /// Three nodes (five for every fifth seed), three faults in the first 1.5 virtual
+    /// seconds, two virtual minutes.
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
-            nodes: 3,
+            nodes: if seed % 5 == 4 { 5 } else { 3 },
             fault_phase: Duration::from_millis(1_500),
             faults: 3,
             budget: Duration::from_secs(120),
@@ -112,17 +114,25 @@ pub enum FaultKind {
     Pause,
     /// A node crashes and restarts from its data directory.
     CrashRestart,
+    /// Two nodes crash at once and restart (five nodes or more: still a minority).
+    TwoCrashes,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::MessageLoss,
         FaultKind::AsymmetricCut,
         FaultKind::CompetingCoordinators,
         FaultKind::Pause,
         FaultKind::CrashRestart,
+        FaultKind::TwoCrashes,
     ];
+
+    /// Whether a cluster of `nodes` survives it within the quorum.
+    pub fn fits(self, nodes: u32) -> bool {
+        self != FaultKind::TwoCrashes || nodes >= 5
+    }
 
     /// Its name in reports.
     pub fn name(self) -> &'static str {
@@ -132,6 +142,7 @@ impl FaultKind {
             FaultKind::CompetingCoordinators => "competing coordinators",
             FaultKind::Pause => "paused node",
             FaultKind::CrashRestart => "crash and restart",
+            FaultKind::TwoCrashes => "two nodes crash at once (5 nodes)",
         }
     }
 }
@@ -147,7 +158,7 @@ pub struct NodeFault {
     pub lasts: Duration,
     /// The node it hits (the sender of a cut link; the coordinator for competing ones).
     pub node: u32,
-    /// The other end of a cut link.
+    /// The other end of a cut link; the second node of two crashes.
     pub peer: Option<u32>,
     /// Loss and duplication probability of a message-loss fault.
     pub probability: f64,
@@ -160,6 +171,10 @@ pub fn plan(opts: &NodeSimOptions) -> Vec<NodeFault> {
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x9e37_79b9_7f4a_7c15);
     let kinds: Vec<FaultKind> = if opts.kinds.is_empty() { FaultKind::ALL.to_vec() } else { opts.kinds.clone() };
+    let kinds: Vec<FaultKind> = kinds.into_iter().filter(|k| k.fits(opts.nodes)).collect();
+    if kinds.is_empty() {
+        return Vec::new();
+    }
     let mut at = Duration::from_millis(rng.random_range(50..200));
     let mut faults = Vec::new();
     for _ in 0..opts.faults {
@@ -172,10 +187,13 @@ pub fn plan(opts: &NodeSimOptions) -> Vec<NodeFault> {
             // Longer than the failure timeout half the time: detected, or not.
             FaultKind::Pause | FaultKind::AsymmetricCut => rng.random_range(100..3 * FAILURE_TIMEOUT_MS),
             FaultKind::CompetingCoordinators => rng.random_range(2 * FAILURE_TIMEOUT_MS..4 * FAILURE_TIMEOUT_MS),
-            FaultKind::CrashRestart => rng.random_range(FAILURE_TIMEOUT_MS..3 * FAILURE_TIMEOUT_MS),
+            FaultKind::CrashRestart | FaultKind::TwoCrashes => {
+                rng.random_range(FAILURE_TIMEOUT_MS..3 * FAILURE_TIMEOUT_MS)
+            }
             FaultKind::MessageLoss => rng.random_range(200..1_000),
         });
-        let peer = (kind == FaultKind::AsymmetricCut).then(|| (node + rng.random_range(1..opts.nodes)) % opts.nodes);
+        let other = matches!(kind, FaultKind::AsymmetricCut | FaultKind::TwoCrashes);
+        let peer = other.then(|| (node + rng.random_range(1..opts.nodes)) % opts.nodes);
         let probability = if kind == FaultKind::MessageLoss { rng.random_range(0.01..0.15) } else { 0.0 };
         faults.push(NodeFault { kind, at, lasts, node, peer, probability });
         // The next one once this one is over and the cluster had a moment to settle.
@@ -335,15 +353,23 @@ impl Cluster {
                 }
                 net.resume(node).map_err(|e| format!("resume node {node}: {e}"))?;
             }
-            FaultKind::CrashRestart => {
-                let node = fault.node;
-                net.crash(node).map_err(|e| format!("crash node {node}: {e}"))?;
-                if let Some(sim) = self.nodes.remove(&node) {
-                    // The node's event stream ended: its loop stops by itself.
-                    let _ = sim.task.await;
+            FaultKind::CrashRestart | FaultKind::TwoCrashes => {
+                let nodes: Vec<u32> = std::iter::once(fault.node)
+                    .chain(fault.peer.filter(|_| fault.kind == FaultKind::TwoCrashes))
+                    .collect();
+                for &node in &nodes {
+                    net.crash(node).map_err(|e| format!("crash node {node}: {e}"))?;
+                }
+                for node in &nodes {
+                    if let Some(sim) = self.nodes.remove(node) {
+                        // The node's event stream ended: its loop stops by itself.
+                        let _ = sim.task.await;
+                    }
                 }
                 tokio::time::sleep(fault.lasts).await;
-                self.start(node, true)?;
+                for node in nodes {
+                    self.start(node, true)?;
+                }
             }
         }
         Ok(())

@@ -35,7 +35,9 @@ fn every_seed_keeps_every_invariant_under_every_kind_of_fault() {
     assert_eq!(report.seeds_run, seeds);
     for kind in FaultKind::ALL {
         let row = &report.fault_types[&format!("simulated nodes: {}", kind.name())];
-        assert!(row.injected >= seeds / 10, "{}: only {} injected", kind.name(), row.injected);
+        // Two crashes at once only on the five-node seeds (one in five).
+        let least = if kind.fits(3) { seeds / 10 } else { seeds / 100 };
+        assert!(row.injected >= least, "{}: only {} injected", kind.name(), row.injected);
     }
     // The faults bit: nodes were declared down, coordinators changed, frames were lost.
     let events = verdicts.iter().flat_map(|v| v.outcome.events.iter());
