@@ -227,6 +227,19 @@ impl Jobs {
         self.judge_held();
     }
 
+    /// The adopted view lost to another coordinator's: follow no view until the winner's
+    /// comes, and if this node coordinated, end its term — its coordinator tasks stop, and a
+    /// later view making it coordinator again starts a new term (a takeover of the registry,
+    /// a fresh resume decision), never the old one going on after someone else's.
+    pub(crate) fn on_view_given_up(&mut self, lost: &View) {
+        if self.view.as_ref().is_some_and(|v| v.epoch == lost.epoch && v.coordinator == lost.coordinator) {
+            self.view = None;
+        }
+        for job in self.jobs.values_mut() {
+            job.stop_coordinating();
+        }
+    }
+
     /// Quorum lost or shutting down: stop everything here.
     pub(crate) fn stop_all(&mut self, why: &str) {
         self.view = None;

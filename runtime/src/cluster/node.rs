@@ -615,6 +615,10 @@ async fn node_loop_on<T: api::Transport>(
                     jobs.on_view(&view);
                 }
                 MembershipCommand::Rejected { peer, kind, reason } => jobs.rejected(peer, kind, reason),
+                MembershipCommand::GaveUp(view) => {
+                    tracing::info!(node = me, epoch = view.epoch, coordinator = view.coordinator, "view given up");
+                    jobs.on_view_given_up(&view);
+                }
                 MembershipCommand::QuorumLost => {
                     let reachable: Vec<u32> = membership.up().iter().copied().collect();
                     let missing: Vec<u32> = (0..config.members()).filter(|m| !reachable.contains(m)).collect();

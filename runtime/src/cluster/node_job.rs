@@ -384,7 +384,7 @@ impl NodeJob {
 
     /// Give up the coordinator role here: no resume decision under way, the supervisor's
     /// task and its actors stopped.
-    fn stop_coordinating(&mut self) {
+    pub(crate) fn stop_coordinating(&mut self) {
         self.resume.cancel();
         if let Some((_, task, stood_down)) = self.coordinator.take() {
             stood_down.store(true, Ordering::Release);
