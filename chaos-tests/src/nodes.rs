@@ -75,11 +75,6 @@ pub struct NodeSimOptions {
     pub faults: u32,
     /// Virtual time allowed for the whole job.
     pub budget: Duration,
-    /// Coordinate without leases (a build with the cargo feature `fault-injection`): what
-    /// shows the lease invariant failing.
-    pub no_leases: bool,
-    /// Only these kinds of fault (empty: every kind).
-    pub kinds: Vec<FaultKind>,
     /// These faults instead of the seed's.
     pub plan: Option<Vec<NodeFault>>,
 }
@@ -94,8 +89,6 @@ impl NodeSimOptions {
             fault_phase: Duration::from_millis(1_500),
             faults: 3,
             budget: Duration::from_secs(120),
-            no_leases: false,
-            kinds: Vec::new(),
             plan: None,
         }
     }
@@ -170,11 +163,7 @@ pub fn plan(opts: &NodeSimOptions) -> Vec<NodeFault> {
         return plan.clone();
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x9e37_79b9_7f4a_7c15);
-    let kinds: Vec<FaultKind> = if opts.kinds.is_empty() { FaultKind::ALL.to_vec() } else { opts.kinds.clone() };
-    let kinds: Vec<FaultKind> = kinds.into_iter().filter(|k| k.fits(opts.nodes)).collect();
-    if kinds.is_empty() {
-        return Vec::new();
-    }
+    let kinds: Vec<FaultKind> = FaultKind::ALL.into_iter().filter(|k| k.fits(opts.nodes)).collect();
     let mut at = Duration::from_millis(rng.random_range(50..200));
     let mut faults = Vec::new();
     for _ in 0..opts.faults {
@@ -277,7 +266,6 @@ impl Cluster {
             },
             out: Some(self.dir.join("out")),
             record_commits: true,
-            no_leases: self.opts.no_leases,
             ..NodeConfig::new(id, self.network.addr_of(id), self.dir.join("no-certificates-in-memory"))
         }
     }
@@ -301,7 +289,7 @@ impl Cluster {
 
     /// The coordinator of the newest view any node adopted.
     fn coordinator(&self) -> u32 {
-        let events = self.recorder.snapshot();
+        let events = self.recorder.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         events
             .iter()
             .rev()
