@@ -180,8 +180,9 @@ pub enum MembershipMsg {
         /// runs from that moment of its own clock (see [`Membership::lease`]).
         echo_us: Option<u64>,
         /// How long ago (µs) the sender received the newest heartbeat of another
-        /// coordinator that it acknowledged — that coordinator's lease through
-        /// the sender ends a lease after it (since the sender's start when none).
+        /// coordinator that it acknowledged, or last coordinated itself — that
+        /// coordinator's lease through the sender ends a lease after it (since the
+        /// sender's start when none).
         released_us: u64,
     },
     /// The coordinator's view.
@@ -247,7 +248,7 @@ pub struct Membership {
     /// to it as an acknowledgement.
     heard_sent: BTreeMap<u32, (u64, Instant)>,
     /// For each coordinator this node acknowledged, when it received the newest
-    /// heartbeat of it that it echoed.
+    /// heartbeat of it that it echoed; for this node, when it last coordinated.
     echoed: BTreeMap<u32, Instant>,
     /// This node's coordination term, while it coordinates.
     term: Option<Term>,
@@ -270,6 +271,11 @@ struct Term {
     /// first acknowledging majority (this node included) acknowledged another
     /// coordinator. Set once that majority is there.
     ready_at: Option<Instant>,
+    /// When the term began (this node adopted the view it started with).
+    began: Instant,
+    /// The lease ran out since the term began (a pause, a cut): another coordinator may
+    /// have been acknowledged, and have committed, meanwhile.
+    lapsed: bool,
 }
 
 impl Membership {
@@ -355,12 +361,24 @@ impl Membership {
 
     /// Keep the term in step with the view: a new one when this node starts
     /// coordinating, none when it stops; note when a majority first acknowledged it.
-    fn track_term(&mut self, now: Instant) {
+    ///
+    /// A term whose lease ran out starts over with fresh acknowledgements. If they show
+    /// that a member acknowledged another coordinator after the term began, that
+    /// coordinator may have committed in between, and this term must not go on after
+    /// it: the term ends — the view is given up ([`MembershipCommand::GaveUp`]), and
+    /// this node joins the newest live coordinator or, if that is still itself, issues
+    /// a new view that begins a new term. So each term's commits form one interval of
+    /// time, and the intervals of two terms never overlap.
+    fn track_term(&mut self, now: Instant) -> Vec<MembershipCommand> {
         let coordinating = self.view.as_ref().is_some_and(|v| v.coordinator == self.me);
         if !coordinating {
             self.term = None;
-            return;
+            return Vec::new();
         }
+        // Coordinating counts as acknowledging a coordinator (this node) for what it
+        // tells the next one: a member that coordinated after a term began shows that
+        // term that another coordinator may have committed meanwhile.
+        self.echoed.insert(self.me, now);
         let need = self.members.len() / 2;
         let epoch = self.view.as_ref().map_or(0, |v| v.epoch);
         let own = self.released_since(self.me);
@@ -371,6 +389,8 @@ impl Membership {
             acks: BTreeMap::new(),
             released: BTreeMap::new(),
             ready_at: None,
+            began: now,
+            lapsed: false,
         });
         if term.ready_at.is_some() && !holds {
             // The lease ran out (a pause, a cut): the term starts over — fresh
@@ -379,15 +399,33 @@ impl Membership {
             term.ready_at = None;
             term.acks.clear();
             term.released.clear();
+            term.lapsed = true;
         }
         if term.ready_at.is_none() && term.acks.len() >= need {
             let last = term.released.values().copied().chain(own).max().unwrap_or(now);
+            if term.lapsed && last > term.began {
+                let (began, epoch) = (term.began, term.epoch);
+                self.term = None;
+                let Some(lost) = self.view.take() else { return Vec::new() };
+                tracing::info!(
+                    node = self.me,
+                    epoch,
+                    "coordination term of epoch {epoch} ended: its lease ran out and a member acknowledged \
+                     another coordinator {:?} after it began",
+                    last.saturating_duration_since(began)
+                );
+                let mut out = vec![MembershipCommand::GaveUp(lost)];
+                out.extend(self.reconcile());
+                out.extend(self.track_term(now));
+                return out;
+            }
             term.ready_at = Some(last + lease);
         }
+        Vec::new()
     }
 
-    /// The newest moment this node acknowledged a coordinator other than `other`
-    /// (its start when it never did).
+    /// The newest moment this node acknowledged a coordinator other than `other`, or
+    /// coordinated itself if `other` is another node (its start when neither).
     fn released_since(&self, other: u32) -> Option<Instant> {
         let echoed = self.echoed.iter().filter(|(c, _)| **c != other).map(|(_, t)| *t).max();
         echoed.or(self.base).map(|t| t.max(self.base.unwrap_or(t)))
@@ -517,7 +555,7 @@ impl Membership {
             out.push(MembershipCommand::Down(m));
         }
         out.extend(self.reconcile());
-        self.track_term(now);
+        out.extend(self.track_term(now));
         out
     }
 
@@ -580,7 +618,7 @@ impl Membership {
             }
         }
         out.extend(self.reconcile());
-        self.track_term(now);
+        out.extend(self.track_term(now));
         out
     }
 
@@ -725,6 +763,8 @@ mod tests {
         start: Instant,
         /// (receiver, sender, kind) of every message a core dropped.
         rejected: Vec<(u32, u32, &'static str)>,
+        /// (node, view) of every view a node gave up.
+        given_up: Vec<(u32, View)>,
     }
 
     impl Net {
@@ -746,6 +786,7 @@ mod tests {
                 adopted: BTreeMap::new(),
                 downs: Vec::new(),
                 rejected: Vec::new(),
+                given_up: Vec::new(),
             }
         }
 
@@ -808,7 +849,8 @@ mod tests {
                     }
                     MembershipCommand::Adopted(v) => self.adopted.entry(src).or_default().push(v),
                     MembershipCommand::Down(m) => self.downs.push((src, m, self.now)),
-                    MembershipCommand::QuorumLost | MembershipCommand::GaveUp(_) => {}
+                    MembershipCommand::QuorumLost => {}
+                    MembershipCommand::GaveUp(v) => self.given_up.push((src, v)),
                     MembershipCommand::Rejected { peer, kind, .. } => self.rejected.push((src, peer, kind)),
                 }
             }
@@ -1083,6 +1125,47 @@ mod tests {
         }
         let violations = crate::cluster::commits::check(&net.commits);
         assert!(violations.is_empty(), "{violations:?}");
+    }
+
+    /// Found by the simulation tier on real nodes (seeds 132 and 1424): a coordinator woken
+    /// from a pause first hears a heartbeat one member queued before the pause (it still names
+    /// the sleeper as coordinator), declares only the other member down, keeps a quorum and
+    /// issues a view of the epoch its successor took over in — and wins the tie. Its lease had
+    /// run out and the members had acknowledged the successor meanwhile, who committed: the old
+    /// term must not go on after the successor's. It ends (the view is given up) and a new term
+    /// begins with a new view, so each term's commits form one interval and none overlap.
+    #[test]
+    fn a_term_whose_lease_lapsed_while_another_coordinator_was_acknowledged_ends() {
+        let mut net = Net::new(3);
+        net.run(1_000);
+        let first = net.view_of(0);
+        assert_eq!(first.coordinator, 0);
+        net.paused.insert(0);
+        net.run(2_000);
+        let successor = net.view_of(1);
+        assert_eq!(successor.coordinator, 1);
+        assert!(net.commits.iter().any(|c| c.node == 1), "the successor committed");
+        // Node 0 wakes to node 2's heartbeat sent before the pause, then ticks.
+        net.paused.remove(&0);
+        let queued = plain_beat(first.epoch, first.epoch, Some(0));
+        net.apply(2, vec![MembershipCommand::Send(0, queued)]);
+        net.run(3_000);
+        let v = net.view_of(0);
+        for id in 0..3 {
+            assert_eq!(net.view_of(id), v, "node {id}");
+        }
+        assert_eq!(v.members.len(), 3, "{v:?}");
+        let violations = crate::cluster::commits::check(&net.commits);
+        assert!(violations.is_empty(), "{violations:?}");
+        let last = net.commits.last().expect("commits after the wake-up");
+        assert!(
+            last.generation >> 32 > successor.epoch,
+            "the cluster commits in a term after the successor's: {last:?}"
+        );
+        if v.coordinator == 0 {
+            let given_up = net.given_up.iter().any(|(node, lost)| *node == 0 && lost.coordinator == 0);
+            assert!(given_up, "node 0 ended its old term before coordinating again: {:?}", net.given_up);
+        }
     }
 
     #[test]
