@@ -585,7 +585,7 @@ pub fn run_seeds(seeds: std::ops::Range<u64>, threads: usize) -> Vec<SeedVerdict
 pub const KEPT_EVENTS: [&str; 3] = ["recovered", "coordinating", "view"];
 
 /// The tier's name in reports.
-pub const TIER: &str = "simulated nodes";
+pub const TIER: &str = crate::report::NODES_TIER;
 
 /// Add a node-simulation campaign's verdicts to `report`: seeds, a row per fault kind
 /// (injected; survived when the seed kept every invariant; recovery from the `recovered`

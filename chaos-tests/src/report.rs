@@ -97,6 +97,9 @@ pub struct Report {
     pub forged_rejected: BTreeMap<String, crate::invariants::ForgedCount>,
 }
 
+/// The name of the simulated-nodes tier (`crate::nodes`) in reports.
+pub const NODES_TIER: &str = "simulated nodes";
+
 impl Report {
     /// Add one tier's recovery times to the totals.
     pub fn add_recoveries(&mut self, tier: &str, values: &[u64]) {
@@ -129,7 +132,7 @@ impl Report {
             if self.identical { "yes" } else { "NO" }
         ));
         for (tier, p) in &self.recovery_ms_by_tier {
-            let unit = if tier == "simulation" || tier == crate::nodes::TIER { "virtual ms" } else { "wall-clock ms" };
+            let unit = if tier == "simulation" || tier == NODES_TIER { "virtual ms" } else { "wall-clock ms" };
             s.push_str(&format!(
                 "Recovery ({tier}, {unit}): p50 {} / p95 {} / p99 {} over {} faults.\n\n",
                 ms(p.p50),
@@ -142,7 +145,7 @@ impl Report {
             ("process", "Real processes (wall-clock ms on loopback)", "detection"),
             ("simulation", "Simulation (virtual ms of a seeded clock)", "restart"),
             (
-                crate::nodes::TIER,
+                NODES_TIER,
                 "Simulated nodes: the real node loop, control plane and actor shells on an in-memory network (virtual ms)",
                 "restart",
             ),

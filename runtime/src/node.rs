@@ -484,18 +484,7 @@ fn ended(id: JobId, state: &crate::cluster::registry::JobState) -> Option<Result
     }
 }
 
-/// The job an event is about, if any.
+/// The job an event is about, if any (see [`NodeEventKind::job`]).
 pub fn job_of(kind: &NodeEventKind) -> Option<JobId> {
-    match kind {
-        NodeEventKind::Spawn { job, .. }
-        | NodeEventKind::Coordinating { job, .. }
-        | NodeEventKind::Fetching { job, .. }
-        | NodeEventKind::Waiting { job, .. }
-        | NodeEventKind::Step { job, .. }
-        | NodeEventKind::Recovered { job, .. }
-        | NodeEventKind::JobDone { job, .. }
-        | NodeEventKind::JobFailed { job, .. }
-        | NodeEventKind::JobState { job, .. } => Some(*job),
-        _ => None,
-    }
+    kind.job()
 }

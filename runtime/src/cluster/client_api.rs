@@ -19,8 +19,9 @@ use phalanx_transport::{ClientIdentity, ClientReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::command::NodeCommand;
+pub use super::command::{ClusterStatus, MemberStatus};
 use super::event::{NodeEvent, NodeEventKind};
-use super::jobs::NodeCommand;
 use super::registry::{JobEntry, JobId, JobState};
 use crate::job::Registries;
 use crate::{Error, JobConfig};
@@ -119,30 +120,6 @@ pub enum ClientAnswer {
         /// Why.
         message: String,
     },
-}
-
-/// What `phalanx status` shows: one node's view of the cluster.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ClusterStatus {
-    /// The node that answered.
-    pub node: u32,
-    /// The configured members (ids `0..members`).
-    pub configured: u32,
-    /// The adopted view's epoch, if a view was adopted.
-    pub epoch: Option<u64>,
-    /// The coordinator of that view.
-    pub coordinator: Option<u32>,
-    /// Members of the view, with the addresses this node reaches them at.
-    pub members: Vec<MemberStatus>,
-}
-
-/// One member in a [`ClusterStatus`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MemberStatus {
-    /// The node id.
-    pub id: u32,
-    /// Its UDP address (this node's own, or the one it has a connection to).
-    pub addr: Option<SocketAddr>,
 }
 
 /// The node side of the client API: one per node, cloned into each request's task.
@@ -260,7 +237,7 @@ impl ClientApi {
             };
             let relevant = match &event.kind {
                 NodeEventKind::View { .. } | NodeEventKind::Down { .. } | NodeEventKind::QuorumLost { .. } => true,
-                kind => crate::node::job_of(kind) == Some(job),
+                kind => kind.job() == Some(job),
             };
             if !relevant {
                 continue;

@@ -2,7 +2,7 @@
 //!
 //! A coordinator *commits* a step when one of its aggregators applies it (the
 //! parameters of its range move to the next version). Every commit can be
-//! recorded (`commit` events, see [`NodeConfig::record_commits`](super::node::NodeConfig::record_commits)):
+//! recorded (`commit` events, see [`NodeConfig::record_commits`](super::node_config::NodeConfig::record_commits)):
 //! the coordinator, the generation it runs in, the range, the step, a hash of
 //! the range's parameters after it, and the time. Two rules hold for any run:
 //!

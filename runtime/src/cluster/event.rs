@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::registry::JobId;
+
 /// One event of one node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeEvent {
@@ -252,7 +254,7 @@ pub enum NodeEventKind {
         kind: String,
     },
     /// An aggregator on this node (the coordinator) applied a step (only with
-    /// [`NodeConfig::record_commits`](super::node::NodeConfig::record_commits); the
+    /// [`NodeConfig::record_commits`](super::node_config::NodeConfig::record_commits); the
     /// commit invariants of [`commits`](super::commits) are checked on these).
     Commit {
         /// The job (its id in the cluster's registry).
@@ -270,6 +272,24 @@ pub enum NodeEventKind {
     },
     /// The node stopped.
     Stopped,
+}
+
+impl NodeEventKind {
+    /// The job the event is about, if any.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Self::Spawn { job, .. }
+            | Self::Coordinating { job, .. }
+            | Self::Fetching { job, .. }
+            | Self::Waiting { job, .. }
+            | Self::Step { job, .. }
+            | Self::Recovered { job, .. }
+            | Self::JobDone { job, .. }
+            | Self::JobFailed { job, .. }
+            | Self::JobState { job, .. } => Some(*job),
+            _ => None,
+        }
+    }
 }
 
 /// Where a node sends its events. Called on the node's own tasks: it must

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use super::command::NodeCommand;
+
 use super::authority::{Parked, ParkedFrame, Scope, Verdict};
 use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
-use super::node::NodeConfig;
+use super::node_config::NodeConfig;
 use super::node_job::{NodeJob, NodeShared, StoredCopy};
 use super::registry::{JobEntry, JobId, JobState, Registry, Version};
 use super::rejections::Rejections;
@@ -43,33 +45,6 @@ const SUBMIT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const REGISTRY_RESEND: Duration = Duration::from_millis(500);
 /// The id of the job given at node start (`phalanx node --job`, [`NodeBuilder::job`](crate::NodeBuilder::job)).
 pub const STARTUP_JOB: JobId = 1;
-
-/// What a [`NodeHandle`](crate::NodeHandle) asks of its node.
-#[derive(Debug)]
-pub enum NodeCommand {
-    /// Submit a job (validated by the caller); the reply is its id once a majority holds it.
-    Submit {
-        /// The job.
-        spec: Box<JobConfig>,
-        /// The answer.
-        reply: oneshot::Sender<Result<JobId, Error>>,
-    },
-    /// Cancel a job.
-    Cancel {
-        /// The job.
-        job: JobId,
-    },
-    /// The registry as this node holds it.
-    Jobs {
-        /// The answer.
-        reply: oneshot::Sender<Vec<JobEntry>>,
-    },
-    /// The node's view of the cluster (answered by the node loop, which holds the view).
-    Status {
-        /// The answer.
-        reply: oneshot::Sender<super::client_api::ClusterStatus>,
-    },
-}
 
 /// Where the answer to a submission goes.
 type Reply = oneshot::Sender<Result<JobId, Error>>;

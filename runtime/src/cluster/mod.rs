@@ -6,11 +6,13 @@
 
 pub(crate) mod authority;
 pub mod client_api;
+pub mod command;
 pub mod commits;
 pub mod event;
 pub mod jobs;
 pub mod membership;
 pub mod node;
+pub mod node_config;
 pub mod node_job;
 pub mod placement;
 pub mod registry;
@@ -30,7 +32,7 @@ pub(crate) mod rogue {
     use super::event::Emitter;
     use super::jobs::Jobs;
     use super::membership::View;
-    use super::node::NodeConfig;
+    use super::node_config::NodeConfig;
     use crate::error::Error;
 
     pub(crate) struct Trigger;

@@ -30,22 +30,21 @@
 use phalanx_actors::clock;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_transport::api::{self, Events as _};
 use phalanx_transport::certs::NodeIdentity;
 use phalanx_transport::{codes, DecodeError, Limits, Revocations, Transport, TransportConfig, TransportEvent};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
+
+pub use super::node_config::NodeConfig;
 
 use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
 use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
-use super::membership::{DetectorConfig, LeaseCell, Membership, MembershipCommand};
+use super::membership::{LeaseCell, Membership, MembershipCommand};
 use super::node_job::NodeShared;
-use super::placement::default_replicas;
 use super::rejections::{MALFORMED_FRAME, OVERSIZED_FRAME};
 use super::runner::{OutPermit, OutQueue, Outbound, Traffic, OUT_QUEUE_BYTES};
 use super::wire::{self, Inbound, InboundError, NodeMsg};
@@ -57,165 +56,6 @@ use crate::metrics::{Kind, NodeMetrics};
 const TICK_MS: u64 = 20;
 /// Delay before re-dialling a seed that did not answer.
 const REDIAL_MS: u64 = 200;
-
-/// What a node needs to start.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeConfig {
-    /// This node's id (must match its certificate, `node-<id>`).
-    pub id: u32,
-    /// UDP address to listen on.
-    pub listen: SocketAddr,
-    /// The certificates directory of `phalanx certs` (this node's `node-<id>/` in it is
-    /// used), or this node's own directory (`node.pem`, `node.key`, `ca.pem`).
-    pub certs: PathBuf,
-    /// Addresses of the other members.
-    #[serde(default)]
-    pub seeds: Vec<SocketAddr>,
-    /// Configured cluster size; members are nodes `0..nodes`. Default: seeds + 1.
-    #[serde(default)]
-    pub nodes: Option<u32>,
-    /// Where the node keeps its state (checkpoint copies).
-    #[serde(default)]
-    pub data_dir: Option<PathBuf>,
-    /// Failure-detector settings.
-    #[serde(default)]
-    pub detector: DetectorConfig,
-    /// The training job this cluster runs (every node gets the same file).
-    #[serde(default)]
-    pub job: Option<PathBuf>,
-    /// Where the coordinator writes summary.json and model.safetensors.
-    #[serde(default)]
-    pub out: Option<PathBuf>,
-    /// Fault injection for chaos tests: abort this process after writing the
-    /// checkpoint of this step to its temporary file, before the rename. Only a
-    /// build with the cargo feature `fault-injection` does; a default build
-    /// refuses a config that sets it ([`validate`](Self::validate)).
-    #[serde(default)]
-    pub crash_before_rename: Option<u64>,
-    /// Fault injection for chaos tests: a rogue member, otherwise honest, that sends every
-    /// other member a round of forged messages at each SIGUSR1 (see `cluster::rogue`). Only a
-    /// build with the cargo feature `fault-injection` has one; a default build refuses it.
-    #[serde(default)]
-    pub rogue: bool,
-    /// Other nodes that keep a copy of every checkpoint (the coordinator's
-    /// successor first). Default: 2 when the cluster has at least 5 members,
-    /// else 1 (see [`default_replicas`]).
-    #[serde(default)]
-    pub replicas: Option<u32>,
-    /// Steps that always get a `step` event when this node coordinates (a
-    /// harness injecting faults at those steps); other steps are reported at
-    /// a bounded rate (see [`super::step_events`]).
-    #[serde(default)]
-    pub report_steps: Vec<u64>,
-    /// Jobs running at once; more wait in the queue (FIFO). Default 1.
-    #[serde(default = "one")]
-    pub max_jobs: u32,
-    /// Certificates this node refuses: `node-<id>`, `client-<name>` or `serial:<hex>`. Live
-    /// connections presenting one are closed at once; `phalanx node` reloads the list from
-    /// its config file on SIGHUP, and [`NodeParts::revocations`] changes it while running.
-    #[serde(default)]
-    pub revoked: Vec<phalanx_transport::Revoked>,
-    /// Emit a `commit` event for every step this node's aggregators apply (what the chaos
-    /// harness checks the lease invariants on). Off by default: one event per step.
-    #[serde(default)]
-    pub record_commits: bool,
-    /// Fault injection for tests: coordinate without leases (what the lease invariant
-    /// is shown to catch). Only a build with the cargo feature `fault-injection` accepts it.
-    #[serde(default)]
-    pub no_leases: bool,
-}
-
-fn one() -> u32 {
-    1
-}
-
-impl NodeConfig {
-    /// Node `id` listening on `listen` with the certificates in `certs`, everything else at
-    /// its default (no seeds, a cluster of one until `nodes` or `seeds` say more).
-    pub fn new(id: u32, listen: SocketAddr, certs: PathBuf) -> Self {
-        Self {
-            id,
-            listen,
-            certs,
-            seeds: Vec::new(),
-            nodes: None,
-            data_dir: None,
-            detector: DetectorConfig::default(),
-            job: None,
-            out: None,
-            crash_before_rename: None,
-            rogue: false,
-            replicas: None,
-            report_steps: Vec::new(),
-            max_jobs: one(),
-            revoked: Vec::new(),
-            record_commits: false,
-            no_leases: false,
-        }
-    }
-
-    /// The configured members: `0..nodes`.
-    pub fn members(&self) -> u32 {
-        self.nodes.unwrap_or(self.seeds.len() as u32 + 1)
-    }
-
-    /// Checkpoint copies on other nodes: `replicas`, or the default for the cluster size.
-    pub fn replica_count(&self) -> u32 {
-        self.replicas.unwrap_or_else(|| default_replicas(self.members())).min(self.members().saturating_sub(1))
-    }
-
-    /// Check what can be checked before binding.
-    pub fn validate(&self) -> Result<(), Error> {
-        let field = |f: &str, reason: String| Err(Error::Field { field: f.into(), reason });
-        if self.id >= self.members() {
-            return field(
-                "id",
-                format!(
-                    "node {} is not a member of a {}-node cluster (ids 0..{})",
-                    self.id,
-                    self.members(),
-                    self.members()
-                ),
-            );
-        }
-        if let Some(r) = self.replicas.filter(|r| *r >= self.members()) {
-            return field(
-                "replicas",
-                format!(
-                    "{r} copies need {r} other nodes, and a {}-node cluster has {} (at most {})",
-                    self.members(),
-                    self.members() - 1,
-                    self.members() - 1
-                ),
-            );
-        }
-        if self.detector.heartbeat_ms == 0 || self.detector.failure_timeout_ms <= self.detector.heartbeat_ms {
-            return field("detector", "failure_timeout_ms must exceed heartbeat_ms, and both be positive".into());
-        }
-        if let Some(step) = self.crash_before_rename {
-            crate::require_fault_injection(crate::FAULT_INJECTION, "crash_before_rename", &step)?;
-        }
-        if self.no_leases {
-            crate::require_fault_injection(crate::FAULT_INJECTION, "no_leases", &true)?;
-        }
-        if let Some(lease) = self.detector.lease_ms {
-            if lease < 2 * self.detector.heartbeat_ms {
-                return field(
-                    "detector",
-                    format!(
-                        "lease_ms {lease} is shorter than two heartbeats ({} ms): the lease would lapse between them",
-                        2 * self.detector.heartbeat_ms
-                    ),
-                );
-            }
-        }
-        if self.rogue {
-            crate::require_fault_injection(crate::FAULT_INJECTION, "rogue", &"rogue = true")?;
-        }
-        Ok(())
-    }
-}
 
 /// What a node is given besides its config: where its events go, its
 /// metrics, optionally its identity and job in memory, and a channel told the

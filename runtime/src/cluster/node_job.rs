@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use super::authority::{JobScope, Scope, Verdict};
 use super::event::{unix_ms, Emitter, NodeEventKind};
 use super::membership::{LeaseCell, View};
-use super::node::NodeConfig;
+use super::node_config::NodeConfig;
 use super::placement::{Placement, Shape};
 use super::registry::JobId;
 use super::replication::{ReplicationStats, ReplicationTracker};

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use super::event::{Emitter, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
 use super::membership::{MembershipMsg, View, MAX_EPOCH};
-use super::node::NodeConfig;
+use super::node_config::NodeConfig;
 use super::registry::{JobId, JobState};
 use super::rejections::OVERSIZED_FRAME;
 use super::wire::{self, NodeMsg};
