@@ -830,6 +830,8 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: step buffers stay in the process (see the function).
+    phalanx::tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     phalanx::log_panics();
