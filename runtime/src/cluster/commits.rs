@@ -42,6 +42,32 @@ impl Commit {
     }
 }
 
+/// The hash of a range's parameters in a [`Commit`]: 16 hex digits from the values' bits.
+///
+/// It tells apart the parameters two commits of one step hold (rule 2), nothing adversarial,
+/// and it runs at every step of a coordinator that records commits: four independent
+/// multiply-xor lanes over the bits of eight values at a time (about 0.3 ms for 1.2 M
+/// parameters, where a byte-wise FNV-1a took about 6 ms — as long as the step itself).
+pub fn digest(params: &[f32]) -> String {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut lanes = [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4, 0x0100_0000_01b3, params.len() as u64];
+    let mix = |h: u64, a: f32, b: f32| {
+        let word = u64::from(a.to_bits()) | (u64::from(b.to_bits()) << 32);
+        (h ^ word).wrapping_mul(K).rotate_left(31)
+    };
+    let mut chunks = params.chunks_exact(8);
+    for c in &mut chunks {
+        for (lane, pair) in lanes.iter_mut().zip(c.chunks_exact(2)) {
+            *lane = mix(*lane, pair[0], pair[1]);
+        }
+    }
+    for (i, v) in chunks.remainder().iter().enumerate() {
+        lanes[i % 4] = mix(lanes[i % 4], *v, f32::from_bits(i as u32));
+    }
+    let hash = lanes.iter().fold(0u64, |h, lane| (h ^ lane).wrapping_mul(K).rotate_left(27));
+    format!("{hash:016x}")
+}
+
 /// Every violation of the two rules in `commits`, described for a report.
 pub fn check(commits: &[Commit]) -> Vec<String> {
     let mut violations = Vec::new();
@@ -100,6 +126,25 @@ mod tests {
         assert_eq!(v.len(), 2, "{v:?}");
         assert!(v[0].contains("two coordinators committed at once"), "{v:?}");
         assert!(v[1].contains("range 0 step 2"), "{v:?}");
+    }
+
+    #[test]
+    fn the_digest_tells_parameters_apart() {
+        let params: Vec<f32> = (0..1003).map(|i| i as f32 * 0.25).collect();
+        let base = digest(&params);
+        assert_eq!(base, digest(&params.clone()), "deterministic");
+        assert_eq!(base.len(), 16);
+        // One bit anywhere — in a full chunk or in the remainder — changes it, as do order and length.
+        for i in [0, 7, 500, 1000, 1002] {
+            let mut changed = params.clone();
+            changed[i] = f32::from_bits(changed[i].to_bits() ^ 1);
+            assert_ne!(digest(&changed), base, "bit flip at {i}");
+        }
+        let mut swapped = params.clone();
+        swapped.swap(1, 2);
+        assert_ne!(digest(&swapped), base, "order");
+        assert_ne!(digest(&params[..1002]), base, "length");
+        assert_ne!(digest(&[0.0; 8]), digest(&[0.0; 16]), "zeros of two lengths");
     }
 
     #[test]

@@ -623,12 +623,8 @@ impl JobObserver for NodeObserver {
         if !self.record_commits {
             return;
         }
-        // FNV-1a over the values' bits: cheap beside the step that produced them.
-        let hash = params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
-            v.to_bits().to_le_bytes().iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
-        });
+        let hash = super::commits::digest(params);
         let t_us = clock::unix_us();
-        let hash = format!("{hash:016x}");
         self.events.emit(NodeEventKind::Commit { job: self.job, range, generation, step, hash, t_us });
     }
 
