@@ -1,5 +1,17 @@
 //! The aggregator actor: carries out an [`AggregatorCore`] and makes its
 //! checkpoints durable.
+//!
+//! **Checkpoints persist in the background** (as CheckFreq does): at a checkpoint step the
+//! actor snapshots its range in memory (a copy of the parameters, optimizer state and
+//! ledger), sends the new parameters to the trainers and hands the snapshot to a blocking
+//! task that writes, fsyncs, renames, replicates and prunes, then reports `CheckpointSaved`
+//! (or `CheckpointFailed`) to the supervisor and wakes the actor. The trainers compute the
+//! next step meanwhile; the core applies it only once the checkpoint is done
+//! ([`AggregatorCore::on_checkpoint_done`]), so when a job stops at step `s` every checkpoint
+//! up to `s` is durable or reported failed, exactly as with the write on the critical path,
+//! and one snapshot at most is being persisted per range (memory: one extra copy of it). A
+//! checkpoint only counts once renamed into place (the store's rule), so a rollback never
+//! sees one that is still being written.
 
 use std::sync::Arc;
 
@@ -26,6 +38,75 @@ pub struct AggregatorState {
     retry_due: bool,
     /// `aggregator{range}`, under the job's span.
     span: tracing::Span,
+    /// The checkpoint being persisted in the background, if any.
+    persisting: Option<Persisting>,
+    /// This actor, woken by the background persist when it is done.
+    myself: ActorRef<ActorMsg>,
+}
+
+/// A checkpoint being persisted by a blocking task: its step, and where the task tells the
+/// outcome (an error only for what is not an I/O failure — those are reported to the
+/// supervisor, and training goes on from the previous checkpoint).
+struct Persisting {
+    step: u64,
+    done: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl Persisting {
+    /// Wait until the checkpoint is durable (or failed).
+    fn wait(self) -> Result<(), ActorProcessingErr> {
+        match self.done.recv() {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err(self.lost()),
+        }
+    }
+
+    fn lost(&self) -> ActorProcessingErr {
+        format!("the task persisting the checkpoint of step {} ended without a word", self.step).into()
+    }
+}
+
+/// Write one range checkpoint (fsync and rename), replicate it, prune old ones, and tell the
+/// supervisor: the body of a background persist.
+fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, finished: bool) -> Result<(), String> {
+    let step = ckpt.step;
+    let started = std::time::Instant::now();
+    let saved = ctx.store.save(&ckpt);
+    let took = started.elapsed();
+    if let (Some(observer), Err(e)) = (&ctx.observer, &saved) {
+        observer.checkpoint_failed(range, step, &e.to_string());
+    }
+    let path = match saved {
+        Ok(path) => path,
+        Err(e @ crate::checkpoint::CheckpointError::Io { .. }) => {
+            // A checkpoint that cannot be written (a full disk, an I/O error) does not
+            // stop training: the previous complete checkpoint stays the rollback point
+            // and the next interval tries again. Failing the aggregator instead would
+            // roll back, replay to this step and fail again until the job escalates.
+            tracing::error!(range, step, "checkpoint not saved; training goes on from the previous one: {e}");
+            let reason = e.to_string();
+            ctx.net.send(Addr::Job, Msg::CheckpointFailed { job: ctx.job, range, step, reason });
+            return Ok(());
+        }
+        Err(e) => return Err(format!("aggregator {range}: checkpoint of step {step}: {e}")),
+    };
+    tracing::debug!(range, step, path = %path.display(), took_us = took.as_micros() as u64, "checkpoint saved");
+    if let Some(observer) = &ctx.observer {
+        observer.checkpoint_saved(range, step, took);
+    }
+    if let Some(cluster) = &ctx.cluster {
+        cluster.replicate(&path);
+    }
+    // Pruning reads and verifies the files it keeps, so it runs once per
+    // CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
+    let nth = step / ctx.checkpoint_every.max(1);
+    if nth % CHECKPOINTS_KEPT as u64 == 0 || finished {
+        if let Err(e) = ctx.store.prune(&ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
+            tracing::warn!(range, "pruning old checkpoints failed: {e}");
+        }
+    }
+    ctx.net.send(Addr::Job, Msg::CheckpointSaved { job: ctx.job, range, step });
+    Ok(())
 }
 
 fn setup(ctx: &JobContext, range: u32) -> AggregatorSetup {
@@ -123,7 +204,11 @@ impl AggregatorState {
         Ok(())
     }
 
-    fn checkpoint(&self, step: u64) -> Result<(), ActorProcessingErr> {
+    /// Snapshot the range at `step` and persist it in the background (see the module docs):
+    /// the previous checkpoint, if still being written, is waited for first, and the job's
+    /// last checkpoint is waited for before anything else goes out.
+    fn checkpoint(&mut self, step: u64) -> Result<(), ActorProcessingErr> {
+        self.flush()?;
         let state = self.core.state();
         debug_assert_eq!(state.step, step);
         let names = self.ctx.optimizer.slot_names();
@@ -137,50 +222,56 @@ impl AggregatorState {
             optimizer_slots: names.iter().map(|n| n.to_string()).zip(state.optimizer.slots.iter().cloned()).collect(),
             ledger: state.ledger.clone(),
         };
-        let range = self.key.index;
-        let started = std::time::Instant::now();
-        let saved = self.ctx.store.save(&ckpt);
-        let took = started.elapsed();
-        if let (Some(observer), Err(e)) = (&self.ctx.observer, &saved) {
-            observer.checkpoint_failed(range, step, &e.to_string());
-        }
-        let path = match saved {
-            Ok(path) => path,
-            Err(e @ crate::checkpoint::CheckpointError::Io { .. }) => {
-                // A checkpoint that cannot be written (a full disk, an I/O error) does not
-                // stop training: the previous complete checkpoint stays the rollback point
-                // and the next interval tries again. Failing the aggregator instead would
-                // roll back, replay to this step and fail again until the job escalates.
-                tracing::error!(range, step, "checkpoint not saved; training goes on from the previous one: {e}");
-                let reason = e.to_string();
-                self.ctx.net.send(Addr::Job, Msg::CheckpointFailed { job: self.ctx.job, range, step, reason });
-                return Ok(());
-            }
-            Err(e) => return Err(format!("aggregator {range}: checkpoint of step {step}: {e}").into()),
+        let (range, finished) = (self.key.index, self.core.is_finished());
+        let (ctx, span, myself) = (self.ctx.clone(), self.span.clone(), self.myself.clone());
+        let (tx, done) = std::sync::mpsc::sync_channel(1);
+        let work = move || {
+            let result = span.in_scope(|| persist(&ctx, range, ckpt, finished));
+            let _ = tx.send(result);
+            // The actor may be gone (stopped, rolled back and replaced): then nobody waits.
+            let _ = myself.send_message(ActorMsg::Tick);
         };
-        tracing::debug!(range, step, path = %path.display(), took_us = took.as_micros() as u64, "checkpoint saved");
-        if let Some(observer) = &self.ctx.observer {
-            observer.checkpoint_saved(range, step, took);
+        // A blocking task where there is a runtime (under a paused clock it holds virtual
+        // time still while it writes, as the inline write did); a thread elsewhere.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(work)),
+            Err(_) => drop(std::thread::spawn(work)),
         }
-        if let Some(cluster) = &self.ctx.cluster {
-            cluster.replicate(&path);
+        self.persisting = Some(Persisting { step, done });
+        if finished {
+            // The final values go to the supervisor only once the last checkpoint is done.
+            self.flush()?;
+            self.core.on_checkpoint_done();
         }
-        // Pruning reads and verifies the files it keeps, so it runs once per
-        // CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
-        let nth = step / self.ctx.checkpoint_every.max(1);
-        if nth % CHECKPOINTS_KEPT as u64 == 0 || self.core.is_finished() {
-            if let Err(e) = self.ctx.store.prune(&self.ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
-                tracing::warn!(range, "pruning old checkpoints failed: {e}");
-            }
-        }
-        self.ctx.net.send(Addr::Job, Msg::CheckpointSaved { job: self.ctx.job, range, step });
         Ok(())
+    }
+
+    /// If the checkpoint being persisted is done, tell the core (which may apply a waiting step).
+    fn poll_checkpoint(&mut self) -> Result<Vec<AggCommand>, ActorProcessingErr> {
+        let Some(p) = &self.persisting else { return Ok(Vec::new()) };
+        let result = match p.done.try_recv() {
+            Ok(result) => result,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(Vec::new()),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(p.lost()),
+        };
+        self.persisting = None;
+        result?;
+        Ok(self.core.on_checkpoint_done())
+    }
+
+    /// Wait for the checkpoint being persisted, if any.
+    fn flush(&mut self) -> Result<(), ActorProcessingErr> {
+        match self.persisting.take() {
+            Some(p) => p.wait(),
+            None => Ok(()),
+        }
     }
 
     fn on_gradient(&mut self, g: Gradient, myself: &ActorRef<ActorMsg>) -> Result<(), ActorProcessingErr> {
         let _step = tracing::debug_span!("step", step = g.step, partition = g.partition).entered();
         let before = self.core.step();
-        let cmds = self.core.on_lease(self.may_commit());
+        let mut cmds = self.poll_checkpoint()?;
+        cmds.extend(self.core.on_lease(self.may_commit()));
         self.after_step(before, cmds, myself)?;
         #[cfg(feature = "fault-injection")]
         if g.step == self.core.step() && g.generation == self.core.generation() {
@@ -214,15 +305,22 @@ impl Actor for AggregatorActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ActorMsg>,
+        myself: ActorRef<ActorMsg>,
         (ctx, range, generation, restore): Self::Arguments,
     ) -> Result<AggregatorState, ActorProcessingErr> {
         let span = tracing::info_span!(parent: &ctx.span, "aggregator", range);
         let (state, fresh) = span.in_scope(|| initial_state(&ctx, range, restore))?;
-        let core = AggregatorCore::new(setup(&ctx, range), generation, state);
+        let mut core = AggregatorCore::new(setup(&ctx, range), generation, state);
         let cmds = core.start(fresh);
-        let mut state =
-            AggregatorState { ctx, key: ActorKey::aggregator(range), core, retry_due: false, span: span.clone() };
+        let mut state = AggregatorState {
+            ctx,
+            key: ActorKey::aggregator(range),
+            core,
+            retry_due: false,
+            span: span.clone(),
+            persisting: None,
+            myself,
+        };
         span.in_scope(|| state.run(cmds))?;
         Ok(state)
     }
@@ -242,12 +340,14 @@ impl AggregatorState {
     fn on_message(&mut self, msg: ActorMsg, myself: &ActorRef<ActorMsg>) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
             ActorMsg::Net(msg) => msg,
-            // A step waits for the lease: look again (the step runs off the tokio workers).
+            // A step waits for the lease or for a checkpoint being written: look again (the
+            // step runs off the tokio workers).
             ActorMsg::Tick => {
                 self.retry_due = false;
                 let before = self.core.step();
                 return super::compute(self.ctx.model.num_params(), || {
-                    let cmds = self.core.on_lease(self.may_commit());
+                    let mut cmds = self.poll_checkpoint()?;
+                    cmds.extend(self.core.on_lease(self.may_commit()));
                     self.after_step(before, cmds, myself)
                 });
             }

@@ -166,6 +166,9 @@ pub struct AggregatorCore {
     stats: AggStats,
     /// The coordinator holds its lease (see [`AggregatorCore::on_lease`]).
     lease: bool,
+    /// The checkpoint this core asked for last, until the shell says it is done (see
+    /// [`AggregatorCore::on_checkpoint_done`]): no further step is applied meanwhile.
+    awaiting_checkpoint: Option<u64>,
     /// A deliberately broken mode (see `AggregatorCore::break_accept_duplicates`).
     #[cfg(feature = "fault-injection")]
     accept_duplicates: bool,
@@ -192,6 +195,7 @@ impl AggregatorCore {
             pending_count: 0,
             stats: AggStats::default(),
             lease: true,
+            awaiting_checkpoint: None,
             #[cfg(feature = "fault-injection")]
             accept_duplicates: false,
         }
@@ -225,10 +229,10 @@ impl AggregatorCore {
     /// Commands to run when the aggregator (re)starts: tell every trainer
     /// where the range stands, and checkpoint a fresh start so that a
     /// rollback always has a version to return to.
-    pub fn start(&self, fresh: bool) -> Vec<AggCommand> {
+    pub fn start(&mut self, fresh: bool) -> Vec<AggCommand> {
         let mut out = vec![AggCommand::Send(Addr::AllTrainers, self.params_msg(None))];
         if fresh {
-            out.push(AggCommand::Checkpoint { step: self.state.step });
+            out.push(self.checkpoint());
         }
         if self.is_finished() {
             out.push(AggCommand::Send(Addr::Job, self.finished_msg()));
@@ -323,10 +327,37 @@ impl AggregatorCore {
         let p = g.partition as usize;
         self.pending[p] = Some(Pending { samples: g.samples, loss_sum: g.loss_sum, values: g.values });
         self.pending_count += 1;
-        if self.pending_count < self.setup.partitions || !self.lease {
+        if self.pending_count < self.setup.partitions || !self.lease || self.awaiting_checkpoint.is_some() {
             return (Verdict::Accepted, Vec::new());
         }
         (Verdict::Applied, self.apply())
+    }
+
+    /// The checkpoint of the last [`AggCommand::Checkpoint`] is durable, or failed to be
+    /// written (a failure is reported and training goes on from the previous one): a step
+    /// whose gradients are all in may now be applied.
+    ///
+    /// Checkpoints are written in the background while trainers compute the next step
+    /// (CheckFreq-style), but the next step waits for them: when a job stops at step `s`,
+    /// every checkpoint up to `s` was written (or reported failed), so the rollback point
+    /// after a failure is the same as with a write on the critical path, and at most one
+    /// checkpoint of a range is being written at a time.
+    pub fn on_checkpoint_done(&mut self) -> Vec<AggCommand> {
+        self.awaiting_checkpoint = None;
+        if self.lease && self.waiting_for_lease() {
+            return self.apply();
+        }
+        Vec::new()
+    }
+
+    /// The step of the checkpoint that must be done before the next step is applied.
+    pub fn awaiting_checkpoint(&self) -> Option<u64> {
+        self.awaiting_checkpoint
+    }
+
+    fn checkpoint(&mut self) -> AggCommand {
+        self.awaiting_checkpoint = Some(self.state.step);
+        AggCommand::Checkpoint { step: self.state.step }
     }
 
     /// Whether the coordinator this aggregator runs on holds its lease (a
@@ -343,9 +374,9 @@ impl AggregatorCore {
         Vec::new()
     }
 
-    /// True while a complete step waits for the lease.
+    /// True while a complete step waits for the lease (and for nothing else).
     pub fn waiting_for_lease(&self) -> bool {
-        self.pending_count == self.setup.partitions && self.setup.partitions > 0
+        self.pending_count == self.setup.partitions && self.setup.partitions > 0 && self.awaiting_checkpoint.is_none()
     }
 
     fn classify(&self, g: &Gradient) -> Verdict {
@@ -454,7 +485,8 @@ impl AggregatorCore {
         ];
         let k = self.setup.checkpoint_every;
         if self.is_finished() || (k > 0 && self.state.step % k == 0) {
-            out.push(AggCommand::Checkpoint { step: self.state.step });
+            let checkpoint = self.checkpoint();
+            out.push(checkpoint);
         }
         if self.is_finished() {
             out.push(AggCommand::Send(Addr::Job, self.finished_msg()));

@@ -138,6 +138,7 @@ fn aggregator_rejects_malformed_gradients_without_panicking() {
 fn aggregator_checkpoints_every_k_steps_and_reports_the_end() {
     let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 1), 0, fresh(2));
     assert!(core.start(true).contains(&AggCommand::Checkpoint { step: 0 }));
+    assert!(core.on_checkpoint_done().is_empty());
     let mut checkpoints = Vec::new();
     let mut finished = false;
     for step in 0..4 {
@@ -145,7 +146,10 @@ fn aggregator_checkpoints_every_k_steps_and_reports_the_end() {
         assert_eq!(v, Verdict::Applied);
         for c in cmds {
             match c {
-                AggCommand::Checkpoint { step } => checkpoints.push(step),
+                AggCommand::Checkpoint { step } => {
+                    checkpoints.push(step);
+                    assert!(core.on_checkpoint_done().is_empty());
+                }
                 AggCommand::Send(Addr::Job, Msg::Finished { ledger, .. }) => {
                     finished = true;
                     // Both epochs applied [4] (the partition's size), folded when they ended.
@@ -160,6 +164,33 @@ fn aggregator_checkpoints_every_k_steps_and_reports_the_end() {
     assert_eq!(checkpoints, vec![2, 4]);
     assert!(finished);
     assert_eq!(core.on_gradient(grad(4, 0, 0, vec![0.5, -0.5])).0, Verdict::AfterFinish);
+}
+
+/// Checkpoints are written in the background while trainers compute the next step, but the
+/// next step is applied only once the checkpoint is done: a job that stops at step `s` has
+/// every checkpoint up to `s` on disk (or reported failed), as with the write inline.
+#[test]
+fn a_step_after_a_checkpoint_waits_until_the_checkpoint_is_done() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 1), 0, fresh(2));
+    let _ = core.start(true);
+    assert_eq!(core.awaiting_checkpoint(), Some(0));
+    // Step 0's gradient is in, but the checkpoint of step 0 is still being written.
+    let (v, cmds) = core.on_gradient(grad(0, 0, 0, vec![0.5, -0.5]));
+    assert_eq!((v, cmds.len()), (Verdict::Accepted, 0));
+    assert_eq!(core.step(), 0);
+    assert!(!core.waiting_for_lease(), "it waits for the checkpoint, not for the lease");
+    assert!(core.on_lease(true).is_empty(), "the lease alone does not release it");
+    // Done: the waiting step is applied at once, as it would have been without the wait.
+    let cmds = core.on_checkpoint_done();
+    assert_eq!(core.step(), 1);
+    assert!(cmds.iter().any(|c| matches!(c, AggCommand::Send(Addr::AllTrainers, Msg::Params(_)))), "{cmds:?}");
+    // Step 1 is no checkpoint step (every 2): step 2 follows without a wait; step 2 is one.
+    assert_eq!(core.on_gradient(grad(1, 0, 0, vec![0.5, -0.5])).0, Verdict::Applied);
+    assert_eq!(core.awaiting_checkpoint(), Some(2));
+    assert_eq!(core.on_gradient(grad(2, 0, 0, vec![0.5, -0.5])).0, Verdict::Accepted);
+    // A failed write releases it too (the failure is reported; the previous one stays the rollback point).
+    assert!(!core.on_checkpoint_done().is_empty());
+    assert_eq!(core.step(), 3);
 }
 
 #[test]

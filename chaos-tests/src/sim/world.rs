@@ -432,12 +432,16 @@ impl World<'_> {
     }
 
     fn run_aggregator(&mut self, r: u32, cmds: Vec<AggCommand>) {
-        for cmd in cmds {
+        let mut queue: std::collections::VecDeque<AggCommand> = cmds.into();
+        while let Some(cmd) = queue.pop_front() {
             match cmd {
                 AggCommand::Send(to, msg) => self.send(to, msg),
                 AggCommand::Checkpoint { step } => {
-                    if let Some(a) = &self.aggregators[r as usize] {
+                    // Written at once here (the actor writes in the background and tells the
+                    // core when it is done; the core applies no step in between either way).
+                    if let Some(a) = self.aggregators[r as usize].as_mut() {
                         self.checkpoints.entry(step).or_default().insert(r, a.state().clone());
+                        queue.extend(a.on_checkpoint_done());
                     }
                 }
             }
