@@ -141,10 +141,14 @@ async fn jobs_submitted_at_any_member_run_in_order_to_the_bits_of_train_and_surv
 async fn the_coordinator_leaving_loses_neither_the_running_nor_the_queued_job() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = cluster(dir.path()).await;
-    let running = nodes[1].submit(job(3)).await.expect("accepted");
-    let queued = nodes[2].submit(job(4)).await.expect("accepted");
     let mut events = nodes[1].events();
-    wait_for(&mut events, |e| e.node == 1 && matches!(e.kind, NodeEventKind::Spawn { .. })).await;
+    // Long enough to be still running when node 0 is gone (a step takes well under a
+    // millisecond here): the takeover must find it mid-way.
+    let long = JobConfig { epochs: Some(200), ..job(3) };
+    let running = nodes[1].submit(long.clone()).await.expect("accepted");
+    let queued = nodes[2].submit(job(4)).await.expect("accepted");
+    let id = running.id();
+    wait_for(&mut events, |e| e.node == 1 && matches!(e.kind, NodeEventKind::Spawn { job, .. } if job == id)).await;
     // The coordinator (node 0, where the running job's aggregators are) goes away.
     nodes[0].shutdown().await.unwrap();
     let takeover = wait_for(&mut events, |e| matches!(e.kind, NodeEventKind::Coordinating { .. })).await;
@@ -154,7 +158,7 @@ async fn the_coordinator_leaving_loses_neither_the_running_nor_the_queued_job() 
     let NodeEventKind::Recovered { job: recovered_job, ref cause, .. } = recovered.kind else { unreachable!() };
     assert_eq!((recovered.node, recovered_job, cause.as_str()), (1, running.id(), "takeover"), "{recovered:?}");
     let first = running.outcome().await.expect("the running job finishes");
-    assert_eq!(first.model_sha256, expected(job(3)).await);
+    assert_eq!(first.model_sha256, expected(long).await);
     let second = queued.outcome().await.expect("the queued job runs and finishes");
     assert_eq!(second.model_sha256, expected(job(4)).await);
     // The queued job started fresh under node 1: one takeover, not two.

@@ -154,6 +154,10 @@ pub trait Cluster: Send + Sync + 'static {
     fn stop_remote(&self, node: u32, key: ActorKey);
 }
 
+/// How long starting an actor waits for an older instance holding its name to stop; past it
+/// the start fails (and the supervisor restarts it after its backoff).
+pub const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Spawn one actor of a job in this process, linked to `supervisor`, under
 /// its registry name. Shared by the job supervisor and by node hosts. A key
 /// that is not an actor of the job (a spawn request from the wire naming an
@@ -168,7 +172,15 @@ pub async fn spawn_actor(
     if !ctx.plan.contains(key) {
         return Err(SpawnErr::StartupFailed(format!("{key} is not an actor of job {}", ctx.job).into()));
     }
-    let name = Some(ctx.names.name_of(key));
+    let name = ctx.names.name_of(key);
+    if let Some(old) = ractor::registry::where_is(name.clone()) {
+        // An older instance holds the name: a previous coordinator's actor the host is still
+        // stopping, or a failed one still shutting down. Being placed here again makes it
+        // obsolete; wait (bounded) until it is gone instead of failing the start on its name.
+        tracing::debug!(actor = %key, "waiting for the previous instance to stop");
+        let _ = old.stop_and_wait(Some(format!("{key} is started again")), Some(REPLACE_WAIT)).await;
+    }
+    let name = Some(name);
     let ctx = ctx.clone();
     Ok(match key.role {
         Role::Shard => Actor::spawn_linked(name, ShardActor, (ctx, key.index), supervisor).await?.0.get_cell(),
