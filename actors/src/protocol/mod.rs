@@ -13,6 +13,7 @@ mod aggregator;
 mod ledger;
 mod loss_series;
 mod msg;
+pub mod reduce;
 mod schedule;
 mod shard;
 mod supervision;

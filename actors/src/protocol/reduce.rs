@@ -1,0 +1,431 @@
+//! The fixed reduction tree over partition indices (sans-IO): how per-partition gradients are
+//! summed so that the sum has the same bits whoever computed which part and in what order the
+//! parts arrived — the base of pre-reduced gradients (a trainer that owns a whole subtree sends
+//! one partial sum instead of one gradient per partition; issue "data plane", item 3).
+//!
+//! Floating-point addition is commutative but not associative: `a + b` and `b + a` have the
+//! same bits, `(a + b) + c` and `a + (b + c)` need not. So the order of every addition is fixed
+//! by a tree over `[0, P)`: a node `[lo, hi)` of two or more partitions splits into a left child
+//! covering the largest power of two below its length and a right child covering the rest
+//! (`[0, 8)` → `[0, 4)` + `[4, 8)`; `[0, 6)` → `[0, 4)` + `[4, 6)`), and a node's sum is its
+//! children's sums added element by element. Whoever adds two siblings — a trainer owning both,
+//! or the aggregator receiving them from two trainers — gets the same bits, and so does the root.
+//!
+//! ```text
+//!                [0,8)
+//!           [0,4)      [4,8)          trainer A owns 0..4: sends [0,4) once
+//!         [0,2) [2,4)  [4,6) [6,8)    trainer B owns 4..8: sends [4,8) once
+//!        0  1  2  3   4  5  6  7      the aggregator adds [0,4) + [4,8)
+//! ```
+//!
+//! A [`Reducer`] holds the sums received for one step: it takes any tree node (a leaf or a
+//! partial sum), drops one it already covers (a duplicate or a replay), lets a larger node
+//! replace the smaller ones it covers (a replacement trainer owning more partitions recomputes
+//! them: the bits are the same), adds siblings as soon as both are in, and is complete when the
+//! root is. [`maximal_owned`] says which nodes a trainer owning some partitions sends:
+//! contiguous ownership keeps subtrees whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A node of the reduction tree: the partitions `lo..hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Span {
+    /// First partition.
+    pub lo: u32,
+    /// One past the last partition.
+    pub hi: u32,
+}
+
+impl Span {
+    /// The root of the tree over `partitions` partitions.
+    pub fn root(partitions: u32) -> Span {
+        Span { lo: 0, hi: partitions }
+    }
+
+    /// The leaf of partition `p`.
+    pub fn leaf(p: u32) -> Span {
+        Span { lo: p, hi: p.saturating_add(1) }
+    }
+
+    /// How many partitions it covers.
+    pub fn len(&self) -> u32 {
+        self.hi.saturating_sub(self.lo)
+    }
+
+    /// True for an empty span (never a tree node).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `other` lies inside this span.
+    pub fn covers(&self, other: &Span) -> bool {
+        self.lo <= other.lo && other.hi <= self.hi
+    }
+
+    /// Whether the two spans share a partition.
+    pub fn overlaps(&self, other: &Span) -> bool {
+        self.lo < other.hi && other.lo < self.hi
+    }
+
+    /// The two children of an inner node (the left one covers the largest power of two
+    /// below its length), or `None` for a leaf.
+    pub fn split(&self) -> Option<(Span, Span)> {
+        let n = self.len();
+        if n < 2 {
+            return None;
+        }
+        let left = 1u32 << (31 - (n - 1).leading_zeros());
+        let mid = self.lo + left;
+        Some((Span { lo: self.lo, hi: mid }, Span { lo: mid, hi: self.hi }))
+    }
+
+    /// The path from the root of the tree over `partitions` to this span, root first, or
+    /// `None` if it is not a node of that tree.
+    fn path(&self, partitions: u32) -> Option<Vec<Span>> {
+        if self.is_empty() || self.hi > partitions {
+            return None;
+        }
+        let mut node = Span::root(partitions);
+        let mut path = vec![node];
+        while node != *self {
+            let (left, right) = node.split()?;
+            node = if left.covers(self) {
+                left
+            } else if right.covers(self) {
+                right
+            } else {
+                return None;
+            };
+            path.push(node);
+        }
+        Some(path)
+    }
+
+    /// Whether it is a node of the tree over `partitions` partitions.
+    pub fn is_node(&self, partitions: u32) -> bool {
+        self.path(partitions).is_some()
+    }
+
+    /// Its parent in the tree over `partitions`, if it is a node other than the root.
+    pub fn parent(&self, partitions: u32) -> Option<Span> {
+        let path = self.path(partitions)?;
+        path.len().checked_sub(2).map(|i| path[i])
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "partitions {}..{}", self.lo, self.hi)
+    }
+}
+
+/// The largest tree nodes made only of partitions in `owned` (the nodes a trainer owning them
+/// sends, each summed in tree order), left to right.
+pub fn maximal_owned(partitions: u32, owned: &BTreeSet<u32>) -> Vec<Span> {
+    fn walk(node: Span, owned: &BTreeSet<u32>, out: &mut Vec<Span>) {
+        if owned.range(node.lo..node.hi).count() == node.len() as usize {
+            out.push(node);
+        } else if let Some((left, right)) = node.split() {
+            walk(left, owned, out);
+            walk(right, owned, out);
+        }
+    }
+    let mut out = Vec::new();
+    if partitions > 0 {
+        walk(Span::root(partitions), owned, &mut out);
+    }
+    out
+}
+
+/// A partial sum: the element-wise sum, in tree order, of the gradients of a span's partitions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartialSum {
+    /// The summed values.
+    pub values: Vec<f32>,
+}
+
+/// What [`Reducer::insert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// Taken (and added to whatever siblings were in).
+    Taken,
+    /// Already covered by what was received: dropped.
+    Duplicate,
+}
+
+/// Why a span cannot be taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReduceError {
+    /// Not a node of the tree (or out of range).
+    #[error("{span} is not a node of the reduction tree over {partitions} partitions")]
+    NotANode {
+        /// The span.
+        span: Span,
+        /// The partitions of the job.
+        partitions: u32,
+    },
+    /// The values do not have the reducer's length.
+    #[error("{span}: {got} values where the reducer sums {expected}")]
+    Length {
+        /// The span.
+        span: Span,
+        /// The reducer's length.
+        expected: usize,
+        /// What came.
+        got: usize,
+    },
+    /// It overlaps a node already in without covering it or lying inside it — impossible for
+    /// two nodes of one tree, so a sender's bug or garbage.
+    #[error("{span} overlaps {held} already received")]
+    Overlap {
+        /// The span.
+        span: Span,
+        /// The node it overlaps.
+        held: Span,
+    },
+}
+
+/// The sums received for one step, reduced in tree order as they come.
+#[derive(Clone, Debug)]
+pub struct Reducer {
+    partitions: u32,
+    len: usize,
+    /// Disjoint tree nodes, none of which has its sibling here (siblings are added at once).
+    held: BTreeMap<Span, PartialSum>,
+}
+
+impl Reducer {
+    /// A reducer of vectors of `len` values over `partitions` partitions.
+    pub fn new(partitions: u32, len: usize) -> Self {
+        Self { partitions, len, held: BTreeMap::new() }
+    }
+
+    /// Take the sum of `span`'s partitions.
+    pub fn insert(&mut self, span: Span, values: Vec<f32>) -> Result<Inserted, ReduceError> {
+        if !span.is_node(self.partitions) {
+            return Err(ReduceError::NotANode { span, partitions: self.partitions });
+        }
+        if values.len() != self.len {
+            return Err(ReduceError::Length { span, expected: self.len, got: values.len() });
+        }
+        let overlapping: Vec<Span> = self.held.keys().filter(|h| h.overlaps(&span)).copied().collect();
+        if overlapping.iter().any(|h| h.covers(&span)) {
+            return Ok(Inserted::Duplicate);
+        }
+        if let Some(held) = overlapping.iter().find(|h| !span.covers(h)) {
+            return Err(ReduceError::Overlap { span, held: *held });
+        }
+        // A larger node replaces the smaller ones it covers: its sum of them has the same bits.
+        for h in overlapping {
+            self.held.remove(&h);
+        }
+        let mut node = span;
+        let mut sum = PartialSum { values };
+        // Add siblings while both are in.
+        while let Some(parent) = node.parent(self.partitions) {
+            let (left, right) = parent.split().expect("a parent has two children");
+            let sibling = if node == left { right } else { left };
+            let Some(other) = self.held.remove(&sibling) else { break };
+            for (a, b) in sum.values.iter_mut().zip(&other.values) {
+                *a += *b;
+            }
+            node = parent;
+        }
+        self.held.insert(node, sum);
+        Ok(Inserted::Taken)
+    }
+
+    /// The nodes held, left to right (disjoint; none with its sibling).
+    pub fn held(&self) -> impl Iterator<Item = &Span> {
+        self.held.keys()
+    }
+
+    /// Whether `span` is covered by what was received.
+    pub fn covers(&self, span: &Span) -> bool {
+        self.held.keys().any(|h| h.covers(span))
+    }
+
+    /// The sum of `span` if it is held as one node (a whole owned subtree is complete).
+    pub fn get(&self, span: &Span) -> Option<&[f32]> {
+        self.held.get(span).map(|s| s.values.as_slice())
+    }
+
+    /// The sum over every partition, once every part is in.
+    pub fn root(&self) -> Option<&[f32]> {
+        self.get(&Span::root(self.partitions))
+    }
+
+    /// Take the root's sum, once every part is in.
+    pub fn take_root(&mut self) -> Option<Vec<f32>> {
+        self.held.remove(&Span::root(self.partitions)).map(|s| s.values)
+    }
+}
+
+/// The tree-order sum of one gradient per partition, computed directly (the reference the
+/// tests hold the reducer to).
+pub fn tree_sum(gradients: &[Vec<f32>]) -> Vec<f32> {
+    fn sum(node: Span, gradients: &[Vec<f32>]) -> Vec<f32> {
+        match node.split() {
+            None => gradients[node.lo as usize].clone(),
+            Some((left, right)) => {
+                let mut out = sum(left, gradients);
+                for (a, b) in out.iter_mut().zip(sum(right, gradients)) {
+                    *a += b;
+                }
+                out
+            }
+        }
+    }
+    if gradients.is_empty() {
+        return Vec::new();
+    }
+    sum(Span::root(gradients.len() as u32), gradients)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn nodes(partitions: u32) -> Vec<Span> {
+        fn walk(node: Span, out: &mut Vec<Span>) {
+            out.push(node);
+            if let Some((l, r)) = node.split() {
+                walk(l, out);
+                walk(r, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(Span::root(partitions), &mut out);
+        out
+    }
+
+    #[test]
+    fn children_tile_their_parent_with_a_power_of_two_on_the_left() {
+        assert_eq!(Span::root(8).split(), Some((Span { lo: 0, hi: 4 }, Span { lo: 4, hi: 8 })));
+        assert_eq!(Span::root(6).split(), Some((Span { lo: 0, hi: 4 }, Span { lo: 4, hi: 6 })));
+        assert_eq!(Span::root(5).split(), Some((Span { lo: 0, hi: 4 }, Span { lo: 4, hi: 5 })));
+        assert_eq!(Span::root(3).split(), Some((Span { lo: 0, hi: 2 }, Span { lo: 2, hi: 3 })));
+        assert_eq!(Span::root(1).split(), None);
+        for p in 1..=33 {
+            let all = nodes(p);
+            assert_eq!(all.len() as u32, 2 * p - 1, "a full binary tree over {p} leaves");
+            for n in &all {
+                assert!(n.is_node(p), "{n} of {p}");
+                if let Some((l, r)) = n.split() {
+                    assert_eq!((l.lo, l.hi, r.hi), (n.lo, r.lo, n.hi));
+                    assert!(l.len().is_power_of_two() && l.len() >= r.len(), "{n}");
+                    assert_eq!((l.parent(p), r.parent(p)), (Some(*n), Some(*n)));
+                }
+            }
+            assert_eq!(Span::root(p).parent(p), None);
+        }
+    }
+
+    #[test]
+    fn spans_that_are_not_nodes_are_refused() {
+        for bad in [Span { lo: 1, hi: 3 }, Span { lo: 0, hi: 3 }, Span { lo: 6, hi: 9 }, Span { lo: 4, hi: 4 }] {
+            assert!(!bad.is_node(8), "{bad}");
+            let mut r = Reducer::new(8, 2);
+            assert!(matches!(r.insert(bad, vec![0.0; 2]), Err(ReduceError::NotANode { .. })), "{bad}");
+        }
+        let mut r = Reducer::new(8, 2);
+        assert!(matches!(r.insert(Span::leaf(0), vec![0.0; 3]), Err(ReduceError::Length { .. })));
+        assert!(matches!(r.insert(Span { lo: u32::MAX, hi: 0 }, vec![0.0; 2]), Err(ReduceError::NotANode { .. })));
+    }
+
+    #[test]
+    fn contiguous_owners_keep_subtrees_whole_and_round_robin_owners_do_not() {
+        let block = |r: std::ops::Range<u32>| r.collect::<BTreeSet<u32>>();
+        assert_eq!(maximal_owned(8, &block(0..4)), vec![Span { lo: 0, hi: 4 }]);
+        assert_eq!(maximal_owned(8, &block(4..8)), vec![Span { lo: 4, hi: 8 }]);
+        assert_eq!(maximal_owned(8, &block(0..8)), vec![Span::root(8)]);
+        assert_eq!(maximal_owned(8, &block(3..6)), vec![Span::leaf(3), Span { lo: 4, hi: 6 }]);
+        let odd: BTreeSet<u32> = (0..8).filter(|p| p % 2 == 1).collect();
+        assert_eq!(maximal_owned(8, &odd), odd.iter().map(|p| Span::leaf(*p)).collect::<Vec<_>>());
+        assert!(maximal_owned(8, &BTreeSet::new()).is_empty());
+        assert!(maximal_owned(0, &block(0..2)).is_empty());
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_a_larger_node_replaces_the_parts_it_covers() {
+        let g = |v: f32| vec![v, -v];
+        let mut r = Reducer::new(4, 2);
+        assert_eq!(r.insert(Span::leaf(0), g(1.0)), Ok(Inserted::Taken));
+        assert_eq!(r.insert(Span::leaf(0), g(1.0)), Ok(Inserted::Duplicate));
+        // A replacement trainer owning 0..2 sends their sum: it replaces leaf 0.
+        assert_eq!(r.insert(Span { lo: 0, hi: 2 }, g(3.0)), Ok(Inserted::Taken));
+        assert_eq!(r.held().copied().collect::<Vec<_>>(), vec![Span { lo: 0, hi: 2 }]);
+        assert_eq!(r.insert(Span::leaf(1), g(2.0)), Ok(Inserted::Duplicate), "inside a held node");
+        assert_eq!(r.insert(Span::leaf(3), g(4.0)), Ok(Inserted::Taken));
+        assert_eq!(r.root(), None);
+        assert_eq!(r.insert(Span::leaf(2), g(5.0)), Ok(Inserted::Taken));
+        assert_eq!(r.root(), Some(&[12.0, -12.0][..]), "(0+1) + (2+3) = 3 + 9");
+        assert_eq!(r.take_root(), Some(vec![12.0, -12.0]));
+    }
+
+    /// Gradients whose sums depend on the order of additions (values of very different
+    /// magnitudes), owned by trainers in any way, arriving in any order, some twice.
+    fn setup() -> impl Strategy<Value = (Vec<Vec<f32>>, Vec<u32>, Vec<usize>)> {
+        (1u32..=12, 1usize..=5).prop_flat_map(|(p, len)| {
+            let values = prop::collection::vec(
+                prop::collection::vec(
+                    prop_oneof![-1e8f32..1e8, -1.0f32..1.0, -1e-8f32..1e-8].prop_map(|v| v * 1.000_001),
+                    len,
+                ),
+                p as usize,
+            );
+            let owners = prop::collection::vec(0u32..4, p as usize);
+            let order = Just((0..(2 * p as usize)).collect::<Vec<usize>>()).prop_shuffle();
+            (values, owners, order)
+        })
+    }
+
+    proptest! {
+        /// The promise: the root has the bits of the tree-order sum whatever the ownership
+        /// and the arrival order, duplicates included.
+        #[test]
+        fn the_root_has_the_same_bits_whoever_sends_what_in_any_order((values, owners, order) in setup()) {
+            let p = values.len() as u32;
+            let len = values[0].len();
+            let expected = tree_sum(&values);
+            // Each trainer sums its maximal owned nodes in tree order with a reducer of its own.
+            let mut sent: Vec<(Span, Vec<f32>)> = Vec::new();
+            for t in 0..4 {
+                let owned: BTreeSet<u32> = (0..p).filter(|q| owners[*q as usize] == t).collect();
+                let mut mine = Reducer::new(p, len);
+                for q in &owned {
+                    mine.insert(Span::leaf(*q), values[*q as usize].clone()).unwrap();
+                }
+                for span in maximal_owned(p, &owned) {
+                    sent.push((span, mine.get(&span).expect("a whole owned node is summed").to_vec()));
+                }
+            }
+            // Every message twice (a retransmission), in a shuffled order.
+            let doubled: Vec<&(Span, Vec<f32>)> = sent.iter().chain(sent.iter()).collect();
+            let mut agg = Reducer::new(p, len);
+            for i in order.iter().filter(|i| **i < doubled.len()) {
+                let (span, v) = doubled[*i];
+                agg.insert(*span, v.clone()).unwrap();
+            }
+            for (span, v) in &sent {
+                agg.insert(*span, v.clone()).unwrap();
+            }
+            let root = agg.root().expect("every partition came");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(root), bits(&expected));
+        }
+
+        /// Garbage spans and lengths are refused with an error, never a panic.
+        #[test]
+        fn any_span_is_refused_or_taken_without_a_panic(p in 0u32..20, spans in prop::collection::vec((any::<u32>(), any::<u32>(), 0usize..4), 0..20)) {
+            let mut r = Reducer::new(p, 2);
+            for (lo, hi, len) in spans {
+                let _ = r.insert(Span { lo: lo % 24, hi: hi % 24 }, vec![1.0; len]);
+                let _ = r.insert(Span { lo, hi }, vec![1.0; len]);
+            }
+        }
+    }
+}
