@@ -40,7 +40,8 @@ pub struct AggregatorState {
     span: tracing::Span,
     /// The checkpoint being persisted in the background, if any.
     persisting: Option<Persisting>,
-    /// This actor, woken by the background persist when it is done.
+    /// This actor: woken by the background persist when it is done, and by itself to look
+    /// at the lease again.
     myself: ActorRef<ActorMsg>,
 }
 
@@ -173,12 +174,7 @@ impl AggregatorState {
 
     /// Run `cmds` of a call that may have applied a step (`before`: the step before it):
     /// tell the observer of the commit, and look again later while a step waits for the lease.
-    fn after_step(
-        &mut self,
-        before: u64,
-        cmds: Vec<AggCommand>,
-        myself: &ActorRef<ActorMsg>,
-    ) -> Result<(), ActorProcessingErr> {
+    fn after_step(&mut self, before: u64, cmds: Vec<AggCommand>) -> Result<(), ActorProcessingErr> {
         if self.core.step() > before {
             if let Some(observer) = &self.ctx.observer {
                 let state = self.core.state();
@@ -189,7 +185,7 @@ impl AggregatorState {
         // One look-again at a time, however many messages arrive meanwhile.
         if self.core.waiting_for_lease() && !self.retry_due {
             self.retry_due = true;
-            myself.send_after(LEASE_RETRY, || ActorMsg::Tick);
+            self.myself.send_after(LEASE_RETRY, || ActorMsg::Tick);
         }
         Ok(())
     }
@@ -259,6 +255,14 @@ impl AggregatorState {
         Ok(self.core.on_checkpoint_done())
     }
 
+    /// What a step waiting for its checkpoint or the lease may do now: the checkpoint's news
+    /// first, then the lease as it stands.
+    fn resume_waiting_step(&mut self) -> Result<Vec<AggCommand>, ActorProcessingErr> {
+        let mut cmds = self.poll_checkpoint()?;
+        cmds.extend(self.core.on_lease(self.may_commit()));
+        Ok(cmds)
+    }
+
     /// Wait for the checkpoint being persisted, if any.
     fn flush(&mut self) -> Result<(), ActorProcessingErr> {
         match self.persisting.take() {
@@ -267,12 +271,11 @@ impl AggregatorState {
         }
     }
 
-    fn on_gradient(&mut self, g: Gradient, myself: &ActorRef<ActorMsg>) -> Result<(), ActorProcessingErr> {
+    fn on_gradient(&mut self, g: Gradient) -> Result<(), ActorProcessingErr> {
         let _step = tracing::debug_span!("step", step = g.step, partition = g.partition).entered();
         let before = self.core.step();
-        let mut cmds = self.poll_checkpoint()?;
-        cmds.extend(self.core.on_lease(self.may_commit()));
-        self.after_step(before, cmds, myself)?;
+        let cmds = self.resume_waiting_step()?;
+        self.after_step(before, cmds)?;
         #[cfg(feature = "fault-injection")]
         if g.step == self.core.step() && g.generation == self.core.generation() {
             self.ctx.faults.maybe_panic(self.key, g.step);
@@ -287,7 +290,7 @@ impl AggregatorState {
             Verdict::Accepted | Verdict::Applied => {}
             other => tracing::trace!(range = self.key.index, partition, step, ?other, "gradient ignored"),
         }
-        self.after_step(before, cmds, myself)
+        self.after_step(before, cmds)
     }
 
     fn restart_core(&mut self, generation: u64, restore: Option<u64>) -> Result<(), ActorProcessingErr> {
@@ -327,17 +330,17 @@ impl Actor for AggregatorActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<ActorMsg>,
+        _myself: ActorRef<ActorMsg>,
         msg: ActorMsg,
         state: &mut AggregatorState,
     ) -> Result<(), ActorProcessingErr> {
         let span = state.span.clone();
-        span.in_scope(|| state.on_message(msg, &myself))
+        span.in_scope(|| state.on_message(msg))
     }
 }
 
 impl AggregatorState {
-    fn on_message(&mut self, msg: ActorMsg, myself: &ActorRef<ActorMsg>) -> Result<(), ActorProcessingErr> {
+    fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
             ActorMsg::Net(msg) => msg,
             // A step waits for the lease or for a checkpoint being written: look again (the
@@ -346,18 +349,17 @@ impl AggregatorState {
                 self.retry_due = false;
                 let before = self.core.step();
                 return super::compute(self.ctx.model.num_params(), || {
-                    let mut cmds = self.poll_checkpoint()?;
-                    cmds.extend(self.core.on_lease(self.may_commit()));
-                    self.after_step(before, cmds, myself)
+                    let cmds = self.resume_waiting_step()?;
+                    self.after_step(before, cmds)
                 });
             }
         };
         match msg {
             // A gradient may complete a step: the optimizer runs off the tokio workers.
-            Msg::Gradient(g) => super::compute(self.ctx.model.num_params(), || self.on_gradient(g, myself)),
-            Msg::Gradients(gs) => super::compute(self.ctx.model.num_params(), || {
-                gs.into_iter().try_for_each(|g| self.on_gradient(g, myself))
-            }),
+            Msg::Gradient(g) => super::compute(self.ctx.model.num_params(), || self.on_gradient(g)),
+            Msg::Gradients(gs) => {
+                super::compute(self.ctx.model.num_params(), || gs.into_iter().try_for_each(|g| self.on_gradient(g)))
+            }
             Msg::ParamsRequest { trainer, step, .. } => {
                 let cmds = self.core.on_params_request(trainer, step);
                 self.run(cmds)

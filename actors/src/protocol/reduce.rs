@@ -139,13 +139,6 @@ pub fn maximal_owned(partitions: u32, owned: &BTreeSet<u32>) -> Vec<Span> {
     out
 }
 
-/// A partial sum: the element-wise sum, in tree order, of the gradients of a span's partitions.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PartialSum {
-    /// The summed values.
-    pub values: Vec<f32>,
-}
-
 /// What [`Reducer::insert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inserted {
@@ -176,15 +169,6 @@ pub enum ReduceError {
         /// What came.
         got: usize,
     },
-    /// It overlaps a node already in without covering it or lying inside it — impossible for
-    /// two nodes of one tree, so a sender's bug or garbage.
-    #[error("{span} overlaps {held} already received")]
-    Overlap {
-        /// The span.
-        span: Span,
-        /// The node it overlaps.
-        held: Span,
-    },
 }
 
 /// The sums received for one step, reduced in tree order as they come.
@@ -192,8 +176,9 @@ pub enum ReduceError {
 pub struct Reducer {
     partitions: u32,
     len: usize,
-    /// Disjoint tree nodes, none of which has its sibling here (siblings are added at once).
-    held: BTreeMap<Span, PartialSum>,
+    /// Disjoint tree nodes and the tree-order sums of their partitions; none has its sibling
+    /// here (siblings are added at once).
+    held: BTreeMap<Span, Vec<f32>>,
 }
 
 impl Reducer {
@@ -210,25 +195,25 @@ impl Reducer {
         if values.len() != self.len {
             return Err(ReduceError::Length { span, expected: self.len, got: values.len() });
         }
+        // Two nodes of one tree are nested or disjoint: a held node overlapping `span` either
+        // covers it (a duplicate) or lies inside it.
         let overlapping: Vec<Span> = self.held.keys().filter(|h| h.overlaps(&span)).copied().collect();
         if overlapping.iter().any(|h| h.covers(&span)) {
             return Ok(Inserted::Duplicate);
         }
-        if let Some(held) = overlapping.iter().find(|h| !span.covers(h)) {
-            return Err(ReduceError::Overlap { span, held: *held });
-        }
         // A larger node replaces the smaller ones it covers: its sum of them has the same bits.
         for h in overlapping {
+            debug_assert!(span.covers(&h), "tree nodes nest");
             self.held.remove(&h);
         }
         let mut node = span;
-        let mut sum = PartialSum { values };
+        let mut sum = values;
         // Add siblings while both are in.
         while let Some(parent) = node.parent(self.partitions) {
             let (left, right) = parent.split().expect("a parent has two children");
             let sibling = if node == left { right } else { left };
             let Some(other) = self.held.remove(&sibling) else { break };
-            for (a, b) in sum.values.iter_mut().zip(&other.values) {
+            for (a, b) in sum.iter_mut().zip(&other) {
                 *a += *b;
             }
             node = parent;
@@ -242,14 +227,9 @@ impl Reducer {
         self.held.keys()
     }
 
-    /// Whether `span` is covered by what was received.
-    pub fn covers(&self, span: &Span) -> bool {
-        self.held.keys().any(|h| h.covers(span))
-    }
-
     /// The sum of `span` if it is held as one node (a whole owned subtree is complete).
     pub fn get(&self, span: &Span) -> Option<&[f32]> {
-        self.held.get(span).map(|s| s.values.as_slice())
+        self.held.get(span).map(Vec::as_slice)
     }
 
     /// The sum over every partition, once every part is in.
@@ -259,35 +239,35 @@ impl Reducer {
 
     /// Take the root's sum, once every part is in.
     pub fn take_root(&mut self) -> Option<Vec<f32>> {
-        self.held.remove(&Span::root(self.partitions)).map(|s| s.values)
+        self.held.remove(&Span::root(self.partitions))
     }
-}
-
-/// The tree-order sum of one gradient per partition, computed directly (the reference the
-/// tests hold the reducer to).
-pub fn tree_sum(gradients: &[Vec<f32>]) -> Vec<f32> {
-    fn sum(node: Span, gradients: &[Vec<f32>]) -> Vec<f32> {
-        match node.split() {
-            None => gradients[node.lo as usize].clone(),
-            Some((left, right)) => {
-                let mut out = sum(left, gradients);
-                for (a, b) in out.iter_mut().zip(sum(right, gradients)) {
-                    *a += b;
-                }
-                out
-            }
-        }
-    }
-    if gradients.is_empty() {
-        return Vec::new();
-    }
-    sum(Span::root(gradients.len() as u32), gradients)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The tree-order sum of one gradient per partition, computed directly (the reference the
+    /// tests hold the reducer to).
+    fn tree_sum(gradients: &[Vec<f32>]) -> Vec<f32> {
+        fn sum(node: Span, gradients: &[Vec<f32>]) -> Vec<f32> {
+            match node.split() {
+                None => gradients[node.lo as usize].clone(),
+                Some((left, right)) => {
+                    let mut out = sum(left, gradients);
+                    for (a, b) in out.iter_mut().zip(sum(right, gradients)) {
+                        *a += b;
+                    }
+                    out
+                }
+            }
+        }
+        if gradients.is_empty() {
+            return Vec::new();
+        }
+        sum(Span::root(gradients.len() as u32), gradients)
+    }
 
     fn nodes(partitions: u32) -> Vec<Span> {
         fn walk(node: Span, out: &mut Vec<Span>) {
