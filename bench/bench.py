@@ -778,7 +778,7 @@ def markdown(result):
         f"compared; the step time does not depend on it), f32; seed {SEED}.",
         "- **Processes:** Phalanx: `phalanx train --trainers 1` for 1 worker, `phalanx local --nodes N --trainers N` "
         "for N (node 0 also hosts the aggregators); DDP: N processes, `torch.distributed` gloo, "
-        "`DistributedDataParallel`, rank r owning the partitions p ≡ r (mod N) as Phalanx's trainers do. "
+        "`DistributedDataParallel`, rank r owning the partitions ⌊rP/N⌋ .. ⌊(r+1)P/N⌋ as Phalanx's trainers do. "
         "One compute thread per process (`torch.set_num_threads(1)`, `OMP/OPENBLAS_NUM_THREADS=1`; Phalanx's "
         "maths is single-threaded `matrixmultiply`, its tokio runtime keeps its default worker threads for messages).",
         f"- **Method:** ms/step = (wall of the long run − wall of the short run) / (extra steps), which cancels "

@@ -6,7 +6,7 @@
     ddp.py elastic ARGS               one rank under torchrun: checkpoints every K steps and
                                       resumes from the newest one after a restart
 
-Each rank owns the partitions p with p % N == rank (Phalanx's round-robin assignment), feeds
+Each rank owns the contiguous partitions ⌊rP/N⌋ .. ⌊(r+1)P/N⌋ (Phalanx's assignment), feeds
 their rows of every step from the plan file (`workload.write_plan`, the batches Phalanx feeds),
 sums the per-sample cross-entropy, scales it by N / (rows in the step) so that DDP's average
 over ranks is Phalanx's gradient (sum over the global batch / its size), and applies plain SGD
@@ -126,7 +126,7 @@ def train(rank, world, args, elastic=False):
     plan = Plan(args.plan)
     if plan.steps < args.steps:
         raise SystemExit(f"{args.plan}: {plan.steps} steps planned, {args.steps} asked")
-    owned = [p for p in range(plan.partitions) if p % world == rank]
+    owned = workload.owned_partitions(plan.partitions, world, rank)
 
     tensors = workload.read_safetensors(args.init)
     params = {}

@@ -223,6 +223,16 @@ def write_plan(path, parts, epochs):
         out.tofile(f)
 
 
+def owned_partitions(partitions, workers, rank):
+    """The partitions Phalanx's trainer `rank` of `workers` owns (`JobPlan::contiguous`):
+    floor(rank*P/T) .. floor((rank+1)*P/T) with T = min(workers, P), so whole subtrees of the
+    reduction tree stay with one worker."""
+    t = max(1, min(workers, max(partitions, 1)))
+    if rank >= t:
+        return []
+    return list(range(rank * partitions // t, (rank + 1) * partitions // t))
+
+
 def mlp_layout(inputs, hidden, outputs):
     """Phalanx's MLP tensors in flat order: name, shape (row-major)."""
     return [("w1", [inputs, hidden]), ("b1", [hidden]), ("w2", [hidden, outputs]), ("b2", [outputs])]

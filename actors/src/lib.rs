@@ -21,8 +21,8 @@
 //!   harness and the tests enable it).
 //!
 //! ```text
-//!   ShardActor(p) ──Batch(p,s)──▶ TrainerActor ──Gradient(s,p) ranges──▶ AggregatorActor(r)
-//!                                      ▲                                     │ Σ_p in partition order,
+//!   ShardActor(p) ──Batch(p,s)──▶ TrainerActor ──Gradient(s, subtree) ranges──▶ AggregatorActor(r)
+//!                                      ▲                                     │ Σ_p in tree order,
 //!                                      └────────────── Params θ_{s+1} ───────┘ optimizer, checkpoint
 //! ```
 //!

@@ -287,7 +287,7 @@ impl PreparedJob {
         let policy = self.config.restart_policy();
         JobPlan {
             job,
-            assignment: JobPlan::round_robin(self.config.partitions, self.config.trainers),
+            assignment: JobPlan::contiguous(self.config.partitions, self.config.trainers),
             trainers: self.config.trainers,
             ranges: self.ranges(),
             schedule: self.schedule,
@@ -359,36 +359,50 @@ impl PreparedJob {
 
     /// Train with a plain loop — no actors, no messages — computing exactly
     /// what the protocol computes: per step, each partition's summed
-    /// gradient in partition order, divided by the sample count, one
+    /// gradient, added in the fixed reduction tree over partitions (see
+    /// [`phalanx_actors::protocol::reduce`]; written out here as a recursion of its own,
+    /// not with the protocol's reducer), divided by the sample count, one
     /// optimizer step. The actors must match it bit for bit; the benchmark
     /// measures their overhead against it.
     pub fn reference_params(&self) -> Result<Vec<f32>, Error> {
+        use phalanx_actors::protocol::reduce::Span;
+        /// Leave the tree-order sum of `node`'s gradients in `grads[node.lo]`.
+        fn tree_sum(node: Span, grads: &mut [Vec<f32>]) {
+            let Some((left, right)) = node.split() else { return };
+            tree_sum(left, grads);
+            tree_sum(right, grads);
+            let (head, tail) = grads.split_at_mut(right.lo as usize);
+            for (a, b) in head[left.lo as usize].iter_mut().zip(&tail[0]) {
+                *a += *b;
+            }
+        }
         let n = self.model.num_params();
         let mut params = self.model.init_params(self.config.seed);
         let mut opt: OptimizerState = self.optimizer.new_state(n);
-        let mut grad = vec![0.0f32; n];
-        let mut sum = vec![0.0f32; n];
-        let mut feeds = (0..self.partitions.count()).map(|p| self.partitions.feed(p)).collect::<Result<Vec<_>, _>>()?;
+        let partitions = self.partitions.count();
+        let mut grads = vec![vec![0.0f32; n]; partitions as usize];
+        let mut feeds = (0..partitions).map(|p| self.partitions.feed(p)).collect::<Result<Vec<_>, _>>()?;
         for step in 0..self.schedule.total_steps() {
             let (epoch, k) = self.schedule.locate(step);
-            sum.iter_mut().for_each(|v| *v = 0.0);
             let mut samples = 0u64;
-            for feed in &mut feeds {
+            for (feed, grad) in feeds.iter_mut().zip(&mut grads) {
                 let rows = feed.batch(epoch, k)?;
                 let (x, y) = self.data.train.rows(rows)?;
                 let targets = match &y {
                     OwnedTargets::Real(v) => Targets::Real(v),
                     OwnedTargets::Class(v) => Targets::Class(v),
                 };
-                self.model.loss_grad(&params, x.view(), targets, &mut grad)?;
-                for (s, g) in sum.iter_mut().zip(&grad) {
-                    *s += *g;
-                }
+                self.model.loss_grad(&params, x.view(), targets, grad)?;
                 samples += x.nrows() as u64;
             }
+            if partitions == 0 {
+                break;
+            }
+            tree_sum(Span::root(partitions), &mut grads);
+            let sum = &mut grads[0];
             let scale = 1.0f32 / samples as f32;
             sum.iter_mut().for_each(|v| *v *= scale);
-            self.optimizer.step(&mut opt, &mut params, &sum).expect("state sized for the vector");
+            self.optimizer.step(&mut opt, &mut params, sum).expect("state sized for the vector");
         }
         Ok(params)
     }

@@ -28,7 +28,7 @@ async fn poison_shard_fails_the_job_naming_partition_and_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_trainer_fails_the_job_naming_its_partitions() {
     let e = poisoned("trainer:1@5x*").await;
-    assert!(e.contains("trainer 1 (partitions 1, 3, 5, 7)"), "{e}");
+    assert!(e.contains("trainer 1 (partitions 4, 5, 6, 7)"), "{e}");
     assert!(e.contains("at step 5"), "{e}");
 }
 

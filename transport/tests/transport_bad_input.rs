@@ -83,9 +83,10 @@ async fn an_oversize_length_prefix_is_refused_before_the_body() {
 #[tokio::test]
 async fn a_frame_of_another_version_is_refused() {
     let mut frame = encode(&Control::Bye, &[], &Limits::default()).expect("encode");
-    frame[PREFIX_BYTES] = 2;
+    // A node of the previous version (1: one gradient per partition).
+    frame[PREFIX_BYTES] = 1;
     let code = DecodeError::CODE_UNSUPPORTED_VERSION;
-    assert_eq!(member_sends(frame, "version 2 frame").await, (code, code));
+    assert_eq!(member_sends(frame, "version 1 frame").await, (code, code));
 }
 
 #[tokio::test]
@@ -189,8 +190,8 @@ async fn a_hello_claiming_another_node_id_than_the_certificate_is_refused() {
 
 #[tokio::test]
 async fn garbage_instead_of_a_hello_is_refused() {
-    // Version 1, then a header length of 4 GiB - 1 and junk.
-    let body = [&[1u8, 0][..], &[0xff; 14]].concat();
+    // The current version, then a header length of 4 GiB - 1 and junk.
+    let body = [&PROTOCOL_VERSION.to_le_bytes()[..], &[0xff; 14]].concat();
     let garbage = [&(body.len() as u32).to_le_bytes()[..], &body].concat();
     member_says_hello(garbage, DecodeError::CODE_HEADER_TOO_LARGE).await;
 }

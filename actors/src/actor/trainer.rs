@@ -67,6 +67,7 @@ impl Actor for TrainerActor {
             ranges: ctx.plan.ranges.clone(),
             schedule: ctx.plan.schedule,
             features: ctx.train.features(),
+            partitions: ctx.plan.assignment.len() as u32,
         };
         let span = tracing::info_span!(parent: &ctx.span, "trainer", trainer = index);
         let core = TrainerCore::new(setup, ctx.model.clone(), generation, ctx.plan.partitions_of(index));

@@ -1,8 +1,9 @@
 //! Models: the maths a trainer runs on one batch.
 //!
 //! A model is a pure function of one flat parameter vector `θ` and a batch. The trainer that owns
-//! partition `p` calls [`Model::loss_grad`] on `θ_s`; the aggregator adds the gradients of all
-//! partitions in partition order and hands the sum to the optimizer ([`crate::optim`]).
+//! partition `p` calls [`Model::loss_grad`] on `θ_s`; the gradients of all partitions are added
+//! in a fixed reduction tree ([`crate::protocol::reduce`]) — by the trainers for the subtrees they
+//! own, by the aggregator above them — and the sum goes to the optimizer ([`crate::optim`]).
 //!
 //! ```text
 //!  θ_s: &[f32] ─────┐
@@ -239,7 +240,7 @@ pub struct TensorInfo {
 /// Phalanx promises that a run that survives failures ends with the same `f32` bits as the run
 /// without them, and that the number of trainers, aggregators or nodes does not change a bit
 /// either. A restarted trainer recomputes a gradient on another node, maybe in another
-/// process; the aggregator adds what it gets in partition order. The promise therefore holds
+/// process; the gradients are added in a fixed tree order. The promise therefore holds
 /// only for a model that keeps this one:
 ///
 /// * **Same inputs, same bits.** [`init_params`](Model::init_params) is a pure function of the

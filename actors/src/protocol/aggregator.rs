@@ -1,20 +1,22 @@
 //! The aggregator's protocol core (sans-IO).
 //!
 //! One aggregator owns the contiguous range `[offset, offset + len)` of the
-//! flat parameter vector. At version `step` it waits for the range of
-//! `g(step, p)` from every partition `p`, then sums them **in partition
-//! order** (a fixed floating-point order, so the sum does not depend on which
-//! trainer answered first), divides by the number of samples, applies the
-//! optimizer and publishes version `step + 1`.
+//! flat parameter vector. At version `step` it waits for the range of the
+//! gradient of every partition — one partition's gradient, or a trainer's
+//! partial sum over a node of the reduction tree whose partitions it owns —
+//! and adds them **in the fixed tree order** of [`super::reduce`] (so the sum
+//! does not depend on which trainer computed what or answered first), divides
+//! by the number of samples, applies the optimizer and publishes version
+//! `step + 1`.
 //!
 //! ```text
-//!   Gradient(step, p) ──▶ [ pending[p] ] ──all P present──▶ Σ_p in order ─▶ optimizer ─▶ Publish(step+1)
-//!        │ duplicate / stale / future / other generation
+//!   Gradient(step, span) ──▶ [ Reducer: siblings added as they come ] ──root complete──▶ optimizer ─▶ Publish(step+1)
+//!        │ covered already (duplicate) / stale / future / other generation
 //!        └──────────────▶ dropped (counted)
 //! ```
 //!
-//! Because a contribution is keyed by `(generation, step, partition)` and a
-//! second copy is ignored, replays after a failure are idempotent, and the
+//! Because a contribution is keyed by `(generation, step, span)` and one a held
+//! node covers is ignored, replays after a failure are idempotent, and the
 //! per-epoch ledger counts every sample exactly once (finished epochs are
 //! folded into counts, see [`Ledger`], so it does not grow with the job).
 
@@ -22,6 +24,7 @@ use crate::optim::{OptimizerSpec, OptimizerState};
 
 use super::ledger::Ledger;
 use super::msg::{Gradient, JobId, Msg, Params};
+use super::reduce::{Partial, Reducer, Span};
 use super::{Addr, Schedule};
 
 /// What an aggregator is responsible for; fixed for its lifetime.
@@ -117,7 +120,7 @@ pub enum Verdict {
     Accepted,
     /// Stored, and it completed the step, which was applied.
     Applied,
-    /// `(step, partition)` was already held: a replay, ignored.
+    /// A node covering its partitions at this step was already held: a replay, ignored.
     Duplicate,
     /// For a step already applied: ignored.
     Stale,
@@ -146,12 +149,6 @@ pub struct AggStats {
     pub malformed: u64,
 }
 
-struct Pending {
-    samples: u32,
-    loss_sum: f64,
-    values: Vec<f32>,
-}
-
 /// The aggregator's state machine. Feed it events; carry out the commands.
 pub struct AggregatorCore {
     setup: AggregatorSetup,
@@ -161,8 +158,10 @@ pub struct AggregatorCore {
     /// restarted after sending only part of a gradient can still rebuild the
     /// full θ of the step the other ranges wait for.
     previous: Option<(u64, Vec<f32>)>,
-    pending: Vec<Option<Pending>>,
-    pending_count: u32,
+    /// The gradient sums received for the current step.
+    pending: Reducer<Partial>,
+    /// Per partition, the samples counted in the current step (the ledger's row of it).
+    counted: Vec<u64>,
     stats: AggStats,
     /// The coordinator holds its lease (see [`AggregatorCore::on_lease`]).
     lease: bool,
@@ -185,14 +184,15 @@ impl AggregatorCore {
         // A checkpoint written before epochs were folded holds finished epochs as rows.
         let (epoch, _) = setup.schedule.locate(state.step);
         state.ledger.close_before(u64::from(epoch), &setup.partition_sizes);
-        let pending = (0..setup.partitions).map(|_| None).collect();
+        let pending = Reducer::new(setup.partitions, setup.len);
+        let counted = vec![0; setup.partitions as usize];
         Self {
             setup,
             generation,
             state,
             previous: None,
             pending,
-            pending_count: 0,
+            counted,
             stats: AggStats::default(),
             lease: true,
             awaiting_checkpoint: None,
@@ -307,10 +307,10 @@ impl AggregatorCore {
         let verdict = self.classify(&g);
         #[cfg(feature = "fault-injection")]
         if verdict == Verdict::Duplicate && self.accept_duplicates {
-            if let Some(p) = self.pending[g.partition as usize].as_mut() {
-                p.samples += g.samples;
-                p.values.iter_mut().zip(&g.values).for_each(|(a, b)| *a += *b);
-            }
+            let span = g.span();
+            self.count(span, true);
+            let part = Partial { values: g.values, samples: u64::from(g.samples), loss_sum: g.loss_sum };
+            self.pending.add_duplicate(&span, &part);
             return (Verdict::Accepted, Vec::new());
         }
         if verdict != Verdict::Accepted {
@@ -324,13 +324,28 @@ impl AggregatorCore {
             }
             return (verdict, Vec::new());
         }
-        let p = g.partition as usize;
-        self.pending[p] = Some(Pending { samples: g.samples, loss_sum: g.loss_sum, values: g.values });
-        self.pending_count += 1;
-        if self.pending_count < self.setup.partitions || !self.lease || self.awaiting_checkpoint.is_some() {
+        let span = g.span();
+        let part = Partial { values: g.values, samples: u64::from(g.samples), loss_sum: g.loss_sum };
+        if let Err(e) = self.pending.insert(span, part) {
+            // `classify` checked the node and the length: unreachable, but a peer's input.
+            self.stats.malformed += 1;
+            return (Verdict::Malformed(e.to_string()), Vec::new());
+        }
+        self.count(span, false);
+        if !(self.lease && self.waiting_for_lease()) {
             return (Verdict::Accepted, Vec::new());
         }
         (Verdict::Applied, self.apply())
+    }
+
+    /// Count the samples of `span`'s partitions in the current step: set (a larger node
+    /// replacing smaller ones counts the same samples), or added by the broken mode.
+    fn count(&mut self, span: Span, add: bool) {
+        for p in span.lo..span.hi {
+            let n = self.setup.chunk_len(p, self.state.step);
+            let c = &mut self.counted[p as usize];
+            *c = if add { c.saturating_add(n) } else { n };
+        }
     }
 
     /// The checkpoint of the last [`AggCommand::Checkpoint`] is durable, or failed to be
@@ -376,7 +391,7 @@ impl AggregatorCore {
 
     /// True while a complete step waits for the lease (and for nothing else).
     pub fn waiting_for_lease(&self) -> bool {
-        self.pending_count == self.setup.partitions && self.setup.partitions > 0 && self.awaiting_checkpoint.is_none()
+        self.pending.root().is_some() && self.awaiting_checkpoint.is_none()
     }
 
     fn classify(&self, g: &Gradient) -> Verdict {
@@ -395,16 +410,22 @@ impl AggregatorCore {
         if g.step > self.state.step {
             return Verdict::Future;
         }
+        let span = g.span();
         if g.partition >= self.setup.partitions {
             return Verdict::Malformed(format!(
                 "partition {} out of range (job has {} partitions)",
                 g.partition, self.setup.partitions
             ));
         }
+        if !span.is_node(self.setup.partitions) {
+            return Verdict::Malformed(format!(
+                "step {}: {span} is not a node of the reduction tree over {} partitions",
+                g.step, self.setup.partitions
+            ));
+        }
         if g.offset != self.setup.offset as u64 || g.values.len() != self.setup.len {
             return Verdict::Malformed(format!(
-                "partition {} step {}: range [{}, +{}) does not match aggregator range {} [{}, +{})",
-                g.partition,
+                "{span} step {}: range [{}, +{}) does not match aggregator range {} [{}, +{})",
                 g.step,
                 g.offset,
                 g.values.len(),
@@ -413,14 +434,14 @@ impl AggregatorCore {
                 self.setup.len
             ));
         }
-        let expected = self.setup.chunk_len(g.partition, g.step);
+        let expected: u64 = (span.lo..span.hi).map(|p| self.setup.chunk_len(p, g.step)).sum();
         if u64::from(g.samples) != expected {
             return Verdict::Malformed(format!(
-                "partition {} step {}: {} samples, but its batch has {}",
-                g.partition, g.step, g.samples, expected
+                "{span} step {}: {} samples, but its batches have {}",
+                g.step, g.samples, expected
             ));
         }
-        if self.pending[g.partition as usize].is_some() {
+        if self.pending.covers(&span) {
             return Verdict::Duplicate;
         }
         Verdict::Accepted
@@ -429,30 +450,25 @@ impl AggregatorCore {
     fn apply(&mut self) -> Vec<AggCommand> {
         let step = self.state.step;
         let (epoch, _) = self.setup.schedule.locate(step);
-        let mut sum = vec![0.0f32; self.setup.len];
-        let mut samples: u64 = 0;
-        let mut loss_sum = 0.0f64;
         let partitions = self.setup.partitions as usize;
         let broken = self.accepts_duplicates();
-        // Partition order, always: float addition is not associative, and this
-        // fixed order is what makes the result independent of arrival order.
-        for (p, slot) in self.pending.iter_mut().enumerate() {
-            let Some(part) = slot.take() else {
-                unreachable!("apply with partition {p} missing");
-            };
-            for (acc, v) in sum.iter_mut().zip(&part.values) {
-                *acc += *v;
-            }
-            samples += u64::from(part.samples);
-            loss_sum += part.loss_sum;
-            let applied = self.state.ledger.add(u64::from(epoch), partitions, p, u64::from(part.samples));
+        // The tree-order sum: float addition is not associative, and this fixed
+        // order is what makes the result independent of placement and arrival order.
+        let Some(Partial { values: mut sum, loss_sum, .. }) = self.pending.take_root() else {
+            unreachable!("apply with partitions missing");
+        };
+        self.pending.clear();
+        let mut samples: u64 = 0;
+        for p in 0..partitions {
+            let n = std::mem::take(&mut self.counted[p]);
+            samples += n;
+            let applied = self.state.ledger.add(u64::from(epoch), partitions, p, n);
             assert!(
                 broken || applied <= self.setup.partition_sizes[p],
                 "exactly-once violated: epoch {epoch} partition {p} applied {applied} > {} samples",
                 self.setup.partition_sizes[p]
             );
         }
-        self.pending_count = 0;
         let scale = 1.0f32 / samples as f32;
         for v in &mut sum {
             *v *= scale;

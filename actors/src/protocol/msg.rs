@@ -11,6 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::ledger::Ledger;
+use super::reduce::Span;
 
 /// Identifies one training job; every message carries it so that two jobs
 /// sharing a node or a connection can never mix their contributions.
@@ -93,7 +94,10 @@ pub struct Params {
     pub values: Vec<f32>,
 }
 
-/// One range of the gradient `g(step, partition)`, sent by a trainer.
+/// One range of a gradient sum at `step`, sent by a trainer: the gradient of one partition's
+/// batch, or the sum over the partitions `partition .. partition + partitions` — a node of the
+/// reduction tree (see [`super::reduce`]) whose partitions the trainer all owns, summed in
+/// tree order.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Gradient {
     /// The job.
@@ -102,16 +106,25 @@ pub struct Gradient {
     pub generation: u64,
     /// The step (parameter version) the gradient was computed on.
     pub step: u64,
-    /// The partition whose batch produced it.
+    /// The first partition whose batch produced it.
     pub partition: u32,
-    /// Number of samples in the batch (the gradient is their sum).
+    /// How many partitions it sums, from `partition` on (1: one partition's gradient).
+    pub partitions: u32,
+    /// Number of samples in the batches (the gradient is their sum).
     pub samples: u32,
-    /// Sum of the per-sample losses of the batch.
+    /// Sum of the per-sample losses of the batches (in tree order).
     pub loss_sum: f64,
     /// Offset of `values` in the flat parameter vector.
     pub offset: u64,
     /// The gradient values of the range.
     pub values: Vec<f32>,
+}
+
+impl Gradient {
+    /// The node of the reduction tree it sums.
+    pub fn span(&self) -> Span {
+        Span { lo: self.partition, hi: self.partition.saturating_add(self.partitions) }
+    }
 }
 
 /// Targets of a batch.
@@ -187,7 +200,7 @@ pub enum Msg {
     /// Shard → trainer: consecutive batches of one partition.
     Batches(Vec<Batch>),
     /// Trainer → aggregator: several gradient ranges for the aggregator's
-    /// range (one per partition the trainer computed), in one message.
+    /// range (one per tree node the trainer summed), in one message.
     Gradients(Vec<Gradient>),
     /// Job → trainer: the shard of `partition` (re)started; re-send requests.
     ShardReady {

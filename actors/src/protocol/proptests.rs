@@ -83,12 +83,13 @@ fn any_job() -> impl Strategy<Value = JobId> {
 }
 
 fn gradient() -> impl Strategy<Value = Gradient> {
-    (any_job(), any_u64(), any_u64(), any_u32(), any_u32(), any_f64(), any_u64(), tensor()).prop_map(
-        |(job, generation, step, partition, samples, loss_sum, offset, values)| Gradient {
+    (any_job(), any_u64(), any_u64(), any_u32(), any_u32(), any_u32(), any_f64(), any_u64(), tensor()).prop_map(
+        |(job, generation, step, partition, partitions, samples, loss_sum, offset, values)| Gradient {
             job,
             generation,
             step,
             partition,
+            partitions,
             samples,
             loss_sum,
             offset,
@@ -192,6 +193,7 @@ fn good_gradient() -> impl Strategy<Value = Msg> {
             generation: 0,
             step,
             partition,
+            partitions: 1,
             samples: 2,
             loss_sum: 1.0,
             offset: 2,
@@ -238,7 +240,7 @@ fn trainer() -> TrainerCore {
     let spec = ModelSpec { kind: ModelKind::Linear, inputs: 2, outputs: 1, hidden: 0, head: Head::Regression };
     let model: Arc<dyn crate::model::Model> = Arc::from(model::build(&spec).unwrap());
     let schedule = Schedule { steps_per_epoch: 2, epochs: 2 };
-    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule, features: 2 };
+    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule, features: 2, partitions: 8 };
     TrainerCore::new(setup, model, 0, vec![0, 2])
 }
 

@@ -139,6 +139,49 @@ pub fn maximal_owned(partitions: u32, owned: &BTreeSet<u32>) -> Vec<Span> {
     out
 }
 
+/// What a [`Reducer`] sums: anything whose parts are added element by element.
+pub trait Summand {
+    /// Its width (a reducer refuses a part of another width).
+    fn width(&self) -> usize;
+    /// `self += other`, element by element, `self` on the left.
+    fn add(&mut self, other: &Self);
+}
+
+impl Summand for Vec<f32> {
+    fn width(&self) -> usize {
+        self.len()
+    }
+    fn add(&mut self, other: &Self) {
+        for (a, b) in self.iter_mut().zip(other) {
+            *a += *b;
+        }
+    }
+}
+
+/// The sum of a tree node's gradients and what goes with it: the samples they were computed
+/// on and the sum of those samples' losses (added in tree order too, so the reported loss has
+/// the same bits whoever computed what).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Partial {
+    /// The gradient sum (of one parameter range, or of the whole vector in a trainer).
+    pub values: Vec<f32>,
+    /// Samples summed.
+    pub samples: u64,
+    /// Sum of their losses.
+    pub loss_sum: f64,
+}
+
+impl Summand for Partial {
+    fn width(&self) -> usize {
+        self.values.len()
+    }
+    fn add(&mut self, other: &Self) {
+        self.values.add(&other.values);
+        self.samples = self.samples.saturating_add(other.samples);
+        self.loss_sum += other.loss_sum;
+    }
+}
+
 /// What [`Reducer::insert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inserted {
@@ -173,53 +216,84 @@ pub enum ReduceError {
 
 /// The sums received for one step, reduced in tree order as they come.
 #[derive(Clone, Debug)]
-pub struct Reducer {
+pub struct Reducer<T = Vec<f32>> {
     partitions: u32,
     len: usize,
     /// Disjoint tree nodes and the tree-order sums of their partitions; none has its sibling
     /// here (siblings are added at once).
-    held: BTreeMap<Span, Vec<f32>>,
+    held: BTreeMap<Span, T>,
 }
 
-impl Reducer {
-    /// A reducer of vectors of `len` values over `partitions` partitions.
+impl<T: Summand> Reducer<T> {
+    /// A reducer of parts of width `len` over `partitions` partitions.
     pub fn new(partitions: u32, len: usize) -> Self {
         Self { partitions, len, held: BTreeMap::new() }
     }
 
-    /// Take the sum of `span`'s partitions.
-    pub fn insert(&mut self, span: Span, values: Vec<f32>) -> Result<Inserted, ReduceError> {
+    /// Why `span` with a part of width `width` cannot be taken, if it cannot.
+    pub fn check(&self, span: Span, width: usize) -> Result<(), ReduceError> {
         if !span.is_node(self.partitions) {
             return Err(ReduceError::NotANode { span, partitions: self.partitions });
         }
-        if values.len() != self.len {
-            return Err(ReduceError::Length { span, expected: self.len, got: values.len() });
+        if width != self.len {
+            return Err(ReduceError::Length { span, expected: self.len, got: width });
         }
-        // Two nodes of one tree are nested or disjoint: a held node overlapping `span` either
-        // covers it (a duplicate) or lies inside it.
-        let overlapping: Vec<Span> = self.held.keys().filter(|h| h.overlaps(&span)).copied().collect();
-        if overlapping.iter().any(|h| h.covers(&span)) {
+        Ok(())
+    }
+
+    /// Whether a held node covers `span` (inserting it would be a duplicate).
+    pub fn covers(&self, span: &Span) -> bool {
+        self.covering(span).is_some()
+    }
+
+    fn covering(&self, span: &Span) -> Option<Span> {
+        // Held nodes are disjoint and ordered by `lo`: only the last one starting at or before
+        // `span.lo` can cover it.
+        let (held, _) = self.held.range(..=Span { lo: span.lo, hi: u32::MAX }).next_back()?;
+        held.covers(span).then_some(*held)
+    }
+
+    /// Take the sum of `span`'s partitions.
+    pub fn insert(&mut self, span: Span, part: T) -> Result<Inserted, ReduceError> {
+        self.check(span, part.width())?;
+        if self.covers(&span) {
             return Ok(Inserted::Duplicate);
         }
-        // A larger node replaces the smaller ones it covers: its sum of them has the same bits.
-        for h in overlapping {
+        // Two nodes of one tree are nested or disjoint: a held node overlapping `span` and not
+        // covering it lies inside it. A larger node replaces the smaller ones it covers: its sum
+        // of them has the same bits.
+        let inside: Vec<Span> =
+            self.held.range(Span { lo: span.lo, hi: 0 }..).map(|(h, _)| *h).take_while(|h| h.lo < span.hi).collect();
+        for h in inside {
             debug_assert!(span.covers(&h), "tree nodes nest");
             self.held.remove(&h);
         }
         let mut node = span;
-        let mut sum = values;
-        // Add siblings while both are in.
+        let mut sum = part;
+        // Add siblings while both are in (addition is commutative, bit for bit: which side is
+        // on the left does not matter; which nodes are added does).
         while let Some(parent) = node.parent(self.partitions) {
             let (left, right) = parent.split().expect("a parent has two children");
             let sibling = if node == left { right } else { left };
             let Some(other) = self.held.remove(&sibling) else { break };
-            for (a, b) in sum.iter_mut().zip(&other) {
-                *a += *b;
-            }
+            sum.add(&other);
             node = parent;
         }
         self.held.insert(node, sum);
         Ok(Inserted::Taken)
+    }
+
+    /// Add `part` to the held node covering `span`, as if it were new: what a broken
+    /// aggregator that applies duplicates does. Exists only so the chaos tests can prove their
+    /// checkers catch it. Only with the cargo feature `fault-injection`.
+    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
+    pub fn add_duplicate(&mut self, span: &Span, part: &T) {
+        if let Some(held) = self.covering(span) {
+            if let Some(sum) = self.held.get_mut(&held) {
+                sum.add(part);
+            }
+        }
     }
 
     /// The nodes held, left to right (disjoint; none with its sibling).
@@ -228,18 +302,28 @@ impl Reducer {
     }
 
     /// The sum of `span` if it is held as one node (a whole owned subtree is complete).
-    pub fn get(&self, span: &Span) -> Option<&[f32]> {
-        self.held.get(span).map(Vec::as_slice)
+    pub fn get(&self, span: &Span) -> Option<&T> {
+        self.held.get(span)
+    }
+
+    /// Take the sum of `span` if it is held as one node.
+    pub fn take(&mut self, span: &Span) -> Option<T> {
+        self.held.remove(span)
     }
 
     /// The sum over every partition, once every part is in.
-    pub fn root(&self) -> Option<&[f32]> {
+    pub fn root(&self) -> Option<&T> {
         self.get(&Span::root(self.partitions))
     }
 
     /// Take the root's sum, once every part is in.
-    pub fn take_root(&mut self) -> Option<Vec<f32>> {
+    pub fn take_root(&mut self) -> Option<T> {
         self.held.remove(&Span::root(self.partitions))
+    }
+
+    /// Drop everything held (a new step).
+    pub fn clear(&mut self) {
+        self.held.clear();
     }
 }
 
@@ -308,10 +392,10 @@ mod tests {
     fn spans_that_are_not_nodes_are_refused() {
         for bad in [Span { lo: 1, hi: 3 }, Span { lo: 0, hi: 3 }, Span { lo: 6, hi: 9 }, Span { lo: 4, hi: 4 }] {
             assert!(!bad.is_node(8), "{bad}");
-            let mut r = Reducer::new(8, 2);
+            let mut r: Reducer = Reducer::new(8, 2);
             assert!(matches!(r.insert(bad, vec![0.0; 2]), Err(ReduceError::NotANode { .. })), "{bad}");
         }
-        let mut r = Reducer::new(8, 2);
+        let mut r: Reducer = Reducer::new(8, 2);
         assert!(matches!(r.insert(Span::leaf(0), vec![0.0; 3]), Err(ReduceError::Length { .. })));
         assert!(matches!(r.insert(Span { lo: u32::MAX, hi: 0 }, vec![0.0; 2]), Err(ReduceError::NotANode { .. })));
     }
@@ -332,7 +416,7 @@ mod tests {
     #[test]
     fn duplicates_are_dropped_and_a_larger_node_replaces_the_parts_it_covers() {
         let g = |v: f32| vec![v, -v];
-        let mut r = Reducer::new(4, 2);
+        let mut r: Reducer = Reducer::new(4, 2);
         assert_eq!(r.insert(Span::leaf(0), g(1.0)), Ok(Inserted::Taken));
         assert_eq!(r.insert(Span::leaf(0), g(1.0)), Ok(Inserted::Duplicate));
         // A replacement trainer owning 0..2 sends their sum: it replaces leaf 0.
@@ -342,7 +426,7 @@ mod tests {
         assert_eq!(r.insert(Span::leaf(3), g(4.0)), Ok(Inserted::Taken));
         assert_eq!(r.root(), None);
         assert_eq!(r.insert(Span::leaf(2), g(5.0)), Ok(Inserted::Taken));
-        assert_eq!(r.root(), Some(&[12.0, -12.0][..]), "(0+1) + (2+3) = 3 + 9");
+        assert_eq!(r.root(), Some(&vec![12.0, -12.0]), "(0+1) + (2+3) = 3 + 9");
         assert_eq!(r.take_root(), Some(vec![12.0, -12.0]));
     }
 
@@ -375,7 +459,7 @@ mod tests {
             let mut sent: Vec<(Span, Vec<f32>)> = Vec::new();
             for t in 0..4 {
                 let owned: BTreeSet<u32> = (0..p).filter(|q| owners[*q as usize] == t).collect();
-                let mut mine = Reducer::new(p, len);
+                let mut mine: Reducer = Reducer::new(p, len);
                 for q in &owned {
                     mine.insert(Span::leaf(*q), values[*q as usize].clone()).unwrap();
                 }
@@ -385,7 +469,7 @@ mod tests {
             }
             // Every message twice (a retransmission), in a shuffled order.
             let doubled: Vec<&(Span, Vec<f32>)> = sent.iter().chain(sent.iter()).collect();
-            let mut agg = Reducer::new(p, len);
+            let mut agg: Reducer = Reducer::new(p, len);
             for i in order.iter().filter(|i| **i < doubled.len()) {
                 let (span, v) = doubled[*i];
                 agg.insert(*span, v.clone()).unwrap();
@@ -401,7 +485,7 @@ mod tests {
         /// Garbage spans and lengths are refused with an error, never a panic.
         #[test]
         fn any_span_is_refused_or_taken_without_a_panic(p in 0u32..20, spans in prop::collection::vec((any::<u32>(), any::<u32>(), 0usize..4), 0..20)) {
-            let mut r = Reducer::new(p, 2);
+            let mut r: Reducer = Reducer::new(p, 2);
             for (lo, hi, len) in spans {
                 let _ = r.insert(Span { lo: lo % 24, hi: hi % 24 }, vec![1.0; len]);
                 let _ = r.insert(Span { lo, hi }, vec![1.0; len]);

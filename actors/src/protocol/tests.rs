@@ -44,6 +44,7 @@ fn grad(step: u64, p: u32, offset: usize, values: Vec<f32>) -> Gradient {
         generation: 0,
         step,
         partition: p,
+        partitions: 1,
         samples: 2,
         loss_sum: 1.0 + f64::from(p),
         offset: offset as u64,
@@ -66,12 +67,74 @@ fn applied_params(order: &[u32]) -> Vec<f32> {
 }
 
 #[test]
-fn aggregator_sums_in_partition_order_whatever_the_arrival_order() {
+fn aggregator_sums_in_tree_order_whatever_the_arrival_order() {
     let a = applied_params(&[0, 1, 2, 3]);
     for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
         let b = applied_params(&order);
         assert_eq!(bits(&a), bits(&b), "order {order:?}");
     }
+}
+
+/// The sum of partitions `lo..hi`'s gradients as a trainer owning them sends it (tree order).
+fn span_grad(lo: u32, hi: u32, len: usize) -> Gradient {
+    let mut sums: reduce::Reducer<reduce::Partial> = reduce::Reducer::new(4, len);
+    for p in lo..hi {
+        let part = reduce::Partial { values: awkward(p, len), samples: 2, loss_sum: 1.0 + f64::from(p) };
+        sums.insert(reduce::Span::leaf(p), part).unwrap();
+    }
+    let sum = sums.take(&reduce::Span { lo, hi }).expect("a node of the tree");
+    Gradient { partitions: hi - lo, samples: sum.samples as u32, loss_sum: sum.loss_sum, ..grad(0, lo, 0, sum.values) }
+}
+
+#[test]
+fn pre_reduced_sums_give_the_bits_of_one_gradient_per_partition() {
+    let expected = applied_params(&[0, 1, 2, 3]);
+    // Two trainers owning 0..2 and 2..4, one owning all, and a mix with a replayed leaf.
+    let deployments: [&[(u32, u32)]; 4] =
+        [&[(0, 2), (2, 4)], &[(2, 4), (0, 2)], &[(0, 4)], &[(3, 4), (0, 2), (2, 3), (3, 4)]];
+    for spans in deployments {
+        let mut core = AggregatorCore::new(agg_setup(0, 0, 5, 4), 0, fresh(5));
+        let mut loss = None;
+        for &(lo, hi) in spans {
+            for cmd in core.on_gradient(span_grad(lo, hi, 5)).1 {
+                if let AggCommand::Send(Addr::Job, Msg::StepApplied { loss_sum, samples, .. }) = cmd {
+                    loss = Some((loss_sum, samples));
+                }
+            }
+        }
+        assert_eq!(core.step(), 1, "{spans:?}");
+        assert_eq!(bits(&core.state().params), bits(&expected), "{spans:?}");
+        assert_eq!(loss, Some(((1.0 + 2.0) + (3.0 + 4.0), 8)), "{spans:?}: the loss is summed in tree order too");
+        assert_eq!(core.state().ledger.open.get(&0), Some(&vec![2, 2, 2, 2]), "{spans:?}: each sample once");
+    }
+}
+
+#[test]
+fn a_node_covering_held_parts_replaces_them_and_a_covered_part_is_a_duplicate() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 5, 4), 0, fresh(5));
+    assert_eq!(core.on_gradient(grad(0, 0, 0, awkward(0, 5))).0, Verdict::Accepted);
+    // The trainer of 0..2 restarted and sent its sum: it replaces leaf 0.
+    assert_eq!(core.on_gradient(span_grad(0, 2, 5)).0, Verdict::Accepted);
+    assert_eq!(core.on_gradient(grad(0, 1, 0, awkward(1, 5))).0, Verdict::Duplicate, "inside 0..2");
+    assert_eq!(core.on_gradient(span_grad(0, 2, 5)).0, Verdict::Duplicate);
+    assert_eq!(core.on_gradient(span_grad(2, 4, 5)).0, Verdict::Applied);
+    assert_eq!(bits(&core.state().params), bits(&applied_params(&[0, 1, 2, 3])));
+    assert_eq!(core.state().ledger.open.get(&0), Some(&vec![2, 2, 2, 2]));
+    assert_eq!(core.stats().duplicates, 2);
+}
+
+#[test]
+fn a_span_that_is_no_tree_node_or_has_the_wrong_samples_is_malformed() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 5, 4), 0, fresh(5));
+    let not_a_node = Gradient { partitions: 2, samples: 4, ..grad(0, 1, 0, awkward(1, 5)) };
+    let Verdict::Malformed(reason) = core.on_gradient(not_a_node).0 else { panic!("1..3 is no node") };
+    assert!(reason.contains("partitions 1..3 is not a node of the reduction tree over 4 partitions"), "{reason}");
+    let short = Gradient { samples: 2, ..span_grad(0, 2, 5) };
+    let Verdict::Malformed(reason) = core.on_gradient(short).0 else { panic!("2 samples for 2 batches of 2") };
+    assert!(reason.contains("partitions 0..2 step 0: 2 samples, but its batches have 4"), "{reason}");
+    let empty = Gradient { partitions: 0, ..grad(0, 1, 0, awkward(1, 5)) };
+    assert!(matches!(core.on_gradient(empty).0, Verdict::Malformed(_)));
+    assert_eq!((core.stats().malformed, core.step()), (3, 0));
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -284,7 +347,7 @@ fn linear_model() -> Arc<dyn crate::model::Model> {
 fn trainer(partitions: Vec<u32>) -> TrainerCore {
     // linear model with 2 inputs: 3 parameters, split into ranges [0,2) and [2,3).
     let schedule = Schedule { steps_per_epoch: 2, epochs: 10 };
-    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule, features: 2 };
+    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 2), (2, 1)], schedule, features: 2, partitions: 8 };
     TrainerCore::new(setup, linear_model(), 0, partitions)
 }
 
@@ -322,6 +385,65 @@ fn requests(cmds: &[TrainerCommand]) -> Vec<(u32, u64, u32)> {
             _ => None,
         })
         .collect()
+}
+
+/// The gradients a trainer sends after computing `order` at step 0: (first partition, partitions, samples).
+fn spans_sent(owned: Vec<u32>, order: &[u32]) -> Vec<Vec<(u32, u32, u32)>> {
+    let mut t = trainer(owned.clone());
+    t.on_params(params(0, 0, 0));
+    t.on_params(params(1, 0, 0));
+    for &p in &owned {
+        t.on_batches(vec![batch(p, 0)]);
+    }
+    order
+        .iter()
+        .map(|&p| {
+            let out = t.compute(0, p).unwrap();
+            let gs: Vec<(u32, u32, u32)> = out
+                .iter()
+                .filter_map(|c| match c {
+                    TrainerCommand::Send(Addr::Aggregator(0), Msg::Gradient(g)) => {
+                        Some((g.partition, g.partitions, g.samples))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let to_range_1 =
+                out.iter().filter(|c| matches!(c, TrainerCommand::Send(Addr::Aggregator(1), Msg::Gradient(_))));
+            assert_eq!(to_range_1.count(), gs.len(), "every range gets its part of each sum");
+            gs
+        })
+        .collect()
+}
+
+#[test]
+fn a_trainer_owning_a_whole_subtree_sends_one_sum_for_it() {
+    // Partitions 0..4 of 8: one sum of 4 batches of 2 rows, sent when the last is computed.
+    let sent = spans_sent(vec![0, 1, 2, 3], &[2, 0, 3, 1]);
+    assert_eq!(sent, vec![vec![], vec![], vec![], vec![(0, 4, 8)]]);
+    // Partitions 3..6: leaf 3 alone, then the node 4..6.
+    let sent = spans_sent(vec![3, 4, 5], &[4, 3, 5]);
+    assert_eq!(sent, vec![vec![], vec![(3, 1, 2)], vec![(4, 2, 4)]]);
+    // Round-robin ownership keeps no subtree whole: one gradient per partition.
+    let sent = spans_sent(vec![1, 3], &[1, 3]);
+    assert_eq!(sent, vec![vec![(1, 1, 2)], vec![(3, 1, 2)]]);
+}
+
+#[test]
+fn contiguous_assignment_balances_trainers_and_keeps_subtrees_whole() {
+    assert_eq!(JobPlan::contiguous(8, 2), vec![0, 0, 0, 0, 1, 1, 1, 1]);
+    assert_eq!(JobPlan::contiguous(8, 3), vec![0, 0, 1, 1, 1, 2, 2, 2]);
+    assert_eq!(JobPlan::contiguous(3, 5), vec![0, 1, 2], "more trainers than partitions");
+    assert_eq!(JobPlan::contiguous(4, 1), vec![0; 4]);
+    assert_eq!(JobPlan::contiguous(4, 0), vec![0; 4]);
+    assert!(JobPlan::contiguous(0, 3).is_empty());
+    for (p, t) in [(8u32, 3u32), (7, 2), (16, 5), (5, 5), (1, 1), (3, 7)] {
+        let a = JobPlan::contiguous(p, t);
+        let counts: Vec<usize> = (0..t.min(p)).map(|i| a.iter().filter(|o| **o == i).count()).collect();
+        let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{p} over {t}: {counts:?}");
+        assert!(a.windows(2).all(|w| w[0] <= w[1]), "contiguous: {a:?}");
+    }
 }
 
 #[test]

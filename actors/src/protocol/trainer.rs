@@ -3,12 +3,17 @@
 //! A trainer owns some partitions. For each parameter version `step` it
 //! assembles the full θ from the ranges every aggregator publishes, gets the
 //! batch each owned partition feeds at `step` from that partition's shard,
-//! computes `g(step, p)` and sends each aggregator its range of it.
+//! computes `g(step, p)`, adds the gradients of its partitions in the fixed
+//! reduction tree (see [`super::reduce`]) and, once a largest tree node made
+//! only of its partitions is summed, sends each aggregator its range of that
+//! sum: a trainer owning a whole subtree sends one gradient per step, not one
+//! per partition.
 //!
 //! ```text
 //!  Params(range r, step s) ─▶ assembly[s] ──complete──▶ Compute(s, p) for owned p
 //!  Batches(p, s..s+W) ───────▶ buffer ────────────────▶ (needs θ_s and batch)
-//!  Compute(s, p) ─▶ Gradient(s, p) ranges ─▶ aggregators;  BatchRequest(p, window) prefetch
+//!  Compute(s, p) ─▶ local tree sum ──owned node complete──▶ Gradient(s, node) ranges ─▶ aggregators
+//!                ─▶ BatchRequest(p, window) prefetch
 //! ```
 //!
 //! Every input is idempotent: a repeated θ range, a repeated batch or a
@@ -23,6 +28,7 @@ use ndarray::ArrayView2;
 use crate::model::{Model, Targets};
 
 use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params};
+use super::reduce::{maximal_owned, Partial, Reducer, Span};
 use super::{Addr, Schedule};
 
 /// How many steps of batches a trainer asks a shard for ahead of time. One
@@ -53,6 +59,8 @@ pub struct TrainerSetup {
     pub schedule: Schedule,
     /// Number of input features.
     pub features: usize,
+    /// Number of data partitions P of the job (the leaves of the reduction tree).
+    pub partitions: u32,
 }
 
 /// What the trainer's actor must do.
@@ -111,6 +119,10 @@ pub struct TrainerCore {
     total_len: usize,
     generation: u64,
     partitions: BTreeSet<u32>,
+    /// The largest reduction-tree nodes made only of owned partitions: what is sent.
+    spans: Vec<Span>,
+    /// The owned partitions' gradients at the ready step, summed in tree order.
+    sums: Reducer<Partial>,
     assemblies: BTreeMap<u64, Assembly>,
     /// The newest complete θ and the partitions already computed on it.
     ready: Option<(u64, Vec<f32>)>,
@@ -119,7 +131,6 @@ pub struct TrainerCore {
     requested: BTreeSet<(u64, u32)>,
     /// Per partition: one past the last step asked for in this generation.
     horizon: BTreeMap<u32, u64>,
-    grad: Vec<f32>,
     /// Bumped whenever a θ becomes ready; ticks compare it to detect a stall.
     progress: u64,
     seen_progress: u64,
@@ -133,19 +144,23 @@ impl TrainerCore {
     pub fn new(setup: TrainerSetup, model: Arc<dyn Model>, generation: u64, partitions: Vec<u32>) -> Self {
         let total_len = setup.ranges.iter().map(|(_, l)| l).sum();
         assert_eq!(total_len, model.num_params(), "ranges must tile the parameter vector");
+        let partitions: BTreeSet<u32> = partitions.into_iter().collect();
+        let spans = maximal_owned(setup.partitions, &partitions);
+        let sums = Reducer::new(setup.partitions, total_len);
         Self {
             setup,
             model,
             total_len,
             generation,
-            partitions: partitions.into_iter().collect(),
+            partitions,
+            spans,
+            sums,
             assemblies: BTreeMap::new(),
             ready: None,
             computed: BTreeSet::new(),
             batches: BTreeMap::new(),
             requested: BTreeSet::new(),
             horizon: BTreeMap::new(),
-            grad: vec![0.0; total_len],
             progress: 0,
             seen_progress: 0,
             idle_ticks: 0,
@@ -212,6 +227,7 @@ impl TrainerCore {
         self.assemblies.clear();
         self.ready = None;
         self.computed.clear();
+        self.sums.clear();
         self.batches.clear();
         self.requested.clear();
         self.horizon.clear();
@@ -310,6 +326,7 @@ impl TrainerCore {
         self.progress += 1;
         self.ready = Some((step, values));
         self.computed.clear();
+        self.sums.clear();
         self.batches.retain(|(s, _), _| *s >= step);
         self.requested.retain(|(s, _)| *s >= step);
         if step >= self.setup.schedule.total_steps() {
@@ -405,6 +422,11 @@ impl TrainerCore {
         }
         let before = std::mem::take(&mut self.partitions);
         self.partitions = partitions.into_iter().collect();
+        self.spans = maximal_owned(self.setup.partitions, &self.partitions);
+        // The nodes to send changed: the step's owned partitions are computed again
+        // (the aggregators drop what turns out to be covered already).
+        self.computed.clear();
+        self.sums.clear();
         let removed: Vec<u32> = before.difference(&self.partitions).copied().collect();
         self.batches.retain(|(_, p), _| !removed.contains(p));
         self.requested.retain(|(_, p)| !removed.contains(p));
@@ -421,6 +443,32 @@ impl TrainerCore {
             }
         }
         out
+    }
+
+    /// The messages carrying each aggregator its range of the sum of `node`'s gradients.
+    fn gradient_ranges(&self, step: u64, node: Span, sum: Partial) -> Vec<TrainerCommand> {
+        let Partial { values, samples, loss_sum } = sum;
+        let gradient = |offset: usize, values: Vec<f32>| Gradient {
+            job: self.setup.job,
+            generation: self.generation,
+            step,
+            partition: node.lo,
+            partitions: node.len(),
+            samples: u32::try_from(samples).unwrap_or(u32::MAX),
+            loss_sum,
+            offset: offset as u64,
+            values,
+        };
+        if let [(offset, _)] = self.setup.ranges.as_slice() {
+            return vec![TrainerCommand::Send(Addr::Aggregator(0), Msg::Gradient(gradient(*offset, values)))];
+        }
+        let ranges = self.setup.ranges.iter().enumerate();
+        ranges
+            .map(|(r, &(offset, len))| {
+                let range = values[offset..offset + len].to_vec();
+                TrainerCommand::Send(Addr::Aggregator(r as u32), Msg::Gradient(gradient(offset, range)))
+            })
+            .collect()
     }
 
     /// Compute `g(step, partition)` on the ready θ and the buffered batch;
@@ -441,26 +489,26 @@ impl TrainerCore {
             BatchTargets::Real(v) => Targets::Real(v),
             BatchTargets::Class(v) => Targets::Class(v),
         };
-        let loss_sum = self
-            .model
-            .loss_grad(params, x, targets, &mut self.grad)
-            .map_err(|source| TrainerError::Model { trainer: self.setup.index, partition, step, source })?;
+        // The model overwrites every value: no need to clear a buffer, and this one is moved
+        // into the message when the job has one parameter range.
+        let mut grad = vec![0.0; self.total_len];
+        let loss_sum = self.model.loss_grad(params, x, targets, &mut grad).map_err(|source| TrainerError::Model {
+            trainer: self.setup.index,
+            partition,
+            step,
+            source,
+        })?;
         self.computed.insert(partition);
         let mut out = Vec::with_capacity(self.setup.ranges.len() + 1);
-        for (r, &(offset, len)) in self.setup.ranges.iter().enumerate() {
-            out.push(TrainerCommand::Send(
-                Addr::Aggregator(r as u32),
-                Msg::Gradient(Gradient {
-                    job: self.setup.job,
-                    generation: self.generation,
-                    step,
-                    partition,
-                    samples: rows as u32,
-                    loss_sum,
-                    offset: offset as u64,
-                    values: self.grad[offset..offset + len].to_vec(),
-                }),
-            ));
+        let leaf = Span::leaf(partition);
+        if let Err(e) = self.sums.insert(leaf, Partial { values: grad, samples: rows as u64, loss_sum }) {
+            // Only a plan assigning a partition the job does not have gets here.
+            tracing::warn!(trainer = self.setup.index, partition, step, "gradient not sent: {e}");
+        }
+        // The owned node holding this partition, once all of it is summed.
+        let node = self.spans.iter().find(|s| s.covers(&leaf)).copied();
+        if let Some((node, sum)) = node.and_then(|node| self.sums.take(&node).map(|sum| (node, sum))) {
+            out.extend(self.gradient_ranges(step, node, sum));
         }
         // Prefetch: batches are a pure function of (p, step), so the shard can
         // cut the next window while the aggregators apply this step. Refill

@@ -509,6 +509,7 @@ impl World<'_> {
                             ranges: self.plan.ranges.clone(),
                             schedule: self.plan.schedule,
                             features: self.job.data.train.features(),
+                            partitions: self.plan.assignment.len() as u32,
                         };
                         let t = TrainerCore::new(setup, self.model.clone(), generation, self.plan.partitions_of(i));
                         let cmds = t.start();

@@ -234,7 +234,18 @@ impl Scope<'_> {
             }
         };
         let gradient = |g: &phalanx_actors::protocol::Gradient| -> Result<ActorKey, Verdict> {
+            // One partition's gradient or a trainer's sum over a node of the reduction tree:
+            // every partition of it must be the sender's.
             let trainer = owner(g.partition)?;
+            let span = g.span();
+            if !span.is_node(partitions as u32) {
+                return Err(Verdict::Reject(format!(
+                    "a gradient of {span}: not a node of the reduction tree over {partitions} partitions"
+                )));
+            }
+            if (span.lo..span.hi).any(|p| owner(p).ok() != Some(trainer)) {
+                return Err(Verdict::Reject(format!("a gradient of {span}: partitions of different trainers")));
+            }
             let fits = plan.ranges.iter().any(|(o, l)| (g.offset, g.values.len()) == (*o as u64, *l));
             if !fits {
                 return Err(Verdict::Reject(format!(
@@ -455,13 +466,13 @@ mod tests {
     }
 
     fn judge(me: u32, v: &View, peer: u32, inbound: &Inbound) -> Verdict {
-        let (plan, routes) = (plan(), routes(v));
-        let scope = Scope {
-            me,
-            members: 4,
-            view: Some(v),
-            job: Some(JobScope { plan: &plan, routes: &routes, fetching_from: None }),
-        };
+        judge_in(&plan(), me, v, peer, inbound)
+    }
+
+    fn judge_in(plan: &JobPlan, me: u32, v: &View, peer: u32, inbound: &Inbound) -> Verdict {
+        let routes = routes(v);
+        let scope =
+            Scope { me, members: 4, view: Some(v), job: Some(JobScope { plan, routes: &routes, fetching_from: None }) };
         scope.judge(peer, inbound)
     }
 
@@ -479,7 +490,17 @@ mod tests {
 
     /// A gradient of job 1 at step 0 of `len` values at `offset`.
     fn grad_of(generation: u64, partition: u32, offset: u64, len: usize) -> Gradient {
-        Gradient { job: 1, generation, step: 0, partition, samples: 1, loss_sum: 0.0, offset, values: vec![0.0; len] }
+        Gradient {
+            job: 1,
+            generation,
+            step: 0,
+            partition,
+            partitions: 1,
+            samples: 1,
+            loss_sum: 0.0,
+            offset,
+            values: vec![0.0; len],
+        }
     }
 
     fn gradient(partition: u32, offset: u64, len: usize) -> Msg {
@@ -560,6 +581,26 @@ mod tests {
             },
         ]);
         assert!(rejects(&judge(1, &v, 3, &deliver(Addr::Aggregator(0), mixed))), "partitions of two trainers");
+    }
+
+    #[test]
+    fn a_pre_reduced_gradient_must_be_a_tree_node_of_its_senders_partitions() {
+        let v = view(3, 0);
+        let sum = |partition, partitions| {
+            let g = Gradient { partitions, samples: 2, ..grad_of(1, partition, 0, 10) };
+            deliver(Addr::Aggregator(0), Msg::Gradient(g))
+        };
+        // Round-robin (trainer 1 owns 1 and 3): no subtree is whole.
+        let Verdict::Reject(reason) = judge(1, &v, 3, &sum(0, 2)) else { panic!("0..2 spans two trainers") };
+        assert!(reason.contains("partitions 0..2: partitions of different trainers"), "{reason}");
+        // Contiguous (trainer 0 owns 0..2, trainer 1 owns 2..4, on node 3).
+        let contiguous = JobPlan { assignment: JobPlan::contiguous(4, 2), ..plan() };
+        assert_eq!(judge_in(&contiguous, 1, &v, 3, &sum(2, 2)), Verdict::Accept);
+        assert!(waits(&judge_in(&contiguous, 1, &v, 2, &sum(2, 2))), "trainer 1 is on node 3, not 2");
+        let Verdict::Reject(reason) = judge_in(&contiguous, 1, &v, 3, &sum(1, 2)) else { panic!("1..3 is no node") };
+        assert!(reason.contains("not a node of the reduction tree over 4 partitions"), "{reason}");
+        assert!(rejects(&judge_in(&contiguous, 1, &v, 3, &sum(2, 0))), "an empty span");
+        assert!(rejects(&judge_in(&contiguous, 1, &v, 3, &sum(2, u32::MAX))), "past the end");
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
                 generation,
                 step: 0,
                 partition: u32::MAX,
+                partitions: 1,
                 samples: 1,
                 loss_sum: 0.0,
                 offset,

@@ -379,7 +379,17 @@ mod tests {
     use phalanx_actors::protocol::{Gradient, Params};
 
     fn grad(p: u32, values: Vec<f32>) -> Gradient {
-        Gradient { job: 1, generation: 2, step: 3, partition: p, samples: 4, loss_sum: 0.5, offset: 0, values }
+        Gradient {
+            job: 1,
+            generation: 2,
+            step: 3,
+            partition: p,
+            partitions: 1,
+            samples: 4,
+            loss_sum: 0.5,
+            offset: 0,
+            values,
+        }
     }
 
     #[test]

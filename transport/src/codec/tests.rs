@@ -186,7 +186,7 @@ fn encoded_frame_layout_matches_the_crate_diagram() {
     expected.extend_from_slice(&(-2.5f32).to_le_bytes());
     expected[..PREFIX_BYTES].copy_from_slice(&((wire.len() - PREFIX_BYTES) as u32).to_le_bytes());
     assert_eq!(wire, expected);
-    assert_eq!(&wire[4..6], &[1, 0], "version 1, little-endian");
+    assert_eq!(&wire[4..6], &[2, 0], "version 2, little-endian");
 }
 
 #[test]
@@ -304,7 +304,7 @@ fn oversize_prefix_is_rejected_before_any_body_bytes_arrive() {
 fn decoder_is_poisoned_after_an_error_and_repeats_it() {
     let (wire, _) = several_frames();
     let mut bad = wire.clone();
-    bad[PREFIX_BYTES] = 2; // first frame's version
+    bad[PREFIX_BYTES] = 1; // first frame's version: the previous one
     let mut decoder = FrameDecoder::new(Limits::default());
     decoder.push(&bad);
     let first = decoder.next_frame::<Control>().expect_err("bad version");
@@ -322,9 +322,9 @@ fn decoder_is_poisoned_after_an_error_and_repeats_it() {
 #[test]
 fn wrong_version_is_unsupported_version() {
     let header = bincode_bytes(&Control::Bye);
-    let wire = raw_frame(2, header_len_of(&header), &header, &[]);
+    let wire = raw_frame(1, header_len_of(&header), &header, &[]);
     let err = decode_error::<Control>(&wire, Limits::default());
-    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 2, supported: 1 }), "{err:?}");
+    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 1, supported: 2 }), "{err:?}");
 }
 
 #[test]

@@ -173,15 +173,15 @@ mod tests {
         assert_eq!(err.violation().map(|(code, _)| code), Some(DecodeError::CODE_UNSUPPORTED_VERSION));
 
         let good = Hello { protocol_version: PROTOCOL_VERSION, node_id: 3, incarnation: 1 };
-        let mut envelope_v2 = body(&good);
-        envelope_v2[0] = 2;
-        let err = check(&envelope_v2, 3).unwrap_err();
+        let mut envelope_v1 = body(&good);
+        envelope_v1[0] = 1;
+        let err = check(&envelope_v1, 3).unwrap_err();
         assert_eq!(err.violation().map(|(code, _)| code), Some(DecodeError::CODE_UNSUPPORTED_VERSION));
     }
 
     #[test]
     fn garbage_is_refused_with_the_codec_code() {
-        let err = check(b"\x01\x00\x03\x00\x00\x00\xff\xff\xff", 3).unwrap_err();
+        let err = check(b"\x02\x00\x03\x00\x00\x00\xff\xff\xff", 3).unwrap_err();
         assert_eq!(err.violation().map(|(code, _)| code), Some(DecodeError::CODE_HEADER));
     }
 }
