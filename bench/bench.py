@@ -860,7 +860,9 @@ def markdown(result):
     ph, tr = rec["phalanx"], rec["torchrun"]
     lines += [
         "",
-        f"Worst (`ft_overhead_no_faults`): {result['ft_overhead_no_faults'] * 100:+.1f} %.",
+        (f"Worst (`ft_overhead_no_faults`): {result['ft_overhead_no_faults'] * 100:+.1f} %."
+         if result["ft_overhead_no_faults"] is not None
+         else "Worst (`ft_overhead_no_faults`): not measured (no configuration of this run has checkpoint runs)."),
         "",
         "## Recovery after SIGKILL of one worker",
         "",
