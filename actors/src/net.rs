@@ -84,17 +84,24 @@ impl LocalNet {
     }
 }
 
+/// Hand `msg` to `send` once per trainer `0..trainers`: a copy for each but the last, which
+/// gets the message itself (a parameter range is the largest message of a step; one copy
+/// fewer per step).
+pub fn to_each_trainer(trainers: u32, msg: Msg, mut send: impl FnMut(u32, Msg)) {
+    let Some(last) = trainers.checked_sub(1) else { return };
+    for i in 0..last {
+        send(i, msg.clone());
+    }
+    send(last, msg);
+}
+
 impl Net for LocalNet {
     fn send(&self, to: Addr, msg: Msg) {
         match to {
             Addr::Shard(p) => self.deliver(ActorKey { role: Role::Shard, index: p }, msg),
             Addr::Trainer(i) => self.deliver(ActorKey::trainer(i), msg),
             Addr::Aggregator(r) => self.deliver(ActorKey::aggregator(r), msg),
-            Addr::AllTrainers => {
-                for i in 0..self.trainers {
-                    self.deliver(ActorKey::trainer(i), msg.clone());
-                }
-            }
+            Addr::AllTrainers => to_each_trainer(self.trainers, msg, |i, msg| self.deliver(ActorKey::trainer(i), msg)),
             Addr::Job => match ActorRef::<JobMsg>::where_is(self.job_name()) {
                 Some(job) => {
                     let _ = job.send_message(JobMsg::Net(msg));

@@ -430,6 +430,22 @@ fn a_trainer_owning_a_whole_subtree_sends_one_sum_for_it() {
 }
 
 #[test]
+fn a_trainer_of_a_one_range_job_takes_the_range_as_its_theta() {
+    let schedule = Schedule { steps_per_epoch: 2, epochs: 10 };
+    let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 3)], schedule, features: 2, partitions: 1 };
+    let mut t = TrainerCore::new(setup, linear_model(), 0, vec![0]);
+    let whole = Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2, 0.3] };
+    assert_eq!(requests(&t.on_params(whole.clone())), vec![(0, 0, BATCH_WINDOW as u32)]);
+    assert_eq!(t.ready_step(), Some(0));
+    assert!(t.on_params(Params { values: vec![0.0; 2], ..whole.clone() }).is_empty(), "a wrong length");
+    assert_eq!((t.ready_step(), t.rejected()), (Some(0), 1));
+    assert_eq!(t.on_batches(vec![batch(0, 0)]), vec![TrainerCommand::Compute { step: 0, partition: 0 }]);
+    let out = t.compute(0, 0).unwrap();
+    let [TrainerCommand::Send(Addr::Aggregator(0), Msg::Gradient(g)), ..] = out.as_slice() else { panic!("{out:?}") };
+    assert_eq!((g.partition, g.partitions, g.offset, g.values.len()), (0, 1, 0, 3));
+}
+
+#[test]
 fn contiguous_assignment_balances_trainers_and_keeps_subtrees_whole() {
     assert_eq!(JobPlan::contiguous(8, 2), vec![0, 0, 0, 0, 1, 1, 1, 1]);
     assert_eq!(JobPlan::contiguous(8, 3), vec![0, 0, 1, 1, 1, 2, 2, 2]);

@@ -285,6 +285,11 @@ impl TrainerCore {
             return Vec::new();
         }
         let ranges = self.setup.ranges.len();
+        if ranges == 1 {
+            // One range is all of θ: it is ready as it came (no assembly to fill).
+            self.assemblies.clear();
+            return self.become_ready(p.step, p.values);
+        }
         let total = self.total_len;
         let a = self.assemblies.entry(p.step).or_insert_with(|| Assembly {
             values: vec![0.0; total],

@@ -301,9 +301,7 @@ fn local_name(local: &LocalNet, to: Addr) -> Option<String> {
 impl Net for ClusterNet {
     fn send(&self, to: Addr, msg: Msg) {
         if let Addr::AllTrainers = to {
-            for i in 0..self.routing.trainers {
-                self.send(Addr::Trainer(i), msg.clone());
-            }
+            phalanx_actors::net::to_each_trainer(self.routing.trainers, msg, |i, msg| self.send(Addr::Trainer(i), msg));
             return;
         }
         let here = local_name(&self.local, to).is_some_and(|n| ractor::registry::where_is(n).is_some());
