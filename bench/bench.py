@@ -84,7 +84,7 @@ PROFILES = {
         "recovery_hidden": 64,
         "recovery_epochs": 100,
         "kill_step": 250,
-        "phalanx_kills": 10,
+        "phalanx_kills": 20,
         "torchrun_kills": 3,
     },
     "smoke": {
