@@ -255,8 +255,16 @@ impl<T: Summand> Reducer<T> {
 
     /// Take the sum of `span`'s partitions.
     pub fn insert(&mut self, span: Span, part: T) -> Result<Inserted, ReduceError> {
+        self.insert_reusing(span, part, &mut Vec::new())
+    }
+
+    /// [`Reducer::insert`], handing every part it no longer needs to `spent` — siblings added
+    /// into a sum, smaller nodes a larger one replaced, the part itself when it is a duplicate —
+    /// so that the caller can reuse their buffers instead of allocating new ones every step.
+    pub fn insert_reusing(&mut self, span: Span, part: T, spent: &mut Vec<T>) -> Result<Inserted, ReduceError> {
         self.check(span, part.width())?;
         if self.covers(&span) {
+            spent.push(part);
             return Ok(Inserted::Duplicate);
         }
         // Two nodes of one tree are nested or disjoint: a held node overlapping `span` and not
@@ -266,7 +274,7 @@ impl<T: Summand> Reducer<T> {
             self.held.range(Span { lo: span.lo, hi: 0 }..).map(|(h, _)| *h).take_while(|h| h.lo < span.hi).collect();
         for h in inside {
             debug_assert!(span.covers(&h), "tree nodes nest");
-            self.held.remove(&h);
+            spent.extend(self.held.remove(&h));
         }
         let mut node = span;
         let mut sum = part;
@@ -277,6 +285,7 @@ impl<T: Summand> Reducer<T> {
             let sibling = if node == left { right } else { left };
             let Some(other) = self.held.remove(&sibling) else { break };
             sum.add(&other);
+            spent.push(other);
             node = parent;
         }
         self.held.insert(node, sum);
@@ -428,6 +437,22 @@ mod tests {
         assert_eq!(r.insert(Span::leaf(2), g(5.0)), Ok(Inserted::Taken));
         assert_eq!(r.root(), Some(&vec![12.0, -12.0]), "(0+1) + (2+3) = 3 + 9");
         assert_eq!(r.take_root(), Some(vec![12.0, -12.0]));
+    }
+
+    #[test]
+    fn the_parts_a_reducer_no_longer_needs_are_handed_back() {
+        let mut r: Reducer = Reducer::new(4, 1);
+        let mut spent = Vec::new();
+        r.insert_reusing(Span::leaf(0), vec![1.0], &mut spent).unwrap();
+        assert!(spent.is_empty(), "held");
+        r.insert_reusing(Span::leaf(1), vec![2.0], &mut spent).unwrap();
+        assert_eq!(spent, vec![vec![1.0]], "added into its sibling's sum");
+        r.insert_reusing(Span::leaf(1), vec![9.0], &mut spent).unwrap();
+        assert_eq!(spent.last(), Some(&vec![9.0]), "a duplicate");
+        r.insert_reusing(Span::leaf(2), vec![4.0], &mut spent).unwrap();
+        r.insert_reusing(Span { lo: 2, hi: 4 }, vec![12.0], &mut spent).unwrap();
+        assert!(spent.contains(&vec![4.0]), "replaced by the node covering it");
+        assert_eq!(r.root(), Some(&vec![15.0]));
     }
 
     /// Gradients whose sums depend on the order of additions (values of very different

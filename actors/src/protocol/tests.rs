@@ -430,6 +430,47 @@ fn a_trainer_owning_a_whole_subtree_sends_one_sum_for_it() {
 }
 
 #[test]
+fn a_trainers_sums_have_the_bits_of_the_tree_sum_step_after_step() {
+    // Partitions 0..4 of 8 over 3 steps: from the second step on, every leaf is computed in a
+    // buffer a previous sum handed back; the sums must still be ((g0+g1)+(g2+g3)) bit for bit.
+    let model = linear_model();
+    let mut t = trainer(vec![0, 1, 2, 3]);
+    // Rows whose gradients differ by partition and step, in magnitudes where the order of
+    // additions shows in the bits.
+    let rows = |p: u32, step: u64| Batch {
+        x: (0..4).map(|i| [1.0e6f32, -3.3e-3, 7.0, -2.5e4][(p as usize + i) % 4] * (1.0 + step as f32)).collect(),
+        targets: BatchTargets::Real(vec![f32::from(p as u8) * 1.0e3, -1.0e-2]),
+        ..batch(p, step)
+    };
+    for step in 0..3 {
+        t.on_params(params(0, step, 0));
+        t.on_params(params(1, step, 0));
+        let mut sent = vec![0.0f32; 3];
+        for p in 0..4 {
+            t.on_batches(vec![rows(p, step)]);
+            for cmd in t.compute(step, p).unwrap() {
+                if let TrainerCommand::Send(_, Msg::Gradient(g)) = cmd {
+                    assert_eq!((g.step, g.partition, g.partitions), (step, 0, 4));
+                    sent[g.offset as usize..g.offset as usize + g.values.len()].copy_from_slice(&g.values);
+                }
+            }
+        }
+        let theta = [0.1, 0.2, 0.3];
+        let leaf = |p: u32| {
+            let b = rows(p, step);
+            let BatchTargets::Real(y) = &b.targets else { unreachable!() };
+            let x = ndarray::ArrayView2::from_shape((2, 2), &b.x).unwrap();
+            let mut g = vec![f32::NAN; 3];
+            model.loss_grad(&theta, x, crate::model::Targets::Real(y), &mut g).unwrap();
+            g
+        };
+        let add = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(a, b)| a + b).collect::<Vec<f32>>();
+        let expected = add(add(leaf(0), leaf(1)), add(leaf(2), leaf(3)));
+        assert_eq!(bits(&sent), bits(&expected), "step {step}");
+    }
+}
+
+#[test]
 fn a_trainer_of_a_one_range_job_takes_the_range_as_its_theta() {
     let schedule = Schedule { steps_per_epoch: 2, epochs: 10 };
     let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 3)], schedule, features: 2, partitions: 1 };

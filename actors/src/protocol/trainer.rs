@@ -123,6 +123,10 @@ pub struct TrainerCore {
     spans: Vec<Span>,
     /// The owned partitions' gradients at the ready step, summed in tree order.
     sums: Reducer<Partial>,
+    /// Gradient buffers the sums no longer need, reused by the next computations (at most one
+    /// per owned partition): no allocation and no clearing of a model-sized vector per
+    /// partition and step.
+    spare: Vec<Vec<f32>>,
     assemblies: BTreeMap<u64, Assembly>,
     /// The newest complete θ and the partitions already computed on it.
     ready: Option<(u64, Vec<f32>)>,
@@ -155,6 +159,7 @@ impl TrainerCore {
             partitions,
             spans,
             sums,
+            spare: Vec::new(),
             assemblies: BTreeMap::new(),
             ready: None,
             computed: BTreeSet::new(),
@@ -450,8 +455,19 @@ impl TrainerCore {
         out
     }
 
+    /// Keep buffers of the model's size for the next computations, at most one per owned partition.
+    fn recycle(&mut self, buffers: impl Iterator<Item = Vec<f32>>) {
+        let keep = self.partitions.len();
+        for b in buffers.filter(|b| b.len() == self.total_len) {
+            if self.spare.len() >= keep {
+                break;
+            }
+            self.spare.push(b);
+        }
+    }
+
     /// The messages carrying each aggregator its range of the sum of `node`'s gradients.
-    fn gradient_ranges(&self, step: u64, node: Span, sum: Partial) -> Vec<TrainerCommand> {
+    fn gradient_ranges(&mut self, step: u64, node: Span, sum: Partial) -> Vec<TrainerCommand> {
         let Partial { values, samples, loss_sum } = sum;
         let gradient = |offset: usize, values: Vec<f32>| Gradient {
             job: self.setup.job,
@@ -468,12 +484,14 @@ impl TrainerCore {
             return vec![TrainerCommand::Send(Addr::Aggregator(0), Msg::Gradient(gradient(*offset, values)))];
         }
         let ranges = self.setup.ranges.iter().enumerate();
-        ranges
+        let out = ranges
             .map(|(r, &(offset, len))| {
                 let range = values[offset..offset + len].to_vec();
                 TrainerCommand::Send(Addr::Aggregator(r as u32), Msg::Gradient(gradient(offset, range)))
             })
-            .collect()
+            .collect();
+        self.recycle(std::iter::once(values));
+        out
     }
 
     /// Compute `g(step, partition)` on the ready θ and the buffered batch;
@@ -494,9 +512,9 @@ impl TrainerCore {
             BatchTargets::Real(v) => Targets::Real(v),
             BatchTargets::Class(v) => Targets::Class(v),
         };
-        // The model overwrites every value: no need to clear a buffer, and this one is moved
-        // into the message when the job has one parameter range.
-        let mut grad = vec![0.0; self.total_len];
+        // The model overwrites every value: a spent buffer serves as it is (a sum sent to a
+        // one-range job moves into the message; the others come back through `recycle`).
+        let mut grad = self.spare.pop().unwrap_or_else(|| vec![0.0; self.total_len]);
         let loss_sum = self.model.loss_grad(params, x, targets, &mut grad).map_err(|source| TrainerError::Model {
             trainer: self.setup.index,
             partition,
@@ -506,10 +524,13 @@ impl TrainerCore {
         self.computed.insert(partition);
         let mut out = Vec::with_capacity(self.setup.ranges.len() + 1);
         let leaf = Span::leaf(partition);
-        if let Err(e) = self.sums.insert(leaf, Partial { values: grad, samples: rows as u64, loss_sum }) {
+        let mut spent = Vec::new();
+        let part = Partial { values: grad, samples: rows as u64, loss_sum };
+        if let Err(e) = self.sums.insert_reusing(leaf, part, &mut spent) {
             // Only a plan assigning a partition the job does not have gets here.
             tracing::warn!(trainer = self.setup.index, partition, step, "gradient not sent: {e}");
         }
+        self.recycle(spent.into_iter().map(|p| p.values));
         // The owned node holding this partition, once all of it is summed.
         let node = self.spans.iter().find(|s| s.covers(&leaf)).copied();
         if let Some((node, sum)) = node.and_then(|node| self.sums.take(&node).map(|sum| (node, sum))) {
