@@ -202,6 +202,10 @@ struct NodeArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long)]
     rogue: bool,
+    /// Fault injection (tests): claim kernel fingerprint HEX (16 hex digits), as a machine whose maths gives other bits would.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, value_name = "HEX")]
+    pretend_kernel: Option<String>,
     /// Other nodes keeping a copy of every checkpoint (default: 2 with at least 5 nodes, else 1).
     #[arg(long, value_name = "R")]
     replicas: Option<u32>,
@@ -741,6 +745,12 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     use phalanx::cluster::event::NodeEventKind;
     use phalanx::cluster::node::{run_node_with, NodeParts};
     use std::io::Write;
+    #[cfg(feature = "fault-injection")]
+    if let Some(hex) = &args.pretend_kernel {
+        let fingerprint = hex.parse().map_err(|e: String| anyhow::anyhow!("--pretend-kernel: {e}"))?;
+        phalanx_actors::model::kernel::pretend(fingerprint)
+            .map_err(|used| anyhow::anyhow!("--pretend-kernel: kernel {used} is already in use"))?;
+    }
     let metrics_at = args.metrics;
     let (config_path, flags_revoked) = (args.config.clone(), args.revoke.clone());
     let config = args.into_config()?;

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use phalanx_actors::actor::StepRecord;
+use phalanx_actors::model::kernel;
 use phalanx_actors::protocol::{FaultRecord, Ledger};
 use serde::Serialize;
 
@@ -224,6 +225,12 @@ pub struct JobEcho {
     pub learning_rate: f32,
     /// Hash of the math-relevant config (checkpoints carry it).
     pub config_hash: String,
+    /// The kernel fingerprint the model was computed with (16 hex digits; see
+    /// `phalanx_actors::model::kernel`): equal fingerprints, equal bits.
+    pub kernel: String,
+    /// What decides the kernel on the machine that wrote this summary (architecture and
+    /// CPU features), for people comparing runs.
+    pub kernel_cpu: String,
 }
 
 impl Summary {
@@ -258,6 +265,8 @@ impl Summary {
                 optimizer: job.config.optimizer.to_string(),
                 learning_rate: job.resolved.learning_rate,
                 config_hash: job.config_hash.clone(),
+                kernel: kernel::fingerprint().to_string(),
+                kernel_cpu: kernel::description().to_string(),
             },
             duration_ms: report.duration.as_millis() as u64,
             samples_per_sec: applied as f64 / secs,

@@ -39,6 +39,26 @@ fn assert_exactly_once(s: &Value) {
     assert!(applied["exactly_once"] == true && applied["exactly_once_epochs"] == 30, "{applied}");
 }
 
+/// A node whose maths gives other bits (here: one that claims another kernel fingerprint, as
+/// a machine with other SIMD features would measure) refuses every actor the coordinator asks
+/// it to host (shards and trainers), with a reason naming it, the actor, the job and both
+/// kernels; the restart policy escalates and the job fails with that reason — it never
+/// finishes with mixed bits.
+#[test]
+fn a_node_with_other_maths_refuses_to_host_and_the_job_fails_naming_both_kernels() {
+    let here = phalanx_actors::model::kernel::fingerprint();
+    let other = format!("{:016x}", here.0 ^ 0x5a5a_0000_0000_0001);
+    let extra = [(1, vec!["--pretend-kernel".to_string(), other.clone()])].into_iter().collect();
+    let c = Cluster::start_with_args(2, Some(JOB), extra);
+    let failed = c.wait_for(0, "the job to fail", |v| v["event"] == "job_failed" && v["node"] == 0);
+    let error = failed["error"].as_str().unwrap();
+    for needed in ["node 1 refuses to host", "giving up", &other, &here.to_string()] {
+        assert!(error.contains(needed), "{needed:?} missing from {error:?}");
+    }
+    let done = c.events_since(0).into_iter().find(|v| v["event"] == "job_done");
+    assert!(done.is_none(), "the job finished on mixed kernels: {done:?}");
+}
+
 #[test]
 fn three_processes_train_to_the_same_bits_as_one_process() {
     let c = Cluster::start_with_job(3, Some(JOB));

@@ -217,6 +217,7 @@ impl AggregatorState {
             optimizer_t: state.optimizer.t,
             optimizer_slots: names.iter().map(|n| n.to_string()).zip(state.optimizer.slots.iter().cloned()).collect(),
             ledger: state.ledger.clone(),
+            kernel: Some(crate::model::kernel::fingerprint()),
         };
         let (range, finished) = (self.key.index, self.core.is_finished());
         let (ctx, span, myself) = (self.ctx.clone(), self.span.clone(), self.myself.clone());

@@ -62,6 +62,7 @@ mod key {
     pub const LEDGER: &str = "ledger";
     pub const LEDGER_CLOSED: &str = "ledger_closed";
     pub const SHA256: &str = "sha256";
+    pub const KERNEL: &str = "kernel";
 }
 
 /// What a checkpoint file name says: the step and the range `[offset, offset + len)`.
@@ -201,6 +202,9 @@ fn metadata(ckpt: &RangeCheckpoint) -> BTreeMap<&'static str, String> {
         (key::LEDGER, ledger_json(&ckpt.ledger.open)),
         (key::LEDGER_CLOSED, serde_json::to_string(&ckpt.ledger.closed).expect("plain counts serialize to JSON")),
     ]);
+    if let Some(kernel) = ckpt.kernel {
+        meta.insert(key::KERNEL, kernel.to_string());
+    }
     let mut hasher = metadata_hasher(meta.iter().map(|(k, v)| (*k, v.as_str())));
     for (_, values) in tensors(ckpt) {
         let Ok(()) = for_each_le_chunk(values, |bytes| {
@@ -327,6 +331,8 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, Check
         None => ClosedEpochs::default(),
     };
     let ledger = Ledger { open, closed };
+    // Files written before the kernel was recorded have no `kernel`.
+    let kernel = meta.get(key::KERNEL).map(|text| text.parse()).transpose().map_err(corrupt)?;
     if offset.checked_add(len).is_none_or(|end| end > total_len) {
         return Err(corrupt(format!("range [{offset}, {offset} + {len}) exceeds total length {total_len}")));
     }
@@ -360,6 +366,7 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, Check
         optimizer_t,
         optimizer_slots: slots.into_iter().zip(values).collect(),
         ledger,
+        kernel,
     })
 }
 
@@ -387,6 +394,7 @@ fn parse_slots(list: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::kernel::KernelFingerprint;
     use proptest::prelude::*;
     use std::path::PathBuf;
 
@@ -416,6 +424,7 @@ pub(crate) mod tests {
                 .map(|(s, name)| (name.to_string(), (0..len).map(|i| value(s as u32 + 1, i)).collect()))
                 .collect(),
             ledger: [(0, vec![step * 8, step * 8]), (1, vec![3, 0])].into_iter().collect(),
+            kernel: Some(crate::model::kernel::fingerprint()),
         }
     }
 
@@ -429,8 +438,8 @@ pub(crate) mod tests {
             assert_eq!(bits(va), bits(vb), "slot {na} differs");
         }
         assert_eq!(
-            (a.step, &a.config_hash, a.total_len, a.offset, a.optimizer_t, &a.ledger),
-            (b.step, &b.config_hash, b.total_len, b.offset, b.optimizer_t, &b.ledger)
+            (a.step, &a.config_hash, a.total_len, a.offset, a.optimizer_t, &a.ledger, a.kernel),
+            (b.step, &b.config_hash, b.total_len, b.offset, b.optimizer_t, &b.ledger, b.kernel)
         );
     }
 
@@ -623,6 +632,12 @@ pub(crate) mod tests {
         assert_eq!(back.params, vec![1.0, 2.0]);
         // Written before finished epochs were folded: no `ledger_closed`.
         assert_eq!(back.ledger, Ledger::new());
+        // Written before the kernel was recorded: no `kernel`.
+        assert_eq!(back.kernel, None);
+        let mut with_kernel = base_meta();
+        with_kernel.push(("kernel", "00000000000000ff"));
+        let back = decode(Path::new(NAME), &craft(&with_kernel, &[("params", Dtype::F32, vec![2], &EIGHT)])).unwrap();
+        assert_eq!(back.kernel, Some(KernelFingerprint(0xff)));
     }
 
     #[test]
@@ -656,6 +671,9 @@ pub(crate) mod tests {
         let mut closed = base.clone();
         closed.push(("ledger_closed", r#"{"epochs":"two"}"#));
         corrupt(err(&closed, &f32s), "ledger_closed");
+        let mut kernel = base.clone();
+        kernel.push(("kernel", "avx2"));
+        corrupt(err(&kernel, &f32s), "kernel fingerprint \"avx2\"");
         corrupt(err(&with(&base, "slots", "m"), &f32s), "tensors");
         corrupt(err(&with(&base, "slots", "m,m"), &f32s), "twice");
         corrupt(err(&base[1..], &f32s), "format_version is missing");
@@ -766,6 +784,7 @@ pub(crate) mod tests {
                         first_inexact: Some((closed / 3, vec![closed % 5, 2])),
                     },
                 },
+                kernel: (step % 2 == 0).then_some(KernelFingerprint(optimizer_t)),
             };
             let back = decode(&path_of(&ckpt), &encode(&ckpt)).unwrap();
             assert_bitwise_eq(&ckpt, &back);

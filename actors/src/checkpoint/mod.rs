@@ -39,6 +39,9 @@
 //! | `ledger_closed`  | JSON object: finished epochs folded (`epochs`, `exact`,        |
 //! |                  | `per_partition`, `lost`, `duplicated`, `first_inexact`); files |
 //! |                  | written before epochs were folded lack it                      |
+//! | `kernel`         | kernel fingerprint (16 hex digits) of the process that computed|
+//! |                  | the state; loading refuses another one (files written before it|
+//! |                  | was recorded lack it and load anywhere)                        |
 //! | `sha256`         | hex SHA-256 over `key=value\n` of every other entry (sorted by |
 //! |                  | key), then the raw bytes of `params`, then of each slot tensor |
 //!
@@ -78,6 +81,7 @@
 //!         optimizer_t: 10,
 //!         optimizer_slots: vec![],
 //!         ledger: [(0, vec![40, 40])].into_iter().collect(),
+//!         kernel: Some(phalanx_actors::model::kernel::fingerprint()),
 //!     })?;
 //! }
 //! assert_eq!(store.newest_complete(&config_hash, 3)?, Some(10));
@@ -102,6 +106,7 @@ use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
 
+use crate::model::kernel::KernelFingerprint;
 use crate::protocol::Ledger;
 
 /// The state of one parameter range at one step.
@@ -124,6 +129,10 @@ pub struct RangeCheckpoint {
     /// Samples applied per partition: open epochs by row, finished epochs
     /// folded (identical in every range's file).
     pub ledger: Ledger,
+    /// The kernel fingerprint of the process that computed this state
+    /// ([`crate::model::kernel`]); `None` in files written before it was recorded.
+    /// Loading refuses a file of another kernel: resuming there would not give the bits.
+    pub kernel: Option<KernelFingerprint>,
 }
 
 impl RangeCheckpoint {
@@ -180,6 +189,22 @@ pub enum CheckpointError {
         expected: String,
         /// The config hash in the file.
         found: String,
+    },
+    /// The file was computed by a process whose maths gives other bits than this one's:
+    /// resuming from it here would not give the fault-free run's model.
+    #[error(
+        "checkpoint file {path} was computed with kernel {found}, but this machine's maths has kernel {expected} \
+         ({description}): resuming here would not give the job's bits; resume on a machine of the kind that wrote it"
+    )]
+    KernelMismatch {
+        /// The file.
+        path: PathBuf,
+        /// This process's fingerprint.
+        expected: KernelFingerprint,
+        /// The file's.
+        found: KernelFingerprint,
+        /// What decides the kernel here ([`crate::model::kernel::description`]).
+        description: &'static str,
     },
     /// The file's parameter vector has another total length than the job's.
     #[error("checkpoint file {path} has total length {found}, expected {expected}")]
@@ -302,6 +327,7 @@ mod tests {
             optimizer_t: 1,
             optimizer_slots: vec![],
             ledger: Ledger::new(),
+            kernel: None,
         };
         assert_eq!(ckpt.range(), 4..7);
     }

@@ -3,6 +3,7 @@
 
 use super::format::{self, FileKey, FILE_PREFIX, FILE_SUFFIX, TEMP_PREFIX};
 use super::{CheckpointError, RangeCheckpoint};
+use crate::model::kernel::{self, KernelFingerprint};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
@@ -60,6 +61,7 @@ struct Shared {
     optimizer_t: u64,
     slots: Vec<String>,
     ledger: crate::protocol::Ledger,
+    kernel: Option<KernelFingerprint>,
 }
 
 /// The part of one verified file that overlaps the requested range.
@@ -185,9 +187,13 @@ impl CheckpointStore {
     /// `None`. Unusable files (torn, corrupt, another config or total length, unreadable)
     /// are logged with their reason and skipped, as is a step whose files disagree.
     /// Only the files needed to decide are read, newest step first.
+    ///
+    /// A file of the job computed with another kernel ([`crate::model::kernel`]) is an
+    /// error, [`CheckpointError::KernelMismatch`], not skipped: resuming from an older step
+    /// or from scratch would quietly train a model no fault-free run gives.
     pub fn newest_complete(&self, config_hash: &str, total_len: usize) -> Result<Option<u64>, CheckpointError> {
         for (step, keys) in self.keys_by_step()?.iter().rev() {
-            if self.is_complete(*step, keys, config_hash, total_len) {
+            if self.is_complete(*step, keys, config_hash, total_len)? {
                 return Ok(Some(*step));
             }
         }
@@ -240,6 +246,7 @@ impl CheckpointStore {
             optimizer_t: shared.optimizer_t,
             optimizer_slots: shared.slots.into_iter().zip(slots).collect(),
             ledger: shared.ledger,
+            kernel: shared.kernel,
         })
     }
 
@@ -251,8 +258,10 @@ impl CheckpointStore {
         // Deleting every complete step would leave nothing to recover from.
         let keep = keep.max(1);
         let by_step = self.keys_by_step()?;
-        let mut complete =
-            by_step.iter().rev().filter(|(step, keys)| self.is_complete(**step, keys, config_hash, total_len));
+        let mut complete = by_step
+            .iter()
+            .rev()
+            .filter(|(step, keys)| self.is_complete(**step, keys, config_hash, total_len).unwrap_or(false));
         let Some((&oldest_kept, _)) = complete.nth(keep - 1) else {
             return Ok(Vec::new());
         };
@@ -373,17 +382,25 @@ impl CheckpointStore {
         Ok(by_step)
     }
 
-    fn is_complete(&self, step: u64, keys: &[FileKey], config_hash: &str, total_len: usize) -> bool {
+    /// Whether `step` is complete; `Err` only for a file of another kernel.
+    fn is_complete(
+        &self,
+        step: u64,
+        keys: &[FileKey],
+        config_hash: &str,
+        total_len: usize,
+    ) -> Result<bool, CheckpointError> {
         let query = Query { step, config_hash, total_len, start: 0, end: total_len, keep_data: false };
         match self.resolve(keys, &query) {
-            Ok(_) => true,
+            Ok(_) => Ok(true),
+            Err(e @ CheckpointError::KernelMismatch { .. }) => Err(e),
             Err(e @ CheckpointError::Inconsistent { .. }) => {
                 tracing::warn!(step, error = %e, "skipping inconsistent checkpoint step: {e}");
-                false
+                Ok(false)
             }
             Err(e) => {
                 tracing::debug!(step, error = %e, "checkpoint step is not complete");
-                false
+                Ok(false)
             }
         }
     }
@@ -407,6 +424,9 @@ impl CheckpointStore {
                     Ok(chosen) => {
                         verified.insert(*key, chosen);
                     }
+                    // Not a damaged file another copy can stand in for: the job's state was
+                    // computed elsewhere.
+                    Err(e @ CheckpointError::KernelMismatch { .. }) => return Err(e),
                     Err(e) => {
                         tracing::warn!(
                             path = %path.display(),
@@ -455,6 +475,14 @@ impl Query<'_> {
                 found: ckpt.total_len,
             });
         }
+        if let Some(found) = ckpt.kernel.filter(|found| *found != kernel::fingerprint()) {
+            return Err(CheckpointError::KernelMismatch {
+                path: path.to_path_buf(),
+                expected: kernel::fingerprint(),
+                found,
+                description: kernel::description(),
+            });
+        }
         let key = FileKey { step: ckpt.step, offset: ckpt.offset, len: ckpt.params.len() };
         let part = self.keep_data.then(|| {
             // Overlap of the file's range with the query, relative to the file.
@@ -472,6 +500,7 @@ impl Query<'_> {
                 optimizer_t: ckpt.optimizer_t,
                 slots: ckpt.optimizer_slots.into_iter().map(|(n, _)| n).collect(),
                 ledger: ckpt.ledger,
+                kernel: ckpt.kernel,
             },
             part,
         })
@@ -660,6 +689,41 @@ mod tests {
         assert_eq!(store.newest_complete("ffff", 100).unwrap(), Some(20));
         assert_eq!(store.newest_complete(HASH, 110).unwrap(), Some(30));
         assert_eq!(store.newest_complete("0000", 100).unwrap(), None);
+    }
+
+    /// A step computed with another kernel is an error naming the file and both kernels, not a
+    /// step to skip (resuming from step 10 or from scratch would give other bits); files that
+    /// predate the kernel record load anywhere, and pruning goes on past a foreign step.
+    #[test]
+    fn a_step_of_another_kernel_is_an_error_not_skipped() {
+        let (_tmp, store) = store();
+        save_split(&store, 10, &[0, 50, 100], &[]);
+        let here = kernel::fingerprint();
+        let foreign = KernelFingerprint(here.0 ^ 0x8000_0000_0000_0001);
+        let mut paths = Vec::new();
+        for offset in [0, 50] {
+            let mut other = sample(20, 100, offset, 50, &[]);
+            other.kernel = Some(foreign);
+            paths.push(store.save(&other).unwrap());
+        }
+        match store.newest_complete(HASH, 100).unwrap_err() {
+            CheckpointError::KernelMismatch { path, expected, found, .. } => {
+                assert!(paths.contains(&path), "{}", path.display());
+                assert_eq!((expected, found), (here, foreign));
+            }
+            other => panic!("expected a kernel mismatch, got {other}"),
+        }
+        let text = store.load_range(20, HASH, 100, 0, 100).unwrap_err().to_string();
+        assert!(text.contains(&foreign.to_string()) && text.contains(&here.to_string()), "{text}");
+        // Files without a kernel (written before it was recorded) are this machine's to load.
+        for offset in [0, 50] {
+            let mut old = sample(30, 100, offset, 50, &[]);
+            old.kernel = None;
+            store.save(&old).unwrap();
+        }
+        assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(30));
+        assert_eq!(store.load_range(30, HASH, 100, 0, 100).unwrap().kernel, None);
+        assert_eq!(store.load_range(10, HASH, 100, 0, 100).unwrap().kernel, Some(here));
     }
 
     #[test]

@@ -23,8 +23,11 @@
 //!   single-threaded `matrixmultiply`). Caveat: `matrixmultiply` picks its SIMD kernel (AVX-512,
 //!   FMA, AVX, SSE2) when the program runs, and the kernels round differently, so bits are
 //!   identical only between machines with the same CPU features; likewise `exp`/`ln` come from
-//!   the platform's libm (same libc version and CPU needed). `matmul_into` is the one place to
-//!   swap in a fixed-order kernel should a cluster mix CPU generations.
+//!   the platform's libm (same libc version and CPU needed). So the kernel is measured, not
+//!   assumed: [`kernel::fingerprint`] hashes the bits these helpers give on fixed probes, and a
+//!   node whose fingerprint differs from the job's refuses to host it (checkpoints record it
+//!   too). `matmul_into` is the one place to swap in a fixed-order kernel should a cluster
+//!   need to mix CPU generations.
 //! - **Validated, never panicking.** Every entry point checks lengths, shapes and labels first
 //!   and returns a [`ModelError`]; after that the maths cannot index out of bounds.
 //!
@@ -74,6 +77,7 @@ macro_rules! layout_accessors {
     };
 }
 
+pub mod kernel;
 mod linear;
 pub mod metrics;
 mod mlp;

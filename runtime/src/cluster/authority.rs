@@ -416,6 +416,7 @@ fn approx_bytes(inbound: &Inbound) -> usize {
 mod tests {
     use std::collections::BTreeMap;
 
+    use phalanx_actors::model::kernel::KernelFingerprint;
     use phalanx_actors::protocol::{Addr, Gradient, Params, RestartPolicy, Schedule};
 
     use super::*;
@@ -522,13 +523,26 @@ mod tests {
         assert_eq!(judge(2, &v, 0, &done), Verdict::Accept);
         assert!(waits(&judge(2, &v, 3, &done)), "a job-done from a member that does not coordinate");
         let spawn = |generation| {
-            control(NodeMsg::Spawn { job: 1, key: ActorKey::trainer(1), generation, restore: None, spawn: 1 })
+            control(NodeMsg::Spawn {
+                job: 1,
+                key: ActorKey::trainer(1),
+                generation,
+                restore: None,
+                spawn: 1,
+                kernel: KernelFingerprint(1),
+            })
         };
         assert_eq!(judge(2, &v, 0, &spawn(3 << 32)), Verdict::Accept);
         assert!(waits(&judge(2, &v, 3, &spawn(3 << 32))));
         assert!(rejects(&judge(2, &v, 0, &spawn(9 << 32))), "a generation of a future epoch");
-        let no_such =
-            control(NodeMsg::Spawn { job: 1, key: ActorKey::trainer(7), generation: 1, restore: None, spawn: 1 });
+        let no_such = control(NodeMsg::Spawn {
+            job: 1,
+            key: ActorKey::trainer(7),
+            generation: 1,
+            restore: None,
+            spawn: 1,
+            kernel: KernelFingerprint(1),
+        });
         assert!(rejects(&judge(2, &v, 0, &no_such)));
         let rollback = deliver(Addr::Aggregator(0), Msg::Rollback { job: 1, generation: u64::MAX, step: 0 });
         assert_eq!(judge(1, &v, 0, &rollback), Verdict::Accept);
@@ -722,7 +736,8 @@ mod tests {
                     key,
                     generation,
                     restore: None,
-                    spawn: 1
+                    spawn: 1,
+                    kernel: KernelFingerprint(1)
                 }),
                 (key(), small()).prop_map(|(key, node)| NodeMsg::Locations {
                     job: 1,

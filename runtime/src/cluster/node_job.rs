@@ -411,10 +411,10 @@ impl NodeJob {
         match inbound {
             Inbound::Deliver(_, to, msg) => self.names.send(to, msg),
             Inbound::Checkpoint(_, name, bytes) => self.on_checkpoint_copy(peer, name, bytes),
-            Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn, .. }) => {
+            Inbound::Control(NodeMsg::Spawn { key, generation, restore, spawn, kernel, .. }) => {
                 self.seen_job = true;
                 self.events.emit(NodeEventKind::Spawn { job, actor: key.to_string(), from: peer });
-                let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore, spawn });
+                let _ = self.host.send_message(HostMsg::Spawn { from: peer, key, generation, restore, spawn, kernel });
             }
             Inbound::Control(NodeMsg::Stop { key, .. }) => {
                 let _ = self.host.send_message(HostMsg::Stop { key, from: peer });

@@ -94,7 +94,9 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
         for job in jobs {
             let done = NodeMsg::JobDone { job: job.id, summary: None, model_sha256: "0".repeat(64) };
             push(done.kind(), wire::encode(&done, limits));
-            let spawn = NodeMsg::Spawn { job: job.id, key: ActorKey::trainer(0), generation, restore: None, spawn: 0 };
+            let kernel = phalanx_actors::model::kernel::fingerprint();
+            let spawn =
+                NodeMsg::Spawn { job: job.id, key: ActorKey::trainer(0), generation, restore: None, spawn: 0, kernel };
             push(spawn.kind(), wire::encode(&spawn, limits));
             if let Some(actors) = job.actors_job {
                 let rollback = Msg::Rollback { job: actors, generation, step: 0 };

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use phalanx_actors::actor::{spawn_actor, Cluster, JobContext};
+use phalanx_actors::model::kernel::{self, KernelFingerprint};
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
 use phalanx_actors::protocol::{ActorKey, Addr, Msg};
 use phalanx_transport::Limits;
@@ -373,7 +374,7 @@ impl Cluster for ClusterHooks {
 
     fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>, spawn: u64) {
         if let Ok(frame) = wire::encode(
-            &NodeMsg::Spawn { job: self.routing.job, key, generation, restore, spawn },
+            &NodeMsg::Spawn { job: self.routing.job, key, generation, restore, spawn, kernel: kernel::fingerprint() },
             &self.routing.limits,
         ) {
             self.routing.send_frame(node, frame, Traffic::Control);
@@ -448,6 +449,8 @@ pub enum HostMsg {
         restore: Option<u64>,
         /// The coordinator's id of the request.
         spawn: u64,
+        /// The job's kernel, as the coordinator stamped it.
+        kernel: KernelFingerprint,
     },
     /// Stop every hosted actor: the quorum is lost (`reason` is reported to
     /// each actor's coordinator, which restarts it: the view may not change
@@ -516,7 +519,7 @@ impl Actor for HostActor {
         state: &mut HostState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            HostMsg::Spawn { from, key, generation, restore, spawn } => {
+            HostMsg::Spawn { from, key, generation, restore, spawn, kernel } => {
                 // A deposed coordinator's request, held back by a partition or a
                 // pause, must not replace what the current one placed here. A
                 // supervisor's generations carry its view's epoch in the high bits;
@@ -527,6 +530,14 @@ impl Actor for HostActor {
                         tracing::info!(node = state.routing.me, %key, from, "ignoring a spawn request of a deposed coordinator");
                         return Ok(());
                     }
+                }
+                // Actors computing other bits than the job's would break the promise: refuse.
+                if let Err(mismatch) = kernel::check(kernel) {
+                    let (me, job) = (state.routing.me, state.routing.job);
+                    tracing::error!(node = me, job, %key, "refusing to host: {mismatch}");
+                    let reason = format!("node {me} refuses to host {key} of job {job}: {mismatch}");
+                    state.report(from, NodeMsg::Failed { job, key, spawn, reason });
+                    return Ok(());
                 }
                 // A previous incarnation of the same actor here is replaced.
                 let old: Vec<ActorId> =

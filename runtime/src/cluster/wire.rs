@@ -1,6 +1,7 @@
 //! What nodes send each other, and how a message's tensors travel as raw
 //! little-endian f32 after the frame header rather than inside it.
 
+use phalanx_actors::model::kernel::KernelFingerprint;
 use phalanx_actors::protocol::{ActorKey, Addr, Msg};
 use phalanx_transport::{DecodeError, EncodeError, Frame, Limits};
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,9 @@ pub enum NodeMsg {
         restore: Option<u64>,
         /// The coordinator's id of this request (echoed in the answers).
         spawn: u64,
+        /// The kernel the job computes with (the coordinator's): a host whose maths
+        /// gives other bits refuses ([`phalanx_actors::model::kernel`]).
+        kernel: KernelFingerprint,
     },
     /// Coordinator → host: stop this actor, it moves elsewhere.
     Stop {

@@ -28,6 +28,8 @@ pub struct Cluster {
     /// Every event seen so far, in arrival order.
     history: std::cell::RefCell<Vec<Value>>,
     job: bool,
+    /// More command-line arguments for some nodes, by id.
+    extra: std::collections::BTreeMap<u32, Vec<String>>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -47,6 +49,11 @@ impl Cluster {
 
     /// Start `n` nodes; with a job file, every node trains it, writing to `out()`.
     pub fn start_with_job(n: u32, job: Option<&str>) -> Self {
+        Self::start_with_args(n, job, Default::default())
+    }
+
+    /// As [`Cluster::start_with_job`], node `id` getting the arguments `extra[id]` too.
+    pub fn start_with_args(n: u32, job: Option<&str>, extra: std::collections::BTreeMap<u32, Vec<String>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let ok = Command::new(env!("CARGO_BIN_EXE_phalanx"))
@@ -64,6 +71,7 @@ impl Cluster {
             sender,
             history: Default::default(),
             job: false,
+            extra,
         };
         if let Some(text) = job {
             std::fs::write(c.dir().join("job.toml"), text).unwrap();
@@ -115,6 +123,7 @@ impl Cluster {
             } else {
                 Vec::new()
             })
+            .args(self.extra.get(&id).into_iter().flatten())
             .env("RUST_LOG", "phalanx=debug,phalanx_transport=debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.log(id)).unwrap())

@@ -186,7 +186,7 @@ fn encoded_frame_layout_matches_the_crate_diagram() {
     expected.extend_from_slice(&(-2.5f32).to_le_bytes());
     expected[..PREFIX_BYTES].copy_from_slice(&((wire.len() - PREFIX_BYTES) as u32).to_le_bytes());
     assert_eq!(wire, expected);
-    assert_eq!(&wire[4..6], &[2, 0], "version 2, little-endian");
+    assert_eq!(&wire[4..6], &[3, 0], "version 3, little-endian");
 }
 
 #[test]
@@ -324,7 +324,7 @@ fn wrong_version_is_unsupported_version() {
     let header = bincode_bytes(&Control::Bye);
     let wire = raw_frame(1, header_len_of(&header), &header, &[]);
     let err = decode_error::<Control>(&wire, Limits::default());
-    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 1, supported: 2 }), "{err:?}");
+    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 1, supported: PROTOCOL_VERSION }), "{err:?}");
 }
 
 #[test]
