@@ -838,8 +838,10 @@ def markdown(result):
         "",
         "## Cost of fault tolerance without faults (Phalanx)",
         "",
-        f"Checkpoints every {CHECKPOINT_EVERY} steps (Phalanx's default; on a cluster each is also copied to a "
-        "replica) against none. The exactly-once ledger has no off switch: it is on in both.",
+        f"Checkpoints with Phalanx's default cadence — every {CHECKPOINT_EVERY} steps, at most one per 500 ms of "
+        "training (`checkpoint_min_interval_ms`), written in the background; on a cluster each is also copied to "
+        "a replica — against none (only the final state). The exactly-once ledger has no off switch: it is on "
+        "in both.",
         "",
         "A difference inside the min–max spread of the repeats is noise of the shared machine, not a cost.",
         "",

@@ -176,6 +176,7 @@ pub fn job() -> JobConfig {
         trainers: 3,
         epochs: Some(EPOCHS),
         checkpoint_every: 20,
+        checkpoint_min_interval_ms: 0,
         ..JobConfig::default()
     }
 }

@@ -21,6 +21,9 @@ pub const DEFAULT_TEST_FRACTION: f64 = 0.2;
 pub const DEFAULT_HIDDEN: usize = 64;
 /// Checkpoint interval in steps.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 20;
+/// At most one checkpoint per this many milliseconds of training (see
+/// [`JobConfig::checkpoint_min_interval_ms`]).
+pub const DEFAULT_CHECKPOINT_MIN_INTERVAL_MS: u64 = 500;
 
 /// A training job. Every field has a default that trains well; a TOML file
 /// uses the same names (`batch_size`, `checkpoint_every`, …).
@@ -69,6 +72,13 @@ pub struct JobConfig {
     pub test_fraction: f64,
     /// Checkpoint every K steps (0: only the final one).
     pub checkpoint_every: u64,
+    /// ...but at most one checkpoint per this many milliseconds of training (0: every
+    /// `checkpoint_every` steps exactly). A checkpoint step that comes sooner after the last
+    /// checkpoint is skipped (the final state is always written), so a model that steps in
+    /// microseconds is not paced by the disk, and a crash loses at most this much training
+    /// time plus `checkpoint_every` steps. Not part of the math: the model's bits do not
+    /// depend on it.
+    pub checkpoint_min_interval_ms: u64,
     /// Injected faults, e.g. `trainer:1@20` (actor panics). Only a build with the cargo
     /// feature `fault-injection` runs them; a default build refuses a job that names one.
     /// The field is in every build so that a job reads and travels the same.
@@ -103,6 +113,7 @@ impl Default for JobConfig {
             init_params: None,
             test_fraction: DEFAULT_TEST_FRACTION,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            checkpoint_min_interval_ms: DEFAULT_CHECKPOINT_MIN_INTERVAL_MS,
             fail: Vec::new(),
             out: None,
             resume: false,

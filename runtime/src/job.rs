@@ -325,6 +325,10 @@ impl PreparedJob {
             optimizer: self.optimizer,
             init_seed: self.config.seed,
             checkpoint_every: self.config.checkpoint_every,
+            checkpoint_cadence: std::sync::Mutex::new(phalanx_actors::checkpoint::CheckpointCadence::new(
+                self.config.checkpoint_every,
+                std::time::Duration::from_millis(self.config.checkpoint_min_interval_ms),
+            )),
             store: Arc::new(store),
             config_hash: self.config_hash.clone(),
             #[cfg(feature = "fault-injection")]

@@ -817,6 +817,16 @@ fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<
                     format!("{step} is not a checkpoint step (checkpoint_every = {})", config.checkpoint_every),
                 ));
             }
+            NodeFault::CrashBeforeRename { step, .. } if config.checkpoint_min_interval_ms > 0 => {
+                return Err(bad(
+                    f,
+                    format!(
+                        "step {step} may be skipped by checkpoint_min_interval_ms = {} (a checkpoint sooner than \
+                         that after the last one is not written): set checkpoint_min_interval_ms = 0",
+                        config.checkpoint_min_interval_ms
+                    ),
+                ));
+            }
             _ => {}
         }
     }

@@ -370,6 +370,9 @@ pub(crate) struct TrainArgs {
     /// Checkpoint every K steps (0: only the final one).
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// ...but at most one checkpoint per MS milliseconds of training (0: every K steps exactly; default 500).
+    #[arg(long, value_name = "MS")]
+    checkpoint_min_interval_ms: Option<u64>,
     /// Make an actor panic: ROLE[:INDEX]@STEP[xN|x*], ROLE = trainer, shard or aggregator. Repeatable.
     #[cfg(feature = "fault-injection")]
     #[arg(long = "fail", value_name = "ROLE[:INDEX]@STEP")]
@@ -410,6 +413,7 @@ impl TrainArgs {
             hidden,
             test_fraction,
             checkpoint_every,
+            checkpoint_min_interval_ms,
             max_restarts
         );
         set_opt!(task, epochs, batch_size, learning_rate, out);

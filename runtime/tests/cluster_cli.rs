@@ -43,8 +43,10 @@ struct Job {
 
 impl Job {
     fn flags(&self) -> Vec<String> {
-        ["--model", "mlp", "--dataset", "winequality", "--trainers", "3", "--checkpoint-every", "20", "--epochs"]
-            .iter()
+        let job = ["--model", "mlp", "--dataset", "winequality", "--trainers", "3", "--checkpoint-every", "20"];
+        // The exact cadence: the kill below expects a checkpoint at or after step 300.
+        job.iter()
+            .chain(&["--checkpoint-min-interval-ms", "0", "--epochs"])
             .map(|s| s.to_string())
             .chain([self.epochs.to_string()])
             .collect()
@@ -56,6 +58,7 @@ impl Job {
             dataset: DatasetSource::Winequality,
             trainers: 3,
             checkpoint_every: 20,
+            checkpoint_min_interval_ms: 0,
             epochs: Some(self.epochs),
             ..JobConfig::default()
         };

@@ -24,6 +24,7 @@ fn job(out: &Path) -> JobConfig {
         trainers: 3,
         epochs: Some(150),
         checkpoint_every: 20,
+        checkpoint_min_interval_ms: 0,
         out: Some(out.to_path_buf()),
         ..JobConfig::default()
     }

@@ -11,7 +11,7 @@ use phalanx::{JobConfig, PreparedJob};
 use serde_json::Value;
 
 /// 3 trainers over 3 nodes, checkpoints every 20 steps, 600 steps.
-const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\nepochs = 30\ncheckpoint_every = 20\n";
+const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\nepochs = 30\ncheckpoint_every = 20\ncheckpoint_min_interval_ms = 0\n";
 
 fn expected_sha() -> String {
     let config = JobConfig::from_toml_str(JOB).unwrap();

@@ -29,6 +29,7 @@ fn job() -> JobConfig {
         epochs: Some(4),
         optimizer: OptimizerKind::Sgd,
         checkpoint_every: 1,
+        checkpoint_min_interval_ms: 0,
         ..JobConfig::default()
     }
 }

@@ -57,6 +57,7 @@ fn node_memory_stays_flat_over_a_long_job_and_outputs_stay_bounded() {
         batch_size: Some(512), // more than the training rows of diabetes: one step per epoch
         epochs: Some(STEPS as u32),
         checkpoint_every: 1_000,
+        checkpoint_min_interval_ms: 0,
         out: Some(out.clone()),
         ..JobConfig::default()
     };

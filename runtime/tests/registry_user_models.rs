@@ -126,6 +126,7 @@ fn job() -> JobConfig {
         epochs: Some(30),
         learning_rate: Some(0.05),
         checkpoint_every: 10,
+        checkpoint_min_interval_ms: 0,
         seed: 7,
         ..JobConfig::default()
     }

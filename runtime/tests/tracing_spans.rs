@@ -47,7 +47,14 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
 }
 
 fn job() -> JobConfig {
-    JobConfig { epochs: Some(2), partitions: 4, trainers: 2, checkpoint_every: 5, ..JobConfig::default() }
+    JobConfig {
+        epochs: Some(2),
+        partitions: 4,
+        trainers: 2,
+        checkpoint_every: 5,
+        checkpoint_min_interval_ms: 0,
+        ..JobConfig::default()
+    }
 }
 
 /// Train `job()` with `level` as the most verbose level captured; the spans opened.

@@ -5,13 +5,15 @@
 //! actor snapshots its range in memory (a copy of the parameters, optimizer state and
 //! ledger), sends the new parameters to the trainers and hands the snapshot to a blocking
 //! task that writes, fsyncs, renames, replicates and prunes, then reports `CheckpointSaved`
-//! (or `CheckpointFailed`) to the supervisor and wakes the actor. The trainers compute the
-//! next step meanwhile; the core applies it only once the checkpoint is done
-//! ([`AggregatorCore::on_checkpoint_done`]), so when a job stops at step `s` every checkpoint
-//! up to `s` is durable or reported failed, exactly as with the write on the critical path,
-//! and one snapshot at most is being persisted per range (memory: one extra copy of it). A
-//! checkpoint only counts once renamed into place (the store's rule), so a rollback never
-//! sees one that is still being written.
+//! (or `CheckpointFailed`) to the supervisor and wakes the actor. Training goes on meanwhile:
+//! only the step that would ask for the next checkpoint waits until this one is done
+//! ([`AggregatorCore::on_checkpoint_done`]), so one snapshot at most is being persisted per
+//! range (memory: one extra copy of it) and a write that takes less than `checkpoint_every`
+//! steps costs no step time. An orderly stop waits for the write in progress (`post_stop`),
+//! so a job that stops at step `s` has every checkpoint it started durable or reported
+//! failed; a crash can lose the one being written, and recovery then rolls back to the one
+//! before (the same bits, a few more steps replayed). A checkpoint only counts once renamed
+//! into place (the store's rule), so a rollback never sees one that is still being written.
 
 use std::sync::Arc;
 
@@ -40,6 +42,8 @@ pub struct AggregatorState {
     span: tracing::Span,
     /// The checkpoint being persisted in the background, if any.
     persisting: Option<Persisting>,
+    /// Checkpoints this actor started to persist (pruning runs every few of them).
+    saves: u64,
     /// This actor: woken by the background persist when it is done, and by itself to look
     /// at the lease again.
     myself: ActorRef<ActorMsg>,
@@ -69,7 +73,7 @@ impl Persisting {
 
 /// Write one range checkpoint (fsync and rename), replicate it, prune old ones, and tell the
 /// supervisor: the body of a background persist.
-fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, finished: bool) -> Result<(), String> {
+fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: bool) -> Result<(), String> {
     let step = ckpt.step;
     let started = std::time::Instant::now();
     let saved = ctx.store.save(&ckpt);
@@ -100,8 +104,7 @@ fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, finished: bool) 
     }
     // Pruning reads and verifies the files it keeps, so it runs once per
     // CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
-    let nth = step / ctx.checkpoint_every.max(1);
-    if nth % CHECKPOINTS_KEPT as u64 == 0 || finished {
+    if prune {
         if let Err(e) = ctx.store.prune(&ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
             tracing::warn!(range, "pruning old checkpoints failed: {e}");
         }
@@ -191,10 +194,31 @@ impl AggregatorState {
     }
 
     fn run(&mut self, cmds: Vec<AggCommand>) -> Result<(), ActorProcessingErr> {
-        for cmd in cmds {
+        let mut queue = std::collections::VecDeque::from(cmds);
+        while let Some(cmd) = queue.pop_front() {
             match cmd {
                 AggCommand::Send(to, msg) => self.ctx.net.send(to, msg),
-                AggCommand::Checkpoint { step } => self.checkpoint(step)?,
+                AggCommand::Checkpoint { step } => {
+                    let last = self.core.is_finished();
+                    let taken = self
+                        .ctx
+                        .checkpoint_cadence
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .decide(step, last, crate::clock::now());
+                    if taken {
+                        self.checkpoint(step)?;
+                    } else {
+                        // Sooner than checkpoint_min_interval_ms after the last one (every
+                        // range of the job skips it alike): done without a write.
+                        tracing::trace!(
+                            range = self.key.index,
+                            step,
+                            "checkpoint step skipped: the last one is recent"
+                        );
+                        queue.extend(self.core.on_checkpoint_done());
+                    }
+                }
             }
         }
         Ok(())
@@ -220,10 +244,14 @@ impl AggregatorState {
             kernel: Some(crate::model::kernel::fingerprint()),
         };
         let (range, finished) = (self.key.index, self.core.is_finished());
+        // Counted, not derived from the step: with skipped checkpoint steps no arithmetic on
+        // steps says which save is every CHECKPOINTS_KEPT-th.
+        self.saves = self.saves.wrapping_add(1);
+        let prune = finished || self.saves % CHECKPOINTS_KEPT as u64 == 0;
         let (ctx, span, myself) = (self.ctx.clone(), self.span.clone(), self.myself.clone());
         let (tx, done) = std::sync::mpsc::sync_channel(1);
         let work = move || {
-            let result = span.in_scope(|| persist(&ctx, range, ckpt, finished));
+            let result = span.in_scope(|| persist(&ctx, range, ckpt, prune));
             let _ = tx.send(result);
             // The actor may be gone (stopped, rolled back and replaced): then nobody waits.
             let _ = myself.send_message(ActorMsg::Tick);
@@ -323,6 +351,7 @@ impl Actor for AggregatorActor {
             retry_due: false,
             span: span.clone(),
             persisting: None,
+            saves: 0,
             myself,
         };
         span.in_scope(|| state.run(cmds))?;
@@ -337,6 +366,21 @@ impl Actor for AggregatorActor {
     ) -> Result<(), ActorProcessingErr> {
         let span = state.span.clone();
         span.in_scope(|| state.on_message(msg))
+    }
+
+    /// An orderly stop (the job ended or failed, a rollback replaces this actor, the range
+    /// moves) waits for the checkpoint being written: every checkpoint this aggregator started
+    /// is then durable or reported failed, so what a stopped job leaves on disk does not
+    /// depend on how fast the disk was. Only a crash can lose the one being written.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ActorMsg>,
+        state: &mut AggregatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Err(e) = state.flush() {
+            tracing::warn!(range = state.key.index, "the checkpoint being written when stopping: {e}");
+        }
+        Ok(())
     }
 }
 

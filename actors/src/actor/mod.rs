@@ -41,7 +41,7 @@ pub use trainer::TrainerActor;
 
 use std::sync::Arc;
 
-use crate::checkpoint::CheckpointStore;
+use crate::checkpoint::{CheckpointCadence, CheckpointStore};
 use crate::data::{Partitions, Table};
 #[cfg(feature = "fault-injection")]
 use crate::faults::FaultPlan;
@@ -66,8 +66,11 @@ pub struct JobContext {
     pub optimizer: OptimizerSpec,
     /// Seed of the initial parameters.
     pub init_seed: u64,
-    /// Write a checkpoint every this many steps.
+    /// Write a checkpoint every this many steps...
     pub checkpoint_every: u64,
+    /// ...when this says so: at most one per `checkpoint_min_interval_ms`, decided once per
+    /// step for every range of the job in this process (see [`CheckpointCadence`]).
+    pub checkpoint_cadence: std::sync::Mutex<CheckpointCadence>,
     /// Where checkpoints go.
     pub store: Arc<CheckpointStore>,
     /// SHA-256 (hex) of everything that determines the math of the job.

@@ -92,9 +92,11 @@
 //! # }
 //! ```
 
+mod cadence;
 mod format;
 mod store;
 
+pub use cadence::CheckpointCadence;
 pub use format::{is_temp_name, FileKey};
 pub use store::{CheckpointStore, FileSummary, ScannedFile};
 

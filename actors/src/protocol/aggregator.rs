@@ -166,7 +166,8 @@ pub struct AggregatorCore {
     /// The coordinator holds its lease (see [`AggregatorCore::on_lease`]).
     lease: bool,
     /// The checkpoint this core asked for last, until the shell says it is done (see
-    /// [`AggregatorCore::on_checkpoint_done`]): no further step is applied meanwhile.
+    /// [`AggregatorCore::on_checkpoint_done`]): steps go on meanwhile, but not one that would
+    /// ask for the next checkpoint.
     awaiting_checkpoint: Option<u64>,
     /// A deliberately broken mode (see `AggregatorCore::break_accept_duplicates`).
     #[cfg(feature = "fault-injection")]
@@ -350,13 +351,16 @@ impl AggregatorCore {
 
     /// The checkpoint of the last [`AggCommand::Checkpoint`] is durable, or failed to be
     /// written (a failure is reported and training goes on from the previous one): a step
-    /// whose gradients are all in may now be applied.
+    /// that waited for it may now be applied.
     ///
-    /// Checkpoints are written in the background while trainers compute the next step
-    /// (CheckFreq-style), but the next step waits for them: when a job stops at step `s`,
-    /// every checkpoint up to `s` was written (or reported failed), so the rollback point
-    /// after a failure is the same as with a write on the critical path, and at most one
-    /// checkpoint of a range is being written at a time.
+    /// Checkpoints are written in the background while training goes on (CheckFreq): the
+    /// snapshot is taken when the step is applied, and the following steps are applied while
+    /// it is written — only a step that would ask for the *next* checkpoint waits for this one
+    /// to be done. So at most one checkpoint of a range is being written at a time, a write
+    /// shorter than `checkpoint_every` steps costs no step time, and a write longer than that
+    /// paces checkpoints to the disk instead of piling them up. What a crash can lose is the
+    /// checkpoint being written: the rollback point is then the one before it (an orderly
+    /// stop waits for it; see the actor).
     pub fn on_checkpoint_done(&mut self) -> Vec<AggCommand> {
         self.awaiting_checkpoint = None;
         if self.lease && self.waiting_for_lease() {
@@ -365,9 +369,23 @@ impl AggregatorCore {
         Vec::new()
     }
 
-    /// The step of the checkpoint that must be done before the next step is applied.
+    /// The step of the checkpoint being written, which must be done before the next
+    /// checkpoint step is applied.
     pub fn awaiting_checkpoint(&self) -> Option<u64> {
         self.awaiting_checkpoint
+    }
+
+    /// Whether the state at `step` is checkpointed: every `checkpoint_every` steps, and the
+    /// final state.
+    fn checkpoints_at(&self, step: u64) -> bool {
+        let k = self.setup.checkpoint_every;
+        step >= self.setup.schedule.total_steps() || (k > 0 && step % k == 0)
+    }
+
+    /// Applying the waiting step now would ask for a checkpoint while the last one is still
+    /// being written.
+    fn blocked_by_checkpoint(&self) -> bool {
+        self.awaiting_checkpoint.is_some() && self.checkpoints_at(self.state.step + 1)
     }
 
     fn checkpoint(&mut self) -> AggCommand {
@@ -391,7 +409,7 @@ impl AggregatorCore {
 
     /// True while a complete step waits for the lease (and for nothing else).
     pub fn waiting_for_lease(&self) -> bool {
-        self.pending.root().is_some() && self.awaiting_checkpoint.is_none()
+        self.pending.root().is_some() && !self.blocked_by_checkpoint()
     }
 
     fn classify(&self, g: &Gradient) -> Verdict {
@@ -499,8 +517,7 @@ impl AggregatorCore {
                 },
             ),
         ];
-        let k = self.setup.checkpoint_every;
-        if self.is_finished() || (k > 0 && self.state.step % k == 0) {
+        if self.checkpoints_at(self.state.step) {
             let checkpoint = self.checkpoint();
             out.push(checkpoint);
         }

@@ -229,31 +229,39 @@ fn aggregator_checkpoints_every_k_steps_and_reports_the_end() {
     assert_eq!(core.on_gradient(grad(4, 0, 0, vec![0.5, -0.5])).0, Verdict::AfterFinish);
 }
 
-/// Checkpoints are written in the background while trainers compute the next step, but the
-/// next step is applied only once the checkpoint is done: a job that stops at step `s` has
-/// every checkpoint up to `s` on disk (or reported failed), as with the write inline.
+/// Checkpoints are written in the background while training goes on (CheckFreq): the steps
+/// after a checkpoint are applied while it is written, and only the step that would ask for
+/// the next checkpoint waits until it is done — at most one checkpoint of a range is being
+/// written, and a slow disk paces checkpoints instead of piling them up.
 #[test]
-fn a_step_after_a_checkpoint_waits_until_the_checkpoint_is_done() {
+fn steps_go_on_while_a_checkpoint_is_written_and_the_next_checkpoint_waits_for_it() {
+    let params_sent =
+        |cmds: &[AggCommand]| cmds.iter().any(|c| matches!(c, AggCommand::Send(Addr::AllTrainers, Msg::Params(_))));
     let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 1), 0, fresh(2));
     let _ = core.start(true);
     assert_eq!(core.awaiting_checkpoint(), Some(0));
-    // Step 0's gradient is in, but the checkpoint of step 0 is still being written.
+    // Step 0 → 1 while the checkpoint of step 0 is written: 1 is no checkpoint step (every 2).
     let (v, cmds) = core.on_gradient(grad(0, 0, 0, vec![0.5, -0.5]));
+    assert_eq!(v, Verdict::Applied);
+    assert!(params_sent(&cmds), "{cmds:?}");
+    assert_eq!((core.step(), core.awaiting_checkpoint()), (1, Some(0)));
+    // Step 1 → 2 would ask for the checkpoint of step 2 while step 0's is still written: it waits.
+    let (v, cmds) = core.on_gradient(grad(1, 0, 0, vec![0.5, -0.5]));
     assert_eq!((v, cmds.len()), (Verdict::Accepted, 0));
-    assert_eq!(core.step(), 0);
+    assert_eq!(core.step(), 1);
     assert!(!core.waiting_for_lease(), "it waits for the checkpoint, not for the lease");
     assert!(core.on_lease(true).is_empty(), "the lease alone does not release it");
     // Done: the waiting step is applied at once, as it would have been without the wait.
     let cmds = core.on_checkpoint_done();
-    assert_eq!(core.step(), 1);
-    assert!(cmds.iter().any(|c| matches!(c, AggCommand::Send(Addr::AllTrainers, Msg::Params(_)))), "{cmds:?}");
-    // Step 1 is no checkpoint step (every 2): step 2 follows without a wait; step 2 is one.
-    assert_eq!(core.on_gradient(grad(1, 0, 0, vec![0.5, -0.5])).0, Verdict::Applied);
+    assert_eq!(core.step(), 2);
+    assert!(params_sent(&cmds), "{cmds:?}");
+    assert!(cmds.contains(&AggCommand::Checkpoint { step: 2 }), "{cmds:?}");
     assert_eq!(core.awaiting_checkpoint(), Some(2));
-    assert_eq!(core.on_gradient(grad(2, 0, 0, vec![0.5, -0.5])).0, Verdict::Accepted);
+    assert_eq!(core.on_gradient(grad(2, 0, 0, vec![0.5, -0.5])).0, Verdict::Applied);
+    assert_eq!(core.on_gradient(grad(3, 0, 0, vec![0.5, -0.5])).0, Verdict::Accepted);
     // A failed write releases it too (the failure is reported; the previous one stays the rollback point).
     assert!(!core.on_checkpoint_done().is_empty());
-    assert_eq!(core.step(), 3);
+    assert_eq!(core.step(), 4);
 }
 
 #[test]

@@ -29,6 +29,7 @@ pub fn campaign_jobs() -> Vec<SimJob> {
             epochs: Some(3),
             batch_size: Some(16),
             checkpoint_every: 5,
+            checkpoint_min_interval_ms: 0,
             ..JobConfig::default()
         },
         JobConfig {
@@ -40,6 +41,7 @@ pub fn campaign_jobs() -> Vec<SimJob> {
             epochs: Some(2),
             batch_size: Some(32),
             checkpoint_every: 4,
+            checkpoint_min_interval_ms: 0,
             ..JobConfig::default()
         },
         JobConfig {
@@ -52,6 +54,7 @@ pub fn campaign_jobs() -> Vec<SimJob> {
             epochs: Some(1),
             batch_size: Some(128),
             checkpoint_every: 3,
+            checkpoint_min_interval_ms: 0,
             ..JobConfig::default()
         },
     ];

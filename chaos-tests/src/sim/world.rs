@@ -438,7 +438,8 @@ impl World<'_> {
                 AggCommand::Send(to, msg) => self.send(to, msg),
                 AggCommand::Checkpoint { step } => {
                     // Written at once here (the actor writes in the background and tells the
-                    // core when it is done; the core applies no step in between either way).
+                    // core when it is done; meanwhile the core applies steps, up to the one
+                    // that would ask for the next checkpoint).
                     if let Some(a) = self.aggregators[r as usize].as_mut() {
                         self.checkpoints.entry(step).or_default().insert(r, a.state().clone());
                         queue.extend(a.on_checkpoint_done());

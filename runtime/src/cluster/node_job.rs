@@ -70,6 +70,8 @@ pub(crate) struct NodeJob {
     /// This node has seen the job run (hosted its actors, had its locations,
     /// coordinated it): a coordinator taking over need not wait for a fresh start.
     seen_job: bool,
+    /// Checkpoint copies kept here for this job (pruning runs every few of them).
+    copies_kept: u64,
     /// When the job first started anywhere (Unix ms), as coordinators said.
     job_started_ms: Option<u64>,
     /// When a view made this node coordinator in place of another one: a
@@ -187,6 +189,7 @@ impl NodeJob {
             last_members: Default::default(),
             resume: Resume::new(config.id, 0..config.members(), resume_config),
             seen_job: false,
+            copies_kept: 0,
             job_started_ms: None,
             takeover_since: None,
             replication: ReplicationTracker::new(replicas),
@@ -536,10 +539,11 @@ impl NodeJob {
             return;
         }
         self.send_control(peer, &NodeMsg::CheckpointStored { job: self.id, name: name.clone() });
-        // Keep the newest few complete copies, as the coordinator does (every
-        // few checkpoints: pruning verifies the files it keeps).
-        let every = self.prepared.config.checkpoint_every.max(1);
-        if FileKey::parse(&name).is_some_and(|k| (k.step / every) % CHECKPOINTS_KEPT as u64 == 0) {
+        // Keep the newest few complete copies, as the coordinator does (every few copies:
+        // pruning verifies the files it keeps). Counted, not derived from the step: with
+        // skipped checkpoint steps (checkpoint_min_interval_ms) no arithmetic on steps would do.
+        self.copies_kept = self.copies_kept.wrapping_add(1);
+        if self.copies_kept % CHECKPOINTS_KEPT as u64 == 0 {
             let (dir, prepared) = (self.checkpoints.clone(), self.prepared.clone());
             tokio::task::spawn_blocking(move || {
                 let store = CheckpointStore::reader(&dir);

@@ -25,6 +25,7 @@ pub fn job(model: ModelKind) -> JobConfig {
         dataset,
         epochs: Some(epochs),
         checkpoint_every: 10,
+        checkpoint_min_interval_ms: 0,
         seed: 7,
         ..JobConfig::default()
     }
