@@ -92,3 +92,37 @@ async fn checkpoint_files_are_real_safetensors_with_the_aggregator_state() {
     }
     assert_eq!(joined, report.outcome.params, "the final checkpoint holds the final parameters");
 }
+
+/// With a checkpoint due every step and a floor of 30 ms, the ranges of a job skip the same
+/// steps: every step on disk has the files of all three ranges (the newest complete one is the
+/// final state), the steps kept are far apart where steps are fast, and the model has the bits
+/// of a run with every checkpoint written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ranges_of_a_job_skip_the_same_checkpoint_steps() {
+    let exact = JobConfig { aggregators: 3, epochs: Some(20), checkpoint_every: 1, ..job(ModelKind::Mlp) };
+    let (_, reference) = run(exact.clone()).await.unwrap();
+    let floor_ms = 30;
+    let spaced = JobConfig { checkpoint_min_interval_ms: floor_ms, ..exact };
+    let dir = tempfile::tempdir().unwrap();
+    let (job, report) = run_in(spaced, dir.path(), false).await.unwrap();
+    assert_eq!(sha(&report), sha(&reference));
+    let total = job.schedule.total_steps();
+    let store = CheckpointStore::open(dir.path()).unwrap();
+    assert_eq!(store.newest_complete(&job.config_hash, report.outcome.params.len()).unwrap(), Some(total));
+    let mut by_step = std::collections::BTreeMap::<u64, usize>::new();
+    for file in store.scan().unwrap() {
+        assert!(file.outcome.is_ok(), "{}: {:?}", file.path.display(), file.outcome.err());
+        *by_step.entry(file.step).or_default() += 1;
+    }
+    assert!(by_step.values().all(|ranges| *ranges == 3), "a step written by only some ranges: {by_step:?}");
+    let ms_per_step = report.duration.as_secs_f64() * 1000.0 / total as f64;
+    let kept: Vec<u64> = by_step.keys().copied().filter(|s| *s != total).collect();
+    if ms_per_step * 2.0 < floor_ms as f64 {
+        assert!(
+            kept.windows(2).all(|w| w[1] - w[0] >= 2),
+            "checkpoints {floor_ms} ms apart at {ms_per_step:.3} ms/step: {kept:?}"
+        );
+    } else {
+        eprintln!("steps of {ms_per_step:.1} ms are too slow for the floor to skip any: spacing not checked");
+    }
+}
