@@ -225,12 +225,12 @@ def write_plan(path, parts, epochs):
 
 def owned_partitions(partitions, workers, rank):
     """The partitions Phalanx's trainer `rank` of `workers` owns (`JobPlan::contiguous`):
-    floor(rank*P/T) .. floor((rank+1)*P/T) with T = min(workers, P), so whole subtrees of the
-    reduction tree stay with one worker."""
+    ceil(rank*P/T) .. ceil((rank+1)*P/T) with T = min(workers, P), so whole subtrees of the
+    reduction tree stay with one worker (larger shares first)."""
     t = max(1, min(workers, max(partitions, 1)))
     if rank >= t:
         return []
-    return list(range(rank * partitions // t, (rank + 1) * partitions // t))
+    return list(range(-(-rank * partitions // t), -(-(rank + 1) * partitions // t)))
 
 
 def mlp_layout(inputs, hidden, outputs):

@@ -29,7 +29,9 @@ use phalanx_actors::model::ModelKind;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::invariants::{check_process, forged_rejected, read_events, tally, Expected, ForgedCount};
+use crate::invariants::{
+    check_process, forged_rejected, no_false_detection, read_events, tally, Expected, ForgedCount,
+};
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
@@ -287,6 +289,10 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
             let mut v = check_process(s, expected);
             v.extend(took_effect(scenario, s).err().map(|e| format!("fault-took-effect: {e}")));
             v.extend(check_leases(&work.join("events.jsonl")).into_iter().map(|e| format!("leases: {e}")));
+            let detections = scenario.node_faults().and_then(|faults| {
+                read_events(&work.join("events.jsonl")).and_then(|events| no_false_detection(&faults, &events))
+            });
+            v.extend(detections.err().map(|e| format!("no-false-detection: {e}")));
             v
         }
     };

@@ -82,14 +82,18 @@ pub struct JobPlan {
 
 impl JobPlan {
     /// Contiguous assignment, the default: trainer `t` of `T` owns the partitions
-    /// `⌊t·P/T⌋ .. ⌊(t+1)·P/T⌋`, so the trainers' shares differ by at most one partition and
+    /// `⌈t·P/T⌉ .. ⌈(t+1)·P/T⌉`, so the trainers' shares differ by at most one partition and
     /// whole subtrees of the reduction tree stay with one trainer (it sends one partial sum
-    /// per subtree instead of one gradient per partition; see [`super::reduce`]). With more
-    /// trainers than partitions, trainer `p` owns partition `p` and the others none.
+    /// per subtree instead of one gradient per partition; see [`super::reduce`]). The larger
+    /// shares come first: with 8 partitions and 3 trainers the blocks are `[0,3) [3,6) [6,8)`,
+    /// so the last is one subtree and trainer 0 — which runs beside the aggregators — sends
+    /// one of the two split blocks; 3 sums cross the network per step instead of the 4 of
+    /// `[0,2) [2,5) [5,8)`. With more trainers than partitions, trainer `p` owns partition
+    /// `p` and the others none.
     pub fn contiguous(partitions: u32, trainers: u32) -> Vec<u32> {
         let (p, t) = (u64::from(partitions), u64::from(trainers.clamp(1, partitions.max(1))));
-        // The owner of partition q is the largest t with ⌊t·P/T⌋ ≤ q.
-        (0..p).map(|q| ((q * t + t - 1) / p.max(1)).min(t - 1) as u32).collect()
+        // The owner of partition q is the largest t with ⌈t·P/T⌉ ≤ q, i.e. t·P/T ≤ q.
+        (0..p).map(|q| ((q * t) / p.max(1)).min(t - 1) as u32).collect()
     }
 
     /// Round-robin assignment: partition `p` goes to trainer `p mod trainers`.

@@ -497,7 +497,8 @@ fn a_trainer_of_a_one_range_job_takes_the_range_as_its_theta() {
 #[test]
 fn contiguous_assignment_balances_trainers_and_keeps_subtrees_whole() {
     assert_eq!(JobPlan::contiguous(8, 2), vec![0, 0, 0, 0, 1, 1, 1, 1]);
-    assert_eq!(JobPlan::contiguous(8, 3), vec![0, 0, 1, 1, 1, 2, 2, 2]);
+    assert_eq!(JobPlan::contiguous(8, 3), vec![0, 0, 0, 1, 1, 1, 2, 2], "larger shares first");
+    assert_eq!(JobPlan::contiguous(7, 2), vec![0, 0, 0, 0, 1, 1, 1]);
     assert_eq!(JobPlan::contiguous(3, 5), vec![0, 1, 2], "more trainers than partitions");
     assert_eq!(JobPlan::contiguous(4, 1), vec![0; 4]);
     assert_eq!(JobPlan::contiguous(4, 0), vec![0; 4]);

@@ -7,6 +7,7 @@ mod completes;
 mod exactly_once;
 mod forged_rejected;
 mod no_bad_checkpoint;
+mod no_false_detection;
 mod no_split_brain;
 mod replays_identical;
 
@@ -16,6 +17,7 @@ pub use completes::completes;
 pub use exactly_once::{exactly_once, ledger_exact};
 pub use forged_rejected::{forged_rejected, read_events, tally, ForgedCount, OVERSIZED_FRAME};
 pub use no_bad_checkpoint::no_bad_checkpoint;
+pub use no_false_detection::no_false_detection;
 pub use no_split_brain::no_split_brain;
 pub use replays_identical::replays_identical;
 
