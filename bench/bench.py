@@ -633,7 +633,7 @@ def summarise(bench, recovery):
         "hidden": p["recovery_hidden"], "workers": 3, "kill_step": p["kill_step"],
         "checkpoint_every": CHECKPOINT_EVERY,
         "phalanx": side(recovery["phalanx"], ph_ms,
-                        "phalanx defaults: heartbeat every 100 ms, a node is down after 500 ms of silence"),
+                        "phalanx defaults: heartbeat every 100 ms, a node is down after 450 ms of silence"),
         "torchrun": side(recovery["torchrun"], tr_ms,
                          f"torchrun --monitor_interval={bench.args.torchrun_monitor_interval:g} s (its default: 5 s), "
                          "--max_restarts=1, c10d rendezvous"),

@@ -72,12 +72,12 @@ pub struct JobConfig {
     pub test_fraction: f64,
     /// Checkpoint every K steps (0: only the final one).
     pub checkpoint_every: u64,
-    /// ...but at most one checkpoint per this many milliseconds of training (0: every
-    /// `checkpoint_every` steps exactly). A checkpoint step that comes sooner after the last
-    /// checkpoint is skipped (the final state is always written), so a model that steps in
-    /// microseconds is not paced by the disk, and a crash loses at most this much training
-    /// time plus `checkpoint_every` steps. Not part of the math: the model's bits do not
-    /// depend on it.
+    /// ...but at most one checkpoint per this many milliseconds of training, and per 50 times
+    /// the time the last checkpoint took to write (0: every `checkpoint_every` steps exactly).
+    /// A checkpoint step that comes sooner after the last checkpoint is skipped (the final
+    /// state is always written), so a model that steps in microseconds is not paced by the
+    /// disk and a large model's writes stay a small share of the run. Not part of the math:
+    /// the model's bits do not depend on it.
     pub checkpoint_min_interval_ms: u64,
     /// Injected faults, e.g. `trainer:1@20` (actor panics). Only a build with the cargo
     /// feature `fault-injection` runs them; a default build refuses a job that names one.

@@ -74,6 +74,15 @@ impl Persisting {
 /// Write one range checkpoint (fsync and rename), replicate it, prune old ones, and tell the
 /// supervisor: the body of a background persist.
 fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: bool) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let result = persist_timed(ctx, range, ckpt, prune);
+    // What the cadence spaces checkpoints by: the whole write, pruning included.
+    ctx.checkpoint_cadence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record_write(started.elapsed());
+    result
+}
+
+/// The body of [`persist`].
+fn persist_timed(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: bool) -> Result<(), String> {
     let step = ckpt.step;
     let started = std::time::Instant::now();
     let saved = ctx.store.save(&ckpt);

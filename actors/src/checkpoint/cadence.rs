@@ -1,11 +1,15 @@
 //! Which checkpoint steps are taken: every `checkpoint_every` steps, but at most one per
-//! `checkpoint_min_interval_ms` of training — CheckFreq's point that a checkpoint's cost must
-//! be measured against the time between checkpoints, not the steps.
+//! `checkpoint_min_interval_ms` of training, and at most one per [`WRITE_BUDGET`] times the
+//! time the last checkpoint took to write — CheckFreq's point that a checkpoint's cost must be
+//! measured against the time between checkpoints, not the steps.
 //!
 //! A tiny model steps in tens of microseconds: twenty steps are over before one write with its
-//! two fsyncs is, so checkpointing every twenty steps would pace training to the disk. A large
-//! one takes long enough per step that the floor never applies. The final state is always
-//! checkpointed.
+//! two fsyncs is, so checkpointing every twenty steps would pace training to the disk; the
+//! floor spaces them. A large model's write (megabytes to serialise, hash, fsync and copy to a
+//! replica) competes with training for the CPU even in the background; spacing checkpoints by
+//! `WRITE_BUDGET` times its duration keeps that cost at about `1 / WRITE_BUDGET` of the run.
+//! A floor of zero turns both off: every `checkpoint_every` steps exactly. The final state is
+//! always checkpointed.
 //!
 //! **Every range decides alike.** A step is complete on disk only if every range wrote it, so
 //! the ranges of a job must take the same steps. One `CheckpointCadence` is shared by all
@@ -35,6 +39,10 @@ use std::time::{Duration, Instant};
 /// cost nothing.
 const REMEMBERED: usize = 8;
 
+/// Checkpoints are at least this many times their write time apart (a write costs about
+/// `1/50` = 2 % of the run; the replica's copy roughly doubles it).
+pub const WRITE_BUDGET: u32 = 50;
+
 /// The checkpoint cadence of one job in one process (see the [module docs](self)).
 #[derive(Debug)]
 pub struct CheckpointCadence {
@@ -42,6 +50,9 @@ pub struct CheckpointCadence {
     min_interval: Duration,
     /// When the last taken checkpoint was decided.
     last_taken: Option<Instant>,
+    /// How long a checkpoint takes to write (the newest report, or more while older, longer
+    /// ones fade: each report keeps at least 7/8 of the previous estimate).
+    write_time: Duration,
     /// Recent decisions by step, oldest first.
     decided: VecDeque<(u64, bool)>,
 }
@@ -50,7 +61,27 @@ impl CheckpointCadence {
     /// Every `every` steps (0: only the final state), at most one per `min_interval`
     /// (zero: every `every` steps exactly).
     pub fn new(every: u64, min_interval: Duration) -> Self {
-        Self { every, min_interval, last_taken: None, decided: VecDeque::with_capacity(REMEMBERED) }
+        Self {
+            every,
+            min_interval,
+            last_taken: None,
+            write_time: Duration::ZERO,
+            decided: VecDeque::with_capacity(REMEMBERED),
+        }
+    }
+
+    /// A checkpoint of the job took `took` to write (save, replicate, prune).
+    pub fn record_write(&mut self, took: Duration) {
+        self.write_time = took.max(self.write_time * 7 / 8);
+    }
+
+    /// The least time between two checkpoints now: the floor, or [`WRITE_BUDGET`] times the
+    /// write time if that is longer; zero when the floor is zero (the exact cadence).
+    pub fn spacing(&self) -> Duration {
+        if self.min_interval.is_zero() {
+            return Duration::ZERO;
+        }
+        self.min_interval.max(self.write_time * WRITE_BUDGET)
     }
 
     /// Is the state at `step` checkpointed? `last` says it is the job's final state. The first
@@ -60,8 +91,8 @@ impl CheckpointCadence {
             return taken;
         }
         let due = last || (self.every > 0 && step % self.every == 0);
-        let taken =
-            due && (last || self.last_taken.is_none_or(|t| now.saturating_duration_since(t) >= self.min_interval));
+        let spacing = self.spacing();
+        let taken = due && (last || self.last_taken.is_none_or(|t| now.saturating_duration_since(t) >= spacing));
         if taken {
             self.last_taken = Some(now);
         }
@@ -110,6 +141,28 @@ mod tests {
         // Step 4, first asked after the floor: taken, and for the other range too.
         assert!(c.decide(4, false, t0 + Duration::from_millis(300)));
         assert!(c.decide(4, false, t0 + Duration::from_millis(301)));
+    }
+
+    /// A write that takes 10 ms spaces checkpoints by WRITE_BUDGET × 10 ms when that is above the
+    /// floor, and the estimate fades when writes get faster; a zero floor ignores it.
+    #[test]
+    fn slow_writes_space_checkpoints_by_the_budget() {
+        let mut c = CheckpointCadence::new(1, Duration::from_millis(100));
+        assert_eq!(c.spacing(), Duration::from_millis(100));
+        c.record_write(Duration::from_millis(10));
+        assert_eq!(c.spacing(), Duration::from_millis(10) * WRITE_BUDGET);
+        let t0 = Instant::now();
+        assert!(c.decide(0, false, t0));
+        assert!(!c.decide(1, false, t0 + Duration::from_millis(10) * (WRITE_BUDGET - 1)));
+        assert!(c.decide(2, false, t0 + Duration::from_millis(10) * WRITE_BUDGET));
+        for _ in 0..40 {
+            c.record_write(Duration::from_micros(100));
+        }
+        assert_eq!(c.spacing(), Duration::from_millis(100), "back to the floor once writes are fast");
+        let mut exact = CheckpointCadence::new(1, Duration::ZERO);
+        exact.record_write(Duration::from_secs(1));
+        assert_eq!(exact.spacing(), Duration::ZERO);
+        assert!(exact.decide(0, false, t0) && exact.decide(1, false, t0));
     }
 
     /// The memory is bounded, and the job's final state is always checkpointed.

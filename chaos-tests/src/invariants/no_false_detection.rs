@@ -4,14 +4,17 @@
 //! fast, but a node declared down while it was alive and talking costs a view change, a
 //! restart of its actors and a replay, for nothing. In a real-process run the faults say which
 //! nodes may fall silent: killed, paused, crashed, wiped or restarted ones. A `down` event that
-//! names any other member is a false detection. Runs that cut or degrade links are not checked
-//! (any member may then be silent to another).
+//! names any other member is a false detection — unless a silenced node declared it: a node
+//! woken from a pause (or started again) has heard nobody for as long as it slept, and saying
+//! so is its detector working. Runs that cut or degrade links are not checked (any member may
+//! then be silent to another).
 
 use phalanx::local::NodeFault;
 use serde_json::Value;
 
-/// `Ok` if every `down` event among `events` names a node one of `faults` silences (or the
-/// faults cut or degrade links); else the first false detection, with who declared it and when.
+/// `Ok` if every `down` event among `events` names a node one of `faults` silences, or comes
+/// from such a node (or the faults cut or degrade links); else the first false detection, with
+/// who declared it and when.
 pub fn no_false_detection(faults: &[NodeFault], events: &[Value]) -> Result<(), String> {
     let mut silenced = Vec::new();
     for fault in faults {
@@ -28,8 +31,9 @@ pub fn no_false_detection(faults: &[NodeFault], events: &[Value]) -> Result<(), 
             | NodeFault::Rogue { .. } => {}
         }
     }
-    let downs = events.iter().filter(|e| e["event"] == "down");
-    match downs.filter(|e| e["peer"].as_u64().is_none_or(|peer| !silenced.contains(&peer))).next() {
+    let silenced_one = |field: &Value| field.as_u64().is_some_and(|n| silenced.contains(&n));
+    let downs = events.iter().filter(|e| e["event"] == "down" && !silenced_one(&e["node"]));
+    match downs.filter(|e| !silenced_one(&e["peer"])).next() {
         None => Ok(()),
         Some(e) => Err(format!(
             "node {} was declared down by node {} at {} ms (Unix), but no fault silenced it (faults silence {:?}): \
@@ -53,8 +57,11 @@ mod tests {
         let kill = [NodeFault::Kill { node: 1, step: 300 }];
         let events = [json!({ "event": "view", "node": 0 }), down(0, 1), down(2, 1)];
         assert_eq!(no_false_detection(&kill, &events), Ok(()));
-        let err = no_false_detection(&kill, &[down(0, 1), down(1, 2)]).unwrap_err();
-        assert!(err.contains("node 2 was declared down by node 1 at 17 ms"), "{err}");
+        let err = no_false_detection(&kill, &[down(0, 1), down(2, 0)]).unwrap_err();
+        assert!(err.contains("node 0 was declared down by node 2 at 17 ms"), "{err}");
+        // The silenced node itself, woken, may declare the others down.
+        let pause = [NodeFault::Pause { node: 1, step: 300, ms: 900 }];
+        assert_eq!(no_false_detection(&pause, &[down(1, 0), down(1, 2), down(0, 1)]), Ok(()));
         // No fault at all: any down is false.
         assert!(no_false_detection(&[], &[down(0, 1)]).is_err());
         assert_eq!(no_false_detection(&[], &[]), Ok(()));
