@@ -32,8 +32,8 @@ pub fn no_false_detection(faults: &[NodeFault], events: &[Value]) -> Result<(), 
         }
     }
     let silenced_one = |field: &Value| field.as_u64().is_some_and(|n| silenced.contains(&n));
-    let downs = events.iter().filter(|e| e["event"] == "down" && !silenced_one(&e["node"]));
-    match downs.filter(|e| !silenced_one(&e["peer"])).next() {
+    let mut downs = events.iter().filter(|e| e["event"] == "down" && !silenced_one(&e["node"]));
+    match downs.find(|e| !silenced_one(&e["peer"])) {
         None => Ok(()),
         Some(e) => Err(format!(
             "node {} was declared down by node {} at {} ms (Unix), but no fault silenced it (faults silence {:?}): \
