@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_actors::actor::{spawn_job_recording, JobContext, JobObserver};
-use phalanx_actors::checkpoint::{CheckpointStore, FileKey, CHECKPOINTS_KEPT};
+use phalanx_actors::checkpoint::{CheckpointError, CheckpointStore, FileKey, CHECKPOINTS_KEPT};
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
 use phalanx_actors::protocol::{ActorKey, FaultCause, Recovery};
 use phalanx_transport::Limits;
@@ -579,11 +579,22 @@ fn store_copy(dir: &std::path::Path, me: u32, peer: u32, name: &str, bytes: &[u8
 }
 
 /// The newest complete checkpoint of `job` in `dir` (none when unreadable: logged).
+///
+/// A newest step computed with another kernel is still named: restoring it fails in the
+/// aggregator with the store's `KernelMismatch` (both kernels, the file), and the job fails
+/// with that reason — rather than starting again from scratch as if no checkpoint existed.
 fn newest_complete(dir: &std::path::Path, job: &PreparedJob) -> Option<u64> {
-    CheckpointStore::reader(dir).newest_complete(&job.config_hash, job.model.num_params()).unwrap_or_else(|e| {
-        tracing::warn!(dir = %dir.display(), "cannot list checkpoints: {e}");
-        None
-    })
+    match CheckpointStore::reader(dir).newest_complete(&job.config_hash, job.model.num_params()) {
+        Ok(newest) => newest,
+        Err(CheckpointError::KernelMismatch { path, expected, found, .. }) => {
+            tracing::error!(dir = %dir.display(), %expected, %found, "the newest checkpoint was computed with another kernel");
+            path.file_name().and_then(|n| n.to_str()).and_then(FileKey::parse).map(|k| k.step)
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), "cannot list checkpoints: {e}");
+            None
+        }
+    }
 }
 
 /// Feeds a node's metrics and events from the actors of one of its jobs (see
