@@ -59,6 +59,34 @@ fn a_node_with_other_maths_refuses_to_host_and_the_job_fails_naming_both_kernels
     assert!(done.is_none(), "the job finished on mixed kernels: {done:?}");
 }
 
+/// Both nodes train with other maths (a claimed kernel fingerprint) and are killed; started
+/// again with this machine's maths, they find checkpoints of the other kernel: the job fails
+/// naming the file and both kernels — it neither restores them nor starts over from step 0.
+#[test]
+fn checkpoints_of_other_maths_are_not_resumed_and_not_silently_dropped() {
+    let here = phalanx_actors::model::kernel::fingerprint();
+    let other = format!("{:016x}", here.0 ^ 0x00a5_0000_0000_0100);
+    let pretend = vec!["--pretend-kernel".to_string(), other.clone()];
+    let extra = [(0, pretend.clone()), (1, pretend)].into_iter().collect();
+    let mut c = Cluster::start_with_args(2, Some(JOB), extra);
+    wait_step(&c, 150);
+    c.kill(1);
+    c.kill(0);
+    c.extra.clear();
+    let since = c.mark();
+    for id in 0..2 {
+        let node = c.spawn(id);
+        c.nodes[id as usize] = Some(node);
+    }
+    let failed = c.wait_for(since, "the job to fail", |v| v["event"] == "job_failed");
+    let error = failed["error"].as_str().unwrap();
+    for needed in ["cannot be restored", "was computed with kernel", &other, &here.to_string()] {
+        assert!(error.contains(needed), "{needed:?} missing from {error:?}");
+    }
+    let done = c.events_since(since).into_iter().find(|v| v["event"] == "job_done");
+    assert!(done.is_none(), "the job started over and finished: {done:?}");
+}
+
 #[test]
 fn three_processes_train_to_the_same_bits_as_one_process() {
     let c = Cluster::start_with_job(3, Some(JOB));

@@ -431,6 +431,13 @@ async fn on_message(myself: ActorRef<JobMsg>, msg: JobMsg, state: &mut JobState)
             let checkpoint = if key.role == Role::Aggregator {
                 match state.ctx.store.newest_complete(&state.ctx.config_hash, state.ctx.model.num_params()) {
                     Ok(step) => step,
+                    Err(e @ crate::checkpoint::CheckpointError::KernelMismatch { .. }) => {
+                        // Not "no checkpoint": falling back to step 0 would train on with
+                        // other maths as if nothing had been saved.
+                        tracing::error!("cannot restore {key}: {e}");
+                        state.stop(&myself, Err(JobError::ForeignCheckpoint { actor: key, reason: e.to_string() }));
+                        return Ok(());
+                    }
                     Err(e) => {
                         tracing::error!("cannot list checkpoints: {e}");
                         None

@@ -181,6 +181,16 @@ pub enum JobError {
         /// The current generation.
         generation: u64,
     },
+    /// The job's newest checkpoint was computed with other maths (another kernel
+    /// fingerprint): restoring it here would not give the job's bits, and starting over
+    /// would quietly train another model.
+    #[error("{actor} cannot be restored: {reason}")]
+    ForeignCheckpoint {
+        /// The actor to restore.
+        actor: ActorKey,
+        /// The store's error (file, both kernels).
+        reason: String,
+    },
 }
 
 /// Why the supervisor lost an actor: the cause label of restarts and

@@ -28,8 +28,8 @@ pub struct Cluster {
     /// Every event seen so far, in arrival order.
     history: std::cell::RefCell<Vec<Value>>,
     job: bool,
-    /// More command-line arguments for some nodes, by id.
-    extra: std::collections::BTreeMap<u32, Vec<String>>,
+    /// More command-line arguments for some nodes, by id (for the next [`Cluster::spawn`]).
+    pub extra: std::collections::BTreeMap<u32, Vec<String>>,
 }
 
 pub fn unix_ms() -> u64 {
