@@ -8,6 +8,7 @@ pub(crate) mod authority;
 pub mod client_api;
 pub mod command;
 pub mod commits;
+pub mod coordination;
 pub mod event;
 pub mod jobs;
 pub mod membership;

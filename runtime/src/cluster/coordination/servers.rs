@@ -1,0 +1,428 @@
+//! Coordination servers started as child processes on loopback ports, each with its own
+//! temporary data directory: one etcd, a 3-member etcd cluster, a standalone ZooKeeper. What
+//! `phalanx local --coordination etcd|zookeeper` and the tests run against.
+//!
+//! The servers come from Debian's packages `etcd-server` and `zookeeperd`; when a binary is
+//! missing, [`install`] installs its package with apt-get (as root; the error says what to run
+//! otherwise). The servers' own output goes to a log file in their directory; an error while
+//! starting one quotes its end.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcdv3client::pb;
+
+use super::Coordination;
+
+/// How long a server may take to answer after it was started.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What can go wrong starting a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A package is missing and could not be installed.
+    #[error("{package} is not installed and could not be installed: {reason}")]
+    Install {
+        /// The Debian package.
+        package: String,
+        /// Why.
+        reason: String,
+    },
+    /// The process did not start.
+    #[error("cannot start {what}: {reason}")]
+    Spawn {
+        /// The server.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// The process started but did not answer in time (or exited).
+    #[error("{what} did not answer within {waited:?}; the end of its log ({log}):\n{tail}")]
+    NotReady {
+        /// The server.
+        what: String,
+        /// How long it was given.
+        waited: Duration,
+        /// Its log file.
+        log: String,
+        /// The end of it.
+        tail: String,
+    },
+}
+
+/// Install the Debian `package` with apt-get unless `probe` exists already.
+pub fn install(package: &str, probe: &Path) -> Result<(), ServerError> {
+    if probe.exists() {
+        return Ok(());
+    }
+    let fail = |reason: String| ServerError::Install { package: package.to_string(), reason };
+    if Command::new("apt-get").arg("--version").stdout(Stdio::null()).status().is_err() {
+        return Err(fail(format!(
+            "no {} and no apt-get here: install {package} (or its upstream release)",
+            probe.display()
+        )));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(fail(format!("apt-get needs root: sudo apt-get install -y {package}")));
+    }
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| fail(e.to_string()))
+    };
+    let mut out = apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
+    if !out.status.success() {
+        // A fresh machine may have no package lists yet.
+        apt(&["update", "-q"])?;
+        out = apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
+    }
+    if !out.status.success() || !probe.exists() {
+        return Err(fail(format!("apt-get install {package}: {}", tail_of(&String::from_utf8_lossy(&out.stderr)))));
+    }
+    Ok(())
+}
+
+/// `n` loopback ports free right now (the OS picks them; they are released for the child).
+fn free_ports(n: usize) -> Result<Vec<u16>, ServerError> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServerError::Spawn { what: "a server".into(), reason: format!("no free port: {e}") })?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServerError::Spawn { what: "a server".into(), reason: e.to_string() })
+}
+
+fn tail_of(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// One child process, its log, and whether it is stopped (SIGSTOP).
+struct Process {
+    what: String,
+    child: Option<Child>,
+    log: PathBuf,
+    command: Command,
+}
+
+impl Process {
+    fn spawn(what: String, mut command: Command, log: PathBuf) -> Result<Self, ServerError> {
+        let mut process = Process { what, child: None, log, command: Command::new("true") };
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&process.log).map_err(|e| {
+            ServerError::Spawn { what: process.what.clone(), reason: format!("{}: {e}", process.log.display()) }
+        })?;
+        let err =
+            file.try_clone().map_err(|e| ServerError::Spawn { what: process.what.clone(), reason: e.to_string() })?;
+        command.stdin(Stdio::null()).stdout(file).stderr(err);
+        process.child = Some(
+            command.spawn().map_err(|e| ServerError::Spawn { what: process.what.clone(), reason: e.to_string() })?,
+        );
+        process.command = command;
+        Ok(process)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill has no memory preconditions; the pid is our own child's.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            self.signal(libc::SIGCONT);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the same command again (after a kill), appending to the same log.
+    fn restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| ServerError::Spawn { what: self.what.clone(), reason: e.to_string() })?;
+        let err =
+            file.try_clone().map_err(|e| ServerError::Spawn { what: self.what.clone(), reason: e.to_string() })?;
+        self.command.stdout(file).stderr(err);
+        self.child = Some(
+            self.command.spawn().map_err(|e| ServerError::Spawn { what: self.what.clone(), reason: e.to_string() })?,
+        );
+        Ok(())
+    }
+
+    /// Exited on its own (a crash while starting)?
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn not_ready(&self, waited: Duration) -> ServerError {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        ServerError::NotReady {
+            what: self.what.clone(),
+            waited,
+            log: self.log.display().to_string(),
+            tail: tail_of(&log),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An etcd cluster of child processes on loopback.
+pub struct LocalEtcd {
+    members: Vec<Process>,
+    client_ports: Vec<u16>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The etcd binary of Debian's `etcd-server`.
+pub const ETCD: &str = "/usr/bin/etcd";
+
+impl LocalEtcd {
+    /// Start `size` members (1 or 3, say) in `dir` (a fresh temporary directory when `None`,
+    /// removed with this value) and wait until the cluster has a leader.
+    pub async fn start(size: usize, dir: Option<&Path>) -> Result<Self, ServerError> {
+        install("etcd-server", Path::new(ETCD))?;
+        let (dir, owned) = match dir {
+            Some(d) => (d.to_path_buf(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("phalanx-etcd-")
+                    .tempdir()
+                    .map_err(|e| ServerError::Spawn { what: "etcd".into(), reason: e.to_string() })?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let ports = free_ports(2 * size)?;
+        let (client_ports, peer_ports) = ports.split_at(size);
+        let initial: Vec<String> =
+            peer_ports.iter().enumerate().map(|(i, p)| format!("etcd{i}=http://127.0.0.1:{p}")).collect();
+        let mut members = Vec::with_capacity(size);
+        for i in 0..size {
+            let data = dir.join(format!("etcd{i}"));
+            let mut command = Command::new(ETCD);
+            command
+                .arg("--name")
+                .arg(format!("etcd{i}"))
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--listen-client-urls")
+                .arg(format!("http://127.0.0.1:{}", client_ports[i]))
+                .arg("--advertise-client-urls")
+                .arg(format!("http://127.0.0.1:{}", client_ports[i]))
+                .arg("--listen-peer-urls")
+                .arg(format!("http://127.0.0.1:{}", peer_ports[i]))
+                .arg("--initial-advertise-peer-urls")
+                .arg(format!("http://127.0.0.1:{}", peer_ports[i]))
+                .arg("--initial-cluster")
+                .arg(initial.join(","))
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--initial-cluster-token")
+                .arg(format!("phalanx-{}", std::process::id()))
+                // Loopback: a leader change within a few hundred milliseconds.
+                .arg("--heartbeat-interval")
+                .arg("50")
+                .arg("--election-timeout")
+                .arg("500")
+                .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+            members.push(Process::spawn(format!("etcd member {i}"), command, dir.join(format!("etcd{i}.log")))?);
+        }
+        let cluster = LocalEtcd { members, client_ports: client_ports.to_vec(), _dir: owned };
+        cluster.wait_leader(Instant::now() + START_TIMEOUT).await
+    }
+
+    async fn wait_leader(mut self, deadline: Instant) -> Result<Self, ServerError> {
+        loop {
+            if self.leader().await.is_some() {
+                return Ok(self);
+            }
+            for member in &mut self.members {
+                if member.exited().is_some() || Instant::now() >= deadline {
+                    return Err(member.not_ready(START_TIMEOUT));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `HOST:PORT` of each member's client port.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.client_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+    }
+
+    /// The spec a node joins with (`etcd://…/PREFIX`).
+    pub fn spec(&self, prefix: &str) -> Coordination {
+        Coordination::Etcd { endpoints: self.endpoints(), prefix: prefix.to_string() }
+    }
+
+    /// The member that leads the cluster now, as the running members report it.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, port) in self.client_ports.iter().enumerate() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")) else {
+                continue;
+            };
+            let endpoint = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_millis(500));
+            let Ok(channel) = endpoint.connect().await else { continue };
+            let mut client = pb::maintenance_client::MaintenanceClient::new(channel);
+            let Ok(status) = client.status(pb::StatusRequest {}).await else { continue };
+            let status = status.into_inner();
+            if status.leader == 0 {
+                continue;
+            }
+            if status.header.as_ref().is_some_and(|h| h.member_id == status.leader) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The process id of member `i` (while it runs).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].pid()
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// SIGSTOP member `i` (it answers nothing until [`LocalEtcd::resume`]).
+    pub fn pause(&self, i: usize) {
+        self.members[i].signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT member `i`.
+    pub fn resume(&self, i: usize) {
+        self.members[i].signal(libc::SIGCONT);
+    }
+
+    /// Start member `i` again on its data directory.
+    pub fn restart(&mut self, i: usize) -> Result<(), ServerError> {
+        self.members[i].restart()
+    }
+}
+
+/// A standalone ZooKeeper server, a child process on loopback.
+pub struct LocalZooKeeper {
+    server: Process,
+    port: u16,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The jar of Debian's `zookeeper` (pulled in by `zookeeperd`).
+pub const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
+
+/// ZooKeeper's tick on loopback: sessions may last 2–100 ticks (0.4–20 s) and expire within
+/// a tick of their timeout.
+pub const ZOOKEEPER_TICK_MS: u64 = 200;
+
+impl LocalZooKeeper {
+    /// Start a standalone server in `dir` (a fresh temporary directory when `None`) and wait
+    /// until it answers.
+    pub async fn start(dir: Option<&Path>) -> Result<Self, ServerError> {
+        install("zookeeperd", Path::new(ZOOKEEPER_JAR))?;
+        let (dir, owned) = match dir {
+            Some(d) => (d.to_path_buf(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("phalanx-zookeeper-")
+                    .tempdir()
+                    .map_err(|e| ServerError::Spawn { what: "ZooKeeper".into(), reason: e.to_string() })?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let port = free_ports(1)?[0];
+        let config = dir.join("zoo.cfg");
+        let text = format!(
+            "tickTime={ZOOKEEPER_TICK_MS}\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+             maxSessionTimeout={}\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\n",
+            dir.join("data").display(),
+            100 * ZOOKEEPER_TICK_MS
+        );
+        std::fs::write(&config, text).map_err(|e| ServerError::Spawn {
+            what: "ZooKeeper".into(),
+            reason: format!("{}: {e}", config.display()),
+        })?;
+        let mut command = Command::new("java");
+        command
+            .arg("-cp")
+            .arg(format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}"))
+            .arg("-Xmx256m")
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(&config);
+        let mut server = Process::spawn("ZooKeeper".into(), command, dir.join("zookeeper.log"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !answers(port) {
+            if server.exited().is_some() || Instant::now() >= deadline {
+                return Err(server.not_ready(START_TIMEOUT));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(LocalZooKeeper { server, port, _dir: owned })
+    }
+
+    /// `HOST:PORT` of the server.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The spec a node joins with (`zk://…/CHROOT`).
+    pub fn spec(&self, chroot: &str) -> Coordination {
+        Coordination::ZooKeeper { hosts: vec![self.host()], chroot: chroot.to_string() }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
+    /// SIGSTOP the server (it answers nothing until [`LocalZooKeeper::resume`]).
+    pub fn pause(&self) {
+        self.server.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT the server.
+    pub fn resume(&self) {
+        self.server.signal(libc::SIGCONT);
+    }
+}
+
+/// Does a ZooKeeper server answer `srvr` on `port`?
+fn answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"srvr").is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    reply.contains("Mode:")
+}
