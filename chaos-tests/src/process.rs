@@ -271,7 +271,7 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
     let config = JobConfig { out: Some(work.to_path_buf()), ..scenario.job() };
     let started = Instant::now();
     let summary = scenario.node_faults().and_then(|faults| {
-        let options = LocalOptions { nodes: scenario.nodes, replicas: scenario.replicas };
+        let options = LocalOptions { nodes: scenario.nodes, replicas: scenario.replicas, ..LocalOptions::default() };
         run_local_with_options(exe, &config, &options, faults, |_, _, _| {}).map_err(|e| e.to_string())
     });
     // Every step the coordinators applied, in order (a failed run may have none).

@@ -95,6 +95,10 @@ pub enum Error {
         /// Its reason: where the live member with this id runs, and its incarnation.
         reason: String,
     },
+    /// The coordination service refused this node or cannot be used (a second live process
+    /// with this id, a bad `--coordination`).
+    #[error(transparent)]
+    Coordination(#[from] crate::cluster::coordination::CoordinationError),
     /// A job could not be submitted (no coordinator, queue full, no answer).
     #[error("cannot submit the job: {0}")]
     Submit(String),

@@ -38,6 +38,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::cluster::coordination::servers::{LocalEtcd, LocalZooKeeper};
+use crate::cluster::coordination::{Coordination, CoordinationError};
 use crate::config::JobConfig;
 use crate::error::Error;
 use crate::relay::{FaultRelay, LinkFaults};
@@ -346,13 +348,89 @@ pub struct Takeover {
 }
 
 /// How `phalanx local` lays out its cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalOptions {
     /// Node processes.
     pub nodes: u32,
     /// Checkpoint copies on other nodes (`phalanx node --replicas`); none: the node's default.
     pub replicas: Option<u32>,
+    /// Where the nodes coordinate (`phalanx local --coordination`).
+    pub coordination: LocalCoordination,
 }
+
+/// Where the nodes of a local run coordinate: `embedded` (the default), `etcd` or `zookeeper`
+/// (a server started for the run, as a child process on a loopback port with its data in the
+/// run's directory), or the spec of a running service (`etcd://…`, `zk://…`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalCoordination {
+    /// Heartbeats between the nodes.
+    #[default]
+    Embedded,
+    /// One etcd started for the run (Debian's `etcd-server`, installed when missing).
+    Etcd,
+    /// One standalone ZooKeeper started for the run (Debian's `zookeeperd`).
+    ZooKeeper,
+    /// A service that runs already.
+    Service(Coordination),
+}
+
+impl FromStr for LocalCoordination {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "embedded" => Ok(LocalCoordination::Embedded),
+            "etcd" => Ok(LocalCoordination::Etcd),
+            "zookeeper" | "zk" => Ok(LocalCoordination::ZooKeeper),
+            spec => spec.parse().map(LocalCoordination::Service).map_err(|e: CoordinationError| {
+                format!("{e} (or `etcd` / `zookeeper` for a server started for the run)")
+            }),
+        }
+    }
+}
+
+/// A coordination server started for a run.
+enum LocalService {
+    Etcd(LocalEtcd),
+    ZooKeeper(Box<LocalZooKeeper>),
+}
+
+/// Start what `wanted` needs in `dir`; the spec the nodes join.
+fn start_service(wanted: &LocalCoordination, dir: &Path) -> Result<(Option<LocalService>, Coordination), Error> {
+    let started = match wanted {
+        LocalCoordination::Embedded => return Ok((None, Coordination::Embedded)),
+        LocalCoordination::Service(spec) => return Ok((None, spec.clone())),
+        LocalCoordination::Etcd | LocalCoordination::ZooKeeper => {
+            let (wanted, dir) = (wanted.clone(), dir.to_path_buf());
+            // The harness is synchronous; the servers' readiness checks are async.
+            std::thread::spawn(move || -> Result<LocalService, String> {
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    match wanted {
+                        LocalCoordination::Etcd => {
+                            LocalEtcd::start(1, Some(&dir.join("etcd"))).await.map(LocalService::Etcd)
+                        }
+                        _ => LocalZooKeeper::start(Some(&dir.join("zookeeper")))
+                            .await
+                            .map(|z| LocalService::ZooKeeper(Box::new(z))),
+                    }
+                    .map_err(|e| e.to_string())
+                })
+            })
+            .join()
+            .map_err(|_| Error::Spawn("the coordination server's starter panicked".into()))?
+            .map_err(|reason| Error::Field { field: "coordination".into(), reason })?
+        }
+    };
+    let spec = match &started {
+        LocalService::Etcd(etcd) => etcd.spec(LOCAL_PREFIX),
+        LocalService::ZooKeeper(zookeeper) => zookeeper.spec(LOCAL_PREFIX),
+    };
+    Ok((Some(started), spec))
+}
+
+/// The prefix (etcd) or chroot (ZooKeeper) of a local run's cluster.
+const LOCAL_PREFIX: &str = "/phalanx";
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -379,6 +457,10 @@ struct LocalCluster {
     replicas: Option<u32>,
     /// Second processes started with a member's identity (`--duplicate`).
     duplicates: Vec<Duplicate>,
+    /// Where the nodes coordinate (`--coordination` of every node).
+    coordination: Coordination,
+    /// The server started for the run, if any (stopped with the cluster, after the nodes).
+    _service: Option<LocalService>,
 }
 
 /// A second process started with a member's identity (`--duplicate`).
@@ -449,6 +531,9 @@ impl LocalCluster {
             .arg(data_dir)
             // Every commit is an event: the harness checks the lease invariants on them.
             .arg("--record-commits");
+        if self.coordination != Coordination::Embedded {
+            command.arg("--coordination").arg(self.coordination.to_string());
+        }
         if let Some(r) = self.replicas {
             command.args(["--replicas", &r.to_string()]);
         }
@@ -841,7 +926,7 @@ pub fn run_local_with(
     faults: Vec<NodeFault>,
     on_step: impl FnMut(u64, u64, f64),
 ) -> Result<Value, Error> {
-    run_local_with_options(exe, config, &LocalOptions { nodes, replicas: None }, faults, on_step)
+    run_local_with_options(exe, config, &LocalOptions { nodes, ..LocalOptions::default() }, faults, on_step)
 }
 
 /// [`run_local_with`] with every cluster option.
@@ -904,6 +989,7 @@ pub fn run_local_watching(
     } else {
         None
     };
+    let (service, coordination) = start_service(&options.coordination, dir.path())?;
     // The nodes bind these ports next.
     drop(held);
     let (tx, rx) = mpsc::channel();
@@ -932,6 +1018,8 @@ pub fn run_local_watching(
             .collect(),
         replicas: options.replicas,
         duplicates: Vec::new(),
+        coordination,
+        _service: service,
         report_steps: {
             let mut steps: Vec<u64> = faults.iter().map(NodeFault::trigger).collect();
             steps.dedup();

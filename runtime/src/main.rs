@@ -122,6 +122,12 @@ struct LocalArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, value_name = "NODE@STEP")]
     rogue: Vec<String>,
+    /// Where the nodes coordinate: `embedded` (heartbeats between them; the default), `etcd` or
+    /// `zookeeper` (a server started for the run from Debian's `etcd-server` / `zookeeperd`,
+    /// installed when missing), or the spec of a running service (`etcd://HOST:PORT/PREFIX`,
+    /// `zk://HOST:PORT/CHROOT`).
+    #[arg(long, value_name = "BACKEND", default_value = "embedded")]
+    coordination: phalanx::local::LocalCoordination,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -226,6 +232,15 @@ struct NodeArgs {
     /// does, and checks the lease invariants on them).
     #[arg(long)]
     record_commits: bool,
+    /// Where membership, the coordinator election and the views live: `embedded` (heartbeats
+    /// between the nodes; the default), `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` or
+    /// `zk://HOST:PORT[,HOST:PORT…]/CHROOT`. Every node of a cluster names the same one.
+    #[arg(long, value_name = "SPEC")]
+    coordination: Option<phalanx::cluster::coordination::Coordination>,
+    /// The etcd lease's TTL or the ZooKeeper session timeout in ms (default 2000): a node
+    /// silent for this long loses its membership.
+    #[arg(long, value_name = "MS")]
+    coordination_ttl_ms: Option<u64>,
 }
 
 impl NodeArgs {
@@ -289,6 +304,12 @@ impl NodeArgs {
         }
         c.revoked.extend(self.revoke);
         c.record_commits |= self.record_commits;
+        if let Some(spec) = self.coordination {
+            c.coordination = spec;
+        }
+        if self.coordination_ttl_ms.is_some() {
+            c.coordination_ttl_ms = self.coordination_ttl_ms;
+        }
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;
         }
@@ -595,15 +616,21 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         }
     }
     let config = args.job.into_config()?;
-    let (nodes, replicas) = (args.nodes, args.replicas);
+    let (nodes, replicas, coordination) = (args.nodes, args.replicas, args.coordination);
+    let on = match &coordination {
+        phalanx::local::LocalCoordination::Embedded => String::new(),
+        phalanx::local::LocalCoordination::Etcd => ", coordinating on an etcd started for the run".into(),
+        phalanx::local::LocalCoordination::ZooKeeper => ", coordinating on a ZooKeeper started for the run".into(),
+        phalanx::local::LocalCoordination::Service(spec) => format!(", coordinating on {spec}"),
+    };
     eprintln!(
-        "starting {nodes} node processes on 127.0.0.1 (mutual TLS, fresh CA) for {} on {}",
+        "starting {nodes} node processes on 127.0.0.1 (mutual TLS, fresh CA) for {} on {}{on}",
         config.model, config.dataset
     );
     let started = std::time::Instant::now();
     let summary = tokio::task::spawn_blocking(move || {
         let mut view = ProgressView::new();
-        let options = LocalOptions { nodes, replicas };
+        let options = LocalOptions { nodes, replicas, coordination };
         let r = run_local(&config, &options, faults, |step, total, loss| {
             let p = Progress { step, total_steps: total, loss, ..Progress::default() };
             view.update(&p, started);

@@ -88,6 +88,8 @@ pub struct NodeBuilder {
     metrics: Option<SocketAddr>,
     max_jobs: Option<u32>,
     registries: Registries,
+    coordination: crate::cluster::coordination::Coordination,
+    coordination_ttl_ms: Option<u64>,
 }
 
 impl NodeBuilder {
@@ -164,6 +166,18 @@ impl NodeBuilder {
         self.registries.data = datasets;
         self
     }
+    /// Keep membership, the coordinator election and the views on a coordination service
+    /// (default: [`Coordination::Embedded`](crate::cluster::coordination::Coordination), heartbeats
+    /// between the nodes). Every node of a cluster must name the same one.
+    pub fn coordination(mut self, spec: crate::cluster::coordination::Coordination) -> Self {
+        self.coordination = spec;
+        self
+    }
+    /// The lease TTL (etcd) or session timeout (ZooKeeper) in ms; default 2000.
+    pub fn coordination_ttl_ms(mut self, ttl_ms: u64) -> Self {
+        self.coordination_ttl_ms = Some(ttl_ms);
+        self
+    }
     /// Serve Prometheus metrics at `http://ADDR/metrics` (port 0 picks one;
     /// see [`NodeHandle::metrics_addr`]).
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
@@ -200,6 +214,8 @@ impl NodeBuilder {
             revoked: Vec::new(),
             record_commits: false,
             no_leases: false,
+            coordination: self.coordination,
+            coordination_ttl_ms: self.coordination_ttl_ms,
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let metrics = NodeMetrics::new(id);

@@ -65,7 +65,7 @@ fn node_memory_stays_flat_over_a_long_job_and_outputs_stay_bounded() {
     let summary = run_local_watching(
         std::path::Path::new(env!("CARGO_BIN_EXE_phalanx")),
         &config,
-        &LocalOptions { nodes: 3, replicas: None },
+        &LocalOptions { nodes: 3, ..LocalOptions::default() },
         vec![],
         |e| {
             let node = e["node"].as_u64().unwrap_or(u64::MAX) as u32;

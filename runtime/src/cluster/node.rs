@@ -41,9 +41,11 @@ use tokio::sync::{broadcast, mpsc};
 pub use super::node_config::NodeConfig;
 
 use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
+use super::coordination::shell::{Input as ServiceInput, ServicePlane};
+use super::coordination::Coordination;
 use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
-use super::membership::{LeaseCell, Membership, MembershipCommand};
+use super::membership::{LeaseCell, Membership, MembershipCommand, View};
 use super::node_job::NodeShared;
 use super::rejections::{MALFORMED_FRAME, OVERSIZED_FRAME};
 use super::runner::{OutPermit, OutQueue, Outbound, Traffic, OUT_QUEUE_BYTES};
@@ -256,10 +258,19 @@ async fn node_loop_on<T: api::Transport>(
         let _ = bound.send(addr);
     }
 
-    let mut membership = Membership::new(me, 0..config.members(), config.detector);
-    if config.no_leases {
-        membership = membership.without_leases();
-    }
+    let mut membership = match &config.coordination {
+        Coordination::Embedded => {
+            let mut membership = Membership::new(me, 0..config.members(), config.detector);
+            if config.no_leases {
+                membership = membership.without_leases();
+            }
+            Control::Embedded(membership)
+        }
+        spec => {
+            tracing::info!(node = me, service = %spec, "membership on a coordination service");
+            Control::Service(ServicePlane::start(spec.clone(), config.coordination_settings(), me, addr.to_string()))
+        }
+    };
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
     let mut connected_addrs: BTreeMap<u32, SocketAddr> = BTreeMap::new();
     let (dial_tx, mut dial_rx) = mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
@@ -321,6 +332,14 @@ async fn node_loop_on<T: api::Transport>(
                 rogue.round(membership.view(), &mut jobs);
                 Vec::new()
             }
+            input = membership.next() => match membership.handle(input) {
+                Ok(cmds) => cmds,
+                Err(e) => {
+                    tracing::error!(node = me, "{e}");
+                    fatal = Some(Error::Coordination(e));
+                    break;
+                }
+            },
             Some(cmd) = client_commands_rx.recv() => {
                 on_command(cmd, &mut jobs, status(&config, &membership, &transport));
                 Vec::new()
@@ -460,9 +479,20 @@ async fn node_loop_on<T: api::Transport>(
                     jobs.on_view_given_up(&view);
                 }
                 MembershipCommand::QuorumLost => {
-                    let reachable: Vec<u32> = membership.up().iter().copied().collect();
+                    let reachable: Vec<u32> = membership.reachable();
                     let missing: Vec<u32> = (0..config.members()).filter(|m| !reachable.contains(m)).collect();
                     let need = config.members() / 2 + 1;
+                    if let Control::Service(plane) = &membership {
+                        tracing::warn!(
+                            node = me,
+                            service = %plane.service(),
+                            "this node's coordination session ended: its actors stop until it has joined again"
+                        );
+                        metrics.members.set(0);
+                        emitter.emit(NodeEventKind::QuorumLost { reachable, missing, needed: need });
+                        jobs.stop_all("lost its coordination session");
+                        continue;
+                    }
                     tracing::warn!(
                         node = me,
                         ?reachable,
@@ -540,6 +570,83 @@ impl Freeze {
 /// Frames up to this size are decoded on the node loop; larger ones on the blocking pool.
 const INLINE_DECODE_BYTES: usize = 256 << 10;
 
+/// Where a node's membership comes from: its own heartbeats, or a coordination service.
+enum Control {
+    Embedded(Membership),
+    Service(ServicePlane),
+}
+
+impl Control {
+    fn view(&self) -> Option<&View> {
+        match self {
+            Control::Embedded(m) => m.view(),
+            Control::Service(p) => p.view(),
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) -> Vec<MembershipCommand> {
+        match self {
+            Control::Embedded(m) => m.on_tick(now),
+            // The service detects failures; the QUIC connections keep themselves alive.
+            Control::Service(_) => Vec::new(),
+        }
+    }
+
+    fn on_message(&mut self, peer: u32, msg: super::membership::MembershipMsg, now: Instant) -> Vec<MembershipCommand> {
+        match self {
+            Control::Embedded(m) => m.on_message(peer, msg, now),
+            Control::Service(p) => vec![MembershipCommand::Rejected {
+                peer,
+                kind: "heartbeat",
+                reason: format!(
+                    "node {peer} runs the embedded membership, this node coordinates on {}: every node of a cluster must name the same --coordination",
+                    p.service()
+                ),
+            }],
+        }
+    }
+
+    fn lease(&self, now: Instant) -> Option<(Instant, Instant)> {
+        match self {
+            Control::Embedded(m) => m.lease(now),
+            Control::Service(p) => p.lease(),
+        }
+    }
+
+    fn last_heard(&self, peer: u32) -> Option<Instant> {
+        match self {
+            Control::Embedded(m) => m.last_heard(peer),
+            Control::Service(_) => None,
+        }
+    }
+
+    /// The members this node can count on now.
+    fn reachable(&self) -> Vec<u32> {
+        match self {
+            Control::Embedded(m) => m.up().iter().copied().collect(),
+            Control::Service(p) => p.registered(),
+        }
+    }
+
+    /// The coordination service's next input (never, for the embedded membership).
+    async fn next(&mut self) -> ServiceInput {
+        match self {
+            Control::Embedded(_) => std::future::pending().await,
+            Control::Service(p) => p.next().await,
+        }
+    }
+
+    fn handle(
+        &mut self,
+        input: ServiceInput,
+    ) -> Result<Vec<MembershipCommand>, super::coordination::CoordinationError> {
+        match self {
+            Control::Embedded(_) => Ok(Vec::new()),
+            Control::Service(p) => p.handle(input),
+        }
+    }
+}
+
 /// A frame from `peer` of `len` bytes, decoded: membership to its core, the rest to the jobs
 /// (through the authority rules); a frame that does not decode closes that peer's connection.
 #[allow(clippy::too_many_arguments)]
@@ -548,7 +655,7 @@ fn on_decoded(
     peer: u32,
     len: usize,
     decoded: Result<Inbound, InboundError>,
-    membership: &mut Membership,
+    membership: &mut Control,
     jobs: &mut Jobs,
     metrics: &NodeMetrics,
     transport: &impl api::Transport,
@@ -631,7 +738,7 @@ fn on_command(cmd: NodeCommand, jobs: &mut Jobs, status: ClusterStatus) {
 const CLIENT_EVENT_CAPACITY: usize = 1024;
 
 /// This node's view of the cluster, for `phalanx status`.
-fn status(config: &NodeConfig, membership: &Membership, transport: &impl api::Transport) -> ClusterStatus {
+fn status(config: &NodeConfig, membership: &Control, transport: &impl api::Transport) -> ClusterStatus {
     let me = config.id;
     let view = membership.view();
     let members = view

@@ -77,7 +77,21 @@ pub struct NodeConfig {
     /// is shown to catch). Only a build with the cargo feature `fault-injection` accepts it.
     #[serde(default)]
     pub no_leases: bool,
+    /// Where membership, the coordinator election and the views live: `embedded` (heartbeats
+    /// between the nodes, the default), `etcd://HOST:PORT[,…]/PREFIX` or
+    /// `zk://HOST:PORT[,…]/CHROOT` (see [`super::coordination`]).
+    #[serde(default)]
+    pub coordination: super::coordination::Coordination,
+    /// On etcd the lease's TTL, on ZooKeeper the session timeout, in ms (default 2000; etcd
+    /// counts whole seconds). A node silent for this long is down.
+    #[serde(default)]
+    pub coordination_ttl_ms: Option<u64>,
 }
+
+/// The shortest lease or session a node asks a coordination service for.
+pub const MIN_COORDINATION_TTL_MS: u64 = 500;
+/// The longest.
+pub const MAX_COORDINATION_TTL_MS: u64 = 60_000;
 
 fn one() -> u32 {
     1
@@ -105,7 +119,19 @@ impl NodeConfig {
             revoked: Vec::new(),
             record_commits: false,
             no_leases: false,
+            coordination: Default::default(),
+            coordination_ttl_ms: None,
         }
+    }
+
+    /// The timing of this node's session with its coordination service.
+    pub fn coordination_settings(&self) -> super::coordination::Settings {
+        let mut settings = super::coordination::Settings::default();
+        if let Some(ttl) = self.coordination_ttl_ms {
+            settings.ttl = std::time::Duration::from_millis(ttl);
+            settings.join_timeout = settings.join_timeout.max(3 * settings.ttl);
+        }
+        settings
     }
 
     /// The configured members: `0..nodes`.
@@ -148,6 +174,14 @@ impl NodeConfig {
         }
         if let Some(step) = self.crash_before_rename {
             crate::require_fault_injection(crate::FAULT_INJECTION, "crash_before_rename", &step)?;
+        }
+        if let Some(ttl) = self.coordination_ttl_ms {
+            if !(MIN_COORDINATION_TTL_MS..=MAX_COORDINATION_TTL_MS).contains(&ttl) {
+                return field(
+                    "coordination_ttl_ms",
+                    format!("{ttl} ms is outside {MIN_COORDINATION_TTL_MS}–{MAX_COORDINATION_TTL_MS} ms"),
+                );
+            }
         }
         if self.no_leases {
             crate::require_fault_injection(crate::FAULT_INJECTION, "no_leases", &true)?;

@@ -103,6 +103,11 @@ impl Coordinated {
         self.token.is_some() && self.view.as_ref().is_some_and(|v| v.coordinator == self.me)
     }
 
+    /// The members the service lists, as last observed.
+    pub fn registered(&self) -> &BTreeSet<u32> {
+        &self.registered
+    }
+
     /// The highest view epoch this node has seen.
     pub fn highest_epoch(&self) -> u64 {
         self.highest_epoch

@@ -11,6 +11,7 @@
 //! `etcd-client` crate generates them at build time, which would make `protoc` a requirement
 //! of every machine that builds Phalanx.
 
+use phalanx_actors::clock;
 use std::time::{Duration, Instant};
 
 use etcdv3client::pb;
@@ -81,17 +82,17 @@ impl EtcdSession {
         let channel = Channel::balance_list(list.into_iter());
         let kv = KvClient::new(channel.clone());
         let mut leases = LeaseClient::new(channel.clone());
-        let deadline = Instant::now() + settings.join_timeout;
+        let deadline = clock::now() + settings.join_timeout;
 
         // The service may still be starting: try until the join timeout.
         let ttl_s = settings.ttl.as_secs_f64().ceil().max(1.0) as i64;
         let mut retry = FIRST_RETRY;
         let (lease, valid_until) = loop {
-            let sent = Instant::now();
+            let sent = clock::now();
             match request(leases.lease_grant(pb::LeaseGrantRequest { ttl: ttl_s, id: 0 })).await {
                 Ok(r) if r.error.is_empty() && r.ttl > 0 => break (r.id, sent + Duration::from_secs(r.ttl as u64)),
                 Ok(r) => return Err(unreachable(format!("lease grant refused: {} (ttl {})", r.error, r.ttl))),
-                Err(reason) if Instant::now() + retry < deadline => {
+                Err(reason) if clock::now() + retry < deadline => {
                     tracing::debug!(%service, %reason, "etcd not answering yet");
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(MAX_RETRY);
@@ -164,7 +165,7 @@ impl EtcdSession {
                 .map(|kv| decode::<Member>(&self.service, &format!("members/{}", self.me.id), &kv.value))
                 .transpose()?;
             let Some(holder) = holder else { continue };
-            if Instant::now() >= deadline {
+            if clock::now() >= deadline {
                 return Err(CoordinationError::DuplicateMember {
                     node: self.me.id,
                     service: self.service.clone(),
@@ -334,7 +335,7 @@ async fn keep_alive(
     loop {
         // etcd answers the stream's headers with its first renewal: send it before opening.
         let (requests, rx) = mpsc::channel(1);
-        let mut sent = Instant::now();
+        let mut sent = clock::now();
         requests.send(pb::LeaseKeepAliveRequest { id: lease }).await.expect("the receiver is here");
         let opened = tokio::time::timeout(
             REQUEST_TIMEOUT,
@@ -372,7 +373,7 @@ async fn keep_alive(
                 }
             }
             tokio::time::sleep_until((sent + period).into()).await;
-            sent = Instant::now();
+            sent = clock::now();
             if requests.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
                 break;
             }
@@ -381,7 +382,7 @@ async fn keep_alive(
 }
 
 fn still_valid(valid: &watch::Sender<Option<Instant>>) -> bool {
-    valid.borrow().is_some_and(|until| Instant::now() < until)
+    valid.borrow().is_some_and(|until| clock::now() < until)
 }
 
 /// Read the prefix, then watch it from the revision read; on any break read it again.

@@ -31,6 +31,7 @@
 pub mod core;
 pub mod etcd;
 pub mod servers;
+pub mod shell;
 pub mod zookeeper;
 
 use std::collections::BTreeMap;
@@ -56,10 +57,13 @@ pub const MAX_MEMBERS: usize = 4096;
 /// anything larger than this is refused before it reaches the service.
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
 
-/// Where a cluster coordinates.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a cluster coordinates. In a node's config (and on its command line) it is the text
+/// [`Coordination::from_str`] reads: `embedded` (the default),
+/// `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` or `zk://HOST:PORT[,…]/CHROOT`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Coordination {
     /// Heartbeats over QUIC between the nodes ([`super::membership`]); needs nothing else.
+    #[default]
     Embedded,
     /// An etcd cluster, v3 API.
     Etcd {
@@ -85,6 +89,19 @@ impl Coordination {
             Coordination::Etcd { .. } => "etcd",
             Coordination::ZooKeeper { .. } => "zookeeper",
         }
+    }
+}
+
+impl Serialize for Coordination {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Coordination {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -299,6 +316,12 @@ pub enum Session {
     Etcd(Box<etcd::EtcdSession>),
     /// On ZooKeeper.
     ZooKeeper(Box<zookeeper::ZkSession>),
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session").field("service", &self.service()).field("valid_until", &self.valid_until()).finish()
+    }
 }
 
 impl Session {

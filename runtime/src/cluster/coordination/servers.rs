@@ -55,6 +55,9 @@ pub enum ServerError {
 
 /// Install the Debian `package` with apt-get unless `probe` exists already.
 pub fn install(package: &str, probe: &Path) -> Result<(), ServerError> {
+    // Servers of one process start concurrently (tests); apt-get takes one at a time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if probe.exists() {
         return Ok(());
     }
@@ -71,6 +74,8 @@ pub fn install(package: &str, probe: &Path) -> Result<(), ServerError> {
     }
     let apt = |args: &[&str]| {
         Command::new("apt-get")
+            // Another apt (of this machine, not ours) may hold the lock for a while.
+            .args(["-o", "DPkg::Lock::Timeout=300"])
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null())
@@ -206,7 +211,11 @@ impl LocalEtcd {
     pub async fn start(size: usize, dir: Option<&Path>) -> Result<Self, ServerError> {
         install("etcd-server", Path::new(ETCD))?;
         let (dir, owned) = match dir {
-            Some(d) => (d.to_path_buf(), None),
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .map_err(|e| ServerError::Spawn { what: d.display().to_string(), reason: e.to_string() })?;
+                (d.to_path_buf(), None)
+            }
             None => {
                 let t = tempfile::Builder::new()
                     .prefix("phalanx-etcd-")
@@ -348,7 +357,11 @@ impl LocalZooKeeper {
     pub async fn start(dir: Option<&Path>) -> Result<Self, ServerError> {
         install("zookeeperd", Path::new(ZOOKEEPER_JAR))?;
         let (dir, owned) = match dir {
-            Some(d) => (d.to_path_buf(), None),
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .map_err(|e| ServerError::Spawn { what: d.display().to_string(), reason: e.to_string() })?;
+                (d.to_path_buf(), None)
+            }
             None => {
                 let t = tempfile::Builder::new()
                     .prefix("phalanx-zookeeper-")

@@ -11,6 +11,7 @@
 //! one can appear after it). One persistent recursive watch on the chroot feeds the observer,
 //! which reads the state again after every notification.
 
+use phalanx_actors::clock;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Mutex};
@@ -70,7 +71,7 @@ impl ZkSession {
     ) -> Result<(Self, mpsc::Receiver<Observed>), CoordinationError> {
         let service = format!("zk://{}{chroot}", hosts.join(","));
         let unreachable = |reason: String| CoordinationError::Unreachable { service: service.clone(), reason };
-        let deadline = Instant::now() + settings.join_timeout;
+        let deadline = clock::now() + settings.join_timeout;
         let mut retry = FIRST_RETRY;
         let root = loop {
             let connect = zk::Client::connector()
@@ -80,7 +81,7 @@ impl ZkSession {
                 .await;
             match connect {
                 Ok(client) => break client,
-                Err(e) if Instant::now() + retry < deadline => {
+                Err(e) if clock::now() + retry < deadline => {
                     tracing::debug!(%service, error = %e, "ZooKeeper not answering yet");
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(MAX_RETRY);
@@ -88,7 +89,7 @@ impl ZkSession {
                 Err(e) => return Err(unreachable(format!("no session within {:?}: {e}", settings.join_timeout))),
             }
         };
-        let sent = Instant::now();
+        let sent = clock::now();
         root.mkdir(chroot, &persistent()).await.map_err(|e| unreachable(format!("creating {chroot}: {e}")))?;
         let client = root.chroot(chroot.to_string()).map_err(|_| unreachable(format!("bad chroot {chroot}")))?;
         for dir in ["/members", "/election"] {
@@ -134,7 +135,7 @@ impl ZkSession {
                 Err(zk::Error::NoNode) => continue,
                 Err(e) => return Err(self.failed("register", e)),
             };
-            if Instant::now() >= deadline {
+            if clock::now() >= deadline {
                 return Err(CoordinationError::DuplicateMember {
                     node: self.me.id,
                     service: self.service.clone(),
@@ -262,7 +263,7 @@ async fn keep_alive(client: zk::Client, valid: watch::Sender<Option<Instant>>, e
                 }
             }
             _ = tick.tick() => {
-                let sent = Instant::now();
+                let sent = clock::now();
                 if let Ok(Ok(_)) = tokio::time::timeout(period, client.check_stat("/")).await {
                     valid.send_replace(Some(sent + timeout));
                 }

@@ -1,0 +1,228 @@
+//! The node loop's side of a coordination service: it owns the [`Session`] and the
+//! [`Coordinated`] core, carries out the core's campaigns and publications off the loop, and
+//! joins again as a new incarnation when the session ends. The loop awaits
+//! [`ServicePlane::next`] beside its other inputs and hands what comes to
+//! [`ServicePlane::handle`], which returns the membership commands to carry out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phalanx_actors::clock;
+use tokio::sync::mpsc;
+
+use super::super::membership::{MembershipCommand, View};
+use super::core::{Action, Coordinated};
+use super::{Coordination, CoordinationError, Member, Observed, Session, Settings};
+
+/// How many answers of the service (campaigns, writes, joins) may wait for the loop.
+const RESULTS_QUEUE: usize = 16;
+/// Pause before a request that failed (the service unreachable for a moment) is tried again.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// What the service answered, off the loop.
+#[derive(Debug)]
+pub enum Answer {
+    /// The session of a (re)join, or why there is none.
+    Joined(Result<(Arc<Session>, mpsc::Receiver<Observed>), CoordinationError>, u64),
+    /// A campaign's outcome.
+    Campaigned(Result<Option<u64>, CoordinationError>),
+    /// A fenced write of a view.
+    Published(View, u64, Result<bool, CoordinationError>),
+}
+
+/// One input for [`ServicePlane::handle`].
+#[derive(Debug)]
+pub enum Input {
+    /// The service reported a change.
+    Observed(Observed),
+    /// A request finished.
+    Answer(Answer),
+}
+
+/// A node's membership on a coordination service.
+pub struct ServicePlane {
+    spec: Coordination,
+    settings: Settings,
+    me: u32,
+    addr: String,
+    core: Coordinated,
+    session: Option<Arc<Session>>,
+    observed: Option<mpsc::Receiver<Observed>>,
+    answers_tx: mpsc::Sender<Answer>,
+    answers: mpsc::Receiver<Answer>,
+    /// The first join's refusal (a second process with this id) stops the node.
+    first_join: bool,
+    /// When this node's current coordination term began (its lease counts from there).
+    term_began: Option<Instant>,
+}
+
+impl ServicePlane {
+    /// Start joining `spec` as node `me` listening at `addr`.
+    pub fn start(spec: Coordination, settings: Settings, me: u32, addr: String) -> Self {
+        let (answers_tx, answers) = mpsc::channel(RESULTS_QUEUE);
+        let incarnation = rand::random();
+        let plane = Self {
+            spec,
+            settings,
+            me,
+            addr,
+            core: Coordinated::new(me, incarnation),
+            session: None,
+            observed: None,
+            answers_tx,
+            answers,
+            first_join: true,
+            term_began: None,
+        };
+        plane.join(None, incarnation);
+        plane
+    }
+
+    fn join(&self, previous: Option<Arc<Session>>, incarnation: u64) {
+        let (spec, settings, tx) = (self.spec.clone(), self.settings, self.answers_tx.clone());
+        let member = Member { id: self.me, incarnation, addr: self.addr.clone() };
+        tokio::spawn(async move {
+            // Give the old registration up first where the service still answers, so the new
+            // one need not wait for it to run out.
+            if let Some(Ok(old)) = previous.map(Arc::try_unwrap) {
+                let _ = old.leave().await;
+            }
+            let joined = Session::join(&spec, member, settings).await.map(|(s, rx)| (Arc::new(s), rx));
+            let _ = tx.send(Answer::Joined(joined, incarnation)).await;
+        });
+    }
+
+    /// The service, as the node logs it.
+    pub fn service(&self) -> String {
+        self.session.as_ref().map_or_else(|| self.spec.to_string(), |s| s.service())
+    }
+
+    /// The adopted view.
+    pub fn view(&self) -> Option<&View> {
+        self.core.view()
+    }
+
+    /// The next input; pending while there is none.
+    pub async fn next(&mut self) -> Input {
+        match &mut self.observed {
+            Some(observed) => tokio::select! {
+                Some(event) = observed.recv() => Input::Observed(event),
+                Some(answer) = self.answers.recv() => Input::Answer(answer),
+            },
+            None => match self.answers.recv().await {
+                Some(answer) => Input::Answer(answer),
+                None => std::future::pending().await,
+            },
+        }
+    }
+
+    /// Apply one input; the membership commands for the loop, or the error that must stop the
+    /// node (another live process has its id).
+    pub fn handle(&mut self, input: Input) -> Result<Vec<MembershipCommand>, CoordinationError> {
+        let actions = match input {
+            Input::Observed(event) => {
+                if let Observed::Expired { reason } = &event {
+                    tracing::warn!(node = self.me, service = %self.service(), %reason, "coordination session ended: stopping, joining again");
+                }
+                let expired = matches!(event, Observed::Expired { .. });
+                let actions = self.core.on_observed(event);
+                if expired {
+                    self.observed = None;
+                    let previous = self.session.take();
+                    let incarnation = rand::random();
+                    self.core.rejoined(incarnation);
+                    self.join(previous, incarnation);
+                }
+                actions
+            }
+            Input::Answer(Answer::Joined(Ok((session, observed)), incarnation)) => {
+                tracing::info!(node = self.me, service = %session.service(), incarnation, "joined the coordination service");
+                self.first_join = false;
+                self.session = Some(session);
+                self.observed = Some(observed);
+                Vec::new()
+            }
+            Input::Answer(Answer::Joined(Err(e), incarnation)) => {
+                if self.first_join && matches!(e, CoordinationError::DuplicateMember { .. }) {
+                    return Err(e);
+                }
+                tracing::warn!(node = self.me, error = %e, "cannot join the coordination service; trying again");
+                let tx = self.answers_tx.clone();
+                let (spec, settings, member) =
+                    (self.spec.clone(), self.settings, Member { id: self.me, incarnation, addr: self.addr.clone() });
+                tokio::spawn(async move {
+                    tokio::time::sleep(RETRY).await;
+                    let joined = Session::join(&spec, member, settings).await.map(|(s, rx)| (Arc::new(s), rx));
+                    let _ = tx.send(Answer::Joined(joined, incarnation)).await;
+                });
+                Vec::new()
+            }
+            Input::Answer(Answer::Campaigned(Ok(token))) => self.core.on_campaigned(token),
+            Input::Answer(Answer::Campaigned(Err(e))) => {
+                tracing::warn!(node = self.me, error = %e, "campaign failed; trying again");
+                self.spawn_campaign(RETRY);
+                Vec::new()
+            }
+            Input::Answer(Answer::Published(view, _, Ok(written))) => self.core.on_published(view.epoch, written),
+            Input::Answer(Answer::Published(view, token, Err(e))) => {
+                // The write may or may not have landed: write the same view again (the same
+                // bits twice are one view to every observer), unless the role is gone.
+                tracing::warn!(node = self.me, epoch = view.epoch, error = %e, "publishing the view failed; trying again");
+                if self.core.token() == Some(token) {
+                    self.spawn_publish(token, view, RETRY);
+                }
+                Vec::new()
+            }
+        };
+        let mut commands = Vec::new();
+        for action in actions {
+            match action {
+                Action::Membership(command) => commands.push(command),
+                Action::Campaign => self.spawn_campaign(Duration::ZERO),
+                Action::Publish { token, view } => self.spawn_publish(token, view, Duration::ZERO),
+            }
+        }
+        // The term's lease counts from the moment this node knew it holds the role.
+        match (self.core.token(), self.term_began) {
+            (Some(_), None) => self.term_began = Some(clock::now()),
+            (None, Some(_)) => self.term_began = None,
+            _ => {}
+        }
+        Ok(commands)
+    }
+
+    fn spawn_campaign(&self, after: Duration) {
+        let Some(session) = self.session.clone() else { return };
+        let tx = self.answers_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Answer::Campaigned(session.campaign().await)).await;
+        });
+    }
+
+    fn spawn_publish(&self, token: u64, view: View, after: Duration) {
+        let Some(session) = self.session.clone() else { return };
+        let tx = self.answers_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let written = session.publish_view(token, &view).await;
+            let _ = tx.send(Answer::Published(view, token, written)).await;
+        });
+    }
+
+    /// The coordinator's lease for its aggregators: from the start of its term until the
+    /// moment its lease or session surely holds (the service hands the role to another only
+    /// after it ran out there, which is later).
+    pub fn lease(&self) -> Option<(Instant, Instant)> {
+        if !self.core.is_coordinator() {
+            return None;
+        }
+        let until = self.session.as_ref()?.valid_until()?;
+        Some((self.term_began?, until))
+    }
+
+    /// The registered members, for a node's status and logs.
+    pub fn registered(&self) -> Vec<u32> {
+        self.core.registered().iter().copied().collect()
+    }
+}
