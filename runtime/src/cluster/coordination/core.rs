@@ -5,8 +5,11 @@
 //! The rules, the embedded membership's with the service as the majority:
 //! - **Members** are the registered ones. A member of the adopted view that is no longer
 //!   registered (its lease or session ran out, or it left) is `Down`, once.
-//! - **The coordinator** is the holder of the role, with its fencing token. Every node whose
-//!   registration stands campaigns when the role is free; the service picks one.
+//! - **The coordinator** is the holder of the role, with its fencing token. When the role is
+//!   free, the lowest registered node campaigns (the service decides if two try at once), as
+//!   the embedded membership makes the lowest live id coordinator — except that a node other
+//!   than node 0 first waits for the cluster to settle ([`Coordinated::on_settled`]: the shell
+//!   calls it a lease after joining), so that at start node 0 coordinates, as it does there.
 //! - **Views** are issued by the coordinator only, as fenced writes: epoch one above the
 //!   highest this node has seen, members the registered set. A node adopts a view whose epoch
 //!   is above every one it has seen and whose token is not older than the last adopted one's;
@@ -66,6 +69,8 @@ pub struct Coordinated {
     /// come yet): the next one must differ from it and go above its epoch.
     written: Option<View>,
     expired: bool,
+    /// May campaign (node 0 at once, others once the cluster had time to register).
+    settled: bool,
 }
 
 impl Coordinated {
@@ -85,6 +90,7 @@ impl Coordinated {
             publishing: None,
             written: None,
             expired: false,
+            settled: me == 0,
         }
     }
 
@@ -196,8 +202,27 @@ impl Coordinated {
 
     /// The shell joined again after [`Observed::Expired`], as `incarnation`.
     pub fn rejoined(&mut self, incarnation: u64) {
-        *self =
-            Self { highest_epoch: self.highest_epoch, view_token: self.view_token, ..Self::new(self.me, incarnation) };
+        *self = Self {
+            highest_epoch: self.highest_epoch,
+            view_token: self.view_token,
+            settled: self.settled,
+            ..Self::new(self.me, incarnation)
+        };
+    }
+
+    /// The cluster had time to register since this node joined: it may campaign now.
+    pub fn on_settled(&mut self) -> Vec<Action> {
+        self.settled = true;
+        let mut out = Vec::new();
+        if !self.expired && self.leader.is_none() {
+            self.campaign(&mut out);
+        }
+        out
+    }
+
+    /// Has this node waited for the cluster to settle?
+    pub fn settled(&self) -> bool {
+        self.settled
     }
 
     fn on_view(&mut self, published: Published, out: &mut Vec<Action>) {
@@ -225,7 +250,8 @@ impl Coordinated {
     }
 
     fn campaign(&mut self, out: &mut Vec<Action>) {
-        if !self.campaigning && self.token.is_none() && self.registered.contains(&self.me) {
+        let lowest = self.registered.first() == Some(&self.me);
+        if self.settled && lowest && !self.campaigning && self.token.is_none() {
             self.campaigning = true;
             out.push(Action::Campaign);
         }
@@ -386,6 +412,24 @@ mod tests {
         let out = core.on_published(2, false);
         assert_eq!(commands(&out), vec![MembershipCommand::GaveUp(view(1, 0, &[0, 1]))]);
         assert_eq!(core.token(), None);
+    }
+
+    #[test]
+    fn the_lowest_registered_node_campaigns_and_others_wait_to_settle_first() {
+        let mut one = Coordinated::new(1, 1);
+        // Node 0 has not registered yet: node 1 is the lowest, but waits for the others.
+        assert!(one.on_observed(members(&[1, 2])).is_empty());
+        assert_eq!(one.on_settled(), vec![Action::Campaign]);
+        // Node 2 never campaigns while node 1 is registered.
+        let mut two = Coordinated::new(2, 1);
+        two.on_settled();
+        assert!(two.on_observed(members(&[1, 2])).is_empty());
+        assert!(two.on_observed(Observed::Leader(None)).is_empty());
+        // Node 0 campaigns at once when it is the lowest.
+        let mut zero = Coordinated::new(0, 1);
+        assert_eq!(zero.on_observed(members(&[0, 1, 2])), vec![Action::Campaign]);
+        // Once node 1 is gone, node 2 is the lowest.
+        assert_eq!(two.on_observed(members(&[2])), vec![Action::Campaign]);
     }
 
     #[test]

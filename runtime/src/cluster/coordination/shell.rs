@@ -37,6 +37,8 @@ pub enum Input {
     Observed(Observed),
     /// A request finished.
     Answer(Answer),
+    /// A lease has passed since this node first joined: the cluster had time to register.
+    Settled,
 }
 
 /// A node's membership on a coordination service.
@@ -54,6 +56,8 @@ pub struct ServicePlane {
     first_join: bool,
     /// When this node's current coordination term began (its lease counts from there).
     term_began: Option<Instant>,
+    /// When this node may campaign (a lease after it first joined), until it did settle.
+    settle_at: Option<tokio::time::Instant>,
 }
 
 impl ServicePlane {
@@ -73,6 +77,7 @@ impl ServicePlane {
             answers,
             first_join: true,
             term_began: None,
+            settle_at: None,
         };
         plane.join(None, incarnation);
         plane
@@ -104,12 +109,26 @@ impl ServicePlane {
 
     /// The next input; pending while there is none.
     pub async fn next(&mut self) -> Input {
-        match &mut self.observed {
+        if let Some(at) = self.settle_at {
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(at) => {
+                    self.settle_at = None;
+                    return Input::Settled;
+                }
+                input = Self::next_of(&mut self.observed, &mut self.answers) => return input,
+            }
+        }
+        Self::next_of(&mut self.observed, &mut self.answers).await
+    }
+
+    async fn next_of(observed: &mut Option<mpsc::Receiver<Observed>>, answers: &mut mpsc::Receiver<Answer>) -> Input {
+        match observed {
             Some(observed) => tokio::select! {
                 Some(event) = observed.recv() => Input::Observed(event),
-                Some(answer) = self.answers.recv() => Input::Answer(answer),
+                Some(answer) = answers.recv() => Input::Answer(answer),
             },
-            None => match self.answers.recv().await {
+            None => match answers.recv().await {
                 Some(answer) => Input::Answer(answer),
                 None => std::future::pending().await,
             },
@@ -137,6 +156,9 @@ impl ServicePlane {
             }
             Input::Answer(Answer::Joined(Ok((session, observed)), incarnation)) => {
                 tracing::info!(node = self.me, service = %session.service(), incarnation, "joined the coordination service");
+                if self.first_join && !self.core.settled() {
+                    self.settle_at = Some(tokio::time::Instant::now() + self.settings.ttl);
+                }
                 self.first_join = false;
                 self.session = Some(session);
                 self.observed = Some(observed);
@@ -157,6 +179,7 @@ impl ServicePlane {
                 });
                 Vec::new()
             }
+            Input::Settled => self.core.on_settled(),
             Input::Answer(Answer::Campaigned(Ok(token))) => self.core.on_campaigned(token),
             Input::Answer(Answer::Campaigned(Err(e))) => {
                 tracing::warn!(node = self.me, error = %e, "campaign failed; trying again");

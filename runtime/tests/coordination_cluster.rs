@@ -1,0 +1,100 @@
+//! Training on a coordination service: real node processes (`phalanx local`, QUIC with mutual
+//! TLS) whose membership, coordinator election and views live on a real etcd (one member, and
+//! a 3-member cluster) or a real ZooKeeper, started as child processes. On each backend the
+//! run kills a trainer's node, pauses a node past its lease or session, kills the
+//! coordinator's node and restarts a killed node — and ends with the bits of `phalanx train`.
+
+use std::process::Command;
+
+use phalanx::cluster::coordination::servers::LocalEtcd;
+
+const JOB: [&str; 8] = ["--model", "mlp", "--dataset", "winequality", "--epochs", "30", "--trainers", "3"];
+
+/// On 3 nodes with 3 trainers (one on each): a trainer's node dies and comes back as a new
+/// process; node 1 stops past its 2 s lease or session and wakes up (it must rejoin as a new
+/// incarnation); the coordinator's node dies (node 1 takes over from the checkpoint copies).
+const FAULTS: [&str; 8] = ["--kill", "2@100", "--restart", "2@200", "--pause", "1@300:3000", "--kill", "0@450"];
+
+fn phalanx(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_phalanx")).args(args).output().expect("run phalanx");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sha(stdout: &str) -> String {
+    stdout.lines().find_map(|l| l.strip_prefix("model_sha256 ")).expect("a model_sha256 line").to_string()
+}
+
+/// The fault-free model of the job, from one process.
+fn reference() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("train");
+    let mut args = vec!["train", "--out", out.to_str().unwrap()];
+    args.extend(JOB);
+    let (ok, stdout, stderr) = phalanx(&args);
+    assert!(ok, "{stderr}");
+    sha(&stdout)
+}
+
+/// Run the job on 3 nodes coordinating on `coordination` with [`FAULTS`]; check it against
+/// `phalanx train`.
+fn survives_every_fault_with_the_same_bits(coordination: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("local");
+    let mut args = vec!["local", "--nodes", "3", "--coordination", coordination, "--out", out.to_str().unwrap()];
+    args.extend(FAULTS);
+    args.extend(JOB);
+    let (ok, stdout, stderr) = phalanx(&args);
+    assert!(ok, "{coordination}: {stdout}\n{stderr}");
+    assert_eq!(sha(&stdout), reference(), "{coordination}: 3 processes with faults vs one process\n{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let applied = &summary["samples_applied"];
+    assert!(applied["exactly_once"] == true && applied["exactly_once_epochs"] == 30, "{coordination}: {applied}");
+    let faults = summary["node_faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 4, "{faults:?}");
+    // The kills are detected through the service: the lease or session runs out.
+    for f in faults.iter().filter(|f| f["kind"] == "kill") {
+        assert!(f["detection_ms"].is_u64() && f["recovery_ms"].is_u64(), "{coordination}: {f}");
+    }
+    // Node 1 coordinates at the end: node 0 coordinated until it was killed.
+    assert_eq!(summary["coordinator"], 1, "{coordination}: {stdout}");
+    let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    let views: Vec<serde_json::Value> = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "view")
+        .collect();
+    assert!(views.iter().any(|v| v["coordinator"] == 0), "{coordination}: node 0 coordinated at first");
+    // Never two coordinators for one epoch.
+    let mut by_epoch = std::collections::BTreeMap::new();
+    for v in &views {
+        let previous = by_epoch.insert(v["epoch"].as_u64().unwrap(), v["coordinator"].as_u64().unwrap());
+        assert!(
+            previous.is_none_or(|c| Some(c) == v["coordinator"].as_u64()),
+            "{coordination}: two coordinators in epoch {}",
+            v["epoch"]
+        );
+    }
+}
+
+#[test]
+fn training_on_one_etcd_survives_every_fault_with_the_same_bits() {
+    survives_every_fault_with_the_same_bits("etcd");
+}
+
+#[test]
+fn training_on_a_zookeeper_survives_every_fault_with_the_same_bits() {
+    survives_every_fault_with_the_same_bits("zookeeper");
+}
+
+#[test]
+fn training_on_three_etcds_survives_every_fault_with_the_same_bits() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let etcd = runtime.block_on(LocalEtcd::start(3, None)).unwrap();
+    let spec = etcd.spec("/phalanx/three").to_string();
+    survives_every_fault_with_the_same_bits(&spec);
+    drop(etcd);
+}
