@@ -17,12 +17,17 @@
 //! faults = ["kill 0@300"]            # `phalanx local` flags without the dashes
 //! expect_detection = true            # must a survivor declare a node down? (default: by fault kind)
 //! replicas = 2                       # checkpoint copies (`--replicas`; default: the nodes' default)
+//! coordination = "etcd:3"            # `phalanx local --coordination` (default: embedded)
 //! ```
+//!
+//! Scenarios on a coordination service (`coordination = "etcd"`, `"etcd:3"`, `"zookeeper"`)
+//! may also hit the service: `service-kill leader@300`, `service-pause all@300:3500`,
+//! `service-restart 1@600`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use phalanx::local::{run_local_with_options, LocalOptions, NodeFault};
+use phalanx::local::{run_local_with_options, LocalCoordination, LocalOptions, NodeFault};
 use phalanx::{JobConfig, PreparedJob};
 use phalanx_actors::data::DatasetSource;
 use phalanx_actors::model::ModelKind;
@@ -35,7 +40,7 @@ use crate::invariants::{
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 20] = [
+pub const BUILTIN: [(&str, &str); 24] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -56,6 +61,10 @@ pub const BUILTIN: [(&str, &str); 20] = [
     ("duplicate-identity.toml", include_str!("../scenarios/duplicate-identity.toml")),
     ("pause-coordinator-past-lease.toml", include_str!("../scenarios/pause-coordinator-past-lease.toml")),
     ("rogue-member.toml", include_str!("../scenarios/rogue-member.toml")),
+    ("etcd-kill-coordinator.toml", include_str!("../scenarios/etcd-kill-coordinator.toml")),
+    ("etcd-kill-leader.toml", include_str!("../scenarios/etcd-kill-leader.toml")),
+    ("etcd-down-briefly.toml", include_str!("../scenarios/etcd-down-briefly.toml")),
+    ("zookeeper-pause-past-session.toml", include_str!("../scenarios/zookeeper-pause-past-session.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -85,6 +94,10 @@ pub struct ProcessScenario {
     /// Checkpoint copies on other nodes (`--replicas`); default: the nodes' default.
     #[serde(default)]
     pub replicas: Option<u32>,
+    /// Where the nodes coordinate (`phalanx local --coordination`: `etcd`, `etcd:3`,
+    /// `zookeeper`); default: embedded.
+    #[serde(default)]
+    pub coordination: Option<String>,
 }
 
 fn three() -> u32 {
@@ -99,6 +112,7 @@ impl ProcessScenario {
             return Err(format!("{origin}: tier is '{}', expected \"process\"", s.tier));
         }
         s.node_faults().map_err(|e| format!("{origin}: {e}"))?;
+        s.local_coordination().map_err(|e| format!("{origin}: coordination: {e}"))?;
         Ok(s)
     }
 
@@ -112,6 +126,11 @@ impl ProcessScenario {
                 NodeFault::parse(kind, arg.trim())
             })
             .collect()
+    }
+
+    /// Where its nodes coordinate.
+    pub fn local_coordination(&self) -> Result<LocalCoordination, String> {
+        self.coordination.as_deref().map_or(Ok(LocalCoordination::Embedded), str::parse)
     }
 
     /// The job it runs.
@@ -271,7 +290,11 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
     let config = JobConfig { out: Some(work.to_path_buf()), ..scenario.job() };
     let started = Instant::now();
     let summary = scenario.node_faults().and_then(|faults| {
-        let options = LocalOptions { nodes: scenario.nodes, replicas: scenario.replicas, ..LocalOptions::default() };
+        let options = LocalOptions {
+            nodes: scenario.nodes,
+            replicas: scenario.replicas,
+            coordination: scenario.local_coordination()?,
+        };
         run_local_with_options(exe, &config, &options, faults, |_, _, _| {}).map_err(|e| e.to_string())
     });
     // Every step the coordinators applied, in order (a failed run may have none).
@@ -293,6 +316,16 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
                 read_events(&work.join("events.jsonl")).and_then(|events| no_false_detection(&faults, &events))
             });
             v.extend(detections.err().map(|e| format!("no-false-detection: {e}")));
+            if scenario.expect_detection == Some(false) {
+                // Nothing may be declared down, whoever declares it.
+                let downs = read_events(&work.join("events.jsonl"))
+                    .map(|events| events.iter().filter(|e| e["event"] == "down").cloned().collect::<Vec<_>>());
+                match downs {
+                    Ok(downs) if downs.is_empty() => {}
+                    Ok(downs) => v.push(format!("fault-took-effect: no node may be declared down, got {downs:?}")),
+                    Err(e) => v.push(format!("fault-took-effect: no events: {e}")),
+                }
+            }
             v
         }
     };

@@ -145,6 +145,64 @@ pub enum NodeFault {
         /// The step of the round.
         step: u64,
     },
+    /// SIGKILL members of the coordination server started for the run.
+    ServiceKill {
+        /// Which.
+        target: ServiceTarget,
+        /// The step.
+        step: u64,
+    },
+    /// Start killed members of the coordination server again, on their data.
+    ServiceRestart {
+        /// Which.
+        target: ServiceTarget,
+        /// The step.
+        step: u64,
+    },
+    /// SIGSTOP members of the coordination server, SIGCONT them `ms` later.
+    ServicePause {
+        /// Which.
+        target: ServiceTarget,
+        /// The step.
+        step: u64,
+        /// How long they stay stopped.
+        ms: u64,
+    },
+}
+
+/// Which members of a run's coordination server a fault hits: `leader` (etcd's leader when
+/// the fault fires; ZooKeeper's one server), `all`, or a member's index (0-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceTarget {
+    /// The etcd leader at that moment.
+    Leader,
+    /// Every member.
+    All,
+    /// One member.
+    Member(usize),
+}
+
+impl std::fmt::Display for ServiceTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceTarget::Leader => f.write_str("leader"),
+            ServiceTarget::All => f.write_str("all"),
+            ServiceTarget::Member(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+impl FromStr for ServiceTarget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "leader" => Ok(ServiceTarget::Leader),
+            "all" => Ok(ServiceTarget::All),
+            n => {
+                n.parse().map(ServiceTarget::Member).map_err(|_| "expected `leader`, `all` or a member's index".into())
+            }
+        }
+    }
 }
 
 impl NodeFault {
@@ -161,7 +219,10 @@ impl NodeFault {
             | NodeFault::CrashBeforeRename { step, .. }
             | NodeFault::Wipe { step, .. }
             | NodeFault::Duplicate { step, .. }
-            | NodeFault::Rogue { step, .. } => *step,
+            | NodeFault::Rogue { step, .. }
+            | NodeFault::ServiceKill { step, .. }
+            | NodeFault::ServiceRestart { step, .. }
+            | NodeFault::ServicePause { step, .. } => *step,
         }
     }
 
@@ -189,6 +250,9 @@ impl NodeFault {
             NodeFault::Wipe { .. } => "wipe",
             NodeFault::Duplicate { .. } => "duplicate",
             NodeFault::Rogue { .. } => "rogue",
+            NodeFault::ServiceKill { .. } => "service-kill",
+            NodeFault::ServiceRestart { .. } => "service-restart",
+            NodeFault::ServicePause { .. } => "service-pause",
         }
     }
 
@@ -205,8 +269,19 @@ impl NodeFault {
             | NodeFault::Duplicate { node, .. }
             | NodeFault::Rogue { node, .. } => vec![*node],
             NodeFault::Partition { side, .. } => side.clone(),
-            NodeFault::Degrade { .. } => Vec::new(),
+            NodeFault::Degrade { .. }
+            | NodeFault::ServiceKill { .. }
+            | NodeFault::ServiceRestart { .. }
+            | NodeFault::ServicePause { .. } => Vec::new(),
         }
+    }
+
+    /// Does it hit the coordination service rather than a node?
+    pub fn on_service(&self) -> bool {
+        matches!(
+            self,
+            NodeFault::ServiceKill { .. } | NodeFault::ServiceRestart { .. } | NodeFault::ServicePause { .. }
+        )
     }
 
     /// Parse the argument of `--KIND` (see the module docs for the syntax).
@@ -215,7 +290,7 @@ impl NodeFault {
         let (what, rest) = s.split_once('@').ok_or_else(|| bad("expected WHAT@STEP"))?;
         let number =
             |text: &str, name: &str| u64::from_str(text.trim()).map_err(|_| bad(&format!("{name} is not a number")));
-        let with_ms = matches!(kind, "pause" | "partition" | "degrade" | "disk-full");
+        let with_ms = matches!(kind, "pause" | "partition" | "degrade" | "disk-full" | "service-pause");
         let (step, ms) = match rest.split_once(':') {
             Some((step, ms)) if with_ms => (number(step, "STEP")?, number(ms, "MS")?),
             None if with_ms => return Err(bad("expected ...@STEP:MS")),
@@ -239,6 +314,9 @@ impl NodeFault {
                 NodeFault::Partition { side, step, ms }
             }
             "degrade" => NodeFault::Degrade { link: parse_link(what).map_err(|e| bad(&e))?, step, ms },
+            "service-kill" => NodeFault::ServiceKill { target: what.parse().map_err(|e: String| bad(&e))?, step },
+            "service-restart" => NodeFault::ServiceRestart { target: what.parse().map_err(|e: String| bad(&e))?, step },
+            "service-pause" => NodeFault::ServicePause { target: what.parse().map_err(|e: String| bad(&e))?, step, ms },
             _ => return Err(bad("unknown fault kind")),
         })
     }
@@ -264,6 +342,10 @@ impl NodeFault {
                 "loss={},delay={},jitter={},dup={}@{step}:{ms}",
                 link.loss, link.delay_ms, link.jitter_ms, link.duplicate
             ),
+            NodeFault::ServiceKill { target, step } | NodeFault::ServiceRestart { target, step } => {
+                format!("{target}@{step}")
+            }
+            NodeFault::ServicePause { target, step, ms } => format!("{target}@{step}:{ms}"),
         };
         (self.kind(), arg)
     }
@@ -366,8 +448,9 @@ pub enum LocalCoordination {
     /// Heartbeats between the nodes.
     #[default]
     Embedded,
-    /// One etcd started for the run (Debian's `etcd-server`, installed when missing).
-    Etcd,
+    /// An etcd of this many members started for the run (`etcd` is one, `etcd:3` three;
+    /// Debian's `etcd-server`, installed when missing).
+    Etcd(usize),
     /// One standalone ZooKeeper started for the run (Debian's `zookeeperd`).
     ZooKeeper,
     /// A service that runs already.
@@ -379,8 +462,12 @@ impl FromStr for LocalCoordination {
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
             "embedded" => Ok(LocalCoordination::Embedded),
-            "etcd" => Ok(LocalCoordination::Etcd),
+            "etcd" => Ok(LocalCoordination::Etcd(1)),
             "zookeeper" | "zk" => Ok(LocalCoordination::ZooKeeper),
+            text if text.starts_with("etcd:") && !text.contains("//") => match text["etcd:".len()..].parse() {
+                Ok(n @ 1..=MAX_LOCAL_ETCD) => Ok(LocalCoordination::Etcd(n)),
+                _ => Err(format!("{text:?}: `etcd:N` starts N etcd members, 1 to {MAX_LOCAL_ETCD}")),
+            },
             spec => spec.parse().map(LocalCoordination::Service).map_err(|e: CoordinationError| {
                 format!("{e} (or `etcd` / `zookeeper` for a server started for the run)")
             }),
@@ -388,10 +475,70 @@ impl FromStr for LocalCoordination {
     }
 }
 
+/// The most etcd members `phalanx local --coordination etcd:N` starts.
+pub const MAX_LOCAL_ETCD: usize = 7;
+
 /// A coordination server started for a run.
 enum LocalService {
     Etcd(LocalEtcd),
     ZooKeeper(Box<LocalZooKeeper>),
+}
+
+impl LocalService {
+    /// The members `target` names now (the leader is asked for; ZooKeeper has one server).
+    fn resolve(&self, target: ServiceTarget) -> Result<Vec<usize>, String> {
+        let size = match self {
+            LocalService::Etcd(etcd) => etcd.size(),
+            LocalService::ZooKeeper(_) => 1,
+        };
+        match (target, self) {
+            (ServiceTarget::All, _) => Ok((0..size).collect()),
+            (ServiceTarget::Member(i), _) if i < size => Ok(vec![i]),
+            (ServiceTarget::Member(i), _) => Err(format!("there is no member {i} among {size} (0..{size})")),
+            (ServiceTarget::Leader, LocalService::ZooKeeper(_)) => Ok(vec![0]),
+            (ServiceTarget::Leader, LocalService::Etcd(etcd)) => {
+                etcd.leader_blocking().map(|i| vec![i]).ok_or_else(|| "the etcd has no leader now".into())
+            }
+        }
+    }
+
+    fn name(&self, member: usize) -> String {
+        match self {
+            LocalService::Etcd(_) => format!("etcd member {member}"),
+            LocalService::ZooKeeper(_) => "the ZooKeeper server".into(),
+        }
+    }
+
+    fn pid(&self, member: usize) -> Option<u32> {
+        match self {
+            LocalService::Etcd(etcd) => etcd.pid(member),
+            LocalService::ZooKeeper(zk) => zk.pid(),
+        }
+    }
+
+    fn kill(&mut self, member: usize) {
+        match self {
+            LocalService::Etcd(etcd) => etcd.kill(member),
+            LocalService::ZooKeeper(zk) => zk.kill(),
+        }
+    }
+
+    fn restart(&mut self, member: usize) -> Result<(), String> {
+        match self {
+            LocalService::Etcd(etcd) => etcd.restart(member),
+            LocalService::ZooKeeper(zk) => zk.restart(),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn pause(&self, member: usize, stop: bool) {
+        match (self, stop) {
+            (LocalService::Etcd(etcd), true) => etcd.pause(member),
+            (LocalService::Etcd(etcd), false) => etcd.resume(member),
+            (LocalService::ZooKeeper(zk), true) => zk.pause(),
+            (LocalService::ZooKeeper(zk), false) => zk.resume(),
+        }
+    }
 }
 
 /// Start what `wanted` needs in `dir`; the spec the nodes join.
@@ -399,7 +546,7 @@ fn start_service(wanted: &LocalCoordination, dir: &Path) -> Result<(Option<Local
     let started = match wanted {
         LocalCoordination::Embedded => return Ok((None, Coordination::Embedded)),
         LocalCoordination::Service(spec) => return Ok((None, spec.clone())),
-        LocalCoordination::Etcd | LocalCoordination::ZooKeeper => {
+        LocalCoordination::Etcd(_) | LocalCoordination::ZooKeeper => {
             let (wanted, dir) = (wanted.clone(), dir.to_path_buf());
             // The harness is synchronous; the servers' readiness checks are async.
             std::thread::spawn(move || -> Result<LocalService, String> {
@@ -407,8 +554,8 @@ fn start_service(wanted: &LocalCoordination, dir: &Path) -> Result<(Option<Local
                     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
                 runtime.block_on(async {
                     match wanted {
-                        LocalCoordination::Etcd => {
-                            LocalEtcd::start(1, Some(&dir.join("etcd"))).await.map(LocalService::Etcd)
+                        LocalCoordination::Etcd(members) => {
+                            LocalEtcd::start(members, Some(&dir.join("etcd"))).await.map(LocalService::Etcd)
                         }
                         _ => LocalZooKeeper::start(Some(&dir.join("zookeeper")))
                             .await
@@ -460,7 +607,7 @@ struct LocalCluster {
     /// Where the nodes coordinate (`--coordination` of every node).
     coordination: Coordination,
     /// The server started for the run, if any (stopped with the cluster, after the nodes).
-    _service: Option<LocalService>,
+    service: Option<LocalService>,
 }
 
 /// A second process started with a member's identity (`--duplicate`).
@@ -852,6 +999,8 @@ fn reserve_ports(n: usize) -> Result<(Vec<u16>, Vec<std::net::UdpSocket>), Error
 /// Something to undo when its time comes.
 enum Undo {
     Resume(u32),
+    /// SIGCONT these members of the coordination server.
+    ResumeService(Vec<usize>),
     Heal,
     FreeDisk(u32),
 }
@@ -871,12 +1020,40 @@ pub fn run_local(
     run_local_with_options(&exe, config, options, faults, on_step)
 }
 
-fn check_faults(config: &JobConfig, nodes: u32, faults: &[NodeFault]) -> Result<(), Error> {
+fn check_faults(
+    config: &JobConfig,
+    nodes: u32,
+    faults: &[NodeFault],
+    coordination: &LocalCoordination,
+) -> Result<(), Error> {
     let bad = |f: &NodeFault, reason: String| {
         let (kind, arg) = f.to_flag();
         Error::Field { field: format!("--{kind} {arg}"), reason }
     };
     for f in faults {
+        if f.on_service() {
+            let members = match coordination {
+                LocalCoordination::Etcd(n) => *n,
+                LocalCoordination::ZooKeeper => 1,
+                _ => {
+                    return Err(bad(
+                        f,
+                        "faults of the coordination service need a server started for the run: --coordination etcd, etcd:N or zookeeper".into(),
+                    ))
+                }
+            };
+            let target = match f {
+                NodeFault::ServiceKill { target, .. }
+                | NodeFault::ServiceRestart { target, .. }
+                | NodeFault::ServicePause { target, .. } => *target,
+                _ => unreachable!("a service fault"),
+            };
+            if let ServiceTarget::Member(i) = target {
+                if i >= members {
+                    return Err(bad(f, format!("there is no member {i} among the service's {members} (0..{members})")));
+                }
+            }
+        }
         if let Some(node) = f.nodes().into_iter().find(|n| *n >= nodes) {
             return Err(bad(f, format!("there is no node {node} among {nodes} (ids 0..{nodes})")));
         }
@@ -960,7 +1137,7 @@ pub fn run_local_watching(
     if nodes == 0 {
         return Err(Error::Field { field: "nodes".into(), reason: "must be at least 1".into() });
     }
-    check_faults(config, nodes, &faults)?;
+    check_faults(config, nodes, &faults, &options.coordination)?;
     if let Some(r) = options.replicas.filter(|r| *r >= nodes) {
         return Err(Error::Field {
             field: "replicas".into(),
@@ -1019,7 +1196,7 @@ pub fn run_local_watching(
         replicas: options.replicas,
         duplicates: Vec::new(),
         coordination,
-        _service: service,
+        service,
         report_steps: {
             let mut steps: Vec<u64> = faults.iter().map(NodeFault::trigger).collect();
             steps.dedup();
@@ -1071,6 +1248,13 @@ pub fn run_local_watching(
         for (_, u) in due {
             match u {
                 Undo::Resume(node) => cluster.signal(node, "CONT"),
+                Undo::ResumeService(members) => {
+                    if let Some(service) = &cluster.service {
+                        for member in members {
+                            service.pause(member, false);
+                        }
+                    }
+                }
                 Undo::Heal => {
                     if let Some(r) = &cluster.relay {
                         r.heal();
@@ -1148,6 +1332,40 @@ pub fn run_local_watching(
                         // How it ended is filled in at the end of the run.
                         NodeFault::Duplicate { node, .. } => {
                             evidence = Some(cluster.spawn_duplicate(*node, reports.len())?);
+                        }
+                        NodeFault::ServiceKill { target, .. }
+                        | NodeFault::ServiceRestart { target, .. }
+                        | NodeFault::ServicePause { target, .. } => {
+                            let service = cluster.service.as_mut().expect("checked before the run");
+                            let members = service.resolve(*target).map_err(|reason| Error::Field {
+                                field: format!("--{} {}", f.kind(), f.to_flag().1),
+                                reason,
+                            })?;
+                            let mut done = Vec::new();
+                            for &m in &members {
+                                let (name, pid) = (service.name(m), service.pid(m));
+                                match &f {
+                                    NodeFault::ServiceKill { .. } => {
+                                        service.kill(m);
+                                        done.push(format!("SIGKILL {name} (pid {pid:?})"));
+                                    }
+                                    NodeFault::ServiceRestart { .. } => {
+                                        service.restart(m).map_err(|reason| Error::Field {
+                                            field: format!("--{} {}", f.kind(), f.to_flag().1),
+                                            reason,
+                                        })?;
+                                        done.push(format!("started {name} again (pid {:?})", service.pid(m)));
+                                    }
+                                    _ => {
+                                        service.pause(m, true);
+                                        done.push(format!("SIGSTOP {name} (pid {pid:?})"));
+                                    }
+                                }
+                            }
+                            if let NodeFault::ServicePause { ms, .. } = &f {
+                                undo.push((Instant::now() + Duration::from_millis(*ms), Undo::ResumeService(members)));
+                            }
+                            evidence = Some(done.join("; "));
                         }
                         // Started with `--rogue`; the signal makes it forge one round.
                         NodeFault::Rogue { node, .. } => {
@@ -1300,14 +1518,47 @@ mod tests {
             (NodeFault::CrashBeforeRename { node: 0, step: 150 }, "not a checkpoint step"),
             (NodeFault::Duplicate { node: 3, step: 1 }, "no node 3"),
         ] {
-            let e = check_faults(&config, 3, &[f]).unwrap_err().to_string();
+            let e = check_faults(&config, 3, &[f], &LocalCoordination::Embedded).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
-        let e = check_faults(&config, 1, &[NodeFault::Duplicate { node: 0, step: 1 }]).unwrap_err().to_string();
+        let e = check_faults(&config, 1, &[NodeFault::Duplicate { node: 0, step: 1 }], &LocalCoordination::Embedded)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--duplicate 0@1") && e.contains("another member"), "{e}");
-        let e = check_faults(&config, 3, &[NodeFault::Rogue { node: 3, step: 300 }]).unwrap_err().to_string();
+        let e = check_faults(&config, 3, &[NodeFault::Rogue { node: 3, step: 300 }], &LocalCoordination::Embedded)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--rogue 3@300") && e.contains("no node 3"), "{e}");
-        let e = check_faults(&config, 1, &[NodeFault::Rogue { node: 0, step: 300 }]).unwrap_err().to_string();
+        let e = check_faults(&config, 1, &[NodeFault::Rogue { node: 0, step: 300 }], &LocalCoordination::Embedded)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--rogue 0@300") && e.contains("other members"), "{e}");
+        // Faults of the coordination service need one started for the run, with that member.
+        let kill_leader = NodeFault::parse("service-kill", "leader@300").unwrap();
+        let e = check_faults(&config, 3, std::slice::from_ref(&kill_leader), &LocalCoordination::Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--service-kill leader@300") && e.contains("--coordination etcd"), "{e}");
+        assert!(check_faults(&config, 3, &[kill_leader], &LocalCoordination::Etcd(3)).is_ok());
+        let pause = NodeFault::parse("service-pause", "3@300:1000").unwrap();
+        let e = check_faults(&config, 3, &[pause], &LocalCoordination::Etcd(3)).unwrap_err().to_string();
+        assert!(e.contains("no member 3 among the service's 3"), "{e}");
+        assert!(NodeFault::parse("service-pause", "all@300").unwrap_err().contains("@STEP:MS"));
+        assert!(NodeFault::parse("service-kill", "boss@300").unwrap_err().contains("`leader`, `all`"));
+        assert_eq!(
+            NodeFault::parse("service-pause", "all@300:1000").unwrap().to_flag(),
+            ("service-pause", "all@300:1000".into())
+        );
+    }
+
+    #[test]
+    fn local_coordination_names_a_backend_or_a_service() {
+        assert_eq!("embedded".parse(), Ok(LocalCoordination::Embedded));
+        assert_eq!("etcd".parse(), Ok(LocalCoordination::Etcd(1)));
+        assert_eq!("etcd:3".parse(), Ok(LocalCoordination::Etcd(3)));
+        assert_eq!("zookeeper".parse(), Ok(LocalCoordination::ZooKeeper));
+        assert!(matches!("etcd://127.0.0.1:2379/p".parse(), Ok(LocalCoordination::Service(_))));
+        assert!("etcd:0".parse::<LocalCoordination>().unwrap_err().contains("1 to 7"));
+        assert!("consul".parse::<LocalCoordination>().unwrap_err().contains("`etcd` / `zookeeper`"));
     }
 }

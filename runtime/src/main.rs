@@ -122,12 +122,22 @@ struct LocalArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, value_name = "NODE@STEP")]
     rogue: Vec<String>,
-    /// Where the nodes coordinate: `embedded` (heartbeats between them; the default), `etcd` or
-    /// `zookeeper` (a server started for the run from Debian's `etcd-server` / `zookeeperd`,
-    /// installed when missing), or the spec of a running service (`etcd://HOST:PORT/PREFIX`,
-    /// `zk://HOST:PORT/CHROOT`).
+    /// Where the nodes coordinate: `embedded` (heartbeats between them; the default), `etcd`,
+    /// `etcd:N` (N members) or `zookeeper` (a server started for the run from Debian's
+    /// `etcd-server` / `zookeeperd`, installed when missing), or the spec of a running service
+    /// (`etcd://HOST:PORT/PREFIX`, `zk://HOST:PORT/CHROOT`).
     #[arg(long, value_name = "BACKEND", default_value = "embedded")]
     coordination: phalanx::local::LocalCoordination,
+    /// SIGKILL members of the coordination server started for the run: WHAT is `leader`, `all`
+    /// or a member's index. Repeatable.
+    #[arg(long, value_name = "WHAT@STEP")]
+    service_kill: Vec<String>,
+    /// Start killed members of the coordination server again. Repeatable.
+    #[arg(long, value_name = "WHAT@STEP")]
+    service_restart: Vec<String>,
+    /// SIGSTOP members of the coordination server, SIGCONT them MS later. Repeatable.
+    #[arg(long, value_name = "WHAT@STEP:MS")]
+    service_pause: Vec<String>,
     #[command(flatten)]
     job: TrainArgs,
 }
@@ -608,6 +618,9 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("crash-before-rename", &args.crash_before_rename),
         ("wipe", &args.wipe),
         ("duplicate", &args.duplicate),
+        ("service-kill", &args.service_kill),
+        ("service-restart", &args.service_restart),
+        ("service-pause", &args.service_pause),
         #[cfg(feature = "fault-injection")]
         ("rogue", &args.rogue),
     ] {
@@ -619,7 +632,10 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     let (nodes, replicas, coordination) = (args.nodes, args.replicas, args.coordination);
     let on = match &coordination {
         phalanx::local::LocalCoordination::Embedded => String::new(),
-        phalanx::local::LocalCoordination::Etcd => ", coordinating on an etcd started for the run".into(),
+        phalanx::local::LocalCoordination::Etcd(1) => ", coordinating on an etcd started for the run".into(),
+        phalanx::local::LocalCoordination::Etcd(n) => {
+            format!(", coordinating on an etcd of {n} members started for the run")
+        }
         phalanx::local::LocalCoordination::ZooKeeper => ", coordinating on a ZooKeeper started for the run".into(),
         phalanx::local::LocalCoordination::Service(spec) => format!(", coordinating on {spec}"),
     };

@@ -7,9 +7,11 @@
 //! names any other member is a false detection — unless a silenced node declared it: a node
 //! woken from a pause (or started again) has heard nobody for as long as it slept, and saying
 //! so is its detector working. Runs that cut or degrade links are not checked (any member may
-//! then be silent to another).
+//! then be silent to another), nor runs that stop or kill a whole coordination service (every
+//! node's lease or session may then run out); losing one member of an etcd cluster silences
+//! nobody.
 
-use phalanx::local::NodeFault;
+use phalanx::local::{NodeFault, ServiceTarget};
 use serde_json::Value;
 
 /// `Ok` if every `down` event among `events` names a node one of `faults` silences, or comes
@@ -25,10 +27,15 @@ pub fn no_false_detection(faults: &[NodeFault], events: &[Value]) -> Result<(), 
             | NodeFault::Restart { node, .. }
             | NodeFault::CrashBeforeRename { node, .. }
             | NodeFault::Wipe { node, .. } => silenced.push(u64::from(*node)),
+            NodeFault::ServiceKill { target: ServiceTarget::All, .. }
+            | NodeFault::ServicePause { target: ServiceTarget::All, .. } => return Ok(()),
             NodeFault::DiskFull { .. }
             | NodeFault::Corrupt { .. }
             | NodeFault::Duplicate { .. }
-            | NodeFault::Rogue { .. } => {}
+            | NodeFault::Rogue { .. }
+            | NodeFault::ServiceKill { .. }
+            | NodeFault::ServiceRestart { .. }
+            | NodeFault::ServicePause { .. } => {}
         }
     }
     let silenced_one = |field: &Value| field.as_u64().is_some_and(|n| silenced.contains(&n));

@@ -200,14 +200,13 @@ impl Coordinated {
         out
     }
 
-    /// The shell joined again after [`Observed::Expired`], as `incarnation`.
+    /// The shell joined again after [`Observed::Expired`], as `incarnation`. A node other
+    /// than node 0 settles again before it may campaign: when the whole service was away,
+    /// every node rejoins at once, and node 0 — which holds its own checkpoints — should
+    /// coordinate again rather than whoever came back first.
     pub fn rejoined(&mut self, incarnation: u64) {
-        *self = Self {
-            highest_epoch: self.highest_epoch,
-            view_token: self.view_token,
-            settled: self.settled,
-            ..Self::new(self.me, incarnation)
-        };
+        *self =
+            Self { highest_epoch: self.highest_epoch, view_token: self.view_token, ..Self::new(self.me, incarnation) };
     }
 
     /// The cluster had time to register since this node joined: it may campaign now.
@@ -468,6 +467,16 @@ mod tests {
             commands(&core.on_observed(published(5, &view(5, 0, &[0, 1])))),
             vec![MembershipCommand::Adopted(view(5, 0, &[0, 1]))]
         );
+        // Back after the whole service was away, node 1 is the lowest registered but waits to
+        // settle, so that node 0 can take the role back.
+        let mut core = Coordinated::new(1, 1);
+        core.on_settled();
+        core.on_observed(members(&[0, 1]));
+        core.on_observed(Observed::Expired { reason: "session Expired".into() });
+        core.rejoined(2);
+        assert!(core.on_observed(members(&[1])).is_empty());
+        assert!(core.on_observed(Observed::Leader(None)).is_empty());
+        assert_eq!(core.on_settled(), vec![Action::Campaign]);
     }
 
     #[test]

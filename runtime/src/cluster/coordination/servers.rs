@@ -311,6 +311,25 @@ impl LocalEtcd {
         None
     }
 
+    /// How many members it has.
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    /// [`LocalEtcd::leader`] from synchronous code (a thread with its own runtime).
+    pub fn leader_blocking(&self) -> Option<usize> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                    runtime.block_on(self.leader())
+                })
+                .join()
+                .ok()
+                .flatten()
+        })
+    }
+
     /// The process id of member `i` (while it runs).
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.members[i].pid()
@@ -413,6 +432,16 @@ impl LocalZooKeeper {
     /// The server's process id.
     pub fn pid(&self) -> Option<u32> {
         self.server.pid()
+    }
+
+    /// SIGKILL the server.
+    pub fn kill(&mut self) {
+        self.server.kill();
+    }
+
+    /// Start the server again on its data directory.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.server.restart()
     }
 
     /// SIGSTOP the server (it answers nothing until [`LocalZooKeeper::resume`]).

@@ -19,6 +19,14 @@ const RESULTS_QUEUE: usize = 16;
 /// Pause before a request that failed (the service unreachable for a moment) is tried again.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// Sleep until `at`; never, without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What the service answered, off the loop.
 #[derive(Debug)]
 pub enum Answer {
@@ -109,17 +117,32 @@ impl ServicePlane {
 
     /// The next input; pending while there is none.
     pub async fn next(&mut self) -> Input {
-        if let Some(at) = self.settle_at {
+        loop {
+            // Past the moment its lease or session surely held until, the node stops as if the
+            // service had said it expired: cut off from the service, it may never hear that.
+            let lapse = match (&self.session, &self.observed) {
+                (Some(session), Some(_)) => {
+                    Some(session.valid_until().map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std))
+                }
+                _ => None,
+            };
             tokio::select! {
                 biased;
-                () = tokio::time::sleep_until(at) => {
+                () = sleep_until(self.settle_at) => {
                     self.settle_at = None;
                     return Input::Settled;
+                }
+                () = sleep_until(lapse) => {
+                    let holds = self.session.as_ref().and_then(|s| s.valid_until()).is_some_and(|u| clock::now() < u);
+                    if !holds {
+                        let reason = "not renewed before it could have run out at the service".to_string();
+                        return Input::Observed(Observed::Expired { reason });
+                    }
+                    // Renewed meanwhile: wait for the new moment.
                 }
                 input = Self::next_of(&mut self.observed, &mut self.answers) => return input,
             }
         }
-        Self::next_of(&mut self.observed, &mut self.answers).await
     }
 
     async fn next_of(observed: &mut Option<mpsc::Receiver<Observed>>, answers: &mut mpsc::Receiver<Answer>) -> Input {
@@ -156,7 +179,7 @@ impl ServicePlane {
             }
             Input::Answer(Answer::Joined(Ok((session, observed)), incarnation)) => {
                 tracing::info!(node = self.me, service = %session.service(), incarnation, "joined the coordination service");
-                if self.first_join && !self.core.settled() {
+                if !self.core.settled() {
                     self.settle_at = Some(tokio::time::Instant::now() + self.settings.ttl);
                 }
                 self.first_join = false;
