@@ -98,3 +98,34 @@ fn training_on_three_etcds_survives_every_fault_with_the_same_bits() {
     survives_every_fault_with_the_same_bits(&spec);
     drop(etcd);
 }
+
+#[test]
+fn a_cluster_started_again_on_the_same_prefix_ignores_the_view_left_there() {
+    // The second cluster finds the first one's last view in etcd (epoch several, written under
+    // a token whose lease is long gone); it must not act on it, and must train the same bits.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let etcd = runtime.block_on(LocalEtcd::start(1, None)).unwrap();
+    let spec = etcd.spec("/phalanx/again").to_string();
+    let expected = reference();
+    for run in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("local");
+        let mut args = vec!["local", "--nodes", "3", "--coordination", &spec, "--out", out.to_str().unwrap()];
+        args.extend(["--kill", "2@100"]);
+        args.extend(JOB);
+        let (ok, stdout, stderr) = phalanx(&args);
+        assert!(ok, "run {run}: {stdout}\n{stderr}");
+        assert_eq!(sha(&stdout), expected, "run {run}");
+        let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+        let first_view = events
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["event"] == "view")
+            .expect("a view");
+        assert_eq!(first_view["coordinator"], 0, "run {run}: the first view is the new cluster's: {first_view}");
+        if run == 1 {
+            assert!(first_view["epoch"].as_u64() > Some(2), "run 1 goes above the epochs left by run 0: {first_view}");
+        }
+    }
+    drop(etcd);
+}

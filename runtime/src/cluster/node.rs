@@ -508,8 +508,14 @@ async fn node_loop_on<T: api::Transport>(
             }
         }
     }
+    // Nothing here commits any more, then the registration goes: the next coordinator may
+    // start at once rather than a lease later.
+    lease.set(None);
     jobs.stop_all("is shutting down");
     jobs.flush_rejections();
+    if let Control::Service(plane) = membership {
+        plane.leave().await;
+    }
     transport.shutdown().await;
     if let Some(error) = fatal {
         return Err(error);

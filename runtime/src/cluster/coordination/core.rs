@@ -11,9 +11,10 @@
 //!   than node 0 first waits for the cluster to settle ([`Coordinated::on_settled`]: the shell
 //!   calls it a lease after joining), so that at start node 0 coordinates, as it does there.
 //! - **Views** are issued by the coordinator only, as fenced writes: epoch one above the
-//!   highest this node has seen, members the registered set. A node adopts a view whose epoch
-//!   is above every one it has seen and whose token is not older than the last adopted one's;
-//!   anything else is `Rejected`.
+//!   highest this node has seen, members the registered set. A node adopts a view written by
+//!   the current holder of the role (its token) whose epoch is above every one it has seen; a
+//!   view of an earlier holder is a leftover (the one a restarted cluster finds in the store)
+//!   and is ignored; anything else is `Rejected`.
 //! - **Expiry** of this node's lease or session is `QuorumLost`: the node stops its actors;
 //!   the shell joins again as a new incarnation and tells the core ([`Coordinated::rejoined`]).
 //!   The highest epoch seen survives, so a view older than one adopted is never taken again.
@@ -60,6 +61,10 @@ pub struct Coordinated {
     /// The token of the coordinator that wrote the adopted view.
     view_token: u64,
     highest_epoch: u64,
+    /// The highest epoch of any view seen in the store, adopted or not (a leftover of the
+    /// cluster's previous life): a new holder's views go above it, so that a node that did see
+    /// the newer epochs can adopt them.
+    stored_epoch: u64,
     /// Members of the adopted view reported down (each once, until registered again).
     down: BTreeSet<u32>,
     campaigning: bool,
@@ -85,6 +90,7 @@ impl Coordinated {
             view: None,
             view_token: 0,
             highest_epoch: 0,
+            stored_epoch: 0,
             down: BTreeSet::new(),
             campaigning: false,
             publishing: None,
@@ -205,8 +211,12 @@ impl Coordinated {
     /// every node rejoins at once, and node 0 — which holds its own checkpoints — should
     /// coordinate again rather than whoever came back first.
     pub fn rejoined(&mut self, incarnation: u64) {
-        *self =
-            Self { highest_epoch: self.highest_epoch, view_token: self.view_token, ..Self::new(self.me, incarnation) };
+        *self = Self {
+            highest_epoch: self.highest_epoch,
+            stored_epoch: self.stored_epoch,
+            view_token: self.view_token,
+            ..Self::new(self.me, incarnation)
+        };
     }
 
     /// The cluster had time to register since this node joined: it may campaign now.
@@ -232,7 +242,20 @@ impl Coordinated {
         let reject = |reason: String| {
             Action::Membership(MembershipCommand::Rejected { peer: view.coordinator, kind: "view", reason })
         };
-        if view.epoch <= self.highest_epoch {
+        if view.epoch <= MAX_EPOCH {
+            self.stored_epoch = self.stored_epoch.max(view.epoch);
+        }
+        let Some(holder) = self.leader.filter(|l| l.token == token) else {
+            // Not the current holder's: written before the role last changed hands (fenced
+            // writes let no one else write). Its successor publishes its own.
+            return;
+        };
+        if view.coordinator != holder.node {
+            out.push(reject(format!(
+                "names node {} as coordinator, but token {token} is node {}'s",
+                view.coordinator, holder.node
+            )));
+        } else if view.epoch <= self.highest_epoch {
             out.push(reject(format!("epoch {} is not above {} (seen)", view.epoch, self.highest_epoch)));
         } else if view.epoch > MAX_EPOCH {
             out.push(reject(format!("epoch {} is above the limit {MAX_EPOCH}", view.epoch)));
@@ -278,7 +301,7 @@ impl Coordinated {
             (None, v) => v.as_ref(),
         };
         let current = newest.is_some_and(|v| v.coordinator == self.me && v.members == self.registered);
-        let above = self.highest_epoch.max(self.written.as_ref().map_or(0, |w| w.epoch));
+        let above = self.highest_epoch.max(self.stored_epoch).max(self.written.as_ref().map_or(0, |w| w.epoch));
         if current || above >= MAX_EPOCH {
             return;
         }
@@ -380,11 +403,16 @@ mod tests {
         assert!(
             matches!(&out[..], [MembershipCommand::Rejected { peer: 0, kind: "view", reason }] if reason.contains("not above"))
         );
-        // Written with an older token than the adopted view's: rejected, even with a higher epoch.
-        let out = commands(&core.on_observed(published(4, &view(9, 2, &[1, 2]))));
-        assert!(matches!(&out[..], [MembershipCommand::Rejected { peer: 2, reason, .. }] if reason.contains("older")));
+        // Written with another token than the holder's (a leftover of an earlier holder):
+        // ignored, even with a higher epoch.
+        assert!(core.on_observed(published(4, &view(9, 2, &[1, 2]))).is_empty());
+        // The holder's token naming another coordinator: rejected.
+        let out = commands(&core.on_observed(published(5, &view(9, 2, &[1, 2]))));
+        assert!(
+            matches!(&out[..], [MembershipCommand::Rejected { peer: 2, reason, .. }] if reason.contains("node 0's"))
+        );
         // Past the epoch limit: rejected.
-        let out = commands(&core.on_observed(published(6, &view(MAX_EPOCH + 1, 0, &[0, 1]))));
+        let out = commands(&core.on_observed(published(5, &view(MAX_EPOCH + 1, 0, &[0, 1]))));
         assert!(matches!(&out[..], [MembershipCommand::Rejected { reason, .. }] if reason.contains("limit")));
         assert_eq!(core.view(), Some(&view(3, 0, &[0, 1])));
     }
@@ -458,6 +486,9 @@ mod tests {
         assert!(core.on_observed(members(&[0])).is_empty());
         core.rejoined(2);
         core.on_observed(members(&[0, 1]));
+        // The holder is not known again yet: its views wait.
+        assert!(core.on_observed(published(5, &view(4, 0, &[0, 1]))).is_empty());
+        core.on_observed(leader(0, 5));
         let out = commands(&core.on_observed(published(5, &view(4, 0, &[0, 1]))));
         assert!(
             matches!(&out[..], [MembershipCommand::Rejected { .. }]),
@@ -477,6 +508,19 @@ mod tests {
         assert!(core.on_observed(members(&[1])).is_empty());
         assert!(core.on_observed(Observed::Leader(None)).is_empty());
         assert_eq!(core.on_settled(), vec![Action::Campaign]);
+    }
+
+    #[test]
+    fn a_restarted_cluster_ignores_the_view_left_in_the_store() {
+        // The store still has the view of the cluster's previous life; nobody holds the role.
+        let mut core = Coordinated::new(0, 1);
+        core.on_observed(members(&[0, 1]));
+        assert!(core.on_observed(Observed::Leader(None)).is_empty(), "already campaigning");
+        assert!(core.on_observed(published(4, &view(17, 0, &[0, 1, 2]))).is_empty());
+        assert_eq!(core.view(), None);
+        // The new holder's first view goes above the leftover's epoch: a member that lived
+        // through it (and saw epoch 17) must be able to adopt it.
+        assert_eq!(core.on_campaigned(Some(9)), vec![Action::Publish { token: 9, view: view(18, 0, &[0, 1]) }]);
     }
 
     #[test]

@@ -244,11 +244,11 @@ impl EtcdSession {
     }
 
     /// See [`super::Session::leave`].
-    pub async fn leave(mut self) -> Result<(), CoordinationError> {
-        for task in self.tasks.drain(..) {
+    pub async fn leave(&self) -> Result<(), CoordinationError> {
+        for task in &self.tasks {
             task.abort();
         }
-        request(self.leases.lease_revoke(pb::LeaseRevokeRequest { id: self.lease }))
+        request(self.leases.clone().lease_revoke(pb::LeaseRevokeRequest { id: self.lease }))
             .await
             .map_err(|e| self.failed("revoke the lease", e))?;
         Ok(())

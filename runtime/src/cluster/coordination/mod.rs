@@ -416,11 +416,12 @@ impl Session {
         }
     }
 
-    /// Give the registration (and the coordinator role, if held) up now.
-    pub async fn leave(self) -> Result<(), CoordinationError> {
+    /// Give the registration (and the coordinator role, if held) up now; the session's
+    /// tasks stop (it observes and renews nothing more).
+    pub async fn leave(&self) -> Result<(), CoordinationError> {
         match self {
-            Session::Etcd(s) => (*s).leave().await,
-            Session::ZooKeeper(s) => (*s).leave().await,
+            Session::Etcd(s) => s.leave().await,
+            Session::ZooKeeper(s) => s.leave().await,
         }
     }
 }

@@ -18,6 +18,8 @@ use super::{Coordination, CoordinationError, Member, Observed, Session, Settings
 const RESULTS_QUEUE: usize = 16;
 /// Pause before a request that failed (the service unreachable for a moment) is tried again.
 const RETRY: Duration = Duration::from_millis(200);
+/// How long an orderly stop waits to give the registration up.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sleep until `at`; never, without one.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -97,8 +99,8 @@ impl ServicePlane {
         tokio::spawn(async move {
             // Give the old registration up first where the service still answers, so the new
             // one need not wait for it to run out.
-            if let Some(Ok(old)) = previous.map(Arc::try_unwrap) {
-                let _ = old.leave().await;
+            if let Some(old) = previous {
+                let _ = tokio::time::timeout(LEAVE_TIMEOUT, old.leave()).await;
             }
             let joined = Session::join(&spec, member, settings).await.map(|(s, rx)| (Arc::new(s), rx));
             let _ = tx.send(Answer::Joined(joined, incarnation)).await;
@@ -265,6 +267,21 @@ impl ServicePlane {
         }
         let until = self.session.as_ref()?.valid_until()?;
         Some((self.term_began?, until))
+    }
+
+    /// Give this node's registration (and the role, if it holds it) up, for an orderly stop;
+    /// gives up after [`LEAVE_TIMEOUT`] (the lease or session then runs out by itself). Call it
+    /// once nothing of this node commits any more.
+    pub async fn leave(mut self) {
+        let Some(session) = self.session.take() else { return };
+        let service = session.service();
+        match tokio::time::timeout(LEAVE_TIMEOUT, session.leave()).await {
+            Ok(Ok(())) => tracing::info!(node = self.me, %service, "left the coordination service"),
+            Ok(Err(e)) => tracing::warn!(node = self.me, error = %e, "leaving the coordination service failed"),
+            Err(_) => {
+                tracing::warn!(node = self.me, %service, "no answer to the leave; the registration runs out by itself")
+            }
+        }
     }
 
     /// The registered members, for a node's status and logs.

@@ -221,8 +221,8 @@ impl ZkSession {
     }
 
     /// See [`super::Session::leave`].
-    pub async fn leave(mut self) -> Result<(), CoordinationError> {
-        for task in self.tasks.drain(..) {
+    pub async fn leave(&self) -> Result<(), CoordinationError> {
+        for task in &self.tasks {
             task.abort();
         }
         if let Some(mine) = self.candidacy.lock().await.take() {
