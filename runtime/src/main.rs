@@ -251,6 +251,10 @@ struct NodeArgs {
     /// silent for this long loses its membership.
     #[arg(long, value_name = "MS")]
     coordination_ttl_ms: Option<u64>,
+    /// TLS to the coordination service: DIR holds `ca.pem` (the service's CA) and, for a
+    /// service that checks its clients, `client.pem` and `client.key` (etcd only).
+    #[arg(long, value_name = "DIR")]
+    coordination_certs: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -319,6 +323,9 @@ impl NodeArgs {
         }
         if self.coordination_ttl_ms.is_some() {
             c.coordination_ttl_ms = self.coordination_ttl_ms;
+        }
+        if self.coordination_certs.is_some() {
+            c.coordination_certs = self.coordination_certs;
         }
         if let Some(v) = self.heartbeat_ms {
             c.detector.heartbeat_ms = v;

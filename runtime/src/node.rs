@@ -90,6 +90,7 @@ pub struct NodeBuilder {
     registries: Registries,
     coordination: crate::cluster::coordination::Coordination,
     coordination_ttl_ms: Option<u64>,
+    coordination_certs: Option<PathBuf>,
 }
 
 impl NodeBuilder {
@@ -173,6 +174,12 @@ impl NodeBuilder {
         self.coordination = spec;
         self
     }
+    /// TLS to the coordination service: a directory with `ca.pem` and, if the service checks
+    /// its clients, `client.pem` and `client.key` (etcd; see [`crate::cluster::coordination::ServiceTls`]).
+    pub fn coordination_certs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.coordination_certs = Some(dir.into());
+        self
+    }
     /// The lease TTL (etcd) or session timeout (ZooKeeper) in ms; default 2000.
     pub fn coordination_ttl_ms(mut self, ttl_ms: u64) -> Self {
         self.coordination_ttl_ms = Some(ttl_ms);
@@ -216,6 +223,7 @@ impl NodeBuilder {
             no_leases: false,
             coordination: self.coordination,
             coordination_ttl_ms: self.coordination_ttl_ms,
+            coordination_certs: self.coordination_certs,
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let metrics = NodeMetrics::new(id);

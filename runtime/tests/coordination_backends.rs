@@ -8,8 +8,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use phalanx::cluster::coordination::servers::{LocalEtcd, LocalZooKeeper};
-use phalanx::cluster::coordination::{Coordination, CoordinationError, Leader, Member, Observed, Session, Settings};
+use phalanx::cluster::coordination::servers::{EtcdServerTls, LocalEtcd, LocalZooKeeper};
+use phalanx::cluster::coordination::{
+    Coordination, CoordinationError, Leader, Member, Observed, ServiceTls, Session, Settings,
+};
 use phalanx::cluster::membership::View;
 use tokio::sync::mpsc::Receiver;
 
@@ -21,7 +23,7 @@ fn member(id: u32, incarnation: u64) -> Member {
 }
 
 fn settings() -> Settings {
-    Settings { ttl: Duration::from_secs(2), join_timeout: Duration::from_secs(10) }
+    Settings { ttl: Duration::from_secs(2), join_timeout: Duration::from_secs(10), tls: None }
 }
 
 /// The next event matching `want`, skipping others.
@@ -60,6 +62,12 @@ fn view(epoch: u64, coordinator: u32, members: &[u32]) -> View {
 
 /// Everything one backend must do, on `spec`.
 async fn contract(spec: Coordination) {
+    contract_with(spec, settings()).await;
+}
+
+/// [`contract`] with these settings (TLS).
+async fn contract_with(spec: Coordination, settings: Settings) {
+    let settings = || settings.clone();
     let (a, mut a_events) = Session::join(&spec, member(0, 1), settings()).await.unwrap();
     until(&mut a_events, "members {0}", members_are(&[0])).await;
     let (b, mut b_events) = Session::join(&spec, member(1, 1), settings()).await.unwrap();
@@ -187,4 +195,48 @@ async fn a_node_hears_its_own_session_end_when_the_service_stops_past_it() {
     zookeeper.resume();
     until(&mut events, "the session's end", |e| matches!(e, Observed::Expired { .. })).await;
     assert!(z.valid_until().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust() {
+    // A cluster CA from `phalanx certs`: the etcd serves node 0's certificate (naming
+    // 127.0.0.1) and accepts clients the CA signed; the nodes present `client/`.
+    let certs = tempfile::tempdir().unwrap();
+    let names = std::collections::BTreeMap::from([(0, vec!["127.0.0.1".to_string()])]);
+    phalanx_transport::certs::generate_named(certs.path(), 1, &names).unwrap();
+    let client = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
+    let server = EtcdServerTls {
+        cert: certs.path().join("node-0").join("node.pem"),
+        key: certs.path().join("node-0").join("node.key"),
+        client_ca: certs.path().join("ca.pem"),
+        harness: client.clone(),
+    };
+    let etcd = LocalEtcd::start_with(1, None, Some(server)).await.unwrap();
+    let spec = etcd.spec("/phalanx/tls");
+    contract_with(spec.clone(), Settings { tls: Some(client), ..settings() }).await;
+
+    let quick = Settings { join_timeout: Duration::from_millis(1500), ..settings() };
+    // Plain TCP to an etcd that speaks TLS: no session.
+    match Session::join(&spec, member(7, 1), quick.clone()).await {
+        Err(CoordinationError::Unreachable { .. }) => {}
+        other => panic!("plain TCP to a TLS etcd: {other:?}"),
+    }
+    // TLS trusting the CA, but no client certificate: the etcd refuses it.
+    let ca_only = tempfile::tempdir().unwrap();
+    std::fs::copy(certs.path().join("ca.pem"), ca_only.path().join("ca.pem")).unwrap();
+    let tls = std::sync::Arc::new(ServiceTls::load(ca_only.path()).unwrap());
+    match Session::join(&spec, member(7, 1), Settings { tls: Some(tls), ..quick.clone() }).await {
+        Err(CoordinationError::Unreachable { .. }) => {}
+        other => panic!("no client certificate: {other:?}"),
+    }
+    // A directory without the CA: a clear error naming the file.
+    let err = ServiceTls::load(certs.path().join("node-0").join("missing").as_path()).unwrap_err().to_string();
+    assert!(err.contains("ca.pem") && err.contains("--coordination-certs"), "{err}");
+    // ZooKeeper over TLS is refused with the reason, before any connection.
+    let zk = Coordination::ZooKeeper { hosts: vec!["127.0.0.1:1".into()], chroot: "/p".into() };
+    let tls = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
+    match Session::join(&zk, member(7, 1), Settings { tls: Some(tls), ..quick }).await {
+        Err(e @ CoordinationError::BadSpec { .. }) => assert!(e.to_string().contains("TLS to ZooKeeper"), "{e}"),
+        other => panic!("ZooKeeper with TLS: {other:?}"),
+    }
 }

@@ -268,7 +268,7 @@ async fn node_loop_on<T: api::Transport>(
         }
         spec => {
             tracing::info!(node = me, service = %spec, "membership on a coordination service");
-            Control::Service(ServicePlane::start(spec.clone(), config.coordination_settings(), me, addr.to_string()))
+            Control::Service(ServicePlane::start(spec.clone(), config.coordination_settings()?, me, addr.to_string()))
         }
     };
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();

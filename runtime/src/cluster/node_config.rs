@@ -86,6 +86,10 @@ pub struct NodeConfig {
     /// counts whole seconds). A node silent for this long is down.
     #[serde(default)]
     pub coordination_ttl_ms: Option<u64>,
+    /// TLS to the coordination service: a directory with `ca.pem` (the service's CA) and, for
+    /// a service that checks its clients, `client.pem` and `client.key` (etcd only).
+    #[serde(default)]
+    pub coordination_certs: Option<PathBuf>,
 }
 
 /// The shortest lease or session a node asks a coordination service for.
@@ -121,17 +125,21 @@ impl NodeConfig {
             no_leases: false,
             coordination: Default::default(),
             coordination_ttl_ms: None,
+            coordination_certs: None,
         }
     }
 
     /// The timing of this node's session with its coordination service.
-    pub fn coordination_settings(&self) -> super::coordination::Settings {
+    pub fn coordination_settings(&self) -> Result<super::coordination::Settings, Error> {
         let mut settings = super::coordination::Settings::default();
         if let Some(ttl) = self.coordination_ttl_ms {
             settings.ttl = std::time::Duration::from_millis(ttl);
             settings.join_timeout = settings.join_timeout.max(3 * settings.ttl);
         }
-        settings
+        if let Some(dir) = &self.coordination_certs {
+            settings.tls = Some(std::sync::Arc::new(super::coordination::ServiceTls::load(dir)?));
+        }
+        Ok(settings)
     }
 
     /// The configured members: `0..nodes`.

@@ -20,7 +20,7 @@ use pb::lease_client::LeaseClient;
 use pb::watch_client::WatchClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::{decode, deliver, member_id, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot};
 use super::{MAX_MEMBERS, OBSERVED_QUEUE, VIEW_KEY};
@@ -71,12 +71,23 @@ impl EtcdSession {
     ) -> Result<(Self, mpsc::Receiver<Observed>), CoordinationError> {
         let service = format!("etcd://{}{prefix}", endpoints.join(","));
         let unreachable = |reason: String| CoordinationError::Unreachable { service: service.clone(), reason };
+        let tls = settings.tls.as_ref().map(|tls| {
+            let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            match &tls.identity {
+                Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+                None => config,
+            }
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut list = Vec::with_capacity(endpoints.len());
         for host in endpoints {
-            let endpoint = Endpoint::from_shared(format!("http://{host}"))
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}"))
                 .map_err(|e| unreachable(format!("{host}: {e}")))?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true);
+            if let Some(tls) = &tls {
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| unreachable(format!("{host}: TLS: {e}")))?;
+            }
             list.push(endpoint);
         }
         let channel = Channel::balance_list(list.into_iter());
@@ -123,7 +134,7 @@ impl EtcdSession {
             events_tx.clone(),
             service.clone(),
         )));
-        if let Err(e) = session.register(settings, deadline).await {
+        if let Err(e) = session.register(settings.ttl, deadline).await {
             let _ = request(session.leases.lease_revoke(pb::LeaseRevokeRequest { id: lease })).await;
             return Err(e);
         }
@@ -147,7 +158,7 @@ impl EtcdSession {
 
     /// Create `members/ID` on the lease unless another process holds it; wait (until the join
     /// timeout) for the registration of a previous incarnation to run out with its lease.
-    async fn register(&self, settings: Settings, deadline: Instant) -> Result<(), CoordinationError> {
+    async fn register(&self, ttl: Duration, deadline: Instant) -> Result<(), CoordinationError> {
         let key = self.key(&format!("members/{}", self.me.id));
         let value = serde_json::to_vec(&self.me).expect("a member serialises");
         let mut kv = self.kv.clone();
@@ -176,7 +187,7 @@ impl EtcdSession {
             // A killed predecessor's key goes with its lease, within one TTL.
             tracing::info!(service = %self.service, node = self.me.id, other = holder.incarnation,
                 "node id still registered by another incarnation; waiting for its lease to run out");
-            tokio::time::sleep((settings.ttl / 4).max(FIRST_RETRY)).await;
+            tokio::time::sleep((ttl / 4).max(FIRST_RETRY)).await;
         }
     }
 

@@ -178,8 +178,8 @@ fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Timing of a session with the service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Timing of a session with the service, and its TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// etcd: the lease's TTL (whole seconds; etcd's minimum with its default election timeout
     /// is 2 s). ZooKeeper: the session timeout (the server clamps it to 2–20 × its tick).
@@ -187,11 +187,65 @@ pub struct Settings {
     /// How long to try to reach the service when joining, and how long a member registered
     /// under this node's id by another process may stay before joining fails as a duplicate.
     pub join_timeout: Duration,
+    /// TLS to the service (`--coordination-certs`); none: plain TCP.
+    pub tls: Option<std::sync::Arc<ServiceTls>>,
+}
+
+/// What a node presents to, and trusts, a coordination service over TLS: the files of a
+/// directory (`--coordination-certs DIR`) — `ca.pem`, the CA that signed the service's
+/// certificate, and, for a service that checks its clients, `client.pem` and `client.key` (the
+/// layout of `phalanx certs`' `client/` directory).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceTls {
+    /// PEM of the CA certificates to trust the service by.
+    pub ca_pem: Vec<u8>,
+    /// PEM of this node's client certificate and key, if it has them.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for ServiceTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("ServiceTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl ServiceTls {
+    /// Read `dir/ca.pem` and, if present, `dir/client.pem` with `dir/client.key`.
+    pub fn load(dir: &std::path::Path) -> Result<Self, CoordinationError> {
+        let bad = |file: &std::path::Path, reason: String| CoordinationError::BadSpec {
+            spec: format!("--coordination-certs {}", dir.display()),
+            reason: format!("{}: {reason}", file.display()),
+        };
+        let read = |name: &str| {
+            let file = dir.join(name);
+            std::fs::read(&file).map_err(|e| bad(&file, e.to_string())).and_then(|bytes| {
+                if String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+                    Ok(bytes)
+                } else {
+                    Err(bad(&file, "not a PEM file".into()))
+                }
+            })
+        };
+        let ca_pem = read("ca.pem")?;
+        let identity = match (dir.join("client.pem").exists(), dir.join("client.key").exists()) {
+            (false, false) => None,
+            (true, true) => Some((read("client.pem")?, read("client.key")?)),
+            (true, false) => return Err(bad(&dir.join("client.key"), "missing (client.pem needs its key)".into())),
+            (false, true) => {
+                return Err(bad(&dir.join("client.pem"), "missing (client.key needs its certificate)".into()))
+            }
+        };
+        Ok(Self { ca_pem, identity })
+    }
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { ttl: Duration::from_secs(2), join_timeout: Duration::from_secs(10) }
+        Self { ttl: Duration::from_secs(2), join_timeout: Duration::from_secs(10), tls: None }
     }
 }
 

@@ -199,7 +199,22 @@ impl Drop for Process {
 pub struct LocalEtcd {
     members: Vec<Process>,
     client_ports: Vec<u16>,
+    tls: Option<EtcdServerTls>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// TLS for a [`LocalEtcd`]: its members' certificate and key (naming `127.0.0.1`), the CA its
+/// clients must be signed by (it checks them), and what the harness itself presents.
+#[derive(Clone, Debug)]
+pub struct EtcdServerTls {
+    /// The members' certificate (PEM file).
+    pub cert: PathBuf,
+    /// Its key (PEM file).
+    pub key: PathBuf,
+    /// The CA that signs the clients' certificates (PEM file).
+    pub client_ca: PathBuf,
+    /// What the harness presents when it asks the members who leads.
+    pub harness: std::sync::Arc<super::ServiceTls>,
 }
 
 /// The etcd binary of Debian's `etcd-server`.
@@ -209,6 +224,11 @@ impl LocalEtcd {
     /// Start `size` members (1 or 3, say) in `dir` (a fresh temporary directory when `None`,
     /// removed with this value) and wait until the cluster has a leader.
     pub async fn start(size: usize, dir: Option<&Path>) -> Result<Self, ServerError> {
+        Self::start_with(size, dir, None).await
+    }
+
+    /// [`LocalEtcd::start`] serving its clients over TLS (and checking their certificates).
+    pub async fn start_with(size: usize, dir: Option<&Path>, tls: Option<EtcdServerTls>) -> Result<Self, ServerError> {
         install("etcd-server", Path::new(ETCD))?;
         let (dir, owned) = match dir {
             Some(d) => {
@@ -228,6 +248,7 @@ impl LocalEtcd {
         let (client_ports, peer_ports) = ports.split_at(size);
         let initial: Vec<String> =
             peer_ports.iter().enumerate().map(|(i, p)| format!("etcd{i}=http://127.0.0.1:{p}")).collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::with_capacity(size);
         for i in 0..size {
             let data = dir.join(format!("etcd{i}"));
@@ -238,9 +259,9 @@ impl LocalEtcd {
                 .arg("--data-dir")
                 .arg(&data)
                 .arg("--listen-client-urls")
-                .arg(format!("http://127.0.0.1:{}", client_ports[i]))
+                .arg(format!("{scheme}://127.0.0.1:{}", client_ports[i]))
                 .arg("--advertise-client-urls")
-                .arg(format!("http://127.0.0.1:{}", client_ports[i]))
+                .arg(format!("{scheme}://127.0.0.1:{}", client_ports[i]))
                 .arg("--listen-peer-urls")
                 .arg(format!("http://127.0.0.1:{}", peer_ports[i]))
                 .arg("--initial-advertise-peer-urls")
@@ -257,9 +278,19 @@ impl LocalEtcd {
                 .arg("--election-timeout")
                 .arg("500")
                 .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+            if let Some(tls) = &tls {
+                command
+                    .arg("--cert-file")
+                    .arg(&tls.cert)
+                    .arg("--key-file")
+                    .arg(&tls.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.client_ca)
+                    .arg("--client-cert-auth");
+            }
             members.push(Process::spawn(format!("etcd member {i}"), command, dir.join(format!("etcd{i}.log")))?);
         }
-        let cluster = LocalEtcd { members, client_ports: client_ports.to_vec(), _dir: owned };
+        let cluster = LocalEtcd { members, client_ports: client_ports.to_vec(), tls, _dir: owned };
         cluster.wait_leader(Instant::now() + START_TIMEOUT).await
     }
 
@@ -293,10 +324,21 @@ impl LocalEtcd {
             if self.members[i].child.is_none() {
                 continue;
             }
-            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")) else {
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("{scheme}://127.0.0.1:{port}")) else {
                 continue;
             };
-            let endpoint = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_millis(500));
+            let mut endpoint = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_millis(500));
+            if let Some(tls) = &self.tls {
+                let harness = &tls.harness;
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&harness.ca_pem));
+                if let Some((cert, key)) = &harness.identity {
+                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                let Ok(with_tls) = endpoint.tls_config(config) else { continue };
+                endpoint = with_tls;
+            }
             let Ok(channel) = endpoint.connect().await else { continue };
             let mut client = pb::maintenance_client::MaintenanceClient::new(channel);
             let Ok(status) = client.status(pb::StatusRequest {}).await else { continue };

@@ -94,7 +94,7 @@ impl ServicePlane {
     }
 
     fn join(&self, previous: Option<Arc<Session>>, incarnation: u64) {
-        let (spec, settings, tx) = (self.spec.clone(), self.settings, self.answers_tx.clone());
+        let (spec, settings, tx) = (self.spec.clone(), self.settings.clone(), self.answers_tx.clone());
         let member = Member { id: self.me, incarnation, addr: self.addr.clone() };
         tokio::spawn(async move {
             // Give the old registration up first where the service still answers, so the new
@@ -195,8 +195,11 @@ impl ServicePlane {
                 }
                 tracing::warn!(node = self.me, error = %e, "cannot join the coordination service; trying again");
                 let tx = self.answers_tx.clone();
-                let (spec, settings, member) =
-                    (self.spec.clone(), self.settings, Member { id: self.me, incarnation, addr: self.addr.clone() });
+                let (spec, settings, member) = (
+                    self.spec.clone(),
+                    self.settings.clone(),
+                    Member { id: self.me, incarnation, addr: self.addr.clone() },
+                );
                 tokio::spawn(async move {
                     tokio::time::sleep(RETRY).await;
                     let joined = Session::join(&spec, member, settings).await.map(|(s, rx)| (Arc::new(s), rx));

@@ -70,6 +70,15 @@ impl ZkSession {
         settings: Settings,
     ) -> Result<(Self, mpsc::Receiver<Observed>), CoordinationError> {
         let service = format!("zk://{}{chroot}", hosts.join(","));
+        if settings.tls.is_some() {
+            return Err(CoordinationError::BadSpec {
+                spec: service,
+                reason: "TLS to ZooKeeper is not in this build (the client's TLS would bring a second TLS \
+                         crypto library, aws-lc-rs, into every build of Phalanx): reach ZooKeeper over a trusted \
+                         network or a TLS tunnel, or use etcd, whose TLS is supported"
+                    .into(),
+            });
+        }
         let unreachable = |reason: String| CoordinationError::Unreachable { service: service.clone(), reason };
         let deadline = clock::now() + settings.join_timeout;
         let mut retry = FIRST_RETRY;
@@ -107,7 +116,7 @@ impl ZkSession {
             valid,
             tasks: Vec::new(),
         };
-        session.register(settings, deadline).await?;
+        session.register(settings.ttl, deadline).await?;
         let (events_tx, events) = mpsc::channel(OBSERVED_QUEUE);
         session.tasks.push(tokio::spawn(keep_alive(client.clone(), valid_tx, events_tx.clone())));
         session.tasks.push(tokio::spawn(observe(client, events_tx, service)));
@@ -120,7 +129,7 @@ impl ZkSession {
 
     /// Create the ephemeral `members/ID` unless another session holds it; wait (until the
     /// join timeout) for the znode of a previous incarnation to go with its session.
-    async fn register(&self, settings: Settings, deadline: Instant) -> Result<(), CoordinationError> {
+    async fn register(&self, ttl: Duration, deadline: Instant) -> Result<(), CoordinationError> {
         let path = format!("/members/{}", self.me.id);
         let value = serde_json::to_vec(&self.me).expect("a member serialises");
         let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
@@ -145,7 +154,7 @@ impl ZkSession {
             }
             tracing::info!(service = %self.service, node = self.me.id, other = holder.incarnation,
                 "node id still registered by another incarnation; waiting for its session to run out");
-            tokio::time::sleep((settings.ttl / 4).max(FIRST_RETRY)).await;
+            tokio::time::sleep((ttl / 4).max(FIRST_RETRY)).await;
         }
     }
 
