@@ -40,7 +40,7 @@ use crate::invariants::{
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 24] = [
+pub const BUILTIN: [(&str, &str); 25] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -65,6 +65,7 @@ pub const BUILTIN: [(&str, &str); 24] = [
     ("etcd-kill-leader.toml", include_str!("../scenarios/etcd-kill-leader.toml")),
     ("etcd-down-briefly.toml", include_str!("../scenarios/etcd-down-briefly.toml")),
     ("zookeeper-pause-past-session.toml", include_str!("../scenarios/zookeeper-pause-past-session.toml")),
+    ("etcd-cut-node.toml", include_str!("../scenarios/etcd-cut-node.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -379,7 +380,7 @@ pub fn check_lease_events<'a>(events: impl Iterator<Item = &'a Value>) -> Vec<St
 fn took_effect(scenario: &ProcessScenario, summary: &Value) -> Result<(), String> {
     let reports: Vec<&Value> = summary["node_faults"].as_array().into_iter().flatten().collect();
     let kind = |f: &Value| f["kind"].as_str().unwrap_or("").to_string();
-    let kills = |k: &str| matches!(k, "kill" | "partition" | "crash-before-rename");
+    let kills = |k: &str| matches!(k, "kill" | "partition" | "crash-before-rename" | "service-cut");
     let default_detection = reports.iter().any(|f| kills(&kind(f)));
     match scenario.expect_detection.unwrap_or(default_detection) {
         true => {

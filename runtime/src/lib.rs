@@ -79,6 +79,7 @@ pub mod output;
 pub mod plot;
 pub mod predict;
 pub mod relay;
+pub mod service_relay;
 
 pub use cluster::event::{NodeEvent, NodeEventKind};
 pub use config::JobConfig;

@@ -159,6 +159,15 @@ pub enum NodeFault {
         /// The step.
         step: u64,
     },
+    /// Cut node `node` off from the coordination service (not from its peers) for `ms`.
+    ServiceCut {
+        /// The node.
+        node: u32,
+        /// The step.
+        step: u64,
+        /// How long the cut lasts.
+        ms: u64,
+    },
     /// SIGSTOP members of the coordination server, SIGCONT them `ms` later.
     ServicePause {
         /// Which.
@@ -222,7 +231,8 @@ impl NodeFault {
             | NodeFault::Rogue { step, .. }
             | NodeFault::ServiceKill { step, .. }
             | NodeFault::ServiceRestart { step, .. }
-            | NodeFault::ServicePause { step, .. } => *step,
+            | NodeFault::ServicePause { step, .. }
+            | NodeFault::ServiceCut { step, .. } => *step,
         }
     }
 
@@ -253,6 +263,7 @@ impl NodeFault {
             NodeFault::ServiceKill { .. } => "service-kill",
             NodeFault::ServiceRestart { .. } => "service-restart",
             NodeFault::ServicePause { .. } => "service-pause",
+            NodeFault::ServiceCut { .. } => "service-cut",
         }
     }
 
@@ -267,7 +278,8 @@ impl NodeFault {
             | NodeFault::CrashBeforeRename { node, .. }
             | NodeFault::Wipe { node, .. }
             | NodeFault::Duplicate { node, .. }
-            | NodeFault::Rogue { node, .. } => vec![*node],
+            | NodeFault::Rogue { node, .. }
+            | NodeFault::ServiceCut { node, .. } => vec![*node],
             NodeFault::Partition { side, .. } => side.clone(),
             NodeFault::Degrade { .. }
             | NodeFault::ServiceKill { .. }
@@ -280,7 +292,10 @@ impl NodeFault {
     pub fn on_service(&self) -> bool {
         matches!(
             self,
-            NodeFault::ServiceKill { .. } | NodeFault::ServiceRestart { .. } | NodeFault::ServicePause { .. }
+            NodeFault::ServiceKill { .. }
+                | NodeFault::ServiceRestart { .. }
+                | NodeFault::ServicePause { .. }
+                | NodeFault::ServiceCut { .. }
         )
     }
 
@@ -290,7 +305,7 @@ impl NodeFault {
         let (what, rest) = s.split_once('@').ok_or_else(|| bad("expected WHAT@STEP"))?;
         let number =
             |text: &str, name: &str| u64::from_str(text.trim()).map_err(|_| bad(&format!("{name} is not a number")));
-        let with_ms = matches!(kind, "pause" | "partition" | "degrade" | "disk-full" | "service-pause");
+        let with_ms = matches!(kind, "pause" | "partition" | "degrade" | "disk-full" | "service-pause" | "service-cut");
         let (step, ms) = match rest.split_once(':') {
             Some((step, ms)) if with_ms => (number(step, "STEP")?, number(ms, "MS")?),
             None if with_ms => return Err(bad("expected ...@STEP:MS")),
@@ -317,6 +332,7 @@ impl NodeFault {
             "service-kill" => NodeFault::ServiceKill { target: what.parse().map_err(|e: String| bad(&e))?, step },
             "service-restart" => NodeFault::ServiceRestart { target: what.parse().map_err(|e: String| bad(&e))?, step },
             "service-pause" => NodeFault::ServicePause { target: what.parse().map_err(|e: String| bad(&e))?, step, ms },
+            "service-cut" => NodeFault::ServiceCut { node: node()?, step, ms },
             _ => return Err(bad("unknown fault kind")),
         })
     }
@@ -331,7 +347,9 @@ impl NodeFault {
             | NodeFault::Wipe { node, step }
             | NodeFault::Duplicate { node, step }
             | NodeFault::Rogue { node, step } => format!("{node}@{step}"),
-            NodeFault::Pause { node, step, ms } | NodeFault::DiskFull { node, step, ms } => {
+            NodeFault::Pause { node, step, ms }
+            | NodeFault::DiskFull { node, step, ms }
+            | NodeFault::ServiceCut { node, step, ms } => {
                 format!("{node}@{step}:{ms}")
             }
             NodeFault::Partition { side, step, ms } => {
@@ -608,6 +626,8 @@ struct LocalCluster {
     coordination: Coordination,
     /// The server started for the run, if any (stopped with the cluster, after the nodes).
     service: Option<LocalService>,
+    /// The TCP relay between the nodes and that server, when a fault cuts a node off from it.
+    service_relay: Option<crate::service_relay::ServiceRelay>,
 }
 
 /// A second process started with a member's identity (`--duplicate`).
@@ -678,8 +698,12 @@ impl LocalCluster {
             .arg(data_dir)
             // Every commit is an event: the harness checks the lease invariants on them.
             .arg("--record-commits");
-        if self.coordination != Coordination::Embedded {
-            command.arg("--coordination").arg(self.coordination.to_string());
+        let coordination = match &self.service_relay {
+            Some(relay) => self.coordination.through(relay.endpoints(id)),
+            None => self.coordination.clone(),
+        };
+        if coordination != Coordination::Embedded {
+            command.arg("--coordination").arg(coordination.to_string());
         }
         if let Some(r) = self.replicas {
             command.args(["--replicas", &r.to_string()]);
@@ -1001,6 +1025,8 @@ enum Undo {
     Resume(u32),
     /// SIGCONT these members of the coordination server.
     ResumeService(Vec<usize>),
+    /// Let every node reach the coordination server again.
+    HealService,
     Heal,
     FreeDisk(u32),
 }
@@ -1046,7 +1072,7 @@ fn check_faults(
                 NodeFault::ServiceKill { target, .. }
                 | NodeFault::ServiceRestart { target, .. }
                 | NodeFault::ServicePause { target, .. } => *target,
-                _ => unreachable!("a service fault"),
+                _ => continue,
             };
             if let ServiceTarget::Member(i) = target {
                 if i >= members {
@@ -1167,6 +1193,13 @@ pub fn run_local_watching(
         None
     };
     let (service, coordination) = start_service(&options.coordination, dir.path())?;
+    let service_relay = if faults.iter().any(|f| matches!(f, NodeFault::ServiceCut { .. })) {
+        let relay = crate::service_relay::ServiceRelay::start(nodes, coordination.endpoints())
+            .map_err(|source| Error::Io { path: "service relay".into(), source })?;
+        Some(relay)
+    } else {
+        None
+    };
     // The nodes bind these ports next.
     drop(held);
     let (tx, rx) = mpsc::channel();
@@ -1197,6 +1230,7 @@ pub fn run_local_watching(
         duplicates: Vec::new(),
         coordination,
         service,
+        service_relay,
         report_steps: {
             let mut steps: Vec<u64> = faults.iter().map(NodeFault::trigger).collect();
             steps.dedup();
@@ -1248,6 +1282,11 @@ pub fn run_local_watching(
         for (_, u) in due {
             match u {
                 Undo::Resume(node) => cluster.signal(node, "CONT"),
+                Undo::HealService => {
+                    if let Some(relay) = &cluster.service_relay {
+                        relay.heal();
+                    }
+                }
                 Undo::ResumeService(members) => {
                     if let Some(service) = &cluster.service {
                         for member in members {
@@ -1332,6 +1371,15 @@ pub fn run_local_watching(
                         // How it ended is filled in at the end of the run.
                         NodeFault::Duplicate { node, .. } => {
                             evidence = Some(cluster.spawn_duplicate(*node, reports.len())?);
+                        }
+                        NodeFault::ServiceCut { node, ms, .. } => {
+                            if let Some(relay) = &cluster.service_relay {
+                                relay.cut(*node);
+                                evidence = Some(format!(
+                                    "closed node {node}'s connections to the service and refused new ones for {ms} ms"
+                                ));
+                            }
+                            undo.push((Instant::now() + Duration::from_millis(*ms), Undo::HealService));
                         }
                         NodeFault::ServiceKill { target, .. }
                         | NodeFault::ServiceRestart { target, .. }

@@ -135,6 +135,10 @@ struct LocalArgs {
     /// Start killed members of the coordination server again. Repeatable.
     #[arg(long, value_name = "WHAT@STEP")]
     service_restart: Vec<String>,
+    /// Cut NODE off from the coordination server started for the run (not from its peers) for
+    /// MS, through a TCP relay. Repeatable.
+    #[arg(long, value_name = "NODE@STEP:MS")]
+    service_cut: Vec<String>,
     /// SIGSTOP members of the coordination server, SIGCONT them MS later. Repeatable.
     #[arg(long, value_name = "WHAT@STEP:MS")]
     service_pause: Vec<String>,
@@ -628,6 +632,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("service-kill", &args.service_kill),
         ("service-restart", &args.service_restart),
         ("service-pause", &args.service_pause),
+        ("service-cut", &args.service_cut),
         #[cfg(feature = "fault-injection")]
         ("rogue", &args.rogue),
     ] {

@@ -26,7 +26,8 @@ pub fn no_false_detection(faults: &[NodeFault], events: &[Value]) -> Result<(), 
             | NodeFault::Pause { node, .. }
             | NodeFault::Restart { node, .. }
             | NodeFault::CrashBeforeRename { node, .. }
-            | NodeFault::Wipe { node, .. } => silenced.push(u64::from(*node)),
+            | NodeFault::Wipe { node, .. }
+            | NodeFault::ServiceCut { node, .. } => silenced.push(u64::from(*node)),
             NodeFault::ServiceKill { target: ServiceTarget::All, .. }
             | NodeFault::ServicePause { target: ServiceTarget::All, .. } => return Ok(()),
             NodeFault::DiskFull { .. }

@@ -82,6 +82,26 @@ pub enum Coordination {
 }
 
 impl Coordination {
+    /// The same service reached through other endpoints (a relay's), in order.
+    pub fn through(&self, endpoints: Vec<String>) -> Coordination {
+        match self {
+            Coordination::Embedded => Coordination::Embedded,
+            Coordination::Etcd { prefix, .. } => Coordination::Etcd { endpoints, prefix: prefix.clone() },
+            Coordination::ZooKeeper { chroot, .. } => {
+                Coordination::ZooKeeper { hosts: endpoints, chroot: chroot.clone() }
+            }
+        }
+    }
+
+    /// The `HOST:PORT` endpoints (none for the embedded membership).
+    pub fn endpoints(&self) -> &[String] {
+        match self {
+            Coordination::Embedded => &[],
+            Coordination::Etcd { endpoints, .. } => endpoints,
+            Coordination::ZooKeeper { hosts, .. } => hosts,
+        }
+    }
+
     /// The backend's name: `embedded`, `etcd` or `zookeeper`.
     pub fn kind(&self) -> &'static str {
         match self {
