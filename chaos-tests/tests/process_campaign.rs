@@ -8,7 +8,10 @@
 //! crash between checkpoint write and rename; a corrupted checkpoint copy; a
 //! second process started with a member's identity; a rogue member that forges
 //! job-done, spawn, rollback, view, checkpoint-copy, params and gradient
-//! messages and oversized frames.
+//! messages and oversized frames; and, on a coordination service started for
+//! the run, the coordinator's node killed on etcd, the etcd leader of three
+//! SIGKILLed, etcd stopped briefly, a node cut off from etcd but not from its
+//! peers, ZooKeeper stopped past the session timeout.
 //! Every run completes bit-identical to the plain loop with exactly-once
 //! accounting, never loads a bad checkpoint, exits cleanly, and shows that
 //! its faults took effect; every forged message is rejected; and its `commit`
