@@ -53,14 +53,12 @@ pub enum ServerError {
     },
 }
 
-/// Install the Debian `package` with apt-get unless `probe` exists already.
-pub fn install(package: &str, probe: &Path) -> Result<(), ServerError> {
+/// Install the Debian `package` with apt-get unless every file of `probes` exists already.
+pub fn install(package: &str, probes: &[&Path]) -> Result<(), ServerError> {
     // Servers of one process start concurrently (tests); apt-get takes one at a time.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if probe.exists() {
-        return Ok(());
-    }
+    let Some(probe) = probes.iter().find(|p| !p.exists()) else { return Ok(()) };
     let fail = |reason: String| ServerError::Install { package: package.to_string(), reason };
     if Command::new("apt-get").arg("--version").stdout(Stdio::null()).status().is_err() {
         return Err(fail(format!(
@@ -88,7 +86,7 @@ pub fn install(package: &str, probe: &Path) -> Result<(), ServerError> {
         apt(&["update", "-q"])?;
         out = apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
     }
-    if !out.status.success() || !probe.exists() {
+    if !out.status.success() || probes.iter().any(|p| !p.exists()) {
         return Err(fail(format!("apt-get install {package}: {}", tail_of(&String::from_utf8_lossy(&out.stderr)))));
     }
     Ok(())
@@ -229,7 +227,7 @@ impl LocalEtcd {
 
     /// [`LocalEtcd::start`] serving its clients over TLS (and checking their certificates).
     pub async fn start_with(size: usize, dir: Option<&Path>, tls: Option<EtcdServerTls>) -> Result<Self, ServerError> {
-        install("etcd-server", Path::new(ETCD))?;
+        install("etcd-server", &[Path::new(ETCD)])?;
         let (dir, owned) = match dir {
             Some(d) => {
                 std::fs::create_dir_all(d)
@@ -408,6 +406,10 @@ pub struct LocalZooKeeper {
 /// The jar of Debian's `zookeeper` (pulled in by `zookeeperd`).
 pub const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
 
+/// The Java runtime ZooKeeper runs on (Debian's `default-jre-headless`, a dependency of
+/// `zookeeperd`).
+pub const JAVA: &str = "/usr/bin/java";
+
 /// ZooKeeper's tick on loopback: sessions may last 2–100 ticks (0.4–20 s) and expire within
 /// a tick of their timeout.
 pub const ZOOKEEPER_TICK_MS: u64 = 200;
@@ -416,7 +418,8 @@ impl LocalZooKeeper {
     /// Start a standalone server in `dir` (a fresh temporary directory when `None`) and wait
     /// until it answers.
     pub async fn start(dir: Option<&Path>) -> Result<Self, ServerError> {
-        install("zookeeperd", Path::new(ZOOKEEPER_JAR))?;
+        // The server's jar and a Java runtime (zookeeperd depends on both).
+        install("zookeeperd", &[Path::new(ZOOKEEPER_JAR), Path::new(JAVA)])?;
         let (dir, owned) = match dir {
             Some(d) => {
                 std::fs::create_dir_all(d)
@@ -443,7 +446,7 @@ impl LocalZooKeeper {
             what: "ZooKeeper".into(),
             reason: format!("{}: {e}", config.display()),
         })?;
-        let mut command = Command::new("java");
+        let mut command = Command::new(JAVA);
         command
             .arg("-cp")
             .arg(format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}"))
