@@ -2,20 +2,9 @@
 //! summary.json with the node faults' detection and recovery times — and the
 //! same model bits as `phalanx train`.
 
-use std::process::Command;
+mod common;
 
-fn phalanx(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_phalanx")).args(args).output().expect("run phalanx");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn sha(stdout: &str) -> String {
-    stdout.lines().find_map(|l| l.strip_prefix("model_sha256 ")).expect("a model_sha256 line").to_string()
-}
+use common::{phalanx_cli as phalanx, printed_sha as sha};
 
 #[test]
 fn local_cluster_with_a_kill_and_a_pause_matches_train_and_reports_node_faults() {

@@ -4,8 +4,9 @@
 //! run kills a trainer's node, pauses a node past its lease or session, kills the
 //! coordinator's node and restarts a killed node — and ends with the bits of `phalanx train`.
 
-use std::process::Command;
+mod common;
 
+use common::{phalanx_cli as phalanx, printed_sha as sha};
 use phalanx::cluster::coordination::servers::LocalEtcd;
 
 const JOB: [&str; 8] = ["--model", "mlp", "--dataset", "winequality", "--epochs", "30", "--trainers", "3"];
@@ -14,19 +15,6 @@ const JOB: [&str; 8] = ["--model", "mlp", "--dataset", "winequality", "--epochs"
 /// process; node 1 stops past its 2 s lease or session and wakes up (it must rejoin as a new
 /// incarnation); the coordinator's node dies (node 1 takes over from the checkpoint copies).
 const FAULTS: [&str; 8] = ["--kill", "2@100", "--restart", "2@200", "--pause", "1@300:3000", "--kill", "0@450"];
-
-fn phalanx(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_phalanx")).args(args).output().expect("run phalanx");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn sha(stdout: &str) -> String {
-    stdout.lines().find_map(|l| l.strip_prefix("model_sha256 ")).expect("a model_sha256 line").to_string()
-}
 
 /// The fault-free model of the job, from one process.
 fn reference() -> String {

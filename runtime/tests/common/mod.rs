@@ -10,6 +10,21 @@ use phalanx::{JobConfig, PreparedJob, TrainReport};
 use phalanx_actors::data::DatasetSource;
 use phalanx_actors::model::ModelKind;
 
+/// Run the `phalanx` binary: (success, stdout, stderr).
+pub fn phalanx_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx")).args(args).output().expect("run phalanx");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `model_sha256 …` line a run printed.
+pub fn printed_sha(stdout: &str) -> String {
+    stdout.lines().find_map(|l| l.strip_prefix("model_sha256 ")).expect("a model_sha256 line").to_string()
+}
+
 /// A bound on any single job in the tests: a hang fails the test instead of CI.
 pub const JOB_BOUND: Duration = Duration::from_secs(120);
 

@@ -19,10 +19,11 @@ use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use pb::watch_client::WatchClient;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::{decode, deliver, member_id, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot};
+use super::{
+    decode, deliver, member_id, Common, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot,
+};
 use super::{MAX_MEMBERS, OBSERVED_QUEUE, VIEW_KEY};
 
 /// How long one request may take before the client gives up on it (and retries, or fails).
@@ -43,22 +44,12 @@ struct Holder {
 
 /// A node's session with etcd.
 pub struct EtcdSession {
-    service: String,
+    pub(super) common: Common,
     prefix: String,
     me: Member,
     kv: KvClient<Channel>,
     leases: LeaseClient<Channel>,
     lease: i64,
-    valid: watch::Receiver<Option<Instant>>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for EtcdSession {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
 }
 
 impl EtcdSession {
@@ -115,18 +106,16 @@ impl EtcdSession {
         };
         let (valid_tx, valid) = watch::channel(Some(valid_until));
         let session = EtcdSession {
-            service: service.clone(),
+            common: Common { service: service.clone(), valid, tasks: Vec::new() },
             prefix: prefix.to_string(),
             me: me.clone(),
             kv,
             leases: leases.clone(),
             lease,
-            valid,
-            tasks: Vec::new(),
         };
         let (events_tx, events) = mpsc::channel(OBSERVED_QUEUE);
         let mut session = session;
-        session.tasks.push(tokio::spawn(keep_alive(
+        session.common.tasks.push(tokio::spawn(keep_alive(
             leases,
             lease,
             settings.ttl,
@@ -138,7 +127,7 @@ impl EtcdSession {
             let _ = request(session.leases.lease_revoke(pb::LeaseRevokeRequest { id: lease })).await;
             return Err(e);
         }
-        session.tasks.push(tokio::spawn(observe(
+        session.common.tasks.push(tokio::spawn(observe(
             session.kv.clone(),
             WatchClient::new(channel),
             session.prefix.clone(),
@@ -153,7 +142,7 @@ impl EtcdSession {
     }
 
     fn failed(&self, op: &str, reason: String) -> CoordinationError {
-        CoordinationError::Request { service: self.service.clone(), op: op.to_string(), reason }
+        CoordinationError::Request { service: self.common.service.clone(), op: op.to_string(), reason }
     }
 
     /// Create `members/ID` on the lease unless another process holds it; wait (until the join
@@ -173,21 +162,10 @@ impl EtcdSession {
                 return Ok(());
             }
             let holder = first_kv(&r.responses)
-                .map(|kv| decode::<Member>(&self.service, &format!("members/{}", self.me.id), &kv.value))
+                .map(|kv| decode::<Member>(&self.common.service, &format!("members/{}", self.me.id), &kv.value))
                 .transpose()?;
             let Some(holder) = holder else { continue };
-            if clock::now() >= deadline {
-                return Err(CoordinationError::DuplicateMember {
-                    node: self.me.id,
-                    service: self.service.clone(),
-                    incarnation: holder.incarnation,
-                    addr: holder.addr,
-                });
-            }
-            // A killed predecessor's key goes with its lease, within one TTL.
-            tracing::info!(service = %self.service, node = self.me.id, other = holder.incarnation,
-                "node id still registered by another incarnation; waiting for its lease to run out");
-            tokio::time::sleep((ttl / 4).max(FIRST_RETRY)).await;
+            self.common.wait_for_predecessor(&self.me, holder, ttl, deadline).await?;
         }
     }
 
@@ -239,26 +217,8 @@ impl EtcdSession {
         Ok(r.kvs.into_iter().next().map(|kv| kv.value))
     }
 
-    /// See [`super::Session::valid_until`].
-    pub fn valid_until(&self) -> Option<Instant> {
-        *self.valid.borrow()
-    }
-
-    /// See [`super::Session::validity`].
-    pub fn validity(&self) -> watch::Receiver<Option<Instant>> {
-        self.valid.clone()
-    }
-
-    /// See [`super::Session::service`].
-    pub fn service(&self) -> String {
-        self.service.clone()
-    }
-
     /// See [`super::Session::leave`].
     pub async fn leave(&self) -> Result<(), CoordinationError> {
-        for task in &self.tasks {
-            task.abort();
-        }
         request(self.leases.clone().lease_revoke(pb::LeaseRevokeRequest { id: self.lease }))
             .await
             .map_err(|e| self.failed("revoke the lease", e))?;

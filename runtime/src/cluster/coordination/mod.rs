@@ -468,34 +468,81 @@ impl Session {
     /// it earlier: the moment counts from before the last renewal was sent). `None` once it
     /// is gone, or while it is not known to hold.
     pub fn valid_until(&self) -> Option<Instant> {
-        match self {
-            Session::Etcd(s) => s.valid_until(),
-            Session::ZooKeeper(s) => s.valid_until(),
-        }
+        *self.common().valid.borrow()
     }
 
     /// [`Session::valid_until`] as it changes (each renewal moves it on; `None` at the end).
     pub fn validity(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
-        match self {
-            Session::Etcd(s) => s.validity(),
-            Session::ZooKeeper(s) => s.validity(),
-        }
+        self.common().valid.clone()
     }
 
     /// The service, as `etcd://…` or `zk://…`.
     pub fn service(&self) -> String {
-        match self {
-            Session::Etcd(s) => s.service(),
-            Session::ZooKeeper(s) => s.service(),
-        }
+        self.common().service.clone()
     }
 
     /// Give the registration (and the coordinator role, if held) up now; the session's
     /// tasks stop (it observes and renews nothing more).
     pub async fn leave(&self) -> Result<(), CoordinationError> {
+        self.common().stop();
         match self {
             Session::Etcd(s) => s.leave().await,
             Session::ZooKeeper(s) => s.leave().await,
+        }
+    }
+}
+
+/// What every backend's session has: the service's name, the moment its lease or session
+/// surely holds until (renewed by one of its tasks), and those tasks (stopped with it).
+struct Common {
+    service: String,
+    valid: tokio::sync::watch::Receiver<Option<Instant>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Common {
+    /// `me.id` is registered by `holder`: past `deadline` that is a live duplicate; before it,
+    /// wait a while for a dead predecessor's registration to go with its lease or session
+    /// (within one TTL), then the caller tries again.
+    async fn wait_for_predecessor(
+        &self,
+        me: &Member,
+        holder: Member,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<(), CoordinationError> {
+        if phalanx_actors::clock::now() >= deadline {
+            return Err(CoordinationError::DuplicateMember {
+                node: me.id,
+                service: self.service.clone(),
+                incarnation: holder.incarnation,
+                addr: holder.addr,
+            });
+        }
+        tracing::info!(service = %self.service, node = me.id, other = holder.incarnation,
+            "node id still registered by another incarnation; waiting for its lease or session to run out");
+        tokio::time::sleep((ttl / 4).max(Duration::from_millis(50))).await;
+        Ok(())
+    }
+
+    fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Common {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Session {
+    fn common(&self) -> &Common {
+        match self {
+            Session::Etcd(s) => &s.common,
+            Session::ZooKeeper(s) => &s.common,
         }
     }
 }

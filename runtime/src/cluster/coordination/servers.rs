@@ -105,6 +105,22 @@ fn free_ports(n: usize) -> Result<Vec<u16>, ServerError> {
         .map_err(|e| ServerError::Spawn { what: "a server".into(), reason: e.to_string() })
 }
 
+/// `dir`, created; or a fresh temporary directory (`phalanx-WHAT-…`), removed with the value
+/// returned beside it.
+fn data_dir(dir: Option<&Path>, what: &str) -> Result<(PathBuf, Option<tempfile::TempDir>), ServerError> {
+    let fail = |e: std::io::Error| ServerError::Spawn { what: what.to_string(), reason: e.to_string() };
+    match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(fail)?;
+            Ok((d.to_path_buf(), None))
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix(&format!("phalanx-{what}-")).tempdir().map_err(fail)?;
+            Ok((t.path().to_path_buf(), Some(t)))
+        }
+    }
+}
+
 fn tail_of(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
@@ -228,20 +244,7 @@ impl LocalEtcd {
     /// [`LocalEtcd::start`] serving its clients over TLS (and checking their certificates).
     pub async fn start_with(size: usize, dir: Option<&Path>, tls: Option<EtcdServerTls>) -> Result<Self, ServerError> {
         install("etcd-server", &[Path::new(ETCD)])?;
-        let (dir, owned) = match dir {
-            Some(d) => {
-                std::fs::create_dir_all(d)
-                    .map_err(|e| ServerError::Spawn { what: d.display().to_string(), reason: e.to_string() })?;
-                (d.to_path_buf(), None)
-            }
-            None => {
-                let t = tempfile::Builder::new()
-                    .prefix("phalanx-etcd-")
-                    .tempdir()
-                    .map_err(|e| ServerError::Spawn { what: "etcd".into(), reason: e.to_string() })?;
-                (t.path().to_path_buf(), Some(t))
-            }
-        };
+        let (dir, owned) = data_dir(dir, "etcd")?;
         let ports = free_ports(2 * size)?;
         let (client_ports, peer_ports) = ports.split_at(size);
         let initial: Vec<String> =
@@ -420,20 +423,7 @@ impl LocalZooKeeper {
     pub async fn start(dir: Option<&Path>) -> Result<Self, ServerError> {
         // The server's jar and a Java runtime (zookeeperd depends on both).
         install("zookeeperd", &[Path::new(ZOOKEEPER_JAR), Path::new(JAVA)])?;
-        let (dir, owned) = match dir {
-            Some(d) => {
-                std::fs::create_dir_all(d)
-                    .map_err(|e| ServerError::Spawn { what: d.display().to_string(), reason: e.to_string() })?;
-                (d.to_path_buf(), None)
-            }
-            None => {
-                let t = tempfile::Builder::new()
-                    .prefix("phalanx-zookeeper-")
-                    .tempdir()
-                    .map_err(|e| ServerError::Spawn { what: "ZooKeeper".into(), reason: e.to_string() })?;
-                (t.path().to_path_buf(), Some(t))
-            }
-        };
+        let (dir, owned) = data_dir(dir, "zookeeper")?;
         let port = free_ports(1)?[0];
         let config = dir.join("zoo.cfg");
         let text = format!(

@@ -15,10 +15,11 @@ use phalanx_actors::clock;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Mutex};
-use tokio::task::JoinHandle;
 use zookeeper_client as zk;
 
-use super::{decode, deliver, member_id, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot};
+use super::{
+    decode, deliver, member_id, Common, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot,
+};
 use super::{MAX_MEMBERS, OBSERVED_QUEUE, VIEW_KEY};
 
 /// Pause before retrying to reach the ensemble while joining, doubled up to [`MAX_RETRY`].
@@ -41,20 +42,10 @@ struct Candidacy {
 
 /// A node's session with ZooKeeper.
 pub struct ZkSession {
-    service: String,
+    pub(super) common: Common,
     me: Member,
     client: zk::Client,
     candidacy: Mutex<Option<Candidacy>>,
-    valid: watch::Receiver<Option<Instant>>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for ZkSession {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
 }
 
 fn persistent() -> zk::CreateOptions<'static> {
@@ -109,22 +100,20 @@ impl ZkSession {
         }
         let (valid_tx, valid) = watch::channel(Some(sent + client.session_timeout()));
         let mut session = ZkSession {
-            service: service.clone(),
+            common: Common { service: service.clone(), valid, tasks: Vec::new() },
             me,
             client: client.clone(),
             candidacy: Mutex::new(None),
-            valid,
-            tasks: Vec::new(),
         };
         session.register(settings.ttl, deadline).await?;
         let (events_tx, events) = mpsc::channel(OBSERVED_QUEUE);
-        session.tasks.push(tokio::spawn(keep_alive(client.clone(), valid_tx, events_tx.clone())));
-        session.tasks.push(tokio::spawn(observe(client, events_tx, service)));
+        session.common.tasks.push(tokio::spawn(keep_alive(client.clone(), valid_tx, events_tx.clone())));
+        session.common.tasks.push(tokio::spawn(observe(client, events_tx, service)));
         Ok((session, events))
     }
 
     fn failed(&self, op: &str, e: impl std::fmt::Display) -> CoordinationError {
-        CoordinationError::Request { service: self.service.clone(), op: op.to_string(), reason: e.to_string() }
+        CoordinationError::Request { service: self.common.service.clone(), op: op.to_string(), reason: e.to_string() }
     }
 
     /// Create the ephemeral `members/ID` unless another session holds it; wait (until the
@@ -140,21 +129,11 @@ impl ZkSession {
                 Err(e) => return Err(self.failed("register", e)),
             }
             let holder = match self.client.get_data(&path).await {
-                Ok((bytes, _)) => decode::<Member>(&self.service, &path[1..], &bytes)?,
+                Ok((bytes, _)) => decode::<Member>(&self.common.service, &path[1..], &bytes)?,
                 Err(zk::Error::NoNode) => continue,
                 Err(e) => return Err(self.failed("register", e)),
             };
-            if clock::now() >= deadline {
-                return Err(CoordinationError::DuplicateMember {
-                    node: self.me.id,
-                    service: self.service.clone(),
-                    incarnation: holder.incarnation,
-                    addr: holder.addr,
-                });
-            }
-            tracing::info!(service = %self.service, node = self.me.id, other = holder.incarnation,
-                "node id still registered by another incarnation; waiting for its session to run out");
-            tokio::time::sleep((ttl / 4).max(FIRST_RETRY)).await;
+            self.common.wait_for_predecessor(&self.me, holder, ttl, deadline).await?;
         }
     }
 
@@ -214,26 +193,8 @@ impl ZkSession {
         }
     }
 
-    /// See [`super::Session::valid_until`].
-    pub fn valid_until(&self) -> Option<Instant> {
-        *self.valid.borrow()
-    }
-
-    /// See [`super::Session::validity`].
-    pub fn validity(&self) -> watch::Receiver<Option<Instant>> {
-        self.valid.clone()
-    }
-
-    /// See [`super::Session::service`].
-    pub fn service(&self) -> String {
-        self.service.clone()
-    }
-
     /// See [`super::Session::leave`].
     pub async fn leave(&self) -> Result<(), CoordinationError> {
-        for task in &self.tasks {
-            task.abort();
-        }
         if let Some(mine) = self.candidacy.lock().await.take() {
             match self.client.delete(&mine.path, None).await {
                 Ok(()) | Err(zk::Error::NoNode) => {}
