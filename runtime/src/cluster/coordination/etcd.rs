@@ -24,23 +24,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use super::{
     decode, deliver, member_id, Common, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot,
 };
-use super::{MAX_MEMBERS, OBSERVED_QUEUE, VIEW_KEY};
+use super::{Holder, FIRST_RETRY, MAX_MEMBERS, MAX_RETRY, OBSERVED_QUEUE, VIEW_KEY};
 
 /// How long one request may take before the client gives up on it (and retries, or fails).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for a TCP connection to an etcd member.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause before the observer reads the prefix again after its watch broke, doubled up to
-/// [`MAX_RETRY`] while it keeps failing.
-const FIRST_RETRY: Duration = Duration::from_millis(50);
-const MAX_RETRY: Duration = Duration::from_secs(1);
-
-/// What the coordinator key holds.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Holder {
-    node: u32,
-    incarnation: u64,
-}
 
 /// A node's session with etcd.
 pub struct EtcdSession {

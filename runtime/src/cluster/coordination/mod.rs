@@ -48,6 +48,19 @@ use super::membership::View;
 /// waits for it: a node that falls behind slows its own observer, never the service.
 pub const OBSERVED_QUEUE: usize = 64;
 
+/// Pause before a backend tries again to reach the service (joining, reading again after a
+/// broken watch), doubled up to [`MAX_RETRY`] while it keeps failing.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// See [`FIRST_RETRY`].
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// What the coordinator role's key (etcd) or a candidate's znode (ZooKeeper) holds.
+#[derive(Serialize, Deserialize)]
+struct Holder {
+    node: u32,
+    incarnation: u64,
+}
+
 /// The most members a cluster on a coordination service may register (member ids are
 /// `u32`, but the observer keeps the member set in memory and sends it whole on change).
 pub const MAX_MEMBERS: usize = 4096;

@@ -20,18 +20,7 @@ use zookeeper_client as zk;
 use super::{
     decode, deliver, member_id, Common, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot,
 };
-use super::{MAX_MEMBERS, OBSERVED_QUEUE, VIEW_KEY};
-
-/// Pause before retrying to reach the ensemble while joining, doubled up to [`MAX_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_millis(50);
-const MAX_RETRY: Duration = Duration::from_secs(1);
-
-/// What an election znode holds.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Holder {
-    node: u32,
-    incarnation: u64,
-}
+use super::{Holder, FIRST_RETRY, MAX_MEMBERS, MAX_RETRY, OBSERVED_QUEUE, VIEW_KEY};
 
 /// This node's place in the election: its znode's path and creation zxid.
 #[derive(Clone)]
