@@ -100,6 +100,11 @@ impl Coordinated {
         }
     }
 
+    /// Which start of this node the core is for (a new one at each rejoin).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// The adopted view.
     pub fn view(&self) -> Option<&View> {
         self.view.as_ref()

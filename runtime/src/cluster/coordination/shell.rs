@@ -34,10 +34,10 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 pub enum Answer {
     /// The session of a (re)join, or why there is none.
     Joined(Result<(Arc<Session>, mpsc::Receiver<Observed>), CoordinationError>, u64),
-    /// A campaign's outcome.
-    Campaigned(Result<Option<u64>, CoordinationError>),
-    /// A fenced write of a view.
-    Published(View, u64, Result<bool, CoordinationError>),
+    /// A campaign's outcome, for the incarnation that asked.
+    Campaigned(u64, Result<Option<u64>, CoordinationError>),
+    /// A fenced write of a view (by the incarnation that asked, with its token).
+    Published(u64, View, u64, Result<bool, CoordinationError>),
 }
 
 /// One input for [`ServicePlane::handle`].
@@ -208,21 +208,30 @@ impl ServicePlane {
                 Vec::new()
             }
             Input::Settled => self.core.on_settled(),
-            Input::Answer(Answer::Campaigned(Ok(token))) => self.core.on_campaigned(token),
-            Input::Answer(Answer::Campaigned(Err(e))) => {
+            // An answer to an earlier incarnation's request: that session and its role are gone.
+            Input::Answer(Answer::Campaigned(asked, _) | Answer::Published(asked, ..))
+                if asked != self.core.incarnation() =>
+            {
+                Vec::new()
+            }
+            Input::Answer(Answer::Campaigned(_, Ok(token))) => self.core.on_campaigned(token),
+            Input::Answer(Answer::Campaigned(_, Err(e))) => {
                 tracing::warn!(node = self.me, error = %e, "campaign failed; trying again");
                 self.spawn_campaign(RETRY);
                 Vec::new()
             }
-            Input::Answer(Answer::Published(view, _, Ok(written))) => self.core.on_published(view.epoch, written),
-            Input::Answer(Answer::Published(view, token, Err(e))) => {
+            Input::Answer(Answer::Published(_, view, _, Ok(written))) => self.core.on_published(view.epoch, written),
+            Input::Answer(Answer::Published(_, view, token, Err(e))) => {
                 // The write may or may not have landed: write the same view again (the same
-                // bits twice are one view to every observer), unless the role is gone.
-                tracing::warn!(node = self.me, epoch = view.epoch, error = %e, "publishing the view failed; trying again");
+                // bits twice are one view to every observer) while the role is this node's;
+                // else the write is over, unwritten as far as this node can tell.
+                tracing::warn!(node = self.me, epoch = view.epoch, error = %e, "publishing the view failed");
                 if self.core.token() == Some(token) {
                     self.spawn_publish(token, view, RETRY);
+                    Vec::new()
+                } else {
+                    self.core.on_published(view.epoch, false)
                 }
-                Vec::new()
             }
         };
         let mut commands = Vec::new();
@@ -244,20 +253,20 @@ impl ServicePlane {
 
     fn spawn_campaign(&self, after: Duration) {
         let Some(session) = self.session.clone() else { return };
-        let tx = self.answers_tx.clone();
+        let (tx, asked) = (self.answers_tx.clone(), self.core.incarnation());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let _ = tx.send(Answer::Campaigned(session.campaign().await)).await;
+            let _ = tx.send(Answer::Campaigned(asked, session.campaign().await)).await;
         });
     }
 
     fn spawn_publish(&self, token: u64, view: View, after: Duration) {
         let Some(session) = self.session.clone() else { return };
-        let tx = self.answers_tx.clone();
+        let (tx, asked) = (self.answers_tx.clone(), self.core.incarnation());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             let written = session.publish_view(token, &view).await;
-            let _ = tx.send(Answer::Published(view, token, written)).await;
+            let _ = tx.send(Answer::Published(asked, view, token, written)).await;
         });
     }
 
