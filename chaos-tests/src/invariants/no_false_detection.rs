@@ -7,11 +7,10 @@
 //! names any other member is a false detection — unless a silenced node declared it: a node
 //! woken from a pause (or started again) has heard nobody for as long as it slept, and saying
 //! so is its detector working. Runs that cut or degrade links are not checked (any member may
-//! then be silent to another), nor runs that stop or kill a whole coordination service (every
-//! node's lease or session may then run out); losing one member of an etcd cluster silences
-//! nobody.
+//! then be silent to another), nor runs that stop, kill or restart members of a coordination
+//! service (a node's lease or session may run out before the service answers again).
 
-use phalanx::local::{NodeFault, ServiceTarget};
+use phalanx::local::NodeFault;
 use serde_json::Value;
 
 /// `Ok` if every `down` event among `events` names a node one of `faults` silences, or comes
@@ -28,15 +27,15 @@ pub fn no_false_detection(faults: &[NodeFault], events: &[Value]) -> Result<(), 
             | NodeFault::CrashBeforeRename { node, .. }
             | NodeFault::Wipe { node, .. }
             | NodeFault::ServiceCut { node, .. } => silenced.push(u64::from(*node)),
-            NodeFault::ServiceKill { target: ServiceTarget::All, .. }
-            | NodeFault::ServicePause { target: ServiceTarget::All, .. } => return Ok(()),
+            // While the service (or its leader) is away, any node's lease may run out before
+            // it can be renewed: losing the membership then is the rule working.
+            NodeFault::ServiceKill { .. } | NodeFault::ServicePause { .. } | NodeFault::ServiceRestart { .. } => {
+                return Ok(())
+            }
             NodeFault::DiskFull { .. }
             | NodeFault::Corrupt { .. }
             | NodeFault::Duplicate { .. }
-            | NodeFault::Rogue { .. }
-            | NodeFault::ServiceKill { .. }
-            | NodeFault::ServiceRestart { .. }
-            | NodeFault::ServicePause { .. } => {}
+            | NodeFault::Rogue { .. } => {}
         }
     }
     let silenced_one = |field: &Value| field.as_u64().is_some_and(|n| silenced.contains(&n));
