@@ -143,7 +143,10 @@ async fn three_etcds_keep_the_contract_and_survive_their_leader() {
 
     // SIGKILL the etcd leader under a coordinator: its lease, its role and its writes carry on
     // on the two members left.
-    let (a, mut events) = Session::join(&spec, member(5, 1), settings()).await.unwrap();
+    // A 4 s lease: renewed every 1.3 s, it outlasts an etcd election (0.5–1 s here) even when
+    // the last renewal came just before the kill.
+    let long = Settings { ttl: Duration::from_secs(4), ..settings() };
+    let (a, mut events) = Session::join(&spec, member(5, 1), long).await.unwrap();
     until(&mut events, "members {5}", members_are(&[5])).await;
     let token = a.campaign().await.unwrap().unwrap();
     let leader = etcd.leader().await.expect("a leader");
