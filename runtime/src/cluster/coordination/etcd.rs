@@ -364,9 +364,9 @@ async fn observe(
                 .await;
         let (mut state, revision) = match read {
             Ok(r) => {
-                let mut state = State::default();
+                let mut state = Snapshot::default();
                 for item in r.kvs {
-                    state.put(&service, &prefix, item);
+                    state.put_kv(&service, &prefix, item);
                 }
                 (state, r.header.map(|h| h.revision).unwrap_or(0))
             }
@@ -377,11 +377,10 @@ async fn observe(
                 continue;
             }
         };
-        let now = state.snapshot();
-        if !deliver(&events, seen.changes_to(&now)).await {
+        if !deliver(&events, seen.changes_to(&state)).await {
             return;
         }
-        seen = now;
+        seen = state.clone();
 
         let (requests, rx) = mpsc::channel(1);
         let create = pb::WatchRequest {
@@ -413,16 +412,15 @@ async fn observe(
                     for event in r.events {
                         let Some(item) = event.kv else { continue };
                         if event.r#type == pb::event::EventType::Delete as i32 {
-                            state.delete(&prefix, &item.key);
+                            state.delete_key(&prefix, &item.key);
                         } else {
-                            state.put(&service, &prefix, item);
+                            state.put_kv(&service, &prefix, item);
                         }
                     }
-                    let now = state.snapshot();
-                    if !deliver(&events, seen.changes_to(&now)).await {
+                    if !deliver(&events, seen.changes_to(&state)).await {
                         return;
                     }
-                    seen = now;
+                    seen = state.clone();
                 }
                 Ok(None) | Err(_) => {
                     tracing::debug!(%service, "watch stream ended; reading again");
@@ -434,16 +432,9 @@ async fn observe(
     }
 }
 
-/// The prefix's keys that the observer follows, as last read or told.
-#[derive(Default)]
-struct State {
-    members: std::collections::BTreeMap<u32, Member>,
-    leader: Option<Leader>,
-    view: Option<Published>,
-}
-
-impl State {
-    fn put(&mut self, service: &str, prefix: &str, item: pb::KeyValue) {
+/// The observer's snapshot kept up to date from the prefix's keys, as read or told.
+impl Snapshot {
+    fn put_kv(&mut self, service: &str, prefix: &str, item: pb::KeyValue) {
         let key = String::from_utf8_lossy(&item.key);
         let Some(rel) = key.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')) else { return };
         let parsed = match rel {
@@ -483,7 +474,7 @@ impl State {
         }
     }
 
-    fn delete(&mut self, prefix: &str, key: &[u8]) {
+    fn delete_key(&mut self, prefix: &str, key: &[u8]) {
         let key = String::from_utf8_lossy(key);
         let Some(rel) = key.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')) else { return };
         match rel {
@@ -495,9 +486,5 @@ impl State {
                 }
             }
         }
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        Snapshot { members: self.members.clone(), leader: self.leader, view: self.view.clone() }
     }
 }

@@ -114,15 +114,6 @@ impl Coordination {
             Coordination::ZooKeeper { hosts, .. } => hosts,
         }
     }
-
-    /// The backend's name: `embedded`, `etcd` or `zookeeper`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Coordination::Embedded => "embedded",
-            Coordination::Etcd { .. } => "etcd",
-            Coordination::ZooKeeper { .. } => "zookeeper",
-        }
-    }
 }
 
 impl Serialize for Coordination {
