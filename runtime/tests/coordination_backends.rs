@@ -103,6 +103,18 @@ async fn contract_with(spec: Coordination, settings: Settings) {
     assert_eq!(b.get("jobs/j").await.unwrap().as_deref(), Some(&b"state 2"[..]));
     assert_eq!(b.get("jobs/none").await.unwrap(), None);
 
+    // The job registry's keys: listed by anyone, bounded, deleted only by the coordinator.
+    assert!(a.put_fenced(first, "jobs/k", b"other").await.unwrap());
+    let mut listed = b.list("jobs", 10).await.unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![("j".to_string(), b"state 2".to_vec()), ("k".to_string(), b"other".to_vec())]);
+    assert!(matches!(b.list("jobs", 1).await, Err(CoordinationError::Request { .. })), "more than asked for");
+    assert!(!b.delete_fenced(first, "jobs/k").await.unwrap());
+    assert!(a.delete_fenced(first, "jobs/k").await.unwrap());
+    assert!(a.delete_fenced(first, "jobs/k").await.unwrap(), "deleting what is gone already");
+    assert_eq!(b.list("jobs", 10).await.unwrap().len(), 1);
+    assert_eq!(b.list("nothing", 10).await.unwrap(), Vec::new());
+
     // The coordinator's process dies (no goodbye): its registration and its role go with its
     // lease or session, and the role passes with a larger token.
     drop(a);

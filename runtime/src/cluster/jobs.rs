@@ -27,7 +27,7 @@ use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
 use super::node_config::NodeConfig;
 use super::node_job::{NodeJob, NodeShared, StoredCopy};
-use super::registry::{JobEntry, JobId, JobState, Registry, Version};
+use super::registry::{JobEntry, JobId, JobState, Registry, ServiceStore, StorePoll, StoreWrite, Version};
 use super::rejections::Rejections;
 use super::runner::{to_job, OutQueue, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
@@ -43,6 +43,9 @@ const SUBMIT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the coordinator sends its registry again while a version is not
 /// held by a majority (a member may have missed it).
 const REGISTRY_RESEND: Duration = Duration::from_millis(500);
+/// The largest job spec (as JSON) a cluster on a coordination service accepts: the service
+/// keeps each job as one value, and values are bounded.
+const MAX_STORED_SPEC_BYTES: usize = super::coordination::MAX_VALUE_BYTES - 4096;
 /// The id of the job given at node start (`phalanx node --job`, [`NodeBuilder::job`](crate::NodeBuilder::job)).
 pub const STARTUP_JOB: JobId = 1;
 
@@ -94,6 +97,13 @@ pub(crate) struct Jobs {
     events: Emitter,
     metrics: Arc<NodeMetrics>,
     limits: Limits,
+    /// On a coordination service: the service, not a majority of the nodes, makes a
+    /// registry version durable, and keeps the registry for the next coordinator.
+    on_service: bool,
+    /// On a service, while coordinating: what the service holds of the registry.
+    store: Option<ServiceStore>,
+    /// On a service: the jobs it kept when this node's term began (taken over with the view).
+    stored_jobs: Option<Vec<JobEntry>>,
 }
 
 impl Jobs {
@@ -126,7 +136,6 @@ impl Jobs {
         }
         let held_for = Duration::from_millis(config.detector.failure_timeout_ms.saturating_mul(2));
         Ok(Self {
-            config,
             registry,
             jobs,
             preparing: BTreeSet::new(),
@@ -150,6 +159,10 @@ impl Jobs {
             instance,
             lease,
             limits: Limits::default(),
+            on_service: !matches!(config.coordination, super::coordination::Coordination::Embedded),
+            store: None,
+            stored_jobs: None,
+            config,
         })
     }
 
@@ -185,8 +198,17 @@ impl Jobs {
         for job in self.jobs.values_mut() {
             job.on_view(view);
         }
+        if !self.coordinating() {
+            self.store = None;
+        }
         if self.coordinating() {
             if !was {
+                if self.on_service {
+                    // What the service keeps first: jobs accepted by earlier coordinators.
+                    let held = self.stored_jobs.take().unwrap_or_default();
+                    self.registry.merge_stored(held.clone(), STARTUP_JOB);
+                    self.store = Some(ServiceStore::new(held));
+                }
                 self.registry.take_over(view.epoch);
                 // The views' members may have missed earlier updates.
                 self.last_sent = None;
@@ -210,6 +232,7 @@ impl Jobs {
         if self.view.as_ref().is_some_and(|v| v.epoch == lost.epoch && v.coordinator == lost.coordinator) {
             self.view = None;
         }
+        self.store = None;
         for job in self.jobs.values_mut() {
             job.stop_coordinating();
         }
@@ -218,6 +241,7 @@ impl Jobs {
     /// Quorum lost or shutting down: stop everything here.
     pub(crate) fn stop_all(&mut self, why: &str) {
         self.view = None;
+        self.store = None;
         for frame in self.lot.take() {
             let reason = format!("{}; dropped as this node {why}", frame.reason);
             self.rejected(frame.peer, frame.inbound.kind(), reason);
@@ -305,15 +329,29 @@ impl Jobs {
         }
     }
 
-    /// Coordinator: accept a job; `waiter` hears once a majority holds it.
+    /// Coordinator: accept a job; `waiter` hears once a majority (or the coordination
+    /// service) holds it.
     fn accept(&mut self, spec: JobConfig, waiter: Waiter) {
+        if self.on_service {
+            let bytes = serde_json::to_vec(&spec).map_or(usize::MAX, |b| b.len());
+            if bytes > MAX_STORED_SPEC_BYTES {
+                let why = format!(
+                    "node {}: the job spec is {bytes} bytes as JSON; a coordination service keeps specs of at most \
+                     {MAX_STORED_SPEC_BYTES} (give large settings in a file the nodes read)",
+                    self.me()
+                );
+                return self.answer(waiter, Err(why));
+            }
+        }
         match self.registry.accept(spec) {
             Ok((id, version)) => {
                 tracing::info!(node = self.me(), job = id, "job {id} accepted");
                 self.waiting.push((version, id, waiter));
                 // This node holds it: with one member that is already a majority.
                 if let Some(v) = self.registry.on_ack(self.me(), version, self.config.members()) {
-                    self.release(v);
+                    if !self.on_service {
+                        self.release(v);
+                    }
                 }
                 self.schedule();
                 self.broadcast();
@@ -328,6 +366,33 @@ impl Jobs {
                 let _ = reply.send(result.map_err(Error::Submit));
             }
             Waiter::Remote { node, request } => self.send(node, &NodeMsg::SubmitAnswer { request, result }),
+        }
+    }
+
+    /// On a service: the jobs it kept when this node's coordination term began.
+    pub(crate) fn set_stored_jobs(&mut self, jobs: Vec<JobEntry>) {
+        self.stored_jobs = Some(jobs);
+    }
+
+    /// On a service, while coordinating: the registry's next write to it, if one is due.
+    pub(crate) fn next_store_write(&mut self, now: Instant) -> Option<StoreWrite> {
+        let store = self.store.as_mut()?;
+        match store.poll(self.registry.snapshot(), now) {
+            StorePoll::Write(write) => Some(write),
+            StorePoll::Durable(version) => {
+                self.release(version);
+                None
+            }
+            StorePoll::Idle => None,
+        }
+    }
+
+    /// On a service: a registry write ended (`held`: the service holds it).
+    pub(crate) fn on_stored(&mut self, version: Version, held: bool) {
+        let durable = self.store.as_mut().and_then(|store| store.on_written(version, held, clock::now()));
+        if let Some(version) = durable {
+            tracing::debug!(node = self.me(), ?version, "the coordination service holds the registry");
+            self.release(version);
         }
     }
 
@@ -594,8 +659,11 @@ impl Jobs {
                 self.send(peer, &NodeMsg::RegistryAck { version: self.registry.snapshot().version });
             }
             NodeMsg::RegistryAck { version } if self.coordinating() => {
+                // On a service the acks only stop the resends: the service makes it durable.
                 if let Some(v) = self.registry.on_ack(peer, version, self.config.members()) {
-                    self.release(v);
+                    if !self.on_service {
+                        self.release(v);
+                    }
                 }
             }
             NodeMsg::Submit { request, spec } => {

@@ -471,6 +471,11 @@ async fn node_loop_on<T: api::Transport>(
                         coordinator: view.coordinator,
                         members: view.members.clone(),
                     });
+                    if view.coordinator == me {
+                        if let Some(stored) = membership.take_stored_jobs() {
+                            jobs.set_stored_jobs(stored);
+                        }
+                    }
                     jobs.on_view(&view);
                 }
                 MembershipCommand::Rejected { peer, kind, reason } => jobs.rejected(peer, kind, reason),
@@ -505,6 +510,15 @@ async fn node_loop_on<T: api::Transport>(
                     emitter.emit(NodeEventKind::QuorumLost { reachable, missing, needed: need });
                     jobs.stop_all("lost its quorum");
                 }
+            }
+        }
+        // On a coordination service, the registry is kept there (one write at a time).
+        if let Control::Service(plane) = &mut membership {
+            for (version, held) in plane.take_stored() {
+                jobs.on_stored(version, held);
+            }
+            if let Some(write) = jobs.next_store_write(clock::now()) {
+                plane.store(write);
             }
         }
     }
@@ -583,6 +597,14 @@ enum Control {
 }
 
 impl Control {
+    /// On a service: the jobs it kept when this node's coordination term began.
+    fn take_stored_jobs(&mut self) -> Option<Vec<crate::cluster::registry::JobEntry>> {
+        match self {
+            Control::Embedded(_) => None,
+            Control::Service(p) => p.take_stored_jobs(),
+        }
+    }
+
     fn view(&self) -> Option<&View> {
         match self {
             Control::Embedded(m) => m.view(),

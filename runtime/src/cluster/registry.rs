@@ -331,6 +331,37 @@ impl Registry {
         true
     }
 
+    /// A new coordinator on a coordination service: fold in the jobs the service keeps
+    /// (`stored`, as [`ServiceStore`] wrote them), so that no job accepted by an earlier
+    /// coordinator is lost even when every node that held it is gone. Per job the further
+    /// state wins (queued, then running, then over; an over state is never changed), and ids go
+    /// on after the highest. A node that has not yet held a registry of this cluster's life
+    /// but has a startup job (seeded from its command line) is starting the cluster again: the
+    /// stored job of that id is the previous life's, and the command line's replaces it.
+    /// Entries that are misfiled or out of range are skipped. Returns whether anything changed.
+    pub fn merge_stored(&mut self, stored: Vec<JobEntry>, startup: JobId) -> bool {
+        let new_life = self.snapshot.version == (0, 0) && self.snapshot.jobs.contains_key(&startup);
+        let mut changed = false;
+        for entry in stored {
+            if entry.id > MAX_SEQ || entry.id == 0 || (new_life && entry.id == startup) {
+                continue;
+            }
+            let further = match self.snapshot.jobs.get(&entry.id) {
+                None => true,
+                Some(held) => !held.state.is_over() && rank(&entry.state) > rank(&held.state),
+            };
+            if further {
+                self.snapshot.next_id = self.snapshot.next_id.max(entry.id + 1);
+                self.snapshot.jobs.insert(entry.id, entry);
+                changed = true;
+            }
+        }
+        if changed {
+            self.forget_old();
+        }
+        changed
+    }
+
     /// Keep at most [`MAX_JOBS_KEPT`] jobs: drop the oldest that are over.
     fn forget_old(&mut self) {
         while self.snapshot.jobs.len() > MAX_JOBS_KEPT {
@@ -340,9 +371,113 @@ impl Registry {
     }
 }
 
+/// How far along a job is: queued, running, over.
+fn rank(state: &JobState) -> u8 {
+    match state {
+        JobState::Queued => 0,
+        JobState::Running => 1,
+        _ => 2,
+    }
+}
+
+/// Where the registry is kept on a coordination service, relative to the cluster's prefix:
+/// one key per job, `jobs/ID`, holding its [`JobEntry`] as JSON.
+pub const STORE_DIR: &str = "jobs";
+/// Jobs a new coordinator reads from the service at most: the kept ones, and room for a
+/// predecessor's writes not yet pruned.
+pub const MAX_STORED: usize = 2 * MAX_JOBS_KEPT;
+/// Pause before a write of the registry that failed is tried again.
+pub const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The service key of job `id`.
+pub fn store_key(id: JobId) -> String {
+    format!("{STORE_DIR}/{id}")
+}
+
+/// One write of the registry to the coordination service: the entries that changed since the
+/// service last held them, and the jobs the registry forgot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreWrite {
+    /// The registry version it brings the service to.
+    pub version: Version,
+    /// Entries to write.
+    pub puts: Vec<JobEntry>,
+    /// Jobs to delete.
+    pub deletes: Vec<JobId>,
+}
+
+/// What the coordinator's registry needs from the service now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StorePoll {
+    /// Write this (one write at a time).
+    Write(StoreWrite),
+    /// The service holds this version already (nothing it keeps changed).
+    Durable(Version),
+    /// Nothing: no change, a write under way, or a failed one waiting to be tried again.
+    Idle,
+}
+
+/// A coordinator's copy of what the coordination service holds of its registry (sans-IO): on
+/// a service, a job is accepted — and a state change durable — once the service holds it,
+/// not a majority of the nodes. One write at a time; a change made meanwhile goes in the next.
+#[derive(Debug)]
+pub struct ServiceStore {
+    held: BTreeMap<JobId, JobEntry>,
+    in_flight: Option<StoreWrite>,
+    not_before: Option<std::time::Instant>,
+    /// The registry version last looked at (to skip comparing an unchanged registry).
+    seen: Option<Version>,
+}
+
+impl ServiceStore {
+    /// A new term's store: the service holds `held` (as read when the term began).
+    pub fn new(held: impl IntoIterator<Item = JobEntry>) -> Self {
+        Self { held: held.into_iter().map(|e| (e.id, e)).collect(), in_flight: None, not_before: None, seen: None }
+    }
+
+    /// What to do for `snapshot` at `now`.
+    pub fn poll(&mut self, snapshot: &Snapshot, now: std::time::Instant) -> StorePoll {
+        if self.in_flight.is_some() || self.not_before.is_some_and(|t| now < t) || self.seen == Some(snapshot.version) {
+            return StorePoll::Idle;
+        }
+        self.not_before = None;
+        let puts: Vec<JobEntry> =
+            snapshot.jobs.values().filter(|j| self.held.get(&j.id) != Some(*j)).cloned().collect();
+        let deletes: Vec<JobId> = self.held.keys().filter(|id| !snapshot.jobs.contains_key(id)).copied().collect();
+        if puts.is_empty() && deletes.is_empty() {
+            self.seen = Some(snapshot.version);
+            return StorePoll::Durable(snapshot.version);
+        }
+        let write = StoreWrite { version: snapshot.version, puts, deletes };
+        self.in_flight = Some(write.clone());
+        StorePoll::Write(write)
+    }
+
+    /// The write of `version` ended: `true` when the service holds it all. Returns the version
+    /// now durable; after a failure the write is tried again [`STORE_RETRY`] later.
+    pub fn on_written(&mut self, version: Version, ok: bool, now: std::time::Instant) -> Option<Version> {
+        let write = self.in_flight.take_if(|w| w.version == version)?;
+        if !ok {
+            self.not_before = Some(now + STORE_RETRY);
+            return None;
+        }
+        for id in write.deletes {
+            self.held.remove(&id);
+        }
+        for entry in write.puts {
+            self.held.insert(entry.id, entry);
+        }
+        // The registry may have changed meanwhile: look again.
+        self.seen = None;
+        Some(version)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STARTUP: JobId = 1;
 
     fn spec(seed: u64) -> JobConfig {
         JobConfig { seed, ..JobConfig::default() }
@@ -432,6 +567,92 @@ mod tests {
             r.accept(spec(1)).unwrap();
         }
         assert!(r.snapshot().jobs.len() <= MAX_JOBS_KEPT);
+    }
+
+    #[test]
+    fn a_new_coordinator_keeps_every_job_the_service_holds_and_the_further_state() {
+        let mut r = Registry::new(1, 1);
+        r.seed(STARTUP, spec(7));
+        r.adopt(Snapshot {
+            version: (2, 3),
+            next_id: 3,
+            jobs: [
+                (STARTUP, JobEntry { id: STARTUP, spec: spec(7), state: JobState::Running }),
+                (2, JobEntry { id: 2, spec: spec(2), state: JobState::Queued }),
+            ]
+            .into_iter()
+            .collect(),
+        });
+        let finished = JobState::Finished { model_sha256: "ab".into(), summary: None };
+        let stored = vec![
+            // Further than this node heard (the predecessor wrote it, then died).
+            JobEntry { id: STARTUP, spec: spec(7), state: finished.clone() },
+            // Behind: this node's copy is further.
+            JobEntry { id: 2, spec: spec(2), state: JobState::Queued },
+            // Accepted (and told) by the predecessor; never broadcast to this node.
+            JobEntry { id: 5, spec: spec(5), state: JobState::Queued },
+            // Not a job Phalanx files.
+            JobEntry { id: 0, spec: spec(0), state: JobState::Queued },
+        ];
+        assert!(r.merge_stored(stored, STARTUP));
+        assert_eq!(r.job(STARTUP).unwrap().state, finished);
+        assert_eq!(r.job(5).unwrap().state, JobState::Queued);
+        assert!(r.job(0).is_none());
+        r.take_over(3);
+        let (id, _) = r.accept(spec(9)).unwrap();
+        assert_eq!(id, 6, "ids go on after the stored ones");
+        // An over state is never changed by a stored entry.
+        assert!(!r.merge_stored(vec![JobEntry { id: STARTUP, spec: spec(7), state: JobState::Running }], STARTUP));
+    }
+
+    #[test]
+    fn a_cluster_started_again_runs_its_command_line_job_not_the_stored_one() {
+        let mut r = Registry::new(0, 1);
+        r.seed(STARTUP, spec(7));
+        let old = JobState::Finished { model_sha256: "ab".into(), summary: None };
+        let stored = vec![
+            JobEntry { id: STARTUP, spec: spec(7), state: old },
+            JobEntry { id: 2, spec: spec(2), state: JobState::Queued },
+        ];
+        assert!(r.merge_stored(stored, STARTUP));
+        assert_eq!(r.job(STARTUP).unwrap().state, JobState::Queued);
+        assert_eq!(r.job(2).unwrap().state, JobState::Queued, "a submitted job survives the whole cluster");
+        // Without a job on its command line, job 1 is a submitted one like any other.
+        let mut r = Registry::new(0, 1);
+        let stored = JobEntry { id: STARTUP, spec: spec(7), state: JobState::Running };
+        assert!(r.merge_stored(vec![stored.clone()], STARTUP));
+        assert_eq!(r.job(STARTUP), Some(&stored));
+    }
+
+    #[test]
+    fn the_store_writes_what_changed_one_write_at_a_time_and_retries_a_failed_one() {
+        let now = std::time::Instant::now();
+        let mut r = Registry::new(0, 1);
+        r.take_over(1);
+        let kept = JobEntry { id: 9, spec: spec(9), state: JobState::Cancelled };
+        let mut store = ServiceStore::new([kept.clone()]);
+        let (a, v1) = r.accept(spec(1)).unwrap();
+        let StorePoll::Write(w) = store.poll(r.snapshot(), now) else { panic!("a write") };
+        assert_eq!((w.version, w.puts.len(), w.deletes.clone()), (v1, 1, vec![9]), "job 9 is not in the registry");
+        // A change while the write is under way waits for it.
+        let (b, v2) = r.accept(spec(2)).unwrap();
+        assert_eq!(store.poll(r.snapshot(), now), StorePoll::Idle);
+        // Fenced out or unreachable: not durable, tried again later.
+        assert_eq!(store.on_written(v1, false, now), None);
+        assert_eq!(store.poll(r.snapshot(), now), StorePoll::Idle);
+        let later = now + STORE_RETRY;
+        let StorePoll::Write(w) = store.poll(r.snapshot(), later) else { panic!("tried again") };
+        assert_eq!(w.version, v2);
+        assert_eq!(w.puts.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
+        // A late answer for another version changes nothing.
+        assert_eq!(store.on_written(v1, true, later), None);
+        assert_eq!(store.on_written(v2, true, later), Some(v2));
+        // Nothing changed since: durable at once, and then quiet.
+        assert_eq!(store.poll(r.snapshot(), later), StorePoll::Durable(v2));
+        assert_eq!(store.poll(r.snapshot(), later), StorePoll::Idle);
+        r.set_state(a, JobState::Running);
+        let StorePoll::Write(w) = store.poll(r.snapshot(), later) else { panic!("a write") };
+        assert_eq!((w.puts.len(), w.puts[0].id, w.deletes.len()), (1, a, 0), "only what changed");
     }
 
     #[test]

@@ -197,6 +197,51 @@ impl EtcdSession {
         Ok(r.succeeded)
     }
 
+    /// See [`super::Session::delete_fenced`].
+    pub async fn delete_fenced(&self, token: u64, rel: &str) -> Result<bool, CoordinationError> {
+        let token = i64::try_from(token)
+            .map_err(|_| self.failed(&format!("delete {rel}"), format!("token {token} out of range")))?;
+        let txn = pb::TxnRequest {
+            compare: vec![
+                create_revision_is(&self.key("coordinator"), token),
+                lease_is(&self.key("coordinator"), self.lease),
+            ],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    key: self.key(rel),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![],
+        };
+        let r = request(self.kv.clone().txn(txn)).await.map_err(|e| self.failed(&format!("delete {rel}"), e))?;
+        Ok(r.succeeded)
+    }
+
+    /// See [`super::Session::list`].
+    pub async fn list(&self, dir: &str, most: usize) -> Result<Vec<(String, Vec<u8>)>, CoordinationError> {
+        let from = self.key(&format!("{dir}/"));
+        // Every key that starts with `dir/`: up to `dir0` (`0` follows `/`).
+        let mut to = from.clone();
+        *to.last_mut().expect("a key ends with `/`") += 1;
+        let limit = i64::try_from(most).unwrap_or(i64::MAX);
+        let r = request(self.kv.clone().range(pb::RangeRequest {
+            key: from.clone(),
+            range_end: to,
+            limit,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| self.failed(&format!("list {dir}"), e))?;
+        if r.more {
+            return Err(self.failed(&format!("list {dir}"), format!("more than {most} keys")));
+        }
+        Ok(r.kvs
+            .into_iter()
+            .map(|kv| (String::from_utf8_lossy(&kv.key[from.len()..]).into_owned(), kv.value))
+            .collect())
+    }
+
     /// See [`super::Session::get`].
     pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>, CoordinationError> {
         let key = self.key(rel);

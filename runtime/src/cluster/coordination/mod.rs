@@ -453,6 +453,28 @@ impl Session {
         }
     }
 
+    /// Delete `key` (relative to the prefix) if the coordinator role is still held with
+    /// `token`: `false` when it is not (nothing deleted). A key already gone is deleted.
+    pub async fn delete_fenced(&self, token: u64, key: &str) -> Result<bool, CoordinationError> {
+        check_key(key)?;
+        match self {
+            Session::Etcd(s) => s.delete_fenced(token, key).await,
+            Session::ZooKeeper(s) => s.delete_fenced(token, key).await,
+        }
+    }
+
+    /// The keys directly under `dir` (relative to the prefix) and their values, named
+    /// relative to `dir`; an error when there are more than `most`.
+    pub async fn list(&self, dir: &str, most: usize) -> Result<Vec<(String, Vec<u8>)>, CoordinationError> {
+        check_key(dir)?;
+        let listed = match self {
+            Session::Etcd(s) => s.list(dir, most).await?,
+            Session::ZooKeeper(s) => s.list(dir, most).await?,
+        };
+        // etcd's range also holds deeper keys (`dir/a/b`): not directly under `dir`.
+        Ok(listed.into_iter().filter(|(name, _)| !name.contains('/')).collect())
+    }
+
     /// The value at `key` (relative to the prefix), if any.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CoordinationError> {
         check_key(key)?;

@@ -11,6 +11,7 @@ use phalanx_actors::clock;
 use tokio::sync::mpsc;
 
 use super::super::membership::{MembershipCommand, View};
+use super::super::registry::{store_key, JobEntry, StoreWrite, Version, MAX_STORED, STORE_DIR};
 use super::core::{Action, Coordinated};
 use super::{Coordination, CoordinationError, Member, Observed, Session, Settings};
 
@@ -34,8 +35,11 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 pub enum Answer {
     /// The session of a (re)join, or why there is none.
     Joined(Result<(Arc<Session>, mpsc::Receiver<Observed>), CoordinationError>, u64),
-    /// A campaign's outcome, for the incarnation that asked.
-    Campaigned(u64, Result<Option<u64>, CoordinationError>),
+    /// A campaign's outcome, for the incarnation that asked; when won, the jobs the service
+    /// keeps (read after winning: no earlier coordinator writes any more).
+    Campaigned(u64, Result<Option<(u64, Vec<JobEntry>)>, CoordinationError>),
+    /// A write of the job registry (by the incarnation that asked): whether the service holds it.
+    Stored(u64, Version, Result<bool, CoordinationError>),
     /// A fenced write of a view (by the incarnation that asked, with its token).
     Published(u64, View, u64, Result<bool, CoordinationError>),
 }
@@ -68,6 +72,10 @@ pub struct ServicePlane {
     term_began: Option<Instant>,
     /// When this node may campaign (a lease after it first joined), until it did settle.
     settle_at: Option<tokio::time::Instant>,
+    /// The jobs the service kept when this node's term began, for the registry to take over.
+    stored_jobs: Option<Vec<JobEntry>>,
+    /// Ends of registry writes, for the registry: (version, the service holds it).
+    stored: Vec<(Version, bool)>,
 }
 
 impl ServicePlane {
@@ -88,6 +96,8 @@ impl ServicePlane {
             first_join: true,
             term_began: None,
             settle_at: None,
+            stored_jobs: None,
+            stored: Vec::new(),
         };
         plane.join(None, incarnation);
         plane
@@ -208,13 +218,32 @@ impl ServicePlane {
                 Vec::new()
             }
             Input::Settled => self.core.on_settled(),
+            // A registry write ended: the registry hears (an earlier incarnation's write is not
+            // this term's, as far as it can tell).
+            Input::Answer(Answer::Stored(asked, version, result)) => {
+                let held = match result {
+                    Ok(held) => held && asked == self.core.incarnation(),
+                    Err(e) => {
+                        tracing::warn!(node = self.me, error = %e, "writing the job registry failed; trying again");
+                        false
+                    }
+                };
+                self.stored.push((version, held));
+                Vec::new()
+            }
             // An answer to an earlier incarnation's request: that session and its role are gone.
-            Input::Answer(Answer::Campaigned(asked, _) | Answer::Published(asked, ..))
+            Input::Answer(Answer::Campaigned(asked, ..) | Answer::Published(asked, ..))
                 if asked != self.core.incarnation() =>
             {
                 Vec::new()
             }
-            Input::Answer(Answer::Campaigned(_, Ok(token))) => self.core.on_campaigned(token),
+            Input::Answer(Answer::Campaigned(_, Ok(won))) => {
+                let token = won.map(|(token, jobs)| {
+                    self.stored_jobs = Some(jobs);
+                    token
+                });
+                self.core.on_campaigned(token)
+            }
             Input::Answer(Answer::Campaigned(_, Err(e))) => {
                 tracing::warn!(node = self.me, error = %e, "campaign failed; trying again");
                 self.spawn_campaign(RETRY);
@@ -245,7 +274,10 @@ impl ServicePlane {
         // The term's lease counts from the moment this node knew it holds the role.
         match (self.core.token(), self.term_began) {
             (Some(_), None) => self.term_began = Some(clock::now()),
-            (None, Some(_)) => self.term_began = None,
+            (None, Some(_)) => {
+                self.term_began = None;
+                self.stored_jobs = None;
+            }
             _ => {}
         }
         Ok(commands)
@@ -256,7 +288,37 @@ impl ServicePlane {
         let (tx, asked) = (self.answers_tx.clone(), self.core.incarnation());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let _ = tx.send(Answer::Campaigned(asked, session.campaign().await)).await;
+            let won = match session.campaign().await {
+                Ok(Some(token)) => stored_jobs(&session).await.map(|jobs| Some((token, jobs))),
+                other => other.map(|_| None),
+            };
+            let _ = tx.send(Answer::Campaigned(asked, won)).await;
+        });
+    }
+
+    /// The jobs the service kept when this node's term began (once: the registry takes them
+    /// over with the term's first view).
+    pub fn take_stored_jobs(&mut self) -> Option<Vec<JobEntry>> {
+        self.stored_jobs.take()
+    }
+
+    /// Ends of registry writes since the last call: (version, whether the service holds it).
+    pub fn take_stored(&mut self) -> Vec<(Version, bool)> {
+        std::mem::take(&mut self.stored)
+    }
+
+    /// Write the registry's changes to the service, fenced by this node's role; the end comes
+    /// through [`take_stored`](Self::take_stored). Without the role, it fails at once.
+    pub fn store(&mut self, write: StoreWrite) {
+        let (Some(session), Some(token)) = (self.session.clone(), self.core.token()) else {
+            self.stored.push((write.version, false));
+            return;
+        };
+        let (tx, asked) = (self.answers_tx.clone(), self.core.incarnation());
+        tokio::spawn(async move {
+            let version = write.version;
+            let result = write_jobs(&session, token, write).await;
+            let _ = tx.send(Answer::Stored(asked, version, result)).await;
         });
     }
 
@@ -300,4 +362,48 @@ impl ServicePlane {
     pub fn registered(&self) -> Vec<u32> {
         self.core.registered().iter().copied().collect()
     }
+}
+
+/// The jobs kept on the service, each read as Phalanx wrote it; a value that is not one is
+/// skipped with a warning naming its key (it cannot be a job this cluster accepted).
+async fn stored_jobs(session: &Session) -> Result<Vec<JobEntry>, CoordinationError> {
+    let listed = session.list(STORE_DIR, MAX_STORED).await?;
+    let service = session.service();
+    let mut jobs = Vec::with_capacity(listed.len());
+    for (name, bytes) in listed {
+        let key = format!("{STORE_DIR}/{name}");
+        let entry = super::decode::<JobEntry>(&service, &key, &bytes).and_then(|entry| {
+            if name.parse::<u64>().ok() == Some(entry.id) {
+                Ok(entry)
+            } else {
+                Err(CoordinationError::BadValue {
+                    service: service.clone(),
+                    key: key.clone(),
+                    reason: format!("holds job {}", entry.id),
+                })
+            }
+        });
+        match entry {
+            Ok(entry) => jobs.push(entry),
+            Err(e) => tracing::warn!(error = %e, "skipped a value in the job registry"),
+        }
+    }
+    Ok(jobs)
+}
+
+/// Carry out one registry write: every put and delete fenced by `token`; `false` as soon as
+/// one is refused (the role is gone).
+async fn write_jobs(session: &Session, token: u64, write: StoreWrite) -> Result<bool, CoordinationError> {
+    for entry in &write.puts {
+        let bytes = serde_json::to_vec(entry).expect("a job entry serialises");
+        if !session.put_fenced(token, &store_key(entry.id), &bytes).await? {
+            return Ok(false);
+        }
+    }
+    for id in &write.deletes {
+        if !session.delete_fenced(token, &store_key(*id)).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

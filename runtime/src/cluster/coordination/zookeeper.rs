@@ -173,6 +173,40 @@ impl ZkSession {
         Err(self.failed(&format!("put {rel}"), "created and deleted by another writer meanwhile"))
     }
 
+    /// See [`super::Session::delete_fenced`].
+    pub async fn delete_fenced(&self, token: u64, rel: &str) -> Result<bool, CoordinationError> {
+        let Some(mine) = self.candidacy.lock().await.clone().filter(|c| c.czxid == token) else { return Ok(false) };
+        let mut writer = self.client.new_check_writer(&mine.path, None).map_err(|e| self.failed("delete", e))?;
+        writer.add_delete(&format!("/{rel}"), None).map_err(|e| self.failed(&format!("delete {rel}"), e))?;
+        match writer.commit().await {
+            Ok(_) | Err(zk::CheckWriteError::OperationFailed { source: zk::Error::NoNode, .. }) => Ok(true),
+            Err(zk::CheckWriteError::CheckFailed { .. }) => Ok(false),
+            Err(e) => Err(self.failed(&format!("delete {rel}"), e)),
+        }
+    }
+
+    /// See [`super::Session::list`].
+    pub async fn list(&self, dir: &str, most: usize) -> Result<Vec<(String, Vec<u8>)>, CoordinationError> {
+        let children = match self.client.list_children(&format!("/{dir}")).await {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => return Ok(Vec::new()),
+            Err(e) => return Err(self.failed(&format!("list {dir}"), e)),
+        };
+        if children.len() > most {
+            return Err(self.failed(&format!("list {dir}"), format!("{} keys, more than {most}", children.len())));
+        }
+        let mut out = Vec::with_capacity(children.len());
+        for child in children {
+            match self.client.get_data(&format!("/{dir}/{child}")).await {
+                Ok((bytes, _)) => out.push((child, bytes)),
+                // Deleted between the two reads.
+                Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(self.failed(&format!("list {dir}"), e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// See [`super::Session::get`].
     pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>, CoordinationError> {
         match self.client.get_data(&format!("/{rel}")).await {

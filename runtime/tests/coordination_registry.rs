@@ -1,0 +1,119 @@
+//! The job registry of a cluster on a coordination service lives on the service: a job is
+//! accepted once the service holds it (fenced by the coordinator's token), and a cluster that
+//! loses every node — every process stops, every data directory is gone — finds its running
+//! and queued jobs there when it starts again, runs them to the bits of `phalanx::train`, and
+//! numbers new jobs after them. On a real etcd and a real ZooKeeper, started here.
+
+use std::path::Path;
+use std::time::Duration;
+
+use phalanx::cluster::coordination::servers::{LocalEtcd, LocalZooKeeper};
+use phalanx::cluster::coordination::Coordination;
+use phalanx::{JobConfig, Node, NodeEventKind, NodeHandle};
+
+mod common;
+
+/// Bound on any wait: a hang fails the test.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Three nodes embedded in this process, on `spec`, with nothing of an earlier cluster: new
+/// certificates, ports and data directories under `dir`.
+async fn cluster(dir: &Path, spec: &Coordination) -> Vec<NodeHandle> {
+    let certs = dir.join("certs");
+    phalanx_transport::certs::generate(&certs, 3).unwrap();
+    let ports = common::free_udp_ports(3);
+    let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
+    let mut nodes = Vec::new();
+    for i in 0..3u32 {
+        let seeds = (0..3).filter(|j| *j != i as usize).map(addr).collect();
+        let node = Node::builder()
+            .id(i)
+            .listen(addr(i as usize))
+            .seeds(seeds)
+            .certs_dir(&certs)
+            .data_dir(dir.join(format!("data-{i}")))
+            .out(dir.join("out"))
+            .coordination(spec.clone())
+            .coordination_ttl_ms(1000)
+            .start()
+            .await
+            .expect("node starts");
+        nodes.push(node);
+    }
+    nodes
+}
+
+fn job(seed: u64, epochs: u32) -> JobConfig {
+    JobConfig { seed, epochs: Some(epochs), trainers: 3, ..JobConfig::default() }
+}
+
+async fn expected(spec: JobConfig) -> String {
+    let (_, report) = phalanx::train(spec, |_| {}).await.unwrap();
+    phalanx::params_sha256(&report.outcome.params)
+}
+
+async fn survives_the_whole_cluster(spec: Coordination) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let (long, short) = (job(11, 300), job(12, 20));
+    let first = tempfile::tempdir().unwrap();
+    let nodes = cluster(first.path(), &spec).await;
+    // Accepted: the service holds both (running, or waiting for a slot).
+    let a = nodes[1].submit(long.clone()).await.expect("accepted");
+    let b = nodes[2].submit(short.clone()).await.expect("accepted");
+    assert!(b.id() > a.id());
+    // Every node goes, and everything it had on disk with it.
+    for n in &nodes {
+        n.shutdown().await.unwrap();
+    }
+    drop(first);
+
+    // A new cluster on the same service.
+    let second = tempfile::tempdir().unwrap();
+    let nodes = cluster(second.path(), &spec).await;
+    let mut events = nodes[0].events();
+    let c = nodes[0].submit(job(13, 20)).await.expect("accepted");
+    assert!(c.id() > b.id(), "ids go on after the jobs the service kept: {} after {}", c.id(), b.id());
+    let mut finished = std::collections::BTreeMap::new();
+    while finished.len() < 3 {
+        let e = common::wait_for_event(
+            &mut events,
+            WAIT,
+            |e| matches!(&e.kind, NodeEventKind::JobState { state, .. } if state != "queued" && state != "running"),
+        )
+        .await;
+        let NodeEventKind::JobState { job, state, model_sha256, error, .. } = e.kind else { unreachable!() };
+        assert_eq!(state, "finished", "job {job}: {error:?}");
+        finished.insert(job, model_sha256.unwrap());
+    }
+    assert_eq!(finished[&a.id()], expected(long).await, "the job that was running");
+    assert_eq!(finished[&b.id()], expected(short).await, "the job that was queued");
+    assert_eq!(finished[&c.id()], expected(job(13, 20)).await);
+    // The new cluster trained them: their outputs are in its own directory.
+    for id in [a.id(), b.id()] {
+        let summary = second.path().join("out").join("jobs").join(id.to_string()).join("summary.json");
+        assert!(summary.is_file(), "{summary:?}");
+    }
+    let listed = nodes[1].jobs().await.unwrap();
+    assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a.id(), b.id(), c.id()], "{listed:?}");
+    for n in &nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_accepted_on_etcd_survive_the_whole_cluster() {
+    let etcd = LocalEtcd::start(1, None).await.unwrap();
+    survives_the_whole_cluster(etcd.spec("/phalanx/registry")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_accepted_on_zookeeper_survive_the_whole_cluster() {
+    let zookeeper = LocalZooKeeper::start(None).await.unwrap();
+    survives_the_whole_cluster(zookeeper.spec("/phalanx/registry")).await;
+}
