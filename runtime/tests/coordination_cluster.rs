@@ -117,3 +117,52 @@ fn a_cluster_started_again_on_the_same_prefix_ignores_the_view_left_there() {
     }
     drop(etcd);
 }
+
+#[test]
+fn on_a_service_a_dead_nodes_trainers_spread_over_the_survivors() {
+    // Six trainers on three nodes: two on each (hashing with bounded loads). Node 1 dies for
+    // good: its two trainers go one to each survivor — a ring would give both to node 2 — and
+    // the bits are those of `phalanx train` (the number of trainers is deployment only).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("local");
+    let mut args = vec!["local", "--nodes", "3", "--coordination", "etcd", "--out", out.to_str().unwrap()];
+    args.extend(["--kill", "1@100"]);
+    args.extend(["--model", "mlp", "--dataset", "winequality", "--epochs", "30", "--trainers", "6"]);
+    let (ok, stdout, stderr) = phalanx(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(sha(&stdout), reference(), "6 trainers, node 1 lost, vs one process");
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(out.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let down = events.iter().position(|e| e["event"] == "down" && e["peer"] == 1).expect("node 1 declared down");
+    let trainer = |e: &serde_json::Value| {
+        (e["event"] == "spawn" && e["actor"].as_str().is_some_and(|a| a.starts_with("trainer")))
+            .then(|| (e["actor"].as_str().unwrap().to_string(), e["node"].as_u64().unwrap()))
+    };
+    // Where each trainer was when node 1 died: its last spawn there before. The coordinator
+    // (node 0) spawns its own actors in place, without a frame and so without a `spawn` event:
+    // a trainer never spawned elsewhere is on node 0.
+    let on = |spawned: &std::collections::BTreeMap<String, u64>, t: u32| {
+        spawned.get(&format!("trainer {t}")).copied().unwrap_or(0)
+    };
+    let before: std::collections::BTreeMap<String, u64> = events[..down].iter().filter_map(trainer).collect();
+    for node in 0..3 {
+        let n = (0..6).filter(|t| on(&before, *t) == node).count();
+        assert_eq!(n, 2, "two trainers a node: {before:?}");
+    }
+    let moved: Vec<u32> = (0..6).filter(|t| on(&before, *t) == 1).collect();
+    let mut after = std::collections::BTreeMap::new();
+    for (t, node) in events[down..].iter().filter_map(trainer) {
+        after.entry(t).or_insert(node);
+    }
+    let went: std::collections::BTreeSet<u64> = moved.iter().map(|t| on(&after, *t)).collect();
+    assert_eq!(went, [0, 2].into_iter().collect(), "node 1's trainers {moved:?} went to {went:?}: {after:?}");
+    // The coordinator recovered exactly those (and their shards).
+    let recovered = events[down..].iter().find(|e| e["event"] == "recovered").expect("a recovery");
+    for t in &moved {
+        let name = format!("trainer {t}");
+        assert!(recovered["actors"].as_array().unwrap().iter().any(|a| a == name.as_str()), "{recovered}");
+    }
+}

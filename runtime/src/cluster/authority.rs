@@ -445,6 +445,7 @@ mod tests {
     fn routes(v: &View) -> Routes {
         let assignment = JobPlan::round_robin(4, 2);
         let shape = crate::cluster::placement::Shape {
+            policy: crate::cluster::placement::Policy::Ring,
             configured: 4,
             trainers: 2,
             assignment: &assignment,

@@ -129,6 +129,16 @@ impl NodeConfig {
         }
     }
 
+    /// How trainers are spread over the nodes: by hashing on a coordination service (as the
+    /// classic ZooKeeper designs assign partitions), on the ring with the embedded membership.
+    /// Every member derives it from the same coordination spec, so all compute one placement.
+    pub fn placement(&self) -> super::placement::Policy {
+        match self.coordination {
+            super::coordination::Coordination::Embedded => super::placement::Policy::Ring,
+            _ => super::placement::Policy::Hash,
+        }
+    }
+
     /// The timing of this node's session with its coordination service.
     pub fn coordination_settings(&self) -> Result<super::coordination::Settings, Error> {
         let mut settings = super::coordination::Settings::default();

@@ -57,6 +57,8 @@ pub(crate) struct NodeJob {
     /// See [`NodeConfig::report_steps`].
     report_steps: Vec<u64>,
     members: Vec<u32>,
+    /// How trainers are spread (see [`NodeConfig::placement`]).
+    policy: super::placement::Policy,
     /// Checkpoint copies wanted on other nodes.
     replicas: u32,
     /// The coordinator task running here: its view epoch, the task, and the flag that
@@ -183,6 +185,7 @@ impl NodeJob {
             crash_before_rename: config.crash_before_rename,
             report_steps: config.report_steps.clone(),
             members: (0..config.members()).collect(),
+            policy: config.placement(),
             replicas,
             coordinator: None,
             done: false,
@@ -203,6 +206,7 @@ impl NodeJob {
     pub(crate) fn on_view(&mut self, view: &View) {
         let plan = self.host_ctx.plan.clone();
         let shape = Shape {
+            policy: self.policy,
             configured: self.members.len() as u32,
             trainers: plan.trainers,
             assignment: &plan.assignment,

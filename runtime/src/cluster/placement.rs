@@ -4,10 +4,17 @@
 //!   at start, so killing node 0 exercises aggregator failover): they restore
 //!   from the checkpoints on its disk, and the coordinator keeps the role
 //!   while it lives, so the aggregators stay where their checkpoints are.
-//! * Trainer `i` prefers node `i mod N` (N configured members); when that
-//!   node is down it moves to the next live node on the ring. So a node's
-//!   failure moves only the trainers it hosted, and its return moves them
-//!   back.
+//! * Trainers, by [`Policy`]: with `Ring` (the embedded membership's), trainer
+//!   `i` prefers node `i mod N` (N configured members) and, when that node is
+//!   down, moves to the next live node on the ring. With `Hash` (on a
+//!   coordination service, as the classic ZooKeeper designs assign partitions),
+//!   each trainer's home is chosen by rendezvous hashing with bounded loads over
+//!   the configured members (every node gets ⌈T/N⌉ at most), and the trainers
+//!   of a down node go each to the least loaded live node, ties broken by the
+//!   same hash — so they spread over the survivors instead of doubling one
+//!   node's work. Either way a node's failure moves only the trainers it
+//!   hosted, and its return moves them back, and every node computes the same
+//!   placement from the view alone.
 //! * A shard runs beside the trainer owning its partition (its batches then
 //!   never cross the network).
 //! * Checkpoints are copied to `replicas` nodes: the lowest live nodes other
@@ -34,9 +41,22 @@ pub struct Placement {
     pub nodes: BTreeMap<ActorKey, u32>,
 }
 
+/// How trainers (and the shards beside them) are spread over the nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Trainer `i` on node `i mod N`, else the next live node on the ring.
+    #[default]
+    Ring,
+    /// Rendezvous hashing with bounded loads; a down node's trainers spread over the live ones.
+    Hash,
+}
+
 /// What is placed, and on a cluster of how many configured members.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape<'a> {
+    /// How trainers are spread.
+    pub policy: Policy,
     /// Configured members (ids `0..configured`).
     pub configured: u32,
     /// Trainers of the job.
@@ -63,7 +83,7 @@ pub fn default_replicas(configured: u32) -> u32 {
 impl Placement {
     /// Place `shape` on the live `members`, coordinated by `coordinator`.
     pub fn compute(epoch: u64, coordinator: u32, members: &BTreeSet<u32>, shape: &Shape<'_>) -> Option<Self> {
-        let Shape { configured, trainers, assignment, aggregators, replicas } = *shape;
+        let Shape { policy, configured, trainers, assignment, aggregators, replicas } = *shape;
         if !members.contains(&coordinator) {
             return None;
         }
@@ -77,8 +97,17 @@ impl Placement {
         for r in 0..aggregators {
             nodes.insert(ActorKey::aggregator(r), coordinator);
         }
-        for t in 0..trainers {
-            nodes.insert(ActorKey::trainer(t), ring_next(t % configured.max(1)));
+        match policy {
+            Policy::Ring => {
+                for t in 0..trainers {
+                    nodes.insert(ActorKey::trainer(t), ring_next(t % configured.max(1)));
+                }
+            }
+            Policy::Hash => {
+                for (t, node) in hashed(configured, trainers, members).into_iter().enumerate() {
+                    nodes.insert(ActorKey::trainer(t as u32), node.unwrap_or(coordinator));
+                }
+            }
         }
         for (p, t) in assignment.iter().enumerate() {
             let node = nodes[&ActorKey::trainer(*t)];
@@ -104,6 +133,50 @@ impl Placement {
     }
 }
 
+/// A trainer's score on a node: the same on every node and every run (no seeded hasher).
+fn score(trainer: u32, node: u32) -> u64 {
+    // splitmix64's finaliser over both numbers.
+    let mut z = (u64::from(trainer) << 32 | u64::from(node)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// [`Policy::Hash`]: each trainer's node among the live `members` (none when none is live).
+fn hashed(configured: u32, trainers: u32, members: &BTreeSet<u32>) -> Vec<Option<u32>> {
+    let configured = configured.max(1);
+    // Homes over every configured node: highest score first, at most ⌈T/N⌉ per node.
+    let cap = trainers.div_ceil(configured);
+    let mut load = vec![0u32; configured as usize];
+    let mut out: Vec<Option<u32>> = Vec::with_capacity(trainers as usize);
+    for t in 0..trainers {
+        let mut ranked: Vec<u32> = (0..configured).collect();
+        ranked.sort_by_key(|n| std::cmp::Reverse(score(t, *n)));
+        let home = ranked.into_iter().find(|n| load[*n as usize] < cap).unwrap_or(0);
+        load[home as usize] += 1;
+        out.push(Some(home));
+    }
+    // Trainers whose home is down: each to the least loaded live node, ties by score.
+    let mut live_load: BTreeMap<u32, u32> = members.iter().map(|m| (*m, 0)).collect();
+    for node in out.iter().flatten() {
+        if let Some(l) = live_load.get_mut(node) {
+            *l += 1;
+        }
+    }
+    for (t, slot) in out.iter_mut().enumerate() {
+        if slot.is_some_and(|home| live_load.contains_key(&home)) {
+            continue;
+        }
+        let best =
+            live_load.iter().min_by_key(|(n, l)| (**l, std::cmp::Reverse(score(t as u32, **n)))).map(|(n, _)| *n);
+        if let Some(n) = best {
+            *live_load.get_mut(&n).expect("a live node") += 1;
+        }
+        *slot = best;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,7 +186,7 @@ mod tests {
     }
 
     fn shape(trainers: u32, assignment: &[u32], aggregators: u32, replicas: u32) -> Shape<'_> {
-        Shape { configured: 3, trainers, assignment, aggregators, replicas }
+        Shape { policy: Policy::Ring, configured: 3, trainers, assignment, aggregators, replicas }
     }
 
     #[test]
@@ -166,7 +239,14 @@ mod tests {
     fn replicas_are_the_lowest_live_nodes_after_the_coordinator_so_the_successor_has_a_copy() {
         let assignment = [0, 1, 2, 3, 4];
         let five = |live: &[u32], coordinator: u32, replicas: u32| {
-            let shape = Shape { configured: 5, trainers: 5, assignment: &assignment, aggregators: 1, replicas };
+            let shape = Shape {
+                policy: Policy::Ring,
+                configured: 5,
+                trainers: 5,
+                assignment: &assignment,
+                aggregators: 1,
+                replicas,
+            };
             Placement::compute(1, coordinator, &members(live), &shape).unwrap().replicas
         };
         assert_eq!(five(&[0, 1, 2, 3, 4], 0, 2), vec![1, 2]);
@@ -175,5 +255,74 @@ mod tests {
         assert_eq!(five(&[3, 4], 3, 2), vec![4], "fewer live nodes than replicas: as many as there are");
         assert_eq!(five(&[0], 0, 2), Vec::<u32>::new());
         assert_eq!((default_replicas(3), default_replicas(4), default_replicas(5), default_replicas(9)), (1, 1, 2, 2));
+    }
+
+    fn hashed_on(live: &[u32], configured: u32, trainers: u32) -> Vec<u32> {
+        let assignment: Vec<u32> = (0..trainers).collect();
+        let shape =
+            Shape { policy: Policy::Hash, configured, trainers, assignment: &assignment, aggregators: 1, replicas: 1 };
+        let coordinator = live[0];
+        let p = Placement::compute(1, coordinator, &members(live), &shape).unwrap();
+        (0..trainers).map(|t| p.node_of(ActorKey::trainer(t)).unwrap()).collect()
+    }
+
+    fn loads(placed: &[u32], nodes: u32) -> Vec<usize> {
+        (0..nodes).map(|n| placed.iter().filter(|p| **p == n).count()).collect()
+    }
+
+    #[test]
+    fn hashing_balances_the_trainers_and_a_dead_node_spreads_only_its_own() {
+        for (nodes, trainers) in [(3, 3), (3, 6), (5, 12), (4, 3), (7, 20)] {
+            let all: Vec<u32> = (0..nodes).collect();
+            let before = hashed_on(&all, nodes, trainers);
+            let most = trainers.div_ceil(nodes) as usize;
+            assert!(loads(&before, nodes).iter().all(|l| *l <= most), "{nodes} nodes, {trainers} trainers: {before:?}");
+            for dead in 0..nodes {
+                let live: Vec<u32> = all.iter().copied().filter(|n| *n != dead).collect();
+                let after = hashed_on(&live, nodes, trainers);
+                for t in 0..trainers as usize {
+                    if before[t] == dead {
+                        assert_ne!(after[t], dead);
+                    } else {
+                        assert_eq!(after[t], before[t], "trainer {t} is not on the dead node {dead}: it stays");
+                    }
+                }
+                // The dead node's trainers do not pile up: no survivor gets more than one more
+                // than another.
+                let survivors: Vec<usize> = loads(&after, nodes)
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(n, _)| *n as u32 != dead)
+                    .map(|(_, l)| l)
+                    .collect();
+                let (lo, hi) = (survivors.iter().min().unwrap(), survivors.iter().max().unwrap());
+                assert!(hi - lo <= 1 || *hi <= most, "{nodes} nodes, {trainers} trainers, node {dead} dead: {after:?}");
+                // Back: every trainer goes home.
+                assert_eq!(hashed_on(&all, nodes, trainers), before);
+            }
+        }
+        // Six trainers on three nodes, one dead: its two go to two different nodes (a ring would
+        // give both to its neighbour).
+        let before = hashed_on(&[0, 1, 2], 3, 6);
+        let after = hashed_on(&[0, 2], 3, 6);
+        assert_eq!(loads(&after, 3), vec![3, 0, 3], "{before:?} then {after:?}");
+    }
+
+    #[test]
+    fn hashing_does_not_depend_on_who_coordinates() {
+        let assignment: Vec<u32> = (0..6).collect();
+        let shape = Shape {
+            policy: Policy::Hash,
+            configured: 3,
+            trainers: 6,
+            assignment: &assignment,
+            aggregators: 1,
+            replicas: 1,
+        };
+        let a = Placement::compute(1, 0, &members(&[0, 1, 2]), &shape).unwrap();
+        let b = Placement::compute(2, 2, &members(&[0, 1, 2]), &shape).unwrap();
+        for t in 0..6 {
+            assert_eq!(a.node_of(ActorKey::trainer(t)), b.node_of(ActorKey::trainer(t)));
+        }
     }
 }
