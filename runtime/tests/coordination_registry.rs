@@ -2,13 +2,15 @@
 //! accepted once the service holds it (fenced by the coordinator's token), and a cluster that
 //! loses every node — every process stops, every data directory is gone — finds its running
 //! and queued jobs there when it starts again, runs them to the bits of `phalanx::train`, and
-//! numbers new jobs after them. On a real etcd and a real ZooKeeper, started here.
+//! numbers new jobs after them; the service keeps each job's newest complete checkpoint and
+//! where its copies are. On a real etcd and a real ZooKeeper, started here.
 
 use std::path::Path;
 use std::time::Duration;
 
 use phalanx::cluster::coordination::servers::{LocalEtcd, LocalZooKeeper};
-use phalanx::cluster::coordination::Coordination;
+use phalanx::cluster::coordination::{Coordination, Member, Session, Settings};
+use phalanx::cluster::registry::{CheckpointRecord, JobEntry, JobState};
 use phalanx::{JobConfig, Node, NodeEventKind, NodeHandle};
 
 mod common;
@@ -103,6 +105,29 @@ async fn survives_the_whole_cluster(spec: Coordination) {
     assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a.id(), b.id(), c.id()], "{listed:?}");
     for n in &nodes {
         n.shutdown().await.unwrap();
+    }
+
+    // What the service keeps once every node has stopped (in order): each job's last state, and
+    // its newest complete checkpoint with the nodes that hold all of it — the coordinator (node
+    // 0) among them.
+    let reader = Member { id: 0, incarnation: 1, addr: "127.0.0.1:9".into() };
+    let settings = Settings { ttl: Duration::from_secs(2), join_timeout: Duration::from_secs(10), tls: None };
+    let (session, _events) = Session::join(&spec, reader, settings).await.unwrap();
+    for (id, sha) in &finished {
+        let entry: JobEntry =
+            serde_json::from_slice(&session.get(&format!("jobs/{id}")).await.unwrap().unwrap()).unwrap();
+        assert_eq!(entry.state, JobState::Finished { model_sha256: sha.clone(), summary: entry_summary(&entry) });
+        let record = session.get(&format!("checkpoints/{id}")).await.unwrap().expect("a checkpoint record");
+        let record: CheckpointRecord = serde_json::from_slice(&record).unwrap();
+        assert!(record.step > 0 && record.copies.contains(&0), "job {id}: {record:?}");
+    }
+    session.leave().await.unwrap();
+}
+
+fn entry_summary(entry: &JobEntry) -> Option<String> {
+    match &entry.state {
+        JobState::Finished { summary, .. } => summary.clone(),
+        _ => None,
     }
 }
 

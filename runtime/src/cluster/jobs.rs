@@ -27,7 +27,9 @@ use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
 use super::node_config::NodeConfig;
 use super::node_job::{NodeJob, NodeShared, StoredCopy};
-use super::registry::{JobEntry, JobId, JobState, Registry, ServiceStore, StorePoll, StoreWrite, Version};
+use super::registry::{
+    CheckpointRecord, JobEntry, JobId, JobState, Registry, ServiceStore, StorePoll, StoreWrite, Version,
+};
 use super::rejections::Rejections;
 use super::runner::{to_job, OutQueue, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
@@ -104,6 +106,10 @@ pub(crate) struct Jobs {
     store: Option<ServiceStore>,
     /// On a service: the jobs it kept when this node's term began (taken over with the view).
     stored_jobs: Option<Vec<JobEntry>>,
+    /// The newest complete checkpoint of each job this node coordinates, and a count of its
+    /// changes (kept on a coordination service).
+    checkpoints: BTreeMap<JobId, CheckpointRecord>,
+    checkpoints_changed: u64,
 }
 
 impl Jobs {
@@ -162,6 +168,8 @@ impl Jobs {
             on_service: !matches!(config.coordination, super::coordination::Coordination::Embedded),
             store: None,
             stored_jobs: None,
+            checkpoints: BTreeMap::new(),
+            checkpoints_changed: 0,
             config,
         })
     }
@@ -199,7 +207,7 @@ impl Jobs {
             job.on_view(view);
         }
         if !self.coordinating() {
-            self.store = None;
+            self.end_store();
         }
         if self.coordinating() {
             if !was {
@@ -232,7 +240,7 @@ impl Jobs {
         if self.view.as_ref().is_some_and(|v| v.epoch == lost.epoch && v.coordinator == lost.coordinator) {
             self.view = None;
         }
-        self.store = None;
+        self.end_store();
         for job in self.jobs.values_mut() {
             job.stop_coordinating();
         }
@@ -241,7 +249,7 @@ impl Jobs {
     /// Quorum lost or shutting down: stop everything here.
     pub(crate) fn stop_all(&mut self, why: &str) {
         self.view = None;
-        self.store = None;
+        self.end_store();
         for frame in self.lot.take() {
             let reason = format!("{}; dropped as this node {why}", frame.reason);
             self.rejected(frame.peer, frame.inbound.kind(), reason);
@@ -377,7 +385,7 @@ impl Jobs {
     /// On a service, while coordinating: the registry's next write to it, if one is due.
     pub(crate) fn next_store_write(&mut self, now: Instant) -> Option<StoreWrite> {
         let store = self.store.as_mut()?;
-        match store.poll(self.registry.snapshot(), now) {
+        match store.poll(self.registry.snapshot(), &self.checkpoints, self.checkpoints_changed, now) {
             StorePoll::Write(write) => Some(write),
             StorePoll::Durable(version) => {
                 self.release(version);
@@ -385,6 +393,17 @@ impl Jobs {
             }
             StorePoll::Idle => None,
         }
+    }
+
+    /// On a service: whether a write of the registry is under way or waits to be tried again.
+    pub(crate) fn store_pending(&self) -> bool {
+        self.store.as_ref().is_some_and(ServiceStore::pending)
+    }
+
+    /// This node's coordination term ended: what it knew of the service goes with it.
+    fn end_store(&mut self) {
+        self.store = None;
+        self.checkpoints.clear();
     }
 
     /// On a service: a registry write ended (`held`: the service holds it).
@@ -474,6 +493,7 @@ impl Jobs {
         // Jobs the registry forgot (bounded history): nothing left to host.
         let known: BTreeSet<JobId> = entries.iter().map(|e| e.id).collect();
         self.told.retain(|id, _| known.contains(id));
+        self.checkpoints.retain(|id, _| known.contains(id));
     }
 
     /// Load a job's data and build its model off the node loop; the job
@@ -625,6 +645,7 @@ impl Jobs {
                     if let Some(j) = self.jobs.get_mut(&job) {
                         j.on_inbound(peer, inbound);
                     }
+                    self.note_checkpoint(job);
                     self.schedule();
                     self.broadcast();
                     return;
@@ -632,7 +653,10 @@ impl Jobs {
             }
         }
         match self.jobs.get_mut(&job) {
-            Some(j) => j.on_inbound(peer, inbound),
+            Some(j) => {
+                j.on_inbound(peer, inbound);
+                self.note_checkpoint(job);
+            }
             None => match inbound {
                 // Not hosted here (yet): the coordinator's spawn timeout respawns it.
                 Inbound::Control(NodeMsg::Spawn { key, spawn, .. }) => {
@@ -685,6 +709,16 @@ impl Jobs {
             }
             NodeMsg::Cancel { job } if self.coordinating() => self.cancel(job),
             _ => {}
+        }
+    }
+}
+
+impl Jobs {
+    /// Job `job`'s newest complete checkpoint, if it changed (kept on a coordination service).
+    fn note_checkpoint(&mut self, job: JobId) {
+        if let Some(record) = self.jobs.get_mut(&job).and_then(NodeJob::take_checkpoint_record) {
+            self.checkpoints.insert(job, record);
+            self.checkpoints_changed += 1;
         }
     }
 }

@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, mpsc};
 pub use super::node_config::NodeConfig;
 
 use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
-use super::coordination::shell::{Input as ServiceInput, ServicePlane};
+use super::coordination::shell::{Input as ServiceInput, ServicePlane, LEAVE_TIMEOUT};
 use super::coordination::Coordination;
 use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
@@ -525,6 +525,9 @@ async fn node_loop_on<T: api::Transport>(
     // Nothing here commits any more, then the registration goes: the next coordinator may
     // start at once rather than a lease later.
     lease.set(None);
+    if let Control::Service(plane) = &mut membership {
+        flush_registry(plane, &mut jobs).await;
+    }
     jobs.stop_all("is shutting down");
     jobs.flush_rejections();
     if let Control::Service(plane) = membership {
@@ -584,6 +587,29 @@ impl Freeze {
         }
         #[cfg(not(feature = "fault-injection"))]
         let _ = lease;
+    }
+}
+
+/// An orderly stop of a coordinator on a service: write what the service does not hold yet of
+/// the registry (jobs' states, their newest checkpoints), for at most [`LEAVE_TIMEOUT`].
+async fn flush_registry(plane: &mut ServicePlane, jobs: &mut Jobs) {
+    let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
+    loop {
+        for (version, held) in plane.take_stored() {
+            jobs.on_stored(version, held);
+        }
+        if let Some(write) = jobs.next_store_write(clock::now()) {
+            plane.store(write);
+        }
+        if !jobs.store_pending() || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        // The write's answer, or the moment a failed one may be tried again. What else the
+        // service says no longer matters to a node that stops.
+        let wake = deadline.min(tokio::time::Instant::now() + crate::cluster::registry::STORE_RETRY);
+        if let Ok(input) = tokio::time::timeout_at(wake, plane.next()).await {
+            let _ = plane.handle(input);
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use super::event::{unix_ms, Emitter, NodeEventKind};
 use super::membership::{LeaseCell, View};
 use super::node_config::NodeConfig;
 use super::placement::{Placement, Shape};
+use super::registry::CheckpointRecord;
 use super::registry::JobId;
 use super::replication::{ReplicationStats, ReplicationTracker};
 use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
@@ -82,6 +83,10 @@ pub(crate) struct NodeJob {
     /// Copies of this node's checkpoints acknowledged by the replicas.
     replication: ReplicationTracker,
     replication_stats: watch::Sender<ReplicationStats>,
+    /// The newest complete checkpoint of this coordinator and where its copies are, when it
+    /// changed and the node has not taken it yet (it keeps it on a coordination service).
+    checkpoint_record: Option<CheckpointRecord>,
+    last_record: Option<CheckpointRecord>,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
     /// Where checkpoint copies written off the loop report back.
@@ -196,6 +201,8 @@ impl NodeJob {
             job_started_ms: None,
             takeover_since: None,
             replication: ReplicationTracker::new(replicas),
+            checkpoint_record: None,
+            last_record: None,
             replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
             events,
             metrics,
@@ -456,16 +463,35 @@ impl NodeJob {
             Inbound::Control(NodeMsg::CheckpointStored { name, .. }) => {
                 self.replication.on_acked(&name, peer);
                 self.replication_stats.send_replace(self.replication.snapshot());
+                self.note_checkpoint();
             }
             Inbound::Control(NodeMsg::Replicating { name, to, .. }) if peer == me => {
                 if let Some(key) = FileKey::parse(&name) {
                     self.replication.on_sent(&name, key.step, &to);
                     self.replication_stats.send_replace(self.replication.snapshot());
+                    self.note_checkpoint();
                 }
             }
             // Not this job's, or handled by the node (membership, the registry).
             Inbound::Control(_) => {}
         }
+    }
+
+    /// The newest complete checkpoint or its copies changed: note it for the node.
+    fn note_checkpoint(&mut self) {
+        let ranges = self.host_ctx.plan.ranges.len();
+        let Some((step, mut copies)) = self.replication.newest_complete(ranges) else { return };
+        copies.insert(self.routing.me);
+        let record = CheckpointRecord { step, copies: copies.into_iter().collect() };
+        if self.last_record.as_ref() != Some(&record) {
+            self.last_record = Some(record.clone());
+            self.checkpoint_record = Some(record);
+        }
+    }
+
+    /// The newest complete checkpoint and its copies, if they changed since the last call.
+    pub(crate) fn take_checkpoint_record(&mut self) -> Option<CheckpointRecord> {
+        self.checkpoint_record.take()
     }
 
     /// A new coordinator asks what this node holds: answer from a blocking

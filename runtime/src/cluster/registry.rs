@@ -389,9 +389,28 @@ pub const MAX_STORED: usize = 2 * MAX_JOBS_KEPT;
 /// Pause before a write of the registry that failed is tried again.
 pub const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Where the newest complete checkpoint of each job is recorded on a service.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+
 /// The service key of job `id`.
 pub fn store_key(id: JobId) -> String {
     format!("{STORE_DIR}/{id}")
+}
+
+/// The service key of job `id`'s newest complete checkpoint.
+pub fn checkpoint_key(id: JobId) -> String {
+    format!("{CHECKPOINTS_DIR}/{id}")
+}
+
+/// A job's newest complete checkpoint (a file for every aggregator range, written by its
+/// coordinator) and the nodes that hold all of it: the coordinator and the replicas that
+/// acknowledged every file. Kept on a coordination service beside the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Its step.
+    pub step: u64,
+    /// Nodes holding every file of it.
+    pub copies: Vec<u32>,
 }
 
 /// One write of the registry to the coordination service: the entries that changed since the
@@ -402,8 +421,10 @@ pub struct StoreWrite {
     pub version: Version,
     /// Entries to write.
     pub puts: Vec<JobEntry>,
-    /// Jobs to delete.
+    /// Jobs to delete (with their checkpoint records).
     pub deletes: Vec<JobId>,
+    /// Checkpoint records that changed.
+    pub checkpoints: Vec<(JobId, CheckpointRecord)>,
 }
 
 /// What the coordinator's registry needs from the service now.
@@ -423,34 +444,60 @@ pub enum StorePoll {
 #[derive(Debug)]
 pub struct ServiceStore {
     held: BTreeMap<JobId, JobEntry>,
+    held_checkpoints: BTreeMap<JobId, CheckpointRecord>,
     in_flight: Option<StoreWrite>,
     not_before: Option<std::time::Instant>,
-    /// The registry version last looked at (to skip comparing an unchanged registry).
-    seen: Option<Version>,
+    /// The registry version and checkpoint generation last looked at (to skip comparing
+    /// what did not change).
+    seen: Option<(Version, u64)>,
 }
 
 impl ServiceStore {
     /// A new term's store: the service holds `held` (as read when the term began).
     pub fn new(held: impl IntoIterator<Item = JobEntry>) -> Self {
-        Self { held: held.into_iter().map(|e| (e.id, e)).collect(), in_flight: None, not_before: None, seen: None }
+        Self {
+            held: held.into_iter().map(|e| (e.id, e)).collect(),
+            held_checkpoints: BTreeMap::new(),
+            in_flight: None,
+            not_before: None,
+            seen: None,
+        }
     }
 
-    /// What to do for `snapshot` at `now`.
-    pub fn poll(&mut self, snapshot: &Snapshot, now: std::time::Instant) -> StorePoll {
-        if self.in_flight.is_some() || self.not_before.is_some_and(|t| now < t) || self.seen == Some(snapshot.version) {
+    /// What to do for `snapshot` and the jobs' newest complete `checkpoints` (whose content
+    /// changes with `generation`) at `now`.
+    pub fn poll(
+        &mut self,
+        snapshot: &Snapshot,
+        checkpoints: &BTreeMap<JobId, CheckpointRecord>,
+        generation: u64,
+        now: std::time::Instant,
+    ) -> StorePoll {
+        let looking_at = (snapshot.version, generation);
+        if self.in_flight.is_some() || self.not_before.is_some_and(|t| now < t) || self.seen == Some(looking_at) {
             return StorePoll::Idle;
         }
         self.not_before = None;
         let puts: Vec<JobEntry> =
             snapshot.jobs.values().filter(|j| self.held.get(&j.id) != Some(*j)).cloned().collect();
         let deletes: Vec<JobId> = self.held.keys().filter(|id| !snapshot.jobs.contains_key(id)).copied().collect();
-        if puts.is_empty() && deletes.is_empty() {
-            self.seen = Some(snapshot.version);
+        let checkpoints: Vec<(JobId, CheckpointRecord)> = checkpoints
+            .iter()
+            .filter(|(id, r)| snapshot.jobs.contains_key(id) && self.held_checkpoints.get(id) != Some(*r))
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        if puts.is_empty() && deletes.is_empty() && checkpoints.is_empty() {
+            self.seen = Some(looking_at);
             return StorePoll::Durable(snapshot.version);
         }
-        let write = StoreWrite { version: snapshot.version, puts, deletes };
+        let write = StoreWrite { version: snapshot.version, puts, deletes, checkpoints };
         self.in_flight = Some(write.clone());
         StorePoll::Write(write)
+    }
+
+    /// A write is under way, or a failed one waits to be tried again.
+    pub fn pending(&self) -> bool {
+        self.in_flight.is_some() || self.not_before.is_some()
     }
 
     /// The write of `version` ended: `true` when the service holds it all. Returns the version
@@ -463,10 +510,12 @@ impl ServiceStore {
         }
         for id in write.deletes {
             self.held.remove(&id);
+            self.held_checkpoints.remove(&id);
         }
         for entry in write.puts {
             self.held.insert(entry.id, entry);
         }
+        self.held_checkpoints.extend(write.checkpoints);
         // The registry may have changed meanwhile: look again.
         self.seen = None;
         Some(version)
@@ -631,28 +680,40 @@ mod tests {
         r.take_over(1);
         let kept = JobEntry { id: 9, spec: spec(9), state: JobState::Cancelled };
         let mut store = ServiceStore::new([kept.clone()]);
+        let none = BTreeMap::new();
         let (a, v1) = r.accept(spec(1)).unwrap();
-        let StorePoll::Write(w) = store.poll(r.snapshot(), now) else { panic!("a write") };
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &none, 0, now) else { panic!("a write") };
         assert_eq!((w.version, w.puts.len(), w.deletes.clone()), (v1, 1, vec![9]), "job 9 is not in the registry");
         // A change while the write is under way waits for it.
         let (b, v2) = r.accept(spec(2)).unwrap();
-        assert_eq!(store.poll(r.snapshot(), now), StorePoll::Idle);
+        assert_eq!(store.poll(r.snapshot(), &none, 0, now), StorePoll::Idle);
         // Fenced out or unreachable: not durable, tried again later.
         assert_eq!(store.on_written(v1, false, now), None);
-        assert_eq!(store.poll(r.snapshot(), now), StorePoll::Idle);
+        assert_eq!(store.poll(r.snapshot(), &none, 0, now), StorePoll::Idle);
         let later = now + STORE_RETRY;
-        let StorePoll::Write(w) = store.poll(r.snapshot(), later) else { panic!("tried again") };
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &none, 0, later) else { panic!("tried again") };
         assert_eq!(w.version, v2);
         assert_eq!(w.puts.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
         // A late answer for another version changes nothing.
         assert_eq!(store.on_written(v1, true, later), None);
         assert_eq!(store.on_written(v2, true, later), Some(v2));
         // Nothing changed since: durable at once, and then quiet.
-        assert_eq!(store.poll(r.snapshot(), later), StorePoll::Durable(v2));
-        assert_eq!(store.poll(r.snapshot(), later), StorePoll::Idle);
+        assert_eq!(store.poll(r.snapshot(), &none, 0, later), StorePoll::Durable(v2));
+        assert_eq!(store.poll(r.snapshot(), &none, 0, later), StorePoll::Idle);
         r.set_state(a, JobState::Running);
-        let StorePoll::Write(w) = store.poll(r.snapshot(), later) else { panic!("a write") };
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &none, 0, later) else { panic!("a write") };
         assert_eq!((w.puts.len(), w.puts[0].id, w.deletes.len()), (1, a, 0), "only what changed");
+        assert_eq!(store.on_written(w.version, true, later), Some(w.version));
+        // A job's newest checkpoint: written when it changes (its generation moves on), and only
+        // for jobs the registry holds.
+        let mut checkpoints = BTreeMap::new();
+        checkpoints.insert(a, CheckpointRecord { step: 20, copies: vec![0, 1] });
+        checkpoints.insert(77, CheckpointRecord { step: 20, copies: vec![0] });
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &checkpoints, 1, later) else { panic!("a write") };
+        assert_eq!(w.checkpoints, vec![(a, CheckpointRecord { step: 20, copies: vec![0, 1] })]);
+        assert!(w.puts.is_empty() && w.deletes.is_empty());
+        assert_eq!(store.on_written(w.version, true, later), Some(w.version));
+        assert_eq!(store.poll(r.snapshot(), &checkpoints, 1, later), StorePoll::Durable(w.version));
     }
 
     #[test]

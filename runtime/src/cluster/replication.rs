@@ -106,6 +106,22 @@ impl ReplicationTracker {
         self.stats.clone()
     }
 
+    /// The newest checkpoint step of which `files_per_step` files were written here (a complete
+    /// checkpoint: one file per aggregator range), and the replicas that acknowledged every one
+    /// of its files.
+    pub fn newest_complete(&self, files_per_step: usize) -> Option<(u64, BTreeSet<u32>)> {
+        let mut by_step: BTreeMap<u64, Vec<&BTreeSet<u32>>> = BTreeMap::new();
+        for copies in self.files.values() {
+            by_step.entry(copies.step).or_default().push(&copies.acked);
+        }
+        let (step, acked) = by_step.into_iter().rev().find(|(_, files)| files.len() >= files_per_step.max(1))?;
+        let mut holders = acked[0].clone();
+        for more in &acked[1..] {
+            holders.retain(|n| more.contains(n));
+        }
+        Some((step, holders))
+    }
+
     fn step_replicated(&self, step: u64) -> bool {
         let mut files = self.files.values().filter(|c| c.step == step).peekable();
         files.peek().is_some() && files.all(|c| c.acked.len() as u32 >= self.wanted)
@@ -178,6 +194,22 @@ mod tests {
             (s.checkpoints_replicated, s.checkpoints_under_replicated, s.newest_replicated_step),
             (2, 0, Some(40))
         );
+    }
+
+    #[test]
+    fn the_newest_complete_checkpoint_is_the_newest_with_every_range_and_its_holders_have_them_all() {
+        let mut t = ReplicationTracker::new(2);
+        assert_eq!(t.newest_complete(2), None);
+        t.on_sent("a-20", 20, &[1, 2]);
+        t.on_sent("b-20", 20, &[1, 2]);
+        t.on_sent("a-40", 40, &[1, 2]);
+        assert_eq!(t.newest_complete(2), Some((20, BTreeSet::new())), "step 40 has one of its two files");
+        t.on_acked("a-20", 1);
+        t.on_acked("b-20", 1);
+        t.on_acked("b-20", 2);
+        assert_eq!(t.newest_complete(2), Some((20, [1].into_iter().collect())), "node 2 lacks a-20");
+        t.on_sent("b-40", 40, &[1, 2]);
+        assert_eq!(t.newest_complete(2).map(|(s, _)| s), Some(40));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use phalanx_actors::clock;
 use tokio::sync::mpsc;
 
 use super::super::membership::{MembershipCommand, View};
-use super::super::registry::{store_key, JobEntry, StoreWrite, Version, MAX_STORED, STORE_DIR};
+use super::super::registry::{checkpoint_key, store_key, JobEntry, StoreWrite, Version, MAX_STORED, STORE_DIR};
 use super::core::{Action, Coordinated};
 use super::{Coordination, CoordinationError, Member, Observed, Session, Settings};
 
@@ -391,8 +391,8 @@ async fn stored_jobs(session: &Session) -> Result<Vec<JobEntry>, CoordinationErr
     Ok(jobs)
 }
 
-/// Carry out one registry write: every put and delete fenced by `token`; `false` as soon as
-/// one is refused (the role is gone).
+/// Carry out one registry write — job entries, checkpoint records, deletes — every one fenced
+/// by `token`; `false` as soon as one is refused (the role is gone).
 async fn write_jobs(session: &Session, token: u64, write: StoreWrite) -> Result<bool, CoordinationError> {
     for entry in &write.puts {
         let bytes = serde_json::to_vec(entry).expect("a job entry serialises");
@@ -400,9 +400,17 @@ async fn write_jobs(session: &Session, token: u64, write: StoreWrite) -> Result<
             return Ok(false);
         }
     }
-    for id in &write.deletes {
-        if !session.delete_fenced(token, &store_key(*id)).await? {
+    for (id, record) in &write.checkpoints {
+        let bytes = serde_json::to_vec(record).expect("a checkpoint record serialises");
+        if !session.put_fenced(token, &checkpoint_key(*id), &bytes).await? {
             return Ok(false);
+        }
+    }
+    for id in &write.deletes {
+        for key in [store_key(*id), checkpoint_key(*id)] {
+            if !session.delete_fenced(token, &key).await? {
+                return Ok(false);
+            }
         }
     }
     Ok(true)
