@@ -256,7 +256,7 @@ struct NodeArgs {
     #[arg(long, value_name = "MS")]
     coordination_ttl_ms: Option<u64>,
     /// TLS to the coordination service: DIR holds `ca.pem` (the service's CA) and, for a
-    /// service that checks its clients, `client.pem` and `client.key` (etcd only).
+    /// service that checks its clients, `client.pem` and `client.key` (etcd or ZooKeeper).
     #[arg(long, value_name = "DIR")]
     coordination_certs: Option<PathBuf>,
 }

@@ -175,7 +175,7 @@ impl NodeBuilder {
         self
     }
     /// TLS to the coordination service: a directory with `ca.pem` and, if the service checks
-    /// its clients, `client.pem` and `client.key` (etcd; see [`crate::cluster::coordination::ServiceTls`]).
+    /// its clients, `client.pem` and `client.key` (see [`crate::cluster::coordination::ServiceTls`]).
     pub fn coordination_certs(mut self, dir: impl Into<PathBuf>) -> Self {
         self.coordination_certs = Some(dir.into());
         self

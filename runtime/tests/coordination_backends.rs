@@ -3,12 +3,13 @@
 //! one etcd, a 3-member etcd cluster, a standalone ZooKeeper. Every backend must give the same
 //! answers: registration refuses a second live process with the same id, one coordinator at a
 //! time, fencing tokens that only grow, writes fenced by them, and a session that ends is
-//! heard by its own node and by the others.
+//! heard by its own node and by the others — over TLS too, where the server checks the
+//! client's certificate.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use phalanx::cluster::coordination::servers::{EtcdServerTls, LocalEtcd, LocalZooKeeper};
+use phalanx::cluster::coordination::servers::{EtcdServerTls, LocalEtcd, LocalZooKeeper, ZooKeeperServerTls};
 use phalanx::cluster::coordination::{
     Coordination, CoordinationError, Leader, Member, Observed, ServiceTls, Session, Settings,
 };
@@ -247,11 +248,45 @@ async fn an_etcd_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust
     // A directory without the CA: a clear error naming the file.
     let err = ServiceTls::load(certs.path().join("node-0").join("missing").as_path()).unwrap_err().to_string();
     assert!(err.contains("ca.pem") && err.contains("--coordination-certs"), "{err}");
-    // ZooKeeper over TLS is refused with the reason, before any connection.
-    let zk = Coordination::ZooKeeper { hosts: vec!["127.0.0.1:1".into()], chroot: "/p".into() };
-    let tls = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
-    match Session::join(&zk, member(7, 1), Settings { tls: Some(tls), ..quick }).await {
-        Err(e @ CoordinationError::BadSpec { .. }) => assert!(e.to_string().contains("TLS to ZooKeeper"), "{e}"),
-        other => panic!("ZooKeeper with TLS: {other:?}"),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zookeeper_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust() {
+    // The same cluster CA: the ZooKeeper serves node 0's certificate on its TLS port and
+    // requires a client certificate the CA signed (`ssl.clientAuth=need`).
+    let certs = tempfile::tempdir().unwrap();
+    let names = std::collections::BTreeMap::from([(0, vec!["127.0.0.1".to_string()])]);
+    phalanx_transport::certs::generate_named(certs.path(), 1, &names).unwrap();
+    let client = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
+    let server = ZooKeeperServerTls {
+        cert: certs.path().join("node-0").join("node.pem"),
+        key: certs.path().join("node-0").join("node.key"),
+        client_ca: certs.path().join("ca.pem"),
+    };
+    let zookeeper = LocalZooKeeper::start_with(None, Some(server)).await.unwrap();
+    let spec = zookeeper.spec("/phalanx/tls");
+    contract_with(spec.clone(), Settings { tls: Some(client), ..settings() }).await;
+
+    let quick = Settings { join_timeout: Duration::from_millis(1500), ..settings() };
+    // Plain TCP to the TLS port: no session.
+    match Session::join(&spec, member(7, 1), quick.clone()).await {
+        Err(CoordinationError::Unreachable { .. }) => {}
+        other => panic!("plain TCP to ZooKeeper's TLS port: {other:?}"),
+    }
+    // TLS trusting the CA, but no client certificate: the server refuses it.
+    let ca_only = tempfile::tempdir().unwrap();
+    std::fs::copy(certs.path().join("ca.pem"), ca_only.path().join("ca.pem")).unwrap();
+    let tls = std::sync::Arc::new(ServiceTls::load(ca_only.path()).unwrap());
+    match Session::join(&spec, member(7, 1), Settings { tls: Some(tls), ..quick.clone() }).await {
+        Err(CoordinationError::Unreachable { .. }) => {}
+        other => panic!("no client certificate: {other:?}"),
+    }
+    // A client of another cluster's CA trusts neither the server nor is trusted by it.
+    let stranger = tempfile::tempdir().unwrap();
+    phalanx_transport::certs::generate(stranger.path(), 1).unwrap();
+    let tls = std::sync::Arc::new(ServiceTls::load(&stranger.path().join("client")).unwrap());
+    match Session::join(&spec, member(7, 1), Settings { tls: Some(tls), ..quick }).await {
+        Err(CoordinationError::Unreachable { .. }) => {}
+        other => panic!("another CA's client: {other:?}"),
     }
 }

@@ -87,7 +87,7 @@ pub struct NodeConfig {
     #[serde(default)]
     pub coordination_ttl_ms: Option<u64>,
     /// TLS to the coordination service: a directory with `ca.pem` (the service's CA) and, for
-    /// a service that checks its clients, `client.pem` and `client.key` (etcd only).
+    /// a service that checks its clients, `client.pem` and `client.key` (etcd or ZooKeeper).
     #[serde(default)]
     pub coordination_certs: Option<PathBuf>,
 }

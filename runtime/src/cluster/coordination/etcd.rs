@@ -51,13 +51,7 @@ impl EtcdSession {
     ) -> Result<(Self, mpsc::Receiver<Observed>), CoordinationError> {
         let service = format!("etcd://{}{prefix}", endpoints.join(","));
         let unreachable = |reason: String| CoordinationError::Unreachable { service: service.clone(), reason };
-        let tls = settings.tls.as_ref().map(|tls| {
-            let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-            match &tls.identity {
-                Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
-                None => config,
-            }
-        });
+        let tls = settings.tls.as_deref().map(tls_config);
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut list = Vec::with_capacity(endpoints.len());
         for host in endpoints {
@@ -257,6 +251,19 @@ impl EtcdSession {
             .await
             .map_err(|e| self.failed("revoke the lease", e))?;
         Ok(())
+    }
+}
+
+/// The TLS of a connection to etcd: the CA of its certificate, and this client's certificate for
+/// an etcd that checks its clients. tonic's rustls config takes the process default crypto
+/// provider, and with ring and aws-lc-rs both compiled in (zookeeper-client brings the latter)
+/// there is none unless one is installed: ring, as everywhere in Phalanx.
+pub(super) fn tls_config(tls: &super::ServiceTls) -> ClientTlsConfig {
+    phalanx_transport::tls::install_default_provider();
+    let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+    match &tls.identity {
+        Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+        None => config,
     }
 }
 

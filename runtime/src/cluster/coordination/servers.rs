@@ -331,13 +331,7 @@ impl LocalEtcd {
             };
             let mut endpoint = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_millis(500));
             if let Some(tls) = &self.tls {
-                let harness = &tls.harness;
-                let mut config = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(&harness.ca_pem));
-                if let Some((cert, key)) = &harness.identity {
-                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
-                }
-                let Ok(with_tls) = endpoint.tls_config(config) else { continue };
+                let Ok(with_tls) = endpoint.tls_config(super::etcd::tls_config(&tls.harness)) else { continue };
                 endpoint = with_tls;
             }
             let Ok(channel) = endpoint.connect().await else { continue };
@@ -403,8 +397,32 @@ impl LocalEtcd {
 pub struct LocalZooKeeper {
     server: Process,
     port: u16,
+    /// The TLS port, when the server speaks TLS to its clients.
+    secure_port: Option<u16>,
     _dir: Option<tempfile::TempDir>,
 }
+
+/// What a [`LocalZooKeeper`] needs to serve its clients over TLS (and check their certificates):
+/// PEM files, as `phalanx certs` writes them.
+#[derive(Clone, Debug)]
+pub struct ZooKeeperServerTls {
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// Its key (PKCS#8).
+    pub key: PathBuf,
+    /// The CA that signs the clients' certificates.
+    pub client_ca: PathBuf,
+}
+
+/// Netty, which ZooKeeper's TLS runs on (Debian's `libnetty-java`, a dependency of `zookeeperd`).
+pub const NETTY_JARS: [&str; 6] = [
+    "/usr/share/java/netty-codec.jar",
+    "/usr/share/java/netty-handler.jar",
+    "/usr/share/java/netty-transport.jar",
+    "/usr/share/java/netty-buffer.jar",
+    "/usr/share/java/netty-common.jar",
+    "/usr/share/java/netty-resolver.jar",
+];
 
 /// The jar of Debian's `zookeeper` (pulled in by `zookeeperd`).
 pub const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
@@ -421,25 +439,58 @@ impl LocalZooKeeper {
     /// Start a standalone server in `dir` (a fresh temporary directory when `None`) and wait
     /// until it answers.
     pub async fn start(dir: Option<&Path>) -> Result<Self, ServerError> {
+        Self::start_with(dir, None).await
+    }
+
+    /// [`LocalZooKeeper::start`] also serving its clients over TLS, on a second port, and
+    /// requiring a certificate signed by `tls.client_ca` there ([`spec`](Self::spec) names it).
+    pub async fn start_with(dir: Option<&Path>, tls: Option<ZooKeeperServerTls>) -> Result<Self, ServerError> {
         // The server's jar and a Java runtime (zookeeperd depends on both).
         install("zookeeperd", &[Path::new(ZOOKEEPER_JAR), Path::new(JAVA)])?;
         let (dir, owned) = data_dir(dir, "zookeeper")?;
-        let port = free_ports(1)?[0];
+        let ports = free_ports(2)?;
+        let port = ports[0];
+        let spawn_error = |path: &Path, e: std::io::Error| ServerError::Spawn {
+            what: "ZooKeeper".into(),
+            reason: format!("{}: {e}", path.display()),
+        };
         let config = dir.join("zoo.cfg");
-        let text = format!(
+        let mut text = format!(
             "tickTime={ZOOKEEPER_TICK_MS}\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
              maxSessionTimeout={}\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\n",
             dir.join("data").display(),
             100 * ZOOKEEPER_TICK_MS
         );
-        std::fs::write(&config, text).map_err(|e| ServerError::Spawn {
-            what: "ZooKeeper".into(),
-            reason: format!("{}: {e}", config.display()),
-        })?;
+        let mut classpath = format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}");
+        let secure_port = match &tls {
+            None => None,
+            Some(tls) => {
+                // The key store is one PEM file: the key, then the certificate.
+                let store = dir.join("server-keystore.pem");
+                let mut pem = std::fs::read(&tls.key).map_err(|e| spawn_error(&tls.key, e))?;
+                pem.extend(std::fs::read(&tls.cert).map_err(|e| spawn_error(&tls.cert, e))?);
+                std::fs::write(&store, pem).map_err(|e| spawn_error(&store, e))?;
+                text.push_str(&format!(
+                    "secureClientPort={}\nsecureClientPortAddress=127.0.0.1\n\
+                     serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+                     ssl.keyStore.location={}\nssl.keyStore.type=PEM\n\
+                     ssl.trustStore.location={}\nssl.trustStore.type=PEM\nssl.clientAuth=need\n",
+                    ports[1],
+                    store.display(),
+                    tls.client_ca.display()
+                ));
+                for jar in NETTY_JARS {
+                    classpath.push(':');
+                    classpath.push_str(jar);
+                }
+                Some(ports[1])
+            }
+        };
+        std::fs::write(&config, text).map_err(|e| spawn_error(&config, e))?;
         let mut command = Command::new(JAVA);
         command
             .arg("-cp")
-            .arg(format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}"))
+            .arg(classpath)
             .arg("-Xmx256m")
             .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
             .arg(&config);
@@ -451,11 +502,16 @@ impl LocalZooKeeper {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(LocalZooKeeper { server, port, _dir: owned })
+        Ok(LocalZooKeeper { server, port, secure_port, _dir: owned })
     }
 
-    /// `HOST:PORT` of the server.
+    /// `HOST:PORT` of the server: its TLS port when it speaks TLS.
     pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.secure_port.unwrap_or(self.port))
+    }
+
+    /// `HOST:PORT` of the server's plain TCP port (also open when it speaks TLS).
+    pub fn plain_host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 

@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, watch, Mutex};
 use zookeeper_client as zk;
 
 use super::{
-    decode, deliver, member_id, Common, CoordinationError, Leader, Member, Observed, Published, Settings, Snapshot,
+    decode, deliver, member_id, Common, CoordinationError, Leader, Member, Observed, Published, ServiceTls, Settings,
+    Snapshot,
 };
 use super::{Holder, FIRST_RETRY, MAX_MEMBERS, MAX_RETRY, OBSERVED_QUEUE, VIEW_KEY};
 
@@ -37,6 +38,29 @@ pub struct ZkSession {
     candidacy: Mutex<Option<Candidacy>>,
 }
 
+/// The client's TLS to ZooKeeper: the CA that signed the servers' certificates and, for a server
+/// that checks its clients (`ssl.clientAuth=need`), this node's certificate and key. The
+/// client's rustls config takes the process's default crypto provider (see [`super::Session::join`]).
+fn tls_options(service: &str, tls: &ServiceTls) -> Result<zk::TlsOptions, CoordinationError> {
+    let bad = |what: &str, e: zk::Error| CoordinationError::BadSpec {
+        spec: service.to_string(),
+        reason: format!("--coordination-certs: {what}: {e}"),
+    };
+    let text = |bytes: &[u8], what: &str| {
+        std::str::from_utf8(bytes).map(str::to_string).map_err(|e| CoordinationError::BadSpec {
+            spec: service.to_string(),
+            reason: format!("--coordination-certs: {what} is not PEM text: {e}"),
+        })
+    };
+    let mut options = zk::TlsOptions::new().with_pem_ca(&text(&tls.ca_pem, "ca.pem")?).map_err(|e| bad("ca.pem", e))?;
+    if let Some((cert, key)) = &tls.identity {
+        options = options
+            .with_pem_identity(&text(cert, "client.pem")?, &text(key, "client.key")?)
+            .map_err(|e| bad("client.pem / client.key", e))?;
+    }
+    Ok(options)
+}
+
 fn persistent() -> zk::CreateOptions<'static> {
     zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
 }
@@ -50,24 +74,22 @@ impl ZkSession {
         settings: Settings,
     ) -> Result<(Self, mpsc::Receiver<Observed>), CoordinationError> {
         let service = format!("zk://{}{chroot}", hosts.join(","));
-        if settings.tls.is_some() {
-            return Err(CoordinationError::BadSpec {
-                spec: service,
-                reason: "TLS to ZooKeeper is not in this build (the client's TLS would bring a second TLS \
-                         crypto library, aws-lc-rs, into every build of Phalanx): reach ZooKeeper over a trusted \
-                         network or a TLS tunnel, or use etcd, whose TLS is supported"
-                    .into(),
-            });
-        }
+        let tls = match &settings.tls {
+            Some(tls) => Some(tls_options(&service, tls)?),
+            None => None,
+        };
         let unreachable = |reason: String| CoordinationError::Unreachable { service: service.clone(), reason };
         let deadline = clock::now() + settings.join_timeout;
         let mut retry = FIRST_RETRY;
         let root = loop {
-            let connect = zk::Client::connector()
+            let connector = zk::Client::connector()
                 .with_session_timeout(settings.ttl)
-                .with_connection_timeout(settings.ttl.min(settings.join_timeout))
-                .connect(&hosts.join(","))
-                .await;
+                .with_connection_timeout(settings.ttl.min(settings.join_timeout));
+            let connect = match &tls {
+                // Every server over TLS (`secure_connect`: bare hosts mean TLS).
+                Some(options) => connector.with_tls(options.clone()).secure_connect(&hosts.join(",")).await,
+                None => connector.connect(&hosts.join(",")).await,
+            };
             match connect {
                 Ok(client) => break client,
                 Err(e) if clock::now() + retry < deadline => {
