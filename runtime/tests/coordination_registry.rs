@@ -3,14 +3,14 @@
 //! loses every node — every process stops, every data directory is gone — finds its running
 //! and queued jobs there when it starts again, runs them to the bits of `phalanx::train`, and
 //! numbers new jobs after them; the service keeps each job's newest complete checkpoint and
-//! where its copies are. On a real etcd and a real ZooKeeper, started here.
+//! where its copies are, and where its partitions are. On a real etcd and a real ZooKeeper, started here.
 
 use std::path::Path;
 use std::time::Duration;
 
 use phalanx::cluster::coordination::servers::{LocalEtcd, LocalZooKeeper};
 use phalanx::cluster::coordination::{Coordination, Member, Session, Settings};
-use phalanx::cluster::registry::{CheckpointRecord, JobEntry, JobState};
+use phalanx::cluster::registry::{AssignmentRecord, CheckpointRecord, JobEntry, JobState};
 use phalanx::{JobConfig, Node, NodeEventKind, NodeHandle};
 
 mod common;
@@ -120,6 +120,12 @@ async fn survives_the_whole_cluster(spec: Coordination) {
         let record = session.get(&format!("checkpoints/{id}")).await.unwrap().expect("a checkpoint record");
         let record: CheckpointRecord = serde_json::from_slice(&record).unwrap();
         assert!(record.step > 0 && record.copies.contains(&0), "job {id}: {record:?}");
+        // Where its partitions were: every one on a node of the cluster, each node with some.
+        let record = session.get(&format!("assignments/{id}")).await.unwrap().expect("an assignment record");
+        let record: AssignmentRecord = serde_json::from_slice(&record).unwrap();
+        assert_eq!(record.partitions.len(), phalanx::config::DEFAULT_PARTITIONS as usize, "job {id}: {record:?}");
+        let nodes: std::collections::BTreeSet<u32> = record.partitions.iter().copied().collect();
+        assert_eq!(nodes, [0, 1, 2].into_iter().collect(), "job {id}: {record:?}");
     }
     session.leave().await.unwrap();
 }

@@ -27,9 +27,7 @@ use super::event::{Emitter, NodeEventKind};
 use super::membership::View;
 use super::node_config::NodeConfig;
 use super::node_job::{NodeJob, NodeShared, StoredCopy};
-use super::registry::{
-    CheckpointRecord, JobEntry, JobId, JobState, Registry, ServiceStore, StorePoll, StoreWrite, Version,
-};
+use super::registry::{JobEntry, JobId, JobState, Records, Registry, ServiceStore, StorePoll, StoreWrite, Version};
 use super::rejections::Rejections;
 use super::runner::{to_job, OutQueue, Outbound};
 use super::wire::{self, Inbound, NodeMsg};
@@ -104,12 +102,15 @@ pub(crate) struct Jobs {
     on_service: bool,
     /// On a service, while coordinating: what the service holds of the registry.
     store: Option<ServiceStore>,
-    /// On a service: the jobs it kept when this node's term began (taken over with the view).
-    stored_jobs: Option<Vec<JobEntry>>,
-    /// The newest complete checkpoint of each job this node coordinates, and a count of its
-    /// changes (kept on a coordination service).
-    checkpoints: BTreeMap<JobId, CheckpointRecord>,
-    checkpoints_changed: u64,
+    /// On a service: this node coordinates the view of this epoch but has not yet read what
+    /// the service keeps of the registry; until it has, it accepts and starts nothing.
+    taking_over: Option<u64>,
+    /// Submissions that came meanwhile (at most [`MAX_QUEUED`](super::registry::MAX_QUEUED)).
+    held_submissions: Vec<(JobConfig, Waiter)>,
+    /// The records of the jobs this node coordinates (newest complete checkpoint, where the
+    /// partitions are), and a count of their changes (kept on a coordination service).
+    records: Records,
+    records_changed: u64,
 }
 
 impl Jobs {
@@ -167,9 +168,10 @@ impl Jobs {
             limits: Limits::default(),
             on_service: !matches!(config.coordination, super::coordination::Coordination::Embedded),
             store: None,
-            stored_jobs: None,
-            checkpoints: BTreeMap::new(),
-            checkpoints_changed: 0,
+            taking_over: None,
+            held_submissions: Vec::new(),
+            records: Records::new(),
+            records_changed: 0,
             config,
         })
     }
@@ -206,20 +208,26 @@ impl Jobs {
         for job in self.jobs.values_mut() {
             job.on_view(view);
         }
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.note_records(id);
+        }
         if !self.coordinating() {
             self.end_store();
         }
         if self.coordinating() {
             if !was {
-                if self.on_service {
-                    // What the service keeps first: jobs accepted by earlier coordinators.
-                    let held = self.stored_jobs.take().unwrap_or_default();
-                    self.registry.merge_stored(held.clone(), STARTUP_JOB);
-                    self.store = Some(ServiceStore::new(held));
-                }
-                self.registry.take_over(view.epoch);
                 // The views' members may have missed earlier updates.
                 self.last_sent = None;
+                if self.on_service {
+                    // What the service keeps first (jobs accepted by earlier coordinators):
+                    // see `take_over_stored`.
+                    self.taking_over = Some(view.epoch);
+                } else {
+                    self.registry.take_over(view.epoch);
+                }
+            } else if let Some(epoch) = &mut self.taking_over {
+                *epoch = view.epoch;
             }
             self.schedule();
             self.broadcast();
@@ -340,6 +348,13 @@ impl Jobs {
     /// Coordinator: accept a job; `waiter` hears once a majority (or the coordination
     /// service) holds it.
     fn accept(&mut self, spec: JobConfig, waiter: Waiter) {
+        if self.taking_over.is_some() {
+            if self.held_submissions.len() >= super::registry::MAX_QUEUED {
+                let why = format!("node {} is taking the job registry over; submit again", self.me());
+                return self.answer(waiter, Err(why));
+            }
+            return self.held_submissions.push((spec, waiter));
+        }
         if self.on_service {
             let bytes = serde_json::to_vec(&spec).map_or(usize::MAX, |b| b.len());
             if bytes > MAX_STORED_SPEC_BYTES {
@@ -377,15 +392,34 @@ impl Jobs {
         }
     }
 
-    /// On a service: the jobs it kept when this node's coordination term began.
-    pub(crate) fn set_stored_jobs(&mut self, jobs: Vec<JobEntry>) {
-        self.stored_jobs = Some(jobs);
+    /// On a service: this node coordinates but waits for what the service keeps of the registry.
+    pub(crate) fn taking_over(&self) -> bool {
+        self.taking_over.is_some()
+    }
+
+    /// On a service: the jobs it kept when this node's coordination term began (read after
+    /// the role was won). They go into the registry before anything is accepted or started,
+    /// so no job an earlier coordinator accepted is lost or numbered twice.
+    pub(crate) fn take_over_stored(&mut self, stored: Vec<JobEntry>) {
+        let Some(epoch) = self.taking_over.take() else { return };
+        if !self.coordinating() {
+            return;
+        }
+        self.registry.merge_stored(stored.clone(), STARTUP_JOB);
+        self.store = Some(ServiceStore::new(stored));
+        self.registry.take_over(epoch);
+        tracing::info!(node = self.me(), epoch, "took the job registry over from the coordination service");
+        self.schedule();
+        self.broadcast();
+        for (spec, waiter) in std::mem::take(&mut self.held_submissions) {
+            self.accept(spec, waiter);
+        }
     }
 
     /// On a service, while coordinating: the registry's next write to it, if one is due.
     pub(crate) fn next_store_write(&mut self, now: Instant) -> Option<StoreWrite> {
         let store = self.store.as_mut()?;
-        match store.poll(self.registry.snapshot(), &self.checkpoints, self.checkpoints_changed, now) {
+        match store.poll(self.registry.snapshot(), &self.records, self.records_changed, now) {
             StorePoll::Write(write) => Some(write),
             StorePoll::Durable(version) => {
                 self.release(version);
@@ -403,7 +437,12 @@ impl Jobs {
     /// This node's coordination term ended: what it knew of the service goes with it.
     fn end_store(&mut self) {
         self.store = None;
-        self.checkpoints.clear();
+        self.records.clear();
+        self.taking_over = None;
+        for (_, waiter) in std::mem::take(&mut self.held_submissions) {
+            let why = format!("node {} stopped coordinating before it could accept the job; submit again", self.me());
+            self.answer(waiter, Err(why));
+        }
     }
 
     /// On a service: a registry write ended (`held`: the service holds it).
@@ -436,7 +475,7 @@ impl Jobs {
 
     /// Coordinator: start what may start, then bring the local jobs in line.
     fn schedule(&mut self) {
-        if self.coordinating() {
+        if self.coordinating() && self.taking_over.is_none() {
             self.registry.to_start();
         }
         self.sync();
@@ -444,6 +483,9 @@ impl Jobs {
 
     /// Send the registry to every other member of the view.
     fn broadcast(&mut self) {
+        if self.taking_over.is_some() {
+            return;
+        }
         let Some(view) = &self.view else { return };
         let msg = NodeMsg::Registry(Box::new(self.registry.snapshot().clone()));
         for m in view.members.iter().copied().filter(|m| *m != self.config.id) {
@@ -493,7 +535,7 @@ impl Jobs {
         // Jobs the registry forgot (bounded history): nothing left to host.
         let known: BTreeSet<JobId> = entries.iter().map(|e| e.id).collect();
         self.told.retain(|id, _| known.contains(id));
-        self.checkpoints.retain(|id, _| known.contains(id));
+        self.records.retain(|(id, _), _| known.contains(id));
     }
 
     /// Load a job's data and build its model off the node loop; the job
@@ -645,7 +687,7 @@ impl Jobs {
                     if let Some(j) = self.jobs.get_mut(&job) {
                         j.on_inbound(peer, inbound);
                     }
-                    self.note_checkpoint(job);
+                    self.note_records(job);
                     self.schedule();
                     self.broadcast();
                     return;
@@ -655,7 +697,7 @@ impl Jobs {
         match self.jobs.get_mut(&job) {
             Some(j) => {
                 j.on_inbound(peer, inbound);
-                self.note_checkpoint(job);
+                self.note_records(job);
             }
             None => match inbound {
                 // Not hosted here (yet): the coordinator's spawn timeout respawns it.
@@ -714,11 +756,12 @@ impl Jobs {
 }
 
 impl Jobs {
-    /// Job `job`'s newest complete checkpoint, if it changed (kept on a coordination service).
-    fn note_checkpoint(&mut self, job: JobId) {
-        if let Some(record) = self.jobs.get_mut(&job).and_then(NodeJob::take_checkpoint_record) {
-            self.checkpoints.insert(job, record);
-            self.checkpoints_changed += 1;
+    /// Job `job`'s records that changed (kept on a coordination service).
+    fn note_records(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        for record in j.take_records() {
+            self.records.insert((job, record.dir()), record);
+            self.records_changed += 1;
         }
     }
 }

@@ -471,11 +471,6 @@ async fn node_loop_on<T: api::Transport>(
                         coordinator: view.coordinator,
                         members: view.members.clone(),
                     });
-                    if view.coordinator == me {
-                        if let Some(stored) = membership.take_stored_jobs() {
-                            jobs.set_stored_jobs(stored);
-                        }
-                    }
                     jobs.on_view(&view);
                 }
                 MembershipCommand::Rejected { peer, kind, reason } => jobs.rejected(peer, kind, reason),
@@ -512,8 +507,14 @@ async fn node_loop_on<T: api::Transport>(
                 }
             }
         }
-        // On a coordination service, the registry is kept there (one write at a time).
+        // On a coordination service, the registry is kept there (one write at a time), and a
+        // coordinator takes over what it kept there.
         if let Control::Service(plane) = &mut membership {
+            if jobs.taking_over() {
+                if let Some(stored) = plane.take_stored_jobs() {
+                    jobs.take_over_stored(stored);
+                }
+            }
             for (version, held) in plane.take_stored() {
                 jobs.on_stored(version, held);
             }
@@ -623,14 +624,6 @@ enum Control {
 }
 
 impl Control {
-    /// On a service: the jobs it kept when this node's coordination term began.
-    fn take_stored_jobs(&mut self) -> Option<Vec<crate::cluster::registry::JobEntry>> {
-        match self {
-            Control::Embedded(_) => None,
-            Control::Service(p) => p.take_stored_jobs(),
-        }
-    }
-
     fn view(&self) -> Option<&View> {
         match self {
             Control::Embedded(m) => m.view(),

@@ -24,8 +24,8 @@ use super::event::{unix_ms, Emitter, NodeEventKind};
 use super::membership::{LeaseCell, View};
 use super::node_config::NodeConfig;
 use super::placement::{Placement, Shape};
-use super::registry::CheckpointRecord;
 use super::registry::JobId;
+use super::registry::{AssignmentRecord, CheckpointRecord, JobRecord};
 use super::replication::{ReplicationStats, ReplicationTracker};
 use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
 use super::runner::{
@@ -83,10 +83,12 @@ pub(crate) struct NodeJob {
     /// Copies of this node's checkpoints acknowledged by the replicas.
     replication: ReplicationTracker,
     replication_stats: watch::Sender<ReplicationStats>,
-    /// The newest complete checkpoint of this coordinator and where its copies are, when it
-    /// changed and the node has not taken it yet (it keeps it on a coordination service).
-    checkpoint_record: Option<CheckpointRecord>,
-    last_record: Option<CheckpointRecord>,
+    /// Records of this coordinator (its newest complete checkpoint and where its copies are;
+    /// where the partitions are) that changed and the node has not taken yet (it keeps them on
+    /// a coordination service), and the last of each kind.
+    records: Vec<JobRecord>,
+    last_checkpoint: Option<CheckpointRecord>,
+    last_assignment: Option<AssignmentRecord>,
     events: Emitter,
     metrics: Arc<NodeMetrics>,
     /// Where checkpoint copies written off the loop report back.
@@ -201,8 +203,9 @@ impl NodeJob {
             job_started_ms: None,
             takeover_since: None,
             replication: ReplicationTracker::new(replicas),
-            checkpoint_record: None,
-            last_record: None,
+            records: Vec::new(),
+            last_checkpoint: None,
+            last_assignment: None,
             replication_stats: watch::channel(ReplicationStats { replicas, ..Default::default() }).0,
             events,
             metrics,
@@ -221,6 +224,16 @@ impl NodeJob {
             replicas: self.replicas,
         };
         let placement = Placement::compute(view.epoch, view.coordinator, &view.members, &shape);
+        if let Some(p) = placement.as_ref().filter(|p| p.coordinator == self.routing.me) {
+            let partitions = (0..plan.assignment.len() as u32)
+                .map(|i| p.node_of(phalanx_actors::protocol::ActorKey::shard(i)).unwrap_or(p.coordinator))
+                .collect();
+            let record = AssignmentRecord { epoch: p.epoch, partitions };
+            if self.last_assignment.as_ref().map(|r| &r.partitions) != Some(&record.partitions) {
+                self.last_assignment = Some(record.clone());
+                self.records.push(JobRecord::Assignment(record));
+            }
+        }
         let previous = self.routes.borrow().placement.as_ref().map(|p| p.coordinator);
         let changed = previous != Some(view.coordinator);
         let me = self.routing.me;
@@ -399,6 +412,10 @@ impl NodeJob {
     /// Give up the coordinator role here: no resume decision under way, the supervisor's
     /// task and its actors stopped.
     pub(crate) fn stop_coordinating(&mut self) {
+        // A later term starts its records afresh (the service may hold another coordinator's).
+        self.records.clear();
+        self.last_checkpoint = None;
+        self.last_assignment = None;
         self.resume.cancel();
         if let Some((_, task, stood_down)) = self.coordinator.take() {
             stood_down.store(true, Ordering::Release);
@@ -483,15 +500,15 @@ impl NodeJob {
         let Some((step, mut copies)) = self.replication.newest_complete(ranges) else { return };
         copies.insert(self.routing.me);
         let record = CheckpointRecord { step, copies: copies.into_iter().collect() };
-        if self.last_record.as_ref() != Some(&record) {
-            self.last_record = Some(record.clone());
-            self.checkpoint_record = Some(record);
+        if self.last_checkpoint.as_ref() != Some(&record) {
+            self.last_checkpoint = Some(record.clone());
+            self.records.push(JobRecord::Checkpoint(record));
         }
     }
 
-    /// The newest complete checkpoint and its copies, if they changed since the last call.
-    pub(crate) fn take_checkpoint_record(&mut self) -> Option<CheckpointRecord> {
-        self.checkpoint_record.take()
+    /// This coordinator's records that changed since the last call, oldest first.
+    pub(crate) fn take_records(&mut self) -> Vec<JobRecord> {
+        std::mem::take(&mut self.records)
     }
 
     /// A new coordinator asks what this node holds: answer from a blocking

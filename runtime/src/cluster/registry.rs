@@ -391,20 +391,22 @@ pub const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(20
 
 /// Where the newest complete checkpoint of each job is recorded on a service.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// Where each job's partition → node assignment is recorded on a service.
+pub const ASSIGNMENTS_DIR: &str = "assignments";
+/// The directories of a job's records, deleted with the job.
+pub const RECORD_DIRS: [&str; 2] = [CHECKPOINTS_DIR, ASSIGNMENTS_DIR];
+/// Records are written at most this often (with a job's entry, at once): a checkpoint record
+/// changes with every checkpoint, and the service's other clients need not hear of each.
+pub const RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The service key of job `id`.
 pub fn store_key(id: JobId) -> String {
     format!("{STORE_DIR}/{id}")
 }
 
-/// The service key of job `id`'s newest complete checkpoint.
-pub fn checkpoint_key(id: JobId) -> String {
-    format!("{CHECKPOINTS_DIR}/{id}")
-}
-
 /// A job's newest complete checkpoint (a file for every aggregator range, written by its
 /// coordinator) and the nodes that hold all of it: the coordinator and the replicas that
-/// acknowledged every file. Kept on a coordination service beside the job.
+/// acknowledged every file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
     /// Its step.
@@ -413,18 +415,59 @@ pub struct CheckpointRecord {
     pub copies: Vec<u32>,
 }
 
+/// Where a job's partitions are (each shard beside the trainer that owns its partition), as
+/// its coordinator placed them for a view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    /// The view's epoch.
+    pub epoch: u64,
+    /// The node of partition `p`, at index `p`.
+    pub partitions: Vec<u32>,
+}
+
+/// A record the coordinator keeps on a service beside a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobRecord {
+    /// At `checkpoints/ID`.
+    Checkpoint(CheckpointRecord),
+    /// At `assignments/ID`.
+    Assignment(AssignmentRecord),
+}
+
+impl JobRecord {
+    /// The directory it is kept in.
+    pub fn dir(&self) -> &'static str {
+        match self {
+            JobRecord::Checkpoint(_) => CHECKPOINTS_DIR,
+            JobRecord::Assignment(_) => ASSIGNMENTS_DIR,
+        }
+    }
+
+    /// Its value on the service (JSON).
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            JobRecord::Checkpoint(r) => serde_json::to_vec(r),
+            JobRecord::Assignment(r) => serde_json::to_vec(r),
+        }
+        .expect("a record serialises")
+    }
+}
+
+/// The records of the jobs, by job and directory.
+pub type Records = BTreeMap<(JobId, &'static str), JobRecord>;
+
 /// One write of the registry to the coordination service: the entries that changed since the
-/// service last held them, and the jobs the registry forgot.
+/// service last held them, the jobs the registry forgot, and records that changed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoreWrite {
     /// The registry version it brings the service to.
     pub version: Version,
     /// Entries to write.
     pub puts: Vec<JobEntry>,
-    /// Jobs to delete (with their checkpoint records).
+    /// Jobs to delete (with their records).
     pub deletes: Vec<JobId>,
-    /// Checkpoint records that changed.
-    pub checkpoints: Vec<(JobId, CheckpointRecord)>,
+    /// Records that changed.
+    pub records: Vec<(JobId, JobRecord)>,
 }
 
 /// What the coordinator's registry needs from the service now.
@@ -441,14 +484,17 @@ pub enum StorePoll {
 /// A coordinator's copy of what the coordination service holds of its registry (sans-IO): on
 /// a service, a job is accepted — and a state change durable — once the service holds it,
 /// not a majority of the nodes. One write at a time; a change made meanwhile goes in the next.
+/// Records go at most every [`RECORD_INTERVAL`], or with an entry.
 #[derive(Debug)]
 pub struct ServiceStore {
     held: BTreeMap<JobId, JobEntry>,
-    held_checkpoints: BTreeMap<JobId, CheckpointRecord>,
+    held_records: Records,
     in_flight: Option<StoreWrite>,
     not_before: Option<std::time::Instant>,
-    /// The registry version and checkpoint generation last looked at (to skip comparing
-    /// what did not change).
+    /// When records were last written.
+    records_written: Option<std::time::Instant>,
+    /// The registry version and records generation last seen held in full (to skip
+    /// comparing what did not change).
     seen: Option<(Version, u64)>,
 }
 
@@ -457,19 +503,20 @@ impl ServiceStore {
     pub fn new(held: impl IntoIterator<Item = JobEntry>) -> Self {
         Self {
             held: held.into_iter().map(|e| (e.id, e)).collect(),
-            held_checkpoints: BTreeMap::new(),
+            held_records: BTreeMap::new(),
             in_flight: None,
             not_before: None,
+            records_written: None,
             seen: None,
         }
     }
 
-    /// What to do for `snapshot` and the jobs' newest complete `checkpoints` (whose content
-    /// changes with `generation`) at `now`.
+    /// What to do for `snapshot` and the jobs' `records` (whose content changes with
+    /// `generation`) at `now`.
     pub fn poll(
         &mut self,
         snapshot: &Snapshot,
-        checkpoints: &BTreeMap<JobId, CheckpointRecord>,
+        records: &Records,
         generation: u64,
         now: std::time::Instant,
     ) -> StorePoll {
@@ -481,16 +528,21 @@ impl ServiceStore {
         let puts: Vec<JobEntry> =
             snapshot.jobs.values().filter(|j| self.held.get(&j.id) != Some(*j)).cloned().collect();
         let deletes: Vec<JobId> = self.held.keys().filter(|id| !snapshot.jobs.contains_key(id)).copied().collect();
-        let checkpoints: Vec<(JobId, CheckpointRecord)> = checkpoints
+        let changed: Vec<(JobId, JobRecord)> = records
             .iter()
-            .filter(|(id, r)| snapshot.jobs.contains_key(id) && self.held_checkpoints.get(id) != Some(*r))
-            .map(|(id, r)| (*id, r.clone()))
+            .filter(|((id, _), r)| snapshot.jobs.contains_key(id) && self.held_records.get(&(*id, r.dir())) != Some(*r))
+            .map(|((id, _), r)| (*id, r.clone()))
             .collect();
-        if puts.is_empty() && deletes.is_empty() && checkpoints.is_empty() {
-            self.seen = Some(looking_at);
+        let due = self.records_written.is_none_or(|t| now >= t + RECORD_INTERVAL);
+        let records = if due || !puts.is_empty() || !deletes.is_empty() { changed.clone() } else { Vec::new() };
+        if puts.is_empty() && deletes.is_empty() && records.is_empty() {
+            // Records waiting for their turn: look again later.
+            if changed.is_empty() {
+                self.seen = Some(looking_at);
+            }
             return StorePoll::Durable(snapshot.version);
         }
-        let write = StoreWrite { version: snapshot.version, puts, deletes, checkpoints };
+        let write = StoreWrite { version: snapshot.version, puts, deletes, records };
         self.in_flight = Some(write.clone());
         StorePoll::Write(write)
     }
@@ -510,12 +562,17 @@ impl ServiceStore {
         }
         for id in write.deletes {
             self.held.remove(&id);
-            self.held_checkpoints.remove(&id);
+            self.held_records.retain(|(job, _), _| *job != id);
         }
         for entry in write.puts {
             self.held.insert(entry.id, entry);
         }
-        self.held_checkpoints.extend(write.checkpoints);
+        if !write.records.is_empty() {
+            self.records_written = Some(now);
+        }
+        for (id, record) in write.records {
+            self.held_records.insert((id, record.dir()), record);
+        }
         // The registry may have changed meanwhile: look again.
         self.seen = None;
         Some(version)
@@ -680,40 +737,52 @@ mod tests {
         r.take_over(1);
         let kept = JobEntry { id: 9, spec: spec(9), state: JobState::Cancelled };
         let mut store = ServiceStore::new([kept.clone()]);
-        let none = BTreeMap::new();
         let (a, v1) = r.accept(spec(1)).unwrap();
-        let StorePoll::Write(w) = store.poll(r.snapshot(), &none, 0, now) else { panic!("a write") };
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &Records::new(), 0, now) else { panic!("a write") };
         assert_eq!((w.version, w.puts.len(), w.deletes.clone()), (v1, 1, vec![9]), "job 9 is not in the registry");
         // A change while the write is under way waits for it.
         let (b, v2) = r.accept(spec(2)).unwrap();
-        assert_eq!(store.poll(r.snapshot(), &none, 0, now), StorePoll::Idle);
+        assert_eq!(store.poll(r.snapshot(), &Records::new(), 0, now), StorePoll::Idle);
         // Fenced out or unreachable: not durable, tried again later.
         assert_eq!(store.on_written(v1, false, now), None);
-        assert_eq!(store.poll(r.snapshot(), &none, 0, now), StorePoll::Idle);
+        assert_eq!(store.poll(r.snapshot(), &Records::new(), 0, now), StorePoll::Idle);
         let later = now + STORE_RETRY;
-        let StorePoll::Write(w) = store.poll(r.snapshot(), &none, 0, later) else { panic!("tried again") };
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &Records::new(), 0, later) else { panic!("tried again") };
         assert_eq!(w.version, v2);
         assert_eq!(w.puts.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
         // A late answer for another version changes nothing.
         assert_eq!(store.on_written(v1, true, later), None);
         assert_eq!(store.on_written(v2, true, later), Some(v2));
         // Nothing changed since: durable at once, and then quiet.
-        assert_eq!(store.poll(r.snapshot(), &none, 0, later), StorePoll::Durable(v2));
-        assert_eq!(store.poll(r.snapshot(), &none, 0, later), StorePoll::Idle);
+        assert_eq!(store.poll(r.snapshot(), &Records::new(), 0, later), StorePoll::Durable(v2));
+        assert_eq!(store.poll(r.snapshot(), &Records::new(), 0, later), StorePoll::Idle);
         r.set_state(a, JobState::Running);
-        let StorePoll::Write(w) = store.poll(r.snapshot(), &none, 0, later) else { panic!("a write") };
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &Records::new(), 0, later) else { panic!("a write") };
         assert_eq!((w.puts.len(), w.puts[0].id, w.deletes.len()), (1, a, 0), "only what changed");
         assert_eq!(store.on_written(w.version, true, later), Some(w.version));
-        // A job's newest checkpoint: written when it changes (its generation moves on), and only
-        // for jobs the registry holds.
-        let mut checkpoints = BTreeMap::new();
-        checkpoints.insert(a, CheckpointRecord { step: 20, copies: vec![0, 1] });
-        checkpoints.insert(77, CheckpointRecord { step: 20, copies: vec![0] });
-        let StorePoll::Write(w) = store.poll(r.snapshot(), &checkpoints, 1, later) else { panic!("a write") };
-        assert_eq!(w.checkpoints, vec![(a, CheckpointRecord { step: 20, copies: vec![0, 1] })]);
+        // A job's records: written when they change (their generation moves on), only for jobs
+        // the registry holds, and at most every RECORD_INTERVAL unless an entry goes too.
+        let checkpoint = |step| JobRecord::Checkpoint(CheckpointRecord { step, copies: vec![0, 1] });
+        let mut records = Records::new();
+        records.insert((a, CHECKPOINTS_DIR), checkpoint(20));
+        records.insert((77, CHECKPOINTS_DIR), checkpoint(20));
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &records, 1, later) else { panic!("a write") };
+        assert_eq!(w.records, vec![(a, checkpoint(20))]);
         assert!(w.puts.is_empty() && w.deletes.is_empty());
         assert_eq!(store.on_written(w.version, true, later), Some(w.version));
-        assert_eq!(store.poll(r.snapshot(), &checkpoints, 1, later), StorePoll::Durable(w.version));
+        assert_eq!(store.poll(r.snapshot(), &records, 1, later), StorePoll::Durable(w.version));
+        records.insert((a, CHECKPOINTS_DIR), checkpoint(40));
+        let soon = later + RECORD_INTERVAL / 2;
+        assert_eq!(store.poll(r.snapshot(), &records, 2, soon), StorePoll::Durable(w.version), "not yet");
+        // An entry changing takes the record with it.
+        r.set_state(b, JobState::Running);
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &records, 2, soon) else { panic!("a write") };
+        assert_eq!((w.puts.len(), w.records.clone()), (1, vec![(a, checkpoint(40))]));
+        assert_eq!(store.on_written(w.version, true, soon), Some(w.version));
+        records.insert((a, CHECKPOINTS_DIR), checkpoint(60));
+        assert_eq!(store.poll(r.snapshot(), &records, 3, soon), StorePoll::Durable(w.version));
+        let StorePoll::Write(w) = store.poll(r.snapshot(), &records, 3, soon + RECORD_INTERVAL) else { panic!("due") };
+        assert_eq!(w.records, vec![(a, checkpoint(60))]);
     }
 
     #[test]

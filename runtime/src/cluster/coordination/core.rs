@@ -260,6 +260,14 @@ impl Coordinated {
                 "names node {} as coordinator, but token {token} is node {}'s",
                 view.coordinator, holder.node
             )));
+        } else if view.coordinator == self.me && self.token != Some(token) {
+            // An earlier process with this node's id still holds the role (its lease has not
+            // run out yet): following its view would make this one act as a coordinator whose
+            // writes no token fences.
+            out.push(reject(format!(
+                "names this node as coordinator under token {token}, held by its earlier incarnation {}",
+                holder.incarnation
+            )));
         } else if view.epoch <= self.highest_epoch {
             out.push(reject(format!("epoch {} is not above {} (seen)", view.epoch, self.highest_epoch)));
         } else if view.epoch > MAX_EPOCH {
@@ -472,6 +480,14 @@ mod tests {
         // Incarnation 1 of node 0 still holds the role until its lease runs out.
         assert!(core.on_observed(leader(0, 4)).is_empty());
         assert_eq!(core.token(), None);
+        // Its view names node 0 as coordinator: not this incarnation, which holds no token.
+        let old = view(3, 0, &[0, 1]);
+        let rejected = commands(&core.on_observed(published(4, &old)));
+        assert!(
+            matches!(&rejected[..], [MembershipCommand::Rejected { reason, .. }] if reason.contains("earlier incarnation")),
+            "{rejected:?}"
+        );
+        assert_eq!(core.view(), None);
         // When it does, this incarnation campaigns.
         assert_eq!(core.on_observed(Observed::Leader(None)), vec![Action::Campaign]);
     }

@@ -11,7 +11,7 @@ use phalanx_actors::clock;
 use tokio::sync::mpsc;
 
 use super::super::membership::{MembershipCommand, View};
-use super::super::registry::{checkpoint_key, store_key, JobEntry, StoreWrite, Version, MAX_STORED, STORE_DIR};
+use super::super::registry::{store_key, JobEntry, StoreWrite, Version, MAX_STORED, RECORD_DIRS, STORE_DIR};
 use super::core::{Action, Coordinated};
 use super::{Coordination, CoordinationError, Member, Observed, Session, Settings};
 
@@ -35,9 +35,11 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 pub enum Answer {
     /// The session of a (re)join, or why there is none.
     Joined(Result<(Arc<Session>, mpsc::Receiver<Observed>), CoordinationError>, u64),
-    /// A campaign's outcome, for the incarnation that asked; when won, the jobs the service
-    /// keeps (read after winning: no earlier coordinator writes any more).
-    Campaigned(u64, Result<Option<(u64, Vec<JobEntry>)>, CoordinationError>),
+    /// A campaign's outcome, for the incarnation that asked.
+    Campaigned(u64, Result<Option<u64>, CoordinationError>),
+    /// The jobs the service keeps, read when the term of (incarnation, token) began (after the
+    /// role was won: no earlier coordinator writes any more).
+    Listed(u64, u64, Result<Vec<JobEntry>, CoordinationError>),
     /// A write of the job registry (by the incarnation that asked): whether the service holds it.
     Stored(u64, Version, Result<bool, CoordinationError>),
     /// A fenced write of a view (by the incarnation that asked, with its token).
@@ -232,18 +234,26 @@ impl ServicePlane {
                 Vec::new()
             }
             // An answer to an earlier incarnation's request: that session and its role are gone.
-            Input::Answer(Answer::Campaigned(asked, ..) | Answer::Published(asked, ..))
+            Input::Answer(Answer::Campaigned(asked, ..) | Answer::Published(asked, ..) | Answer::Listed(asked, ..))
                 if asked != self.core.incarnation() =>
             {
                 Vec::new()
             }
-            Input::Answer(Answer::Campaigned(_, Ok(won))) => {
-                let token = won.map(|(token, jobs)| {
-                    self.stored_jobs = Some(jobs);
-                    token
-                });
-                self.core.on_campaigned(token)
+            // The term's listing: for the registry, if the term is still this one.
+            Input::Answer(Answer::Listed(_, token, listed)) => {
+                match listed {
+                    Ok(jobs) if self.core.token() == Some(token) => self.stored_jobs = Some(jobs),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(node = self.me, error = %e, "reading the job registry failed; trying again");
+                        if self.core.token() == Some(token) {
+                            self.spawn_list(token, RETRY);
+                        }
+                    }
+                }
+                Vec::new()
             }
+            Input::Answer(Answer::Campaigned(_, Ok(token))) => self.core.on_campaigned(token),
             Input::Answer(Answer::Campaigned(_, Err(e))) => {
                 tracing::warn!(node = self.me, error = %e, "campaign failed; trying again");
                 self.spawn_campaign(RETRY);
@@ -273,7 +283,12 @@ impl ServicePlane {
         }
         // The term's lease counts from the moment this node knew it holds the role.
         match (self.core.token(), self.term_began) {
-            (Some(_), None) => self.term_began = Some(clock::now()),
+            (Some(token), None) => {
+                self.term_began = Some(clock::now());
+                // However the role came (the campaign's answer or the watch, whichever was
+                // first), the term begins by reading what the service keeps of the registry.
+                self.spawn_list(token, Duration::ZERO);
+            }
             (None, Some(_)) => {
                 self.term_began = None;
                 self.stored_jobs = None;
@@ -288,16 +303,21 @@ impl ServicePlane {
         let (tx, asked) = (self.answers_tx.clone(), self.core.incarnation());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let won = match session.campaign().await {
-                Ok(Some(token)) => stored_jobs(&session).await.map(|jobs| Some((token, jobs))),
-                other => other.map(|_| None),
-            };
-            let _ = tx.send(Answer::Campaigned(asked, won)).await;
+            let _ = tx.send(Answer::Campaigned(asked, session.campaign().await)).await;
+        });
+    }
+
+    fn spawn_list(&self, token: u64, after: Duration) {
+        let Some(session) = self.session.clone() else { return };
+        let (tx, asked) = (self.answers_tx.clone(), self.core.incarnation());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Answer::Listed(asked, token, stored_jobs(&session).await)).await;
         });
     }
 
     /// The jobs the service kept when this node's term began (once: the registry takes them
-    /// over with the term's first view).
+    /// over, and until then accepts and starts nothing as coordinator).
     pub fn take_stored_jobs(&mut self) -> Option<Vec<JobEntry>> {
         self.stored_jobs.take()
     }
@@ -391,7 +411,7 @@ async fn stored_jobs(session: &Session) -> Result<Vec<JobEntry>, CoordinationErr
     Ok(jobs)
 }
 
-/// Carry out one registry write — job entries, checkpoint records, deletes — every one fenced
+/// Carry out one registry write — job entries, records, deletes — every one fenced
 /// by `token`; `false` as soon as one is refused (the role is gone).
 async fn write_jobs(session: &Session, token: u64, write: StoreWrite) -> Result<bool, CoordinationError> {
     for entry in &write.puts {
@@ -400,14 +420,14 @@ async fn write_jobs(session: &Session, token: u64, write: StoreWrite) -> Result<
             return Ok(false);
         }
     }
-    for (id, record) in &write.checkpoints {
-        let bytes = serde_json::to_vec(record).expect("a checkpoint record serialises");
-        if !session.put_fenced(token, &checkpoint_key(*id), &bytes).await? {
+    for (id, record) in &write.records {
+        if !session.put_fenced(token, &format!("{}/{id}", record.dir()), &record.to_json()).await? {
             return Ok(false);
         }
     }
     for id in &write.deletes {
-        for key in [store_key(*id), checkpoint_key(*id)] {
+        let keys = std::iter::once(store_key(*id)).chain(RECORD_DIRS.iter().map(|dir| format!("{dir}/{id}")));
+        for key in keys {
             if !session.delete_fenced(token, &key).await? {
                 return Ok(false);
             }

@@ -313,11 +313,27 @@ async fn observe(client: zk::Client, events: mpsc::Sender<Observed>, service: St
                 tracing::debug!(%service, error = %e, "reading the chroot failed; reading again on the next change")
             }
         }
-        let event = watcher.changed().await;
-        if event.event_type == zk::EventType::Session && event.session_state.is_terminated() {
-            return;
+        // The job registry's keys change nothing an observer reports: wait for another change.
+        loop {
+            let event = watcher.changed().await;
+            if event.event_type == zk::EventType::Session && event.session_state.is_terminated() {
+                return;
+            }
+            if event.event_type == zk::EventType::Session || !is_registry_path(&event.path) {
+                break;
+            }
         }
     }
+}
+
+/// A path (relative to the chroot) of the job registry or a job's record.
+fn is_registry_path(path: &str) -> bool {
+    use crate::cluster::registry::{RECORD_DIRS, STORE_DIR};
+    std::iter::once(STORE_DIR).chain(RECORD_DIRS).any(|dir| {
+        path.strip_prefix('/')
+            .and_then(|p| p.strip_prefix(dir))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 /// The members, the lowest candidate and the view, as ZooKeeper has them now.
@@ -373,4 +389,19 @@ async fn read(client: &zk::Client, service: &str) -> Result<Snapshot, zk::Error>
         Err(e) => return Err(e),
     }
     Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_registry_path;
+
+    #[test]
+    fn the_registry_paths_are_told_apart_from_the_membership_paths() {
+        for path in ["/jobs", "/jobs/12", "/checkpoints/3", "/assignments/3"] {
+            assert!(is_registry_path(path), "{path}");
+        }
+        for path in ["/members/1", "/election/n_0000000001", "/view", "/jobsx", "/", ""] {
+            assert!(!is_registry_path(path), "{path}");
+        }
+    }
 }
