@@ -231,20 +231,7 @@ async fn an_etcd_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust
     let spec = etcd.spec("/phalanx/tls");
     contract_with(spec.clone(), Settings { tls: Some(client), ..settings() }).await;
 
-    let quick = Settings { join_timeout: Duration::from_millis(1500), ..settings() };
-    // Plain TCP to an etcd that speaks TLS: no session.
-    match Session::join(&spec, member(7, 1), quick.clone()).await {
-        Err(CoordinationError::Unreachable { .. }) => {}
-        other => panic!("plain TCP to a TLS etcd: {other:?}"),
-    }
-    // TLS trusting the CA, but no client certificate: the etcd refuses it.
-    let ca_only = tempfile::tempdir().unwrap();
-    std::fs::copy(certs.path().join("ca.pem"), ca_only.path().join("ca.pem")).unwrap();
-    let tls = std::sync::Arc::new(ServiceTls::load(ca_only.path()).unwrap());
-    match Session::join(&spec, member(7, 1), Settings { tls: Some(tls), ..quick.clone() }).await {
-        Err(CoordinationError::Unreachable { .. }) => {}
-        other => panic!("no client certificate: {other:?}"),
-    }
+    refuses_whoever_it_cannot_trust(&spec, certs.path()).await;
     // A directory without the CA: a clear error naming the file.
     let err = ServiceTls::load(certs.path().join("node-0").join("missing").as_path()).unwrap_err().to_string();
     assert!(err.contains("ca.pem") && err.contains("--coordination-certs"), "{err}");
@@ -267,26 +254,26 @@ async fn a_zookeeper_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_t
     let spec = zookeeper.spec("/phalanx/tls");
     contract_with(spec.clone(), Settings { tls: Some(client), ..settings() }).await;
 
+    refuses_whoever_it_cannot_trust(&spec, certs.path()).await;
+}
+
+/// A service speaking TLS with the CA in `certs` refuses plain TCP, a client that trusts the CA
+/// but has no certificate, and a client of another cluster's CA: no session for any of them.
+async fn refuses_whoever_it_cannot_trust(spec: &Coordination, certs: &std::path::Path) {
     let quick = Settings { join_timeout: Duration::from_millis(1500), ..settings() };
-    // Plain TCP to the TLS port: no session.
-    match Session::join(&spec, member(7, 1), quick.clone()).await {
-        Err(CoordinationError::Unreachable { .. }) => {}
-        other => panic!("plain TCP to ZooKeeper's TLS port: {other:?}"),
-    }
-    // TLS trusting the CA, but no client certificate: the server refuses it.
     let ca_only = tempfile::tempdir().unwrap();
-    std::fs::copy(certs.path().join("ca.pem"), ca_only.path().join("ca.pem")).unwrap();
-    let tls = std::sync::Arc::new(ServiceTls::load(ca_only.path()).unwrap());
-    match Session::join(&spec, member(7, 1), Settings { tls: Some(tls), ..quick.clone() }).await {
-        Err(CoordinationError::Unreachable { .. }) => {}
-        other => panic!("no client certificate: {other:?}"),
-    }
-    // A client of another cluster's CA trusts neither the server nor is trusted by it.
+    std::fs::copy(certs.join("ca.pem"), ca_only.path().join("ca.pem")).unwrap();
     let stranger = tempfile::tempdir().unwrap();
     phalanx_transport::certs::generate(stranger.path(), 1).unwrap();
-    let tls = std::sync::Arc::new(ServiceTls::load(&stranger.path().join("client")).unwrap());
-    match Session::join(&spec, member(7, 1), Settings { tls: Some(tls), ..quick }).await {
-        Err(CoordinationError::Unreachable { .. }) => {}
-        other => panic!("another CA's client: {other:?}"),
+    let load = |dir: &std::path::Path| Some(std::sync::Arc::new(ServiceTls::load(dir).unwrap()));
+    for (who, tls) in [
+        ("plain TCP", None),
+        ("no client certificate", load(ca_only.path())),
+        ("another CA's client", load(&stranger.path().join("client"))),
+    ] {
+        match Session::join(spec, member(7, 1), Settings { tls, ..quick.clone() }).await {
+            Err(CoordinationError::Unreachable { .. }) => {}
+            other => panic!("{who} to {spec}: {other:?}"),
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use phalanx::cluster::coordination::servers::{LocalEtcd, LocalZooKeeper};
 use phalanx::cluster::coordination::{Coordination, Member, Session, Settings};
 use phalanx::cluster::registry::{AssignmentRecord, CheckpointRecord, JobEntry, JobState};
-use phalanx::{JobConfig, Node, NodeEventKind, NodeHandle};
+use phalanx::{JobConfig, NodeEventKind, NodeHandle};
 
 mod common;
 
@@ -21,28 +21,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// Three nodes embedded in this process, on `spec`, with nothing of an earlier cluster: new
 /// certificates, ports and data directories under `dir`.
 async fn cluster(dir: &Path, spec: &Coordination) -> Vec<NodeHandle> {
-    let certs = dir.join("certs");
-    phalanx_transport::certs::generate(&certs, 3).unwrap();
-    let ports = common::free_udp_ports(3);
-    let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
-    let mut nodes = Vec::new();
-    for i in 0..3u32 {
-        let seeds = (0..3).filter(|j| *j != i as usize).map(addr).collect();
-        let node = Node::builder()
-            .id(i)
-            .listen(addr(i as usize))
-            .seeds(seeds)
-            .certs_dir(&certs)
-            .data_dir(dir.join(format!("data-{i}")))
-            .out(dir.join("out"))
-            .coordination(spec.clone())
-            .coordination_ttl_ms(1000)
-            .start()
-            .await
-            .expect("node starts");
-        nodes.push(node);
-    }
-    nodes
+    common::embedded_cluster(dir, |b| b.coordination(spec.clone()).coordination_ttl_ms(1000)).await
 }
 
 fn job(seed: u64, epochs: u32) -> JobConfig {
@@ -55,13 +34,6 @@ async fn expected(spec: JobConfig) -> String {
 }
 
 async fn survives_the_whole_cluster(spec: Coordination) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
     let (long, short) = (job(11, 300), job(12, 20));
     let first = tempfile::tempdir().unwrap();
     let nodes = cluster(first.path(), &spec).await;

@@ -10,35 +10,15 @@ use std::time::Duration;
 
 mod common;
 
-use phalanx::{JobConfig, Node, NodeEvent, NodeEventKind, NodeHandle};
+use phalanx::{JobConfig, NodeEvent, NodeEventKind, NodeHandle};
 
 /// Bound on any wait: a hang fails the test.
 const WAIT: Duration = Duration::from_secs(90);
 
 async fn cluster(dir: &std::path::Path) -> Vec<NodeHandle> {
-    let certs = dir.join("certs");
-    phalanx_transport::certs::generate(&certs, 3).unwrap();
-    let ports = common::free_udp_ports(3);
-    let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
-    let mut nodes = Vec::new();
-    for i in 0..3u32 {
-        let seeds = (0..3).filter(|j| *j != i as usize).map(addr).collect();
-        let node = Node::builder()
-            .id(i)
-            .listen(addr(i as usize))
-            .seeds(seeds)
-            .certs_dir(&certs)
-            .data_dir(dir.join(format!("data-{i}")))
-            .out(dir.join("out"))
-            .metrics("127.0.0.1:0".parse().unwrap())
-            .start()
-            .await
-            .expect("node starts");
-        nodes.push(node);
-    }
     // No waiting for the cluster to form: a submission made before there is a
     // coordinator waits for one.
-    nodes
+    common::embedded_cluster(dir, |b| b.metrics("127.0.0.1:0".parse().unwrap())).await
 }
 
 async fn wait_for(

@@ -142,3 +142,28 @@ pub fn plane(
         features.iter().enumerate().map(|(i, [a, b])| 2.0 * a - b + 0.5 + noise * unit(3 * i as u64 + 2)).collect();
     phalanx::Table::from_rows("plane", vec!["a".into(), "b".into()], &features, &targets, request.task)
 }
+
+/// Three nodes embedded in this process on loopback, with new certificates, ports and data
+/// directories under `dir` and their outputs in `dir/out`; `configure` adds to each builder.
+pub async fn embedded_cluster(
+    dir: &std::path::Path,
+    configure: impl Fn(phalanx::NodeBuilder) -> phalanx::NodeBuilder,
+) -> Vec<phalanx::NodeHandle> {
+    let certs = dir.join("certs");
+    phalanx_transport::certs::generate(&certs, 3).unwrap();
+    let ports = free_udp_ports(3);
+    let addr = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], ports[i]));
+    let mut nodes = Vec::new();
+    for i in 0..3u32 {
+        let seeds = (0..3).filter(|j| *j != i as usize).map(addr).collect();
+        let builder = phalanx::Node::builder()
+            .id(i)
+            .listen(addr(i as usize))
+            .seeds(seeds)
+            .certs_dir(&certs)
+            .data_dir(dir.join(format!("data-{i}")))
+            .out(dir.join("out"));
+        nodes.push(configure(builder).start().await.expect("node starts"));
+    }
+    nodes
+}

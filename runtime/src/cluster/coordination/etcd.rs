@@ -175,40 +175,33 @@ impl EtcdSession {
 
     /// See [`super::Session::put_fenced`].
     pub async fn put_fenced(&self, token: u64, rel: &str, value: &[u8]) -> Result<bool, CoordinationError> {
-        let token = i64::try_from(token)
-            .map_err(|_| self.failed(&format!("put {rel}"), format!("token {token} out of range")))?;
-        let txn = pb::TxnRequest {
-            // The role with this token, and held by this session (another node knowing the
-            // token does not make it the coordinator).
-            compare: vec![
-                create_revision_is(&self.key("coordinator"), token),
-                lease_is(&self.key("coordinator"), self.lease),
-            ],
-            success: vec![put(&self.key(rel), value.to_vec(), 0)],
-            failure: vec![],
-        };
-        let r = request(self.kv.clone().txn(txn)).await.map_err(|e| self.failed(&format!("put {rel}"), e))?;
-        Ok(r.succeeded)
+        self.fenced(token, &format!("put {rel}"), put(&self.key(rel), value.to_vec(), 0)).await
     }
 
     /// See [`super::Session::delete_fenced`].
     pub async fn delete_fenced(&self, token: u64, rel: &str) -> Result<bool, CoordinationError> {
-        let token = i64::try_from(token)
-            .map_err(|_| self.failed(&format!("delete {rel}"), format!("token {token} out of range")))?;
+        let delete = pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                key: self.key(rel),
+                ..Default::default()
+            })),
+        };
+        self.fenced(token, &format!("delete {rel}"), delete).await
+    }
+
+    /// Carry `op` out in a transaction that first checks the role is held with `token` — and
+    /// by this session: another node knowing the token does not make it the coordinator.
+    async fn fenced(&self, token: u64, what: &str, op: pb::RequestOp) -> Result<bool, CoordinationError> {
+        let token = i64::try_from(token).map_err(|_| self.failed(what, format!("token {token} out of range")))?;
         let txn = pb::TxnRequest {
             compare: vec![
                 create_revision_is(&self.key("coordinator"), token),
                 lease_is(&self.key("coordinator"), self.lease),
             ],
-            success: vec![pb::RequestOp {
-                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                    key: self.key(rel),
-                    ..Default::default()
-                })),
-            }],
+            success: vec![op],
             failure: vec![],
         };
-        let r = request(self.kv.clone().txn(txn)).await.map_err(|e| self.failed(&format!("delete {rel}"), e))?;
+        let r = request(self.kv.clone().txn(txn)).await.map_err(|e| self.failed(what, e))?;
         Ok(r.succeeded)
     }
 
