@@ -753,9 +753,7 @@ impl Jobs {
             _ => {}
         }
     }
-}
 
-impl Jobs {
     /// Job `job`'s records that changed (kept on a coordination service).
     fn note_records(&mut self, job: JobId) {
         let Some(j) = self.jobs.get_mut(&job) else { return };

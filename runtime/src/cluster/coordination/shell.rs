@@ -70,8 +70,9 @@ pub struct ServicePlane {
     answers: mpsc::Receiver<Answer>,
     /// The first join's refusal (a second process with this id) stops the node.
     first_join: bool,
-    /// When this node's current coordination term began (its lease counts from there).
-    term_began: Option<Instant>,
+    /// This node's current coordination term: its token, and when it began (its lease counts
+    /// from there).
+    term: Option<(u64, Instant)>,
     /// When this node may campaign (a lease after it first joined), until it did settle.
     settle_at: Option<tokio::time::Instant>,
     /// The jobs the service kept when this node's term began, for the registry to take over.
@@ -96,7 +97,7 @@ impl ServicePlane {
             answers_tx,
             answers,
             first_join: true,
-            term_began: None,
+            term: None,
             settle_at: None,
             stored_jobs: None,
             stored: Vec::new(),
@@ -281,19 +282,21 @@ impl ServicePlane {
                 Action::Publish { token, view } => self.spawn_publish(token, view, Duration::ZERO),
             }
         }
-        // The term's lease counts from the moment this node knew it holds the role.
-        match (self.core.token(), self.term_began) {
-            (Some(token), None) => {
-                self.term_began = Some(clock::now());
+        // A term is a token: its lease counts from the moment this node knew it holds the role.
+        match (self.core.token(), self.term) {
+            (Some(token), Some((held, _))) if held == token => {}
+            (Some(token), _) => {
+                self.term = Some((token, clock::now()));
+                self.stored_jobs = None;
                 // However the role came (the campaign's answer or the watch, whichever was
                 // first), the term begins by reading what the service keeps of the registry.
                 self.spawn_list(token, Duration::ZERO);
             }
             (None, Some(_)) => {
-                self.term_began = None;
+                self.term = None;
                 self.stored_jobs = None;
             }
-            _ => {}
+            (None, None) => {}
         }
         Ok(commands)
     }
@@ -360,7 +363,7 @@ impl ServicePlane {
             return None;
         }
         let until = self.session.as_ref()?.valid_until()?;
-        Some((self.term_began?, until))
+        Some((self.term?.1, until))
     }
 
     /// Give this node's registration (and the role, if it holds it) up, for an orderly stop;
