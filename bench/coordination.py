@@ -57,20 +57,30 @@ def wait_for(what, check, timeout=30.0):
     sys.exit(f"coordination bench: {what} did not answer within {timeout} s")
 
 
-class Etcd:
+class Server:
+    """A server process for the run, its log in the work directory; ready once `bytes` answers."""
+
+    def start(self, name, work, command):
+        self.log = open(os.path.join(work, f"{name}.log"), "w")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        wait_for(name, lambda: self.bytes() is not None)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Etcd(Server):
     def __init__(self, work):
         self.port, peer = free_port(), free_port()
-        self.log = open(os.path.join(work, "etcd.log"), "w")
-        self.proc = subprocess.Popen(
-            ["etcd", "--data-dir", os.path.join(work, "etcd"),
+        self.start("etcd", work, [
+            "etcd", "--data-dir", os.path.join(work, "etcd"),
              "--listen-client-urls", f"http://127.0.0.1:{self.port}",
              "--advertise-client-urls", f"http://127.0.0.1:{self.port}",
              "--listen-peer-urls", f"http://127.0.0.1:{peer}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
              "--initial-cluster", f"default=http://127.0.0.1:{peer}",
-             "--heartbeat-interval", "50", "--election-timeout", "500"],
-            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-        wait_for("etcd", lambda: self.bytes() is not None)
+             "--heartbeat-interval", "50", "--election-timeout", "500"])
 
     def spec(self, prefix):
         return f"etcd://127.0.0.1:{self.port}/{prefix}"
@@ -87,12 +97,8 @@ class Etcd:
                 total += float(line.split()[-1])
         return total
 
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
 
-
-class ZooKeeper:
+class ZooKeeper(Server):
     def __init__(self, work):
         self.port = free_port()
         config = os.path.join(work, "zoo.cfg")
@@ -100,12 +106,9 @@ class ZooKeeper:
             f.write(f"tickTime=200\ndataDir={os.path.join(work, 'zk')}\nclientPort={self.port}\n"
                     "clientPortAddress=127.0.0.1\nmaxSessionTimeout=20000\nadmin.enableServer=false\n"
                     "4lw.commands.whitelist=srvr,mntr\n")
-        self.log = open(os.path.join(work, "zookeeper.log"), "w")
-        self.proc = subprocess.Popen(
-            ["java", "-cp", "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar", "-Xmx256m",
-             "org.apache.zookeeper.server.ZooKeeperServerMain", config],
-            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-        wait_for("ZooKeeper", lambda: self.bytes() is not None)
+        self.start("zookeeper", work, [
+            "java", "-cp", "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar", "-Xmx256m",
+            "org.apache.zookeeper.server.ZooKeeperServerMain", config])
 
     def spec(self, prefix):
         return f"zk://127.0.0.1:{self.port}/{prefix}"
@@ -123,10 +126,6 @@ class ZooKeeper:
         if "zk_bytes_received_count" not in fields:
             return None
         return float(fields["zk_bytes_received_count"]) + float(fields.get("zk_response_bytes", 0))
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
 
 
 def run(spec, kill, out):

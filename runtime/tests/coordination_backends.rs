@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use phalanx::cluster::coordination::servers::{EtcdServerTls, LocalEtcd, LocalZooKeeper, ZooKeeperServerTls};
+use phalanx::cluster::coordination::servers::{EtcdServerTls, LocalEtcd, LocalZooKeeper, ServerTls};
 use phalanx::cluster::coordination::{
     Coordination, CoordinationError, Leader, Member, Observed, ServiceTls, Session, Settings,
 };
@@ -215,18 +215,9 @@ async fn a_node_hears_its_own_session_end_when_the_service_stops_past_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust() {
-    // A cluster CA from `phalanx certs`: the etcd serves node 0's certificate (naming
-    // 127.0.0.1) and accepts clients the CA signed; the nodes present `client/`.
-    let certs = tempfile::tempdir().unwrap();
-    let names = std::collections::BTreeMap::from([(0, vec!["127.0.0.1".to_string()])]);
-    phalanx_transport::certs::generate_named(certs.path(), 1, &names).unwrap();
-    let client = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
-    let server = EtcdServerTls {
-        cert: certs.path().join("node-0").join("node.pem"),
-        key: certs.path().join("node-0").join("node.key"),
-        client_ca: certs.path().join("ca.pem"),
-        harness: client.clone(),
-    };
+    // The etcd serves node 0's certificate and accepts clients the CA signed.
+    let (certs, client) = cluster_ca();
+    let server = EtcdServerTls { server: ServerTls::of_node(certs.path(), 0), harness: client.clone() };
     let etcd = LocalEtcd::start_with(1, None, Some(server)).await.unwrap();
     let spec = etcd.spec("/phalanx/tls");
     contract_with(spec.clone(), Settings { tls: Some(client), ..settings() }).await;
@@ -239,22 +230,24 @@ async fn an_etcd_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zookeeper_over_tls_keeps_the_contract_and_refuses_whoever_it_cannot_trust() {
-    // The same cluster CA: the ZooKeeper serves node 0's certificate on its TLS port and
-    // requires a client certificate the CA signed (`ssl.clientAuth=need`).
-    let certs = tempfile::tempdir().unwrap();
-    let names = std::collections::BTreeMap::from([(0, vec!["127.0.0.1".to_string()])]);
-    phalanx_transport::certs::generate_named(certs.path(), 1, &names).unwrap();
-    let client = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
-    let server = ZooKeeperServerTls {
-        cert: certs.path().join("node-0").join("node.pem"),
-        key: certs.path().join("node-0").join("node.key"),
-        client_ca: certs.path().join("ca.pem"),
-    };
-    let zookeeper = LocalZooKeeper::start_with(None, Some(server)).await.unwrap();
+    // The ZooKeeper serves node 0's certificate on its TLS port and requires a client
+    // certificate the CA signed (`ssl.clientAuth=need`).
+    let (certs, client) = cluster_ca();
+    let zookeeper = LocalZooKeeper::start_with(None, Some(ServerTls::of_node(certs.path(), 0))).await.unwrap();
     let spec = zookeeper.spec("/phalanx/tls");
     contract_with(spec.clone(), Settings { tls: Some(client), ..settings() }).await;
 
     refuses_whoever_it_cannot_trust(&spec, certs.path()).await;
+}
+
+/// A cluster CA from `phalanx certs` whose node 0 certificate names 127.0.0.1 (a local server
+/// serves it), and the `client/` identity the nodes present.
+fn cluster_ca() -> (tempfile::TempDir, std::sync::Arc<ServiceTls>) {
+    let certs = tempfile::tempdir().unwrap();
+    let names = std::collections::BTreeMap::from([(0, vec!["127.0.0.1".to_string()])]);
+    phalanx_transport::certs::generate_named(certs.path(), 1, &names).unwrap();
+    let client = std::sync::Arc::new(ServiceTls::load(&certs.path().join("client")).unwrap());
+    (certs, client)
 }
 
 /// A service speaking TLS with the CA in `certs` refuses plain TCP, a client that trusts the CA

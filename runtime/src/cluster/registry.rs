@@ -493,9 +493,11 @@ pub struct ServiceStore {
     not_before: Option<std::time::Instant>,
     /// When records were last written.
     records_written: Option<std::time::Instant>,
-    /// The registry version and records generation last seen held in full (to skip
-    /// comparing what did not change).
+    /// The registry version and records generation last compared with what the service
+    /// holds, and — when only records differed, waiting for their turn — when to compare again.
+    /// The node loop polls on every pass: an unchanged registry costs one comparison of these.
     seen: Option<(Version, u64)>,
+    recheck_at: Option<std::time::Instant>,
 }
 
 impl ServiceStore {
@@ -508,6 +510,7 @@ impl ServiceStore {
             not_before: None,
             records_written: None,
             seen: None,
+            recheck_at: None,
         }
     }
 
@@ -521,7 +524,8 @@ impl ServiceStore {
         now: std::time::Instant,
     ) -> StorePoll {
         let looking_at = (snapshot.version, generation);
-        if self.in_flight.is_some() || self.not_before.is_some_and(|t| now < t) || self.seen == Some(looking_at) {
+        let unchanged = self.seen == Some(looking_at) && self.recheck_at.is_none_or(|t| now < t);
+        if self.in_flight.is_some() || self.not_before.is_some_and(|t| now < t) || unchanged {
             return StorePoll::Idle;
         }
         self.not_before = None;
@@ -533,13 +537,13 @@ impl ServiceStore {
             .filter(|((id, _), r)| snapshot.jobs.contains_key(id) && self.held_records.get(&(*id, r.dir())) != Some(*r))
             .map(|((id, _), r)| (*id, r.clone()))
             .collect();
-        let due = self.records_written.is_none_or(|t| now >= t + RECORD_INTERVAL);
+        let due_at = self.records_written.map(|t| t + RECORD_INTERVAL);
+        let due = due_at.is_none_or(|t| now >= t);
         let records = if due || !puts.is_empty() || !deletes.is_empty() { changed.clone() } else { Vec::new() };
         if puts.is_empty() && deletes.is_empty() && records.is_empty() {
-            // Records waiting for their turn: look again later.
-            if changed.is_empty() {
-                self.seen = Some(looking_at);
-            }
+            // Held in full, or only records differ and wait for their turn: look again then.
+            self.seen = Some(looking_at);
+            self.recheck_at = if changed.is_empty() { None } else { due_at };
             return StorePoll::Durable(snapshot.version);
         }
         let write = StoreWrite { version: snapshot.version, puts, deletes, records };
@@ -781,6 +785,8 @@ mod tests {
         assert_eq!(store.on_written(w.version, true, soon), Some(w.version));
         records.insert((a, CHECKPOINTS_DIR), checkpoint(60));
         assert_eq!(store.poll(r.snapshot(), &records, 3, soon), StorePoll::Durable(w.version));
+        // Nothing changed and the record is not due: the next passes of the node loop compare nothing.
+        assert_eq!(store.poll(r.snapshot(), &records, 3, soon + RECORD_INTERVAL / 2), StorePoll::Idle);
         let StorePoll::Write(w) = store.poll(r.snapshot(), &records, 3, soon + RECORD_INTERVAL) else { panic!("due") };
         assert_eq!(w.records, vec![(a, checkpoint(60))]);
     }

@@ -411,12 +411,6 @@ impl Session {
         me: Member,
         settings: Settings,
     ) -> Result<(Session, mpsc::Receiver<Observed>), CoordinationError> {
-        if settings.tls.is_some() {
-            // The service clients' rustls configs (tonic's, zookeeper-client's) take the process
-            // default provider, and with ring and aws-lc-rs both compiled in there is none unless
-            // one is installed: ring, as everywhere in Phalanx (a default installed before stays).
-            phalanx_transport::tls::install_default_provider();
-        }
         match spec {
             Coordination::Embedded => Err(CoordinationError::BadSpec {
                 spec: spec.to_string(),

@@ -217,17 +217,33 @@ pub struct LocalEtcd {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// TLS for a [`LocalEtcd`]: its members' certificate and key (naming `127.0.0.1`), the CA its
-/// clients must be signed by (it checks them), and what the harness itself presents.
+/// What a local server needs to serve its clients over TLS and check their certificates: PEM
+/// files, as `phalanx certs` writes them.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The server's certificate (naming `127.0.0.1`).
+    pub cert: PathBuf,
+    /// Its key (PKCS#8).
+    pub key: PathBuf,
+    /// The CA that signs the clients' certificates.
+    pub client_ca: PathBuf,
+}
+
+impl ServerTls {
+    /// Node `node`'s certificate and key in a directory `phalanx certs` wrote, and its CA.
+    pub fn of_node(certs: &Path, node: u32) -> Self {
+        let dir = certs.join(format!("node-{node}"));
+        ServerTls { cert: dir.join("node.pem"), key: dir.join("node.key"), client_ca: certs.join("ca.pem") }
+    }
+}
+
+/// TLS for a [`LocalEtcd`]: what its members serve, and what the harness itself presents when
+/// it asks them who leads.
 #[derive(Clone, Debug)]
 pub struct EtcdServerTls {
-    /// The members' certificate (PEM file).
-    pub cert: PathBuf,
-    /// Its key (PEM file).
-    pub key: PathBuf,
-    /// The CA that signs the clients' certificates (PEM file).
-    pub client_ca: PathBuf,
-    /// What the harness presents when it asks the members who leads.
+    /// The members' side.
+    pub server: ServerTls,
+    /// The harness's side.
     pub harness: std::sync::Arc<super::ServiceTls>,
 }
 
@@ -279,7 +295,7 @@ impl LocalEtcd {
                 .arg("--election-timeout")
                 .arg("500")
                 .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
-            if let Some(tls) = &tls {
+            if let Some(EtcdServerTls { server: tls, .. }) = &tls {
                 command
                     .arg("--cert-file")
                     .arg(&tls.cert)
@@ -402,18 +418,6 @@ pub struct LocalZooKeeper {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// What a [`LocalZooKeeper`] needs to serve its clients over TLS (and check their certificates):
-/// PEM files, as `phalanx certs` writes them.
-#[derive(Clone, Debug)]
-pub struct ZooKeeperServerTls {
-    /// The server's certificate.
-    pub cert: PathBuf,
-    /// Its key (PKCS#8).
-    pub key: PathBuf,
-    /// The CA that signs the clients' certificates.
-    pub client_ca: PathBuf,
-}
-
 /// Netty, which ZooKeeper's TLS runs on (Debian's `libnetty-java`, a dependency of `zookeeperd`).
 pub const NETTY_JARS: [&str; 6] = [
     "/usr/share/java/netty-codec.jar",
@@ -444,7 +448,7 @@ impl LocalZooKeeper {
 
     /// [`LocalZooKeeper::start`] also serving its clients over TLS, on a second port, and
     /// requiring a certificate signed by `tls.client_ca` there ([`spec`](Self::spec) names it).
-    pub async fn start_with(dir: Option<&Path>, tls: Option<ZooKeeperServerTls>) -> Result<Self, ServerError> {
+    pub async fn start_with(dir: Option<&Path>, tls: Option<ServerTls>) -> Result<Self, ServerError> {
         // The server's jar and a Java runtime (zookeeperd depends on both).
         install("zookeeperd", &[Path::new(ZOOKEEPER_JAR), Path::new(JAVA)])?;
         let (dir, owned) = data_dir(dir, "zookeeper")?;

@@ -40,8 +40,11 @@ pub struct ZkSession {
 
 /// The client's TLS to ZooKeeper: the CA that signed the servers' certificates and, for a server
 /// that checks its clients (`ssl.clientAuth=need`), this node's certificate and key. The
-/// client's rustls config takes the process's default crypto provider (see [`super::Session::join`]).
+/// client's rustls config takes the process default crypto provider, and with ring and aws-lc-rs
+/// both compiled in there is none unless one is installed: ring, as everywhere in Phalanx (as for
+/// etcd, [`super::etcd::tls_config`]).
 fn tls_options(service: &str, tls: &ServiceTls) -> Result<zk::TlsOptions, CoordinationError> {
+    phalanx_transport::tls::install_default_provider();
     let bad = |what: &str, e: zk::Error| CoordinationError::BadSpec {
         spec: service.to_string(),
         reason: format!("--coordination-certs: {what}: {e}"),
