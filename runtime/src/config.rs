@@ -74,9 +74,11 @@ pub struct JobConfig {
     pub checkpoint_every: u64,
     /// ...but at most one checkpoint per this many milliseconds of training, and per 50 times
     /// the time the last checkpoint took to write (0: every `checkpoint_every` steps exactly).
-    /// A checkpoint step that comes sooner after the last checkpoint is skipped (the final
-    /// state is always written), so a model that steps in microseconds is not paced by the
-    /// disk and a large model's writes stay a small share of the run. Not part of the math:
+    /// Checkpoints are taken at the multiples of `checkpoint_every × 2^k` steps, the least
+    /// such stride that lasts that long at the measured step time (the final state is always
+    /// written), so a model that steps in microseconds is not paced by the disk, a large
+    /// model's writes stay a small share of the run, and ranges on different nodes still take
+    /// the same steps (the strides nest). Not part of the math:
     /// the model's bits do not depend on it.
     pub checkpoint_min_interval_ms: u64,
     /// Injected faults, e.g. `trainer:1@20` (actor panics). Only a build with the cargo
