@@ -25,6 +25,17 @@ pub const DEFAULT_CHECKPOINT_EVERY: u64 = 20;
 /// [`JobConfig::checkpoint_min_interval_ms`]).
 pub const DEFAULT_CHECKPOINT_MIN_INTERVAL_MS: u64 = 500;
 
+/// Where a cluster runs a job's aggregators (see [`JobConfig::aggregator_placement`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregatorPlacement {
+    /// Every range on the coordinator's node.
+    #[default]
+    Coordinator,
+    /// Range `r` on node `r mod N` (the next live node while that one is down).
+    Spread,
+}
+
 /// A training job. Every field has a default that trains well; a TOML file
 /// uses the same names (`batch_size`, `checkpoint_every`, …).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +60,10 @@ pub struct JobConfig {
     pub trainers: u32,
     /// Aggregator actors, each owning a range of θ (deployment only).
     pub aggregators: u32,
+    /// Where a cluster runs the aggregators (deployment only): `coordinator` (all beside the
+    /// job's supervisor) or `spread` (range `r` on node `r mod N`, moving to the next live
+    /// node when that one is down, so each node applies and sends its own share of θ).
+    pub aggregator_placement: AggregatorPlacement,
     /// Data partitions P (part of the math: fixed for the job).
     pub partitions: u32,
     /// Seed of the split, the partitions, the batches and the initial θ.
@@ -105,6 +120,7 @@ impl Default for JobConfig {
             task: None,
             trainers: 2,
             aggregators: 1,
+            aggregator_placement: AggregatorPlacement::default(),
             partitions: DEFAULT_PARTITIONS,
             seed: 42,
             epochs: None,

@@ -385,6 +385,10 @@ pub(crate) struct TrainArgs {
     /// Aggregator actors, each owning a range of the parameters.
     #[arg(long)]
     aggregators: Option<u32>,
+    /// Where a cluster runs the aggregators: coordinator (all on its node) or spread (range r on
+    /// node r mod N).
+    #[arg(long, value_name = "WHERE")]
+    aggregator_placement: Option<phalanx::config::AggregatorPlacement>,
     /// Data partitions (fixed for the job; default 8).
     #[arg(long)]
     partitions: Option<u32>,
@@ -449,6 +453,7 @@ impl TrainArgs {
             dataset,
             trainers,
             aggregators,
+            aggregator_placement,
             partitions,
             seed,
             optimizer,

@@ -114,7 +114,12 @@ fn persist_timed(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: boo
     // Pruning reads and verifies the files it keeps, so it runs once per
     // CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
     if prune {
-        if let Err(e) = ctx.store.prune(&ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT) {
+        // Whole checkpoints, and this range's own files (on a node that holds no whole one).
+        let pruned = ctx
+            .store
+            .prune(&ctx.config_hash, ckpt.total_len, CHECKPOINTS_KEPT)
+            .and_then(|_| ctx.store.prune_range(ckpt.total_len, CHECKPOINTS_KEPT, ckpt.offset, ckpt.params.len()));
+        if let Err(e) = pruned {
             tracing::warn!(range, "pruning old checkpoints failed: {e}");
         }
     }

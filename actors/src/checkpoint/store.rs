@@ -290,6 +290,63 @@ impl CheckpointStore {
         Ok(removed)
     }
 
+    /// Whether the files of `step` here cover `[offset, offset + len)`, by their names (a file
+    /// is named once renamed into place, whole; verifying it is the restore's job).
+    pub fn covers(&self, step: u64, offset: usize, len: usize) -> bool {
+        let Ok(by_step) = self.keys_by_step() else { return false };
+        let Some(keys) = by_step.get(&step) else { return false };
+        let end = offset.saturating_add(len);
+        let mut reach = offset;
+        for key in keys {
+            if key.offset <= reach && key.end() > reach {
+                reach = key.end();
+            }
+        }
+        reach >= end
+    }
+
+    /// Keeps the files of `[offset, offset + len)` of its newest `keep` steps (at least one) and
+    /// of every newer step, and deletes this range's files of older steps — except at the
+    /// newest `keep` steps whose file names tile the whole vector (a node holding whole
+    /// checkpoints keeps them whole; [`prune`](Self::prune) thins those). For a node that holds
+    /// only the files of the ranges it runs (aggregators spread over the nodes), where no step
+    /// is complete and `prune` deletes nothing. Reads names only. Returns the deleted paths.
+    pub fn prune_range(
+        &self,
+        total_len: usize,
+        keep: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<PathBuf>, CheckpointError> {
+        let keep = keep.max(1);
+        let by_step = self.keys_by_step()?;
+        let own = |keys: &[FileKey]| keys.iter().any(|k| (k.offset, k.len) == (offset, len));
+        let Some(oldest_kept) = by_step.iter().rev().filter(|(_, keys)| own(keys)).nth(keep - 1).map(|(s, _)| *s)
+        else {
+            return Ok(Vec::new());
+        };
+        let whole: Vec<u64> =
+            by_step.iter().rev().filter(|(_, keys)| tiles(keys, total_len)).take(keep).map(|(s, _)| *s).collect();
+        let mut removed = Vec::new();
+        for (step, keys) in by_step.range(..oldest_kept) {
+            if whole.contains(step) {
+                continue;
+            }
+            for key in keys.iter().filter(|k| (k.offset, k.len) == (offset, len)) {
+                let path = self.dir.join(key.file_name());
+                match fs::remove_file(&path) {
+                    Ok(()) => removed.push(path),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("removing", &path)(e)),
+                }
+            }
+        }
+        if !removed.is_empty() {
+            self.sync_dir()?;
+        }
+        Ok(removed)
+    }
+
     /// Reports every checkpoint file (by name) with the outcome of a full verification,
     /// sorted by step, offset and length. Reads every file: for diagnostics and tests.
     pub fn scan(&self) -> Result<Vec<ScannedFile>, CheckpointError> {
@@ -560,6 +617,18 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl Fn(io::Error) -> Checkpo
     move |source| CheckpointError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// The names `keys` (sorted) cover `[0, total_len)`.
+fn tiles(keys: &[FileKey], total_len: usize) -> bool {
+    let mut reach = 0;
+    for key in keys {
+        if key.offset > reach {
+            return false;
+        }
+        reach = reach.max(key.end());
+    }
+    reach >= total_len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,6 +893,32 @@ mod tests {
         store.prune(HASH, 60, 0).unwrap();
         assert_eq!(steps(&store), [40, 50]);
         assert_eq!(store.newest_complete(HASH, 60).unwrap(), Some(40));
+    }
+
+    /// A node with only its own range's files (ranges spread over the nodes) keeps the newest
+    /// few of them; a node that also holds whole checkpoints keeps those whole.
+    #[test]
+    fn prune_range_bounds_a_ranges_own_files_and_spares_whole_checkpoints() {
+        let (_tmp, store) = store();
+        for step in [10, 20, 30, 40, 50] {
+            store.save(&sample(step, 60, 30, 30, &["m"])).unwrap();
+        }
+        assert!(store.prune(HASH, 60, 2).unwrap().is_empty(), "no step is complete: prune deletes nothing");
+        let steps = |store: &CheckpointStore| {
+            let mut s: Vec<(u64, usize)> = store.scan().unwrap().iter().map(|f| (f.step, f.offset)).collect();
+            s.sort_unstable();
+            s
+        };
+        assert_eq!(store.prune_range(60, 2, 30, 30).unwrap().len(), 3);
+        assert_eq!(steps(&store), [(40, 30), (50, 30)]);
+        // Step 20 is whole here (a copy of range 0 came too) and newer than others' cut: kept.
+        store.save(&sample(20, 60, 30, 30, &["m"])).unwrap();
+        store.save(&sample(20, 60, 0, 30, &["m"])).unwrap();
+        store.save(&sample(5, 60, 30, 30, &["m"])).unwrap();
+        assert_eq!(store.prune_range(60, 2, 30, 30).unwrap().len(), 1, "step 5 goes");
+        assert_eq!(steps(&store), [(20, 0), (20, 30), (40, 30), (50, 30)]);
+        // Another range's files are not this range's to prune.
+        assert!(store.prune_range(60, 1, 0, 30).unwrap().is_empty());
     }
 
     #[test]

@@ -5,13 +5,15 @@
 //!
 //! | message                                                                  | only from                                   |
 //! |--------------------------------------------------------------------------|---------------------------------------------|
-//! | `spawn`, `stop`, `locations`, `job-done`, `job-failed`, `checkpoint-query`, `checkpoint-fetch`, `registry`; `assign`, `rollback`, `shard-ready` | the view's coordinator |
+//! | `spawn`, `stop`, `locations`, `job-done`, `job-failed`, `checkpoint-query`, `registry`; `assign`, `rollback`, `shard-ready` | the view's coordinator |
+//! | `checkpoint-fetch`                                                       | the view's coordinator, or a member to this node as its coordinator |
 //! | `started`, `failed`, `checkpoint-inventory`, `checkpoint-stored`, `registry-ack` | a member of the view, to this node as its coordinator |
 //! | `step-applied`, `checkpoint-saved`, `checkpoint-failed`, `finished`      | the host of that aggregator, to this node as coordinator |
 //! | `params`                                                                 | the host of that aggregator range           |
 //! | `gradient(s)`, `params-request`, `batch-request`                         | the host of the trainer that owns the partition |
 //! | `batches`                                                                | the host of that partition's shard          |
-//! | `checkpoint-copy`                                                        | the coordinator, or the member a resume fetches from |
+//! | `checkpoint-copy`                                                        | the coordinator, the member a resume fetches from, or the host of the file's range |
+//! | `replicating`                                                            | the host of the file's range, to this node as coordinator |
 //! | `submit`, `cancel`                                                       | a member of the view                        |
 //!
 //! Hosts are where the coordinator's location map (or the view's placement)
@@ -80,16 +82,22 @@ impl Scope<'_> {
         match inbound {
             Inbound::Control(msg) => self.control(peer, msg),
             Inbound::Deliver(_, _, msg) => self.deliver(peer, msg),
-            Inbound::Checkpoint(..) => {
+            Inbound::Checkpoint(_, name, _) => {
                 let fetching = self.job.as_ref().and_then(|j| j.fetching_from);
                 if self.coordinator() == Some(peer) || fetching == Some(peer) {
-                    Verdict::Accept
-                } else {
-                    Verdict::Reject(format!(
-                        "node {peer} is not the coordinator ({}) nor a node this one fetches from",
-                        self.named_coordinator()
-                    ))
+                    return Verdict::Accept;
                 }
+                // A range's host copies what it wrote (aggregators spread over the nodes).
+                if let Ok(range) = self.range_of_file(name) {
+                    if self.sent_by_host(peer, range) == Verdict::Accept {
+                        return Verdict::Accept;
+                    }
+                }
+                Verdict::Reject(format!(
+                    "node {peer} is not the coordinator ({}), a node this one fetches from, nor the host of the \
+                     range of {name:?}",
+                    self.named_coordinator()
+                ))
             }
         }
     }
@@ -175,10 +183,18 @@ impl Scope<'_> {
                 }
                 self.sent_by_coordinator(peer)
             }
+            // A new coordinator fetches a member's files to resume; a member fetches the
+            // coordinator's to restore a range that moved to it.
+            NodeMsg::CheckpointFetch { .. } => {
+                if self.view.is_some_and(|v| v.coordinator == self.me && v.members.contains(&peer)) {
+                    Verdict::Accept
+                } else {
+                    self.sent_by_coordinator(peer)
+                }
+            }
             NodeMsg::JobDone { .. }
             | NodeMsg::JobFailed { .. }
             | NodeMsg::CheckpointQuery { .. }
-            | NodeMsg::CheckpointFetch { .. }
             | NodeMsg::Registry(_)
             | NodeMsg::SubmitAnswer { .. } => self.sent_by_coordinator(peer),
             NodeMsg::Started { key, .. } | NodeMsg::Failed { key, .. } => {
@@ -188,13 +204,31 @@ impl Scope<'_> {
                 self.to_coordinator(peer)
             }
             NodeMsg::Submit { .. } | NodeMsg::Cancel { .. } => self.sent_by_member(peer),
-            NodeMsg::Replicating { .. } => Verdict::Reject("a node's own record, never sent by a peer".into()),
+            NodeMsg::Replicating { name, .. } => match self.range_of_file(name) {
+                Ok(range) => match self.to_coordinator(peer) {
+                    Verdict::Accept => self.sent_by_host(peer, range),
+                    other => other,
+                },
+                Err(reject) => reject,
+            },
             // Checkpoint copies and deliveries arrive decoded as such (see wire::decode);
             // membership goes to the membership core.
             NodeMsg::CheckpointCopy { .. } | NodeMsg::Deliver { .. } | NodeMsg::Membership(_) => {
                 Verdict::Reject(format!("a {} frame in the wrong place", msg.kind()))
             }
         }
+    }
+
+    /// The aggregator whose range the checkpoint file `name` holds.
+    fn range_of_file(&self, name: &str) -> Result<ActorKey, Verdict> {
+        let Some(plan) = self.plan() else { return Err(Verdict::Wait("the job is not hosted here (yet)".into())) };
+        let key = phalanx_actors::checkpoint::FileKey::parse(name)
+            .ok_or_else(|| Verdict::Reject(format!("{name:?} is not a checkpoint file name")))?;
+        plan.ranges
+            .iter()
+            .position(|(o, l)| (*o, *l) == (key.offset, key.len))
+            .map(|r| ActorKey::aggregator(r as u32))
+            .ok_or_else(|| Verdict::Reject(format!("{name:?} holds no parameter range of the job")))
     }
 
     /// `Some(reject)` when the job is known here and has no such actor.
@@ -450,6 +484,7 @@ mod tests {
             trainers: 2,
             assignment: &assignment,
             aggregators: 2,
+            spread: false,
             replicas: 1,
         };
         let placement = Placement::compute(v.epoch, v.coordinator, &v.members, &shape);
@@ -549,8 +584,18 @@ mod tests {
         assert_eq!(judge(1, &v, 0, &rollback), Verdict::Accept);
         assert!(waits(&judge(1, &v, 3, &rollback)), "a rollback from a member that does not coordinate");
         let replicating = control(NodeMsg::Replicating { job: 1, name: "x".into(), to: vec![] });
-        assert!(rejects(&judge(2, &v, 3, &replicating)));
+        assert!(rejects(&judge(2, &v, 3, &replicating)), "not a checkpoint file");
         assert_eq!(judge(2, &v, 2, &replicating), Verdict::Accept, "its own record");
+        // The host of a range tells the coordinator what it copied where; nobody else does.
+        let name = phalanx_actors::checkpoint::FileKey { step: 4, offset: 10, len: 6 }.file_name();
+        let range_1 = control(NodeMsg::Replicating { job: 1, name, to: vec![0] });
+        assert_eq!(judge(0, &v, 2, &range_1), Verdict::Accept, "node 2 hosts aggregator 1");
+        assert!(waits(&judge(0, &v, 1, &range_1)), "node 1 hosts aggregator 0, not 1");
+        assert!(rejects(&judge(3, &v, 2, &range_1)), "node 3 does not coordinate");
+        let fetch = control(NodeMsg::CheckpointFetch { job: 1, epoch: 3, step: 4 });
+        assert_eq!(judge(2, &v, 0, &fetch), Verdict::Accept, "a coordinator fetching to resume");
+        assert_eq!(judge(0, &v, 2, &fetch), Verdict::Accept, "a member fetching a range's files from its coordinator");
+        assert!(waits(&judge(3, &v, 2, &fetch)), "between members that do not coordinate");
     }
 
     #[test]
@@ -632,6 +677,12 @@ mod tests {
             job: Some(JobScope { plan: &plan, routes: &routes, fetching_from: Some(3) }),
         };
         assert_eq!(scope.judge(3, &copy), Verdict::Accept);
+        // The host of a range copies its own files, and only those.
+        let file = |offset, len| phalanx_actors::checkpoint::FileKey { step: 4, offset, len }.file_name();
+        let copy_of = |offset, len| Inbound::Checkpoint(1, file(offset, len), vec![1, 2, 3]);
+        assert_eq!(judge(3, &v, 2, &copy_of(10, 6)), Verdict::Accept, "node 2 hosts aggregator 1");
+        assert!(rejects(&judge(3, &v, 2, &copy_of(0, 10))), "aggregator 0 is on node 1");
+        assert!(rejects(&judge(3, &v, 2, &copy_of(0, 16))), "no range is that");
     }
 
     #[test]

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 /// One recorded commit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commit {
-    /// The node that committed (the coordinator hosting the aggregator).
+    /// The node that committed (the host of the aggregator: the coordinator, or with spread
+    /// ranges any node).
     pub node: u32,
     /// The generation the aggregator ran in (`epoch << 32 | node << 20 | n`: the
     /// coordination term is its top 44 bits).
@@ -36,9 +37,11 @@ pub struct Commit {
 }
 
 impl Commit {
-    /// The coordination term the commit belongs to: the node and the epoch it took over in.
+    /// The coordination term the commit belongs to: the coordinator and the epoch it took over
+    /// in, both from the generation its supervisor issued — not the committing node, which is
+    /// the host of the range (another node than the coordinator when ranges are spread).
     pub fn term(&self) -> (u32, u64) {
-        (self.node, self.generation >> 32)
+        (((self.generation >> 20) & 0xfff) as u32, self.generation >> 32)
     }
 }
 

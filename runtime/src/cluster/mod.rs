@@ -19,6 +19,7 @@ pub mod placement;
 pub mod registry;
 pub mod rejections;
 pub mod replication;
+pub(crate) mod restore_gate;
 pub mod resume;
 #[cfg(feature = "fault-injection")]
 pub mod rogue;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use phalanx_actors::actor::{spawn_job_recording, JobContext, JobObserver};
 use phalanx_actors::checkpoint::{CheckpointError, CheckpointStore, FileKey, CHECKPOINTS_KEPT};
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
-use phalanx_actors::protocol::{ActorKey, FaultCause, Recovery};
+use phalanx_actors::protocol::{ActorKey, Addr, FaultCause, Msg, Recovery, Role};
 use phalanx_transport::Limits;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
@@ -27,9 +27,10 @@ use super::placement::{Placement, Shape};
 use super::registry::JobId;
 use super::registry::{AssignmentRecord, CheckpointRecord, JobRecord};
 use super::replication::{ReplicationStats, ReplicationTracker};
+use super::restore_gate::{GateCommand, RestoreGate, RESTORE_WAIT};
 use super::resume::{Inventory, Resume, ResumeCommand, ResumeConfig, Source};
 use super::runner::{
-    to_job, ClusterHooks, ClusterNet, HostActor, HostMsg, OutQueue, Outbound, Routes, Routing, Traffic,
+    to_job, ClusterHooks, ClusterNet, HostActor, HostHooks, HostMsg, OutQueue, Outbound, Routes, Routing, Traffic,
 };
 use super::step_events::StepEvents;
 use super::wire::{self, Inbound, NodeMsg};
@@ -93,6 +94,8 @@ pub(crate) struct NodeJob {
     metrics: Arc<NodeMetrics>,
     /// Where checkpoint copies written off the loop report back.
     stored: mpsc::Sender<StoredCopy>,
+    /// Orders to restore a range whose files are being fetched, and what follows them.
+    gate: RestoreGate<(u32, Inbound)>,
 }
 
 /// What every job of a node shares with it: the queue to the node loop, the
@@ -166,8 +169,10 @@ impl NodeJob {
         let store = CheckpointStore::open(&checkpoints)?;
         let observer = NodeObserver::new(id, events.clone(), metrics.clone(), false);
         // The actors hosted here log in this node's span of the job.
-        let host_ctx = tracing::info_span!("job", node = config.id, job = id)
-            .in_scope(|| prepared.context(prepared.cluster_job_id(), store, names.clone(), net, None, Some(observer)));
+        let host_ctx = tracing::info_span!("job", node = config.id, job = id).in_scope(|| {
+            let hooks: Arc<dyn phalanx_actors::actor::Cluster> = Arc::new(HostHooks::new(routing.clone()));
+            prepared.context(prepared.cluster_job_id(), store, names.clone(), net, Some(hooks), Some(observer))
+        });
         let (host, _) = Actor::spawn(None, HostActor, (host_ctx.clone(), routing.clone()))
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
@@ -210,6 +215,7 @@ impl NodeJob {
             events,
             metrics,
             stored,
+            gate: RestoreGate::default(),
         })
     }
 
@@ -221,6 +227,7 @@ impl NodeJob {
             trainers: plan.trainers,
             assignment: &plan.assignment,
             aggregators: plan.ranges.len() as u32,
+            spread: self.prepared.config.aggregator_placement == crate::config::AggregatorPlacement::Spread,
             replicas: self.replicas,
         };
         let placement = Placement::compute(view.epoch, view.coordinator, &view.members, &shape);
@@ -315,6 +322,10 @@ impl NodeJob {
         if self.resume.is_deciding() {
             let cmds = self.resume.on_tick(now);
             self.run_resume(cmds);
+        }
+        if !self.gate.is_empty() {
+            let cmds = self.gate.on_tick(now);
+            self.run_gate(cmds);
         }
     }
 
@@ -435,9 +446,73 @@ impl NodeJob {
     }
 
     /// A frame of this job from `peer` (or from this node's own queue), which the
-    /// authority rules let through.
+    /// authority rules let through. Orders to restore a range this node holds no files for,
+    /// and what follows them for that range, wait in the [`RestoreGate`] first.
     pub(crate) fn on_inbound(&mut self, peer: u32, inbound: Inbound) {
+        let now = clock::now();
+        let cmds = match &inbound {
+            Inbound::Control(NodeMsg::Spawn { key, restore: Some(step), .. })
+                if key.role == Role::Aggregator && *step > 0 =>
+            {
+                let (range, step) = (key.index, *step);
+                let have = self.holds(range, step);
+                self.gate.restore(range, step, have, (peer, inbound), now)
+            }
+            Inbound::Deliver(_, Addr::Aggregator(range), Msg::Rollback { step, .. }) if *step > 0 => {
+                let (range, step) = (*range, *step);
+                let have = self.holds(range, step);
+                self.gate.restore(range, step, have, (peer, inbound), now)
+            }
+            Inbound::Control(NodeMsg::Spawn { key, .. }) if key.role == Role::Aggregator => {
+                self.gate.message(key.index, (peer, inbound), now)
+            }
+            Inbound::Deliver(_, Addr::Aggregator(range), _) => {
+                let range = *range;
+                self.gate.message(range, (peer, inbound), now)
+            }
+            _ => return self.handle(peer, inbound),
+        };
+        self.run_gate(cmds);
+    }
+
+    /// This node holds the files of aggregator `range` at `step`.
+    fn holds(&self, range: u32, step: u64) -> bool {
+        let Some(&(offset, len)) = self.host_ctx.plan.ranges.get(range as usize) else { return true };
+        CheckpointStore::reader(&self.checkpoints).covers(step, offset, len)
+    }
+
+    /// Carry out the restore gate's commands.
+    fn run_gate(&mut self, cmds: Vec<GateCommand<(u32, Inbound)>>) {
         let me = self.routing.me;
+        for cmd in cmds {
+            match cmd {
+                GateCommand::Release((peer, inbound)) => self.handle(peer, inbound),
+                GateCommand::Fetch { step } => {
+                    let placement = self.routes.borrow().placement.clone();
+                    let Some(p) = placement.filter(|p| p.coordinator != me) else { continue };
+                    tracing::info!(
+                        node = me,
+                        job = self.id,
+                        step,
+                        "fetching checkpoint {step} from node {} to restore a range",
+                        p.coordinator
+                    );
+                    self.send_control(p.coordinator, &NodeMsg::CheckpointFetch { job: self.id, epoch: p.epoch, step });
+                }
+                GateCommand::GaveUp { range, step } => tracing::warn!(
+                    node = me,
+                    job = self.id,
+                    range,
+                    step,
+                    "the files of aggregator {range} at step {step} did not come within {} ms; restoring without them",
+                    RESTORE_WAIT.as_millis()
+                ),
+            }
+        }
+    }
+
+    /// [`on_inbound`](Self::on_inbound) past the restore gate.
+    fn handle(&mut self, peer: u32, inbound: Inbound) {
         let job = self.id;
         match inbound {
             Inbound::Deliver(_, to, msg) => self.names.send(to, msg),
@@ -482,9 +557,10 @@ impl NodeJob {
                 self.replication_stats.send_replace(self.replication.snapshot());
                 self.note_checkpoint();
             }
-            Inbound::Control(NodeMsg::Replicating { name, to, .. }) if peer == me => {
+            // A checkpoint file written here or on the host of its range (authority checked).
+            Inbound::Control(NodeMsg::Replicating { name, to, .. }) => {
                 if let Some(key) = FileKey::parse(&name) {
-                    self.replication.on_sent(&name, key.step, &to);
+                    self.replication.on_sent(&name, key.step, peer, &to);
                     self.replication_stats.send_replace(self.replication.snapshot());
                     self.note_checkpoint();
                 }
@@ -577,6 +653,14 @@ impl NodeJob {
         if !kept {
             return;
         }
+        if !self.gate.is_empty() {
+            let (store, ranges) = (CheckpointStore::reader(&self.checkpoints), &self.host_ctx.plan.ranges);
+            let holds = |range: u32, step| {
+                ranges.get(range as usize).is_none_or(|&(offset, len)| store.covers(step, offset, len))
+            };
+            let cmds = self.gate.on_files(holds, clock::now());
+            self.run_gate(cmds);
+        }
         if fetching {
             // Still fetching from that node: the resume decides what the copy completes.
             if self.resume.fetching_from() == Some(peer) {
@@ -585,7 +669,9 @@ impl NodeJob {
             }
             return;
         }
-        self.send_control(peer, &NodeMsg::CheckpointStored { job: self.id, name: name.clone() });
+        // The coordinator keeps the replication figures, whoever wrote the file.
+        let coordinator = self.routes.borrow().placement.as_ref().map_or(peer, |p| p.coordinator);
+        self.send_control(coordinator, &NodeMsg::CheckpointStored { job: self.id, name: name.clone() });
         // Keep the newest few complete copies, as the coordinator does (every few copies:
         // pruning verifies the files it keeps). Counted, not derived from the step: with
         // skipped checkpoint steps (checkpoint_min_interval_ms) no arithmetic on steps would do.

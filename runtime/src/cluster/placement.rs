@@ -1,9 +1,15 @@
 //! Where each actor of a job runs, given the live members (a pure function).
 //!
-//! * The aggregators (and the job supervisor) run on the coordinator (node 0
-//!   at start, so killing node 0 exercises aggregator failover): they restore
-//!   from the checkpoints on its disk, and the coordinator keeps the role
-//!   while it lives, so the aggregators stay where their checkpoints are.
+//! * The job supervisor runs on the coordinator. The aggregators run there too
+//!   (node 0 at start, so killing node 0 exercises aggregator failover) — or,
+//!   when the job spreads them (`aggregator_placement = "spread"`), range `r`
+//!   runs on node `r mod N`, else on the next live node of the ring, so each
+//!   node applies and sends its own share of θ instead of the coordinator's
+//!   node carrying all of it. A range stays where it runs until it fails (a
+//!   node coming back does not move it: moving a range is a rollback); a new
+//!   coordinator places every range afresh. The coordinator always hosts one
+//!   range at least (range `coordinator mod ranges` if none is its by the
+//!   ring), so some range always commits under its lease.
 //! * Trainers, by [`Policy`]: with `Ring` (the embedded membership's), trainer
 //!   `i` prefers node `i mod N` (N configured members) and, when that node is
 //!   down, moves to the next live node on the ring. With `Hash` (on a
@@ -65,6 +71,8 @@ pub struct Shape<'a> {
     pub assignment: &'a [u32],
     /// Aggregator ranges.
     pub aggregators: u32,
+    /// Ranges over the nodes (`r mod N`) instead of all on the coordinator.
+    pub spread: bool,
     /// Checkpoint copies wanted on other nodes.
     pub replicas: u32,
 }
@@ -83,7 +91,7 @@ pub fn default_replicas(configured: u32) -> u32 {
 impl Placement {
     /// Place `shape` on the live `members`, coordinated by `coordinator`.
     pub fn compute(epoch: u64, coordinator: u32, members: &BTreeSet<u32>, shape: &Shape<'_>) -> Option<Self> {
-        let Shape { policy, configured, trainers, assignment, aggregators, replicas } = *shape;
+        let Shape { policy, configured, trainers, assignment, aggregators, spread, replicas } = *shape;
         if !members.contains(&coordinator) {
             return None;
         }
@@ -95,7 +103,13 @@ impl Placement {
         };
         let mut nodes = BTreeMap::new();
         for r in 0..aggregators {
-            nodes.insert(ActorKey::aggregator(r), coordinator);
+            let node = if spread { ring_next(r % configured.max(1)) } else { coordinator };
+            nodes.insert(ActorKey::aggregator(r), node);
+        }
+        // The coordinator hosts a range at least: its ranges commit under its lease, and no
+        // hosted range can apply a step their θ was not published for.
+        if spread && aggregators > 0 && !nodes.values().any(|n| *n == coordinator) {
+            nodes.insert(ActorKey::aggregator(coordinator % aggregators), coordinator);
         }
         match policy {
             Policy::Ring => {
@@ -186,7 +200,7 @@ mod tests {
     }
 
     fn shape(trainers: u32, assignment: &[u32], aggregators: u32, replicas: u32) -> Shape<'_> {
-        Shape { policy: Policy::Ring, configured: 3, trainers, assignment, aggregators, replicas }
+        Shape { policy: Policy::Ring, configured: 3, trainers, assignment, aggregators, spread: false, replicas }
     }
 
     #[test]
@@ -245,6 +259,7 @@ mod tests {
                 trainers: 5,
                 assignment: &assignment,
                 aggregators: 1,
+                spread: false,
                 replicas,
             };
             Placement::compute(1, coordinator, &members(live), &shape).unwrap().replicas
@@ -259,8 +274,15 @@ mod tests {
 
     fn hashed_on(live: &[u32], configured: u32, trainers: u32) -> Vec<u32> {
         let assignment: Vec<u32> = (0..trainers).collect();
-        let shape =
-            Shape { policy: Policy::Hash, configured, trainers, assignment: &assignment, aggregators: 1, replicas: 1 };
+        let shape = Shape {
+            policy: Policy::Hash,
+            configured,
+            trainers,
+            assignment: &assignment,
+            aggregators: 1,
+            spread: false,
+            replicas: 1,
+        };
         let coordinator = live[0];
         let p = Placement::compute(1, coordinator, &members(live), &shape).unwrap();
         (0..trainers).map(|t| p.node_of(ActorKey::trainer(t)).unwrap()).collect()
@@ -309,6 +331,28 @@ mod tests {
     }
 
     #[test]
+    fn spread_ranges_go_one_to_a_node_and_a_dead_nodes_range_to_the_next_live_one() {
+        let assignment = [0, 1, 2, 0, 1, 2];
+        let spread = |live: &[u32], coordinator: u32| {
+            let shape = Shape { spread: true, ..shape(3, &assignment, 3, 1) };
+            let p = Placement::compute(1, coordinator, &members(live), &shape).unwrap();
+            (0..3).map(|r| p.node_of(ActorKey::aggregator(r)).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(spread(&[0, 1, 2], 0), vec![0, 1, 2]);
+        assert_eq!(spread(&[0, 2], 0), vec![0, 2, 2], "range 1 to the next live node");
+        assert_eq!(spread(&[1, 2], 1), vec![1, 1, 2], "the coordinator does not pull them in");
+        // More ranges than nodes: round the ring again.
+        let five = Shape { spread: true, ..shape(3, &assignment, 5, 1) };
+        let p = Placement::compute(1, 0, &members(&[0, 1, 2]), &five).unwrap();
+        let nodes: Vec<u32> = (0..5).map(|r| p.node_of(ActorKey::aggregator(r)).unwrap()).collect();
+        assert_eq!(nodes, vec![0, 1, 2, 0, 1]);
+        // Fewer ranges than nodes, and the coordinator is none of their homes: it takes one.
+        let two = Shape { spread: true, ..shape(3, &assignment, 2, 1) };
+        let p = Placement::compute(1, 2, &members(&[0, 1, 2]), &two).unwrap();
+        assert_eq!((p.node_of(ActorKey::aggregator(0)), p.node_of(ActorKey::aggregator(1))), (Some(2), Some(1)));
+    }
+
+    #[test]
     fn hashing_does_not_depend_on_who_coordinates() {
         let assignment: Vec<u32> = (0..6).collect();
         let shape = Shape {
@@ -317,6 +361,7 @@ mod tests {
             trainers: 6,
             assignment: &assignment,
             aggregators: 1,
+            spread: false,
             replicas: 1,
         };
         let a = Placement::compute(1, 0, &members(&[0, 1, 2]), &shape).unwrap();

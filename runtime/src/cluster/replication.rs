@@ -1,9 +1,11 @@
 //! How many copies of each checkpoint the replicas acknowledged (sans-IO).
 //!
-//! The coordinator copies every checkpoint file to its replicas (see
+//! The node that writes a checkpoint file (the host of its range) copies it
+//! to the coordinator and the replicas (see
 //! [`Placement::replicas`](super::placement::Placement::replicas)) off the
-//! step's critical path; each replica stores and verifies the file and
-//! acknowledges it. A checkpoint step counts as **replicated** once every file
+//! step's critical path, and tells the coordinator; each receiver stores and
+//! verifies the file and acknowledges it to the coordinator, which keeps this
+//! record. A checkpoint step counts as **replicated** once every file
 //! of it was acknowledged by as many replicas as the cluster asks for. The
 //! newest replicated step is what survives the coordinator and its replicas
 //! but one dying together; `summary.json` reports it, and says so when a
@@ -39,6 +41,8 @@ pub struct ReplicationStats {
 #[derive(Clone, Debug)]
 struct Copies {
     step: u64,
+    /// The node that wrote it (unknown while only acknowledgements came).
+    writer: Option<u32>,
     acked: BTreeSet<u32>,
 }
 
@@ -63,8 +67,8 @@ impl ReplicationTracker {
         }
     }
 
-    /// The file `name` of checkpoint `step` was sent to `to`.
-    pub fn on_sent(&mut self, name: &str, step: u64, to: &[u32]) {
+    /// The file `name` of checkpoint `step`, written on `writer`, was sent to `to`.
+    pub fn on_sent(&mut self, name: &str, step: u64, writer: u32, to: &[u32]) {
         self.stats.copies_sent += to.len() as u64;
         // A newer checkpoint settles the older ones: what they have now is what they get.
         let older: Vec<u64> =
@@ -72,7 +76,8 @@ impl ReplicationTracker {
         for s in older {
             self.settle(s);
         }
-        self.files.entry(name.to_string()).or_insert(Copies { step, acked: BTreeSet::new() });
+        self.files.entry(name.to_string()).or_insert(Copies { step, writer: None, acked: BTreeSet::new() }).writer =
+            Some(writer);
         while self.files.len() > MAX_TRACKED_FILES {
             let Some(oldest) = self.files.values().map(|c| c.step).min() else { break };
             self.settle(oldest);
@@ -80,8 +85,18 @@ impl ReplicationTracker {
         }
     }
 
-    /// Replica `from` stored and verified `name`.
+    /// Replica `from` stored and verified `name` (possibly before the writer's record came:
+    /// they travel apart).
     pub fn on_acked(&mut self, name: &str, from: u32) {
+        if !self.files.contains_key(name) {
+            let Some(key) = phalanx_actors::checkpoint::FileKey::parse(name) else { return };
+            let newest = self.files.values().map(|c| c.step).max();
+            // Only for a checkpoint still open: an old one was settled already.
+            if newest.is_some_and(|n| key.step < n) || self.files.len() >= MAX_TRACKED_FILES {
+                return;
+            }
+            self.files.insert(name.to_string(), Copies { step: key.step, writer: None, acked: BTreeSet::new() });
+        }
         let Some(copies) = self.files.get_mut(name) else { return };
         if copies.acked.insert(from) {
             self.stats.copies_acknowledged += 1;
@@ -106,13 +121,14 @@ impl ReplicationTracker {
         self.stats.clone()
     }
 
-    /// The newest checkpoint step of which `files_per_step` files were written here (a complete
-    /// checkpoint: one file per aggregator range), and the replicas that acknowledged every one
-    /// of its files.
+    /// The newest checkpoint step of which `files_per_step` files were recorded (a complete
+    /// checkpoint: one file per aggregator range), and the nodes holding every one of its files
+    /// (its writer or a replica that acknowledged it).
     pub fn newest_complete(&self, files_per_step: usize) -> Option<(u64, BTreeSet<u32>)> {
-        let mut by_step: BTreeMap<u64, Vec<&BTreeSet<u32>>> = BTreeMap::new();
+        let mut by_step: BTreeMap<u64, Vec<BTreeSet<u32>>> = BTreeMap::new();
         for copies in self.files.values() {
-            by_step.entry(copies.step).or_default().push(&copies.acked);
+            let holders = copies.acked.iter().copied().chain(copies.writer).collect();
+            by_step.entry(copies.step).or_default().push(holders);
         }
         let (step, acked) = by_step.into_iter().rev().find(|(_, files)| files.len() >= files_per_step.max(1))?;
         let mut holders = acked[0].clone();
@@ -156,8 +172,8 @@ mod tests {
     #[test]
     fn a_step_is_replicated_once_every_file_has_enough_acknowledged_copies() {
         let mut t = ReplicationTracker::new(2);
-        t.on_sent("a-20", 20, &[1, 2]);
-        t.on_sent("b-20", 20, &[1, 2]);
+        t.on_sent("a-20", 20, 0, &[1, 2]);
+        t.on_sent("b-20", 20, 0, &[1, 2]);
         t.on_acked("a-20", 1);
         t.on_acked("a-20", 2);
         t.on_acked("b-20", 1);
@@ -175,9 +191,9 @@ mod tests {
     #[test]
     fn fewer_live_nodes_than_replicas_is_reported_as_under_replicated() {
         let mut t = ReplicationTracker::new(2);
-        t.on_sent("a-20", 20, &[1]);
+        t.on_sent("a-20", 20, 0, &[1]);
         t.on_acked("a-20", 1);
-        t.on_sent("a-40", 40, &[1]);
+        t.on_sent("a-40", 40, 0, &[1]);
         let s = t.finish();
         assert_eq!((s.checkpoints_replicated, s.checkpoints_under_replicated, s.newest_replicated_step), (0, 2, None));
     }
@@ -185,8 +201,8 @@ mod tests {
     #[test]
     fn a_late_acknowledgement_moves_a_step_to_replicated() {
         let mut t = ReplicationTracker::new(1);
-        t.on_sent("a-20", 20, &[1]);
-        t.on_sent("a-40", 40, &[1]);
+        t.on_sent("a-20", 20, 0, &[1]);
+        t.on_sent("a-40", 40, 0, &[1]);
         t.on_acked("a-20", 1);
         t.on_acked("a-40", 1);
         let s = t.finish();
@@ -200,16 +216,36 @@ mod tests {
     fn the_newest_complete_checkpoint_is_the_newest_with_every_range_and_its_holders_have_them_all() {
         let mut t = ReplicationTracker::new(2);
         assert_eq!(t.newest_complete(2), None);
-        t.on_sent("a-20", 20, &[1, 2]);
-        t.on_sent("b-20", 20, &[1, 2]);
-        t.on_sent("a-40", 40, &[1, 2]);
-        assert_eq!(t.newest_complete(2), Some((20, BTreeSet::new())), "step 40 has one of its two files");
+        t.on_sent("a-20", 20, 0, &[1, 2]);
+        t.on_sent("b-20", 20, 0, &[1, 2]);
+        t.on_sent("a-40", 40, 0, &[1, 2]);
+        assert_eq!(t.newest_complete(2), Some((20, [0].into_iter().collect())), "step 40 has one of its two files");
         t.on_acked("a-20", 1);
         t.on_acked("b-20", 1);
         t.on_acked("b-20", 2);
-        assert_eq!(t.newest_complete(2), Some((20, [1].into_iter().collect())), "node 2 lacks a-20");
-        t.on_sent("b-40", 40, &[1, 2]);
+        assert_eq!(t.newest_complete(2), Some((20, [0, 1].into_iter().collect())), "node 2 lacks a-20");
+        t.on_sent("b-40", 40, 0, &[1, 2]);
         assert_eq!(t.newest_complete(2).map(|(s, _)| s), Some(40));
+    }
+
+    /// Ranges written on different nodes: each writer holds its own file, the coordinator and
+    /// the replica hold them all; an acknowledgement that overtakes the writer's record counts.
+    #[test]
+    fn files_written_on_several_nodes_are_held_by_their_writers_and_the_receivers() {
+        let a = phalanx_actors::checkpoint::FileKey { step: 20, offset: 0, len: 5 }.file_name();
+        let b = phalanx_actors::checkpoint::FileKey { step: 20, offset: 5, len: 5 }.file_name();
+        let mut t = ReplicationTracker::new(1);
+        // Node 0 (the coordinator) wrote range a and sent it to its replica, node 1.
+        t.on_sent(&a, 20, 0, &[1]);
+        t.on_acked(&a, 1);
+        // Node 2 wrote range b: the coordinator's own acknowledgement comes before the record.
+        t.on_acked(&b, 0);
+        t.on_sent(&b, 20, 2, &[0, 1]);
+        assert_eq!(t.newest_complete(2), Some((20, [0].into_iter().collect())), "node 1 lacks b, node 2 lacks a");
+        t.on_acked(&b, 1);
+        assert_eq!(t.newest_complete(2), Some((20, [0, 1].into_iter().collect())));
+        let s = t.finish();
+        assert_eq!((s.newest_replicated_step, s.copies_sent, s.copies_acknowledged), (Some(20), 3, 3));
     }
 
     #[test]
@@ -217,7 +253,7 @@ mod tests {
         let mut t = ReplicationTracker::new(1);
         for step in 1..=10_000u64 {
             let name = format!("f-{step}");
-            t.on_sent(&name, step, &[1]);
+            t.on_sent(&name, step, 0, &[1]);
             t.on_acked(&name, 1);
         }
         assert!(t.files.len() <= MAX_TRACKED_FILES && t.settled.len() <= MAX_TRACKED_FILES);

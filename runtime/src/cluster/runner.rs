@@ -394,43 +394,88 @@ impl Cluster for ClusterHooks {
     }
 
     fn replicate(&self, path: &std::path::Path) {
-        let me = self.routing.me;
-        let replicas: Vec<u32> = self
-            .routing
-            .routes
-            .borrow()
-            .placement
-            .as_ref()
-            .map(|p| p.replicas.iter().copied().filter(|r| *r != me).collect())
-            .unwrap_or_default();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { return };
-        let (routing, path) = (self.routing.clone(), path.to_path_buf());
-        // Reading and encoding the file is I/O and a copy of the model: off the
-        // aggregator, so the step that wrote the checkpoint goes on at once.
-        let copy = move || {
-            let bytes = match std::fs::read(&path) {
-                Ok(bytes) => bytes,
-                Err(e) => return tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it: {e}"),
-            };
-            match wire::encode_checkpoint(routing.job, &name, &bytes, &routing.limits) {
-                Ok(frame) => {
-                    for r in &replicas {
-                        routing.send_frame(*r, frame.clone(), Traffic::Checkpoint);
-                    }
-                }
-                Err(e) => return tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
-            }
-            // The node's own record, for the replication figures.
-            if let Ok(frame) =
-                wire::encode(&NodeMsg::Replicating { job: routing.job, name, to: replicas }, &routing.limits)
-            {
-                routing.send_frame(me, frame, Traffic::Control);
-            }
+        replicate_file(&self.routing, path);
+    }
+}
+
+/// The hooks of the aggregators a node hosts for another node's supervisor (ranges spread over
+/// the nodes): they copy their checkpoints as the coordinator's do, and commit without the
+/// coordinator's lease — a hosted range is fenced by its host instead, which stops it the
+/// moment it adopts another coordinator's view or loses its quorum, and it cannot apply a
+/// step the coordinator's own ranges have not published θ for. Nothing here spawns: the
+/// supervisor runs on the coordinator.
+pub struct HostHooks {
+    routing: Routing,
+}
+
+impl HostHooks {
+    /// Hooks for the actors hosted by `routing.me`.
+    pub fn new(routing: Routing) -> Self {
+        Self { routing }
+    }
+}
+
+impl Cluster for HostHooks {
+    fn remote_host(&self, _: ActorKey) -> Option<u32> {
+        None
+    }
+
+    fn spawn_remote(&self, node: u32, key: ActorKey, _: u64, _: Option<u64>, _: u64) {
+        tracing::warn!(node = self.routing.me, %key, to = node, "a hosted actor asked for a spawn; only the coordinator spawns");
+    }
+
+    fn replicate(&self, path: &std::path::Path) {
+        replicate_file(&self.routing, path);
+    }
+
+    fn preferred_host(&self, _: ActorKey) -> Option<u32> {
+        None
+    }
+
+    fn stop_remote(&self, _: u32, _: ActorKey) {}
+}
+
+/// Copy the checkpoint file `path`, written here, to the coordinator and its replicas (the
+/// nodes that hold every range of every checkpoint: the coordinator restores from them, and
+/// its successor is the first replica), and tell the coordinator, which keeps the job's
+/// replication figures. Reading and encoding the file is I/O and a copy of the range: off the
+/// aggregator, so the step that wrote the checkpoint goes on at once.
+fn replicate_file(routing: &Routing, path: &std::path::Path) {
+    let me = routing.me;
+    let (coordinator, targets): (u32, Vec<u32>) = {
+        let routes = routing.routes.borrow();
+        let Some(p) = routes.placement.as_ref() else { return };
+        let mut targets: Vec<u32> = std::iter::once(p.coordinator).chain(p.replicas.iter().copied()).collect();
+        targets.retain(|n| *n != me);
+        targets.dedup();
+        (p.coordinator, targets)
+    };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { return };
+    let (routing, path) = (routing.clone(), path.to_path_buf());
+    let copy = move || {
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => return tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it: {e}"),
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(copy)),
-            Err(_) => copy(),
+        // The record first: the copies' acknowledgements come after a write and an fsync.
+        if let Ok(frame) = wire::encode(
+            &NodeMsg::Replicating { job: routing.job, name: name.clone(), to: targets.clone() },
+            &routing.limits,
+        ) {
+            routing.send_frame(coordinator, frame, Traffic::Control);
         }
+        match wire::encode_checkpoint(routing.job, &name, &bytes, &routing.limits) {
+            Ok(frame) => {
+                for r in &targets {
+                    routing.send_frame(*r, frame.clone(), Traffic::Checkpoint);
+                }
+            }
+            Err(e) => tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => drop(handle.spawn_blocking(copy)),
+        Err(_) => copy(),
     }
 }
 
