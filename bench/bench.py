@@ -321,6 +321,8 @@ class Bench:
         else:
             cmd = [self.phalanx, "local", "--nodes", str(workers), "--trainers", str(workers), "--config", job,
                    "--epochs", str(epochs), "--out", out]
+            if self.args.aggregator_placement == "spread":
+                cmd += ["--aggregators", str(workers), "--aggregator-placement", "spread"]
             if kill is not None:
                 cmd += ["--kill", kill]
         m = self.run_once_more_on_failure(cmd, tag, out)
@@ -943,6 +945,8 @@ def main():
     ap.add_argument("--torchrun-monitor-interval", type=float, default=5.0,
                     help="torchrun --monitor_interval in s (default 5, torchrun's own default)")
     ap.add_argument("--allow-other-blas", action="store_true", help="do not stop when torch is not on OpenBLAS")
+    ap.add_argument("--aggregator-placement", choices=["coordinator", "spread"], default="coordinator",
+                    help="Phalanx on N nodes: all aggregators on the coordinator (default), or one range per node")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()
     started = time.time()
@@ -997,6 +1001,7 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "command": command_line(),
             "profile_name": name,
+            "aggregator_placement": args.aggregator_placement,
             "out": os.path.relpath(args.out, REPO) if args.out.startswith(REPO) else args.out,
             "profile": {k: (v if k != "epochs" else {str(h): e for h, e in v.items()}) for k, v in profile.items()},
             "duration_s": round(time.time() - started, 1),

@@ -259,6 +259,12 @@ fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<f32>) {
             }
             (lens, all)
         }
+        // A hosted range's final values (aggregators spread over the nodes): a range of θ, far
+        // over the header's limit.
+        Msg::Finished { values, .. } => {
+            let v = std::mem::take(values);
+            (vec![v.len() as u32], v)
+        }
         _ => (Vec::new(), Vec::new()),
     }
 }
@@ -272,6 +278,7 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
     match msg {
         Msg::Params(p) if lens.len() == 1 => p.values = tensor,
         Msg::Gradient(g) if lens.len() == 1 => g.values = tensor,
+        Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor,
         Msg::Gradients(gs) if lens.len() == gs.len() => {
             let mut rest = tensor.as_slice();
             for (g, len) in gs.iter_mut().zip(lens) {
@@ -410,6 +417,15 @@ mod tests {
             }),
             Msg::Gradients(vec![grad(0, vec![1.0, 2.0]), grad(1, vec![]), grad(2, vec![f32::MIN_POSITIVE / 2.0])]),
             Msg::ShardReady { job: 1, partition: 3 },
+            // A hosted range's final values: far more than a header may hold.
+            Msg::Finished {
+                job: 1,
+                range: 2,
+                generation: 5,
+                offset: 40,
+                values: (0..400_000).map(|i| i as f32 * 0.5).collect(),
+                ledger: Default::default(),
+            },
         ];
         for msg in msgs {
             let frame = encode_deliver(7, Addr::Trainer(1), msg.clone(), &limits).unwrap();
