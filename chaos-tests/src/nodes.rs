@@ -512,8 +512,14 @@ pub fn check_nodes(outcome: &NodeSimOutcome, expected: &Expected) -> Vec<String>
 /// steps, about 2.3 virtual seconds on three nodes: long enough for the fault phase), with
 /// what its fault-free single-process run produces.
 pub fn node_job() -> (JobConfig, Expected) {
+    node_job_placed(phalanx::config::AggregatorPlacement::Coordinator)
+}
+
+/// [`node_job`] with its two aggregator ranges placed by `placement` (`spread`: on nodes 0
+/// and 1, moving when those die).
+pub fn node_job_placed(placement: phalanx::config::AggregatorPlacement) -> (JobConfig, Expected) {
     let base = crate::sim::campaign_jobs().swap_remove(0).config;
-    let config = JobConfig { epochs: Some(40), trainers: 4, ..base };
+    let config = JobConfig { epochs: Some(40), trainers: 4, aggregator_placement: placement, ..base };
     let prepared = phalanx::PreparedJob::new(config.clone()).expect("the node-simulation job is valid");
     let reference = prepared.reference_params().expect("the plain loop runs");
     let expected = Expected {
@@ -537,7 +543,15 @@ pub struct SeedVerdict {
 /// runtime and temporary directory), in seed order. A seed that keeps every invariant keeps
 /// only its [`KEPT_EVENTS`]; a failing one keeps all.
 pub fn run_seeds(seeds: std::ops::Range<u64>, threads: usize) -> Vec<SeedVerdict> {
-    let (job, expected) = node_job();
+    run_seeds_of(&node_job(), seeds, threads)
+}
+
+/// [`run_seeds`] of another job (and what its fault-free run produces).
+pub fn run_seeds_of(
+    (job, expected): &(JobConfig, Expected),
+    seeds: std::ops::Range<u64>,
+    threads: usize,
+) -> Vec<SeedVerdict> {
     let seeds: Vec<u64> = seeds.collect();
     let threads = threads.clamp(1, 16);
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -549,8 +563,8 @@ pub fn run_seeds(seeds: std::ops::Range<u64>, threads: usize) -> Vec<SeedVerdict
                 let Some(&seed) = seeds.get(i) else { break };
                 let verdict = match tempfile::tempdir() {
                     Ok(dir) => {
-                        let mut outcome = run_nodes(&job, &NodeSimOptions::new(seed), dir.path());
-                        let violations = check_nodes(&outcome, &expected);
+                        let mut outcome = run_nodes(job, &NodeSimOptions::new(seed), dir.path());
+                        let violations = check_nodes(&outcome, expected);
                         // A passing seed keeps only what the report reads (a campaign of
                         // thousands of seeds would otherwise hold every event of every run).
                         if violations.is_empty() {

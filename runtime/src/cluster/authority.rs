@@ -498,7 +498,7 @@ mod tests {
         .chain((0..4).map(|p| (ActorKey::shard(p), 3)))
         .collect();
         let mut routes = Routes { placement, ..Routes::default() };
-        routes.set_locations(v.coordinator, v.epoch, map);
+        routes.set_locations(v.coordinator, v.epoch, 1, map);
         routes
     }
 
@@ -688,8 +688,9 @@ mod tests {
     #[test]
     fn a_location_map_naming_strangers_or_unknown_actors_is_refused() {
         let v = view(3, 0);
-        let map =
-            |key, node| control(NodeMsg::Locations { job: 1, epoch: 3, job_started_ms: 0, map: [(key, node)].into() });
+        let map = |key, node| {
+            control(NodeMsg::Locations { job: 1, epoch: 3, job_started_ms: 0, map: [(key, node)].into(), seq: 2 })
+        };
         assert_eq!(judge(2, &v, 0, &map(ActorKey::trainer(0), 1)), Verdict::Accept);
         assert!(rejects(&judge(2, &v, 0, &map(ActorKey::trainer(0), 9))));
         assert!(rejects(&judge(2, &v, 0, &map(ActorKey::aggregator(4), 1))));
@@ -795,7 +796,8 @@ mod tests {
                     job: 1,
                     epoch: 3,
                     job_started_ms: 0,
-                    map: [(key, node)].into()
+                    map: [(key, node)].into(),
+                    seq: 1
                 }),
                 key().prop_map(|key| NodeMsg::Started { job: 1, key, spawn: 1 }),
                 Just(NodeMsg::JobDone { job: 1, summary: None, model_sha256: String::new() }),

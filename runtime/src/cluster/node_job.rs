@@ -531,10 +531,14 @@ impl NodeJob {
             Inbound::Control(NodeMsg::Failed { key, spawn, reason, .. }) => {
                 to_job(&self.names, JobMsg::RemoteFailed(key, peer, spawn, reason))
             }
-            Inbound::Control(NodeMsg::Locations { epoch, job_started_ms, map, .. }) => {
+            Inbound::Control(NodeMsg::Locations { epoch, job_started_ms, map, seq, .. }) => {
                 self.seen_job = true;
                 self.job_started_ms = Some(self.job_started_ms.map_or(job_started_ms, |t| t.min(job_started_ms)));
-                self.routes.send_modify(|r| r.set_locations(peer, epoch, map));
+                let newest = self.routes.borrow().locations.get(&peer).is_none_or(|(held, _)| *held <= (epoch, seq));
+                if newest {
+                    let _ = self.host.send_message(HostMsg::Placed { coordinator: peer, map: map.clone() });
+                }
+                self.routes.send_modify(|r| r.set_locations(peer, epoch, seq, map));
             }
             Inbound::Control(NodeMsg::JobDone { summary, model_sha256, .. }) => {
                 self.done = true;

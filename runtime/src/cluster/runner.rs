@@ -212,18 +212,24 @@ pub struct Routes {
     /// The current placement (from the adopted view).
     pub placement: Option<Placement>,
     /// Where each spawned actor actually runs, as each coordinator last said,
-    /// with the epoch it coordinates in: only the current coordinator's map is
+    /// with the epoch it coordinates in and the map's number in that term
+    /// (newest wins, whatever the arrival order): only the current coordinator's map is
     /// used. Keeping them per sender lets a new coordinator's map arrive before
     /// its view, and a deposed one's late map (held back by a partition) can
     /// never misroute.
-    pub locations: BTreeMap<u32, (u64, BTreeMap<ActorKey, u32>)>,
+    pub locations: BTreeMap<u32, (MapNumber, BTreeMap<ActorKey, u32>)>,
 }
 
+/// A location map's place in time: the epoch its coordinator coordinates in, and its number
+/// in that term.
+pub type MapNumber = (u64, u64);
+
 impl Routes {
-    /// Take `map` from `coordinator` (coordinating in `epoch`) unless a newer one is held.
-    pub fn set_locations(&mut self, coordinator: u32, epoch: u64, map: BTreeMap<ActorKey, u32>) {
-        if self.locations.get(&coordinator).is_none_or(|(held, _)| *held <= epoch) {
-            self.locations.insert(coordinator, (epoch, map));
+    /// Take map number `seq` from `coordinator` (coordinating in `epoch`) unless a newer one is
+    /// held: of a later epoch, or a later map of the same one (maps may arrive out of order).
+    pub fn set_locations(&mut self, coordinator: u32, epoch: u64, seq: u64, map: BTreeMap<ActorKey, u32>) {
+        if self.locations.get(&coordinator).is_none_or(|(held, _)| *held <= (epoch, seq)) {
+            self.locations.insert(coordinator, ((epoch, seq), map));
         }
     }
 
@@ -326,8 +332,8 @@ impl Net for ClusterNet {
 /// The coordinator supervisor's view of the cluster (see [`Cluster`]).
 pub struct ClusterHooks {
     routing: Routing,
-    /// The coordinator's own record of locations, broadcast on change.
-    locations: std::sync::Mutex<BTreeMap<ActorKey, u32>>,
+    /// The coordinator's own record of locations, broadcast on change, and its number.
+    locations: std::sync::Mutex<(u64, BTreeMap<ActorKey, u32>)>,
     members: Vec<u32>,
     /// The epoch this coordinator coordinates in (tags its location maps).
     epoch: u64,
@@ -343,16 +349,17 @@ impl ClusterHooks {
     }
 
     fn record(&self, key: ActorKey, node: u32) {
-        let map = {
+        let (seq, map) = {
             let mut locations = self.locations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            locations.insert(key, node);
+            locations.0 += 1;
+            locations.1.insert(key, node);
             locations.clone()
         };
         // Every member, this node included (the node loop applies its own copy).
-        if let Ok(frame) = wire::encode(
-            &NodeMsg::Locations { job: self.routing.job, epoch: self.epoch, job_started_ms: self.job_started_ms, map },
-            &self.routing.limits,
-        ) {
+        let (job, epoch, job_started_ms) = (self.routing.job, self.epoch, self.job_started_ms);
+        if let Ok(frame) =
+            wire::encode(&NodeMsg::Locations { job, epoch, job_started_ms, map, seq }, &self.routing.limits)
+        {
             for &m in &self.members {
                 self.routing.send_frame(m, frame.clone(), Traffic::Control);
             }
@@ -511,6 +518,15 @@ pub enum HostMsg {
         /// The coordinator asking (only its own actors are stopped).
         from: u32,
     },
+    /// `coordinator`'s newest location map: stop what it asked for here and now places on
+    /// another node (an instance it gave up for lost while this node was cut off, and moved; a
+    /// stale aggregator would otherwise take the messages of this node's actors for its range).
+    Placed {
+        /// The coordinator.
+        coordinator: u32,
+        /// Actor → node, as it says.
+        map: BTreeMap<ActorKey, u32>,
+    },
     /// `coordinator` coordinates the view of `epoch`: stop what any other
     /// coordinator asked for (the new one respawns everything it needs), and
     /// from now on ignore requests of coordinators of older views.
@@ -634,6 +650,31 @@ impl Actor for HostActor {
                 }
                 state.children.retain(|id, _| !ids.contains(id));
             }
+            HostMsg::Placed { coordinator, map } => {
+                let me = state.routing.me;
+                let stale: Vec<(ActorId, ActorKey, u64)> = state
+                    .children
+                    .iter()
+                    .filter(|(_, (key, from, _))| *from == coordinator && map.get(key).is_some_and(|n| *n != me))
+                    .map(|(id, (key, _, spawn))| (*id, *key, *spawn))
+                    .collect();
+                for (id, key, spawn) in &stale {
+                    if let Some(cell) = myself.get_children().into_iter().find(|c| c.get_id() == *id) {
+                        tracing::info!(node = me, %key, "stopping a hosted actor node {coordinator} placed elsewhere");
+                        state.stopping.insert(*id);
+                        cell.stop(Some("placed on another node".into()));
+                    }
+                    // Said, in case the map was older than the request that spawned it here (they
+                    // travel apart): the supervisor then restarts it; a report about an instance
+                    // it already replaced is ignored there.
+                    let reason = format!("stopped: node {coordinator}'s location map places it elsewhere");
+                    state.report(
+                        coordinator,
+                        NodeMsg::Failed { job: state.routing.job, key: *key, spawn: *spawn, reason },
+                    );
+                    state.children.remove(id);
+                }
+            }
             HostMsg::CoordinatorIs { coordinator, epoch } => {
                 if state.current.is_some_and(|(_, seen)| seen > epoch) {
                     return Ok(());
@@ -707,6 +748,18 @@ mod tests {
 
     fn frame(to: u32, bytes: usize) -> Outbound {
         Outbound { to, frame: vec![0; bytes], traffic: Traffic::Control }
+    }
+
+    /// Maps of one term arriving out of order: the newest stays; a later term's map wins.
+    #[test]
+    fn an_older_location_map_arriving_late_does_not_replace_a_newer_one() {
+        let mut routes = Routes::default();
+        let map = |node: u32| [(ActorKey::trainer(1), node)].into_iter().collect::<BTreeMap<_, _>>();
+        routes.set_locations(0, 1, 5, map(1));
+        routes.set_locations(0, 1, 4, map(2));
+        assert_eq!(routes.locations[&0].1, map(1), "map 4 came after map 5");
+        routes.set_locations(0, 2, 1, map(2));
+        assert_eq!(routes.locations[&0].1, map(2), "a later term's first map");
     }
 
     /// A producer over the budget waits until the node loop hands a frame on, and then goes;

@@ -93,6 +93,9 @@ pub enum NodeMsg {
         job_started_ms: u64,
         /// Actor → node.
         map: std::collections::BTreeMap<ActorKey, u32>,
+        /// The map's number in the sender's term: frames travel on separate streams, so an
+        /// older map may arrive after a newer one, and must not replace it.
+        seq: u64,
     },
     /// Coordinator → all: the job finished; `summary` is where its summary was written.
     JobDone {
