@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::cluster::Cluster;
+use common::cluster::{expected_sha, Cluster};
 use phalanx::{JobConfig, PreparedJob};
 use serde_json::Value;
 
@@ -15,22 +15,6 @@ use serde_json::Value;
 const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\naggregators = 3\n\
                    aggregator_placement = \"spread\"\nepochs = 30\ncheckpoint_every = 20\n\
                    checkpoint_min_interval_ms = 0\n";
-
-fn expected_sha() -> String {
-    let config = JobConfig::from_toml_str(JOB).unwrap();
-    let job = PreparedJob::new(config).unwrap();
-    phalanx::params_sha256(&job.reference_params().unwrap())
-}
-
-fn wait_done(c: &Cluster, observer: u32) -> Value {
-    c.wait_for(0, &format!("node {observer} to report the job done"), |v| {
-        v["event"] == "job_done" && v["node"] == observer
-    })
-}
-
-fn summary(c: &Cluster) -> Value {
-    serde_json::from_slice(&std::fs::read(c.out().join("summary.json")).unwrap()).unwrap()
-}
 
 fn assert_exactly_once(s: &Value) {
     let applied = &s["samples_applied"];
@@ -69,9 +53,9 @@ fn aggregator_hosts(c: &Cluster, since: usize) -> Vec<(String, u64)> {
 #[test]
 fn each_node_hosts_and_checkpoints_its_own_range_and_the_bits_are_the_one_process_bits() {
     let c = Cluster::start_with_job(3, Some(JOB));
-    let done = wait_done(&c, 0);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    assert_exactly_once(&summary(&c));
+    let done = c.wait_done(0);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    assert_exactly_once(&c.summary());
     // Nodes 1 and 2 were asked to host ranges 1 and 2 (the coordinator's own range is spawned
     // by its supervisor, not by a request).
     assert_eq!(aggregator_hosts(&c, 0), vec![("aggregator 1".into(), 1), ("aggregator 2".into(), 2)]);
@@ -91,14 +75,14 @@ fn sigkill_of_a_range_host_restores_its_range_on_a_node_without_its_files() {
     c.wait_for(0, "step 150", |v| v["event"] == "step" && v["step"].as_u64() >= Some(150));
     let since = c.mark();
     c.kill(1);
-    let done = wait_done(&c, 2);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    let s = summary(&c);
+    let done = c.wait_done(2);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    let s = c.summary();
     assert_exactly_once(&s);
     assert!(s["rollbacks"].as_u64().unwrap_or(0) >= 1, "range 1 was lost: every range rolled back: {s}");
     // Range 1 went on on node 2 (the next live node), which fetched its files.
     assert!(aggregator_hosts(&c, since).contains(&("aggregator 1".into(), 2)), "{:?}", aggregator_hosts(&c, since));
-    let range_1 = phalanx::PreparedJob::new(JobConfig::from_toml_str(JOB).unwrap()).unwrap().ranges()[1].0;
+    let range_1 = PreparedJob::new(JobConfig::from_toml_str(JOB).unwrap()).unwrap().ranges()[1].0;
     assert!(files_on(&c, 2).iter().any(|(_, o)| *o == range_1), "node 2 holds range 1's files now");
 }
 
@@ -109,7 +93,7 @@ fn sigkill_of_the_coordinator_restores_every_range_from_the_successors_copies() 
     c.kill(0);
     let takeover = c.wait_for(0, "node 1 to coordinate", |v| v["event"] == "coordinating" && v["node"] == 1);
     assert!(takeover["restore"].as_u64().is_some_and(|s| s >= 140), "restored from the copies: {takeover}");
-    let done = wait_done(&c, 2);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    assert_exactly_once(&summary(&c));
+    let done = c.wait_done(2);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    assert_exactly_once(&c.summary());
 }

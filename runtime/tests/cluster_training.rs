@@ -6,31 +6,14 @@
 
 mod common;
 
-use common::cluster::Cluster;
-use phalanx::{JobConfig, PreparedJob};
+use common::cluster::{expected_sha, Cluster};
 use serde_json::Value;
 
 /// 3 trainers over 3 nodes, checkpoints every 20 steps, 600 steps.
 const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\nepochs = 30\ncheckpoint_every = 20\ncheckpoint_min_interval_ms = 0\n";
 
-fn expected_sha() -> String {
-    let config = JobConfig::from_toml_str(JOB).unwrap();
-    let job = PreparedJob::new(config).unwrap();
-    phalanx::params_sha256(&job.reference_params().unwrap())
-}
-
-fn wait_done(c: &Cluster, observer: u32) -> Value {
-    c.wait_for(0, &format!("node {observer} to report the job done"), |v| {
-        v["event"] == "job_done" && v["node"] == observer
-    })
-}
-
 fn wait_step(c: &Cluster, step: u64) {
     c.wait_for(0, &format!("step {step}"), |v| v["event"] == "step" && v["step"].as_u64() >= Some(step));
-}
-
-fn summary(c: &Cluster) -> Value {
-    serde_json::from_slice(&std::fs::read(c.out().join("summary.json")).unwrap()).unwrap()
 }
 
 fn assert_exactly_once(s: &Value) {
@@ -90,9 +73,9 @@ fn checkpoints_of_other_maths_are_not_resumed_and_not_silently_dropped() {
 #[test]
 fn three_processes_train_to_the_same_bits_as_one_process() {
     let c = Cluster::start_with_job(3, Some(JOB));
-    let done = wait_done(&c, 2);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    assert_exactly_once(&summary(&c));
+    let done = c.wait_done(2);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    assert_exactly_once(&c.summary());
 }
 
 #[test]
@@ -100,9 +83,9 @@ fn sigkill_of_a_trainer_node_mid_epoch_keeps_the_bits() {
     let mut c = Cluster::start_with_job(3, Some(JOB));
     wait_step(&c, 150);
     c.kill(2);
-    let done = wait_done(&c, 1);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    let s = summary(&c);
+    let done = c.wait_done(1);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    let s = c.summary();
     assert_exactly_once(&s);
     let lost = s["faults"].as_array().unwrap();
     assert!(lost.iter().any(|f| f["reason"] == "node 2 lost"), "{lost:?}");
@@ -116,9 +99,9 @@ fn sigkill_of_the_aggregator_node_restores_a_checkpoint_copy_and_keeps_the_bits(
     c.kill(0);
     let takeover = c.wait_for(0, "node 1 to coordinate", |v| v["event"] == "coordinating" && v["node"] == 1);
     assert!(takeover["restore"].as_u64().is_some_and(|s| s >= 140), "restored from a copy: {takeover}");
-    let done = wait_done(&c, 2);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    assert_exactly_once(&summary(&c));
+    let done = c.wait_done(2);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    assert_exactly_once(&c.summary());
 }
 
 #[test]
@@ -129,9 +112,9 @@ fn a_node_paused_past_detection_and_resumed_does_not_change_the_bits() {
     c.signal(2, "STOP");
     c.wait_for(since, "node 2 declared down", |v| v["event"] == "down" && v["peer"] == 2);
     c.signal(2, "CONT");
-    let done = wait_done(&c, 0);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    assert_exactly_once(&summary(&c));
+    let done = c.wait_done(0);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    assert_exactly_once(&c.summary());
 }
 
 #[test]
@@ -146,7 +129,7 @@ fn a_restarted_node_rejoins_and_gets_work_again() {
     c.nodes[1] = Some(node);
     let work = c.wait_for(since, "node 1 to be given work again", |v| v["event"] == "spawn" && v["node"] == 1);
     assert!(work["actor"].as_str().is_some_and(|a| a.starts_with("trainer") || a.starts_with("shard")), "{work}");
-    let done = wait_done(&c, 2);
-    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha());
-    assert_exactly_once(&summary(&c));
+    let done = c.wait_done(2);
+    assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
+    assert_exactly_once(&c.summary());
 }

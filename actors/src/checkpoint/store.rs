@@ -265,21 +265,8 @@ impl CheckpointStore {
         let Some((&oldest_kept, _)) = complete.nth(keep - 1) else {
             return Ok(Vec::new());
         };
-        let mut removed = Vec::new();
-        for keys in by_step.range(..oldest_kept).map(|(_, keys)| keys) {
-            for key in keys {
-                let path = self.dir.join(key.file_name());
-                match fs::remove_file(&path) {
-                    Ok(()) => removed.push(path),
-                    // Someone else pruned it first: the goal is reached.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("removing", &path)(e)),
-                }
-            }
-        }
+        let removed = self.remove(by_step.range(..oldest_kept).flat_map(|(_, keys)| keys))?;
         if !removed.is_empty() {
-            // Make the deletions durable so the space is really free after a crash.
-            self.sync_dir()?;
             tracing::debug!(
                 dir = %self.dir.display(),
                 count = removed.len(),
@@ -327,18 +314,21 @@ impl CheckpointStore {
         };
         let whole: Vec<u64> =
             by_step.iter().rev().filter(|(_, keys)| tiles(keys, total_len)).take(keep).map(|(s, _)| *s).collect();
+        let old = by_step.range(..oldest_kept).filter(|(step, _)| !whole.contains(step));
+        self.remove(old.flat_map(|(_, keys)| keys).filter(|k| (k.offset, k.len) == (offset, len)))
+    }
+
+    /// Delete the files of `keys` (one already gone counts as deleted by someone else: the
+    /// goal is reached), then make the deletions durable so the space is really free after a
+    /// crash. Returns the deleted paths.
+    fn remove<'k>(&self, keys: impl Iterator<Item = &'k FileKey>) -> Result<Vec<PathBuf>, CheckpointError> {
         let mut removed = Vec::new();
-        for (step, keys) in by_step.range(..oldest_kept) {
-            if whole.contains(step) {
-                continue;
-            }
-            for key in keys.iter().filter(|k| (k.offset, k.len) == (offset, len)) {
-                let path = self.dir.join(key.file_name());
-                match fs::remove_file(&path) {
-                    Ok(()) => removed.push(path),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("removing", &path)(e)),
-                }
+        for key in keys {
+            let path = self.dir.join(key.file_name());
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &path)(e)),
             }
         }
         if !removed.is_empty() {

@@ -32,6 +32,12 @@ pub struct Cluster {
     pub extra: std::collections::BTreeMap<u32, Vec<String>>,
 }
 
+/// `model_sha256` of the one-process run of the job file `job`.
+pub fn expected_sha(job: &str) -> String {
+    let job = phalanx::PreparedJob::new(phalanx::JobConfig::from_toml_str(job).unwrap()).unwrap();
+    phalanx::params_sha256(&job.reference_params().unwrap())
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -101,6 +107,18 @@ impl Cluster {
     /// Where the coordinator writes summary.json.
     pub fn out(&self) -> PathBuf {
         self.dir().join("out")
+    }
+
+    /// Wait until node `observer` reports the job done; its `job_done` event.
+    pub fn wait_done(&self, observer: u32) -> Value {
+        self.wait_for(0, &format!("node {observer} to report the job done"), |v| {
+            v["event"] == "job_done" && v["node"] == observer
+        })
+    }
+
+    /// The job's `summary.json`.
+    pub fn summary(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.out().join("summary.json")).unwrap()).unwrap()
     }
 
     pub fn spawn(&self, id: u32) -> Node {
