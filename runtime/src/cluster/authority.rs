@@ -498,7 +498,7 @@ mod tests {
         .chain((0..4).map(|p| (ActorKey::shard(p), 3)))
         .collect();
         let mut routes = Routes { placement, ..Routes::default() };
-        routes.set_locations(v.coordinator, v.epoch, 1, map);
+        let _ = routes.set_locations(v.coordinator, v.epoch, 1, map);
         routes
     }
 

@@ -449,36 +449,24 @@ impl NodeJob {
     /// authority rules let through. Orders to restore a range this node holds no files for,
     /// and what follows them for that range, wait in the [`RestoreGate`] first.
     pub(crate) fn on_inbound(&mut self, peer: u32, inbound: Inbound) {
-        let now = clock::now();
-        let cmds = match &inbound {
-            Inbound::Control(NodeMsg::Spawn { key, restore: Some(step), .. })
-                if key.role == Role::Aggregator && *step > 0 =>
-            {
-                let (range, step) = (key.index, *step);
-                let have = self.holds(range, step);
-                self.gate.restore(range, step, have, (peer, inbound), now)
+        // The aggregator range a frame is for, and the checkpoint step it restores (if above 0).
+        let (range, restore) = match &inbound {
+            Inbound::Control(NodeMsg::Spawn { key, restore, .. }) if key.role == Role::Aggregator => {
+                (key.index, *restore)
             }
-            Inbound::Deliver(_, Addr::Aggregator(range), Msg::Rollback { step, .. }) if *step > 0 => {
-                let (range, step) = (*range, *step);
-                let have = self.holds(range, step);
-                self.gate.restore(range, step, have, (peer, inbound), now)
-            }
-            Inbound::Control(NodeMsg::Spawn { key, .. }) if key.role == Role::Aggregator => {
-                self.gate.message(key.index, (peer, inbound), now)
-            }
-            Inbound::Deliver(_, Addr::Aggregator(range), _) => {
-                let range = *range;
-                self.gate.message(range, (peer, inbound), now)
-            }
+            Inbound::Deliver(_, Addr::Aggregator(range), Msg::Rollback { step, .. }) => (*range, Some(*step)),
+            Inbound::Deliver(_, Addr::Aggregator(range), _) => (*range, None),
             _ => return self.handle(peer, inbound),
         };
+        let now = clock::now();
+        let cmds = match restore.filter(|step| *step > 0) {
+            Some(step) => {
+                let have = holds(&self.checkpoints, &self.host_ctx.plan.ranges, range, step);
+                self.gate.restore(range, step, have, (peer, inbound), now)
+            }
+            None => self.gate.message(range, (peer, inbound), now),
+        };
         self.run_gate(cmds);
-    }
-
-    /// This node holds the files of aggregator `range` at `step`.
-    fn holds(&self, range: u32, step: u64) -> bool {
-        let Some(&(offset, len)) = self.host_ctx.plan.ranges.get(range as usize) else { return true };
-        CheckpointStore::reader(&self.checkpoints).covers(step, offset, len)
     }
 
     /// Carry out the restore gate's commands.
@@ -488,16 +476,15 @@ impl NodeJob {
             match cmd {
                 GateCommand::Release((peer, inbound)) => self.handle(peer, inbound),
                 GateCommand::Fetch { step } => {
-                    let placement = self.routes.borrow().placement.clone();
-                    let Some(p) = placement.filter(|p| p.coordinator != me) else { continue };
+                    let coordinator = self.routes.borrow().placement.as_ref().map(|p| (p.coordinator, p.epoch));
+                    let Some((from, epoch)) = coordinator.filter(|(c, _)| *c != me) else { continue };
                     tracing::info!(
                         node = me,
                         job = self.id,
                         step,
-                        "fetching checkpoint {step} from node {} to restore a range",
-                        p.coordinator
+                        "fetching checkpoint {step} from node {from} to restore a range"
                     );
-                    self.send_control(p.coordinator, &NodeMsg::CheckpointFetch { job: self.id, epoch: p.epoch, step });
+                    self.send_control(from, &NodeMsg::CheckpointFetch { job: self.id, epoch, step });
                 }
                 GateCommand::GaveUp { range, step } => tracing::warn!(
                     node = me,
@@ -534,11 +521,14 @@ impl NodeJob {
             Inbound::Control(NodeMsg::Locations { epoch, job_started_ms, map, seq, .. }) => {
                 self.seen_job = true;
                 self.job_started_ms = Some(self.job_started_ms.map_or(job_started_ms, |t| t.min(job_started_ms)));
-                let newest = self.routes.borrow().locations.get(&peer).is_none_or(|(held, _)| *held <= (epoch, seq));
-                if newest {
-                    let _ = self.host.send_message(HostMsg::Placed { coordinator: peer, map: map.clone() });
+                let mut taken = None;
+                self.routes.send_if_modified(|r| {
+                    taken = r.set_locations(peer, epoch, seq, map);
+                    taken.is_some()
+                });
+                if let Some(map) = taken {
+                    let _ = self.host.send_message(HostMsg::Placed { coordinator: peer, map });
                 }
-                self.routes.send_modify(|r| r.set_locations(peer, epoch, seq, map));
             }
             Inbound::Control(NodeMsg::JobDone { summary, model_sha256, .. }) => {
                 self.done = true;
@@ -658,11 +648,8 @@ impl NodeJob {
             return;
         }
         if !self.gate.is_empty() {
-            let (store, ranges) = (CheckpointStore::reader(&self.checkpoints), &self.host_ctx.plan.ranges);
-            let holds = |range: u32, step| {
-                ranges.get(range as usize).is_none_or(|&(offset, len)| store.covers(step, offset, len))
-            };
-            let cmds = self.gate.on_files(holds, clock::now());
+            let (dir, ranges) = (&self.checkpoints, &self.host_ctx.plan.ranges);
+            let cmds = self.gate.on_files(|range, step| holds(dir, ranges, range, step), clock::now());
             self.run_gate(cmds);
         }
         if fetching {
@@ -690,6 +677,12 @@ impl NodeJob {
             });
         }
     }
+}
+
+/// Whether the checkpoint files in `dir` cover aggregator `range` (of `ranges`) at `step`, by
+/// their names (a range the job does not have needs nothing).
+fn holds(dir: &std::path::Path, ranges: &[(usize, usize)], range: u32, step: u64) -> bool {
+    ranges.get(range as usize).is_none_or(|&(offset, len)| CheckpointStore::reader(dir).covers(step, offset, len))
 }
 
 /// Keep a checkpoint copy in `dir`, verified before it counts; true when kept.

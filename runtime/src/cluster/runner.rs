@@ -227,10 +227,19 @@ pub type MapNumber = (u64, u64);
 impl Routes {
     /// Take map number `seq` from `coordinator` (coordinating in `epoch`) unless a newer one is
     /// held: of a later epoch, or a later map of the same one (maps may arrive out of order).
-    pub fn set_locations(&mut self, coordinator: u32, epoch: u64, seq: u64, map: BTreeMap<ActorKey, u32>) {
-        if self.locations.get(&coordinator).is_none_or(|(held, _)| *held <= (epoch, seq)) {
-            self.locations.insert(coordinator, ((epoch, seq), map));
+    /// Returns a copy of the map when it was taken.
+    pub fn set_locations(
+        &mut self,
+        coordinator: u32,
+        epoch: u64,
+        seq: u64,
+        map: BTreeMap<ActorKey, u32>,
+    ) -> Option<BTreeMap<ActorKey, u32>> {
+        if self.locations.get(&coordinator).is_some_and(|(held, _)| *held > (epoch, seq)) {
+            return None;
         }
+        self.locations.insert(coordinator, ((epoch, seq), map.clone()));
+        Some(map)
     }
 
     /// Where `key` runs: the current coordinator's record, else the placement.
@@ -453,8 +462,7 @@ fn replicate_file(routing: &Routing, path: &std::path::Path) {
         let routes = routing.routes.borrow();
         let Some(p) = routes.placement.as_ref() else { return };
         let mut targets: Vec<u32> = std::iter::once(p.coordinator).chain(p.replicas.iter().copied()).collect();
-        targets.retain(|n| *n != me);
-        targets.dedup();
+        targets.retain(|n| *n != me); // the replicas are other nodes than the coordinator
         (p.coordinator, targets)
     };
     let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { return };
@@ -755,10 +763,10 @@ mod tests {
     fn an_older_location_map_arriving_late_does_not_replace_a_newer_one() {
         let mut routes = Routes::default();
         let map = |node: u32| [(ActorKey::trainer(1), node)].into_iter().collect::<BTreeMap<_, _>>();
-        routes.set_locations(0, 1, 5, map(1));
-        routes.set_locations(0, 1, 4, map(2));
-        assert_eq!(routes.locations[&0].1, map(1), "map 4 came after map 5");
-        routes.set_locations(0, 2, 1, map(2));
+        assert_eq!(routes.set_locations(0, 1, 5, map(1)), Some(map(1)));
+        assert_eq!(routes.set_locations(0, 1, 4, map(2)), None, "map 4 came after map 5");
+        assert_eq!(routes.locations[&0].1, map(1));
+        assert!(routes.set_locations(0, 2, 1, map(2)).is_some());
         assert_eq!(routes.locations[&0].1, map(2), "a later term's first map");
     }
 
