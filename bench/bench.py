@@ -321,8 +321,9 @@ class Bench:
         else:
             cmd = [self.phalanx, "local", "--nodes", str(workers), "--trainers", str(workers), "--config", job,
                    "--epochs", str(epochs), "--out", out]
-            if self.args.aggregator_placement == "spread":
-                cmd += ["--aggregators", str(workers), "--aggregator-placement", "spread"]
+            # The default: one range of θ per node, range r on node r (spread); `coordinator`
+            # puts every range beside the job's supervisor.
+            cmd += ["--aggregator-placement", self.args.aggregator_placement]
             if kill is not None:
                 cmd += ["--kill", kill]
         m = self.run_once_more_on_failure(cmd, tag, out)
@@ -779,7 +780,10 @@ def markdown(result):
         "diverge into chaos, where rounding differences grow until no two implementations' loss curves can be "
         f"compared; the step time does not depend on it), f32; seed {SEED}.",
         "- **Processes:** Phalanx: `phalanx train --trainers 1` for 1 worker, `phalanx local --nodes N --trainers N` "
-        "for N (node 0 also hosts the aggregators); DDP: N processes, `torch.distributed` gloo, "
+        f"for N (aggregator placement `{m.get('aggregator_placement', 'coordinator')}`: "
+        + ("one range of θ per node, range r on node r" if m.get("aggregator_placement") == "spread"
+           else "node 0 hosts every aggregator")
+        + "); DDP: N processes, `torch.distributed` gloo, "
         "`DistributedDataParallel`, rank r owning the partitions ⌊rP/N⌋ .. ⌊(r+1)P/N⌋ as Phalanx's trainers do. "
         "One compute thread per process (`torch.set_num_threads(1)`, `OMP/OPENBLAS_NUM_THREADS=1`; Phalanx's "
         "maths is single-threaded `matrixmultiply`, its tokio runtime keeps its default worker threads for messages).",
@@ -879,7 +883,11 @@ def markdown(result):
             f"{rec['checkpoint_every']} steps on both sides. Time from the kill to the next step completed by the "
             "recovered deployment (Phalanx: `node_faults[].recovery_ms` of its summary, the first step applied after "
             "the node was declared down; torchrun: the first step the restarted ranks complete); steps redone = steps "
-            "completed before the kill that were computed again.",
+            "completed before the kill that were computed again"
+            + (" (with one range of θ per node, worker 1 also hosts range 1: every range rolls back to the newest "
+               "checkpoint, at the stride of the checkpoint cadence, so Phalanx redoes steps too; with "
+               "`--aggregator-placement coordinator` it replays only the lost partitions and redoes none)."
+               if m.get("aggregator_placement") == "spread" else "."),
             "",
             "| system | kills | recovery ms p50 | p99 | each kill (ms) | steps redone (median) | detector |",
             "|---|---|---|---|---|---|---|",
@@ -945,8 +953,9 @@ def main():
     ap.add_argument("--torchrun-monitor-interval", type=float, default=5.0,
                     help="torchrun --monitor_interval in s (default 5, torchrun's own default)")
     ap.add_argument("--allow-other-blas", action="store_true", help="do not stop when torch is not on OpenBLAS")
-    ap.add_argument("--aggregator-placement", choices=["coordinator", "spread"], default="coordinator",
-                    help="Phalanx on N nodes: all aggregators on the coordinator (default), or one range per node")
+    ap.add_argument("--aggregator-placement", choices=["coordinator", "spread"], default="spread",
+                    help="Phalanx on N nodes: one range of the parameters per node (spread, Phalanx's default), "
+                         "or every range on the coordinator")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()
     started = time.time()

@@ -20,12 +20,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let runs = [
         ("1 trainer, 1 aggregator, no faults", JobConfig { trainers: 1, ..base.clone() }),
-        ("4 trainers, 3 aggregators, no faults", JobConfig { trainers: 4, aggregators: 3, ..base.clone() }),
+        ("4 trainers, 3 aggregators, no faults", JobConfig { trainers: 4, aggregators: Some(3), ..base.clone() }),
         (
             "4 trainers, 3 aggregators, 5 failures",
             JobConfig {
                 trainers: 4,
-                aggregators: 3,
+                aggregators: Some(3),
                 fail: ["trainer:1@40", "shard:5@77", "aggregator@130", "trainer:3@222", "aggregator:2@301"]
                     .iter()
                     .map(|s| s.parse())

@@ -30,9 +30,12 @@ pub const DEFAULT_CHECKPOINT_MIN_INTERVAL_MS: u64 = 500;
 #[serde(rename_all = "snake_case")]
 pub enum AggregatorPlacement {
     /// Every range on the coordinator's node.
-    #[default]
     Coordinator,
-    /// Range `r` on node `r mod N` (the next live node while that one is down).
+    /// Range `r` on node `r mod N` (the next live node while that one is down). The default:
+    /// with one range per node (the default number of aggregators on a cluster) each node
+    /// applies and sends its own share of θ, as in a ring all-reduce, instead of one node
+    /// carrying every gradient and every parameter.
+    #[default]
     Spread,
 }
 
@@ -58,11 +61,14 @@ pub struct JobConfig {
     pub task: Option<TaskKind>,
     /// Trainer actors (deployment only: does not change the result).
     pub trainers: u32,
-    /// Aggregator actors, each owning a range of θ (deployment only).
-    pub aggregators: u32,
-    /// Where a cluster runs the aggregators (deployment only): `coordinator` (all beside the
-    /// job's supervisor) or `spread` (range `r` on node `r mod N`, moving to the next live
-    /// node when that one is down, so each node applies and sends its own share of θ).
+    /// Aggregator actors, each owning a contiguous range of θ (deployment only). Absent: one
+    /// per node of the cluster (its configured size, fixed by the coordinator when it accepts
+    /// the job), one in a single process ([`aggregator_count`](Self::aggregator_count)).
+    pub aggregators: Option<u32>,
+    /// Where a cluster runs the aggregators (deployment only): `spread` (the default: range `r`
+    /// on node `r mod N`, moving to the next live node when that one is down, so each node
+    /// applies and sends its own share of θ) or `coordinator` (all beside the job's supervisor:
+    /// a failure of any other node then costs no rollback, since every aggregator survives it).
     pub aggregator_placement: AggregatorPlacement,
     /// Data partitions P (part of the math: fixed for the job).
     pub partitions: u32,
@@ -119,7 +125,7 @@ impl Default for JobConfig {
             dataset: DatasetSource::Iris,
             task: None,
             trainers: 2,
-            aggregators: 1,
+            aggregators: None,
             aggregator_placement: AggregatorPlacement::default(),
             partitions: DEFAULT_PARTITIONS,
             seed: 42,
@@ -207,6 +213,12 @@ impl JobConfig {
         }
     }
 
+    /// The number of aggregators a single process runs: [`aggregators`](Self::aggregators), or
+    /// one when it is unset (a cluster sets it to its size when it accepts the job).
+    pub fn aggregator_count(&self) -> u32 {
+        self.aggregators.unwrap_or(1)
+    }
+
     /// Check what can be checked without the data.
     pub fn validate(&self) -> Result<(), Error> {
         let field = |name: &str, reason: String| Err(Error::Field { field: name.to_string(), reason });
@@ -214,7 +226,7 @@ impl JobConfig {
         if self.trainers == 0 {
             return field("trainers", "must be at least 1".into());
         }
-        if self.aggregators == 0 {
+        if self.aggregators == Some(0) {
             return field("aggregators", "must be at least 1".into());
         }
         if self.partitions == 0 {
@@ -272,7 +284,12 @@ impl JobConfig {
             let count = match f.actor.role {
                 phalanx_actors::protocol::Role::Trainer => self.trainers,
                 phalanx_actors::protocol::Role::Shard => self.partitions,
-                phalanx_actors::protocol::Role::Aggregator => self.aggregators,
+                // Unset on a cluster until its coordinator accepts the job (one per node); every
+                // node checks again then, with the number fixed.
+                phalanx_actors::protocol::Role::Aggregator => match self.aggregators {
+                    Some(n) => n,
+                    None => continue,
+                },
             };
             if f.actor.index >= count {
                 return field("fail", format!("{f}: there are only {count} {}s (indices 0..{count})", f.actor.role));
@@ -383,11 +400,25 @@ mod tests {
     }
 
     #[test]
+    fn unset_aggregators_mean_one_per_node_spread_and_one_in_a_process() {
+        let c = JobConfig::default();
+        assert_eq!((c.aggregators, c.aggregator_placement), (None, AggregatorPlacement::Spread));
+        assert_eq!(c.aggregator_count(), 1);
+        // A job file without the field stays unset through TOML (for the coordinator to fix)...
+        let back: JobConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.aggregators, None);
+        // ...and one that sets it keeps its number and placement.
+        let set: JobConfig = toml::from_str("aggregators = 3\naggregator_placement = \"coordinator\"").unwrap();
+        assert_eq!((set.aggregators, set.aggregator_count()), (Some(3), 3));
+        assert_eq!(set.aggregator_placement, AggregatorPlacement::Coordinator);
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let cases: Vec<(JobConfig, &str)> = vec![
             (JobConfig { trainers: 0, ..JobConfig::default() }, "trainers"),
             (JobConfig { trainers: 9, ..JobConfig::default() }, "trainers"),
-            (JobConfig { aggregators: 0, ..JobConfig::default() }, "aggregators"),
+            (JobConfig { aggregators: Some(0), ..JobConfig::default() }, "aggregators"),
             (JobConfig { epochs: Some(0), ..JobConfig::default() }, "epochs"),
             (JobConfig { batch_size: Some(0), ..JobConfig::default() }, "batch_size"),
             (JobConfig { test_fraction: 1.0, ..JobConfig::default() }, "test_fraction"),

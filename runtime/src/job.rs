@@ -192,6 +192,9 @@ impl PreparedJob {
     /// through `models`. A model or source the registry lacks is [`Error::UnknownModel`] or
     /// [`Error::UnknownDataset`], naming it and what the registry has.
     pub fn with_registries(config: JobConfig, models: &ModelRegistry, datasets: &DataRegistry) -> Result<Self, Error> {
+        // A prepared job knows its ranges: unset (a single process, or a spec that did not go
+        // through a coordinator's admission) is one.
+        let config = JobConfig { aggregators: Some(config.aggregator_count()), ..config };
         config.validate()?;
         let resolved = config.resolve();
         let table = datasets.load(&config.dataset, resolved.task).map_err(|e| match e {
@@ -229,10 +232,10 @@ impl PreparedJob {
             }
             None => (model, None),
         };
-        if config.aggregators as usize > model.num_params() {
+        if config.aggregator_count() as usize > model.num_params() {
             return Err(Error::Field {
                 field: "aggregators".into(),
-                reason: format!("{} aggregators for only {} parameters", config.aggregators, model.num_params()),
+                reason: format!("{} aggregators for only {} parameters", config.aggregator_count(), model.num_params()),
             });
         }
         let mut optimizer = OptimizerSpec::new(config.optimizer);
@@ -278,7 +281,7 @@ impl PreparedJob {
     /// near-equal ranges.
     pub fn ranges(&self) -> Vec<(usize, usize)> {
         let n = self.model.num_params();
-        let a = self.config.aggregators as usize;
+        let a = self.config.aggregator_count() as usize;
         (0..a).map(|r| (r * n / a, (r + 1) * n / a - r * n / a)).collect()
     }
 

@@ -382,11 +382,12 @@ pub(crate) struct TrainArgs {
     /// Trainer actors.
     #[arg(long)]
     trainers: Option<u32>,
-    /// Aggregator actors, each owning a range of the parameters.
+    /// Aggregator actors, each owning a range of the parameters (default: one per node of a
+    /// cluster, one in a single process).
     #[arg(long)]
     aggregators: Option<u32>,
-    /// Where a cluster runs the aggregators: coordinator (all on its node) or spread (range r on
-    /// node r mod N).
+    /// Where a cluster runs the aggregators: spread (default: range r on node r mod N) or
+    /// coordinator (all on its node).
     #[arg(long, value_name = "WHERE")]
     aggregator_placement: Option<phalanx::config::AggregatorPlacement>,
     /// Data partitions (fixed for the job; default 8).
@@ -452,7 +453,6 @@ impl TrainArgs {
         set!(
             dataset,
             trainers,
-            aggregators,
             aggregator_placement,
             partitions,
             seed,
@@ -463,7 +463,7 @@ impl TrainArgs {
             checkpoint_min_interval_ms,
             max_restarts
         );
-        set_opt!(task, epochs, batch_size, learning_rate, out);
+        set_opt!(aggregators, task, epochs, batch_size, learning_rate, out);
         #[cfg(feature = "fault-injection")]
         if !self.fail.is_empty() {
             c.fail = self.fail;
@@ -561,7 +561,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         job.data.train.features(),
         job.config.partitions,
         job.config.trainers,
-        job.config.aggregators,
+        job.config.aggregator_count(),
         r.epochs,
         job.schedule.steps_per_epoch,
         r.batch_size,

@@ -259,7 +259,7 @@ impl Summary {
                 dataset: job.config.dataset.to_string(),
                 partitions: job.config.partitions,
                 trainers: job.config.trainers,
-                aggregators: job.config.aggregators,
+                aggregators: job.config.aggregator_count(),
                 seed: job.config.seed,
                 batch_size: job.resolved.batch_size,
                 optimizer: job.config.optimizer.to_string(),

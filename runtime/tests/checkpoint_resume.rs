@@ -19,7 +19,7 @@ async fn crash_at(config: &JobConfig, dir: &std::path::Path, step: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_resumed_from_its_checkpoints_ends_bit_identical() {
-    let config = JobConfig { aggregators: 2, ..job(ModelKind::Mlp) };
+    let config = JobConfig { aggregators: Some(2), ..job(ModelKind::Mlp) };
     let (_, reference) = run(config.clone()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     crash_at(&config, dir.path(), 25).await;
@@ -28,7 +28,7 @@ async fn a_job_resumed_from_its_checkpoints_ends_bit_identical() {
     let newest = store.newest_complete(&hash, reference.outcome.params.len()).unwrap();
     assert_eq!(newest, Some(20), "checkpoints every 10 steps; the job died at 25");
     // Resume with another deployment: 3 aggregators, 4 trainers.
-    let resumed = JobConfig { aggregators: 3, trainers: 4, ..config };
+    let resumed = JobConfig { aggregators: Some(3), trainers: 4, ..config };
     let (job, report) = run_in(resumed, dir.path(), true).await.unwrap();
     assert_eq!(sha(&report), sha(&reference));
     assert_exactly_once(&job, &report);
@@ -73,7 +73,7 @@ async fn checkpoints_of_another_job_are_not_loaded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_files_are_real_safetensors_with_the_aggregator_state() {
-    let config = JobConfig { aggregators: 3, ..job(ModelKind::Linear) };
+    let config = JobConfig { aggregators: Some(3), ..job(ModelKind::Linear) };
     let dir = tempfile::tempdir().unwrap();
     let (_, report) = run_in(config, dir.path(), false).await.unwrap();
     let store = CheckpointStore::open(dir.path()).unwrap();
@@ -99,7 +99,7 @@ async fn checkpoint_files_are_real_safetensors_with_the_aggregator_state() {
 /// of a run with every checkpoint written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ranges_of_a_job_skip_the_same_checkpoint_steps() {
-    let exact = JobConfig { aggregators: 3, epochs: Some(20), checkpoint_every: 1, ..job(ModelKind::Mlp) };
+    let exact = JobConfig { aggregators: Some(3), epochs: Some(20), checkpoint_every: 1, ..job(ModelKind::Mlp) };
     let (_, reference) = run(exact.clone()).await.unwrap();
     let floor_ms = 30;
     let spaced = JobConfig { checkpoint_min_interval_ms: floor_ms, ..exact };

@@ -37,18 +37,32 @@ fn local_cluster_with_a_kill_and_a_pause_matches_train_and_reports_node_faults()
     assert!(applied["exactly_once"] == true && applied["exactly_once_epochs"] == 30, "{applied}");
     assert!(stdout.contains("exactly-once: yes"), "{stdout}");
     // Every step is in the history; a coordinator that restarted from a checkpoint
-    // (node 0 alone has no quorum during the pause) appended the steps it recomputed.
+    // (node 0 alone has no quorum during the pause) appended the steps it recomputed, and so
+    // did one that rolled every range back (node 1 hosted a range of θ: one per node by
+    // default).
     let rows = phalanx::output::read_history(&out_local.join("history.csv")).unwrap();
     let steps = summary["steps"].as_u64().unwrap();
     let seen: std::collections::BTreeSet<u64> = rows.iter().map(|r| r.step).collect();
     assert_eq!(seen, (1..=steps).collect(), "every step in history.csv");
     assert_eq!(rows.last().map(|r| r.step), Some(steps));
-    let restores: Vec<u64> =
-        summary["takeovers"].as_array().unwrap().iter().filter_map(|t| t["restore"].as_u64()).collect();
+    let takeovers = summary["takeovers"].as_array().unwrap().iter().filter_map(|t| t["restore"].as_u64());
+    // A rollback under an earlier coordinator is not in the last one's summary; its `recovered`
+    // event is in events.jsonl, at the first step after the restored one.
+    let events = std::fs::read_to_string(out_local.join("events.jsonl")).unwrap();
+    let rollbacks = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| {
+            e["event"] == "recovered"
+                && e["actors"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|x| x.starts_with("aggregator"))))
+        })
+        .filter_map(|e| e["step"].as_u64().map(|s| s - 1));
+    let restores: Vec<u64> = takeovers.chain(rollbacks).collect();
     for w in rows.windows(2).filter(|w| w[1].step <= w[0].step) {
         assert!(restores.contains(&(w[1].step - 1)), "history goes back to {} with restores {restores:?}", w[1].step);
     }
-    let events = std::fs::read_to_string(out_local.join("events.jsonl")).unwrap();
     let injected = events.lines().filter(|l| l.contains(r#""event":"injected""#)).count();
     assert_eq!(injected, 2, "the harness logs each fault it injects");
     assert!(out_train.join("history.csv").is_file(), "phalanx train writes the history too");

@@ -1,5 +1,6 @@
-//! Aggregators spread over the nodes (`aggregator_placement = "spread"`: range `r` on node
-//! `r mod N`), across real node processes over QUIC: every node hosts and checkpoints its own
+//! Aggregators spread over the nodes (`aggregator_placement = "spread"`, the default: range
+//! `r` on node `r mod N`, one range per node when the job does not set `aggregators`), across
+//! real node processes over QUIC: every node hosts and checkpoints its own
 //! range, and the final parameters are bit-identical to the one-process run whether nothing
 //! fails, a node hosting a range is SIGKILLed (its range restores on a node that never held
 //! its files, fetched from the coordinator), or the coordinator's node is SIGKILLed (the
@@ -11,10 +12,10 @@ use common::cluster::{expected_sha, Cluster};
 use phalanx::{JobConfig, PreparedJob};
 use serde_json::Value;
 
-/// 3 trainers and 3 aggregator ranges over 3 nodes, checkpoints every 20 steps, 600 steps.
-const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\naggregators = 3\n\
-                   aggregator_placement = \"spread\"\nepochs = 30\ncheckpoint_every = 20\n\
-                   checkpoint_min_interval_ms = 0\n";
+/// 3 trainers over 3 nodes, checkpoints every 20 steps, 600 steps; the aggregators as they
+/// come by default (one range per node, spread), so these tests also pin the default.
+const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\nepochs = 30\n\
+                   checkpoint_every = 20\ncheckpoint_min_interval_ms = 0\n";
 
 fn assert_exactly_once(s: &Value) {
     let applied = &s["samples_applied"];
@@ -55,7 +56,9 @@ fn each_node_hosts_and_checkpoints_its_own_range_and_the_bits_are_the_one_proces
     let c = Cluster::start_with_job(3, Some(JOB));
     let done = c.wait_done(0);
     assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
-    assert_exactly_once(&c.summary());
+    let summary = c.summary();
+    assert_exactly_once(&summary);
+    assert_eq!(summary["job"]["aggregators"], 3, "one range per node by default: {}", summary["job"]);
     // Nodes 1 and 2 were asked to host ranges 1 and 2 (the coordinator's own range is spawned
     // by its supervisor, not by a request).
     assert_eq!(aggregator_hosts(&c, 0), vec![("aggregator 1".into(), 1), ("aggregator 2".into(), 2)]);
@@ -82,7 +85,9 @@ fn sigkill_of_a_range_host_restores_its_range_on_a_node_without_its_files() {
     assert!(s["rollbacks"].as_u64().unwrap_or(0) >= 1, "range 1 was lost: every range rolled back: {s}");
     // Range 1 went on on node 2 (the next live node), which fetched its files.
     assert!(aggregator_hosts(&c, since).contains(&("aggregator 1".into(), 2)), "{:?}", aggregator_hosts(&c, since));
-    let range_1 = PreparedJob::new(JobConfig::from_toml_str(JOB).unwrap()).unwrap().ranges()[1].0;
+    // The cluster gave the job one range per node.
+    let spec = JobConfig { aggregators: Some(3), ..JobConfig::from_toml_str(JOB).unwrap() };
+    let range_1 = PreparedJob::new(spec).unwrap().ranges()[1].0;
     assert!(files_on(&c, 2).iter().any(|(_, o)| *o == range_1), "node 2 holds range 1's files now");
 }
 

@@ -15,7 +15,8 @@ async fn one_two_or_four_trainers_and_one_or_three_aggregators_give_identical_bi
         let expected = params_sha256(&plain);
         for trainers in [1, 2, 4] {
             for aggregators in [1, 3] {
-                let (job, report) = run(JobConfig { trainers, aggregators, ..base.clone() }).await.unwrap();
+                let (job, report) =
+                    run(JobConfig { trainers, aggregators: Some(aggregators), ..base.clone() }).await.unwrap();
                 assert_eq!(
                     sha(&report),
                     expected,

@@ -22,7 +22,7 @@ async fn faulty_run_matches_fault_free(model: ModelKind, trainers: u32, aggregat
         format!("aggregator@{}", total / 2 + 3).parse().unwrap(),
         format!("aggregator:{}@{}", aggregators - 1, total * 4 / 5 + 1).parse().unwrap(),
     ];
-    let faulty = JobConfig { trainers, aggregators, fail: faults, ..clean };
+    let faulty = JobConfig { trainers, aggregators: Some(aggregators), fail: faults, ..clean };
     let (job, report) = run(faulty).await.unwrap();
     assert_eq!(sha(&report), sha(&reference), "{model}: faulty run must end bit-identical to the fault-free run");
     assert_exactly_once(&job, &report);

@@ -146,7 +146,7 @@ async fn a_registered_model_on_a_registered_source_is_deployment_independent_and
     let expected = params_sha256(&plain.reference_params().unwrap());
     let total = plain.schedule.total_steps();
     for (trainers, aggregators) in [(1, 1), (4, 2)] {
-        let (job, report) = train(JobConfig { trainers, aggregators, ..job() }).await.unwrap();
+        let (job, report) = train(JobConfig { trainers, aggregators: Some(aggregators), ..job() }).await.unwrap();
         assert_eq!(sha(&report), expected, "{trainers} trainers, {aggregators} aggregators");
         assert_exactly_once(&job, &report);
     }
@@ -154,7 +154,7 @@ async fn a_registered_model_on_a_registered_source_is_deployment_independent_and
         format!("trainer:1@{}", total / 4).parse().unwrap(),
         format!("aggregator@{}", total / 2 + 1).parse().unwrap(),
     ];
-    let (_, report) = train(JobConfig { trainers: 3, aggregators: 2, fail: faults, ..job() }).await.unwrap();
+    let (_, report) = train(JobConfig { trainers: 3, aggregators: Some(2), fail: faults, ..job() }).await.unwrap();
     assert_eq!(report.outcome.faults.len(), 2, "{:?}", report.outcome.faults);
     assert_eq!(sha(&report), expected, "faulty run bit-identical to the fault-free one");
     // It trains: close to the least-squares fit of the same split.

@@ -30,6 +30,10 @@ use super::loss_series::LossSeries;
 use super::msg::{ActorKey, JobId, Msg, Role};
 use super::{Addr, Schedule};
 
+/// Steps past the global one whose loss the supervisor keeps while a slower range catches up
+/// (ranges run in lockstep: one or two in practice).
+const MAX_STEPS_AHEAD: usize = 256;
+
 /// How often a child may fail before the failure escalates, as in OTP's
 /// `intensity`/`period`, and how long to wait before each restart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -324,6 +328,12 @@ pub struct JobCore {
     children: BTreeMap<ActorKey, Child>,
     range_steps: Vec<u64>,
     global_step: u64,
+    /// Loss sum and samples of the steps some range applied past `global_step`, as the first
+    /// range reported them (every range reports the same: each gradient carries its
+    /// partition's loss). Ranges on other nodes report over separate streams, so step `s + 1`
+    /// of one range can arrive before step `s` of another: the global step then moves by two,
+    /// and both get their record. At most [`MAX_STEPS_AHEAD`] entries.
+    step_losses: BTreeMap<u64, (f64, u64)>,
     faults: Vec<FaultRecord>,
     /// Fault records whose replacement runs, waiting for the next applied
     /// step, with when each failure was noticed.
@@ -348,6 +358,7 @@ impl JobCore {
             children,
             range_steps: vec![0; ranges],
             global_step: 0,
+            step_losses: BTreeMap::new(),
             faults: Vec::new(),
             awaiting_progress: Vec::new(),
             losses: LossSeries::new(),
@@ -368,6 +379,7 @@ impl JobCore {
     pub fn with_start_step(mut self, step: u64) -> Self {
         self.range_steps.iter_mut().for_each(|s| *s = step);
         self.global_step = step;
+        self.step_losses.clear();
         self
     }
 
@@ -528,6 +540,7 @@ impl JobCore {
             restore = Some(step);
             self.range_steps.iter_mut().for_each(|s| *s = step);
             self.global_step = step;
+            self.step_losses.clear();
             self.finished.iter_mut().for_each(|f| *f = None);
             for r in 0..self.plan.ranges.len() as u32 {
                 if r != key.index {
@@ -580,13 +593,27 @@ impl JobCore {
         }
         let Some(slot) = self.range_steps.get_mut(range as usize) else { return Vec::new() };
         *slot = (*slot).max(step);
+        if step > self.global_step && self.step_losses.len() < MAX_STEPS_AHEAD {
+            self.step_losses.entry(step).or_insert((loss_sum, samples));
+        }
         let min = self.range_steps.iter().copied().min().unwrap_or(0);
         if min <= self.global_step {
             return Vec::new();
         }
+        // Every step the global step moves over gets its record (a jump longer than the
+        // bound, which ranges in lockstep cannot make, records its last step only).
+        let first = if min - self.global_step <= MAX_STEPS_AHEAD as u64 { self.global_step + 1 } else { min };
         self.global_step = min;
-        let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
-        self.losses.record(min, loss);
+        let ahead = self.step_losses.split_off(&(min + 1));
+        let reported = std::mem::replace(&mut self.step_losses, ahead);
+        let mut out: Vec<JobCommand> = (first..=min)
+            .map(|s| {
+                let (loss_sum, samples) = reported.get(&s).copied().unwrap_or((loss_sum, samples));
+                let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
+                self.losses.record(s, loss);
+                JobCommand::Progress { step: s, loss, samples, recovered: Vec::new() }
+            })
+            .collect();
         let since = self.ms_since_start(now);
         // One recovery per cause, timed from the first of its failures.
         let mut recovered: Vec<Recovery> = Vec::new();
@@ -602,7 +629,10 @@ impl JobCore {
                 None => recovered.push(Recovery { cause: fault.cause, actors: vec![fault.actor], duration }),
             }
         }
-        vec![JobCommand::Progress { step: min, loss, samples, recovered }]
+        if let Some(JobCommand::Progress { recovered: first, .. }) = out.first_mut() {
+            *first = recovered;
+        }
+        out
     }
 
     /// An aggregator applied the last step.

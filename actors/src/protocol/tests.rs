@@ -785,3 +785,27 @@ fn a_new_shard_is_announced_to_the_trainer_owning_its_partition() {
     assert_eq!(cmds, vec![JobCommand::Send(Addr::Trainer(1), Msg::ShardReady { job: JOB, partition: 3 })]);
     assert!(core.on_child_started(ActorKey::trainer(0)).is_empty());
 }
+
+#[test]
+fn a_range_reporting_out_of_order_loses_no_step_record() {
+    // Ranges on other nodes report over separate streams: range 1's step 1 comes after its
+    // step 2 (or is overtaken for good). The global step then moves from 0 to 2 at once, and
+    // steps 1 and 2 both get their record, each with its own loss.
+    let t0 = Instant::now();
+    let mut core = JobCore::new(plan(), t0);
+    assert!(core.on_step_applied(0, 0, 1, 8.0, 8, t0).is_empty());
+    assert!(core.on_step_applied(0, 0, 2, 4.0, 8, t0).is_empty());
+    let cmds = core.on_step_applied(1, 0, 2, 4.0, 8, t0);
+    let steps: Vec<(u64, f64)> = cmds
+        .iter()
+        .map(|c| match c {
+            JobCommand::Progress { step, loss, .. } => (*step, *loss),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(steps, vec![(1, 1.0), (2, 0.5)]);
+    assert_eq!(core.global_step(), 2);
+    assert_eq!(core.losses().to_map().keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    // The late step 1 of range 1 moves nothing.
+    assert!(core.on_step_applied(1, 0, 1, 8.0, 8, t0).is_empty());
+}

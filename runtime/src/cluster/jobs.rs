@@ -347,7 +347,9 @@ impl Jobs {
 
     /// Coordinator: accept a job; `waiter` hears once a majority (or the coordination
     /// service) holds it.
-    fn accept(&mut self, spec: JobConfig, waiter: Waiter) {
+    fn accept(&mut self, mut spec: JobConfig, waiter: Waiter) {
+        // Fixed here, once, so every node (and a later coordinator) runs the same ranges.
+        self.config.admit(&mut spec);
         if self.taking_over.is_some() {
             if self.held_submissions.len() >= super::registry::MAX_QUEUED {
                 let why = format!("node {} is taking the job registry over; submit again", self.me());

@@ -227,7 +227,8 @@ async fn node_loop_on<T: api::Transport>(
         (None, None) => None,
     };
     let startup = match startup {
-        Some(job) => {
+        Some(mut job) => {
+            config.admit(&mut job);
             let r = registries.clone();
             Some(Arc::new(
                 tokio::task::spawn_blocking(move || PreparedJob::with_registries(job, &r.models, &r.data))

@@ -157,6 +157,14 @@ impl NodeConfig {
         self.nodes.unwrap_or(self.seeds.len() as u32 + 1)
     }
 
+    /// What a job leaves to the cluster, fixed the same way wherever the job enters it (a
+    /// coordinator accepting a submission, every node loading its startup job): one range of θ
+    /// per configured member unless the job sets `aggregators`. The members are what every node
+    /// already agrees on for its quorum, so the nodes agree on the ranges too.
+    pub fn admit(&self, job: &mut crate::JobConfig) {
+        job.aggregators.get_or_insert(self.members());
+    }
+
     /// Checkpoint copies on other nodes: `replicas`, or the default for the cluster size.
     pub fn replica_count(&self) -> u32 {
         self.replicas.unwrap_or_else(|| default_replicas(self.members())).min(self.members().saturating_sub(1))

@@ -182,6 +182,7 @@ impl NodeJob {
             answer_timeout: Duration::from_millis(2 * config.detector.failure_timeout_ms),
             ..ResumeConfig::default()
         };
+        let ranges = prepared.ranges().len();
         Ok(Self {
             id,
             should_run: false,
@@ -207,7 +208,7 @@ impl NodeJob {
             copies_kept: 0,
             job_started_ms: None,
             takeover_since: None,
-            replication: ReplicationTracker::new(replicas),
+            replication: ReplicationTracker::new(replicas, ranges),
             records: Vec::new(),
             last_checkpoint: None,
             last_assignment: None,

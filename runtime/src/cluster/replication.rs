@@ -50,6 +50,9 @@ struct Copies {
 #[derive(Clone, Debug)]
 pub struct ReplicationTracker {
     wanted: u32,
+    /// Files of a complete checkpoint (one per range of θ): a step with fewer recorded is not
+    /// replicated yet, however well its first files are.
+    files_per_step: usize,
     files: BTreeMap<String, Copies>,
     /// Steps already counted, as replicated (true) or not.
     settled: BTreeMap<u64, bool>,
@@ -57,10 +60,11 @@ pub struct ReplicationTracker {
 }
 
 impl ReplicationTracker {
-    /// A tracker for `replicas` copies of every file.
-    pub fn new(replicas: u32) -> Self {
+    /// A tracker for `replicas` copies of every file of checkpoints of `files_per_step` files.
+    pub fn new(replicas: u32, files_per_step: usize) -> Self {
         Self {
             wanted: replicas,
+            files_per_step: files_per_step.max(1),
             files: BTreeMap::new(),
             settled: BTreeMap::new(),
             stats: ReplicationStats { replicas, ..Default::default() },
@@ -139,23 +143,24 @@ impl ReplicationTracker {
     }
 
     fn step_replicated(&self, step: u64) -> bool {
-        let mut files = self.files.values().filter(|c| c.step == step).peekable();
-        files.peek().is_some() && files.all(|c| c.acked.len() as u32 >= self.wanted)
+        let files: Vec<&Copies> = self.files.values().filter(|c| c.step == step).collect();
+        files.len() >= self.files_per_step && files.iter().all(|c| c.acked.len() as u32 >= self.wanted)
     }
 
     /// Count `step` once, as it stands; a step settled as under-replicated
-    /// that completes later is moved to the replicated count.
+    /// that completes later is moved to the replicated count (never back).
     fn settle(&mut self, step: u64) {
         let replicated = self.step_replicated(step);
-        match self.settled.insert(step, replicated) {
+        match self.settled.get(&step).copied() {
             None if replicated => self.stats.checkpoints_replicated += 1,
             None => self.stats.checkpoints_under_replicated += 1,
             Some(false) if replicated => {
-                self.stats.checkpoints_under_replicated -= 1;
+                self.stats.checkpoints_under_replicated = self.stats.checkpoints_under_replicated.saturating_sub(1);
                 self.stats.checkpoints_replicated += 1;
             }
-            Some(_) => {}
+            Some(_) => return,
         }
+        self.settled.insert(step, replicated);
         if replicated {
             self.stats.newest_replicated_step = self.stats.newest_replicated_step.max(Some(step));
         }
@@ -171,7 +176,7 @@ mod tests {
 
     #[test]
     fn a_step_is_replicated_once_every_file_has_enough_acknowledged_copies() {
-        let mut t = ReplicationTracker::new(2);
+        let mut t = ReplicationTracker::new(2, 2);
         t.on_sent("a-20", 20, 0, &[1, 2]);
         t.on_sent("b-20", 20, 0, &[1, 2]);
         t.on_acked("a-20", 1);
@@ -190,7 +195,7 @@ mod tests {
 
     #[test]
     fn fewer_live_nodes_than_replicas_is_reported_as_under_replicated() {
-        let mut t = ReplicationTracker::new(2);
+        let mut t = ReplicationTracker::new(2, 1);
         t.on_sent("a-20", 20, 0, &[1]);
         t.on_acked("a-20", 1);
         t.on_sent("a-40", 40, 0, &[1]);
@@ -200,7 +205,7 @@ mod tests {
 
     #[test]
     fn a_late_acknowledgement_moves_a_step_to_replicated() {
-        let mut t = ReplicationTracker::new(1);
+        let mut t = ReplicationTracker::new(1, 1);
         t.on_sent("a-20", 20, 0, &[1]);
         t.on_sent("a-40", 40, 0, &[1]);
         t.on_acked("a-20", 1);
@@ -214,7 +219,7 @@ mod tests {
 
     #[test]
     fn the_newest_complete_checkpoint_is_the_newest_with_every_range_and_its_holders_have_them_all() {
-        let mut t = ReplicationTracker::new(2);
+        let mut t = ReplicationTracker::new(2, 2);
         assert_eq!(t.newest_complete(2), None);
         t.on_sent("a-20", 20, 0, &[1, 2]);
         t.on_sent("b-20", 20, 0, &[1, 2]);
@@ -234,7 +239,7 @@ mod tests {
     fn files_written_on_several_nodes_are_held_by_their_writers_and_the_receivers() {
         let a = phalanx_actors::checkpoint::FileKey { step: 20, offset: 0, len: 5 }.file_name();
         let b = phalanx_actors::checkpoint::FileKey { step: 20, offset: 5, len: 5 }.file_name();
-        let mut t = ReplicationTracker::new(1);
+        let mut t = ReplicationTracker::new(1, 2);
         // Node 0 (the coordinator) wrote range a and sent it to its replica, node 1.
         t.on_sent(&a, 20, 0, &[1]);
         t.on_acked(&a, 1);
@@ -250,7 +255,7 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_over_a_long_job() {
-        let mut t = ReplicationTracker::new(1);
+        let mut t = ReplicationTracker::new(1, 1);
         for step in 1..=10_000u64 {
             let name = format!("f-{step}");
             t.on_sent(&name, step, 0, &[1]);
@@ -258,5 +263,27 @@ mod tests {
         }
         assert!(t.files.len() <= MAX_TRACKED_FILES && t.settled.len() <= MAX_TRACKED_FILES);
         assert_eq!(t.finish().checkpoints_replicated, 10_000);
+    }
+
+    /// Ranges on several nodes: range a's acknowledgement (and so a settle of its step) can come
+    /// before range b's record. The step is not replicated until every range's file is, and
+    /// settling it again (a newer checkpoint) then b's late copy moves it once, without
+    /// underflowing the under-replicated count (a coordinator's task panicked on it).
+    #[test]
+    fn a_step_with_ranges_on_several_nodes_is_counted_once_whatever_the_order() {
+        let key = |step, offset| phalanx_actors::checkpoint::FileKey { step, offset, len: 5 }.file_name();
+        let (a20, b20, a40) = (key(20, 0), key(20, 5), key(40, 0));
+        let mut t = ReplicationTracker::new(1, 2);
+        t.on_acked(&a20, 1);
+        t.on_sent(&a20, 20, 0, &[1]);
+        assert_eq!(t.snapshot().checkpoints_replicated, 0, "b-20 is not even recorded yet");
+        t.on_sent(&b20, 20, 2, &[0]);
+        t.on_sent(&a40, 40, 0, &[1]);
+        assert_eq!(t.stats.checkpoints_under_replicated, 1, "settled by the newer step: b-20 unacknowledged");
+        t.on_acked(&b20, 0);
+        t.on_acked(&b20, 0);
+        let s = t.finish();
+        assert_eq!((s.checkpoints_replicated, s.newest_replicated_step), (1, Some(20)));
+        assert_eq!(s.checkpoints_under_replicated, 1, "step 40 (one of its two files) at the end");
     }
 }
