@@ -382,12 +382,12 @@ pub(crate) struct TrainArgs {
     /// Trainer actors.
     #[arg(long)]
     trainers: Option<u32>,
-    /// Aggregator actors, each owning a range of the parameters (default: one per node of a
-    /// cluster, one in a single process).
+    /// Aggregator actors, each owning a range of the parameters (default: 1; one per node of a
+    /// cluster with --aggregator-placement spread).
     #[arg(long)]
     aggregators: Option<u32>,
-    /// Where a cluster runs the aggregators: spread (default: range r on node r mod N) or
-    /// coordinator (all on its node).
+    /// Where a cluster runs the aggregators: coordinator (default: all on its node) or spread
+    /// (range r on node r mod N).
     #[arg(long, value_name = "WHERE")]
     aggregator_placement: Option<phalanx::config::AggregatorPlacement>,
     /// Data partitions (fixed for the job; default 8).
