@@ -234,7 +234,10 @@ async fn main() -> anyhow::Result<()> {
         let (mut events, progress) = (node.events(), progress.clone());
         tokio::spawn(async move {
             while let Some(e) = events.next().await {
-                if let NodeEventKind::Step { job, step, loss, .. } = e.kind {
+                // `step` where this node coordinates the job, `progress` relayed elsewhere.
+                if let NodeEventKind::Step { job, step, loss, .. } | NodeEventKind::Progress { job, step, loss, .. } =
+                    e.kind
+                {
                     if let Ok(mut p) = progress.lock() {
                         p.insert(job, (step, loss));
                     }

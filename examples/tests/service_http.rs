@@ -128,7 +128,9 @@ async fn a_job_posted_over_http_survives_a_killed_peer_and_serves_predictions() 
         let line = line.expect("events stream until the job ends");
         let Some(data) = line.strip_prefix("data:") else { continue };
         let event = json(data.trim());
-        if !killed && event["event"] == "step" && event["step"].as_u64() >= Some(300) {
+        // `step` if the service's node coordinates the job, else the coordinator's `progress`.
+        let progressed = event["event"] == "step" || event["event"] == "progress";
+        if !killed && progressed && event["step"].as_u64() >= Some(300) {
             children.0[1].kill().unwrap();
             killed = true;
         }

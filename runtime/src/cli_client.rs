@@ -106,7 +106,8 @@ pub(crate) async fn submit(args: SubmitArgs, stdout: &mut impl Write) -> anyhow:
     let mut progress = Progress::default();
     let state = client
         .watch(job, Duration::from_secs(args.patience.max(1)), |event| match &event.kind {
-            NodeEventKind::Step { step, total_steps, loss, .. } => {
+            NodeEventKind::Step { step, total_steps, loss, .. }
+            | NodeEventKind::Progress { step, total_steps, loss, .. } => {
                 progress.step = *step;
                 progress.total_steps = *total_steps;
                 progress.loss = *loss;

@@ -446,7 +446,8 @@ impl JobHandle {
 
     /// This job's events seen by the node it was submitted to (on the
     /// coordinator: `coordinating`, `step` at a bounded rate, `recovered`, `job_done`; on
-    /// every node: `job_state` changes).
+    /// the other members: the coordinator's steps relayed as `progress`; on every node:
+    /// `job_state` changes).
     pub fn progress(&self) -> impl Stream<Item = NodeEvent> + Unpin + Send + 'static {
         let id = self.id;
         self.node.events().filter(move |e| job_of(&e.kind) == Some(id))

@@ -54,6 +54,7 @@ async fn jobs_submitted_at_any_member_run_in_order_to_the_bits_of_train_and_surv
     let nodes = cluster(dir.path()).await;
     // Job a at a member (forwarded to node 0), job b at the coordinator: b waits for a.
     let a = nodes[1].submit(job(1)).await.expect("accepted");
+    let mut a_events = a.progress();
     let b = nodes[0].submit(job(2)).await.expect("accepted");
     assert!(b.id() > a.id(), "ids follow acceptance");
     // A majority holds both (the coordinator among them), in order.
@@ -63,6 +64,14 @@ async fn jobs_submitted_at_any_member_run_in_order_to_the_bits_of_train_and_surv
     let mut b_events = b.progress();
     let first = a.outcome().await.expect("job a finishes");
     assert_eq!(first.model_sha256, expected(job(1)).await);
+    // Node 1, where job a was submitted, does not coordinate it: it shows the coordinator's
+    // steps as `progress`, up to the last one (always reported).
+    let last = wait_for(
+        &mut a_events,
+        |e| matches!(e.kind, NodeEventKind::Progress { step, total_steps, .. } if step == total_steps),
+    )
+    .await;
+    assert!(matches!(last.kind, NodeEventKind::Progress { from: 0, .. }) && last.node == 1, "{last:?}");
     let summary = first.summary.expect("a summary");
     assert!(summary.to_string_lossy().contains(&format!("jobs/{}/summary.json", a.id())), "{summary:?}");
     // Job b started only once job a was over; a node leaves while it trains

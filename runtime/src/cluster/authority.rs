@@ -194,6 +194,7 @@ impl Scope<'_> {
             }
             NodeMsg::JobDone { .. }
             | NodeMsg::JobFailed { .. }
+            | NodeMsg::Progress { .. }
             | NodeMsg::CheckpointQuery { .. }
             | NodeMsg::Registry(_)
             | NodeMsg::SubmitAnswer { .. } => self.sent_by_coordinator(peer),
@@ -558,6 +559,9 @@ mod tests {
         let done = control(NodeMsg::JobDone { job: 1, summary: None, model_sha256: "x".into() });
         assert_eq!(judge(2, &v, 0, &done), Verdict::Accept);
         assert!(waits(&judge(2, &v, 3, &done)), "a job-done from a member that does not coordinate");
+        let progress = control(NodeMsg::Progress { job: 1, step: 5, total_steps: 10, loss: 0.5 });
+        assert_eq!(judge(2, &v, 0, &progress), Verdict::Accept);
+        assert!(waits(&judge(2, &v, 3, &progress)), "progress from a member that does not coordinate");
         let spawn = |generation| {
             control(NodeMsg::Spawn {
                 job: 1,
@@ -801,6 +805,12 @@ mod tests {
                 }),
                 key().prop_map(|key| NodeMsg::Started { job: 1, key, spawn: 1 }),
                 Just(NodeMsg::JobDone { job: 1, summary: None, model_sha256: String::new() }),
+                (num(), num()).prop_map(|(step, total_steps)| NodeMsg::Progress {
+                    job: 1,
+                    step,
+                    total_steps,
+                    loss: 0.5
+                }),
             ];
             prop_oneof![
                 (to, msg).prop_map(|(to, msg)| Inbound::Deliver(1, to, msg)),

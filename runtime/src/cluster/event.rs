@@ -179,6 +179,21 @@ pub enum NodeEventKind {
         /// Mean loss of the last step.
         loss: f64,
     },
+    /// The coordinator's `step` of a job, relayed to this node, which does not
+    /// coordinate it (so a job watched on any node shows its progress; at most as
+    /// often as the coordinator reports `step`).
+    Progress {
+        /// The job (its id in the cluster's registry).
+        job: u64,
+        /// Steps applied.
+        step: u64,
+        /// Steps of the whole job.
+        total_steps: u64,
+        /// Mean loss of the last step.
+        loss: f64,
+        /// The coordinator that applied it.
+        from: u32,
+    },
     /// Training progressed again after failures: the first step applied
     /// once the lost actors run again (or, after a takeover, the first step
     /// this node applies as the new coordinator). Counted in the same place
@@ -283,6 +298,7 @@ impl NodeEventKind {
             | Self::Fetching { job, .. }
             | Self::Waiting { job, .. }
             | Self::Step { job, .. }
+            | Self::Progress { job, .. }
             | Self::Recovered { job, .. }
             | Self::JobDone { job, .. }
             | Self::JobFailed { job, .. }

@@ -675,6 +675,12 @@ impl Jobs {
             }
             return;
         };
+        // The coordinator's progress, for this node's watchers (authority checked).
+        if let Inbound::Control(NodeMsg::Progress { step, total_steps, loss, .. }) = &inbound {
+            let (step, total_steps, loss) = (*step, *total_steps, *loss);
+            self.events.emit(NodeEventKind::Progress { job, step, total_steps, loss, from: peer });
+            return;
+        }
         // The coordinator's registry follows its jobs' ends.
         if self.coordinating() {
             let state = match &inbound {

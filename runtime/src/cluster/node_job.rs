@@ -892,6 +892,13 @@ async fn coordinate(
             }
             if step_events.due(r.step, r.at) {
                 events.emit(NodeEventKind::Step { job: routing.job, step: r.step, total_steps, loss: r.loss });
+                // The members show it to their watchers (as `progress`).
+                let progress = NodeMsg::Progress { job: routing.job, step: r.step, total_steps, loss: r.loss };
+                if let Ok(frame) = super::wire::encode(&progress, &routing.limits) {
+                    for &m in members.iter().filter(|&&m| m != me) {
+                        let _ = routing.out.send(Outbound::control(m, frame.clone()));
+                    }
+                }
             }
         },
     )

@@ -184,6 +184,19 @@ pub enum NodeMsg {
         /// The job.
         job: JobId,
     },
+    /// Coordinator → members: the job's progress, sent with each `step` event the
+    /// coordinator reports (so at a bounded rate), so that a job watched on any node
+    /// shows its progress (a `progress` event there).
+    Progress {
+        /// The job (its id in the cluster's registry).
+        job: JobId,
+        /// Steps applied.
+        step: u64,
+        /// Steps of the whole job.
+        total_steps: u64,
+        /// Mean loss of the last step.
+        loss: f64,
+    },
 }
 
 impl NodeMsg {
@@ -203,7 +216,8 @@ impl NodeMsg {
             | NodeMsg::CheckpointInventory { job, .. }
             | NodeMsg::CheckpointFetch { job, .. }
             | NodeMsg::CheckpointStored { job, .. }
-            | NodeMsg::Replicating { job, .. } => Some(*job),
+            | NodeMsg::Replicating { job, .. }
+            | NodeMsg::Progress { job, .. } => Some(*job),
             NodeMsg::Membership(_)
             | NodeMsg::Registry(_)
             | NodeMsg::RegistryAck { .. }
@@ -238,6 +252,7 @@ impl NodeMsg {
             NodeMsg::Submit { .. } => "submit",
             NodeMsg::SubmitAnswer { .. } => "submit-answer",
             NodeMsg::Cancel { .. } => "cancel",
+            NodeMsg::Progress { .. } => "progress",
         }
     }
 }

@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_with_the_codec_code() {
-        let err = check(b"\x05\x00\x03\x00\x00\x00\xff\xff\xff", 3).unwrap_err();
+        let err = check(b"\x06\x00\x03\x00\x00\x00\xff\xff\xff", 3).unwrap_err();
         assert_eq!(err.violation().map(|(code, _)| code), Some(DecodeError::CODE_HEADER));
     }
 }
