@@ -604,16 +604,20 @@ impl JobCore {
         // bound, which ranges in lockstep cannot make, records its last step only).
         let first = if min - self.global_step <= MAX_STEPS_AHEAD as u64 { self.global_step + 1 } else { min };
         self.global_step = min;
-        let ahead = self.step_losses.split_off(&(min + 1));
-        let reported = std::mem::replace(&mut self.step_losses, ahead);
-        let mut out: Vec<JobCommand> = (first..=min)
-            .map(|s| {
-                let (loss_sum, samples) = reported.get(&s).copied().unwrap_or((loss_sum, samples));
-                let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
-                self.losses.record(s, loss);
-                JobCommand::Progress { step: s, loss, samples, recovered: Vec::new() }
-            })
-            .collect();
+        let mut out: Vec<JobCommand> = Vec::with_capacity((min - first + 1) as usize);
+        for s in first..=min {
+            // The first report of step `s`, taken out in place (reports of steps a jump passed
+            // without a record go too; the map keeps those ahead).
+            let mut found = None;
+            while let Some(entry) = self.step_losses.first_entry().filter(|e| *e.key() <= s) {
+                found = (*entry.key() == s).then(|| *entry.get());
+                entry.remove();
+            }
+            let (loss_sum, samples) = found.unwrap_or((loss_sum, samples));
+            let loss = if samples > 0 { loss_sum / samples as f64 } else { 0.0 };
+            self.losses.record(s, loss);
+            out.push(JobCommand::Progress { step: s, loss, samples, recovered: Vec::new() });
+        }
         let since = self.ms_since_start(now);
         // One recovery per cause, timed from the first of its failures.
         let mut recovered: Vec<Recovery> = Vec::new();
