@@ -20,6 +20,8 @@
 //! per-epoch ledger counts every sample exactly once (finished epochs are
 //! folded into counts, see [`Ledger`], so it does not grow with the job).
 
+use std::sync::Arc;
+
 use crate::optim::{OptimizerSpec, OptimizerState};
 
 use super::ledger::Ledger;
@@ -157,7 +159,10 @@ pub struct AggregatorCore {
     /// Version `state.step - 1` of the range, kept so that a trainer which
     /// restarted after sending only part of a gradient can still rebuild the
     /// full θ of the step the other ranges wait for.
-    previous: Option<(u64, Vec<f32>)>,
+    previous: Option<(u64, Arc<Vec<f32>>)>,
+    /// The current version (`state.step`) as sent to the trainers: built once per version,
+    /// shared by every message, and kept as `previous` once the next step is applied.
+    published: Option<(u64, Arc<Vec<f32>>)>,
     /// The gradient sums received for the current step.
     pending: Reducer<Partial>,
     /// Per partition, the samples counted in the current step (the ledger's row of it).
@@ -192,6 +197,7 @@ impl AggregatorCore {
             generation,
             state,
             previous: None,
+            published: None,
             pending,
             counted,
             stats: AggStats::default(),
@@ -242,7 +248,7 @@ impl AggregatorCore {
     }
 
     /// A trainer asks for the range at `step` (the newest when `None`).
-    pub fn on_params_request(&self, trainer: u32, step: Option<u64>) -> Vec<AggCommand> {
+    pub fn on_params_request(&mut self, trainer: u32, step: Option<u64>) -> Vec<AggCommand> {
         match step {
             None => vec![AggCommand::Send(Addr::Trainer(trainer), self.params_msg(None))],
             Some(s) if s == self.state.step => {
@@ -259,10 +265,22 @@ impl AggregatorCore {
         }
     }
 
-    fn params_msg(&self, previous: Option<u64>) -> Msg {
+    /// The current version, shared (copied out of the state once per version).
+    fn publish(&mut self) -> Arc<Vec<f32>> {
+        match &self.published {
+            Some((step, values)) if *step == self.state.step => values.clone(),
+            _ => {
+                let values = Arc::new(self.state.params.clone());
+                self.published = Some((self.state.step, values.clone()));
+                values
+            }
+        }
+    }
+
+    fn params_msg(&mut self, previous: Option<u64>) -> Msg {
         let (step, values) = match (previous, &self.previous) {
             (Some(s), Some((prev, values))) if s == *prev => (s, values.clone()),
-            _ => (self.state.step, self.state.params.clone()),
+            _ => (self.state.step, self.publish()),
         };
         Msg::Params(Params {
             job: self.setup.job,
@@ -491,7 +509,8 @@ impl AggregatorCore {
         for v in &mut sum {
             *v *= scale;
         }
-        let before = self.state.params.clone();
+        // The version the step was computed on, as the trainers got it (no copy).
+        let before = self.publish();
         self.setup
             .optimizer
             .step(&mut self.state.optimizer, &mut self.state.params, &sum)

@@ -90,8 +90,9 @@ pub struct Params {
     pub range: u32,
     /// Offset of `values` in the flat parameter vector.
     pub offset: u64,
-    /// The parameter values of the range.
-    pub values: Vec<f32>,
+    /// The parameter values of the range, shared: one buffer per version serves every
+    /// trainer it goes to (and the aggregator's copy of the previous version).
+    pub values: std::sync::Arc<Vec<f32>>,
 }
 
 /// One range of a gradient sum at `step`, sent by a trainer: the gradient of one partition's

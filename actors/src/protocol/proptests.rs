@@ -100,7 +100,14 @@ fn gradient() -> impl Strategy<Value = Gradient> {
 
 fn params() -> impl Strategy<Value = Params> {
     (any_job(), any_u64(), any_u64(), any_u32(), any_u64(), tensor()).prop_map(
-        |(job, generation, step, range, offset, values)| Params { job, generation, step, range, offset, values },
+        |(job, generation, step, range, offset, values)| Params {
+            job,
+            generation,
+            step,
+            range,
+            offset,
+            values: values.into(),
+        },
     )
 }
 
@@ -249,7 +256,7 @@ fn good_trainer_msg() -> impl Strategy<Value = Msg> {
     prop_oneof![
         (0..5u64, 0..2u32).prop_map(|(step, range)| {
             let (offset, values) = if range == 0 { (0, vec![0.1, 0.2]) } else { (2, vec![0.3]) };
-            Msg::Params(Params { job: JOB, generation: 0, step, range, offset, values })
+            Msg::Params(Params { job: JOB, generation: 0, step, range, offset, values: values.into() })
         }),
         (0..5u64, prop_oneof![Just(0u32), Just(2)]).prop_map(|(step, partition)| {
             let targets = BatchTargets::Real(vec![1.0, 0.0]);
@@ -491,8 +498,9 @@ fn a_rollback_with_no_generation_left_fails_the_job_instead_of_wrapping() {
 #[test]
 fn a_batch_that_cannot_feed_the_model_is_dropped_and_asked_for_again() {
     let mut core = trainer();
-    core.on_params(Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2] });
-    let cmds = core.on_params(Params { job: JOB, generation: 0, step: 0, range: 1, offset: 2, values: vec![0.3] });
+    core.on_params(Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2].into() });
+    let cmds =
+        core.on_params(Params { job: JOB, generation: 0, step: 0, range: 1, offset: 2, values: vec![0.3].into() });
     assert!(!cmds.is_empty(), "θ_0 is ready: batches are requested");
     let bad = |x: Vec<f32>, features| Batch {
         job: JOB,

@@ -339,7 +339,7 @@ fn aggregator_serves_the_previous_version_for_a_trainer_that_lagged() {
     core.on_gradient(grad(0, 0, 0, vec![1.0, 1.0]));
     let cmds = core.on_params_request(3, Some(0));
     let [AggCommand::Send(Addr::Trainer(3), Msg::Params(p))] = cmds.as_slice() else { panic!("{cmds:?}") };
-    assert_eq!((p.step, &p.values), (0, &before));
+    assert_eq!((p.step, p.values.as_slice()), (0, before.as_slice()));
     let cmds = core.on_params_request(3, None);
     let [AggCommand::Send(_, Msg::Params(p))] = cmds.as_slice() else { panic!("{cmds:?}") };
     assert_eq!(p.step, 1);
@@ -361,7 +361,7 @@ fn trainer(partitions: Vec<u32>) -> TrainerCore {
 
 fn params(range: u32, step: u64, generation: u64) -> Params {
     let (offset, values) = if range == 0 { (0, vec![0.1, 0.2]) } else { (2, vec![0.3]) };
-    Params { job: JOB, generation, step, range, offset, values }
+    Params { job: JOB, generation, step, range, offset, values: values.into() }
 }
 
 fn batch(p: u32, step: u64) -> Batch {
@@ -483,10 +483,10 @@ fn a_trainer_of_a_one_range_job_takes_the_range_as_its_theta() {
     let schedule = Schedule { steps_per_epoch: 2, epochs: 10 };
     let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 3)], schedule, features: 2, partitions: 1 };
     let mut t = TrainerCore::new(setup, linear_model(), 0, vec![0]);
-    let whole = Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2, 0.3] };
+    let whole = Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2, 0.3].into() };
     assert_eq!(requests(&t.on_params(whole.clone())), vec![(0, 0, BATCH_WINDOW as u32)]);
     assert_eq!(t.ready_step(), Some(0));
-    assert!(t.on_params(Params { values: vec![0.0; 2], ..whole.clone() }).is_empty(), "a wrong length");
+    assert!(t.on_params(Params { values: vec![0.0; 2].into(), ..whole.clone() }).is_empty(), "a wrong length");
     assert_eq!((t.ready_step(), t.rejected()), (Some(0), 1));
     assert_eq!(t.on_batches(vec![batch(0, 0)]), vec![TrainerCommand::Compute { step: 0, partition: 0 }]);
     let out = t.compute(0, 0).unwrap();

@@ -129,7 +129,7 @@ pub struct TrainerCore {
     spare: Vec<Vec<f32>>,
     assemblies: BTreeMap<u64, Assembly>,
     /// The newest complete θ and the partitions already computed on it.
-    ready: Option<(u64, Vec<f32>)>,
+    ready: Option<(u64, std::sync::Arc<Vec<f32>>)>,
     computed: BTreeSet<u32>,
     batches: BTreeMap<(u64, u32), Batch>,
     requested: BTreeSet<(u64, u32)>,
@@ -311,7 +311,7 @@ impl TrainerCore {
                 return Vec::new();
             };
             self.assemblies.retain(|s, _| *s > p.step);
-            return self.become_ready(p.step, done.values);
+            return self.become_ready(p.step, std::sync::Arc::new(done.values));
         }
         while self.assemblies.len() > MAX_ASSEMBLIES {
             self.assemblies.pop_first();
@@ -332,7 +332,7 @@ impl TrainerCore {
         out
     }
 
-    fn become_ready(&mut self, step: u64, values: Vec<f32>) -> Vec<TrainerCommand> {
+    fn become_ready(&mut self, step: u64, values: std::sync::Arc<Vec<f32>>) -> Vec<TrainerCommand> {
         self.progress += 1;
         self.ready = Some((step, values));
         self.computed.clear();

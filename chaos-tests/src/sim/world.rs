@@ -386,7 +386,7 @@ impl World<'_> {
                     Msg::Gradient(g) => self.gradient(r, g),
                     Msg::Gradients(gs) => gs.into_iter().for_each(|g| self.gradient(r, g)),
                     Msg::ParamsRequest { trainer, step, .. } => {
-                        let cmds = self.aggregators[r as usize].as_ref().map(|a| a.on_params_request(trainer, step));
+                        let cmds = self.aggregators[r as usize].as_mut().map(|a| a.on_params_request(trainer, step));
                         self.run_aggregator(r, cmds.unwrap_or_default());
                     }
                     Msg::Rollback { generation, step, .. } => {

@@ -523,7 +523,7 @@ mod tests {
     }
 
     fn params(range: u32, offset: u64, len: usize) -> Msg {
-        Msg::Params(Params { job: 1, generation: 1, step: 0, range, offset, values: vec![0.0; len] })
+        Msg::Params(Params { job: 1, generation: 1, step: 0, range, offset, values: vec![0.0; len].into() })
     }
 
     /// A gradient of job 1 at step 0 of `len` values at `offset`.
@@ -757,7 +757,7 @@ mod tests {
                     step: 0,
                     range,
                     offset,
-                    values: vec![0.0; len]
+                    values: vec![0.0; len].into()
                 })),
                 grad().prop_map(Msg::Gradient),
                 vec(grad(), 0..4).prop_map(Msg::Gradients),

@@ -118,8 +118,14 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
             let values = vec![0.5; FORGED_VALUES];
             // Offsets whose end does not fit in a u64: any range check that adds overflows.
             let offset = u64::MAX - 1;
-            let params =
-                Msg::Params(Params { job: actors, generation, step: 0, range: 0, offset, values: values.clone() });
+            let params = Msg::Params(Params {
+                job: actors,
+                generation,
+                step: 0,
+                range: 0,
+                offset,
+                values: values.clone().into(),
+            });
             push(params.kind(), wire::encode_deliver(job.id, Addr::Trainer(0), params, limits));
             let gradient = Msg::Gradient(Gradient {
                 job: actors,

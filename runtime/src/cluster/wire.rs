@@ -257,12 +257,30 @@ impl NodeMsg {
     }
 }
 
+/// A message's tensors, moved out of it: its own, or shared with other messages (a
+/// version of the parameters goes to every trainer from one buffer).
+enum Tensors {
+    Owned(Vec<f32>),
+    Shared(std::sync::Arc<Vec<f32>>),
+}
+
+impl std::ops::Deref for Tensors {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Tensors::Owned(v) => v,
+            Tensors::Shared(v) => v,
+        }
+    }
+}
+
 /// Move the tensors out of `msg`.
-fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<f32>) {
-    match msg {
+fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Tensors) {
+    let (lens, v) = match msg {
         Msg::Params(p) => {
             let v = std::mem::take(&mut p.values);
-            (vec![v.len() as u32], v)
+            return (vec![v.len() as u32], Tensors::Shared(v));
         }
         Msg::Gradient(g) => {
             let v = std::mem::take(&mut g.values);
@@ -284,7 +302,8 @@ fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<f32>) {
             (vec![v.len() as u32], v)
         }
         _ => (Vec::new(), Vec::new()),
-    }
+    };
+    (lens, Tensors::Owned(v))
 }
 
 /// Put the tensors back; `None` when the lengths do not add up (a bad frame).
@@ -294,7 +313,7 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
         return None;
     }
     match msg {
-        Msg::Params(p) if lens.len() == 1 => p.values = tensor,
+        Msg::Params(p) if lens.len() == 1 => p.values = std::sync::Arc::new(tensor),
         Msg::Gradient(g) if lens.len() == 1 => g.values = tensor,
         Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor,
         Msg::Gradients(gs) if lens.len() == gs.len() => {
@@ -431,7 +450,7 @@ mod tests {
                 step: 9,
                 range: 0,
                 offset: 0,
-                values: vec![1.5, f32::NAN, -0.0],
+                values: vec![1.5, f32::NAN, -0.0].into(),
             }),
             Msg::Gradients(vec![grad(0, vec![1.0, 2.0]), grad(1, vec![]), grad(2, vec![f32::MIN_POSITIVE / 2.0])]),
             Msg::ShardReady { job: 1, partition: 3 },
