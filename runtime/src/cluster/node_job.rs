@@ -892,11 +892,12 @@ async fn coordinate(
             }
             if step_events.due(r.step, r.at) {
                 events.emit(NodeEventKind::Step { job: routing.job, step: r.step, total_steps, loss: r.loss });
-                // The members show it to their watchers (as `progress`).
+                // The members show it to their watchers (as `progress`). A few dozen bytes at
+                // most `step`'s rate: queued at once, never waiting behind bulk frames.
                 let progress = NodeMsg::Progress { job: routing.job, step: r.step, total_steps, loss: r.loss };
                 if let Ok(frame) = super::wire::encode(&progress, &routing.limits) {
                     for &m in members.iter().filter(|&&m| m != me) {
-                        let _ = routing.out.send(Outbound::control(m, frame.clone()));
+                        let _ = routing.out.send_now(Outbound::control(m, frame.clone()));
                     }
                 }
             }
