@@ -63,7 +63,7 @@ use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
-use crate::{ConnectError, PeerInfo, Revocations, SendError, TransportEvent};
+use crate::{ConnectError, OutFrame, PeerInfo, Revocations, SendError, TransportEvent};
 
 /// The operations of a node's transport that a node loop uses (see the [module docs](self)).
 ///
@@ -81,14 +81,19 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// connection exists. See [`crate::Transport::connect`].
     fn connect(&self, addr: SocketAddr, expect: Option<u32>) -> impl Future<Output = Result<u32, ConnectError>> + Send;
 
-    /// Sends one whole frame (length prefix included, as [`encode`](crate::encode) builds it)
-    /// to `peer`; `Ok` means queued, not arrived. See [`crate::Transport::send`].
-    fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError>;
+    /// Sends one whole frame (length prefix included, as [`encode`](crate::encode) or
+    /// [`encode_parts`](crate::encode_parts) builds it) to `peer`; `Ok` means queued, not
+    /// arrived. See [`crate::Transport::send`].
+    fn send(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError>;
 
     /// Like [`send`](Self::send), but waits while `peer`'s sends are at their bound instead
     /// of returning [`SendError::Busy`]; `Ok` means queued. See
     /// [`crate::Transport::send_when_ready`].
-    fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> impl Future<Output = Result<(), SendError>> + Send;
+    fn send_when_ready(
+        &self,
+        peer: u32,
+        frame: impl Into<OutFrame>,
+    ) -> impl Future<Output = Result<(), SendError>> + Send;
 
     /// Closes the connection to `peer` for bad input with `code`: `Rejected`, then
     /// `PeerDown`. See [`crate::Transport::reject`].
@@ -132,12 +137,16 @@ impl Transport for crate::Transport {
         crate::Transport::connect(self, addr, expect)
     }
 
-    fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+    fn send(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError> {
         crate::Transport::send(self, peer, frame)
     }
 
-    fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> impl Future<Output = Result<(), SendError>> + Send {
-        crate::Transport::send_when_ready(self, peer, frame)
+    fn send_when_ready(
+        &self,
+        peer: u32,
+        frame: impl Into<OutFrame>,
+    ) -> impl Future<Output = Result<(), SendError>> + Send {
+        crate::Transport::send_when_ready(self, peer, frame.into())
     }
 
     fn reject(&self, peer: u32, code: u32, reason: &str) {

@@ -42,6 +42,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+#[cfg(feature = "fault-injection")]
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
@@ -60,7 +61,8 @@ pub use raw::{RawSend, RawSendError};
 pub use socket::bind_udp;
 pub use stats::TransportStats;
 
-use crate::codec::{check_frame, PREFIX_BYTES};
+use crate::codec::{check_frame_start, PREFIX_BYTES};
+use crate::frame::OutFrame;
 use crate::{codes, tls};
 use inner::Inner;
 
@@ -90,7 +92,7 @@ pub enum TransportEvent {
     ///
     /// `frame` is the frame's body as [`decode`](crate::decode) takes it: without the length
     /// prefix, with the version, header and tensor already checked against the envelope rules
-    /// and the limits ([`check_frame`]). Only the header's content is left unchecked, because
+    /// and the limits ([`check_frame`](crate::check_frame)). Only the header's content is left unchecked, because
     /// only the caller knows its type: decode it with `decode::<YourHeader>(&frame, &limits)`
     /// and, if that fails, call [`Transport::reject`] with the error's
     /// [`reason_code`](crate::DecodeError::reason_code).
@@ -340,7 +342,9 @@ impl Transport {
     /// Sends one frame to `peer` on a new unidirectional stream.
     ///
     /// `frame` is a whole frame as [`encode`](crate::encode) builds it, length prefix
-    /// included; it is checked (prefix and envelope) before anything is sent. The write runs
+    /// included, or an [`OutFrame`] from [`encode_parts`](crate::encode_parts), whose tensor
+    /// buffers go to QUIC without a copy; it is checked (prefix and envelope) before anything
+    /// is sent. The write runs
     /// in the background, so this returns at once: `Ok` means the frame was queued, not that
     /// it arrived. At most [`TransportConfig::max_inflight_sends_per_peer`] writes per peer
     /// run at once; beyond that the frame is refused with [`SendError::Busy`] instead of
@@ -348,9 +352,10 @@ impl Transport {
     ///
     /// Frames do not overtake each other's bytes but they may overtake each other: each has
     /// its own stream, so two frames sent in a row can arrive in either order.
-    pub fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+    pub fn send(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError> {
+        let frame = frame.into();
         self.check_outgoing(peer, &frame)?;
-        self.inner.send(peer, Bytes::from(frame))
+        self.inner.send(peer, frame)
     }
 
     /// Like [`send`](Self::send), but when [`TransportConfig::max_inflight_sends_per_peer`]
@@ -359,9 +364,10 @@ impl Transport {
     ///
     /// For bulk producers (gradients, parameter slices) that should slow down to the pace
     /// of the network rather than handle `Busy` themselves.
-    pub async fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+    pub async fn send_when_ready(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError> {
+        let frame = frame.into();
         self.check_outgoing(peer, &frame)?;
-        self.inner.send_when_ready(peer, Bytes::from(frame)).await
+        self.inner.send_when_ready(peer, frame).await
     }
 
     /// Fault injection (the cargo feature `fault-injection`; a rogue member in the chaos
@@ -428,7 +434,7 @@ impl Transport {
         self.inner.connections.subscribe()
     }
 
-    fn check_outgoing(&self, peer: u32, frame: &[u8]) -> Result<(), SendError> {
+    fn check_outgoing(&self, peer: u32, frame: &OutFrame) -> Result<(), SendError> {
         check_outgoing(peer, frame, &self.inner.limits)
     }
 }
@@ -436,13 +442,15 @@ impl Transport {
 /// The checks [`Transport::send`] applies to a frame before anything is sent: the length
 /// prefix counts the bytes after it, and the body passes [`check_frame`]. Shared with the
 /// in-memory transport ([`crate::mem`]) so both refuse exactly the same frames.
-pub(crate) fn check_outgoing(peer: u32, frame: &[u8], limits: &crate::Limits) -> Result<(), SendError> {
-    let (prefix, body) = frame.split_at_checked(PREFIX_BYTES).unwrap_or((&[], frame));
+pub(crate) fn check_outgoing(peer: u32, frame: &OutFrame, limits: &crate::Limits) -> Result<(), SendError> {
+    let head = frame.head();
+    let (prefix, start) = head.split_at_checked(PREFIX_BYTES).unwrap_or((&[], head));
     let prefix = <[u8; PREFIX_BYTES]>::try_from(prefix).map(u32::from_le_bytes).unwrap_or(0);
-    if prefix as usize != body.len() || frame.len() < PREFIX_BYTES {
-        return Err(SendError::LengthMismatch { peer, prefix, body_bytes: body.len() });
+    let body_bytes = frame.len() - (head.len() - start.len());
+    if prefix as usize != body_bytes || head.len() < PREFIX_BYTES {
+        return Err(SendError::LengthMismatch { peer, prefix, body_bytes });
     }
-    check_frame(body, limits).map_err(|source| SendError::InvalidFrame { peer, source })
+    check_frame_start(start, body_bytes as u64, limits).map_err(|source| SendError::InvalidFrame { peer, source })
 }
 
 /// Locks a mutex whose holders never leave the data half-updated, so a poisoned lock (a

@@ -1,5 +1,5 @@
 //! A received frame, holding its share of the receive budget until the receiver is done
-//! with it.
+//! with it; and a frame to send, whose tensors travel from their own buffers.
 //!
 //! Each peer's frames are bounded in bytes from the moment their reading starts
 //! ([`TransportConfig::recv_budget_bytes_per_peer`](crate::TransportConfig::recv_budget_bytes_per_peer)):
@@ -12,6 +12,11 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::sync::Arc;
+
+use bytes::Bytes;
+#[cfg(target_endian = "little")]
+use zerocopy::IntoBytes;
 
 /// A share of a receive budget, given back when dropped.
 pub struct ReceiveBudget(Option<Box<dyn Send + Sync>>);
@@ -106,5 +111,147 @@ impl PartialEq<RecvFrame> for Vec<u8> {
 impl fmt::Debug for RecvFrame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RecvFrame").field("bytes", &self.bytes.len()).field("budget", &self.budget).finish()
+    }
+}
+
+/// A tensor's values as the little-endian bytes a frame carries, without a copy where the
+/// machine is little-endian (every target Phalanx ships for): the buffer is handed to QUIC as
+/// it is and freed once QUIC no longer needs it (the peer acknowledged every byte). A shared
+/// buffer ([`shared`](Self::shared)) can go to several peers at once.
+#[derive(Clone)]
+pub struct TensorBytes(Bytes);
+
+impl TensorBytes {
+    /// The bytes of `values`, which the frame takes over.
+    pub fn owned(values: Vec<f32>) -> Self {
+        Self::of(F32Owner::Owned(values))
+    }
+
+    /// The bytes of a buffer shared with others (a version of the parameters on its way to
+    /// every trainer); the buffer stays alive until the last frame holding it is sent.
+    pub fn shared(values: Arc<Vec<f32>>) -> Self {
+        Self::of(F32Owner::Shared(values))
+    }
+
+    /// Bytes of the tensor on the wire (4 per value).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the tensor has no values.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    #[cfg(target_endian = "little")]
+    fn of(owner: F32Owner) -> Self {
+        Self(Bytes::from_owner(owner))
+    }
+
+    #[cfg(not(target_endian = "little"))]
+    fn of(owner: F32Owner) -> Self {
+        Self(Bytes::from(owner.values().iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()))
+    }
+}
+
+impl fmt::Debug for TensorBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TensorBytes({} values)", self.0.len() / 4)
+    }
+}
+
+/// The owner of a tensor's buffer while QUIC sends it.
+enum F32Owner {
+    Owned(Vec<f32>),
+    Shared(Arc<Vec<f32>>),
+}
+
+impl F32Owner {
+    fn values(&self) -> &[f32] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Shared(v) => v,
+        }
+    }
+}
+
+/// On a little-endian machine an `f32`'s memory is its little-endian wire bytes.
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for F32Owner {
+    fn as_ref(&self) -> &[u8] {
+        self.values().as_bytes()
+    }
+}
+
+/// A frame to send: its head (length prefix, envelope and header, as
+/// [`encode_parts`](crate::codec::encode_parts) builds them) and its tensors' bytes, handed to
+/// QUIC as separate chunks instead of being copied into one buffer first. Cloning shares the
+/// buffers. A whole encoded frame (`Vec<u8>`, as [`encode`](crate::encode) builds it) converts
+/// into one with no copy.
+#[derive(Clone)]
+pub struct OutFrame {
+    head: Bytes,
+    tensor: Vec<Bytes>,
+}
+
+impl OutFrame {
+    pub(crate) fn from_parts(head: Vec<u8>, tensor: Vec<TensorBytes>) -> Self {
+        Self { head: Bytes::from(head), tensor: tensor.into_iter().map(|t| t.0).filter(|b| !b.is_empty()).collect() }
+    }
+
+    /// Bytes of the whole frame, length prefix included.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tensor.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Whether the frame has no bytes at all (never one [`encode`](crate::encode) built).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The head: the length prefix, the envelope and the header (and, for a frame built as
+    /// one buffer, the tensor too).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The whole frame as one buffer (a copy when the tensor is held apart).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.head);
+        for part in &self.tensor {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    /// The whole frame as one buffer: the head's own buffer when the frame is one buffer
+    /// and not shared, else a copy.
+    pub fn into_vec(self) -> Vec<u8> {
+        if self.tensor.is_empty() {
+            Vec::from(self.head)
+        } else {
+            self.to_vec()
+        }
+    }
+
+    /// The chunks to write, in order.
+    pub(crate) fn into_chunks(self) -> Vec<Bytes> {
+        let mut chunks = Vec::with_capacity(1 + self.tensor.len());
+        chunks.push(self.head);
+        chunks.extend(self.tensor);
+        chunks
+    }
+}
+
+impl From<Vec<u8>> for OutFrame {
+    fn from(frame: Vec<u8>) -> Self {
+        Self { head: Bytes::from(frame), tensor: Vec::new() }
+    }
+}
+
+impl fmt::Debug for OutFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutFrame").field("head", &self.head.len()).field("tensor_chunks", &self.tensor.len()).finish()
     }
 }

@@ -125,8 +125,8 @@ pub mod tls;
 pub use certs::{CertError, ClientIdentity, NodeIdentity};
 pub use client::{Answers, Client, ClientError};
 pub use codec::{
-    check_frame, decode, encode, encode_into, DecodeError, EncodeError, Frame, FrameDecoder, Limits, ALPN,
-    PROTOCOL_VERSION,
+    check_frame, decode, encode, encode_into, encode_parts, DecodeError, EncodeError, Frame, FrameDecoder, Limits,
+    ALPN, PROTOCOL_VERSION,
 };
 pub use endpoint::{
     bind_udp, BindError, ClientReply, ConfigError, ConnectError, Hello, PeerInfo, ReplyError, SendError, Transport,
@@ -137,5 +137,5 @@ pub use endpoint::{
 };
 #[cfg(feature = "fault-injection")]
 pub use endpoint::{RawSend, RawSendError};
-pub use frame::{ReceiveBudget, RecvFrame};
+pub use frame::{OutFrame, ReceiveBudget, RecvFrame, TensorBytes};
 pub use revocation::{Revocations, Revoked};

@@ -119,7 +119,7 @@ pub use config::{
 pub use stats::{LinkStats, NetStats, TraceEntry, TraceEvent};
 
 use crate::endpoint::check_outgoing;
-use crate::{ConnectError, Limits, PeerInfo, Revocations, SendError, TransportEvent, TransportStats};
+use crate::{ConnectError, Limits, OutFrame, PeerInfo, Revocations, SendError, TransportEvent, TransportStats};
 use flow::Sender;
 use state::{Popped, Shared, State};
 
@@ -401,8 +401,12 @@ impl MemTransport {
     /// Sends one frame to `peer`; see [`Transport::send`](crate::Transport::send). Checked as
     /// the QUIC transport checks it, then refused with [`SendError::Busy`] if the link's
     /// budget is spent, else on its way (or held, if this node is paused).
-    pub fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+    pub fn send(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError> {
+        let frame = frame.into();
         check_outgoing(peer, &frame, &self.limits)?;
+        // The in-memory network delivers one buffer per frame (a copy when the tensor was
+        // held apart).
+        let frame = frame.into_vec();
         self.shared
             .mutate(|state| state.send(Instant::now(), self.node, Sender::Node { gen: self.gen }, peer, frame))
             .map_err(|refused| refused.send_error(peer))
@@ -412,8 +416,10 @@ impl MemTransport {
     /// returns [`SendError::Busy`]) it waits — re-checking every millisecond of tokio's clock,
     /// so virtual time under a paused clock — until the receiver has taken enough frames.
     /// Any other refusal returns at once.
-    pub async fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+    pub async fn send_when_ready(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError> {
+        let frame = frame.into();
         check_outgoing(peer, &frame, &self.limits)?;
+        let frame = frame.into_vec();
         let len = frame.len();
         let mut frame = Some(frame);
         loop {
@@ -582,12 +588,16 @@ impl crate::api::Transport for MemTransport {
         MemTransport::connect(self, addr, expect)
     }
 
-    fn send(&self, peer: u32, frame: Vec<u8>) -> Result<(), SendError> {
+    fn send(&self, peer: u32, frame: impl Into<OutFrame>) -> Result<(), SendError> {
         MemTransport::send(self, peer, frame)
     }
 
-    fn send_when_ready(&self, peer: u32, frame: Vec<u8>) -> impl Future<Output = Result<(), SendError>> + Send {
-        MemTransport::send_when_ready(self, peer, frame)
+    fn send_when_ready(
+        &self,
+        peer: u32,
+        frame: impl Into<OutFrame>,
+    ) -> impl Future<Output = Result<(), SendError>> + Send {
+        MemTransport::send_when_ready(self, peer, frame.into())
     }
 
     fn reject(&self, peer: u32, code: u32, reason: &str) {

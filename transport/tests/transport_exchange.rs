@@ -3,7 +3,9 @@
 
 mod support;
 
-use phalanx_transport::{codes, decode, encode, Limits, SendError, Transport, TransportEvent};
+use phalanx_transport::{
+    codes, decode, encode, encode_parts, Limits, SendError, TensorBytes, Transport, TransportEvent,
+};
 use serde::{Deserialize, Serialize};
 use support::*;
 
@@ -50,15 +52,27 @@ async fn two_nodes_exchange_control_and_16_mib_tensor_frames_both_ways() {
     let (frame, _) = wait_message(&mut a_events, 1).await;
     assert_eq!(decode::<Msg>(&frame, &limits).expect("decode").header, Msg::Heartbeat { epoch: 4 });
 
-    // A 16 MiB tensor arrives bit-exact, in both directions.
+    // A 16 MiB tensor arrives bit-exact, in both directions: one way as one buffer, the
+    // other as a head and three tensor buffers of their own (one shared), which must put
+    // exactly the same bytes on the wire.
     let tensor = tensor_16_mib();
     let header = Msg::Gradient { step: 9, partition: 2 };
     let wire = encode(&header, &tensor, &limits).expect("encode tensor");
     a.send(1, wire.clone()).expect("send tensor");
-    b.send(0, wire).expect("send tensor back");
+    let (first, rest) = tensor.split_at(tensor.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    let parts = vec![
+        TensorBytes::shared(std::sync::Arc::new(first.to_vec())),
+        TensorBytes::owned(second.to_vec()),
+        TensorBytes::owned(third.to_vec()),
+    ];
+    let split = encode_parts(&header, parts, &limits).expect("encode tensor parts");
+    assert_eq!(split.len(), wire.len());
+    b.send(0, split).expect("send tensor back");
     for events in [&mut b_events, &mut a_events] {
         let (event, _) = wait_for(events, "tensor", |e| matches!(e, TransportEvent::Message { .. })).await;
         let TransportEvent::Message { frame, .. } = event else { unreachable!() };
+        assert!(frame[..] == wire[4..], "the frame's bytes differ from the one-buffer encoding");
         let decoded = decode::<Msg>(&frame, &limits).expect("decode tensor");
         assert_eq!(decoded.header, header);
         assert_eq!(decoded.tensor.len(), tensor.len());

@@ -304,7 +304,10 @@ async fn node_loop_on<T: api::Transport>(
             }
             Some((out, permit)) = out_rx.recv() => {
                 if out.to == me {
-                    if let Ok(inbound) = wire::decode(&out.frame[4..], &limits) {
+                    // A frame to itself (control messages only: actors on this node are
+                    // reached directly) is one buffer already.
+                    let frame = out.frame.into_vec();
+                    if let Ok(inbound) = wire::decode(&frame[4..], &limits) {
                         jobs.on_frame(me, inbound);
                     }
                 } else {

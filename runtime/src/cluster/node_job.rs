@@ -615,7 +615,7 @@ impl NodeJob {
                     .and_then(|bytes| wire::encode_checkpoint(job, &name, &bytes, &limits).map_err(|e| e.to_string()));
                 match frame {
                     Ok(frame) => {
-                        let _ = out.send(Outbound { to: peer, frame, traffic: Traffic::Checkpoint });
+                        let _ = out.send(Outbound { to: peer, frame: frame.into(), traffic: Traffic::Checkpoint });
                     }
                     Err(e) => tracing::warn!(node = me, peer, path = %path.display(), "cannot send a checkpoint: {e}"),
                 }

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use phalanx_actors::checkpoint::FileKey;
 use phalanx_actors::protocol::{ActorKey, Addr, Gradient, Msg, Params};
-use phalanx_transport::{Limits, RawSend, Transport};
+use phalanx_transport::{Limits, OutFrame, RawSend, Transport};
 use tokio::sync::oneshot;
 
 use super::event::{Emitter, NodeEventKind};
@@ -100,7 +100,10 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
             push(spawn.kind(), wire::encode(&spawn, limits));
             if let Some(actors) = job.actors_job {
                 let rollback = Msg::Rollback { job: actors, generation, step: 0 };
-                push(rollback.kind(), wire::encode_deliver(job.id, Addr::Aggregator(0), rollback, limits));
+                push(
+                    rollback.kind(),
+                    wire::encode_deliver(job.id, Addr::Aggregator(0), rollback, limits).map(OutFrame::into_vec),
+                );
             }
         }
         let forged_view =
@@ -126,7 +129,7 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
                 offset,
                 values: values.clone().into(),
             });
-            push(params.kind(), wire::encode_deliver(job.id, Addr::Trainer(0), params, limits));
+            push(params.kind(), wire::encode_deliver(job.id, Addr::Trainer(0), params, limits).map(OutFrame::into_vec));
             let gradient = Msg::Gradient(Gradient {
                 job: actors,
                 generation,
@@ -138,7 +141,10 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
                 offset,
                 values,
             });
-            push(gradient.kind(), wire::encode_deliver(job.id, Addr::Aggregator(0), gradient, limits));
+            push(
+                gradient.kind(),
+                wire::encode_deliver(job.id, Addr::Aggregator(0), gradient, limits).map(OutFrame::into_vec),
+            );
         }
         // A length prefix one above the limit, and a little of a body that never comes.
         let oversized = [&limits.max_frame_bytes.saturating_add(1).to_le_bytes()[..], &[0u8; 16]].concat();

@@ -21,7 +21,7 @@ use phalanx_actors::actor::{spawn_actor, Cluster, JobContext};
 use phalanx_actors::model::kernel::{self, KernelFingerprint};
 use phalanx_actors::net::{JobMsg, LocalNet, Net};
 use phalanx_actors::protocol::{ActorKey, Addr, Msg};
-use phalanx_transport::Limits;
+use phalanx_transport::{Limits, OutFrame};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::{mpsc, watch};
 
@@ -79,16 +79,16 @@ impl Traffic {
 pub struct Outbound {
     /// The node.
     pub to: u32,
-    /// The frame, length prefix included.
-    pub frame: Vec<u8>,
+    /// The frame, length prefix included (its tensors may be held in buffers of their own).
+    pub frame: OutFrame,
     /// What it carries.
     pub traffic: Traffic,
 }
 
 impl Outbound {
     /// A control frame for `to`.
-    pub fn control(to: u32, frame: Vec<u8>) -> Self {
-        Self { to, frame, traffic: Traffic::Control }
+    pub fn control(to: u32, frame: impl Into<OutFrame>) -> Self {
+        Self { to, frame: frame.into(), traffic: Traffic::Control }
     }
 }
 
@@ -273,9 +273,9 @@ pub struct Routing {
 }
 
 impl Routing {
-    fn send_frame(&self, node: u32, frame: Vec<u8>, traffic: Traffic) {
+    fn send_frame(&self, node: u32, frame: impl Into<OutFrame>, traffic: Traffic) {
         // The node loop outlives every actor; a send error means shutdown.
-        let _ = self.out.send(Outbound { to: node, frame, traffic });
+        let _ = self.out.send(Outbound { to: node, frame: frame.into(), traffic });
     }
 
     fn node_for(&self, to: Addr) -> Option<u32> {
@@ -755,7 +755,7 @@ mod tests {
     use super::*;
 
     fn frame(to: u32, bytes: usize) -> Outbound {
-        Outbound { to, frame: vec![0; bytes], traffic: Traffic::Control }
+        Outbound { to, frame: vec![0u8; bytes].into(), traffic: Traffic::Control }
     }
 
     /// Maps of one term arriving out of order: the newest stays; a later term's map wins.

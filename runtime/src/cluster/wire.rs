@@ -3,7 +3,7 @@
 
 use phalanx_actors::model::kernel::KernelFingerprint;
 use phalanx_actors::protocol::{ActorKey, Addr, Msg};
-use phalanx_transport::{DecodeError, EncodeError, Frame, Limits};
+use phalanx_transport::{DecodeError, EncodeError, Frame, Limits, OutFrame, TensorBytes};
 use serde::{Deserialize, Serialize};
 
 use super::membership::MembershipMsg;
@@ -257,53 +257,31 @@ impl NodeMsg {
     }
 }
 
-/// A message's tensors, moved out of it: its own, or shared with other messages (a
-/// version of the parameters goes to every trainer from one buffer).
-enum Tensors {
-    Owned(Vec<f32>),
-    Shared(std::sync::Arc<Vec<f32>>),
-}
-
-impl std::ops::Deref for Tensors {
-    type Target = [f32];
-
-    fn deref(&self) -> &[f32] {
-        match self {
-            Tensors::Owned(v) => v,
-            Tensors::Shared(v) => v,
-        }
+/// Move the tensors out of `msg`: the lengths for the header and the buffers that follow it
+/// on the wire, each handed to the transport as it is (a version of the parameters shared by
+/// every trainer's message, a trainer's gradients without being joined into one buffer).
+fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<TensorBytes>) {
+    fn one(values: Vec<f32>) -> (Vec<u32>, Vec<TensorBytes>) {
+        (vec![values.len() as u32], vec![TensorBytes::owned(values)])
     }
-}
-
-/// Move the tensors out of `msg`.
-fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Tensors) {
-    let (lens, v) = match msg {
+    match msg {
         Msg::Params(p) => {
             let v = std::mem::take(&mut p.values);
-            return (vec![v.len() as u32], Tensors::Shared(v));
+            (vec![v.len() as u32], vec![TensorBytes::shared(v)])
         }
-        Msg::Gradient(g) => {
-            let v = std::mem::take(&mut g.values);
-            (vec![v.len() as u32], v)
-        }
-        Msg::Gradients(gs) => {
-            let mut lens = Vec::with_capacity(gs.len());
-            let mut all = Vec::new();
-            for g in gs.iter_mut() {
-                lens.push(g.values.len() as u32);
-                all.append(&mut g.values);
-            }
-            (lens, all)
-        }
+        Msg::Gradient(g) => one(std::mem::take(&mut g.values)),
+        Msg::Gradients(gs) => gs
+            .iter_mut()
+            .map(|g| {
+                let v = std::mem::take(&mut g.values);
+                (v.len() as u32, TensorBytes::owned(v))
+            })
+            .unzip(),
         // A hosted range's final values (aggregators spread over the nodes): a range of θ, far
         // over the header's limit.
-        Msg::Finished { values, .. } => {
-            let v = std::mem::take(values);
-            (vec![v.len() as u32], v)
-        }
+        Msg::Finished { values, .. } => one(std::mem::take(values)),
         _ => (Vec::new(), Vec::new()),
-    };
-    (lens, Tensors::Owned(v))
+    }
 }
 
 /// Put the tensors back; `None` when the lengths do not add up (a bad frame).
@@ -317,11 +295,12 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
         Msg::Gradient(g) if lens.len() == 1 => g.values = tensor,
         Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor,
         Msg::Gradients(gs) if lens.len() == gs.len() => {
-            let mut rest = tensor.as_slice();
-            for (g, len) in gs.iter_mut().zip(lens) {
-                let (head, tail) = rest.split_at(*len as usize);
-                g.values = head.to_vec();
-                rest = tail;
+            // Cut from the back: every gradient but the first is copied out of the payload,
+            // the first keeps the payload's buffer (a trainer's one partial sum: no copy).
+            let mut rest = tensor;
+            for (g, len) in gs.iter_mut().zip(lens).rev() {
+                let at = rest.len() - *len as usize;
+                g.values = if at == 0 { std::mem::take(&mut rest) } else { rest.split_off(at) };
             }
         }
         _ if lens.is_empty() => {}
@@ -331,9 +310,9 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
 }
 
 /// Encode a protocol message of `job` for `to` as one frame.
-pub fn encode_deliver(job: JobId, to: Addr, mut msg: Msg, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
+pub fn encode_deliver(job: JobId, to: Addr, mut msg: Msg, limits: &Limits) -> Result<OutFrame, EncodeError> {
     let (lens, tensor) = take_tensors(&mut msg);
-    phalanx_transport::encode(&NodeMsg::Deliver { job, to, msg, lens }, &tensor, limits)
+    phalanx_transport::encode_parts(&NodeMsg::Deliver { job, to, msg, lens }, tensor, limits)
 }
 
 /// Encode a copy of a checkpoint file of `job`.
@@ -453,6 +432,9 @@ mod tests {
                 values: vec![1.5, f32::NAN, -0.0].into(),
             }),
             Msg::Gradients(vec![grad(0, vec![1.0, 2.0]), grad(1, vec![]), grad(2, vec![f32::MIN_POSITIVE / 2.0])]),
+            Msg::Gradients(vec![grad(0, vec![]), grad(1, vec![3.0, -0.0])]),
+            // A trainer's one partial sum: it keeps the payload's buffer.
+            Msg::Gradients(vec![grad(4, vec![4.0, 5.0, 6.0])]),
             Msg::ShardReady { job: 1, partition: 3 },
             // A hosted range's final values: far more than a header may hold.
             Msg::Finished {
@@ -465,7 +447,7 @@ mod tests {
             },
         ];
         for msg in msgs {
-            let frame = encode_deliver(7, Addr::Trainer(1), msg.clone(), &limits).unwrap();
+            let frame = encode_deliver(7, Addr::Trainer(1), msg.clone(), &limits).unwrap().to_vec();
             let Inbound::Deliver(7, to, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
             assert_eq!(to, Addr::Trainer(1));
             assert_eq!(format!("{back:?}"), format!("{msg:?}"));

@@ -65,13 +65,18 @@ pub fn decode<H: DeserializeOwned>(frame: &[u8], limits: &Limits) -> Result<Fram
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn check_frame(frame: &[u8], limits: &Limits) -> Result<(), DecodeError> {
-    let frame_len = u64::try_from(frame.len()).unwrap_or(u64::MAX);
-    let Some(header_len) = check_envelope(frame, frame_len, limits)? else {
+    check_frame_start(frame, u64::try_from(frame.len()).unwrap_or(u64::MAX), limits)
+}
+
+/// [`check_frame`] for a frame body of `frame_len` bytes of which `start` holds the first
+/// ones (at least the envelope: a frame whose tensor is held in buffers of its own).
+pub(crate) fn check_frame_start(start: &[u8], frame_len: u64, limits: &Limits) -> Result<(), DecodeError> {
+    let Some(header_len) = check_envelope(start, frame_len, limits)? else {
         return Err(DecodeError::Truncated { needed: ENVELOPE_BYTES as u64, available: frame_len });
     };
-    let tensor_bytes = frame.len().saturating_sub(ENVELOPE_BYTES).saturating_sub(header_len);
-    if tensor_bytes % F32_BYTES != 0 {
-        return Err(DecodeError::BadTensorLength { bytes: tensor_bytes as u64 });
+    let tensor_bytes = frame_len.saturating_sub(ENVELOPE_BYTES as u64).saturating_sub(header_len as u64);
+    if tensor_bytes % F32_BYTES as u64 != 0 {
+        return Err(DecodeError::BadTensorLength { bytes: tensor_bytes });
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::header::encode_header;
 use super::{EncodeError, Limits, ENVELOPE_BYTES, F32_BYTES, PREFIX_BYTES, PROTOCOL_VERSION};
+use crate::frame::{OutFrame, TensorBytes};
 
 /// Room reserved up front for a typical control header, so building a frame usually takes a
 /// single allocation even though the header's size is only known after serialising it.
@@ -64,7 +65,54 @@ fn write_frame<H: Serialize + ?Sized>(
     limits: &Limits,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    let tensor_bytes = std::mem::size_of_val(tensor);
+    write_head(header, std::mem::size_of_val(tensor), Tensor::Follows, limits, out)?;
+    append_tensor(out, tensor);
+    Ok(())
+}
+
+/// Builds one frame whose tensor stays in its own buffers: the head (length prefix, envelope
+/// and header) is encoded, the tensor's parts follow it on the wire in order, as one tensor of
+/// their summed length. The bytes on the wire are exactly [`encode`]'s for the concatenated
+/// tensor; the send path hands the parts to QUIC without copying them.
+///
+/// ```
+/// use phalanx_transport::{decode, codec::{encode_parts, PREFIX_BYTES}, Limits, TensorBytes};
+///
+/// let limits = Limits::default();
+/// let parts = vec![TensorBytes::owned(vec![1.0, 2.0]), TensorBytes::shared(vec![3.0].into())];
+/// let frame = encode_parts(&"gradients", parts, &limits)?;
+/// let wire = frame.to_vec();
+/// let back = decode::<String>(&wire[PREFIX_BYTES..], &limits)?;
+/// assert_eq!(back.tensor, [1.0, 2.0, 3.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn encode_parts<H: Serialize + ?Sized>(
+    header: &H,
+    tensor: Vec<TensorBytes>,
+    limits: &Limits,
+) -> Result<OutFrame, EncodeError> {
+    let tensor_bytes = tensor.iter().map(TensorBytes::len).fold(0usize, usize::saturating_add);
+    let mut head = Vec::new();
+    write_head(header, tensor_bytes, Tensor::Apart, limits, &mut head)?;
+    Ok(OutFrame::from_parts(head, tensor))
+}
+
+/// Where a frame's tensor goes: after the head in the same buffer, or in buffers of its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tensor {
+    Follows,
+    Apart,
+}
+
+/// Appends a frame's length prefix, envelope and header for a tensor of `tensor_bytes`
+/// (reserving room for the tensor too when it follows in `out`).
+fn write_head<H: Serialize + ?Sized>(
+    header: &H,
+    tensor_bytes: usize,
+    tensor: Tensor,
+    limits: &Limits,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     let max_frame = limits.max_frame_bytes;
     // Refuse an oversize tensor before serialising or allocating anything.
     let min_len = as_u64(ENVELOPE_BYTES).saturating_add(as_u64(tensor_bytes));
@@ -72,7 +120,8 @@ fn write_frame<H: Serialize + ?Sized>(
         return Err(EncodeError::Oversize { len: min_len, max: max_frame });
     }
 
-    out.reserve(PREFIX_BYTES + ENVELOPE_BYTES + TYPICAL_HEADER_BYTES + tensor_bytes);
+    let room = if tensor == Tensor::Follows { tensor_bytes } else { 0 };
+    out.reserve(PREFIX_BYTES + ENVELOPE_BYTES + TYPICAL_HEADER_BYTES + room);
     let prefix_at = out.len();
     out.extend_from_slice(&[0; PREFIX_BYTES]); // patched once the length is known
     out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -92,7 +141,6 @@ fn write_frame<H: Serialize + ?Sized>(
 
     patch(out, prefix_at, len.to_le_bytes());
     patch(out, header_len_at, header_len.to_le_bytes());
-    append_tensor(out, tensor);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::frame::{OutFrame, TensorBytes};
 use peak_alloc::largest_allocation_during;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -582,7 +583,62 @@ fn arb_hostile_stream(limits: Limits) -> impl Strategy<Value = Vec<u8>> {
 const SMALL_LIMITS: Limits = Limits { max_frame_bytes: 256, max_header_bytes: 64 };
 const MAX_CHUNK: usize = 64;
 
+#[test]
+fn a_frame_of_parts_checks_like_one_buffer_and_refuses_what_encode_refuses() {
+    let limits = Limits { max_frame_bytes: 1024, max_header_bytes: 64 };
+    let frame = encode_parts(&gradient(), vec![TensorBytes::owned(vec![1.0; 10])], &limits).expect("encode");
+    assert_eq!(frame.head().len() + 40, frame.len());
+    let body_len = u64::try_from(frame.len() - PREFIX_BYTES).expect("fits");
+    check_frame_start(&frame.head()[PREFIX_BYTES..], body_len, &limits).expect("a valid frame");
+    // One byte more in the tensor's count than it holds: not a whole number of f32s.
+    assert!(matches!(
+        check_frame_start(&frame.head()[PREFIX_BYTES..], body_len + 1, &limits),
+        Err(DecodeError::BadTensorLength { .. })
+    ));
+    let too_big =
+        encode_parts(&gradient(), vec![TensorBytes::owned(vec![0.0; 200]), TensorBytes::owned(vec![0.0; 60])], &limits);
+    assert!(matches!(too_big, Err(EncodeError::Oversize { len: 1046, max: 1024 })), "{too_big:?}");
+    let header = "x".repeat(100);
+    let err = encode_parts(&header, Vec::new(), &limits).expect_err("too large");
+    assert!(matches!(err, EncodeError::HeaderTooLarge { len: 101, max: 64 }), "{err:?}");
+}
+
+#[test]
+fn a_one_buffer_out_frame_gives_its_buffer_back() {
+    let wire = encode(&gradient(), &[1.0, 2.0], &Limits::default()).expect("encode");
+    let frame = OutFrame::from(wire.clone());
+    assert_eq!((frame.len(), frame.head()), (wire.len(), &wire[..]));
+    assert_eq!(frame.clone().into_vec(), wire);
+    let ptr = wire.as_ptr();
+    assert_eq!(OutFrame::from(wire).into_vec().as_ptr(), ptr, "copied");
+}
+
 proptest! {
+    /// However a tensor is cut into buffers, shared or owned, the frame's bytes are
+    /// [`encode`]'s for the whole tensor.
+    #[test]
+    fn prop_a_frame_of_parts_is_byte_for_byte_the_one_buffer_frame(
+        header in arb_control(),
+        tensor in arb_tensor(300),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+        shared in any::<bool>(),
+    ) {
+        let limits = Limits::default();
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(tensor.len() + 1)).collect();
+        cuts.push(0);
+        cuts.push(tensor.len());
+        cuts.sort_unstable();
+        let parts = cuts
+            .windows(2)
+            .map(|w| tensor[w[0]..w[1]].to_vec())
+            .map(|v| if shared { TensorBytes::shared(std::sync::Arc::new(v)) } else { TensorBytes::owned(v) })
+            .collect();
+        let frame = encode_parts(&header, parts, &limits).expect("encode parts");
+        let wire = encode(&header, &tensor, &limits).expect("encode");
+        prop_assert_eq!(frame.len(), wire.len());
+        prop_assert_eq!(frame.to_vec(), wire);
+    }
+
     #[test]
     fn prop_round_trip_arbitrary_headers_and_tensor_bits(
         header in arb_control(),

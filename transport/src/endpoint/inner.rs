@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "fault-injection")]
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError};
 use rustls::pki_types::CertificateDer;
@@ -29,6 +30,7 @@ use super::link::{
 use super::stats::{Counters, TransportStats};
 use super::{lock, PeerInfo, TransportEvent};
 use crate::certs::{client_name_of, node_id_of};
+use crate::frame::OutFrame;
 use crate::{codes, tls, Limits, Revocations, ALPN, PROTOCOL_VERSION};
 
 /// How long [`Inner::shutdown`] waits for closing connections to drain: enough
@@ -523,7 +525,7 @@ impl Inner {
         lock(&self.peers).get(&peer).filter(|link| link.is_live()).cloned()
     }
 
-    pub(crate) fn send(&self, peer: u32, frame: Bytes) -> Result<(), SendError> {
+    pub(crate) fn send(&self, peer: u32, frame: OutFrame) -> Result<(), SendError> {
         let link = self.live_link(peer).ok_or(SendError::NotConnected { peer })?;
         let permit = link
             .sends
@@ -534,7 +536,7 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) async fn send_when_ready(&self, peer: u32, frame: Bytes) -> Result<(), SendError> {
+    pub(crate) async fn send_when_ready(&self, peer: u32, frame: OutFrame) -> Result<(), SendError> {
         let link = self.live_link(peer).ok_or(SendError::NotConnected { peer })?;
         let permit = tokio::select! {
             permit = link.sends.clone().acquire_owned() => permit.map_err(|_| SendError::NotConnected { peer })?,
@@ -564,7 +566,7 @@ impl Inner {
         let _ = self.events.send(TransportEvent::BadFrame { peer: link.peer, code, reason }).await;
     }
 
-    fn spawn_write(&self, link: Arc<Link>, permit: OwnedSemaphorePermit, frame: Bytes) {
+    fn spawn_write(&self, link: Arc<Link>, permit: OwnedSemaphorePermit, frame: OutFrame) {
         let (stats, node) = (self.stats.clone(), self.id);
         self.runtime.spawn(async move {
             let _permit = permit;
@@ -642,11 +644,11 @@ enum Applied {
     ShuttingDown,
 }
 
-/// Writes one frame on a new unidirectional stream. `Bytes` hands the buffer to quinn
-/// without copying it.
-async fn write_frame(conn: &Connection, frame: Bytes) -> Result<(), WriteFrameError> {
+/// Writes one frame on a new unidirectional stream. Its chunks (`Bytes`: the head, then the
+/// tensor's buffers) go to quinn without being copied or joined.
+async fn write_frame(conn: &Connection, frame: OutFrame) -> Result<(), WriteFrameError> {
     let mut stream = conn.open_uni().await?;
-    stream.write_chunk(frame).await?;
+    stream.write_all_chunks(&mut frame.into_chunks()).await?;
     // Fails only if the stream was already finished or reset, which nothing here does.
     let _ = stream.finish();
     Ok(())
