@@ -610,7 +610,8 @@ fn a_one_buffer_out_frame_gives_its_buffer_back() {
     assert_eq!((frame.len(), frame.head()), (wire.len(), &wire[..]));
     assert_eq!(frame.clone().into_vec(), wire);
     let ptr = wire.as_ptr();
-    assert_eq!(OutFrame::from(wire).into_vec().as_ptr(), ptr, "copied");
+    let back = OutFrame::from(wire).into_vec();
+    assert_eq!(back.as_ptr(), ptr, "copied");
 }
 
 proptest! {
