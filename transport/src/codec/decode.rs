@@ -123,6 +123,19 @@ fn read_array<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
 }
 
 /// Converts raw little-endian bytes (a multiple of 4 long) to `f32`s, bit-exact.
+///
+/// On a little-endian machine the bytes are the values' memory: one copy into a zeroed buffer
+/// (fresh pages for a large tensor, zero already) instead of a conversion per value.
+#[cfg(target_endian = "little")]
+fn tensor_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    use zerocopy::IntoBytes;
+    let mut tensor = vec![0.0f32; bytes.len() / F32_BYTES];
+    tensor.as_mut_bytes().copy_from_slice(bytes);
+    tensor
+}
+
+/// Converts raw little-endian bytes (a multiple of 4 long) to `f32`s, bit-exact.
+#[cfg(not(target_endian = "little"))]
 fn tensor_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(F32_BYTES).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }

@@ -3,7 +3,9 @@
 use serde::Serialize;
 
 use super::header::encode_header;
-use super::{EncodeError, Limits, ENVELOPE_BYTES, F32_BYTES, PREFIX_BYTES, PROTOCOL_VERSION};
+#[cfg(not(target_endian = "little"))]
+use super::F32_BYTES;
+use super::{EncodeError, Limits, ENVELOPE_BYTES, PREFIX_BYTES, PROTOCOL_VERSION};
 use crate::frame::{OutFrame, TensorBytes};
 
 /// Room reserved up front for a typical control header, so building a frame usually takes a
@@ -144,10 +146,19 @@ fn write_head<H: Serialize + ?Sized>(
     Ok(())
 }
 
+/// Appends the tensor as little-endian `f32` bytes: on a little-endian machine its memory,
+/// copied once.
+#[cfg(target_endian = "little")]
+fn append_tensor(out: &mut Vec<u8>, tensor: &[f32]) {
+    use zerocopy::IntoBytes;
+    out.extend_from_slice(tensor.as_bytes());
+}
+
 /// Appends the tensor as little-endian `f32` bytes.
 ///
-/// Zero-filling then overwriting in fixed 4-byte chunks lets the compiler vectorise the copy
-/// (a plain memcpy on little-endian machines), instead of a capacity check per element.
+/// Zero-filling then overwriting in fixed 4-byte chunks lets the compiler vectorise the copy,
+/// instead of a capacity check per element.
+#[cfg(not(target_endian = "little"))]
 fn append_tensor(out: &mut Vec<u8>, tensor: &[f32]) {
     let start = out.len();
     out.resize(start + std::mem::size_of_val(tensor), 0);
