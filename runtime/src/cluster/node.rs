@@ -280,6 +280,8 @@ async fn node_loop_on<T: api::Transport>(
     tokio::pin!(shutdown);
     // Set when this process must stop with an error (it is a second one with this id).
     let mut fatal: Option<Error> = None;
+    // When this node last handed the allocator's kept memory back (see `trim_allocator`).
+    let mut trimmed = clock::now();
 
     loop {
         let cmds = tokio::select! {
@@ -300,6 +302,10 @@ async fn node_loop_on<T: api::Transport>(
                     }
                 }
                 jobs.on_tick(now);
+                if crate::allocator_tuned() && now.duration_since(trimmed) >= crate::ALLOCATOR_TRIM_EVERY {
+                    trimmed = now;
+                    tokio::task::spawn_blocking(crate::trim_allocator);
+                }
                 membership.on_tick(now)
             }
             Some((out, permit)) = out_rx.recv() => {
