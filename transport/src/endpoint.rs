@@ -92,10 +92,10 @@ pub enum TransportEvent {
     ///
     /// `frame` is the frame's body as [`decode`](crate::decode) takes it: without the length
     /// prefix, with the version, header and tensor already checked against the envelope rules
-    /// and the limits ([`check_frame`](crate::check_frame)). Only the header's content is left unchecked, because
-    /// only the caller knows its type: decode it with `decode::<YourHeader>(&frame, &limits)`
-    /// and, if that fails, call [`Transport::reject`] with the error's
-    /// [`reason_code`](crate::DecodeError::reason_code).
+    /// and the limits ([`check_frame`](crate::check_frame)). Only the header's content is left
+    /// unchecked, because only the caller knows its type: decode it with
+    /// `decode::<YourHeader>(&frame, &limits)` and, if that fails, call
+    /// [`Transport::reject`] with the error's [`reason_code`](crate::DecodeError::reason_code).
     Message {
         /// The sender.
         peer: u32,
@@ -344,9 +344,8 @@ impl Transport {
     /// `frame` is a whole frame as [`encode`](crate::encode) builds it, length prefix
     /// included, or an [`OutFrame`] from [`encode_parts`](crate::encode_parts), whose tensor
     /// buffers go to QUIC without a copy; it is checked (prefix and envelope) before anything
-    /// is sent. The write runs
-    /// in the background, so this returns at once: `Ok` means the frame was queued, not that
-    /// it arrived. At most [`TransportConfig::max_inflight_sends_per_peer`] writes per peer
+    /// is sent. The write runs in the background, so this returns at once: `Ok` means the
+    /// frame was queued, not that it arrived. At most [`TransportConfig::max_inflight_sends_per_peer`] writes per peer
     /// run at once; beyond that the frame is refused with [`SendError::Busy`] instead of
     /// being buffered without bound.
     ///
