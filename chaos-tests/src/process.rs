@@ -27,6 +27,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use phalanx::config::AggregatorPlacement;
 use phalanx::local::{run_local_with_options, LocalCoordination, LocalOptions, NodeFault};
 use phalanx::{JobConfig, PreparedJob};
 use phalanx_actors::data::DatasetSource;
@@ -40,7 +41,7 @@ use crate::invariants::{
 use crate::report::{plot_run, Percentiles, Report, RunPoint};
 
 /// The built-in scenarios: (file name, contents).
-pub const BUILTIN: [(&str, &str); 25] = [
+pub const BUILTIN: [(&str, &str); 27] = [
     ("kill-trainer-node.toml", include_str!("../scenarios/kill-trainer-node.toml")),
     ("kill-aggregator-node.toml", include_str!("../scenarios/kill-aggregator-node.toml")),
     ("kill-two-nodes.toml", include_str!("../scenarios/kill-two-nodes.toml")),
@@ -66,6 +67,8 @@ pub const BUILTIN: [(&str, &str); 25] = [
     ("etcd-down-briefly.toml", include_str!("../scenarios/etcd-down-briefly.toml")),
     ("zookeeper-pause-past-session.toml", include_str!("../scenarios/zookeeper-pause-past-session.toml")),
     ("etcd-cut-node.toml", include_str!("../scenarios/etcd-cut-node.toml")),
+    ("spread-kill-range-host.toml", include_str!("../scenarios/spread-kill-range-host.toml")),
+    ("spread-kill-coordinator.toml", include_str!("../scenarios/spread-kill-coordinator.toml")),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,
@@ -99,6 +102,10 @@ pub struct ProcessScenario {
     /// `zookeeper`); default: embedded.
     #[serde(default)]
     pub coordination: Option<String>,
+    /// Where the job's aggregators run (`coordinator` or `spread`, as the job field);
+    /// default: the job's default.
+    #[serde(default)]
+    pub aggregator_placement: Option<AggregatorPlacement>,
 }
 
 fn three() -> u32 {
@@ -136,7 +143,12 @@ impl ProcessScenario {
 
     /// The job it runs.
     pub fn job(&self) -> JobConfig {
-        JobConfig { epochs: Some(self.epochs.unwrap_or(EPOCHS)), ..job() }
+        let base = job();
+        JobConfig {
+            epochs: Some(self.epochs.unwrap_or(EPOCHS)),
+            aggregator_placement: self.aggregator_placement.unwrap_or(base.aggregator_placement),
+            ..base
+        }
     }
 }
 
