@@ -321,8 +321,8 @@ class Bench:
         else:
             cmd = [self.phalanx, "local", "--nodes", str(workers), "--trainers", str(workers), "--config", job,
                    "--epochs", str(epochs), "--out", out]
-            # `coordinator` (the default) puts every range beside the job's supervisor; `spread`
-            # one range of θ per node, range r on node r.
+            # The default: one range of θ per node, range r on node r (spread); `coordinator`
+            # puts every range beside the job's supervisor.
             cmd += ["--aggregator-placement", self.args.aggregator_placement]
             if kill is not None:
                 cmd += ["--kill", kill]
@@ -953,9 +953,9 @@ def main():
     ap.add_argument("--torchrun-monitor-interval", type=float, default=5.0,
                     help="torchrun --monitor_interval in s (default 5, torchrun's own default)")
     ap.add_argument("--allow-other-blas", action="store_true", help="do not stop when torch is not on OpenBLAS")
-    ap.add_argument("--aggregator-placement", choices=["coordinator", "spread"], default="coordinator",
-                    help="Phalanx on N nodes: every range on the coordinator (Phalanx's default), or one range "
-                         "of the parameters per node (spread)")
+    ap.add_argument("--aggregator-placement", choices=["coordinator", "spread"], default="spread",
+                    help="Phalanx on N nodes: one range of the parameters per node (spread, Phalanx's default), "
+                         "or every range on the coordinator")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()
     started = time.time()

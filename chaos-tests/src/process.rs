@@ -67,8 +67,14 @@ pub const BUILTIN: [(&str, &str); 27] = [
     ("etcd-down-briefly.toml", include_str!("../scenarios/etcd-down-briefly.toml")),
     ("zookeeper-pause-past-session.toml", include_str!("../scenarios/zookeeper-pause-past-session.toml")),
     ("etcd-cut-node.toml", include_str!("../scenarios/etcd-cut-node.toml")),
-    ("spread-kill-range-host.toml", include_str!("../scenarios/spread-kill-range-host.toml")),
-    ("spread-kill-coordinator.toml", include_str!("../scenarios/spread-kill-coordinator.toml")),
+    (
+        "coordinator-placement-kill-trainer-node.toml",
+        include_str!("../scenarios/coordinator-placement-kill-trainer-node.toml"),
+    ),
+    (
+        "coordinator-placement-kill-coordinator.toml",
+        include_str!("../scenarios/coordinator-placement-kill-coordinator.toml"),
+    ),
 ];
 
 /// Epochs of the scenario job: about 3000 steps, a few seconds on 3 nodes,

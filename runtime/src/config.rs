@@ -29,13 +29,13 @@ pub const DEFAULT_CHECKPOINT_MIN_INTERVAL_MS: u64 = 500;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregatorPlacement {
-    /// Every range on the coordinator's node (the default).
-    #[default]
+    /// Every range on the coordinator's node.
     Coordinator,
-    /// Range `r` on node `r mod N` (the next live node while that one is down); with
-    /// `aggregators` unset, one range per node, so each node applies and sends its own share
-    /// of θ, as in a ring all-reduce, instead of one node carrying every gradient and every
-    /// parameter.
+    /// Range `r` on node `r mod N` (the next live node while that one is down). The default:
+    /// with one range per node (the default number of aggregators on a cluster) each node
+    /// applies and sends its own share of θ, as in a ring all-reduce, instead of one node
+    /// carrying every gradient and every parameter.
+    #[default]
     Spread,
 }
 
@@ -62,13 +62,13 @@ pub struct JobConfig {
     /// Trainer actors (deployment only: does not change the result).
     pub trainers: u32,
     /// Aggregator actors, each owning a contiguous range of θ (deployment only). Absent: one
-    /// per node of a cluster when the placement is `spread` (its configured size, fixed when
-    /// the job enters the cluster), else one ([`aggregator_count`](Self::aggregator_count)).
+    /// per node of the cluster (its configured size, fixed by the coordinator when it accepts
+    /// the job), one in a single process ([`aggregator_count`](Self::aggregator_count)).
     pub aggregators: Option<u32>,
-    /// Where a cluster runs the aggregators (deployment only): `coordinator` (the default: all
-    /// beside the job's supervisor; a failure of any other node costs no rollback, since every
-    /// aggregator survives it) or `spread` (range `r` on node `r mod N`, moving to the next
-    /// live node when that one is down, so each node applies and sends its own share of θ).
+    /// Where a cluster runs the aggregators (deployment only): `spread` (the default: range `r`
+    /// on node `r mod N`, moving to the next live node when that one is down, so each node
+    /// applies and sends its own share of θ) or `coordinator` (all beside the job's supervisor:
+    /// a failure of any other node then costs no rollback, since every aggregator survives it).
     pub aggregator_placement: AggregatorPlacement,
     /// Data partitions P (part of the math: fixed for the job).
     pub partitions: u32,
@@ -214,7 +214,7 @@ impl JobConfig {
     }
 
     /// The number of aggregators a single process runs: [`aggregators`](Self::aggregators), or
-    /// one when it is unset (a cluster fixes it when the job enters it).
+    /// one when it is unset (a cluster sets it to its size when it accepts the job).
     pub fn aggregator_count(&self) -> u32 {
         self.aggregators.unwrap_or(1)
     }
@@ -400,9 +400,9 @@ mod tests {
     }
 
     #[test]
-    fn unset_aggregators_are_fixed_later_and_one_in_a_process() {
+    fn unset_aggregators_mean_one_per_node_spread_and_one_in_a_process() {
         let c = JobConfig::default();
-        assert_eq!((c.aggregators, c.aggregator_placement), (None, AggregatorPlacement::Coordinator));
+        assert_eq!((c.aggregators, c.aggregator_placement), (None, AggregatorPlacement::Spread));
         assert_eq!(c.aggregator_count(), 1);
         // A job file without the field stays unset through TOML (for the coordinator to fix)...
         let back: JobConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();

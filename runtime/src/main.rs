@@ -83,7 +83,7 @@ struct LocalArgs {
     /// Number of node processes.
     #[arg(long, default_value_t = 3)]
     nodes: u32,
-    /// SIGKILL a node when the job reaches a step (node 0 hosts the aggregators). Repeatable.
+    /// SIGKILL a node when the job reaches a step (node 0 coordinates and hosts range 0 of the parameters). Repeatable.
     #[arg(long, value_name = "NODE@STEP")]
     kill: Vec<String>,
     /// SIGSTOP a node at a step and SIGCONT it MS later. Repeatable.
@@ -382,12 +382,12 @@ pub(crate) struct TrainArgs {
     /// Trainer actors.
     #[arg(long)]
     trainers: Option<u32>,
-    /// Aggregator actors, each owning a range of the parameters (default: 1; one per node of a
-    /// cluster with --aggregator-placement spread).
+    /// Aggregator actors, each owning a range of the parameters (default: one per node of a
+    /// cluster, one in a single process).
     #[arg(long)]
     aggregators: Option<u32>,
-    /// Where a cluster runs the aggregators: coordinator (default: all on its node) or spread
-    /// (range r on node r mod N).
+    /// Where a cluster runs the aggregators: spread (default: range r on node r mod N) or
+    /// coordinator (all on its node).
     #[arg(long, value_name = "WHERE")]
     aggregator_placement: Option<phalanx::config::AggregatorPlacement>,
     /// Data partitions (fixed for the job; default 8).

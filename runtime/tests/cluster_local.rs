@@ -38,7 +38,8 @@ fn local_cluster_with_a_kill_and_a_pause_matches_train_and_reports_node_faults()
     assert!(stdout.contains("exactly-once: yes"), "{stdout}");
     // Every step is in the history; a coordinator that restarted from a checkpoint
     // (node 0 alone has no quorum during the pause) appended the steps it recomputed, and so
-    // does one that rolls every range back (a range's host lost, with spread ranges).
+    // did one that rolled every range back (node 1 hosted a range of θ: one per node by
+    // default).
     let rows = phalanx::output::read_history(&out_local.join("history.csv")).unwrap();
     let steps = summary["steps"].as_u64().unwrap();
     let seen: std::collections::BTreeSet<u64> = rows.iter().map(|r| r.step).collect();

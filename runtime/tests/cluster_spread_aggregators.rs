@@ -1,5 +1,5 @@
-//! Aggregators spread over the nodes (`aggregator_placement = "spread"`: range `r` on node
-//! `r mod N`, one range per node when the job does not set `aggregators`), across
+//! Aggregators spread over the nodes (`aggregator_placement = "spread"`, the default: range
+//! `r` on node `r mod N`, one range per node when the job does not set `aggregators`), across
 //! real node processes over QUIC: every node hosts and checkpoints its own
 //! range, and the final parameters are bit-identical to the one-process run whether nothing
 //! fails, a node hosting a range is SIGKILLed (its range restores on a node that never held
@@ -12,10 +12,9 @@ use common::cluster::{expected_sha, Cluster};
 use phalanx::{JobConfig, PreparedJob};
 use serde_json::Value;
 
-/// 3 trainers over 3 nodes, checkpoints every 20 steps, 600 steps; the aggregators spread
-/// and their number unset (one range per node), so these tests also pin that rule.
-const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\n\
-                   aggregator_placement = \"spread\"\nepochs = 30\n\
+/// 3 trainers over 3 nodes, checkpoints every 20 steps, 600 steps; the aggregators as they
+/// come by default (one range per node, spread), so these tests also pin the default.
+const JOB: &str = "model = \"mlp\"\ndataset = \"winequality\"\ntrainers = 3\nepochs = 30\n\
                    checkpoint_every = 20\ncheckpoint_min_interval_ms = 0\n";
 
 fn assert_exactly_once(s: &Value) {
@@ -59,7 +58,7 @@ fn each_node_hosts_and_checkpoints_its_own_range_and_the_bits_are_the_one_proces
     assert_eq!(done["model_sha256"].as_str().unwrap(), expected_sha(JOB));
     let summary = c.summary();
     assert_exactly_once(&summary);
-    assert_eq!(summary["job"]["aggregators"], 3, "one range per node when spread: {}", summary["job"]);
+    assert_eq!(summary["job"]["aggregators"], 3, "one range per node by default: {}", summary["job"]);
     // Nodes 1 and 2 were asked to host ranges 1 and 2 (the coordinator's own range is spawned
     // by its supervisor, not by a request).
     assert_eq!(aggregator_hosts(&c, 0), vec![("aggregator 1".into(), 1), ("aggregator 2".into(), 2)]);

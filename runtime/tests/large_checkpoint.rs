@@ -24,7 +24,7 @@ fn job() -> JobConfig {
         task: Some(TaskKind::Regression),
         // One trainer beside the aggregator: the only large traffic is the checkpoint copies.
         trainers: 1,
-        // One range of θ: one 100 MiB file a step.
+        // One range of θ (the default on a cluster is one per node): one 100 MiB file a step.
         aggregators: Some(1),
         partitions: 1,
         batch_size: Some(32),

@@ -18,7 +18,11 @@
 //! requests. An aggregator restart rolls *every* aggregator back to the
 //! newest complete checkpoint under a new generation, because the ranges
 //! together form one θ and must agree on its version; the steps since are
-//! recomputed and give the same bits.
+//! recomputed and give the same bits. An aggregator that was still starting
+//! when a later rollback was ordered (a spawn on another node is answered
+//! late, and a message to an actor not started yet is dropped there) gets
+//! that rollback when it reports started, so no range stays behind in an
+//! older generation.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -316,6 +320,8 @@ struct Child {
     failures: VecDeque<Instant>,
     /// Fault records waiting for this child's restart, with when each failure was noticed.
     awaiting_restart: Vec<(usize, Instant)>,
+    /// The generation of the last spawn ordered for it (after its restart, if it restarted).
+    spawned_at: Option<u64>,
 }
 
 /// The supervisor's state machine.
@@ -323,6 +329,8 @@ pub struct JobCore {
     plan: JobPlan,
     started: Instant,
     generation: u64,
+    /// The checkpoint step every range returned to when `generation` began by a rollback.
+    rollback_step: Option<u64>,
     /// Rollbacks this supervisor ordered.
     rollbacks: u64,
     children: BTreeMap<ActorKey, Child>,
@@ -354,6 +362,7 @@ impl JobCore {
             plan,
             started: now,
             generation: 0,
+            rollback_step: None,
             rollbacks: 0,
             children,
             range_steps: vec![0; ranges],
@@ -431,13 +440,15 @@ impl JobCore {
     }
 
     /// Spawn every actor; `restore` is the checkpoint the aggregators resume from.
-    pub fn start(&self, restore: Option<u64>) -> Vec<JobCommand> {
+    pub fn start(&mut self, restore: Option<u64>) -> Vec<JobCommand> {
+        let generation = self.generation;
+        self.children.values_mut().for_each(|c| c.spawned_at = Some(generation));
         self.plan
             .actors()
             .into_iter()
             .map(|key| JobCommand::Spawn {
                 key,
-                generation: self.generation,
+                generation,
                 restore: if key.role == Role::Aggregator { restore } else { None },
             })
             .collect()
@@ -538,6 +549,7 @@ impl JobCore {
             self.rollbacks += 1;
             let step = checkpoint.unwrap_or(0);
             restore = Some(step);
+            self.rollback_step = Some(step);
             self.range_steps.iter_mut().for_each(|s| *s = step);
             self.global_step = step;
             self.step_losses.clear();
@@ -558,17 +570,42 @@ impl JobCore {
             self.faults[i].restart_ms = Some(since.saturating_sub(self.faults[i].at_ms));
             self.awaiting_progress.push((i, noticed));
         }
+        if let Some(child) = self.children.get_mut(&key) {
+            child.spawned_at = Some(self.generation);
+        }
         out.push(JobCommand::Spawn { key, generation: self.generation, restore });
         out
     }
 
-    /// A child finished starting. A new shard is announced to its trainer.
+    /// A child finished starting (the current instance: the shell drops reports about older
+    /// ones). A new shard is announced to its trainer. An aggregator started under an older
+    /// generation than the current one missed the rollback that began it — it was ordered
+    /// while the aggregator was still starting, on a node that drops messages to actors not
+    /// started yet — and gets it now (an aggregator ignores a rollback it already had).
     pub fn on_child_started(&mut self, key: ActorKey) -> Vec<JobCommand> {
-        if key.role != Role::Shard || self.done {
+        if self.done {
             return Vec::new();
         }
-        let Some(&trainer) = self.plan.assignment.get(key.index as usize) else { return Vec::new() };
-        vec![JobCommand::Send(Addr::Trainer(trainer), Msg::ShardReady { job: self.plan.job, partition: key.index })]
+        match key.role {
+            Role::Shard => {
+                let Some(&trainer) = self.plan.assignment.get(key.index as usize) else { return Vec::new() };
+                vec![JobCommand::Send(
+                    Addr::Trainer(trainer),
+                    Msg::ShardReady { job: self.plan.job, partition: key.index },
+                )]
+            }
+            Role::Aggregator => {
+                let spawned_at = self.children.get(&key).and_then(|c| c.spawned_at);
+                match (spawned_at, self.rollback_step) {
+                    (Some(at), Some(step)) if at < self.generation => vec![JobCommand::Send(
+                        Addr::Aggregator(key.index),
+                        Msg::Rollback { job: self.plan.job, generation: self.generation, step },
+                    )],
+                    _ => Vec::new(),
+                }
+            }
+            Role::Trainer => Vec::new(),
+        }
     }
 
     /// An aggregator applied a step.

@@ -720,6 +720,41 @@ fn aggregator_restart_rolls_every_range_back_under_a_new_generation() {
 }
 
 #[test]
+fn an_aggregator_still_starting_when_a_rollback_is_ordered_gets_it_once_it_started() {
+    // Found by the process campaign with the ranges spread: both hosted ranges' spawns went
+    // unanswered at the job's start, so both restarted; the first restart's spawn was still
+    // on its way when the second restart's rollback was sent to it, and the host dropped that
+    // rollback (no such actor yet). The range then ran one generation behind the others and
+    // the job made no progress.
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut core = JobCore::new(plan(), t0);
+    let _ = core.start(None);
+    let (a0, a1) = (ActorKey::aggregator(0), ActorKey::aggregator(1));
+    assert!(core.on_child_started(a0).is_empty(), "started in the generation it was spawned for");
+    // Range 1's spawn is unanswered; range 0 fails: rollback to step 0, generation 1, and the
+    // rollback sent to range 1 goes to an actor that is not running yet.
+    core.on_child_failed(a0, "panic".into(), ms(1));
+    let cmds = core.on_restart_due(a0, None, ms(10));
+    assert!(cmds.contains(&JobCommand::Send(Addr::Aggregator(1), Msg::Rollback { job: JOB, generation: 1, step: 0 })));
+    // Range 1 was spawned under generation 0: once started, it gets generation 1's rollback.
+    let rollback_1 =
+        |generation| JobCommand::Send(Addr::Aggregator(1), Msg::Rollback { job: JOB, generation, step: 0 });
+    assert_eq!(core.on_child_started(a1), vec![rollback_1(1)]);
+    // Both restart (their spawns timed out); range 0's restart comes second, so range 1's new
+    // instance (spawned under generation 2) misses generation 3's rollback until it started.
+    core.on_child_lost(a1, FaultCause::SpawnTimeout, "no answer".into(), ms(20));
+    core.on_child_lost(a0, FaultCause::SpawnTimeout, "no answer".into(), ms(20));
+    let cmds = core.on_restart_due(a1, Some(0), ms(30));
+    assert!(cmds.contains(&JobCommand::Spawn { key: a1, generation: 2, restore: Some(0) }), "{cmds:?}");
+    let cmds = core.on_restart_due(a0, Some(0), ms(30));
+    assert!(cmds.contains(&rollback_1(3)), "{cmds:?}");
+    assert!(cmds.contains(&JobCommand::Spawn { key: a0, generation: 3, restore: Some(0) }), "{cmds:?}");
+    assert!(core.on_child_started(a0).is_empty(), "spawned under the current generation");
+    assert_eq!(core.on_child_started(a1), vec![rollback_1(3)]);
+}
+
+#[test]
 fn the_first_step_after_failures_is_one_recovery_per_cause_timed_from_its_first_failure() {
     let t0 = Instant::now();
     let ms = |n: u64| t0 + Duration::from_millis(n);

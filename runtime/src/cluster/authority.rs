@@ -164,9 +164,12 @@ impl Scope<'_> {
                 if let Some(reject) = self.unknown_actor(*key) {
                     return reject;
                 }
+                // A spawn of a later epoch than this node's view overtook the view that makes
+                // its sender that epoch's coordinator (they travel on separate streams): it
+                // waits for that view, as any early order does.
                 let epoch = generation >> 32;
                 match self.sent_by_coordinator(peer) {
-                    Verdict::Accept if self.view.is_some_and(|v| epoch > v.epoch) => Verdict::Reject(format!(
+                    Verdict::Accept if self.view.is_some_and(|v| epoch > v.epoch) => Verdict::Wait(format!(
                         "generation {generation} belongs to epoch {epoch}, after the view's {}",
                         self.view.map_or(0, |v| v.epoch)
                     )),
@@ -574,7 +577,8 @@ mod tests {
         };
         assert_eq!(judge(2, &v, 0, &spawn(3 << 32)), Verdict::Accept);
         assert!(waits(&judge(2, &v, 3, &spawn(3 << 32))));
-        assert!(rejects(&judge(2, &v, 0, &spawn(9 << 32))), "a generation of a future epoch");
+        assert!(waits(&judge(2, &v, 0, &spawn(9 << 32))), "a generation of a later epoch waits for its view");
+        assert_eq!(judge(2, &view(9, 0), 0, &spawn(9 << 32)), Verdict::Accept, "and is taken under it");
         let no_such = control(NodeMsg::Spawn {
             job: 1,
             key: ActorKey::trainer(7),

@@ -158,13 +158,11 @@ impl NodeConfig {
     }
 
     /// What a job leaves to the cluster, fixed the same way wherever the job enters it (a
-    /// coordinator accepting a submission, every node loading its startup job): unless the job
-    /// sets `aggregators`, one range of θ per configured member when it spreads them, else one.
-    /// The members are what every node already agrees on for its quorum, so the nodes agree on
-    /// the ranges too.
+    /// coordinator accepting a submission, every node loading its startup job): one range of θ
+    /// per configured member unless the job sets `aggregators`. The members are what every node
+    /// already agrees on for its quorum, so the nodes agree on the ranges too.
     pub fn admit(&self, job: &mut crate::JobConfig) {
-        let spread = job.aggregator_placement == crate::config::AggregatorPlacement::Spread;
-        job.aggregators.get_or_insert(if spread { self.members() } else { 1 });
+        job.aggregators.get_or_insert(self.members());
     }
 
     /// Checkpoint copies on other nodes: `replicas`, or the default for the cluster size.

@@ -1,15 +1,17 @@
 //! Where each actor of a job runs, given the live members (a pure function).
 //!
-//! * The job supervisor runs on the coordinator. The aggregators run there too
-//!   (node 0 at start, so killing node 0 exercises aggregator failover) — or,
-//!   when the job spreads them (`aggregator_placement = "spread"`), range `r`
+//! * The job supervisor runs on the coordinator (node 0 at start). When the job
+//!   spreads the aggregators (`aggregator_placement = "spread"`, the default,
+//!   with one range per member unless the job says otherwise), range `r`
 //!   runs on node `r mod N`, else on the next live node of the ring, so each
 //!   node applies and sends its own share of θ instead of the coordinator's
 //!   node carrying all of it. A range stays where it runs until it fails (a
 //!   node coming back does not move it: moving a range is a rollback); a new
 //!   coordinator places every range afresh. The coordinator always hosts one
 //!   range at least (range `coordinator mod ranges` if none is its by the
-//!   ring), so some range always commits under its lease.
+//!   ring), so some range always commits under its lease. With
+//!   `aggregator_placement = "coordinator"` every range runs beside the
+//!   supervisor (so killing node 0 at start is the aggregators' failover).
 //! * Trainers, by [`Policy`]: with `Ring` (the embedded membership's), trainer
 //!   `i` prefers node `i mod N` (N configured members) and, when that node is
 //!   down, moves to the next live node on the ring. With `Hash` (on a
