@@ -94,10 +94,12 @@ impl JobPlan {
     /// whole subtrees of the reduction tree stay with one trainer (it sends one partial sum
     /// per subtree instead of one gradient per partition; see [`super::reduce`]). The larger
     /// shares come first: with 8 partitions and 3 trainers the blocks are `[0,3) [3,6) [6,8)`,
-    /// so the last is one subtree and trainer 0 — which runs beside the aggregators — sends
-    /// one of the two split blocks; 3 sums cross the network per step instead of the 4 of
-    /// `[0,2) [2,5) [5,8)`. With more trainers than partitions, trainer `p` owns partition
-    /// `p` and the others none.
+    /// 5 partial sums a step (as `[0,2) [2,5) [5,8)`; no split into shares of 3, 3 and 2
+    /// gives fewer). With every range on the coordinator's node (placement `coordinator`)
+    /// trainer 0 runs beside them, so 3 of those sums cross the network instead of 4; with the
+    /// ranges spread, (N−1)/N of every sum does. P = T × 2^k partitions give each trainer one
+    /// whole subtree, one sum (docs/ARCHITECTURE.md, "Bytes per node"). With more trainers
+    /// than partitions, trainer `p` owns partition `p` and the others none.
     pub fn contiguous(partitions: u32, trainers: u32) -> Vec<u32> {
         let (p, t) = (u64::from(partitions), u64::from(trainers.clamp(1, partitions.max(1))));
         // The owner of partition q is the largest t with ⌈t·P/T⌉ ≤ q, i.e. t·P/T ≤ q.
