@@ -62,8 +62,9 @@ pub struct JobConfig {
     /// Trainer actors (deployment only: does not change the result).
     pub trainers: u32,
     /// Aggregator actors, each owning a contiguous range of θ (deployment only). Absent: one
-    /// per node of the cluster (its configured size, fixed by the coordinator when it accepts
-    /// the job), one in a single process ([`aggregator_count`](Self::aggregator_count)).
+    /// per node of the cluster with the spread placement (the default; its configured size,
+    /// fixed when the job enters the cluster), else one, and one in a single process
+    /// ([`aggregator_count`](Self::aggregator_count)).
     pub aggregators: Option<u32>,
     /// Where a cluster runs the aggregators (deployment only): `spread` (the default: range `r`
     /// on node `r mod N`, moving to the next live node when that one is down, so each node

@@ -383,7 +383,7 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     trainers: Option<u32>,
     /// Aggregator actors, each owning a range of the parameters (default: one per node of a
-    /// cluster, one in a single process).
+    /// cluster with the spread placement, else one).
     #[arg(long)]
     aggregators: Option<u32>,
     /// Where a cluster runs the aggregators: spread (default: range r on node r mod N) or

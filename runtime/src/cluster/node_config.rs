@@ -158,11 +158,14 @@ impl NodeConfig {
     }
 
     /// What a job leaves to the cluster, fixed the same way wherever the job enters it (a
-    /// coordinator accepting a submission, every node loading its startup job): one range of θ
-    /// per configured member unless the job sets `aggregators`. The members are what every node
-    /// already agrees on for its quorum, so the nodes agree on the ranges too.
+    /// coordinator accepting a submission, every node loading its startup job): unless the job
+    /// sets `aggregators`, one range of θ per configured member when it spreads them (the
+    /// default), one when they all run on the coordinator (more ranges on one node would only
+    /// add messages). The members are what every node already agrees on for its quorum, so the
+    /// nodes agree on the ranges too.
     pub fn admit(&self, job: &mut crate::JobConfig) {
-        job.aggregators.get_or_insert(self.members());
+        let spread = job.aggregator_placement == crate::config::AggregatorPlacement::Spread;
+        job.aggregators.get_or_insert(if spread { self.members() } else { 1 });
     }
 
     /// Checkpoint copies on other nodes: `replicas`, or the default for the cluster size.
@@ -227,5 +230,27 @@ impl NodeConfig {
             crate::require_fault_injection(crate::FAULT_INJECTION, "rogue", &"rogue = true")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AggregatorPlacement;
+
+    #[test]
+    fn a_job_without_aggregators_gets_one_range_per_member_when_spread_else_one() {
+        let mut config = NodeConfig::new(0, "127.0.0.1:0".parse().unwrap(), PathBuf::from("certs"));
+        config.nodes = Some(5);
+        let admitted = |placement, aggregators| {
+            let mut job = crate::JobConfig { aggregator_placement: placement, aggregators, ..Default::default() };
+            config.admit(&mut job);
+            job.aggregators
+        };
+        assert_eq!(admitted(AggregatorPlacement::default(), None), Some(5), "the default spreads them");
+        assert_eq!(admitted(AggregatorPlacement::Spread, None), Some(5));
+        assert_eq!(admitted(AggregatorPlacement::Coordinator, None), Some(1));
+        assert_eq!(admitted(AggregatorPlacement::Spread, Some(2)), Some(2), "a job's own number stays");
+        assert_eq!(admitted(AggregatorPlacement::Coordinator, Some(3)), Some(3));
     }
 }
