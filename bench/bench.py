@@ -7,7 +7,8 @@ What it does, in order:
 2. Writes the workload both sides read: the winequality CSV (from the linfa-datasets crate
    Phalanx ships, `quality` as the target), seeded initial weights per model size
    (safetensors), the batch plan (every step's rows, as Phalanx derives them) and the Phalanx
-   job files (MLP, SGD lr 0.05, global batch 64, 8 partitions, seed 42, no checkpoints).
+   job files (MLP, SGD lr 0.05, global batch 64, seed 42, no checkpoints; 8 partitions for 1 and 2
+   workers, 12 for 3: `partitions_for`).
 3. Step time: for every size, worker count and repeat (interleaved: each repeat runs every
    configuration once), a short and a long run of each system; ms/step = (wall_long −
    wall_short) / (steps_long − steps_short), which cancels start-up. CPU time of the whole
@@ -60,7 +61,20 @@ def lr_for(hidden):
     return LR * min(1.0, LR_WIDTH / hidden)
 
 BATCH = 64
-PARTITIONS = 8
+# Partitions: at least MIN_PARTITIONS, and T × 2^k for T workers, so that each trainer's
+# contiguous share is one whole subtree of Phalanx's reduction tree and it sends one partial sum a
+# step (8 for 1 and 2 workers, 12 for 3; with 8 partitions on 3 trainers the shares 3, 3, 2 send 5
+# sums, 1.84 × the model per node instead of 1.38: docs/ARCHITECTURE.md, "Bytes per node"). The
+# DDP ranks own the same partitions; the global batch stays 64 rows whatever P is.
+MIN_PARTITIONS = 8
+
+
+def partitions_for(workers):
+    p = max(1, workers)
+    while p < MIN_PARTITIONS:
+        p *= 2
+    return p
+
 TEST_FRACTION = 0.2
 CHECKPOINT_EVERY = 20  # Phalanx's default cadence; the torchrun side uses the same
 INPUTS, CLASSES = 11, 6  # winequality-red: 11 features, quality 3..8
@@ -89,7 +103,8 @@ PROFILES = {
     },
     "smoke": {
         "sizes": [8],
-        "workers": [1, 2],
+        # 3 workers: 12 partitions, the other batch plan.
+        "workers": [1, 2, 3],
         "repeats": 1,
         "epochs": {8: (1, 3)},
         "ft_workers": [1],
@@ -216,7 +231,7 @@ def find_winequality():
 
 
 class Workload:
-    def __init__(self, work, max_epochs):
+    def __init__(self, work, max_epochs, worker_counts):
         self.work = work
         src = find_winequality()
         self.csv = os.path.join(work, "winequality-red.csv")
@@ -228,21 +243,34 @@ class Workload:
             raise BenchError(f"{self.csv}: {len(feats[0])} features and {len(classes)} classes, expected 11 and 6")
         x, _ = workload.prepare(feats, labels, SEED, TEST_FRACTION)
         self.n_train = len(x)
-        self.parts = workload.Partitions(self.n_train, PARTITIONS, BATCH, SEED)
-        self.steps_per_epoch = self.parts.steps_per_epoch
-        self.plan = os.path.join(work, "plan.bin")
-        t = time.time()
-        workload.write_plan(self.plan, self.parts, max_epochs)
-        # Rows per step over all partitions (the DDP side divides its loss sums by them): chunk k
-        # of a partition of m rows has (k+1)·m/S − k·m/S rows, whatever the epoch's shuffle.
-        S = self.steps_per_epoch
-        sizes = [len(rows) for rows in self.parts.indices]
-        epoch_rows = [sum((k + 1) * m // S - k * m // S for m in sizes) for k in range(S)]
-        self.rows_per_step = epoch_rows * max_epochs
-        log(f"workload: {self.n_train} training rows, {PARTITIONS} partitions, {self.steps_per_epoch} steps/epoch, "
-            f"plan of {max_epochs} epochs in {time.time() - t:.1f} s")
+        # One batch plan per partition count (every step's rows as Phalanx derives them for it).
+        self.plans, self.rows = {}, {}
+        steps_per_epoch = set()
+        for P in sorted({partitions_for(w) for w in worker_counts}):
+            parts = workload.Partitions(self.n_train, P, BATCH, SEED)
+            S = parts.steps_per_epoch
+            steps_per_epoch.add(S)
+            self.plans[P] = os.path.join(work, f"plan-p{P}.bin")
+            t = time.time()
+            workload.write_plan(self.plans[P], parts, max_epochs)
+            # Rows per step over all partitions (the DDP side divides its loss sums by them): chunk k
+            # of a partition of m rows has (k+1)·m/S − k·m/S rows, whatever the epoch's shuffle.
+            sizes = [len(rows) for rows in parts.indices]
+            epoch_rows = [sum((k + 1) * m // S - k * m // S for m in sizes) for k in range(S)]
+            self.rows[P] = epoch_rows * max_epochs
+            log(f"workload: {self.n_train} training rows, {P} partitions, {S} steps/epoch, "
+                f"plan of {max_epochs} epochs in {time.time() - t:.1f} s")
+        if len(steps_per_epoch) != 1:
+            raise BenchError(f"the partition counts give different epochs: {sorted(steps_per_epoch)} steps")
+        self.steps_per_epoch = steps_per_epoch.pop()
         self.inits = {}
         self.jobs = {}
+
+    def plan(self, workers):
+        return self.plans[partitions_for(workers)]
+
+    def rows_per_step(self, workers):
+        return self.rows[partitions_for(workers)]
 
     def init(self, hidden):
         if hidden not in self.inits:
@@ -251,15 +279,16 @@ class Workload:
             self.inits[hidden] = path
         return self.inits[hidden]
 
-    def job(self, hidden, checkpoint_every):
-        key = (hidden, checkpoint_every)
+    def job(self, hidden, workers, checkpoint_every):
+        P = partitions_for(workers)
+        key = (hidden, P, checkpoint_every)
         if key not in self.jobs:
-            path = os.path.join(self.work, f"job-h{hidden}-ck{checkpoint_every}.toml")
+            path = os.path.join(self.work, f"job-h{hidden}-p{P}-ck{checkpoint_every}.toml")
             with open(path, "w") as f:
                 f.write(
                     f'model = "mlp"\ndataset = "csv:{self.csv}:quality"\nhidden = {hidden}\n'
                     f'init_params = "{self.init(hidden)}"\noptimizer = "sgd"\nlearning_rate = {lr_for(hidden)!r}\n'
-                    f"batch_size = {BATCH}\npartitions = {PARTITIONS}\nseed = {SEED}\n"
+                    f"batch_size = {BATCH}\npartitions = {P}\nseed = {SEED}\n"
                     f"test_fraction = {TEST_FRACTION}\ncheckpoint_every = {checkpoint_every}\n")
             self.jobs[key] = path
         return self.jobs[key]
@@ -282,7 +311,8 @@ class Bench:
             log("no network namespace here (needs root and unshare/ip): loopback bytes are host-wide")
         self.runner = Runner(self.work, self.use_netns)
         max_epochs = max([e for pair in profile["epochs"].values() for e in pair] + [profile["recovery_epochs"]])
-        self.w = Workload(self.work, max_epochs)
+        # The recovery runs have 3 workers.
+        self.w = Workload(self.work, max_epochs, list(profile["workers"]) + [3])
         self.phalanx = os.path.abspath(args.phalanx)
         self.fairness = {"checks": 0, "max_first_step_diff": 0.0}
         self.runs = []
@@ -315,7 +345,7 @@ class Bench:
 
     def phalanx_run(self, hidden, workers, epochs, checkpoint_every, tag, kill=None):
         out = self.run_dir(tag)
-        job = self.w.job(hidden, checkpoint_every)
+        job = self.w.job(hidden, workers, checkpoint_every)
         if workers == 1 and kill is None:
             cmd = [self.phalanx, "train", "--config", job, "--trainers", "1", "--epochs", str(epochs), "--out", out]
         else:
@@ -344,16 +374,16 @@ class Bench:
                  checkpoint_every=checkpoint_every, tag=tag, inrun_ms_per_step=inrun)
         return m, summary, rows
 
-    def ddp_cmd(self, mode, hidden, steps, out, extra=()):
+    def ddp_cmd(self, mode, hidden, workers, steps, out, extra=()):
         return [sys.executable, os.path.join(HERE, "ddp.py"), mode, *extra, "--csv", self.w.csv, "--init",
-                self.w.init(hidden), "--plan", self.w.plan, "--hidden", str(hidden), "--steps", str(steps),
+                self.w.init(hidden), "--plan", self.w.plan(workers), "--hidden", str(hidden), "--steps", str(steps),
                 "--lr", repr(lr_for(hidden)), "--seed", str(SEED), "--test-fraction", str(TEST_FRACTION), "--out", out]
 
     def ddp_run(self, hidden, workers, epochs, tag):
         out = self.run_dir(tag)
         steps = epochs * self.w.steps_per_epoch
         port = ["--port", "29500"] if self.use_netns else ["--port", str(free_port())]
-        cmd = self.ddp_cmd("launch", hidden, steps, out, ["--world", str(workers)] + port)
+        cmd = self.ddp_cmd("launch", hidden, workers, steps, out, ["--world", str(workers)] + port)
         m = self.run_once_more_on_failure(cmd, tag, out)
         sums = [0.0] * steps
         for r in range(workers):
@@ -364,7 +394,7 @@ class Bench:
             if r == 0:
                 # Steady state inside the run: rank 0's first step start to its last step's end.
                 inrun = (rank["last_step_unix"] - rank["first_step_unix"]) * 1000 / steps
-        losses = [s / n for s, n in zip(sums, self.w.rows_per_step)]
+        losses = [s / n for s, n in zip(sums, self.w.rows_per_step(workers))]
         m.update(system="ddp", hidden=hidden, workers=workers, epochs=epochs, steps=steps, checkpoint_every=0, tag=tag,
                  inrun_ms_per_step=inrun)
         return m, losses
@@ -485,7 +515,7 @@ class Bench:
         torchrun = [sys.executable, os.path.join(HERE, "torchrun_compat.py"), "--nnodes=1", "--nproc_per_node=3",
                     "--max_restarts=1", f"--monitor_interval={self.args.torchrun_monitor_interval}",
                     "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
-        cmd = torchrun + self.ddp_cmd("elastic", hidden, steps, out, ["--checkpoint-every", str(CHECKPOINT_EVERY)])[1:]
+        cmd = torchrun + self.ddp_cmd("elastic", hidden, 3, steps, out, ["--checkpoint-every", str(CHECKPOINT_EVERY)])[1:]
         st = {"pids": {}, "killed_at": None, "last_step_before": 0, "resumed": None, "first_after": None}
 
         def on_line(line, proc):
@@ -636,7 +666,8 @@ def summarise(bench, recovery):
         "hidden": p["recovery_hidden"], "workers": 3, "kill_step": p["kill_step"],
         "checkpoint_every": CHECKPOINT_EVERY,
         "phalanx": side(recovery["phalanx"], ph_ms,
-                        "phalanx defaults: heartbeat every 100 ms, a node is down after 450 ms of silence"),
+                        "phalanx defaults: heartbeat every 100 ms, a node is down after 450 ms of silence, or "
+                        "after 200 ms if its host refuses a probe of its address (a dead process on a live host)"),
         "torchrun": side(recovery["torchrun"], tr_ms,
                          f"torchrun --monitor_interval={bench.args.torchrun_monitor_interval:g} s (its default: 5 s), "
                          "--max_restarts=1, c10d rendezvous"),
@@ -774,7 +805,10 @@ def markdown(result):
         f"- **Workload (both sides):** winequality-red CSV (1,599 rows, 11 features, 6 classes; the file of the "
         f"linfa-datasets crate), 20 % held out, features standardised on the training rows; MLP 11 → hidden → 6 "
         f"(ReLU, softmax cross-entropy); initial weights from one safetensors file per size that both read; "
-        f"{PARTITIONS} partitions, global batch {BATCH}, the same rows in the same order at every step "
+        f"partitions: " + ", ".join(f"{partitions_for(w)} for {w} worker{'s' if w > 1 else ''}" for w in p["workers"])
+        + " (T × 2^k for T workers, at least 8: each trainer's share is one whole subtree of Phalanx's reduction "
+        "tree, one partial sum a step; the DDP ranks own the same partitions), "
+        f"global batch {BATCH}, the same rows in the same order at every step "
         f"(Phalanx's seeded shuffles, ported to `bench/workload.py` and pinned against its tests); plain SGD, "
         f"lr {LR} up to hidden {LR_WIDTH}, {LR} × {LR_WIDTH} / hidden above (with 0.05 the wide models "
         "diverge into chaos, where rounding differences grow until no two implementations' loss curves can be "
@@ -879,7 +913,7 @@ def markdown(result):
         lines += ["Not measured in this run (`--skip-recovery`).", ""]
     else:
         lines += [
-            f"Hidden {rec['hidden']}, 3 workers, SIGKILL of worker 1 at step {rec['kill_step']}, checkpoints every "
+            f"Hidden {rec['hidden']}, 3 workers ({partitions_for(3)} partitions), SIGKILL of worker 1 at step {rec['kill_step']}, checkpoints every "
             f"{rec['checkpoint_every']} steps on both sides. Time from the kill to the next step completed by the "
             "recovered deployment (Phalanx: `node_faults[].recovery_ms` of its summary, the first step applied after "
             "the node was declared down; torchrun: the first step the restarted ranks complete); steps redone = steps "
@@ -1011,6 +1045,7 @@ def main():
             "command": command_line(),
             "profile_name": name,
             "aggregator_placement": args.aggregator_placement,
+            "partitions_by_workers": {str(w): partitions_for(w) for w in sorted(set(profile["workers"]) | {3})},
             "out": os.path.relpath(args.out, REPO) if args.out.startswith(REPO) else args.out,
             "profile": {k: (v if k != "epochs" else {str(h): e for h, e in v.items()}) for k, v in profile.items()},
             "duration_s": round(time.time() - started, 1),

@@ -263,6 +263,7 @@ impl Cluster {
                 heartbeat_ms: HEARTBEAT_MS,
                 failure_timeout_ms: FAILURE_TIMEOUT_MS,
                 lease_ms: None,
+                probe: true,
             },
             out: Some(self.dir.join("out")),
             record_commits: true,

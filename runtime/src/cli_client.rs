@@ -113,7 +113,7 @@ pub(crate) async fn submit(args: SubmitArgs, stdout: &mut impl Write) -> anyhow:
                 progress.loss = *loss;
                 view.update(&progress, started);
             }
-            NodeEventKind::Down { peer } => {
+            NodeEventKind::Down { peer, .. } => {
                 progress.faults += 1;
                 eprintln!("node {peer} is down; the cluster recovers job {job}");
             }

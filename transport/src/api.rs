@@ -99,6 +99,10 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// `PeerDown`. See [`crate::Transport::reject`].
     fn reject(&self, peer: u32, code: u32, reason: &str);
 
+    /// Asks `peer`'s host whether a process still listens at its address; `PeerGone` follows
+    /// if the host says none does. See [`crate::Transport::probe`].
+    fn probe(&self, peer: u32);
+
     /// Replaces the revocation list; live connections of revoked peers close at once with
     /// [`codes::REVOKED`](crate::codes::REVOKED). See [`crate::Transport::set_revocations`].
     fn set_revocations(&self, list: Revocations);
@@ -151,6 +155,10 @@ impl Transport for crate::Transport {
 
     fn reject(&self, peer: u32, code: u32, reason: &str) {
         crate::Transport::reject(self, peer, code, reason)
+    }
+
+    fn probe(&self, peer: u32) {
+        crate::Transport::probe(self, peer)
     }
 
     fn set_revocations(&self, list: Revocations) {

@@ -31,6 +31,7 @@ mod error;
 mod hello;
 mod inner;
 mod link;
+mod probe;
 #[cfg(feature = "fault-injection")]
 mod raw;
 mod socket;
@@ -56,6 +57,7 @@ pub use config::{
 };
 pub use error::{BindError, ConfigError, ConnectError, SendError};
 pub use hello::{Hello, HELLO_LIMITS};
+pub use probe::PROBE_WAIT;
 #[cfg(feature = "fault-injection")]
 pub use raw::{RawSend, RawSendError};
 pub use socket::bind_udp;
@@ -87,6 +89,15 @@ pub enum TransportEvent {
         peer: u32,
         /// How the connection ended, for logs.
         reason: String,
+    },
+    /// The host of a silent peer said that no process listens at the peer's address any more
+    /// (an answer to [`Transport::probe`]: the process died, its host is up). The connection
+    /// is not closed by it: that is the caller's decision, as it is for silence.
+    PeerGone {
+        /// The peer.
+        peer: u32,
+        /// The address that was probed.
+        addr: SocketAddr,
     },
     /// One frame from a peer.
     ///
@@ -167,6 +178,9 @@ impl fmt::Debug for TransportEvent {
             Self::PeerUp { peer, addr } => f.debug_struct("PeerUp").field("peer", peer).field("addr", addr).finish(),
             Self::PeerDown { peer, reason } => {
                 f.debug_struct("PeerDown").field("peer", peer).field("reason", reason).finish()
+            }
+            Self::PeerGone { peer, addr } => {
+                f.debug_struct("PeerGone").field("peer", peer).field("addr", addr).finish()
             }
             Self::Message { peer, frame } => {
                 f.debug_struct("Message").field("peer", peer).field("frame_bytes", &frame.len()).finish()
@@ -391,6 +405,16 @@ impl Transport {
     /// The connection in use to `peer`, if one is live.
     pub fn peer_info(&self, peer: u32) -> Option<PeerInfo> {
         self.inner.peer_info(peer)
+    }
+
+    /// Asks the host of `peer`'s live connection whether a process still listens at the
+    /// peer's address: a datagram the peer's QUIC stack would drop, from a socket of its own;
+    /// if the host refuses it (ICMP port unreachable) within
+    /// [`PROBE_WAIT`], [`TransportEvent::PeerGone`] follows. No answer, no
+    /// event (see the module `probe`'s docs for what each means). For a peer being probed
+    /// already, or without a connection, it does nothing.
+    pub fn probe(&self, peer: u32) {
+        self.inner.probe(peer);
     }
 
     /// Closes the connection to `peer` with `code` and `reason` (a normal close, not a

@@ -10,8 +10,8 @@
 //!   │  (10.0.0.0:7000) ◄──link 1→0: its own faults, cut on its own── (10.0.0.1:7000)│
 //!   │  pause / resume · crash / restart · inject raw bytes · stats · trace        │
 //!   └─────────────────────────────────────────────────────────────────────────────┘
-//!        ▲ send / connect / reject …                    │ MemEvents::recv
-//!     MemTransport (node 1)                    PeerUp · Message · PeerDown · BadFrame · Rejected
+//!        ▲ send / connect / reject / probe …            │ MemEvents::recv
+//!     MemTransport (node 1)         PeerUp · Message · PeerDown · PeerGone · BadFrame · Rejected
 //! ```
 //!
 //! # What it models
@@ -38,6 +38,10 @@
 //!   So a crashed node is reported down that long after, by each peer; a node that restarts
 //!   and dials again first is reported `PeerDown` ("node restarted …") then `PeerUp` at once,
 //!   as QUIC reports a restart from the same address.
+//! * **Probes** ([`MemTransport::probe`]): the host of a crashed or stopped node refuses a
+//!   probe (`PeerGone` at the prober after a round trip), as a live host answers a UDP
+//!   datagram to a closed port; a running node, paused or not, answers nothing. Probes and
+//!   refusals are lost to cuts and to the links' loss.
 //! * **Faults**, per directed link ([`LinkFaults`]): loss and duplication probabilities, a
 //!   delay plus uniform jitter (which reorders frames); asymmetric cuts ([`MemNetwork::cut`]:
 //!   `a → b` cut while `b → a` works); whole-node pauses (a paused node's incoming frames queue
@@ -452,6 +456,15 @@ impl MemTransport {
         self.close(peer, code, reason, true);
     }
 
+    /// Asks whether a process still listens at `peer`'s address, as the QUIC transport's
+    /// [`probe`](crate::Transport::probe) does: the probe travels the link `self → peer` (a
+    /// cut or a loss stops it); if `peer` crashed or stopped, its host's refusal travels
+    /// back and arrives as `PeerGone`. A running peer, paused or not, answers nothing. Only
+    /// for a peer with an open connection here.
+    pub fn probe(&self, peer: u32) {
+        self.shared.mutate(|state| state.probe(Instant::now(), self.node, self.gen, peer));
+    }
+
     /// Closes the connection to `peer` normally: `PeerDown` on both sides, no `Rejected`.
     pub fn disconnect(&self, peer: u32, code: u32, reason: &str) {
         self.close(peer, code, reason, false);
@@ -602,6 +615,10 @@ impl crate::api::Transport for MemTransport {
 
     fn reject(&self, peer: u32, code: u32, reason: &str) {
         MemTransport::reject(self, peer, code, reason)
+    }
+
+    fn probe(&self, peer: u32) {
+        MemTransport::probe(self, peer)
     }
 
     fn set_revocations(&self, list: Revocations) {

@@ -419,6 +419,44 @@ async fn a_paused_node_gets_its_frames_on_resume_and_its_sends_are_held() {
     assert_eq!(net.stats().pauses, 2);
 }
 
+/// A probe of a crashed node is refused by its host (`PeerGone` after a round trip), long
+/// before the idle timeout; a paused node, a running one or one behind a cut answers nothing.
+#[tokio::test(start_paused = true)]
+async fn a_probe_of_a_crashed_node_is_refused_and_one_of_a_paused_or_cut_off_node_is_not() {
+    let net = network(11);
+    let (a, mut a_events) = net.add_node(0).expect("node 0");
+    let (_b, _b_events) = net.add_node(1).expect("node 1");
+    let (_c, _c_events) = net.add_node(2).expect("node 2");
+    a.connect(net.addr_of(1), Some(1)).await.expect("0-1");
+    a.connect(net.addr_of(2), Some(2)).await.expect("0-2");
+    net.settled().await;
+    drain(&mut a_events);
+
+    // Running, then paused: the probe is dropped by the process (its socket takes it).
+    a.probe(1);
+    net.settled().await;
+    net.pause(1).expect("pause");
+    a.probe(1);
+    net.settled().await;
+    assert!(drain(&mut a_events).is_empty());
+    net.resume(1).expect("resume");
+
+    // Crashed: refused after a round trip.
+    net.crash(1).expect("crash");
+    let crashed_at = net.elapsed();
+    a.probe(1);
+    let TransportEvent::PeerGone { peer: 1, addr } = next(&mut a_events).await else { panic!("a: PeerGone") };
+    assert_eq!(addr, net.addr_of(1));
+    assert!(net.elapsed() - crashed_at < IDLE, "answered before the idle timeout");
+
+    // Crashed behind a cut: the refusal cannot come back.
+    net.cut(2, 0);
+    net.crash(2).expect("crash");
+    a.probe(2);
+    net.settled().await;
+    assert!(drain(&mut a_events).iter().all(|e| !matches!(e, TransportEvent::PeerGone { .. })));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_crashed_node_is_reported_down_and_comes_back_as_a_new_incarnation() {
     let net = network(10);

@@ -9,7 +9,7 @@
 //! ```
 //! use phalanx::cluster::event::{NodeEvent, NodeEventKind};
 //!
-//! let e = NodeEvent::new(2, NodeEventKind::Down { peer: 0 });
+//! let e = NodeEvent::new(2, NodeEventKind::Down { peer: 0, cause: None });
 //! let line = serde_json::to_value(&e).unwrap();
 //! assert_eq!((line["event"].as_str(), line["node"].as_u64(), line["peer"].as_u64()), (Some("down"), Some(2), Some(0)));
 //! ```
@@ -58,6 +58,17 @@ pub enum DuplicateRole {
     Refused,
 }
 
+/// Why a member was declared down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownCause {
+    /// Nothing heard from it for the failure timeout.
+    Silence,
+    /// Silent for two heartbeats, and its host refused a probe of its address: no process
+    /// listens there any more.
+    Refused,
+}
+
 /// What happened (serialised with `"event": "<snake_case name>"`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -83,10 +94,15 @@ pub enum NodeEventKind {
         /// Why.
         reason: String,
     },
-    /// A member was declared down (no heartbeat within the failure timeout).
+    /// A member was declared down.
     Down {
         /// The member.
         peer: u32,
+        /// Why: `silence` (no heartbeat within the failure timeout) or `refused` (silent for
+        /// two heartbeats, and its host refused a probe of its address: the process died).
+        /// Absent in events written before the probe existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<DownCause>,
     },
     /// A membership view was adopted.
     View {

@@ -37,10 +37,10 @@ use serde::{Deserialize, Serialize};
 /// Heartbeat period on a LAN by default.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
 /// Silence after which a member counts as down: four and a half heartbeat periods of
-/// tolerance, and recovery from a SIGKILL (detection, then one step) under half a second on
-/// loopback — the kill lands between two heartbeats, so the survivors notice 350–450 ms after
-/// it (plus one node-loop tick). The chaos campaign checks that no live member is ever
-/// declared down (`no-false-detection`).
+/// tolerance — the kill lands between two heartbeats, so the survivors notice 350–450 ms after
+/// it (plus one node-loop tick). A process that died on a live host is found sooner: after two
+/// heartbeat periods of silence its host refuses a probe ([`DetectorConfig::probe`]). The
+/// chaos campaign checks that no live member is ever declared down (`no-false-detection`).
 pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 450;
 
 /// The highest view epoch a node issues or accepts. A job supervisor's
@@ -67,6 +67,18 @@ pub struct DetectorConfig {
     /// failure timeout. At least two heartbeats, so that a lease is renewed before it runs out.
     #[serde(default)]
     pub lease_ms: Option<u64>,
+    /// Probe a member silent for two heartbeat periods: ask its host whether a process still
+    /// listens at its address ([`MembershipCommand::Probe`]); if the host says none does (ICMP
+    /// port unreachable: the process died, its host is up), the member is down at once
+    /// instead of after the failure timeout ([`Membership::on_gone`]). A paused or cut-off
+    /// member, a dead host or a network that filters ICMP gives no such answer, and the
+    /// failure timeout decides as before. Default: on.
+    #[serde(default = "probe_default")]
+    pub probe: bool,
+}
+
+fn probe_default() -> bool {
+    true
 }
 
 impl DetectorConfig {
@@ -74,11 +86,24 @@ impl DetectorConfig {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms.unwrap_or(self.failure_timeout_ms))
     }
+
+    /// The silence after which a member is probed, and after which its host's answer that
+    /// no process listens there makes it down: two heartbeat periods (a live member has
+    /// sent two heartbeats by then), if that is below the failure timeout.
+    pub fn probe_after(&self) -> Option<Duration> {
+        let after = self.heartbeat_ms.saturating_mul(2);
+        (self.probe && after < self.failure_timeout_ms).then(|| Duration::from_millis(after))
+    }
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        Self { heartbeat_ms: DEFAULT_HEARTBEAT_MS, failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS, lease_ms: None }
+        Self {
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS,
+            lease_ms: None,
+            probe: true,
+        }
     }
 }
 
@@ -199,8 +224,16 @@ pub enum MembershipCommand {
     Send(u32, MembershipMsg),
     /// A new view was adopted (issued here or received).
     Adopted(View),
-    /// A member was declared down (detection time is now).
+    /// A member was declared down: silent for the failure timeout (detection time is now).
     Down(u32),
+    /// A member was declared down: silent, and its host said no process listens at its
+    /// address any more ([`Membership::on_gone`]; detection time is now). The same for the
+    /// node as [`Down`](Self::Down); only the cause differs.
+    Gone(u32),
+    /// Ask the member's host whether a process still listens at its address (it has been
+    /// silent for [`DetectorConfig::probe_after`]); an answer that none does goes to
+    /// [`Membership::on_gone`].
+    Probe(u32),
     /// This node no longer sees a majority: stop training and wait.
     QuorumLost,
     /// The adopted view lost to another coordinator's (see `reconcile`): this node follows
@@ -257,6 +290,8 @@ pub struct Membership {
     term: Option<Term>,
     /// False only in tests showing what leases prevent (see [`Membership::without_leases`]).
     leases: bool,
+    /// When each silent member was last probed (at most one probe per heartbeat period).
+    probed: BTreeMap<u32, Instant>,
 }
 
 /// A run of views this node coordinates without another coordinator between them.
@@ -306,6 +341,7 @@ impl Membership {
             echoed: BTreeMap::new(),
             term: None,
             leases: true,
+            probed: BTreeMap::new(),
         }
     }
 
@@ -557,6 +593,45 @@ impl Membership {
             self.reported.remove(&m);
             out.push(MembershipCommand::Down(m));
         }
+        if let Some(after) = self.config.probe_after() {
+            let due: Vec<u32> = self
+                .up
+                .iter()
+                .copied()
+                .filter(|m| *m != self.me && self.silence(*m, now).is_some_and(|s| s >= after))
+                .filter(|m| self.probed.get(m).is_none_or(|t| now.saturating_duration_since(*t) >= period))
+                .collect();
+            for m in due {
+                self.probed.insert(m, now);
+                out.push(MembershipCommand::Probe(m));
+            }
+        }
+        out.extend(self.reconcile());
+        out.extend(self.track_term(now));
+        out
+    }
+
+    /// How long member `peer` has been silent, if it was ever heard.
+    fn silence(&self, peer: u32, now: Instant) -> Option<Duration> {
+        self.last_heard.get(&peer).map(|t| now.saturating_duration_since(*t))
+    }
+
+    /// The host of member `peer` said that no process listens at its address (the answer
+    /// to a [`MembershipCommand::Probe`]). If the member is still silent for at least
+    /// [`DetectorConfig::probe_after`], it is down now: its process died, and waiting out
+    /// the failure timeout would only delay the recovery. An answer about a member heard
+    /// since (a restarted process, or a forged answer), or with probes off, changes nothing:
+    /// the answer can only speed up the detection of a member that is silent anyway. Safety
+    /// does not rest on it either way: a coordinator's successor still waits out its lease.
+    pub fn on_gone(&mut self, peer: u32, now: Instant) -> Vec<MembershipCommand> {
+        let silent =
+            self.config.probe_after().zip(self.silence(peer, now)).is_some_and(|(after, silence)| silence >= after);
+        if peer == self.me || !self.up.contains(&peer) || !silent {
+            return Vec::new();
+        }
+        self.up.remove(&peer);
+        self.reported.remove(&peer);
+        let mut out = vec![MembershipCommand::Gone(peer)];
         out.extend(self.reconcile());
         out.extend(self.track_term(now));
         out
@@ -757,6 +832,12 @@ mod tests {
         nodes: BTreeMap<u32, Membership>,
         cut: BTreeSet<(u32, u32)>,
         paused: BTreeSet<u32>,
+        /// Nodes whose process died on a live host: a probe of them is refused.
+        crashed: BTreeSet<u32>,
+        /// (prober, probed) of every probe sent.
+        probes: Vec<(u32, u32)>,
+        /// (node, member) of every member declared down on its host's refusal.
+        gone: Vec<(u32, u32)>,
         drop_views_to: BTreeSet<u32>,
         now: Instant,
         adopted: BTreeMap<u32, Vec<View>>,
@@ -784,6 +865,9 @@ mod tests {
                 nodes,
                 cut: BTreeSet::new(),
                 paused: BTreeSet::new(),
+                crashed: BTreeSet::new(),
+                probes: Vec::new(),
+                gone: Vec::new(),
                 drop_views_to: BTreeSet::new(),
                 now,
                 adopted: BTreeMap::new(),
@@ -791,6 +875,12 @@ mod tests {
                 rejected: Vec::new(),
                 given_up: Vec::new(),
             }
+        }
+
+        /// The process of `a` dies on a live host: it stands still, and probes of it are refused.
+        fn crash(&mut self, a: u32) {
+            self.paused.insert(a);
+            self.crashed.insert(a);
         }
 
         fn isolate(&mut self, a: u32) {
@@ -852,6 +942,18 @@ mod tests {
                     }
                     MembershipCommand::Adopted(v) => self.adopted.entry(src).or_default().push(v),
                     MembershipCommand::Down(m) => self.downs.push((src, m, self.now)),
+                    MembershipCommand::Gone(m) => {
+                        self.downs.push((src, m, self.now));
+                        self.gone.push((src, m));
+                    }
+                    MembershipCommand::Probe(m) => {
+                        self.probes.push((src, m));
+                        if self.crashed.contains(&m) && !self.cut.contains(&(src, m)) && !self.cut.contains(&(m, src)) {
+                            let now = self.now;
+                            let out = self.nodes.get_mut(&src).unwrap().on_gone(m, now);
+                            queue.extend(out.into_iter().map(|c| (src, c)));
+                        }
+                    }
                     MembershipCommand::QuorumLost => {}
                     MembershipCommand::GaveUp(v) => self.given_up.push((src, v)),
                     MembershipCommand::Rejected { peer, kind, .. } => self.rejected.push((src, peer, kind)),
@@ -888,6 +990,75 @@ mod tests {
         let v = net.view_of(0);
         assert_eq!(v.members, [0, 1].into_iter().collect());
         assert_eq!(net.view_of(1), v);
+    }
+
+    /// When `victim` was first declared down by any node, in ms after `since`.
+    fn detected_after(net: &Net, victim: u32, since: Instant) -> u128 {
+        let (_, _, at) = *net.downs.iter().find(|(_, m, _)| *m == victim).expect("detected");
+        at.duration_since(since).as_millis()
+    }
+
+    #[test]
+    fn a_crashed_member_is_down_two_heartbeats_after_its_last_and_a_paused_one_after_the_timeout() {
+        let config = DetectorConfig::default();
+        // Crash: the probe at two heartbeats of silence is refused; down at once. The last
+        // heartbeat came at most one period before the crash.
+        let mut net = Net::new(3);
+        net.run(300);
+        let crashed_at = net.now;
+        net.crash(2);
+        net.run(1_000);
+        let ms = detected_after(&net, 2, crashed_at);
+        assert!(ms <= u128::from(2 * config.heartbeat_ms) + 10, "crash detected after {ms} ms");
+        assert!(net.probes.iter().any(|(by, of)| *by == 0 && *of == 2), "{:?}", net.probes);
+        assert!(net.gone.contains(&(0, 2)), "down on the refusal: {:?}", net.gone);
+        assert_eq!(net.view_of(0).members, [0, 1].into_iter().collect());
+        // Pause: probed too, but nobody refuses; down only after the failure timeout.
+        let mut net = Net::new(3);
+        net.run(300);
+        let paused_at = net.now;
+        net.paused.insert(2);
+        net.run(1_000);
+        let ms = detected_after(&net, 2, paused_at);
+        let least = u128::from(config.failure_timeout_ms - config.heartbeat_ms);
+        assert!(ms >= least, "pause detected after {ms} ms, before the failure timeout");
+        assert!(net.probes.iter().any(|(_, of)| *of == 2), "a silent member is probed");
+        assert!(net.gone.is_empty(), "{:?}", net.gone);
+        // A crash behind a cut: the refusal cannot come back; the timeout decides.
+        let mut net = Net::new(3);
+        net.run(300);
+        let cut_at = net.now;
+        net.isolate(2);
+        net.crash(2);
+        net.run(1_000);
+        assert!(detected_after(&net, 2, cut_at) >= least);
+        assert!(net.gone.is_empty(), "{:?}", net.gone);
+    }
+
+    #[test]
+    fn a_refusal_for_a_member_heard_recently_or_with_probes_off_changes_nothing() {
+        let mut net = Net::new(3);
+        net.run(300);
+        let now = net.now;
+        // Heard within the last heartbeat: a forged or stale answer does not take it down.
+        assert_eq!(net.nodes.get_mut(&0).unwrap().on_gone(1, now), Vec::new());
+        assert!(net.nodes[&0].up().contains(&1));
+        // Unknown, or this node itself.
+        assert_eq!(net.nodes.get_mut(&0).unwrap().on_gone(7, now), Vec::new());
+        assert_eq!(net.nodes.get_mut(&0).unwrap().on_gone(0, now), Vec::new());
+        // Probes off: none is asked for, a refusal is ignored, the timeout decides.
+        let off = DetectorConfig { probe: false, ..DetectorConfig::default() };
+        assert_eq!(off.probe_after(), None);
+        let mut net = Net::with(3, |m| Membership::new(m.me(), 0..3, off));
+        net.run(300);
+        let crashed_at = net.now;
+        net.crash(2);
+        net.run(1_000);
+        assert!(net.probes.is_empty(), "{:?}", net.probes);
+        assert!(detected_after(&net, 2, crashed_at) >= u128::from(off.failure_timeout_ms - off.heartbeat_ms));
+        // A failure timeout of two heartbeats or less leaves nothing to gain.
+        let short = DetectorConfig { heartbeat_ms: 100, failure_timeout_ms: 200, ..DetectorConfig::default() };
+        assert_eq!(short.probe_after(), None);
     }
 
     #[test]
@@ -1420,7 +1591,10 @@ mod proptests {
                 for cmd in cmds {
                     let view = match cmd {
                         MembershipCommand::Adopted(v) | MembershipCommand::Send(_, MembershipMsg::View(v)) => v,
-                        MembershipCommand::Send(to, _) | MembershipCommand::Down(to) => {
+                        MembershipCommand::Send(to, _)
+                        | MembershipCommand::Down(to)
+                        | MembershipCommand::Gone(to)
+                        | MembershipCommand::Probe(to) => {
                             prop_assert!(to < MEMBERS);
                             continue;
                         }

@@ -43,7 +43,7 @@ pub use super::node_config::NodeConfig;
 use super::client_api::{ClientApi, ClusterStatus, MemberStatus};
 use super::coordination::shell::{Input as ServiceInput, ServicePlane, LEAVE_TIMEOUT};
 use super::coordination::Coordination;
-use super::event::{DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
+use super::event::{DownCause, DuplicateRole, Emitter, EventSink, NodeEvent, NodeEventKind};
 use super::jobs::{Jobs, NodeCommand};
 use super::membership::{LeaseCell, Membership, MembershipCommand, View};
 use super::node_job::NodeShared;
@@ -391,6 +391,11 @@ async fn node_loop_on<T: api::Transport>(
                     emitter.emit(NodeEventKind::PeerDown { peer, reason });
                     Vec::new()
                 }
+                // The answer to a probe of a silent member: its process is gone.
+                Some(TransportEvent::PeerGone { peer, addr }) => {
+                    tracing::debug!(node = me, peer, %addr, "no process listens at node {peer}'s address any more");
+                    membership.on_gone(peer, clock::now())
+                }
                 // A large frame (parameters, gradients, a checkpoint copy) is decoded on the
                 // blocking pool: copying hundreds of MiB must not hold up the heartbeats.
                 // The frame's share of the peer's receive budget is held until the loop has
@@ -458,12 +463,17 @@ async fn node_loop_on<T: api::Transport>(
                         }
                     }
                 }
-                MembershipCommand::Down(peer) => {
-                    tracing::warn!(node = me, peer, "node {peer} is down (no heartbeat)");
+                MembershipCommand::Probe(peer) => transport.probe(peer),
+                MembershipCommand::Down(peer) | MembershipCommand::Gone(peer) => {
+                    let (cause, why) = match cmd {
+                        MembershipCommand::Gone(_) => (DownCause::Refused, "silent, and its host refused a probe"),
+                        _ => (DownCause::Silence, "no heartbeat"),
+                    };
+                    tracing::warn!(node = me, peer, "node {peer} is down ({why})");
                     if let Some(heard) = membership.last_heard(peer) {
                         metrics.failure_detection.observe(clock::now().saturating_duration_since(heard).as_secs_f64());
                     }
-                    emitter.emit(NodeEventKind::Down { peer });
+                    emitter.emit(NodeEventKind::Down { peer, cause: Some(cause) });
                     jobs.on_node_lost(peer);
                 }
                 MembershipCommand::Adopted(view) => {
@@ -645,6 +655,14 @@ impl Control {
         match self {
             Control::Embedded(m) => m.on_tick(now),
             // The service detects failures; the QUIC connections keep themselves alive.
+            Control::Service(_) => Vec::new(),
+        }
+    }
+
+    fn on_gone(&mut self, peer: u32, now: Instant) -> Vec<MembershipCommand> {
+        match self {
+            Control::Embedded(m) => m.on_gone(peer, now),
+            // The service detects failures (and never asks for probes).
             Control::Service(_) => Vec::new(),
         }
     }

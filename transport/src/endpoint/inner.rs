@@ -7,7 +7,7 @@
 //! always matches the order of table changes: a `Message` can never precede its peer's
 //! `PeerUp` nor follow its `PeerDown`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     max_inflight_sends: usize,
     pub(crate) recv_budget_bytes: usize,
     peers: Mutex<HashMap<u32, Arc<Link>>>,
+    /// Peers with a [`probe`](Self::probe) in flight (at most one each).
+    probing: Arc<Mutex<HashSet<u32>>>,
     pub(crate) events: mpsc::Sender<TransportEvent>,
     pub(crate) stats: Arc<Counters>,
     pub(crate) connections: watch::Sender<usize>,
@@ -90,6 +92,7 @@ impl Inner {
             max_inflight_sends: config.max_inflight_sends_per_peer,
             recv_budget_bytes: config.recv_budget_bytes_per_peer,
             peers: Mutex::new(HashMap::new()),
+            probing: Arc::default(),
             events,
             stats: Arc::new(Counters::default()),
             connections: watch::Sender::new(0),
@@ -596,6 +599,29 @@ impl Inner {
             incarnation: link.incarnation,
             rtt: link.conn.rtt(),
         })
+    }
+
+    pub(crate) fn probe(&self, peer: u32) {
+        let Some(addr) = self.live_link(peer).map(|link| link.addr) else {
+            return;
+        };
+        if !lock(&self.probing).insert(peer) {
+            return;
+        }
+        let (probing, events, me) = (self.probing.clone(), self.events.clone(), self.id);
+        self.runtime.spawn(async move {
+            let closed = super::probe::port_closed(addr, super::probe::PROBE_WAIT).await;
+            lock(&probing).remove(&peer);
+            match closed {
+                Ok(true) => {
+                    tracing::debug!(node = me, peer, %addr, "no process listens at the peer's address any more");
+                    // A full queue: the caller is behind, and its failure timeout still applies.
+                    let _ = events.try_send(TransportEvent::PeerGone { peer, addr });
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(node = me, peer, %addr, "could not probe the peer: {e}"),
+            }
+        });
     }
 
     pub(crate) fn close_peer(&self, peer: u32, code: u32, reason: &str, rejected: bool) {

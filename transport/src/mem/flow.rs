@@ -136,10 +136,40 @@ impl State {
         self.queue.insert(key, wire);
     }
 
+    /// A liveness probe from incarnation `gen` of `from` to `peer`'s address: it travels as
+    /// a frame does (a cut or a loss stops it); see [`Self::arrive`] for the answer.
+    pub(crate) fn probe(&mut self, now: Instant, from: u32, gen: u64, peer: u32) {
+        let connected = self.nodes.get(&from).is_some_and(|n| !n.paused && n.peers.contains_key(&peer));
+        if !self.alive(from, gen) || !connected || !self.travels(from, peer) {
+            return;
+        }
+        let delay = self.sample_delay(from, peer);
+        self.schedule(now + delay, Wire::Probe { from, gen, to: peer });
+    }
+
+    /// Whether an unreliable datagram (a probe or its answer) gets through from `from` to
+    /// `to` now: not cut, not lost.
+    fn travels(&mut self, from: u32, to: u32) -> bool {
+        if self.is_cut(from, to) {
+            return false;
+        }
+        let loss = self.faults(from, to).loss;
+        loss <= 0.0 || self.rng.random::<f64>() >= loss
+    }
+
     /// An item reaches its receiver at `now`.
     pub(crate) fn arrive(&mut self, now: Instant, wire: Wire) {
         let to = match &wire {
-            Wire::Frame { to, .. } | Wire::Close { to, .. } => *to,
+            Wire::Frame { to, .. } | Wire::Close { to, .. } | Wire::Refused { to, .. } => *to,
+            // A running process drops the probe, paused or not (its socket still takes it);
+            // the host of a crashed or stopped one refuses it.
+            Wire::Probe { from, gen, to } => {
+                if self.running(*to).is_none() && self.travels(*to, *from) {
+                    let delay = self.sample_delay(*to, *from);
+                    self.schedule(now + delay, Wire::Refused { from: *to, to: *from, gen: *gen });
+                }
+                return;
+            }
         };
         let Some(node) = self.nodes.get_mut(&to).filter(|n| n.life == Life::Running) else {
             return self.discard(now, wire);
@@ -147,7 +177,7 @@ impl State {
         if node.paused {
             let frame = match &wire {
                 Wire::Frame { from, to, seq, .. } => Some((*from, *to, *seq)),
-                Wire::Close { .. } => None,
+                Wire::Close { .. } | Wire::Probe { .. } | Wire::Refused { .. } => None,
             };
             node.held_in.push_back(wire);
             if let Some((from, to, seq)) = frame {
@@ -157,6 +187,12 @@ impl State {
             return;
         }
         match wire {
+            Wire::Refused { from, to, gen } => {
+                if self.alive(to, gen) {
+                    self.push(to, TransportEvent::PeerGone { peer: from, addr: super::state::addr_of(from) }, None);
+                }
+            }
+            Wire::Probe { .. } => {}
             Wire::Close { conn, from, to, code, reason } => {
                 // A close lost to a cut leaves the end to its idle timeout.
                 if !self.is_cut(from, to) {

@@ -153,6 +153,12 @@ pub(crate) enum Wire {
     Frame { conn: u64, from: u32, to: u32, seq: u64, bytes: Vec<u8> },
     /// The close of the sender's end, telling the receiver's end to close too.
     Close { conn: u64, from: u32, to: u32, code: u32, reason: String },
+    /// A liveness probe from incarnation `gen` of `from` to `to`'s address
+    /// ([`MemTransport::probe`](crate::mem::MemTransport::probe)).
+    Probe { from: u32, gen: u64, to: u32 },
+    /// `from`'s host refusing a probe (no process listens there), back to incarnation `gen`
+    /// of `to`: ICMP port unreachable.
+    Refused { from: u32, to: u32, gen: u64 },
 }
 
 /// An event waiting in a node's queue, with the receive budget it holds.
