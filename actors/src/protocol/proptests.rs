@@ -461,7 +461,8 @@ proptest! {
 
 #[test]
 fn a_finished_range_at_the_wrong_offset_is_dropped_not_written_outside_theta() {
-    let mut core = JobCore::new(plan(), Instant::now());
+    let total = plan().schedule.total_steps();
+    let mut core = JobCore::new(plan(), Instant::now()).with_start_step(total);
     for (offset, len) in [(u64::MAX, 2), (4, 2), (3, 0), (3, 3), (0, 2)] {
         let cmds = core.on_finished(1, 0, offset, vec![1.0; len], Ledger::new());
         assert!(cmds.is_empty(), "[{offset}, +{len}): {cmds:?}");

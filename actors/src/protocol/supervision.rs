@@ -675,6 +675,9 @@ impl JobCore {
         if let Some(JobCommand::Progress { recovered: first, .. }) = out.first_mut() {
             *first = recovered;
         }
+        // The last step's report can come after a range's final values (they travel on
+        // other streams): the job completes once both are in.
+        out.extend(self.complete_if_ready());
         out
     }
 
@@ -701,7 +704,16 @@ impl JobCore {
         }
         let Some(slot) = self.finished.get_mut(range as usize) else { return Vec::new() };
         *slot = Some((offset, values, ledger));
-        if self.finished.iter().any(Option::is_none) {
+        self.complete_if_ready()
+    }
+
+    /// The job's outcome once every range sent its final values **and** the global step
+    /// reached the last one: every step's [`JobCommand::Progress`] goes out before
+    /// [`JobCommand::Complete`], whatever order a range's last `StepApplied` and its
+    /// `Finished` arrived in (a remote range's final values may overtake its last report).
+    fn complete_if_ready(&mut self) -> Vec<JobCommand> {
+        if self.done || self.finished.iter().any(Option::is_none) || self.global_step < self.plan.schedule.total_steps()
+        {
             return Vec::new();
         }
         self.done = true;
