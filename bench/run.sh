@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Phalanx against PyTorch DDP on the same workload. The one entry command:
 #
-#   bench/run.sh                 full run (~12 min on 2 cores): BENCHMARKS.md, bench/results/latest.json
+#   bench/run.sh                 full run (~18 min on 2 cores): BENCHMARKS.md, bench/results/latest.json
 #   bench/run.sh --smoke         tiny sizes and steps (about a minute): OUT/latest.json, OUT/BENCHMARKS.md
 #   bench/run.sh --smoke --out DIR --phalanx target/debug/phalanx
 #
