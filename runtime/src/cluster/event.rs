@@ -67,6 +67,9 @@ pub enum DownCause {
     /// Silent for two heartbeats, and its host refused a probe of its address: no process
     /// listens there any more.
     Refused,
+    /// Another process with its id connected (it restarted, perhaps before any silence was
+    /// noticed): the process known before died, with its actors.
+    Restarted,
 }
 
 /// What happened (serialised with `"event": "<snake_case name>"`).
@@ -98,8 +101,9 @@ pub enum NodeEventKind {
     Down {
         /// The member.
         peer: u32,
-        /// Why: `silence` (no heartbeat within the failure timeout) or `refused` (silent for
-        /// two heartbeats, and its host refused a probe of its address: the process died).
+        /// Why: `silence` (no heartbeat within the failure timeout), `refused` (silent for
+        /// two heartbeats, and its host refused a probe of its address: the process died) or
+        /// `restarted` (another process with its id connected).
         /// Absent in events written before the probe existed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cause: Option<DownCause>,

@@ -230,6 +230,9 @@ pub enum MembershipCommand {
     /// address any more ([`Membership::on_gone`]; detection time is now). The same for the
     /// node as [`Down`](Self::Down); only the cause differs.
     Gone(u32),
+    /// A member was declared down: another process with its id connected
+    /// ([`Membership::on_restarted`]). The same for the node as [`Down`](Self::Down).
+    Restarted(u32),
     /// Ask the member's host whether a process still listens at its address (it has been
     /// silent for [`DetectorConfig::probe_after`]); an answer that none does goes to
     /// [`Membership::on_gone`].
@@ -616,6 +619,26 @@ impl Membership {
         self.last_heard.get(&peer).map(|t| now.saturating_duration_since(*t))
     }
 
+    /// Member `peer` came back as another process (its transport connection now belongs to a
+    /// new incarnation, authenticated by the member's certificate): the process this node
+    /// knew died, and the actors it ran with it. If the member is still up here, it is down
+    /// now, whatever its silence — it may have restarted faster than any detector — and the
+    /// new process's heartbeats bring it back (a new view with it). Without this, a member
+    /// restarted before this node noticed the silence would stay in the view with none of
+    /// its actors.
+    pub fn on_restarted(&mut self, peer: u32, now: Instant) -> Vec<MembershipCommand> {
+        if peer == self.me || !self.up.contains(&peer) {
+            return Vec::new();
+        }
+        self.up.remove(&peer);
+        self.reported.remove(&peer);
+        self.last_heard.remove(&peer);
+        let mut out = vec![MembershipCommand::Restarted(peer)];
+        out.extend(self.reconcile());
+        out.extend(self.track_term(now));
+        out
+    }
+
     /// The host of member `peer` said that no process listens at its address (the answer
     /// to a [`MembershipCommand::Probe`]). If the member is still silent for at least
     /// [`DetectorConfig::probe_after`], it is down now: its process died, and waiting out
@@ -946,6 +969,7 @@ mod tests {
                         self.downs.push((src, m, self.now));
                         self.gone.push((src, m));
                     }
+                    MembershipCommand::Restarted(m) => self.downs.push((src, m, self.now)),
                     MembershipCommand::Probe(m) => {
                         self.probes.push((src, m));
                         if self.crashed.contains(&m) && !self.cut.contains(&(src, m)) && !self.cut.contains(&(m, src)) {
@@ -1033,6 +1057,27 @@ mod tests {
         net.run(1_000);
         assert!(detected_after(&net, 2, cut_at) >= least);
         assert!(net.gone.is_empty(), "{:?}", net.gone);
+    }
+
+    #[test]
+    fn a_member_restarted_before_its_silence_was_noticed_is_down_then_back() {
+        let mut net = Net::new(3);
+        net.run(300);
+        let before = net.view_of(0);
+        let now = net.now;
+        // Heard a moment ago, yet its process was replaced: down at once.
+        let cmds = net.nodes.get_mut(&0).unwrap().on_restarted(1, now);
+        assert!(cmds.contains(&MembershipCommand::Restarted(1)), "{cmds:?}");
+        assert!(!net.nodes[&0].up().contains(&1));
+        net.apply(0, cmds);
+        assert!(!net.view_of(0).members.contains(&1), "a view without the old process");
+        // Its new process heartbeats: back in a later view.
+        net.run(300);
+        let after = net.view_of(0);
+        assert!(after.members.contains(&1) && after.epoch > before.epoch + 1, "{before:?} → {after:?}");
+        // Unknown, itself, or already down: nothing.
+        assert!(net.nodes.get_mut(&0).unwrap().on_restarted(0, net.now).is_empty());
+        assert!(net.nodes.get_mut(&0).unwrap().on_restarted(7, net.now).is_empty());
     }
 
     #[test]
@@ -1594,6 +1639,7 @@ mod proptests {
                         MembershipCommand::Send(to, _)
                         | MembershipCommand::Down(to)
                         | MembershipCommand::Gone(to)
+                        | MembershipCommand::Restarted(to)
                         | MembershipCommand::Probe(to) => {
                             prop_assert!(to < MEMBERS);
                             continue;

@@ -274,6 +274,8 @@ async fn node_loop_on<T: api::Transport>(
     };
     let mut dialing: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
     let mut connected_addrs: BTreeMap<u32, SocketAddr> = BTreeMap::new();
+    // The incarnation of each member's process last seen connected (one entry per member).
+    let mut incarnations: BTreeMap<u32, u64> = BTreeMap::new();
     let (dial_tx, mut dial_rx) = mpsc::channel::<(SocketAddr, Result<u32, String>)>(64);
     let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -384,7 +386,13 @@ async fn node_loop_on<T: api::Transport>(
                 None => break,
                 Some(TransportEvent::PeerUp { peer, addr }) => {
                     emitter.emit(NodeEventKind::PeerUp { peer, addr });
-                    Vec::new()
+                    // Another process with the member's id: the one known before died.
+                    let incarnation = transport.peer_info(peer).map(|i| i.incarnation);
+                    let before = incarnation.and_then(|now| incarnations.insert(peer, now));
+                    match (before, incarnation) {
+                        (Some(before), Some(now)) if before != now => membership.on_restarted(peer, clock::now()),
+                        _ => Vec::new(),
+                    }
                 }
                 Some(TransportEvent::PeerDown { peer, reason }) => {
                     connected_addrs.remove(&peer);
@@ -464,9 +472,12 @@ async fn node_loop_on<T: api::Transport>(
                     }
                 }
                 MembershipCommand::Probe(peer) => transport.probe(peer),
-                MembershipCommand::Down(peer) | MembershipCommand::Gone(peer) => {
+                MembershipCommand::Down(peer) | MembershipCommand::Gone(peer) | MembershipCommand::Restarted(peer) => {
                     let (cause, why) = match cmd {
                         MembershipCommand::Gone(_) => (DownCause::Refused, "silent, and its host refused a probe"),
+                        MembershipCommand::Restarted(_) => {
+                            (DownCause::Restarted, "another process with its id connected")
+                        }
                         _ => (DownCause::Silence, "no heartbeat"),
                     };
                     tracing::warn!(node = me, peer, "node {peer} is down ({why})");
@@ -655,6 +666,14 @@ impl Control {
         match self {
             Control::Embedded(m) => m.on_tick(now),
             // The service detects failures; the QUIC connections keep themselves alive.
+            Control::Service(_) => Vec::new(),
+        }
+    }
+
+    fn on_restarted(&mut self, peer: u32, now: Instant) -> Vec<MembershipCommand> {
+        match self {
+            Control::Embedded(m) => m.on_restarted(peer, now),
+            // The service detects failures: the old process's session expires.
             Control::Service(_) => Vec::new(),
         }
     }
