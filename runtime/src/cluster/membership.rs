@@ -630,10 +630,17 @@ impl Membership {
         if peer == self.me || !self.up.contains(&peer) {
             return Vec::new();
         }
+        self.last_heard.remove(&peer);
+        self.declare_down(peer, MembershipCommand::Restarted(peer), now)
+    }
+
+    /// Takes member `peer` out of the view this node would issue, with `down` (the
+    /// command saying why), and reconciles the view and the term as a silent member's loss
+    /// does.
+    fn declare_down(&mut self, peer: u32, down: MembershipCommand, now: Instant) -> Vec<MembershipCommand> {
         self.up.remove(&peer);
         self.reported.remove(&peer);
-        self.last_heard.remove(&peer);
-        let mut out = vec![MembershipCommand::Restarted(peer)];
+        let mut out = vec![down];
         out.extend(self.reconcile());
         out.extend(self.track_term(now));
         out
@@ -652,12 +659,7 @@ impl Membership {
         if peer == self.me || !self.up.contains(&peer) || !silent {
             return Vec::new();
         }
-        self.up.remove(&peer);
-        self.reported.remove(&peer);
-        let mut out = vec![MembershipCommand::Gone(peer)];
-        out.extend(self.reconcile());
-        out.extend(self.track_term(now));
-        out
+        self.declare_down(peer, MembershipCommand::Gone(peer), now)
     }
 
     /// A message from member `from` arrived.
