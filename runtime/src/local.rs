@@ -688,8 +688,12 @@ impl LocalCluster {
         command
             .args(["node", "--id", &id.to_string(), "--listen", &format!("127.0.0.1:{port}")])
             .arg("--certs")
-            .arg(dir.join("certs"))
-            .args(["--seeds", &seeds.join(",")])
+            .arg(dir.join("certs"));
+        // A one-node cluster has no seeds (an empty `--seeds` is not an address list).
+        if !seeds.is_empty() {
+            command.args(["--seeds", &seeds.join(",")]);
+        }
+        command
             .arg("--job")
             .arg(dir.join("job.toml"))
             .arg("--out")

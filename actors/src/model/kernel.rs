@@ -1,19 +1,19 @@
 //! Which bits this process's maths gives: the kernel fingerprint.
 //!
-//! The built-in models are deterministic on one machine, but not across every machine:
-//! `matrixmultiply` picks its SIMD kernel when the program runs (AVX-512, FMA + AVX2, AVX,
-//! SSE2, NEON, or plain code), and the kernels round differently (a fused multiply-add rounds
-//! once, a multiply then an add twice); `exp` and `ln` come from the platform's libm. Two nodes
-//! that pick different kernels compute different gradients from the same inputs, and a job whose
-//! trainers run on both would end with bits no fault-free run on either machine gives.
+//! The built-in models' matrix products run on fixed-order kernels ([`super::dense`]) whose bits
+//! do not depend on the CPU's SIMD features. What can still differ between machines is `exp`
+//! and `ln`, from the platform's libm (in the classification head), and a different build of
+//! the kernels themselves. Two nodes whose maths differs compute different gradients from the
+//! same inputs, and a job whose trainers run on both would end with bits no fault-free run on
+//! either machine gives.
 //!
-//! So the kernel in use is **measured, not guessed**: [`fingerprint`] runs the models' own
-//! helpers — the matrix product every layer goes through (with and without accumulation, plain
-//! and transposed, shapes that reach the kernel's edge cases) and the softmax cross-entropy
-//! head (`exp`, `ln`) — on fixed inputs whose results depend on the rounding, and hashes the
-//! bits of the results. Equal fingerprints mean the same bits on these probes; a node whose
-//! fingerprint differs from the job's refuses to host the job's actors, and a checkpoint
-//! written under another fingerprint is not restored (see the runtime's docs).
+//! So the maths in use is **measured, not guessed**: [`fingerprint`] runs the models' own
+//! helpers — the kernels' two kinds of sum (linear combinations and lane dots, on shapes that
+//! reach their blocks' edges) and the softmax cross-entropy head (`exp`, `ln`) — on fixed
+//! inputs whose results depend on the rounding, and hashes the bits of the results. Equal
+//! fingerprints mean the same bits on these probes; a node whose fingerprint differs from the
+//! job's refuses to host the job's actors, and a checkpoint written under another fingerprint
+//! is not restored (see the runtime's docs).
 //!
 //! ```
 //! use phalanx_actors::model::kernel;
@@ -28,7 +28,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 /// The hash of the bits the maths of this process gives on fixed probes (see the module docs).
@@ -104,9 +104,9 @@ pub fn check(job: KernelFingerprint) -> Result<(), KernelMismatch> {
     }
 }
 
-/// What decides the kernel here, for people reading an error: the architecture and the CPU
-/// features `matrixmultiply` chooses its kernel by. Informative only; [`fingerprint`] is what
-/// is compared.
+/// What runs the maths here, for people reading an error: the architecture, its SIMD features
+/// (which decide the kernels' speed, not their bits) and the OS. Informative only;
+/// [`fingerprint`] is what is compared.
 pub fn description() -> &'static str {
     static TEXT: OnceLock<String> = OnceLock::new();
     TEXT.get_or_init(|| {
@@ -171,24 +171,30 @@ fn probe_values(count: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The probe shapes `(m, k, n)`: one beyond the kernels' register tiles in every dimension,
-/// one that is narrower than a tile, and one with a long inner dimension.
-const PROBE_SHAPES: [(usize, usize, usize); 3] = [(37, 29, 23), (3, 5, 2), (9, 130, 17)];
+/// The probe shapes `(m, k, n)`: odd row counts (the kernels take rows in pairs), widths
+/// across the kernels' 32-column blocks with a tail and below one block, widths that are not a
+/// multiple of the lane dot's 8 lanes, and a long inner dimension.
+const PROBE_SHAPES: [(usize, usize, usize); 4] = [(37, 29, 23), (3, 5, 2), (9, 130, 17), (5, 11, 75)];
 
 fn measure() -> KernelFingerprint {
     let mut hash = Fnv(Fnv::OFFSET);
     for (index, &(m, k, n)) in PROBE_SHAPES.iter().enumerate() {
         let seed = 0x9e37_79b9_7f4a_7c15 ^ index as u64;
-        let a = Array2::from_shape_vec((m, k), probe_values(m * k, seed)).expect("m × k values");
-        let b = Array2::from_shape_vec((k, n), probe_values(k * n, seed.rotate_left(17))).expect("k × n values");
-        // c = a·b, then c = aᵀᵀ·b + c through a transposed view (how the backward pass calls it).
-        let mut c = Array2::<f32>::from_elem((m, n), f32::NAN);
-        super::matmul_into(&a.view(), &b.view(), 0.0, &mut c.view_mut());
+        let a = probe_values(m * k, seed);
+        let b = probe_values(k * n, seed.rotate_left(17));
+        // c = a·b (a linear combination per element), then aᵀ·c (sums over rows), then the
+        // lane dot of c's rows with (aᵀ·c)'s: every kind of sum the models make.
+        let mut c = vec![f32::NAN; m * n];
+        super::dense::matmul_rows(&a, k, &b, n, 0, &mut c, n);
         hash.f32s(c.iter());
-        let at = a.t().to_owned();
-        let at_t: ArrayView2<'_, f32> = at.t();
-        super::matmul_into(&at_t, &b.view(), 1.0, &mut c.view_mut());
-        hash.f32s(c.iter());
+        let mut t = vec![f32::NAN; k * n];
+        super::dense::matmul_tn(&a, k, &c, n, &mut t);
+        hash.f32s(t.iter());
+        let mut dot = super::dense::LaneDot::new(m, k);
+        dot.add(&c, &t, n);
+        let mut dots = vec![f32::NAN; m * k];
+        dot.finish(&probe_values(k, seed ^ 1), &mut dots);
+        hash.f32s(dots.iter());
     }
     // The classification head: exp on every logit, ln of every row's sum.
     let mut logits = Array2::from_shape_vec((8, 5), probe_values(40, 0x0123_4567_89ab_cdef)).expect("8 × 5 logits");

@@ -3,19 +3,40 @@
 //!
 //! Flat layout: `w1` `[inputs × hidden]`, `b1` `[hidden]`, `w2` `[hidden × outputs]`,
 //! `b2` `[outputs]`, all row-major.
+//!
+//! The maths run on the fixed-order kernels of [`super::dense`], [`CHUNK`] hidden units at a
+//! time, so a chunk's weights and activations stay in the CPU's caches:
+//!
+//! - **forward**, per chunk: `h = relu(x·W1 + b1)` (each element `Σ_k x·W1` in ascending `k`,
+//!   then `+ b1`), and the output's lane dot `h·W2` takes the chunk in; then `out = lanes + b2`;
+//! - **head**, per batch: its summed loss, and `∂out` in place of `out`;
+//! - **backward**, per chunk: `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch
+//!   `∂W1 = xᵀ·∂h`, `∂b1 = Σ ∂h` and `∂W2 = hᵀ·∂out` (each element summed over the batch's rows
+//!   in order), added over the batches in the reduction tree ([`super::dense::tree_sum`]) and
+//!   written once.
+//!
+//! A trainer that owns a whole subtree of partitions therefore makes one pass and writes one
+//! model-sized gradient per step ([`Model::loss_grad_tree`]), with the bits of computing each
+//! partition alone and adding the gradients in the tree: every batch's sums are the same code
+//! either way, and so are the additions.
 
-use ndarray::{Array2, ArrayView2, Zip};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
+use super::dense::{self, LaneDot};
 use super::{
-    affine, affine_backward, apply_head, check_batch, check_grad, check_params, check_x, grad_matrix, matmul_into,
-    param_matrix, Init, Model, ModelError, ModelSpec, ParamLayout, Targets, TensorInfo,
+    apply_head, check_batch, check_grad, check_params, check_x, BatchView, Init, Model, ModelError, ModelSpec,
+    ParamLayout, Targets, TensorInfo,
 };
+
+/// Hidden units per chunk (a multiple of [`dense::LANES`], so the output's lane dot continues
+/// across chunks).
+const CHUNK: usize = 256;
 
 /// The parameter tensors of one call, borrowed from the flat vector.
 struct Params<'a> {
-    w1: ArrayView2<'a, f32>,
+    w1: &'a [f32],
     b1: &'a [f32],
-    w2: ArrayView2<'a, f32>,
+    w2: &'a [f32],
     b2: &'a [f32],
 }
 
@@ -43,21 +64,92 @@ impl Mlp {
     /// Checks the length of `params` and splits it into the four tensors.
     fn split<'a>(&self, params: &'a [f32]) -> Result<Params<'a>, ModelError> {
         check_params(self.layout.total, params)?;
-        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
         let (w1, rest) = params.split_at(self.lens[0]);
         let (b1, rest) = rest.split_at(self.lens[1]);
         let (w2, b2) = rest.split_at(self.lens[2]);
-        Ok(Params { w1: param_matrix(w1, inputs, hidden)?, b1, w2: param_matrix(w2, hidden, outputs)?, b2 })
+        Ok(Params { w1, b1, w2, b2 })
     }
 
-    /// Forward pass: the hidden activations `relu(x·W1 + b1)` and the raw outputs.
-    fn forward(p: &Params<'_>, x: ArrayView2<'_, f32>) -> (Array2<f32>, Array2<f32>) {
-        let mut hidden = affine(x, p.w1, p.b1);
-        // `z <= 0` rather than `max(z, 0)`: a NaN stays NaN and shows up in the loss instead
-        // of being silently clamped to 0.
-        hidden.mapv_inplace(|z| if z <= 0.0 { 0.0 } else { z });
-        let out = affine(hidden.view(), p.w2, p.b2);
-        (hidden, out)
+    /// Forward pass over `rows` rows of `x` (row-major): the raw outputs (`rows × outputs`).
+    /// With `keep`, the hidden activations are stored there chunk by chunk (chunk `[j0, j0 + c)`
+    /// at `j0 · rows`, `rows × c` row-major), for the backward pass.
+    fn forward(&self, p: &Params<'_>, x: &[f32], rows: usize, mut keep: Option<&mut [f32]>) -> Vec<f32> {
+        let ModelSpec { outputs, hidden, .. } = self.spec;
+        let widest = CHUNK.min(hidden);
+        let mut scratch = if keep.is_some() { Vec::new() } else { vec![0.0; rows * widest] };
+        let mut w2t = vec![0.0; outputs * widest];
+        let mut dot = LaneDot::new(rows, outputs);
+        for j0 in (0..hidden).step_by(CHUNK) {
+            let c = CHUNK.min(hidden - j0);
+            let h = match keep.as_deref_mut() {
+                Some(all) => &mut all[j0 * rows..(j0 + c) * rows],
+                None => &mut scratch[..rows * c],
+            };
+            self.hidden_chunk(p, x, j0, c, h);
+            let w2t = &mut w2t[..outputs * c];
+            transpose_rows(p.w2, outputs, j0, c, w2t);
+            dot.add(h, w2t, c);
+        }
+        let mut out = vec![0.0; rows * outputs];
+        dot.finish(p.b2, &mut out);
+        out
+    }
+
+    /// `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])`, `rows × c`.
+    fn hidden_chunk(&self, p: &Params<'_>, x: &[f32], j0: usize, c: usize, h: &mut [f32]) {
+        let ModelSpec { inputs, hidden, .. } = self.spec;
+        dense::matmul_rows(x, inputs, p.w1, hidden, j0, h, c);
+        for row in h.chunks_exact_mut(c) {
+            for (z, &b) in row.iter_mut().zip(&p.b1[j0..j0 + c]) {
+                // `z <= 0` rather than `max(z, 0)`: a NaN stays NaN and shows up in the loss
+                // instead of being silently clamped to 0.
+                let v = *z + b;
+                *z = if v <= 0.0 { 0.0 } else { v };
+            }
+        }
+    }
+
+    /// Validates every batch and gathers their rows (row-major, batch after batch).
+    fn gather<'a>(&self, batches: &[BatchView<'a>]) -> Result<Gathered<'a>, ModelError> {
+        let mut ys = Vec::with_capacity(batches.len());
+        let mut bounds = Vec::with_capacity(batches.len() + 1);
+        bounds.push(0);
+        for b in batches {
+            ys.push(check_batch(&self.spec, b.x, b.y)?);
+            bounds.push(bounds[bounds.len() - 1] + b.x.nrows());
+        }
+        let mut x = Vec::with_capacity(bounds[bounds.len() - 1] * self.spec.inputs);
+        for b in batches {
+            x.extend(b.x.iter());
+        }
+        Ok(Gathered { x, ys, bounds })
+    }
+}
+
+/// The batches of one call, checked: their rows one after another, each batch's targets, and
+/// where each batch's rows start (and, last, where they end).
+struct Gathered<'a> {
+    x: Vec<f32>,
+    ys: Vec<Targets<'a>>,
+    bounds: Vec<usize>,
+}
+
+/// `out[o][jj] = w[(j0 + jj) · outputs + o]`: rows `j0..j0 + c` of a `· × outputs` matrix,
+/// transposed (`outputs × c`).
+fn transpose_rows(w: &[f32], outputs: usize, j0: usize, c: usize, out: &mut [f32]) {
+    for (jj, row) in w[j0 * outputs..(j0 + c) * outputs].chunks_exact(outputs).enumerate() {
+        for (o, &value) in row.iter().enumerate() {
+            out[o * c + jj] = value;
+        }
+    }
+}
+
+/// `out[(j0 + jj) · outputs + o] = t[o][jj]`: the inverse of [`transpose_rows`].
+fn untranspose_rows(t: &[f32], outputs: usize, j0: usize, c: usize, out: &mut [f32]) {
+    for (jj, row) in out[j0 * outputs..(j0 + c) * outputs].chunks_exact_mut(outputs).enumerate() {
+        for (o, value) in row.iter_mut().enumerate() {
+            *value = t[o * c + jj];
+        }
     }
 }
 
@@ -71,42 +163,98 @@ impl Model for Mlp {
         y: Targets<'_>,
         grad: &mut [f32],
     ) -> Result<f64, ModelError> {
+        let losses = self.loss_grad_tree(params, &[BatchView { x: x.view(), y }], grad)?;
+        Ok(losses[0])
+    }
+
+    fn loss_grad_tree(
+        &self,
+        params: &[f32],
+        batches: &[BatchView<'_>],
+        grad: &mut [f32],
+    ) -> Result<Vec<f64>, ModelError> {
         let p = self.split(params)?;
         check_grad(self.layout.total, grad)?;
-        let y = check_batch(&self.spec, x, y)?;
-        let ModelSpec { inputs, outputs, hidden: width, .. } = self.spec;
+        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
+        let Gathered { x, ys, bounds } = self.gather(batches)?;
+        let rows = bounds[bounds.len() - 1];
+        let mut h = vec![0.0f32; rows * hidden];
+        let mut out = self.forward(&p, &x, rows, Some(&mut h));
 
-        let (hidden, mut out) = Self::forward(&p, x);
-        let loss = apply_head(&mut out, y, true);
-        // `out` now holds ∂loss/∂out.
+        // The head, batch by batch: `out` becomes ∂loss/∂out.
+        let mut losses = Vec::with_capacity(batches.len());
+        for (i, y) in ys.iter().enumerate() {
+            let (a, b) = (bounds[i], bounds[i + 1]);
+            let view = ArrayViewMut2::from_shape((b - a, outputs), &mut out[a * outputs..b * outputs])
+                .expect("the batch's rows of the outputs");
+            losses.push(apply_head(view, *y, true));
+        }
+        let d_out = &out;
+
         let (gw1, rest) = grad.split_at_mut(self.lens[0]);
         let (gb1, rest) = rest.split_at_mut(self.lens[1]);
         let (gw2, gb2) = rest.split_at_mut(self.lens[2]);
-        affine_backward(hidden.view(), out.view(), grad_matrix(gw2, width, outputs)?, gb2);
-
-        // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient.
-        // (At z == 0 exactly we take the subgradient 0.)
-        let mut d_hidden = Array2::<f32>::zeros((x.nrows(), width));
-        matmul_into(&out.view(), &p.w2.t(), 0.0, &mut d_hidden.view_mut());
-        // A select, not a branch: whether a unit is active is a coin toss per element, and a
-        // mispredicted branch per element cost more than every matrix product of the step.
-        // Same bits as `if h <= 0.0 { *d = 0.0 }` for every input (a NaN `h` keeps `d`).
-        Zip::from(&mut d_hidden).and(&hidden).for_each(|d, &h| *d = if h <= 0.0 { 0.0 } else { *d });
-        affine_backward(x, d_hidden.view(), grad_matrix(gw1, inputs, width)?, gb1);
-        Ok(loss)
+        let ones = vec![1.0f32; (1..bounds.len()).map(|i| bounds[i] - bounds[i - 1]).max().unwrap_or(0)];
+        let widest = CHUNK.min(hidden);
+        let mut w2t = vec![0.0; outputs * widest];
+        let mut d_hidden = vec![0.0; rows * widest];
+        // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
+        let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
+        let mut scratch = Vec::new();
+        for j0 in (0..hidden).step_by(CHUNK) {
+            let c = CHUNK.min(hidden - j0);
+            let h = &h[j0 * rows..(j0 + c) * rows];
+            let w2t = &mut w2t[..outputs * c];
+            transpose_rows(p.w2, outputs, j0, c, w2t);
+            // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
+            // (at z == 0 exactly, the subgradient 0). A select, not a branch: whether a unit is
+            // active is a coin toss per element. A NaN `h` keeps its `∂h`.
+            let d_hidden = &mut d_hidden[..rows * c];
+            dense::matmul_rows(d_out, outputs, w2t, c, 0, d_hidden, c);
+            for (d, &hv) in d_hidden.iter_mut().zip(h) {
+                *d = if hv <= 0.0 { 0.0 } else { *d };
+            }
+            let d_hidden: &[f32] = d_hidden;
+            let block = &mut block[..(inputs + 1 + outputs) * c];
+            dense::tree_sum(batches.len(), block, &mut scratch, &mut |i, buf| {
+                let (a, b) = (bounds[i], bounds[i + 1]);
+                let (bw1, rest) = buf.split_at_mut(inputs * c);
+                let (bb1, bw2t) = rest.split_at_mut(c);
+                let d_leaf = &d_hidden[a * c..b * c];
+                dense::matmul_tn(&x[a * inputs..b * inputs], inputs, d_leaf, c, bw1);
+                dense::matmul_tn(&ones[..b - a], 1, d_leaf, c, bb1);
+                dense::matmul_tn(&d_out[a * outputs..b * outputs], outputs, &h[a * c..b * c], c, bw2t);
+            });
+            for (k, row) in block[..inputs * c].chunks_exact(c).enumerate() {
+                gw1[k * hidden + j0..k * hidden + j0 + c].copy_from_slice(row);
+            }
+            gb1[j0..j0 + c].copy_from_slice(&block[inputs * c..(inputs + 1) * c]);
+            untranspose_rows(&block[(inputs + 1) * c..], outputs, j0, c, gw2);
+        }
+        // ∂b2 = Σ ∂out over each batch's rows, in the tree too.
+        dense::tree_sum(batches.len(), gb2, &mut scratch, &mut |i, buf| {
+            let (a, b) = (bounds[i], bounds[i + 1]);
+            dense::matmul_tn(&ones[..b - a], 1, &d_out[a * outputs..b * outputs], outputs, buf);
+        });
+        Ok(losses)
     }
 
     fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
         let p = self.split(params)?;
-        let y = check_batch(&self.spec, x, y)?;
-        let (_, mut out) = Self::forward(&p, x);
-        Ok(apply_head(&mut out, y, false))
+        let Gathered { x, ys, bounds } = self.gather(&[BatchView { x: x.view(), y }])?;
+        let rows = bounds[1];
+        let mut out = self.forward(&p, &x, rows, None);
+        let view = ArrayViewMut2::from_shape((rows, self.spec.outputs), &mut out).expect("rows × outputs");
+        Ok(apply_head(view, ys[0], false))
     }
 
     fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError> {
         let p = self.split(params)?;
         check_x(&self.spec, x)?;
-        Ok(Self::forward(&p, x).1)
+        let rows = x.nrows();
+        let x: Vec<f32> = x.iter().copied().collect();
+        let out = self.forward(&p, &x, rows, None);
+        Ok(Array2::from_shape_vec((rows, self.spec.outputs), out).expect("rows × outputs"))
     }
 }
 
@@ -115,7 +263,7 @@ mod tests {
     use ndarray::{Array2, ArrayView2};
 
     use super::super::test_util::{assert_gradient_matches, random_labels, random_matrix, random_vec, train_adam};
-    use super::super::{build, metrics, Head, Model, ModelKind, ModelSpec, Targets};
+    use super::super::{build, metrics, BatchView, Head, Model, ModelKind, ModelSpec, Targets};
     use super::Mlp;
 
     fn mlp_spec(inputs: usize, outputs: usize, hidden: usize, head: Head) -> ModelSpec {
@@ -125,7 +273,8 @@ mod tests {
     /// Smallest `|x·W1 + b1|` over the batch: how far the batch is from a ReLU kink.
     fn kink_margin(model: &Mlp, params: &[f32], x: ArrayView2<'_, f32>) -> f32 {
         let p = model.split(params).expect("valid params");
-        let pre = x.dot(&p.w1) + ndarray::ArrayView1::from(p.b1);
+        let w1 = ArrayView2::from_shape((model.spec.inputs, model.spec.hidden), p.w1).expect("w1");
+        let pre = x.dot(&w1) + ndarray::ArrayView1::from(p.b1);
         pre.iter().fold(f32::INFINITY, |m, z| m.min(z.abs()))
     }
 
@@ -212,5 +361,119 @@ mod tests {
         // A linear fit cannot bend around |x0|; the MLP must beat it clearly.
         let linear = metrics::least_squares_r2(x.view(), &y, x.view(), &y).expect("well posed");
         assert!(r2 > 0.95 && r2 > linear + 0.1, "mlp {r2}, linear {linear}");
+    }
+
+    /// The MLP with the trait's default `loss_grad_tree`: one `loss_grad` per batch, then the
+    /// tree's additions — the definition the fused pass must match bit for bit.
+    #[derive(Debug)]
+    struct LeafByLeaf(Mlp);
+
+    impl Model for LeafByLeaf {
+        fn num_params(&self) -> usize {
+            self.0.num_params()
+        }
+        fn layout(&self) -> Vec<super::super::TensorInfo> {
+            self.0.layout()
+        }
+        fn init_params(&self, seed: u64) -> Vec<f32> {
+            self.0.init_params(seed)
+        }
+        fn loss_grad(
+            &self,
+            params: &[f32],
+            x: ArrayView2<'_, f32>,
+            y: Targets<'_>,
+            grad: &mut [f32],
+        ) -> Result<f64, super::super::ModelError> {
+            self.0.loss_grad(params, x, y, grad)
+        }
+        fn loss(
+            &self,
+            params: &[f32],
+            x: ArrayView2<'_, f32>,
+            y: Targets<'_>,
+        ) -> Result<f64, super::super::ModelError> {
+            self.0.loss(params, x, y)
+        }
+        fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, super::super::ModelError> {
+            self.0.predict(params, x)
+        }
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Batches of 5, 0, 8, 1, 3, 7 and 2 rows; the tree over 7 batches is ((0 1)(2 3))((4 5) 6).
+    fn batches_for(inputs: usize, outputs: u32, seed: u64) -> Vec<(Array2<f32>, Vec<f32>, Vec<u32>)> {
+        [5, 0, 8, 1, 3, 7, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| {
+                let seed = seed + 10 * i as u64;
+                let x = random_matrix(seed, rows, inputs, -2.0, 2.0);
+                (x, random_vec(seed + 1, rows, -3.0, 3.0), random_labels(seed + 2, rows, outputs))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_fused_tree_of_batches_has_the_bits_of_batch_by_batch_sums_added_in_the_tree() {
+        // 300 hidden units: one full chunk and a tail of 44, which is not a multiple of 8.
+        for (head, outputs) in [(Head::Classification, 6u32), (Head::Regression, 1)] {
+            let model = Mlp::new(mlp_spec(11, outputs as usize, 300, head)).expect("valid spec");
+            let reference = LeafByLeaf(model.clone());
+            let params = random_vec(3, model.num_params(), -0.3, 0.3);
+            let data = batches_for(11, outputs, 40);
+            let batches: Vec<BatchView<'_>> = data
+                .iter()
+                .map(|(x, real, labels)| BatchView {
+                    x: x.view(),
+                    y: match head {
+                        Head::Regression => Targets::Real(real),
+                        Head::Classification => Targets::Class(labels),
+                    },
+                })
+                .collect();
+            let mut fused = vec![f32::NAN; model.num_params()];
+            let mut expected = vec![f32::NAN; model.num_params()];
+            let losses = model.loss_grad_tree(&params, &batches, &mut fused).expect("valid");
+            let expected_losses = reference.loss_grad_tree(&params, &batches, &mut expected).expect("valid");
+            assert_eq!(bits(&fused), bits(&expected), "{head}: the fused pass changed bits");
+            let loss_bits = |l: &[f64]| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(loss_bits(&losses), loss_bits(&expected_losses));
+            // Every subtree too (a replacement trainer may own any node): [4, 7) = (4 5) 6.
+            let mut part = vec![f32::NAN; model.num_params()];
+            let mut part_expected = vec![f32::NAN; model.num_params()];
+            model.loss_grad_tree(&params, &batches[4..], &mut part).expect("valid");
+            reference.loss_grad_tree(&params, &batches[4..], &mut part_expected).expect("valid");
+            assert_eq!(bits(&part), bits(&part_expected));
+            // The order is the tree's: adding the batches one after another gives other bits
+            // (so this test would see a fused pass that summed in another order).
+            let mut serial = vec![0.0f32; model.num_params()];
+            let mut one = vec![0.0f32; model.num_params()];
+            for b in &batches {
+                model.loss_grad(&params, b.x, b.y, &mut one).expect("valid");
+                serial.iter_mut().zip(&one).for_each(|(s, o)| *s += o);
+            }
+            assert_ne!(bits(&serial), bits(&fused), "{head}: serial and tree sums agree; the test is blind");
+        }
+    }
+
+    #[test]
+    fn the_avx2_and_portable_kernels_train_the_same_bits() {
+        let model = Mlp::new(mlp_spec(11, 6, 300, Head::Classification)).expect("valid spec");
+        let params = random_vec(5, model.num_params(), -0.3, 0.3);
+        let data = batches_for(11, 6, 90);
+        let batches: Vec<BatchView<'_>> =
+            data.iter().map(|(x, _, labels)| BatchView { x: x.view(), y: Targets::Class(labels) }).collect();
+        let run = || {
+            let mut grad = vec![0.0f32; model.num_params()];
+            let losses = model.loss_grad_tree(&params, &batches, &mut grad).expect("valid");
+            let out = model.predict(&params, data[0].0.view()).expect("valid");
+            (bits(&grad), losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), bits(out.as_slice().expect("owned")))
+        };
+        let fast = run();
+        assert_eq!(super::super::dense::portable(run), fast);
     }
 }

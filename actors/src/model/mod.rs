@@ -19,15 +19,15 @@
 //!   gradient of the global batch, whatever the partition sizes; scaling by the batch size
 //!   happens once, where the global batch is known.
 //! - **Deterministic.** No threads, no hash maps, fixed summation order: the same inputs give
-//!   the same `f32` bits. Matrix products go through one private helper, `matmul_into` (ndarray's
-//!   single-threaded `matrixmultiply`). Caveat: `matrixmultiply` picks its SIMD kernel (AVX-512,
-//!   FMA, AVX, SSE2) when the program runs, and the kernels round differently, so bits are
-//!   identical only between machines with the same CPU features; likewise `exp`/`ln` come from
-//!   the platform's libm (same libc version and CPU needed). So the kernel is measured, not
-//!   assumed: [`kernel::fingerprint`] hashes the bits these helpers give on fixed probes, and a
-//!   node whose fingerprint differs from the job's refuses to host it (checkpoints record it
-//!   too). `matmul_into` is the one place to swap in a fixed-order kernel should a cluster
-//!   need to mix CPU generations.
+//!   the same `f32` bits. Matrix products go through Phalanx's own fixed-order kernels
+//!   ([`dense`]: every sum's order written down, every product and addition rounded, the AVX2
+//!   path giving the portable path's bits), so the bits do not depend on the CPU's SIMD
+//!   features. `exp`/`ln` come from the platform's libm (same libc version needed), so the
+//!   maths is still measured, not assumed: [`kernel::fingerprint`] hashes the bits these
+//!   helpers give on fixed probes, and a node whose fingerprint differs from the job's refuses
+//!   to host it (checkpoints record it too).
+//! - **Subtrees in one pass.** [`Model::loss_grad_tree`] sums several batches' gradients in the
+//!   reduction tree; the built-in MLP fuses that into its backward pass (see its module).
 //! - **Validated, never panicking.** Every entry point checks lengths, shapes and labels first
 //!   and returns a [`ModelError`]; after that the maths cannot index out of bounds.
 //!
@@ -53,7 +53,6 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -77,6 +76,7 @@ macro_rules! layout_accessors {
     };
 }
 
+mod dense;
 pub mod kernel;
 mod linear;
 pub mod metrics;
@@ -84,6 +84,7 @@ mod mlp;
 mod registry;
 mod softmax;
 
+pub use dense::{path as kernel_path, tree_left, tree_sum_f64};
 pub use registry::{BuiltModel, ModelConfig, ModelFactory, ModelIdentity, ModelName, ModelRegistry, ModelRequest};
 
 /// Upper bound on [`Model::num_params`] that [`build`] accepts: 2^31 `f32`s (8 GiB).
@@ -222,6 +223,15 @@ impl Targets<'_> {
     }
 }
 
+/// One batch of a [`Model::loss_grad_tree`] call: rows and their targets.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchView<'a> {
+    /// The rows (n × inputs).
+    pub x: ArrayView2<'a, f32>,
+    /// One target per row.
+    pub y: Targets<'a>,
+}
+
 /// One named tensor of the flat parameter vector (for safetensors output).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
@@ -293,6 +303,43 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         y: Targets<'_>,
         grad: &mut [f32],
     ) -> Result<f64, ModelError>;
+
+    /// The gradients of several batches added in the reduction tree over their count, written
+    /// into `grad` (overwritten, len num_params); returns each batch's summed loss, in order.
+    ///
+    /// The tree is the one Phalanx adds partitions in ([`crate::protocol::reduce`]): a node of
+    /// `n >= 2` batches is the sum of its first [`tree_left`]`(n)` batches' node plus the rest's,
+    /// element by element, and a leaf is one batch's [`loss_grad`](Model::loss_grad). A trainer
+    /// that owns a whole subtree of partitions calls this once per step with their batches in
+    /// partition order.
+    ///
+    /// **The result must have the bits of that definition**: a replacement trainer owning other
+    /// partitions computes some of the same nodes leaf by leaf. The default does exactly what
+    /// the definition says (one `loss_grad` per batch, then the additions); a model may fuse
+    /// the work into one pass, as the built-in MLP does, as long as every bit stays.
+    fn loss_grad_tree(
+        &self,
+        params: &[f32],
+        batches: &[BatchView<'_>],
+        grad: &mut [f32],
+    ) -> Result<Vec<f64>, ModelError> {
+        check_grad(self.num_params(), grad)?;
+        let mut losses = Vec::with_capacity(batches.len());
+        let mut failed = None;
+        let mut scratch = Vec::new();
+        dense::tree_sum(batches.len(), grad, &mut scratch, &mut |i, out| {
+            if failed.is_none() {
+                match self.loss_grad(params, batches[i].x, batches[i].y, out) {
+                    Ok(loss) => losses.push(loss),
+                    Err(e) => failed = Some(e),
+                }
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(losses),
+        }
+    }
 
     /// Summed loss without gradient; the same bits as the loss [`Model::loss_grad`] returns.
     fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError>;
@@ -621,45 +668,35 @@ fn param_matrix(data: &[f32], rows: usize, cols: usize) -> Result<ArrayView2<'_,
         .map_err(|_| ModelError::ParamLength { expected: rows.saturating_mul(cols), got: data.len() })
 }
 
-/// A `rows × cols` row-major mutable view of a gradient slice.
-fn grad_matrix(data: &mut [f32], rows: usize, cols: usize) -> Result<ArrayViewMut2<'_, f32>, ModelError> {
-    let got = data.len();
-    ArrayViewMut2::from_shape((rows, cols), data)
-        .map_err(|_| ModelError::GradLength { expected: rows.saturating_mul(cols), got })
+/// A contiguous row-major copy of `a` only if it is not one already.
+fn standard<'a>(a: &'a ArrayView2<'_, f32>) -> std::borrow::Cow<'a, [f32]> {
+    match a.as_slice() {
+        Some(values) => std::borrow::Cow::Borrowed(values),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
 }
 
-/// `c = a·b + beta·c` — every matrix product of the models goes through here.
-///
-/// This is ndarray's `dot` (same `matrixmultiply` kernel, single-threaded, fixed blocking, so
-/// the same shapes always sum in the same order) but writing into an existing buffer, which
-/// saves an allocation and a copy per layer. With `beta == 0` the old contents of `c` are
-/// never read, so a gradient buffer full of garbage (even NaN) is simply overwritten.
-fn matmul_into(a: &ArrayView2<'_, f32>, b: &ArrayView2<'_, f32>, beta: f32, c: &mut ArrayViewMut2<'_, f32>) {
-    general_mat_mul(1.0, a, b, beta, c);
-}
-
-/// `x·W + b` for a batch: one allocation for the whole batch, none per sample.
+/// `x·W + b` for a batch, with the fixed-order kernel ([`dense`]): element `(r, j)` is
+/// `Σ_k x[r][k]·W[k][j]` in ascending `k`, then `+ b[j]`.
 fn affine(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>, bias: &[f32]) -> Array2<f32> {
-    // Start from the broadcast bias and let the product accumulate onto it (beta = 1).
-    let mut out = Array2::from_shape_fn((x.nrows(), w.ncols()), |(_, j)| bias[j]);
-    matmul_into(&x, &w, 1.0, &mut out.view_mut());
-    out
-}
-
-/// Gradients of an affine layer: `∂W = xᵀ·d`, `∂b = Σ_rows d`, both overwritten.
-fn affine_backward(x: ArrayView2<'_, f32>, d: ArrayView2<'_, f32>, mut gw: ArrayViewMut2<'_, f32>, gb: &mut [f32]) {
-    matmul_into(&x.t(), &d, 0.0, &mut gw);
-    column_sums(d, gb);
-}
-
-/// `out[j] = Σ_i d[i][j]`, rows added in order (a fixed summation order).
-fn column_sums(d: ArrayView2<'_, f32>, out: &mut [f32]) {
-    out.fill(0.0);
-    for row in d.rows() {
-        for (sum, &value) in out.iter_mut().zip(row) {
-            *sum += value;
+    let (rows, k, n) = (x.nrows(), x.ncols(), w.ncols());
+    let mut out = vec![0.0f32; rows * n];
+    dense::matmul_rows(&standard(&x), k, &standard(&w), n, 0, &mut out, n);
+    for row in out.chunks_exact_mut(n.max(1)) {
+        for (value, &b) in row.iter_mut().zip(bias) {
+            *value += b;
         }
     }
+    Array2::from_shape_vec((rows, n), out).expect("rows × n values")
+}
+
+/// Gradients of an affine layer, both overwritten: `∂W = xᵀ·d` (`gw`, row-major
+/// `inputs × outputs`) and `∂b = Σ_rows d`, each element summed over the rows in order.
+fn affine_backward(x: ArrayView2<'_, f32>, d: ArrayView2<'_, f32>, gw: &mut [f32], gb: &mut [f32]) {
+    let d = standard(&d);
+    let n = gb.len();
+    dense::matmul_tn(&standard(&x), x.ncols(), &d, n, gw);
+    dense::matmul_tn(&vec![1.0; x.nrows()], 1, &d, n, gb);
 }
 
 /// Regression head: returns `Σ ½(pred − y)²`; with `want_grad` overwrites `pred` with
@@ -706,10 +743,10 @@ fn softmax_ce_head(mut logits: ArrayViewMut2<'_, f32>, labels: &[u32], want_grad
 }
 
 /// Applies the head matching `y` (already checked against the spec) to raw outputs.
-fn apply_head(out: &mut Array2<f32>, y: Targets<'_>, want_grad: bool) -> f64 {
+fn apply_head(mut out: ArrayViewMut2<'_, f32>, y: Targets<'_>, want_grad: bool) -> f64 {
     match y {
         Targets::Real(values) => mse_head(out.column_mut(0), values, want_grad),
-        Targets::Class(labels) => softmax_ce_head(out.view_mut(), labels, want_grad),
+        Targets::Class(labels) => softmax_ce_head(out, labels, want_grad),
     }
 }
 

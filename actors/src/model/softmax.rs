@@ -5,8 +5,8 @@
 use ndarray::{Array2, ArrayView2};
 
 use super::{
-    affine, affine_backward, check_class, check_grad, check_params, check_x, grad_matrix, param_matrix,
-    softmax_ce_head, Init, Model, ModelError, ModelSpec, ParamLayout, Targets, TensorInfo,
+    affine, affine_backward, check_class, check_grad, check_params, check_x, param_matrix, softmax_ce_head, Init,
+    Model, ModelError, ModelSpec, ParamLayout, Targets, TensorInfo,
 };
 
 /// Softmax regression over [`ModelSpec::inputs`] features and [`ModelSpec::outputs`] classes.
@@ -51,7 +51,6 @@ impl Model for Softmax {
         let mut logits = affine(x, w, b);
         let loss = softmax_ce_head(logits.view_mut(), labels, true);
         let (gw, gb) = grad.split_at_mut(self.weight_len);
-        let gw = grad_matrix(gw, self.spec.inputs, self.spec.outputs)?;
         affine_backward(x, logits.view(), gw, gb);
         Ok(loss)
     }

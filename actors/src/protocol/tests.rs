@@ -426,15 +426,44 @@ fn spans_sent(owned: Vec<u32>, order: &[u32]) -> Vec<Vec<(u32, u32, u32)>> {
 
 #[test]
 fn a_trainer_owning_a_whole_subtree_sends_one_sum_for_it() {
-    // Partitions 0..4 of 8: one sum of 4 batches of 2 rows, sent when the last is computed.
+    // Partitions 0..4 of 8: one sum of 4 batches of 2 rows, computed in one call by whichever
+    // partition's command comes first (all batches are here); the others find it done.
     let sent = spans_sent(vec![0, 1, 2, 3], &[2, 0, 3, 1]);
-    assert_eq!(sent, vec![vec![], vec![], vec![], vec![(0, 4, 8)]]);
-    // Partitions 3..6: leaf 3 alone, then the node 4..6.
+    assert_eq!(sent, vec![vec![(0, 4, 8)], vec![], vec![], vec![]]);
+    // Partitions 3..6: the node 4..6, then leaf 3 alone.
     let sent = spans_sent(vec![3, 4, 5], &[4, 3, 5]);
-    assert_eq!(sent, vec![vec![], vec![(3, 1, 2)], vec![(4, 2, 4)]]);
+    assert_eq!(sent, vec![vec![(4, 2, 4)], vec![(3, 1, 2)], vec![]]);
     // Round-robin ownership keeps no subtree whole: one gradient per partition.
     let sent = spans_sent(vec![1, 3], &[1, 3]);
     assert_eq!(sent, vec![vec![(1, 1, 2)], vec![(3, 1, 2)]]);
+}
+
+#[test]
+fn a_trainer_computes_an_owned_node_once_when_its_last_batch_arrives() {
+    let mut t = trainer(vec![0, 1, 2, 3]);
+    t.on_params(params(0, 0, 0));
+    t.on_params(params(1, 0, 0));
+    for p in [2, 0, 1] {
+        assert!(t.on_batches(vec![batch(p, 0)]).is_empty(), "partition {p}: the node is not whole yet");
+        assert!(t.compute(0, p).unwrap().is_empty(), "partition {p}: nothing to compute without every batch");
+    }
+    assert_eq!(t.on_batches(vec![batch(3, 0)]), vec![TrainerCommand::Compute { step: 0, partition: 0 }]);
+    let sent = |out: &[TrainerCommand]| {
+        out.iter()
+            .filter_map(|c| match c {
+                TrainerCommand::Send(Addr::Aggregator(r), Msg::Gradient(g)) => Some((*r, g.partition, g.partitions)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sent(&t.compute(0, 3).unwrap()), vec![(0, 0, 4), (1, 0, 4)], "one sum of the node per range");
+    for p in 0..4 {
+        assert!(t.compute(0, p).unwrap().is_empty(), "partition {p}: computed already");
+    }
+    // A θ that comes after the batches: the node is computed at once.
+    t.on_batches((0..4).map(|p| batch(p, 1)).collect());
+    t.on_params(params(0, 1, 0));
+    assert_eq!(t.on_params(params(1, 1, 0)), vec![TrainerCommand::Compute { step: 1, partition: 0 }]);
 }
 
 #[test]

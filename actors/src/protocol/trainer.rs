@@ -3,16 +3,17 @@
 //! A trainer owns some partitions. For each parameter version `step` it
 //! assembles the full θ from the ranges every aggregator publishes, gets the
 //! batch each owned partition feeds at `step` from that partition's shard,
-//! computes `g(step, p)`, adds the gradients of its partitions in the fixed
-//! reduction tree (see [`super::reduce`]) and, once a largest tree node made
-//! only of its partitions is summed, sends each aggregator its range of that
-//! sum: a trainer owning a whole subtree sends one gradient per step, not one
-//! per partition.
+//! and, once every batch of a largest tree node made only of its partitions
+//! is here, computes that node's sum of gradients in one call
+//! ([`Model::loss_grad_tree`]: the fixed reduction tree of [`super::reduce`],
+//! fused into the model's backward pass) and sends each aggregator its range
+//! of it: a trainer owning a whole subtree computes and sends one gradient
+//! per step, not one per partition.
 //!
 //! ```text
 //!  Params(range r, step s) ─▶ assembly[s] ──complete──▶ Compute(s, p) for owned p
-//!  Batches(p, s..s+W) ───────▶ buffer ────────────────▶ (needs θ_s and batch)
-//!  Compute(s, p) ─▶ local tree sum ──owned node complete──▶ Gradient(s, node) ranges ─▶ aggregators
+//!  Batches(p, s..s+W) ───────▶ buffer ────────────────▶ (needs θ_s and the node's batches)
+//!  Compute(s, node) ─▶ loss_grad_tree over the node's batches ─▶ Gradient(s, node) ranges ─▶ aggregators
 //!                ─▶ BatchRequest(p, window) prefetch
 //! ```
 //!
@@ -25,10 +26,10 @@ use std::sync::Arc;
 
 use ndarray::ArrayView2;
 
-use crate::model::{Model, Targets};
+use crate::model::{tree_sum_f64, BatchView, Model, Targets};
 
 use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params};
-use super::reduce::{maximal_owned, Partial, Reducer, Span};
+use super::reduce::{maximal_owned, Partial, Span};
 use super::{Addr, Schedule};
 
 /// How many steps of batches a trainer asks a shard for ahead of time. One
@@ -68,11 +69,12 @@ pub struct TrainerSetup {
 pub enum TrainerCommand {
     /// Send a message.
     Send(Addr, Msg),
-    /// Compute `g(step, partition)` now (call [`TrainerCore::compute`]).
+    /// Compute the sum of gradients at `step` of the owned tree node holding `partition`
+    /// (its first partition), now: call [`TrainerCore::compute`].
     Compute {
         /// The parameter version.
         step: u64,
-        /// The partition.
+        /// The first partition of the node.
         partition: u32,
     },
 }
@@ -119,13 +121,11 @@ pub struct TrainerCore {
     total_len: usize,
     generation: u64,
     partitions: BTreeSet<u32>,
-    /// The largest reduction-tree nodes made only of owned partitions: what is sent.
+    /// The largest reduction-tree nodes made only of owned partitions: what is computed (one
+    /// call each) and sent.
     spans: Vec<Span>,
-    /// The owned partitions' gradients at the ready step, summed in tree order.
-    sums: Reducer<Partial>,
-    /// Gradient buffers the sums no longer need, reused by the next computations (at most one
-    /// per owned partition): no allocation and no clearing of a model-sized vector per
-    /// partition and step.
+    /// Gradient buffers already sent, reused by the next computations (at most one per owned
+    /// node): no allocation and no clearing of a model-sized vector per node and step.
     spare: Vec<Vec<f32>>,
     assemblies: BTreeMap<u64, Assembly>,
     /// The newest complete θ and the partitions already computed on it.
@@ -150,7 +150,6 @@ impl TrainerCore {
         assert_eq!(total_len, model.num_params(), "ranges must tile the parameter vector");
         let partitions: BTreeSet<u32> = partitions.into_iter().collect();
         let spans = maximal_owned(setup.partitions, &partitions);
-        let sums = Reducer::new(setup.partitions, total_len);
         Self {
             setup,
             model,
@@ -158,7 +157,6 @@ impl TrainerCore {
             generation,
             partitions,
             spans,
-            sums,
             spare: Vec::new(),
             assemblies: BTreeMap::new(),
             ready: None,
@@ -232,7 +230,6 @@ impl TrainerCore {
         self.assemblies.clear();
         self.ready = None;
         self.computed.clear();
-        self.sums.clear();
         self.batches.clear();
         self.requested.clear();
         self.horizon.clear();
@@ -336,30 +333,45 @@ impl TrainerCore {
         self.progress += 1;
         self.ready = Some((step, values));
         self.computed.clear();
-        self.sums.clear();
         self.batches.retain(|(s, _), _| *s >= step);
         self.requested.retain(|(s, _)| *s >= step);
         if step >= self.setup.schedule.total_steps() {
             return Vec::new();
         }
+        self.wants(step)
+    }
+
+    /// For the ready `step`: ask for the batches not here and not asked for (a window starting
+    /// at each), and compute every owned node whose batches are all here.
+    fn wants(&mut self, step: u64) -> Vec<TrainerCommand> {
         let mut out = Vec::new();
         for p in self.partitions.clone() {
-            out.extend(self.want(step, p));
+            if self.computed.contains(&p)
+                || self.batches.contains_key(&(step, p))
+                || self.requested.contains(&(step, p))
+            {
+                continue;
+            }
+            // Some later steps of the window may be asked for already; their second copies
+            // are dropped on arrival.
+            out.extend(self.request_window(p, step, step + BATCH_WINDOW));
+        }
+        for span in self.spans.clone() {
+            if self.computable(step, span) {
+                out.push(TrainerCommand::Compute { step, partition: span.lo });
+            }
         }
         out
     }
 
-    /// Compute if the batch is here, otherwise ask for a window starting at it (once).
-    fn want(&mut self, step: u64, p: u32) -> Vec<TrainerCommand> {
-        if self.batches.contains_key(&(step, p)) {
-            return vec![TrainerCommand::Compute { step, partition: p }];
-        }
-        if self.requested.contains(&(step, p)) {
-            return Vec::new();
-        }
-        // Some later steps of the window may be asked for already; their
-        // second copies are dropped on arrival.
-        self.request_window(p, step, step + BATCH_WINDOW).into_iter().collect()
+    /// Whether owned node `span` is not computed at `step` yet and every batch of it is here.
+    fn computable(&self, step: u64, span: Span) -> bool {
+        !self.computed.contains(&span.lo) && (span.lo..span.hi).all(|p| self.batches.contains_key(&(step, p)))
+    }
+
+    /// The owned node holding partition `p`.
+    fn node_of(&self, p: u32) -> Option<Span> {
+        self.spans.iter().find(|s| s.covers(&Span::leaf(p))).copied()
     }
 
     /// Batches arrive from a shard.
@@ -396,9 +408,9 @@ impl TrainerCore {
         self.requested.remove(&key);
         let ready = self.ready_step();
         self.batches.insert(key, b);
-        match ready {
-            Some(s) if s == key.0 && !self.computed.contains(&key.1) => {
-                vec![TrainerCommand::Compute { step: key.0, partition: key.1 }]
+        match (ready, self.node_of(key.1)) {
+            (Some(s), Some(node)) if s == key.0 && self.computable(s, node) => {
+                vec![TrainerCommand::Compute { step: key.0, partition: node.lo }]
             }
             _ => Vec::new(),
         }
@@ -436,7 +448,6 @@ impl TrainerCore {
         // The nodes to send changed: the step's owned partitions are computed again
         // (the aggregators drop what turns out to be covered already).
         self.computed.clear();
-        self.sums.clear();
         let removed: Vec<u32> = before.difference(&self.partitions).copied().collect();
         self.batches.retain(|(_, p), _| !removed.contains(p));
         self.requested.retain(|(_, p)| !removed.contains(p));
@@ -445,14 +456,10 @@ impl TrainerCore {
             self.reset(generation);
             return Vec::new();
         }
-        let Some(step) = self.ready_step() else { return Vec::new() };
-        let mut out = Vec::new();
-        for p in self.partitions.clone() {
-            if !self.computed.contains(&p) && step < self.setup.schedule.total_steps() {
-                out.extend(self.want(step, p));
-            }
+        match self.ready_step() {
+            Some(step) if step < self.setup.schedule.total_steps() => self.wants(step),
+            _ => Vec::new(),
         }
-        out
     }
 
     /// Keep buffers of the model's size for the next computations, at most one per owned partition.
@@ -494,54 +501,58 @@ impl TrainerCore {
         out
     }
 
-    /// Compute `g(step, partition)` on the ready θ and the buffered batch;
-    /// returns the gradient ranges to send and the next batch to prefetch.
+    /// Compute the sum of gradients of the owned node holding `partition` on the ready θ and
+    /// the node's buffered batches (nothing if it is computed already or a batch is missing);
+    /// returns the gradient ranges to send and the next batches to prefetch.
     pub fn compute(&mut self, step: u64, partition: u32) -> Result<Vec<TrainerCommand>, TrainerError> {
+        let Some(node) = self.node_of(partition) else { return Ok(Vec::new()) };
         let Some((ready, params)) = &self.ready else { return Ok(Vec::new()) };
-        if *ready != step || self.computed.contains(&partition) {
+        if *ready != step || !self.computable(step, node) {
             return Ok(Vec::new());
         }
-        let Some(batch) = self.batches.remove(&(step, partition)) else {
-            return Ok(Vec::new());
-        };
-        let bad = |reason: String| TrainerError::BadBatch { trainer: self.setup.index, partition, step, reason };
-        let rows = batch.targets.len();
-        self.check_batch(&batch).map_err(bad)?;
-        let x = ArrayView2::from_shape((rows, self.setup.features), &batch.x).map_err(|e| bad(e.to_string()))?;
-        let targets = match &batch.targets {
-            BatchTargets::Real(v) => Targets::Real(v),
-            BatchTargets::Class(v) => Targets::Class(v),
-        };
+        let params = params.clone();
+        let batches: Vec<(u32, Batch)> =
+            (node.lo..node.hi).filter_map(|p| self.batches.remove(&(step, p)).map(|b| (p, b))).collect();
+        let trainer = self.setup.index;
+        let bad = |partition: u32, reason: String| TrainerError::BadBatch { trainer, partition, step, reason };
+        let mut views = Vec::with_capacity(batches.len());
+        for (p, batch) in &batches {
+            let rows = batch.targets.len();
+            self.check_batch(batch).map_err(|reason| bad(*p, reason))?;
+            let x =
+                ArrayView2::from_shape((rows, self.setup.features), &batch.x).map_err(|e| bad(*p, e.to_string()))?;
+            let y = match &batch.targets {
+                BatchTargets::Real(v) => Targets::Real(v),
+                BatchTargets::Class(v) => Targets::Class(v),
+            };
+            views.push(BatchView { x, y });
+        }
         // The model overwrites every value: a spent buffer serves as it is (a sum sent to a
         // one-range job moves into the message; the others come back through `recycle`).
         let mut grad = self.spare.pop().unwrap_or_else(|| vec![0.0; self.total_len]);
-        let loss_sum = self.model.loss_grad(params, x, targets, &mut grad).map_err(|source| TrainerError::Model {
-            trainer: self.setup.index,
-            partition,
-            step,
-            source,
-        })?;
-        self.computed.insert(partition);
-        let mut out = Vec::with_capacity(self.setup.ranges.len() + 1);
-        let leaf = Span::leaf(partition);
-        let mut spent = Vec::new();
-        let part = Partial { values: grad, samples: rows as u64, loss_sum };
-        if let Err(e) = self.sums.insert_reusing(leaf, part, &mut spent) {
-            // Only a plan assigning a partition the job does not have gets here.
-            tracing::warn!(trainer = self.setup.index, partition, step, "gradient not sent: {e}");
-        }
-        self.recycle(spent.into_iter().map(|p| p.values));
-        // The owned node holding this partition, once all of it is summed.
-        let node = self.spans.iter().find(|s| s.covers(&leaf)).copied();
-        if let Some((node, sum)) = node.and_then(|node| self.sums.take(&node).map(|sum| (node, sum))) {
-            out.extend(self.gradient_ranges(step, node, sum));
-        }
-        // Prefetch: batches are a pure function of (p, step), so the shard can
-        // cut the next window while the aggregators apply this step. Refill
-        // when less than half a window is left.
-        let horizon = self.horizon.get(&partition).copied().unwrap_or(0);
-        if horizon <= step + 1 + BATCH_WINDOW / 2 {
-            out.extend(self.request_window(partition, horizon.max(step + 1), step + 1 + BATCH_WINDOW));
+        let losses = match self.model.loss_grad_tree(&params, &views, &mut grad) {
+            Ok(losses) => losses,
+            Err(source) => {
+                // Name the partition whose batch the model refused.
+                let failing = views
+                    .iter()
+                    .position(|v| self.model.loss_grad(&params, v.x, v.y, &mut grad).is_err())
+                    .map_or(node.lo, |i| batches[i].0);
+                return Err(TrainerError::Model { trainer, partition: failing, step, source });
+            }
+        };
+        self.computed.extend(node.lo..node.hi);
+        let samples = batches.iter().map(|(_, b)| b.targets.len() as u64).sum();
+        let part = Partial { values: grad, samples, loss_sum: tree_sum_f64(&losses) };
+        let mut out = self.gradient_ranges(step, node, part);
+        // Prefetch: batches are a pure function of (p, step), so the shard can cut the next
+        // window while the aggregators apply this step. Refill when less than half a window is
+        // left.
+        for p in node.lo..node.hi {
+            let horizon = self.horizon.get(&p).copied().unwrap_or(0);
+            if horizon <= step + 1 + BATCH_WINDOW / 2 {
+                out.extend(self.request_window(p, horizon.max(step + 1), step + 1 + BATCH_WINDOW));
+            }
         }
         Ok(out)
     }

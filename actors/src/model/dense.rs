@@ -1,0 +1,490 @@
+//! The dense kernels of the built-in models: every sum's order written down here, so the same
+//! inputs give the same `f32` bits on every CPU.
+//!
+//! A BLAS (or `matrixmultiply`) picks its kernel when the program runs — AVX-512, FMA, AVX,
+//! SSE2 — and the kernels round differently: a fused multiply-add rounds once where a multiply
+//! then an add rounds twice, and the blocking decides which partial sums meet. Here every output
+//! element is one of two sums, each with its order fixed by this file and nothing else:
+//!
+//! - **Linear combination** ([`matmul_rows`], [`matmul_tn`]): `out[j] = Σ_t a_t · v_t[j]`, the
+//!   terms added in ascending `t` to an accumulator that starts at `0.0`: `((0 + a_0·v_0[j]) +
+//!   a_1·v_1[j]) + …`.
+//! - **Lane dot** ([`LaneDot`]): `Σ_i h[i] · w[i]` over a long `i` as eight partial sums, lane
+//!   `l` adding the terms `i ≡ l (mod 8)` in ascending `i` from `0.0`, then
+//!   `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+//!
+//! Every product is rounded to `f32`, then every addition (Rust never contracts a multiply and
+//! an add into a fused multiply-add). Vector instructions only run several of these sums side
+//! by side — one output element, or one lane, per vector lane — and never change what is added
+//! to what. So the AVX2 code path, compiled from the same source and picked when the CPU has
+//! AVX2, gives the bits of the portable one; a test compares them. Only `exp` and `ln` (the
+//! platform's libm, in the classification head) can still differ between machines, which is
+//! what [`super::kernel::fingerprint`] still measures.
+//!
+//! The kernels also fix how a **tree of batches** is summed ([`tree_sum`]): the reduction tree
+//! over partitions, so a trainer that owns a whole subtree computes its sum in one pass (the
+//! built-in MLP fuses it into its backward pass) with the bits of adding the partitions'
+//! gradients one by one.
+
+/// Columns an accumulator block covers: 32 `f32` (four AVX2 registers) stay in registers while
+/// every term of a linear combination is added.
+const BLOCK: usize = 32;
+
+/// Lanes of a [`LaneDot`].
+pub(crate) const LANES: usize = 8;
+
+/// Compiles `$body` twice — for the CPU's baseline and with AVX2 enabled — and runs the AVX2
+/// copy when the CPU has AVX2. Both copies are the same source, so they give the same bits (see
+/// the module docs); only their speed differs.
+macro_rules! dispatch {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if use_avx2() {
+                    // SAFETY: the CPU has AVX2 (checked at run time just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests force the portable path on their own thread to compare its bits with AVX2's.
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the AVX2 copy of a kernel runs here.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn use_avx2() -> bool {
+    #[cfg(test)]
+    if PORTABLE.with(|p| p.get()) {
+        return false;
+    }
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Runs `f` with the portable kernels on this thread (tests: the AVX2 path must give its bits).
+#[cfg(test)]
+pub(crate) fn portable<R>(f: impl FnOnce() -> R) -> R {
+    PORTABLE.with(|p| p.set(true));
+    let out = f();
+    PORTABLE.with(|p| p.set(false));
+    out
+}
+
+/// Which code path the kernels take on this CPU, for people reading a log (the bits are the
+/// same either way).
+pub fn path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return "avx2";
+    }
+    "portable"
+}
+
+/// `outs[q][j] = Σ_t coef(q, t) · vec(t)[j]` for `t` in `0..terms`, ascending from `0.0`, over
+/// the outputs' columns (all `outs` the same width); `vec(t)` has at least that many values.
+/// `R` outputs at once share every load of `vec(t)` and run `R` independent chains of additions.
+#[inline(always)]
+fn lincomb<'v, const R: usize>(
+    terms: usize,
+    coef: impl Fn(usize, usize) -> f32,
+    vec: impl Fn(usize) -> &'v [f32],
+    mut outs: [&mut [f32]; R],
+) {
+    let width = outs[0].len();
+    let mut j = 0;
+    while j + BLOCK <= width {
+        let mut acc = [[0.0f32; BLOCK]; R];
+        for t in 0..terms {
+            let v: &[f32; BLOCK] = vec(t)[j..j + BLOCK].try_into().expect("a block of columns");
+            for (q, acc) in acc.iter_mut().enumerate() {
+                let a = coef(q, t);
+                for (sum, &value) in acc.iter_mut().zip(v) {
+                    *sum += a * value;
+                }
+            }
+        }
+        for (out, acc) in outs.iter_mut().zip(&acc) {
+            out[j..j + BLOCK].copy_from_slice(acc);
+        }
+        j += BLOCK;
+    }
+    if j < width {
+        for (q, out) in outs.iter_mut().enumerate() {
+            let tail = &mut out[j..width];
+            tail.fill(0.0);
+            for t in 0..terms {
+                let a = coef(q, t);
+                for (sum, &value) in tail.iter_mut().zip(&vec(t)[j..width]) {
+                    *sum += a * value;
+                }
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// `out = a · b[:, col..col + width]`: `a` is `rows × k` (row-major), `b` has `k` rows of
+    /// `ldb` columns, `out` is `rows × width`; each element a linear combination over `k`.
+    fn matmul_rows(a: &[f32], k: usize, b: &[f32], ldb: usize, col: usize, out: &mut [f32], width: usize) {
+        if width == 0 {
+            return;
+        }
+        if k == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let vec = |t: usize| &b[t * ldb + col..t * ldb + col + width];
+        // Two rows at a time, then the odd one.
+        let mut pairs = a.chunks_exact(2 * k).zip(out.chunks_exact_mut(2 * width));
+        for (rows, out) in pairs.by_ref() {
+            let (out0, out1) = out.split_at_mut(width);
+            lincomb(k, |q, t| rows[q * k + t], vec, [out0, out1]);
+        }
+        let done = a.len() / (2 * k) * 2;
+        if let (Some(row), Some(out)) = (a.chunks_exact(k).nth(done), out.chunks_exact_mut(width).nth(done)) {
+            lincomb(k, |_, t| row[t], vec, [out]);
+        }
+    }
+}
+
+dispatch! {
+    /// `out = aᵀ · b`: `a` is `rows × m`, `b` is `rows × width`, `out` is `m × width`; each
+    /// element a linear combination over the rows, in row order.
+    fn matmul_tn(a: &[f32], m: usize, b: &[f32], width: usize, out: &mut [f32]) {
+        if width == 0 || m == 0 {
+            return;
+        }
+        let rows = b.len() / width;
+        let vec = |r: usize| &b[r * width..(r + 1) * width];
+        let out = &mut out[..m * width];
+        let mut i = 0;
+        for pair in out.chunks_exact_mut(2 * width) {
+            let (out0, out1) = pair.split_at_mut(width);
+            lincomb(rows, |q, r| a[r * m + i + q], vec, [out0, out1]);
+            i += 2;
+        }
+        if i < m {
+            lincomb(rows, |_, r| a[r * m + i], vec, [&mut out[i * width..]]);
+        }
+    }
+}
+
+dispatch! {
+    /// `out += tmp`, element by element (`out` on the left): how two tree nodes' sums meet.
+    fn add_into(out: &mut [f32], tmp: &[f32]) {
+        for (a, &b) in out.iter_mut().zip(tmp) {
+            *a += b;
+        }
+    }
+}
+
+/// Lane-dot accumulators: for `rows` rows and `outs` outputs, the [`LANES`] partial sums of
+/// `Σ_i h[r][i] · w[o][i]`, fed chunk by chunk of `i` (each chunk starting at a multiple of
+/// [`LANES`]), then [`finish`](LaneDot::finish)ed.
+pub(crate) struct LaneDot {
+    outs: usize,
+    acc: Vec<f32>,
+}
+
+impl LaneDot {
+    pub(crate) fn new(rows: usize, outs: usize) -> Self {
+        Self { outs, acc: vec![0.0; rows * outs * LANES] }
+    }
+
+    /// Adds one chunk: `h` is `rows × width`, `w` is `outs × width` (the chunk's columns of
+    /// each output's weights).
+    pub(crate) fn add(&mut self, h: &[f32], w: &[f32], width: usize) {
+        lane_dot_add(h, w, width, self.outs, &mut self.acc);
+    }
+
+    /// `out[r][o] = lanes(r, o) + bias[o]`, lanes added in their fixed tree.
+    pub(crate) fn finish(&self, bias: &[f32], out: &mut [f32]) {
+        for (lanes, (value, &b)) in self.acc.chunks_exact(LANES).zip(out.iter_mut().zip(bias.iter().cycle())) {
+            *value = lanes_sum(lanes) + b;
+        }
+    }
+}
+
+/// `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+#[inline(always)]
+fn lanes_sum(l: &[f32]) -> f32 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// The lane-dot step for outputs `o..o + N` of one row: `N` independent chains of additions,
+/// each load of the row used `N` times.
+#[inline(always)]
+fn dot_block<const N: usize>(row: &[f32], w: &[f32], width: usize, o: usize, acc: &mut [f32]) {
+    let full = width / LANES * LANES;
+    let acc = &mut acc[o * LANES..(o + N) * LANES];
+    let mut sums = [[0.0f32; LANES]; N];
+    for (s, a) in sums.iter_mut().zip(acc.chunks_exact(LANES)) {
+        s.copy_from_slice(a);
+    }
+    let ws: [&[f32]; N] = std::array::from_fn(|q| &w[(o + q) * width..(o + q + 1) * width]);
+    for (i, x) in row[..full].chunks_exact(LANES).enumerate() {
+        for (s, wq) in sums.iter_mut().zip(ws) {
+            let v = &wq[i * LANES..(i + 1) * LANES];
+            for l in 0..LANES {
+                s[l] += x[l] * v[l];
+            }
+        }
+    }
+    for (i, &x) in row.iter().enumerate().take(width).skip(full) {
+        for (s, wq) in sums.iter_mut().zip(ws) {
+            s[i % LANES] += x * wq[i];
+        }
+    }
+    for (s, a) in sums.iter().zip(acc.chunks_exact_mut(LANES)) {
+        a.copy_from_slice(s);
+    }
+}
+
+dispatch! {
+    /// The lane-dot step of [`LaneDot::add`].
+    fn lane_dot_add(h: &[f32], w: &[f32], width: usize, outs: usize, acc: &mut [f32]) {
+        if width == 0 || outs == 0 {
+            return;
+        }
+        for (row, acc) in h.chunks_exact(width).zip(acc.chunks_exact_mut(outs * LANES)) {
+            let mut o = 0;
+            while o + 4 <= outs {
+                dot_block::<4>(row, w, width, o, acc);
+                o += 4;
+            }
+            if o + 2 <= outs {
+                dot_block::<2>(row, w, width, o, acc);
+                o += 2;
+            }
+            if o < outs {
+                dot_block::<1>(row, w, width, o, acc);
+            }
+        }
+    }
+}
+
+/// Leaves of the left child of a reduction-tree node over `n >= 2` leaves: the largest power of
+/// two below `n` (`8` → 4 + 4, `6` → 4 + 2, `12` → 8 + 4). The tree over partitions
+/// ([`crate::protocol::reduce`]) splits by this rule too, so a subtree of `n` partitions has the
+/// shape of the tree over `n` leaves.
+pub fn tree_left(n: usize) -> usize {
+    debug_assert!(n >= 2, "only inner nodes split");
+    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+}
+
+/// Height of the tree over `n` leaves (scratch levels [`tree_sum`] needs).
+fn tree_height(n: usize) -> usize {
+    if n <= 1 {
+        0
+    } else {
+        (usize::BITS - (n - 1).leading_zeros()) as usize
+    }
+}
+
+/// The sum of `leaves` leaves of width `out.len()` in the reduction tree over their count:
+/// `leaf(i, buffer)` writes leaf `i`'s values (overwriting `buffer`), the leaves are asked for in
+/// ascending order, and each inner node is its left child's sum plus its right child's, element
+/// by element. `scratch` holds the right children being summed (grown as needed, reusable).
+/// With no leaves `out` is all zeros.
+pub(crate) fn tree_sum(
+    leaves: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    leaf: &mut dyn FnMut(usize, &mut [f32]),
+) {
+    if leaves == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let width = out.len();
+    let need = tree_height(leaves) * width;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    node(0, leaves, out, &mut scratch[..need], leaf);
+
+    fn node(lo: usize, hi: usize, out: &mut [f32], scratch: &mut [f32], leaf: &mut dyn FnMut(usize, &mut [f32])) {
+        if hi - lo == 1 {
+            leaf(lo, out);
+            return;
+        }
+        let mid = lo + tree_left(hi - lo);
+        node(lo, mid, out, scratch, leaf);
+        let (right, rest) = scratch.split_at_mut(out.len());
+        node(mid, hi, right, rest, leaf);
+        add_into(out, right);
+    }
+}
+
+/// [`tree_sum`] for one number per leaf (the batches' losses, in `f64`).
+pub fn tree_sum_f64(values: &[f64]) -> f64 {
+    match values.len() {
+        0 => 0.0,
+        1 => values[0],
+        n => {
+            let (left, right) = values.split_at(tree_left(n));
+            tree_sum_f64(left) + tree_sum_f64(right)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values whose products and sums round (so a changed order shows in the bits).
+    fn values(count: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.7
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn matmul_rows_sums_each_element_in_ascending_order_from_zero() {
+        for &(rows, k, n, col, width) in &[(3, 5, 70, 3, 65), (2, 11, 256, 0, 256), (1, 1, 40, 7, 33), (4, 3, 9, 0, 9)]
+        {
+            let a = values(rows * k, 1);
+            let b = values(k * n, 2);
+            let mut out = vec![f32::NAN; rows * width];
+            matmul_rows(&a, k, &b, n, col, &mut out, width);
+            for r in 0..rows {
+                for j in 0..width {
+                    let mut sum = 0.0f32;
+                    for t in 0..k {
+                        sum += a[r * k + t] * b[t * n + col + j];
+                    }
+                    assert_eq!(out[r * width + j].to_bits(), sum.to_bits(), "row {r} column {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_tn_sums_each_element_over_rows_in_order() {
+        for &(rows, m, width) in &[(5, 11, 70), (1, 3, 32), (7, 6, 100), (3, 1, 5)] {
+            let a = values(rows * m, 3);
+            let b = values(rows * width, 4);
+            let mut out = vec![f32::NAN; m * width];
+            matmul_tn(&a, m, &b, width, &mut out);
+            for i in 0..m {
+                for j in 0..width {
+                    let mut sum = 0.0f32;
+                    for r in 0..rows {
+                        sum += a[r * m + i] * b[r * width + j];
+                    }
+                    assert_eq!(out[i * width + j].to_bits(), sum.to_bits(), "element {i}, {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lane_dot_fed_in_chunks_has_the_bits_of_its_definition() {
+        let (rows, outs, n) = (3, 6, 75);
+        let h = values(rows * n, 5);
+        let w = values(outs * n, 6);
+        let bias = values(outs, 7);
+        let mut dot = LaneDot::new(rows, outs);
+        // Chunks of 32 and a tail of 11: lanes continue across chunks.
+        for start in (0..n).step_by(32) {
+            let width = 32.min(n - start);
+            let hc: Vec<f32> = (0..rows).flat_map(|r| h[r * n + start..r * n + start + width].to_vec()).collect();
+            let wc: Vec<f32> = (0..outs).flat_map(|o| w[o * n + start..o * n + start + width].to_vec()).collect();
+            dot.add(&hc, &wc, width);
+        }
+        let mut out = vec![f32::NAN; rows * outs];
+        dot.finish(&bias, &mut out);
+        for r in 0..rows {
+            for o in 0..outs {
+                let mut lanes = [0.0f32; LANES];
+                for i in 0..n {
+                    lanes[i % LANES] += h[r * n + i] * w[o * n + i];
+                }
+                let expected = lanes_sum(&lanes) + bias[o];
+                assert_eq!(out[r * outs + o].to_bits(), expected.to_bits(), "row {r} output {o}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx2_path_and_the_portable_path_give_the_same_bits() {
+        let (rows, k, n) = (9, 13, 301);
+        let a = values(rows * k, 8);
+        let b = values(k * n, 9);
+        let run = || {
+            let mut out = vec![0.0f32; rows * n];
+            matmul_rows(&a, k, &b, n, 0, &mut out, n);
+            let mut tn = vec![0.0f32; k * n];
+            matmul_tn(&a, k, &out, n, &mut tn);
+            let mut dot = LaneDot::new(rows, k);
+            dot.add(&out, &tn, n);
+            let mut dots = vec![0.0f32; rows * k];
+            dot.finish(&vec![0.5; k], &mut dots);
+            add_into(&mut out, &b[..rows * n]);
+            (bits(&out), bits(&tn), bits(&dots))
+        };
+        let fast = run();
+        assert_eq!(portable(run), fast);
+        // On this machine the dispatched path is the one named.
+        assert!(["avx2", "portable"].contains(&path()));
+    }
+
+    #[test]
+    fn trees_split_off_the_largest_power_of_two_below_their_size() {
+        assert_eq!([2, 3, 4, 5, 6, 8, 9, 12, 16].map(tree_left), [1, 2, 2, 4, 4, 4, 8, 8, 8]);
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(tree_height), [0, 1, 2, 2, 3, 3, 4]);
+    }
+
+    #[test]
+    fn tree_sum_adds_the_leaves_in_the_tree_and_reuses_its_scratch() {
+        let leaves: Vec<Vec<f32>> = (0..7).map(|i| values(37, 10 + i)).collect();
+        let mut out = vec![f32::NAN; 37];
+        let mut scratch = Vec::new();
+        let mut asked = Vec::new();
+        tree_sum(7, &mut out, &mut scratch, &mut |i, buf| {
+            asked.push(i);
+            buf.copy_from_slice(&leaves[i]);
+        });
+        assert_eq!(asked, (0..7).collect::<Vec<_>>(), "leaves in order");
+        // [0,7) = [0,4) + [4,7); [4,7) = [4,6) + 6.
+        let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f32>>();
+        let l01 = add(&leaves[0], &leaves[1]);
+        let l23 = add(&leaves[2], &leaves[3]);
+        let l45 = add(&leaves[4], &leaves[5]);
+        let expected = add(&add(&l01, &l23), &add(&l45, &leaves[6]));
+        assert_eq!(bits(&out), bits(&expected));
+        // Another order of the same additions would give other bits here (the check can fail).
+        let serial = leaves.iter().skip(1).fold(leaves[0].clone(), |acc, l| add(&acc, l));
+        assert_ne!(bits(&serial), bits(&expected));
+        let mut again = vec![0.0; 37];
+        tree_sum(7, &mut again, &mut scratch, &mut |i, buf| buf.copy_from_slice(&leaves[i]));
+        assert_eq!(bits(&again), bits(&expected));
+        assert_eq!(tree_sum_f64(&[1.0, 2.0, 3.0]), (1.0 + 2.0) + 3.0);
+        tree_sum(0, &mut out, &mut scratch, &mut |_, _| unreachable!());
+        assert!(out.iter().all(|&v| v == 0.0));
+    }
+}
