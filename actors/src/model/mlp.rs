@@ -32,6 +32,11 @@ use super::{
 /// across chunks).
 const CHUNK: usize = 256;
 
+/// Most hidden activations (rows × hidden units, 64 MiB of `f32`) one fused pass over several
+/// batches holds; a call with more computes batch by batch and adds the gradients in the tree
+/// (the same bits, a model-sized buffer per tree level instead).
+const FUSED_MAX_ACTIVATIONS: usize = 16 << 20;
+
 /// The parameter tensors of one call, borrowed from the flat vector.
 struct Params<'a> {
     w1: &'a [f32],
@@ -178,6 +183,9 @@ impl Model for Mlp {
         let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
         let Gathered { x, ys, bounds } = self.gather(batches)?;
         let rows = bounds[bounds.len() - 1];
+        if batches.len() > 1 && rows.saturating_mul(hidden) > FUSED_MAX_ACTIVATIONS {
+            return super::loss_grad_leaf_by_leaf(self, params, batches, grad);
+        }
         let mut h = vec![0.0f32; rows * hidden];
         let mut out = self.forward(&p, &x, rows, Some(&mut h));
 

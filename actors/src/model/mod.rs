@@ -316,29 +316,16 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     /// **The result must have the bits of that definition**: a replacement trainer owning other
     /// partitions computes some of the same nodes leaf by leaf. The default does exactly what
     /// the definition says (one `loss_grad` per batch, then the additions); a model may fuse
-    /// the work into one pass, as the built-in MLP does, as long as every bit stays.
+    /// the work into one pass, as the built-in MLP does, as long as every bit stays. A model
+    /// that wraps another (to change its initial parameters, say) should forward this method
+    /// too: the default gives the same bits, but not the wrapped model's speed.
     fn loss_grad_tree(
         &self,
         params: &[f32],
         batches: &[BatchView<'_>],
         grad: &mut [f32],
     ) -> Result<Vec<f64>, ModelError> {
-        check_grad(self.num_params(), grad)?;
-        let mut losses = Vec::with_capacity(batches.len());
-        let mut failed = None;
-        let mut scratch = Vec::new();
-        dense::tree_sum(batches.len(), grad, &mut scratch, &mut |i, out| {
-            if failed.is_none() {
-                match self.loss_grad(params, batches[i].x, batches[i].y, out) {
-                    Ok(loss) => losses.push(loss),
-                    Err(e) => failed = Some(e),
-                }
-            }
-        });
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(losses),
-        }
+        loss_grad_leaf_by_leaf(self, params, batches, grad)
     }
 
     /// Summed loss without gradient; the same bits as the loss [`Model::loss_grad`] returns.
@@ -346,6 +333,32 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 
     /// Raw outputs (n × outputs): predictions for regression, logits for classification.
     fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError>;
+}
+
+/// [`Model::loss_grad_tree`] by its definition: one [`Model::loss_grad`] per batch, added in the
+/// tree (the trait's default, and the built-in MLP's fallback for calls too large to fuse).
+fn loss_grad_leaf_by_leaf<M: Model + ?Sized>(
+    model: &M,
+    params: &[f32],
+    batches: &[BatchView<'_>],
+    grad: &mut [f32],
+) -> Result<Vec<f64>, ModelError> {
+    check_grad(model.num_params(), grad)?;
+    let mut losses = Vec::with_capacity(batches.len());
+    let mut failed = None;
+    let mut scratch = Vec::new();
+    dense::tree_sum(batches.len(), grad, &mut scratch, &mut |i, out| {
+        if failed.is_none() {
+            match model.loss_grad(params, batches[i].x, batches[i].y, out) {
+                Ok(loss) => losses.push(loss),
+                Err(e) => failed = Some(e),
+            }
+        }
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(losses),
+    }
 }
 
 /// Checks `spec` against the rules of its kind and builds the model.

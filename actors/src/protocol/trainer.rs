@@ -11,7 +11,7 @@
 //! per step, not one per partition.
 //!
 //! ```text
-//!  Params(range r, step s) ─▶ assembly[s] ──complete──▶ Compute(s, p) for owned p
+//!  Params(range r, step s) ─▶ assembly[s] ──complete──▶ Compute(s, node) for each owned node
 //!  Batches(p, s..s+W) ───────▶ buffer ────────────────▶ (needs θ_s and the node's batches)
 //!  Compute(s, node) ─▶ loss_grad_tree over the node's batches ─▶ Gradient(s, node) ranges ─▶ aggregators
 //!                ─▶ BatchRequest(p, window) prefetch
@@ -130,6 +130,9 @@ pub struct TrainerCore {
     assemblies: BTreeMap<u64, Assembly>,
     /// The newest complete θ and the partitions already computed on it.
     ready: Option<(u64, std::sync::Arc<Vec<f32>>)>,
+    /// The θ before it, once nothing else holds it: the next assembly fills it instead of a
+    /// new zeroed model-sized vector (every range is written before an assembly is used).
+    spare_theta: Option<Vec<f32>>,
     computed: BTreeSet<u32>,
     batches: BTreeMap<(u64, u32), Batch>,
     requested: BTreeSet<(u64, u32)>,
@@ -160,6 +163,7 @@ impl TrainerCore {
             spare: Vec::new(),
             assemblies: BTreeMap::new(),
             ready: None,
+            spare_theta: None,
             computed: BTreeSet::new(),
             batches: BTreeMap::new(),
             requested: BTreeSet::new(),
@@ -293,8 +297,9 @@ impl TrainerCore {
             return self.become_ready(p.step, p.values);
         }
         let total = self.total_len;
+        let spare = &mut self.spare_theta;
         let a = self.assemblies.entry(p.step).or_insert_with(|| Assembly {
-            values: vec![0.0; total],
+            values: spare.take().unwrap_or_else(|| vec![0.0; total]),
             have: vec![false; ranges],
             count: 0,
         });
@@ -331,7 +336,9 @@ impl TrainerCore {
 
     fn become_ready(&mut self, step: u64, values: std::sync::Arc<Vec<f32>>) -> Vec<TrainerCommand> {
         self.progress += 1;
-        self.ready = Some((step, values));
+        if let Some((_, old)) = self.ready.replace((step, values)) {
+            self.spare_theta = std::sync::Arc::try_unwrap(old).ok().filter(|v| v.len() == self.total_len);
+        }
         self.computed.clear();
         self.batches.retain(|(s, _), _| *s >= step);
         self.requested.retain(|(s, _)| *s >= step);
