@@ -31,12 +31,14 @@ const STEPS: u64 = 100_000;
 /// node's resident memory still rose by 2.2–2.6 MiB between steps 20,000 and 100,000 at
 /// 9d40489 and at 0faa92d alike (2026-12-02, this machine; its live heap flat at 242 KB with
 /// nothing leaked, heaptrack), rising by less every interval (+1040, +580, +424, +336, +212,
-/// +192, +240 kB per 10 s): the allocator's warm-up, not a leak. From half-way a range's host
-/// still rose by 1.6 MiB (the others by 0.5–0.8): measured over those 50,000 steps, a leak of
-/// more than about 60 bytes a step exceeds the bound below.
-const WARM_UP: u64 = 50_000;
+/// +192, +240 kB per 10 s): the allocator's warm-up, not a leak. Measured from half-way, a
+/// range's host still rose by 1.6 MiB in one run and by 3.1 MiB in another (the fresh-clone CI
+/// of 478998a, on a loaded machine), so the comparison starts at three quarters, where the
+/// settling has slowed down most: over the last 25,000 steps a leak of more than about 84
+/// bytes a step exceeds the bound below.
+const WARM_UP: u64 = 75_000;
 /// How much a node's resident memory may grow after the warm-up.
-const GROWTH_BOUND_KB: u64 = 3 * 1024;
+const GROWTH_BOUND_KB: u64 = 2 * 1024;
 /// `summary.json` of any job stays below this (the loss curve is downsampled,
 /// the exactly-once verdict folded).
 const SUMMARY_BOUND_BYTES: u64 = 96 * 1024;
@@ -109,10 +111,13 @@ fn node_memory_stays_flat_over_a_long_job_and_outputs_stay_bounded() {
     // Memory: flat on every node from the warm-up to the last step.
     assert_eq!(nodes.len(), 3, "every node reported its pid: {nodes:?}");
     for (node, m) in &nodes {
+        let warm = m.warm_kb.unwrap_or(0);
+        eprintln!("node {node}: {warm} kB at step {WARM_UP}, peak {} kB, {} kB at the end", m.peak_kb, m.last_kb);
+    }
+    for (node, m) in &nodes {
         let warm = m.warm_kb.unwrap_or_else(|| panic!("node {node} was never sampled after step {WARM_UP}: {m:?}"));
         assert!(m.samples >= 10, "node {node}: only {} samples after the warm-up", m.samples);
         let growth = m.peak_kb.saturating_sub(warm);
-        eprintln!("node {node}: {warm} kB at step {WARM_UP}, peak {} kB, {} kB at the end", m.peak_kb, m.last_kb);
         assert!(
             growth <= GROWTH_BOUND_KB,
             "node {node} grew by {growth} kB over {} steps after the warm-up (from {warm} kB to a peak of {} kB)",
