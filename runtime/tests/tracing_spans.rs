@@ -91,11 +91,16 @@ async fn every_actor_has_a_span_and_every_computed_step_a_debug_span_with_its_st
         assert_eq!(s.parent, Some("job"), "{s:?}");
     }
 
-    // Every (step, partition) a trainer computed has its step span in that trainer's span.
+    // Every (step, partition) a trainer computed has its step span in that trainer's span: one
+    // span per owned node of the reduction tree (its first partition and how many it covers).
     let computed: BTreeSet<(u64, u32)> = spans
         .iter()
         .filter(|s| s.name == "step" && s.parent == Some("trainer"))
-        .map(|s| (s.fields["step"].parse().unwrap(), s.fields["partition"].parse().unwrap()))
+        .flat_map(|s| {
+            let (step, first): (u64, u32) = (s.fields["step"].parse().unwrap(), s.fields["partition"].parse().unwrap());
+            let count: u32 = s.fields["partitions"].parse().unwrap();
+            (first..first + count).map(move |p| (step, p))
+        })
         .collect();
     let expected: BTreeSet<(u64, u32)> = (0..total_steps).flat_map(|s| (0..4).map(move |p| (s, p))).collect();
     assert_eq!(computed, expected);

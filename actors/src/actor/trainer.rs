@@ -37,7 +37,9 @@ impl TrainerState {
                 TrainerCommand::Send(Addr::Aggregator(r), Msg::Gradient(g)) => gradients.entry(r).or_default().push(g),
                 TrainerCommand::Send(to, msg) => self.ctx.net.send(to, msg),
                 TrainerCommand::Compute { step, partition } => {
-                    let _step = tracing::debug_span!("step", step, partition).entered();
+                    // The node computed: its first partition and how many it covers.
+                    let partitions = self.core.node_of(partition).map_or(1, |node| node.len());
+                    let _step = tracing::debug_span!("step", step, partition, partitions).entered();
                     #[cfg(feature = "fault-injection")]
                     self.ctx.faults.maybe_panic(self.key, step);
                     queue.extend(self.core.compute(step, partition)?);

@@ -377,7 +377,7 @@ impl TrainerCore {
     }
 
     /// The owned node holding partition `p`.
-    fn node_of(&self, p: u32) -> Option<Span> {
+    pub fn node_of(&self, p: u32) -> Option<Span> {
         self.spans.iter().find(|s| s.covers(&Span::leaf(p))).copied()
     }
 
