@@ -37,6 +37,7 @@ mod raw;
 mod socket;
 mod stats;
 mod stream;
+mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -312,9 +313,17 @@ impl Transport {
         let listen = config.listen;
         let socket_error = |source| BindError::Socket { node, addr: listen, source };
         let socket = bind_udp(listen, config.udp_buffer_bytes).map_err(socket_error)?;
-        let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
-                .map_err(socket_error)?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // What peers may send this node: as large as the packets it searches for itself.
+        endpoint_config.max_udp_payload_size(config.max_udp_payload).map_err(|_| BindError::Config {
+            node,
+            source: ConfigError::UdpPayload { max_udp_payload: config.max_udp_payload },
+        })?;
+        let quic_runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let socket = quic_runtime.wrap_udp_socket(socket).map_err(socket_error)?;
+        let socket = Arc::new(udp::GsoBounded::new(socket));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, Some(server), socket, quic_runtime)
+            .map_err(socket_error)?;
         let local_addr = endpoint.local_addr().map_err(socket_error)?;
 
         let (events, receiver) = mpsc::channel(config.event_queue_len);

@@ -37,6 +37,12 @@ pub enum ConfigError {
         /// The idle timeout.
         idle_timeout_ms: u64,
     },
+    /// The largest UDP payload is outside what QUIC allows (1200, its minimum, to 65527).
+    #[error("max UDP payload of {max_udp_payload} bytes must be between 1200 and 65527")]
+    UdpPayload {
+        /// The configured payload.
+        max_udp_payload: u16,
+    },
     /// The receive budget cannot hold one frame of the largest allowed size.
     #[error("receive budget of {recv_budget_bytes_per_peer} bytes is below the frame limit of {max_frame_bytes}")]
     RecvBudgetBelowFrameLimit {

@@ -654,8 +654,13 @@ impl Inner {
     }
 
     pub(crate) fn stats(&self) -> TransportStats {
-        let peers = self.peers().len();
-        self.stats.snapshot(*self.connections.borrow(), peers)
+        let mut quic = super::stats::QuicCounters::default();
+        let mut peers = 0;
+        for link in lock(&self.peers).values().filter(|link| link.is_live()) {
+            peers += 1;
+            quic.add(&link.conn.stats());
+        }
+        self.stats.snapshot(*self.connections.borrow(), peers, quic)
     }
 }
 

@@ -38,6 +38,30 @@ pub struct TransportStats {
     pub open_connections: usize,
     /// Peers with a live connection now.
     pub peers: usize,
+    /// Packets QUIC declared lost on the peers' live connections (since each opened): on
+    /// loopback, a sign of full socket buffers or of sends the kernel refused.
+    pub lost_packets: u64,
+    /// UDP datagrams sent on the peers' live connections (since each opened).
+    pub udp_datagrams_out: u64,
+    /// The largest path MTU (UDP payload bytes) MTU discovery reached on a live connection;
+    /// 0 without one.
+    pub max_path_mtu: u16,
+}
+
+/// What the peers' live QUIC connections report (see [`TransportStats::lost_packets`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct QuicCounters {
+    pub(crate) lost_packets: u64,
+    pub(crate) udp_datagrams_out: u64,
+    pub(crate) max_path_mtu: u16,
+}
+
+impl QuicCounters {
+    pub(crate) fn add(&mut self, stats: &quinn::ConnectionStats) {
+        self.lost_packets += stats.path.lost_packets;
+        self.udp_datagrams_out += stats.udp_tx.datagrams;
+        self.max_path_mtu = self.max_path_mtu.max(stats.path.current_mtu);
+    }
 }
 
 impl TransportStats {
@@ -97,7 +121,7 @@ impl Counters {
         *lock(&self.refused_by_peers).entry(code).or_insert(0) += 1;
     }
 
-    pub(crate) fn snapshot(&self, open_connections: usize, peers: usize) -> TransportStats {
+    pub(crate) fn snapshot(&self, open_connections: usize, peers: usize, quic: QuicCounters) -> TransportStats {
         TransportStats {
             frames_in: self.frames_in.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
@@ -110,6 +134,9 @@ impl Counters {
             refused_by_peers: lock(&self.refused_by_peers).clone(),
             open_connections,
             peers,
+            lost_packets: quic.lost_packets,
+            udp_datagrams_out: quic.udp_datagrams_out,
+            max_path_mtu: quic.max_path_mtu,
         }
     }
 }

@@ -582,6 +582,10 @@ impl State {
             refused_by_peers: BTreeMap::new(),
             open_connections: n.peers.len(),
             peers: n.peers.len(),
+            // No packets on an in-memory link: a frame is delivered whole or not at all.
+            lost_packets: 0,
+            udp_datagrams_out: 0,
+            max_path_mtu: 0,
         }
     }
 
