@@ -22,8 +22,12 @@ pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_RESTART_SILENCE_MS: u64 = 5 * DEFAULT_KEEP_ALIVE_MS;
 /// Default [`TransportConfig::udp_buffer_bytes`]: 4 MiB.
 pub const DEFAULT_UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-/// Default [`TransportConfig::max_udp_payload`]: the bound MTU discovery searches up to.
-pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 65_527;
+/// The UDP payloads QUIC allows: at least 1200 bytes (RFC 9000 § 14), at most 65,527 (the
+/// largest `max_udp_payload_size` transport parameter).
+pub const UDP_PAYLOAD_RANGE: std::ops::RangeInclusive<u16> = 1_200..=65_527;
+/// Default [`TransportConfig::max_udp_payload`]: the bound MTU discovery searches up to, the
+/// largest QUIC allows (the path decides).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = *UDP_PAYLOAD_RANGE.end();
 /// quinn's initial congestion window (RFC 9002: ten 1,472-byte datagrams); a connection
 /// starts with room for two MTU probes of [`TransportConfig::max_udp_payload`] on top.
 const INITIAL_WINDOW_BYTES: u64 = 14_720;
@@ -161,7 +165,7 @@ impl TransportConfig {
         if restart_silence_ms == 0 || restart_silence_ms > idle_timeout_ms {
             return Err(ConfigError::RestartSilence { restart_silence_ms, idle_timeout_ms });
         }
-        if !(1_200..=65_527).contains(&self.max_udp_payload) {
+        if !UDP_PAYLOAD_RANGE.contains(&self.max_udp_payload) {
             return Err(ConfigError::UdpPayload { max_udp_payload: self.max_udp_payload });
         }
         let max_frame_bytes = self.limits.max_frame_bytes;

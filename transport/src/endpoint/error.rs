@@ -37,7 +37,8 @@ pub enum ConfigError {
         /// The idle timeout.
         idle_timeout_ms: u64,
     },
-    /// The largest UDP payload is outside what QUIC allows (1200, its minimum, to 65527).
+    /// The largest UDP payload is outside what QUIC allows
+    /// ([`UDP_PAYLOAD_RANGE`](crate::UDP_PAYLOAD_RANGE)).
     #[error("max UDP payload of {max_udp_payload} bytes must be between 1200 and 65527")]
     UdpPayload {
         /// The configured payload.

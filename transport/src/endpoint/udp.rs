@@ -122,4 +122,73 @@ mod tests {
             assert!((segments_per_send(size) + 1) * size > MAX_GSO_BYTES, "{size}");
         }
     }
+
+    /// Records what reaches the kernel's socket.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        sends: std::sync::Mutex<Vec<(usize, Option<usize>)>>,
+    }
+
+    #[derive(Debug)]
+    struct Writable;
+
+    impl UdpPoller for Writable {
+        fn poll_writable(self: Pin<&mut Self>, _cx: &mut Context) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncUdpSocket for Recorder {
+        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+            Box::pin(Writable)
+        }
+        fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+            self.sends.lock().unwrap().push((transmit.contents.len(), transmit.segment_size));
+            Ok(())
+        }
+        fn poll_recv(&self, _: &mut Context, _: &mut [IoSliceMut<'_>], _: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9)))
+        }
+        fn max_transmit_segments(&self) -> usize {
+            64
+        }
+    }
+
+    fn transmit(contents: &[u8], segment_size: Option<usize>) -> Transmit<'_> {
+        Transmit { destination: SocketAddr::from(([127, 0, 0, 1], 9)), ecn: None, contents, segment_size, src_ip: None }
+    }
+
+    #[test]
+    fn a_batch_beyond_one_send_goes_in_parts_and_later_batches_fit() {
+        let recorder = Arc::new(Recorder::default());
+        let socket = GsoBounded::new(recorder.clone());
+        // Before any batch: what the socket underneath allows.
+        assert_eq!(socket.max_transmit_segments(), 64);
+
+        // Ten packets of 16,000 bytes and a short last one, built before the size was known:
+        // four full packets a send (64,000 bytes), the rest in a last send.
+        let bytes = vec![7u8; 10 * 16_000 + 500];
+        socket.try_send(&transmit(&bytes, Some(16_000))).unwrap();
+        let sends = std::mem::take(&mut *recorder.sends.lock().unwrap());
+        assert_eq!(sends, [(64_000, Some(16_000)), (64_000, Some(16_000)), (32_500, Some(16_000))]);
+        assert!(sends.iter().all(|(len, _)| *len <= MAX_GSO_BYTES));
+        // From now on quinn is asked for batches that fit.
+        assert_eq!(socket.max_transmit_segments(), 4);
+
+        // A last part of one packet goes without a segment size; a batch that fits goes whole;
+        // a single packet is passed on as it is.
+        let bytes = vec![7u8; 5 * 16_000];
+        socket.try_send(&transmit(&bytes, Some(16_000))).unwrap();
+        socket.try_send(&transmit(&bytes[..48_000], Some(16_000))).unwrap();
+        socket.try_send(&transmit(&bytes[..1_200], None)).unwrap();
+        let sends = std::mem::take(&mut *recorder.sends.lock().unwrap());
+        assert_eq!(sends, [(64_000, Some(16_000)), (16_000, None), (48_000, Some(16_000)), (1_200, None)]);
+
+        // The path shrinks (black-hole detection): more, smaller segments fit again.
+        socket.try_send(&transmit(&bytes[..2 * 1_452], Some(1_452))).unwrap();
+        assert_eq!(socket.max_transmit_segments(), 45);
+    }
 }
