@@ -295,6 +295,8 @@ pub struct Membership {
     leases: bool,
     /// When each silent member was last probed (at most one probe per heartbeat period).
     probed: BTreeMap<u32, Instant>,
+    /// The newest moment any event reached this core (see [`Membership::catch_up`]).
+    last_event: Option<Instant>,
 }
 
 /// A run of views this node coordinates without another coordinator between them.
@@ -345,6 +347,7 @@ impl Membership {
             term: None,
             leases: true,
             probed: BTreeMap::new(),
+            last_event: None,
         }
     }
 
@@ -546,7 +549,7 @@ impl Membership {
     /// Advance the clock: heartbeat if due, declare silent members down,
     /// and (as coordinator with quorum) issue a new view if membership changed.
     pub fn on_tick(&mut self, now: Instant) -> Vec<MembershipCommand> {
-        let mut out = Vec::new();
+        let mut out = self.catch_up(now);
         // The settling window opens when this node (again) hears a majority:
         // from then on it gives every member a failure timeout to be heard.
         if self.has_quorum() {
@@ -583,19 +586,7 @@ impl Membership {
                 out.push(MembershipCommand::Send(m, beat));
             }
         }
-        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
-        let silent: Vec<u32> = self
-            .up
-            .iter()
-            .copied()
-            .filter(|m| *m != self.me)
-            .filter(|m| self.last_heard.get(m).is_none_or(|t| now.saturating_duration_since(*t) > timeout))
-            .collect();
-        for m in silent {
-            self.up.remove(&m);
-            self.reported.remove(&m);
-            out.push(MembershipCommand::Down(m));
-        }
+        out.extend(self.expire_silent(now));
         if let Some(after) = self.config.probe_after() {
             let due: Vec<u32> = self
                 .up
@@ -614,6 +605,48 @@ impl Membership {
         out
     }
 
+    /// Every member silent for longer than the failure timeout is down.
+    fn expire_silent(&mut self, now: Instant) -> Vec<MembershipCommand> {
+        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        let silent: Vec<u32> = self
+            .up
+            .iter()
+            .copied()
+            .filter(|m| *m != self.me)
+            .filter(|m| self.last_heard.get(m).is_none_or(|t| now.saturating_duration_since(*t) > timeout))
+            .collect();
+        for m in &silent {
+            self.up.remove(m);
+            self.reported.remove(m);
+        }
+        silent.into_iter().map(MembershipCommand::Down).collect()
+    }
+
+    /// Run first by every entry point. A core that stood still for longer than the failure
+    /// timeout (its process was paused, or starved of its ticks) has heard nothing meanwhile:
+    /// every other member is silent past the timeout, and the members have declared this node
+    /// down by the same rule. So before it takes anything else — above all a message queued
+    /// while it stood still, which describes the cluster as it was — it declares them all down
+    /// and, having no majority, voids its view and starts over as a newcomer. Otherwise a
+    /// heartbeat one member queued before the pause, taken before the first tick, would keep a
+    /// majority and the old view alive, and a woken coordinator would issue views again that
+    /// compete with its successor's. A node whose ticks come (every few milliseconds on a
+    /// node loop) never meets this: the tick's own rule has already declared the same members
+    /// down.
+    fn catch_up(&mut self, now: Instant) -> Vec<MembershipCommand> {
+        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        let stood_still = self.last_event.is_some_and(|t| now.saturating_duration_since(t) > timeout);
+        self.last_event = Some(self.last_event.map_or(now, |t| t.max(now)));
+        if !stood_still {
+            return Vec::new();
+        }
+        tracing::info!(node = self.me, "no event for longer than the failure timeout: rejoining as a newcomer");
+        let mut out = self.expire_silent(now);
+        out.extend(self.reconcile());
+        out.extend(self.track_term(now));
+        out
+    }
+
     /// How long member `peer` has been silent, if it was ever heard.
     fn silence(&self, peer: u32, now: Instant) -> Option<Duration> {
         self.last_heard.get(&peer).map(|t| now.saturating_duration_since(*t))
@@ -627,11 +660,13 @@ impl Membership {
     /// restarted before this node noticed the silence would stay in the view with none of
     /// its actors.
     pub fn on_restarted(&mut self, peer: u32, now: Instant) -> Vec<MembershipCommand> {
+        let mut out = self.catch_up(now);
         if peer == self.me || !self.up.contains(&peer) {
-            return Vec::new();
+            return out;
         }
         self.last_heard.remove(&peer);
-        self.declare_down(peer, MembershipCommand::Restarted(peer), now)
+        out.extend(self.declare_down(peer, MembershipCommand::Restarted(peer), now));
+        out
     }
 
     /// Takes member `peer` out of the view this node would issue, with `down` (the
@@ -654,12 +689,14 @@ impl Membership {
     /// the answer can only speed up the detection of a member that is silent anyway. Safety
     /// does not rest on it either way: a coordinator's successor still waits out its lease.
     pub fn on_gone(&mut self, peer: u32, now: Instant) -> Vec<MembershipCommand> {
+        let mut out = self.catch_up(now);
         let silent =
             self.config.probe_after().zip(self.silence(peer, now)).is_some_and(|(after, silence)| silence >= after);
         if peer == self.me || !self.up.contains(&peer) || !silent {
-            return Vec::new();
+            return out;
         }
-        self.declare_down(peer, MembershipCommand::Gone(peer), now)
+        out.extend(self.declare_down(peer, MembershipCommand::Gone(peer), now));
+        out
     }
 
     /// A message from member `from` arrived.
@@ -667,14 +704,15 @@ impl Membership {
         if !self.members.contains(&from) || from == self.me {
             return Vec::new();
         }
+        let mut out = self.catch_up(now);
         let now_us = self.micros(now);
         if let Err(why) = self.check(from, &msg, now_us) {
             // Not even a sign of life: a member that only says such things is
             // declared down like a silent one, and leaves the view.
-            return vec![self.reject(from, &msg, why)];
+            out.push(self.reject(from, &msg, why));
+            return out;
         }
         self.last_heard.insert(from, now);
-        let mut out = Vec::new();
         self.up.insert(from);
         match msg {
             MembershipMsg::Heartbeat { view_epoch, highest_epoch, coordinator, sent_us, echo_us, released_us } => {
@@ -1348,15 +1386,17 @@ mod tests {
         assert!(violations.is_empty(), "{violations:?}");
     }
 
-    /// Found by the simulation tier on real nodes (seeds 132 and 1424): a coordinator woken
-    /// from a pause first hears a heartbeat one member queued before the pause (it still names
-    /// the sleeper as coordinator), declares only the other member down, keeps a quorum and
-    /// issues a view of the epoch its successor took over in — and wins the tie. Its lease had
-    /// run out and the members had acknowledged the successor meanwhile, who committed: the old
-    /// term must not go on after the successor's. It ends (the view is given up) and a new term
-    /// begins with a new view, so each term's commits form one interval and none overlap.
+    /// Found by the simulation tier on real nodes (seeds 132 and 1424), and again by the process
+    /// tier (`cluster_membership`): a coordinator woken from a pause first hears a heartbeat one
+    /// member queued before the pause (it still names the sleeper as coordinator). Taking it
+    /// before its first tick, the node kept a majority, declared only the other member down and
+    /// issued views of its own again — one of the epoch its successor took over in, which won
+    /// the tie, and then one with all three members. (The lapsed lease then ended that term, so
+    /// no commits overlapped, but the coordinator was no longer sticky.) Now the core first
+    /// notices that it stood still past the failure timeout and starts over as a newcomer
+    /// ([`Membership::catch_up`]): it joins the successor's term, which goes on.
     #[test]
-    fn a_term_whose_lease_lapsed_while_another_coordinator_was_acknowledged_ends() {
+    fn a_coordinator_woken_to_a_heartbeat_queued_before_its_pause_rejoins_its_successors_term() {
         let mut net = Net::new(3);
         net.run(1_000);
         let first = net.view_of(0);
@@ -1367,6 +1407,7 @@ mod tests {
         assert_eq!(successor.coordinator, 1);
         assert!(net.commits.iter().any(|c| c.node == 1), "the successor committed");
         // Node 0 wakes to node 2's heartbeat sent before the pause, then ticks.
+        let adopted_before = net.adopted[&0].len();
         net.paused.remove(&0);
         let queued = plain_beat(first.epoch, first.epoch, Some(0));
         net.apply(2, vec![MembershipCommand::Send(0, queued)]);
@@ -1378,15 +1419,17 @@ mod tests {
         assert_eq!(v.members.len(), 3, "{v:?}");
         let violations = crate::cluster::commits::check(&net.commits);
         assert!(violations.is_empty(), "{violations:?}");
+        // The successor's term goes on: node 0 rejoins it, and no term of node 0 comes between.
         let last = net.commits.last().expect("commits after the wake-up");
-        assert!(
-            last.generation >> 32 > successor.epoch,
-            "the cluster commits in a term after the successor's: {last:?}"
-        );
-        if v.coordinator == 0 {
-            let given_up = net.given_up.iter().any(|(node, lost)| *node == 0 && lost.coordinator == 0);
-            assert!(given_up, "node 0 ended its old term before coordinating again: {:?}", net.given_up);
-        }
+        assert_eq!((last.node, last.generation >> 32), (1, successor.epoch), "{last:?}");
+        assert!(last.t_us > 5_000_000, "the successor commits to the end: {last:?}");
+        // A core that stood still longer than the failure timeout starts over as a newcomer
+        // before it takes any message: the queued heartbeat cannot keep its old view alive, and
+        // it joins its successor's view (the coordinator is sticky), never issuing one of its own.
+        assert_eq!(v.coordinator, 1, "{v:?}");
+        let own = net.adopted[&0].iter().skip(adopted_before).find(|w| w.coordinator == 0);
+        assert!(own.is_none(), "node 0 issued a view after waking: {own:?}");
+        assert!(net.given_up.is_empty(), "{:?}", net.given_up);
     }
 
     #[test]
