@@ -4,8 +4,9 @@
 //! the fault-free in-process run — and the kill took effect (the job's
 //! summary lists the lost node).
 //!
-//! The example is built with the cargo that runs this test (same profile and
-//! target directory), then run as a user would; every wait is bounded.
+//! The example is built with the cargo that runs this test (same profile, target directory
+//! and workspace features: under `cargo test --workspace` that build is already done), then run
+//! as a user would; every wait is bounded.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -39,7 +40,11 @@ fn build_example(name: &str) -> PathBuf {
         }
     }
     command
-        .args(["build", "--quiet", "--message-format=json", "-p", "phalanx-examples", "--example", name])
+        // `--workspace`, not `-p phalanx-examples`: the features then unify over the whole
+        // workspace as `cargo test --workspace` unifies them, which has built this example with
+        // every library it needs already, so nothing is compiled again (a `-p` build selected
+        // other features and rebuilt the workspace's crates: about 100 s of CI).
+        .args(["build", "--quiet", "--message-format=json", "--workspace", "--example", name])
         .arg("--target-dir")
         .arg(&target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
