@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use phalanx::relay::{FaultRelay, LinkFaults, RelayStats};
 use phalanx_transport::{
-    certs, decode, encode, Limits, NodeIdentity, Transport, TransportConfig, TransportEvent, DEFAULT_UDP_BUFFER_BYTES,
+    certs, encode, Limits, NodeIdentity, Transport, TransportConfig, TransportEvent, DEFAULT_UDP_BUFFER_BYTES,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Receiver;
@@ -417,7 +417,7 @@ async fn collect(events: &mut Receiver<TransportEvent>, peer: u32, count: usize)
         match next_event(events, "a frame").await {
             TransportEvent::Message { peer: p, frame } => {
                 assert_eq!(p, peer);
-                let decoded = decode::<Numbered>(&frame, &limits).expect("decode");
+                let decoded = frame.decode::<Numbered>(&limits).0.expect("decode");
                 assert_eq!(decoded.header.from, peer);
                 let expected = tensor(peer, decoded.header.seq);
                 let same = decoded.tensor.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());

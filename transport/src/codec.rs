@@ -19,8 +19,9 @@ mod header;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use decode::check_envelope;
 pub(crate) use decode::check_frame_start;
-pub use decode::{check_frame, decode, FrameDecoder};
+pub use decode::{check_frame, decode, decode_parts, FrameDecoder, TensorAssembler};
 pub use encode::{encode, encode_into, encode_parts};
 pub use error::{DecodeError, EncodeError};
 

@@ -102,11 +102,12 @@ pub enum TransportEvent {
     },
     /// One frame from a peer.
     ///
-    /// `frame` is the frame's body as [`decode`](crate::decode) takes it: without the length
-    /// prefix, with the version, header and tensor already checked against the envelope rules
-    /// and the limits ([`check_frame`](crate::check_frame)). Only the header's content is left
-    /// unchecked, because only the caller knows its type: decode it with
-    /// `decode::<YourHeader>(&frame, &limits)` and, if that fails, call
+    /// `frame` is the frame's body without the length prefix, with the version, header and
+    /// tensor already checked against the envelope rules and the limits
+    /// ([`check_frame`](crate::check_frame)); its tensor was read apart, straight into values.
+    /// Only the header's content is left unchecked, because only the caller knows its type:
+    /// decode it with `frame.decode::<YourHeader>(&limits)` (which takes the values over
+    /// without a copy) and, if that fails, call
     /// [`Transport::reject`] with the error's [`reason_code`](crate::DecodeError::reason_code).
     Message {
         /// The sender.
@@ -255,7 +256,8 @@ pub struct PeerInfo {
 ///     match b_events.recv().await.expect("b is running") {
 ///         TransportEvent::PeerUp { peer, .. } => assert_eq!(peer, 0),
 ///         TransportEvent::Message { peer, frame } => {
-///             let frame = phalanx_transport::decode::<String>(&frame, &Limits::default())?;
+///             let (decoded, _budget) = frame.decode::<String>(&Limits::default());
+///             let frame = decoded?;
 ///             assert_eq!((peer, frame.header.as_str(), frame.tensor), (0, "step 7", vec![0.5, 1.5]));
 ///             break;
 ///         }

@@ -11,7 +11,6 @@
 //! for a receiver that decodes elsewhere and gives it back after.
 
 use std::fmt;
-use std::ops::Deref;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -44,73 +43,117 @@ impl fmt::Debug for ReceiveBudget {
 }
 
 /// The body of a received frame (its length prefix removed) and its receive-budget share.
-/// Reads as a byte slice.
+///
+/// A frame read from QUIC holds its tensor apart, as values: its bytes were collected from
+/// QUIC's buffers straight into `f32`s ([`TensorAssembler`](crate::codec::TensorAssembler)),
+/// and [`decode`](Self::decode) takes them over without a copy. The body as bytes is there too
+/// ([`to_vec`](Self::to_vec), [`into_vec`](Self::into_vec)), joined on demand.
 pub struct RecvFrame {
-    bytes: Vec<u8>,
+    /// The envelope and the header (the whole body for a frame built from bytes).
+    head: Vec<u8>,
+    /// The values after the header, when read apart.
+    tensor: Vec<f32>,
     budget: ReceiveBudget,
+}
+
+/// The bytes of `head` followed by the little-endian bytes of `tensor`; no copy when the
+/// tensor is empty.
+pub(crate) fn join(mut head: Vec<u8>, tensor: &[f32]) -> Vec<u8> {
+    if !tensor.is_empty() {
+        head.reserve_exact(tensor.len() * 4);
+        #[cfg(target_endian = "little")]
+        head.extend_from_slice(tensor.as_bytes());
+        #[cfg(not(target_endian = "little"))]
+        head.extend(tensor.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    head
 }
 
 impl RecvFrame {
     /// A frame of `bytes` that holds no budget (tests, frames a node hands itself).
     pub fn new(bytes: Vec<u8>) -> Self {
-        Self { bytes, budget: ReceiveBudget::none() }
+        Self { head: bytes, tensor: Vec::new(), budget: ReceiveBudget::none() }
     }
 
-    pub(crate) fn with_budget(bytes: Vec<u8>, budget: ReceiveBudget) -> Self {
-        Self { bytes, budget }
+    pub(crate) fn with_budget(head: Vec<u8>, tensor: Vec<f32>, budget: ReceiveBudget) -> Self {
+        Self { head, tensor, budget }
     }
 
-    /// The bytes; the budget share goes back now.
+    /// Bytes of the body.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tensor.len() * 4
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decodes the frame as [`decode`](crate::codec::decode) does, taking a tensor read apart
+    /// over without a copy; the budget share comes back beside the result, to be dropped once
+    /// the receiver is done with it.
+    pub fn decode<H: serde::de::DeserializeOwned>(
+        self,
+        limits: &crate::Limits,
+    ) -> (Result<crate::Frame<H>, crate::DecodeError>, ReceiveBudget) {
+        let Self { head, tensor, budget } = self;
+        let decoded = if tensor.is_empty() {
+            crate::codec::decode(&head, limits)
+        } else {
+            crate::codec::decode_parts(&head, tensor, limits)
+        };
+        (decoded, budget)
+    }
+
+    /// The body's bytes, copied out.
+    pub fn to_vec(&self) -> Vec<u8> {
+        join(self.head.clone(), &self.tensor)
+    }
+
+    /// The body's bytes; the budget share goes back now.
     pub fn into_vec(self) -> Vec<u8> {
-        self.bytes
+        join(self.head, &self.tensor)
     }
 
-    /// The bytes and the budget share apart (drop the share once done with the bytes).
+    /// The body's bytes and the budget share apart (drop the share once done with the bytes).
     pub fn into_parts(self) -> (Vec<u8>, ReceiveBudget) {
-        (self.bytes, self.budget)
+        (join(self.head, &self.tensor), self.budget)
     }
 
     /// Whether it still holds a share of a receive budget.
     pub fn holds_budget(&self) -> bool {
         self.budget.is_held()
     }
-}
 
-impl Deref for RecvFrame {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
-impl AsRef<[u8]> for RecvFrame {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
+    fn eq_bytes(&self, other: &[u8]) -> bool {
+        let Some((head, rest)) = other.split_at_checked(self.head.len()) else { return false };
+        head == self.head
+            && rest.len() == self.tensor.len() * 4
+            && rest.chunks_exact(4).zip(&self.tensor).all(|(b, v)| b == v.to_le_bytes())
     }
 }
 
 impl PartialEq<[u8]> for RecvFrame {
     fn eq(&self, other: &[u8]) -> bool {
-        self.bytes == other
+        self.eq_bytes(other)
     }
 }
 
 impl PartialEq<Vec<u8>> for RecvFrame {
     fn eq(&self, other: &Vec<u8>) -> bool {
-        &self.bytes == other
+        self.eq_bytes(other)
     }
 }
 
 impl PartialEq<RecvFrame> for Vec<u8> {
     fn eq(&self, other: &RecvFrame) -> bool {
-        self == &other.bytes
+        other.eq_bytes(self)
     }
 }
 
 impl fmt::Debug for RecvFrame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RecvFrame").field("bytes", &self.bytes.len()).field("budget", &self.budget).finish()
+        f.debug_struct("RecvFrame").field("bytes", &self.len()).field("budget", &self.budget).finish()
     }
 }
 

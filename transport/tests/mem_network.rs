@@ -30,8 +30,8 @@ fn frame(text: &str) -> Vec<u8> {
     encode(&text, &[], &Limits::default()).expect("encode")
 }
 
-fn text(frame: &[u8]) -> String {
-    decode::<String>(frame, &Limits::default()).expect("decode").header
+fn text(frame: &phalanx_transport::RecvFrame) -> String {
+    decode::<String>(&frame.to_vec(), &Limits::default()).expect("decode").header
 }
 
 fn network(seed: u64) -> MemNetwork {
@@ -716,7 +716,7 @@ async fn ping_pong<T: api::Transport>(
                     send(peer, &Msg::Ping(0));
                 }
             }
-            TransportEvent::Message { peer, frame } => match decode::<Msg>(&frame, &limits) {
+            TransportEvent::Message { peer, frame } => match frame.decode::<Msg>(&limits).0 {
                 Ok(frame) => {
                     log.push(format!("{:?} from {peer}", frame.header));
                     match frame.header {

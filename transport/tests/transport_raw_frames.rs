@@ -47,7 +47,7 @@ async fn acknowledged_raw_frames_arrive_before_the_oversized_frame_closes_the_co
         .chain(&rest)
         .filter_map(|e| match e {
             TransportEvent::Message { peer: 1, frame } => {
-                Some(phalanx_transport::decode::<String>(frame, &limits).expect("decode").header)
+                Some(phalanx_transport::decode::<String>(&frame.to_vec(), &limits).expect("decode").header)
             }
             _ => None,
         })

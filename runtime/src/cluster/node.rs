@@ -411,17 +411,17 @@ async fn node_loop_on<T: api::Transport>(
                 Some(TransportEvent::Message { peer, frame }) if frame.len() > INLINE_DECODE_BYTES => {
                     let tx = decoded_tx.clone();
                     tokio::task::spawn_blocking(move || {
-                        let decoded = wire::decode(&frame, &limits);
                         let len = frame.len();
-                        let (_, budget) = frame.into_parts();
+                        let (decoded, budget) = wire::decode_received(frame, &limits);
                         // Waits while the loop is behind (bounded); fails only once it stopped.
                         let _ = tx.blocking_send((peer, len, decoded, budget));
                     });
                     Vec::new()
                 }
                 Some(TransportEvent::Message { peer, frame }) => {
-                    let decoded = wire::decode(&frame, &limits);
-                    on_decoded(me, peer, frame.len(), decoded, &mut membership, &mut jobs, &metrics, &transport)
+                    let len = frame.len();
+                    let (decoded, _budget) = wire::decode_received(frame, &limits);
+                    on_decoded(me, peer, len, decoded, &mut membership, &mut jobs, &metrics, &transport)
                 }
                 // The transport closed a connection for a frame that broke a codec rule.
                 Some(TransportEvent::BadFrame { peer, code, reason }) => {

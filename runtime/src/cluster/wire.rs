@@ -3,7 +3,7 @@
 
 use phalanx_actors::model::kernel::KernelFingerprint;
 use phalanx_actors::protocol::{ActorKey, Addr, Msg};
-use phalanx_transport::{DecodeError, EncodeError, Frame, Limits, OutFrame, TensorBytes};
+use phalanx_transport::{DecodeError, EncodeError, Frame, Limits, OutFrame, ReceiveBudget, RecvFrame, TensorBytes};
 use serde::{Deserialize, Serialize};
 
 use super::membership::MembershipMsg;
@@ -378,7 +378,18 @@ pub const TENSOR_MISMATCH_CODE: u32 = 0x301;
 
 /// Decode a frame body from a peer.
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
-    let Frame { header, tensor } = phalanx_transport::decode::<NodeMsg>(frame, limits)?;
+    inbound(phalanx_transport::decode::<NodeMsg>(frame, limits)?)
+}
+
+/// [`decode`] for a frame as the transport delivers it: its tensor, read apart from QUIC's
+/// buffers straight into values, is taken over without a copy. The frame's share of the
+/// receive budget comes back beside the result.
+pub fn decode_received(frame: RecvFrame, limits: &Limits) -> (Result<Inbound, InboundError>, ReceiveBudget) {
+    let (decoded, budget) = frame.decode::<NodeMsg>(limits);
+    (decoded.map_err(InboundError::from).and_then(inbound), budget)
+}
+
+fn inbound(Frame { header, tensor }: Frame<NodeMsg>) -> Result<Inbound, InboundError> {
     match header {
         NodeMsg::Deliver { job, to, mut msg, lens } => {
             let got = tensor.len();

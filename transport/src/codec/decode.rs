@@ -46,6 +46,86 @@ pub fn decode<H: DeserializeOwned>(frame: &[u8], limits: &Limits) -> Result<Fram
     Ok(Frame { header, tensor: tensor_from_le_bytes(tensor) })
 }
 
+/// [`decode`] for a frame whose tensor was read apart from the rest ([`TensorAssembler`]):
+/// `head` holds the envelope and the header, `tensor` the values that followed them. Every rule
+/// is checked as for the whole frame; the values are taken over without a copy.
+pub fn decode_parts<H: DeserializeOwned>(
+    head: &[u8],
+    tensor: Vec<f32>,
+    limits: &Limits,
+) -> Result<Frame<H>, DecodeError> {
+    let tensor_bytes = (tensor.len() as u64).saturating_mul(F32_BYTES as u64);
+    let frame_len = u64::try_from(head.len()).unwrap_or(u64::MAX).saturating_add(tensor_bytes);
+    let Some(header_len) = check_envelope(head, frame_len, limits)? else {
+        return Err(DecodeError::Truncated { needed: ENVELOPE_BYTES as u64, available: frame_len });
+    };
+    // The head is the envelope and the header, nothing more: a tensor byte in it would shift
+    // every value that follows.
+    let header = head.get(ENVELOPE_BYTES..).unwrap_or_default();
+    if header.len() != header_len {
+        return Err(DecodeError::Truncated {
+            needed: (ENVELOPE_BYTES + header_len) as u64,
+            available: head.len() as u64,
+        });
+    }
+    Ok(Frame { header: decode_header(header)?, tensor })
+}
+
+/// Collects a tensor's little-endian bytes, arriving in chunks of any size (a value may be
+/// split between two), straight into `f32` values: one pass over the bytes, with no buffer of
+/// bytes in between and no zeroing of the values first. Bit-exact (NaN payloads included).
+#[derive(Debug, Default)]
+pub struct TensorAssembler {
+    values: Vec<f32>,
+    /// The first bytes of a value whose last ones have not arrived yet.
+    partial: [u8; F32_BYTES],
+    partial_len: usize,
+}
+
+impl TensorAssembler {
+    /// An assembler for a tensor of `bytes` bytes (memory for it is reserved at once: the
+    /// caller has checked the length against its limits).
+    pub fn with_bytes(bytes: usize) -> Self {
+        Self { values: Vec::with_capacity(bytes / F32_BYTES), ..Self::default() }
+    }
+
+    /// Bytes taken so far.
+    pub fn bytes(&self) -> usize {
+        self.values.len() * F32_BYTES + self.partial_len
+    }
+
+    /// Takes the next bytes of the tensor.
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if self.partial_len > 0 {
+            let take = (F32_BYTES - self.partial_len).min(bytes.len());
+            let (head, rest) = bytes.split_at(take);
+            self.partial[self.partial_len..self.partial_len + take].copy_from_slice(head);
+            self.partial_len += take;
+            bytes = rest;
+            if self.partial_len < F32_BYTES {
+                return;
+            }
+            self.values.push(f32::from_le_bytes(self.partial));
+            self.partial_len = 0;
+        }
+        let chunks = bytes.chunks_exact(F32_BYTES);
+        let rest = chunks.remainder();
+        self.values.extend(chunks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        self.partial[..rest.len()].copy_from_slice(rest);
+        self.partial_len = rest.len();
+    }
+
+    /// The values, once the bytes taken are a whole number of them; else how many bytes were
+    /// taken.
+    pub fn finish(self) -> Result<Vec<f32>, u64> {
+        if self.partial_len == 0 {
+            Ok(self.values)
+        } else {
+            Err(self.bytes() as u64)
+        }
+    }
+}
+
 /// Checks every rule of one frame body (prefix removed) except the header's content: the
 /// length limit, the version, the header length and the tensor length (rules 1–4 of the
 /// [module docs](super)).
@@ -87,7 +167,7 @@ pub(crate) fn check_frame_start(start: &[u8], frame_len: u64, limits: &Limits) -
 /// Returns the header length once the whole envelope is present, `None` while it is not.
 /// Checking partial envelopes is what lets [`FrameDecoder`] refuse a foreign or oversize
 /// frame from its first bytes instead of after buffering it.
-fn check_envelope(body: &[u8], frame_len: u64, limits: &Limits) -> Result<Option<usize>, DecodeError> {
+pub(crate) fn check_envelope(body: &[u8], frame_len: u64, limits: &Limits) -> Result<Option<usize>, DecodeError> {
     if frame_len > u64::from(limits.max_frame_bytes) {
         return Err(DecodeError::Oversize { len: frame_len, max: limits.max_frame_bytes });
     }

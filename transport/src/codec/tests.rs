@@ -733,3 +733,64 @@ proptest! {
         }
     }
 }
+
+/// A frame's tensor read apart, in chunks cut anywhere (a value split between two chunks
+/// included), decodes to the same header and the same bits as the whole frame: NaN payloads,
+/// signed zeros and subnormals too.
+#[test]
+fn a_tensor_read_apart_in_any_chunks_decodes_as_the_whole_frame() {
+    let limits = Limits::default();
+    let header = Control::Heartbeat(7);
+    let tensor: Vec<f32> = [f32::from_bits(0x7fc0_1234), -0.0, f32::MIN_POSITIVE / 3.0, 1.5, f32::INFINITY]
+        .into_iter()
+        .chain((0..1000).map(|i| i as f32 * 0.25 - 3.0))
+        .collect();
+    let wire = encode(&header, &tensor, &limits).expect("encode");
+    let body = &wire[PREFIX_BYTES..];
+    let whole = decode::<Control>(body, &limits).expect("decode");
+    let head_len = body.len() - tensor.len() * F32_BYTES;
+    let (head, bytes) = body.split_at(head_len);
+    for cut in [1, 2, 3, 4, 5, 7, 64, 1499, bytes.len()] {
+        let mut assembler = TensorAssembler::with_bytes(bytes.len());
+        for chunk in bytes.chunks(cut) {
+            assembler.push(chunk);
+        }
+        assert_eq!(assembler.bytes(), bytes.len());
+        let values = assembler.finish().expect("whole values");
+        let parts = decode_parts::<Control>(head, values, &limits).expect("decode parts");
+        assert_eq!(parts.header, whole.header, "chunks of {cut}");
+        let same = parts.tensor.iter().zip(&whole.tensor).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same && parts.tensor.len() == whole.tensor.len(), "chunks of {cut}: the bits differ");
+    }
+}
+
+/// An assembler that took a part of a value reports the bytes it took instead of values.
+#[test]
+fn a_tensor_ending_inside_a_value_is_refused() {
+    let mut assembler = TensorAssembler::with_bytes(8);
+    assembler.push(&[1, 2, 3, 4, 5, 6]);
+    assert_eq!(assembler.bytes(), 6);
+    assert_eq!(assembler.finish(), Err(6));
+}
+
+/// `decode_parts` applies every rule `decode` does to the head, and refuses a head that runs
+/// into the tensor (its values would be shifted).
+#[test]
+fn decoding_parts_checks_the_head_like_the_whole_frame() {
+    let limits = Limits::default();
+    let wire = encode(&Control::Bye, &[1.0, 2.0], &limits).expect("encode");
+    let body = &wire[PREFIX_BYTES..];
+    let head = &body[..body.len() - 8];
+    assert!(decode_parts::<Control>(head, vec![1.0, 2.0], &limits).is_ok());
+    let mut foreign = head.to_vec();
+    foreign[0] = 9;
+    let err = decode_parts::<Control>(&foreign, vec![1.0], &limits).unwrap_err();
+    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 9, .. }), "{err:?}");
+    let mut longer = head.to_vec();
+    longer.extend_from_slice(&1.0f32.to_le_bytes());
+    let err = decode_parts::<Control>(&longer, vec![2.0], &limits).unwrap_err();
+    assert!(matches!(err, DecodeError::Truncated { .. }), "{err:?}");
+    let small = Limits { max_frame_bytes: head.len() as u32 + 4, ..limits };
+    let err = decode_parts::<Control>(head, vec![1.0, 2.0], &small).unwrap_err();
+    assert!(matches!(err, DecodeError::Oversize { .. }), "{err:?}");
+}

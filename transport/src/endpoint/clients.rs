@@ -180,7 +180,7 @@ impl Inner {
         let request = TransportEvent::ClientRequest {
             client,
             addr,
-            request: frame.body,
+            request: frame.into_body(),
             reply: ClientReply { send, _slot: slot },
         };
         let _ = self.events.send(request).await;

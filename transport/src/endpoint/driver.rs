@@ -193,11 +193,11 @@ pub(crate) async fn drive(inner: Arc<Inner>, link: Arc<Link>) {
 async fn handle(inner: &Inner, link: &Link, done: Result<Result<ReceivedFrame, FrameReadError>, JoinError>) {
     match done {
         Ok(Ok(frame)) => {
-            inner.stats.received(frame.body.len());
             // The budget permit goes with the body: released when the receiver drops it.
-            let ReceivedFrame { body, _budget } = frame;
+            let ReceivedFrame { head, tensor, _budget } = frame;
+            inner.stats.received(head.len() + tensor.len() * 4);
             let budget = _budget.map_or_else(crate::ReceiveBudget::none, crate::ReceiveBudget::of);
-            inner.deliver(link, crate::RecvFrame::with_budget(body, budget)).await;
+            inner.deliver(link, crate::RecvFrame::with_budget(head, tensor, budget)).await;
         }
         Ok(Err(err)) => match err.violation() {
             Some((code, reason)) => {

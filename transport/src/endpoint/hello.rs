@@ -114,7 +114,7 @@ pub(crate) async fn dial(conn: &Connection, ours: &Hello, certified: u32) -> Res
     // Only fails if the stream was already finished or reset, which nothing here does.
     let _ = send.finish();
     let frame = read_frame(&mut recv, &HELLO_LIMITS, None).await.map_err(HelloError::Read)?;
-    check(&frame.body, certified)
+    check(&frame.into_body(), certified)
 }
 
 /// The acceptor's side: take the dialler's stream, read and check its hello, answer with ours.
@@ -122,7 +122,7 @@ pub(crate) async fn accept(conn: &Connection, ours: &Hello, certified: u32) -> R
     let bytes = ours.encode().map_err(HelloError::Encode)?;
     let (mut send, mut recv) = conn.accept_bi().await.map_err(HelloError::Lost)?;
     let frame = read_frame(&mut recv, &HELLO_LIMITS, None).await.map_err(HelloError::Read)?;
-    let theirs = check(&frame.body, certified)?;
+    let theirs = check(&frame.into_body(), certified)?;
     send.write_all(&bytes).await?;
     let _ = send.finish();
     Ok(theirs)

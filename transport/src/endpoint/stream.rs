@@ -8,7 +8,7 @@ use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, VarInt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::codec::{check_frame, PREFIX_BYTES};
+use crate::codec::{check_envelope, check_frame_start, TensorAssembler, ENVELOPE_BYTES, PREFIX_BYTES};
 use crate::{codes, DecodeError, Limits, PROTOCOL_VERSION};
 
 /// Bytes of the version field at the start of a frame body.
@@ -74,12 +74,24 @@ fn from_io(err: std::io::Error) -> FrameReadError {
     }
 }
 
-/// A frame body (prefix removed) and the receive-budget permit that pays for its bytes.
+/// A frame body (prefix removed), its tensor apart, and the receive-budget permit that pays
+/// for its bytes.
 pub(crate) struct ReceivedFrame {
-    pub(crate) body: Vec<u8>,
+    /// The envelope and the header.
+    pub(crate) head: Vec<u8>,
+    /// The values after the header.
+    pub(crate) tensor: Vec<f32>,
     /// Held until the body is handed over, so the bytes buffered per connection stay within
     /// the budget. `None` when no budget applies (the hello).
     pub(crate) _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl ReceivedFrame {
+    /// The body as one buffer: for frames whose tensor is empty by their limits (hellos,
+    /// client requests), with no copy then.
+    pub(crate) fn into_body(self) -> Vec<u8> {
+        crate::frame::join(self.head, &self.tensor)
+    }
 }
 
 /// Reads exactly one frame from `recv`: a length prefix, then that many bytes, then the end
@@ -89,7 +101,7 @@ pub(crate) struct ReceivedFrame {
 /// `budget`, the body's bytes are also acquired from it first (it must hold at least
 /// `limits.max_frame_bytes` permits, or a largest frame would wait forever). The version is
 /// checked as soon as its bytes arrive and the whole envelope once the body is complete
-/// ([`check_frame`]); the header's content is left to whoever knows its type.
+/// ([`check_frame`](crate::codec::check_frame)); the header's content is left to whoever knows its type.
 pub(crate) async fn read_frame(
     recv: &mut RecvStream,
     limits: &Limits,
@@ -127,27 +139,25 @@ pub(crate) async fn read_frame(
     };
 
     // Reserving the announced length is fine now: it is within the frame limit and paid for
-    // by the budget. `read_buf` copies every chunk QUIC has buffered straight into the spare
-    // capacity (one lock of the connection per call, no zeroing of the buffer first), and the
-    // `limit` keeps it from reading past this frame.
-    let mut body = Vec::with_capacity(len);
-    let mut version_checked = false;
-    while body.len() < len {
-        let remaining = len - body.len();
-        match recv.read_buf(&mut (&mut body).limit(remaining)).await {
-            Ok(0) => {
-                return Err(FrameReadError::Invalid(DecodeError::Truncated {
-                    needed: len as u64,
-                    available: body.len() as u64,
-                }))
-            }
+    // by the budget. The envelope and the header are read into `head`: `read_buf` copies every
+    // chunk QUIC has buffered straight into the spare capacity (one lock of the connection per
+    // call, no zeroing of the buffer first), and the `limit` keeps it from reading past them.
+    // The version is checked as soon as its bytes arrive (a foreign frame is refused from its
+    // first bytes rather than after buffering all of it), the whole envelope as soon as it is
+    // complete.
+    let frame_len = u64::from(announced);
+    let truncated = |available: usize| DecodeError::Truncated { needed: frame_len, available: available as u64 };
+    let mut head = Vec::with_capacity(len.min(ENVELOPE_BYTES));
+    let mut head_len = ENVELOPE_BYTES.min(len);
+    while head.len() < head_len {
+        let remaining = head_len - head.len();
+        match recv.read_buf(&mut (&mut head).limit(remaining)).await {
+            Ok(0) => return Err(FrameReadError::Invalid(truncated(head.len()))),
             Ok(_) => {}
             Err(err) => return Err(from_io(err)),
         }
-        // Refuse a foreign frame from its first bytes rather than after buffering all of it.
-        if !version_checked && body.len() >= VERSION_BYTES {
-            version_checked = true;
-            let version = u16::from_le_bytes([body[0], body[1]]);
+        if head.len() >= VERSION_BYTES {
+            let version = u16::from_le_bytes([head[0], head[1]]);
             if version != PROTOCOL_VERSION {
                 return Err(FrameReadError::Invalid(DecodeError::UnsupportedVersion {
                     found: version,
@@ -155,10 +165,29 @@ pub(crate) async fn read_frame(
                 }));
             }
         }
+        if head.len() == ENVELOPE_BYTES && head_len == ENVELOPE_BYTES {
+            let header_len = check_envelope(&head, frame_len, limits).map_err(FrameReadError::Invalid)?;
+            // Present once the whole envelope is: the loop only gets here then.
+            head_len += header_len.unwrap_or_default();
+            head.reserve_exact(head_len - head.len());
+        }
+    }
+    // The rest is the tensor: read chunk by chunk from QUIC's buffers straight into `f32`
+    // values (no byte buffer in between, no zeroed memory first), a value split between two
+    // chunks included.
+    let tensor_bytes = len - head.len();
+    check_frame_start(&head, frame_len, limits).map_err(FrameReadError::Invalid)?;
+    let mut tensor = TensorAssembler::with_bytes(tensor_bytes);
+    while tensor.bytes() < tensor_bytes {
+        match recv.read_chunk(tensor_bytes - tensor.bytes(), true).await? {
+            Some(chunk) => tensor.push(&chunk.bytes),
+            None => return Err(FrameReadError::Invalid(truncated(head.len() + tensor.bytes()))),
+        }
     }
     if recv.read_chunk(1, true).await?.is_some() {
         return Err(FrameReadError::Trailing);
     }
-    check_frame(&body, limits).map_err(FrameReadError::Invalid)?;
-    Ok(ReceivedFrame { body, _budget: permit })
+    // `check_frame_start` refused a tensor that is not a whole number of values.
+    let tensor = tensor.finish().map_err(|bytes| FrameReadError::Invalid(DecodeError::BadTensorLength { bytes }))?;
+    Ok(ReceivedFrame { head, tensor, _budget: permit })
 }
