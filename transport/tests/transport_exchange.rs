@@ -424,12 +424,16 @@ async fn a_peer_that_falls_silent_is_reported_down_after_the_idle_timeout() {
     let addr = server.local_addr();
 
     // Node 3 runs on its own runtime, in its own thread; ending that runtime stops its QUIC
-    // stack dead, without a CONNECTION_CLOSE, as a SIGKILL or a cut cable would.
+    // stack dead, without a CONNECTION_CLOSE, as a SIGKILL or a cut cable would. A
+    // current-thread runtime runs nothing once `block_on` has returned: on a multi-thread one,
+    // a worker still finishing its last poll after `shutdown_background` could send the
+    // implicit close of the dropped connection (seen once in CI: "closed by the peer with code
+    // 0x0" 0.5 ms after the peer came up).
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
     let (die_tx, die_rx) = std::sync::mpsc::channel::<()>();
     let client_identity = identity(dir.path(), 3);
     let peer = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().expect("client runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("client runtime");
         let conn = runtime.block_on(async move {
             let (endpoint, conn) = RawClient::node(client_identity).connect(addr, 0).await.expect("connect");
             good_raw_hello(&conn, 3).await;
