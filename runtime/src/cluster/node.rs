@@ -405,7 +405,9 @@ async fn node_loop_on<T: api::Transport>(
                     membership.on_gone(peer, clock::now())
                 }
                 // A large frame (parameters, gradients, a checkpoint copy) is decoded on the
-                // blocking pool: copying hundreds of MiB must not hold up the heartbeats.
+                // blocking pool: parameters and gradients take the values the transport read
+                // over without a copy, but a checkpoint copy of hundreds of MiB is turned back
+                // into bytes, which must not hold up the heartbeats.
                 // The frame's share of the peer's receive budget is held until the loop has
                 // handed the message on: a peer whose frames pile up here is read no further.
                 Some(TransportEvent::Message { peer, frame }) if frame.len() > INLINE_DECODE_BYTES => {
