@@ -43,7 +43,11 @@ pub fn decode<H: DeserializeOwned>(frame: &[u8], limits: &Limits) -> Result<Fram
         return Err(DecodeError::BadTensorLength { bytes: tensor.len() as u64 });
     }
     let header = decode_header(header)?;
-    Ok(Frame { header, tensor: tensor_from_le_bytes(tensor) })
+    // The same one pass as a tensor read in chunks: no zeroed buffer first, bit-exact.
+    let mut values = TensorAssembler::with_bytes(tensor.len());
+    values.push(tensor);
+    let tensor = values.finish().map_err(|bytes| DecodeError::BadTensorLength { bytes })?;
+    Ok(Frame { header, tensor })
 }
 
 /// [`decode`] for a frame whose tensor was read apart from the rest ([`TensorAssembler`]):
@@ -200,24 +204,6 @@ pub(crate) fn check_envelope(body: &[u8], frame_len: u64, limits: &Limits) -> Re
 /// The `N` bytes of `bytes` at `at`, if present.
 fn read_array<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
     bytes.get(at..at.checked_add(N)?)?.try_into().ok()
-}
-
-/// Converts raw little-endian bytes (a multiple of 4 long) to `f32`s, bit-exact.
-///
-/// On a little-endian machine the bytes are the values' memory: one copy into a zeroed buffer
-/// (fresh pages for a large tensor, zero already) instead of a conversion per value.
-#[cfg(target_endian = "little")]
-fn tensor_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
-    use zerocopy::IntoBytes;
-    let mut tensor = vec![0.0f32; bytes.len() / F32_BYTES];
-    tensor.as_mut_bytes().copy_from_slice(bytes);
-    tensor
-}
-
-/// Converts raw little-endian bytes (a multiple of 4 long) to `f32`s, bit-exact.
-#[cfg(not(target_endian = "little"))]
-fn tensor_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(F32_BYTES).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 /// Incremental decoder for one stream: push bytes as they arrive, in any chunking, and pull
