@@ -10,7 +10,10 @@
 //! - **forward**, per chunk: `h = relu(x·W1 + b1)` (each element `Σ_k x·W1` in ascending `k`,
 //!   then `+ b1`), and the output's lane dot `h·W2` takes the chunk in; then `out = lanes + b2`;
 //! - **head**, per batch: its summed loss, and `∂out` in place of `out`;
-//! - **backward**, per chunk: `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch
+//! - **backward**, per chunk: the chunk's `h` computed again (the same code, so the same bits:
+//!   11 multiply-adds per activation cost less than storing every row's activations and reading
+//!   them back, which at 65,536 hidden units is 16 MiB written and read per 64 rows), then
+//!   `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch
 //!   `∂W1 = xᵀ·∂h`, `∂b1 = Σ ∂h` and `∂W2 = hᵀ·∂out` (each element summed over the batch's rows
 //!   in order), added over the batches in the reduction tree ([`super::dense::tree_sum`]) and
 //!   written once.
@@ -31,11 +34,6 @@ use super::{
 /// Hidden units per chunk (a multiple of [`dense::LANES`], so the output's lane dot continues
 /// across chunks).
 const CHUNK: usize = 256;
-
-/// Most hidden activations (rows × hidden units, 64 MiB of `f32`) one fused pass over several
-/// batches holds; a call with more computes batch by batch and adds the gradients in the tree
-/// (the same bits, a model-sized buffer per tree level instead).
-const FUSED_MAX_ACTIVATIONS: usize = 16 << 20;
 
 /// The parameter tensors of one call, borrowed from the flat vector.
 struct Params<'a> {
@@ -76,20 +74,17 @@ impl Mlp {
     }
 
     /// Forward pass over `rows` rows of `x` (row-major): the raw outputs (`rows × outputs`).
-    /// With `keep`, the hidden activations are stored there chunk by chunk (chunk `[j0, j0 + c)`
-    /// at `j0 · rows`, `rows × c` row-major), for the backward pass.
-    fn forward(&self, p: &Params<'_>, x: &[f32], rows: usize, mut keep: Option<&mut [f32]>) -> Vec<f32> {
+    /// The hidden activations live one chunk at a time (`rows × CHUNK`); the backward pass
+    /// computes each chunk again instead of keeping them.
+    fn forward(&self, p: &Params<'_>, x: &[f32], rows: usize) -> Vec<f32> {
         let ModelSpec { outputs, hidden, .. } = self.spec;
         let widest = CHUNK.min(hidden);
-        let mut scratch = if keep.is_some() { Vec::new() } else { vec![0.0; rows * widest] };
+        let mut h = vec![0.0; rows * widest];
         let mut w2t = vec![0.0; outputs * widest];
         let mut dot = LaneDot::new(rows, outputs);
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
-            let h = match keep.as_deref_mut() {
-                Some(all) => &mut all[j0 * rows..(j0 + c) * rows],
-                None => &mut scratch[..rows * c],
-            };
+            let h = &mut h[..rows * c];
             self.hidden_chunk(p, x, j0, c, h);
             let w2t = &mut w2t[..outputs * c];
             transpose_rows(p.w2, outputs, j0, c, w2t);
@@ -183,11 +178,7 @@ impl Model for Mlp {
         let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
         let Gathered { x, ys, bounds } = self.gather(batches)?;
         let rows = bounds[bounds.len() - 1];
-        if batches.len() > 1 && rows.saturating_mul(hidden) > FUSED_MAX_ACTIVATIONS {
-            return super::loss_grad_leaf_by_leaf(self, params, batches, grad);
-        }
-        let mut h = vec![0.0f32; rows * hidden];
-        let mut out = self.forward(&p, &x, rows, Some(&mut h));
+        let mut out = self.forward(&p, &x, rows);
 
         // The head, batch by batch: `out` becomes ∂loss/∂out.
         let mut losses = Vec::with_capacity(batches.len());
@@ -205,13 +196,16 @@ impl Model for Mlp {
         let ones = vec![1.0f32; (1..bounds.len()).map(|i| bounds[i] - bounds[i - 1]).max().unwrap_or(0)];
         let widest = CHUNK.min(hidden);
         let mut w2t = vec![0.0; outputs * widest];
+        let mut h = vec![0.0; rows * widest];
         let mut d_hidden = vec![0.0; rows * widest];
         // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
         let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
         let mut scratch = Vec::new();
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
-            let h = &h[j0 * rows..(j0 + c) * rows];
+            let h = &mut h[..rows * c];
+            self.hidden_chunk(&p, &x, j0, c, h);
+            let h: &[f32] = h;
             let w2t = &mut w2t[..outputs * c];
             transpose_rows(p.w2, outputs, j0, c, w2t);
             // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
@@ -251,7 +245,7 @@ impl Model for Mlp {
         let p = self.split(params)?;
         let Gathered { x, ys, bounds } = self.gather(&[BatchView { x: x.view(), y }])?;
         let rows = bounds[1];
-        let mut out = self.forward(&p, &x, rows, None);
+        let mut out = self.forward(&p, &x, rows);
         let view = ArrayViewMut2::from_shape((rows, self.spec.outputs), &mut out).expect("rows × outputs");
         Ok(apply_head(view, ys[0], false))
     }
@@ -261,7 +255,7 @@ impl Model for Mlp {
         check_x(&self.spec, x)?;
         let rows = x.nrows();
         let x: Vec<f32> = x.iter().copied().collect();
-        let out = self.forward(&p, &x, rows, None);
+        let out = self.forward(&p, &x, rows);
         Ok(Array2::from_shape_vec((rows, self.spec.outputs), out).expect("rows × outputs"))
     }
 }

@@ -336,7 +336,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 }
 
 /// [`Model::loss_grad_tree`] by its definition: one [`Model::loss_grad`] per batch, added in the
-/// tree (the trait's default, and the built-in MLP's fallback for calls too large to fuse).
+/// tree (the trait's default).
 fn loss_grad_leaf_by_leaf<M: Model + ?Sized>(
     model: &M,
     params: &[f32],
