@@ -176,6 +176,15 @@ impl TensorBytes {
         Self::of(F32Owner::Shared(values))
     }
 
+    /// The bytes of values `range` of a shared buffer (one aggregator's range of a trainer's
+    /// gradient sum, the other ranges on their way to other peers); no copy on a little-endian
+    /// machine. Panics if `range` is not inside `values`.
+    pub fn shared_range(values: Arc<Vec<f32>>, range: std::ops::Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= values.len(), "range {range:?} of {} values", values.len());
+        let whole = Self::shared(values);
+        Self(whole.0.slice(range.start * 4..range.end * 4))
+    }
+
     /// Bytes of the tensor on the wire (4 per value).
     pub fn len(&self) -> usize {
         self.0.len()

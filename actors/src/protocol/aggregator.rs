@@ -328,7 +328,7 @@ impl AggregatorCore {
         if verdict == Verdict::Duplicate && self.accept_duplicates {
             let span = g.span();
             self.count(span, true);
-            let part = Partial { values: g.values, samples: u64::from(g.samples), loss_sum: g.loss_sum };
+            let part = Partial { values: g.values.into_vec(), samples: u64::from(g.samples), loss_sum: g.loss_sum };
             self.pending.add_duplicate(&span, &part);
             return (Verdict::Accepted, Vec::new());
         }
@@ -344,7 +344,7 @@ impl AggregatorCore {
             return (verdict, Vec::new());
         }
         let span = g.span();
-        let part = Partial { values: g.values, samples: u64::from(g.samples), loss_sum: g.loss_sum };
+        let part = Partial { values: g.values.into_vec(), samples: u64::from(g.samples), loss_sum: g.loss_sum };
         if let Err(e) = self.pending.insert(span, part) {
             // `classify` checked the node and the length: unreachable, but a peer's input.
             self.stats.malformed += 1;

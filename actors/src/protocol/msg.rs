@@ -117,14 +117,98 @@ pub struct Gradient {
     pub loss_sum: f64,
     /// Offset of `values` in the flat parameter vector.
     pub offset: u64,
-    /// The gradient values of the range.
-    pub values: Vec<f32>,
+    /// The gradient values of the range: a range of the trainer's sum, shared with the
+    /// messages carrying the other ranges (no copy per aggregator).
+    pub values: SharedValues,
 }
 
 impl Gradient {
     /// The node of the reduction tree it sums.
     pub fn span(&self) -> Span {
         Span { lo: self.partition, hi: self.partition.saturating_add(self.partitions) }
+    }
+}
+
+/// Values of a tensor: a range of a buffer that several messages may share. A trainer cuts its
+/// sum of gradients into its aggregators' ranges without copying any of them; the transport
+/// sends each range straight from the shared buffer, and the buffer is free for the trainer's
+/// next step once every frame is acknowledged. An owned `Vec` is a range over all of itself
+/// (`From<Vec<f32>>`, no copy).
+///
+/// It reads as a `&[f32]` (`Deref`), compares by value, and serializes as a sequence of `f32`
+/// (the bytes of a `Vec<f32>`).
+#[derive(Clone, Default)]
+pub struct SharedValues {
+    buf: std::sync::Arc<Vec<f32>>,
+    start: usize,
+    end: usize,
+}
+
+impl SharedValues {
+    /// Values `range` of `buf`; `None` if the range is not inside it.
+    pub fn range(buf: &std::sync::Arc<Vec<f32>>, range: std::ops::Range<usize>) -> Option<Self> {
+        buf.get(range.clone())?;
+        Some(Self { buf: buf.clone(), start: range.start, end: range.end })
+    }
+
+    /// The values.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// The values as an owned vector: the buffer itself when these are all of it and nothing
+    /// else holds it, a copy of the range otherwise.
+    pub fn into_vec(self) -> Vec<f32> {
+        let whole = self.start == 0 && self.end == self.buf.len();
+        match std::sync::Arc::try_unwrap(self.buf) {
+            Ok(values) if whole => values,
+            Ok(values) => values[self.start..self.end].to_vec(),
+            Err(shared) => shared[self.start..self.end].to_vec(),
+        }
+    }
+
+    /// The shared buffer and the range of it these values are (for a transport that sends
+    /// them from the buffer).
+    pub fn into_parts(self) -> (std::sync::Arc<Vec<f32>>, std::ops::Range<usize>) {
+        (self.buf, self.start..self.end)
+    }
+}
+
+impl From<Vec<f32>> for SharedValues {
+    fn from(values: Vec<f32>) -> Self {
+        let end = values.len();
+        Self { buf: std::sync::Arc::new(values), start: 0, end }
+    }
+}
+
+impl std::ops::Deref for SharedValues {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for SharedValues {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl fmt::Debug for SharedValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_slice().fmt(f)
+    }
+}
+
+impl Serialize for SharedValues {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedValues {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<f32>::deserialize(deserializer).map(Self::from)
     }
 }
 

@@ -93,7 +93,7 @@ fn gradient() -> impl Strategy<Value = Gradient> {
             samples,
             loss_sum,
             offset,
-            values,
+            values: values.into(),
         },
     )
 }
@@ -204,7 +204,7 @@ fn good_gradient() -> impl Strategy<Value = Msg> {
             samples: 2,
             loss_sum: 1.0,
             offset: 2,
-            values,
+            values: values.into(),
         })
     })
 }

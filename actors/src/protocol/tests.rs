@@ -48,7 +48,7 @@ fn grad(step: u64, p: u32, offset: usize, values: Vec<f32>) -> Gradient {
         samples: 2,
         loss_sum: 1.0 + f64::from(p),
         offset: offset as u64,
-        values,
+        values: values.into(),
     }
 }
 
@@ -597,6 +597,70 @@ fn trainer_gradient_ranges_tile_the_full_gradient() {
     assert_eq!((grads[0].offset, grads[0].values.as_slice()), (0, &expect[..2]));
     assert_eq!((grads[1].offset, grads[1].values.as_slice()), (2, &expect[2..]));
     assert_eq!(grads[0].samples, 2);
+}
+
+/// The buffer a trainer's gradient ranges share (all of them must share one).
+fn shared_buffer(out: &[TrainerCommand]) -> *const Vec<f32> {
+    let buffers: Vec<Arc<Vec<f32>>> = out
+        .iter()
+        .filter_map(|c| match c {
+            TrainerCommand::Send(_, Msg::Gradient(g)) => Some(g.values.clone().into_parts().0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(buffers.len(), 2, "one message per range");
+    assert!(Arc::ptr_eq(&buffers[0], &buffers[1]), "the ranges are cut from one buffer, not copied");
+    Arc::as_ptr(&buffers[0])
+}
+
+#[test]
+fn gradient_ranges_share_one_buffer_reused_once_every_range_is_let_go() {
+    let mut t = trainer(vec![0]);
+    let step = |t: &mut TrainerCore, s: u64| {
+        t.on_params(params(0, s, 0));
+        t.on_params(params(1, s, 0));
+        t.on_batch(batch(0, s));
+        t.compute(s, 0).unwrap()
+    };
+    let first = step(&mut t, 0);
+    let first_buffer = shared_buffer(&first);
+    // The messages of step 0 are still held (the transport has not sent them): step 1 takes a
+    // new buffer and leaves the held one alone.
+    let second = step(&mut t, 1);
+    let second_buffer = shared_buffer(&second);
+    assert_ne!(first_buffer, second_buffer, "a buffer still being sent is not overwritten");
+    // Every range of step 0 let go: step 2 computes into its buffer.
+    drop(first);
+    let third = step(&mut t, 2);
+    assert_eq!(shared_buffer(&third), first_buffer, "a buffer nothing holds is reused");
+    drop(second);
+}
+
+#[test]
+fn shared_values_copy_only_what_is_shared() {
+    let whole = vec![1.0f32, -0.0, f32::MIN_POSITIVE, 4.0];
+    let at = whole.as_ptr();
+    // All of an unshared buffer: moved, not copied.
+    let values = SharedValues::from(whole);
+    assert_eq!(values.as_slice(), &[1.0, -0.0, f32::MIN_POSITIVE, 4.0]);
+    let back = values.into_vec();
+    assert_eq!(back.as_ptr(), at);
+    // A range of a shared buffer: its own values, the buffer untouched.
+    let buf = Arc::new(back);
+    let range = SharedValues::range(&buf, 1..3).expect("inside");
+    assert_eq!(range.len(), 2);
+    assert_eq!(
+        range.clone().into_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        [(-0.0f32).to_bits(), 1 << 23]
+    );
+    assert!(SharedValues::range(&buf, 3..5).is_none(), "past the end");
+    assert!(SharedValues::range(&buf, 0..5).is_none(), "longer than the buffer");
+    // On the wire it is a sequence of f32, as a Vec<f32> was.
+    let config = bincode::config::standard();
+    let encoded = bincode::serde::encode_to_vec(&range, config).expect("encodes");
+    assert_eq!(encoded, bincode::serde::encode_to_vec(vec![-0.0f32, f32::MIN_POSITIVE], config).expect("encodes"));
+    let (decoded, _): (SharedValues, usize) = bincode::serde::decode_from_slice(&encoded, config).expect("decodes");
+    assert_eq!(decoded, range);
 }
 
 #[test]

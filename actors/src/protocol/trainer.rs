@@ -28,7 +28,7 @@ use ndarray::ArrayView2;
 
 use crate::model::{tree_sum_f64, BatchView, Model, Targets};
 
-use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params};
+use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params, SharedValues};
 use super::reduce::{maximal_owned, Partial, Span};
 use super::{Addr, Schedule};
 
@@ -124,9 +124,11 @@ pub struct TrainerCore {
     /// The largest reduction-tree nodes made only of owned partitions: what is computed (one
     /// call each) and sent.
     spans: Vec<Span>,
-    /// Gradient buffers already sent, reused by the next computations (at most one per owned
-    /// node): no allocation and no clearing of a model-sized vector per node and step.
-    spare: Vec<Vec<f32>>,
+    /// Gradient sums already sent as ranges of one shared buffer each, reused by the next
+    /// computations once nothing else holds them (the transport lets go of a range when the
+    /// peer has acknowledged it, which is before the next θ can arrive): no allocation and no
+    /// clearing of a model-sized vector per node and step. At most one per owned node.
+    spare: Vec<Arc<Vec<f32>>>,
     assemblies: BTreeMap<u64, Assembly>,
     /// The newest complete θ and the partitions already computed on it.
     ready: Option<(u64, std::sync::Arc<Vec<f32>>)>,
@@ -469,21 +471,33 @@ impl TrainerCore {
         }
     }
 
-    /// Keep buffers of the model's size for the next computations, at most one per owned partition.
-    fn recycle(&mut self, buffers: impl Iterator<Item = Vec<f32>>) {
-        let keep = self.partitions.len();
-        for b in buffers.filter(|b| b.len() == self.total_len) {
-            if self.spare.len() >= keep {
-                break;
-            }
-            self.spare.push(b);
+    /// Keep a sent sum's buffer for the next computations, at most one per owned node (an older
+    /// one still held by the transport is let go: it is freed when the transport is done).
+    fn recycle(&mut self, buffer: Arc<Vec<f32>>) {
+        if buffer.len() != self.total_len {
+            return;
         }
+        if self.spare.len() >= self.spans.len().max(1) {
+            self.spare.remove(0);
+        }
+        self.spare.push(buffer);
     }
 
-    /// The messages carrying each aggregator its range of the sum of `node`'s gradients.
+    /// A model-sized buffer for a sum: a sent one nothing holds any more, or a new one.
+    fn gradient_buffer(&mut self) -> Vec<f32> {
+        while let Some(i) = self.spare.iter().position(|b| Arc::strong_count(b) == 1) {
+            if let Ok(buffer) = Arc::try_unwrap(self.spare.swap_remove(i)) {
+                return buffer;
+            }
+        }
+        vec![0.0; self.total_len]
+    }
+
+    /// The messages carrying each aggregator its range of the sum of `node`'s gradients: ranges
+    /// of one shared buffer, none copied.
     fn gradient_ranges(&mut self, step: u64, node: Span, sum: Partial) -> Vec<TrainerCommand> {
         let Partial { values, samples, loss_sum } = sum;
-        let gradient = |offset: usize, values: Vec<f32>| Gradient {
+        let gradient = |offset: usize, values: SharedValues| Gradient {
             job: self.setup.job,
             generation: self.generation,
             step,
@@ -495,16 +509,20 @@ impl TrainerCore {
             values,
         };
         if let [(offset, _)] = self.setup.ranges.as_slice() {
+            // All of θ goes to one aggregator: the buffer moves into the message (an aggregator
+            // on this node takes it over without a copy).
+            let values = SharedValues::from(values);
             return vec![TrainerCommand::Send(Addr::Aggregator(0), Msg::Gradient(gradient(*offset, values)))];
         }
+        let shared = Arc::new(values);
         let ranges = self.setup.ranges.iter().enumerate();
         let out = ranges
             .map(|(r, &(offset, len))| {
-                let range = values[offset..offset + len].to_vec();
+                let range = SharedValues::range(&shared, offset..offset + len).expect("the ranges tile the vector");
                 TrainerCommand::Send(Addr::Aggregator(r as u32), Msg::Gradient(gradient(offset, range)))
             })
             .collect();
-        self.recycle(std::iter::once(values));
+        self.recycle(shared);
         out
     }
 
@@ -536,7 +554,7 @@ impl TrainerCore {
         }
         // The model overwrites every value: a spent buffer serves as it is (a sum sent to a
         // one-range job moves into the message; the others come back through `recycle`).
-        let mut grad = self.spare.pop().unwrap_or_else(|| vec![0.0; self.total_len]);
+        let mut grad = self.gradient_buffer();
         let losses = match self.model.loss_grad_tree(&params, &views, &mut grad) {
             Ok(losses) => losses,
             Err(source) => {

@@ -540,7 +540,7 @@ mod tests {
             samples: 1,
             loss_sum: 0.0,
             offset,
-            values: vec![0.0; len],
+            values: vec![0.0; len].into(),
         }
     }
 

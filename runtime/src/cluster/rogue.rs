@@ -139,7 +139,7 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
                 samples: 1,
                 loss_sum: 0.0,
                 offset,
-                values,
+                values: values.into(),
             });
             push(
                 gradient.kind(),

@@ -269,12 +269,15 @@ fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<TensorBytes>) {
             let v = std::mem::take(&mut p.values);
             (vec![v.len() as u32], vec![TensorBytes::shared(v)])
         }
-        Msg::Gradient(g) => one(std::mem::take(&mut g.values)),
+        Msg::Gradient(g) => {
+            let (buf, range) = std::mem::take(&mut g.values).into_parts();
+            (vec![range.len() as u32], vec![TensorBytes::shared_range(buf, range)])
+        }
         Msg::Gradients(gs) => gs
             .iter_mut()
             .map(|g| {
-                let v = std::mem::take(&mut g.values);
-                (v.len() as u32, TensorBytes::owned(v))
+                let (buf, range) = std::mem::take(&mut g.values).into_parts();
+                (range.len() as u32, TensorBytes::shared_range(buf, range))
             })
             .unzip(),
         // A hosted range's final values (aggregators spread over the nodes): a range of θ, far
@@ -292,7 +295,7 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
     }
     match msg {
         Msg::Params(p) if lens.len() == 1 => p.values = std::sync::Arc::new(tensor),
-        Msg::Gradient(g) if lens.len() == 1 => g.values = tensor,
+        Msg::Gradient(g) if lens.len() == 1 => g.values = tensor.into(),
         Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor,
         Msg::Gradients(gs) if lens.len() == gs.len() => {
             // Cut from the back: every gradient but the first is copied out of the payload,
@@ -300,7 +303,7 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
             let mut rest = tensor;
             for (g, len) in gs.iter_mut().zip(lens).rev() {
                 let at = rest.len() - *len as usize;
-                g.values = if at == 0 { std::mem::take(&mut rest) } else { rest.split_off(at) };
+                g.values = if at == 0 { std::mem::take(&mut rest) } else { rest.split_off(at) }.into();
             }
         }
         _ if lens.is_empty() => {}
@@ -414,7 +417,7 @@ fn inbound(Frame { header, tensor }: Frame<NodeMsg>) -> Result<Inbound, InboundE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phalanx_actors::protocol::{Gradient, Params};
+    use phalanx_actors::protocol::{Gradient, Params, SharedValues};
 
     fn grad(p: u32, values: Vec<f32>) -> Gradient {
         Gradient {
@@ -426,7 +429,7 @@ mod tests {
             samples: 4,
             loss_sum: 0.5,
             offset: 0,
-            values,
+            values: values.into(),
         }
     }
 
@@ -446,6 +449,16 @@ mod tests {
             Msg::Gradients(vec![grad(0, vec![]), grad(1, vec![3.0, -0.0])]),
             // A trainer's one partial sum: it keeps the payload's buffer.
             Msg::Gradients(vec![grad(4, vec![4.0, 5.0, 6.0])]),
+            // Ranges of one shared buffer, as a trainer cuts its sum: each sends only its values.
+            {
+                let sum = std::sync::Arc::new(vec![7.0, f32::NAN, -0.0, 8.5, 9.0]);
+                let range = |p, r| Gradient { values: SharedValues::range(&sum, r).unwrap(), ..grad(p, vec![]) };
+                Msg::Gradients(vec![range(0, 1..3), range(1, 3..5)])
+            },
+            Msg::Gradient(Gradient {
+                values: SharedValues::range(&std::sync::Arc::new(vec![1.0, 2.0, 3.0]), 2..3).unwrap(),
+                ..grad(5, vec![])
+            }),
             Msg::ShardReady { job: 1, partition: 3 },
             // A hosted range's final values: far more than a header may hold.
             Msg::Finished {

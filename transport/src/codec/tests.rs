@@ -622,17 +622,23 @@ proptest! {
         header in arb_control(),
         tensor in arb_tensor(300),
         cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
-        shared in any::<bool>(),
+        mode in 0..3u8,
     ) {
         let limits = Limits::default();
         let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(tensor.len() + 1)).collect();
         cuts.push(0);
         cuts.push(tensor.len());
         cuts.sort_unstable();
+        // Each part owned, each in a buffer of its own shared, or all ranges of one shared buffer
+        // (a trainer's gradient sum cut into its aggregators' ranges).
+        let whole = std::sync::Arc::new(tensor.clone());
         let parts = cuts
             .windows(2)
-            .map(|w| tensor[w[0]..w[1]].to_vec())
-            .map(|v| if shared { TensorBytes::shared(std::sync::Arc::new(v)) } else { TensorBytes::owned(v) })
+            .map(|w| match mode {
+                0 => TensorBytes::owned(tensor[w[0]..w[1]].to_vec()),
+                1 => TensorBytes::shared(std::sync::Arc::new(tensor[w[0]..w[1]].to_vec())),
+                _ => TensorBytes::shared_range(whole.clone(), w[0]..w[1]),
+            })
             .collect();
         let frame = encode_parts(&header, parts, &limits).expect("encode parts");
         let wire = encode(&header, &tensor, &limits).expect("encode");
