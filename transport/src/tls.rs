@@ -306,33 +306,31 @@ mod tests {
         assert!(quic_client_config(&node).is_ok());
     }
 
-    /// A full in-memory TLS 1.3 handshake between two nodes' configs.
-    fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> rustls::ClientConnection {
+    /// What `from` has to send, read and processed by `to`.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).expect("writes");
+        }
+        let mut read = &wire[..];
+        while !read.is_empty() {
+            to.read_tls(&mut read).expect("reads");
+        }
+        to.process_new_packets().expect("accepts");
+    }
+
+    /// A full in-memory TLS 1.3 handshake between two nodes' configs; the suite they agreed on.
+    fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> rustls::CipherSuite {
         let name = ServerName::try_from(node_name(1)).expect("server name");
-        let mut client = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
-        let mut server = rustls::ServerConnection::new(Arc::new(server)).expect("server");
+        let mut client =
+            rustls::Connection::Client(rustls::ClientConnection::new(Arc::new(client), name).expect("client"));
+        let mut server = rustls::Connection::Server(rustls::ServerConnection::new(Arc::new(server)).expect("server"));
         for _ in 0..10 {
             if !client.is_handshaking() && !server.is_handshaking() {
-                return client;
+                return client.negotiated_cipher_suite().expect("a suite").suite();
             }
-            let mut wire = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut wire).expect("client writes");
-            }
-            let mut read = &wire[..];
-            while !read.is_empty() {
-                server.read_tls(&mut read).expect("server reads");
-            }
-            server.process_new_packets().expect("server accepts");
-            let mut wire = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut wire).expect("server writes");
-            }
-            let mut read = &wire[..];
-            while !read.is_empty() {
-                client.read_tls(&mut read).expect("client reads");
-            }
-            client.process_new_packets().expect("client accepts");
+            pump(&mut client, &mut server);
+            pump(&mut server, &mut client);
         }
         panic!("the handshake did not finish in 10 round trips");
     }
@@ -342,9 +340,7 @@ mod tests {
         let ca = CertAuthority::new().expect("ca");
         let client = client_config(&identity(&ca, 0)).expect("client config");
         let server = server_config(&identity(&ca, 1)).expect("server config");
-        let connection = handshake(client, server);
-        let suite = connection.negotiated_cipher_suite().expect("a suite").suite();
-        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(handshake(client, server), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         // The others are still offered, after it.
         let offered: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
         assert!(offered.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384), "{offered:?}");
