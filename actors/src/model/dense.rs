@@ -109,10 +109,14 @@ fn lincomb<'v, const R: usize>(
     while j + BLOCK <= width {
         let mut acc = [[0.0f32; BLOCK]; R];
         for t in 0..terms {
-            let v: &[f32; BLOCK] = vec(t)[j..j + BLOCK].try_into().expect("a block of columns");
-            for (q, acc) in acc.iter_mut().enumerate() {
-                let a = coef(q, t);
-                for (sum, &value) in acc.iter_mut().zip(v) {
+            // The block and the coefficients are loaded once, before any product: with the
+            // block borrowed and each coefficient read inside the loop, LLVM loaded the block a
+            // second time, piece by piece, for the second row (12 % of a step at 74 k and 1.2 M
+            // parameters). The sums are the same either way.
+            let v: [f32; BLOCK] = vec(t)[j..j + BLOCK].try_into().expect("a block of columns");
+            let a: [f32; R] = std::array::from_fn(|q| coef(q, t));
+            for (acc, &a) in acc.iter_mut().zip(&a) {
+                for (sum, &value) in acc.iter_mut().zip(&v) {
                     *sum += a * value;
                 }
             }
