@@ -11,8 +11,9 @@
 //!   then `+ b1`), and the output's lane dot `h·W2` takes the chunk in; then `out = lanes + b2`;
 //! - **head**, per batch: its summed loss, and `∂out` in place of `out`;
 //! - **backward**, per chunk: the chunk's `h` computed again (the same code, so the same bits:
-//!   11 multiply-adds per activation cost less than storing every row's activations and reading
-//!   them back, which at 65,536 hidden units is 16 MiB written and read per 64 rows), then
+//!   `inputs` multiply-adds per activation (11 for the wine data) cost less than storing every
+//!   row's activations and reading them back, which at 65,536 hidden units is 16 MiB written and
+//!   read per 64 rows), then
 //!   `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch
 //!   `∂W1 = xᵀ·∂h`, `∂b1 = Σ ∂h` and `∂W2 = hᵀ·∂out` (each element summed over the batch's rows
 //!   in order), added over the batches in the reduction tree ([`super::dense::tree_sum`]) and
