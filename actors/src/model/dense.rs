@@ -229,54 +229,84 @@ fn lanes_sum(l: &[f32]) -> f32 {
     ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 
-/// The lane-dot step for outputs `o..o + N` of one row: `N` independent chains of additions,
-/// each load of the row used `N` times.
+/// The lane-dot step for outputs `o..o + N` of `R` rows: `R × N` independent chains of
+/// additions, each load of a row used `N` times and each load of a weight `R` times.
 #[inline(always)]
-fn dot_block<const N: usize>(row: &[f32], w: &[f32], width: usize, o: usize, acc: &mut [f32]) {
+fn dot_block<const R: usize, const N: usize>(
+    rows: [&[f32]; R],
+    w: &[f32],
+    width: usize,
+    o: usize,
+    accs: [&mut [f32]; R],
+) {
     let full = width / LANES * LANES;
-    let acc = &mut acc[o * LANES..(o + N) * LANES];
-    let mut sums = [[0.0f32; LANES]; N];
-    for (s, a) in sums.iter_mut().zip(acc.chunks_exact(LANES)) {
-        s.copy_from_slice(a);
+    let mut sums = [[[0.0f32; LANES]; N]; R];
+    for (s, acc) in sums.iter_mut().zip(&accs) {
+        for (s, a) in s.iter_mut().zip(acc[o * LANES..(o + N) * LANES].chunks_exact(LANES)) {
+            s.copy_from_slice(a);
+        }
     }
     let ws: [&[f32]; N] = std::array::from_fn(|q| &w[(o + q) * width..(o + q + 1) * width]);
-    for (i, x) in row[..full].chunks_exact(LANES).enumerate() {
-        for (s, wq) in sums.iter_mut().zip(ws) {
-            let v = &wq[i * LANES..(i + 1) * LANES];
-            for l in 0..LANES {
-                s[l] += x[l] * v[l];
+    let mut i = 0;
+    while i < full {
+        let x: [[f32; LANES]; R] = std::array::from_fn(|r| rows[r][i..i + LANES].try_into().expect("a lane block"));
+        let v: [[f32; LANES]; N] = std::array::from_fn(|q| ws[q][i..i + LANES].try_into().expect("a lane block"));
+        for (s, x) in sums.iter_mut().zip(&x) {
+            for (s, v) in s.iter_mut().zip(&v) {
+                for l in 0..LANES {
+                    s[l] += x[l] * v[l];
+                }
+            }
+        }
+        i += LANES;
+    }
+    for i in full..width {
+        for (s, row) in sums.iter_mut().zip(&rows) {
+            for (s, wq) in s.iter_mut().zip(ws) {
+                s[i % LANES] += row[i] * wq[i];
             }
         }
     }
-    for (i, &x) in row.iter().enumerate().take(width).skip(full) {
-        for (s, wq) in sums.iter_mut().zip(ws) {
-            s[i % LANES] += x * wq[i];
+    for (s, acc) in sums.iter().zip(accs) {
+        for (s, a) in s.iter().zip(acc[o * LANES..(o + N) * LANES].chunks_exact_mut(LANES)) {
+            a.copy_from_slice(s);
         }
     }
-    for (s, a) in sums.iter().zip(acc.chunks_exact_mut(LANES)) {
-        a.copy_from_slice(s);
+}
+
+/// The lane-dot step of `R` rows over every output: four outputs at a time, then two, then one.
+#[inline(always)]
+fn dot_rows<const R: usize>(rows: [&[f32]; R], w: &[f32], width: usize, outs: usize, mut accs: [&mut [f32]; R]) {
+    let mut o = 0;
+    while o + 4 <= outs {
+        dot_block::<R, 4>(rows, w, width, o, accs.each_mut().map(|a| &mut **a));
+        o += 4;
+    }
+    if o + 2 <= outs {
+        dot_block::<R, 2>(rows, w, width, o, accs.each_mut().map(|a| &mut **a));
+        o += 2;
+    }
+    if o < outs {
+        dot_block::<R, 1>(rows, w, width, o, accs);
     }
 }
 
 dispatch! {
-    /// The lane-dot step of [`LaneDot::add`].
+    /// The lane-dot step of [`LaneDot::add`], two rows at a time (then the odd one).
     fn lane_dot_add(h: &[f32], w: &[f32], width: usize, outs: usize, acc: &mut [f32]) {
         if width == 0 || outs == 0 {
             return;
         }
-        for (row, acc) in h.chunks_exact(width).zip(acc.chunks_exact_mut(outs * LANES)) {
-            let mut o = 0;
-            while o + 4 <= outs {
-                dot_block::<4>(row, w, width, o, acc);
-                o += 4;
-            }
-            if o + 2 <= outs {
-                dot_block::<2>(row, w, width, o, acc);
-                o += 2;
-            }
-            if o < outs {
-                dot_block::<1>(row, w, width, o, acc);
-            }
+        let n = outs * LANES;
+        let mut pairs = h.chunks_exact(2 * width).zip(acc.chunks_exact_mut(2 * n));
+        for (rows, acc) in pairs.by_ref() {
+            let (row0, row1) = rows.split_at(width);
+            let (acc0, acc1) = acc.split_at_mut(n);
+            dot_rows::<2>([row0, row1], w, width, outs, [acc0, acc1]);
+        }
+        let done = h.len() / (2 * width) * 2;
+        if let (Some(row), Some(acc)) = (h.chunks_exact(width).nth(done), acc.chunks_exact_mut(n).nth(done)) {
+            dot_rows::<1>([row], w, width, outs, [acc]);
         }
     }
 }
@@ -408,28 +438,31 @@ mod tests {
 
     #[test]
     fn a_lane_dot_fed_in_chunks_has_the_bits_of_its_definition() {
-        let (rows, outs, n) = (3, 6, 75);
-        let h = values(rows * n, 5);
-        let w = values(outs * n, 6);
-        let bias = values(outs, 7);
-        let mut dot = LaneDot::new(rows, outs);
-        // Chunks of 32 and a tail of 11: lanes continue across chunks.
-        for start in (0..n).step_by(32) {
-            let width = 32.min(n - start);
-            let hc: Vec<f32> = (0..rows).flat_map(|r| h[r * n + start..r * n + start + width].to_vec()).collect();
-            let wc: Vec<f32> = (0..outs).flat_map(|o| w[o * n + start..o * n + start + width].to_vec()).collect();
-            dot.add(&hc, &wc, width);
-        }
-        let mut out = vec![f32::NAN; rows * outs];
-        dot.finish(&bias, &mut out);
-        for r in 0..rows {
-            for o in 0..outs {
-                let mut lanes = [0.0f32; LANES];
-                for i in 0..n {
-                    lanes[i % LANES] += h[r * n + i] * w[o * n + i];
+        // Rows in pairs and alone; outputs by four, two and one.
+        for &(rows, outs) in &[(3, 6), (4, 7), (1, 1), (2, 5)] {
+            let n = 75;
+            let h = values(rows * n, 5);
+            let w = values(outs * n, 6);
+            let bias = values(outs, 7);
+            let mut dot = LaneDot::new(rows, outs);
+            // Chunks of 32 and a tail of 11: lanes continue across chunks.
+            for start in (0..n).step_by(32) {
+                let width = 32.min(n - start);
+                let hc: Vec<f32> = (0..rows).flat_map(|r| h[r * n + start..r * n + start + width].to_vec()).collect();
+                let wc: Vec<f32> = (0..outs).flat_map(|o| w[o * n + start..o * n + start + width].to_vec()).collect();
+                dot.add(&hc, &wc, width);
+            }
+            let mut out = vec![f32::NAN; rows * outs];
+            dot.finish(&bias, &mut out);
+            for r in 0..rows {
+                for o in 0..outs {
+                    let mut lanes = [0.0f32; LANES];
+                    for i in 0..n {
+                        lanes[i % LANES] += h[r * n + i] * w[o * n + i];
+                    }
+                    let expected = lanes_sum(&lanes) + bias[o];
+                    assert_eq!(out[r * outs + o].to_bits(), expected.to_bits(), "{rows} rows, row {r} output {o}");
                 }
-                let expected = lanes_sum(&lanes) + bias[o];
-                assert_eq!(out[r * outs + o].to_bits(), expected.to_bits(), "row {r} output {o}");
             }
         }
     }

@@ -81,12 +81,13 @@ impl Mlp {
         let ModelSpec { outputs, hidden, .. } = self.spec;
         let widest = CHUNK.min(hidden);
         let mut h = vec![0.0; rows * widest];
+        let mut w1c = vec![0.0; self.spec.inputs * widest];
         let mut w2t = vec![0.0; outputs * widest];
         let mut dot = LaneDot::new(rows, outputs);
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
             let h = &mut h[..rows * c];
-            self.hidden_chunk(p, x, j0, c, h);
+            self.hidden_chunk(p, x, j0, c, &mut w1c, h);
             let w2t = &mut w2t[..outputs * c];
             transpose_rows(p.w2, outputs, j0, c, w2t);
             dot.add(h, w2t, c);
@@ -96,10 +97,19 @@ impl Mlp {
         out
     }
 
-    /// `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])`, `rows × c`.
-    fn hidden_chunk(&self, p: &Params<'_>, x: &[f32], j0: usize, c: usize, h: &mut [f32]) {
+    /// `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])`, `rows × c`. `w1c` (at least `inputs
+    /// × c` long) receives the chunk's columns of `W1`, packed.
+    fn hidden_chunk(&self, p: &Params<'_>, x: &[f32], j0: usize, c: usize, w1c: &mut [f32], h: &mut [f32]) {
         let ModelSpec { inputs, hidden, .. } = self.spec;
-        dense::matmul_rows(x, inputs, p.w1, hidden, j0, h, c);
+        // The chunk's columns of `W1` side by side first: in place, its `inputs` rows are
+        // `hidden` floats apart, and at a power-of-two `hidden` every block of them falls in the
+        // same set of the L1 cache, more rows than the set has ways (eleven for the wine data,
+        // eight ways): the products then read from L2, 40 % slower. The same sums either way.
+        let w1c = &mut w1c[..inputs * c];
+        for (packed, row) in w1c.chunks_exact_mut(c).zip(p.w1.chunks_exact(hidden)) {
+            packed.copy_from_slice(&row[j0..j0 + c]);
+        }
+        dense::matmul_rows(x, inputs, w1c, c, 0, h, c);
         for row in h.chunks_exact_mut(c) {
             for (z, &b) in row.iter_mut().zip(&p.b1[j0..j0 + c]) {
                 // `z <= 0` rather than `max(z, 0)`: a NaN stays NaN and shows up in the loss
@@ -198,6 +208,7 @@ impl Model for Mlp {
         let widest = CHUNK.min(hidden);
         let mut w2t = vec![0.0; outputs * widest];
         let mut h = vec![0.0; rows * widest];
+        let mut w1c = vec![0.0; inputs * widest];
         let mut d_hidden = vec![0.0; rows * widest];
         // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
         let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
@@ -205,7 +216,7 @@ impl Model for Mlp {
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
             let h = &mut h[..rows * c];
-            self.hidden_chunk(&p, &x, j0, c, h);
+            self.hidden_chunk(&p, &x, j0, c, &mut w1c, h);
             let h: &[f32] = h;
             let w2t = &mut w2t[..outputs * c];
             transpose_rows(p.w2, outputs, j0, c, w2t);
