@@ -94,27 +94,56 @@ pub fn path() -> &'static str {
     "portable"
 }
 
-/// `outs[q][j] = Σ_t coef(q, t) · vec(t)[j]` for `t` in `0..terms`, ascending from `0.0`, over
-/// the outputs' columns (all `outs` the same width); `vec(t)` has at least that many values.
-/// `R` outputs at once share every load of `vec(t)` and run `R` independent chains of additions.
-#[inline(always)]
-fn lincomb<'v, const R: usize>(
+/// The inputs of a linear combination: `coef(q, t) = coefs[q · coef_q + t · coef_t]` and
+/// `vec(t)[j] = vecs[t · vec_t + j]`.
+#[derive(Clone, Copy)]
+struct Terms<'a> {
     terms: usize,
-    coef: impl Fn(usize, usize) -> f32,
-    vec: impl Fn(usize) -> &'v [f32],
-    mut outs: [&mut [f32]; R],
-) {
+    coefs: &'a [f32],
+    coef_t: usize,
+    coef_q: usize,
+    vecs: &'a [f32],
+    vec_t: usize,
+}
+
+/// `outs[q][j] = Σ_t coef(q, t) · vec(t)[j]` for `t` in `0..terms`, ascending from `0.0`, over
+/// the outputs' columns (all `outs` the same width). `R` outputs at once share every load of
+/// `vec(t)` and run `R` independent chains of additions.
+///
+/// Panics if `coefs` or `vecs` is too short for `R` outputs of that width (checked once, so
+/// the AVX2 block below may read without checks).
+#[inline(always)]
+fn lincomb<const R: usize>(t: Terms<'_>, mut outs: [&mut [f32]; R]) {
     let width = outs[0].len();
+    assert!(outs.iter().all(|o| o.len() == width), "outputs of one width");
+    if t.terms == 0 || width == 0 {
+        outs.iter_mut().for_each(|o| o.fill(0.0));
+        return;
+    }
+    assert!((R - 1) * t.coef_q + (t.terms - 1) * t.coef_t < t.coefs.len(), "coefficients out of range");
+    assert!((t.terms - 1) * t.vec_t + width <= t.vecs.len(), "vectors out of range");
+    let coef = |q: usize, i: usize| t.coefs[q * t.coef_q + i * t.coef_t];
     let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        while j + BLOCK <= width {
+            let outs: [*mut f32; R] = std::array::from_fn(|q| outs[q][j..].as_mut_ptr());
+            // SAFETY: the CPU has AVX2; the asserts above keep every read in `coefs` and
+            // `vecs` (`vecs` from `j`: `(terms - 1) · vec_t + j + BLOCK <= vecs.len()`), and
+            // each output has `BLOCK` values from `j`.
+            unsafe { lincomb_block_avx2::<R>(t, j, outs) };
+            j += BLOCK;
+        }
+    }
     while j + BLOCK <= width {
         let mut acc = [[0.0f32; BLOCK]; R];
-        for t in 0..terms {
+        for i in 0..t.terms {
             // The block and the coefficients are loaded once, before any product: with the
             // block borrowed and each coefficient read inside the loop, LLVM loaded the block a
-            // second time, piece by piece, for the second row (12 % of a step at 74 k and 1.2 M
-            // parameters). The sums are the same either way.
-            let v: [f32; BLOCK] = vec(t)[j..j + BLOCK].try_into().expect("a block of columns");
-            let a: [f32; R] = std::array::from_fn(|q| coef(q, t));
+            // second time, piece by piece, for the second row. The sums are the same either way.
+            let at = i * t.vec_t + j;
+            let v: [f32; BLOCK] = t.vecs[at..at + BLOCK].try_into().expect("a block of columns");
+            let a: [f32; R] = std::array::from_fn(|q| coef(q, i));
             for (acc, &a) in acc.iter_mut().zip(&a) {
                 for (sum, &value) in acc.iter_mut().zip(&v) {
                     *sum += a * value;
@@ -130,12 +159,51 @@ fn lincomb<'v, const R: usize>(
         for (q, out) in outs.iter_mut().enumerate() {
             let tail = &mut out[j..width];
             tail.fill(0.0);
-            for t in 0..terms {
-                let a = coef(q, t);
-                for (sum, &value) in tail.iter_mut().zip(&vec(t)[j..width]) {
+            for i in 0..t.terms {
+                let a = coef(q, i);
+                let at = i * t.vec_t;
+                for (sum, &value) in tail.iter_mut().zip(&t.vecs[at + j..at + width]) {
                     *sum += a * value;
                 }
             }
+        }
+    }
+}
+
+/// One block of [`BLOCK`] columns, from column `j`, of [`lincomb`], in AVX2 registers: the
+/// same products and additions in the same order as the portable loop (a multiply, then an
+/// add — never a fused multiply-add), without its per-term index arithmetic and checks, which
+/// took as many instructions as the sums.
+///
+/// # Safety
+///
+/// The CPU has AVX2; `t.coefs` holds index `(R - 1) · coef_q + (terms - 1) · coef_t`,
+/// `t.vecs` holds `(terms - 1) · vec_t + j + BLOCK` values, and each of `outs` points at
+/// `BLOCK` writable values that nothing else borrows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lincomb_block_avx2<const R: usize>(t: Terms<'_>, j: usize, outs: [*mut f32; R]) {
+    use std::arch::x86_64::{__m256, _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps};
+    use std::arch::x86_64::{_mm256_setzero_ps, _mm256_storeu_ps};
+    const V: usize = BLOCK / 8;
+    let mut acc: [[__m256; V]; R] = [[_mm256_setzero_ps(); V]; R];
+    let mut c = t.coefs.as_ptr();
+    let mut v = t.vecs.as_ptr().add(j);
+    for _ in 0..t.terms {
+        let x: [__m256; V] = std::array::from_fn(|b| _mm256_loadu_ps(v.add(8 * b)));
+        for (q, acc) in acc.iter_mut().enumerate() {
+            let a = _mm256_set1_ps(*c.add(q * t.coef_q));
+            for (sum, &x) in acc.iter_mut().zip(&x) {
+                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(a, x));
+            }
+        }
+        // Wrapping: after the last term the pointers may pass the end; they are not read.
+        c = c.wrapping_add(t.coef_t);
+        v = v.wrapping_add(t.vec_t);
+    }
+    for (out, acc) in outs.iter().zip(&acc) {
+        for (b, &sum) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(8 * b), sum);
         }
     }
 }
@@ -151,16 +219,16 @@ dispatch! {
             out.fill(0.0);
             return;
         }
-        let vec = |t: usize| &b[t * ldb + col..t * ldb + col + width];
+        let terms = |coefs| Terms { terms: k, coefs, coef_t: 1, coef_q: k, vecs: &b[col..], vec_t: ldb };
         // Two rows at a time, then the odd one.
         let mut pairs = a.chunks_exact(2 * k).zip(out.chunks_exact_mut(2 * width));
         for (rows, out) in pairs.by_ref() {
             let (out0, out1) = out.split_at_mut(width);
-            lincomb(k, |q, t| rows[q * k + t], vec, [out0, out1]);
+            lincomb(terms(rows), [out0, out1]);
         }
         let done = a.len() / (2 * k) * 2;
         if let (Some(row), Some(out)) = (a.chunks_exact(k).nth(done), out.chunks_exact_mut(width).nth(done)) {
-            lincomb(k, |_, t| row[t], vec, [out]);
+            lincomb(terms(row), [out]);
         }
     }
 }
@@ -173,16 +241,17 @@ dispatch! {
             return;
         }
         let rows = b.len() / width;
-        let vec = |r: usize| &b[r * width..(r + 1) * width];
+        // With no rows `a` is empty and every output is zero.
+        let terms = |i: usize| Terms { terms: rows, coefs: a.get(i..).unwrap_or(&[]), coef_t: m, coef_q: 1, vecs: b, vec_t: width };
         let out = &mut out[..m * width];
         let mut i = 0;
         for pair in out.chunks_exact_mut(2 * width) {
             let (out0, out1) = pair.split_at_mut(width);
-            lincomb(rows, |q, r| a[r * m + i + q], vec, [out0, out1]);
+            lincomb(terms(i), [out0, out1]);
             i += 2;
         }
         if i < m {
-            lincomb(rows, |_, r| a[r * m + i], vec, [&mut out[i * width..]]);
+            lincomb(terms(i), [&mut out[i * width..]]);
         }
     }
 }
