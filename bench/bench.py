@@ -18,7 +18,8 @@ What it does, in order:
    ranks' loss sums over the step's rows) within the tolerance, step by step; otherwise the
    harness stops with an error naming the run and the step.
 5. Cost of fault tolerance without faults: Phalanx with checkpoints every 20 steps against
-   none (the exactly-once ledger cannot be switched off and is on in both).
+   none (the exactly-once ledger cannot be switched off and is on in both), the two runs of
+   a repeat side by side; the overhead is the median of the repeats' own ratios.
 6. Recovery: SIGKILL of worker node 1 in `phalanx local --nodes 3` against SIGKILL of rank 1
    under `torchrun --max_restarts=1` resuming from its checkpoint: time from the kill to the
    next completed step, and steps redone.
@@ -456,28 +457,36 @@ class Bench:
                     # Alternate which system goes first, so neither always runs on a warmer machine.
                     order = ["phalanx", "ddp"] if (rep + workers + hidden) % 2 == 0 else ["ddp", "phalanx"]
                     for system in order:
-                        for epochs, length in ((short, "short"), (long_, "long")):
-                            tag = f"{system}-h{hidden}-w{workers}-{length}-r{rep}"
-                            if system == "phalanx":
-                                m, _, rows = self.phalanx_run(hidden, workers, epochs, 0, tag)
-                            else:
-                                m, rows = self.ddp_run(hidden, workers, epochs, tag)
-                            curves[(system, length)] = rows
-                            m.update(repeat=rep, length=length, ft=False)
-                            self.runs.append(m)
-                            log(f"{tag}: {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU, lo {m['lo_tx_bytes']} B")
+                        # Phalanx with checkpoints on runs right beside the same repeat's run
+                        # without (first or second by turns), so the pair sees one state of the
+                        # shared machine and their ratio cancels its drift.
+                        modes = [False]
+                        if system == "phalanx" and workers in p["ft_workers"]:
+                            modes = [False, True] if rep % 2 == 0 else [True, False]
+                        for ft in modes:
+                            for epochs, length in ((short, "short"), (long_, "long")):
+                                if ft:
+                                    tag = f"phalanx-ft-h{hidden}-w{workers}-{length}-r{rep}"
+                                    m, _, rows = self.phalanx_run(hidden, workers, epochs, CHECKPOINT_EVERY, tag)
+                                    curves[("phalanx-ft", length)] = rows
+                                elif system == "phalanx":
+                                    tag = f"{system}-h{hidden}-w{workers}-{length}-r{rep}"
+                                    m, _, rows = self.phalanx_run(hidden, workers, epochs, 0, tag)
+                                    curves[(system, length)] = rows
+                                else:
+                                    tag = f"{system}-h{hidden}-w{workers}-{length}-r{rep}"
+                                    m, rows = self.ddp_run(hidden, workers, epochs, tag)
+                                    curves[(system, length)] = rows
+                                m.update(repeat=rep, length=length, ft=ft)
+                                self.runs.append(m)
+                                log(f"{tag}: {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU, lo {m['lo_tx_bytes']} B")
                     for length in ("short", "long"):
                         self.check_fair(f"h{hidden}-w{workers}-{length}-r{rep}", curves[("phalanx", length)],
                                         curves[("ddp", length)])
-                    if workers in p["ft_workers"]:
-                        for epochs, length in ((short, "short"), (long_, "long")):
-                            tag = f"phalanx-ft-h{hidden}-w{workers}-{length}-r{rep}"
-                            m, _, rows = self.phalanx_run(hidden, workers, epochs, CHECKPOINT_EVERY, tag)
-                            if [r[:2] for r in rows] != [r[:2] for r in curves[("phalanx", length)]]:
-                                raise BenchError(f"{tag}: checkpoints changed the loss curve")
-                            m.update(repeat=rep, length=length, ft=True)
-                            self.runs.append(m)
-                            log(f"{tag}: {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU")
+                        ft_rows = curves.get(("phalanx-ft", length))
+                        if ft_rows is not None and [r[:2] for r in ft_rows] != [r[:2] for r in curves[("phalanx", length)]]:
+                            raise BenchError(f"phalanx-ft-h{hidden}-w{workers}-{length}-r{rep}: checkpoints changed "
+                                             "the loss curve")
 
     def recovery(self):
         p = self.p
@@ -575,19 +584,24 @@ def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def per_step(runs, key, ft=False):
-    """{(system, hidden, workers): [per-step figure of each repeat]} from short/long pairs."""
+def per_step(runs, key, ft=False, by_repeat=False):
+    """{(system, hidden, workers): [per-step figure of each repeat]} from short/long pairs
+    (with `by_repeat`, {(system, hidden, workers): {repeat: figure}})."""
     pairs = {}
     for r in runs:
         if r.get("ft", False) != ft:
             continue
         pairs.setdefault((r["system"], r["hidden"], r["workers"], r["repeat"]), {})[r["length"]] = r
     out = {}
-    for (system, hidden, workers, _), pair in sorted(pairs.items()):
+    for (system, hidden, workers, rep), pair in sorted(pairs.items()):
         s, l_ = pair["short"], pair["long"]
         if s[key] is None or l_[key] is None:
             continue
-        out.setdefault((system, hidden, workers), []).append((l_[key] - s[key]) / (l_["steps"] - s["steps"]))
+        figure = (l_[key] - s[key]) / (l_["steps"] - s["steps"])
+        if by_repeat:
+            out.setdefault((system, hidden, workers), {})[rep] = figure
+        else:
+            out.setdefault((system, hidden, workers), []).append(figure)
     return out
 
 
@@ -597,6 +611,8 @@ def summarise(bench, recovery):
     cpu = per_step(bench.runs, "cpu_s")
     wire = per_step(bench.runs, "lo_tx_bytes")
     wall_ft = per_step(bench.runs, "wall_s", ft=True)
+    wall_rep = per_step(bench.runs, "wall_s", by_repeat=True)
+    wall_ft_rep = per_step(bench.runs, "wall_s", ft=True, by_repeat=True)
     table = []
     by_size, worst = {}, None
     for hidden in p["sizes"]:
@@ -648,9 +664,15 @@ def summarise(bench, recovery):
         for workers in p["ft_workers"]:
             on = statistics.median(wall_ft[("phalanx", hidden, workers)])
             off = statistics.median(wall[("phalanx", hidden, workers)])
-            overhead = on / off - 1
+            # The overhead is the median over repeats of each repeat's own on/off ratio: the
+            # two runs of a repeat are side by side in time, so the machine's drift cancels.
+            on_r = wall_ft_rep[("phalanx", hidden, workers)]
+            off_r = wall_rep[("phalanx", hidden, workers)]
+            ratios = [on_r[r] / off_r[r] - 1 for r in sorted(on_r) if r in off_r]
+            overhead = statistics.median(ratios)
             ft_by_size[str(hidden)][str(workers)] = {
-                "overhead": sig(overhead), "on_ms_per_step": sig(on * 1000), "off_ms_per_step": sig(off * 1000)}
+                "overhead": sig(overhead), "on_ms_per_step": sig(on * 1000), "off_ms_per_step": sig(off * 1000),
+                "overhead_by_repeat": [sig(x) for x in ratios]}
             ft_worst = overhead if ft_worst is None else max(ft_worst, overhead)
     ph_ms = [r["recovery_ms"] for r in recovery["phalanx"]]
     tr_ms = [r["recovery_ms"] for r in recovery["torchrun"]]
@@ -765,13 +787,18 @@ def summary_lines(result):
         for wk, e in by.items():
             cells.append((h, wk, e["overhead"]))
             key = ("phalanx", int(h), int(wk))
-            if key in off_runs and key in on_runs and min(on_runs[key]) > max(off_runs[key]):
+            paired = e.get("overhead_by_repeat")
+            if paired:
+                above = len(paired) > 1 and all(x > 0 for x in paired)
+            else:
+                above = key in off_runs and key in on_runs and min(on_runs[key]) > max(off_runs[key])
+            if above:
                 clear.append(f"{e['overhead'] * 100:+.0f} % at {params_of(int(h)):,} parameters on {wk} worker(s)")
     if cells:
         h, wk, o = max(cells, key=lambda c: c[2])
         out.append(f"- **Checkpoints without faults:** worst median cost {o * 100:+.0f} % ({params_of(int(h)):,} "
-                   f"parameters, {wk} worker(s)). Costs above the noise (every repeat with checkpoints slower than "
-                   f"every repeat without): {'; '.join(clear) if clear else 'none'}.")
+                   f"parameters, {wk} worker(s)). Costs above the noise (in every repeat the run with checkpoints "
+                   f"slower than its side-by-side run without): {'; '.join(clear) if clear else 'none'}.")
     rec = result["recovery"]
     if rec["phalanx"]["runs"] and rec["torchrun"]["runs"]:
         out.append(f"- **Recovery:** Phalanx {rec['phalanx']['recovery_ms_p50']} ms p50 / "
@@ -886,7 +913,7 @@ def markdown(result):
         "",
         "A difference inside the min–max spread of the repeats is noise of the shared machine, not a cost.",
         "",
-        "| parameters | workers | off ms/step | on ms/step | overhead (median on / median off − 1) |",
+        "| parameters | workers | off ms/step | on ms/step | overhead (median over repeats of on / off − 1, each repeat's two runs side by side) |",
         "|---|---|---|---|---|",
     ]
     runs = m.get("runs", [])
