@@ -16,8 +16,10 @@
 //! Every product is rounded to `f32`, then every addition (Rust never contracts a multiply and
 //! an add into a fused multiply-add). Vector instructions only run several of these sums side
 //! by side — one output element, or one lane, per vector lane — and never change what is added
-//! to what. So the AVX2 code path, compiled from the same source and picked when the CPU has
-//! AVX2, gives the bits of the portable one; a test compares them. Only `exp` and `ln` (the
+//! to what. So the AVX2 code path — the same source compiled for AVX2, and for a linear
+//! combination's blocks of 32 columns explicit AVX2 intrinsics that multiply, then add (never
+//! `_mm256_fmadd_ps`), in the portable loop's order — picked when the CPU has AVX2, gives the
+//! bits of the portable one; tests compare them. Only `exp` and `ln` (the
 //! platform's libm, in the classification head) can still differ between machines, which is
 //! what [`super::kernel::fingerprint`] still measures.
 //!

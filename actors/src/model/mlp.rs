@@ -104,7 +104,8 @@ impl Mlp {
         // The chunk's columns of `W1` side by side first: in place, its `inputs` rows are
         // `hidden` floats apart, and at a power-of-two `hidden` every block of them falls in the
         // same set of the L1 cache, more rows than the set has ways (eleven for the wine data,
-        // eight ways): the products then read from L2, 40 % slower. The same sums either way.
+        // eight ways): the products then read from L2 (10.6 µs instead of 6.4 for a chunk of
+        // 64 rows × 256 units, packing included). The same sums either way.
         let w1c = &mut w1c[..inputs * c];
         for (packed, row) in w1c.chunks_exact_mut(c).zip(p.w1.chunks_exact(hidden)) {
             packed.copy_from_slice(&row[j0..j0 + c]);
