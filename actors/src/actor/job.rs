@@ -240,18 +240,7 @@ impl JobState {
                         continue;
                     }
                     self.remote.remove(&key);
-                    let mut started = spawn_actor(&self.ctx, myself.get_cell(), key, generation, restore).await;
-                    if let Err(SpawnErr::ActorAlreadyRegistered(_)) = started {
-                        // Another start of this actor in this process took the name between
-                        // `spawn_actor`'s check for an older instance and its spawn: this
-                        // node's host starting it for the previous coordinator while this
-                        // supervisor, taking over, starts it too. This supervisor's start is
-                        // the current one; once more, `spawn_actor` stops the other and takes
-                        // the name (a second loss of the race fails the start as before).
-                        tracing::debug!(actor = %key, "name taken by a concurrent start; starting again");
-                        started = spawn_actor(&self.ctx, myself.get_cell(), key, generation, restore).await;
-                    }
-                    match started {
+                    match spawn_actor(&self.ctx, myself.get_cell(), key, generation, restore).await {
                         Ok(cell) => {
                             self.children.insert(cell.get_id(), key);
                             queue.extend(self.core.on_child_started(key));

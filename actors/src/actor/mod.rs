@@ -176,13 +176,39 @@ pub async fn spawn_actor(
         return Err(SpawnErr::StartupFailed(format!("{key} is not an actor of job {}", ctx.job).into()));
     }
     let name = ctx.names.name_of(key);
-    if let Some(old) = ractor::registry::where_is(name.clone()) {
-        // An older instance holds the name: a previous coordinator's actor the host is still
-        // stopping, or a failed one still shutting down. Being placed here again makes it
-        // obsolete; wait (bounded) until it is gone instead of failing the start on its name.
-        tracing::debug!(actor = %key, "waiting for the previous instance to stop");
-        let _ = old.stop_and_wait(Some(format!("{key} is started again")), Some(REPLACE_WAIT)).await;
+    let mut attempt = 0;
+    loop {
+        if let Some(old) = ractor::registry::where_is(name.clone()) {
+            // An older instance holds the name: a previous coordinator's actor the host is still
+            // stopping, or a failed one still shutting down. Being placed here again makes it
+            // obsolete; wait (bounded) until it is gone instead of failing the start on its name.
+            tracing::debug!(actor = %key, "waiting for the previous instance to stop");
+            let _ = old.stop_and_wait(Some(format!("{key} is started again")), Some(REPLACE_WAIT)).await;
+        }
+        let started = spawn_role(ctx, supervisor.clone(), key, generation, restore, name.clone()).await;
+        attempt += 1;
+        match started {
+            // Another start of this actor in this process took the name between the check
+            // above and the spawn (a host starting it for the previous coordinator while the
+            // supervisor taking over starts it too): that one is obsolete as well. Once more,
+            // which stops it; a second loss of the race fails the start.
+            Err(SpawnErr::ActorAlreadyRegistered(_)) if attempt < 2 => {
+                tracing::debug!(actor = %key, "name taken by a concurrent start; starting again");
+            }
+            other => return other,
+        }
     }
+}
+
+/// Spawns the actor of `key`'s role under `name`, linked to `supervisor`.
+async fn spawn_role(
+    ctx: &Arc<JobContext>,
+    supervisor: ActorCell,
+    key: ActorKey,
+    generation: u64,
+    restore: Option<u64>,
+    name: ractor::ActorName,
+) -> Result<ActorCell, SpawnErr> {
     let name = Some(name);
     let ctx = ctx.clone();
     Ok(match key.role {
