@@ -13,7 +13,7 @@ use phalanx_actors::data::{self, DataError, DataRegistry, OwnedTargets, Partitio
 #[cfg(feature = "fault-injection")]
 use phalanx_actors::faults::FaultPlan;
 use phalanx_actors::model::{
-    self, BatchView, Head, Model, ModelError, ModelIdentity, ModelRegistry, Targets, TensorInfo,
+    self, BatchView, Head, Model, ModelError, ModelIdentity, ModelRegistry, ParamParts, Targets, TensorInfo,
 };
 use phalanx_actors::net::LocalNet;
 use phalanx_actors::optim::{OptimizerSpec, OptimizerState};
@@ -183,6 +183,15 @@ impl Model for FileInit {
         grad: &mut [f32],
     ) -> Result<Vec<f64>, ModelError> {
         self.model.loss_grad_tree(params, batches, grad)
+    }
+
+    fn loss_grad_tree_parts(
+        &self,
+        params: &ParamParts<'_>,
+        batches: &[BatchView<'_>],
+        grad: &mut [f32],
+    ) -> Result<Vec<f64>, ModelError> {
+        self.model.loss_grad_tree_parts(params, batches, grad)
     }
 
     fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {

@@ -28,20 +28,22 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use super::dense::{self, LaneDot};
 use super::{
-    apply_head, check_batch, check_grad, check_params, check_x, BatchView, Init, Model, ModelError, ModelSpec,
-    ParamLayout, Targets, TensorInfo,
+    apply_head, check_batch, check_grad, check_x, BatchView, Init, Model, ModelError, ModelSpec, ParamLayout,
+    ParamParts, Targets, TensorInfo,
 };
 
 /// Hidden units per chunk (a multiple of [`dense::LANES`], so the output's lane dot continues
 /// across chunks).
 const CHUNK: usize = 256;
 
-/// The parameter tensors of one call, borrowed from the flat vector.
-struct Params<'a> {
-    w1: &'a [f32],
-    b1: &'a [f32],
-    w2: &'a [f32],
-    b2: &'a [f32],
+/// The parameters of one call, in the pieces they came in (a trainer's θ as its aggregators'
+/// ranges, or one whole vector), and where each tensor starts. Every read goes through a block
+/// the maths copies or borrows anyway (a chunk of `W1` packed, a chunk of `W2` transposed, a
+/// chunk of `b1`), so pieces cost no assembly and give the same bits as the joined vector.
+struct Params<'p, 'a> {
+    src: &'p ParamParts<'a>,
+    /// Where `w1`, `b1`, `w2` and `b2` start.
+    at: [usize; 4],
 }
 
 /// One-hidden-layer ReLU network with either head.
@@ -65,54 +67,74 @@ impl Mlp {
         Ok(Mlp { spec, layout, lens: [w1.len(), b1.len(), w2.len()] })
     }
 
-    /// Checks the length of `params` and splits it into the four tensors.
-    fn split<'a>(&self, params: &'a [f32]) -> Result<Params<'a>, ModelError> {
-        check_params(self.layout.total, params)?;
-        let (w1, rest) = params.split_at(self.lens[0]);
-        let (b1, rest) = rest.split_at(self.lens[1]);
-        let (w2, b2) = rest.split_at(self.lens[2]);
-        Ok(Params { w1, b1, w2, b2 })
+    /// Checks the length of `params` and finds the four tensors in it.
+    fn split<'p, 'a>(&self, params: &'p ParamParts<'a>) -> Result<Params<'p, 'a>, ModelError> {
+        if params.len() != self.layout.total {
+            return Err(ModelError::ParamLength { expected: self.layout.total, got: params.len() });
+        }
+        let [w1, b1, w2] = self.lens;
+        Ok(Params { src: params, at: [0, w1, w1 + b1, w1 + b1 + w2] })
     }
 
     /// Forward pass over `rows` rows of `x` (row-major): the raw outputs (`rows × outputs`).
     /// The hidden activations live one chunk at a time (`rows × CHUNK`); the backward pass
     /// computes each chunk again instead of keeping them.
-    fn forward(&self, p: &Params<'_>, x: &[f32], rows: usize) -> Vec<f32> {
+    fn forward(&self, p: &Params<'_, '_>, x: &[f32], rows: usize) -> Vec<f32> {
         let ModelSpec { outputs, hidden, .. } = self.spec;
         let widest = CHUNK.min(hidden);
         let mut h = vec![0.0; rows * widest];
         let mut w1c = vec![0.0; self.spec.inputs * widest];
         let mut w2t = vec![0.0; outputs * widest];
+        let mut scratch = Vec::new();
         let mut dot = LaneDot::new(rows, outputs);
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
             let h = &mut h[..rows * c];
-            self.hidden_chunk(p, x, j0, c, &mut w1c, h);
+            self.hidden_chunk(p, x, j0, c, &mut w1c, &mut scratch, h);
             let w2t = &mut w2t[..outputs * c];
-            transpose_rows(p.w2, outputs, j0, c, w2t);
+            transpose_rows(self.w2_rows(p, j0, c, &mut scratch), outputs, c, w2t);
             dot.add(h, w2t, c);
         }
         let mut out = vec![0.0; rows * outputs];
-        dot.finish(p.b2, &mut out);
+        dot.finish(p.src.slice(p.at[3]..p.at[3] + outputs, &mut scratch), &mut out);
         out
     }
 
+    /// Rows `j0..j0 + c` of `W2` (`c × outputs`), borrowed or copied into `scratch`.
+    fn w2_rows<'s>(&self, p: &'s Params<'_, '_>, j0: usize, c: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        let outputs = self.spec.outputs;
+        p.src.slice(p.at[2] + j0 * outputs..p.at[2] + (j0 + c) * outputs, scratch)
+    }
+
     /// `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])`, `rows × c`. `w1c` (at least `inputs
-    /// × c` long) receives the chunk's columns of `W1`, packed.
-    fn hidden_chunk(&self, p: &Params<'_>, x: &[f32], j0: usize, c: usize, w1c: &mut [f32], h: &mut [f32]) {
+    /// × c` long) receives the chunk's columns of `W1`, packed; `scratch` holds `b1`'s chunk
+    /// when it lies across two pieces of the parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn hidden_chunk(
+        &self,
+        p: &Params<'_, '_>,
+        x: &[f32],
+        j0: usize,
+        c: usize,
+        w1c: &mut [f32],
+        scratch: &mut Vec<f32>,
+        h: &mut [f32],
+    ) {
         let ModelSpec { inputs, hidden, .. } = self.spec;
         // The chunk's columns of `W1` side by side first: in place, its `inputs` rows are
         // `hidden` floats apart, and at a power-of-two `hidden` every block of them falls in the
         // same set of the L1 cache, more rows than the set has ways (eleven for the wine data,
         // eight ways): the products then read from L2 (10.6 µs instead of 6.4 for a chunk of
-        // 64 rows × 256 units, packing included). The same sums either way.
+        // 64 rows × 256 units, packing included). The same sums either way. The packing reads
+        // from the pieces the parameters came in: no joined copy of them is needed.
         let w1c = &mut w1c[..inputs * c];
-        for (packed, row) in w1c.chunks_exact_mut(c).zip(p.w1.chunks_exact(hidden)) {
-            packed.copy_from_slice(&row[j0..j0 + c]);
+        for (k, packed) in w1c.chunks_exact_mut(c).enumerate() {
+            p.src.copy_to(p.at[0] + k * hidden + j0, packed);
         }
         dense::matmul_rows(x, inputs, w1c, c, 0, h, c);
+        let b1 = p.src.slice(p.at[1] + j0..p.at[1] + j0 + c, scratch);
         for row in h.chunks_exact_mut(c) {
-            for (z, &b) in row.iter_mut().zip(&p.b1[j0..j0 + c]) {
+            for (z, &b) in row.iter_mut().zip(b1) {
                 // `z <= 0` rather than `max(z, 0)`: a NaN stays NaN and shows up in the loss
                 // instead of being silently clamped to 0.
                 let v = *z + b;
@@ -146,10 +168,10 @@ struct Gathered<'a> {
     bounds: Vec<usize>,
 }
 
-/// `out[o][jj] = w[(j0 + jj) · outputs + o]`: rows `j0..j0 + c` of a `· × outputs` matrix,
-/// transposed (`outputs × c`).
-fn transpose_rows(w: &[f32], outputs: usize, j0: usize, c: usize, out: &mut [f32]) {
-    for (jj, row) in w[j0 * outputs..(j0 + c) * outputs].chunks_exact(outputs).enumerate() {
+/// `out[o][jj] = rows[jj · outputs + o]`: `c` rows of a `· × outputs` matrix, transposed
+/// (`outputs × c`).
+fn transpose_rows(rows: &[f32], outputs: usize, c: usize, out: &mut [f32]) {
+    for (jj, row) in rows[..c * outputs].chunks_exact(outputs).enumerate() {
         for (o, &value) in row.iter().enumerate() {
             out[o * c + jj] = value;
         }
@@ -185,6 +207,15 @@ impl Model for Mlp {
         batches: &[BatchView<'_>],
         grad: &mut [f32],
     ) -> Result<Vec<f64>, ModelError> {
+        self.loss_grad_tree_parts(&ParamParts::whole(params), batches, grad)
+    }
+
+    fn loss_grad_tree_parts(
+        &self,
+        params: &ParamParts<'_>,
+        batches: &[BatchView<'_>],
+        grad: &mut [f32],
+    ) -> Result<Vec<f64>, ModelError> {
         let p = self.split(params)?;
         check_grad(self.layout.total, grad)?;
         let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
@@ -214,13 +245,14 @@ impl Model for Mlp {
         // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
         let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
         let mut scratch = Vec::new();
+        let mut piece_scratch = Vec::new();
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
             let h = &mut h[..rows * c];
-            self.hidden_chunk(&p, &x, j0, c, &mut w1c, h);
+            self.hidden_chunk(&p, &x, j0, c, &mut w1c, &mut piece_scratch, h);
             let h: &[f32] = h;
             let w2t = &mut w2t[..outputs * c];
-            transpose_rows(p.w2, outputs, j0, c, w2t);
+            transpose_rows(self.w2_rows(&p, j0, c, &mut piece_scratch), outputs, c, w2t);
             // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
             // (at z == 0 exactly, the subgradient 0). A select, not a branch: whether a unit is
             // active is a coin toss per element. A NaN `h` keeps its `∂h`.
@@ -255,7 +287,8 @@ impl Model for Mlp {
     }
 
     fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
-        let p = self.split(params)?;
+        let params = ParamParts::whole(params);
+        let p = self.split(&params)?;
         let Gathered { x, ys, bounds } = self.gather(&[BatchView { x: x.view(), y }])?;
         let rows = bounds[1];
         let mut out = self.forward(&p, &x, rows);
@@ -264,7 +297,8 @@ impl Model for Mlp {
     }
 
     fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError> {
-        let p = self.split(params)?;
+        let params = ParamParts::whole(params);
+        let p = self.split(&params)?;
         check_x(&self.spec, x)?;
         let rows = x.nrows();
         let x: Vec<f32> = x.iter().copied().collect();
@@ -278,7 +312,7 @@ mod tests {
     use ndarray::{Array2, ArrayView2};
 
     use super::super::test_util::{assert_gradient_matches, random_labels, random_matrix, random_vec, train_adam};
-    use super::super::{build, metrics, BatchView, Head, Model, ModelKind, ModelSpec, Targets};
+    use super::super::{build, metrics, BatchView, Head, Model, ModelError, ModelKind, ModelSpec, ParamParts, Targets};
     use super::Mlp;
 
     fn mlp_spec(inputs: usize, outputs: usize, hidden: usize, head: Head) -> ModelSpec {
@@ -287,9 +321,9 @@ mod tests {
 
     /// Smallest `|x·W1 + b1|` over the batch: how far the batch is from a ReLU kink.
     fn kink_margin(model: &Mlp, params: &[f32], x: ArrayView2<'_, f32>) -> f32 {
-        let p = model.split(params).expect("valid params");
-        let w1 = ArrayView2::from_shape((model.spec.inputs, model.spec.hidden), p.w1).expect("w1");
-        let pre = x.dot(&w1) + ndarray::ArrayView1::from(p.b1);
+        let (w1, rest) = params.split_at(model.lens[0]);
+        let w1 = ArrayView2::from_shape((model.spec.inputs, model.spec.hidden), w1).expect("w1");
+        let pre = x.dot(&w1) + ndarray::ArrayView1::from(&rest[..model.lens[1]]);
         pre.iter().fold(f32::INFINITY, |m, z| m.min(z.abs()))
     }
 
@@ -473,6 +507,81 @@ mod tests {
             }
             assert_ne!(bits(&serial), bits(&fused), "{head}: serial and tree sums agree; the test is blind");
         }
+    }
+
+    /// θ in pieces, cut anywhere (inside a row of `W1`, across a chunk's columns, inside `b1`,
+    /// `W2` and `b2`, with empty pieces), gives the bits of the joined vector, and so does the
+    /// trait's default, which joins them.
+    #[test]
+    fn parameters_in_pieces_give_the_bits_of_the_joined_vector() {
+        let model = Mlp::new(mlp_spec(11, 6, 300, Head::Classification)).expect("valid spec");
+        let n = model.num_params();
+        let params = random_vec(8, n, -0.3, 0.3);
+        let data = batches_for(11, 6, 40);
+        let batches: Vec<BatchView<'_>> =
+            data.iter().map(|(x, _, labels)| BatchView { x: x.view(), y: Targets::Class(labels) }).collect();
+        let mut whole = vec![f32::NAN; n];
+        let losses = model.loss_grad_tree(&params, &batches, &mut whole).expect("valid");
+        let [w1, b1, w2] = model.lens;
+        let cuts: [&[usize]; 5] = [
+            &[n / 3, 2 * n / 3],
+            &[1, 257, 300 + 255, w1 + 10],
+            &[w1, w1, w1 + b1, w1 + b1 + w2],
+            &[w1 + 256, w1 + b1 + 6 * 255 + 3, n - 1],
+            &[0, n],
+        ];
+        struct Joining<'m>(&'m Mlp);
+        impl std::fmt::Debug for Joining<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("joining")
+            }
+        }
+        impl Model for Joining<'_> {
+            fn num_params(&self) -> usize {
+                self.0.num_params()
+            }
+            fn layout(&self) -> Vec<super::super::TensorInfo> {
+                self.0.layout()
+            }
+            fn init_params(&self, seed: u64) -> Vec<f32> {
+                self.0.init_params(seed)
+            }
+            fn loss_grad(
+                &self,
+                p: &[f32],
+                x: ArrayView2<'_, f32>,
+                y: Targets<'_>,
+                g: &mut [f32],
+            ) -> Result<f64, ModelError> {
+                self.0.loss_grad(p, x, y, g)
+            }
+            fn loss(&self, p: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
+                self.0.loss(p, x, y)
+            }
+            fn predict(&self, p: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError> {
+                self.0.predict(p, x)
+            }
+        }
+        for cut in cuts {
+            let mut bounds = vec![0];
+            bounds.extend_from_slice(cut);
+            bounds.push(n);
+            let parts = ParamParts::new(bounds.windows(2).map(|w| &params[w[0]..w[1]]).collect());
+            for (name, m) in [("mlp", &model as &dyn Model), ("default", &Joining(&model))] {
+                let mut grad = vec![f32::NAN; n];
+                let got = m.loss_grad_tree_parts(&parts, &batches, &mut grad).expect("valid");
+                assert_eq!(bits(&grad), bits(&whole), "{name}, cut {cut:?}");
+                assert_eq!(
+                    got.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                    losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+        let short = ParamParts::whole(&params[1..]);
+        assert_eq!(
+            model.loss_grad_tree_parts(&short, &batches, &mut whole),
+            Err(ModelError::ParamLength { expected: n, got: n - 1 })
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@
 //!   to host it (checkpoints record it too).
 //! - **Subtrees in one pass.** [`Model::loss_grad_tree`] sums several batches' gradients in the
 //!   reduction tree; the built-in MLP fuses that into its backward pass (see its module).
+//! - **θ in pieces.** A trainer's θ arrives as its aggregators' ranges;
+//!   [`Model::loss_grad_tree_parts`] takes them as they are ([`ParamParts`]) instead of a joined
+//!   copy, with the same bits.
 //! - **Validated, never panicking.** Every entry point checks lengths, shapes and labels first
 //!   and returns a [`ModelError`]; after that the maths cannot index out of bounds.
 //!
@@ -81,10 +84,12 @@ pub mod kernel;
 mod linear;
 pub mod metrics;
 mod mlp;
+mod parts;
 mod registry;
 mod softmax;
 
 pub use dense::{path as kernel_path, tree_left, tree_sum_f64};
+pub use parts::ParamParts;
 pub use registry::{BuiltModel, ModelConfig, ModelFactory, ModelIdentity, ModelName, ModelRegistry, ModelRequest};
 
 /// Upper bound on [`Model::num_params`] that [`build`] accepts: 2^31 `f32`s (8 GiB).
@@ -326,6 +331,25 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         grad: &mut [f32],
     ) -> Result<Vec<f64>, ModelError> {
         loss_grad_leaf_by_leaf(self, params, batches, grad)
+    }
+
+    /// [`loss_grad_tree`](Model::loss_grad_tree) on parameters held in pieces (a trainer's θ as
+    /// its aggregators' ranges), with the same bits as on the joined vector.
+    ///
+    /// The default joins the pieces (a copy of the model, unless one piece holds it all) and
+    /// calls `loss_grad_tree`. A model that reads its weights a block at a time can read the
+    /// blocks from the pieces instead ([`ParamParts::slice`], [`ParamParts::copy_to`]), as the
+    /// built-in MLP does; a model that wraps another should forward this method too.
+    fn loss_grad_tree_parts(
+        &self,
+        params: &ParamParts<'_>,
+        batches: &[BatchView<'_>],
+        grad: &mut [f32],
+    ) -> Result<Vec<f64>, ModelError> {
+        match params.as_whole() {
+            Some(whole) => self.loss_grad_tree(whole, batches, grad),
+            None => self.loss_grad_tree(&params.to_vec(), batches, grad),
+        }
     }
 
     /// Summed loss without gradient; the same bits as the loss [`Model::loss_grad`] returns.

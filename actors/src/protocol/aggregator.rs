@@ -25,8 +25,8 @@ use std::sync::Arc;
 use crate::optim::{OptimizerSpec, OptimizerState};
 
 use super::ledger::Ledger;
-use super::msg::{Gradient, JobId, Msg, Params};
-use super::reduce::{Partial, Reducer, Span};
+use super::msg::{Gradient, JobId, Msg, Params, SharedValues};
+use super::reduce::{Reducer, Span, Summand};
 use super::{Addr, Schedule};
 
 /// What an aggregator is responsible for; fixed for its lifetime.
@@ -164,7 +164,7 @@ pub struct AggregatorCore {
     /// shared by every message, and kept as `previous` once the next step is applied.
     published: Option<(u64, Arc<Vec<f32>>)>,
     /// The gradient sums received for the current step.
-    pending: Reducer<Partial>,
+    pending: Reducer<Received>,
     /// Per partition, the samples counted in the current step (the ledger's row of it).
     counted: Vec<u64>,
     stats: AggStats,
@@ -177,6 +177,45 @@ pub struct AggregatorCore {
     /// A deliberately broken mode (see `AggregatorCore::break_accept_duplicates`).
     #[cfg(feature = "fault-injection")]
     accept_duplicates: bool,
+}
+
+/// A gradient sum as it came: the range of a trainer on this node stays a view of that
+/// trainer's buffer (no copy when it arrives), and sums are made in a buffer this aggregator
+/// owns — the received one when nothing else holds it, else a new one written by the addition
+/// itself.
+#[derive(Clone, Debug)]
+struct Received {
+    values: SharedValues,
+    samples: u64,
+    loss_sum: f64,
+}
+
+impl From<Gradient> for Received {
+    fn from(g: Gradient) -> Self {
+        Self { values: g.values, samples: u64::from(g.samples), loss_sum: g.loss_sum }
+    }
+}
+
+impl Summand for Received {
+    fn width(&self) -> usize {
+        self.values.len()
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.values.add(&other.values);
+        self.samples = self.samples.saturating_add(other.samples);
+        self.loss_sum += other.loss_sum;
+    }
+
+    fn absorb(&mut self, mut other: Self) -> Self {
+        // Add into the buffer nothing else holds (commutative, bit for bit): a shared one
+        // would have to be copied first.
+        if !self.values.is_unique() && other.values.is_unique() {
+            std::mem::swap(self, &mut other);
+        }
+        self.add(&other);
+        other
+    }
 }
 
 impl AggregatorCore {
@@ -328,7 +367,7 @@ impl AggregatorCore {
         if verdict == Verdict::Duplicate && self.accept_duplicates {
             let span = g.span();
             self.count(span, true);
-            let part = Partial { values: g.values.into_vec(), samples: u64::from(g.samples), loss_sum: g.loss_sum };
+            let part = Received::from(g);
             self.pending.add_duplicate(&span, &part);
             return (Verdict::Accepted, Vec::new());
         }
@@ -344,7 +383,7 @@ impl AggregatorCore {
             return (verdict, Vec::new());
         }
         let span = g.span();
-        let part = Partial { values: g.values.into_vec(), samples: u64::from(g.samples), loss_sum: g.loss_sum };
+        let part = Received::from(g);
         if let Err(e) = self.pending.insert(span, part) {
             // `classify` checked the node and the length: unreachable, but a peer's input.
             self.stats.malformed += 1;
@@ -490,9 +529,11 @@ impl AggregatorCore {
         let broken = self.accepts_duplicates();
         // The tree-order sum: float addition is not associative, and this fixed
         // order is what makes the result independent of placement and arrival order.
-        let Some(Partial { values: mut sum, loss_sum, .. }) = self.pending.take_root() else {
+        let Some(Received { values, loss_sum, .. }) = self.pending.take_root() else {
             unreachable!("apply with partitions missing");
         };
+        // Ours already unless the root is one part as it came from a trainer on this node.
+        let mut sum = values.into_vec();
         self.pending.clear();
         let mut samples: u64 = 0;
         for p in 0..partitions {
@@ -544,5 +585,58 @@ impl AggregatorCore {
             out.push(AggCommand::Send(Addr::Job, self.finished_msg()));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Received, Reducer, SharedValues, Span};
+
+    fn part(values: SharedValues, loss_sum: f64) -> Received {
+        Received { values, samples: 2, loss_sum }
+    }
+
+    /// A local trainer's range (shared with its buffer) is neither copied nor changed: the sums
+    /// go into a received buffer nothing else holds, or into a new one when every part is
+    /// shared; the bits are those of adding the vectors in the tree either way.
+    #[test]
+    fn sums_go_into_a_buffer_nothing_else_holds_and_leave_shared_ranges_alone() {
+        let local: Arc<Vec<f32>> = Arc::new(vec![0.1, -0.0, 3.5, 1e-30, 7.25, f32::MAX]);
+        let a = vec![0.3f32, 0.0, -3.5, 1.0, 2.0];
+        let b = vec![1e30f32, 0.5, 0.25, -1e-30, 0.1];
+        let shared = || SharedValues::range(&local, 1..6).expect("inside");
+        let expected: Vec<u32> = (0..5).map(|i| ((a[i] + local[i + 1]) + b[i]).to_bits()).collect::<Vec<_>>();
+        // Leaves 0, 1, 2 of a 3-partition tree: [0, 3) = [0, 2) + 2, and [0, 2) = 0 + 1.
+        for order in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+            let mut reducer: Reducer<Received> = Reducer::new(3, 5);
+            let mut parts =
+                [Some(part(a.clone().into(), 1.0)), Some(part(shared(), 2.0)), Some(part(b.clone().into(), 4.0))];
+            let mut unique_at = Vec::new();
+            for p in order {
+                let received = parts[p].take().expect("each once");
+                if p != 1 {
+                    unique_at.push(received.values.as_ptr());
+                }
+                reducer.insert(Span::leaf(p as u32), received).expect("a leaf");
+            }
+            let root = reducer.take_root().expect("all in");
+            let bits: Vec<u32> = root.values.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(bits, expected, "order {order:?}");
+            assert_eq!(root.loss_sum, 7.0);
+            assert!(unique_at.contains(&root.values.as_ptr()), "order {order:?}: summed into a received buffer");
+            assert!(root.values.is_unique());
+        }
+        assert_eq!(*local, vec![0.1, -0.0, 3.5, 1e-30, 7.25, f32::MAX], "the trainer's buffer is untouched");
+        // Every part shared: the sum is a new buffer, the parts unchanged.
+        let other: Arc<Vec<f32>> = Arc::new(a.clone());
+        let mut reducer: Reducer<Received> = Reducer::new(2, 5);
+        reducer.insert(Span::leaf(0), part(SharedValues::range(&other, 0..5).expect("whole"), 0.0)).expect("leaf");
+        reducer.insert(Span::leaf(1), part(shared(), 0.0)).expect("leaf");
+        let root = reducer.take_root().expect("all in");
+        assert_eq!(root.values.to_vec(), (0..5).map(|i| a[i] + local[i + 1]).collect::<Vec<_>>());
+        assert_eq!(*other, a);
+        assert_eq!(Arc::strong_count(&local), 1, "no part keeps the trainer's buffer");
     }
 }

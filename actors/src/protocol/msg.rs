@@ -167,6 +167,30 @@ impl SharedValues {
         }
     }
 
+    /// Whether nothing else holds the buffer (the values may be changed in place).
+    pub fn is_unique(&self) -> bool {
+        std::sync::Arc::strong_count(&self.buf) == 1 && std::sync::Arc::weak_count(&self.buf) == 0
+    }
+
+    /// `self += other`, element by element, `self` on the left: in place when nothing else
+    /// holds this buffer, else into a new buffer of this length (one pass: the shared values
+    /// are read, not copied first).
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn add(&mut self, other: &[f32]) {
+        assert_eq!(self.len(), other.len(), "adding values of another length");
+        let range = self.start..self.end;
+        if let Some(buf) = std::sync::Arc::get_mut(&mut self.buf) {
+            for (a, b) in buf[range].iter_mut().zip(other) {
+                *a += *b;
+            }
+            return;
+        }
+        let sum: Vec<f32> = self.as_slice().iter().zip(other).map(|(a, b)| *a + *b).collect();
+        *self = sum.into();
+    }
+
     /// The shared buffer and the range of it these values are (for a transport that sends
     /// them from the buffer).
     pub fn into_parts(self) -> (std::sync::Arc<Vec<f32>>, std::ops::Range<usize>) {

@@ -145,6 +145,16 @@ pub trait Summand {
     fn width(&self) -> usize;
     /// `self += other`, element by element, `self` on the left.
     fn add(&mut self, other: &Self);
+    /// `self += other` where `other` is given up, which comes back spent. The default adds
+    /// into `self`; a summand whose values may be shared with someone else can add into
+    /// whichever of the two it owns (addition is commutative, bit for bit).
+    fn absorb(&mut self, other: Self) -> Self
+    where
+        Self: Sized,
+    {
+        self.add(&other);
+        other
+    }
 }
 
 impl Summand for Vec<f32> {
@@ -284,8 +294,7 @@ impl<T: Summand> Reducer<T> {
             let (left, right) = parent.split().expect("a parent has two children");
             let sibling = if node == left { right } else { left };
             let Some(other) = self.held.remove(&sibling) else { break };
-            sum.add(&other);
-            spent.push(other);
+            spent.push(sum.absorb(other));
             node = parent;
         }
         self.held.insert(node, sum);

@@ -600,7 +600,9 @@ fn trainer_gradient_ranges_tile_the_full_gradient() {
 }
 
 /// The buffer a trainer's gradient ranges share (all of them must share one).
-fn shared_buffer(out: &[TrainerCommand]) -> *const Vec<f32> {
+/// Where the values of the buffer the gradient ranges share live (the vector's memory, not
+/// the `Arc` around it: a reused buffer is put in a new `Arc`).
+fn shared_buffer(out: &[TrainerCommand]) -> *const f32 {
     let buffers: Vec<Arc<Vec<f32>>> = out
         .iter()
         .filter_map(|c| match c {
@@ -610,7 +612,7 @@ fn shared_buffer(out: &[TrainerCommand]) -> *const Vec<f32> {
         .collect();
     assert_eq!(buffers.len(), 2, "one message per range");
     assert!(Arc::ptr_eq(&buffers[0], &buffers[1]), "the ranges are cut from one buffer, not copied");
-    Arc::as_ptr(&buffers[0])
+    buffers[0].as_ptr()
 }
 
 #[test]

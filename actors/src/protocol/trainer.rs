@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use ndarray::ArrayView2;
 
-use crate::model::{tree_sum_f64, BatchView, Model, Targets};
+use crate::model::{tree_sum_f64, BatchView, Model, ParamParts, Targets};
 
 use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params, SharedValues};
 use super::reduce::{maximal_owned, Partial, Span};
@@ -108,9 +108,14 @@ pub enum TrainerError {
     },
 }
 
+/// A θ as its aggregators sent it: entry `r` is range `r`'s values, shared with the message
+/// that brought them (no model-sized copy per step; the model reads the pieces,
+/// [`Model::loss_grad_tree_parts`]).
+type Theta = Arc<Vec<Arc<Vec<f32>>>>;
+
+/// The ranges of one version of θ received so far.
 struct Assembly {
-    values: Vec<f32>,
-    have: Vec<bool>,
+    pieces: Vec<Option<Arc<Vec<f32>>>>,
     count: usize,
 }
 
@@ -130,11 +135,10 @@ pub struct TrainerCore {
     /// clearing of a model-sized vector per node and step. At most one per owned node.
     spare: Vec<Arc<Vec<f32>>>,
     assemblies: BTreeMap<u64, Assembly>,
+    /// The ranges in the order of their offsets (how the pieces of θ line up).
+    by_offset: Vec<usize>,
     /// The newest complete θ and the partitions already computed on it.
-    ready: Option<(u64, std::sync::Arc<Vec<f32>>)>,
-    /// The θ before it, once nothing else holds it: the next assembly fills it instead of a
-    /// new zeroed model-sized vector (every range is written before an assembly is used).
-    spare_theta: Option<Vec<f32>>,
+    ready: Option<(u64, Theta)>,
     computed: BTreeSet<u32>,
     batches: BTreeMap<(u64, u32), Batch>,
     requested: BTreeSet<(u64, u32)>,
@@ -153,6 +157,14 @@ impl TrainerCore {
     pub fn new(setup: TrainerSetup, model: Arc<dyn Model>, generation: u64, partitions: Vec<u32>) -> Self {
         let total_len = setup.ranges.iter().map(|(_, l)| l).sum();
         assert_eq!(total_len, model.num_params(), "ranges must tile the parameter vector");
+        let mut by_offset: Vec<usize> = (0..setup.ranges.len()).collect();
+        by_offset.sort_by_key(|&r| setup.ranges[r].0);
+        let mut end = 0;
+        for &r in &by_offset {
+            let (offset, len) = setup.ranges[r];
+            assert_eq!(offset, end, "ranges must tile the parameter vector: range {r} starts at {offset}");
+            end += len;
+        }
         let partitions: BTreeSet<u32> = partitions.into_iter().collect();
         let spans = maximal_owned(setup.partitions, &partitions);
         Self {
@@ -164,8 +176,8 @@ impl TrainerCore {
             spans,
             spare: Vec::new(),
             assemblies: BTreeMap::new(),
+            by_offset,
             ready: None,
-            spare_theta: None,
             computed: BTreeSet::new(),
             batches: BTreeMap::new(),
             requested: BTreeSet::new(),
@@ -294,28 +306,22 @@ impl TrainerCore {
         }
         let ranges = self.setup.ranges.len();
         if ranges == 1 {
-            // One range is all of θ: it is ready as it came (no assembly to fill).
+            // One range is all of θ: it is ready as it came.
             self.assemblies.clear();
-            return self.become_ready(p.step, p.values);
+            return self.become_ready(p.step, Arc::new(vec![p.values]));
         }
-        let total = self.total_len;
-        let spare = &mut self.spare_theta;
-        let a = self.assemblies.entry(p.step).or_insert_with(|| Assembly {
-            values: spare.take().unwrap_or_else(|| vec![0.0; total]),
-            have: vec![false; ranges],
-            count: 0,
-        });
-        if !a.have[r] {
-            a.have[r] = true;
+        let a = self.assemblies.entry(p.step).or_insert_with(|| Assembly { pieces: vec![None; ranges], count: 0 });
+        if a.pieces[r].is_none() {
+            a.pieces[r] = Some(p.values);
             a.count += 1;
-            a.values[offset..offset + len].copy_from_slice(&p.values);
         }
         if a.count == ranges {
             let Some(done) = self.assemblies.remove(&p.step) else {
                 return Vec::new();
             };
             self.assemblies.retain(|s, _| *s > p.step);
-            return self.become_ready(p.step, std::sync::Arc::new(done.values));
+            // Every range is here (`count` counts the filled ones).
+            return self.become_ready(p.step, Arc::new(done.pieces.into_iter().flatten().collect()));
         }
         while self.assemblies.len() > MAX_ASSEMBLIES {
             self.assemblies.pop_first();
@@ -328,19 +334,17 @@ impl TrainerCore {
         let mut iter = self.assemblies.iter();
         let Some((&oldest, a)) = iter.next() else { return out };
         let newer: Vec<&Assembly> = iter.map(|(_, a)| a).collect();
-        for (r, have) in a.have.iter().enumerate() {
-            if !have && newer.iter().any(|n| n.have[r]) {
+        for (r, have) in a.pieces.iter().enumerate() {
+            if have.is_none() && newer.iter().any(|n| n.pieces[r].is_some()) {
                 out.push(TrainerCommand::Send(Addr::Aggregator(r as u32), self.params_request(Some(oldest))));
             }
         }
         out
     }
 
-    fn become_ready(&mut self, step: u64, values: std::sync::Arc<Vec<f32>>) -> Vec<TrainerCommand> {
+    fn become_ready(&mut self, step: u64, theta: Theta) -> Vec<TrainerCommand> {
         self.progress += 1;
-        if let Some((_, old)) = self.ready.replace((step, values)) {
-            self.spare_theta = std::sync::Arc::try_unwrap(old).ok().filter(|v| v.len() == self.total_len);
-        }
+        self.ready = Some((step, theta));
         self.computed.clear();
         self.batches.retain(|(s, _), _| *s >= step);
         self.requested.retain(|(s, _)| *s >= step);
@@ -535,7 +539,7 @@ impl TrainerCore {
         if *ready != step || !self.computable(step, node) {
             return Ok(Vec::new());
         }
-        let params = params.clone();
+        let theta = params.clone();
         let batches: Vec<(u32, Batch)> =
             (node.lo..node.hi).filter_map(|p| self.batches.remove(&(step, p)).map(|b| (p, b))).collect();
         let trainer = self.setup.index;
@@ -555,10 +559,12 @@ impl TrainerCore {
         // The model overwrites every value: a spent buffer serves as it is (a sum sent to a
         // one-range job moves into the message; the others come back through `recycle`).
         let mut grad = self.gradient_buffer();
-        let losses = match self.model.loss_grad_tree(&params, &views, &mut grad) {
+        let params = ParamParts::new(self.by_offset.iter().map(|&r| theta[r].as_slice()).collect());
+        let losses = match self.model.loss_grad_tree_parts(&params, &views, &mut grad) {
             Ok(losses) => losses,
             Err(source) => {
                 // Name the partition whose batch the model refused.
+                let params = params.to_vec();
                 let failing = views
                     .iter()
                     .position(|v| self.model.loss_grad(&params, v.x, v.y, &mut grad).is_err())
