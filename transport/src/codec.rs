@@ -21,7 +21,7 @@ mod tests;
 
 pub(crate) use decode::check_envelope;
 pub(crate) use decode::check_frame_start;
-pub use decode::{check_frame, decode, decode_parts, FrameDecoder, TensorAssembler};
+pub use decode::{check_frame, decode, decode_head, decode_parts, FrameDecoder, TensorAssembler};
 pub use encode::{encode, encode_into, encode_parts};
 pub use error::{DecodeError, EncodeError};
 

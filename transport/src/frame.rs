@@ -17,6 +17,8 @@ use bytes::Bytes;
 #[cfg(target_endian = "little")]
 use zerocopy::IntoBytes;
 
+use crate::LeTensor;
+
 /// A share of a receive budget, given back when dropped.
 pub struct ReceiveBudget(Option<Box<dyn Send + Sync>>);
 
@@ -44,27 +46,28 @@ impl fmt::Debug for ReceiveBudget {
 
 /// The body of a received frame (its length prefix removed) and its receive-budget share.
 ///
-/// A frame read from QUIC holds its tensor apart, as values: its bytes were collected from
-/// QUIC's buffers straight into `f32`s ([`TensorAssembler`](crate::codec::TensorAssembler)),
-/// and [`decode`](Self::decode) takes them over without a copy. The body as bytes is there too
-/// ([`to_vec`](Self::to_vec), [`into_vec`](Self::into_vec)), joined on demand.
+/// A frame read from QUIC holds its tensor apart, in the chunks QUIC delivered
+/// ([`LeTensor`]): [`decode_le`](Self::decode_le) hands them over without a copy, for a
+/// receiver that reads the values where it needs them; [`decode`](Self::decode) joins them
+/// into values. The body as bytes is there too ([`to_vec`](Self::to_vec),
+/// [`into_vec`](Self::into_vec)), joined on demand.
+///
+/// The chunks share QUIC's receive buffers, so a tensor kept after its frame is decoded keeps
+/// those buffers alive (each at most one received datagram batch); the frame's budget share
+/// covers its own bytes until it is dropped, as for a tensor copied out.
 pub struct RecvFrame {
     /// The envelope and the header (the whole body for a frame built from bytes).
     head: Vec<u8>,
-    /// The values after the header, when read apart.
-    tensor: Vec<f32>,
+    /// The values after the header, when read apart: the bytes as QUIC delivered them.
+    tensor: LeTensor,
     budget: ReceiveBudget,
 }
 
-/// The bytes of `head` followed by the little-endian bytes of `tensor`; no copy when the
-/// tensor is empty.
-pub(crate) fn join(mut head: Vec<u8>, tensor: &[f32]) -> Vec<u8> {
-    if !tensor.is_empty() {
-        head.reserve_exact(tensor.len() * 4);
-        #[cfg(target_endian = "little")]
-        head.extend_from_slice(tensor.as_bytes());
-        #[cfg(not(target_endian = "little"))]
-        head.extend(tensor.iter().flat_map(|v| v.to_le_bytes()));
+/// The bytes of `head` followed by `tensor`'s; no copy when the tensor is empty.
+pub(crate) fn join_le(mut head: Vec<u8>, tensor: &LeTensor) -> Vec<u8> {
+    head.reserve_exact(tensor.byte_len());
+    for chunk in tensor.chunks() {
+        head.extend_from_slice(chunk);
     }
     head
 }
@@ -72,16 +75,16 @@ pub(crate) fn join(mut head: Vec<u8>, tensor: &[f32]) -> Vec<u8> {
 impl RecvFrame {
     /// A frame of `bytes` that holds no budget (tests, frames a node hands itself).
     pub fn new(bytes: Vec<u8>) -> Self {
-        Self { head: bytes, tensor: Vec::new(), budget: ReceiveBudget::none() }
+        Self { head: bytes, tensor: LeTensor::default(), budget: ReceiveBudget::none() }
     }
 
-    pub(crate) fn with_budget(head: Vec<u8>, tensor: Vec<f32>, budget: ReceiveBudget) -> Self {
+    pub(crate) fn with_budget(head: Vec<u8>, tensor: LeTensor, budget: ReceiveBudget) -> Self {
         Self { head, tensor, budget }
     }
 
     /// Bytes of the body.
     pub fn len(&self) -> usize {
-        self.head.len() + self.tensor.len() * 4
+        self.head.len() + self.tensor.byte_len()
     }
 
     /// Whether the body is empty.
@@ -89,9 +92,9 @@ impl RecvFrame {
         self.len() == 0
     }
 
-    /// Decodes the frame as [`decode`](crate::codec::decode) does, taking a tensor read apart
-    /// over without a copy; the budget share comes back beside the result, to be dropped once
-    /// the receiver is done with it.
+    /// Decodes the frame as [`decode`](crate::codec::decode) does (a tensor read apart is
+    /// joined into values: one copy); the budget share comes back beside the result, to be
+    /// dropped once the receiver is done with it.
     pub fn decode<H: serde::de::DeserializeOwned>(
         self,
         limits: &crate::Limits,
@@ -100,24 +103,40 @@ impl RecvFrame {
         let decoded = if tensor.is_empty() {
             crate::codec::decode(&head, limits)
         } else {
-            crate::codec::decode_parts(&head, tensor, limits)
+            crate::codec::decode_parts(&head, tensor.to_vec(), limits)
+        };
+        (decoded, budget)
+    }
+
+    /// [`decode`](Self::decode) with the tensor left as QUIC delivered it (no copy): for a
+    /// receiver that reads the values where it needs them.
+    pub fn decode_le<H: serde::de::DeserializeOwned>(
+        self,
+        limits: &crate::Limits,
+    ) -> (Result<(H, LeTensor), crate::DecodeError>, ReceiveBudget) {
+        let Self { head, tensor, budget } = self;
+        let decoded = if tensor.is_empty() {
+            // A frame built from bytes holds its whole body in `head`.
+            crate::codec::decode(&head, limits).map(|f| (f.header, LeTensor::from_values(f.tensor)))
+        } else {
+            crate::codec::decode_head(&head, tensor.byte_len() as u64, limits).map(|h| (h, tensor))
         };
         (decoded, budget)
     }
 
     /// The body's bytes, copied out.
     pub fn to_vec(&self) -> Vec<u8> {
-        join(self.head.clone(), &self.tensor)
+        join_le(self.head.clone(), &self.tensor)
     }
 
     /// The body's bytes; the budget share goes back now.
     pub fn into_vec(self) -> Vec<u8> {
-        join(self.head, &self.tensor)
+        join_le(self.head, &self.tensor)
     }
 
     /// The body's bytes and the budget share apart (drop the share once done with the bytes).
     pub fn into_parts(self) -> (Vec<u8>, ReceiveBudget) {
-        (join(self.head, &self.tensor), self.budget)
+        (join_le(self.head, &self.tensor), self.budget)
     }
 
     /// Whether it still holds a share of a receive budget.
@@ -127,9 +146,15 @@ impl RecvFrame {
 
     fn eq_bytes(&self, other: &[u8]) -> bool {
         let Some((head, rest)) = other.split_at_checked(self.head.len()) else { return false };
-        head == self.head
-            && rest.len() == self.tensor.len() * 4
-            && rest.chunks_exact(4).zip(&self.tensor).all(|(b, v)| b == v.to_le_bytes())
+        if head != self.head || rest.len() != self.tensor.byte_len() {
+            return false;
+        }
+        let mut rest = rest;
+        self.tensor.chunks().iter().all(|chunk| {
+            let (this, next) = rest.split_at(chunk.len());
+            rest = next;
+            this == &chunk[..]
+        })
     }
 }
 
@@ -188,6 +213,10 @@ impl TensorBytes {
     /// Bytes of the tensor on the wire (4 per value).
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        self.0
     }
 
     /// Whether the tensor has no values.

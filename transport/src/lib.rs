@@ -118,6 +118,7 @@ pub mod codec;
 pub mod codes;
 mod endpoint;
 mod frame;
+mod le_tensor;
 pub mod mem;
 pub mod revocation;
 pub mod tls;
@@ -139,4 +140,5 @@ pub use endpoint::{
 #[cfg(feature = "fault-injection")]
 pub use endpoint::{RawSend, RawSendError};
 pub use frame::{OutFrame, ReceiveBudget, RecvFrame, TensorBytes};
+pub use le_tensor::LeTensor;
 pub use revocation::{Revocations, Revoked};

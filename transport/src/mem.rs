@@ -554,7 +554,11 @@ impl MemEvents {
                 let charge = LinkCharge { shared: Arc::downgrade(&self.shared), from, to, bytes };
                 TransportEvent::Message {
                     peer,
-                    frame: crate::RecvFrame::with_budget(body, Vec::new(), crate::ReceiveBudget::of(charge)),
+                    frame: crate::RecvFrame::with_budget(
+                        body,
+                        crate::LeTensor::default(),
+                        crate::ReceiveBudget::of(charge),
+                    ),
                 }
             }
             (event, _) => event,

@@ -312,7 +312,9 @@ mod tests {
     use ndarray::{Array2, ArrayView2};
 
     use super::super::test_util::{assert_gradient_matches, random_labels, random_matrix, random_vec, train_adam};
-    use super::super::{build, metrics, BatchView, Head, Model, ModelError, ModelKind, ModelSpec, ParamParts, Targets};
+    use super::super::{
+        build, metrics, BatchView, Head, Model, ModelError, ModelKind, ModelSpec, ParamParts, Piece, Targets,
+    };
     use super::Mlp;
 
     fn mlp_spec(inputs: usize, outputs: usize, hidden: usize, head: Head) -> ModelSpec {
@@ -510,8 +512,8 @@ mod tests {
     }
 
     /// θ in pieces, cut anywhere (inside a row of `W1`, across a chunk's columns, inside `b1`,
-    /// `W2` and `b2`, with empty pieces), gives the bits of the joined vector, and so does the
-    /// trait's default, which joins them.
+    /// `W2` and `b2`, with empty pieces), in memory or as received from the wire, gives the
+    /// bits of the joined vector, and so does the trait's default, which joins them.
     #[test]
     fn parameters_in_pieces_give_the_bits_of_the_joined_vector() {
         let model = Mlp::new(mlp_spec(11, 6, 300, Head::Classification)).expect("valid spec");
@@ -566,15 +568,35 @@ mod tests {
             let mut bounds = vec![0];
             bounds.extend_from_slice(cut);
             bounds.push(n);
-            let parts = ParamParts::new(bounds.windows(2).map(|w| &params[w[0]..w[1]]).collect());
+            // Every other piece as it would come off the wire: little-endian bytes in chunks
+            // that end inside values.
+            let wire: Vec<phalanx_transport::LeTensor> = bounds
+                .windows(2)
+                .map(|w| {
+                    let bytes: Vec<u8> = params[w[0]..w[1]].iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let chunks = bytes.chunks(4 * 97 + 3).map(bytes::Bytes::copy_from_slice).collect();
+                    phalanx_transport::LeTensor::from_chunks(chunks).expect("whole values")
+                })
+                .collect();
+            let in_memory = ParamParts::new(bounds.windows(2).map(|w| &params[w[0]..w[1]]).collect());
+            let mixed = ParamParts::from_pieces(
+                bounds
+                    .windows(2)
+                    .zip(&wire)
+                    .enumerate()
+                    .map(|(i, (w, t))| if i % 2 == 0 { Piece::Le(t) } else { Piece::Values(&params[w[0]..w[1]]) })
+                    .collect(),
+            );
             for (name, m) in [("mlp", &model as &dyn Model), ("default", &Joining(&model))] {
-                let mut grad = vec![f32::NAN; n];
-                let got = m.loss_grad_tree_parts(&parts, &batches, &mut grad).expect("valid");
-                assert_eq!(bits(&grad), bits(&whole), "{name}, cut {cut:?}");
-                assert_eq!(
-                    got.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
-                    losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
-                );
+                for (pieces, parts) in [("in memory", &in_memory), ("mixed", &mixed)] {
+                    let mut grad = vec![f32::NAN; n];
+                    let got = m.loss_grad_tree_parts(parts, &batches, &mut grad).expect("valid");
+                    assert_eq!(bits(&grad), bits(&whole), "{name}, {pieces}, cut {cut:?}");
+                    assert_eq!(
+                        got.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                        losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
+                    );
+                }
             }
         }
         let short = ParamParts::whole(&params[1..]);

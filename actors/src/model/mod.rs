@@ -89,7 +89,7 @@ mod registry;
 mod softmax;
 
 pub use dense::{path as kernel_path, tree_left, tree_sum_f64};
-pub use parts::ParamParts;
+pub use parts::{ParamParts, Piece};
 pub use registry::{BuiltModel, ModelConfig, ModelFactory, ModelIdentity, ModelName, ModelRegistry, ModelRequest};
 
 /// Upper bound on [`Model::num_params`] that [`build`] accepts: 2^31 `f32`s (8 GiB).

@@ -8,6 +8,41 @@
 
 use std::ops::Range;
 
+use phalanx_transport::LeTensor;
+
+/// One piece of a parameter vector: values in memory, or a tensor as it came off the wire
+/// (read out of its chunks, never joined).
+#[derive(Clone, Copy, Debug)]
+pub enum Piece<'a> {
+    /// Values in memory.
+    Values(&'a [f32]),
+    /// A received tensor's chunks.
+    Le(&'a LeTensor),
+}
+
+impl Piece<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Values(v) => v.len(),
+            Piece::Le(t) => t.len(),
+        }
+    }
+
+    /// Whether it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies values `at..at + out.len()` of the piece into `out`.
+    fn copy_to(&self, at: usize, out: &mut [f32]) {
+        match self {
+            Piece::Values(v) => out.copy_from_slice(&v[at..at + out.len()]),
+            Piece::Le(t) => t.copy_to(at, out),
+        }
+    }
+}
+
 /// Consecutive pieces of one flat parameter vector: piece `i` holds values
 /// `start(i)..start(i) + len(i)`, and together they tile `0..len()`. Reading a range copies or
 /// borrows the same values the joined vector would hold, so the bits of anything computed from
@@ -26,7 +61,7 @@ use std::ops::Range;
 /// ```
 #[derive(Clone, Debug)]
 pub struct ParamParts<'a> {
-    pieces: Vec<&'a [f32]>,
+    pieces: Vec<Piece<'a>>,
     /// Where each piece starts, then the total length.
     starts: Vec<usize>,
 }
@@ -34,6 +69,11 @@ pub struct ParamParts<'a> {
 impl<'a> ParamParts<'a> {
     /// The vector made of `pieces` in order (empty pieces are allowed and hold nothing).
     pub fn new(pieces: Vec<&'a [f32]>) -> Self {
+        Self::from_pieces(pieces.into_iter().map(Piece::Values).collect())
+    }
+
+    /// The vector made of `pieces` in order, in memory or as received.
+    pub fn from_pieces(pieces: Vec<Piece<'a>>) -> Self {
         let mut starts = Vec::with_capacity(pieces.len() + 1);
         let mut at = 0;
         starts.push(at);
@@ -59,17 +99,18 @@ impl<'a> ParamParts<'a> {
         self.len() == 0
     }
 
-    /// The whole vector as one slice, when a single piece holds every value.
+    /// The whole vector as one slice, when a single piece in memory holds every value.
     pub fn as_whole(&self) -> Option<&'a [f32]> {
         let mut nonempty = self.pieces.iter().filter(|p| !p.is_empty());
         match (nonempty.next(), nonempty.next()) {
-            (Some(only), None) => Some(only),
+            (Some(Piece::Values(only)), None) => Some(only),
             (None, _) => Some(&[]),
             _ => None,
         }
     }
 
-    /// Values `range`: borrowed when one piece holds them all, else copied into `scratch`.
+    /// Values `range`: borrowed when one piece in memory holds them all, else copied into
+    /// `scratch`.
     ///
     /// # Panics
     /// If `range` is not inside `0..len()` (a model checks the length first).
@@ -80,8 +121,10 @@ impl<'a> ParamParts<'a> {
         }
         let i = self.piece_of(range.start);
         let start = self.starts[i];
-        if range.end <= self.starts[i + 1] {
-            return &self.pieces[i][range.start - start..range.end - start];
+        if let Piece::Values(piece) = self.pieces[i] {
+            if range.end <= self.starts[i + 1] {
+                return &piece[range.start - start..range.end - start];
+            }
         }
         scratch.clear();
         scratch.resize(range.len(), 0.0);
@@ -104,7 +147,7 @@ impl<'a> ParamParts<'a> {
             let from = pos - self.starts[i];
             let take = (piece.len() - from).min(out.len());
             let (head, rest) = out.split_at_mut(take);
-            head.copy_from_slice(&piece[from..from + take]);
+            piece.copy_to(from, head);
             out = rest;
             pos += take;
             i += 1;
@@ -113,10 +156,8 @@ impl<'a> ParamParts<'a> {
 
     /// The joined vector (a copy).
     pub fn to_vec(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.len());
-        for piece in &self.pieces {
-            out.extend_from_slice(piece);
-        }
+        let mut out = vec![0.0; self.len()];
+        self.copy_to(0, &mut out);
         out
     }
 

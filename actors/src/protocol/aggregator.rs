@@ -210,7 +210,7 @@ impl Summand for Received {
     fn absorb(&mut self, mut other: Self) -> Self {
         // Add into the buffer nothing else holds (commutative, bit for bit): a shared one
         // would have to be copied first.
-        if !self.values.is_unique() && other.values.is_unique() {
+        if !self.values.adds_in_place() && other.values.adds_in_place() {
             std::mem::swap(self, &mut other);
         }
         self.add(&other);
@@ -327,7 +327,7 @@ impl AggregatorCore {
             step,
             range: self.setup.range,
             offset: self.setup.offset as u64,
-            values,
+            values: values.into(),
         })
     }
 
@@ -626,7 +626,7 @@ mod tests {
             assert_eq!(bits, expected, "order {order:?}");
             assert_eq!(root.loss_sum, 7.0);
             assert!(unique_at.contains(&root.values.as_ptr()), "order {order:?}: summed into a received buffer");
-            assert!(root.values.is_unique());
+            assert!(root.values.adds_in_place());
         }
         assert_eq!(*local, vec![0.1, -0.0, 3.5, 1e-30, 7.25, f32::MAX], "the trainer's buffer is untouched");
         // Every part shared: the sum is a new buffer, the parts unchanged.
@@ -638,5 +638,36 @@ mod tests {
         assert_eq!(root.values.to_vec(), (0..5).map(|i| a[i] + local[i + 1]).collect::<Vec<_>>());
         assert_eq!(*other, a);
         assert_eq!(Arc::strong_count(&local), 1, "no part keeps the trainer's buffer");
+    }
+
+    /// Gradients as they came off the wire are added out of their chunks (never joined into a
+    /// buffer of their own first), with the bits of adding the vectors, in every order.
+    #[test]
+    fn received_tensors_are_added_out_of_their_chunks() {
+        let wire = |v: &[f32]| {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let chunks = bytes.chunks(7).map(bytes::Bytes::copy_from_slice).collect();
+            SharedValues::from_le(phalanx_transport::LeTensor::from_chunks(chunks).expect("whole values"))
+        };
+        // Longer than a block of the addition, so blocks and chunk ends fall everywhere.
+        let n = 2 * super::super::msg::ADD_BLOCK + 5;
+        let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let l: Vec<f32> = (0..n).map(|i| (i as f32 * 1.13).cos() * 1e3).collect();
+        let b: Vec<f32> = (0..n).map(|i| 1.0 / (i as f32 + 0.5)).collect();
+        let local = Arc::new(l.clone());
+        let expected: Vec<u32> = (0..n).map(|i| ((a[i] + l[i]) + b[i]).to_bits()).collect();
+        for order in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+            let mut reducer: Reducer<Received> = Reducer::new(3, n);
+            let mut parts =
+                [Some(part(wire(&a), 1.0)), Some(part(local.clone().into(), 2.0)), Some(part(wire(&b), 4.0))];
+            for p in order {
+                reducer.insert(Span::leaf(p as u32), parts[p].take().expect("each once")).expect("a leaf");
+            }
+            let root = reducer.take_root().expect("all in");
+            assert!(root.values.adds_in_place(), "order {order:?}: the sum is a buffer of its own");
+            assert_eq!(root.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected, "order {order:?}");
+        }
+        assert_eq!(*local, l, "the trainer's buffer is untouched");
+        assert_eq!(Arc::strong_count(&local), 1);
     }
 }

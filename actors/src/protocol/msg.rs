@@ -10,8 +10,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use phalanx_transport::LeTensor;
+
 use super::ledger::Ledger;
 use super::reduce::Span;
+use crate::model::Piece;
 
 /// Identifies one training job; every message carries it so that two jobs
 /// sharing a node or a connection can never mix their contributions.
@@ -91,8 +94,9 @@ pub struct Params {
     /// Offset of `values` in the flat parameter vector.
     pub offset: u64,
     /// The parameter values of the range, shared: one buffer per version serves every
-    /// trainer it goes to (and the aggregator's copy of the previous version).
-    pub values: std::sync::Arc<Vec<f32>>,
+    /// trainer it goes to (and the aggregator's copy of the previous version); from a remote
+    /// aggregator, the tensor as it came off the wire.
+    pub values: SharedValues,
 }
 
 /// One range of a gradient sum at `step`, sent by a trainer: the gradient of one partition's
@@ -129,79 +133,181 @@ impl Gradient {
     }
 }
 
-/// Values of a tensor: a range of a buffer that several messages may share. A trainer cuts its
-/// sum of gradients into its aggregators' ranges without copying any of them; the transport
-/// sends each range straight from the shared buffer, and the buffer is free for the trainer's
-/// next step once every frame is acknowledged. An owned `Vec` is a range over all of itself
-/// (`From<Vec<f32>>`, no copy).
+/// Values of a tensor: a range of a buffer that several messages may share, or a tensor as it
+/// came off the wire. A trainer cuts its sum of gradients into its aggregators' ranges without
+/// copying any of them; the transport sends each range straight from the shared buffer, and the
+/// buffer is free for the trainer's next step once every frame is acknowledged. An owned `Vec`
+/// is a range over all of itself (`From<Vec<f32>>`, no copy), and so is an `Arc<Vec<f32>>` (a
+/// version of a range's parameters, shared by every trainer it goes to).
 ///
-/// It reads as a `&[f32]` (`Deref`), compares by value, and serializes as a sequence of `f32`
-/// (the bytes of a `Vec<f32>`).
-#[derive(Clone, Default)]
+/// A received tensor stays in the chunks QUIC delivered ([`from_le`](Self::from_le)): a trainer
+/// reads its weights out of them ([`piece`](Self::piece)) and an aggregator adds them
+/// ([`add`](Self::add)) without joining them first. Anything that reads it as a `&[f32]`
+/// (`Deref`) joins it once, on first use.
+///
+/// It compares by value, and serializes as a sequence of `f32` (the bytes of a `Vec<f32>`).
+#[derive(Clone)]
 pub struct SharedValues {
-    buf: std::sync::Arc<Vec<f32>>,
-    start: usize,
-    end: usize,
+    repr: Repr,
+}
+
+#[derive(Clone)]
+enum Repr {
+    Shared { buf: std::sync::Arc<Vec<f32>>, start: usize, end: usize },
+    Le { tensor: LeTensor, joined: std::sync::OnceLock<Vec<f32>> },
+}
+
+/// Values added per block when one side is read out of wire chunks (a block stays in L1).
+pub(crate) const ADD_BLOCK: usize = 1024;
+
+impl Default for SharedValues {
+    fn default() -> Self {
+        Vec::new().into()
+    }
 }
 
 impl SharedValues {
     /// Values `range` of `buf`; `None` if the range is not inside it.
     pub fn range(buf: &std::sync::Arc<Vec<f32>>, range: std::ops::Range<usize>) -> Option<Self> {
         buf.get(range.clone())?;
-        Some(Self { buf: buf.clone(), start: range.start, end: range.end })
+        Some(Self { repr: Repr::Shared { buf: buf.clone(), start: range.start, end: range.end } })
     }
 
-    /// The values.
+    /// A tensor as it came off the wire, not copied.
+    pub fn from_le(tensor: LeTensor) -> Self {
+        Self { repr: Repr::Le { tensor, joined: std::sync::OnceLock::new() } }
+    }
+
+    /// Number of values (never joins a received tensor).
+    pub fn len(&self) -> usize {
+        match &self.repr {
+            Repr::Shared { start, end, .. } => end - start,
+            Repr::Le { tensor, .. } => tensor.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values (a received tensor is joined on the first call, and kept).
     pub fn as_slice(&self) -> &[f32] {
-        &self.buf[self.start..self.end]
+        match &self.repr {
+            Repr::Shared { buf, start, end } => &buf[*start..*end],
+            Repr::Le { tensor, joined } => joined.get_or_init(|| tensor.to_vec()),
+        }
+    }
+
+    /// The values as a piece of a parameter vector: a slice, or the received chunks when they
+    /// have not been joined.
+    pub fn piece(&self) -> Piece<'_> {
+        match &self.repr {
+            Repr::Shared { buf, start, end } => Piece::Values(&buf[*start..*end]),
+            Repr::Le { joined, .. } if joined.get().is_some() => Piece::Values(self.as_slice()),
+            Repr::Le { tensor, .. } => Piece::Le(tensor),
+        }
+    }
+
+    /// Copies values `at..at + out.len()` into `out`.
+    ///
+    /// # Panics
+    /// If the range is not inside `0..len()`.
+    pub fn copy_to(&self, at: usize, out: &mut [f32]) {
+        match self.piece() {
+            Piece::Values(v) => out.copy_from_slice(&v[at..at + out.len()]),
+            Piece::Le(t) => t.copy_to(at, out),
+        }
     }
 
     /// The values as an owned vector: the buffer itself when these are all of it and nothing
     /// else holds it, a copy of the range otherwise.
     pub fn into_vec(self) -> Vec<f32> {
-        let whole = self.start == 0 && self.end == self.buf.len();
-        match std::sync::Arc::try_unwrap(self.buf) {
-            Ok(values) if whole => values,
-            Ok(values) => values[self.start..self.end].to_vec(),
-            Err(shared) => shared[self.start..self.end].to_vec(),
+        match self.repr {
+            Repr::Shared { buf, start, end } => {
+                let whole = start == 0 && end == buf.len();
+                match std::sync::Arc::try_unwrap(buf) {
+                    Ok(values) if whole => values,
+                    Ok(values) => values[start..end].to_vec(),
+                    Err(shared) => shared[start..end].to_vec(),
+                }
+            }
+            Repr::Le { tensor, joined } => joined.into_inner().unwrap_or_else(|| tensor.to_vec()),
         }
     }
 
-    /// Whether nothing else holds the buffer (the values may be changed in place).
-    pub fn is_unique(&self) -> bool {
-        std::sync::Arc::strong_count(&self.buf) == 1 && std::sync::Arc::weak_count(&self.buf) == 0
+    /// Whether [`add`](Self::add) changes these values in place: a buffer nothing else holds.
+    pub fn adds_in_place(&self) -> bool {
+        match &self.repr {
+            Repr::Shared { buf, .. } => std::sync::Arc::strong_count(buf) == 1 && std::sync::Arc::weak_count(buf) == 0,
+            Repr::Le { .. } => false,
+        }
     }
 
     /// `self += other`, element by element, `self` on the left: in place when nothing else
-    /// holds this buffer, else into a new buffer of this length (one pass: the shared values
-    /// are read, not copied first).
+    /// holds this buffer ([`adds_in_place`](Self::adds_in_place)), else into a new buffer of
+    /// this length. Either side may be a received tensor, read out of its chunks a block at a
+    /// time (no joined copy of it).
     ///
     /// # Panics
     /// If the lengths differ.
-    pub fn add(&mut self, other: &[f32]) {
-        assert_eq!(self.len(), other.len(), "adding values of another length");
-        let range = self.start..self.end;
-        if let Some(buf) = std::sync::Arc::get_mut(&mut self.buf) {
-            for (a, b) in buf[range].iter_mut().zip(other) {
+    pub fn add(&mut self, other: &SharedValues) {
+        let n = self.len();
+        assert_eq!(n, other.len(), "adding values of another length");
+        let mut block = [0.0f32; ADD_BLOCK];
+        let mut add_block = |at: usize, into: &mut [f32]| {
+            let other = match other.piece() {
+                Piece::Values(v) => &v[at..at + into.len()],
+                Piece::Le(t) => {
+                    let block = &mut block[..into.len()];
+                    t.copy_to(at, block);
+                    block
+                }
+            };
+            for (a, b) in into.iter_mut().zip(other) {
                 *a += *b;
             }
-            return;
+        };
+        if let Repr::Shared { buf, start, end } = &mut self.repr {
+            if let Some(buf) = std::sync::Arc::get_mut(buf) {
+                for (i, into) in buf[*start..*end].chunks_mut(ADD_BLOCK).enumerate() {
+                    add_block(i * ADD_BLOCK, into);
+                }
+                return;
+            }
         }
-        let sum: Vec<f32> = self.as_slice().iter().zip(other).map(|(a, b)| *a + *b).collect();
+        let mut sum = vec![0.0; n];
+        for (i, into) in sum.chunks_mut(ADD_BLOCK).enumerate() {
+            self.copy_to(i * ADD_BLOCK, into);
+            add_block(i * ADD_BLOCK, into);
+        }
         *self = sum.into();
     }
 
     /// The shared buffer and the range of it these values are (for a transport that sends
-    /// them from the buffer).
+    /// them from the buffer); a received tensor is joined into a buffer of its own.
     pub fn into_parts(self) -> (std::sync::Arc<Vec<f32>>, std::ops::Range<usize>) {
-        (self.buf, self.start..self.end)
+        match self.repr {
+            Repr::Shared { buf, start, end } => (buf, start..end),
+            Repr::Le { .. } => {
+                let values = self.into_vec();
+                let len = values.len();
+                (std::sync::Arc::new(values), 0..len)
+            }
+        }
     }
 }
 
 impl From<Vec<f32>> for SharedValues {
     fn from(values: Vec<f32>) -> Self {
-        let end = values.len();
-        Self { buf: std::sync::Arc::new(values), start: 0, end }
+        std::sync::Arc::new(values).into()
+    }
+}
+
+impl From<std::sync::Arc<Vec<f32>>> for SharedValues {
+    fn from(buf: std::sync::Arc<Vec<f32>>) -> Self {
+        let end = buf.len();
+        Self { repr: Repr::Shared { buf, start: 0, end } }
     }
 }
 

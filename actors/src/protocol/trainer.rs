@@ -109,13 +109,13 @@ pub enum TrainerError {
 }
 
 /// A θ as its aggregators sent it: entry `r` is range `r`'s values, shared with the message
-/// that brought them (no model-sized copy per step; the model reads the pieces,
-/// [`Model::loss_grad_tree_parts`]).
-type Theta = Arc<Vec<Arc<Vec<f32>>>>;
+/// that brought them — a remote range as it came off the wire — so no model-sized copy per
+/// step: the model reads the pieces ([`Model::loss_grad_tree_parts`]).
+type Theta = Arc<Vec<SharedValues>>;
 
 /// The ranges of one version of θ received so far.
 struct Assembly {
-    pieces: Vec<Option<Arc<Vec<f32>>>>,
+    pieces: Vec<Option<SharedValues>>,
     count: usize,
 }
 
@@ -559,7 +559,7 @@ impl TrainerCore {
         // The model overwrites every value: a spent buffer serves as it is (a sum sent to a
         // one-range job moves into the message; the others come back through `recycle`).
         let mut grad = self.gradient_buffer();
-        let params = ParamParts::new(self.by_offset.iter().map(|&r| theta[r].as_slice()).collect());
+        let params = ParamParts::from_pieces(self.by_offset.iter().map(|&r| theta[r].piece()).collect());
         let losses = match self.model.loss_grad_tree_parts(&params, &views, &mut grad) {
             Ok(losses) => losses,
             Err(source) => {

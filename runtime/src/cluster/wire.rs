@@ -2,8 +2,10 @@
 //! little-endian f32 after the frame header rather than inside it.
 
 use phalanx_actors::model::kernel::KernelFingerprint;
-use phalanx_actors::protocol::{ActorKey, Addr, Msg};
-use phalanx_transport::{DecodeError, EncodeError, Frame, Limits, OutFrame, ReceiveBudget, RecvFrame, TensorBytes};
+use phalanx_actors::protocol::{ActorKey, Addr, Msg, SharedValues};
+use phalanx_transport::{
+    DecodeError, EncodeError, Frame, LeTensor, Limits, OutFrame, ReceiveBudget, RecvFrame, TensorBytes,
+};
 use serde::{Deserialize, Serialize};
 
 use super::membership::MembershipMsg;
@@ -266,8 +268,8 @@ fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<TensorBytes>) {
     }
     match msg {
         Msg::Params(p) => {
-            let v = std::mem::take(&mut p.values);
-            (vec![v.len() as u32], vec![TensorBytes::shared(v)])
+            let (buf, range) = std::mem::take(&mut p.values).into_parts();
+            (vec![range.len() as u32], vec![TensorBytes::shared_range(buf, range)])
         }
         Msg::Gradient(g) => {
             let (buf, range) = std::mem::take(&mut g.values).into_parts();
@@ -287,23 +289,24 @@ fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<TensorBytes>) {
     }
 }
 
-/// Put the tensors back; `None` when the lengths do not add up (a bad frame).
-fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: Vec<f32>) -> Option<()> {
+/// Put the tensors back; `None` when the lengths do not add up (a bad frame). Parameters and
+/// gradients keep the tensor as it came off the wire (their receivers read it where they need
+/// it); several gradients in one frame share its chunks.
+fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: LeTensor) -> Option<()> {
     let total: u64 = lens.iter().map(|l| u64::from(*l)).sum();
     if total != tensor.len() as u64 {
         return None;
     }
     match msg {
-        Msg::Params(p) if lens.len() == 1 => p.values = std::sync::Arc::new(tensor),
-        Msg::Gradient(g) if lens.len() == 1 => g.values = tensor.into(),
-        Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor,
+        Msg::Params(p) if lens.len() == 1 => p.values = SharedValues::from_le(tensor),
+        Msg::Gradient(g) if lens.len() == 1 => g.values = SharedValues::from_le(tensor),
+        Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor.to_vec(),
         Msg::Gradients(gs) if lens.len() == gs.len() => {
-            // Cut from the back: every gradient but the first is copied out of the payload,
-            // the first keeps the payload's buffer (a trainer's one partial sum: no copy).
-            let mut rest = tensor;
-            for (g, len) in gs.iter_mut().zip(lens).rev() {
-                let at = rest.len() - *len as usize;
-                g.values = if at == 0 { std::mem::take(&mut rest) } else { rest.split_off(at) }.into();
+            let mut at = 0;
+            for (g, len) in gs.iter_mut().zip(lens) {
+                let len = *len as usize;
+                g.values = SharedValues::from_le(tensor.slice(at..at + len));
+                at += len;
             }
         }
         _ if lens.is_empty() => {}
@@ -381,18 +384,19 @@ pub const TENSOR_MISMATCH_CODE: u32 = 0x301;
 
 /// Decode a frame body from a peer.
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
-    inbound(phalanx_transport::decode::<NodeMsg>(frame, limits)?)
+    let Frame { header, tensor } = phalanx_transport::decode::<NodeMsg>(frame, limits)?;
+    inbound(header, LeTensor::from_values(tensor))
 }
 
-/// [`decode`] for a frame as the transport delivers it: its tensor, read apart from QUIC's
-/// buffers straight into values, is taken over without a copy. The frame's share of the
-/// receive budget comes back beside the result.
+/// [`decode`] for a frame as the transport delivers it: its tensor, in the chunks QUIC
+/// delivered, is taken over without a copy. The frame's share of the receive budget comes back
+/// beside the result.
 pub fn decode_received(frame: RecvFrame, limits: &Limits) -> (Result<Inbound, InboundError>, ReceiveBudget) {
-    let (decoded, budget) = frame.decode::<NodeMsg>(limits);
-    (decoded.map_err(InboundError::from).and_then(inbound), budget)
+    let (decoded, budget) = frame.decode_le::<NodeMsg>(limits);
+    (decoded.map_err(InboundError::from).and_then(|(header, tensor)| inbound(header, tensor)), budget)
 }
 
-fn inbound(Frame { header, tensor }: Frame<NodeMsg>) -> Result<Inbound, InboundError> {
+fn inbound(header: NodeMsg, tensor: LeTensor) -> Result<Inbound, InboundError> {
     match header {
         NodeMsg::Deliver { job, to, mut msg, lens } => {
             let got = tensor.len();
@@ -400,7 +404,10 @@ fn inbound(Frame { header, tensor }: Frame<NodeMsg>) -> Result<Inbound, InboundE
             Ok(Inbound::Deliver(job, to, msg))
         }
         NodeMsg::CheckpointCopy { job, name, len } => {
-            let mut bytes: Vec<u8> = tensor.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let mut bytes: Vec<u8> = Vec::with_capacity(tensor.byte_len());
+            for chunk in tensor.chunks() {
+                bytes.extend_from_slice(chunk);
+            }
             if len > bytes.len() as u64 || bytes.len() as u64 - len >= 4 {
                 return Err(InboundError::TensorMismatch { got: tensor.len() });
             }

@@ -59,6 +59,15 @@ pub fn decode_parts<H: DeserializeOwned>(
     limits: &Limits,
 ) -> Result<Frame<H>, DecodeError> {
     let tensor_bytes = (tensor.len() as u64).saturating_mul(F32_BYTES as u64);
+    Ok(Frame { header: decode_head(head, tensor_bytes, limits)?, tensor })
+}
+
+/// The header of a frame whose envelope and header are `head` and whose tensor of
+/// `tensor_bytes` bytes is held apart; every rule [`decode_parts`] checks.
+pub fn decode_head<H: DeserializeOwned>(head: &[u8], tensor_bytes: u64, limits: &Limits) -> Result<H, DecodeError> {
+    if tensor_bytes % F32_BYTES as u64 != 0 {
+        return Err(DecodeError::BadTensorLength { bytes: tensor_bytes });
+    }
     let frame_len = u64::try_from(head.len()).unwrap_or(u64::MAX).saturating_add(tensor_bytes);
     let Some(header_len) = check_envelope(head, frame_len, limits)? else {
         return Err(DecodeError::Truncated { needed: ENVELOPE_BYTES as u64, available: frame_len });
@@ -72,7 +81,7 @@ pub fn decode_parts<H: DeserializeOwned>(
             available: head.len() as u64,
         });
     }
-    Ok(Frame { header: decode_header(header)?, tensor })
+    Ok(decode_header(header)?)
 }
 
 /// Collects a tensor's little-endian bytes, arriving in chunks of any size (a value may be

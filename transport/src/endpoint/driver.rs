@@ -195,7 +195,7 @@ async fn handle(inner: &Inner, link: &Link, done: Result<Result<ReceivedFrame, F
         Ok(Ok(frame)) => {
             // The budget permit goes with the body: released when the receiver drops it.
             let ReceivedFrame { head, tensor, _budget } = frame;
-            inner.stats.received(head.len() + tensor.len() * 4);
+            inner.stats.received(head.len() + tensor.byte_len());
             let budget = _budget.map_or_else(crate::ReceiveBudget::none, crate::ReceiveBudget::of);
             inner.deliver(link, crate::RecvFrame::with_budget(head, tensor, budget)).await;
         }

@@ -8,7 +8,7 @@ use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, VarInt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::codec::{check_envelope, check_frame_start, TensorAssembler, ENVELOPE_BYTES, PREFIX_BYTES};
+use crate::codec::{check_envelope, check_frame_start, ENVELOPE_BYTES, PREFIX_BYTES};
 use crate::{codes, DecodeError, Limits, PROTOCOL_VERSION};
 
 /// Bytes of the version field at the start of a frame body.
@@ -79,8 +79,8 @@ fn from_io(err: std::io::Error) -> FrameReadError {
 pub(crate) struct ReceivedFrame {
     /// The envelope and the header.
     pub(crate) head: Vec<u8>,
-    /// The values after the header.
-    pub(crate) tensor: Vec<f32>,
+    /// The tensor after the header, in the chunks QUIC delivered.
+    pub(crate) tensor: crate::LeTensor,
     /// Held until the body is handed over, so the bytes buffered per connection stay within
     /// the budget. `None` when no budget applies (the hello).
     pub(crate) _budget: Option<OwnedSemaphorePermit>,
@@ -90,7 +90,7 @@ impl ReceivedFrame {
     /// The body as one buffer: for frames whose tensor is empty by their limits (hellos,
     /// client requests), with no copy then.
     pub(crate) fn into_body(self) -> Vec<u8> {
-        crate::frame::join(self.head, &self.tensor)
+        crate::frame::join_le(self.head, &self.tensor)
     }
 }
 
@@ -172,22 +172,26 @@ pub(crate) async fn read_frame(
             head.reserve_exact(head_len - head.len());
         }
     }
-    // The rest is the tensor: read chunk by chunk from QUIC's buffers straight into `f32`
-    // values (no byte buffer in between, no zeroed memory first), a value split between two
-    // chunks included.
+    // The rest is the tensor: kept in the chunks QUIC delivered (no copy here; the receiver
+    // reads the values out where it needs them, `LeTensor`). A value may lie across two.
     let tensor_bytes = len - head.len();
     check_frame_start(&head, frame_len, limits).map_err(FrameReadError::Invalid)?;
-    let mut tensor = TensorAssembler::with_bytes(tensor_bytes);
-    while tensor.bytes() < tensor_bytes {
-        match recv.read_chunk(tensor_bytes - tensor.bytes(), true).await? {
-            Some(chunk) => tensor.push(&chunk.bytes),
-            None => return Err(FrameReadError::Invalid(truncated(head.len() + tensor.bytes()))),
+    let mut chunks = Vec::new();
+    let mut have = 0;
+    while have < tensor_bytes {
+        match recv.read_chunk(tensor_bytes - have, true).await? {
+            Some(chunk) => {
+                have += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
+            None => return Err(FrameReadError::Invalid(truncated(head.len() + have))),
         }
     }
     if recv.read_chunk(1, true).await?.is_some() {
         return Err(FrameReadError::Trailing);
     }
     // `check_frame_start` refused a tensor that is not a whole number of values.
-    let tensor = tensor.finish().map_err(|bytes| FrameReadError::Invalid(DecodeError::BadTensorLength { bytes }))?;
+    let tensor = crate::LeTensor::from_chunks(chunks)
+        .ok_or(FrameReadError::Invalid(DecodeError::BadTensorLength { bytes: tensor_bytes as u64 }))?;
     Ok(ReceivedFrame { head, tensor, _budget: permit })
 }
