@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 #[cfg(target_endian = "little")]
 use zerocopy::IntoBytes;
 
@@ -144,6 +144,54 @@ impl LeTensor {
     }
 }
 
+/// Chunks at least this long are kept as QUIC delivered them; shorter ones are copied together.
+pub(crate) const MIN_SHARED_CHUNK: usize = 1024;
+
+/// Collects a tensor's chunks as they arrive. A chunk of at least [`MIN_SHARED_CHUNK`] bytes is
+/// kept as it is (shared with QUIC's buffer); shorter ones are copied together into a buffer of
+/// their own. So a tensor holds at most about one chunk handle per `MIN_SHARED_CHUNK / 2`
+/// bytes whatever the peer does: one that sends its tensor in tiny STREAM frames costs a copy,
+/// not a 32-byte handle per byte.
+#[derive(Default)]
+pub(crate) struct ChunkCollector {
+    chunks: Vec<Bytes>,
+    small: BytesMut,
+    bytes: usize,
+}
+
+impl ChunkCollector {
+    /// Takes the next chunk.
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        self.bytes += chunk.len();
+        if chunk.len() >= MIN_SHARED_CHUNK {
+            self.flush();
+            self.chunks.push(chunk);
+        } else {
+            self.small.extend_from_slice(&chunk);
+            if self.small.len() >= MIN_SHARED_CHUNK {
+                self.flush();
+            }
+        }
+    }
+
+    /// Bytes taken so far.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The tensor; `None` unless the bytes are a whole number of values.
+    pub(crate) fn finish(mut self) -> Option<LeTensor> {
+        self.flush();
+        LeTensor::from_chunks(self.chunks)
+    }
+
+    fn flush(&mut self) {
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.split().freeze());
+        }
+    }
+}
+
 impl fmt::Debug for LeTensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "LeTensor({} values in {} chunks)", self.len(), self.chunks.len())
@@ -154,7 +202,7 @@ impl fmt::Debug for LeTensor {
 mod tests {
     use bytes::Bytes;
 
-    use super::LeTensor;
+    use super::{ChunkCollector, LeTensor, MIN_SHARED_CHUNK};
 
     fn cut(values: &[f32], at: &[usize]) -> LeTensor {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -185,6 +233,34 @@ mod tests {
             }
         }
         assert_eq!(bits(&LeTensor::from_values(values.to_vec()).to_vec()), bits(&values));
+    }
+
+    /// Large chunks are kept as they came (the same memory); small ones are joined, so tiny
+    /// chunks cannot make the tensor hold a handle per byte. The values are the same either way.
+    #[test]
+    fn small_chunks_are_joined_and_large_ones_shared() {
+        let values: Vec<f32> = (0..3000).map(|i| i as f32 - 0.5).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // Byte by byte: one handle per MIN_SHARED_CHUNK bytes, not per byte.
+        let mut tiny = ChunkCollector::default();
+        for b in &bytes {
+            tiny.push(Bytes::copy_from_slice(std::slice::from_ref(b)));
+        }
+        assert_eq!(tiny.bytes(), bytes.len());
+        let t = tiny.finish().expect("whole values");
+        assert_eq!(t.chunks().len(), bytes.len().div_ceil(MIN_SHARED_CHUNK));
+        assert_eq!(t.to_vec(), values);
+        // Alternating tiny and large chunks: the large ones are QUIC's own memory.
+        let mut mixed = ChunkCollector::default();
+        let large = Bytes::copy_from_slice(&bytes[1..1 + 2 * MIN_SHARED_CHUNK]);
+        mixed.push(Bytes::copy_from_slice(&bytes[..1]));
+        mixed.push(large.clone());
+        mixed.push(Bytes::copy_from_slice(&bytes[1 + 2 * MIN_SHARED_CHUNK..]));
+        let t = mixed.finish().expect("whole values");
+        assert_eq!(t.chunks().len(), 3);
+        assert_eq!(t.chunks()[1].as_ptr(), large.as_ptr(), "a large chunk is not copied");
+        assert_eq!(t.to_vec(), values);
+        assert!(ChunkCollector::default().finish().is_some_and(|t| t.is_empty()));
     }
 
     #[test]

@@ -173,25 +173,22 @@ pub(crate) async fn read_frame(
         }
     }
     // The rest is the tensor: kept in the chunks QUIC delivered (no copy here; the receiver
-    // reads the values out where it needs them, `LeTensor`). A value may lie across two.
+    // reads the values out where it needs them, `LeTensor`), small chunks joined so that tiny
+    // STREAM frames cannot make it hold a handle per byte. A value may lie across two.
     let tensor_bytes = len - head.len();
     check_frame_start(&head, frame_len, limits).map_err(FrameReadError::Invalid)?;
-    let mut chunks = Vec::new();
-    let mut have = 0;
-    while have < tensor_bytes {
-        match recv.read_chunk(tensor_bytes - have, true).await? {
-            Some(chunk) => {
-                have += chunk.bytes.len();
-                chunks.push(chunk.bytes);
-            }
-            None => return Err(FrameReadError::Invalid(truncated(head.len() + have))),
+    let mut chunks = crate::le_tensor::ChunkCollector::default();
+    while chunks.bytes() < tensor_bytes {
+        match recv.read_chunk(tensor_bytes - chunks.bytes(), true).await? {
+            Some(chunk) => chunks.push(chunk.bytes),
+            None => return Err(FrameReadError::Invalid(truncated(head.len() + chunks.bytes()))),
         }
     }
     if recv.read_chunk(1, true).await?.is_some() {
         return Err(FrameReadError::Trailing);
     }
     // `check_frame_start` refused a tensor that is not a whole number of values.
-    let tensor = crate::LeTensor::from_chunks(chunks)
-        .ok_or(FrameReadError::Invalid(DecodeError::BadTensorLength { bytes: tensor_bytes as u64 }))?;
+    let tensor =
+        chunks.finish().ok_or(FrameReadError::Invalid(DecodeError::BadTensorLength { bytes: tensor_bytes as u64 }))?;
     Ok(ReceivedFrame { head, tensor, _budget: permit })
 }
