@@ -532,38 +532,8 @@ mod tests {
             &[w1 + 256, w1 + b1 + 6 * 255 + 3, n - 1],
             &[0, n],
         ];
-        struct Joining<'m>(&'m Mlp);
-        impl std::fmt::Debug for Joining<'_> {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("joining")
-            }
-        }
-        impl Model for Joining<'_> {
-            fn num_params(&self) -> usize {
-                self.0.num_params()
-            }
-            fn layout(&self) -> Vec<super::super::TensorInfo> {
-                self.0.layout()
-            }
-            fn init_params(&self, seed: u64) -> Vec<f32> {
-                self.0.init_params(seed)
-            }
-            fn loss_grad(
-                &self,
-                p: &[f32],
-                x: ArrayView2<'_, f32>,
-                y: Targets<'_>,
-                g: &mut [f32],
-            ) -> Result<f64, ModelError> {
-                self.0.loss_grad(p, x, y, g)
-            }
-            fn loss(&self, p: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
-                self.0.loss(p, x, y)
-            }
-            fn predict(&self, p: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError> {
-                self.0.predict(p, x)
-            }
-        }
+        // The trait's default joins the pieces (the leaf-by-leaf reference does not override it).
+        let joining = LeafByLeaf(model.clone());
         for cut in cuts {
             let mut bounds = vec![0];
             bounds.extend_from_slice(cut);
@@ -587,7 +557,7 @@ mod tests {
                     .map(|(i, (w, t))| if i % 2 == 0 { Piece::Le(t) } else { Piece::Values(&params[w[0]..w[1]]) })
                     .collect(),
             );
-            for (name, m) in [("mlp", &model as &dyn Model), ("default", &Joining(&model))] {
+            for (name, m) in [("mlp", &model as &dyn Model), ("default", &joining)] {
                 for (pieces, parts) in [("in memory", &in_memory), ("mixed", &mixed)] {
                     let mut grad = vec![f32::NAN; n];
                     let got = m.loss_grad_tree_parts(parts, &batches, &mut grad).expect("valid");
