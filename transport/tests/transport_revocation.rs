@@ -53,6 +53,49 @@ async fn revoking_a_member_closes_its_connection_at_once_and_refuses_it_after() 
     }
 }
 
+/// A revocation that arrives while a connection the peer closed as a duplicate waits for its
+/// replacement (which the revocation then refuses at its hello) reports the peer down at once
+/// and as revoked — not a hello timeout later as a swap of duplicate connections. The race of
+/// a SIGHUP with the duplicate connections of a cluster's start-up.
+#[tokio::test]
+async fn a_revocation_while_a_duplicate_awaits_its_replacement_reports_the_peer_revoked_at_once() {
+    init_tracing();
+    let dir = cluster(2);
+    let mut config = config(dir.path(), 0);
+    // Longer than the test's guard: without the revocation ending the wait, the peer would be
+    // reported down only after it, and the test fails.
+    config.hello_timeout_ms = 2 * HANG_GUARD.as_millis() as u64;
+    let (server, mut events) = Transport::bind(config).await.expect("bind");
+    let raw = RawClient::node(identity(dir.path(), 1));
+    let (_endpoint, conn) = raw.connect(server.local_addr(), 0).await.expect("handshake");
+    good_raw_hello(&conn, 1).await;
+    wait_peer_up(&mut events, 1).await;
+    // Node 1 keeps "another" connection and closes this one as a duplicate: the server waits
+    // for the replacement to finish its hello.
+    conn.close(quinn::VarInt::from_u32(codes::DUPLICATE), b"duplicate connection; the other one is kept");
+    // Until the server has seen the close, its link would be closed as revoked directly.
+    let seen = async {
+        while !server.peers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, seen).await.expect("the server never saw the close");
+
+    let revoked_at = std::time::Instant::now();
+    server.set_revocations(Revocations::parse(["node-1"]).expect("list"));
+    let (event, skipped) =
+        wait_for(&mut events, "node 1 down", |e| matches!(e, TransportEvent::PeerDown { peer: 1, .. })).await;
+    let TransportEvent::PeerDown { reason, .. } = event else { unreachable!() };
+    assert!(reason.contains("revoked") && reason.contains("node-1 is on the revocation list"), "{reason}");
+    assert!(
+        revoked_at.elapsed() < HANG_GUARD / 2,
+        "reported {:?} after the revocation; skipped {skipped:?}",
+        revoked_at.elapsed()
+    );
+    assert!(server.peers().is_empty());
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn revoking_a_client_closes_its_connection_and_refuses_the_next() {
     init_tracing();

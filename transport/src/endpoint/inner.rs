@@ -492,14 +492,34 @@ impl Inner {
         if let Some(reason) = closed_by_peer_with(&link.conn, codes::DUPLICATE_IDENTITY) {
             self.refused_as_duplicate(link.peer, link.addr, reason).await;
         }
+        // Set when the peer's certificate was revoked while this link waited for its
+        // replacement: the replacement is refused at its hello, and the peer is down for that.
+        let mut revoked = None;
         if closed_by_peer_as_duplicate(&link.conn) {
             // The peer kept another connection to us and will not come back on this one; that
             // one is still in its hello here. Give it the hello timeout to take this link's
-            // place, so a mere swap of connections is not reported as the peer going down.
+            // place, so a mere swap of connections is not reported as the peer going down —
+            // unless the peer's certificate is revoked meanwhile: then no replacement can come,
+            // and the peer is reported down at once, for that reason.
             let mut changes = self.table_changes.subscribe();
             let replaced =
                 |_: &()| !lock(&self.peers).get(&link.peer).is_some_and(|current| Arc::ptr_eq(current, link));
-            let _ = tokio::time::timeout(self.hello_timeout, changes.wait_for(replaced)).await;
+            let mut revocations = self.revocations.subscribe();
+            revocations.mark_changed();
+            let revocation = async {
+                loop {
+                    if revocations.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if let Some(reason) = self.revoked(&link.cert) {
+                        return reason;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(self.hello_timeout, changes.wait_for(replaced)) => {}
+                reason = revocation => revoked = Some(reason),
+            }
         }
         if let Some(close) = link.local_close().filter(|close| close.rejected) {
             let event = TransportEvent::Rejected {
@@ -514,7 +534,12 @@ impl Inner {
         let mut peers = lock(&self.peers);
         if peers.get(&link.peer).is_some_and(|current| Arc::ptr_eq(current, link)) {
             peers.remove(&link.peer);
-            let reason = link.down_reason(end, self.idle_timeout_ms);
+            let reason = match revoked {
+                Some(reason) => {
+                    format!("node {}: {reason} (its connection had been closed by the peer as a duplicate)", link.peer)
+                }
+                None => link.down_reason(end, self.idle_timeout_ms),
+            };
             tracing::info!(node = self.id, peer = link.peer, reason, "peer down");
             if let Some(permit) = permit {
                 permit.send(TransportEvent::PeerDown { peer: link.peer, reason });
