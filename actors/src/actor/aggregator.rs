@@ -111,8 +111,8 @@ fn persist_timed(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: boo
     if let Some(cluster) = &ctx.cluster {
         cluster.replicate(&path);
     }
-    // Pruning reads and verifies the files it keeps, so it runs once per
-    // CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
+    // Pruning verifies the files it keeps (those this process has not verified yet), so it
+    // runs once per CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.
     if prune {
         // Whole checkpoints, and this range's own files (on a node that holds no whole one).
         let pruned = ctx

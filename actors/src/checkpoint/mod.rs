@@ -50,6 +50,12 @@
 //! metadata. No content of a file can make a read panic or allocate more than the file's
 //! size. The writer is deterministic: the same state always gives the same bytes.
 //!
+//! A file is verified once per process: finding the newest complete step and pruning trust a
+//! file this process wrote, received (a copy from another node is verified before it is
+//! written: [`CheckpointStore::save_copy`]) or already read, as long as it is the same file
+//! (same inode, length and times); a restore always reads and verifies what it restores. See
+//! `verified.rs` for why and what that trusts.
+//!
 //! # Atomicity
 //!
 //! [`CheckpointStore::save`] writes a temporary file (`.tmp-<final name>-<pid>-<n>`, which
@@ -95,6 +101,7 @@
 mod cadence;
 mod format;
 mod store;
+mod verified;
 
 pub use cadence::CheckpointCadence;
 pub use format::{is_temp_name, FileKey};

@@ -2,11 +2,12 @@
 //! ranges across splits, pruning and scanning.
 
 use super::format::{self, FileKey, FILE_PREFIX, FILE_SUFFIX, TEMP_PREFIX};
+use super::verified::{self, Header};
 use super::{CheckpointError, RangeCheckpoint};
 use crate::model::kernel::{self, KernelFingerprint};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -154,16 +155,40 @@ impl CheckpointStore {
             eprintln!("injected crash: wrote {} and abort before renaming it", temp_path.display());
             std::process::abort();
         }
+        self.rename_into_place(&temp_path, &final_path)?;
+        verified::record(&final_path, Header::of(ckpt));
+        Ok(final_path)
+    }
+
+    /// Renames a durable temporary file to its final name, durably.
+    fn rename_into_place(&self, temp_path: &Path, final_path: &Path) -> Result<(), CheckpointError> {
         // rename(2) within one directory is atomic: readers see the old file or the new
         // complete one. It only reaches the disk with the directory's metadata, hence the
         // directory fsync below.
-        if let Err(e) = fs::rename(&temp_path, &final_path) {
-            let _ = fs::remove_file(&temp_path);
-            return Err(io_err("renaming a temporary file to", &final_path)(e));
+        if let Err(e) = fs::rename(temp_path, final_path) {
+            let _ = fs::remove_file(temp_path);
+            return Err(io_err("renaming a temporary file to", final_path)(e));
         }
         // Without this fsync a power loss can forget the rename even though we reported
         // the checkpoint durable, and the cluster would roll back further than it agreed.
-        self.sync_dir()?;
+        self.sync_dir()
+    }
+
+    /// Keeps `bytes`, a checkpoint file named `name` that another node wrote: verifies them
+    /// fully first (as [`read_file`](Self::read_file) would; nothing is written if they fail),
+    /// then writes them atomically and durably as [`save`](Self::save) does. Returns the path.
+    pub fn save_copy(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, CheckpointError> {
+        let Some(key) = FileKey::parse(name).filter(|key| key.file_name() == name) else {
+            return Err(CheckpointError::Corrupt {
+                path: self.dir.join(name.replace(['/', '\\'], "_")),
+                reason: format!("{name:?} is not a checkpoint file name"),
+            });
+        };
+        let final_path = self.dir.join(key.file_name());
+        let ckpt = format::decode(&final_path, bytes)?;
+        let temp_path = self.write_temp_with(&final_path, |out| out.write_all(bytes))?;
+        self.rename_into_place(&temp_path, &final_path)?;
+        verified::record(&final_path, Header::of(&ckpt));
         Ok(final_path)
     }
 
@@ -325,6 +350,7 @@ impl CheckpointStore {
         let mut removed = Vec::new();
         for key in keys {
             let path = self.dir.join(key.file_name());
+            verified::forget(&path);
             match fs::remove_file(&path) {
                 Ok(()) => removed.push(path),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -365,14 +391,26 @@ impl CheckpointStore {
             reason,
         })?;
         let key = FileKey { step: ckpt.step, offset: ckpt.offset, len: ckpt.params.len() };
-        let final_name = key.file_name();
+        let final_path = self.dir.join(key.file_name());
+        let temp_path = self.write_temp_with(&final_path, |out| format::write_checkpoint(out, ckpt))?;
+        Ok((temp_path, final_path))
+    }
+
+    /// Writes a fresh temporary file beside `final_path` with `write` and makes it durable.
+    /// Returns its path. Removes it on failure.
+    fn write_temp_with(
+        &self,
+        final_path: &Path,
+        write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+    ) -> Result<PathBuf, CheckpointError> {
+        let final_name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         // Same directory as the final file, so the rename cannot cross file systems.
         let temp_path = self.dir.join(format!("{TEMP_PREFIX}{final_name}-{}-{seq}", std::process::id()));
         let written = (|| {
             let file = File::create(&temp_path).map_err(io_err("creating", &temp_path))?;
             let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
-            format::write_checkpoint(&mut out, ckpt).map_err(io_err("writing", &temp_path))?;
+            write(&mut out).map_err(io_err("writing", &temp_path))?;
             // Flush explicitly: dropping a BufWriter swallows a late write error such as
             // a full disk.
             let file = out.into_inner().map_err(|e| io_err("writing", &temp_path)(e.into_error()))?;
@@ -384,7 +422,7 @@ impl CheckpointStore {
             let _ = fs::remove_file(&temp_path);
             return Err(e);
         }
-        Ok((temp_path, self.dir.join(final_name)))
+        Ok(temp_path)
     }
 
     fn sync_dir(&self) -> Result<(), CheckpointError> {
@@ -467,7 +505,22 @@ impl CheckpointStore {
                     continue;
                 }
                 let path = self.dir.join(key.file_name());
-                match Self::read_file(&path).and_then(|ckpt| query.accept(&path, ckpt)) {
+                // A query without data trusts a file this process already verified (see
+                // `verified`); one for data reads and verifies what it restores.
+                let known = if query.keep_data { None } else { verified::lookup(&path) };
+                let outcome = match known {
+                    Some(header) => query.accept(&path, header, None),
+                    None => {
+                        #[cfg(test)]
+                        tests::FULL_READS.with(|n| n.set(n.get() + 1));
+                        Self::read_file(&path).and_then(|ckpt| {
+                            let header = Header::of(&ckpt);
+                            verified::record(&path, header.clone());
+                            query.accept(&path, header, Some(&ckpt))
+                        })
+                    }
+                };
+                match outcome {
                     Ok(chosen) => {
                         verified.insert(*key, chosen);
                     }
@@ -506,23 +559,24 @@ struct Query<'a> {
 }
 
 impl Query<'_> {
-    /// Checks a verified file against the job and keeps what the caller needs of it.
-    fn accept(&self, path: &Path, ckpt: RangeCheckpoint) -> Result<Chosen, CheckpointError> {
-        if ckpt.config_hash != self.config_hash {
+    /// Checks a verified file (its header; its data when the caller asked for data) against
+    /// the job and keeps what the caller needs of it.
+    fn accept(&self, path: &Path, header: Header, ckpt: Option<&RangeCheckpoint>) -> Result<Chosen, CheckpointError> {
+        if header.config_hash != self.config_hash {
             return Err(CheckpointError::ConfigMismatch {
                 path: path.to_path_buf(),
                 expected: self.config_hash.to_string(),
-                found: ckpt.config_hash,
+                found: header.config_hash,
             });
         }
-        if ckpt.total_len != self.total_len {
+        if header.total_len != self.total_len {
             return Err(CheckpointError::TotalLenMismatch {
                 path: path.to_path_buf(),
                 expected: self.total_len,
-                found: ckpt.total_len,
+                found: header.total_len,
             });
         }
-        if let Some(found) = ckpt.kernel.filter(|found| *found != kernel::fingerprint()) {
+        if let Some(found) = header.kernel.filter(|found| *found != kernel::fingerprint()) {
             return Err(CheckpointError::KernelMismatch {
                 path: path.to_path_buf(),
                 expected: kernel::fingerprint(),
@@ -530,24 +584,28 @@ impl Query<'_> {
                 description: kernel::description(),
             });
         }
-        let key = FileKey { step: ckpt.step, offset: ckpt.offset, len: ckpt.params.len() };
-        let part = self.keep_data.then(|| {
-            // Overlap of the file's range with the query, relative to the file.
-            let from = self.start.clamp(key.offset, key.end()) - key.offset;
-            let to = self.end.clamp(key.offset, key.end()) - key.offset;
-            Part {
-                start: key.offset + from,
-                params: ckpt.params[from..to].to_vec(),
-                slots: ckpt.optimizer_slots.iter().map(|(_, values)| values[from..to].to_vec()).collect(),
+        let key = header.key;
+        let part = match (self.keep_data, ckpt) {
+            (false, _) => None,
+            (true, Some(ckpt)) => {
+                // Overlap of the file's range with the query, relative to the file.
+                let from = self.start.clamp(key.offset, key.end()) - key.offset;
+                let to = self.end.clamp(key.offset, key.end()) - key.offset;
+                Some(Part {
+                    start: key.offset + from,
+                    params: ckpt.params[from..to].to_vec(),
+                    slots: ckpt.optimizer_slots.iter().map(|(_, values)| values[from..to].to_vec()).collect(),
+                })
             }
-        });
+            (true, None) => unreachable!("data queries always read the file"),
+        };
         Ok(Chosen {
             key,
             shared: Shared {
-                optimizer_t: ckpt.optimizer_t,
-                slots: ckpt.optimizer_slots.into_iter().map(|(n, _)| n).collect(),
-                ledger: ckpt.ledger,
-                kernel: ckpt.kernel,
+                optimizer_t: header.optimizer_t,
+                slots: header.slots,
+                ledger: header.ledger,
+                kernel: header.kernel,
             },
             part,
         })
@@ -637,6 +695,15 @@ mod tests {
     fn save_split(store: &CheckpointStore, step: u64, bounds: &[usize], slots: &[&str]) -> Vec<PathBuf> {
         let total = *bounds.last().unwrap();
         bounds.windows(2).map(|w| store.save(&sample(step, total, w[0], w[1] - w[0], slots)).unwrap()).collect()
+    }
+
+    thread_local! {
+        /// Files `resolve` read and verified on this thread (tests run on their own threads).
+        pub(super) static FULL_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn full_reads() -> u64 {
+        FULL_READS.with(std::cell::Cell::get)
     }
 
     fn flip_last_byte(path: &Path) {
@@ -732,6 +799,61 @@ mod tests {
         let step30 = save_split(&store, 30, &bounds, &["m", "v"]);
         flip_last_byte(&step30[1]);
         assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(10));
+    }
+
+    #[test]
+    fn files_this_process_wrote_or_verified_are_not_read_again_until_restored() {
+        let (_tmp, store) = store();
+        let bounds = [0, 40, 70, 100];
+        for step in [10, 20, 30, 40] {
+            save_split(&store, step, &bounds, &["m"]);
+        }
+        // A file this process did not write (as after a restart): read and verified once.
+        let foreign = store.save(&sample(50, 100, 0, 100, &["m"])).unwrap();
+        verified::forget(&foreign);
+        let reads = full_reads();
+        assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(50));
+        assert_eq!(full_reads() - reads, 1, "only the file this process had not verified is read");
+        let reads = full_reads();
+        assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(50));
+        let pruned = store.prune(HASH, 100, 2).unwrap();
+        assert_eq!(pruned.len(), 9, "steps 10, 20 and 30 go");
+        assert_eq!(full_reads() - reads, 0, "pruning trusts what this process verified");
+        // A restore reads and verifies every file it restores from.
+        let reads = full_reads();
+        store.load_range(40, HASH, 100, 0, 100).unwrap();
+        assert_eq!(full_reads() - reads, 3);
+        // A file written over in place is verified again (and found corrupt).
+        flip_last_byte(&foreign);
+        let reads = full_reads();
+        assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(40));
+        assert_eq!(full_reads() - reads, 1);
+    }
+
+    #[test]
+    fn a_copy_is_verified_before_it_is_written() {
+        let (_tmp, store) = store();
+        let (_src_tmp, src) = super::tests::store();
+        let path = src.save(&sample(7, 100, 0, 100, &["m"])).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let bytes = fs::read(&path).unwrap();
+        let mut bad = bytes.clone();
+        *bad.last_mut().unwrap() ^= 0x01;
+        let err = store.save_copy(&name, &bad).unwrap_err();
+        assert!(matches!(err, CheckpointError::ChecksumMismatch { .. }), "{err}");
+        let err = store.save_copy(&bytes.len().to_string(), &bytes).unwrap_err();
+        assert!(err.to_string().contains("is not a checkpoint file name"), "{err}");
+        let other = FileKey { step: 8, offset: 0, len: 100 }.file_name();
+        let err = store.save_copy(&other, &bytes).unwrap_err();
+        assert!(err.to_string().contains("does not match its metadata"), "{err}");
+        assert!(names(&store).is_empty(), "nothing is written for a bad copy: {:?}", names(&store));
+
+        let kept = store.save_copy(&name, &bytes).unwrap();
+        assert_eq!(fs::read(&kept).unwrap(), bytes);
+        assert_eq!(names(&store), vec![name]);
+        let reads = full_reads();
+        assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(7));
+        assert_eq!(full_reads() - reads, 0, "verified when it arrived");
     }
 
     #[test]

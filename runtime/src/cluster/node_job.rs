@@ -665,7 +665,7 @@ impl NodeJob {
         let coordinator = self.routes.borrow().placement.as_ref().map_or(peer, |p| p.coordinator);
         self.send_control(coordinator, &NodeMsg::CheckpointStored { job: self.id, name: name.clone() });
         // Keep the newest few complete copies, as the coordinator does (every few copies:
-        // pruning verifies the files it keeps). Counted, not derived from the step: with
+        // pruning verifies the files it keeps that this process has not). Counted, not derived from the step: with
         // skipped checkpoint steps (checkpoint_min_interval_ms) no arithmetic on steps would do.
         self.copies_kept = self.copies_kept.wrapping_add(1);
         if self.copies_kept % CHECKPOINTS_KEPT as u64 == 0 {
@@ -686,27 +686,27 @@ fn holds(dir: &std::path::Path, ranges: &[(usize, usize)], range: u32, step: u64
     ranges.get(range as usize).is_none_or(|&(offset, len)| CheckpointStore::reader(dir).covers(step, offset, len))
 }
 
-/// Keep a checkpoint copy in `dir`, verified before it counts; true when kept.
+/// Keep a checkpoint copy in `dir`, verified before it is written; true when kept.
 fn store_copy(dir: &std::path::Path, me: u32, peer: u32, name: &str, bytes: &[u8], metrics: &NodeMetrics) -> bool {
     if name.contains('/') || name.contains('\\') || !name.starts_with("ckpt-") || !name.ends_with(".safetensors") {
         tracing::warn!(node = me, peer, "refusing a checkpoint copy named {name:?}");
         return false;
     }
-    let path = dir.join(name);
-    if let Err(e) = std::fs::create_dir_all(dir)
-        .map_err(|source| Error::Io { path: dir.to_path_buf(), source })
-        .and_then(|()| crate::output::write_atomic(&path, bytes))
-    {
-        tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
-        metrics.checkpoint_failures.get_or_create(&Kind::of("copy")).inc();
-        return false;
+    let kept = std::fs::create_dir_all(dir)
+        .map_err(|source| CheckpointError::Io { op: "creating directory", path: dir.to_path_buf(), source })
+        .and_then(|()| CheckpointStore::reader(dir).save_copy(name, bytes));
+    match kept {
+        Ok(_) => true,
+        Err(e @ CheckpointError::Io { .. }) => {
+            tracing::warn!(node = me, "cannot keep a checkpoint copy: {e}");
+            metrics.checkpoint_failures.get_or_create(&Kind::of("copy")).inc();
+            false
+        }
+        Err(e) => {
+            tracing::warn!(node = me, peer, "checkpoint copy {name} from node {peer} is bad ({e}); not kept");
+            false
+        }
     }
-    if let Err(e) = CheckpointStore::read_file(&path) {
-        tracing::warn!(node = me, peer, "checkpoint copy {name} is bad ({e}); deleted");
-        let _ = std::fs::remove_file(&path);
-        return false;
-    }
-    true
 }
 
 /// The newest complete checkpoint of `job` in `dir` (none when unreadable: logged).
