@@ -210,6 +210,12 @@ impl TensorBytes {
         Self(whole.0.slice(range.start * 4..range.end * 4))
     }
 
+    /// Values already in their wire form, little-endian `f32` words (a checkpoint file, which
+    /// holds whole words), taken over without a copy; `None` unless `bytes` is whole words.
+    pub fn le_words(bytes: Vec<u8>) -> Option<Self> {
+        (bytes.len() % 4 == 0).then(|| Self(Bytes::from(bytes)))
+    }
+
     /// Bytes of the tensor on the wire (4 per value).
     pub fn len(&self) -> usize {
         self.0.len()

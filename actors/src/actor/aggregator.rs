@@ -8,7 +8,8 @@
 //! (or `CheckpointFailed`) to the supervisor and wakes the actor. Training goes on meanwhile:
 //! only the step that would ask for the next checkpoint waits until this one is done
 //! ([`AggregatorCore::on_checkpoint_done`]), so one snapshot at most is being persisted per
-//! range (memory: one extra copy of it) and a write that takes less than `checkpoint_every`
+//! range (memory: one extra copy of it; on a cluster, for as long as the copies to other nodes
+//! are in flight, the file's bytes too, encoded once and shared by every copy) and a write that takes less than `checkpoint_every`
 //! steps costs no step time. An orderly stop waits for the write in progress (`post_stop`),
 //! so a job that stops at step `s` has every checkpoint it started durable or reported
 //! failed; a crash can lose the one being written, and recovery then rolls back to the one
@@ -85,13 +86,17 @@ fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: bool) -> 
 fn persist_timed(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: bool) -> Result<(), String> {
     let step = ckpt.step;
     let started = std::time::Instant::now();
-    let saved = ctx.store.save(&ckpt);
+    // On a cluster the file's bytes are kept for the copies to other nodes.
+    let saved = match ctx.cluster {
+        Some(_) => ctx.store.save_keeping_bytes(&ckpt).map(|(path, bytes)| (path, Some(bytes))),
+        None => ctx.store.save(&ckpt).map(|path| (path, None)),
+    };
     let took = started.elapsed();
     if let (Some(observer), Err(e)) = (&ctx.observer, &saved) {
         observer.checkpoint_failed(range, step, &e.to_string());
     }
-    let path = match saved {
-        Ok(path) => path,
+    let (path, bytes) = match saved {
+        Ok(saved) => saved,
         Err(e @ crate::checkpoint::CheckpointError::Io { .. }) => {
             // A checkpoint that cannot be written (a full disk, an I/O error) does not
             // stop training: the previous complete checkpoint stays the rollback point
@@ -108,8 +113,8 @@ fn persist_timed(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: boo
     if let Some(observer) = &ctx.observer {
         observer.checkpoint_saved(range, step, took);
     }
-    if let Some(cluster) = &ctx.cluster {
-        cluster.replicate(&path);
+    if let (Some(cluster), Some(bytes)) = (&ctx.cluster, bytes) {
+        cluster.replicate(&path, bytes);
     }
     // Pruning verifies the files it keeps (those this process has not verified yet), so it
     // runs once per CHECKPOINTS_KEPT checkpoints (and at the end), not on every save.

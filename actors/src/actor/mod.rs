@@ -148,9 +148,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// naming the request by `spawn` (unique per supervisor) so that a late
     /// report about an earlier instance is told apart.
     fn spawn_remote(&self, node: u32, key: ActorKey, generation: u64, restore: Option<u64>, spawn: u64);
-    /// A checkpoint file was written: copy it to another node so that the
-    /// aggregators can be restored if this node dies.
-    fn replicate(&self, path: &std::path::Path);
+    /// A checkpoint file was written (`bytes`: its contents, as written): copy it to another
+    /// node so that the aggregators can be restored if this node dies. Called on the blocking
+    /// task that wrote it.
+    fn replicate(&self, path: &std::path::Path, bytes: Vec<u8>);
     /// Where `key` belongs in the current placement (`None`: this node).
     fn preferred_host(&self, key: ActorKey) -> Option<u32>;
     /// Ask `node` to stop `key` without reporting it as failed (it moves).

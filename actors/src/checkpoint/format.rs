@@ -7,6 +7,7 @@
 //! decoder uses the `safetensors` crate, so everything we write is checked against the
 //! reference parser.
 
+use super::verified::Header;
 use super::{CheckpointError, RangeCheckpoint};
 use crate::protocol::{ClosedEpochs, Ledger};
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -47,6 +48,7 @@ const HEADER_LEN_BYTES: usize = 8;
 const HEADER_ALIGN: usize = 8;
 /// Elements converted per chunk while hashing or writing, so that a large range never
 /// needs a second full copy as bytes.
+#[cfg(not(target_endian = "little"))]
 const CHUNK_ELEMS: usize = 16 * 1024;
 
 /// Keys of the `__metadata__` map.
@@ -161,7 +163,15 @@ fn tensors(ckpt: &RangeCheckpoint) -> Vec<(String, &[f32])> {
     out
 }
 
+/// Feeds `values` as little-endian bytes to `sink`: on a little-endian machine (every target
+/// Phalanx ships for) the values' own bytes, in one piece and without a copy.
+#[cfg(target_endian = "little")]
+fn for_each_le_chunk<E>(values: &[f32], mut sink: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+    sink(zerocopy::IntoBytes::as_bytes(values))
+}
+
 /// Feeds `values` as little-endian bytes to `sink`, a chunk at a time.
+#[cfg(not(target_endian = "little"))]
 fn for_each_le_chunk<E>(values: &[f32], mut sink: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
     let mut buf = Vec::with_capacity(CHUNK_ELEMS.min(values.len()) * F32_BYTES);
     for chunk in values.chunks(CHUNK_ELEMS) {
@@ -254,6 +264,34 @@ pub(crate) fn write_checkpoint(out: &mut impl Write, ckpt: &RangeCheckpoint) -> 
 
 /// Parses and fully verifies the bytes of the checkpoint file at `path`.
 pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, CheckpointError> {
+    let Verified { header, tensors } = verify(path, bytes)?;
+    let mut values = tensors
+        .into_iter()
+        .map(|bytes| bytes.chunks_exact(F32_BYTES).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+    let params = values.next().unwrap_or_default();
+    Ok(RangeCheckpoint {
+        step: header.key.step,
+        config_hash: header.config_hash,
+        total_len: header.total_len,
+        offset: header.key.offset,
+        params,
+        optimizer_t: header.optimizer_t,
+        optimizer_slots: header.slots.into_iter().zip(values).collect(),
+        ledger: header.ledger,
+        kernel: header.kernel,
+    })
+}
+
+/// A fully verified checkpoint file: its header, and the bytes of its tensors (`params`, then
+/// each optimizer slot), each checked to be `len` little-endian `f32`.
+pub(crate) struct Verified<'a> {
+    pub(crate) header: Header,
+    tensors: Vec<&'a [u8]>,
+}
+
+/// Verifies the bytes of the checkpoint file at `path` as [`decode`] does, without decoding
+/// the tensors.
+pub(crate) fn verify<'a>(path: &Path, bytes: &'a [u8]) -> Result<Verified<'a>, CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
     // `read_metadata` validates the header against the buffer: tensor offsets contiguous,
     // sizes matching shape × dtype, data ending exactly at the end of the file.
@@ -342,7 +380,7 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, Check
         return Err(corrupt(format!("file name does not match its metadata (expected name {})", in_meta.file_name())));
     }
 
-    let mut values = Vec::with_capacity(tensor_data.len());
+    let mut tensors = Vec::with_capacity(tensor_data.len());
     for (name, info, bytes) in tensor_data {
         if info.dtype != Dtype::F32 {
             return Err(corrupt(format!("tensor {name} has dtype {:?}, expected F32", info.dtype)));
@@ -351,23 +389,11 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<RangeCheckpoint, Check
             return Err(corrupt(format!("tensor {name} has shape {:?}, expected [{len}]", info.shape)));
         }
         // The length was checked against the file's real size above.
-        let floats: Vec<f32> =
-            bytes.chunks_exact(F32_BYTES).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        values.push(floats);
+        tensors.push(bytes);
     }
-    let mut values = values.into_iter();
-    let params = values.next().unwrap_or_default();
-    Ok(RangeCheckpoint {
-        step,
-        config_hash: config_hash.to_string(),
-        total_len,
-        offset,
-        params,
-        optimizer_t,
-        optimizer_slots: slots.into_iter().zip(values).collect(),
-        ledger,
-        kernel,
-    })
+    let header =
+        Header { key: in_meta, config_hash: config_hash.to_string(), total_len, optimizer_t, slots, ledger, kernel };
+    Ok(Verified { header, tensors })
 }
 
 fn tensor_bytes<'a>(data: &'a [u8], info: &TensorInfo) -> Option<&'a [u8]> {

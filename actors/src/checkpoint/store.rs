@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Buffer between the encoder's small writes and the file.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Room reserved for a file's header (lengths, metadata, ledger) when it is encoded in memory;
+/// a larger header only grows the buffer.
+const ENCODED_HEADER_ROOM: usize = 4096;
 
 /// One checkpoint directory. See the [module docs](super) for the format and the
 /// atomicity argument.
@@ -149,15 +152,33 @@ impl CheckpointStore {
     /// the same step and range is replaced.
     pub fn save(&self, ckpt: &RangeCheckpoint) -> Result<PathBuf, CheckpointError> {
         let (temp_path, final_path) = self.write_temp(ckpt)?;
+        self.install(ckpt, &temp_path, &final_path)?;
+        Ok(final_path)
+    }
+
+    /// [`save`](Self::save), returning the file's bytes too, for a caller that copies them to
+    /// other nodes (encoded once, in memory, then written: no reading the file back).
+    pub fn save_keeping_bytes(&self, ckpt: &RangeCheckpoint) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
+        let final_path = self.final_path(ckpt)?;
+        let tensors = 1 + ckpt.optimizer_slots.len();
+        let mut bytes = Vec::with_capacity(ENCODED_HEADER_ROOM + tensors * ckpt.params.len() * 4);
+        format::write_checkpoint(&mut bytes, ckpt).map_err(io_err("encoding", &final_path))?;
+        let temp_path = self.write_temp_with(&final_path, |out| out.write_all(&bytes))?;
+        self.install(ckpt, &temp_path, &final_path)?;
+        Ok((final_path, bytes))
+    }
+
+    /// Puts a saved temporary file of `ckpt` in place (see [`save`](Self::save)).
+    fn install(&self, ckpt: &RangeCheckpoint, temp_path: &Path, final_path: &Path) -> Result<(), CheckpointError> {
         #[cfg(feature = "fault-injection")]
         if self.crash_before_rename == Some(ckpt.step) {
             tracing::error!(path = %temp_path.display(), "injected crash before renaming checkpoint {}", final_path.display());
             eprintln!("injected crash: wrote {} and abort before renaming it", temp_path.display());
             std::process::abort();
         }
-        self.rename_into_place(&temp_path, &final_path)?;
-        verified::record(&final_path, Header::of(ckpt));
-        Ok(final_path)
+        self.rename_into_place(temp_path, final_path)?;
+        verified::record(final_path, Header::of(ckpt));
+        Ok(())
     }
 
     /// Renames a durable temporary file to its final name, durably.
@@ -185,10 +206,10 @@ impl CheckpointStore {
             });
         };
         let final_path = self.dir.join(key.file_name());
-        let ckpt = format::decode(&final_path, bytes)?;
+        let header = format::verify(&final_path, bytes)?.header;
         let temp_path = self.write_temp_with(&final_path, |out| out.write_all(bytes))?;
         self.rename_into_place(&temp_path, &final_path)?;
-        verified::record(&final_path, Header::of(&ckpt));
+        verified::record(&final_path, header);
         Ok(final_path)
     }
 
@@ -385,15 +406,20 @@ impl CheckpointStore {
     /// Validates `ckpt`, writes it to a fresh temporary file and makes that durable.
     /// Returns (temporary path, final path). Removes the temporary file on failure.
     fn write_temp(&self, ckpt: &RangeCheckpoint) -> Result<(PathBuf, PathBuf), CheckpointError> {
+        let final_path = self.final_path(ckpt)?;
+        let temp_path = self.write_temp_with(&final_path, |out| format::write_checkpoint(out, ckpt))?;
+        Ok((temp_path, final_path))
+    }
+
+    /// Validates `ckpt` and names its file.
+    fn final_path(&self, ckpt: &RangeCheckpoint) -> Result<PathBuf, CheckpointError> {
         format::validate(ckpt).map_err(|reason| CheckpointError::Invalid {
             step: ckpt.step,
             offset: ckpt.offset,
             reason,
         })?;
         let key = FileKey { step: ckpt.step, offset: ckpt.offset, len: ckpt.params.len() };
-        let final_path = self.dir.join(key.file_name());
-        let temp_path = self.write_temp_with(&final_path, |out| format::write_checkpoint(out, ckpt))?;
-        Ok((temp_path, final_path))
+        Ok(self.dir.join(key.file_name()))
     }
 
     /// Writes a fresh temporary file beside `final_path` with `write` and makes it durable.
@@ -513,10 +539,16 @@ impl CheckpointStore {
                     None => {
                         #[cfg(test)]
                         tests::FULL_READS.with(|n| n.set(n.get() + 1));
-                        Self::read_file(&path).and_then(|ckpt| {
-                            let header = Header::of(&ckpt);
+                        fs::read(&path).map_err(io_err("reading", &path)).and_then(|bytes| {
+                            // Decoded only when the caller needs the data.
+                            let (header, ckpt) = if query.keep_data {
+                                let ckpt = format::decode(&path, &bytes)?;
+                                (Header::of(&ckpt), Some(ckpt))
+                            } else {
+                                (format::verify(&path, &bytes)?.header, None)
+                            };
                             verified::record(&path, header.clone());
-                            query.accept(&path, header, Some(&ckpt))
+                            query.accept(&path, header, ckpt.as_ref())
                         })
                     }
                 };
@@ -828,6 +860,19 @@ mod tests {
         let reads = full_reads();
         assert_eq!(store.newest_complete(HASH, 100).unwrap(), Some(40));
         assert_eq!(full_reads() - reads, 1);
+    }
+
+    #[test]
+    fn save_keeping_bytes_returns_the_bytes_save_writes() {
+        let (_tmp, store) = store();
+        let (_other_tmp, other) = super::tests::store();
+        let ckpt = sample(5, 100, 20, 50, &["m", "v"]);
+        let (path, bytes) = store.save_keeping_bytes(&ckpt).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), bytes);
+        assert_eq!(fs::read(other.save(&ckpt).unwrap()).unwrap(), bytes);
+        assert_bitwise_eq(&ckpt, &CheckpointStore::read_file(&path).unwrap());
+        let err = store.save_keeping_bytes(&sample(6, 10, 5, 50, &[])).unwrap_err();
+        assert!(matches!(err, CheckpointError::Invalid { step: 6, offset: 5, .. }), "{err}");
     }
 
     #[test]

@@ -612,10 +612,10 @@ impl NodeJob {
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
                 let frame = std::fs::read(&path)
                     .map_err(|e| e.to_string())
-                    .and_then(|bytes| wire::encode_checkpoint(job, &name, &bytes, &limits).map_err(|e| e.to_string()));
+                    .and_then(|bytes| wire::encode_checkpoint(job, &name, bytes, &limits).map_err(|e| e.to_string()));
                 match frame {
                     Ok(frame) => {
-                        let _ = out.send(Outbound { to: peer, frame: frame.into(), traffic: Traffic::Checkpoint });
+                        let _ = out.send(Outbound { to: peer, frame, traffic: Traffic::Checkpoint });
                     }
                     Err(e) => tracing::warn!(node = me, peer, path = %path.display(), "cannot send a checkpoint: {e}"),
                 }

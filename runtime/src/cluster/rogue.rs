@@ -115,7 +115,7 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
             let garbage: Vec<u8> = (0..GARBAGE_BYTES).map(|i| (i as u8).wrapping_mul(151)).collect();
             push(
                 NodeMsg::CheckpointCopy { job: job.id, name: name.clone(), len: 0 }.kind(),
-                wire::encode_checkpoint(job.id, &name, &garbage, limits),
+                wire::encode_checkpoint(job.id, &name, garbage, limits).map(OutFrame::into_vec),
             );
             let Some(actors) = job.actors_job else { continue };
             let values = vec![0.5; FORGED_VALUES];

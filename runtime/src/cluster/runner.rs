@@ -409,8 +409,8 @@ impl Cluster for ClusterHooks {
         }
     }
 
-    fn replicate(&self, path: &std::path::Path) {
-        replicate_file(&self.routing, path);
+    fn replicate(&self, path: &std::path::Path, bytes: Vec<u8>) {
+        replicate_file(&self.routing, path, bytes);
     }
 }
 
@@ -440,8 +440,8 @@ impl Cluster for HostHooks {
         tracing::warn!(node = self.routing.me, %key, to = node, "a hosted actor asked for a spawn; only the coordinator spawns");
     }
 
-    fn replicate(&self, path: &std::path::Path) {
-        replicate_file(&self.routing, path);
+    fn replicate(&self, path: &std::path::Path, bytes: Vec<u8>) {
+        replicate_file(&self.routing, path, bytes);
     }
 
     fn preferred_host(&self, _: ActorKey) -> Option<u32> {
@@ -451,12 +451,12 @@ impl Cluster for HostHooks {
     fn stop_remote(&self, _: u32, _: ActorKey) {}
 }
 
-/// Copy the checkpoint file `path`, written here, to the coordinator and its replicas (the
-/// nodes that hold every range of every checkpoint: the coordinator restores from them, and
-/// its successor is the first replica), and tell the coordinator, which keeps the job's
-/// replication figures. Reading and encoding the file is I/O and a copy of the range: off the
-/// aggregator, so the step that wrote the checkpoint goes on at once.
-fn replicate_file(routing: &Routing, path: &std::path::Path) {
+/// Copy the checkpoint file `path`, written here (`bytes`: its contents), to the coordinator
+/// and its replicas (the nodes that hold every range of every checkpoint: the coordinator
+/// restores from them, and its successor is the first replica), and tell the coordinator, which
+/// keeps the job's replication figures. Runs on the aggregator's background persist, after the
+/// file is durable: the frames share `bytes`, no copy is made here.
+fn replicate_file(routing: &Routing, path: &std::path::Path, bytes: Vec<u8>) {
     let me = routing.me;
     let (coordinator, targets): (u32, Vec<u32>) = {
         let routes = routing.routes.borrow();
@@ -466,31 +466,20 @@ fn replicate_file(routing: &Routing, path: &std::path::Path) {
         (p.coordinator, targets)
     };
     let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { return };
-    let (routing, path) = (routing.clone(), path.to_path_buf());
-    let copy = move || {
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) => return tracing::warn!(path = %path.display(), "cannot read a checkpoint to copy it: {e}"),
-        };
-        // The record first: the copies' acknowledgements come after a write and an fsync.
-        if let Ok(frame) = wire::encode(
-            &NodeMsg::Replicating { job: routing.job, name: name.clone(), to: targets.clone() },
-            &routing.limits,
-        ) {
-            routing.send_frame(coordinator, frame, Traffic::Control);
-        }
-        match wire::encode_checkpoint(routing.job, &name, &bytes, &routing.limits) {
-            Ok(frame) => {
-                for r in &targets {
-                    routing.send_frame(*r, frame.clone(), Traffic::Checkpoint);
-                }
+    // The record first: the copies' acknowledgements come after a write and an fsync.
+    if let Ok(frame) = wire::encode(
+        &NodeMsg::Replicating { job: routing.job, name: name.clone(), to: targets.clone() },
+        &routing.limits,
+    ) {
+        routing.send_frame(coordinator, frame, Traffic::Control);
+    }
+    match wire::encode_checkpoint(routing.job, &name, bytes, &routing.limits) {
+        Ok(frame) => {
+            for r in &targets {
+                routing.send_frame(*r, frame.clone(), Traffic::Checkpoint);
             }
-            Err(e) => tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
         }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => drop(handle.spawn_blocking(copy)),
-        Err(_) => copy(),
+        Err(e) => tracing::warn!(path = %path.display(), "cannot encode a checkpoint copy: {e}"),
     }
 }
 

@@ -321,21 +321,16 @@ pub fn encode_deliver(job: JobId, to: Addr, mut msg: Msg, limits: &Limits) -> Re
     phalanx_transport::encode_parts(&NodeMsg::Deliver { job, to, msg, lens }, tensor, limits)
 }
 
-/// Encode a copy of a checkpoint file of `job`.
-pub fn encode_checkpoint(job: JobId, name: &str, bytes: &[u8], limits: &Limits) -> Result<Vec<u8>, EncodeError> {
-    let words: Vec<f32> = bytes
-        .chunks(4)
-        .map(|c| {
-            let mut w = [0u8; 4];
-            w[..c.len()].copy_from_slice(c);
-            f32::from_le_bytes(w)
-        })
-        .collect();
-    phalanx_transport::encode(
-        &NodeMsg::CheckpointCopy { job, name: name.to_string(), len: bytes.len() as u64 },
-        &words,
-        limits,
-    )
+/// Encode a copy of a checkpoint file of `job`, taking `bytes` over without a copy (the frame
+/// can go to several nodes: its clones share them).
+pub fn encode_checkpoint(job: JobId, name: &str, mut bytes: Vec<u8>, limits: &Limits) -> Result<OutFrame, EncodeError> {
+    let len = bytes.len() as u64;
+    // A frame's tensor is whole f32 words. Checkpoint files are (8-byte header length, header
+    // padded to 8 bytes, f32 tensors); one of another length is damaged, and is sent padded
+    // with zeros, which the receiver cuts off (`len`) before verifying it.
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let tensor = TensorBytes::le_words(bytes).expect("padded to whole words");
+    phalanx_transport::encode_parts(&NodeMsg::CheckpointCopy { job, name: name.to_string(), len }, vec![tensor], limits)
 }
 
 /// Encode a message without tensors.
@@ -490,7 +485,7 @@ mod tests {
         let limits = Limits::default();
         for n in [0usize, 1, 3, 4, 5, 1001] {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
-            let frame = encode_checkpoint(3, "ckpt-x", &bytes, &limits).unwrap();
+            let frame = encode_checkpoint(3, "ckpt-x", bytes.clone(), &limits).unwrap().into_vec();
             let Inbound::Checkpoint(3, name, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
             assert_eq!((name.as_str(), back), ("ckpt-x", bytes));
         }
