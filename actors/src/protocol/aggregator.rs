@@ -26,7 +26,7 @@ use crate::optim::{OptimizerSpec, OptimizerState};
 
 use super::ledger::Ledger;
 use super::msg::{Gradient, JobId, Msg, Params, SharedValues};
-use super::reduce::{Reducer, Span, Summand};
+use super::reduce::{Partial, Reducer, Span};
 use super::{Addr, Schedule};
 
 /// What an aggregator is responsible for; fixed for its lifetime.
@@ -182,39 +182,12 @@ pub struct AggregatorCore {
 /// A gradient sum as it came: the range of a trainer on this node stays a view of that
 /// trainer's buffer (no copy when it arrives), and sums are made in a buffer this aggregator
 /// owns — the received one when nothing else holds it, else a new one written by the addition
-/// itself.
-#[derive(Clone, Debug)]
-struct Received {
-    values: SharedValues,
-    samples: u64,
-    loss_sum: f64,
-}
+/// itself (`Partial::absorb`).
+type Received = Partial<SharedValues>;
 
 impl From<Gradient> for Received {
     fn from(g: Gradient) -> Self {
         Self { values: g.values, samples: u64::from(g.samples), loss_sum: g.loss_sum }
-    }
-}
-
-impl Summand for Received {
-    fn width(&self) -> usize {
-        self.values.len()
-    }
-
-    fn add(&mut self, other: &Self) {
-        self.values.add(&other.values);
-        self.samples = self.samples.saturating_add(other.samples);
-        self.loss_sum += other.loss_sum;
-    }
-
-    fn absorb(&mut self, mut other: Self) -> Self {
-        // Add into the buffer nothing else holds (commutative, bit for bit): a shared one
-        // would have to be copied first.
-        if !self.values.adds_in_place() && other.values.adds_in_place() {
-            std::mem::swap(self, &mut other);
-        }
-        self.add(&other);
-        other
     }
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use phalanx_transport::LeTensor;
 
 use super::ledger::Ledger;
-use super::reduce::Span;
+use super::reduce::{Span, Summand};
 use crate::model::Piece;
 
 /// Identifies one training job; every message carries it so that two jobs
@@ -295,6 +295,18 @@ impl SharedValues {
                 (std::sync::Arc::new(values), 0..len)
             }
         }
+    }
+}
+
+impl Summand for SharedValues {
+    fn width(&self) -> usize {
+        self.len()
+    }
+    fn add(&mut self, other: &Self) {
+        SharedValues::add(self, other);
+    }
+    fn adds_in_place(&self) -> bool {
+        SharedValues::adds_in_place(self)
     }
 }
 

@@ -155,6 +155,11 @@ pub trait Summand {
         self.add(&other);
         other
     }
+    /// Whether [`add`](Self::add) writes into a buffer this summand owns; one whose values may
+    /// be shared with someone else (which `add` must copy first) says no.
+    fn adds_in_place(&self) -> bool {
+        true
+    }
 }
 
 impl Summand for Vec<f32> {
@@ -171,24 +176,39 @@ impl Summand for Vec<f32> {
 /// The sum of a tree node's gradients and what goes with it: the samples they were computed
 /// on and the sum of those samples' losses (added in tree order too, so the reported loss has
 /// the same bits whoever computed what).
+///
+/// `V` is how the values are held: a trainer's own buffer (`Vec<f32>`), or in an aggregator the
+/// received gradients, which may be views of another actor's buffer.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Partial {
+pub struct Partial<V = Vec<f32>> {
     /// The gradient sum (of one parameter range, or of the whole vector in a trainer).
-    pub values: Vec<f32>,
+    pub values: V,
     /// Samples summed.
     pub samples: u64,
     /// Sum of their losses.
     pub loss_sum: f64,
 }
 
-impl Summand for Partial {
+impl<V: Summand> Summand for Partial<V> {
     fn width(&self) -> usize {
-        self.values.len()
+        self.values.width()
     }
     fn add(&mut self, other: &Self) {
         self.values.add(&other.values);
         self.samples = self.samples.saturating_add(other.samples);
         self.loss_sum += other.loss_sum;
+    }
+    fn absorb(&mut self, mut other: Self) -> Self {
+        // Add into the buffer nothing else holds (every addition here is commutative, bit for
+        // bit: f32 and f64 sums, saturating counts): a shared one would have to be copied first.
+        if !self.values.adds_in_place() && other.values.adds_in_place() {
+            std::mem::swap(self, &mut other);
+        }
+        self.add(&other);
+        other
+    }
+    fn adds_in_place(&self) -> bool {
+        self.values.adds_in_place()
     }
 }
 
