@@ -539,7 +539,7 @@ impl CheckpointStore {
                     None => {
                         #[cfg(test)]
                         tests::FULL_READS.with(|n| n.set(n.get() + 1));
-                        fs::read(&path).map_err(io_err("reading", &path)).and_then(|bytes| {
+                        verified::read(&path).map_err(io_err("reading", &path)).and_then(|(bytes, read)| {
                             // Decoded only when the caller needs the data.
                             let (header, ckpt) = if query.keep_data {
                                 let ckpt = format::decode(&path, &bytes)?;
@@ -547,7 +547,9 @@ impl CheckpointStore {
                             } else {
                                 (format::verify(&path, &bytes)?.header, None)
                             };
-                            verified::record(&path, header.clone());
+                            if let Some(read) = read {
+                                verified::record_read(&path, read, header.clone());
+                            }
                             query.accept(&path, header, ckpt.as_ref())
                         })
                     }

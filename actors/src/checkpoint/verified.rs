@@ -25,6 +25,8 @@
 //! store, the node's copy receiver, a new coordinator's scan), which all benefit.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -75,16 +77,35 @@ struct Stamp {
 
 impl Stamp {
     fn of(path: &Path) -> Option<Self> {
-        let m = std::fs::metadata(path).ok()?;
-        Some(Self {
+        std::fs::metadata(path).ok().map(|m| Self::of_metadata(&m))
+    }
+
+    fn of_metadata(m: &std::fs::Metadata) -> Self {
+        Self {
             dev: m.dev(),
             ino: m.ino(),
             len: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 }
+
+/// The bytes of the file at `path`, and which file they were read from: `None` when the file
+/// changed while it was read (its stamp before and after differ), so that what is verified from
+/// these bytes is remembered only for the file they came from (see [`record_read`]).
+pub(crate) fn read(path: &Path) -> io::Result<(Vec<u8>, Option<ReadStamp>)> {
+    let mut file = File::open(path)?;
+    let before = Stamp::of_metadata(&file.metadata()?);
+    let mut bytes = Vec::with_capacity(usize::try_from(before.len).unwrap_or(0));
+    file.read_to_end(&mut bytes)?;
+    let after = Stamp::of_metadata(&file.metadata()?);
+    Ok((bytes, (before == after).then_some(ReadStamp(after))))
+}
+
+/// Which file a [`read`] read, unchanged while it was read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReadStamp(Stamp);
 
 type Memo = HashMap<PathBuf, (Stamp, Header)>;
 
@@ -107,10 +128,16 @@ pub(crate) fn lookup(path: &Path) -> Option<Header> {
     }
 }
 
-/// Remembers that the file now at `path` holds `header`, whole: call it right after writing or
-/// verifying the file.
+/// Remembers that the file now at `path` holds `header`, whole: call it right after this process
+/// wrote the file and renamed it into place (a file read to be verified goes through
+/// [`record_read`]).
 pub(crate) fn record(path: &Path, header: Header) {
-    let Some(stamp) = Stamp::of(path) else { return };
+    if let Some(stamp) = Stamp::of(path) {
+        insert(path, stamp, header);
+    }
+}
+
+fn insert(path: &Path, stamp: Stamp, header: Header) {
     let mut memo = memo();
     if memo.len() >= MAX_ENTRIES && !memo.contains_key(path) {
         memo.clear();
@@ -118,7 +145,65 @@ pub(crate) fn record(path: &Path, header: Header) {
     memo.insert(path.to_path_buf(), (stamp, header));
 }
 
+/// Remembers that the file [`read`] read at `path` holds `header`, whole — unless the path now
+/// names another file (replaced since), whose contents nobody verified.
+pub(crate) fn record_read(path: &Path, read: ReadStamp, header: Header) {
+    if Stamp::of(path) == Some(read.0) {
+        insert(path, read.0, header);
+    }
+}
+
 /// Forgets the file at `path` (deleted).
 pub(crate) fn forget(path: &Path) {
     memo().remove(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn header(step: u64) -> Header {
+        Header {
+            key: FileKey { step, offset: 0, len: 4 },
+            config_hash: "h".into(),
+            total_len: 4,
+            optimizer_t: step,
+            slots: Vec::new(),
+            ledger: Ledger::default(),
+            kernel: None,
+        }
+    }
+
+    /// Replaces the file at `path` the way every writer here does: a new file renamed over it.
+    fn replace(path: &Path, contents: &[u8]) {
+        let temp = path.with_extension("tmp");
+        std::fs::write(&temp, contents).unwrap();
+        std::fs::rename(&temp, path).unwrap();
+    }
+
+    #[test]
+    fn what_was_read_is_remembered_only_for_the_file_it_was_read_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ckpt");
+        replace(&path, b"first");
+
+        let (bytes, stamp) = read(&path).unwrap();
+        assert_eq!(bytes, b"first");
+        let stamp = stamp.expect("nothing wrote the file while it was read");
+        record_read(&path, stamp, header(1));
+        assert_eq!(lookup(&path).map(|h| h.key.step), Some(1));
+
+        // Read, then replaced before the verification is recorded: the new file is not vouched for.
+        let (_, stamp) = read(&path).unwrap();
+        replace(&path, b"second");
+        record_read(&path, stamp.unwrap(), header(2));
+        assert!(lookup(&path).is_none(), "a replaced file is never taken for the one verified");
+
+        // A write in place (same inode) changes the stamp too.
+        record(&path, header(3));
+        assert_eq!(lookup(&path).map(|h| h.key.step), Some(3));
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"!").unwrap();
+        assert!(lookup(&path).is_none());
+    }
 }
