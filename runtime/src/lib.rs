@@ -264,16 +264,23 @@ mod tests {
         }
         assert!(super::tune_allocator());
         let buffer = vec![1u8; 16 << 20];
-        // Allocated after the buffer, so the freed buffer sits inside the heap, not at its
-        // top (where a thread's heap might shrink by itself): a step's freed tensors look
-        // like that, with the next step's small allocations after them.
-        let pin = vec![2u8; 4096];
+        // A block in use after the buffer, so the freed buffer sits inside the heap, not at
+        // its top: a step's freed tensors look like that, with the next step's allocations
+        // after them. (A thread arena's top is never handed back by malloc_trim, only the
+        // main arena's.) A block may come from a free chunk before the buffer (freed by
+        // earlier tests in this arena), so blocks are taken until one lies after it.
+        let end = buffer.as_ptr() as usize + buffer.len();
+        let mut pins: Vec<Vec<u8>> = Vec::new();
+        while !pins.iter().any(|pin| pin.as_ptr() as usize >= end) {
+            assert!(pins.len() < 1024, "no block after the buffer in 1024 blocks of 64 KiB");
+            pins.push(vec![2u8; 64 << 10]);
+        }
         assert_eq!(buffer.iter().map(|b| u64::from(*b)).sum::<u64>(), 16 << 20);
         drop(buffer);
         let kept = resident_kb();
         assert!(super::trim_allocator(), "nothing was released");
         let trimmed = resident_kb();
-        assert_eq!(pin[4095], 2);
+        assert!(pins.iter().all(|pin| pin[(64 << 10) - 1] == 2));
         // 16 MiB were freed; other tests' threads may hold a few MiB meanwhile.
         assert!(trimmed + 8 * 1024 <= kept, "resident {kept} kB before the trim, {trimmed} kB after");
     }
