@@ -17,7 +17,7 @@ const SEEDS: u64 = 500;
 #[test]
 fn a_fault_free_cluster_finishes_bit_identical() {
     let (job, expected) = node_job();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = phalanx_chaos::nodes::sim_tempdir().unwrap();
     let opts = NodeSimOptions { faults: 0, ..NodeSimOptions::new(1) };
     let outcome = run_nodes(&job, &opts, dir.path());
     let violations = check_nodes(&outcome, &expected);
@@ -85,7 +85,7 @@ fn spread_ranges_keep_every_invariant_under_every_kind_of_fault() {
 /// aggregators get to run.)
 fn pause_the_coordinator() -> (Vec<String>, Vec<serde_json::Value>) {
     let (job, expected) = node_job();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = phalanx_chaos::nodes::sim_tempdir().unwrap();
     let pause = NodeFault {
         kind: FaultKind::Pause,
         at: Duration::from_millis(600),
@@ -137,7 +137,7 @@ fn a_coordinator_woken_from_a_pause_commits_nothing_beside_its_successor() {
 fn one_seed() {
     let seed = std::env::var("PHALANX_NODE_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let (job, expected) = node_job();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = phalanx_chaos::nodes::sim_tempdir().unwrap();
     let outcome = run_nodes(&job, &NodeSimOptions::new(seed), dir.path());
     eprintln!("faults: {:?}", outcome.faults);
     eprintln!("start: {} ms", outcome.start_ms);
