@@ -232,6 +232,17 @@ pub fn expected(config: &JobConfig) -> Result<Expected, String> {
     })
 }
 
+/// The plain loop's result for `config`, computed once per epoch count.
+fn expected_of(cache: &mut std::collections::BTreeMap<u32, Expected>, config: &JobConfig) -> Result<Expected, String> {
+    let epochs = config.epochs.unwrap_or(EPOCHS);
+    if let Some(e) = cache.get(&epochs) {
+        return Ok(e.clone());
+    }
+    let e = expected(config)?;
+    cache.insert(epochs, e.clone());
+    Ok(e)
+}
+
 /// One scenario's run.
 #[derive(Debug)]
 pub struct ScenarioRun {
@@ -474,7 +485,7 @@ fn took_effect(scenario: &ProcessScenario, summary: &Value) -> Result<(), String
 }
 
 /// Run `scenarios` with `exe` (plus one fault-free run per cluster size, for
-/// the slowdown) and fold the results into `report`; plot one run into
+/// the slowdown per step) and fold the results into `report`; plot one run into
 /// `plot` (`processes.svg`).
 pub fn process_campaign_of(
     exe: &Path,
@@ -485,28 +496,43 @@ pub fn process_campaign_of(
 ) -> Result<(), String> {
     check_hooks(exe, scenarios)?;
     report.tiers.push("real processes".into());
-    let mut baselines: std::collections::BTreeMap<(u32, u32), (Expected, f64)> = Default::default();
+    // The plain loop's result per job (epochs), and per cluster size the wall time of a step
+    // in a fault-free run of the default job with embedded coordination: a scenario's
+    // slowdown is its wall time over that per-step time times its steps. (One fault-free
+    // run per size: a scenario that runs longer, or on a coordination service, is compared
+    // per step with it, rather than paying a fault-free run as long as itself.)
+    let mut expectations: std::collections::BTreeMap<u32, Expected> = Default::default();
+    let mut baselines: std::collections::BTreeMap<u32, f64> = Default::default();
     let mut plotted = plot.is_none();
     let mut recoveries = Vec::new();
     for (i, s) in scenarios.iter().enumerate() {
         let config = s.job();
-        let batch = PreparedJob::new(config.clone()).map_err(|e| e.to_string())?.resolved.batch_size as u64;
-        let key = (s.nodes, config.epochs.unwrap_or(EPOCHS));
-        // Per cluster size and job: the plain loop's result and a fault-free run's wall time.
-        let (expected, baseline) = match baselines.entry(key) {
-            std::collections::btree_map::Entry::Occupied(e) => e.get().clone(),
+        let prepared = PreparedJob::new(config.clone()).map_err(|e| e.to_string())?;
+        let (batch, steps) = (prepared.resolved.batch_size as u64, prepared.schedule.total_steps());
+        let expected = expected_of(&mut expectations, &config)?;
+        let step_time = match baselines.entry(s.nodes) {
+            std::collections::btree_map::Entry::Occupied(e) => *e.get(),
             std::collections::btree_map::Entry::Vacant(slot) => {
-                let expected = expected(&config)?;
-                let calm = ProcessScenario { name: "fault-free".into(), faults: Vec::new(), ..s.clone() };
-                let dir = work.join(format!("fault-free-{}-nodes-{}-epochs", key.0, key.1));
-                let run = run_scenario(exe, &calm, &dir, &expected);
+                let calm = ProcessScenario {
+                    name: "fault-free".into(),
+                    faults: Vec::new(),
+                    epochs: None,
+                    coordination: None,
+                    ..s.clone()
+                };
+                let calm_config = calm.job();
+                let calm_steps =
+                    PreparedJob::new(calm_config.clone()).map_err(|e| e.to_string())?.schedule.total_steps();
+                let dir = work.join(format!("fault-free-{}-nodes", s.nodes));
+                let run = run_scenario(exe, &calm, &dir, &expected_of(&mut expectations, &calm_config)?);
                 if !run.violations.is_empty() {
                     let why = run.violations.join("; ");
                     return Err(format!("the fault-free run on {} nodes failed: {why}", s.nodes));
                 }
-                slot.insert((expected, run.duration.as_secs_f64().max(1e-3))).clone()
+                *slot.insert(run.duration.as_secs_f64().max(1e-3) / calm_steps.max(1) as f64)
             }
         };
+        let baseline = step_time * steps.max(1) as f64;
         let run = run_scenario(exe, s, &work.join(format!("scenario-{i}")), &expected);
         let ok = run.violations.is_empty();
         let injected = run.injected(s);
