@@ -6,7 +6,10 @@
 //! argument) it moves a few MiB only, as a smoke test.
 //!
 //! What is timed: from the first send until the receiver holds the last byte; connections
-//! are set up before. Frames are encoded before timing (the codec has its own benchmark in
+//! are set up before. Next to the rate, the CPU time the process spent over the same span
+//! (user + system, `getrusage`) per MB moved: both ends run in this process, so it is what a
+//! megabyte costs sender and receiver together — the transport's share of a training step is
+//! about that times the megabytes a step moves. Frames are encoded before timing (the codec has its own benchmark in
 //! its tests), so this measures the transport alone. Each figure is the best of
 //! [`REPETITIONS`] runs.
 
@@ -49,6 +52,32 @@ fn mb_per_s(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
 
+/// User + system CPU time of this process so far (every thread).
+fn process_cpu() -> Duration {
+    // SAFETY: `getrusage` writes the struct it is given and nothing else; a zeroed `rusage`
+    // is a valid value of the plain C struct.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Wall and CPU time of one measured span.
+#[derive(Clone, Copy)]
+struct Spent {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Spent {
+    fn since(start: Instant, cpu_start: Duration) -> Self {
+        Self { wall: start.elapsed(), cpu: process_cpu().saturating_sub(cpu_start) }
+    }
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     node0: NodeIdentity,
@@ -71,13 +100,13 @@ impl Setup {
 
 /// `Transport::send_when_ready` from node 1 to node 0; node 0's event receiver takes every
 /// `Message`.
-async fn ours(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Duration> {
+async fn ours(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent> {
     let (receiver, mut events) = Transport::bind(Setup::config(&setup.node0)).await?;
     let (sender, _sender_events) = Transport::bind(Setup::config(&setup.node1)).await?;
     let peer = sender.connect(receiver.local_addr(), Some(0)).await?;
     let (count, total): (usize, usize) = (frames.len(), frames.iter().map(|f| f.len() - 4).sum());
 
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), process_cpu());
     let sending = {
         let sender = sender.clone();
         tokio::spawn(async move {
@@ -98,7 +127,7 @@ async fn ours(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Duration> {
             other => return Err(format!("unexpected {other:?}").into()),
         }
     }
-    let elapsed = start.elapsed();
+    let elapsed = Spent::since(start, cpu_start);
     sending.await??;
     assert_eq!(bytes, total);
     sender.shutdown().await;
@@ -132,7 +161,7 @@ async fn raw_quinn_pair(
 }
 
 /// Raw quinn, one unidirectional stream per frame, as many in flight as the transport allows.
-async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Duration> {
+async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent> {
     let (server, client, server_conn, client_conn) = raw_quinn_pair(setup).await?;
     let count = frames.len();
     let frames: Vec<Bytes> = frames.into_iter().map(Bytes::from).collect();
@@ -150,7 +179,7 @@ async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Durati
         }
     });
 
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), process_cpu());
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let conn = client_conn.clone();
     let sending = tokio::spawn(async move {
@@ -170,7 +199,7 @@ async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Durati
     for _ in 0..count {
         done_rx.recv().await.ok_or("reader stopped")?;
     }
-    let elapsed = start.elapsed();
+    let elapsed = Spent::since(start, cpu_start);
     sending.await??;
     client_conn.close(0u32.into(), b"done");
     reading.abort();
@@ -180,11 +209,11 @@ async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Durati
 }
 
 /// Raw quinn, every frame back to back on one unidirectional stream.
-async fn raw_quinn_one_stream(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Duration> {
+async fn raw_quinn_one_stream(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent> {
     let (server, client, server_conn, client_conn) = raw_quinn_pair(setup).await?;
     let total: usize = frames.iter().map(Vec::len).sum();
     let frames: Vec<Bytes> = frames.into_iter().map(Bytes::from).collect();
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), process_cpu());
     let sending = tokio::spawn(async move {
         let mut stream = client_conn.open_uni().await?;
         for frame in frames {
@@ -198,7 +227,7 @@ async fn raw_quinn_one_stream(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Dur
     while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
         bytes += chunk.bytes.len();
     }
-    let elapsed = start.elapsed();
+    let elapsed = Spent::since(start, cpu_start);
     assert_eq!(bytes, total);
     let client_conn = sending.await??;
     client_conn.close(0u32.into(), b"done");
@@ -208,14 +237,14 @@ async fn raw_quinn_one_stream(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Dur
 }
 
 /// A plain TCP socket on loopback, every frame back to back.
-async fn tcp(frames: Vec<Vec<u8>>) -> Result<Duration> {
+async fn tcp(frames: Vec<Vec<u8>>) -> Result<Spent> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let total: usize = frames.iter().map(Vec::len).sum();
     let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
     let (mut client, (mut server, _)) = (client?, accepted?);
     client.set_nodelay(true)?;
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), process_cpu());
     let sending = tokio::spawn(async move {
         for frame in frames {
             client.write_all(&frame).await?;
@@ -230,7 +259,7 @@ async fn tcp(frames: Vec<Vec<u8>>) -> Result<Duration> {
             n => bytes += n,
         }
     }
-    let elapsed = start.elapsed();
+    let elapsed = Spent::since(start, cpu_start);
     sending.await??;
     assert_eq!(bytes, total);
     Ok(elapsed)
@@ -245,7 +274,7 @@ const PATHS: [&str; 4] = [
 ];
 
 /// One run of path `index` on fresh frames.
-async fn run_path(index: usize, setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Duration> {
+async fn run_path(index: usize, setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent> {
     match index {
         0 => ours(setup, frames).await,
         1 => raw_quinn_streams(setup, frames).await,
@@ -272,23 +301,37 @@ fn main() -> Result<()> {
             "loopback throughput, {} MiB of f32 tensor frames per run, best of {repetitions} (paths interleaved)",
             total_bytes / MIB
         );
-        println!("{:<10} {:<38} {:>10} {:>14} {:>10}", "tensor", "path", "MB/s", "vs raw quinn", "vs TCP");
+        println!(
+            "{:<10} {:<38} {:>10} {:>14} {:>10} {:>14}",
+            "tensor", "path", "MB/s", "vs raw quinn", "vs TCP", "CPU ms per MB"
+        );
         for tensor_bytes in tensor_sizes {
             let count = (total_bytes / tensor_bytes).max(1);
             let moved = frames(tensor_bytes, 1)?[0].len() * count;
-            // Interleaved so that a slow moment of the machine hits every path alike.
-            let mut best = [Duration::MAX; PATHS.len()];
+            // Interleaved so that a slow moment of the machine hits every path alike. The
+            // fastest run of each path is kept, with the CPU time of that same run.
+            let mut best: [Option<Spent>; PATHS.len()] = [None; PATHS.len()];
             for _ in 0..repetitions {
                 for (index, best) in best.iter_mut().enumerate() {
-                    *best = (*best).min(run_path(index, &setup, frames(tensor_bytes, count)?).await?);
+                    let spent = run_path(index, &setup, frames(tensor_bytes, count)?).await?;
+                    if best.is_none_or(|b| spent.wall < b.wall) {
+                        *best = Some(spent);
+                    }
                 }
             }
-            let rate = |elapsed: Duration| mb_per_s(moved, elapsed);
+            let best = best.map(|b| b.expect("at least one repetition"));
+            let rate = |spent: Spent| mb_per_s(moved, spent.wall);
+            let cpu_per_mb = |spent: Spent| spent.cpu.as_secs_f64() * 1e3 / (moved as f64 / 1e6);
             let (raw_rate, tcp_rate) = (rate(best[1]), rate(best[3]));
             let label = format!("{} MiB", tensor_bytes / MIB);
-            for (path, elapsed) in PATHS.iter().zip(best) {
-                let rate = rate(elapsed);
-                println!("{label:<10} {path:<38} {rate:>10.0} {:>14.2} {:>10.2}", rate / raw_rate, rate / tcp_rate);
+            for (path, spent) in PATHS.iter().zip(best) {
+                let rate = rate(spent);
+                println!(
+                    "{label:<10} {path:<38} {rate:>10.0} {:>14.2} {:>10.2} {:>14.3}",
+                    rate / raw_rate,
+                    rate / tcp_rate,
+                    cpu_per_mb(spent)
+                );
             }
         }
         Ok(())
