@@ -9,8 +9,8 @@
 //! are set up before. Next to the rate, the CPU time the process spent over the same span
 //! (user + system, `getrusage`) per MB moved: both ends run in this process, so it is what a
 //! megabyte costs sender and receiver together — the transport's share of a training step is
-//! about that times the megabytes a step moves. Frames are encoded before timing (the codec has its own benchmark in
-//! its tests), so this measures the transport alone. Each figure is the best of
+//! about that times the megabytes a step moves. Frames are encoded before timing (the codec
+//! has its own benchmark in its tests), so this measures the transport alone. Each figure is the best of
 //! [`REPETITIONS`] runs.
 
 use std::error::Error;
@@ -56,11 +56,11 @@ fn mb_per_s(bytes: usize, elapsed: Duration) -> f64 {
 fn process_cpu() -> Duration {
     // SAFETY: `getrusage` writes the struct it is given and nothing else; a zeroed `rusage`
     // is a valid value of the plain C struct.
-    let usage = unsafe {
+    let (rc, usage) = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage), usage)
     };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
     let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     time(usage.ru_utime) + time(usage.ru_stime)
 }
@@ -72,9 +72,19 @@ struct Spent {
     cpu: Duration,
 }
 
-impl Spent {
-    fn since(start: Instant, cpu_start: Duration) -> Self {
-        Self { wall: start.elapsed(), cpu: process_cpu().saturating_sub(cpu_start) }
+/// A measured span under way: the wall clock and the process's CPU time at its start.
+struct Span {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Span {
+    fn start() -> Self {
+        Self { wall: Instant::now(), cpu: process_cpu() }
+    }
+
+    fn end(&self) -> Spent {
+        Spent { wall: self.wall.elapsed(), cpu: process_cpu().saturating_sub(self.cpu) }
     }
 }
 
@@ -106,7 +116,7 @@ async fn ours(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent> {
     let peer = sender.connect(receiver.local_addr(), Some(0)).await?;
     let (count, total): (usize, usize) = (frames.len(), frames.iter().map(|f| f.len() - 4).sum());
 
-    let (start, cpu_start) = (Instant::now(), process_cpu());
+    let span = Span::start();
     let sending = {
         let sender = sender.clone();
         tokio::spawn(async move {
@@ -127,7 +137,7 @@ async fn ours(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent> {
             other => return Err(format!("unexpected {other:?}").into()),
         }
     }
-    let elapsed = Spent::since(start, cpu_start);
+    let elapsed = span.end();
     sending.await??;
     assert_eq!(bytes, total);
     sender.shutdown().await;
@@ -179,7 +189,7 @@ async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent>
         }
     });
 
-    let (start, cpu_start) = (Instant::now(), process_cpu());
+    let span = Span::start();
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let conn = client_conn.clone();
     let sending = tokio::spawn(async move {
@@ -199,7 +209,7 @@ async fn raw_quinn_streams(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spent>
     for _ in 0..count {
         done_rx.recv().await.ok_or("reader stopped")?;
     }
-    let elapsed = Spent::since(start, cpu_start);
+    let elapsed = span.end();
     sending.await??;
     client_conn.close(0u32.into(), b"done");
     reading.abort();
@@ -213,7 +223,7 @@ async fn raw_quinn_one_stream(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spe
     let (server, client, server_conn, client_conn) = raw_quinn_pair(setup).await?;
     let total: usize = frames.iter().map(Vec::len).sum();
     let frames: Vec<Bytes> = frames.into_iter().map(Bytes::from).collect();
-    let (start, cpu_start) = (Instant::now(), process_cpu());
+    let span = Span::start();
     let sending = tokio::spawn(async move {
         let mut stream = client_conn.open_uni().await?;
         for frame in frames {
@@ -227,7 +237,7 @@ async fn raw_quinn_one_stream(setup: &Setup, frames: Vec<Vec<u8>>) -> Result<Spe
     while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
         bytes += chunk.bytes.len();
     }
-    let elapsed = Spent::since(start, cpu_start);
+    let elapsed = span.end();
     assert_eq!(bytes, total);
     let client_conn = sending.await??;
     client_conn.close(0u32.into(), b"done");
@@ -244,7 +254,7 @@ async fn tcp(frames: Vec<Vec<u8>>) -> Result<Spent> {
     let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
     let (mut client, (mut server, _)) = (client?, accepted?);
     client.set_nodelay(true)?;
-    let (start, cpu_start) = (Instant::now(), process_cpu());
+    let span = Span::start();
     let sending = tokio::spawn(async move {
         for frame in frames {
             client.write_all(&frame).await?;
@@ -259,7 +269,7 @@ async fn tcp(frames: Vec<Vec<u8>>) -> Result<Spent> {
             n => bytes += n,
         }
     }
-    let elapsed = Spent::since(start, cpu_start);
+    let elapsed = span.end();
     sending.await??;
     assert_eq!(bytes, total);
     Ok(elapsed)
