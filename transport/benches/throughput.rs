@@ -297,7 +297,9 @@ fn main() -> Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` does not: then only a smoke run.
     let args: Vec<String> = std::env::args().skip(1).collect();
     let full = args.iter().any(|arg| arg == "--bench");
-    // Any other argument selects tensor sizes in MiB ("16"), for profiling one case.
+    // Any other argument selects tensor sizes in MiB ("16"), and `ours` our path alone (its
+    // ratio columns then read "-"), for profiling one case: `perf record … throughput --bench ours 1`.
+    let only_ours = args.iter().any(|arg| arg == "ours");
     let chosen: Vec<usize> = args.iter().filter_map(|arg| arg.parse::<usize>().ok()).map(|mib| mib * MIB).collect();
     let (mut tensor_sizes, total_bytes) = if full { (vec![MIB, 16 * MIB], 256 * MIB) } else { (vec![MIB], 8 * MIB) };
     if !chosen.is_empty() {
@@ -322,24 +324,24 @@ fn main() -> Result<()> {
             // fastest run of each path is kept, with the CPU time of that same run.
             let mut best: [Option<Spent>; PATHS.len()] = [None; PATHS.len()];
             for _ in 0..repetitions {
-                for (index, best) in best.iter_mut().enumerate() {
+                for (index, best) in best.iter_mut().enumerate().take(if only_ours { 1 } else { PATHS.len() }) {
                     let spent = run_path(index, &setup, frames(tensor_bytes, count)?).await?;
                     if best.is_none_or(|b| spent.wall < b.wall) {
                         *best = Some(spent);
                     }
                 }
             }
-            let best = best.map(|b| b.expect("at least one repetition"));
             let rate = |spent: Spent| mb_per_s(moved, spent.wall);
             let cpu_per_mb = |spent: Spent| spent.cpu.as_secs_f64() * 1e3 / (moved as f64 / 1e6);
-            let (raw_rate, tcp_rate) = (rate(best[1]), rate(best[3]));
+            let ratio = |r: f64, base: Option<Spent>| base.map_or("-".to_owned(), |b| format!("{:.2}", r / rate(b)));
             let label = format!("{} MiB", tensor_bytes / MIB);
             for (path, spent) in PATHS.iter().zip(best) {
+                let Some(spent) = spent else { continue };
                 let rate = rate(spent);
                 println!(
-                    "{label:<10} {path:<38} {rate:>10.0} {:>14.2} {:>10.2} {:>14.3}",
-                    rate / raw_rate,
-                    rate / tcp_rate,
+                    "{label:<10} {path:<38} {rate:>10.0} {:>14} {:>10} {:>14.3}",
+                    ratio(rate, best[1]),
+                    ratio(rate, best[3]),
                     cpu_per_mb(spent)
                 );
             }

@@ -44,6 +44,15 @@ pub enum ConfigError {
         /// The configured payload.
         max_udp_payload: u16,
     },
+    /// A flow-control window of 0 (nothing could ever be sent), or a stream's above the
+    /// connection's (it could never be used).
+    #[error("stream window of {stream_window_bytes} bytes must be positive and at most the connection window of {connection_window_bytes}")]
+    FlowWindows {
+        /// The stream's window.
+        stream_window_bytes: u32,
+        /// The connection's window.
+        connection_window_bytes: u32,
+    },
     /// The receive budget cannot hold one frame of the largest allowed size.
     #[error("receive budget of {recv_budget_bytes_per_peer} bytes is below the frame limit of {max_frame_bytes}")]
     RecvBudgetBelowFrameLimit {
