@@ -276,10 +276,15 @@ impl SharedValues {
                 return;
             }
         }
-        let mut sum = vec![0.0; n];
-        for (i, into) in sum.chunks_mut(ADD_BLOCK).enumerate() {
-            self.copy_to(i * ADD_BLOCK, into);
-            add_block(i * ADD_BLOCK, into);
+        // Block by block through the cache into a buffer that is written once (a zeroed one
+        // would be one more pass over the range).
+        let mut sum = Vec::with_capacity(n);
+        let mut mine = [0.0f32; ADD_BLOCK];
+        for at in (0..n).step_by(ADD_BLOCK) {
+            let mine = &mut mine[..ADD_BLOCK.min(n - at)];
+            self.copy_to(at, mine);
+            add_block(at, mine);
+            sum.extend_from_slice(mine);
         }
         *self = sum.into();
     }

@@ -667,6 +667,35 @@ fn shared_values_copy_only_what_is_shared() {
     assert_eq!(decoded, range);
 }
 
+/// `add` into a buffer something else holds: a new buffer with the sums, element by element
+/// (across blocks, with the other side read out of wire chunks cut inside values), the held
+/// buffer untouched; into a buffer nothing else holds: in place.
+#[test]
+fn shared_values_add_sums_every_element_once() {
+    let n = 2 * super::msg::ADD_BLOCK + 5;
+    let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 7.0).collect();
+    let b: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * -1.5 + 0.125).collect();
+    let expected: Vec<u32> = a.iter().zip(&b).map(|(x, y)| (x + y).to_bits()).collect();
+    let bytes: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let cuts = [0, 7, 4 * super::msg::ADD_BLOCK + 2, bytes.len()];
+    let chunks = cuts.windows(2).map(|w| bytes::Bytes::copy_from_slice(&bytes[w[0]..w[1]])).collect();
+    let received = SharedValues::from_le(phalanx_transport::LeTensor::from_chunks(chunks).expect("whole values"));
+
+    let held = Arc::new(a.clone());
+    let mut sum = SharedValues::range(&held, 0..n).expect("inside");
+    assert!(!sum.adds_in_place());
+    sum.add(&received);
+    assert_eq!(sum.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected);
+    assert_eq!(held.as_slice(), a.as_slice(), "the held buffer is not written");
+
+    let mut own = SharedValues::from(a.clone());
+    let at = own.as_slice().as_ptr();
+    assert!(own.adds_in_place());
+    own.add(&SharedValues::from(b));
+    assert_eq!(own.as_slice().as_ptr(), at, "in place");
+    assert_eq!(own.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected);
+}
+
 #[test]
 fn trainer_adopts_a_new_generation_and_drops_the_old() {
     let mut t = trainer(vec![0]);
