@@ -279,11 +279,32 @@ impl AsRef<[u8]> for F32Owner {
 pub struct OutFrame {
     head: Bytes,
     tensor: Vec<Bytes>,
+    background: bool,
 }
 
 impl OutFrame {
     pub(crate) fn from_parts(head: Vec<u8>, tensor: Vec<TensorBytes>) -> Self {
-        Self { head: Bytes::from(head), tensor: tensor.into_iter().map(|t| t.0).filter(|b| !b.is_empty()).collect() }
+        Self {
+            head: Bytes::from(head),
+            tensor: tensor.into_iter().map(|t| t.0).filter(|b| !b.is_empty()).collect(),
+            background: false,
+        }
+    }
+
+    /// This frame, sent in the background: its QUIC stream has a lower priority than every
+    /// other frame's, so the connection sends it only while no other frame to the same peer
+    /// has bytes waiting (a checkpoint copy beside a training step's gradients and
+    /// parameters, which would otherwise share the link with them round robin and hold the
+    /// step up). It still arrives whole; the in-memory network has no priorities.
+    #[must_use]
+    pub fn background(mut self) -> Self {
+        self.background = true;
+        self
+    }
+
+    /// Whether [`background`](Self::background) marked this frame.
+    pub fn is_background(&self) -> bool {
+        self.background
     }
 
     /// Bytes of the whole frame, length prefix included.
@@ -333,12 +354,16 @@ impl OutFrame {
 
 impl From<Vec<u8>> for OutFrame {
     fn from(frame: Vec<u8>) -> Self {
-        Self { head: Bytes::from(frame), tensor: Vec::new() }
+        Self { head: Bytes::from(frame), tensor: Vec::new(), background: false }
     }
 }
 
 impl fmt::Debug for OutFrame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OutFrame").field("head", &self.head.len()).field("tensor_chunks", &self.tensor.len()).finish()
+        f.debug_struct("OutFrame")
+            .field("head", &self.head.len())
+            .field("tensor_chunks", &self.tensor.len())
+            .field("background", &self.background)
+            .finish()
     }
 }

@@ -494,3 +494,38 @@ async fn a_held_frame_keeps_its_receive_budget_until_dropped() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A background frame yields the link: a 16 MiB frame sent right after a 4 MiB background
+/// frame to the same peer arrives first, and both arrive whole. (Round robin between the two
+/// streams, as for two ordinary frames, completes the smaller one, sent first, well before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_frame_waits_for_the_frames_sent_after_it() {
+    init_tracing();
+    let dir = cluster(2);
+    let (a, _a_events) = node(dir.path(), 0).await;
+    let (b, mut b_events) = node(dir.path(), 1).await;
+    let limits = Limits::default();
+    a.connect(b.local_addr(), None).await.expect("connect");
+    let tensor = tensor_16_mib();
+    let quarter = &tensor[..tensor.len() / 4];
+    let checkpoint = encode(&Msg::Gradient { step: 1, partition: 0 }, quarter, &limits).expect("encode");
+    let gradient = encode(&Msg::Gradient { step: 2, partition: 0 }, &tensor, &limits).expect("encode");
+    let background = phalanx_transport::OutFrame::from(checkpoint).background();
+    assert!(background.is_background());
+    a.send(1, background).expect("send the background frame");
+    a.send(1, gradient).expect("send the ordinary frame");
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let (event, _) = wait_for(&mut b_events, "a frame", |e| matches!(e, TransportEvent::Message { .. })).await;
+        let TransportEvent::Message { frame, .. } = event else { unreachable!() };
+        let decoded = frame.decode::<Msg>(&limits).0.expect("decode");
+        let Msg::Gradient { step, .. } = decoded.header else { panic!("a gradient") };
+        let sent = if step == 1 { quarter } else { &tensor[..] };
+        assert_eq!(decoded.tensor.len(), sent.len());
+        assert!(decoded.tensor.iter().zip(sent).all(|(x, y)| x.to_bits() == y.to_bits()), "bits differ");
+        order.push(step);
+    }
+    assert_eq!(order, [2, 1], "the ordinary frame first, then the background one");
+    a.shutdown().await;
+    b.shutdown().await;
+}

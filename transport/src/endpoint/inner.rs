@@ -700,10 +700,19 @@ enum Applied {
     ShuttingDown,
 }
 
+/// The QUIC stream priority of a [`background`](OutFrame::background) frame; every other
+/// frame's stream has quinn's default, 0. quinn sends the streams of the highest priority with
+/// bytes waiting first (round robin among equals).
+const BACKGROUND_PRIORITY: i32 = -1;
+
 /// Writes one frame on a new unidirectional stream. Its chunks (`Bytes`: the head, then the
 /// tensor's buffers) go to quinn without being copied or joined.
 async fn write_frame(conn: &Connection, frame: OutFrame) -> Result<(), WriteFrameError> {
     let mut stream = conn.open_uni().await?;
+    if frame.is_background() {
+        // Fails only on a stream already closed, which the write below then reports.
+        let _ = stream.set_priority(BACKGROUND_PRIORITY);
+    }
     stream.write_all_chunks(&mut frame.into_chunks()).await?;
     // Fails only if the stream was already finished or reset, which nothing here does.
     let _ = stream.finish();
