@@ -258,12 +258,17 @@ fn default_recv_budget(limits: &Limits) -> usize {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mtu_discovery_searches_up_to_the_configured_udp_payload() {
+    /// The defaults for node 0 of a fresh cluster (the directory holds its certificates).
+    fn config() -> (tempfile::TempDir, TransportConfig) {
         let dir = tempfile::tempdir().expect("tempdir");
         crate::certs::generate(dir.path(), 1).expect("certs");
         let identity = NodeIdentity::load(dir.path(), 0).expect("identity");
-        let mut config = TransportConfig::new(identity, "127.0.0.1:0".parse().expect("addr"));
+        (dir, TransportConfig::new(identity, "127.0.0.1:0".parse().expect("addr")))
+    }
+
+    #[test]
+    fn mtu_discovery_searches_up_to_the_configured_udp_payload() {
+        let (_dir, mut config) = config();
         let quic = format!("{:?}", config.quic_transport_config().expect("valid"));
         assert!(quic.contains("upper_bound: 65527"), "{quic}");
         config.max_udp_payload = 1_452;
@@ -279,10 +284,7 @@ mod tests {
 
     #[test]
     fn flow_control_windows_reach_quinn_and_are_checked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        crate::certs::generate(dir.path(), 1).expect("certs");
-        let identity = NodeIdentity::load(dir.path(), 0).expect("identity");
-        let mut config = TransportConfig::new(identity, "127.0.0.1:0".parse().expect("addr"));
+        let (_dir, mut config) = config();
         let quic = format!("{:?}", config.quic_transport_config().expect("valid"));
         assert!(quic.contains(&format!("stream_receive_window: {DEFAULT_STREAM_WINDOW_BYTES}")), "{quic}");
         assert!(quic.contains(&format!("receive_window: {DEFAULT_CONNECTION_WINDOW_BYTES}")), "{quic}");
