@@ -295,7 +295,9 @@ impl OutFrame {
     /// other frame's, so the connection sends it only while no other frame to the same peer
     /// has bytes waiting (a checkpoint copy beside a training step's gradients and
     /// parameters, which would otherwise share the link with them round robin and hold the
-    /// step up). It still arrives whole; the in-memory network has no priorities.
+    /// step up). It still arrives whole, but only as fast as the link has pauses: for bytes
+    /// that can wait (a copy that lags only makes the newest replicated checkpoint older). The
+    /// in-memory network has no priorities.
     #[must_use]
     pub fn background(mut self) -> Self {
         self.background = true;
