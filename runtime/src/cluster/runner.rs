@@ -476,10 +476,10 @@ fn replicate_file(routing: &Routing, path: &std::path::Path, bytes: Vec<u8>) {
     match wire::encode_checkpoint(routing.job, &name, bytes, &routing.limits) {
         Ok(frame) => {
             // In the background: a copy uses what the link has to spare beside the job's
-            // gradients and parameters instead of sharing it with them round robin. On a link
-            // that bandwidth limits, a 1.6 MB copy beside a 1.6 MB range doubled that range's
-            // time; on loopback, where the CPU limits, no difference shows (each copy still
-            // costs its encryption and the replica's checksum and write).
+            // gradients and parameters instead of sharing it with them round robin: on a link
+            // that bandwidth limits, a 1.6 MB copy sharing it with a 1.6 MB range would double
+            // that range's time. On loopback, where the CPU limits, no difference was measured
+            // (each copy still costs its encryption and the replica's checksum and write).
             let frame = frame.background();
             for r in &targets {
                 routing.send_frame(*r, frame.clone(), Traffic::Checkpoint);
