@@ -163,9 +163,10 @@ async fn simultaneous_dial_both_ways_ends_with_exactly_one_connection() {
                 .expect("watch");
         }
         assert_eq!((a.peers(), b.peers()), (vec![1], vec![0]));
-        // Both ends kept the connection dialled by the lower id.
-        assert_eq!(a.peer_info(1).expect("a knows b").dialled_by, 0);
-        assert_eq!(b.peer_info(0).expect("b knows a").dialled_by, 0);
+        // Both ends kept the same connection: a dial whose handshake ended after the other
+        // dial's connection was taken is dropped; otherwise the lower id's dial is kept.
+        let kept = a.peer_info(1).expect("a knows b").dialled_by;
+        assert_eq!(b.peer_info(0).expect("b knows a").dialled_by, kept, "round {round}");
 
         // The kept connection works both ways, and each side saw exactly one PeerUp, no PeerDown.
         let limits = Limits::default();
@@ -526,6 +527,105 @@ async fn a_background_frame_waits_for_the_frames_sent_after_it() {
         order.push(step);
     }
     assert_eq!(order, [2, 1], "the ordinary frame first, then the background one");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A dial whose first packets were lost — the peer was not listening yet — completes a
+/// retransmission later, about a second, after the peer dialled back and its connection carries
+/// frames. The late dial is dropped and the peer's connection stays (before, the late dial
+/// replaced it on both sides — it comes from the lower id — and frames in flight on the
+/// replaced connection were lost): both ends keep the connection node 1 dialled, and every
+/// frame node 1 sent while the late dial completed arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_that_completes_late_leaves_the_peers_connection_in_place() {
+    init_tracing();
+    let dir = cluster(2);
+    let limits = Limits::default();
+    let (a, mut a_events) = node(dir.path(), 0).await;
+    // Node 1's address, held by a plain socket that swallows node 0's first packets.
+    let holder = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a holder");
+    let b_addr = holder.local_addr().expect("holder address");
+    let dial = tokio::spawn({
+        let a = a.clone();
+        async move { a.connect(b_addr, Some(1)).await }
+    });
+    let mut first = [0u8; 2048];
+    let holder = tokio::task::spawn_blocking(move || holder.recv_from(&mut first).map(|_| holder))
+        .await
+        .expect("join")
+        .expect("node 0's first packet");
+    drop(holder);
+    let mut b_config = config(dir.path(), 1);
+    b_config.listen = b_addr;
+    let (b, mut b_events) = Transport::bind(b_config).await.expect("bind node 1 at the held address");
+    assert_eq!(b.connect(a.local_addr(), Some(0)).await.expect("node 1 dials back"), 0);
+    wait_peer_up(&mut a_events, 1).await;
+
+    // Frames from node 1 until node 0's late dial returns, then one more; node 0 reads them
+    // meanwhile (unread, they would hold node 1's sends back).
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let sender = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let heartbeat = |epoch| encode(&Msg::Heartbeat { epoch }, &[], &Limits::default()).expect("encode");
+            // Paced, not as fast as the CPU allows: the test must not starve the others.
+            let mut pace = tokio::time::interval(std::time::Duration::from_micros(500));
+            let mut sent = 0u64;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = pace.tick() => {
+                        b.send_when_ready(0, heartbeat(sent)).await.expect("send");
+                        sent += 1;
+                    }
+                }
+            }
+            b.send_when_ready(0, heartbeat(sent)).await.expect("send the last");
+            sent + 1
+        }
+    });
+    let mut received = Vec::new();
+    let mut events = Vec::new();
+    let mut record = |event: TransportEvent, received: &mut Vec<u64>| match event {
+        TransportEvent::Message { frame, .. } => {
+            match decode::<Msg>(&frame.into_vec(), &limits).expect("decode").header {
+                Msg::Heartbeat { epoch } => received.push(epoch),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        other => events.push(other),
+    };
+    let mut dial = std::pin::pin!(dial);
+    let late = loop {
+        tokio::select! {
+            done = &mut dial => break done.expect("join"),
+            event = next_event(&mut a_events) => record(event, &mut received),
+        }
+    };
+    assert_eq!(late.expect("the late dial returns the peer"), 1);
+    stop.send(()).expect("the sender runs");
+    let sent = sender.await.expect("join");
+    while (received.len() as u64) < sent {
+        let event = next_event(&mut a_events).await;
+        record(event, &mut received);
+    }
+    assert!(sent > 1, "frames went out while the late dial completed");
+    // Every frame once (each frame is a stream of its own: they may arrive in any order).
+    let total = received.len();
+    received.sort_unstable();
+    received.dedup();
+    assert_eq!((total as u64, received.len() as u64), (sent, sent), "(received, distinct) of {sent} sent");
+    assert_eq!(received.last(), Some(&(sent - 1)));
+    assert!(
+        !events.iter().any(|e| matches!(e, TransportEvent::PeerDown { .. } | TransportEvent::PeerUp { .. })),
+        "{events:?}"
+    );
+    assert_eq!(a.peer_info(1).expect("node 0 knows node 1").dialled_by, 1, "node 0 kept node 1's connection");
+    assert_eq!(b.peer_info(0).expect("node 1 knows node 0").dialled_by, 1, "node 1 kept its own connection");
+    assert_eq!((a.peers(), b.peers()), (vec![1], vec![0]));
+    let ups = std::iter::from_fn(|| b_events.try_recv().ok()).filter(|e| matches!(e, TransportEvent::PeerUp { .. }));
+    assert_eq!(ups.count(), 1, "node 1 saw node 0 come up once");
     a.shutdown().await;
     b.shutdown().await;
 }

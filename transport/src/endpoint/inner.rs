@@ -25,7 +25,7 @@ use super::error::{ConnectError, SendError};
 use super::hello::{self, Hello, HelloError};
 use super::link::{
     arbitrate, close_connection, closed_by_peer_as_duplicate, closed_by_peer_with, describe_close,
-    duplicate_identity_reason, Candidate, Current, Link, Verdict,
+    duplicate_identity_reason, redundant_dial, Candidate, Current, Link, Verdict,
 };
 use super::stats::{Counters, TransportStats};
 use super::{lock, PeerInfo, TransportEvent};
@@ -256,6 +256,14 @@ impl Inner {
             return Err(refused(Some(peer), code, reason));
         }
 
+        let current = lock(&self.peers).get(&peer).map(|link| Current::of(link, Instant::now()));
+        if redundant_dial(current, conn.remote_address()) {
+            // Its first packets were lost (the peer was not listening yet) and the peer dialled
+            // this node meanwhile: keep that connection and drop this one before its hello.
+            tracing::debug!(node, peer, %addr, "a late dial is dropped: the connection the peer dialled is kept");
+            close_connection(&conn, codes::DUPLICATE, "already connected: the connection the peer dialled is kept");
+            return Ok(peer);
+        }
         let theirs = match tokio::time::timeout(self.hello_timeout, hello::dial(&conn, &self.hello(), peer)).await {
             Ok(Ok(theirs)) => theirs,
             Ok(Err(err)) if closed_by_peer_as_duplicate(&conn) => {

@@ -244,8 +244,27 @@ pub(crate) enum Verdict {
     },
 }
 
+/// Whether a connection this node dialled, past its TLS handshake but before its hello, is
+/// redundant: the peer already has a live connection here from the very address dialled (it
+/// dialled this node meanwhile). A dial's first packets are lost when the peer is not
+/// listening yet, so its handshake can complete a retransmission later (about a second),
+/// when the peer's own connection has been carrying frames for a while; handing the late one
+/// to [`arbitrate`] would replace that connection if this node has the lower id (rule 4), and
+/// whatever was in flight on it would be lost. Dropped before its hello instead, it was never
+/// taken at the peer either — a peer takes a connection only after the dialler's hello — so
+/// both ends keep the connection they have. At most one of two crossing dials can be dropped
+/// so: this node finds the peer's connection taken only if the peer sent its hello, which it
+/// does only if it found no connection of ours, and ours gets no hello now.
+///
+/// A live connection from another address is left to [`arbitrate`]: a second process with a
+/// member's id is told why it is refused there.
+pub(crate) fn redundant_dial(current: Option<Current>, dialled: SocketAddr) -> bool {
+    current.is_some_and(|current| current.live && current.addr == dialled)
+}
+
 /// Chooses between a peer's current connection and a new one, so both nodes keep the same
-/// single connection without talking about it:
+/// single connection without talking about it (a dial [`redundant_dial`] finds redundant
+/// never gets here):
 ///
 /// 1. no current, or a dead one: take the new one (silently if the peer closed the old one
 ///    as a duplicate of this one: the peer never went away);
@@ -336,6 +355,16 @@ mod tests {
     /// A live current connection of incarnation `INC` silent for `silent_ms`.
     fn silent_for(silent_ms: u64) -> Option<Current> {
         live(1).map(|c| Current { silent: ms(silent_ms), ..c })
+    }
+
+    /// Only a live connection from the address dialled makes a late dial redundant.
+    #[test]
+    fn a_dial_is_redundant_only_beside_a_live_connection_from_the_address_dialled() {
+        assert!(!redundant_dial(None, member_addr()), "no connection: the dial is needed");
+        assert!(redundant_dial(live(1), member_addr()), "the peer's own connection is live");
+        assert!(!redundant_dial(live(1), other_addr()), "another process: arbitrate decides");
+        let dead = live(1).map(|c| Current { live: false, ..c });
+        assert!(!redundant_dial(dead, member_addr()), "a dead connection is replaced by the dial");
     }
 
     fn new(dialled_by: u32) -> Candidate {
