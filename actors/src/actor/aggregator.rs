@@ -77,8 +77,19 @@ impl Persisting {
 fn persist(ctx: &JobContext, range: u32, ckpt: RangeCheckpoint, prune: bool) -> Result<(), String> {
     let started = std::time::Instant::now();
     let result = persist_timed(ctx, range, ckpt, prune);
-    // What the cadence spaces checkpoints by: the whole write, pruning included.
-    ctx.checkpoint_cadence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record_write(started.elapsed());
+    // What the cadence spaces checkpoints by: the whole write, pruning included, and the copies
+    // on other nodes, counted on average over the job's ranges so that every process counts alike.
+    let copies = match &ctx.cluster {
+        Some(cluster) if !ctx.plan.ranges.is_empty() => {
+            let all: u32 = (0..ctx.plan.ranges.len() as u32).map(|r| cluster.checkpoint_copies(r)).sum();
+            f64::from(all) / ctx.plan.ranges.len() as f64
+        }
+        _ => 0.0,
+    };
+    ctx.checkpoint_cadence
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .record_write(started.elapsed(), copies);
     result
 }
 

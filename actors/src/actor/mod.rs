@@ -152,6 +152,13 @@ pub trait Cluster: Send + Sync + 'static {
     /// node so that the aggregators can be restored if this node dies. Called on the blocking
     /// task that wrote it.
     fn replicate(&self, path: &std::path::Path, bytes: Vec<u8>);
+    /// How many other nodes keep a copy of each checkpoint file of aggregator `range` (0, the
+    /// default: none). The same answer in every process of the job, as it depends on the
+    /// placement alone: the checkpoint cadence counts the copies' cost with it.
+    fn checkpoint_copies(&self, range: u32) -> u32 {
+        let _ = range;
+        0
+    }
     /// Where `key` belongs in the current placement (`None`: this node).
     fn preferred_host(&self, key: ActorKey) -> Option<u32>;
     /// Ask `node` to stop `key` without reporting it as failed (it moves).

@@ -138,6 +138,19 @@ impl Placement {
         self.nodes.get(&key).copied()
     }
 
+    /// The nodes a checkpoint file written on `writer` is copied to: the coordinator (it
+    /// restores from them) and the replicas (its successor is the first), but not `writer`.
+    pub fn checkpoint_keepers(&self, writer: u32) -> Vec<u32> {
+        std::iter::once(self.coordinator).chain(self.replicas.iter().copied()).filter(|n| *n != writer).collect()
+    }
+
+    /// How many nodes keep a copy of each checkpoint file of aggregator `range` (written by
+    /// its host; a range not placed is the coordinator's).
+    pub fn checkpoint_copies(&self, range: u32) -> u32 {
+        let host = self.node_of(ActorKey::aggregator(range)).unwrap_or(self.coordinator);
+        self.checkpoint_keepers(host).len() as u32
+    }
+
     /// Actors placed on `node`.
     pub fn on(&self, node: u32) -> impl Iterator<Item = ActorKey> + '_ {
         self.nodes.iter().filter(move |(_, n)| **n == node).map(|(k, _)| *k)
@@ -352,6 +365,25 @@ mod tests {
         let two = Shape { spread: true, ..shape(3, &assignment, 2, 1) };
         let p = Placement::compute(1, 2, &members(&[0, 1, 2]), &two).unwrap();
         assert_eq!((p.node_of(ActorKey::aggregator(0)), p.node_of(ActorKey::aggregator(1))), (Some(2), Some(1)));
+    }
+
+    /// Ranges one to a node on three nodes, one replica: the coordinator's range is copied to
+    /// the replica, the replica's to the coordinator, the third node's to both (4 copies for 3
+    /// ranges); with every range on the coordinator, each goes to the replica alone.
+    #[test]
+    fn checkpoint_files_are_copied_to_the_coordinator_and_the_replicas_but_not_their_writer() {
+        let assignment = [0, 1, 2, 0, 1, 2];
+        let spread = Shape { spread: true, ..shape(3, &assignment, 3, 1) };
+        let p = Placement::compute(1, 0, &members(&[0, 1, 2]), &spread).unwrap();
+        assert_eq!(
+            (p.checkpoint_keepers(0), p.checkpoint_keepers(1), p.checkpoint_keepers(2)),
+            (vec![1], vec![0], vec![0, 1])
+        );
+        assert_eq!((0..3).map(|r| p.checkpoint_copies(r)).collect::<Vec<_>>(), vec![1, 1, 2]);
+        let together = Placement::compute(1, 0, &members(&[0, 1, 2]), &shape(3, &assignment, 3, 1)).unwrap();
+        assert_eq!((0..3).map(|r| together.checkpoint_copies(r)).collect::<Vec<_>>(), vec![1, 1, 1]);
+        let alone = Placement::compute(1, 0, &members(&[0]), &spread).unwrap();
+        assert_eq!((alone.checkpoint_keepers(0), alone.checkpoint_copies(0)), (vec![], 0), "one node: no copies");
     }
 
     #[test]

@@ -412,6 +412,10 @@ impl Cluster for ClusterHooks {
     fn replicate(&self, path: &std::path::Path, bytes: Vec<u8>) {
         replicate_file(&self.routing, path, bytes);
     }
+
+    fn checkpoint_copies(&self, range: u32) -> u32 {
+        checkpoint_copies(&self.routing, range)
+    }
 }
 
 /// The hooks of the aggregators a node hosts for another node's supervisor (ranges spread over
@@ -444,11 +448,20 @@ impl Cluster for HostHooks {
         replicate_file(&self.routing, path, bytes);
     }
 
+    fn checkpoint_copies(&self, range: u32) -> u32 {
+        checkpoint_copies(&self.routing, range)
+    }
+
     fn preferred_host(&self, _: ActorKey) -> Option<u32> {
         None
     }
 
     fn stop_remote(&self, _: u32, _: ActorKey) {}
+}
+
+/// How many nodes [`replicate_file`] copies the files of aggregator `range` to.
+fn checkpoint_copies(routing: &Routing, range: u32) -> u32 {
+    routing.routes.borrow().placement.as_ref().map_or(0, |p| p.checkpoint_copies(range))
 }
 
 /// Copy the checkpoint file `path`, written here (`bytes`: its contents), to the coordinator
@@ -461,9 +474,7 @@ fn replicate_file(routing: &Routing, path: &std::path::Path, bytes: Vec<u8>) {
     let (coordinator, targets): (u32, Vec<u32>) = {
         let routes = routing.routes.borrow();
         let Some(p) = routes.placement.as_ref() else { return };
-        let mut targets: Vec<u32> = std::iter::once(p.coordinator).chain(p.replicas.iter().copied()).collect();
-        targets.retain(|n| *n != me); // the replicas are other nodes than the coordinator
-        (p.coordinator, targets)
+        (p.coordinator, p.checkpoint_keepers(me))
     };
     let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { return };
     // The record first: the copies' acknowledgements come after a write and an fsync.
