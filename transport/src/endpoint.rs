@@ -360,7 +360,10 @@ impl Transport {
     /// the hello is done and [`TransportEvent::PeerUp`] was queued, or the peer was already up.
     ///
     /// If both nodes dial each other at once, both calls succeed and the nodes keep one of
-    /// the two connections (see [`codes::DUPLICATE`]).
+    /// the two connections (see [`codes::DUPLICATE`]). A dial whose handshake ends after the
+    /// peer's own connection from that address was taken (its first packets were lost because
+    /// the peer was not listening yet, so it completes a retransmission later) is dropped
+    /// before its hello and returns the peer: the connection in use is never replaced by it.
     pub async fn connect(&self, addr: SocketAddr, expect: Option<u32>) -> Result<u32, ConnectError> {
         self.inner.connect(addr, expect).await
     }
