@@ -546,6 +546,7 @@ async fn a_dial_that_completes_late_leaves_the_peers_connection_in_place() {
     // Node 1's address, held by a plain socket that swallows node 0's first packets.
     let holder = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a holder");
     let b_addr = holder.local_addr().expect("holder address");
+    holder.set_read_timeout(Some(HANG_GUARD)).expect("a read timeout, as a hang guard");
     let dial = tokio::spawn({
         let a = a.clone();
         async move { a.connect(b_addr, Some(1)).await }
@@ -605,7 +606,7 @@ async fn a_dial_that_completes_late_leaves_the_peers_connection_in_place() {
     };
     assert_eq!(late.expect("the late dial returns the peer"), 1);
     stop.send(()).expect("the sender runs");
-    let sent = sender.await.expect("join");
+    let sent = tokio::time::timeout(HANG_GUARD, sender).await.expect("the sender stopped").expect("join");
     while (received.len() as u64) < sent {
         let event = next_event(&mut a_events).await;
         record(event, &mut received);
