@@ -17,9 +17,13 @@ What it does, in order:
 4. Fairness: every Phalanx run's loss curve (`history.csv`) must match the DDP run's (the
    ranks' loss sums over the step's rows) within the tolerance, step by step; otherwise the
    harness stops with an error naming the run and the step.
-5. Cost of fault tolerance without faults: Phalanx with checkpoints every 20 steps against
-   none (the exactly-once ledger cannot be switched off and is on in both), the two runs of
-   a repeat side by side; the overhead is the median of the repeats' own ratios.
+5. Cost of fault tolerance without faults: Phalanx with its default checkpoint cadence against
+   none (the exactly-once ledger cannot be switched off and is on in both), in pairs of long
+   runs side by side (which one goes first alternates), many pairs interleaved over the
+   configurations; a pair's figure is its in-run ms/step with checkpoints over its in-run
+   ms/step without, minus one, and the overhead is the median over the pairs. (A pair of runs
+   on this kind of shared machine differs by several per cent with nothing changed, so a
+   handful of pairs cannot tell a 2 % cost from a 10 % one.)
 6. Recovery: SIGKILL of worker node 1 in `phalanx local --nodes 3` against SIGKILL of rank 1
    under `torchrun --max_restarts=1` resuming from its checkpoint: time from the kill to the
    next completed step, and steps redone.
@@ -96,6 +100,9 @@ PROFILES = {
         # slower system at every size, well above the start-up noise of a loaded 2-core machine.
         "epochs": {64: (5, 205), 4096: (2, 52), 65536: (1, 6)},
         "ft_workers": [1, 3],
+        # Pairs of long runs (checkpoints on, off) per configuration: the median of 10 pair
+        # figures moves by about a per cent where one pair moves by five.
+        "ft_pairs": 10,
         "recovery_hidden": 64,
         "recovery_epochs": 100,
         "kill_step": 250,
@@ -109,6 +116,7 @@ PROFILES = {
         "repeats": 1,
         "epochs": {8: (1, 3)},
         "ft_workers": [1],
+        "ft_pairs": 1,
         "recovery_hidden": 8,
         "recovery_epochs": 20,
         "kill_step": 30,
@@ -457,36 +465,40 @@ class Bench:
                     # Alternate which system goes first, so neither always runs on a warmer machine.
                     order = ["phalanx", "ddp"] if (rep + workers + hidden) % 2 == 0 else ["ddp", "phalanx"]
                     for system in order:
-                        # Phalanx with checkpoints on runs right beside the same repeat's run
-                        # without (first or second by turns), so the pair sees one state of the
-                        # shared machine and their ratio cancels its drift.
-                        modes = [False]
-                        if system == "phalanx" and workers in p["ft_workers"]:
-                            modes = [False, True] if rep % 2 == 0 else [True, False]
-                        for ft in modes:
-                            for epochs, length in ((short, "short"), (long_, "long")):
-                                if ft:
-                                    tag = f"phalanx-ft-h{hidden}-w{workers}-{length}-r{rep}"
-                                    m, _, rows = self.phalanx_run(hidden, workers, epochs, CHECKPOINT_EVERY, tag)
-                                    curves[("phalanx-ft", length)] = rows
-                                elif system == "phalanx":
-                                    tag = f"{system}-h{hidden}-w{workers}-{length}-r{rep}"
-                                    m, _, rows = self.phalanx_run(hidden, workers, epochs, 0, tag)
-                                    curves[(system, length)] = rows
-                                else:
-                                    tag = f"{system}-h{hidden}-w{workers}-{length}-r{rep}"
-                                    m, rows = self.ddp_run(hidden, workers, epochs, tag)
-                                    curves[(system, length)] = rows
-                                m.update(repeat=rep, length=length, ft=ft)
-                                self.runs.append(m)
-                                log(f"{tag}: {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU, lo {m['lo_tx_bytes']} B")
+                        for epochs, length in ((short, "short"), (long_, "long")):
+                            tag = f"{system}-h{hidden}-w{workers}-{length}-r{rep}"
+                            if system == "phalanx":
+                                m, _, rows = self.phalanx_run(hidden, workers, epochs, 0, tag)
+                            else:
+                                m, rows = self.ddp_run(hidden, workers, epochs, tag)
+                            curves[(system, length)] = rows
+                            m.update(phase="speed", repeat=rep, length=length, ft=False)
+                            self.runs.append(m)
+                            log(f"{tag}: {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU, lo {m['lo_tx_bytes']} B")
                     for length in ("short", "long"):
                         self.check_fair(f"h{hidden}-w{workers}-{length}-r{rep}", curves[("phalanx", length)],
                                         curves[("ddp", length)])
-                        ft_rows = curves.get(("phalanx-ft", length))
-                        if ft_rows is not None and [r[:2] for r in ft_rows] != [r[:2] for r in curves[("phalanx", length)]]:
-                            raise BenchError(f"phalanx-ft-h{hidden}-w{workers}-{length}-r{rep}: checkpoints changed "
-                                             "the loss curve")
+
+    def ft(self):
+        """The cost of checkpoints without faults: pairs of long Phalanx runs, checkpoints on and
+        off, back to back, every configuration's pair i before any configuration's pair i + 1."""
+        p = self.p
+        for pair in range(p["ft_pairs"]):
+            for hidden in p["sizes"]:
+                long_ = p["epochs"][hidden][1]
+                for workers in p["ft_workers"]:
+                    # Which run goes first alternates, so neither always runs on a warmer machine.
+                    modes = (True, False) if (pair + workers + hidden) % 2 == 0 else (False, True)
+                    curves = {}
+                    for on in modes:
+                        tag = f"phalanx-{'ft' if on else 'noft'}-h{hidden}-w{workers}-p{pair}"
+                        m, _, rows = self.phalanx_run(hidden, workers, long_, CHECKPOINT_EVERY if on else 0, tag)
+                        curves[on] = rows
+                        m.update(phase="ft", pair=pair, length="long", ft=on)
+                        self.runs.append(m)
+                        log(f"{tag}: {m['inrun_ms_per_step']:.4g} ms/step in the run, {m['wall_s']:.2f} s wall")
+                    if [r[:2] for r in curves[True]] != [r[:2] for r in curves[False]]:
+                        raise BenchError(f"phalanx-ft-h{hidden}-w{workers}-p{pair}: checkpoints changed the loss curve")
 
     def recovery(self):
         p = self.p
@@ -584,24 +596,34 @@ def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def per_step(runs, key, ft=False, by_repeat=False):
-    """{(system, hidden, workers): [per-step figure of each repeat]} from short/long pairs
-    (with `by_repeat`, {(system, hidden, workers): {repeat: figure}})."""
+def per_step(runs, key):
+    """{(system, hidden, workers): [per-step figure of each repeat]} from the step-time phase's
+    short/long pairs (without checkpoints)."""
     pairs = {}
     for r in runs:
-        if r.get("ft", False) != ft:
+        if r.get("ft", False) or r.get("phase", "speed") != "speed":
             continue
         pairs.setdefault((r["system"], r["hidden"], r["workers"], r["repeat"]), {})[r["length"]] = r
     out = {}
-    for (system, hidden, workers, rep), pair in sorted(pairs.items()):
+    for (system, hidden, workers, _rep), pair in sorted(pairs.items()):
         s, l_ = pair["short"], pair["long"]
         if s[key] is None or l_[key] is None:
             continue
-        figure = (l_[key] - s[key]) / (l_["steps"] - s["steps"])
-        if by_repeat:
-            out.setdefault((system, hidden, workers), {})[rep] = figure
-        else:
-            out.setdefault((system, hidden, workers), []).append(figure)
+        out.setdefault((system, hidden, workers), []).append((l_[key] - s[key]) / (l_["steps"] - s["steps"]))
+    return out
+
+
+def ft_pairs(runs):
+    """{(hidden, workers): [(on, off) in-run ms/step of each pair]} from the fault-tolerance
+    phase's runs, pair by pair."""
+    by = {}
+    for r in runs:
+        if r.get("phase") == "ft" and r.get("inrun_ms_per_step") is not None:
+            by.setdefault((r["hidden"], r["workers"], r["pair"]), {})[r["ft"]] = r["inrun_ms_per_step"]
+    out = {}
+    for (hidden, workers, _pair), pair in sorted(by.items()):
+        if True in pair and False in pair:
+            out.setdefault((hidden, workers), []).append((pair[True], pair[False]))
     return out
 
 
@@ -610,9 +632,6 @@ def summarise(bench, recovery):
     wall = per_step(bench.runs, "wall_s")
     cpu = per_step(bench.runs, "cpu_s")
     wire = per_step(bench.runs, "lo_tx_bytes")
-    wall_ft = per_step(bench.runs, "wall_s", ft=True)
-    wall_rep = per_step(bench.runs, "wall_s", by_repeat=True)
-    wall_ft_rep = per_step(bench.runs, "wall_s", ft=True, by_repeat=True)
     table = []
     by_size, worst = {}, None
     for hidden in p["sizes"]:
@@ -633,7 +652,8 @@ def summarise(bench, recovery):
                         statistics.median(wire[(system, hidden, workers)]) / workers / model_bytes
                         if (system, hidden, workers) in wire else None,
                 }
-                inrun = [r["inrun_ms_per_step"] for r in bench.runs if not r.get("ft") and r["system"] == system
+                inrun = [r["inrun_ms_per_step"] for r in bench.runs if r.get("phase", "speed") == "speed"
+                         and not r.get("ft") and r["system"] == system
                          and r["hidden"] == hidden and r["workers"] == workers and r["length"] == "long"
                          and r.get("inrun_ms_per_step") is not None]
                 row[system]["inrun_ms_per_step_long_runs"] = stats(inrun) if inrun else None
@@ -659,21 +679,19 @@ def summarise(bench, recovery):
         if bench.use_netns else "host-wide loopback tx bytes (/proc/net/dev; other traffic included)",
     }
     ft_by_size, ft_worst = {}, None
-    for hidden in p["sizes"]:
-        ft_by_size[str(hidden)] = {}
-        for workers in p["ft_workers"]:
-            on = statistics.median(wall_ft[("phalanx", hidden, workers)])
-            off = statistics.median(wall[("phalanx", hidden, workers)])
-            # The overhead is the median over repeats of each repeat's own on/off ratio: the
-            # two runs of a repeat are side by side in time, so the machine's drift cancels.
-            on_r = wall_ft_rep[("phalanx", hidden, workers)]
-            off_r = wall_rep[("phalanx", hidden, workers)]
-            ratios = [on_r[r] / off_r[r] - 1 for r in sorted(on_r) if r in off_r]
-            overhead = statistics.median(ratios)
-            ft_by_size[str(hidden)][str(workers)] = {
-                "overhead": sig(overhead), "on_ms_per_step": sig(on * 1000), "off_ms_per_step": sig(off * 1000),
-                "overhead_by_repeat": [sig(x) for x in ratios]}
-            ft_worst = overhead if ft_worst is None else max(ft_worst, overhead)
+    for (hidden, workers), pairs in sorted(ft_pairs(bench.runs).items()):
+        ratios = [on / off - 1 for on, off in pairs]
+        overhead = statistics.median(ratios)
+        ft_by_size.setdefault(str(hidden), {})[str(workers)] = {
+            "overhead": sig(overhead),
+            "on_ms_per_step": sig(statistics.median(on for on, _ in pairs)),
+            "off_ms_per_step": sig(statistics.median(off for _, off in pairs)),
+            "pairs": len(pairs),
+            "pairs_slower_with_checkpoints": sum(1 for x in ratios if x > 0),
+            "overhead_min": sig(min(ratios)), "overhead_max": sig(max(ratios)),
+            "overhead_by_pair": [sig(x) for x in ratios],
+            "method": "median over pairs of back-to-back long runs of in-run ms/step on / off - 1"}
+        ft_worst = overhead if ft_worst is None else max(ft_worst, overhead)
     ph_ms = [r["recovery_ms"] for r in recovery["phalanx"]]
     tr_ms = [r["recovery_ms"] for r in recovery["torchrun"]]
 
@@ -779,26 +797,13 @@ def summary_lines(result):
              f"a ring all-reduce {w['ring_allreduce'][k]:.2f})" for k in w["phalanx"] if w["phalanx"][k] is not None]
     if parts:
         out.append(f"- **Wire:** at {w['params']:,} parameters Phalanx sends " + "; ".join(parts) + ".")
-    ft = result["ft_overhead_no_faults_by_size"]
-    runs = result["meta"].get("runs", [])
-    off_runs, on_runs = per_step(runs, "wall_s"), per_step(runs, "wall_s", ft=True)
-    cells, clear = [], []
-    for h, by in ft.items():
-        for wk, e in by.items():
-            cells.append((h, wk, e["overhead"]))
-            key = ("phalanx", int(h), int(wk))
-            paired = e.get("overhead_by_repeat")
-            if paired:
-                above = len(paired) > 1 and all(x > 0 for x in paired)
-            else:
-                above = key in off_runs and key in on_runs and min(on_runs[key]) > max(off_runs[key])
-            if above:
-                clear.append(f"{e['overhead'] * 100:+.0f} % at {params_of(int(h)):,} parameters on {wk} worker(s)")
+    cells = [(h, wk, e) for h, by in result["ft_overhead_no_faults_by_size"].items() for wk, e in by.items()]
     if cells:
-        h, wk, o = max(cells, key=lambda c: c[2])
-        out.append(f"- **Checkpoints without faults:** worst median cost {o * 100:+.0f} % ({params_of(int(h)):,} "
-                   f"parameters, {wk} worker(s)). Costs above the noise (in every repeat the run with checkpoints "
-                   f"slower than its side-by-side run without): {'; '.join(clear) if clear else 'none'}.")
+        h, wk, e = max(cells, key=lambda c: c[2]["overhead"])
+        spread = (f"; {e['pairs_slower_with_checkpoints']} of {e['pairs']} pairs slower with checkpoints, "
+                  f"pair figures {e['overhead_min'] * 100:+.1f} to {e['overhead_max'] * 100:+.1f} %") if "pairs" in e else ""
+        out.append(f"- **Checkpoints without faults:** worst median cost {e['overhead'] * 100:+.1f} % "
+                   f"({params_of(int(h)):,} parameters, {wk} worker(s){spread}).")
     rec = result["recovery"]
     if rec["phalanx"]["runs"] and rec["torchrun"]["runs"]:
         out.append(f"- **Recovery:** Phalanx {rec['phalanx']['recovery_ms_p50']} ms p50 / "
@@ -911,21 +916,25 @@ def markdown(result):
         "a replica — against none (only the final state). The exactly-once ledger has no off switch: it is on "
         "in both.",
         "",
-        "A difference inside the min–max spread of the repeats is noise of the shared machine, not a cost.",
+        "Measured in pairs of long runs, one with checkpoints and one without, back to back (which goes "
+        "first alternates), each configuration's pair i before any configuration's pair i + 1. A pair's "
+        "figure is the in-run ms/step (first to last step of `history.csv`) with checkpoints over the one "
+        "without, minus one; the overhead is the median over the pairs. Two runs of the same configuration "
+        "on this shared machine differ by several per cent with nothing changed (the spread column), so "
+        "one pair says little; the median of many does.",
         "",
-        "| parameters | workers | off ms/step | on ms/step | overhead (median over repeats of on / off − 1, each repeat's two runs side by side) |",
-        "|---|---|---|---|---|",
+        "| parameters | workers | off ms/step | on ms/step | pairs (slower with checkpoints) | pair figures min to max | overhead (median of the pairs) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    runs = m.get("runs", [])
-    off_runs, on_runs = per_step(runs, "wall_s"), per_step(runs, "wall_s", ft=True)
     for h, by in result["ft_overhead_no_faults_by_size"].items():
         for wk, e in by.items():
-            key = ("phalanx", int(h), int(wk))
-            off = fmt_stat({k: v * 1000 for k, v in stats(off_runs[key]).items()}) if key in off_runs \
-                else f"{e['off_ms_per_step']:.3g}"
-            on = fmt_stat({k: v * 1000 for k, v in stats(on_runs[key]).items()}) if key in on_runs \
-                else f"{e['on_ms_per_step']:.3g}"
-            lines.append(f"| {params_of(int(h)):,} | {wk} | {off} | {on} | {e['overhead'] * 100:+.1f} % |")
+            if "pairs" in e:
+                pairs = f"{e['pairs']} ({e['pairs_slower_with_checkpoints']})"
+                spread = f"{e['overhead_min'] * 100:+.1f} to {e['overhead_max'] * 100:+.1f} %"
+            else:  # a result of the earlier method (two-length runs per repeat)
+                pairs, spread = "–", "–"
+            lines.append(f"| {params_of(int(h)):,} | {wk} | {e['off_ms_per_step']:.3g} | {e['on_ms_per_step']:.3g} "
+                         f"| {pairs} | {spread} | {e['overhead'] * 100:+.1f} % |")
     rec = result["recovery"]
     ph, tr = rec["phalanx"], rec["torchrun"]
     lines += [
@@ -1011,6 +1020,8 @@ def main():
     ap.add_argument("--skip-recovery", action="store_true", help="no recovery runs (no recovery figures)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report from OUT/latest.json without running anything")
+    ap.add_argument("--ft-pairs", type=int, help="override the profile's pairs of checkpoint runs (on, off) per "
+                                                 "configuration")
     ap.add_argument("--kills", help="PHALANX,TORCHRUN: how many kills of each (overrides the profile's)")
     ap.add_argument("--torchrun-monitor-interval", type=float, default=5.0,
                     help="torchrun --monitor_interval in s (default 5, torchrun's own default)")
@@ -1033,6 +1044,8 @@ def main():
     if args.epochs:
         short, long_ = (int(e) for e in args.epochs.split(","))
         profile["epochs"] = {h: (short, long_) for h in profile["sizes"]}
+    if args.ft_pairs is not None:
+        profile["ft_pairs"] = args.ft_pairs
     if args.kills:
         profile["phalanx_kills"], profile["torchrun_kills"] = (int(k) for k in args.kills.split(","))
     missing = [h for h in profile["sizes"] if h not in profile["epochs"]]
@@ -1059,6 +1072,7 @@ def main():
         bench = Bench(args, profile)
         log(f"profile {name}: sizes {profile['sizes']}, workers {profile['workers']}, {profile['repeats']} repeats")
         bench.speed()
+        bench.ft()
         recovery = {"phalanx": [], "torchrun": []} if args.skip_recovery else bench.recovery()
         result = summarise(bench, recovery)
     except BenchError as e:

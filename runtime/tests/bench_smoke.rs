@@ -78,6 +78,13 @@ fn bench_smoke_runs_both_sides_fairly_and_writes_every_figure() {
         assert!(!runs.is_empty() && runs.iter().all(|r| r["recovery_ms"].as_u64().is_some()), "{recovery}");
     }
     assert!(result["recovery_ms_p99"].as_u64().is_some_and(|ms| ms > 0), "{recovery}");
+    // The cost of checkpoints comes from pairs of runs (on, off), each pair's figure kept.
+    let ft = &result["ft_overhead_no_faults_by_size"];
+    let cell = &ft["8"]["1"];
+    let pairs = cell["pairs"].as_u64().unwrap_or(0);
+    assert!(pairs >= 1, "ft: {ft}");
+    assert_eq!(cell["overhead_by_pair"].as_array().map(Vec::len), Some(pairs as usize), "ft: {ft}");
+    assert!(cell["on_ms_per_step"].is_number() && cell["off_ms_per_step"].is_number(), "ft: {ft}");
     assert_eq!(result["meta"]["versions"]["blas"], "openblas", "{}", result["meta"]["versions"]);
     assert!(out.path().join("BENCHMARKS.md").exists(), "the smoke run writes its report beside latest.json");
 }
