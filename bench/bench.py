@@ -18,8 +18,8 @@ What it does, in order:
    ranks' loss sums over the step's rows) within the tolerance, step by step; otherwise the
    harness stops with an error naming the run and the step.
 5. Cost of fault tolerance without faults: Phalanx with its default checkpoint cadence against
-   none (the exactly-once ledger cannot be switched off and is on in both), in pairs of long
-   runs side by side (which one goes first alternates), many pairs interleaved over the
+   none (the exactly-once ledger cannot be switched off and is on in both), in pairs of runs
+   of about 4 s side by side (which one goes first alternates), many pairs interleaved over the
    configurations; a pair's figure is its in-run ms/step with checkpoints over its in-run
    ms/step without, minus one, and the overhead is the median over the pairs. (A pair of runs
    on this kind of shared machine differs by several per cent with nothing changed, so a
@@ -104,9 +104,14 @@ PROFILES = {
         # no run can do; 300 extra steps put 7–10 s of DDP's steps against that swing.
         "epochs": {64: (5, 205), 4096: (2, 52), 65536: (1, 16)},
         "ft_workers": [1, 3],
-        # Pairs of long runs (checkpoints on, off) per configuration: the median of 10 pair
-        # figures moves by about a per cent where one pair moves by five.
+        # Pairs of runs (checkpoints on, off) per configuration: the median of 10 pair figures
+        # moves by about a per cent where one pair moves by five.
         "ft_pairs": 10,
+        # Epochs of the pairs' runs, by size and workers: about 4 s of steps each, so that a
+        # burst of the shared machine's other load (pairs of 0.2 s runs at hidden 64 on one
+        # worker differed by ±25 %) is a small part of a run, and the cadence's 500 ms floor
+        # still lets every run take several checkpoints.
+        "ft_epochs": {64: {1: 3000, 3: 205}, 4096: {1: 200, 3: 80}, 65536: {1: 12, 3: 8}},
         "recovery_hidden": 64,
         "recovery_epochs": 100,
         "kill_step": 250,
@@ -484,13 +489,14 @@ class Bench:
                                         curves[("ddp", length)])
 
     def ft(self):
-        """The cost of checkpoints without faults: pairs of long Phalanx runs, checkpoints on and
-        off, back to back, every configuration's pair i before any configuration's pair i + 1."""
+        """The cost of checkpoints without faults: pairs of Phalanx runs (`ft_epochs`, else the
+        long length), checkpoints on and off, back to back, every configuration's pair i before
+        any configuration's pair i + 1."""
         p = self.p
         for pair in range(p["ft_pairs"]):
             for hidden in p["sizes"]:
-                long_ = p["epochs"][hidden][1]
                 for workers in p["ft_workers"]:
+                    long_ = p.get("ft_epochs", {}).get(hidden, {}).get(workers, p["epochs"][hidden][1])
                     # Which run goes first alternates, so neither always runs on a warmer machine.
                     modes = (True, False) if (pair + workers + hidden) % 2 == 0 else (False, True)
                     curves = {}
@@ -691,10 +697,12 @@ def summarise(bench, recovery):
             "on_ms_per_step": sig(statistics.median(on for on, _ in pairs)),
             "off_ms_per_step": sig(statistics.median(off for _, off in pairs)),
             "pairs": len(pairs),
+            "steps_per_run": next(r["steps"] for r in bench.runs
+                                  if r.get("phase") == "ft" and r["hidden"] == hidden and r["workers"] == workers),
             "pairs_slower_with_checkpoints": sum(1 for x in ratios if x > 0),
             "overhead_min": sig(min(ratios)), "overhead_max": sig(max(ratios)),
             "overhead_by_pair": [sig(x) for x in ratios],
-            "method": "median over pairs of back-to-back long runs of in-run ms/step on / off - 1"}
+            "method": "median over pairs of back-to-back runs of in-run ms/step on / off - 1"}
         ft_worst = overhead if ft_worst is None else max(ft_worst, overhead)
     ph_ms = [r["recovery_ms"] for r in recovery["phalanx"]]
     tr_ms = [r["recovery_ms"] for r in recovery["torchrun"]]
@@ -920,15 +928,16 @@ def markdown(result):
         "a replica — against none (only the final state). The exactly-once ledger has no off switch: it is on "
         "in both.",
         "",
-        "Measured in pairs of long runs, one with checkpoints and one without, back to back (which goes "
+        "Measured in pairs of runs (about 4 s of steps each: the steps column), one with checkpoints and one "
+        "without, back to back (which goes "
         "first alternates), each configuration's pair i before any configuration's pair i + 1. A pair's "
         "figure is the in-run ms/step (first to last step of `history.csv`) with checkpoints over the one "
         "without, minus one; the overhead is the median over the pairs. Two runs of the same configuration "
         "on this shared machine differ by several per cent with nothing changed (the spread column), so "
         "one pair says little; the median of many does.",
         "",
-        "| parameters | workers | off ms/step | on ms/step | pairs (slower with checkpoints) | pair figures min to max | overhead (median of the pairs) |",
-        "|---|---|---|---|---|---|---|",
+        "| parameters | workers | steps per run | off ms/step | on ms/step | pairs (slower with checkpoints) | pair figures min to max | overhead (median of the pairs) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for h, by in result["ft_overhead_no_faults_by_size"].items():
         for wk, e in by.items():
@@ -937,7 +946,8 @@ def markdown(result):
                 spread = f"{e['overhead_min'] * 100:+.1f} to {e['overhead_max'] * 100:+.1f} %"
             else:  # a result of the earlier method (two-length runs per repeat)
                 pairs, spread = "–", "–"
-            lines.append(f"| {params_of(int(h)):,} | {wk} | {e['off_ms_per_step']:.3g} | {e['on_ms_per_step']:.3g} "
+            lines.append(f"| {params_of(int(h)):,} | {wk} | {e.get('steps_per_run', '–')} | {e['off_ms_per_step']:.3g} "
+                         f"| {e['on_ms_per_step']:.3g} "
                          f"| {pairs} | {spread} | {e['overhead'] * 100:+.1f} % |")
     rec = result["recovery"]
     ph, tr = rec["phalanx"], rec["torchrun"]
@@ -1048,6 +1058,7 @@ def main():
     if args.epochs:
         short, long_ = (int(e) for e in args.epochs.split(","))
         profile["epochs"] = {h: (short, long_) for h in profile["sizes"]}
+        profile.pop("ft_epochs", None)  # the checkpoint pairs run the long length too
     if args.ft_pairs is not None:
         profile["ft_pairs"] = args.ft_pairs
     if args.kills:
