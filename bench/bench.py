@@ -496,13 +496,13 @@ class Bench:
         for pair in range(p["ft_pairs"]):
             for hidden in p["sizes"]:
                 for workers in p["ft_workers"]:
-                    long_ = p.get("ft_epochs", {}).get(hidden, {}).get(workers, p["epochs"][hidden][1])
+                    epochs = p.get("ft_epochs", {}).get(hidden, {}).get(workers, p["epochs"][hidden][1])
                     # Which run goes first alternates, so neither always runs on a warmer machine.
                     modes = (True, False) if (pair + workers + hidden) % 2 == 0 else (False, True)
                     curves = {}
                     for on in modes:
                         tag = f"phalanx-{'ft' if on else 'noft'}-h{hidden}-w{workers}-p{pair}"
-                        m, _, rows = self.phalanx_run(hidden, workers, long_, CHECKPOINT_EVERY if on else 0, tag)
+                        m, _, rows = self.phalanx_run(hidden, workers, epochs, CHECKPOINT_EVERY if on else 0, tag)
                         curves[on] = rows
                         m.update(phase="ft", pair=pair, length="long", ft=on)
                         self.runs.append(m)
@@ -624,16 +624,17 @@ def per_step(runs, key):
 
 
 def ft_pairs(runs):
-    """{(hidden, workers): [(on, off) in-run ms/step of each pair]} from the fault-tolerance
-    phase's runs, pair by pair."""
+    """{(hidden, workers): (steps per run, [(on, off) in-run ms/step of each pair])} from the
+    fault-tolerance phase's runs, pair by pair."""
     by = {}
     for r in runs:
         if r.get("phase") == "ft" and r.get("inrun_ms_per_step") is not None:
-            by.setdefault((r["hidden"], r["workers"], r["pair"]), {})[r["ft"]] = r["inrun_ms_per_step"]
+            by.setdefault((r["hidden"], r["workers"], r["pair"]), {})[r["ft"]] = r
     out = {}
     for (hidden, workers, _pair), pair in sorted(by.items()):
         if True in pair and False in pair:
-            out.setdefault((hidden, workers), []).append((pair[True], pair[False]))
+            steps, pairs = out.setdefault((hidden, workers), (pair[True]["steps"], []))
+            pairs.append((pair[True]["inrun_ms_per_step"], pair[False]["inrun_ms_per_step"]))
     return out
 
 
@@ -689,7 +690,7 @@ def summarise(bench, recovery):
         if bench.use_netns else "host-wide loopback tx bytes (/proc/net/dev; other traffic included)",
     }
     ft_by_size, ft_worst = {}, None
-    for (hidden, workers), pairs in sorted(ft_pairs(bench.runs).items()):
+    for (hidden, workers), (steps, pairs) in sorted(ft_pairs(bench.runs).items()):
         ratios = [on / off - 1 for on, off in pairs]
         overhead = statistics.median(ratios)
         ft_by_size.setdefault(str(hidden), {})[str(workers)] = {
@@ -697,8 +698,7 @@ def summarise(bench, recovery):
             "on_ms_per_step": sig(statistics.median(on for on, _ in pairs)),
             "off_ms_per_step": sig(statistics.median(off for _, off in pairs)),
             "pairs": len(pairs),
-            "steps_per_run": next(r["steps"] for r in bench.runs
-                                  if r.get("phase") == "ft" and r["hidden"] == hidden and r["workers"] == workers),
+            "steps_per_run": steps,
             "pairs_slower_with_checkpoints": sum(1 for x in ratios if x > 0),
             "overhead_min": sig(min(ratios)), "overhead_max": sig(max(ratios)),
             "overhead_by_pair": [sig(x) for x in ratios],
