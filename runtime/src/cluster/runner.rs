@@ -121,6 +121,17 @@ impl OutBudget {
     fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
         self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// Whether a frame of `bytes` must wait with `queued` bytes queued: the budget would be
+    /// exceeded, and the queue is not empty (a frame larger than the budget goes alone).
+    fn too_full(queued: usize, bytes: usize, limit: usize) -> bool {
+        queued > 0 && queued.saturating_add(bytes) > limit
+    }
+
+    /// Whether a frame of `bytes` must wait now.
+    fn full_for(&self, bytes: usize) -> bool {
+        Self::too_full(*self.lock(), bytes, self.limit)
+    }
 }
 
 /// A queued frame's share of the budget, given back when dropped.
@@ -158,11 +169,13 @@ impl OutQueue {
             tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) | Err(_)
         );
-        if wait {
-            let bytes = out.frame.len();
+        let bytes = out.frame.len();
+        // Handing the worker over (`block_in_place`) costs a thread wake-up, more than the
+        // rest of a small frame's send: only when there is no room.
+        if wait && self.budget.full_for(bytes) && !self.tx.is_closed() {
             let room = || {
                 let mut queued = self.budget.lock();
-                while *queued > 0 && queued.saturating_add(bytes) > self.budget.limit && !self.tx.is_closed() {
+                while OutBudget::too_full(*queued, bytes, self.budget.limit) && !self.tx.is_closed() {
                     // Woken by every frame the loop sends; the timeout only re-checks closing.
                     queued = self
                         .budget
