@@ -404,26 +404,29 @@ async fn node_loop_on<T: api::Transport>(
                     tracing::debug!(node = me, peer, %addr, "no process listens at node {peer}'s address any more");
                     membership.on_gone(peer, clock::now())
                 }
-                // A large frame (parameters, gradients, a checkpoint copy) is decoded on the
-                // blocking pool: parameters and gradients take the values the transport read
-                // over without a copy, but a checkpoint copy of hundreds of MiB is turned back
-                // into bytes, which must not hold up the heartbeats.
-                // The frame's share of the peer's receive budget is held until the loop has
-                // handed the message on: a peer whose frames pile up here is read no further.
-                Some(TransportEvent::Message { peer, frame }) if frame.len() > INLINE_DECODE_BYTES => {
-                    let tx = decoded_tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let len = frame.len();
-                        let (decoded, budget) = wire::decode_received(frame, &limits);
-                        // Waits while the loop is behind (bounded); fails only once it stopped.
-                        let _ = tx.blocking_send((peer, len, decoded, budget));
-                    });
-                    Vec::new()
-                }
+                // A message's header is decoded here, and parameters and gradients take the
+                // values the transport read over without a copy: cheap at any size, so they go
+                // on at once (through the blocking pool, a large one waited for two thread
+                // wake-ups on every step). A checkpoint copy's payload of up to hundreds of MiB
+                // is turned back into bytes on the blocking pool instead, which must not hold up
+                // the heartbeats; its share of the peer's receive budget is held until the loop
+                // has handed it on: a peer whose copies pile up there is read no further.
                 Some(TransportEvent::Message { peer, frame }) => {
                     let len = frame.len();
-                    let (decoded, _budget) = wire::decode_received(frame, &limits);
-                    on_decoded(me, peer, len, decoded, &mut membership, &mut jobs, &metrics, &transport)
+                    match wire::decode_received_head(frame, &limits) {
+                        (Ok(copy @ wire::Decoded::Copy(..)), budget) => {
+                            let tx = decoded_tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                // Waits while the loop is behind (bounded); fails only once it stopped.
+                                let _ = tx.blocking_send((peer, len, copy.finish(), budget));
+                            });
+                            Vec::new()
+                        }
+                        (decoded, _budget) => {
+                            let decoded = decoded.and_then(wire::Decoded::finish);
+                            on_decoded(me, peer, len, decoded, &mut membership, &mut jobs, &metrics, &transport)
+                        }
+                    }
                 }
                 // The transport closed a connection for a frame that broke a codec rule.
                 Some(TransportEvent::BadFrame { peer, code, reason }) => {
@@ -646,9 +649,6 @@ async fn flush_registry(plane: &mut ServicePlane, jobs: &mut Jobs) {
         }
     }
 }
-
-/// Frames up to this size are decoded on the node loop; larger ones on the blocking pool.
-const INLINE_DECODE_BYTES: usize = 256 << 10;
 
 /// Where a node's membership comes from: its own heartbeats, or a coordination service.
 enum Control {

@@ -387,8 +387,40 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
 /// delivered, is taken over without a copy. The frame's share of the receive budget comes back
 /// beside the result.
 pub fn decode_received(frame: RecvFrame, limits: &Limits) -> (Result<Inbound, InboundError>, ReceiveBudget) {
+    let (decoded, budget) = decode_received_head(frame, limits);
+    (decoded.and_then(Decoded::finish), budget)
+}
+
+/// [`decode_received`] up to what is cheap: the header decoded and the tensor taken over,
+/// which is all a message needs (parameters and gradients keep the values the transport read);
+/// a checkpoint copy, whose payload is turned back into bytes (hundreds of MiB), is left to
+/// [`Decoded::finish`], for the caller to run where a long copy holds nothing up.
+pub fn decode_received_head(frame: RecvFrame, limits: &Limits) -> (Result<Decoded, InboundError>, ReceiveBudget) {
     let (decoded, budget) = frame.decode_le::<NodeMsg>(limits);
-    (decoded.map_err(InboundError::from).and_then(|(header, tensor)| inbound(header, tensor)), budget)
+    let decoded = decoded.map_err(InboundError::from).and_then(|(header, tensor)| match header {
+        header @ NodeMsg::CheckpointCopy { .. } => Ok(Decoded::Copy(header, tensor)),
+        header => inbound(header, tensor).map(Decoded::Ready),
+    });
+    (decoded, budget)
+}
+
+/// A frame from a peer with its header decoded (see [`decode_received_head`]).
+#[derive(Debug)]
+pub enum Decoded {
+    /// The message, ready.
+    Ready(Inbound),
+    /// A checkpoint copy whose payload is still in the transport's chunks.
+    Copy(NodeMsg, LeTensor),
+}
+
+impl Decoded {
+    /// The message (a checkpoint copy's payload joined into its bytes).
+    pub fn finish(self) -> Result<Inbound, InboundError> {
+        match self {
+            Decoded::Ready(inbound) => Ok(inbound),
+            Decoded::Copy(header, tensor) => inbound(header, tensor),
+        }
+    }
 }
 
 fn inbound(header: NodeMsg, tensor: LeTensor) -> Result<Inbound, InboundError> {
