@@ -324,6 +324,7 @@ pub fn run_scenario(exe: &Path, scenario: &ProcessScenario, work: &Path, expecte
             nodes: scenario.nodes,
             replicas: scenario.replicas,
             coordination: scenario.local_coordination()?,
+            worker_threads: None,
         };
         run_local_with_options(exe, &config, &options, faults, |_, _, _| {}).map_err(|e| e.to_string())
     });

@@ -27,6 +27,11 @@ struct Cli {
     /// Log lines on stderr as text for people or as JSON objects (with span fields) for machines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Tokio worker threads for messages and I/O (default: one per core, or TOKIO_WORKER_THREADS;
+    /// `phalanx local` gives each of its N node processes cores / N, at least 1). A large
+    /// model's maths leaves them while it runs.
+    #[arg(long, value_name = "N", global = true)]
+    worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -619,7 +624,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn local(args: LocalArgs) -> anyhow::Result<()> {
+async fn local(args: LocalArgs, worker_threads: Option<std::num::NonZeroUsize>) -> anyhow::Result<()> {
     use phalanx::local::{run_local, LocalOptions, NodeFault};
     let mut faults = Vec::new();
     for (kind, specs) in [
@@ -663,7 +668,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let summary = tokio::task::spawn_blocking(move || {
         let mut view = ProgressView::new();
-        let options = LocalOptions { nodes, replicas, coordination };
+        let options = LocalOptions { nodes, replicas, coordination, worker_threads };
         let r = run_local(&config, &options, faults, |step, total, loss| {
             let p = Progress { step, total_steps: total, loss, ..Progress::default() };
             view.update(&p, started);
@@ -909,7 +914,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     phalanx::log_panics();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");
@@ -919,7 +928,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Train(args) => train(args).await,
-            Command::Local(args) => local(*args).await,
+            Command::Local(args) => local(*args, cli.worker_threads).await,
             Command::Predict(args) => predict(args),
             Command::Inspect(args) => inspect(args),
             Command::Certs(args) => {
