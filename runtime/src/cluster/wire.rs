@@ -383,18 +383,12 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Inbound, InboundError> {
     inbound(header, LeTensor::from_values(tensor))
 }
 
-/// [`decode`] for a frame as the transport delivers it: its tensor, in the chunks QUIC
-/// delivered, is taken over without a copy. The frame's share of the receive budget comes back
-/// beside the result.
-pub fn decode_received(frame: RecvFrame, limits: &Limits) -> (Result<Inbound, InboundError>, ReceiveBudget) {
-    let (decoded, budget) = decode_received_head(frame, limits);
-    (decoded.and_then(Decoded::finish), budget)
-}
-
-/// [`decode_received`] up to what is cheap: the header decoded and the tensor taken over,
-/// which is all a message needs (parameters and gradients keep the values the transport read);
-/// a checkpoint copy, whose payload is turned back into bytes (hundreds of MiB), is left to
-/// [`Decoded::finish`], for the caller to run where a long copy holds nothing up.
+/// [`decode`] for a frame as the transport delivers it, up to what is cheap: the header decoded
+/// and the tensor, in the chunks QUIC delivered, taken over without a copy — all a message
+/// needs (parameters and gradients keep the values the transport read). A checkpoint copy,
+/// whose payload is turned back into bytes (hundreds of MiB), is left to [`Decoded::finish`],
+/// for the caller to run where a long copy holds nothing up. The frame's share of the receive
+/// budget comes back beside the result.
 pub fn decode_received_head(frame: RecvFrame, limits: &Limits) -> (Result<Decoded, InboundError>, ReceiveBudget) {
     let (decoded, budget) = frame.decode_le::<NodeMsg>(limits);
     let decoded = decoded.map_err(InboundError::from).and_then(|(header, tensor)| match header {
@@ -521,6 +515,30 @@ mod tests {
             let Inbound::Checkpoint(3, name, back) = decode(&frame[4..], &limits).unwrap() else { panic!() };
             assert_eq!((name.as_str(), back), ("ckpt-x", bytes));
         }
+    }
+
+    /// A received frame decodes to the same message as its bytes do, and only a checkpoint
+    /// copy's payload is left for `finish` (where a copy of the wrong length is refused).
+    #[test]
+    fn a_received_frame_leaves_only_a_checkpoint_copy_to_finish() {
+        let limits = Limits::default();
+        let received = |frame: Vec<u8>| decode_received_head(RecvFrame::new(frame[4..].to_vec()), &limits).0;
+        let gradient = Msg::Gradients(vec![grad(3, vec![1.5, -0.0, f32::from_bits(0x7fc0_0001)])]);
+        let frame = encode_deliver(7, Addr::Aggregator(0), gradient.clone(), &limits).unwrap().to_vec();
+        let Ok(Decoded::Ready(Inbound::Deliver(7, Addr::Aggregator(0), back))) = received(frame) else { panic!() };
+        assert_eq!(format!("{back:?}"), format!("{gradient:?}"));
+
+        let bytes: Vec<u8> = (0..1001u32).map(|i| (i * 7) as u8).collect();
+        let frame = encode_checkpoint(3, "ckpt-x", bytes.clone(), &limits).unwrap().into_vec();
+        let Ok(copy @ Decoded::Copy(..)) = received(frame) else { panic!("a checkpoint copy is left to finish") };
+        let Ok(Inbound::Checkpoint(3, name, back)) = copy.finish() else { panic!() };
+        assert_eq!((name.as_str(), back), ("ckpt-x", bytes));
+
+        let header = NodeMsg::CheckpointCopy { job: 3, name: "ckpt-x".into(), len: 9 };
+        let frame = phalanx_transport::encode(&header, &[1.0], &limits).unwrap().to_vec();
+        let Ok(copy @ Decoded::Copy(..)) = received(frame) else { panic!() };
+        assert!(matches!(copy.finish(), Err(InboundError::TensorMismatch { got: 1 })), "9 bytes in a 4-byte payload");
+        assert!(received(vec![0; 12]).is_err(), "garbage is refused at the head");
     }
 
     #[test]
