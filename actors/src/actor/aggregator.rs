@@ -415,6 +415,13 @@ impl Actor for AggregatorActor {
 }
 
 impl AggregatorState {
+    /// The length of this aggregator's range: what its work per message (a gradient range
+    /// added, an optimizer step) is proportional to, and what decides whether that work
+    /// leaves the tokio worker (see `super::compute`).
+    fn range_len(&self) -> usize {
+        self.ctx.plan.ranges[self.key.index as usize].1
+    }
+
     fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
             ActorMsg::Net(msg) => msg,
@@ -423,7 +430,7 @@ impl AggregatorState {
             ActorMsg::Tick => {
                 self.retry_due = false;
                 let before = self.core.step();
-                return super::compute(self.ctx.model.num_params(), || {
+                return super::compute(self.range_len(), || {
                     let cmds = self.resume_waiting_step()?;
                     self.after_step(before, cmds)
                 });
@@ -431,9 +438,9 @@ impl AggregatorState {
         };
         match msg {
             // A gradient may complete a step: the optimizer runs off the tokio workers.
-            Msg::Gradient(g) => super::compute(self.ctx.model.num_params(), || self.on_gradient(g)),
+            Msg::Gradient(g) => super::compute(self.range_len(), || self.on_gradient(g)),
             Msg::Gradients(gs) => {
-                super::compute(self.ctx.model.num_params(), || gs.into_iter().try_for_each(|g| self.on_gradient(g)))
+                super::compute(self.range_len(), || gs.into_iter().try_for_each(|g| self.on_gradient(g)))
             }
             Msg::ParamsRequest { trainer, step, .. } => {
                 let cmds = self.core.on_params_request(trainer, step);

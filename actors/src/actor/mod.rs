@@ -240,7 +240,9 @@ async fn spawn_role(
 /// runtime, outside tokio) it simply runs. The result and its bits are the same either way.
 ///
 /// Handing a worker over costs a few microseconds, more than a small model's whole step, so
-/// only models of at least [`OFFLOAD_PARAMS`] parameters (`params`) are handed over.
+/// only work over at least [`OFFLOAD_PARAMS`] parameters (`params`) is handed over: a
+/// trainer's gradient covers the model, an aggregator's sum and step its range. Messages that
+/// start no such work (a θ range that does not complete θ, a batch) never come here.
 pub(crate) fn compute<R>(params: usize, work: impl FnOnce() -> R) -> R {
     if params < OFFLOAD_PARAMS {
         return work();
@@ -251,6 +253,7 @@ pub(crate) fn compute<R>(params: usize, work: impl FnOnce() -> R) -> R {
     }
 }
 
-/// Models from this many parameters compute off the tokio workers (see [`compute`]): a
-/// gradient of this size takes on the order of a millisecond.
+/// Work over this many parameters runs off the tokio workers (see [`compute`]): a gradient
+/// of a model this size takes on the order of a millisecond; an aggregator's sum and step
+/// over a range this size, tens of microseconds.
 pub const OFFLOAD_PARAMS: usize = 65_536;

@@ -42,7 +42,10 @@ impl TrainerState {
                     let _step = tracing::debug_span!("step", step, partition, partitions).entered();
                     #[cfg(feature = "fault-injection")]
                     self.ctx.faults.maybe_panic(self.key, step);
-                    queue.extend(self.core.compute(step, partition)?);
+                    // Only the maths leaves the tokio worker (see `super::compute`): a message
+                    // that computes nothing (most θ ranges and batches) is handled in place.
+                    let core = &mut self.core;
+                    queue.extend(super::compute(self.ctx.model.num_params(), || core.compute(step, partition))?);
                 }
             }
         }
@@ -101,19 +104,17 @@ impl TrainerState {
             }
             ActorMsg::Net(msg) => msg,
         };
-        // Gradients are computed here (TrainerCommand::Compute): off the tokio workers.
-        super::compute(self.ctx.model.num_params(), || {
-            let cmds = match msg {
-                Msg::Params(p) => self.core.on_params(p),
-                Msg::Batches(b) => self.core.on_batches(b),
-                Msg::ShardReady { partition, .. } => self.core.on_shard_ready(partition),
-                Msg::Assign { generation, partitions, .. } => self.core.on_assign(generation, partitions),
-                other => {
-                    tracing::warn!(trainer = self.key.index, kind = other.kind(), "unexpected message dropped");
-                    Vec::new()
-                }
-            };
-            self.run(cmds)
-        })
+        // Gradients are computed in `run` (TrainerCommand::Compute), off the tokio workers.
+        let cmds = match msg {
+            Msg::Params(p) => self.core.on_params(p),
+            Msg::Batches(b) => self.core.on_batches(b),
+            Msg::ShardReady { partition, .. } => self.core.on_shard_ready(partition),
+            Msg::Assign { generation, partitions, .. } => self.core.on_assign(generation, partitions),
+            other => {
+                tracing::warn!(trainer = self.key.index, kind = other.kind(), "unexpected message dropped");
+                Vec::new()
+            }
+        };
+        self.run(cmds)
     }
 }
