@@ -60,8 +60,15 @@ struct Persisting {
 
 impl Persisting {
     /// Wait until the checkpoint is durable (or failed).
+    /// Waits for the write; if it is still going, off the tokio worker (an fsync may take long,
+    /// and a small range's step runs on the worker: see `super::offload`).
     fn wait(self) -> Result<(), ActorProcessingErr> {
-        match self.done.recv() {
+        let result = match self.done.try_recv() {
+            Ok(result) => Ok(result),
+            Err(std::sync::mpsc::TryRecvError::Empty) => super::offload(true, || self.done.recv()),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(self.lost()),
+        };
+        match result {
             Ok(result) => result.map_err(Into::into),
             Err(_) => Err(self.lost()),
         }
@@ -415,33 +422,31 @@ impl Actor for AggregatorActor {
 }
 
 impl AggregatorState {
-    /// The length of this aggregator's range: what its work per message (a gradient range
-    /// added, an optimizer step) is proportional to, and what decides whether that work
-    /// leaves the tokio worker (see `super::compute`).
-    fn range_len(&self) -> usize {
-        self.ctx.plan.ranges[self.key.index as usize].1
+    /// Whether this aggregator's work per message (a gradient range added, an optimizer step:
+    /// proportional to its range's length) leaves the tokio worker (see
+    /// [`super::OFFLOAD_RANGE_VALUES`]).
+    fn large(&self) -> bool {
+        self.ctx.plan.ranges[self.key.index as usize].1 >= super::OFFLOAD_RANGE_VALUES
     }
 
     fn on_message(&mut self, msg: ActorMsg) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
             ActorMsg::Net(msg) => msg,
-            // A step waits for the lease or for a checkpoint being written: look again (the
-            // step runs off the tokio workers).
+            // A step waits for the lease or for a checkpoint being written: look again (a large
+            // range's step runs off the tokio workers).
             ActorMsg::Tick => {
                 self.retry_due = false;
                 let before = self.core.step();
-                return super::compute(self.range_len(), || {
+                return super::offload(self.large(), || {
                     let cmds = self.resume_waiting_step()?;
                     self.after_step(before, cmds)
                 });
             }
         };
         match msg {
-            // A gradient may complete a step: the optimizer runs off the tokio workers.
-            Msg::Gradient(g) => super::compute(self.range_len(), || self.on_gradient(g)),
-            Msg::Gradients(gs) => {
-                super::compute(self.range_len(), || gs.into_iter().try_for_each(|g| self.on_gradient(g)))
-            }
+            // A gradient may complete a step: a large range's sum and step run off the tokio workers.
+            Msg::Gradient(g) => super::offload(self.large(), || self.on_gradient(g)),
+            Msg::Gradients(gs) => super::offload(self.large(), || gs.into_iter().try_for_each(|g| self.on_gradient(g))),
             Msg::ParamsRequest { trainer, step, .. } => {
                 let cmds = self.core.on_params_request(trainer, step);
                 self.run(cmds)
