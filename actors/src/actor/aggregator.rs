@@ -59,19 +59,17 @@ struct Persisting {
 }
 
 impl Persisting {
-    /// Wait until the checkpoint is durable (or failed).
-    /// Waits for the write; if it is still going, off the tokio worker (an fsync may take long,
-    /// and a small range's step runs on the worker: see `super::offload`).
+    /// Waits until the checkpoint is durable (or failed); if the write is still going, off the
+    /// tokio worker (an fsync may take long, and a small range's step runs on the worker: see
+    /// `super::offload`).
     fn wait(self) -> Result<(), ActorProcessingErr> {
-        let result = match self.done.try_recv() {
+        use std::sync::mpsc::TryRecvError;
+        let received = match self.done.try_recv() {
             Ok(result) => Ok(result),
-            Err(std::sync::mpsc::TryRecvError::Empty) => super::offload(true, || self.done.recv()),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(self.lost()),
+            Err(TryRecvError::Empty) => super::offload(true, || self.done.recv()).map_err(|_| ()),
+            Err(TryRecvError::Disconnected) => Err(()),
         };
-        match result {
-            Ok(result) => result.map_err(Into::into),
-            Err(_) => Err(self.lost()),
-        }
+        received.map_err(|()| self.lost())?.map_err(Into::into)
     }
 
     fn lost(&self) -> ActorProcessingErr {
