@@ -10,10 +10,13 @@
 //! - **forward**, per chunk: `h = relu(x·W1 + b1)` (each element `Σ_k x·W1` in ascending `k`,
 //!   then `+ b1`), and the output's lane dot `h·W2` takes the chunk in; then `out = lanes + b2`;
 //! - **head**, per batch: its summed loss, and `∂out` in place of `out`;
-//! - **backward**, per chunk: the chunk's `h` computed again (the same code, so the same bits:
-//!   `inputs` multiply-adds per activation (11 for the wine data) cost less than storing every
-//!   row's activations and reading them back, which at 65,536 hidden units is 16 MiB written and
-//!   read per 64 rows), then
+//! - **backward**, per chunk: the chunk's `h` and transposed `W2` as the forward pass left them
+//!   when every chunk's fit in [`KEEP_BYTES`] (the forward then writes them to memory instead
+//!   of a chunk-sized buffer), else computed again (the same code, so the same bits either
+//!   way): at 4,096 hidden units and 64 rows they take 1.1 MiB, and reading them back made a
+//!   step 8 % faster than computing them again; at 65,536 units they take 5.5 MiB (21 rows)
+//!   to 17 MiB (64 rows), which no core's cache holds, and computing `inputs` multiply-adds
+//!   per activation again (11 for the wine data) was as fast or faster than reading them; then
 //!   `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch
 //!   `∂W1 = xᵀ·∂h`, `∂b1 = Σ ∂h` and `∂W2 = hᵀ·∂out` (each element summed over the batch's rows
 //!   in order), added over the batches in the reduction tree ([`super::dense::tree_sum`]) and
@@ -35,6 +38,10 @@ use super::{
 /// Hidden units per chunk (a multiple of [`dense::LANES`], so the output's lane dot continues
 /// across chunks).
 const CHUNK: usize = 256;
+
+/// The most bytes of activations and transposed `W2` a forward pass keeps for the backward
+/// pass (at most twice a core's L2 here); above it, the backward pass computes them again.
+const KEEP_BYTES: usize = 2 << 20;
 
 /// The parameters of one call, in the pieces they came in (a trainer's θ as its aggregators'
 /// ranges, or one whole vector), and where each tensor starts. Every read goes through a block
@@ -77,27 +84,129 @@ impl Mlp {
     }
 
     /// Forward pass over `rows` rows of `x` (row-major): the raw outputs (`rows × outputs`).
-    /// The hidden activations live one chunk at a time (`rows × CHUNK`); the backward pass
-    /// computes each chunk again instead of keeping them.
-    fn forward(&self, p: &Params<'_, '_>, x: &[f32], rows: usize) -> Vec<f32> {
+    /// The hidden activations live one chunk at a time in `bufs`, unless `keep` takes them
+    /// (every chunk's activations and transposed `W2`, for the backward pass).
+    fn forward(
+        &self,
+        p: &Params<'_, '_>,
+        x: &[f32],
+        rows: usize,
+        bufs: &mut ChunkBufs,
+        mut keep: Option<&mut Kept>,
+    ) -> Vec<f32> {
         let ModelSpec { outputs, hidden, .. } = self.spec;
-        let widest = CHUNK.min(hidden);
-        let mut h = vec![0.0; rows * widest];
-        let mut w1c = vec![0.0; self.spec.inputs * widest];
-        let mut w2t = vec![0.0; outputs * widest];
-        let mut scratch = Vec::new();
         let mut dot = LaneDot::new(rows, outputs);
         for j0 in (0..hidden).step_by(CHUNK) {
             let c = CHUNK.min(hidden - j0);
-            let h = &mut h[..rows * c];
-            self.hidden_chunk(p, x, j0, c, &mut w1c, &mut scratch, h);
-            let w2t = &mut w2t[..outputs * c];
-            transpose_rows(self.w2_rows(p, j0, c, &mut scratch), outputs, c, w2t);
+            let (h, w2t) = match keep.as_deref_mut() {
+                Some(kept) => kept.chunk_mut(j0, c),
+                None => (&mut bufs.h[..rows * c], &mut bufs.w2t[..outputs * c]),
+            };
+            self.chunk(p, x, j0, c, &mut bufs.w1c, &mut bufs.scratch, h, w2t);
             dot.add(h, w2t, c);
         }
         let mut out = vec![0.0; rows * outputs];
-        dot.finish(p.src.slice(p.at[3]..p.at[3] + outputs, &mut scratch), &mut out);
+        dot.finish(p.src.slice(p.at[3]..p.at[3] + outputs, &mut bufs.scratch), &mut out);
         out
+    }
+
+    /// A chunk's activations `h` (`rows × c`, [`hidden_chunk`](Self::hidden_chunk)) and its
+    /// rows of `W2` transposed into `w2t` (`outputs × c`).
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &self,
+        p: &Params<'_, '_>,
+        x: &[f32],
+        j0: usize,
+        c: usize,
+        w1c: &mut [f32],
+        scratch: &mut Vec<f32>,
+        h: &mut [f32],
+        w2t: &mut [f32],
+    ) {
+        self.hidden_chunk(p, x, j0, c, w1c, scratch, h);
+        transpose_rows(self.w2_rows(p, j0, c, scratch), self.spec.outputs, c, w2t);
+    }
+
+    /// [`Model::loss_grad_tree_parts`], keeping the forward pass's activations for the backward
+    /// pass when they take at most `keep_bytes` ([`KEEP_BYTES`]; the bits are the same
+    /// either way).
+    fn loss_grad_keeping(
+        &self,
+        params: &ParamParts<'_>,
+        batches: &[BatchView<'_>],
+        grad: &mut [f32],
+        keep_bytes: usize,
+    ) -> Result<Vec<f64>, ModelError> {
+        let p = self.split(params)?;
+        check_grad(self.layout.total, grad)?;
+        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
+        let Gathered { x, ys, bounds } = self.gather(batches)?;
+        let rows = bounds[bounds.len() - 1];
+        let mut kept = Kept::fitting(rows, outputs, hidden, keep_bytes);
+        let mut bufs = ChunkBufs::new(&self.spec, rows, kept.is_some());
+        let mut out = self.forward(&p, &x, rows, &mut bufs, kept.as_mut());
+
+        // The head, batch by batch: `out` becomes ∂loss/∂out.
+        let mut losses = Vec::with_capacity(batches.len());
+        for (i, y) in ys.iter().enumerate() {
+            let (a, b) = (bounds[i], bounds[i + 1]);
+            let view = ArrayViewMut2::from_shape((b - a, outputs), &mut out[a * outputs..b * outputs])
+                .expect("the batch's rows of the outputs");
+            losses.push(apply_head(view, *y, true));
+        }
+        let d_out = &out;
+
+        let (gw1, rest) = grad.split_at_mut(self.lens[0]);
+        let (gb1, rest) = rest.split_at_mut(self.lens[1]);
+        let (gw2, gb2) = rest.split_at_mut(self.lens[2]);
+        let ones = vec![1.0f32; (1..bounds.len()).map(|i| bounds[i] - bounds[i - 1]).max().unwrap_or(0)];
+        let widest = CHUNK.min(hidden);
+        let mut d_hidden = vec![0.0; rows * widest];
+        // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
+        let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
+        let mut scratch = Vec::new();
+        for j0 in (0..hidden).step_by(CHUNK) {
+            let c = CHUNK.min(hidden - j0);
+            let (h, w2t): (&[f32], &[f32]) = match &kept {
+                Some(kept) => kept.chunk(j0, c),
+                None => {
+                    let (h, w2t) = (&mut bufs.h[..rows * c], &mut bufs.w2t[..outputs * c]);
+                    self.chunk(&p, &x, j0, c, &mut bufs.w1c, &mut bufs.scratch, h, w2t);
+                    (h, w2t)
+                }
+            };
+            // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
+            // (at z == 0 exactly, the subgradient 0). A select, not a branch: whether a unit is
+            // active is a coin toss per element. A NaN `h` keeps its `∂h`.
+            let d_hidden = &mut d_hidden[..rows * c];
+            dense::matmul_rows(d_out, outputs, w2t, c, 0, d_hidden, c);
+            for (d, &hv) in d_hidden.iter_mut().zip(h) {
+                *d = if hv <= 0.0 { 0.0 } else { *d };
+            }
+            let d_hidden: &[f32] = d_hidden;
+            let block = &mut block[..(inputs + 1 + outputs) * c];
+            dense::tree_sum(batches.len(), block, &mut scratch, &mut |i, buf| {
+                let (a, b) = (bounds[i], bounds[i + 1]);
+                let (bw1, rest) = buf.split_at_mut(inputs * c);
+                let (bb1, bw2t) = rest.split_at_mut(c);
+                let d_leaf = &d_hidden[a * c..b * c];
+                dense::matmul_tn(&x[a * inputs..b * inputs], inputs, d_leaf, c, bw1);
+                dense::matmul_tn(&ones[..b - a], 1, d_leaf, c, bb1);
+                dense::matmul_tn(&d_out[a * outputs..b * outputs], outputs, &h[a * c..b * c], c, bw2t);
+            });
+            for (k, row) in block[..inputs * c].chunks_exact(c).enumerate() {
+                gw1[k * hidden + j0..k * hidden + j0 + c].copy_from_slice(row);
+            }
+            gb1[j0..j0 + c].copy_from_slice(&block[inputs * c..(inputs + 1) * c]);
+            untranspose_rows(&block[(inputs + 1) * c..], outputs, j0, c, gw2);
+        }
+        // ∂b2 = Σ ∂out over each batch's rows, in the tree too.
+        dense::tree_sum(batches.len(), gb2, &mut scratch, &mut |i, buf| {
+            let (a, b) = (bounds[i], bounds[i + 1]);
+            dense::matmul_tn(&ones[..b - a], 1, &d_out[a * outputs..b * outputs], outputs, buf);
+        });
+        Ok(losses)
     }
 
     /// Rows `j0..j0 + c` of `W2` (`c × outputs`), borrowed or copied into `scratch`.
@@ -160,6 +269,63 @@ impl Mlp {
     }
 }
 
+/// A chunk's working buffers: its activations, its columns of `W1` packed, its rows of `W2`
+/// transposed, and room for a block of parameters that lies across two pieces.
+struct ChunkBufs {
+    h: Vec<f32>,
+    w1c: Vec<f32>,
+    w2t: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl ChunkBufs {
+    /// Buffers for chunks of `rows` rows, with `h` and `w2t` only if the activations are not
+    /// kept elsewhere.
+    fn new(spec: &ModelSpec, rows: usize, kept: bool) -> Self {
+        let widest = CHUNK.min(spec.hidden);
+        let own = if kept { 0 } else { widest };
+        Self {
+            h: vec![0.0; rows * own],
+            w1c: vec![0.0; spec.inputs * widest],
+            w2t: vec![0.0; spec.outputs * own],
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Every chunk's activations and transposed rows of `W2`, as a forward pass left them for the
+/// backward pass: chunk `j0..j0 + c` at `rows · j0` in `h` and at `outputs · j0` in `w2t`.
+struct Kept {
+    rows: usize,
+    outputs: usize,
+    h: Vec<f32>,
+    w2t: Vec<f32>,
+}
+
+impl Kept {
+    /// Room for `rows` rows' activations over `hidden` units, if they take at most
+    /// `max_bytes` with the transposed `W2`.
+    fn fitting(rows: usize, outputs: usize, hidden: usize, max_bytes: usize) -> Option<Self> {
+        let bytes = rows.checked_add(outputs)?.checked_mul(hidden)?.checked_mul(4)?;
+        (bytes <= max_bytes).then(|| Self {
+            rows,
+            outputs,
+            h: vec![0.0; rows * hidden],
+            w2t: vec![0.0; outputs * hidden],
+        })
+    }
+
+    fn chunk_mut(&mut self, j0: usize, c: usize) -> (&mut [f32], &mut [f32]) {
+        let (r, o) = (self.rows, self.outputs);
+        (&mut self.h[r * j0..r * (j0 + c)], &mut self.w2t[o * j0..o * (j0 + c)])
+    }
+
+    fn chunk(&self, j0: usize, c: usize) -> (&[f32], &[f32]) {
+        let (r, o) = (self.rows, self.outputs);
+        (&self.h[r * j0..r * (j0 + c)], &self.w2t[o * j0..o * (j0 + c)])
+    }
+}
+
 /// The batches of one call, checked: their rows one after another, each batch's targets, and
 /// where each batch's rows start (and, last, where they end).
 struct Gathered<'a> {
@@ -216,74 +382,7 @@ impl Model for Mlp {
         batches: &[BatchView<'_>],
         grad: &mut [f32],
     ) -> Result<Vec<f64>, ModelError> {
-        let p = self.split(params)?;
-        check_grad(self.layout.total, grad)?;
-        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
-        let Gathered { x, ys, bounds } = self.gather(batches)?;
-        let rows = bounds[bounds.len() - 1];
-        let mut out = self.forward(&p, &x, rows);
-
-        // The head, batch by batch: `out` becomes ∂loss/∂out.
-        let mut losses = Vec::with_capacity(batches.len());
-        for (i, y) in ys.iter().enumerate() {
-            let (a, b) = (bounds[i], bounds[i + 1]);
-            let view = ArrayViewMut2::from_shape((b - a, outputs), &mut out[a * outputs..b * outputs])
-                .expect("the batch's rows of the outputs");
-            losses.push(apply_head(view, *y, true));
-        }
-        let d_out = &out;
-
-        let (gw1, rest) = grad.split_at_mut(self.lens[0]);
-        let (gb1, rest) = rest.split_at_mut(self.lens[1]);
-        let (gw2, gb2) = rest.split_at_mut(self.lens[2]);
-        let ones = vec![1.0f32; (1..bounds.len()).map(|i| bounds[i] - bounds[i - 1]).max().unwrap_or(0)];
-        let widest = CHUNK.min(hidden);
-        let mut w2t = vec![0.0; outputs * widest];
-        let mut h = vec![0.0; rows * widest];
-        let mut w1c = vec![0.0; inputs * widest];
-        let mut d_hidden = vec![0.0; rows * widest];
-        // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
-        let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
-        let mut scratch = Vec::new();
-        let mut piece_scratch = Vec::new();
-        for j0 in (0..hidden).step_by(CHUNK) {
-            let c = CHUNK.min(hidden - j0);
-            let h = &mut h[..rows * c];
-            self.hidden_chunk(&p, &x, j0, c, &mut w1c, &mut piece_scratch, h);
-            let h: &[f32] = h;
-            let w2t = &mut w2t[..outputs * c];
-            transpose_rows(self.w2_rows(&p, j0, c, &mut piece_scratch), outputs, c, w2t);
-            // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
-            // (at z == 0 exactly, the subgradient 0). A select, not a branch: whether a unit is
-            // active is a coin toss per element. A NaN `h` keeps its `∂h`.
-            let d_hidden = &mut d_hidden[..rows * c];
-            dense::matmul_rows(d_out, outputs, w2t, c, 0, d_hidden, c);
-            for (d, &hv) in d_hidden.iter_mut().zip(h) {
-                *d = if hv <= 0.0 { 0.0 } else { *d };
-            }
-            let d_hidden: &[f32] = d_hidden;
-            let block = &mut block[..(inputs + 1 + outputs) * c];
-            dense::tree_sum(batches.len(), block, &mut scratch, &mut |i, buf| {
-                let (a, b) = (bounds[i], bounds[i + 1]);
-                let (bw1, rest) = buf.split_at_mut(inputs * c);
-                let (bb1, bw2t) = rest.split_at_mut(c);
-                let d_leaf = &d_hidden[a * c..b * c];
-                dense::matmul_tn(&x[a * inputs..b * inputs], inputs, d_leaf, c, bw1);
-                dense::matmul_tn(&ones[..b - a], 1, d_leaf, c, bb1);
-                dense::matmul_tn(&d_out[a * outputs..b * outputs], outputs, &h[a * c..b * c], c, bw2t);
-            });
-            for (k, row) in block[..inputs * c].chunks_exact(c).enumerate() {
-                gw1[k * hidden + j0..k * hidden + j0 + c].copy_from_slice(row);
-            }
-            gb1[j0..j0 + c].copy_from_slice(&block[inputs * c..(inputs + 1) * c]);
-            untranspose_rows(&block[(inputs + 1) * c..], outputs, j0, c, gw2);
-        }
-        // ∂b2 = Σ ∂out over each batch's rows, in the tree too.
-        dense::tree_sum(batches.len(), gb2, &mut scratch, &mut |i, buf| {
-            let (a, b) = (bounds[i], bounds[i + 1]);
-            dense::matmul_tn(&ones[..b - a], 1, &d_out[a * outputs..b * outputs], outputs, buf);
-        });
-        Ok(losses)
+        self.loss_grad_keeping(params, batches, grad, KEEP_BYTES)
     }
 
     fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
@@ -291,7 +390,7 @@ impl Model for Mlp {
         let p = self.split(&params)?;
         let Gathered { x, ys, bounds } = self.gather(&[BatchView { x: x.view(), y }])?;
         let rows = bounds[1];
-        let mut out = self.forward(&p, &x, rows);
+        let mut out = self.forward(&p, &x, rows, &mut ChunkBufs::new(&self.spec, rows, false), None);
         let view = ArrayViewMut2::from_shape((rows, self.spec.outputs), &mut out).expect("rows × outputs");
         Ok(apply_head(view, ys[0], false))
     }
@@ -302,7 +401,7 @@ impl Model for Mlp {
         check_x(&self.spec, x)?;
         let rows = x.nrows();
         let x: Vec<f32> = x.iter().copied().collect();
-        let out = self.forward(&p, &x, rows);
+        let out = self.forward(&p, &x, rows, &mut ChunkBufs::new(&self.spec, rows, false), None);
         Ok(Array2::from_shape_vec((rows, self.spec.outputs), out).expect("rows × outputs"))
     }
 }
@@ -508,6 +607,41 @@ mod tests {
                 serial.iter_mut().zip(&one).for_each(|(s, o)| *s += o);
             }
             assert_ne!(bits(&serial), bits(&fused), "{head}: serial and tree sums agree; the test is blind");
+        }
+    }
+
+    /// Keeping the forward pass's activations for the backward pass, or computing them again,
+    /// gives the same bits: the tiny models of these tests keep them, so this is the test of
+    /// the path large models take (and the other way round).
+    #[test]
+    fn kept_and_recomputed_activations_give_the_same_bits() {
+        for (head, outputs) in [(Head::Classification, 6u32), (Head::Regression, 1)] {
+            let model = Mlp::new(mlp_spec(11, outputs as usize, 300, head)).expect("valid spec");
+            let params = random_vec(9, model.num_params(), -0.3, 0.3);
+            let data = batches_for(11, outputs, 70);
+            let batches: Vec<BatchView<'_>> = data
+                .iter()
+                .map(|(x, real, labels)| BatchView {
+                    x: x.view(),
+                    y: match head {
+                        Head::Regression => Targets::Real(real),
+                        Head::Classification => Targets::Class(labels),
+                    },
+                })
+                .collect();
+            let rows: usize = data.iter().map(|(x, _, _)| x.nrows()).sum();
+            assert!(super::Kept::fitting(rows, outputs as usize, 300, super::KEEP_BYTES).is_some());
+            assert!(super::Kept::fitting(rows, outputs as usize, 300, 0).is_none());
+            assert!(super::Kept::fitting(usize::MAX, 1, 2, usize::MAX).is_none(), "an overflow keeps nothing");
+            let parts = ParamParts::whole(&params);
+            let mut kept = vec![f32::NAN; model.num_params()];
+            let mut again = vec![f32::NAN; model.num_params()];
+            let kept_losses = model.loss_grad_keeping(&parts, &batches, &mut kept, usize::MAX).expect("valid");
+            let again_losses = model.loss_grad_keeping(&parts, &batches, &mut again, 0).expect("valid");
+            assert_eq!(bits(&kept), bits(&again), "{head}");
+            let loss_bits = |l: &[f64]| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(loss_bits(&kept_losses), loss_bits(&again_losses), "{head}");
+            assert!(kept.iter().any(|&g| g != 0.0), "{head}: a zero gradient would hide a mix-up");
         }
     }
 
