@@ -110,24 +110,6 @@ impl Mlp {
         out
     }
 
-    /// A chunk's activations `h` (`rows × c`, [`hidden_chunk`](Self::hidden_chunk)) and its
-    /// rows of `W2` transposed into `w2t` (`outputs × c`).
-    #[allow(clippy::too_many_arguments)]
-    fn chunk(
-        &self,
-        p: &Params<'_, '_>,
-        x: &[f32],
-        j0: usize,
-        c: usize,
-        w1c: &mut [f32],
-        scratch: &mut Vec<f32>,
-        h: &mut [f32],
-        w2t: &mut [f32],
-    ) {
-        self.hidden_chunk(p, x, j0, c, w1c, scratch, h);
-        transpose_rows(self.w2_rows(p, j0, c, scratch), self.spec.outputs, c, w2t);
-    }
-
     /// [`Model::loss_grad_tree_parts`], keeping the forward pass's activations for the backward
     /// pass when they take at most `keep_bytes` ([`KEEP_BYTES`]; the bits are the same
     /// either way).
@@ -215,11 +197,12 @@ impl Mlp {
         p.src.slice(p.at[2] + j0 * outputs..p.at[2] + (j0 + c) * outputs, scratch)
     }
 
-    /// `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])`, `rows × c`. `w1c` (at least `inputs
-    /// × c` long) receives the chunk's columns of `W1`, packed; `scratch` holds `b1`'s chunk
-    /// when it lies across two pieces of the parameters.
+    /// A chunk's activations `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])` (`rows × c`) and
+    /// its rows of `W2` transposed into `w2t` (`outputs × c`). `w1c` (at least `inputs × c`
+    /// long) receives the chunk's columns of `W1`, packed; `scratch` holds a block of the
+    /// parameters that lies across two of their pieces.
     #[allow(clippy::too_many_arguments)]
-    fn hidden_chunk(
+    fn chunk(
         &self,
         p: &Params<'_, '_>,
         x: &[f32],
@@ -228,6 +211,7 @@ impl Mlp {
         w1c: &mut [f32],
         scratch: &mut Vec<f32>,
         h: &mut [f32],
+        w2t: &mut [f32],
     ) {
         let ModelSpec { inputs, hidden, .. } = self.spec;
         // The chunk's columns of `W1` side by side first: in place, its `inputs` rows are
@@ -250,6 +234,7 @@ impl Mlp {
                 *z = if v <= 0.0 { 0.0 } else { v };
             }
         }
+        transpose_rows(self.w2_rows(p, j0, c, scratch), self.spec.outputs, c, w2t);
     }
 
     /// Validates every batch and gathers their rows (row-major, batch after batch).
@@ -614,6 +599,23 @@ mod tests {
         values.iter().map(|v| v.to_bits()).collect()
     }
 
+    fn loss_bits(losses: &[f64]) -> Vec<u64> {
+        losses.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The batches of [`batches_for`] with the targets of `head`.
+    fn views(data: &[(Array2<f32>, Vec<f32>, Vec<u32>)], head: Head) -> Vec<BatchView<'_>> {
+        data.iter()
+            .map(|(x, real, labels)| BatchView {
+                x: x.view(),
+                y: match head {
+                    Head::Regression => Targets::Real(real),
+                    Head::Classification => Targets::Class(labels),
+                },
+            })
+            .collect()
+    }
+
     /// Batches of 5, 0, 8, 1, 3, 7 and 2 rows; the tree over 7 batches is ((0 1)(2 3))((4 5) 6).
     fn batches_for(inputs: usize, outputs: u32, seed: u64) -> Vec<(Array2<f32>, Vec<f32>, Vec<u32>)> {
         [5, 0, 8, 1, 3, 7, 2]
@@ -635,22 +637,12 @@ mod tests {
             let reference = LeafByLeaf(model.clone());
             let params = random_vec(3, model.num_params(), -0.3, 0.3);
             let data = batches_for(11, outputs, 40);
-            let batches: Vec<BatchView<'_>> = data
-                .iter()
-                .map(|(x, real, labels)| BatchView {
-                    x: x.view(),
-                    y: match head {
-                        Head::Regression => Targets::Real(real),
-                        Head::Classification => Targets::Class(labels),
-                    },
-                })
-                .collect();
+            let batches = views(&data, head);
             let mut fused = vec![f32::NAN; model.num_params()];
             let mut expected = vec![f32::NAN; model.num_params()];
             let losses = model.loss_grad_tree(&params, &batches, &mut fused).expect("valid");
             let expected_losses = reference.loss_grad_tree(&params, &batches, &mut expected).expect("valid");
             assert_eq!(bits(&fused), bits(&expected), "{head}: the fused pass changed bits");
-            let loss_bits = |l: &[f64]| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(loss_bits(&losses), loss_bits(&expected_losses));
             // Every subtree too (a replacement trainer may own any node): [4, 7) = (4 5) 6.
             let mut part = vec![f32::NAN; model.num_params()];
@@ -679,16 +671,7 @@ mod tests {
             let model = Mlp::new(mlp_spec(11, outputs as usize, 300, head)).expect("valid spec");
             let params = random_vec(9, model.num_params(), -0.3, 0.3);
             let data = batches_for(11, outputs, 70);
-            let batches: Vec<BatchView<'_>> = data
-                .iter()
-                .map(|(x, real, labels)| BatchView {
-                    x: x.view(),
-                    y: match head {
-                        Head::Regression => Targets::Real(real),
-                        Head::Classification => Targets::Class(labels),
-                    },
-                })
-                .collect();
+            let batches = views(&data, head);
             let rows: usize = data.iter().map(|(x, _, _)| x.nrows()).sum();
             assert!(super::Kept::fitting(rows, outputs as usize, 300, super::KEEP_BYTES).is_some());
             assert!(super::Kept::fitting(rows, outputs as usize, 300, 0).is_none());
@@ -699,7 +682,6 @@ mod tests {
             let kept_losses = model.loss_grad_keeping(&parts, &batches, &mut kept, usize::MAX).expect("valid");
             let again_losses = model.loss_grad_keeping(&parts, &batches, &mut again, 0).expect("valid");
             assert_eq!(bits(&kept), bits(&again), "{head}");
-            let loss_bits = |l: &[f64]| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(loss_bits(&kept_losses), loss_bits(&again_losses), "{head}");
             assert!(kept.iter().any(|&g| g != 0.0), "{head}: a zero gradient would hide a mix-up");
         }
@@ -737,8 +719,7 @@ mod tests {
         let n = model.num_params();
         let params = random_vec(8, n, -0.3, 0.3);
         let data = batches_for(11, 6, 40);
-        let batches: Vec<BatchView<'_>> =
-            data.iter().map(|(x, _, labels)| BatchView { x: x.view(), y: Targets::Class(labels) }).collect();
+        let batches = views(&data, Head::Classification);
         let mut whole = vec![f32::NAN; n];
         let losses = model.loss_grad_tree(&params, &batches, &mut whole).expect("valid");
         let [w1, b1, w2] = model.lens;
@@ -798,8 +779,7 @@ mod tests {
         let model = Mlp::new(mlp_spec(11, 6, 300, Head::Classification)).expect("valid spec");
         let params = random_vec(5, model.num_params(), -0.3, 0.3);
         let data = batches_for(11, 6, 90);
-        let batches: Vec<BatchView<'_>> =
-            data.iter().map(|(x, _, labels)| BatchView { x: x.view(), y: Targets::Class(labels) }).collect();
+        let batches = views(&data, Head::Classification);
         let run = || {
             let mut grad = vec![0.0f32; model.num_params()];
             let losses = model.loss_grad_tree(&params, &batches, &mut grad).expect("valid");
