@@ -288,17 +288,32 @@ struct Kept {
     w2t: Vec<f32>,
 }
 
+thread_local! {
+    /// A thread's [`Kept`] buffers between calls.
+    static KEPT_BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let buffers = (std::mem::take(&mut self.h), std::mem::take(&mut self.w2t));
+        KEPT_BUFFERS.with(|spare| spare.set(buffers));
+    }
+}
+
 impl Kept {
     /// Room for `rows` rows' activations over `hidden` units, if they take at most
     /// `max_bytes` with the transposed `W2`.
     fn fitting(rows: usize, outputs: usize, hidden: usize, max_bytes: usize) -> Option<Self> {
         let bytes = rows.checked_add(outputs)?.checked_mul(hidden)?.checked_mul(4)?;
-        (bytes <= max_bytes).then(|| Self {
-            rows,
-            outputs,
-            h: vec![0.0; rows * hidden],
-            w2t: vec![0.0; outputs * hidden],
-        })
+        if bytes > max_bytes {
+            return None;
+        }
+        // The last call's buffers on this thread (at most `max_bytes` stay between calls): the
+        // forward pass overwrites every value, so only growth is zeroed.
+        let (mut h, mut w2t) = KEPT_BUFFERS.with(|spare| spare.take());
+        h.resize(rows * hidden, 0.0);
+        w2t.resize(outputs * hidden, 0.0);
+        Some(Self { rows, outputs, h, w2t })
     }
 
     fn chunk_mut(&mut self, j0: usize, c: usize) -> (&mut [f32], &mut [f32]) {
