@@ -289,7 +289,9 @@ struct Kept {
 }
 
 thread_local! {
-    /// A thread's [`Kept`] buffers between calls.
+    /// A thread's [`Kept`] buffers between calls: per thread that computes, at most the
+    /// largest set a call kept ([`KEEP_BYTES`] in training), freed when the thread exits (an
+    /// idle blocking-pool thread does after tokio's keep-alive).
     static KEPT_BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
@@ -308,8 +310,8 @@ impl Kept {
         if bytes > max_bytes {
             return None;
         }
-        // The last call's buffers on this thread (at most `max_bytes` stay between calls): the
-        // forward pass overwrites every value, so only growth is zeroed.
+        // The last call's buffers on this thread (see `KEPT_BUFFERS`): the forward pass
+        // overwrites every value, so only growth is zeroed.
         let (mut h, mut w2t) = KEPT_BUFFERS.with(|spare| spare.take());
         h.resize(rows * hidden, 0.0);
         w2t.resize(outputs * hidden, 0.0);
