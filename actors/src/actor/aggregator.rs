@@ -214,6 +214,13 @@ impl AggregatorState {
     /// tell the observer of the commit, and look again later while a step waits for the lease.
     fn after_step(&mut self, before: u64, cmds: Vec<AggCommand>) -> Result<(), ActorProcessingErr> {
         if self.core.step() > before {
+            // Every applied step times the checkpoint cadence (its step time is a median of
+            // steps, so a slow start or a stall does not shorten the stride).
+            self.ctx
+                .checkpoint_cadence
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .observe(self.core.step(), crate::clock::now());
             if let Some(observer) = &self.ctx.observer {
                 let state = self.core.state();
                 observer.committed(self.key.index, self.core.generation(), state.step, &state.params);
