@@ -1,6 +1,6 @@
 //! Mutual TLS between nodes: rustls 0.23 with the `aws-lc-rs` provider, TLS 1.3 only,
-//! AES-128-GCM preferred ([`provider`]), ALPN [`ALPN`] on both sides, and the cluster CA as the only trust
-//! root.
+//! AES-128-GCM preferred ([`provider`]), ALPN [`ALPN`] on both sides, and the cluster CA as
+//! the only trust root.
 //!
 //! * The **server** side requires a client certificate signed by the cluster CA
 //!   ([`WebPkiClientVerifier`]); a client without one, with one from another CA, or with an
