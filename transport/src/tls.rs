@@ -350,6 +350,15 @@ mod tests {
         let client = client_config(&identity(&ca, 0)).expect("client config");
         let server = server_config(&identity(&ca, 1)).expect("server config");
         assert_eq!(handshake(client, server), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        // aws-lc's implementation of it, not ring's (the same suite id; half the throughput on
+        // loopback-sized packets: see `provider`).
+        let first = provider().cipher_suites[0];
+        let aws_lc = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let (rustls::SupportedCipherSuite::Tls13(first), rustls::SupportedCipherSuite::Tls13(aws_lc)) = (first, aws_lc)
+        else {
+            panic!("TLS 1.3 suites");
+        };
+        assert!(std::ptr::eq(first, aws_lc), "the first suite is aws-lc's");
         // The others are still offered, after it.
         let offered: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
         assert!(offered.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384), "{offered:?}");
