@@ -25,7 +25,7 @@ use std::sync::Arc;
 use crate::optim::{OptimizerSpec, OptimizerState};
 
 use super::ledger::Ledger;
-use super::msg::{Gradient, JobId, Msg, Params, SharedValues};
+use super::msg::{DeltaBase, Gradient, JobId, Msg, Params, SharedValues};
 use super::reduce::{Partial, Reducer, Span};
 use super::{Addr, Schedule};
 
@@ -294,14 +294,27 @@ impl AggregatorCore {
             (Some(s), Some((prev, values))) if s == *prev => (s, values.clone()),
             _ => (self.state.step, self.publish()),
         };
-        Msg::Params(Params {
-            job: self.setup.job,
-            generation: self.generation,
+        Msg::Params(Params::new(
+            self.setup.job,
+            self.generation,
             step,
-            range: self.setup.range,
-            offset: self.setup.offset as u64,
-            values: values.into(),
-        })
+            self.setup.range,
+            self.setup.offset as u64,
+            values.into(),
+        ))
+    }
+
+    /// The version a step just made, for every trainer: each one computed the step on the
+    /// version before it, so a node sending it to another may code it against that one — if
+    /// the range is small enough for that to pay ([`super::delta::CODED_RANGE_VALUES`]).
+    fn stepped_msg(&mut self) -> Msg {
+        let mut msg = self.params_msg(None);
+        if self.setup.len <= super::delta::CODED_RANGE_VALUES {
+            if let (Msg::Params(p), Some((step, before))) = (&mut msg, &self.previous) {
+                p.base = Some(DeltaBase::new(*step, before.clone()));
+            }
+        }
+        msg
     }
 
     fn finished_msg(&self) -> Msg {
@@ -537,7 +550,7 @@ impl AggregatorCore {
         }
 
         let mut out = vec![
-            AggCommand::Send(Addr::AllTrainers, self.params_msg(None)),
+            AggCommand::Send(Addr::AllTrainers, self.stepped_msg()),
             AggCommand::Send(
                 Addr::Job,
                 Msg::StepApplied {

@@ -10,6 +10,7 @@
 //! sockets or clocks.
 
 mod aggregator;
+pub mod delta;
 mod ledger;
 mod loss_series;
 mod msg;
@@ -22,7 +23,9 @@ mod trainer;
 pub use aggregator::{AggCommand, AggStats, AggregatorCore, AggregatorSetup, RangeState, Verdict};
 pub use ledger::{ClosedEpochs, Ledger};
 pub use loss_series::{LossSeries, LOSS_POINTS};
-pub use msg::{ActorKey, Batch, BatchTargets, Gradient, JobId, Msg, Params, Role, SharedValues};
+pub use msg::{
+    ActorKey, Batch, BatchTargets, DeltaBase, Gradient, JobId, Msg, Params, ParamsDelta, Role, SharedValues,
+};
 pub use schedule::Schedule;
 pub use shard::{ShardCore, ShardError, MAX_BATCHES_PER_REQUEST};
 pub use supervision::{FaultCause, FaultRecord, JobCommand, JobCore, JobError, JobPlan, Recovery, RestartPolicy};

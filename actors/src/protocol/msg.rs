@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use phalanx_transport::LeTensor;
+use phalanx_transport::{LeTensor, TensorBytes};
 
 use super::ledger::Ledger;
 use super::reduce::{Span, Summand};
@@ -95,8 +95,116 @@ pub struct Params {
     pub offset: u64,
     /// The parameter values of the range, shared: one buffer per version serves every
     /// trainer it goes to (and the aggregator's copy of the previous version); from a remote
-    /// aggregator, the tensor as it came off the wire.
+    /// aggregator, the tensor as it came off the wire. Empty when the values came as a
+    /// [`delta`](Self::delta).
     pub values: SharedValues,
+    /// Received only: the values came as the XOR with version `base_step` of the range (see
+    /// [`super::delta`]); the trainer holding that version decodes them.
+    pub delta: Option<Box<ParamsDelta>>,
+    /// Sent only, never on the wire: the version before this one, which the receiver of
+    /// the step's new version holds (it computed the step on it). A node sending the message
+    /// to another codes the values against it once ([`wire_delta`](Self::wire_delta)); a
+    /// trainer on the same node takes `values` as they are.
+    #[serde(skip)]
+    pub base: Option<DeltaBase>,
+}
+
+impl Params {
+    /// A version of a range, sent as its values.
+    pub fn new(job: JobId, generation: u64, step: u64, range: u32, offset: u64, values: SharedValues) -> Self {
+        Self { job, generation, step, range, offset, values, delta: None, base: None }
+    }
+
+    /// Number of values of the range (also when they came as a delta).
+    pub fn len(&self) -> usize {
+        match &self.delta {
+            Some(d) => usize::try_from(d.len).unwrap_or(usize::MAX),
+            None => self.values.len(),
+        }
+    }
+
+    /// Whether the range has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values coded against [`base`](Self::base) for another node: the header and the
+    /// code's bytes (padded to whole words), coded on the first call and shared by every
+    /// copy of the message after it. `None` without a base, or when the code would not be
+    /// smaller than the values.
+    pub fn wire_delta(&self) -> Option<(ParamsDelta, TensorBytes)> {
+        let base = self.base.as_ref().filter(|b| b.step < self.step && b.values.len() == self.values.len())?;
+        let coded = base.coded.get_or_init(|| {
+            let coded = super::delta::encode(self.values.as_slice(), &base.values)?;
+            let header = ParamsDelta {
+                base_step: base.step,
+                base_check: coded.base_check,
+                len: self.values.len() as u64,
+                bytes: coded.bytes.len() as u64,
+                code: LeTensor::default(),
+            };
+            let mut bytes = coded.bytes;
+            bytes.resize(bytes.len().next_multiple_of(4), 0);
+            Some((header, TensorBytes::le_words(bytes).expect("padded to whole words")))
+        });
+        coded.clone()
+    }
+}
+
+/// A version of a parameter range as the XOR with an earlier one, as a [`Params`] message
+/// carries it (see [`super::delta`]).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ParamsDelta {
+    /// The version the values were coded against.
+    pub base_step: u64,
+    /// [`super::delta::base_check`] of that version.
+    pub base_check: u64,
+    /// Values of the range.
+    pub len: u64,
+    /// Bytes of the code (the frame pads it to whole words).
+    pub bytes: u64,
+    /// The code as it came off the wire (its padding included).
+    #[serde(skip)]
+    pub code: LeTensor,
+}
+
+impl PartialEq for ParamsDelta {
+    fn eq(&self, other: &Self) -> bool {
+        let bytes = |t: &LeTensor| t.chunks().iter().flat_map(|c| c.iter().copied()).collect::<Vec<u8>>();
+        (self.base_step, self.base_check, self.len, self.bytes)
+            == (other.base_step, other.base_check, other.len, other.bytes)
+            && bytes(&self.code) == bytes(&other.code)
+    }
+}
+
+/// The version a [`Params`] message may be coded against on its way to another node, and
+/// that code once made.
+#[derive(Clone)]
+pub struct DeltaBase {
+    /// The base's version.
+    pub step: u64,
+    /// Its values.
+    pub values: std::sync::Arc<Vec<f32>>,
+    coded: std::sync::Arc<std::sync::OnceLock<Option<(ParamsDelta, TensorBytes)>>>,
+}
+
+impl DeltaBase {
+    /// Version `step` with `values`, not coded against yet.
+    pub fn new(step: u64, values: std::sync::Arc<Vec<f32>>) -> Self {
+        Self { step, values, coded: Default::default() }
+    }
+}
+
+impl PartialEq for DeltaBase {
+    fn eq(&self, other: &Self) -> bool {
+        self.step == other.step && self.values == other.values
+    }
+}
+
+impl fmt::Debug for DeltaBase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeltaBase(step {}, {} values)", self.step, self.values.len())
+    }
 }
 
 /// One range of a gradient sum at `step`, sent by a trainer: the gradient of one partition's

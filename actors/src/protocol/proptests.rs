@@ -107,6 +107,8 @@ fn params() -> impl Strategy<Value = Params> {
             range,
             offset,
             values: values.into(),
+            delta: None,
+            base: None,
         },
     )
 }
@@ -256,7 +258,7 @@ fn good_trainer_msg() -> impl Strategy<Value = Msg> {
     prop_oneof![
         (0..5u64, 0..2u32).prop_map(|(step, range)| {
             let (offset, values) = if range == 0 { (0, vec![0.1, 0.2]) } else { (2, vec![0.3]) };
-            Msg::Params(Params { job: JOB, generation: 0, step, range, offset, values: values.into() })
+            Msg::Params(Params::new(JOB, 0, step, range, offset, values.into()))
         }),
         (0..5u64, prop_oneof![Just(0u32), Just(2)]).prop_map(|(step, partition)| {
             let targets = BatchTargets::Real(vec![1.0, 0.0]);
@@ -499,9 +501,8 @@ fn a_rollback_with_no_generation_left_fails_the_job_instead_of_wrapping() {
 #[test]
 fn a_batch_that_cannot_feed_the_model_is_dropped_and_asked_for_again() {
     let mut core = trainer();
-    core.on_params(Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2].into() });
-    let cmds =
-        core.on_params(Params { job: JOB, generation: 0, step: 0, range: 1, offset: 2, values: vec![0.3].into() });
+    core.on_params(Params::new(JOB, 0, 0, 0, 0, vec![0.1, 0.2].into()));
+    let cmds = core.on_params(Params::new(JOB, 0, 0, 1, 2, vec![0.3].into()));
     assert!(!cmds.is_empty(), "θ_0 is ready: batches are requested");
     let bad = |x: Vec<f32>, features| Batch {
         job: JOB,

@@ -361,7 +361,7 @@ fn trainer(partitions: Vec<u32>) -> TrainerCore {
 
 fn params(range: u32, step: u64, generation: u64) -> Params {
     let (offset, values) = if range == 0 { (0, vec![0.1, 0.2]) } else { (2, vec![0.3]) };
-    Params { job: JOB, generation, step, range, offset, values: values.into() }
+    Params::new(JOB, generation, step, range, offset, values.into())
 }
 
 fn batch(p: u32, step: u64) -> Batch {
@@ -507,12 +507,138 @@ fn a_trainers_sums_have_the_bits_of_the_tree_sum_step_after_step() {
     }
 }
 
+/// Range `range` at `step` as a receiver gets it coded against version `base_step` (`base`).
+fn coded(range: u32, step: u64, base_step: u64, new: &[f32], base: &[f32]) -> Params {
+    let code = delta::encode(new, base).expect("a small step codes smaller");
+    let len = code.bytes.len() as u64;
+    let mut bytes = code.bytes;
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let delta = ParamsDelta {
+        base_step,
+        base_check: code.base_check,
+        len: new.len() as u64,
+        bytes: len,
+        code: phalanx_transport::LeTensor::from_chunks(vec![bytes::Bytes::from(bytes)]).unwrap(),
+    };
+    let offset = if range == 0 { 0 } else { 2 };
+    Params { delta: Some(Box::new(delta)), ..Params::new(JOB, 0, step, range, offset, SharedValues::default()) }
+}
+
+/// The gradient trainer `t` sends for partition 0 at `step`.
+fn gradient_bits(t: &mut TrainerCore, step: u64) -> Vec<u32> {
+    t.on_batches(vec![batch(0, step)]);
+    let out = t.compute(step, 0).unwrap();
+    let values: Vec<f32> = out
+        .iter()
+        .filter_map(|c| match c {
+            TrainerCommand::Send(_, Msg::Gradient(g)) => Some(g.values.as_slice().to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(values.len(), 3, "{out:?}");
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn a_trainer_decodes_a_version_coded_against_the_one_it_holds_and_asks_for_values_otherwise() {
+    let (r0, r1) = ([0.1f32, 0.2], [0.3f32]);
+    let (n0, n1) = ([0.1f32 - 1e-7, 0.2 + 3e-8], [f32::from_bits(0.3f32.to_bits() ^ 0x15)]);
+    let mut plain = trainer(vec![0]);
+    let mut coded_side = trainer(vec![0]);
+    for t in [&mut plain, &mut coded_side] {
+        t.on_params(params(0, 0, 0));
+        t.on_params(params(1, 0, 0));
+        gradient_bits(t, 0);
+    }
+    plain.on_params(Params::new(JOB, 0, 1, 0, 0, n0.to_vec().into()));
+    plain.on_params(Params::new(JOB, 0, 1, 1, 2, n1.to_vec().into()));
+    assert!(sends(&coded_side.on_params(coded(0, 1, 0, &n0, &r0))).is_empty(), "decoded, θ_1 not whole yet");
+    coded_side.on_params(coded(1, 1, 0, &n1, &r1));
+    assert_eq!(coded_side.ready_step(), Some(1));
+    assert_eq!(gradient_bits(&mut coded_side, 1), gradient_bits(&mut plain, 1), "θ_1 decoded bit for bit");
+    assert_eq!(coded_side.rejected(), 0);
+
+    // Coded against a version this trainer does not hold: it asks the range's aggregator for
+    // the values of that version.
+    let ask = coded_side.on_params(coded(0, 3, 2, &n0, &r0));
+    let [TrainerCommand::Send(Addr::Aggregator(0), Msg::ParamsRequest { step: Some(3), .. })] = ask.as_slice() else {
+        panic!("{ask:?}")
+    };
+    assert_eq!((coded_side.ready_step(), coded_side.rejected()), (Some(1), 0));
+
+    // Coded against another θ_1 than the one held (the base check differs), or damaged: refused
+    // and asked for, never decoded into other weights.
+    let other_base = coded(0, 2, 1, &r0, &[0.1, 0.25]);
+    let mut damaged = coded(0, 2, 1, &r0, &n0);
+    damaged.delta.as_mut().unwrap().bytes += 4;
+    for bad in [other_base, damaged] {
+        let ask = coded_side.on_params(bad);
+        let [TrainerCommand::Send(Addr::Aggregator(0), Msg::ParamsRequest { step: Some(2), .. })] = ask.as_slice()
+        else {
+            panic!("{ask:?}")
+        };
+    }
+    assert_eq!((coded_side.ready_step(), coded_side.rejected()), (Some(1), 2));
+    // The version itself, as the aggregator answers: taken.
+    coded_side.on_params(coded(0, 2, 1, &r0, &n0));
+    coded_side.on_params(Params::new(JOB, 0, 2, 1, 2, r1.to_vec().into()));
+    assert_eq!(coded_side.ready_step(), Some(2));
+}
+
+#[test]
+fn an_aggregator_offers_each_new_version_as_a_delta_against_the_one_before_and_answers_requests_with_values() {
+    let mut core = AggregatorCore::new(agg_setup(0, 0, 2, 1), 0, fresh(2));
+    let before = core.state().params.clone();
+    let (_, cmds) = core.on_gradient(grad(0, 0, 0, vec![1.0, 1.0]));
+    let Some(Msg::Params(p)) = cmds.iter().find_map(|c| match c {
+        AggCommand::Send(Addr::AllTrainers, m) => Some(m),
+        _ => None,
+    }) else {
+        panic!("{cmds:?}")
+    };
+    let base = p.base.as_ref().expect("the step's new version carries its base");
+    assert_eq!((p.step, base.step, base.values.as_slice()), (1, 0, before.as_slice()));
+    // Coded once, when a node first sends it to another, if the code is smaller.
+    let expected = delta::encode(p.values.as_slice(), &before);
+    let coded = p.wire_delta();
+    assert_eq!(
+        coded.as_ref().map(|(h, _)| (h.base_step, h.len, h.bytes)),
+        expected.map(|c| (0, 2, c.bytes.len() as u64))
+    );
+    if let Some((header, code)) = coded {
+        assert_eq!(header.bytes.next_multiple_of(4), code.len() as u64);
+    }
+    // Requests get values: the asking trainer may hold no base.
+    for step in [None, Some(0), Some(1)] {
+        let cmds = core.on_params_request(3, step);
+        let [AggCommand::Send(_, Msg::Params(p))] = cmds.as_slice() else { panic!("{cmds:?}") };
+        assert!(p.base.is_none() && p.delta.is_none(), "{step:?}");
+    }
+}
+
+#[test]
+fn only_ranges_small_enough_for_the_code_to_pay_offer_a_base() {
+    for (len, coded) in [(delta::CODED_RANGE_VALUES, true), (delta::CODED_RANGE_VALUES + 1, false)] {
+        let mut core = AggregatorCore::new(agg_setup(0, 0, len, 1), 0, fresh(len));
+        let (_, cmds) = core.on_gradient(grad(0, 0, 0, vec![1.0; len]));
+        let Some(p) = cmds.iter().find_map(|c| match c {
+            AggCommand::Send(Addr::AllTrainers, Msg::Params(p)) => Some(p),
+            _ => None,
+        }) else {
+            panic!("no new version of {len} values")
+        };
+        assert_eq!((p.step, p.base.is_some()), (1, coded), "{len} values");
+        assert_eq!(p.wire_delta().is_some(), coded, "{len} values: what the wire would carry");
+    }
+}
+
 #[test]
 fn a_trainer_of_a_one_range_job_takes_the_range_as_its_theta() {
     let schedule = Schedule { steps_per_epoch: 2, epochs: 10 };
     let setup = TrainerSetup { job: JOB, index: 0, ranges: vec![(0, 3)], schedule, features: 2, partitions: 1 };
     let mut t = TrainerCore::new(setup, linear_model(), 0, vec![0]);
-    let whole = Params { job: JOB, generation: 0, step: 0, range: 0, offset: 0, values: vec![0.1, 0.2, 0.3].into() };
+    let whole = Params::new(JOB, 0, 0, 0, 0, vec![0.1, 0.2, 0.3].into());
     assert_eq!(requests(&t.on_params(whole.clone())), vec![(0, 0, BATCH_WINDOW as u32)]);
     assert_eq!(t.ready_step(), Some(0));
     assert!(t.on_params(Params { values: vec![0.0; 2].into(), ..whole.clone() }).is_empty(), "a wrong length");

@@ -28,6 +28,7 @@ use ndarray::ArrayView2;
 
 use crate::model::{tree_sum_f64, BatchView, Model, ParamParts, Targets};
 
+use super::delta;
 use super::msg::{Batch, BatchTargets, Gradient, JobId, Msg, Params, SharedValues};
 use super::reduce::{maximal_owned, Partial, Span};
 use super::{Addr, Schedule};
@@ -134,6 +135,9 @@ pub struct TrainerCore {
     /// peer has acknowledged it, which is before the next θ can arrive): no allocation and no
     /// clearing of a model-sized vector per node and step. At most one per owned node.
     spare: Vec<Arc<Vec<f32>>>,
+    /// Buffers of ranges decoded from deltas, reused once nothing else holds them (bounded:
+    /// a few per range).
+    decoded: Vec<Arc<Vec<f32>>>,
     assemblies: BTreeMap<u64, Assembly>,
     /// The ranges in the order of their offsets (how the pieces of θ line up).
     by_offset: Vec<usize>,
@@ -175,6 +179,7 @@ impl TrainerCore {
             partitions,
             spans,
             spare: Vec::new(),
+            decoded: Vec::new(),
             assemblies: BTreeMap::new(),
             by_offset,
             ready: None,
@@ -296,7 +301,7 @@ impl TrainerCore {
             self.rejected += 1;
             return Vec::new();
         };
-        if p.offset != offset as u64 || p.values.len() != len {
+        if p.offset != offset as u64 || p.len() != len {
             tracing::warn!(trainer = self.setup.index, range = p.range, "params with a wrong offset or length dropped");
             self.rejected += 1;
             return Vec::new();
@@ -304,6 +309,10 @@ impl TrainerCore {
         if self.ready_step().is_some_and(|s| p.step <= s) {
             return Vec::new();
         }
+        let p = match self.decoded(p) {
+            Ok(p) => p,
+            Err(ask) => return ask,
+        };
         let ranges = self.setup.ranges.len();
         if ranges == 1 {
             // One range is all of θ: it is ready as it came.
@@ -327,6 +336,68 @@ impl TrainerCore {
             self.assemblies.pop_first();
         }
         self.fill_gaps()
+    }
+
+    /// `p` with its values: as they came, or decoded from a delta against the version of the
+    /// range held here (the ready θ, or a version being assembled). Without that version, or
+    /// if the code does not decode against it, the trainer asks the range's aggregator for
+    /// the values themselves (it answers a request with values, never a delta).
+    fn decoded(&mut self, mut p: Params) -> Result<Params, Vec<TrainerCommand>> {
+        p.base = None;
+        let Some(delta) = p.delta.take() else { return Ok(p) };
+        let r = p.range as usize;
+        let ask = vec![TrainerCommand::Send(Addr::Aggregator(p.range), self.params_request(Some(p.step)))];
+        let held = match &self.ready {
+            Some((step, theta)) if *step == delta.base_step => theta.get(r).cloned(),
+            _ => self.assemblies.get(&delta.base_step).and_then(|a| a.pieces[r].clone()),
+        };
+        let Some(base) = held else {
+            tracing::debug!(
+                trainer = self.setup.index,
+                range = p.range,
+                step = p.step,
+                base = delta.base_step,
+                "params coded against a version not held here; asking for the values"
+            );
+            return Err(ask);
+        };
+        let len = base.len();
+        let mut values = self.decode_buffer();
+        let bytes = usize::try_from(delta.bytes).unwrap_or(usize::MAX);
+        let chunks = delta.code.chunks();
+        if let Err(e) =
+            delta::decode(chunks, bytes, delta.base_check, len, |at, out| base.copy_to(at, out), &mut values)
+        {
+            tracing::warn!(
+                trainer = self.setup.index,
+                range = p.range,
+                step = p.step,
+                base = delta.base_step,
+                "params coded against version {} do not decode ({e}); asking for the values",
+                delta.base_step
+            );
+            self.rejected += 1;
+            return Err(ask);
+        }
+        let values = Arc::new(values);
+        if self.decoded.len() >= self.setup.ranges.len() * (MAX_ASSEMBLIES + 1) {
+            self.decoded.remove(0);
+        }
+        self.decoded.push(values.clone());
+        p.values = values.into();
+        Ok(p)
+    }
+
+    /// An empty buffer for decoded values: one decoded before that nothing holds any more
+    /// (its capacity kept), or a new one.
+    fn decode_buffer(&mut self) -> Vec<f32> {
+        while let Some(i) = self.decoded.iter().position(|b| Arc::strong_count(b) == 1) {
+            if let Ok(mut buffer) = Arc::try_unwrap(self.decoded.swap_remove(i)) {
+                buffer.clear();
+                return buffer;
+            }
+        }
+        Vec::new()
     }
 
     fn fill_gaps(&self) -> Vec<TrainerCommand> {

@@ -298,7 +298,7 @@ impl Scope<'_> {
             Ok(match msg {
                 Msg::Assign { .. } | Msg::Rollback { .. } | Msg::ShardReady { .. } => self.sent_by_coordinator(peer),
                 Msg::Params(p) => {
-                    shaped("parameters", p.offset, p.values.len(), range(p.range)?)?;
+                    shaped("parameters", p.offset, p.len(), range(p.range)?)?;
                     self.sent_by_host(peer, ActorKey::aggregator(p.range))
                 }
                 Msg::Gradient(g) => self.sent_by_host(peer, gradient(g)?),
@@ -437,7 +437,7 @@ fn approx_bytes(inbound: &Inbound) -> usize {
     const HEADER: usize = 256;
     let tensors = match inbound {
         Inbound::Deliver(_, _, msg) => match msg {
-            Msg::Params(p) => p.values.len() * 4,
+            Msg::Params(p) => p.values.len() * 4 + p.delta.as_ref().map_or(0, |d| d.code.byte_len()),
             Msg::Gradient(g) => g.values.len() * 4,
             Msg::Gradients(gs) => gs.iter().map(|g| g.values.len() * 4).sum(),
             Msg::Finished { values, .. } => values.len() * 4,
@@ -526,7 +526,7 @@ mod tests {
     }
 
     fn params(range: u32, offset: u64, len: usize) -> Msg {
-        Msg::Params(Params { job: 1, generation: 1, step: 0, range, offset, values: vec![0.0; len].into() })
+        Msg::Params(Params::new(1, 1, 0, range, offset, vec![0.0; len].into()))
     }
 
     /// A gradient of job 1 at step 0 of `len` values at `offset`.
@@ -761,7 +761,9 @@ mod tests {
                     step: 0,
                     range,
                     offset,
-                    values: vec![0.0; len].into()
+                    values: vec![0.0; len].into(),
+                    delta: None,
+                    base: None,
                 })),
                 grad().prop_map(Msg::Gradient),
                 vec(grad(), 0..4).prop_map(Msg::Gradients),

@@ -128,6 +128,8 @@ pub fn forge_round(me: u32, view: &View, jobs: &[KnownJob], limits: &Limits) -> 
                 range: 0,
                 offset,
                 values: values.clone().into(),
+                delta: None,
+                base: None,
             });
             push(params.kind(), wire::encode_deliver(job.id, Addr::Trainer(0), params, limits).map(OutFrame::into_vec));
             let gradient = Msg::Gradient(Gradient {

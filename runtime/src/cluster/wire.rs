@@ -2,7 +2,7 @@
 //! little-endian f32 after the frame header rather than inside it.
 
 use phalanx_actors::model::kernel::KernelFingerprint;
-use phalanx_actors::protocol::{ActorKey, Addr, Msg, SharedValues};
+use phalanx_actors::protocol::{delta, ActorKey, Addr, Msg, SharedValues};
 use phalanx_transport::{
     DecodeError, EncodeError, Frame, LeTensor, Limits, OutFrame, ReceiveBudget, RecvFrame, TensorBytes,
 };
@@ -268,6 +268,15 @@ fn take_tensors(msg: &mut Msg) -> (Vec<u32>, Vec<TensorBytes>) {
     }
     match msg {
         Msg::Params(p) => {
+            // A new version for a node whose trainers hold the one before: its XOR with that
+            // one, coded once for every node it goes to (see `phalanx_actors::protocol::delta`).
+            if let Some((delta, code)) = p.wire_delta() {
+                p.values = SharedValues::default();
+                p.base = None;
+                p.delta = Some(Box::new(delta));
+                return (vec![(code.len() / 4) as u32], vec![code]);
+            }
+            p.base = None;
             let (buf, range) = std::mem::take(&mut p.values).into_parts();
             (vec![range.len() as u32], vec![TensorBytes::shared_range(buf, range)])
         }
@@ -298,7 +307,18 @@ fn put_tensors(msg: &mut Msg, lens: &[u32], tensor: LeTensor) -> Option<()> {
         return None;
     }
     match msg {
-        Msg::Params(p) if lens.len() == 1 => p.values = SharedValues::from_le(tensor),
+        Msg::Params(p) if lens.len() == 1 => match &mut p.delta {
+            // The code, padded to whole words, and no longer than the values could need.
+            Some(d) => {
+                let bytes = usize::try_from(d.bytes).ok()?;
+                let len = usize::try_from(d.len).ok()?;
+                if bytes.checked_next_multiple_of(4)? != tensor.byte_len() || bytes > delta::max_coded_bytes(len) {
+                    return None;
+                }
+                d.code = tensor;
+            }
+            None => p.values = SharedValues::from_le(tensor),
+        },
         Msg::Gradient(g) if lens.len() == 1 => g.values = SharedValues::from_le(tensor),
         Msg::Finished { values, .. } if lens.len() == 1 => *values = tensor.to_vec(),
         Msg::Gradients(gs) if lens.len() == gs.len() => {
@@ -472,6 +492,8 @@ mod tests {
                 range: 0,
                 offset: 0,
                 values: vec![1.5, f32::NAN, -0.0].into(),
+                delta: None,
+                base: None,
             }),
             Msg::Gradients(vec![grad(0, vec![1.0, 2.0]), grad(1, vec![]), grad(2, vec![f32::MIN_POSITIVE / 2.0])]),
             Msg::Gradients(vec![grad(0, vec![]), grad(1, vec![3.0, -0.0])]),

@@ -181,7 +181,10 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_with_the_codec_code() {
-        let err = check(b"\x06\x00\x03\x00\x00\x00\xff\xff\xff", 3).unwrap_err();
+        // This version, a 3-byte header, and garbage where the header should be.
+        let mut garbage = PROTOCOL_VERSION.to_le_bytes().to_vec();
+        garbage.extend_from_slice(b"\x03\x00\x00\x00\xff\xff\xff");
+        let err = check(&garbage, 3).unwrap_err();
         assert_eq!(err.violation().map(|(code, _)| code), Some(DecodeError::CODE_HEADER));
     }
 }

@@ -20,7 +20,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
 
 PROTOCOL_VERSION = 6  # transport/src/codec.rs: PROTOCOL_VERSION
-ALPN = "phalanx/6"
+ALPN = "phalanx/7"
 # The junk sent on a unidirectional stream: a 5-byte frame of protocol version 7.
 JUNK_FRAME = struct.pack("<I", 5) + struct.pack("<H", 7) + b"\x00\x00\x00"
 # The junk sent instead of a hello: its first 4 bytes, read as a length, are far too large.
