@@ -70,6 +70,7 @@ fn interpreter() -> Result<PathBuf, String> {
 async fn aioquic(python: &Path, dir: &Path, port: u16, mode: &str) -> serde_json::Value {
     let mut command = Command::new(python);
     command.arg(script()).args(["--port", &port.to_string(), "--mode", mode]).arg("--ca").arg(dir.join("ca.pem"));
+    command.args(["--protocol-version", &phalanx_transport::PROTOCOL_VERSION.to_string()]);
     if mode != "no-cert" {
         command.arg("--cert").arg(dir.join("node-3/node.pem")).arg("--key").arg(dir.join("node-3/node.key"));
     }
@@ -117,7 +118,7 @@ async fn aioquic_clients_are_refused_or_closed_and_the_node_stays_healthy() {
     assert_eq!(report["terminated"]["code"], DecodeError::CODE_OVERSIZE, "{report}");
     assert_eq!(report["terminated"]["application"], true, "{report}");
 
-    // 3. A correct hello (aioquic speaks it: PeerUp), then a frame of version 7: closed.
+    // 3. A correct hello (aioquic speaks it: PeerUp), then a frame of the next protocol version: closed.
     let report = aioquic(&python, dir.path(), port, "hello-then-junk").await;
     assert_eq!(report["hello_answered"], true, "{report}");
     assert_eq!(report["terminated"]["code"], DecodeError::CODE_UNSUPPORTED_VERSION, "{report}");

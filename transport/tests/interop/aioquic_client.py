@@ -19,10 +19,17 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
 
-PROTOCOL_VERSION = 6  # transport/src/codec.rs: PROTOCOL_VERSION
-ALPN = "phalanx/7"
-# The junk sent on a unidirectional stream: a 5-byte frame of protocol version 7.
-JUNK_FRAME = struct.pack("<I", 5) + struct.pack("<H", 7) + b"\x00\x00\x00"
+# transport/src/codec.rs: PROTOCOL_VERSION, passed by the test (--protocol-version) so the two
+# cannot drift apart; the ALPN is `phalanx/<version>`.
+PROTOCOL_VERSION = None
+
+
+def junk_frame() -> bytes:
+    """The junk sent on a unidirectional stream after a good hello: a 5-byte frame of the next
+    protocol version, which the node does not speak."""
+    return struct.pack("<I", 5) + struct.pack("<H", PROTOCOL_VERSION + 1) + b"\x00\x00\x00"
+
+
 # The junk sent instead of a hello: its first 4 bytes, read as a length, are far too large.
 JUNK_HELLO = b"this is not a phalanx hello"
 
@@ -74,7 +81,7 @@ class Client(QuicConnectionProtocol):
 
 
 async def run(args) -> dict:
-    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=args.server_name, idle_timeout=10)
+    config = QuicConfiguration(is_client=True, alpn_protocols=[f"phalanx/{PROTOCOL_VERSION}"], server_name=args.server_name, idle_timeout=10)
     config.load_verify_locations(cafile=args.ca)
     if args.mode != "no-cert":
         config.load_cert_chain(args.cert, args.key)
@@ -98,7 +105,7 @@ async def run(args) -> dict:
                 pass
             if args.mode in ("no-cert", "hello-then-junk"):
                 uni = quic.get_next_available_stream_id(is_unidirectional=True)
-                payload = JUNK_FRAME if args.mode == "hello-then-junk" else hello_frame(args.node_id, 1)
+                payload = junk_frame() if args.mode == "hello-then-junk" else hello_frame(args.node_id, 1)
                 try:
                     quic.send_stream_data(uni, payload, end_stream=True)
                     client.transmit()
@@ -124,7 +131,10 @@ def main():
     parser.add_argument("--node-id", type=int, default=3)
     parser.add_argument("--mode", choices=["no-cert", "junk-hello", "hello-then-junk"], required=True)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--protocol-version", type=int, required=True)
     args = parser.parse_args()
+    global PROTOCOL_VERSION
+    PROTOCOL_VERSION = args.protocol_version
     print(json.dumps(asyncio.run(run(args))), flush=True)
 
 
