@@ -474,8 +474,8 @@ fn free_ports(n: u32) -> anyhow::Result<Vec<u16>> {
 async fn demo() -> anyhow::Result<bool> {
     let (models, datasets) = registries()?;
     println!("1. fault-free run of the quadratic model on rings, in this process");
-    let (_, report) = phalanx::train_with(job()?, &models, &datasets, |_| {}).await?;
-    let fault_free = phalanx::params_sha256(&report.outcome.params);
+    let (prepared, report) = phalanx::train_with(job()?, &models, &datasets, |_| {}).await?;
+    let fault_free = phalanx::model_sha256(prepared.model.as_ref(), &report.outcome.params);
     let metric = &report.evaluation.metric;
     println!("   {} {:.3} ({}), model_sha256 {fault_free}", metric.name, metric.value, metric.split);
     // The built-ins train on a registered source too; a linear model cannot separate rings.

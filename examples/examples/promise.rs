@@ -34,11 +34,12 @@ async fn main() -> anyhow::Result<()> {
             },
         ),
     ];
-    let plain = phalanx::params_sha256(&PreparedJob::new(base)?.reference_params()?);
+    let plain = PreparedJob::new(base)?;
+    let plain = phalanx::model_sha256(plain.model.as_ref(), &plain.reference_params()?);
     println!("{:<40} {}", "plain single-threaded loop", &plain[..16]);
     for (name, config) in runs {
         let (job, report) = phalanx::train(config, |_| {}).await?;
-        let sha = phalanx::params_sha256(&report.outcome.params);
+        let sha = phalanx::model_sha256(job.model.as_ref(), &report.outcome.params);
         let faults = report.outcome.faults.len();
         let exact = phalanx::Summary::new(&job, &report).samples_applied.exactly_once;
         println!(

@@ -31,7 +31,10 @@ fn main() {
         let job = PreparedJob::new(config.clone()).expect("job");
         let one = rt.block_on(phalanx::job::run(&job, &dir.path().join("ckpt"), false, |_| {})).expect("one process");
         let summary = run_local_with(&exe, &config, 3, Vec::new(), |_, _, _| {}).expect("3 nodes");
-        assert_eq!(summary["model_sha256"].as_str(), Some(phalanx::params_sha256(&one.outcome.params).as_str()));
+        assert_eq!(
+            summary["model_sha256"].as_str(),
+            Some(phalanx::model_sha256(job.model.as_ref(), &one.outcome.params).as_str())
+        );
         let samples = (job.data.train.len() as u64 * u64::from(epochs)) as f64;
         let one_rate = samples / one.duration.as_secs_f64();
         let three_rate = summary["samples_per_sec"].as_f64().unwrap_or(0.0);

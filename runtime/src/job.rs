@@ -76,6 +76,19 @@ struct MathIdentity<'a> {
     /// without one stay what they were).
     #[serde(skip_serializing_if = "Option::is_none")]
     init_params_sha256: Option<String>,
+    /// How the model lays out its flat vector, where it is not the tensors one after another
+    /// (the built-in MLP: chunk by chunk since protocol 8): a checkpoint of the same job from
+    /// a build with another layout holds its values at other places, so it must not match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flat_layout: Option<&'static str>,
+}
+
+/// [`MathIdentity::flat_layout`] of a model.
+fn flat_layout(model: &ModelIdentity) -> Option<&'static str> {
+    match model {
+        ModelIdentity::Builtin(spec) if spec.kind == phalanx_actors::model::ModelKind::Mlp => Some("mlp-chunks-256"),
+        _ => None,
+    }
 }
 
 fn train_data_sha256(t: &Table) -> String {
@@ -90,8 +103,17 @@ fn train_data_sha256(t: &Table) -> String {
     hex::encode(h.finalize())
 }
 
-/// SHA-256 of a parameter vector: its f32 values as little-endian bytes in
-/// flat order (the order of [`Model::layout`]). This is `model_sha256`.
+/// `model_sha256` of `model`'s flat parameter vector `params`: the SHA-256 of its values in the
+/// order of the model's tensors ([`Model::tensor_order`], the order of `model.safetensors`'
+/// `param_order`), so a reader of the model file can check it without knowing the model's flat
+/// layout.
+pub fn model_sha256(model: &dyn Model, params: &[f32]) -> String {
+    params_sha256(&model.tensor_order(params))
+}
+
+/// SHA-256 of a parameter vector as it is: its f32 values as little-endian bytes in order. Two
+/// runs of one model end with the same bits exactly when their flat vectors hash the same; the
+/// published `model_sha256` is [`model_sha256`], over the tensors' order.
 pub fn params_sha256(params: &[f32]) -> String {
     let mut h = Sha256::new();
     for v in params {
@@ -105,7 +127,8 @@ pub fn params_sha256(params: &[f32]) -> String {
 const INIT_PARAMS_HEADER_SLACK_BYTES: u64 = 1 << 20;
 
 /// Reads θ_0 for `model` from the safetensors file `path` (the job's `init_params`): one F32
-/// tensor per tensor of the model's layout, by name and shape, nothing else, every value finite.
+/// tensor per tensor of the model's layout, by name and shape, nothing else, every value finite;
+/// the values in the tensors' order ([`Model::tensor_order`]).
 fn read_init_params(path: &Path, model: &dyn Model) -> Result<Vec<f32>, Error> {
     use safetensors::{Dtype, SafeTensors};
     let bad =
@@ -162,6 +185,14 @@ impl Model for FileInit {
 
     fn init_params(&self, _seed: u64) -> Vec<f32> {
         self.params.clone()
+    }
+
+    fn tensor_order<'p>(&self, params: &'p [f32]) -> std::borrow::Cow<'p, [f32]> {
+        self.model.tensor_order(params)
+    }
+
+    fn flat_order(&self, tensors: Vec<f32>) -> Vec<f32> {
+        self.model.flat_order(tensors)
     }
 
     fn loss_grad(
@@ -248,8 +279,9 @@ impl PreparedJob {
         let model_identity = built.identity;
         let (model, init_params_sha256) = match &config.init_params {
             Some(path) => {
-                let params = read_init_params(path, model.as_ref())?;
-                let sha = params_sha256(&params);
+                let tensors = read_init_params(path, model.as_ref())?;
+                let sha = params_sha256(&tensors);
+                let params = model.flat_order(tensors);
                 (Arc::new(FileInit { model, params }) as Arc<dyn Model>, Some(sha))
             }
             None => (model, None),
@@ -284,6 +316,7 @@ impl PreparedJob {
             optimizer: &optimizer,
             train_data_sha256: train_data_sha256(&data.train),
             init_params_sha256,
+            flat_layout: flat_layout(&model_identity),
         };
         let config_hash = hex::encode(Sha256::digest(serde_json::to_vec(&identity).expect("plain data serialises")));
         Ok(Self {

@@ -84,7 +84,7 @@ pub mod service_relay;
 pub use cluster::event::{NodeEvent, NodeEventKind};
 pub use config::JobConfig;
 pub use error::Error;
-pub use job::{params_sha256, Evaluation, Metric, PreparedJob, Registries, TrainReport};
+pub use job::{model_sha256, params_sha256, Evaluation, Metric, PreparedJob, Registries, TrainReport};
 pub use node::{Node, NodeBuilder, NodeHandle};
 pub use output::{write_outputs, Summary};
 pub use phalanx_actors::actor::Progress;

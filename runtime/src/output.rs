@@ -34,7 +34,7 @@ use phalanx_actors::protocol::{FaultRecord, Ledger};
 use serde::Serialize;
 
 use crate::error::Error;
-use crate::job::{params_sha256, Metric, PreparedJob, TrainReport};
+use crate::job::{Metric, PreparedJob, TrainReport};
 
 /// Name of the per-step history, next to `summary.json`.
 pub const HISTORY_FILE: &str = "history.csv";
@@ -246,7 +246,7 @@ impl Summary {
             steps_per_epoch: job.schedule.steps_per_epoch,
             final_loss: report.evaluation.final_loss,
             metric: report.evaluation.metric.clone(),
-            model_sha256: params_sha256(&report.outcome.params),
+            model_sha256: crate::model_sha256(job.model.as_ref(), &report.outcome.params),
             num_params: report.outcome.params.len(),
             samples_applied,
             partition_sizes: sizes,
@@ -492,6 +492,7 @@ pub fn model_safetensors(job: &PreparedJob, params: &[f32], summary: &Summary) -
     use phalanx_actors::model::ModelIdentity;
     use safetensors::tensor::{Dtype, TensorView};
     let layout = job.model.layout();
+    let params = job.model.tensor_order(params);
     let bytes: Vec<Vec<u8>> = layout
         .iter()
         .map(|t| {

@@ -154,7 +154,10 @@ impl TrainedModel {
             }
             params.extend(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         }
+        // The file's hash is over the tensors in their order; the model computes on its flat
+        // vector ([`Model::flat_order`]).
         let model_sha256 = crate::params_sha256(&params);
+        let params = model.flat_order(params);
         match meta.get("model_sha256") {
             Some(want) if *want == model_sha256 => {}
             Some(want) => {

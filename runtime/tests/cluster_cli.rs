@@ -63,7 +63,7 @@ impl Job {
             ..JobConfig::default()
         };
         let prepared = PreparedJob::new(config).expect("job");
-        phalanx::params_sha256(&prepared.reference_params().expect("plain loop"))
+        phalanx::model_sha256(prepared.model.as_ref(), &prepared.reference_params().expect("plain loop"))
     }
 }
 

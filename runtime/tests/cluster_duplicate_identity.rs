@@ -67,7 +67,7 @@ fn a_second_process_with_a_members_id_is_refused_and_the_job_runs_as_if_it_never
     let dir = tempfile::tempdir().unwrap();
     let reference = {
         let prepared = PreparedJob::new(job(dir.path())).unwrap();
-        phalanx::params_sha256(&prepared.reference_params().unwrap())
+        phalanx::model_sha256(prepared.model.as_ref(), &prepared.reference_params().unwrap())
     };
     // The duplicate starts at step 300 of 3000, while node 1 trains and heartbeats.
     let duplicate = NodeFault::Duplicate { node: 1, step: 300 };

@@ -29,8 +29,8 @@ fn job(seed: u64, epochs: u32) -> JobConfig {
 }
 
 async fn expected(spec: JobConfig) -> String {
-    let (_, report) = phalanx::train(spec, |_| {}).await.unwrap();
-    phalanx::params_sha256(&report.outcome.params)
+    let (job, report) = phalanx::train(spec, |_| {}).await.unwrap();
+    phalanx::model_sha256(job.model.as_ref(), &report.outcome.params)
 }
 
 async fn survives_the_whole_cluster(spec: Coordination) {

@@ -89,8 +89,8 @@ async fn three_embedded_nodes_train_to_the_bits_of_train_and_shut_down() {
     let done = wait_for(&mut events1, |e| matches!(e.kind, NodeEventKind::JobDone { .. })).await;
     let NodeEventKind::JobDone { model_sha256, from, .. } = done.kind else { unreachable!() };
     assert_eq!(from, 0, "node 0 coordinated");
-    let (_, reference) = phalanx::train(job(), |_| {}).await.unwrap();
-    assert_eq!(model_sha256, phalanx::params_sha256(&reference.outcome.params));
+    let (prepared, reference) = phalanx::train(job(), |_| {}).await.unwrap();
+    assert_eq!(model_sha256, phalanx::model_sha256(prepared.model.as_ref(), &reference.outcome.params));
     let steps = reference.outcome.losses.keys().max().copied().unwrap_or(0);
     assert!(steps > 0);
     // Every step the coordinator applied is counted in its own registry, none in the others'.

@@ -44,8 +44,8 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 async fn expected(spec: JobConfig) -> String {
-    let (_, report) = phalanx::train(spec, |_| {}).await.unwrap();
-    phalanx::params_sha256(&report.outcome.params)
+    let (job, report) = phalanx::train(spec, |_| {}).await.unwrap();
+    phalanx::model_sha256(job.model.as_ref(), &report.outcome.params)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

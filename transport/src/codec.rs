@@ -26,10 +26,10 @@ pub use encode::{encode, encode_into, encode_parts};
 pub use error::{DecodeError, EncodeError};
 
 /// Version carried by every frame; a peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// QUIC ALPN protocol id of Phalanx connections (`phalanx/<PROTOCOL_VERSION>`).
-pub const ALPN: &[u8] = b"phalanx/7";
+pub const ALPN: &[u8] = b"phalanx/8";
 
 /// Bytes of the length prefix in front of every frame.
 pub const PREFIX_BYTES: usize = 4;

@@ -3,7 +3,7 @@
 //!
 //! The life of a connection:
 //!
-//! 1. **TLS**: mutual TLS 1.3 against the cluster CA with ALPN `phalanx/7` ([`tls`](crate::tls)).
+//! 1. **TLS**: mutual TLS 1.3 against the cluster CA with ALPN `phalanx/8` ([`tls`](crate::tls)).
 //!    A peer TLS refuses is reported as [`TransportEvent::Rejected`] with
 //!    [`codes::HANDSHAKE_FAILED`].
 //! 2. **Identity**: the peer's node id is the `node-<i>` name of its certificate.

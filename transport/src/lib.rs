@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!   node 0                                                         node 3
-//!  ┌───────────┐          one QUIC connection (mTLS, phalanx/7)   ┌───────────┐
+//!  ┌───────────┐          one QUIC connection (mTLS, phalanx/8)   ┌───────────┐
 //!  │ Transport │ ════════════════════════════════════════════════ │ Transport │
 //!  │           │  bidi stream 0: Hello{version, id 0} ──►         │           │
 //!  │           │                 ◄── Hello{version, id 3}         │           │

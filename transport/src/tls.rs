@@ -127,7 +127,7 @@ pub fn install_default_provider() {
     }
 }
 
-/// The rustls server config of a node: TLS 1.3 only, ALPN `phalanx/7`, and a client
+/// The rustls server config of a node: TLS 1.3 only, ALPN `phalanx/8`, and a client
 /// certificate signed by the cluster CA required.
 pub fn server_config(identity: &NodeIdentity) -> Result<rustls::ServerConfig, TlsError> {
     let node = identity.id;
@@ -150,7 +150,7 @@ pub fn server_config(identity: &NodeIdentity) -> Result<rustls::ServerConfig, Tl
     Ok(config)
 }
 
-/// The rustls client config of a node: TLS 1.3 only, ALPN `phalanx/7`, the node's certificate
+/// The rustls client config of a node: TLS 1.3 only, ALPN `phalanx/8`, the node's certificate
 /// as client certificate, and the server verified against the cluster CA and the requested
 /// `node-<j>` name (see [`ANY_NODE_SERVER_NAME`]).
 pub fn client_config(identity: &NodeIdentity) -> Result<rustls::ClientConfig, TlsError> {

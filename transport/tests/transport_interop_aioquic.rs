@@ -1,7 +1,7 @@
 //! Interop with a QUIC stack that is not ours: Python's aioquic connects to a node.
 //!
 //! * without a client certificate it is refused: never `PeerUp`, nothing delivered;
-//! * with node 3's certificate and ALPN `phalanx/7` but junk instead of a hello, or a good
+//! * with node 3's certificate and ALPN `phalanx/8` but junk instead of a hello, or a good
 //!   hello then a junk frame, its connection is closed with the codec's reason code;
 //! * the node stays healthy: a Rust peer exchanges frames with it afterwards.
 //!

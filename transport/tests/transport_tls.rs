@@ -106,7 +106,7 @@ async fn raw_client_is_refused(dir: &Path, client: RawClient) {
 async fn a_client_without_a_certificate_is_refused() {
     init_tracing();
     let dir = cluster(2);
-    let client = RawClient { identity: None, roots: cluster_ca_root(dir.path()), alpn: b"phalanx/7".to_vec() };
+    let client = RawClient { identity: None, roots: cluster_ca_root(dir.path()), alpn: b"phalanx/8".to_vec() };
     raw_client_is_refused(dir.path(), client).await;
 }
 
@@ -134,7 +134,7 @@ async fn nothing_a_refused_client_sends_is_ever_delivered() {
     init_tracing();
     let dir = cluster(1);
     let (server, mut server_events) = node(dir.path(), 0).await;
-    let client = RawClient { identity: None, roots: cluster_ca_root(dir.path()), alpn: b"phalanx/7".to_vec() };
+    let client = RawClient { identity: None, roots: cluster_ca_root(dir.path()), alpn: b"phalanx/8".to_vec() };
     if let Ok((_endpoint, conn)) = client.connect(server.local_addr(), 0).await {
         send_uni(&conn, &encode(&"early data", &[], &Limits::default()).expect("encode")).await;
     }

@@ -1,31 +1,49 @@
 //! Multi-layer perceptron with one hidden ReLU layer:
 //! `h = relu(x·W1 + b1)`, `out = h·W2 + b2`, then the regression or classification head.
 //!
-//! Flat layout: `w1` `[inputs × hidden]`, `b1` `[hidden]`, `w2` `[hidden × outputs]`,
-//! `b2` `[outputs]`, all row-major.
+//! **Flat layout: chunk by chunk.** The hidden units come in chunks of [`CHUNK`] (the last one
+//! may be shorter), and the flat vector holds each chunk's parameters together, in the form the
+//! maths reads them, then `b2`:
 //!
-//! The maths run on the fixed-order kernels of [`super::dense`], [`CHUNK`] hidden units at a
-//! time, so a chunk's weights and activations stay in the CPU's caches:
+//! ```text
+//!  chunk of units j0..j0+c, at j0·(inputs + 1 + outputs):
+//!    W1[:, j0..j0+c]   inputs × c, row-major (input k's weights to the chunk's units)
+//!    b1[j0..j0+c]      c
+//!    W2[j0..j0+c, :]ᵀ  outputs × c, row-major (output o's weights from the chunk's units)
+//!  b2                  outputs, at hidden·(inputs + 1 + outputs)
+//! ```
+//!
+//! So a chunk's weights are one contiguous block, read in place (no packing, no transposing);
+//! its gradient is written as one block the same shape; and a range of the flat vector is a run
+//! of whole units, which is what lets a trainer send a range's gradient as soon as its chunks
+//! are done. Model files and `init_params` files hold the usual tensors (`w1` `[inputs ×
+//! hidden]`, `b1`, `w2` `[hidden × outputs]`, `b2`, all row-major; [`Model::layout`]):
+//! [`Model::tensor_order`] and [`Model::flat_order`] convert, and the initial values are
+//! drawn in that order, so a value and its bits do not depend on the layout.
+//!
+//! The maths run on the fixed-order kernels of [`super::dense`], a chunk at a time, so a
+//! chunk's weights and activations stay in the CPU's caches:
 //!
 //! - **forward**, per chunk: `h = relu(x·W1 + b1)` (each element `Σ_k x·W1` in ascending `k`,
 //!   then `+ b1`), and the output's lane dot `h·W2` takes the chunk in; then `out = lanes + b2`;
 //! - **head**, per batch: its summed loss, and `∂out` in place of `out`;
-//! - **backward**, per chunk: the chunk's `h` and transposed `W2` as the forward pass left them
-//!   when every chunk's fit in [`KEEP_BYTES`] (the forward then writes them to memory instead
-//!   of a chunk-sized buffer), else computed again (the same code, so the same bits either
-//!   way): at 4,096 hidden units and 64 rows they take 1.1 MiB, and reading them back made a
-//!   step 13 % faster than computing them again; at 65,536 units they take 5.5 MiB (21 rows)
-//!   to 17 MiB (64 rows), which no core's cache holds, and computing `inputs` multiply-adds
-//!   per activation again (11 for the wine data) was as fast or faster than reading them; then
-//!   `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch
-//!   `∂W1 = xᵀ·∂h`, `∂b1 = Σ ∂h` and `∂W2 = hᵀ·∂out` (each element summed over the batch's rows
-//!   in order), added over the batches in the reduction tree ([`super::dense::tree_sum`]) and
-//!   written once.
+//! - **backward**, per chunk: the chunk's `h` as the forward pass left it when every chunk's fit
+//!   in [`KEEP_BYTES`], else computed again (the same code, so the same bits either way): at
+//!   4,096 hidden units and 64 rows they take 1 MiB, and reading them back made a step 13 %
+//!   faster than computing them again; at 65,536 units they take 5.5 MiB (21 rows) to 17 MiB
+//!   (64 rows), which no core's cache holds, and computing `inputs` multiply-adds per
+//!   activation again (11 for the wine data) was as fast or faster than reading them; then
+//!   `∂h = (∂out·W2ᵀ)` where the unit was active, then for every batch `∂W1 = xᵀ·∂h`,
+//!   `∂b1 = Σ ∂h` and `∂W2ᵀ = ∂outᵀ·h` (each element summed over the batch's rows in order),
+//!   added over the batches in the reduction tree ([`super::dense::tree_sum`]) straight into
+//!   the chunk's block of the gradient.
 //!
 //! A trainer that owns a whole subtree of partitions therefore makes one pass and writes one
 //! model-sized gradient per step ([`Model::loss_grad_tree`]), with the bits of computing each
 //! partition alone and adding the gradients in the tree: every batch's sums are the same code
 //! either way, and so are the additions.
+
+use std::borrow::Cow;
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
@@ -36,31 +54,29 @@ use super::{
 };
 
 /// Hidden units per chunk (a multiple of [`dense::LANES`], so the output's lane dot continues
-/// across chunks).
+/// across chunks). Part of the flat layout: changing it changes where every value lives.
 const CHUNK: usize = 256;
 
-/// The most bytes of activations and transposed `W2` a forward pass keeps for the backward
-/// pass; above it, the backward pass computes them again. Measured on both sides of it (this
-/// machine: 512 KiB of L2 per core, 32 MiB of L3): 1.1 MiB kept was faster, 5.5 MiB was not.
+/// The most bytes of activations a forward pass keeps for the backward pass; above it, the
+/// backward pass computes them again. Measured on both sides of it (this machine: 512 KiB of
+/// L2 per core, 32 MiB of L3): 1.1 MiB kept was faster, 5.5 MiB was not.
 const KEEP_BYTES: usize = 2 << 20;
 
 /// The parameters of one call, in the pieces they came in (a trainer's θ as its aggregators'
-/// ranges, or one whole vector), and where each tensor starts. Every read goes through a block
-/// the maths copies or borrows anyway (a chunk of `W1` packed, a chunk of `W2` transposed, a
-/// chunk of `b1`), so pieces cost no assembly and give the same bits as the joined vector.
+/// ranges, or one whole vector). A chunk's block is borrowed from its piece, or copied when it
+/// lies across two, so pieces cost no assembly and give the same bits as the joined vector.
 struct Params<'p, 'a> {
     src: &'p ParamParts<'a>,
-    /// Where `w1`, `b1`, `w2` and `b2` start.
-    at: [usize; 4],
 }
 
 /// One-hidden-layer ReLU network with either head.
 #[derive(Clone, Debug)]
 pub(crate) struct Mlp {
     spec: ModelSpec,
+    /// The tensors as files hold them, and how they are initialised.
     layout: ParamLayout,
-    /// Lengths of `w1`, `b1`, `w2` (where each next tensor starts).
-    lens: [usize; 3],
+    /// Values per hidden unit in the flat vector: `inputs + 1 + outputs`.
+    unit: usize,
 }
 
 impl Mlp {
@@ -68,25 +84,41 @@ impl Mlp {
     pub(crate) fn new(spec: ModelSpec) -> Result<Self, ModelError> {
         let ModelSpec { inputs, outputs, hidden, .. } = spec;
         let mut layout = ParamLayout::new(spec.kind);
-        let w1 = layout.push("w1", &[inputs, hidden], Init::he(inputs))?;
-        let b1 = layout.push("b1", &[hidden], Init::Zeros)?;
-        let w2 = layout.push("w2", &[hidden, outputs], Init::xavier(hidden, outputs))?;
+        layout.push("w1", &[inputs, hidden], Init::he(inputs))?;
+        layout.push("b1", &[hidden], Init::Zeros)?;
+        layout.push("w2", &[hidden, outputs], Init::xavier(hidden, outputs))?;
         layout.push("b2", &[outputs], Init::Zeros)?;
-        Ok(Mlp { spec, layout, lens: [w1.len(), b1.len(), w2.len()] })
+        Ok(Mlp { spec, layout, unit: inputs + 1 + outputs })
     }
 
-    /// Checks the length of `params` and finds the four tensors in it.
+    /// Checks the length of `params`.
     fn split<'p, 'a>(&self, params: &'p ParamParts<'a>) -> Result<Params<'p, 'a>, ModelError> {
         if params.len() != self.layout.total {
             return Err(ModelError::ParamLength { expected: self.layout.total, got: params.len() });
         }
-        let [w1, b1, w2] = self.lens;
-        Ok(Params { src: params, at: [0, w1, w1 + b1, w1 + b1 + w2] })
+        Ok(Params { src: params })
+    }
+
+    /// Where the block of the chunk of units `j0..j0 + c` lies in the flat vector.
+    fn block_range(&self, j0: usize, c: usize) -> std::ops::Range<usize> {
+        j0 * self.unit..(j0 + c) * self.unit
+    }
+
+    /// Where `b2` lies in the flat vector.
+    fn b2_range(&self) -> std::ops::Range<usize> {
+        let at = self.spec.hidden * self.unit;
+        at..at + self.spec.outputs
+    }
+
+    /// The chunks: `(j0, c)` for units `j0..j0 + c`.
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let hidden = self.spec.hidden;
+        (0..hidden).step_by(CHUNK).map(move |j0| (j0, CHUNK.min(hidden - j0)))
     }
 
     /// Forward pass over `rows` rows of `x` (row-major): the raw outputs (`rows × outputs`).
     /// The hidden activations live one chunk at a time in `bufs`, unless `keep` takes them
-    /// (every chunk's activations and transposed `W2`, for the backward pass).
+    /// (every chunk's activations, for the backward pass).
     fn forward(
         &self,
         p: &Params<'_, '_>,
@@ -95,19 +127,19 @@ impl Mlp {
         bufs: &mut ChunkBufs,
         mut keep: Option<&mut Kept>,
     ) -> Vec<f32> {
-        let ModelSpec { outputs, hidden, .. } = self.spec;
+        let ModelSpec { inputs, outputs, .. } = self.spec;
         let mut dot = LaneDot::new(rows, outputs);
-        for j0 in (0..hidden).step_by(CHUNK) {
-            let c = CHUNK.min(hidden - j0);
-            let (h, w2t) = match keep.as_deref_mut() {
+        for (j0, c) in self.chunks() {
+            let block = p.src.slice(self.block_range(j0, c), &mut bufs.scratch);
+            let h = match keep.as_deref_mut() {
                 Some(kept) => kept.chunk_mut(j0, c),
-                None => (&mut bufs.h[..rows * c], &mut bufs.w2t[..outputs * c]),
+                None => &mut bufs.h[..rows * c],
             };
-            self.chunk(p, x, j0, c, &mut bufs.w1c, &mut bufs.scratch, h, w2t);
-            dot.add(h, w2t, c);
+            self.activations(block, x, c, h);
+            dot.add(h, &block[(inputs + 1) * c..], c);
         }
         let mut out = vec![0.0; rows * outputs];
-        dot.finish(p.src.slice(p.at[3]..p.at[3] + outputs, &mut bufs.scratch), &mut out);
+        dot.finish(p.src.slice(self.b2_range(), &mut bufs.scratch), &mut out);
         out
     }
 
@@ -126,7 +158,7 @@ impl Mlp {
         let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
         let Gathered { x, ys, bounds } = self.gather(batches)?;
         let rows = bounds[bounds.len() - 1];
-        let mut kept = Kept::fitting(rows, outputs, hidden, keep_bytes);
+        let mut kept = Kept::fitting(rows, hidden, keep_bytes);
         let mut bufs = ChunkBufs::new(&self.spec, rows, kept.is_some());
         let mut out = self.forward(&p, &x, rows, &mut bufs, kept.as_mut());
 
@@ -140,36 +172,33 @@ impl Mlp {
         }
         let d_out = &out;
 
-        let (gw1, rest) = grad.split_at_mut(self.lens[0]);
-        let (gb1, rest) = rest.split_at_mut(self.lens[1]);
-        let (gw2, gb2) = rest.split_at_mut(self.lens[2]);
         let ones = vec![1.0f32; (1..bounds.len()).map(|i| bounds[i] - bounds[i - 1]).max().unwrap_or(0)];
         let widest = CHUNK.min(hidden);
         let mut d_hidden = vec![0.0; rows * widest];
-        // Per chunk: ∂W1 (inputs × c), ∂b1 (c) and ∂W2ᵀ (outputs × c), summed over the tree.
-        let mut block = vec![0.0; (inputs + 1 + outputs) * widest];
         let mut scratch = Vec::new();
-        for j0 in (0..hidden).step_by(CHUNK) {
-            let c = CHUNK.min(hidden - j0);
-            let (h, w2t): (&[f32], &[f32]) = match &kept {
+        for (j0, c) in self.chunks() {
+            let ChunkBufs { h: h_buf, scratch: block_scratch } = &mut bufs;
+            let block = p.src.slice(self.block_range(j0, c), block_scratch);
+            let h: &[f32] = match &kept {
                 Some(kept) => kept.chunk(j0, c),
                 None => {
-                    let (h, w2t) = (&mut bufs.h[..rows * c], &mut bufs.w2t[..outputs * c]);
-                    self.chunk(&p, &x, j0, c, &mut bufs.w1c, &mut bufs.scratch, h, w2t);
-                    (h, w2t)
+                    let h = &mut h_buf[..rows * c];
+                    self.activations(block, &x, c, h);
+                    h
                 }
             };
             // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
             // (at z == 0 exactly, the subgradient 0). A select, not a branch: whether a unit is
             // active is a coin toss per element. A NaN `h` keeps its `∂h`.
             let d_hidden = &mut d_hidden[..rows * c];
-            dense::matmul_rows(d_out, outputs, w2t, c, 0, d_hidden, c);
+            dense::matmul_rows(d_out, outputs, &block[(inputs + 1) * c..], c, 0, d_hidden, c);
             for (d, &hv) in d_hidden.iter_mut().zip(h) {
                 *d = if hv <= 0.0 { 0.0 } else { *d };
             }
             let d_hidden: &[f32] = d_hidden;
-            let block = &mut block[..(inputs + 1 + outputs) * c];
-            dense::tree_sum(batches.len(), block, &mut scratch, &mut |i, buf| {
+            // The chunk's block of the gradient: ∂W1 (inputs × c), ∂b1 (c), ∂W2ᵀ (outputs × c),
+            // summed over the tree in place.
+            dense::tree_sum(batches.len(), &mut grad[self.block_range(j0, c)], &mut scratch, &mut |i, buf| {
                 let (a, b) = (bounds[i], bounds[i + 1]);
                 let (bw1, rest) = buf.split_at_mut(inputs * c);
                 let (bb1, bw2t) = rest.split_at_mut(c);
@@ -178,55 +207,21 @@ impl Mlp {
                 dense::matmul_tn(&ones[..b - a], 1, d_leaf, c, bb1);
                 dense::matmul_tn(&d_out[a * outputs..b * outputs], outputs, &h[a * c..b * c], c, bw2t);
             });
-            for (k, row) in block[..inputs * c].chunks_exact(c).enumerate() {
-                gw1[k * hidden + j0..k * hidden + j0 + c].copy_from_slice(row);
-            }
-            gb1[j0..j0 + c].copy_from_slice(&block[inputs * c..(inputs + 1) * c]);
-            untranspose_rows(&block[(inputs + 1) * c..], outputs, j0, c, gw2);
         }
         // ∂b2 = Σ ∂out over each batch's rows, in the tree too.
-        dense::tree_sum(batches.len(), gb2, &mut scratch, &mut |i, buf| {
+        dense::tree_sum(batches.len(), &mut grad[self.b2_range()], &mut scratch, &mut |i, buf| {
             let (a, b) = (bounds[i], bounds[i + 1]);
             dense::matmul_tn(&ones[..b - a], 1, &d_out[a * outputs..b * outputs], outputs, buf);
         });
         Ok(losses)
     }
 
-    /// Rows `j0..j0 + c` of `W2` (`c × outputs`), borrowed or copied into `scratch`.
-    fn w2_rows<'s>(&self, p: &'s Params<'_, '_>, j0: usize, c: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
-        let outputs = self.spec.outputs;
-        p.src.slice(p.at[2] + j0 * outputs..p.at[2] + (j0 + c) * outputs, scratch)
-    }
-
-    /// A chunk's activations `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])` (`rows × c`) and
-    /// its rows of `W2` transposed into `w2t` (`outputs × c`). `w1c` (at least `inputs × c`
-    /// long) receives the chunk's columns of `W1`, packed; `scratch` holds a block of the
-    /// parameters that lies across two of their pieces.
-    #[allow(clippy::too_many_arguments)]
-    fn chunk(
-        &self,
-        p: &Params<'_, '_>,
-        x: &[f32],
-        j0: usize,
-        c: usize,
-        w1c: &mut [f32],
-        scratch: &mut Vec<f32>,
-        h: &mut [f32],
-        w2t: &mut [f32],
-    ) {
-        let ModelSpec { inputs, hidden, .. } = self.spec;
-        // The chunk's columns of `W1` side by side first: in place, its `inputs` rows are
-        // `hidden` floats apart, and at a power-of-two `hidden` every block of them falls in the
-        // same set of the L1 cache, more rows than the set has ways (eleven for the wine data,
-        // eight ways): the products then read from L2 (10.6 µs instead of 6.4 for a chunk of
-        // 64 rows × 256 units, packing included). The same sums either way. The packing reads
-        // from the pieces the parameters came in: no joined copy of them is needed.
-        let w1c = &mut w1c[..inputs * c];
-        for (k, packed) in w1c.chunks_exact_mut(c).enumerate() {
-            p.src.copy_to(p.at[0] + k * hidden + j0, packed);
-        }
-        dense::matmul_rows(x, inputs, w1c, c, 0, h, c);
-        let b1 = p.src.slice(p.at[1] + j0..p.at[1] + j0 + c, scratch);
+    /// A chunk's activations `h = relu(x·W1[:, j0..j0 + c] + b1[j0..j0 + c])` (`rows × c`),
+    /// from the chunk's block of the flat vector.
+    fn activations(&self, block: &[f32], x: &[f32], c: usize, h: &mut [f32]) {
+        let inputs = self.spec.inputs;
+        dense::matmul_rows(x, inputs, &block[..inputs * c], c, 0, h, c);
+        let b1 = &block[inputs * c..(inputs + 1) * c];
         for row in h.chunks_exact_mut(c) {
             for (z, &b) in row.iter_mut().zip(b1) {
                 // `z <= 0` rather than `max(z, 0)`: a NaN stays NaN and shows up in the loss
@@ -235,7 +230,47 @@ impl Mlp {
                 *z = if v <= 0.0 { 0.0 } else { v };
             }
         }
-        transpose_rows(self.w2_rows(p, j0, c, scratch), self.spec.outputs, c, w2t);
+    }
+
+    /// The tensors `w1`, `b1`, `w2`, `b2` one after another (as [`Model::layout`] names them)
+    /// from the flat vector.
+    fn tensors_of(&self, flat: &[f32]) -> Vec<f32> {
+        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
+        let mut out = vec![0.0; flat.len()];
+        let (w1, rest) = out.split_at_mut(inputs * hidden);
+        let (b1, rest) = rest.split_at_mut(hidden);
+        let (w2, b2) = rest.split_at_mut(hidden * outputs);
+        for (j0, c) in self.chunks() {
+            let block = &flat[self.block_range(j0, c)];
+            for (k, row) in block[..inputs * c].chunks_exact(c).enumerate() {
+                w1[k * hidden + j0..k * hidden + j0 + c].copy_from_slice(row);
+            }
+            b1[j0..j0 + c].copy_from_slice(&block[inputs * c..(inputs + 1) * c]);
+            untranspose_rows(&block[(inputs + 1) * c..], outputs, j0, c, w2);
+        }
+        b2.copy_from_slice(&flat[self.b2_range()]);
+        out
+    }
+
+    /// The flat vector from the tensors one after another: the inverse of [`Self::tensors_of`].
+    fn flat_of(&self, tensors: &[f32]) -> Vec<f32> {
+        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
+        let mut flat = vec![0.0; tensors.len()];
+        let (w1, rest) = tensors.split_at(inputs * hidden);
+        let (b1, rest) = rest.split_at(hidden);
+        let (w2, b2) = rest.split_at(hidden * outputs);
+        for (j0, c) in self.chunks() {
+            let range = self.block_range(j0, c);
+            let block = &mut flat[range];
+            for (k, row) in block[..inputs * c].chunks_exact_mut(c).enumerate() {
+                row.copy_from_slice(&w1[k * hidden + j0..k * hidden + j0 + c]);
+            }
+            block[inputs * c..(inputs + 1) * c].copy_from_slice(&b1[j0..j0 + c]);
+            transpose_rows(&w2[j0 * outputs..(j0 + c) * outputs], outputs, c, &mut block[(inputs + 1) * c..]);
+        }
+        let b2_range = self.b2_range();
+        flat[b2_range].copy_from_slice(b2);
+        flat
     }
 
     /// Validates every batch and gathers their rows (row-major, batch after batch).
@@ -255,77 +290,65 @@ impl Mlp {
     }
 }
 
-/// A chunk's working buffers: its activations, its columns of `W1` packed, its rows of `W2`
-/// transposed, and room for a block of parameters that lies across two pieces.
+/// A chunk's working buffers: its activations (unless they are kept), and room for a block of
+/// parameters that lies across two pieces.
 struct ChunkBufs {
     h: Vec<f32>,
-    w1c: Vec<f32>,
-    w2t: Vec<f32>,
     scratch: Vec<f32>,
 }
 
 impl ChunkBufs {
-    /// Buffers for chunks of `rows` rows, with `h` and `w2t` only if the activations are not
-    /// kept elsewhere.
+    /// Buffers for chunks of `rows` rows, with `h` only if the activations are not kept
+    /// elsewhere.
     fn new(spec: &ModelSpec, rows: usize, kept: bool) -> Self {
-        let widest = CHUNK.min(spec.hidden);
-        let own = if kept { 0 } else { widest };
-        Self {
-            h: vec![0.0; rows * own],
-            w1c: vec![0.0; spec.inputs * widest],
-            w2t: vec![0.0; spec.outputs * own],
-            scratch: Vec::new(),
-        }
+        let own = if kept { 0 } else { CHUNK.min(spec.hidden) };
+        Self { h: vec![0.0; rows * own], scratch: Vec::new() }
     }
 }
 
-/// Every chunk's activations and transposed rows of `W2`, as a forward pass left them for the
-/// backward pass: chunk `j0..j0 + c` at `rows · j0` in `h` and at `outputs · j0` in `w2t`.
+/// Every chunk's activations, as a forward pass left them for the backward pass: chunk
+/// `j0..j0 + c` at `rows · j0`.
 struct Kept {
     rows: usize,
-    outputs: usize,
     h: Vec<f32>,
-    w2t: Vec<f32>,
 }
 
 thread_local! {
-    /// A thread's [`Kept`] buffers between calls: per thread that computes, at most the
-    /// largest set a call kept ([`KEEP_BYTES`] in training), freed when the thread exits (an
-    /// idle blocking-pool thread does after tokio's keep-alive).
-    static KEPT_BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// A thread's [`Kept`] buffer between calls: per thread that computes, at most the largest
+    /// a call kept ([`KEEP_BYTES`] in training), freed when the thread exits (an idle
+    /// blocking-pool thread does after tokio's keep-alive).
+    static KEPT_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl Drop for Kept {
     fn drop(&mut self) {
-        let buffers = (std::mem::take(&mut self.h), std::mem::take(&mut self.w2t));
-        KEPT_BUFFERS.with(|spare| spare.set(buffers));
+        let buffer = std::mem::take(&mut self.h);
+        KEPT_BUFFER.with(|spare| spare.set(buffer));
     }
 }
 
 impl Kept {
-    /// Room for `rows` rows' activations over `hidden` units, if they take at most
-    /// `max_bytes` with the transposed `W2`.
-    fn fitting(rows: usize, outputs: usize, hidden: usize, max_bytes: usize) -> Option<Self> {
-        let bytes = rows.checked_add(outputs)?.checked_mul(hidden)?.checked_mul(4)?;
+    /// Room for `rows` rows' activations over `hidden` units, if they take at most `max_bytes`.
+    fn fitting(rows: usize, hidden: usize, max_bytes: usize) -> Option<Self> {
+        let bytes = rows.checked_mul(hidden)?.checked_mul(4)?;
         if bytes > max_bytes {
             return None;
         }
-        // The last call's buffers on this thread (see `KEPT_BUFFERS`): the forward pass
+        // The last call's buffer on this thread (see `KEPT_BUFFER`): the forward pass
         // overwrites every value, so only growth is zeroed.
-        let (mut h, mut w2t) = KEPT_BUFFERS.with(|spare| spare.take());
+        let mut h = KEPT_BUFFER.with(|spare| spare.take());
         h.resize(rows * hidden, 0.0);
-        w2t.resize(outputs * hidden, 0.0);
-        Some(Self { rows, outputs, h, w2t })
+        Some(Self { rows, h })
     }
 
-    fn chunk_mut(&mut self, j0: usize, c: usize) -> (&mut [f32], &mut [f32]) {
-        let (r, o) = (self.rows, self.outputs);
-        (&mut self.h[r * j0..r * (j0 + c)], &mut self.w2t[o * j0..o * (j0 + c)])
+    fn chunk_mut(&mut self, j0: usize, c: usize) -> &mut [f32] {
+        let r = self.rows;
+        &mut self.h[r * j0..r * (j0 + c)]
     }
 
-    fn chunk(&self, j0: usize, c: usize) -> (&[f32], &[f32]) {
-        let (r, o) = (self.rows, self.outputs);
-        (&self.h[r * j0..r * (j0 + c)], &self.w2t[o * j0..o * (j0 + c)])
+    fn chunk(&self, j0: usize, c: usize) -> &[f32] {
+        let r = self.rows;
+        &self.h[r * j0..r * (j0 + c)]
     }
 }
 
@@ -417,7 +440,27 @@ fn untranspose_blocks<const O: usize>(t: &[f32], c: usize, out: &mut [f32]) -> u
 }
 
 impl Model for Mlp {
-    layout_accessors!();
+    fn num_params(&self) -> usize {
+        self.layout.total
+    }
+
+    fn layout(&self) -> Vec<TensorInfo> {
+        self.layout.tensors.clone()
+    }
+
+    /// Drawn tensor by tensor in [`Model::layout`]'s order (as before the chunked layout, so
+    /// the same seed gives the same weights), then laid out chunk by chunk.
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.flat_of(&self.layout.init(seed))
+    }
+
+    fn tensor_order<'p>(&self, params: &'p [f32]) -> Cow<'p, [f32]> {
+        Cow::Owned(self.tensors_of(params))
+    }
+
+    fn flat_order(&self, tensors: Vec<f32>) -> Vec<f32> {
+        self.flat_of(&tensors)
+    }
 
     fn loss_grad(
         &self,
@@ -485,9 +528,11 @@ mod tests {
 
     /// Smallest `|x·W1 + b1|` over the batch: how far the batch is from a ReLU kink.
     fn kink_margin(model: &Mlp, params: &[f32], x: ArrayView2<'_, f32>) -> f32 {
-        let (w1, rest) = params.split_at(model.lens[0]);
-        let w1 = ArrayView2::from_shape((model.spec.inputs, model.spec.hidden), w1).expect("w1");
-        let pre = x.dot(&w1) + ndarray::ArrayView1::from(&rest[..model.lens[1]]);
+        let (inputs, hidden) = (model.spec.inputs, model.spec.hidden);
+        let tensors = model.tensor_order(params);
+        let (w1, rest) = tensors.split_at(inputs * hidden);
+        let w1 = ArrayView2::from_shape((inputs, hidden), w1).expect("w1");
+        let pre = x.dot(&w1) + ndarray::ArrayView1::from(&rest[..hidden]);
         pre.iter().fold(f32::INFINITY, |m, z| m.min(z.abs()))
     }
 
@@ -528,17 +573,55 @@ mod tests {
         check_head(Head::Classification, 4);
     }
 
+    /// The flat vector is laid out chunk by chunk; in the tensors' order it is the textbook
+    /// network: `w1` `[inputs × hidden]`, `b1`, `w2` `[hidden × outputs]`, `b2`, row-major. A
+    /// prediction from the tensors by hand matches the model's (two chunks, the second short),
+    /// the initial values are the tensors drawn in their order (as before the chunked layout),
+    /// and the two orders convert both ways.
+    #[test]
+    fn the_tensors_order_is_the_textbook_network_and_the_flat_order_is_chunked() {
+        let (inputs, outputs, hidden) = (3, 2, 300);
+        let model = Mlp::new(mlp_spec(inputs, outputs, hidden, Head::Classification)).expect("valid spec");
+        let flat = random_vec(4, model.num_params(), -0.5, 0.5);
+        let tensors = model.tensor_order(&flat).into_owned();
+        assert_eq!(model.flat_order(tensors.clone()), flat);
+        let (w1, rest) = tensors.split_at(inputs * hidden);
+        let (b1, rest) = rest.split_at(hidden);
+        let (w2, b2) = rest.split_at(hidden * outputs);
+        // Where unit 257 (the second chunk's unit 1: that chunk is 44 units wide and starts at
+        // (3 + 1 + 2) · 256) keeps its weight from input 2, its bias and its weight to output 1.
+        let (unit, c, j) = (inputs + 1 + outputs, 44, 257 - 256);
+        let at = 256 * unit;
+        assert_eq!(flat[at + 2 * c + j], w1[2 * hidden + 257]);
+        assert_eq!(flat[at + inputs * c + j], b1[257]);
+        assert_eq!(flat[at + (inputs + 1 + 1) * c + j], w2[257 * outputs + 1]);
+        assert_eq!(&flat[hidden * unit..], b2);
+        let x = random_matrix(5, 4, inputs, -1.0, 1.0);
+        let got = model.predict(&flat, x.view()).expect("valid");
+        let w1 = ArrayView2::from_shape((inputs, hidden), w1).expect("w1");
+        let w2 = ArrayView2::from_shape((hidden, outputs), w2).expect("w2");
+        let h = (x.dot(&w1) + ndarray::ArrayView1::from(b1)).mapv(|z| z.max(0.0));
+        let want = h.dot(&w2) + ndarray::ArrayView1::from(b2);
+        for (g, w) in got.iter().zip(want.iter()) {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        let drawn = model.layout.init(7);
+        assert_eq!(model.tensor_order(&model.init_params(7)).into_owned(), drawn);
+    }
+
     #[test]
     fn mlp_dead_units_get_zero_gradient() {
         // b1 hugely negative: every hidden unit is off, so W1 and b1 get no gradient.
         let model = Mlp::new(mlp_spec(2, 1, 3, Head::Regression)).expect("valid spec");
-        let mut params = model.init_params(9);
-        let [w1_len, b1_len, _] = model.lens;
-        params[w1_len..w1_len + b1_len].fill(-100.0);
+        let mut tensors = model.tensor_order(&model.init_params(9)).into_owned();
+        let (w1_len, b1_len) = (2 * 3, 3);
+        tensors[w1_len..w1_len + b1_len].fill(-100.0);
+        let params = model.flat_order(tensors);
         let x = random_matrix(1, 5, 2, -1.0, 1.0);
         let y = [1.0f32; 5];
         let mut grad = vec![f32::NAN; model.num_params()];
         model.loss_grad(&params, x.view(), Targets::Real(&y), &mut grad).expect("valid");
+        let grad = model.tensor_order(&grad);
         assert!(grad[..w1_len + b1_len].iter().all(|&g| g == 0.0));
         // The output bias still learns: ∂b2 = Σ (b2 − y) = −5.
         assert_eq!(grad[grad.len() - 1], -5.0);
@@ -691,9 +774,9 @@ mod tests {
             let data = batches_for(11, outputs, 70);
             let batches = views(&data, head);
             let rows: usize = data.iter().map(|(x, _, _)| x.nrows()).sum();
-            assert!(super::Kept::fitting(rows, outputs as usize, 300, super::KEEP_BYTES).is_some());
-            assert!(super::Kept::fitting(rows, outputs as usize, 300, 0).is_none());
-            assert!(super::Kept::fitting(usize::MAX, 1, 2, usize::MAX).is_none(), "an overflow keeps nothing");
+            assert!(super::Kept::fitting(rows, 300, super::KEEP_BYTES).is_some());
+            assert!(super::Kept::fitting(rows, 300, 0).is_none());
+            assert!(super::Kept::fitting(usize::MAX, 2, usize::MAX).is_none(), "an overflow keeps nothing");
             let parts = ParamParts::whole(&params);
             let mut kept = vec![f32::NAN; model.num_params()];
             let mut again = vec![f32::NAN; model.num_params()];
@@ -728,9 +811,10 @@ mod tests {
         }
     }
 
-    /// θ in pieces, cut anywhere (inside a row of `W1`, across a chunk's columns, inside `b1`,
-    /// `W2` and `b2`, with empty pieces), in memory or as received from the wire, gives the
-    /// bits of the joined vector, and so does the trait's default, which joins them.
+    /// θ in pieces, cut anywhere (inside a chunk's `W1`, between and inside its `b1` and `W2`,
+    /// at a chunk's edge, inside `b2`, with empty pieces), in memory or as received from the
+    /// wire, gives the bits of the joined vector, and so does the trait's default, which joins
+    /// them.
     #[test]
     fn parameters_in_pieces_give_the_bits_of_the_joined_vector() {
         let model = Mlp::new(mlp_spec(11, 6, 300, Head::Classification)).expect("valid spec");
@@ -740,12 +824,13 @@ mod tests {
         let batches = views(&data, Head::Classification);
         let mut whole = vec![f32::NAN; n];
         let losses = model.loss_grad_tree(&params, &batches, &mut whole).expect("valid");
-        let [w1, b1, w2] = model.lens;
+        // The first chunk (256 units) holds W1 in 11 × 256 values, b1 in 256, W2ᵀ in 6 × 256.
+        let (w1, b1, chunk) = (11 * 256, 256, 18 * 256);
         let cuts: [&[usize]; 5] = [
             &[n / 3, 2 * n / 3],
             &[1, 257, 300 + 255, w1 + 10],
-            &[w1, w1, w1 + b1, w1 + b1 + w2],
-            &[w1 + 256, w1 + b1 + 6 * 255 + 3, n - 1],
+            &[w1, w1, w1 + b1, chunk],
+            &[chunk + 44 * 11 + 3, chunk + 44 * 12 + 1, n - 1],
             &[0, n],
         ];
         // The trait's default joins the pieces (the leaf-by-leaf reference does not override it).

@@ -52,6 +52,7 @@
 //! # Ok::<(), phalanx_actors::model::ModelError>(())
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -288,11 +289,26 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     /// Length of the flat parameter vector.
     fn num_params(&self) -> usize;
 
-    /// Layer tensors in flat order; concatenating them gives the flat vector (so the first
-    /// starts at offset 0, each starts where the previous ends, the last ends at
-    /// [`num_params`](Model::num_params), and names are unique). Checkpoints and model files
-    /// store one safetensors tensor per entry.
+    /// Layer tensors as model files and `init_params` files hold them (one safetensors tensor
+    /// per entry); concatenating them gives [`tensor_order`](Model::tensor_order) of the flat
+    /// vector (so the first starts at offset 0, each starts where the previous ends, the last
+    /// ends at [`num_params`](Model::num_params), and names are unique).
     fn layout(&self) -> Vec<TensorInfo>;
+
+    /// The flat vector's values in the order of [`layout`](Model::layout)'s tensors. The
+    /// default: the flat vector is that order already. A model that lays out its flat vector
+    /// for its maths (the built-in MLP keeps each chunk of hidden units' weights together)
+    /// overrides this and [`flat_order`](Model::flat_order), its inverse; a model
+    /// that wraps another forwards both.
+    fn tensor_order<'p>(&self, params: &'p [f32]) -> Cow<'p, [f32]> {
+        Cow::Borrowed(params)
+    }
+
+    /// The flat vector from values in the order of [`layout`](Model::layout)'s tensors: the
+    /// inverse of [`tensor_order`](Model::tensor_order).
+    fn flat_order(&self, tensors: Vec<f32>) -> Vec<f32> {
+        tensors
+    }
 
     /// Deterministic initial parameters from a seed, `num_params` of them. The built-ins draw
     /// weights uniform with a Xavier (or, before a ReLU, He) limit from
@@ -975,10 +991,12 @@ mod tests {
             let bits = |seed| model.init_params(seed).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(42), bits(42));
             assert_ne!(bits(42), bits(43));
-            let params = model.init_params(42);
-            assert_eq!(params.len(), model.num_params());
-            assert!(params.iter().all(|v| v.is_finite() && v.abs() <= 1.5));
-            // Biases start at zero.
+            let flat = model.init_params(42);
+            assert_eq!(flat.len(), model.num_params());
+            assert!(flat.iter().all(|v| v.is_finite() && v.abs() <= 1.5));
+            // Biases start at zero (the layout's offsets are into the tensors' order).
+            let params = model.tensor_order(&flat);
+            assert_eq!(model.flat_order(params.to_vec()), flat, "the orders convert both ways");
             for tensor in model.layout().iter().filter(|t| t.shape.len() == 1 && t.name != "weight") {
                 let len: usize = tensor.shape.iter().product();
                 assert!(params[tensor.offset..tensor.offset + len].iter().all(|&b| b == 0.0));

@@ -909,7 +909,7 @@ async fn coordinate(
     let duration = Duration::from_millis(unix_ms().saturating_sub(job_started_ms));
     let history = history.map(|h| h.path().to_path_buf());
     let report = crate::TrainReport { outcome, evaluation, duration, history };
-    let model_sha256 = crate::params_sha256(&report.outcome.params);
+    let model_sha256 = crate::model_sha256(prepared.model.as_ref(), &report.outcome.params);
     let summary = match &out {
         Some(dir) => {
             crate::write_outputs(dir, &prepared, &report)?;

@@ -35,7 +35,7 @@ pub struct Cluster {
 /// `model_sha256` of the one-process run of the job file `job`.
 pub fn expected_sha(job: &str) -> String {
     let job = phalanx::PreparedJob::new(phalanx::JobConfig::from_toml_str(job).unwrap()).unwrap();
-    phalanx::params_sha256(&job.reference_params().unwrap())
+    phalanx::model_sha256(job.model.as_ref(), &job.reference_params().unwrap())
 }
 
 pub fn unix_ms() -> u64 {

@@ -187,7 +187,7 @@ fn encoded_frame_layout_matches_the_crate_diagram() {
     expected.extend_from_slice(&(-2.5f32).to_le_bytes());
     expected[..PREFIX_BYTES].copy_from_slice(&((wire.len() - PREFIX_BYTES) as u32).to_le_bytes());
     assert_eq!(wire, expected);
-    assert_eq!(&wire[4..6], &[7, 0], "version 7, little-endian");
+    assert_eq!(&wire[4..6], &[8, 0], "version 8, little-endian");
 }
 
 #[test]
