@@ -689,8 +689,10 @@ mod tests {
         write(&path, &mlp_tensors(4));
         let seeded = PreparedJob::new(mlp(4)).unwrap();
         let job = PreparedJob::new(JobConfig { init_params: Some(path), ..mlp(4) }).unwrap();
+        // The file holds the tensors; θ_0 is the model's flat vector of them.
         let want: Vec<f32> = (0..job.model.num_params()).map(|i| i as f32 / 1000.0).collect();
-        assert_eq!(job.model.init_params(job.config.seed), want);
+        assert_eq!(job.model.tensor_order(&job.model.init_params(job.config.seed)).into_owned(), want);
+        let want = job.model.flat_order(want);
         assert_ne!(seeded.model.init_params(42), want);
         assert_ne!(job.config_hash, seeded.config_hash, "θ_0 is part of the math");
         // The plain loop starts from it too: one epoch moves away from it, and differently from
