@@ -35,7 +35,7 @@ pub fn sim_campaign(seeds: std::ops::Range<u64>, out: &Path) -> std::io::Result<
         report.violations.extend(violations.into_iter().map(|v| format!("seed {seed}: {v}")));
         match &outcome.result {
             Some(Ok((params, ledger))) => {
-                report.identical &= phalanx::params_sha256(params) == sim.expected.model_sha256;
+                report.identical &= phalanx::params_sha256(params) == sim.expected.params_sha256;
                 let applied = phalanx::output::SamplesApplied::new(
                     ledger,
                     &sim.expected.partition_sizes,

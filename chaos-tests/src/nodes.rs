@@ -524,7 +524,8 @@ pub fn node_job_placed(placement: phalanx::config::AggregatorPlacement) -> (JobC
     let prepared = phalanx::PreparedJob::new(config.clone()).expect("the node-simulation job is valid");
     let reference = prepared.reference_params().expect("the plain loop runs");
     let expected = Expected {
-        model_sha256: phalanx::params_sha256(&reference),
+        model_sha256: phalanx::model_sha256(prepared.model.as_ref(), &reference),
+        params_sha256: phalanx::params_sha256(&reference),
         partition_sizes: prepared.partitions.sizes(),
         epochs: prepared.schedule.epochs,
     };

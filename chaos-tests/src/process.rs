@@ -226,7 +226,8 @@ pub fn expected(config: &JobConfig) -> Result<Expected, String> {
     let prepared = PreparedJob::new(config.clone()).map_err(|e| e.to_string())?;
     let params = prepared.reference_params().map_err(|e| e.to_string())?;
     Ok(Expected {
-        model_sha256: phalanx::params_sha256(&params),
+        model_sha256: phalanx::model_sha256(prepared.model.as_ref(), &params),
+        params_sha256: phalanx::params_sha256(&params),
         partition_sizes: prepared.partitions.sizes(),
         epochs: prepared.schedule.epochs,
     })

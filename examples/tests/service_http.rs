@@ -144,8 +144,8 @@ async fn a_job_posted_over_http_survives_a_killed_peer_and_serves_predictions() 
     assert!(killed, "node 2 was killed mid-job");
 
     let spec_config: phalanx::JobConfig = serde_json::from_str(spec).unwrap();
-    let (_, reference) = phalanx::train(spec_config, |_| {}).await.unwrap();
-    let expected = phalanx::params_sha256(&reference.outcome.params);
+    let (prepared, reference) = phalanx::train(spec_config, |_| {}).await.unwrap();
+    let expected = phalanx::model_sha256(prepared.model.as_ref(), &reference.outcome.params);
     assert_eq!(finished["model_sha256"].as_str(), Some(expected.as_str()));
     let (status, body) = http(http_addr, "GET", &format!("/jobs/{id}"), "");
     let shown = json(&body);

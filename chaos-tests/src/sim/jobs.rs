@@ -64,7 +64,8 @@ pub fn campaign_jobs() -> Vec<SimJob> {
             let job = PreparedJob::new(c.clone()).expect("campaign job config is valid");
             let reference = job.reference_params().expect("plain loop runs");
             let expected = Expected {
-                model_sha256: phalanx::params_sha256(&reference),
+                model_sha256: phalanx::model_sha256(job.model.as_ref(), &reference),
+                params_sha256: phalanx::params_sha256(&reference),
                 partition_sizes: job.partitions.sizes(),
                 epochs: job.schedule.epochs,
             };
