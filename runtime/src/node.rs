@@ -417,7 +417,7 @@ impl NodeHandle {
 pub struct JobResult {
     /// The job.
     pub id: JobId,
-    /// SHA-256 of the final parameters (see [`crate::params_sha256`]).
+    /// SHA-256 of the final parameters (see [`crate::model_sha256`]).
     pub model_sha256: String,
     /// Where the coordinator wrote `summary.json` (and `model.safetensors` beside it).
     pub summary: Option<PathBuf>,

@@ -1,8 +1,8 @@
 //! What a run leaves behind: `summary.json`, `history.csv` and `model.safetensors`.
 //!
 //! `model_sha256` is the SHA-256 of the final parameters as little-endian
-//! f32 bytes in flat order — the tensors of `model.safetensors` concatenated
-//! in the order its `param_order` metadata lists (see [`crate::job::params_sha256`]).
+//! f32 bytes in the tensors' order — the tensors of `model.safetensors` concatenated
+//! in the order its `param_order` metadata lists (see [`crate::job::model_sha256`]).
 //!
 //! `summary.json` stays the same size whatever the number of steps: final
 //! figures, the exactly-once verdict folded over the epochs (counts and the
