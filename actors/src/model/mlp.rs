@@ -62,13 +62,6 @@ const CHUNK: usize = 256;
 /// L2 per core, 32 MiB of L3): 1.1 MiB kept was faster, 5.5 MiB was not.
 const KEEP_BYTES: usize = 2 << 20;
 
-/// The parameters of one call, in the pieces they came in (a trainer's θ as its aggregators'
-/// ranges, or one whole vector). A chunk's block is borrowed from its piece, or copied when it
-/// lies across two, so pieces cost no assembly and give the same bits as the joined vector.
-struct Params<'p, 'a> {
-    src: &'p ParamParts<'a>,
-}
-
 /// One-hidden-layer ReLU network with either head.
 #[derive(Clone, Debug)]
 pub(crate) struct Mlp {
@@ -91,12 +84,15 @@ impl Mlp {
         Ok(Mlp { spec, layout, unit: inputs + 1 + outputs })
     }
 
-    /// Checks the length of `params`.
-    fn split<'p, 'a>(&self, params: &'p ParamParts<'a>) -> Result<Params<'p, 'a>, ModelError> {
+    /// Checks the length of `params`: the parameters of one call, in the pieces they came in (a
+    /// trainer's θ as its aggregators' ranges, or one whole vector). A chunk's block is borrowed
+    /// from its piece, or copied when it lies across two, so pieces cost no assembly and give
+    /// the same bits as the joined vector.
+    fn check_len(&self, params: &ParamParts<'_>) -> Result<(), ModelError> {
         if params.len() != self.layout.total {
             return Err(ModelError::ParamLength { expected: self.layout.total, got: params.len() });
         }
-        Ok(Params { src: params })
+        Ok(())
     }
 
     /// Where the block of the chunk of units `j0..j0 + c` lies in the flat vector.
@@ -121,7 +117,7 @@ impl Mlp {
     /// (every chunk's activations, for the backward pass).
     fn forward(
         &self,
-        p: &Params<'_, '_>,
+        p: &ParamParts<'_>,
         x: &[f32],
         rows: usize,
         bufs: &mut ChunkBufs,
@@ -130,7 +126,7 @@ impl Mlp {
         let ModelSpec { inputs, outputs, .. } = self.spec;
         let mut dot = LaneDot::new(rows, outputs);
         for (j0, c) in self.chunks() {
-            let block = p.src.slice(self.block_range(j0, c), &mut bufs.scratch);
+            let block = p.slice(self.block_range(j0, c), &mut bufs.scratch);
             let h = match keep.as_deref_mut() {
                 Some(kept) => kept.chunk_mut(j0, c),
                 None => &mut bufs.h[..rows * c],
@@ -139,7 +135,7 @@ impl Mlp {
             dot.add(h, &block[(inputs + 1) * c..], c);
         }
         let mut out = vec![0.0; rows * outputs];
-        dot.finish(p.src.slice(self.b2_range(), &mut bufs.scratch), &mut out);
+        dot.finish(p.slice(self.b2_range(), &mut bufs.scratch), &mut out);
         out
     }
 
@@ -153,14 +149,15 @@ impl Mlp {
         grad: &mut [f32],
         keep_bytes: usize,
     ) -> Result<Vec<f64>, ModelError> {
-        let p = self.split(params)?;
+        self.check_len(params)?;
+        let p = params;
         check_grad(self.layout.total, grad)?;
         let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
         let Gathered { x, ys, bounds } = self.gather(batches)?;
         let rows = bounds[bounds.len() - 1];
         let mut kept = Kept::fitting(rows, hidden, keep_bytes);
         let mut bufs = ChunkBufs::new(&self.spec, rows, kept.is_some());
-        let mut out = self.forward(&p, &x, rows, &mut bufs, kept.as_mut());
+        let mut out = self.forward(p, &x, rows, &mut bufs, kept.as_mut());
 
         // The head, batch by batch: `out` becomes ∂loss/∂out.
         let mut losses = Vec::with_capacity(batches.len());
@@ -178,7 +175,7 @@ impl Mlp {
         let mut scratch = Vec::new();
         for (j0, c) in self.chunks() {
             let ChunkBufs { h: h_buf, scratch: block_scratch } = &mut bufs;
-            let block = p.src.slice(self.block_range(j0, c), block_scratch);
+            let block = p.slice(self.block_range(j0, c), block_scratch);
             let h: &[f32] = match &kept {
                 Some(kept) => kept.chunk(j0, c),
                 None => {
@@ -232,44 +229,57 @@ impl Mlp {
         }
     }
 
+    /// The values that keep their order between the flat vector and the tensors one after
+    /// another (`w1` `[inputs × hidden]`, `b1`, `w2` `[hidden × outputs]`, `b2`): `(flat,
+    /// tensors)` range pairs for each chunk's rows of `W1` and its `b1`, and for `b2`. The rest is
+    /// `W2`, transposed per chunk ([`Self::w2_blocks`]).
+    fn copied_runs(&self) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>)> + '_ {
+        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
+        let per_chunk = self.chunks().flat_map(move |(j0, c)| {
+            let at = j0 * self.unit;
+            let w1 = (0..inputs).map(move |k| (at + k * c..at + (k + 1) * c, k * hidden + j0..k * hidden + j0 + c));
+            let b1 = (at + inputs * c..at + (inputs + 1) * c, inputs * hidden + j0..inputs * hidden + j0 + c);
+            w1.chain(std::iter::once(b1))
+        });
+        let b2 = (self.b2_range(), (inputs + 1 + outputs) * hidden..(inputs + 1 + outputs) * hidden + outputs);
+        per_chunk.chain(std::iter::once(b2))
+    }
+
+    /// Each chunk's `(j0, c, flat range of its W2ᵀ)`; in the tensors, `W2` starts at
+    /// `(inputs + 1) · hidden`.
+    fn w2_blocks(&self) -> impl Iterator<Item = (usize, usize, std::ops::Range<usize>)> + '_ {
+        let (inputs, outputs) = (self.spec.inputs, self.spec.outputs);
+        self.chunks().map(move |(j0, c)| {
+            let at = j0 * self.unit + (inputs + 1) * c;
+            (j0, c, at..at + outputs * c)
+        })
+    }
+
     /// The tensors `w1`, `b1`, `w2`, `b2` one after another (as [`Model::layout`] names them)
     /// from the flat vector.
     fn tensors_of(&self, flat: &[f32]) -> Vec<f32> {
-        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
-        let mut out = vec![0.0; flat.len()];
-        let (w1, rest) = out.split_at_mut(inputs * hidden);
-        let (b1, rest) = rest.split_at_mut(hidden);
-        let (w2, b2) = rest.split_at_mut(hidden * outputs);
-        for (j0, c) in self.chunks() {
-            let block = &flat[self.block_range(j0, c)];
-            for (k, row) in block[..inputs * c].chunks_exact(c).enumerate() {
-                w1[k * hidden + j0..k * hidden + j0 + c].copy_from_slice(row);
-            }
-            b1[j0..j0 + c].copy_from_slice(&block[inputs * c..(inputs + 1) * c]);
-            untranspose_rows(&block[(inputs + 1) * c..], outputs, j0, c, w2);
+        let w2_at = (self.spec.inputs + 1) * self.spec.hidden;
+        let mut tensors = vec![0.0; flat.len()];
+        for (f, t) in self.copied_runs() {
+            tensors[t].copy_from_slice(&flat[f]);
         }
-        b2.copy_from_slice(&flat[self.b2_range()]);
-        out
+        for (j0, c, f) in self.w2_blocks() {
+            untranspose_rows(&flat[f], self.spec.outputs, j0, c, &mut tensors[w2_at..]);
+        }
+        tensors
     }
 
     /// The flat vector from the tensors one after another: the inverse of [`Self::tensors_of`].
     fn flat_of(&self, tensors: &[f32]) -> Vec<f32> {
-        let ModelSpec { inputs, outputs, hidden, .. } = self.spec;
+        let (outputs, w2_at) = (self.spec.outputs, (self.spec.inputs + 1) * self.spec.hidden);
         let mut flat = vec![0.0; tensors.len()];
-        let (w1, rest) = tensors.split_at(inputs * hidden);
-        let (b1, rest) = rest.split_at(hidden);
-        let (w2, b2) = rest.split_at(hidden * outputs);
-        for (j0, c) in self.chunks() {
-            let range = self.block_range(j0, c);
-            let block = &mut flat[range];
-            for (k, row) in block[..inputs * c].chunks_exact_mut(c).enumerate() {
-                row.copy_from_slice(&w1[k * hidden + j0..k * hidden + j0 + c]);
-            }
-            block[inputs * c..(inputs + 1) * c].copy_from_slice(&b1[j0..j0 + c]);
-            transpose_rows(&w2[j0 * outputs..(j0 + c) * outputs], outputs, c, &mut block[(inputs + 1) * c..]);
+        for (f, t) in self.copied_runs() {
+            flat[f].copy_from_slice(&tensors[t]);
         }
-        let b2_range = self.b2_range();
-        flat[b2_range].copy_from_slice(b2);
+        for (j0, c, f) in self.w2_blocks() {
+            let w2 = &tensors[w2_at + j0 * outputs..w2_at + (j0 + c) * outputs];
+            transpose_rows(w2, outputs, c, &mut flat[f]);
+        }
         flat
     }
 
@@ -493,21 +503,21 @@ impl Model for Mlp {
 
     fn loss(&self, params: &[f32], x: ArrayView2<'_, f32>, y: Targets<'_>) -> Result<f64, ModelError> {
         let params = ParamParts::whole(params);
-        let p = self.split(&params)?;
+        self.check_len(&params)?;
         let Gathered { x, ys, bounds } = self.gather(&[BatchView { x: x.view(), y }])?;
         let rows = bounds[1];
-        let mut out = self.forward(&p, &x, rows, &mut ChunkBufs::new(&self.spec, rows, false), None);
+        let mut out = self.forward(&params, &x, rows, &mut ChunkBufs::new(&self.spec, rows, false), None);
         let view = ArrayViewMut2::from_shape((rows, self.spec.outputs), &mut out).expect("rows × outputs");
         Ok(apply_head(view, ys[0], false))
     }
 
     fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>) -> Result<Array2<f32>, ModelError> {
         let params = ParamParts::whole(params);
-        let p = self.split(&params)?;
+        self.check_len(&params)?;
         check_x(&self.spec, x)?;
         let rows = x.nrows();
         let x: Vec<f32> = x.iter().copied().collect();
-        let out = self.forward(&p, &x, rows, &mut ChunkBufs::new(&self.spec, rows, false), None);
+        let out = self.forward(&params, &x, rows, &mut ChunkBufs::new(&self.spec, rows, false), None);
         Ok(Array2::from_shape_vec((rows, self.spec.outputs), out).expect("rows × outputs"))
     }
 }
