@@ -174,11 +174,52 @@ impl OptimizerSpec {
     /// Everything is checked before anything changes, so on `Err` the params and the state
     /// (including `t`) are untouched and the step can be retried.
     pub fn step(&self, state: &mut OptimizerState, params: &mut [f32], grad: &[f32]) -> Result<(), OptimError> {
-        self.validate()?;
         let len = params.len();
         if grad.len() != len {
             return Err(OptimError::LengthMismatch { params: len, grad: grad.len() });
         }
+        let update = self.begin(state, len)?;
+        update.apply(params, grad, &mut state.slots, 0);
+        Ok(())
+    }
+
+    /// The same step out of place and block by block: `new` gets the parameters after the
+    /// step from `old`, and `grad(at, block)` writes gradient values `at..at + block.len()`
+    /// into `block` when the update reaches them. The bits are those of [`step`](Self::step)
+    /// on a copy of `old` with the whole gradient written out: each value goes through the
+    /// same operations. What it saves is memory traffic: the gradient, typically a sum of
+    /// received parts scaled by the batch size, is made a block at a time in the cache instead
+    /// of being written to memory and read back, and `old` stays unchanged for whoever shares
+    /// it (a version of the parameters being sent to trainers).
+    ///
+    /// Everything is checked first, as in [`step`](Self::step).
+    pub fn step_into(
+        &self,
+        state: &mut OptimizerState,
+        old: &[f32],
+        new: &mut [f32],
+        mut grad: impl FnMut(usize, &mut [f32]),
+    ) -> Result<(), OptimError> {
+        let len = old.len();
+        if new.len() != len {
+            return Err(OptimError::LengthMismatch { params: len, grad: new.len() });
+        }
+        let update = self.begin(state, len)?;
+        let mut block = [0.0f32; STEP_BLOCK];
+        for (i, (new, old)) in new.chunks_mut(STEP_BLOCK).zip(old.chunks(STEP_BLOCK)).enumerate() {
+            let at = i * STEP_BLOCK;
+            let g = &mut block[..new.len()];
+            grad(at, g);
+            new.copy_from_slice(old);
+            update.apply(new, g, &mut state.slots, at);
+        }
+        Ok(())
+    }
+
+    /// Checks the hyperparameters and the state against a range of `len` values, then counts
+    /// the step (`t`): what an update of that range needs, nothing changed on `Err`.
+    fn begin(&self, state: &mut OptimizerState, len: usize) -> Result<Update, OptimError> {
+        self.validate()?;
         let names = self.slot_names();
         if state.slots.len() != names.len() {
             return Err(OptimError::SlotCount { kind: self.kind, expected: names.len(), got: state.slots.len() });
@@ -188,39 +229,14 @@ impl OptimizerSpec {
         {
             return Err(OptimError::SlotLength { slot, expected: len, got });
         }
-
         // Saturating: 2^64 steps will not happen, and once β^t has underflowed the bias
         // corrections no longer change, so the update stays well-defined.
         state.t = state.t.saturating_add(1);
-        let lr = self.lr;
-        match (self.kind, state.slots.as_mut_slice()) {
-            (OptimizerKind::Sgd, []) => {
-                for (p, &g) in params.iter_mut().zip(grad) {
-                    *p -= lr * g;
-                }
-            }
-            (OptimizerKind::Momentum, [m]) => {
-                let mu = self.momentum;
-                for ((p, &g), m) in params.iter_mut().zip(grad).zip(m.iter_mut()) {
-                    *m = mu * *m + g;
-                    *p -= lr * *m;
-                }
-            }
-            (OptimizerKind::Adam, [m, v]) => {
-                let AdamScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bias2, eps } =
-                    self.adam_scalars(state.t);
-                for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    *m = beta1 * *m + one_minus_beta1 * g;
-                    *v = beta2 * *v + one_minus_beta2 * (g * g);
-                    // θ −= lr·m̂ / (√v̂ + ε) with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t).
-                    let denom = v.sqrt() * inv_sqrt_bias2 + eps;
-                    *p -= step_size * (*m / denom);
-                }
-            }
-            // The slot count was checked above; this arm is never taken.
-            (kind, slots) => return Err(OptimError::SlotCount { kind, expected: names.len(), got: slots.len() }),
-        }
-        Ok(())
+        Ok(match self.kind {
+            OptimizerKind::Sgd => Update::Sgd { lr: self.lr },
+            OptimizerKind::Momentum => Update::Momentum { lr: self.lr, mu: self.momentum },
+            OptimizerKind::Adam => Update::Adam(self.adam_scalars(state.t)),
+        })
     }
 
     /// Adam's per-step scalars, computed once per step from `t` alone so that every range of
@@ -240,7 +256,54 @@ impl OptimizerSpec {
     }
 }
 
+/// Values per block of [`OptimizerSpec::step_into`]: the block of gradient values stays in
+/// L1 between being made and being used.
+const STEP_BLOCK: usize = 1024;
+
+/// One counted step's arithmetic, for any part of the range: the scalars it uses are fixed
+/// when the step is counted ([`OptimizerSpec::begin`]), so every part of the range, and every
+/// range of the vector, uses the same bits.
+enum Update {
+    Sgd { lr: f32 },
+    Momentum { lr: f32, mu: f32 },
+    Adam(AdamScalars),
+}
+
+impl Update {
+    /// Updates `params` (values `at..at + params.len()` of the range) and the same values of
+    /// every slot from `grad`. The slot count was checked by [`OptimizerSpec::begin`].
+    fn apply(&self, params: &mut [f32], grad: &[f32], slots: &mut [Vec<f32>], at: usize) {
+        let span = at..at + params.len();
+        match (self, slots) {
+            (Update::Sgd { lr }, []) => {
+                for (p, &g) in params.iter_mut().zip(grad) {
+                    *p -= lr * g;
+                }
+            }
+            (Update::Momentum { lr, mu }, [m]) => {
+                for ((p, &g), m) in params.iter_mut().zip(grad).zip(&mut m[span]) {
+                    *m = mu * *m + g;
+                    *p -= lr * *m;
+                }
+            }
+            (Update::Adam(sc), [m, v]) => {
+                let AdamScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bias2, eps } =
+                    *sc;
+                for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(&mut m[span.clone()]).zip(&mut v[span]) {
+                    *m = beta1 * *m + one_minus_beta1 * g;
+                    *v = beta2 * *v + one_minus_beta2 * (g * g);
+                    // θ −= lr·m̂ / (√v̂ + ε) with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t).
+                    let denom = v.sqrt() * inv_sqrt_bias2 + eps;
+                    *p -= step_size * (*m / denom);
+                }
+            }
+            _ => unreachable!("the slot count is checked when the step is counted"),
+        }
+    }
+}
+
 /// Scalars shared by every element of one Adam step.
+#[derive(Clone, Copy)]
 struct AdamScalars {
     beta1: f32,
     one_minus_beta1: f32,
@@ -467,6 +530,42 @@ mod tests {
         assert_same_state(&whole_state.slice(k..n), &right_state);
         let joined = OptimizerState::concat(&[left_state, right_state]).expect("same step");
         assert_same_state(&whole_state, &joined);
+    }
+
+    #[test]
+    fn a_step_into_another_buffer_block_by_block_has_the_bits_of_a_step_in_place() {
+        // Lengths around the block size, and steps on a state that is not all zeros.
+        for kind in OptimizerKind::ALL {
+            let spec = OptimizerSpec::new(kind);
+            for n in [1, STEP_BLOCK - 1, STEP_BLOCK, 2 * STEP_BLOCK + 7] {
+                let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
+                let mut in_place = random_vec(&mut rng, n);
+                let mut state = spec.new_state(n);
+                let mut into_state = spec.new_state(n);
+                let mut current = in_place.clone();
+                for step in 0..3 {
+                    let grad = random_vec(&mut rng, n);
+                    spec.step(&mut state, &mut in_place, &grad).expect("valid");
+                    let mut next = vec![f32::NAN; n];
+                    let mut asked = Vec::new();
+                    spec.step_into(&mut into_state, &current, &mut next, |at, g| {
+                        asked.push((at, g.len()));
+                        g.copy_from_slice(&grad[at..at + g.len()]);
+                    })
+                    .expect("valid");
+                    assert_eq!(bits(&next), bits(&in_place), "{kind} n {n} step {step}");
+                    assert_same_state(&state, &into_state);
+                    let covered: usize = asked.iter().map(|(_, l)| l).sum();
+                    assert_eq!(covered, n, "every gradient value asked for once");
+                    current = next;
+                }
+            }
+            // Checked before anything changes, as `step`.
+            let mut state = spec.new_state(4);
+            let err = spec.step_into(&mut state, &[0.0; 4], &mut [0.0; 3], |_, _| panic!("nothing computed"));
+            assert!(matches!(err, Err(OptimError::LengthMismatch { .. })), "{err:?}");
+            assert_eq!(state.t, 0);
+        }
     }
 
     #[test]

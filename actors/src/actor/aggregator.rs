@@ -182,7 +182,7 @@ fn initial_state(ctx: &JobContext, range: u32, restore: Option<u64>) -> Result<(
                 }
                 let state = RangeState {
                     step: c.step,
-                    params: c.params,
+                    params: c.params.into(),
                     optimizer: crate::optim::OptimizerState {
                         t: c.optimizer_t,
                         slots: c.optimizer_slots.into_iter().map(|(_, v)| v).collect(),
@@ -198,7 +198,12 @@ fn initial_state(ctx: &JobContext, range: u32, restore: Option<u64>) -> Result<(
         }
     }
     let params = ctx.model.init_params(ctx.init_seed)[offset..offset + len].to_vec();
-    let state = RangeState { step: 0, params, optimizer: ctx.optimizer.new_state(len), ledger: Default::default() };
+    let state = RangeState {
+        step: 0,
+        params: params.into(),
+        optimizer: ctx.optimizer.new_state(len),
+        ledger: Default::default(),
+    };
     Ok((state, true))
 }
 
@@ -279,7 +284,7 @@ impl AggregatorState {
             config_hash: self.ctx.config_hash.clone(),
             total_len: self.ctx.model.num_params(),
             offset: self.core.setup().offset,
-            params: state.params.clone(),
+            params: state.params.to_vec(),
             optimizer_t: state.optimizer.t,
             optimizer_slots: names.iter().map(|n| n.to_string()).zip(state.optimizer.slots.iter().cloned()).collect(),
             ledger: state.ledger.clone(),

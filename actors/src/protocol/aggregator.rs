@@ -26,7 +26,7 @@ use crate::optim::{OptimizerSpec, OptimizerState};
 
 use super::ledger::Ledger;
 use super::msg::{DeltaBase, Gradient, JobId, Msg, Params, SharedValues};
-use super::reduce::{Partial, Reducer, Span};
+use super::reduce::{Complete, Partial, Reducer, Span};
 use super::{Addr, Schedule};
 
 /// What an aggregator is responsible for; fixed for its lifetime.
@@ -95,8 +95,9 @@ impl AggregatorSetup {
 pub struct RangeState {
     /// Parameter version.
     pub step: u64,
-    /// Parameter values of the range.
-    pub params: Vec<f32>,
+    /// Parameter values of the range: the current version, shared as it is with every message
+    /// that sends it (a step writes the next version into another buffer).
+    pub params: Arc<Vec<f32>>,
     /// Optimizer state of the range.
     pub optimizer: OptimizerState,
     /// Samples applied so far, per partition: open epochs by row, finished ones folded.
@@ -160,9 +161,9 @@ pub struct AggregatorCore {
     /// restarted after sending only part of a gradient can still rebuild the
     /// full θ of the step the other ranges wait for.
     previous: Option<(u64, Arc<Vec<f32>>)>,
-    /// The current version (`state.step`) as sent to the trainers: built once per version,
-    /// shared by every message, and kept as `previous` once the next step is applied.
-    published: Option<(u64, Arc<Vec<f32>>)>,
+    /// The version before `previous`, once nothing else holds it: the buffer the next step
+    /// writes into (one range-sized allocation fewer per step).
+    spare: Option<Arc<Vec<f32>>>,
     /// The gradient sums received for the current step.
     pending: Reducer<Received>,
     /// Per partition, the samples counted in the current step (the ledger's row of it).
@@ -202,14 +203,16 @@ impl AggregatorCore {
         // A checkpoint written before epochs were folded holds finished epochs as rows.
         let (epoch, _) = setup.schedule.locate(state.step);
         state.ledger.close_before(u64::from(epoch), &setup.partition_sizes);
-        let pending = Reducer::new(setup.partitions, setup.len);
+        // The root's addition is left to `apply`, which makes the sum a block at a time in
+        // the same pass as the optimizer step.
+        let pending = Reducer::leaving_root_unsummed(setup.partitions, setup.len);
         let counted = vec![0; setup.partitions as usize];
         Self {
             setup,
             generation,
             state,
             previous: None,
-            published: None,
+            spare: None,
             pending,
             counted,
             stats: AggStats::default(),
@@ -277,16 +280,9 @@ impl AggregatorCore {
         }
     }
 
-    /// The current version, shared (copied out of the state once per version).
-    fn publish(&mut self) -> Arc<Vec<f32>> {
-        match &self.published {
-            Some((step, values)) if *step == self.state.step => values.clone(),
-            _ => {
-                let values = Arc::new(self.state.params.clone());
-                self.published = Some((self.state.step, values.clone()));
-                values
-            }
-        }
+    /// The current version, shared (no copy).
+    fn publish(&self) -> Arc<Vec<f32>> {
+        self.state.params.clone()
     }
 
     fn params_msg(&mut self, previous: Option<u64>) -> Msg {
@@ -317,13 +313,22 @@ impl AggregatorCore {
         msg
     }
 
+    /// A buffer of the range's length for the next version: the spare one if nothing else
+    /// holds it any more (its values are all overwritten), else a new one.
+    fn spare_buffer(&mut self) -> Vec<f32> {
+        match self.spare.take().map(Arc::try_unwrap) {
+            Some(Ok(values)) if values.len() == self.setup.len => values,
+            _ => vec![0.0; self.setup.len],
+        }
+    }
+
     fn finished_msg(&self) -> Msg {
         Msg::Finished {
             job: self.setup.job,
             range: self.setup.range,
             generation: self.generation,
             offset: self.setup.offset as u64,
-            values: self.state.params.clone(),
+            values: self.state.params.to_vec(),
             ledger: self.state.ledger.clone(),
         }
     }
@@ -452,7 +457,7 @@ impl AggregatorCore {
 
     /// True while a complete step waits for the lease (and for nothing else).
     pub fn waiting_for_lease(&self) -> bool {
-        self.pending.root().is_some() && !self.blocked_by_checkpoint()
+        self.pending.complete() && !self.blocked_by_checkpoint()
     }
 
     fn classify(&self, g: &Gradient) -> Verdict {
@@ -515,11 +520,14 @@ impl AggregatorCore {
         let broken = self.accepts_duplicates();
         // The tree-order sum: float addition is not associative, and this fixed
         // order is what makes the result independent of placement and arrival order.
-        let Some(Received { values, loss_sum, .. }) = self.pending.take_root() else {
+        let Some(complete) = self.pending.take_complete() else {
             unreachable!("apply with partitions missing");
         };
-        // Ours already unless the root is one part as it came from a trainer on this node.
-        let mut sum = values.into_vec();
+        // The root's sum is `left + right`: made a block at a time below, where it is used.
+        let (left, right, loss_sum) = match complete {
+            Complete::Root(root) => (root.values, None, root.loss_sum),
+            Complete::Halves(l, r) => (l.values, Some(r.values), l.loss_sum + r.loss_sum),
+        };
         self.pending.clear();
         let mut samples: u64 = 0;
         for p in 0..partitions {
@@ -533,16 +541,26 @@ impl AggregatorCore {
             );
         }
         let scale = 1.0f32 / samples as f32;
-        for v in &mut sum {
-            *v *= scale;
-        }
-        // The version the step was computed on, as the trainers got it (no copy).
-        let before = self.publish();
+        // One pass over the range: per block, the root's sum (`left + right`, the addition
+        // the tree makes last), scaled, then the optimizer's update from the version the step
+        // was computed on (shared with the trainers, left as it is) into the next one. Each
+        // value goes through the operations it would if the sum were written out first.
+        let mut next = self.spare_buffer();
         self.setup
             .optimizer
-            .step(&mut self.state.optimizer, &mut self.state.params, &sum)
+            .step_into(&mut self.state.optimizer, &self.state.params, &mut next, |at, g| {
+                left.copy_to(at, g);
+                if let Some(right) = &right {
+                    right.add_to(at, g);
+                }
+                for v in g {
+                    *v *= scale;
+                }
+            })
             .expect("optimizer state sized at construction");
-        self.previous = Some((step, before));
+        let before = std::mem::replace(&mut self.state.params, Arc::new(next));
+        // The version two steps back: the buffer of the next step once nothing holds it.
+        self.spare = self.previous.replace((step, before)).map(|(_, values)| values);
         self.state.step = step + 1;
         if self.setup.schedule.locate(self.state.step).0 != epoch {
             // The epoch's last step: its row is final, fold it.

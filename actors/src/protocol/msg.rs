@@ -362,24 +362,10 @@ impl SharedValues {
     pub fn add(&mut self, other: &SharedValues) {
         let n = self.len();
         assert_eq!(n, other.len(), "adding values of another length");
-        let mut block = [0.0f32; ADD_BLOCK];
-        let mut add_block = |at: usize, into: &mut [f32]| {
-            let other = match other.piece() {
-                Piece::Values(v) => &v[at..at + into.len()],
-                Piece::Le(t) => {
-                    let block = &mut block[..into.len()];
-                    t.copy_to(at, block);
-                    block
-                }
-            };
-            for (a, b) in into.iter_mut().zip(other) {
-                *a += *b;
-            }
-        };
         if let Repr::Shared { buf, start, end } = &mut self.repr {
             if let Some(buf) = std::sync::Arc::get_mut(buf) {
                 for (i, into) in buf[*start..*end].chunks_mut(ADD_BLOCK).enumerate() {
-                    add_block(i * ADD_BLOCK, into);
+                    other.add_to(i * ADD_BLOCK, into);
                 }
                 return;
             }
@@ -391,10 +377,33 @@ impl SharedValues {
         for at in (0..n).step_by(ADD_BLOCK) {
             let mine = &mut mine[..ADD_BLOCK.min(n - at)];
             self.copy_to(at, mine);
-            add_block(at, mine);
+            other.add_to(at, mine);
             sum.extend_from_slice(mine);
         }
         *self = sum.into();
+    }
+
+    /// `into[i] += self[at + i]` for every `i`, reading a received tensor out of its chunks
+    /// through a block on the stack (blocks of at most [`ADD_BLOCK`] values stay in L1).
+    ///
+    /// # Panics
+    /// If the range is not inside `0..len()`.
+    pub fn add_to(&self, at: usize, into: &mut [f32]) {
+        let mut block = [0.0f32; ADD_BLOCK];
+        for (i, into) in into.chunks_mut(ADD_BLOCK).enumerate() {
+            let at = at + i * ADD_BLOCK;
+            let values = match self.piece() {
+                Piece::Values(v) => &v[at..at + into.len()],
+                Piece::Le(t) => {
+                    let block = &mut block[..into.len()];
+                    t.copy_to(at, block);
+                    block
+                }
+            };
+            for (a, b) in into.iter_mut().zip(values) {
+                *a += *b;
+            }
+        }
     }
 
     /// The shared buffer and the range of it these values are (for a transport that sends

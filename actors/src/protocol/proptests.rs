@@ -189,8 +189,12 @@ fn aggregator() -> AggregatorCore {
         checkpoint_every: 2,
         optimizer: OptimizerSpec::new(OptimizerKind::Adam),
     };
-    let state =
-        RangeState { step: 0, params: vec![0.5; 4], optimizer: setup.optimizer.new_state(4), ledger: Ledger::new() };
+    let state = RangeState {
+        step: 0,
+        params: vec![0.5; 4].into(),
+        optimizer: setup.optimizer.new_state(4),
+        ledger: Ledger::new(),
+    };
     AggregatorCore::new(setup, 0, state)
 }
 

@@ -250,14 +250,38 @@ pub struct Reducer<T = Vec<f32>> {
     partitions: u32,
     len: usize,
     /// Disjoint tree nodes and the tree-order sums of their partitions; none has its sibling
-    /// here (siblings are added at once).
+    /// here (siblings are added at once), except the root's two children when the root's sum
+    /// is left to the caller ([`Reducer::leaving_root_unsummed`]).
     held: BTreeMap<Span, T>,
+    /// Whether the root's two children are added here (else [`Reducer::take_complete`] hands
+    /// them over as they are).
+    sum_root: bool,
+}
+
+/// What a complete [`Reducer`] holds: the root's sum, or the sums of the root's two children
+/// when their addition is left to the caller.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Complete<T> {
+    /// The sum over every partition.
+    Root(T),
+    /// The sums of the root's left and right children: the root is `left + right`, element by
+    /// element (either side first: addition is commutative, bit for bit).
+    Halves(T, T),
 }
 
 impl<T: Summand> Reducer<T> {
     /// A reducer of parts of width `len` over `partitions` partitions.
     pub fn new(partitions: u32, len: usize) -> Self {
-        Self { partitions, len, held: BTreeMap::new() }
+        Self { partitions, len, held: BTreeMap::new(), sum_root: true }
+    }
+
+    /// A reducer that stops one addition short of the root: once both of the root's children
+    /// are in it is [`complete`](Self::complete) and [`take_complete`](Self::take_complete)
+    /// hands them over, so that the caller can add them in the same pass over memory as
+    /// whatever it does with the sum (an aggregator scales it and steps the optimizer with it,
+    /// block by block, instead of writing the sum out and reading it back).
+    pub fn leaving_root_unsummed(partitions: u32, len: usize) -> Self {
+        Self { sum_root: false, ..Self::new(partitions, len) }
     }
 
     /// Why `span` with a part of width `width` cannot be taken, if it cannot.
@@ -310,7 +334,11 @@ impl<T: Summand> Reducer<T> {
         let mut sum = part;
         // Add siblings while both are in (addition is commutative, bit for bit: which side is
         // on the left does not matter; which nodes are added does).
+        let root = Span::root(self.partitions);
         while let Some(parent) = node.parent(self.partitions) {
+            if parent == root && !self.sum_root {
+                break;
+            }
             let (left, right) = parent.split().expect("a parent has two children");
             let sibling = if node == left { right } else { left };
             let Some(other) = self.held.remove(&sibling) else { break };
@@ -354,9 +382,31 @@ impl<T: Summand> Reducer<T> {
         self.get(&Span::root(self.partitions))
     }
 
-    /// Take the root's sum, once every part is in.
+    /// Take the root's sum, once every part is in (a reducer
+    /// [leaving the root unsummed](Self::leaving_root_unsummed) holds it only if it came as
+    /// one part: see [`take_complete`](Self::take_complete)).
     pub fn take_root(&mut self) -> Option<T> {
         self.held.remove(&Span::root(self.partitions))
+    }
+
+    /// Whether every partition is in: the root is held, or both of its children are.
+    pub fn complete(&self) -> bool {
+        self.root_halves().is_some_and(|(l, r)| self.held.contains_key(&l) && self.held.contains_key(&r))
+            || self.root().is_some()
+    }
+
+    /// Take what a complete reducer holds (`None`, and nothing taken, while a part is missing).
+    pub fn take_complete(&mut self) -> Option<Complete<T>> {
+        if let Some(root) = self.take_root() {
+            return Some(Complete::Root(root));
+        }
+        let (l, r) = self.root_halves().filter(|_| self.complete())?;
+        let (left, right) = (self.held.remove(&l)?, self.held.remove(&r)?);
+        Some(Complete::Halves(left, right))
+    }
+
+    fn root_halves(&self) -> Option<(Span, Span)> {
+        Span::root(self.partitions).split()
     }
 
     /// Drop everything held (a new step).
@@ -469,6 +519,26 @@ mod tests {
     }
 
     #[test]
+    fn a_reducer_leaving_the_root_unsummed_hands_over_its_halves_or_a_whole_root() {
+        let mut r: Reducer = Reducer::leaving_root_unsummed(3, 1);
+        r.insert(Span::leaf(2), vec![4.0]).unwrap();
+        r.insert(Span::leaf(0), vec![1.0]).unwrap();
+        assert!(!r.complete() && r.take_complete().is_none(), "partition 1 is missing");
+        r.insert(Span::leaf(1), vec![2.0]).unwrap();
+        assert!(r.complete());
+        assert_eq!(r.root(), None, "not added here");
+        assert_eq!(r.take_complete(), Some(Complete::Halves(vec![3.0], vec![4.0])));
+        // A part covering every partition is the root itself.
+        r.insert(Span::leaf(0), vec![1.0]).unwrap();
+        r.insert(Span::root(3), vec![7.0]).unwrap();
+        assert_eq!(r.take_complete(), Some(Complete::Root(vec![7.0])));
+        // One partition: the root is a leaf.
+        let mut one: Reducer = Reducer::leaving_root_unsummed(1, 1);
+        one.insert(Span::leaf(0), vec![5.0]).unwrap();
+        assert_eq!(one.take_complete(), Some(Complete::Root(vec![5.0])));
+    }
+
+    #[test]
     fn the_parts_a_reducer_no_longer_needs_are_handed_back() {
         let mut r: Reducer = Reducer::new(4, 1);
         let mut spent = Vec::new();
@@ -524,16 +594,28 @@ mod tests {
             // Every message twice (a retransmission), in a shuffled order.
             let doubled: Vec<&(Span, Vec<f32>)> = sent.iter().chain(sent.iter()).collect();
             let mut agg: Reducer = Reducer::new(p, len);
-            for i in order.iter().filter(|i| **i < doubled.len()) {
-                let (span, v) = doubled[*i];
+            // The same parts into a reducer that leaves the root's addition to its caller: it
+            // is complete exactly when the other has the root.
+            let mut lazy: Reducer = Reducer::leaving_root_unsummed(p, len);
+            let arrivals = order.iter().filter(|i| **i < doubled.len()).map(|i| doubled[*i]).chain(sent.iter());
+            for (span, v) in arrivals {
                 agg.insert(*span, v.clone()).unwrap();
-            }
-            for (span, v) in &sent {
-                agg.insert(*span, v.clone()).unwrap();
+                lazy.insert(*span, v.clone()).unwrap();
+                prop_assert_eq!(lazy.complete(), agg.root().is_some(), "after {}", span);
             }
             let root = agg.root().expect("every partition came");
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             prop_assert_eq!(bits(root), bits(&expected));
+            let added = match lazy.take_complete().expect("complete") {
+                Complete::Root(root) => root,
+                // Right first: the caller may add them either way round.
+                Complete::Halves(left, mut right) => {
+                    right.add(&left);
+                    right
+                }
+            };
+            prop_assert_eq!(bits(&added), bits(&expected));
+            prop_assert!(!lazy.complete() && lazy.take_complete().is_none(), "taken");
         }
 
         /// Garbage spans and lengths are refused with an error, never a panic.

@@ -32,7 +32,7 @@ fn agg_setup(range: u32, offset: usize, len: usize, partitions: u32) -> Aggregat
 fn fresh(len: usize) -> RangeState {
     RangeState {
         step: 0,
-        params: (0..len).map(|i| i as f32 * 0.1).collect(),
+        params: Arc::new((0..len).map(|i| i as f32 * 0.1).collect()),
         optimizer: OptimizerSpec::new(OptimizerKind::Adam).new_state(len),
         ledger: Ledger::new(),
     }
@@ -63,7 +63,7 @@ fn applied_params(order: &[u32]) -> Vec<f32> {
         core.on_gradient(grad(0, p, 0, awkward(p, 5)));
     }
     assert_eq!(core.step(), 1);
-    core.state().params.clone()
+    core.state().params.to_vec()
 }
 
 #[test]
@@ -271,7 +271,7 @@ fn split_ranges_apply_the_same_bits_as_one_range() {
     let full = fresh(len);
     let part = |o: usize, l: usize| RangeState {
         step: 0,
-        params: full.params[o..o + l].to_vec(),
+        params: full.params[o..o + l].to_vec().into(),
         optimizer: full.optimizer.slice(o..o + l),
         ledger: Ledger::new(),
     };
@@ -285,7 +285,7 @@ fn split_ranges_apply_the_same_bits_as_one_range() {
             b.on_gradient(grad(step, p, 3, g[3..].to_vec()));
         }
     }
-    let mut joined = a.state().params.clone();
+    let mut joined = a.state().params.to_vec();
     joined.extend_from_slice(&b.state().params);
     assert_eq!(bits(&whole.state().params), bits(&joined));
 }

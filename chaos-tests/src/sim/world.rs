@@ -470,7 +470,7 @@ impl World<'_> {
             let (offset, len) = self.plan.ranges[r as usize];
             RangeState {
                 step: 0,
-                params: self.model.init_params(self.job.config.seed)[offset..offset + len].to_vec(),
+                params: self.model.init_params(self.job.config.seed)[offset..offset + len].to_vec().into(),
                 optimizer: self.job.optimizer.new_state(len),
                 ledger: Ledger::new(),
             }
