@@ -864,7 +864,7 @@ def markdown(result):
         + "); DDP: N processes, `torch.distributed` gloo, "
         "`DistributedDataParallel`, rank r owning the partitions ⌊rP/N⌋ .. ⌊(r+1)P/N⌋ as Phalanx's trainers do. "
         "One compute thread per process (`torch.set_num_threads(1)`, `OMP/OPENBLAS_NUM_THREADS=1`; Phalanx's "
-        "maths is single-threaded (its own fixed-order kernels, AVX2 where the CPU has it), its tokio runtime has "
+        "maths is single-threaded (its own fixed-order kernels, AVX-512 or AVX2 where the CPU has them), its tokio runtime has "
         "one worker thread per core for messages, and each node process of `phalanx local` cores / N of them, "
         "at least 1).",
         f"- **Method:** ms/step = (wall of the long run − wall of the short run) / (extra steps), which cancels "

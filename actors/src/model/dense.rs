@@ -19,7 +19,9 @@
 //! to what. So the AVX2 code path — the same source compiled for AVX2, and for a linear
 //! combination's blocks of 32 columns explicit AVX2 intrinsics that multiply, then add (never
 //! `_mm256_fmadd_ps`), in the portable loop's order — picked when the CPU has AVX2, gives the
-//! bits of the portable one; tests compare them. Only `exp` and `ln` (the
+//! bits of the portable one, and so does the AVX-512 path (the same source compiled for
+//! AVX-512F, and blocks of 64 columns in 512-bit registers, again a multiply then an add) picked
+//! when the CPU has AVX-512F; tests compare all three. Only `exp` and `ln` (the
 //! platform's libm, in the classification head) can still differ between machines, which is
 //! what [`super::kernel::fingerprint`] still measures.
 //!
@@ -35,9 +37,14 @@ const BLOCK: usize = 32;
 /// Lanes of a [`LaneDot`].
 pub(crate) const LANES: usize = 8;
 
-/// Compiles `$body` twice — for the CPU's baseline and with AVX2 enabled — and runs the AVX2
-/// copy when the CPU has AVX2. Both copies are the same source, so they give the same bits (see
-/// the module docs); only their speed differs.
+/// Columns of a linear combination's block in AVX-512 registers: 64 `f32` (four registers per
+/// output, eight independent chains of additions for two outputs, as the AVX2 block has).
+#[cfg(phalanx_avx512)]
+const BLOCK_512: usize = 2 * BLOCK;
+
+/// Compiles `$body` three times — for the CPU's baseline, with AVX2 and with AVX-512F enabled —
+/// and runs the widest copy the CPU can. The copies are the same source, so they give the same
+/// bits (see the module docs); only their speed differs.
 macro_rules! dispatch {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
@@ -46,6 +53,18 @@ macro_rules! dispatch {
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[cfg(phalanx_avx512)]
+                {
+                    #[target_feature(enable = "avx512f,avx2")]
+                    #[clippy::msrv = "1.89"]
+                    fn avx512($($arg: $ty),*) {
+                        body($($arg),*)
+                    }
+                    if use_avx512() {
+                        // SAFETY: the CPU has AVX-512F and AVX2 (checked at run time just above).
+                        return unsafe { avx512($($arg),*) };
+                    }
+                }
                 #[target_feature(enable = "avx2")]
                 fn avx2($($arg: $ty),*) {
                     body($($arg),*)
@@ -62,36 +81,66 @@ macro_rules! dispatch {
 
 #[cfg(test)]
 thread_local! {
-    /// Tests force the portable path on their own thread to compare its bits with AVX2's.
-    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tests narrow the path on their own thread (0: the widest the CPU has, 1: AVX2 at most,
+    /// 2: portable) to compare the bits of every path.
+    static NARROWED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
-/// Whether the AVX2 copy of a kernel runs here.
+/// Whether the AVX2 copy of a kernel may run here (the AVX-512 one is tried first).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn use_avx2() -> bool {
     #[cfg(test)]
-    if PORTABLE.with(|p| p.get()) {
+    if NARROWED.with(|p| p.get()) >= 2 {
         return false;
     }
     std::arch::is_x86_feature_detected!("avx2")
 }
 
-/// Runs `f` with the portable kernels on this thread (tests: the AVX2 path must give its bits).
+/// Whether the AVX-512 copy of a kernel runs here (built by Rust 1.89 and later: `build.rs`).
+#[cfg(all(target_arch = "x86_64", phalanx_avx512))]
+#[inline]
+fn use_avx512() -> bool {
+    #[cfg(test)]
+    if NARROWED.with(|p| p.get()) >= 1 {
+        return false;
+    }
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2")
+}
+
+#[cfg(test)]
+fn narrowed<R>(level: u8, f: impl FnOnce() -> R) -> R {
+    NARROWED.with(|p| p.set(level));
+    let out = f();
+    NARROWED.with(|p| p.set(0));
+    out
+}
+
+/// Runs `f` with the portable kernels on this thread (tests: every vector path must give its
+/// bits).
 #[cfg(test)]
 pub(crate) fn portable<R>(f: impl FnOnce() -> R) -> R {
-    PORTABLE.with(|p| p.set(true));
-    let out = f();
-    PORTABLE.with(|p| p.set(false));
-    out
+    narrowed(2, f)
+}
+
+/// Runs `f` with the AVX2 kernels at most on this thread.
+#[cfg(test)]
+pub(crate) fn avx2_at_most<R>(f: impl FnOnce() -> R) -> R {
+    narrowed(1, f)
 }
 
 /// Which code path the kernels take on this CPU, for people reading a log (the bits are the
 /// same either way).
 pub fn path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        return "avx2";
+    {
+        #[cfg(phalanx_avx512)]
+        if use_avx512() {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
     }
     "portable"
 }
@@ -126,6 +175,17 @@ fn lincomb<const R: usize>(t: Terms<'_>, mut outs: [&mut [f32]; R]) {
     assert!((t.terms - 1) * t.vec_t + width <= t.vecs.len(), "vectors out of range");
     let coef = |q: usize, i: usize| t.coefs[q * t.coef_q + i * t.coef_t];
     let mut j = 0;
+    #[cfg(all(target_arch = "x86_64", phalanx_avx512))]
+    if use_avx512() {
+        while j + BLOCK_512 <= width {
+            let outs: [*mut f32; R] = std::array::from_fn(|q| outs[q][j..].as_mut_ptr());
+            // SAFETY: the CPU has AVX-512F; the asserts above keep every read in `coefs` and
+            // `vecs` (`(terms - 1) · vec_t + j + BLOCK_512 <= vecs.len()`), and each output
+            // has `BLOCK_512` values from `j`.
+            unsafe { lincomb_block_avx512::<R>(t, j, outs) };
+            j += BLOCK_512;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         while j + BLOCK <= width {
@@ -206,6 +266,43 @@ unsafe fn lincomb_block_avx2<const R: usize>(t: Terms<'_>, j: usize, outs: [*mut
     for (out, acc) in outs.iter().zip(&acc) {
         for (b, &sum) in acc.iter().enumerate() {
             _mm256_storeu_ps(out.add(8 * b), sum);
+        }
+    }
+}
+
+/// [`lincomb_block_avx2`] over [`BLOCK_512`] columns in AVX-512 registers: the same products
+/// and additions in the same order (a multiply, then an add — never a fused multiply-add).
+///
+/// # Safety
+///
+/// The CPU has AVX-512F; `t.coefs` holds index `(R - 1) · coef_q + (terms - 1) · coef_t`,
+/// `t.vecs` holds `(terms - 1) · vec_t + j + BLOCK_512` values, and each of `outs` points at
+/// `BLOCK_512` writable values that nothing else borrows.
+#[cfg(all(target_arch = "x86_64", phalanx_avx512))]
+#[target_feature(enable = "avx512f")]
+#[clippy::msrv = "1.89"]
+unsafe fn lincomb_block_avx512<const R: usize>(t: Terms<'_>, j: usize, outs: [*mut f32; R]) {
+    use std::arch::x86_64::{__m512, _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps};
+    use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
+    const V: usize = BLOCK_512 / 16;
+    let mut acc: [[__m512; V]; R] = [[_mm512_setzero_ps(); V]; R];
+    let mut c = t.coefs.as_ptr();
+    let mut v = t.vecs.as_ptr().add(j);
+    for _ in 0..t.terms {
+        let x: [__m512; V] = std::array::from_fn(|b| _mm512_loadu_ps(v.add(16 * b)));
+        for (q, acc) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(*c.add(q * t.coef_q));
+            for (sum, &x) in acc.iter_mut().zip(&x) {
+                *sum = _mm512_add_ps(*sum, _mm512_mul_ps(a, x));
+            }
+        }
+        // Wrapping: after the last term the pointers may pass the end; they are not read.
+        c = c.wrapping_add(t.coef_t);
+        v = v.wrapping_add(t.vec_t);
+    }
+    for (out, acc) in outs.iter().zip(&acc) {
+        for (b, &sum) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(16 * b), sum);
         }
     }
 }
@@ -539,7 +636,8 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_path_and_the_portable_path_give_the_same_bits() {
+    fn the_avx512_avx2_and_portable_paths_give_the_same_bits() {
+        // 301 columns: blocks of 64, then of 32, then a tail.
         let (rows, k, n) = (9, 13, 301);
         let a = values(rows * k, 8);
         let b = values(k * n, 9);
@@ -556,9 +654,9 @@ mod tests {
             (bits(&out), bits(&tn), bits(&dots))
         };
         let fast = run();
+        assert_eq!(avx2_at_most(run), fast);
         assert_eq!(portable(run), fast);
-        // On this machine the dispatched path is the one named.
-        assert!(["avx2", "portable"].contains(&path()));
+        assert!(["avx512", "avx2", "portable"].contains(&path()));
     }
 
     #[test]

@@ -172,7 +172,7 @@ fn probe_values(count: usize, seed: u64) -> Vec<f32> {
 }
 
 /// The probe shapes `(m, k, n)`: odd row counts (the kernels take rows in pairs), widths
-/// across the kernels' 32-column blocks with a tail and below one block, widths that are not a
+/// across the kernels' 32- and 64-column blocks with a tail and below one block, widths that are not a
 /// multiple of the lane dot's 8 lanes, and a long inner dimension.
 const PROBE_SHAPES: [(usize, usize, usize); 4] = [(37, 29, 23), (3, 5, 2), (9, 130, 17), (5, 11, 75)];
 

@@ -888,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_and_portable_kernels_train_the_same_bits() {
+    fn the_avx512_avx2_and_portable_kernels_train_the_same_bits() {
         let model = Mlp::new(mlp_spec(11, 6, 300, Head::Classification)).expect("valid spec");
         let params = random_vec(5, model.num_params(), -0.3, 0.3);
         let data = batches_for(11, 6, 90);
@@ -900,6 +900,7 @@ mod tests {
             (bits(&grad), losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), bits(out.as_slice().expect("owned")))
         };
         let fast = run();
+        assert_eq!(super::super::dense::avx2_at_most(run), fast);
         assert_eq!(super::super::dense::portable(run), fast);
     }
 }
