@@ -356,6 +356,34 @@ dispatch! {
 }
 
 dispatch! {
+    /// `z = z + bias[j]` on every row of `rows` (rows of `bias.len()` values), then the ReLU:
+    /// `0` where the sum is `<= 0`, the sum elsewhere (a NaN stays NaN and shows up in the loss
+    /// instead of being clamped to 0).
+    fn bias_relu(rows: &mut [f32], bias: &[f32]) {
+        if bias.is_empty() {
+            return;
+        }
+        for row in rows.chunks_exact_mut(bias.len()) {
+            for (z, &b) in row.iter_mut().zip(bias) {
+                let v = *z + b;
+                *z = if v <= 0.0 { 0.0 } else { v };
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// The ReLU's backward pass: `d = 0` where the activation `h <= 0` (at `z == 0` exactly the
+    /// subgradient 0), `d` unchanged elsewhere (a NaN `h` keeps its `d`). A select, not a
+    /// branch: whether a unit is active is a coin toss per element.
+    fn relu_backward(d: &mut [f32], h: &[f32]) {
+        for (d, &hv) in d.iter_mut().zip(h) {
+            *d = if hv <= 0.0 { 0.0 } else { *d };
+        }
+    }
+}
+
+dispatch! {
     /// `out += tmp`, element by element (`out` on the left): how two tree nodes' sums meet.
     fn add_into(out: &mut [f32], tmp: &[f32]) {
         for (a, &b) in out.iter_mut().zip(tmp) {
@@ -651,7 +679,11 @@ mod tests {
             let mut dots = vec![0.0f32; rows * k];
             dot.finish(&vec![0.5; k], &mut dots);
             add_into(&mut out, &b[..rows * n]);
-            (bits(&out), bits(&tn), bits(&dots))
+            let mut activated = out.clone();
+            bias_relu(&mut activated, &b[..n]);
+            let mut backward = tn[..rows * n].to_vec();
+            relu_backward(&mut backward, &activated);
+            (bits(&out), bits(&tn), bits(&dots), bits(&activated), bits(&backward))
         };
         let fast = run();
         assert_eq!(avx2_at_most(run), fast);

@@ -184,14 +184,10 @@ impl Mlp {
                     h
                 }
             };
-            // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient
-            // (at z == 0 exactly, the subgradient 0). A select, not a branch: whether a unit is
-            // active is a coin toss per element. A NaN `h` keeps its `∂h`.
+            // ∂h = ∂out·W2ᵀ, then through the ReLU: only units that were active pass gradient.
             let d_hidden = &mut d_hidden[..rows * c];
             dense::matmul_rows(d_out, outputs, &block[(inputs + 1) * c..], c, 0, d_hidden, c);
-            for (d, &hv) in d_hidden.iter_mut().zip(h) {
-                *d = if hv <= 0.0 { 0.0 } else { *d };
-            }
+            dense::relu_backward(d_hidden, h);
             let d_hidden: &[f32] = d_hidden;
             // The chunk's block of the gradient: ∂W1 (inputs × c), ∂b1 (c), ∂W2ᵀ (outputs × c),
             // summed over the tree in place.
@@ -218,15 +214,7 @@ impl Mlp {
     fn activations(&self, block: &[f32], x: &[f32], c: usize, h: &mut [f32]) {
         let inputs = self.spec.inputs;
         dense::matmul_rows(x, inputs, &block[..inputs * c], c, 0, h, c);
-        let b1 = &block[inputs * c..(inputs + 1) * c];
-        for row in h.chunks_exact_mut(c) {
-            for (z, &b) in row.iter_mut().zip(b1) {
-                // `z <= 0` rather than `max(z, 0)`: a NaN stays NaN and shows up in the loss
-                // instead of being silently clamped to 0.
-                let v = *z + b;
-                *z = if v <= 0.0 { 0.0 } else { v };
-            }
-        }
+        dense::bias_relu(h, &block[inputs * c..(inputs + 1) * c]);
     }
 
     /// The values that keep their order between the flat vector and the tensors one after
