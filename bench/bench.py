@@ -101,8 +101,11 @@ PROFILES = {
         # At hidden 65536 DDP's start-up (torch import, gloo rendezvous) swings by a second or
         # more between runs: with 100 extra steps (1, 6) its two-length figure ranged 14–35 ms
         # over the repeats of one run, and its median fell below its CPU time / 2 cores, which
-        # no run can do; 300 extra steps put 7–10 s of DDP's steps against that swing.
-        "epochs": {64: (5, 205), 4096: (2, 52), 65536: (1, 16)},
+        # no run can do; 300 extra steps put 7–10 s of DDP's steps against that swing. With 3
+        # workers they still did not always (2026-12-05 at df44dc2: DDP's two-length figure
+        # 15.6–23.0 ms over 5 repeats, its minimum again below its CPU time / 2 cores, while its
+        # in-run clock said 19.0–20.1), so 600 extra steps: 10–12 s of DDP's steps.
+        "epochs": {64: (5, 205), 4096: (2, 52), 65536: (1, 31)},
         "ft_workers": [1, 3],
         # Pairs of runs (checkpoints on, off) per configuration: the median of 10 pair figures
         # moves by about a per cent where one pair moves by five.
@@ -110,8 +113,11 @@ PROFILES = {
         # Epochs of the pairs' runs, by size and workers: about 4 s of steps each, so that a
         # burst of the shared machine's other load (pairs of 0.2 s runs at hidden 64 on one
         # worker differed by ±25 %) is a small part of a run, and the cadence's 500 ms floor
-        # still lets every run take several checkpoints.
-        "ft_epochs": {64: {1: 3000, 3: 205}, 4096: {1: 200, 3: 80}, 65536: {1: 12, 3: 8}},
+        # still lets every run take several checkpoints. Set for the step times of December 2026
+        # (0.025, 0.26, 0.27, 0.84, 4.5 and 9.4 ms): runs of the older lengths had shrunk to
+        # 1.1–1.5 s as the steps got faster, and at hidden 64 on one worker the pair figures
+        # spread from -3 to +17 %.
+        "ft_epochs": {64: {1: 8000, 3: 800}, 4096: {1: 750, 3: 240}, 65536: {1: 45, 3: 21}},
         "recovery_hidden": 64,
         "recovery_epochs": 100,
         "kill_step": 250,
