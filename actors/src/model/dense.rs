@@ -232,79 +232,72 @@ fn lincomb<const R: usize>(t: Terms<'_>, mut outs: [&mut [f32]; R]) {
     }
 }
 
-/// One block of [`BLOCK`] columns, from column `j`, of [`lincomb`], in AVX2 registers: the
-/// same products and additions in the same order as the portable loop (a multiply, then an
+/// Writes the `unsafe fn` computing one block of columns of [`lincomb`] in vector registers:
+/// the same products and additions in the same order as the portable loop (a multiply, then an
 /// add — never a fused multiply-add), without its per-term index arithmetic and checks, which
-/// took as many instructions as the sums.
-///
-/// # Safety
-///
-/// The CPU has AVX2; `t.coefs` holds index `(R - 1) · coef_q + (terms - 1) · coef_t`,
-/// `t.vecs` holds `(terms - 1) · vec_t + j + BLOCK` values, and each of `outs` points at
-/// `BLOCK` writable values that nothing else borrows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn lincomb_block_avx2<const R: usize>(t: Terms<'_>, j: usize, outs: [*mut f32; R]) {
-    use std::arch::x86_64::{__m256, _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps};
-    use std::arch::x86_64::{_mm256_setzero_ps, _mm256_storeu_ps};
-    const V: usize = BLOCK / 8;
-    let mut acc: [[__m256; V]; R] = [[_mm256_setzero_ps(); V]; R];
-    let mut c = t.coefs.as_ptr();
-    let mut v = t.vecs.as_ptr().add(j);
-    for _ in 0..t.terms {
-        let x: [__m256; V] = std::array::from_fn(|b| _mm256_loadu_ps(v.add(8 * b)));
-        for (q, acc) in acc.iter_mut().enumerate() {
-            let a = _mm256_set1_ps(*c.add(q * t.coef_q));
-            for (sum, &x) in acc.iter_mut().zip(&x) {
-                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(a, x));
+/// took as many instructions as the sums. One body for each register width, so the AVX2 and
+/// AVX-512 blocks cannot drift apart (a test compares their bits with the portable loop's).
+macro_rules! lincomb_block {
+    (
+        $(#[$attr:meta])*
+        fn $name:ident, $block:expr, $lanes:literal, $vec:ident,
+        $setzero:ident, $load:ident, $set1:ident, $add:ident, $mul:ident, $store:ident
+    ) => {
+        $(#[$attr])*
+        unsafe fn $name<const R: usize>(t: Terms<'_>, j: usize, outs: [*mut f32; R]) {
+            use std::arch::x86_64::{$add, $load, $mul, $set1, $setzero, $store, $vec};
+            const V: usize = $block / $lanes;
+            let mut acc: [[$vec; V]; R] = [[$setzero(); V]; R];
+            let mut c = t.coefs.as_ptr();
+            let mut v = t.vecs.as_ptr().add(j);
+            for _ in 0..t.terms {
+                let x: [$vec; V] = std::array::from_fn(|b| $load(v.add($lanes * b)));
+                for (q, acc) in acc.iter_mut().enumerate() {
+                    let a = $set1(*c.add(q * t.coef_q));
+                    for (sum, &x) in acc.iter_mut().zip(&x) {
+                        *sum = $add(*sum, $mul(a, x));
+                    }
+                }
+                // Wrapping: after the last term the pointers may pass the end; they are not read.
+                c = c.wrapping_add(t.coef_t);
+                v = v.wrapping_add(t.vec_t);
+            }
+            for (out, acc) in outs.iter().zip(&acc) {
+                for (b, &sum) in acc.iter().enumerate() {
+                    $store(out.add($lanes * b), sum);
+                }
             }
         }
-        // Wrapping: after the last term the pointers may pass the end; they are not read.
-        c = c.wrapping_add(t.coef_t);
-        v = v.wrapping_add(t.vec_t);
-    }
-    for (out, acc) in outs.iter().zip(&acc) {
-        for (b, &sum) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(8 * b), sum);
-        }
-    }
+    };
 }
 
-/// [`lincomb_block_avx2`] over [`BLOCK_512`] columns in AVX-512 registers: the same products
-/// and additions in the same order (a multiply, then an add — never a fused multiply-add).
-///
-/// # Safety
-///
-/// The CPU has AVX-512F; `t.coefs` holds index `(R - 1) · coef_q + (terms - 1) · coef_t`,
-/// `t.vecs` holds `(terms - 1) · vec_t + j + BLOCK_512` values, and each of `outs` points at
-/// `BLOCK_512` writable values that nothing else borrows.
-#[cfg(all(target_arch = "x86_64", phalanx_avx512))]
-#[target_feature(enable = "avx512f")]
-#[clippy::msrv = "1.89"]
-unsafe fn lincomb_block_avx512<const R: usize>(t: Terms<'_>, j: usize, outs: [*mut f32; R]) {
-    use std::arch::x86_64::{__m512, _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps};
-    use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
-    const V: usize = BLOCK_512 / 16;
-    let mut acc: [[__m512; V]; R] = [[_mm512_setzero_ps(); V]; R];
-    let mut c = t.coefs.as_ptr();
-    let mut v = t.vecs.as_ptr().add(j);
-    for _ in 0..t.terms {
-        let x: [__m512; V] = std::array::from_fn(|b| _mm512_loadu_ps(v.add(16 * b)));
-        for (q, acc) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(*c.add(q * t.coef_q));
-            for (sum, &x) in acc.iter_mut().zip(&x) {
-                *sum = _mm512_add_ps(*sum, _mm512_mul_ps(a, x));
-            }
-        }
-        // Wrapping: after the last term the pointers may pass the end; they are not read.
-        c = c.wrapping_add(t.coef_t);
-        v = v.wrapping_add(t.vec_t);
-    }
-    for (out, acc) in outs.iter().zip(&acc) {
-        for (b, &sum) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.add(16 * b), sum);
-        }
-    }
+lincomb_block! {
+    /// One block of [`BLOCK`] columns, from column `j`, of [`lincomb`], in AVX2 registers.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX2; `t.coefs` holds index `(R - 1) · coef_q + (terms - 1) · coef_t`,
+    /// `t.vecs` holds `(terms - 1) · vec_t + j + BLOCK` values, and each of `outs` points at
+    /// `BLOCK` writable values that nothing else borrows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn lincomb_block_avx2, BLOCK, 8, __m256,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_storeu_ps
+}
+
+lincomb_block! {
+    /// [`lincomb_block_avx2`] over [`BLOCK_512`] columns in AVX-512 registers.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F; `t.coefs` holds index `(R - 1) · coef_q + (terms - 1) · coef_t`,
+    /// `t.vecs` holds `(terms - 1) · vec_t + j + BLOCK_512` values, and each of `outs` points at
+    /// `BLOCK_512` writable values that nothing else borrows.
+    #[cfg(all(target_arch = "x86_64", phalanx_avx512))]
+    #[target_feature(enable = "avx512f")]
+    #[clippy::msrv = "1.89"]
+    fn lincomb_block_avx512, BLOCK_512, 16, __m512,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, _mm512_storeu_ps
 }
 
 dispatch! {
