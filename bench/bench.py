@@ -110,14 +110,13 @@ PROFILES = {
         # Pairs of runs (checkpoints on, off) per configuration: the median of 10 pair figures
         # moves by about a per cent where one pair moves by five.
         "ft_pairs": 10,
-        # Epochs of the pairs' runs, by size and workers: about 4 s of steps each, so that a
-        # burst of the shared machine's other load (pairs of 0.2 s runs at hidden 64 on one
-        # worker differed by ±25 %) is a small part of a run, and the cadence's 500 ms floor
-        # still lets every run take several checkpoints. Set for the step times of December 2026
-        # (0.025, 0.26, 0.27, 0.84, 4.5 and 9.4 ms): runs of the older lengths had shrunk to
-        # 1.1–1.5 s as the steps got faster, and at hidden 64 on one worker the pair figures
-        # spread from -3 to +17 %.
-        "ft_epochs": {64: {1: 8000, 3: 800}, 4096: {1: 750, 3: 240}, 65536: {1: 45, 3: 21}},
+        # Seconds of steps in each run of a pair: 4 s, so that a burst of the shared machine's
+        # other load (pairs of 0.2 s runs at hidden 64 on one worker differed by ±25 %) is a
+        # small part of a run, and the cadence's 500 ms floor still lets every run take several
+        # checkpoints. The epochs follow from the step time this run's speed runs measured
+        # (`Bench.ft_epochs`): a fixed table of epochs had shrunk to 1.1–1.5 s runs as the steps
+        # got faster, and at hidden 64 on one worker the pair figures spread from -3 to +17 %.
+        "ft_run_s": 4.0,
         "recovery_hidden": 64,
         "recovery_epochs": 100,
         "kill_step": 250,
@@ -494,15 +493,29 @@ class Bench:
                         self.check_fair(f"h{hidden}-w{workers}-{length}-r{rep}", curves[("phalanx", length)],
                                         curves[("ddp", length)])
 
+    def ft_epochs(self, hidden, workers):
+        """Epochs of a checkpoint pair's runs: about the profile's `ft_run_s` seconds of steps at
+        Phalanx's median in-run step time in this run's long speed runs of the configuration,
+        else (no `ft_run_s`, or no such runs) the long length."""
+        long_ = self.p["epochs"][hidden][1]
+        seconds = self.p.get("ft_run_s")
+        measured = [r["inrun_ms_per_step"] for r in self.runs
+                    if r.get("phase") == "speed" and r["system"] == "phalanx" and r["length"] == "long"
+                    and r["hidden"] == hidden and r["workers"] == workers and r.get("inrun_ms_per_step")]
+        if not seconds or not measured:
+            return long_
+        epoch_s = statistics.median(measured) * self.w.steps_per_epoch / 1000
+        return max(1, math.ceil(seconds / epoch_s))
+
     def ft(self):
-        """The cost of checkpoints without faults: pairs of Phalanx runs (`ft_epochs`, else the
-        long length), checkpoints on and off, back to back, every configuration's pair i before
-        any configuration's pair i + 1."""
+        """The cost of checkpoints without faults: pairs of Phalanx runs (`ft_epochs`),
+        checkpoints on and off, back to back, every configuration's pair i before any
+        configuration's pair i + 1."""
         p = self.p
         for pair in range(p["ft_pairs"]):
             for hidden in p["sizes"]:
                 for workers in p["ft_workers"]:
-                    epochs = p.get("ft_epochs", {}).get(hidden, {}).get(workers, p["epochs"][hidden][1])
+                    epochs = self.ft_epochs(hidden, workers)
                     # Which run goes first alternates, so neither always runs on a warmer machine.
                     modes = (True, False) if (pair + workers + hidden) % 2 == 0 else (False, True)
                     curves = {}
@@ -1065,7 +1078,7 @@ def main():
     if args.epochs:
         short, long_ = (int(e) for e in args.epochs.split(","))
         profile["epochs"] = {h: (short, long_) for h in profile["sizes"]}
-        profile.pop("ft_epochs", None)  # the checkpoint pairs run the long length too
+        profile.pop("ft_run_s", None)  # the checkpoint pairs run the long length too
     if args.ft_pairs is not None:
         profile["ft_pairs"] = args.ft_pairs
     if args.kills:
