@@ -499,9 +499,7 @@ class Bench:
         else (no `ft_run_s`, or no such runs) the long length."""
         long_ = self.p["epochs"][hidden][1]
         seconds = self.p.get("ft_run_s")
-        measured = [r["inrun_ms_per_step"] for r in self.runs
-                    if r.get("phase") == "speed" and r["system"] == "phalanx" and r["length"] == "long"
-                    and r["hidden"] == hidden and r["workers"] == workers and r.get("inrun_ms_per_step")]
+        measured = inrun_long_runs(self.runs, "phalanx", hidden, workers)
         if not seconds or not measured:
             return long_
         epoch_s = statistics.median(measured) * self.w.steps_per_epoch / 1000
@@ -642,6 +640,13 @@ def per_step(runs, key):
     return out
 
 
+def inrun_long_runs(runs, system, hidden, workers):
+    """The in-run ms/step of `system`'s long speed runs (no checkpoints) of a configuration."""
+    return [r["inrun_ms_per_step"] for r in runs if r.get("phase", "speed") == "speed" and not r.get("ft")
+            and r["system"] == system and r["hidden"] == hidden and r["workers"] == workers
+            and r["length"] == "long" and r.get("inrun_ms_per_step") is not None]
+
+
 def ft_pairs(runs):
     """{(hidden, workers): (steps per run, [(on, off) in-run ms/step of each pair])} from the
     fault-tolerance phase's runs, pair by pair."""
@@ -682,10 +687,7 @@ def summarise(bench, recovery):
                         statistics.median(wire[(system, hidden, workers)]) / workers / model_bytes
                         if (system, hidden, workers) in wire else None,
                 }
-                inrun = [r["inrun_ms_per_step"] for r in bench.runs if r.get("phase", "speed") == "speed"
-                         and not r.get("ft") and r["system"] == system
-                         and r["hidden"] == hidden and r["workers"] == workers and r["length"] == "long"
-                         and r.get("inrun_ms_per_step") is not None]
+                inrun = inrun_long_runs(bench.runs, system, hidden, workers)
                 row[system]["inrun_ms_per_step_long_runs"] = stats(inrun) if inrun else None
             row["repeats"] = len(ph)
             table.append(row)
